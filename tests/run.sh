@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs on a fresh Debian machine, then run it.
+#   bash tests/run.sh [pytest args...]
+# As root it apt-get installs the real peers (redis-server, ...); it pip-installs the
+# project (editable, so twistd sees the dropin) with its test extras; then pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(redis-server redis-tools redis-sentinel procps iproute2)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    echo "== apt-get install ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "== not root: cannot install ${missing[*]}; tests needing them will skip" >&2
+  fi
+fi
+
+PY=${PYTHON:-python3}
+echo "== pip install -e .[test]"
+"$PY" -m pip install -q --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat
+# Twisted caches plugin lists; refresh it so twistd sees the appliance dropin.
+"$PY" -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+
+echo "== pytest"
+exec "$PY" -m pytest "$@"
