@@ -228,16 +228,14 @@ class Table:
             self.error(key, f"needs at least {min_len} element(s)")
             return None
         out = []
-        ok = True
         for i, element in enumerate(value):
             if item is None:
                 out.append(element)
                 continue
             converted = item(self, f"{self.key_path(key)}[{i}]", element)
-            if converted is None:
-                ok = False
-            out.append(converted)
-        return tuple(out) if ok else None
+            if converted is not None:   # a bad element is already reported
+                out.append(converted)
+        return tuple(out)
 
     def table(self, key: str, required: bool = False) -> "Table | None":
         value = self._raw(key, _REQUIRED if required else None)

@@ -152,7 +152,7 @@ class MemoryStore(Service):
 
     def __init__(self, reactor, *, state_dir: str | Path, fsync: str = "always",
                  compact_after_bytes: int = 8 * 1024 * 1024, batch_interval_s: float = 0.2,
-                 threadpool=None):
+                 threadpool=None, run_in_thread=None):
         if fsync not in ("always", "batch", "never"):
             raise ValueError(f"fsync must be always|batch|never, not {fsync!r}")
         self._reactor = reactor
@@ -161,6 +161,7 @@ class MemoryStore(Service):
         self.compact_after_bytes = compact_after_bytes
         self.batch_interval_s = batch_interval_s
         self._threadpool = threadpool
+        self._run_in_thread = run_in_thread   # tests: run "thread" work inline
         self._data: dict[str, Any] = {}
         self._expiry: dict[str, float] = {}
         self._expiry_heap: list[tuple[float, str]] = []
@@ -311,6 +312,8 @@ class MemoryStore(Service):
             os.close(fd)
 
     def _in_thread(self, f, *args):
+        if self._run_in_thread is not None:
+            return self._run_in_thread(f, *args)
         pool = self._threadpool or self._reactor.getThreadPool()
         return deferToThreadPool(self._reactor, pool, f, *args)
 

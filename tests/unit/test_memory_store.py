@@ -1,0 +1,212 @@
+"""The memory store's own logic on a Clock: expiry, journal replay, torn tails, compaction."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
+
+from appliance.store.interface import IStateStore, Op, StoreError
+from appliance.store.memory import MemoryStore, ZSet, read_journal
+
+
+def inline(f, *args):
+    return defer.maybeDeferred(f, *args)
+
+
+def make(tmp_path, clock=None, **kw) -> tuple[MemoryStore, Clock]:
+    clock = clock or Clock()
+    store = MemoryStore(clock, state_dir=tmp_path, run_in_thread=inline, **kw)
+    store.startService()
+    return store, clock
+
+
+def ok(d):
+    """The result of an already-fired Deferred."""
+    results = []
+    d.addBoth(results.append)
+    assert results, "Deferred has not fired"
+    if hasattr(results[0], "raiseException"):
+        results[0].raiseException()
+    return results[0]
+
+
+def test_provides_interface(tmp_path):
+    """MemoryStore provides IStateStore."""
+    store, _ = make(tmp_path)
+    assert verifyObject(IStateStore, store)
+    assert store.describe()["backend"] == "memory"
+    assert store.healthy
+
+
+def test_expiry_on_clock_notifies(tmp_path):
+    """A key with a TTL disappears when the clock passes it and subscribers hear 'expired'."""
+    store, clock = make(tmp_path)
+    seen = []
+    store.subscribe("lease:", lambda k, op: seen.append((k, op)))
+    ok(store.set("lease:1", "x", ttl_s=10))
+    ok(store.set("lease:2", "y"))
+    clock.advance(0)
+    assert seen == [("lease:1", "set"), ("lease:2", "set")]
+    assert ok(store.ttl("lease:1")) == 10
+    clock.advance(9.5)
+    assert ok(store.get("lease:1")) == "x"
+    clock.advance(0.5)
+    assert ok(store.get("lease:1")) is None
+    assert ("lease:1", "expired") in seen
+    assert ok(store.get("lease:2")) == "y"
+    assert ok(store.ttl("lease:2")) is None
+
+
+def test_set_clears_ttl_and_expire_sets_it(tmp_path):
+    """SET without a TTL clears an old one; expire() works on hashes too."""
+    store, clock = make(tmp_path)
+    ok(store.set("k", "1", ttl_s=5))
+    ok(store.set("k", "2"))
+    clock.advance(6)
+    assert ok(store.get("k")) == "2"
+    ok(store.hset("h", {"a": "1"}))
+    assert ok(store.expire("h", 3)) is True
+    assert ok(store.expire("missing", 3)) is False
+    clock.advance(3)
+    assert ok(store.hgetall("h")) == {}
+
+
+def test_replay_restores_every_type(tmp_path):
+    """What was written comes back after a restart from the journal alone."""
+    store, clock = make(tmp_path)
+    ok(store.set("s", "v"))
+    ok(store.hset("h", {"a": "1", "b": "2"}))
+    ok(store.hdel("h", "a"))
+    ok(store.zadd("z", {"m1": 2, "m2": 1}))
+    ok(store.zrem("z", "m1"))
+    ok(store.commit([Op.set("t1", "x"), Op.zadd("idx", {"t1": 5})], expect={"s": "v"}))
+    ok(store.set("gone", "1"))
+    ok(store.delete("gone"))
+    ok(store.set("short", "1", ttl_s=1))
+    ok(store.stopService())
+
+    clock.advance(2)
+    again, _ = make(tmp_path, clock)
+    assert ok(again.get("s")) == "v"
+    assert ok(again.hgetall("h")) == {"b": "2"}
+    assert ok(again.zrangebyscore("z", 0, 10)) == [("m2", 1.0)]
+    assert ok(again.get("t1")) == "x"
+    assert ok(again.zscore("idx", "t1")) == 5.0
+    assert ok(again.get("gone")) is None
+    assert ok(again.get("short")) is None, "expired while the node was down"
+
+
+def test_torn_tail_is_dropped_and_logged(tmp_path):
+    """A half-written last record (crash mid-write) is cut off; earlier records survive."""
+    store, _ = make(tmp_path)
+    for i in range(10):
+        ok(store.set(f"k{i}", str(i)))
+    ok(store.stopService())
+    journal = sorted((tmp_path / "store").glob("journal.*"))[-1]
+    good_size = journal.stat().st_size
+    payload = b'["set","torn","x",null]'
+    with open(journal, "ab") as fh:   # header promises more bytes than follow
+        fh.write(struct.pack("!II", len(payload) + 50, zlib.crc32(payload)) + payload)
+
+    again, _ = make(tmp_path)
+    assert again.stats["torn_records_dropped"] == 1
+    assert ok(again.get("torn")) is None
+    assert [ok(again.get(f"k{i}")) for i in range(10)] == [str(i) for i in range(10)]
+    assert journal.stat().st_size == good_size, "torn bytes truncated away"
+
+
+def test_corrupt_crc_stops_replay_at_that_record(tmp_path):
+    """A record whose CRC does not match is treated as the end of the journal."""
+    store, _ = make(tmp_path)
+    ok(store.set("a", "1"))
+    ok(store.set("b", "2"))
+    ok(store.stopService())
+    journal = sorted((tmp_path / "store").glob("journal.*"))[-1]
+    data = bytearray(journal.read_bytes())
+    data[-2] ^= 0xFF   # flip a byte in the last record's payload
+    journal.write_bytes(bytes(data))
+    records, good, total = read_journal(journal)
+    assert len(records) == 1 and good < total
+    again, _ = make(tmp_path)
+    assert ok(again.get("a")) == "1"
+    assert ok(again.get("b")) is None
+
+
+def test_compaction_bounds_the_journal(tmp_path):
+    """Past compact_after_bytes the store snapshots and removes old journals."""
+    store, _ = make(tmp_path, compact_after_bytes=4096)
+    for i in range(500):
+        ok(store.set("counter", str(i)))   # one live key, many records
+    assert store.stats["compactions"] >= 1
+    files = sorted(p.name for p in (tmp_path / "store").iterdir())
+    assert "snapshot" in files
+    total = sum(p.stat().st_size for p in (tmp_path / "store").glob("journal.*"))
+    assert total < 8192
+    ok(store.stopService())
+    again, _ = make(tmp_path)
+    assert ok(again.get("counter")) == "499"
+
+
+def test_wrong_type_and_bad_values_fail_cleanly(tmp_path):
+    """Type misuse errbacks with StoreError; nothing is written."""
+    store, _ = make(tmp_path)
+    ok(store.set("s", "v"))
+    for d in (store.hset("s", {"a": "1"}), store.zadd("s", {"m": 1}), store.set("x", 5),
+              store.set("x", "v", ttl_s=-1), store.commit([Op.set("y", "1"), Op.hset("s", {"a": "b"})])):
+        f = []
+        d.addErrback(f.append)
+        assert f and f[0].check(StoreError)
+    assert ok(store.get("y")) is None, "commit is all or nothing"
+    assert ok(store.get("s")) == "v"
+
+
+def test_commit_guard(tmp_path):
+    """commit applies nothing when an expect guard fails."""
+    store, _ = make(tmp_path)
+    assert ok(store.commit([Op.set("a", "1")], expect={"lock": None})) is True
+    assert ok(store.commit([Op.set("a", "2")], expect={"a": "0"})) is False
+    assert ok(store.get("a")) == "1"
+    assert ok(store.cas("a", "1", None)) is True
+    assert ok(store.get("a")) is None
+
+
+def test_fsync_always_acks_only_after_the_write(tmp_path):
+    """With fsync=always the write's Deferred waits for the journal batch."""
+    clock = Clock()
+    pending = []
+
+    def deferred_thread(f, *args):
+        d = defer.Deferred()
+        pending.append((d, f, args))
+        return d
+
+    store = MemoryStore(clock, state_dir=tmp_path, run_in_thread=deferred_thread)
+    store.startService()
+    d0, f, args = pending.pop()
+    d0.callback(f(*args))   # load finished
+    acked = []
+    store.set("a", "1").addCallback(acked.append)
+    store.set("b", "2").addCallback(acked.append)   # queued behind the first batch
+    assert acked == []
+    d, f, args = pending.pop(0)
+    d.callback(f(*args))
+    assert acked == [None]
+    d, f, args = pending.pop(0)
+    d.callback(f(*args))
+    assert acked == [None, None]
+    assert store.stats["fsyncs"] == 2
+
+
+def test_zset_order_and_rescore():
+    """ZSet keeps (score, member) order through re-scoring and removal."""
+    z = ZSet({"a": 3, "b": 1})
+    assert z.add("c", 2) is True
+    assert z.add("a", 0) is False
+    assert z.range(-1, 10, None) == [("a", 0.0), ("b", 1.0), ("c", 2.0)]
+    assert z.range(1, 2, 1) == [("b", 1.0)]
+    assert z.remove("b") and not z.remove("b")
+    assert len(z) == 2
