@@ -1,0 +1,674 @@
+"""The ``cluster`` service: heartbeats, liveness, ownership, partner states.
+
+Events flow one way: heartbeat in -> liveness -> elections and partner
+state machines -> ``roleChanged`` / ``partnerStateChanged`` callbacks on the
+services that registered -> side effects (VIP add/remove, ...).  Nobody
+polls.  Decisions are re-evaluated on every received heartbeat and every
+tick (``heartbeat_interval_ms``), so a dead owner is replaced about
+``dead_after`` intervals after its last beat, and a claim conflict left by a
+healed partition is resolved within one heartbeat (the lower epoch steps
+down).
+
+Without a ``[cluster]`` table the node is alone: it owns every resource it
+has a priority for and sends no heartbeats.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from twisted.application.service import Service
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+
+from appliance.admin.rpc import ApplicationError
+from appliance.cluster import partner as P
+from appliance.cluster.heartbeat import (DROP_REASONS, Heartbeat, HeartbeatVerifier,
+                                         config_digest, encode)
+from appliance.cluster.ownership import Claim, ResourceSpec, View, decide
+
+_log = Logger(namespace="appliance.cluster")
+
+SKEW_WARN_S = 30.0
+DETAIL_EVERY = 10          # heartbeats between config-detail broadcasts
+
+
+def load_key(path: str) -> bytes:
+    """Read the heartbeat HMAC key (text, stripped; at least 16 bytes)."""
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as e:
+        raise ValueError(f"cluster.auth_key_file {path}: {e.strerror or e}") from None
+    if len(key) < 16:
+        raise ValueError(f"cluster.auth_key_file {path}: key is shorter than 16 bytes")
+    return key
+
+
+def next_incarnation(state_dir: Path) -> int:
+    """A number larger than any previous start's (wall-clock ns, persisted)."""
+    path = state_dir / "cluster.incarnation"
+    try:
+        last = int(path.read_text().strip())
+    except (OSError, ValueError):
+        last = 0
+    inc = max(time.time_ns(), last + 1)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(str(inc))
+    os.replace(tmp, path)
+    return inc
+
+
+@dataclass
+class PeerInfo:
+    id: str
+    address: str
+    last_seen: float | None = None
+    alive: bool = False
+    heartbeat: Heartbeat | None = None
+    skew_s: float | None = None
+    config_mismatch: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def able(self) -> bool:
+        return self.alive and self.heartbeat is not None and self.heartbeat.able
+
+
+@dataclass
+class Resource:
+    spec: ResourceSpec
+    settings: dict[str, Any]
+    listeners: list[Callable] = field(default_factory=list)
+    mine: Claim | None = None
+    owner: str | None = None
+    epoch: int = 0
+    max_epoch: int = 0
+    claiming: bool = False
+    changed_at: float = 0.0
+    reason: str = ""
+
+
+@dataclass
+class Partnership:
+    fsm: P.PartnerFSM
+    listeners: list[Callable] = field(default_factory=list)
+    sync: Callable | None = None
+    syncing: bool = False
+
+
+class _HeartbeatProtocol(protocol.DatagramProtocol):
+    def __init__(self, manager: "ClusterManager"):
+        self.manager = manager
+
+    def datagramReceived(self, data, addr):
+        try:
+            self.manager.datagram(data, addr)
+        except Exception:
+            _log.failure("heartbeat handling failed for a datagram from {addr}", addr=addr)
+
+
+class ClusterManager(Service):
+    """Peer liveness, resource ownership and partner states for one node."""
+
+    name = "cluster"
+
+    def __init__(self, reactor, *, node_id: str, cluster, vips=(), store=None,
+                 state_dir: str | Path = ".", vip_manager=None, key: bytes | None = None):
+        self.reactor = reactor
+        self.node_id = node_id
+        self.cfg = cluster                      # ClusterSection or None (single node)
+        self.store = store
+        self.state_dir = Path(state_dir)
+        self.vip_manager = vip_manager
+        self._key = key
+        self.interval = (cluster.heartbeat_interval_ms / 1000.0) if cluster else 0.1
+        self.dead_after_s = self.interval * (cluster.dead_after if cluster else 3)
+        self.peers: dict[str, PeerInfo] = {
+            p.id: PeerInfo(p.id, str(p.address)) for p in (cluster.peers if cluster else ())}
+        self.resources: dict[str, Resource] = {}
+        self.partners: dict[str, Partnership] = {}
+        self.health: set[str] = set()
+        self.maintenance = False
+        self.excluded: set[str] = set()         # resources this node was demoted from
+        self.incarnation = 0
+        self.seq = 0
+        self.verifier: HeartbeatVerifier | None = None
+        self.port = None
+        self._tick_call = None
+        self.started_at = 0.0
+        self.hold_until = 0.0
+        self.stats = {"sent": 0, "received": 0, "send_errors": 0, "role_changes": 0,
+                      "partner_transitions": 0}
+        for vip in vips:
+            self.add_resource(
+                ResourceSpec(vip.name, dict(vip.priority), vip.preempt, kind="vip"),
+                settings={"address": str(vip.address), "priority": dict(vip.priority),
+                          "preempt": vip.preempt})
+
+    # ------------------------------------------------------------------
+    # registration API for services
+    # ------------------------------------------------------------------
+    @property
+    def single(self) -> bool:
+        return not self.peers
+
+    def add_resource(self, spec: ResourceSpec, settings: dict | None = None,
+                     listener: Callable | None = None) -> None:
+        """Register a resource; ``listener(resource, role, epoch)`` hears role changes."""
+        res = self.resources.get(spec.name)
+        if res is None:
+            res = self.resources[spec.name] = Resource(spec, settings or {})
+        if listener is not None:
+            res.listeners.append(listener)
+            if res.mine is not None:
+                self.reactor.callLater(0, self._call, listener, spec.name, "owner", res.mine.epoch)
+        if self.running:
+            self.evaluate()
+
+    def register_resource(self, name: str, listener: Callable, *, priority: dict | None = None,
+                          preempt: bool = True, kind: str = "service", settings: dict | None = None):
+        """Convenience for services: default priority 100 for every node."""
+        prio = priority or {n: 100 for n in [self.node_id, *self.peers]}
+        self.add_resource(ResourceSpec(name, prio, preempt, kind), settings or {"priority": prio,
+                                                                               "preempt": preempt},
+                          listener)
+
+    def role(self, name: str) -> str:
+        res = self.resources.get(name)
+        return "owner" if res is not None and res.mine is not None else "standby"
+
+    def register_partner(self, peer: str, listener: Callable | None = None, *,
+                         primary: bool, sync: Callable | None = None) -> str:
+        """Join a partner relationship with ``peer``; returns the current state.
+
+        ``listener(peer, state, reason)`` hears every transition; ``sync(peer)``
+        (returning a Deferred) runs in RECOVER to resynchronise.
+        """
+        if peer not in self.peers:
+            raise ValueError(f"{peer!r} is not a cluster peer")
+        ps = self.partners.get(peer)
+        if ps is None:
+            fsm = P.PartnerFSM(peer, primary=primary,
+                               auto_partner_down_s=self.cfg.auto_partner_down_s,
+                               startup_wait_s=max(2 * self.dead_after_s, 0.5),
+                               now=self.reactor.seconds())
+            ps = self.partners[peer] = Partnership(fsm)
+        if listener is not None:
+            ps.listeners.append(listener)
+        if sync is not None:
+            ps.sync = sync
+        return ps.fsm.state
+
+    # ------------------------------------------------------------------
+    # life cycle
+    # ------------------------------------------------------------------
+    def startService(self):
+        super().startService()
+        self.started_at = self.reactor.seconds()
+        if self.single:
+            self.hold_until = self.started_at
+            self.evaluate()
+            return defer.succeed(None)
+        if self._key is None:
+            self._key = load_key(self.cfg.auth_key_file)
+        self.incarnation = next_incarnation(self.state_dir)
+        self.verifier = HeartbeatVerifier(self._key, self.node_id, self.peers)
+        # Listen for the peers before claiming anything; hold claims until a
+        # live owner elsewhere would have been heard.
+        self.hold_until = self.started_at + self.dead_after_s + self.interval
+        interface = str(self.cfg.bind_address) if self.cfg.bind_address else ""
+        self.port = self.reactor.listenUDP(self.cfg.heartbeat_port, _HeartbeatProtocol(self),
+                                           interface=interface)
+        d = self._load_persisted()
+        d.addErrback(lambda f: _log.warn("could not load persisted cluster state: {why}",
+                                         why=f.getErrorMessage()))
+        d.addCallback(lambda _: self._tick())
+        _log.info("cluster: node {node} incarnation {inc}, peers {peers}, heartbeat every "
+                  "{ms} ms, dead after {dead} ms", node=self.node_id, inc=self.incarnation,
+                  peers=", ".join(self.peers), ms=round(self.interval * 1000),
+                  dead=round(self.dead_after_s * 1000))
+        return d
+
+    def _load_persisted(self):
+        if self.store is None:
+            return defer.succeed(None)
+
+        @defer.inlineCallbacks
+        def load():
+            for name, res in self.resources.items():
+                value = yield self.store.get(f"cluster:epoch:{name}")
+                if value is not None:
+                    res.max_epoch = max(res.max_epoch, int(value))
+            for peer, ps in self.partners.items():
+                value = yield self.store.get(f"cluster:partner:{self.node_id}:{peer}")
+                if value in P.STATES:
+                    ps.fsm.persisted = value
+        return load()
+
+    def stopService(self):
+        super().stopService()
+        if self._tick_call is not None and self._tick_call.active():
+            self._tick_call.cancel()
+        self._tick_call = None
+        # Give everything up, tell the peers once, then stop listening.
+        for res in self.resources.values():
+            if res.mine is not None:
+                self._set_mine(res, None, "node shutdown")
+        if self.port is not None:
+            self.maintenance = True
+            self._send_heartbeats()
+            d = defer.maybeDeferred(self.port.stopListening)
+            self.port = None
+            return d
+        return defer.succeed(None)
+
+    # ------------------------------------------------------------------
+    # heartbeats
+    # ------------------------------------------------------------------
+    def _tick(self):
+        self._tick_call = None
+        try:
+            self._send_heartbeats()
+            self._detect()
+            for peer, ps in self.partners.items():
+                self._transition(ps, ps.fsm.tick(self.reactor.seconds()))
+            self.evaluate()
+        except Exception:
+            _log.failure("cluster tick failed")
+        if self.running:
+            self._tick_call = self.reactor.callLater(self.interval, self._tick)
+
+    def health_flags(self) -> tuple[str, ...]:
+        flags = set(self.health)
+        if self.maintenance:
+            flags.add("maintenance")
+        if self.store is not None and not getattr(self.store, "healthy", True):
+            flags.add("store_down")
+        return tuple(sorted(flags))
+
+    def build_heartbeat(self) -> Heartbeat:
+        self.seq += 1
+        claims = {name: (res.mine.owner, res.mine.epoch, res.mine.manual)
+                  for name, res in self.resources.items() if res.mine is not None}
+        config = {}
+        detail = {} if self.seq % DETAIL_EVERY == 1 else None
+        for name, res in self.resources.items():
+            overall, per = config_digest(res.settings)
+            config[name] = overall
+            if detail is not None:
+                detail[name] = per
+        return Heartbeat(self.node_id, self.incarnation, self.seq, time.time(),
+                         self.health_flags(), claims,
+                         {peer: ps.fsm.state for peer, ps in self.partners.items()},
+                         config, detail)
+
+    def _send_heartbeats(self):
+        if self.port is None:
+            return
+        datagram = encode(self.build_heartbeat(), self._key)
+        for peer in self.peers.values():
+            try:
+                self.port.write(datagram, (peer.address, self.cfg.heartbeat_port))
+                self.stats["sent"] += 1
+            except Exception as e:   # unreachable network, no route: counted, not fatal
+                self.stats["send_errors"] += 1
+                _log.debug("heartbeat to {peer} failed: {why}", peer=peer.id, why=e)
+
+    def datagram(self, data: bytes, addr) -> None:
+        hb = self.verifier.accept(data) if self.verifier else None
+        if hb is None:
+            return
+        self.stats["received"] += 1
+        now = self.reactor.seconds()
+        peer = self.peers[hb.node]
+        was_alive = peer.alive
+        peer.last_seen, peer.heartbeat, peer.alive = now, hb, True
+        skew = hb.sent_at - time.time()
+        peer.skew_s = skew if peer.skew_s is None else 0.8 * peer.skew_s + 0.2 * skew
+        if abs(peer.skew_s) > SKEW_WARN_S and abs(skew) > SKEW_WARN_S:
+            _log.warn("clock skew with peer {peer} is {skew:.1f}s (warn above {limit:.0f}s)",
+                      peer=peer.id, skew=peer.skew_s, limit=SKEW_WARN_S)
+        self._check_config(peer, hb)
+        if not was_alive:
+            _log.info("peer {peer} alive (incarnation {inc}, health {health})", peer=peer.id,
+                      inc=hb.incarnation, health=",".join(hb.health) or "ok")
+        for name, (owner, epoch, _) in hb.resources.items():
+            res = self.resources.get(name)
+            if res is not None and epoch > res.max_epoch:
+                res.max_epoch = epoch
+        ps = self.partners.get(peer.id)
+        if ps is not None:
+            reported = hb.partners.get(self.node_id)
+            self._transition(ps, ps.fsm.heard(reported, now,
+                                              maintenance="maintenance" in hb.health))
+        self.evaluate()
+
+    def _check_config(self, peer: PeerInfo, hb: Heartbeat):
+        for name, digest in hb.config.items():
+            res = self.resources.get(name)
+            if res is None:
+                continue
+            overall, mine = config_digest(res.settings)
+            if overall == digest:
+                peer.config_mismatch.pop(name, None)
+                continue
+            if hb.config_detail is not None and name in hb.config_detail:
+                theirs = hb.config_detail[name]
+                differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+                if peer.config_mismatch.get(name) != differing:
+                    _log.warn("resource {res}: settings differ from peer {peer}: {settings}",
+                              res=name, peer=peer.id, settings=", ".join(differing))
+                peer.config_mismatch[name] = differing
+            else:
+                peer.config_mismatch.setdefault(name, ["(details follow)"])
+
+    def _detect(self):
+        now = self.reactor.seconds()
+        for peer in self.peers.values():
+            if peer.alive and (peer.last_seen is None or now - peer.last_seen > self.dead_after_s):
+                peer.alive = False
+                _log.warn("peer {peer} suspected dead: no heartbeat for {ms} ms", peer=peer.id,
+                          ms=round((now - (peer.last_seen or now)) * 1000))
+                ps = self.partners.get(peer.id)
+                if ps is not None:
+                    self._transition(ps, ps.fsm.lost(now))
+
+    # ------------------------------------------------------------------
+    # ownership
+    # ------------------------------------------------------------------
+    def _able_nodes(self) -> set[str]:
+        able = {p.id for p in self.peers.values() if p.able}
+        if not any(f in ("maintenance", "interface_down", "service_failed", "store_down")
+                   for f in self.health_flags()):
+            able.add(self.node_id)
+        return able
+
+    def evaluate(self) -> None:
+        """Run every resource's election and act on the result."""
+        if not self.running:
+            return
+        able = self._able_nodes()
+        holding = self.reactor.seconds() < self.hold_until
+        for name, res in self.resources.items():
+            claims = {}
+            for peer in self.peers.values():
+                hb = peer.heartbeat
+                if peer.alive and hb is not None and name in hb.resources:
+                    owner, epoch, manual = hb.resources[name]
+                    if owner == peer.id:
+                        claims[peer.id] = Claim(owner, epoch, manual)
+            excluded = {self.node_id} if name in self.excluded else set()
+            view = View(able, claims, res.max_epoch, excluded)
+            d = decide(res.spec, view, self.node_id, res.mine)
+            owner = self.node_id if res.mine else max(
+                claims.values(), key=lambda c: c.epoch, default=Claim("", 0)).owner or None
+            res.owner = owner
+            if d.action == "claim" and not holding and not res.claiming:
+                self._claim(res, d.epoch, why=self._why(res, claims, able))
+            elif d.action == "release":
+                self._set_mine(res, None, f"{d.winner or 'nobody'} should own it "
+                                          f"({self._why(res, claims, able)})")
+                res.owner = d.winner if d.winner in claims else None
+            if name in self.excluded and res.owner not in (None, self.node_id):
+                self.excluded.discard(name)    # demote done: someone else took it
+
+    def _why(self, res: Resource, claims: dict, able: set[str]) -> str:
+        dead = [p.id for p in self.peers.values() if not p.alive]
+        unable = [p.id for p in self.peers.values() if p.alive and not p.able]
+        parts = []
+        if dead:
+            parts.append("dead: " + ",".join(dead))
+        if unable:
+            parts.append("unable: " + ",".join(unable))
+        if claims:
+            parts.append("claims: " + ",".join(f"{c.owner}@{c.epoch}" for c in claims.values()))
+        return "; ".join(parts) or "election"
+
+    def _claim(self, res: Resource, epoch: int, why: str, manual: bool = False):
+        res.claiming = True
+        d = self._persist_epoch(res.spec.name, epoch)
+
+        def claimed(ok):
+            res.claiming = False
+            if not ok:
+                _log.info("claim of {res} at epoch {epoch} lost a race in the shared store",
+                          res=res.spec.name, epoch=epoch)
+                return
+            res.max_epoch = max(res.max_epoch, epoch)
+            self._set_mine(res, Claim(self.node_id, epoch, manual), why)
+
+        def failed(f):
+            res.claiming = False
+            _log.error("claim of {res} not persisted ({why}); not taking it",
+                       res=res.spec.name, why=f.getErrorMessage())
+
+        d.addCallbacks(claimed, failed)
+        d.addErrback(lambda f: _log.failure("claim bookkeeping failed", failure=f))
+        return d
+
+    def _persist_epoch(self, name: str, epoch: int):
+        """Store the epoch; with a shared store, only if nobody wrote a higher one."""
+        if self.store is None:
+            return defer.succeed(True)
+        key = f"cluster:epoch:{name}"
+
+        @defer.inlineCallbacks
+        def go():
+            for _ in range(5):
+                current = yield self.store.get(key)
+                if current is not None and int(current) >= epoch:
+                    self.resources[name].max_epoch = max(self.resources[name].max_epoch,
+                                                         int(current))
+                    return False
+                ok = yield self.store.cas(key, current, str(epoch))
+                if ok:
+                    return True
+            return False
+        return go()
+
+    def _set_mine(self, res: Resource, claim: Claim | None, why: str):
+        before = res.mine
+        res.mine = claim
+        if (before is None) == (claim is None) and before == claim:
+            return
+        now = self.reactor.seconds()
+        res.changed_at, res.reason = now, why
+        self.stats["role_changes"] += 1
+        role = "owner" if claim is not None else "standby"
+        epoch = claim.epoch if claim is not None else before.epoch
+        res.epoch = epoch
+        _log.info("resource {res}: {node} is now {role} (epoch {epoch}): {why}", res=res.spec.name,
+                  node=self.node_id, role=role, epoch=epoch, why=why)
+        if res.spec.kind == "vip" and self.vip_manager is not None:
+            action = self.vip_manager.acquire if claim is not None else self.vip_manager.release
+            d = defer.maybeDeferred(action, res.spec.name, why)
+            d.addErrback(lambda f: _log.error("vip {res}: {why}", res=res.spec.name,
+                                              why=f.getErrorMessage()))
+        for listener in list(res.listeners):
+            self._call(listener, res.spec.name, role, epoch)
+
+    @staticmethod
+    def _call(listener, *args):
+        try:
+            result = listener(*args)
+            if isinstance(result, defer.Deferred):
+                result.addErrback(lambda f: _log.failure("role listener failed", failure=f))
+        except Exception:
+            _log.failure("role listener {listener!r} failed", listener=listener)
+
+    # ------------------------------------------------------------------
+    # partner states
+    # ------------------------------------------------------------------
+    def _transition(self, ps: Partnership, t: P.Transition | None):
+        if t is None:
+            return
+        self.stats["partner_transitions"] += 1
+        _log.info("partner {peer}: {old} -> {new}: {reason}", peer=ps.fsm.peer, old=t.old,
+                  new=t.new, reason=t.reason)
+        if self.store is not None:
+            self.store.set(f"cluster:partner:{self.node_id}:{ps.fsm.peer}", t.new).addErrback(
+                lambda f: _log.warn("partner state not persisted: {why}", why=f.getErrorMessage()))
+        for listener in list(ps.listeners):
+            self._call(listener, ps.fsm.peer, t.new, t.reason)
+        if t.new == P.RECOVER:
+            self._start_sync(ps)
+
+    def _start_sync(self, ps: Partnership):
+        if ps.syncing:
+            return
+        ps.syncing = True
+        d = defer.maybeDeferred(ps.sync, ps.fsm.peer) if ps.sync else defer.succeed(None)
+
+        def done(_):
+            ps.syncing = False
+            self._transition(ps, ps.fsm.sync_done(self.reactor.seconds()))
+
+        def failed(f):
+            ps.syncing = False
+            _log.error("recovery sync with {peer} failed: {why}; retrying", peer=ps.fsm.peer,
+                       why=f.getErrorMessage())
+            self.reactor.callLater(max(1.0, self.dead_after_s), self._retry_sync, ps)
+
+        d.addCallbacks(done, failed)
+        d.addErrback(lambda f: _log.failure("sync bookkeeping failed", failure=f))
+
+    def _retry_sync(self, ps: Partnership):
+        if self.running and ps.fsm.state == P.RECOVER:
+            self._start_sync(ps)
+
+    # ------------------------------------------------------------------
+    # operator actions (JSON-RPC)
+    # ------------------------------------------------------------------
+    def _resource(self, name: str) -> Resource:
+        res = self.resources.get(name)
+        if res is None:
+            known = ", ".join(sorted(self.resources)) or "none"
+            raise ApplicationError(f"unknown resource {name!r} (known: {known})", code=-32020)
+        return res
+
+    def promote(self, resource: str):
+        res = self._resource(resource)
+        self.excluded.discard(resource)
+        if res.mine is not None and res.mine.manual:
+            return {"resource": resource, "owner": self.node_id, "epoch": res.mine.epoch}
+        epoch = max(res.max_epoch, res.mine.epoch if res.mine else 0) + 1
+        if res.mine is not None:
+            self._set_mine(res, None, "operator promote (re-claim as manual)")
+        d = self._claim(res, epoch, why="operator promote", manual=True)
+        return d.addCallback(lambda _: {"resource": resource, "owner": res.owner if res.mine is None
+                                        else self.node_id, "epoch": res.max_epoch})
+
+    def demote(self, resource: str):
+        res = self._resource(resource)
+        others = [p.id for p in self.peers.values()
+                  if p.able and res.spec.priority.get(p.id, 0) > 0]
+        if res.mine is not None and not others:
+            raise ApplicationError(f"no other node can take {resource} now", code=-32021)
+        self.excluded.add(resource)
+        self.evaluate()
+        return {"resource": resource, "role": self.role(resource), "handed_to": others}
+
+    def set_maintenance(self, on: bool):
+        was, self.maintenance = self.maintenance, bool(on)
+        if was and not on:
+            for ps in self.partners.values():
+                self._transition(ps, ps.fsm.leave_maintenance(self.reactor.seconds()))
+        _log.info("maintenance {state} on node {node}", state="on" if on else "off",
+                  node=self.node_id)
+        self._send_heartbeats()
+        self.evaluate()
+        return {"maintenance": self.maintenance}
+
+    def partner_down(self, peer: str):
+        ps = self.partners.get(peer)
+        if peer not in self.peers:
+            raise ApplicationError(f"{peer!r} is not a cluster peer", code=-32022)
+        if self.peers[peer].alive:
+            raise ApplicationError(f"peer {peer} is alive (heard {self._ago(self.peers[peer])} "
+                                   "ago); refusing partner-down", code=-32023)
+        if ps is not None:
+            self._transition(ps, ps.fsm.partner_down(self.reactor.seconds()))
+        return {"peer": peer, "state": ps.fsm.state if ps else "no partnership"}
+
+    def _ago(self, peer: PeerInfo) -> str:
+        if peer.last_seen is None:
+            return "never"
+        return f"{(self.reactor.seconds() - peer.last_seen) * 1000:.0f} ms"
+
+    def status(self) -> dict[str, Any]:
+        now = self.reactor.seconds()
+        peers = {}
+        for p in self.peers.values():
+            entry = {"alive": p.alive, "address": p.address,
+                     "last_seen_ms": None if p.last_seen is None else round((now - p.last_seen) * 1000),
+                     "state": (self.partners[p.id].fsm.state if p.id in self.partners
+                               else ("alive" if p.alive else "dead")),
+                     "health": list(p.heartbeat.health) if p.heartbeat else [],
+                     "skew_s": None if p.skew_s is None else round(p.skew_s, 3)}
+            if p.skew_s is not None and abs(p.skew_s) > SKEW_WARN_S:
+                entry["warning"] = f"clock skew {p.skew_s:.1f}s"
+            if p.config_mismatch:
+                entry["config_mismatch"] = dict(p.config_mismatch)
+            peers[p.id] = entry
+        resources = {}
+        for name, res in self.resources.items():
+            resources[name] = {"owner": res.owner, "epoch": res.mine.epoch if res.mine else res.max_epoch,
+                               "role": "owner" if res.mine else "standby", "kind": res.spec.kind,
+                               "manual": bool(res.mine and res.mine.manual),
+                               "since_s": round(now - res.changed_at, 3) if res.changed_at else None,
+                               "reason": res.reason}
+        return {"node": self.node_id, "incarnation": self.incarnation,
+                "maintenance": self.maintenance, "health": list(self.health_flags()),
+                "heartbeat_interval_ms": round(self.interval * 1000),
+                "peers": peers, "resources": resources,
+                "partners": {peer: ps.fsm.state for peer, ps in self.partners.items()},
+                "drops": dict(self.verifier.drops) if self.verifier else {},
+                "stats": dict(self.stats)}
+
+    def register_methods(self, rpc) -> None:
+        rpc.register("cluster.status", self.status, doc="Peers, resources, partner states.")
+        rpc.register("cluster.promote", self.promote, doc="Take a resource now {resource}.")
+        rpc.register("cluster.demote", self.demote, doc="Hand a resource to a peer {resource}.")
+        rpc.register("cluster.maintenance", self.set_maintenance,
+                     doc="{on}: hand everything to the partner and stop claiming.")
+        rpc.register("cluster.partner_down", self.partner_down,
+                     doc="{peer}: declare a silent peer down (serve everything).")
+
+    # ------------------------------------------------------------------
+    # metrics
+    # ------------------------------------------------------------------
+    def collect(self):
+        sent = CounterMetricFamily("appliance_heartbeats_sent", "Heartbeats sent")
+        sent.add_metric([], self.stats["sent"])
+        yield sent
+        recv = CounterMetricFamily("appliance_heartbeats_received", "Heartbeats accepted")
+        recv.add_metric([], self.stats["received"])
+        yield recv
+        drops = CounterMetricFamily("appliance_heartbeats_dropped",
+                                    "Heartbeats dropped, by reason", labels=["reason"])
+        counts = self.verifier.drops if self.verifier else {}
+        for reason in DROP_REASONS:
+            drops.add_metric([reason], counts.get(reason, 0))
+        yield drops
+        alive = GaugeMetricFamily("appliance_peer_alive", "1 if the peer is heard", labels=["peer"])
+        for p in self.peers.values():
+            alive.add_metric([p.id], 1 if p.alive else 0)
+        yield alive
+        changes = CounterMetricFamily("appliance_failovers", "Ownership changes on this node")
+        changes.add_metric([], self.stats["role_changes"])
+        yield changes
+        owner = GaugeMetricFamily("appliance_resource_owner", "1 if this node owns the resource",
+                                  labels=["resource"])
+        for name, res in self.resources.items():
+            owner.add_metric([name], 1 if res.mine else 0)
+        yield owner
+
+
+def new_cluster_key() -> str:
+    return secrets.token_hex(32)
