@@ -41,6 +41,7 @@ setup(
         "console_scripts": [
             "appliancectl = appliance.admin.ctl:main",
             "appliance-check = appliance.tap:check_main",
+            "appliance-keys = appliance.cluster.keys:main",
         ],
     },
 )

@@ -47,6 +47,28 @@ def make_store(reactor, config: NodeConfig):
                        compact_after_bytes=s.compact_after_bytes)
 
 
+def make_cluster(reactor, config: NodeConfig, store):
+    """The heartbeat + failover manager (alone, it owns everything it may)."""
+    from appliance.cluster.manager import ClusterManager
+    vip_manager = None
+    if config.vips:
+        from appliance.cluster.vip import VIPManager
+        vip_manager = VIPManager(reactor, list(config.vips))
+    return ClusterManager(reactor, node_id=config.node.id, cluster=config.cluster,
+                          vips=config.vips, store=store, state_dir=config.node.state_dir,
+                          vip_manager=vip_manager)
+
+
+class _CollectorAdapter:
+    """Lets an object with a ``collect()`` generator be a Prometheus collector."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def collect(self):
+        return self.source.collect()
+
+
 @dataclass
 class ServiceSlot:
     """A hosted service and what the node knows about it."""
@@ -111,7 +133,8 @@ class ApplianceNode(MultiService):
         self.store = make_store(reactor, config)
         if not getattr(self.store, "name", None):
             self.store.setName("store")
-        self.cluster = None   # the heartbeat + failover manager (cluster issue)
+        self.cluster = make_cluster(reactor, config, self.store)
+        self.metrics.register(_CollectorAdapter(self.cluster))
         self.admin = AdminService(reactor, config.admin, self.rpc, self.metrics)
         self.context = NodeContext(reactor=reactor, config=config, store=self.store, rpc=self.rpc,
                                    metrics=self.metrics, cluster=self.cluster,
@@ -146,6 +169,11 @@ class ApplianceNode(MultiService):
             await self._start_child(self.store)
         except Exception as e:
             self._fatal_error(f"state store ({self.config.store.backend}) failed to start: {e}")
+            return
+        try:
+            await self._start_child(self.cluster)
+        except Exception as e:
+            self._fatal_error(f"cluster manager failed to start: {e}")
             return
         try:
             await self._start_child(self.admin)
@@ -232,7 +260,7 @@ class ApplianceNode(MultiService):
         _log.info("node {node} stopping", node=self.config.node.id)
         for slot in reversed(list(self.slots.values())):
             await self._stop_slot(slot, "node shutdown")
-        for child in (self.admin, self.store):
+        for child in (self.admin, self.cluster, self.store):
             if child.running:
                 try:
                     await defer.maybeDeferred(child.stopService)
@@ -255,6 +283,7 @@ class ApplianceNode(MultiService):
     # admin methods of the node itself
     # ------------------------------------------------------------------
     def _register_methods(self):
+        self.cluster.register_methods(self.rpc)
         self.rpc.register("system.status", self.status,
                           doc="Node id, version, uptime, store health, service states.")
         self.rpc.register("system.version", lambda: {"version": __version__},

@@ -210,6 +210,13 @@ class ClusterManager(Service):
     # ------------------------------------------------------------------
     def startService(self):
         super().startService()
+        d = defer.succeed(None)
+        if self.vip_manager is not None:
+            # Removes stale VIPs a previous run left behind before any claim.
+            d = defer.maybeDeferred(self.vip_manager.startService)
+        return d.addCallback(lambda _: self._start())
+
+    def _start(self):
         self.started_at = self.reactor.seconds()
         if self.single:
             self.hold_until = self.started_at
@@ -260,13 +267,15 @@ class ClusterManager(Service):
         for res in self.resources.values():
             if res.mine is not None:
                 self._set_mine(res, None, "node shutdown")
+        d = defer.succeed(None)
         if self.port is not None:
             self.maintenance = True
             self._send_heartbeats()
             d = defer.maybeDeferred(self.port.stopListening)
             self.port = None
-            return d
-        return defer.succeed(None)
+        if self.vip_manager is not None:
+            d.addCallback(lambda _: self.vip_manager.stopService())   # removes held VIPs
+        return d
 
     # ------------------------------------------------------------------
     # heartbeats
