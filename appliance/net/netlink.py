@@ -1,0 +1,274 @@
+"""Netlink (pyroute2) off the reactor thread.
+
+:class:`Netlink` owns one synchronous pyroute2 ``IPRoute`` and one
+dedicated, named :class:`~twisted.python.threadpool.ThreadPool` of exactly
+one thread.  Every netlink call (and every raw-socket announcement, see
+:mod:`appliance.net.garp`) runs in that thread via ``deferToThreadPool``,
+so:
+
+* the reactor thread never blocks on netlink;
+* calls run one at a time, in the order they were made (an ``add`` issued
+  before a ``remove`` of the same address is applied before it);
+* the ``IPRoute`` object (not thread-safe) is only ever touched by one
+  thread, and that thread may switch network namespace briefly to open raw
+  sockets without anyone else noticing.
+
+Why the sync ``IPRoute`` in a thread and not ``AsyncIPRoute``: pyroute2 0.9
+runs its own asyncio loop inside; with Twisted's default epoll reactor the
+sync class in a thread is the combination that works (TESTBED.md).
+
+Namespaces: ``IPRoute(netns=NAME)`` forks a helper that enters the
+namespace, and it *creates* the namespace if it does not exist (flags
+default to ``O_CREAT``), so a typo would silently give an empty namespace.
+We check ``/run/netns/NAME`` exists first and raise :class:`NetlinkError`
+otherwise, and pass ``flags=0`` as a second guard.  The ``IPRoute`` is
+opened lazily on first use (in the pool thread) and reused.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+from typing import Any, Callable, TypeVar
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from appliance.net import garp
+
+IFF_UP = 0x1
+IFF_LOWER_UP = 0x10000
+IFA_F_NODAD = 0x02
+
+T = TypeVar("T")
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
+class NetlinkError(Exception):
+    """A netlink operation failed; the text says what, where and why:
+    ``add 10.9.0.100/24 on veth0: No such device``.  ``errno`` is the kernel
+    error number when there is one."""
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
+
+
+def _reason(exc: BaseException) -> tuple[str, int | None]:
+    """``(human reason, errno)`` of an OSError or a pyroute2 NetlinkError."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror, exc.errno
+    code = getattr(exc, "code", None)  # pyroute2 NetlinkError
+    if not isinstance(code, int):
+        code = getattr(exc, "errno", None)
+    if isinstance(code, int) and code > 0:
+        return os.strerror(code), code
+    return str(exc) or type(exc).__name__, None
+
+
+def _no_device() -> OSError:
+    return OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+
+
+class Netlink:
+    """One ``IPRoute`` (optionally in namespace ``netns``) behind one thread.
+
+    Call :meth:`start` before use (the owning service does it in
+    ``startService``) and :meth:`close` when done.  All public methods
+    return Deferreds and never raise synchronously; failures are
+    :class:`NetlinkError`.
+    """
+
+    def __init__(self, reactor: Any, netns: str | None = None, *, name: str | None = None):
+        self._reactor = reactor
+        self.netns = netns
+        self.name = name or f"netlink-{netns or 'host'}"
+        self._pool: ThreadPool | None = None
+        self._ipr: Any = None
+        self._shutdown_trigger: Any = None
+        self._closing: defer.Deferred | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._pool is not None
+
+    def start(self) -> None:
+        """Start the (single, named) worker thread.  Idempotent."""
+        if self._pool is not None:
+            return
+        self._closing = None
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name=self.name)
+        self._pool.start()
+        # If the reactor stops without our owner's stopService, still join
+        # the thread so the process can exit.
+        self._shutdown_trigger = self._reactor.addSystemEventTrigger(
+            "during", "shutdown", self._stop_pool)
+
+    def close(self) -> defer.Deferred:
+        """Close the ``IPRoute`` (in the worker thread), then stop the pool."""
+        if self._pool is None:
+            return defer.succeed(None)
+        if self._closing is not None:
+            return self._closing
+        d = deferToThreadPool(self._reactor, self._pool, self._close_ipr)
+        d.addErrback(lambda _: None)  # closing a broken IPRoute is not worth failing for
+        d.addBoth(lambda _: self._stop_pool())
+        self._closing = d
+        return d
+
+    def _stop_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if self._shutdown_trigger is not None:
+            try:
+                self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
+            except (ValueError, KeyError):
+                pass
+            self._shutdown_trigger = None
+        if pool is not None:
+            pool.stop()  # the worker is idle by now: a short join
+
+    def _close_ipr(self) -> None:
+        ipr, self._ipr = self._ipr, None
+        if ipr is not None:
+            ipr.close()
+
+    # -- plumbing ----------------------------------------------------------
+
+    def _run(self, what: str, func: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred:
+        """Run ``func`` in the worker; wrap any failure as ``"<what>: <why>"``."""
+        if self._pool is None:
+            return defer.fail(NetlinkError(f"{what}: netlink not started"))
+
+        def call() -> T:
+            try:
+                return func(*args, **kwargs)
+            except garp.AnnounceError as e:  # already says "announce X on IF: why"
+                raise NetlinkError(e.strerror, e.errno) from e
+            except Exception as e:
+                why, code = _reason(e)
+                raise NetlinkError(f"{what}: {why}", code) from e
+
+        return deferToThreadPool(self._reactor, self._pool, call)
+
+    def _iproute(self) -> Any:
+        """The shared ``IPRoute``; worker thread only."""
+        if self._ipr is None:
+            from pyroute2 import IPRoute
+
+            if self.netns is None:
+                self._ipr = IPRoute()
+            else:
+                path = garp.netns_path(self.netns)
+                if not os.path.exists(path):
+                    raise FileNotFoundError(
+                        errno.ENOENT, f"network namespace {self.netns!r} does not exist ({path})")
+                # flags=0: never create the namespace (pyroute2 defaults to O_CREAT)
+                self._ipr = IPRoute(netns=self.netns, flags=0)
+        return self._ipr
+
+    def _index(self, ifname: str) -> int:
+        found = self._iproute().link_lookup(ifname=ifname)
+        if not found:
+            raise _no_device()
+        return found[0]
+
+    # -- blocking bodies (worker thread) -----------------------------------
+
+    def _addresses(self, ifname: str) -> list[IPInterface]:
+        ipr = self._iproute()
+        out: list[IPInterface] = []
+        for msg in ipr.get_addr(index=self._index(ifname)):
+            if msg["family"] == socket.AF_INET:
+                addr = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+            else:
+                addr = msg.get("IFA_ADDRESS")
+            if addr:
+                out.append(ipaddress.ip_interface(f"{addr}/{msg['prefixlen']}"))
+        return out
+
+    def _add_address(self, ifname: str, iface: IPInterface) -> bool:
+        ipr = self._iproute()
+        kwargs: dict[str, Any] = {}
+        if iface.version == 6:
+            # A VIP must answer at once, not after duplicate address detection.
+            kwargs["flags"] = IFA_F_NODAD
+        from pyroute2.netlink.exceptions import NetlinkError as _PyNLError
+
+        try:
+            ipr.addr("add", index=self._index(ifname), address=str(iface.ip),
+                     prefixlen=iface.network.prefixlen, **kwargs)
+        except _PyNLError as e:
+            if e.code == errno.EEXIST:
+                return False
+            raise
+        return True
+
+    def _remove_address(self, ifname: str, iface: IPInterface) -> bool:
+        ipr = self._iproute()
+        from pyroute2.netlink.exceptions import NetlinkError as _PyNLError
+
+        try:
+            ipr.addr("del", index=self._index(ifname), address=str(iface.ip),
+                     prefixlen=iface.network.prefixlen)
+        except _PyNLError as e:
+            if e.code in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ESRCH):
+                return False
+            raise
+        return True
+
+    def _link_up(self, ifname: str) -> bool:
+        links = self._iproute().get_links(self._index(ifname))
+        if not links:
+            raise _no_device()
+        flags = links[0]["flags"]
+        return bool(flags & IFF_UP) and bool(flags & IFF_LOWER_UP)
+
+    def _mac(self, ifname: str) -> bytes:
+        links = self._iproute().get_links(self._index(ifname))
+        addr = links[0].get("IFLA_ADDRESS") if links else None
+        if not addr:
+            raise _no_device()
+        return bytes.fromhex(addr.replace(":", ""))
+
+    # -- public API (Deferreds) --------------------------------------------
+
+    def addresses(self, ifname: str) -> defer.Deferred:
+        """Fires with the list of ``ip_interface`` configured on ``ifname``."""
+        return self._run(f"addresses of {ifname}", self._addresses, ifname)
+
+    def add_address(self, ifname: str, iface: IPInterface) -> defer.Deferred:
+        """Add ``iface`` on ``ifname``; fires True if added, False if it was
+        already there (EEXIST is success).  IPv6 is added with ``nodad``."""
+        iface = ipaddress.ip_interface(iface)
+        return self._run(f"add {iface} on {ifname}", self._add_address, ifname, iface)
+
+    def remove_address(self, ifname: str, iface: IPInterface) -> defer.Deferred:
+        """Remove ``iface`` from ``ifname``; fires True if removed, False if
+        it was not there.  A missing interface is an error."""
+        iface = ipaddress.ip_interface(iface)
+        return self._run(f"remove {iface} from {ifname}", self._remove_address, ifname, iface)
+
+    def link_index(self, ifname: str) -> defer.Deferred:
+        """Fires with the interface index of ``ifname``."""
+        return self._run(f"index of {ifname}", self._index, ifname)
+
+    def link_up(self, ifname: str) -> defer.Deferred:
+        """Fires True when ``ifname`` is administratively up *and* has
+        carrier (IFF_UP and IFF_LOWER_UP)."""
+        return self._run(f"state of {ifname}", self._link_up, ifname)
+
+    def mac_address(self, ifname: str) -> defer.Deferred:
+        """Fires with the 6-byte hardware address of ``ifname``."""
+        return self._run(f"mac of {ifname}", self._mac, ifname)
+
+    def announce(self, ifname: str, ip: Any) -> defer.Deferred:
+        """Send one gratuitous ARP (request + reply) or unsolicited NA for
+        ``ip`` on ``ifname`` from this namespace; fires with frames sent."""
+        addr = ip.ip if isinstance(ip, (ipaddress.IPv4Interface, ipaddress.IPv6Interface)) else ip
+        return self._run(f"announce {addr} on {ifname}", garp.send_announcement,
+                         ifname, addr, self.netns)

@@ -1,0 +1,281 @@
+"""Failover benchmark: VIP takeover after a box's death, appliance vs keepalived.
+
+Topology (network namespaces on one bridge, built and removed by the bench):
+node a 10.77.0.1, node b 10.77.0.2, client 10.77.0.10; the VIP 10.77.0.100/24.
+
+A death is a power loss: SIGKILL of every process in the owner's namespace
+and its link set down in the same instant.  Takeover time = from that
+instant to the first echo reply the client gets from the VIP (the client
+pings every 5 ms).  Roles alternate: the dead node is restarted as the
+backup (no preempt) and the next trial kills the new owner.
+
+    python bench/failover.py [--quick] [--json] [--trials N] [--intervals 10,100,1000]
+
+Needs root, iproute2 and (for the anchor) keepalived; says so and skips the
+anchor if it is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VIP = "10.77.0.100"
+ADDR = {"a": "10.77.0.1", "b": "10.77.0.2"}
+PEER = {"a": "b", "b": "a"}
+
+
+def percentile(values, p):
+    values = sorted(values)
+    if not values:
+        return None
+    k = (len(values) - 1) * p / 100.0
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+class System:
+    """One HA implementation under test on a lab."""
+
+    name = "?"
+
+    def __init__(self, lab, workdir: Path, interval_ms: int):
+        self.lab, self.workdir, self.interval_ms = lab, workdir, interval_ms
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, node: str):
+        raise NotImplementedError
+
+    def owner(self) -> str | None:
+        for node in ("a", "b"):
+            if any(str(a.ip) == VIP for a in self.lab.addresses(node)):
+                return node
+        return None
+
+    def kill_box(self, node: str) -> float:
+        """SIGKILL everything in the namespace and cut its link; return the instant."""
+        ns = self.lab.nodes[node].ns
+        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+        t0 = time.time()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        self.lab.link_down(node)
+        return t0
+
+    def revive(self, node: str):
+        proc = self.procs.pop(node, None)
+        if proc is not None:
+            proc.wait(timeout=10)
+        # A powered-off box loses its addresses: clear the VIP the kernel kept.
+        self.lab.run(node, "ip", "addr", "del", f"{VIP}/24", "dev", "eth0", check=False)
+        self.lab.link_up(node)
+        self.start(node)
+
+    def stop(self):
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+        self.procs.clear()
+
+
+class Appliance(System):
+    name = "appliance"
+
+    def __init__(self, lab, workdir, interval_ms):
+        super().__init__(lab, workdir, interval_ms)
+        (workdir / "cluster.key").write_text("k" * 64 + "\n")
+
+    def config(self, node: str) -> Path:
+        path = self.workdir / f"node-{node}.toml"
+        path.write_text(f"""
+[node]
+id = "{node}"
+state_dir = "{self.workdir}/state-{node}"
+
+[admin]
+listen = "tcp:8740:interface=127.0.0.1"
+token_file = "{self.workdir}/state-{node}/admin.token"
+
+[cluster]
+peers = [{{ id = "{PEER[node]}", address = "{ADDR[PEER[node]]}" }}]
+bind_address = "{ADDR[node]}"
+heartbeat_interval_ms = {self.interval_ms}
+dead_after = 3
+auth_key_file = "{self.workdir}/cluster.key"
+auto_partner_down_s = 0
+
+[[vip]]
+name = "vip"
+address = "{VIP}/24"
+interface = "eth0"
+priority = {{ a = 200, b = 100 }}
+preempt = false
+""")
+        return path
+
+    def start(self, node: str):
+        twistd = shutil.which("twistd") or "twistd"
+        log = open(self.workdir / f"twistd-{node}.log", "a")
+        self.procs[node] = self.lab.popen(node, twistd, "-n", "--pidfile=", "appliance", "-c",
+                                          str(self.config(node)), stdout=log,
+                                          stderr=subprocess.STDOUT, cwd=str(self.workdir))
+
+
+class Keepalived(System):
+    name = "keepalived"
+
+    def config(self, node: str) -> Path:
+        path = self.workdir / f"keepalived-{node}.conf"
+        advert = self.interval_ms / 1000.0
+        path.write_text(f"""
+global_defs {{
+    router_id {node}
+    vrrp_version 3
+    script_user root
+    enable_script_security
+}}
+vrrp_instance VI_1 {{
+    state BACKUP
+    nopreempt
+    interface eth0
+    virtual_router_id 51
+    priority {200 if node == 'a' else 100}
+    advert_int {advert:g}
+    unicast_src_ip {ADDR[node]}
+    unicast_peer {{
+        {ADDR[PEER[node]]}
+    }}
+    virtual_ipaddress {{
+        {VIP}/24 dev eth0
+    }}
+}}
+""")
+        return path
+
+    def start(self, node: str):
+        log = open(self.workdir / f"keepalived-{node}.log", "a")
+        d = self.workdir / node
+        d.mkdir(exist_ok=True)
+        self.procs[node] = self.lab.popen(
+            node, "keepalived", "-n", "-l", "-D", "-f", str(self.config(node)),
+            "-p", str(d / "k.pid"), "-r", str(d / "v.pid"), "-c", str(d / "c.pid"),
+            stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for(pred, timeout, step=0.02):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return False
+
+
+def client_ping_ok(lab) -> bool:
+    return lab.run("client", "ping", "-c1", "-W1", VIP, check=False).returncode == 0
+
+
+def trial(system: System, lab, workdir: Path, settle_s: float) -> float | None:
+    owner = system.owner()
+    if owner is None:
+        return None
+    mark = workdir / "mark"
+    mark.unlink(missing_ok=True)
+    interval_s = system.interval_ms / 1000.0
+    duration = 8 + 6 * interval_s
+    pinger = lab.popen("client", sys.executable, str(ROOT / "bench" / "pinger.py"), VIP,
+                       "--interval-ms", "5", "--duration", str(duration),
+                       "--mark-file", str(mark), stdout=subprocess.PIPE, text=True)
+    time.sleep(settle_s)
+    t0 = system.kill_box(owner)
+    mark.write_text(repr(t0))
+    out, _ = pinger.communicate(timeout=duration + 10)
+    result = json.loads(out.strip().splitlines()[-1])
+    system.revive(owner)
+    # The revived node must be a healthy backup before the next trial.
+    wait_for(lambda: system.owner() == PEER[owner] and client_ping_ok(lab), 10 + 5 * interval_s)
+    time.sleep(max(1.0, 4 * interval_s))
+    return result["outage_ms"]
+
+
+def run_system(cls, interval_ms: int, trials: int, log) -> list[float]:
+    from tests.support.netns import Lab
+    outages: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="apl-bench-") as tmp, Lab() as lab:
+        lab.two_nodes_and_client()
+        workdir = Path(tmp)
+        system = cls(lab, workdir, interval_ms)
+        try:
+            system.start("a")
+            wait_for(lambda: system.owner() == "a", 10)
+            system.start("b")
+            if not wait_for(lambda: system.owner() is not None and client_ping_ok(lab), 20):
+                log(f"{system.name} interval={interval_ms}ms: VIP never came up")
+                return outages
+            time.sleep(max(1.0, 4 * interval_ms / 1000.0))
+            for i in range(trials):
+                outage = trial(system, lab, workdir, settle_s=0.3)
+                log(f"  {system.name} interval={interval_ms}ms trial {i + 1}/{trials}: "
+                    f"{'no reply' if outage is None else f'{outage:.1f} ms'}")
+                if outage is not None:
+                    outages.append(outage)
+        finally:
+            system.stop()
+    return outages
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="3 trials at 100 ms only")
+    ap.add_argument("--json", action="store_true", help="print one JSON object last")
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--intervals", default="10,100,1000")
+    args = ap.parse_args()
+    trials = 3 if args.quick else args.trials
+    intervals = [100] if args.quick else [int(x) for x in args.intervals.split(",")]
+    log = (lambda m: print(m, file=sys.stderr, flush=True))
+    if os.geteuid() != 0:
+        print("failover bench: needs root (network namespaces)", file=sys.stderr)
+        return 2
+    systems = [Appliance]
+    if shutil.which("keepalived"):
+        systems.append(Keepalived)
+    else:
+        log("keepalived not installed (apt-get install keepalived): anchor rows skipped")
+    rows = []
+    for interval in intervals:
+        for cls in systems:
+            outages = run_system(cls, interval, trials, log)
+            case = f"interval={interval}ms"
+            for metric, p in (("takeover_ms_p50", 50), ("takeover_ms_p95", 95)):
+                value = percentile(outages, p)
+                rows.append({"system": cls.name, "case": case, "metric": metric,
+                             "value": None if value is None else round(value, 1), "unit": "ms",
+                             "n": len(outages)})
+    print(f"{'system':<12} {'case':<18} {'metric':<18} {'value':>10}  n")
+    for r in rows:
+        v = "-" if r["value"] is None else f"{r['value']:.1f}"
+        print(f"{r['system']:<12} {r['case']:<18} {r['metric']:<18} {v:>10}  {r['n']}")
+    if args.json:
+        print(json.dumps({"bench": "failover", "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

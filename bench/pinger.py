@@ -1,0 +1,101 @@
+"""ICMP echo at a fixed rate; reports when replies stopped and resumed.
+
+Run inside the client namespace (needs root for the raw socket):
+
+    python bench/pinger.py TARGET --interval-ms 5 --duration 10 --mark-file F
+
+Sends an echo request every interval and records the wall-clock time of
+every reply.  When ``--mark-file`` appears (the bench writes the time of
+the failure into it), the pinger reports the first reply received after
+that moment, then exits.  Prints one JSON object:
+``{"sent": N, "replies": N, "failure_at": T, "first_reply_after": T, "outage_ms": X}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import socket
+import struct
+import time
+
+
+def checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    s = (s >> 16) + (s & 0xFFFF)
+    s += s >> 16
+    return ~s & 0xFFFF
+
+
+def echo_request(ident: int, seq: int) -> bytes:
+    payload = struct.pack("!d", time.time()) + b"appliance-bench"
+    header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+    return struct.pack("!BBHHH", 8, 0, checksum(header + payload), ident, seq) + payload
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("target")
+    ap.add_argument("--interval-ms", type=float, default=5.0)
+    ap.add_argument("--duration", type=float, default=15.0)
+    ap.add_argument("--mark-file", default=None)
+    ap.add_argument("--after-mark", type=float, default=0.3,
+                    help="seconds to keep pinging after the first reply past the mark")
+    args = ap.parse_args()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    sock.setblocking(False)
+    ident = os.getpid() & 0xFFFF
+    interval = args.interval_ms / 1000.0
+    start = time.time()
+    next_send = start
+    seq = sent = replies = 0
+    failure_at = first_after = None
+    last_reply = None
+    stop_at = start + args.duration
+    while time.time() < stop_at:
+        now = time.time()
+        if now >= next_send:
+            seq = (seq + 1) & 0xFFFF
+            try:
+                sock.sendto(echo_request(ident, seq), (args.target, 0))
+                sent += 1
+            except OSError:
+                pass                      # no route while the link is down: keep going
+            next_send += interval
+        if failure_at is None and args.mark_file and os.path.exists(args.mark_file):
+            try:
+                failure_at = float(open(args.mark_file).read().strip() or "nan")
+            except ValueError:
+                failure_at = None
+        timeout = max(0.0, min(next_send - time.time(), 0.05))
+        ready, _, _ = select.select([sock], [], [], timeout)
+        if not ready:
+            continue
+        try:
+            packet, addr = sock.recvfrom(2048)
+        except BlockingIOError:
+            continue
+        ihl = (packet[0] & 0x0F) * 4
+        icmp_type, _, _, rid, _ = struct.unpack("!BBHHH", packet[ihl:ihl + 8])
+        if icmp_type != 0 or rid != ident or addr[0] != args.target:
+            continue
+        t = time.time()
+        replies += 1
+        last_reply = t
+        if failure_at is not None and first_after is None and t > failure_at:
+            first_after = t
+            stop_at = min(stop_at, t + args.after_mark)
+    result = {"sent": sent, "replies": replies, "failure_at": failure_at,
+              "first_reply_after": first_after, "last_reply": last_reply,
+              "outage_ms": None if (failure_at is None or first_after is None)
+              else round((first_after - failure_at) * 1000, 1)}
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
