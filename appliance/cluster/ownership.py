@@ -52,7 +52,7 @@ class View:
 def elect(spec: ResourceSpec, view: View) -> str | None:
     """The node that should own ``spec`` given ``view`` (None: nobody can)."""
     live = {n: c for n, c in view.claims.items() if n in view.able and c.owner == n}
-    manual = [c for c in live.values() if c.manual]
+    manual = [c for c in live.values() if c.manual and c.owner not in view.excluded]
     if manual:
         return max(manual, key=lambda c: (c.epoch, spec.priority.get(c.owner, 0), c.owner)).owner
     candidates = [n for n in view.able
