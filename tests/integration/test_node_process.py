@@ -64,8 +64,11 @@ def test_sigterm_is_orderly_and_state_survives(node):
     assert node.rpc("system.status")["result"]["services"]["testecho"]["state"] == "running"
     code = node.terminate()
     log = node.output()
-    assert code == 0, log
+    # twistd re-raises the SIGTERM after an orderly shutdown (exit status -15),
+    # as systemd expects; anything else would be a crash.
+    assert code in (0, -15), log
     assert "node t1 stopped" in log
+    assert "Traceback" not in log
     # The store's journal holds what the service wrote on start.
     from tests.integration.test_memory_durability import reopen, value
     assert value(reopen(node.state_dir), "testecho:started") == "t1"
