@@ -6,8 +6,10 @@ node a 10.77.0.1, node b 10.77.0.2, client 10.77.0.10; the VIP 10.77.0.100/24.
 A death is a power loss: SIGKILL of every process in the owner's namespace
 and its link set down in the same instant.  Takeover time = from that
 instant to the first echo reply the client gets from the VIP (the client
-pings every 5 ms).  Roles alternate: the dead node is restarted as the
-backup (no preempt) and the next trial kills the new owner.
+pings every 5 ms).  Both systems run with their defaults for a primary
+and a backup (priority 200/100, preempt): after each trial the dead primary
+is revived (its runtime files cleared, as a power cycle would), takes the
+VIP back, and the next trial kills it again.
 
     python bench/failover.py [--quick] [--json] [--trials N] [--intervals 10,100,1000]
 
@@ -59,10 +61,10 @@ class System:
         raise NotImplementedError
 
     def owner(self) -> str | None:
-        for node in ("a", "b"):
-            if any(str(a.ip) == VIP for a in self.lab.addresses(node)):
-                return node
-        return None
+        """The one node holding the VIP (None if none or both)."""
+        holders = [n for n in ("a", "b")
+                   if any(str(a.ip) == VIP for a in self.lab.addresses(n))]
+        return holders[0] if len(holders) == 1 else None
 
     def kill_box(self, node: str) -> float:
         """SIGKILL everything in the namespace and cut its link; return the instant."""
@@ -77,10 +79,14 @@ class System:
         self.lab.link_down(node)
         return t0
 
+    def clear_runtime(self, node: str):
+        """What a power cycle loses (pid files, addresses)."""
+
     def revive(self, node: str):
         proc = self.procs.pop(node, None)
         if proc is not None:
             proc.wait(timeout=10)
+        self.clear_runtime(node)
         # A powered-off box loses its addresses: clear the VIP the kernel kept.
         self.lab.run(node, "ip", "addr", "del", f"{VIP}/24", "dev", "eth0", check=False)
         self.lab.link_up(node)
@@ -125,7 +131,7 @@ name = "vip"
 address = "{VIP}/24"
 interface = "eth0"
 priority = {{ a = 200, b = 100 }}
-preempt = false
+preempt = true
 """)
         return path
 
@@ -152,7 +158,6 @@ global_defs {{
 }}
 vrrp_instance VI_1 {{
     state BACKUP
-    nopreempt
     interface eth0
     virtual_router_id 51
     priority {200 if node == 'a' else 100}
@@ -167,6 +172,10 @@ vrrp_instance VI_1 {{
 }}
 """)
         return path
+
+    def clear_runtime(self, node: str):
+        for pid in (self.workdir / node).glob("*.pid"):
+            pid.unlink()
 
     def start(self, node: str):
         log = open(self.workdir / f"keepalived-{node}.log", "a")
@@ -208,8 +217,8 @@ def trial(system: System, lab, workdir: Path, settle_s: float) -> float | None:
     out, _ = pinger.communicate(timeout=duration + 10)
     result = json.loads(out.strip().splitlines()[-1])
     system.revive(owner)
-    # The revived node must be a healthy backup before the next trial.
-    wait_for(lambda: system.owner() == PEER[owner] and client_ping_ok(lab), 10 + 5 * interval_s)
+    # The revived primary takes the VIP back (preempt) before the next trial.
+    wait_for(lambda: system.owner() == "a" and client_ping_ok(lab), 15 + 10 * interval_s)
     time.sleep(max(1.0, 4 * interval_s))
     return result["outage_ms"]
 

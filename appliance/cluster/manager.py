@@ -73,6 +73,7 @@ class PeerInfo:
     alive: bool = False
     heartbeat: Heartbeat | None = None
     skew_s: float | None = None
+    timer: Any = None            # fires dead_after after the last heartbeat
     config_mismatch: dict[str, list[str]] = field(default_factory=dict)
 
     @property
@@ -263,6 +264,9 @@ class ClusterManager(Service):
         if self._tick_call is not None and self._tick_call.active():
             self._tick_call.cancel()
         self._tick_call = None
+        for peer in self.peers.values():
+            if peer.timer is not None and peer.timer.active():
+                peer.timer.cancel()
         # Give everything up, tell the peers once, then stop listening.
         for res in self.resources.values():
             if res.mine is not None:
@@ -338,6 +342,12 @@ class ClusterManager(Service):
         peer = self.peers[hb.node]
         was_alive = peer.alive
         peer.last_seen, peer.heartbeat, peer.alive = now, hb, True
+        # Suspect the peer exactly dead_after after its last beat, not at the
+        # next tick: takeover time should not depend on tick alignment.
+        if peer.timer is not None and peer.timer.active():
+            peer.timer.reset(self.dead_after_s + 0.001)
+        else:
+            peer.timer = self.reactor.callLater(self.dead_after_s + 0.001, self._deadline)
         skew = hb.sent_at - time.time()
         peer.skew_s = skew if peer.skew_s is None else 0.8 * peer.skew_s + 0.2 * skew
         if abs(peer.skew_s) > SKEW_WARN_S and abs(skew) > SKEW_WARN_S:
@@ -376,6 +386,13 @@ class ClusterManager(Service):
                 peer.config_mismatch[name] = differing
             else:
                 peer.config_mismatch.setdefault(name, ["(details follow)"])
+
+    def _deadline(self):
+        try:
+            self._detect()
+            self.evaluate()
+        except Exception:
+            _log.failure("liveness deadline handling failed")
 
     def _detect(self):
         now = self.reactor.seconds()

@@ -143,7 +143,9 @@ def test_dead_owner_replaced_within_dead_after():
         clock.advance(0.01)
         assert clock.seconds() - t0 < 1.0
     took = clock.seconds() - t0
-    assert 0.3 <= took <= 0.45, took
+    # Suspected exactly dead_after (300 ms) after the LAST beat heard, which
+    # came at most one interval before the cut.
+    assert 0.2 <= took <= 0.31, took
     assert nodes["b"].roles[-1][0] == "owner"
 
 
