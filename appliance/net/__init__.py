@@ -1,2 +1,4 @@
-"""Host networking helpers: netlink (pyroute2 in a dedicated thread) and
-gratuitous ARP / unsolicited neighbour advertisement frames."""
+"""Host networking helpers: netlink (pyroute2 in a dedicated thread),
+gratuitous ARP / unsolicited neighbour advertisement frames, and TLS
+certificates and contexts (:mod:`appliance.net.tls`) for the admin API and the
+cluster peer link."""
