@@ -360,6 +360,48 @@ def render_status(status: Any) -> str:
     return header + "\n\n" + format_table(rows, columns)
 
 
+def render_cluster(status: Any) -> str:
+    """``cluster.status``: header, PEER table, RESOURCE table, drop counters."""
+    if not isinstance(status, dict) or "peers" not in status:
+        return render(status)
+    health = status.get("health") or []
+    header = _kv_block([("node", _cell(status.get("node"))),
+                        ("heartbeat", f"{_cell(status.get('heartbeat_interval_ms'))} ms"),
+                        ("maintenance", _cell(status.get("maintenance"))),
+                        ("health", ",".join(health) if health else "ok")])
+    blocks = [header]
+    peers = status.get("peers") or {}
+    if peers:
+        rows = []
+        for pid, p in peers.items():
+            note = p.get("warning") or ""
+            mismatch = p.get("config_mismatch") or {}
+            if mismatch:
+                note = (note + "; " if note else "") + "config differs: " + "; ".join(
+                    f"{res} ({', '.join(keys)})" for res, keys in mismatch.items())
+            rows.append({"peer": pid, "alive": p.get("alive"), "last_seen_ms": p.get("last_seen_ms"),
+                         "state": p.get("state"), "health": p.get("health") or ["ok"],
+                         "skew_s": p.get("skew_s"), "note": note or None})
+        blocks.append(format_table(rows, ["peer", "alive", "last_seen_ms", "state", "health",
+                                          "skew_s", "note"]))
+    else:
+        blocks.append("(single node: no peers)")
+    resources = status.get("resources") or {}
+    if resources:
+        rows = [{"resource": name, "owner": r.get("owner"), "epoch": r.get("epoch"),
+                 "role": r.get("role"), "kind": r.get("kind"),
+                 "since": fmt_duration(r.get("since_s")) if r.get("since_s") is not None else None,
+                 "reason": r.get("reason") or None}
+                for name, r in resources.items()]
+        blocks.append(format_table(rows))
+    else:
+        blocks.append("(no resources)")
+    drops = {k: v for k, v in (status.get("drops") or {}).items() if v}
+    if drops:
+        blocks.append("heartbeats dropped: " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())))
+    return "\n\n".join(blocks)
+
+
 # ----------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------
@@ -416,7 +458,7 @@ COMMANDS: dict[str, _Command] = {
     "status": ("node, store and service states", lambda a: "system.status",
                lambda a: None, render_status),
     "cluster": ("peers and resource ownership", lambda a: "cluster.status",
-                lambda a: None, render),
+                lambda a: None, render_cluster),
     "leases": ("DHCP leases", lambda a: "dhcp6.leases" if a.v6 else "dhcp4.leases",
                lambda a: _params(subnet=a.subnet, state=a.state, limit=a.limit, cursor=a.cursor),
                render),
