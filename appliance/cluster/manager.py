@@ -141,6 +141,7 @@ class ClusterManager(Service):
         self.seq = 0
         self.verifier: HeartbeatVerifier | None = None
         self.port = None
+        self.peerlink = None                    # PeerLink when [cluster] has peer_link
         self._tick_call = None
         self.started_at = 0.0
         self.hold_until = 0.0
@@ -227,6 +228,11 @@ class ClusterManager(Service):
             self._key = load_key(self.cfg.auth_key_file)
         self.incarnation = next_incarnation(self.state_dir)
         self.verifier = HeartbeatVerifier(self._key, self.node_id, self.peers)
+        if self.cfg.peer_link and self.cfg.tls is not None:
+            from appliance.cluster.peerlink import from_config
+            self.peerlink = from_config(self.reactor, self.node_id, self.incarnation, self.cfg)
+            self.peerlink.startService().addErrback(
+                lambda f: _log.error("peer link failed to start: {why}", why=f.getErrorMessage()))
         # Listen for the peers before claiming anything; hold claims until a
         # live owner elsewhere would have been heard.
         self.hold_until = self.started_at + self.dead_after_s + self.interval
@@ -271,14 +277,18 @@ class ClusterManager(Service):
         for res in self.resources.values():
             if res.mine is not None:
                 self._set_mine(res, None, "node shutdown")
-        d = defer.succeed(None)
+        steps = []
+        if self.peerlink is not None and self.peerlink.running:
+            steps.append(defer.maybeDeferred(self.peerlink.stopService))
         if self.port is not None:
             self.maintenance = True
-            self._send_heartbeats()
-            d = defer.maybeDeferred(self.port.stopListening)
+            self._send_heartbeats()          # peers see "maintenance" and take over at once
+            steps.append(defer.maybeDeferred(self.port.stopListening))
             self.port = None
         if self.vip_manager is not None:
-            d.addCallback(lambda _: self.vip_manager.stopService())   # removes held VIPs
+            steps.append(defer.maybeDeferred(self.vip_manager.stopService))  # removes held VIPs
+        d = defer.gatherResults(steps, consumeErrors=True)
+        d.addErrback(lambda f: _log.error("cluster stop: {why}", why=f.getErrorMessage()))
         return d
 
     # ------------------------------------------------------------------
@@ -655,6 +665,7 @@ class ClusterManager(Service):
                 "peers": peers, "resources": resources,
                 "partners": {peer: ps.fsm.state for peer, ps in self.partners.items()},
                 "drops": dict(self.verifier.drops) if self.verifier else {},
+                "peer_link": self.peerlink.status() if self.peerlink is not None else None,
                 "stats": dict(self.stats)}
 
     def register_methods(self, rpc) -> None:

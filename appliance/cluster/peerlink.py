@@ -90,7 +90,9 @@ class PeerProtocol(Int32StringReceiver):
             return None
         if cert is None:
             return None
-        return cert.get_subject().commonName
+        from cryptography.x509.oid import NameOID
+        names = cert.to_cryptography().subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return names[0].value if names else None
 
     def lengthLimitExceeded(self, length):
         _log.warn("peer link: frame of {n} bytes exceeds the limit; closing", n=length)
@@ -184,6 +186,23 @@ class _Factory(Factory):
         p = PeerProtocol(self.link, self.expected)
         p.factory = self
         return p
+
+
+def from_config(reactor, node_id: str, incarnation: int, cluster) -> "PeerLink":
+    """Build the peer link of ``[cluster]`` (``peer_link`` + ``tls`` files)."""
+    from pathlib import Path
+
+    from appliance.admin.listen import split_endpoint
+    from appliance.net.tls import client_options, server_options
+    kind, args, kwargs = split_endpoint(cluster.peer_link)
+    port = int(kwargs.get("port") or args[0])
+    interface = kwargs.get("interface") or (str(cluster.bind_address) if cluster.bind_address else "")
+    cert, key, ca = (Path(cluster.tls.cert).read_bytes(), Path(cluster.tls.key).read_bytes(),
+                     Path(cluster.tls.ca).read_bytes())
+    return PeerLink(reactor, node_id=node_id, incarnation=incarnation,
+                    peers={p.id: str(p.address) for p in cluster.peers}, port=port,
+                    interface=interface, server_options=server_options(cert, key, ca),
+                    client_options=lambda peer: client_options(peer, ca, cert, key))
 
 
 class PeerLink(MultiService):
