@@ -36,6 +36,7 @@ from appliance.cluster.ownership import Claim, ResourceSpec, View, decide
 _log = Logger(namespace="appliance.cluster")
 
 SKEW_WARN_S = 30.0
+LINK_CHECK_S = 0.5         # how often VIP interfaces are checked for carrier
 DETAIL_EVERY = 10          # heartbeats between config-detail broadcasts
 
 
@@ -143,6 +144,9 @@ class ClusterManager(Service):
         self.port = None
         self.peerlink = None                    # PeerLink when [cluster] has peer_link
         self._tick_call = None
+        self._link_check_at = 0.0
+        self._link_checking = False
+        self.interfaces_down: list[str] = []
         self.started_at = 0.0
         self.hold_until = 0.0
         self.stats = {"sent": 0, "received": 0, "send_errors": 0, "role_changes": 0,
@@ -301,11 +305,41 @@ class ClusterManager(Service):
             self._detect()
             for peer, ps in self.partners.items():
                 self._transition(ps, ps.fsm.tick(self.reactor.seconds()))
+            self._check_links()
             self.evaluate()
         except Exception:
             _log.failure("cluster tick failed")
         if self.running:
             self._tick_call = self.reactor.callLater(self.interval, self._tick)
+
+    def _check_links(self):
+        """Flag ``interface_down`` while a VIP's interface has no carrier."""
+        now = self.reactor.seconds()
+        checker = getattr(self.vip_manager, "interfaces_down", None)
+        if checker is None or self._link_checking or now < self._link_check_at:
+            return
+        self._link_check_at = now + LINK_CHECK_S
+        self._link_checking = True
+
+        def got(down):
+            self._link_checking = False
+            if down != self.interfaces_down:
+                _log.warn("client-facing interfaces down: {down}; this node {verdict}",
+                          down=", ".join(down) or "none",
+                          verdict="cannot serve" if down else "can serve again")
+                self.interfaces_down = down
+                if down:
+                    self.health.add("interface_down")
+                else:
+                    self.health.discard("interface_down")
+                self._send_heartbeats()
+                self.evaluate()
+
+        def failed(f):
+            self._link_checking = False
+            _log.warn("interface check failed: {why}", why=f.getErrorMessage())
+
+        defer.maybeDeferred(checker).addCallbacks(got, failed)
 
     def health_flags(self) -> tuple[str, ...]:
         flags = set(self.health)
@@ -430,6 +464,7 @@ class ClusterManager(Service):
         if not self.running:
             return
         able = self._able_nodes()
+        alive = {p.id for p in self.peers.values() if p.alive} | {self.node_id}
         holding = self.reactor.seconds() < self.hold_until
         for name, res in self.resources.items():
             claims = {}
@@ -440,7 +475,11 @@ class ClusterManager(Service):
                     if owner == peer.id:
                         claims[peer.id] = Claim(owner, epoch, manual)
             excluded = {self.node_id} if name in self.excluded else set()
-            view = View(able, claims, res.max_epoch, excluded)
+            usable = able
+            if not any(res.spec.priority.get(n, 0) > 0 for n in able):
+                # Nobody healthy can serve it: better a degraded owner than none.
+                usable = alive
+            view = View(usable, claims, res.max_epoch, excluded)
             d = decide(res.spec, view, self.node_id, res.mine)
             owner = self.node_id if res.mine else max(
                 claims.values(), key=lambda c: c.epoch, default=Claim("", 0)).owner or None

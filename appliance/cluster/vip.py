@@ -77,6 +77,19 @@ class VIPManager(Service):
     def vip(self, name: str) -> Any:
         return self._vips[name]
 
+    def interfaces_down(self) -> defer.Deferred:
+        """Fire with the sorted names of VIP interfaces that are down (no
+        carrier, or missing): a node with one cannot serve those clients."""
+        names = sorted({v.interface for v in self._vips.values()})
+
+        def check(ifname: str) -> defer.Deferred:
+            d = self._netlink.link_up(ifname)
+            d.addErrback(lambda _f: False)     # missing interface counts as down
+            return d.addCallback(lambda up: None if up else ifname)
+
+        d = defer.gatherResults([check(n) for n in names])
+        return d.addCallback(lambda down: sorted(n for n in down if n))
+
     # -- service -------------------------------------------------------------
 
     def startService(self) -> defer.Deferred:

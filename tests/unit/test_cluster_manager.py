@@ -256,3 +256,54 @@ def test_config_mismatch_named():
     run(clock, 2.0)
     mismatch = nodes["a"].status()["peers"]["b"]["config_mismatch"]
     assert mismatch == {"vip1": ["preempt"]}
+
+
+class FakeVIPs:
+    """Stands in for VIPManager: records acquire/release, reports link state."""
+
+    def __init__(self):
+        self.down = []
+        self.log = []
+
+    def startService(self):
+        return defer.succeed(None)
+
+    def stopService(self):
+        return defer.succeed(None)
+
+    def acquire(self, name, reason=""):
+        self.log.append(("acquire", name))
+        return defer.succeed(True)
+
+    def release(self, name, reason=""):
+        self.log.append(("release", name))
+        return defer.succeed(True)
+
+    def interfaces_down(self):
+        return defer.succeed(list(self.down))
+
+
+def test_client_interface_down_hands_over_and_back():
+    """A node whose VIP interface loses carrier flags interface_down; its peer takes
+    over although heartbeats still flow; when it is back (preempt) it takes over again.
+    If both are down, the higher-priority node keeps serving (degraded beats nobody)."""
+    clock, net, nodes = make_pair()
+    vips = {n: FakeVIPs() for n in nodes}
+    for n, m in nodes.items():
+        m.vip_manager = vips[n]
+    start(clock, nodes)
+    run(clock, 1.0)
+    assert owners(nodes) == ["a"]
+    assert vips["a"].log == [("acquire", "vip1")]
+    vips["a"].down = ["eth0"]
+    run(clock, 0.8)
+    assert owners(nodes) == ["b"]
+    assert "interface_down" in nodes["b"].status()["peers"]["a"]["health"]
+    assert nodes["b"].peers["a"].alive
+    vips["b"].down = ["eth0"]
+    run(clock, 0.8)
+    assert owners(nodes) == ["a"], "nobody healthy: the priority node serves degraded"
+    vips["a"].down = vips["b"].down = []
+    run(clock, 0.8)
+    assert owners(nodes) == ["a"]
+    assert vips["a"].log[-1] == ("acquire", "vip1")
