@@ -256,6 +256,8 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--intervals", default="10,100,1000")
     args = ap.parse_args()
+    # Killed from outside: unwind so every namespace and process is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     trials = 3 if args.quick else args.trials
     intervals = [100] if args.quick else [int(x) for x in args.intervals.split(",")]
     log = (lambda m: print(m, file=sys.stderr, flush=True))
