@@ -161,7 +161,8 @@ def redis_benchmark(binary: str, port: int, args, pipeline: int) -> float | None
     if pipeline > 1:
         cmd += ["-P", str(pipeline)]
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+        out = subprocess.run(cmd, capture_output=True, text=True,
+                             timeout=30 if args.quick else 120).stdout
     except subprocess.TimeoutExpired:
         note(f"{' '.join(cmd)} timed out")
         return None
@@ -184,7 +185,12 @@ async def main(reactor, args) -> list[dict]:
         pass
 
     if "memory" in args.systems:
-        rows += await bench_memory(reactor, args, value)
+        try:
+            rows += await bench_memory(reactor, args, value)
+        except Exception as e:
+            note(f"memory store bench failed: {e!r}")
+            rows += [row("memory", c, None, note=f"failed: {e}") for c in ("sequential",
+                                                                          "pipelined")]
 
     server = None
     want_redis = {"redis", "redis-benchmark"} & set(args.systems)
@@ -202,7 +208,12 @@ async def main(reactor, args) -> list[dict]:
             server = RedisServer(server_bin).start()
     try:
         if server is not None and "redis" in args.systems:
-            rows += await bench_redis_store(reactor, args, server.url, value)
+            try:
+                rows += await bench_redis_store(reactor, args, server.url, value)
+            except Exception as e:
+                note(f"redis store bench failed: {e!r}")
+                rows += [row("redis", c, None, note=f"failed: {e}") for c in ("sequential",
+                                                                             "pipelined")]
         if server is not None and "redis-benchmark" in args.systems:
             rb = find_or_install("redis-benchmark", "redis-tools", not args.no_install)
             if rb is None:

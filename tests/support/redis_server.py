@@ -1,0 +1,223 @@
+"""A real ``redis-server`` (and optionally ``redis-sentinel``) on loopback for tests.
+
+The server runs from a temporary directory with its own config (no
+persistence, no daemonizing) on a free port of 127.0.0.1.  ``kill()`` sends
+SIGKILL (an outage as abrupt as a crash), ``restart()`` brings it back on the
+same port, ``stop()`` ends it for good.  Only processes started here are ever
+signalled, by their own pid.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _redis_ping(port: int, password: str | None = None, timeout: float = 0.5) -> str | None:
+    """Send PING over a raw socket; return the reply line or None."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            if password:
+                pw = password.encode()
+                s.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(pw), pw))
+                if not s.recv(64).startswith(b"+OK"):
+                    return None
+            s.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return s.recv(64).decode(errors="replace").strip()
+    except OSError:
+        return None
+
+
+def redis_command(port: int, *args: str, timeout: float = 1.0) -> bytes:
+    """One command over a raw socket (test helper); returns the raw reply."""
+    payload = b"*%d\r\n" % len(args)
+    for a in args:
+        b = a.encode()
+        payload += b"$%d\r\n%s\r\n" % (len(b), b)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(payload)
+        return s.recv(65536)
+
+
+class RedisServer:
+    """One redis-server process on 127.0.0.1:<port>."""
+
+    def __init__(self, binary: str = "redis-server", *, port: int | None = None,
+                 workdir: str | Path | None = None, password: str | None = None,
+                 extra_config: str = "", sentinel: bool = False):
+        self.binary = shutil.which(binary) or binary
+        self.port = port or free_port()
+        self._own_dir = workdir is None
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="redis-test-"))
+        self.password = password
+        self.extra_config = extra_config
+        self.sentinel = sentinel
+        self.proc: subprocess.Popen | None = None
+        self.config_path = self.dir / ("sentinel.conf" if sentinel else "redis.conf")
+        self.log_path = self.dir / ("sentinel.log" if sentinel else "redis.log")
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _write_config(self):
+        lines = [
+            "bind 127.0.0.1",
+            f"port {self.port}",
+            "daemonize no",
+            f'dir "{self.dir}"',
+            f'logfile "{self.log_path}"',
+        ]
+        if not self.sentinel:
+            lines += ['save ""', "appendonly no", "protected-mode yes",
+                      "databases 16", "tcp-keepalive 0"]
+            if self.password:
+                lines.append(f"requirepass {self.password}")
+        lines.append(self.extra_config)
+        # Sentinel rewrites its config file: write it afresh on every start
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    def start(self, timeout: float = 10.0) -> "RedisServer":
+        if self.proc is not None and self.proc.poll() is None:
+            return self
+        self._write_config()
+        args = [self.binary, str(self.config_path)]
+        if self.sentinel:
+            args.append("--sentinel")
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, cwd=self.dir)
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 10.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.binary} exited with {self.proc.returncode}: "
+                                   f"{self.log_tail()}")
+            reply = _redis_ping(self.port, None if self.sentinel else self.password)
+            if reply is not None and reply.startswith("+PONG"):
+                return
+            time.sleep(0.02)
+        raise RuntimeError(f"{self.binary} on port {self.port} did not answer PING within "
+                           f"{timeout} s: {self.log_tail()}")
+
+    def log_tail(self, n: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return "(no log)"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self):
+        """SIGKILL the server (a crash: no goodbye to the clients) and reap it."""
+        if self.alive:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def freeze(self):
+        """SIGSTOP the server: connections stay open but nothing is answered."""
+        if self.alive:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self):
+        """SIGCONT a frozen server."""
+        if self.alive:
+            os.kill(self.proc.pid, signal.SIGCONT)
+
+    def restart(self, timeout: float = 10.0) -> "RedisServer":
+        """Start again on the same port (killing a still-running instance first)."""
+        self.kill()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.start(timeout=max(1.0, deadline - time.monotonic()))
+            except RuntimeError:
+                # the port may linger for a moment after a kill
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def stop(self):
+        """Terminate the server (SIGTERM, then SIGKILL) and remove its directory."""
+        if self.alive:
+            self.thaw()
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.proc = None
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class SentinelSetup:
+    """A master redis-server plus one redis-sentinel monitoring it, on loopback."""
+
+    def __init__(self, master_name: str = "appliance-test", *, quorum: int = 1):
+        self.master_name = master_name
+        self.dir = Path(tempfile.mkdtemp(prefix="redis-sentinel-test-"))
+        (self.dir / "master").mkdir()
+        (self.dir / "sentinel").mkdir()
+        self.master = RedisServer("redis-server", workdir=self.dir / "master")
+        self.sentinel = RedisServer(
+            shutil.which("redis-sentinel") or "redis-sentinel", workdir=self.dir / "sentinel",
+            sentinel=True)
+        self.sentinel.extra_config = "\n".join([
+            f"sentinel monitor {master_name} 127.0.0.1 {self.master.port} {quorum}",
+            f"sentinel down-after-milliseconds {master_name} 1000",
+            f"sentinel failover-timeout {master_name} 3000",
+        ])
+
+    @property
+    def sentinels(self) -> tuple[str, ...]:
+        return (self.sentinel.address,)
+
+    def start(self) -> "SentinelSetup":
+        self.master.start()
+        self.sentinel.start()
+        # wait until the sentinel knows the master
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                reply = redis_command(self.sentinel.port, "SENTINEL",
+                                      "get-master-addr-by-name", self.master_name)
+            except OSError:
+                reply = b""
+            if str(self.master.port).encode() in reply:
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"sentinel does not know {self.master_name}: "
+                           f"{self.sentinel.log_tail()}")
+
+    def stop(self):
+        self.sentinel.stop()
+        self.master.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
