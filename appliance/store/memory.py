@@ -98,6 +98,7 @@ class ZSet:
 class _Subscription:
     def __init__(self, store: "MemoryStore", prefix: str, callback):
         self.store, self.prefix, self.callback = store, prefix, callback
+        self.ready = defer.succeed(None)   # live at once (redis: after PSUBSCRIBE)
 
     def cancel(self) -> None:
         try:
@@ -643,7 +644,7 @@ class MemoryStore(Service):
     def delete(self, *keys):
         def op():
             self._check_str(*keys)
-            existing = [k for k in keys if self._live(k) is not None]
+            existing = [k for k in dict.fromkeys(keys) if self._live(k) is not None]
             for k in existing:
                 self._data.pop(k, None)
                 self._expiry.pop(k, None)
@@ -653,9 +654,9 @@ class MemoryStore(Service):
     def expire(self, key, ttl_s):
         def op():
             self._check_str(key)
+            when = self._ttl_at(ttl_s)
             if self._live(key) is None:
                 return False, [], []
-            when = self._ttl_at(ttl_s)
             self._set_expiry(key, when)
             return True, [["expire", key, when]], [(key, "expire")]
         return self._write(op)
@@ -723,6 +724,8 @@ class MemoryStore(Service):
     def _do_zadd(self, key, mapping):
         self._check_str(key, *mapping.keys())
         scores = {m: float(s) for m, s in mapping.items()}
+        if any(score != score for score in scores.values()):
+            raise StoreError("score is not a number (NaN)")
         z = self._typed(key, ZSet)
         if z is None:
             z = self._data[key] = ZSet()
@@ -809,6 +812,8 @@ class MemoryStore(Service):
                     self._data.pop(o.key, None)
                     self._expiry.pop(o.key, None)
                     records.append(["del", o.key])
+                elif o.kind in ("hset", "zadd") and not o.args[0]:
+                    continue                      # nothing to write (as on redis)
                 elif o.kind == "hset":
                     records.append(self._do_hset(o.key, dict(o.args[0]))[1])
                 elif o.kind == "hdel":
@@ -856,6 +861,8 @@ class MemoryStore(Service):
                 self._check_str(*o.args[0])
             elif o.kind == "zadd":
                 self._check_str(*(m for m, _ in o.args[0]))
+                if any(score != score for _, score in o.args[0]):
+                    raise StoreError("score is not a number (NaN)")
 
     # -- iteration and change feed -----------------------------------------
     def scan(self, prefix, cursor=None, count=100):

@@ -664,3 +664,22 @@ async def test_redis_over_unix_socket(request):
         assert await s.get("k") == "v"
     finally:
         await s.stopService()
+
+
+# ----------------------------------------------------------------------
+# edge cases where the backends once differed (now aligned)
+# ----------------------------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_edge_cases_aligned(store):
+    """Duplicate keys in delete count once; NaN scores and non-positive TTLs are refused
+    (even for missing keys); empty hset/zadd ops in a commit write nothing."""
+    await store.set("dup", "1")
+    assert await store.delete("dup", "dup") == 1
+    await fails(store.zadd("z", {"m": float("nan")}))
+    await fails(store.commit([Op.zadd("z", {"m": float("nan")})]))
+    assert await store.zcard("z") == 0
+    await fails(store.expire("missing", 0))
+    assert await store.commit([Op.hset("h", {}), Op.zadd("zz", {}), Op.set("k", "v")]) is True
+    assert await store.hgetall("h") == {}
+    keys, _ = await scan_all(store, "", 100)
+    assert sorted(keys) == ["k"]
