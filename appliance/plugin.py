@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +57,11 @@ class NodeContext:
     store: Any           # IStateStore
     rpc: Any             # appliance.admin.rpc.MethodRegistry
     metrics: Any         # prometheus_client.CollectorRegistry
-    cluster: Any         # the cluster manager (None on a single node)
+    cluster: Any         # appliance.cluster.manager.ClusterManager (alone: owns everything)
     state_dir: Path
+    #: Small cross-service interfaces by name (e.g. "ddns": an IDDNSUpdater the dns
+    #: service provides and dhcp4 uses).  Services never import each other.
+    providers: dict[str, Any] = field(default_factory=dict)
 
     @property
     def node_id(self) -> str:
