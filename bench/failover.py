@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tests.support.cluster_lab import poll, vip_pair_config  # noqa: E402
 
 VIP = "10.77.0.100"
 ADDR = {"a": "10.77.0.1", "b": "10.77.0.2"}
@@ -109,30 +110,8 @@ class Appliance(System):
 
     def config(self, node: str) -> Path:
         path = self.workdir / f"node-{node}.toml"
-        path.write_text(f"""
-[node]
-id = "{node}"
-state_dir = "{self.workdir}/state-{node}"
-
-[admin]
-listen = "tcp:8740:interface=127.0.0.1"
-token_file = "{self.workdir}/state-{node}/admin.token"
-
-[cluster]
-peers = [{{ id = "{PEER[node]}", address = "{ADDR[PEER[node]]}" }}]
-bind_address = "{ADDR[node]}"
-heartbeat_interval_ms = {self.interval_ms}
-dead_after = 3
-auth_key_file = "{self.workdir}/cluster.key"
-auto_partner_down_s = 0
-
-[[vip]]
-name = "vip"
-address = "{VIP}/24"
-interface = "eth0"
-priority = {{ a = 200, b = 100 }}
-preempt = true
-""")
+        path.write_text(vip_pair_config(node, self.workdir, ADDR, f"{VIP}/24", vip_name="vip",
+                                        interval_ms=self.interval_ms, preempt=True))
         return path
 
     def start(self, node: str):
@@ -187,15 +166,6 @@ vrrp_instance VI_1 {{
             stdout=log, stderr=subprocess.STDOUT)
 
 
-def wait_for(pred, timeout, step=0.02):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return False
-
-
 def client_ping_ok(lab) -> bool:
     return lab.run("client", "ping", "-c1", "-W1", VIP, check=False).returncode == 0
 
@@ -218,7 +188,7 @@ def trial(system: System, lab, workdir: Path, settle_s: float) -> float | None:
     result = json.loads(out.strip().splitlines()[-1])
     system.revive(owner)
     # The revived primary takes the VIP back (preempt) before the next trial.
-    wait_for(lambda: system.owner() == "a" and client_ping_ok(lab), 15 + 10 * interval_s)
+    poll(lambda: system.owner() == "a" and client_ping_ok(lab), 15 + 10 * interval_s)
     time.sleep(max(1.0, 4 * interval_s))
     return result["outage_ms"]
 
@@ -232,9 +202,9 @@ def run_system(cls, interval_ms: int, trials: int, log) -> list[float]:
         system = cls(lab, workdir, interval_ms)
         try:
             system.start("a")
-            wait_for(lambda: system.owner() == "a", 10)
+            poll(lambda: system.owner() == "a", 10)
             system.start("b")
-            if not wait_for(lambda: system.owner() is not None and client_ping_ok(lab), 20):
+            if not poll(lambda: system.owner() is not None and client_ping_ok(lab), 20):
                 log(f"{system.name} interval={interval_ms}ms: VIP never came up")
                 return outages
             time.sleep(max(1.0, 4 * interval_ms / 1000.0))

@@ -24,7 +24,6 @@ import io
 import json
 import os
 import weakref
-from dataclasses import dataclass
 
 from twisted.application.service import Service
 from twisted.internet import defer, endpoints
@@ -39,19 +38,13 @@ from appliance.admin.auth import BearerTokenAuth, TokenFileError
 from appliance.admin.jsonrpc import JSONRPCResource
 from appliance.admin.listen import EndpointError, split_endpoint
 from appliance.admin.metrics import AdminMetrics, metrics_resource
+from appliance.config import AdminSection
 
 __all__ = ["AdminService", "AdminSettings", "AdminListenError"]
 
 
-@dataclass(frozen=True)
-class AdminSettings:
-    """What :class:`AdminService` reads from its config (tests use this class)."""
-
-    listen: str = "tcp:8740:interface=127.0.0.1"
-    token_file: str = "var/admin.token"
-    client_ca: str | None = None
-    max_request_bytes: int = 1024 * 1024
-    metrics_auth: bool = False
+#: What :class:`AdminService` reads: the ``[admin]`` section of the node config.
+AdminSettings = AdminSection
 
 
 class AdminListenError(Exception):

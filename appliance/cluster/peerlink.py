@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.application.service import MultiService, Service
+from twisted.application.service import MultiService
 from twisted.internet import defer, endpoints
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger

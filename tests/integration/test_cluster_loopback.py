@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 
+from tests.support.cluster_lab import wait_for
 from tests.support.node_process import NodeProcess, env_with_dropins, free_port
 
 ADDR = {"a": "127.0.0.1", "b": "127.0.0.2"}
@@ -27,15 +27,6 @@ peer_link = "ssl:{link_port}"
 tls = {{ cert = "{keys}/{me}.pem", key = "{keys}/{me}.key", ca = "{keys}/ca.pem" }}
 auto_partner_down_s = 0
 """
-
-
-def wait_for(pred, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cluster_lab import vip_pair_config, wait_for
 from tests.support.node_process import ROOT, twistd_command
 
 VIP = "10.77.0.100"
@@ -32,30 +33,8 @@ class Pair:
 
     def config(self, node: str) -> Path:
         path = self.tmp / f"{node}.toml"
-        path.write_text(f"""
-[node]
-id = "{node}"
-state_dir = "{self.tmp}/state-{node}"
-
-[admin]
-listen = "tcp:8740:interface=127.0.0.1"
-token_file = "{self.tmp}/state-{node}/admin.token"
-
-[cluster]
-peers = [{{ id = "{PEER[node]}", address = "{ADDR[PEER[node]]}" }}]
-bind_address = "{ADDR[node]}"
-heartbeat_interval_ms = {self.interval_ms}
-dead_after = 3
-auth_key_file = "{self.tmp}/cluster.key"
-auto_partner_down_s = 0
-
-[[vip]]
-name = "vip1"
-address = "{VIP}/24"
-interface = "eth0"
-priority = {{ a = 200, b = 100 }}
-preempt = {"true" if self.preempt else "false"}
-""")
+        path.write_text(vip_pair_config(node, self.tmp, ADDR, f"{VIP}/24",
+                                        interval_ms=self.interval_ms, preempt=self.preempt))
         return path
 
     def start(self, node: str):
@@ -91,15 +70,6 @@ preempt = {"true" if self.preempt else "false"}
 
     def log(self, node: str) -> str:
         return (self.tmp / f"{node}.log").read_text()
-
-
-def wait_for(pred, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def client_pings(lab) -> bool:

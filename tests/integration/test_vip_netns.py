@@ -26,7 +26,7 @@ from twisted.internet.threads import deferToThread
 from appliance.cluster.vip import VIPManager
 from appliance.config import VIPSection
 from appliance.net.netlink import Netlink, NetlinkError
-from tests.support.netns import Lab, two_nodes_lab  # noqa: F401  (fixture)
+from tests.support.netns import Lab
 from tests.support.require import require_binary
 
 pytestmark = pytest.mark.integration

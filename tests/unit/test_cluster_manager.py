@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-from types import SimpleNamespace
 
 import pytest
 from twisted.internet import defer

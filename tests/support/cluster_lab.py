@@ -1,0 +1,57 @@
+"""Helpers shared by the cluster tests and bench/failover.py: polling, pair configs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def poll(pred, timeout: float, step: float = 0.02) -> bool:
+    """Call ``pred`` until it is true (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return False
+
+
+def wait_for(pred, timeout: float, what: str) -> None:
+    """Like :func:`poll` but fail the test with ``what`` on timeout."""
+    if not poll(pred, timeout, 0.05):
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def vip_pair_config(node: str, workdir: Path, addrs: dict[str, str], vip: str, *,
+                    interval_ms: int = 100, preempt: bool = True, vip_name: str = "vip1",
+                    dead_after: int = 3) -> str:
+    """The TOML of one node of a two-node pair sharing one VIP (priority a=200, b=100).
+
+    ``addrs`` maps the two node ids to their addresses; the HMAC key is
+    ``workdir/cluster.key`` (the caller writes it).
+    """
+    peer = next(n for n in addrs if n != node)
+    return f"""
+[node]
+id = "{node}"
+state_dir = "{workdir}/state-{node}"
+
+[admin]
+listen = "tcp:8740:interface=127.0.0.1"
+token_file = "{workdir}/state-{node}/admin.token"
+
+[cluster]
+peers = [{{ id = "{peer}", address = "{addrs[peer]}" }}]
+bind_address = "{addrs[node]}"
+heartbeat_interval_ms = {interval_ms}
+dead_after = {dead_after}
+auth_key_file = "{workdir}/cluster.key"
+auto_partner_down_s = 0
+
+[[vip]]
+name = "{vip_name}"
+address = "{vip}"
+interface = "eth0"
+priority = {{ a = 200, b = 100 }}
+preempt = {"true" if preempt else "false"}
+"""
