@@ -147,6 +147,7 @@ class ClusterManager(Service):
         self._link_check_at = 0.0
         self._link_checking = False
         self.interfaces_down: list[str] = []
+        self.skew_listeners: list[Callable] = []
         self.started_at = 0.0
         self.hold_until = 0.0
         self.stats = {"sent": 0, "received": 0, "send_errors": 0, "role_changes": 0,
@@ -184,6 +185,16 @@ class ClusterManager(Service):
         self.add_resource(ResourceSpec(name, prio, preempt, kind), settings or {"priority": prio,
                                                                                "preempt": preempt},
                           listener)
+
+    def on_skew(self, listener: Callable) -> None:
+        """``listener(peer, skew_s)`` hears when a peer's clock skew crosses
+        the warning threshold (30 s) in either direction.  Services that
+        exchange absolute times (lease expiry, registration expiry) use it."""
+        self.skew_listeners.append(listener)
+
+    def skew(self, peer: str) -> float | None:
+        """The smoothed clock offset of ``peer`` (its clock minus ours), seconds."""
+        return self.peers[peer].skew_s
 
     def role(self, name: str) -> str:
         res = self.resources.get(name)
@@ -393,10 +404,19 @@ class ClusterManager(Service):
         else:
             peer.timer = self.reactor.callLater(self.dead_after_s + 0.001, self._deadline)
         skew = hb.sent_at - time.time()
+        was_skewed = peer.skew_s is not None and abs(peer.skew_s) > SKEW_WARN_S
         peer.skew_s = skew if peer.skew_s is None else 0.8 * peer.skew_s + 0.2 * skew
-        if abs(peer.skew_s) > SKEW_WARN_S and abs(skew) > SKEW_WARN_S:
-            _log.warn("clock skew with peer {peer} is {skew:.1f}s (warn above {limit:.0f}s)",
-                      peer=peer.id, skew=peer.skew_s, limit=SKEW_WARN_S)
+        skewed = abs(peer.skew_s) > SKEW_WARN_S
+        if skewed != was_skewed:
+            if skewed:
+                _log.warn("clock skew with peer {peer} is {skew:.1f}s (warn above {limit:.0f}s); "
+                          "services exchanging absolute times are told",
+                          peer=peer.id, skew=peer.skew_s, limit=SKEW_WARN_S)
+            else:
+                _log.info("clock skew with peer {peer} back to {skew:.3f}s", peer=peer.id,
+                          skew=peer.skew_s)
+            for listener in list(self.skew_listeners):
+                self._call(listener, peer.id, peer.skew_s)
         self._check_config(peer, hb)
         if not was_alive:
             _log.info("peer {peer} alive (incarnation {inc}, health {health})", peer=peer.id,

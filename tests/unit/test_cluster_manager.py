@@ -306,3 +306,31 @@ def test_client_interface_down_hands_over_and_back():
     run(clock, 0.8)
     assert owners(nodes) == ["a"]
     assert vips["a"].log[-1] == ("acquire", "vip1")
+
+
+def test_clock_skew_reported_and_listeners_told(monkeypatch):
+    """A peer whose clock is 45 s ahead is flagged in status and skew listeners hear it."""
+    import appliance.cluster.manager as mgr
+    clock, net, nodes = make_pair()
+    heard = []
+    nodes["a"].on_skew(lambda peer, skew: heard.append((peer, round(skew))))
+    real_time = mgr.time.time
+    start(clock, nodes)
+    run(clock, 0.5)
+    # From now on b's heartbeats carry a clock 45 s ahead of a's.
+    monkeypatch.setattr(nodes["b"], "build_heartbeat", _skewed(nodes["b"].build_heartbeat, 45))
+    run(clock, 3.0)
+    status = nodes["a"].status()["peers"]["b"]
+    assert status["skew_s"] > 30 and "clock skew" in status["warning"]
+    assert heard and heard[0][0] == "b"
+    assert nodes["a"].skew("b") > 30
+    assert mgr.time.time is real_time
+
+
+def _skewed(build, offset):
+    from dataclasses import replace
+
+    def skewed():
+        hb = build()
+        return replace(hb, sent_at=hb.sent_at + offset)
+    return skewed
