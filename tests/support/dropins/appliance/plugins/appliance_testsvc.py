@@ -21,14 +21,19 @@ class EchoService(Service):
     def startService(self):
         super().startService()
         self.context.rpc.register("testecho.ping", self.ping, doc="echo the message")
+        self.context.rpc.register("testecho.put", self.put, doc="write a key to the store")
         return self.context.store.set("testecho:started", self.context.node_id)
 
     def ping(self, text=None):
         return {"message": self.config["message"], "text": text}
 
+    def put(self, key, value):
+        return self.context.store.set(f"testecho:{key}", value).addCallback(lambda _: True)
+
     def stopService(self):
         super().stopService()
         self.context.rpc.unregister("testecho.ping")
+        self.context.rpc.unregister("testecho.put")
 
 
 class BrokenService(Service):
