@@ -1,0 +1,966 @@
+"""DHCPv4 leases in the shared state store, and fast free-address allocation.
+
+Reactor-free: every method returns a Deferred from the store (or an already
+fired one); time comes from the ``now`` callable given to the constructor
+(``reactor.seconds`` or a ``task.Clock``'s).
+
+Store layout (keys are ``str``, values ``str``)::
+
+    dhcp4:lease:<ip>                 hash: the lease (Lease.to_hash)
+    dhcp4:lease-ver:<ip>             plain: the lease's version (commit guard)
+    dhcp4:client:<subnet id>:<ckey>  plain: -> ip; ckey "id:<hex client-id>" or
+                                     "hw:<aa:bb:..>" (client id wins, RFC 2131 4.2)
+    dhcp4:expiry                     sorted set: ip scored by the time its
+                                     offer / binding / decline quarantine ends
+
+Every change to a lease is ONE ``commit`` (hash + version + client index +
+expiry score, and the release of the client's superseded lease if any),
+guarded by the version key, so a concurrent writer (the partner sharing a
+Redis store, an RPC release racing a renewal) makes the commit fail cleanly
+and the operation re-reads and retries.  The Deferred fires after the
+store acknowledged the write: the server sends its ACK only then.
+
+States: ``offered`` and ``bound`` hold the address for their client until
+``expires``; ``declined`` holds it (for nobody) until the quarantine ends;
+``released``, ``expired`` and ``free`` are free addresses.  Released and
+expired leases keep their client fields and client index, so a returning
+client gets its old address back while nobody else took it (lease
+stability).  ``backup`` is accepted from a partner and treated as free.
+
+Allocation never scans the store.  At :meth:`LeaseStore.load` one paged
+``scan`` of ``dhcp4:lease:`` builds, per pool segment (see ``pools.py``),
+a :class:`FreeSet`: a byte per address plus a cursor over never-used
+addresses (handed out lowest first) and a FIFO of addresses that became
+free again (handed out oldest-freed first, so a just-expired client's
+address is reused last).  Take and put are O(1) amortised.  Reserved
+addresses are never in a free set.  Expiry walks the ``dhcp4:expiry``
+index in bounded batches (:meth:`LeaseStore.reclaim`), never all leases.
+
+The free sets and a small per-address mirror (version, state, subnet) are
+this process's view; writes by others reach it through :meth:`apply_remote`
+(partner updates) or, when a guard fails, through a re-read of the record.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+import socket
+from collections import deque
+from dataclasses import asdict, dataclass, replace
+from ipaddress import IPv4Address
+from typing import Any, Callable, Iterable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from appliance.store.interface import Op
+
+from services.dhcp.v4 import pools as _pools
+from services.dhcp.v4.config import Dhcp4Config, normalize_mac
+
+LEASE_PREFIX = "dhcp4:lease:"
+VERSION_PREFIX = "dhcp4:lease-ver:"
+CLIENT_PREFIX = "dhcp4:client:"
+EXPIRY_KEY = "dhcp4:expiry"
+
+FREE, OFFERED, BOUND, RELEASED, EXPIRED, DECLINED, BACKUP = (
+    "free", "offered", "bound", "released", "expired", "declined", "backup")
+STATES = (FREE, OFFERED, BOUND, RELEASED, EXPIRED, DECLINED, BACKUP)
+ACTIVE_STATES = (OFFERED, BOUND)                 # held for a client
+TIMED_STATES = (OFFERED, BOUND, DECLINED)         # in the expiry index
+FREE_STATES = (FREE, RELEASED, EXPIRED, BACKUP)   # allocatable
+INDEXED_STATES = (OFFERED, BOUND, RELEASED, EXPIRED)  # keep the client index
+
+APPLIED = "applied"
+STALE = "stale"
+CONFLICT_REMOTE_WON = "conflict-remote-won"
+CONFLICT_LOCAL_WON = "conflict-local-won"
+REJECTED = "rejected"
+
+_RETRIES = 8
+_NORMAL_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2})*$")
+
+
+class LeaseError(Exception):
+    """Base of lease refusals."""
+
+
+class AddressUnavailable(LeaseError):
+    """The address is held by another client, quarantined, reserved for
+    somebody else, or outside what this server may allocate: NAK."""
+
+
+class UnknownSubnet(LeaseError):
+    """No configured subnet has this id, or the address is not in it."""
+
+
+def _aton(address: str) -> int:
+    """Dotted quad (already validated/normalised) to int, fast."""
+    return int.from_bytes(socket.inet_aton(address), "big")
+
+
+def _ntoa(address: int) -> str:
+    return socket.inet_ntoa(address.to_bytes(4, "big"))
+
+
+def _canon(address: str) -> str:
+    """Validate and normalise an IPv4 address text (ValueError if bad)."""
+    return str(IPv4Address(address))
+
+
+def _checked(address: str) -> str:
+    """``address`` if it is a canonical dotted quad, else ValueError."""
+    try:
+        if _ntoa(_aton(address)) == address:
+            return address
+    except OSError:
+        pass
+    raise ValueError(f"{address!r} is not an IPv4 address")
+
+
+def _parse_hash(h):
+    return Lease.from_hash(h) if h else None
+
+
+def lease_key(address: str) -> str:
+    return LEASE_PREFIX + address
+
+
+def version_key(address: str) -> str:
+    return VERSION_PREFIX + address
+
+
+def client_index_key(subnet_id: int, ckey: str) -> str:
+    return f"{CLIENT_PREFIX}{subnet_id}:{ckey}"
+
+
+def normalize_hwaddr(value: bytes | str | None) -> str:
+    """bytes (chaddr[:hlen]) or text to ``aa:bb:..``; ``""`` for none."""
+    if not value:
+        return ""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).hex(":")
+    if _NORMAL_MAC.match(value):
+        return value
+    mac = normalize_mac(value)
+    if mac is not None:
+        return mac
+    return value.replace("-", ":").lower()
+
+
+def normalize_client_id(value: bytes | str | None) -> str:
+    """Client identifier (option 61) bytes, or hex text, to lowercase hex; ``""`` for none."""
+    if not value:
+        return ""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).hex()
+    return value.replace(":", "").replace("-", "").lower()
+
+
+def client_key(hwaddr: bytes | str | None, client_id: bytes | str | None = None) -> str:
+    """The client's identity in the store: client id if any, else hardware address."""
+    cid = normalize_client_id(client_id)
+    if cid:
+        return "id:" + cid
+    hw = normalize_hwaddr(hwaddr)
+    return "hw:" + hw if hw else ""
+
+
+def _f(value: float) -> str:
+    return repr(float(value))
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One address's lease record."""
+
+    address: str
+    subnet_id: int
+    state: str = FREE
+    hwaddr: str = ""
+    client_id: str = ""
+    hostname: str = ""
+    expires: float = 0.0
+    cltt: float = 0.0
+    owner: str = ""
+    updated_by: str = ""
+    version: int = 0
+
+    @property
+    def client_key(self) -> str:
+        return client_key(self.hwaddr, self.client_id)
+
+    def holds(self, now: float) -> bool:
+        """True while the address may not be given to anybody else."""
+        return self.state in TIMED_STATES and self.expires > now
+
+    def active(self, now: float) -> bool:
+        """True while a client holds the address (offered or bound, not run out)."""
+        return self.state in ACTIVE_STATES and self.expires > now
+
+    def to_hash(self) -> dict[str, str]:
+        return {"address": self.address, "subnet": str(self.subnet_id), "state": self.state,
+                "hwaddr": self.hwaddr, "client_id": self.client_id, "hostname": self.hostname,
+                "expires": _f(self.expires), "cltt": _f(self.cltt), "owner": self.owner,
+                "updated_by": self.updated_by, "version": str(self.version)}
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> "Lease | None":
+        """Parse a stored hash; None if it is not a well-formed lease."""
+        try:
+            state = h["state"]
+            if state not in STATES:
+                return None
+            return cls(_checked(h["address"]), int(h["subnet"]), state,
+                       h.get("hwaddr", ""), h.get("client_id", ""), h.get("hostname", ""),
+                       float(h.get("expires", 0)), float(h.get("cltt", 0)), h.get("owner", ""),
+                       h.get("updated_by", ""), int(h.get("version", 0)))
+        except (KeyError, ValueError, TypeError):
+            return None
+
+    def to_json(self) -> dict[str, Any]:
+        """The RPC shape (SPEC ``dhcp4.leases``) plus subnet and hostname."""
+        return {"address": self.address, "hwaddr": self.hwaddr, "client_id": self.client_id,
+                "state": self.state, "expires": self.expires, "cltt": self.cltt,
+                "owner": self.owner, "subnet": self.subnet_id, "hostname": self.hostname}
+
+    def to_wire(self) -> dict[str, Any]:
+        """Everything, for lease updates to the partner (``from_wire`` reads it)."""
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> "Lease":
+        """Build from a partner's ``to_wire`` dict; raises ValueError if malformed."""
+        try:
+            lease = cls(str(IPv4Address(d["address"])), int(d["subnet_id"]), str(d["state"]),
+                        normalize_hwaddr(d.get("hwaddr") or ""),
+                        normalize_client_id(d.get("client_id") or ""), str(d.get("hostname") or ""),
+                        float(d.get("expires", 0)), float(d.get("cltt", 0)),
+                        str(d.get("owner") or ""), str(d.get("updated_by") or ""),
+                        int(d.get("version", 0)))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"malformed lease: {e!r}") from None
+        if lease.state not in STATES:
+            raise ValueError(f"unknown lease state {lease.state!r}")
+        return lease
+
+
+# ---------------------------------------------------------------------------
+# free addresses
+# ---------------------------------------------------------------------------
+
+_USED, _FRESH, _REUSE = 0, 1, 2
+
+
+class FreeSet:
+    """The free addresses of one segment ``first..last`` (ints, inclusive).
+
+    Never-used addresses go out lowest first (a cursor); addresses that
+    became free again go out oldest-freed first (a FIFO with lazy
+    deletion).  ``take``/``put``/``discard`` are O(1) amortised.
+    """
+
+    __slots__ = ("first", "last", "role", "subnet_id", "_flags", "_cursor", "_reuse", "free")
+
+    def __init__(self, first: int, last: int, role: str | None = None, subnet_id: int = 0):
+        if first > last:
+            raise ValueError("first > last")
+        self.first, self.last, self.role, self.subnet_id = first, last, role, subnet_id
+        self._flags = bytearray([_FRESH]) * (last - first + 1)
+        self._cursor = 0
+        self._reuse: deque[int] = deque()
+        self.free = last - first + 1
+
+    @property
+    def size(self) -> int:
+        return self.last - self.first + 1
+
+    def __len__(self) -> int:
+        return self.free
+
+    def __contains__(self, address: int) -> bool:
+        return self.first <= address <= self.last and self._flags[address - self.first] != _USED
+
+    def covers(self, address: int) -> bool:
+        return self.first <= address <= self.last
+
+    def take(self) -> int | None:
+        """Remove and return a free address, or None when there is none."""
+        flags, n = self._flags, len(self._flags)
+        i = self._cursor
+        while i < n:
+            if flags[i] == _FRESH:
+                flags[i] = _USED
+                self._cursor = i + 1
+                self.free -= 1
+                return self.first + i
+            i += 1
+        self._cursor = n
+        reuse = self._reuse
+        while reuse:
+            i = reuse.popleft()
+            if flags[i] == _REUSE:
+                flags[i] = _USED
+                self.free -= 1
+                return self.first + i
+        return None
+
+    def discard(self, address: int) -> bool:
+        """Mark ``address`` used; True if it was free."""
+        i = address - self.first
+        if self._flags[i] == _USED:
+            return False
+        self._flags[i] = _USED
+        self.free -= 1
+        return True
+
+    def put(self, address: int) -> bool:
+        """Mark ``address`` free again (reuse tier); True if it was used.
+
+        A never-used address moves to the reuse tier (it has a history now).
+        """
+        i = address - self.first
+        flag = self._flags[i]
+        if flag == _REUSE:
+            return False
+        self._flags[i] = _REUSE
+        self._reuse.append(i)
+        if flag == _FRESH:
+            return False
+        self.free += 1
+        if len(self._reuse) > 2 * self.free + 1024:     # drop stale FIFO entries
+            flags = self._flags
+            self._reuse = deque(j for j in dict.fromkeys(self._reuse) if flags[j] == _REUSE)
+        return True
+
+
+# ---------------------------------------------------------------------------
+# the lease store
+# ---------------------------------------------------------------------------
+
+class LeaseStore:
+    """Leases of the configured subnets on top of an ``IStateStore``.
+
+    ``config`` gives the subnets, pools and reservations, and (through
+    ``config.failover.split``) how pools are cut into primary/secondary
+    segments.  Call :meth:`load` once before anything else.
+    """
+
+    _log = Logger(namespace="services.dhcp4.leases")
+
+    def __init__(self, store, config: Dhcp4Config, node_id: str, now: Callable[[], float], *,
+                 offer_timeout_s: float | None = None, decline_quarantine_s: float | None = None,
+                 page_size: int = 5000):
+        self.store = store
+        self.config = config
+        self.node_id = node_id
+        self._now = now
+        self.offer_timeout_s = offer_timeout_s or config.offer_timeout_s
+        self.decline_quarantine_s = decline_quarantine_s or config.decline_quarantine_s
+        self.page_size = page_size
+        self.loaded = False
+        self._subnets = {s.id: s for s in config.subnets}
+        split = config.failover.split if config.failover else None
+        self._sets: list[FreeSet] = []
+        for s in config.subnets:
+            for pool in s.pools:
+                for seg in _pools.segments(int(pool.first), int(pool.last), split):
+                    self._sets.append(FreeSet(seg.first, seg.last, seg.role, s.id))
+        self._sets.sort(key=lambda fs: fs.first)
+        self._starts = [fs.first for fs in self._sets]
+        self._reserved_addr: dict[int, tuple[int, str]] = {}
+        self._reserved_mac: dict[tuple[int, str], int] = {}
+        for s in config.subnets:
+            for r in s.reservations:
+                self._reserved_addr[int(r.address)] = (s.id, r.hwaddr)
+                self._reserved_mac[(s.id, r.hwaddr)] = int(r.address)
+        for a in self._reserved_addr:
+            fs = self._set_for(a)
+            if fs is not None:
+                fs.discard(a)
+        # mirror: ip int -> (version, state, subnet id) of every stored record
+        self._meta: dict[int, tuple[int, str, int]] = {}
+        self._sorted: list[int] | None = None
+        self.counters = {"conflicts": 0, "remote_applied": 0, "remote_stale": 0,
+                         "remote_rejected": 0, "guard_retries": 0, "reclaimed": 0,
+                         "malformed_records": 0}
+
+    # ------------------------------------------------------------------
+    # lookup helpers
+    # ------------------------------------------------------------------
+    def _set_for(self, address: int) -> FreeSet | None:
+        i = bisect.bisect_right(self._starts, address) - 1
+        if i >= 0 and self._sets[i].covers(address):
+            return self._sets[i]
+        return None
+
+    def segment_role(self, address: str | int) -> str | None:
+        """The pool-segment role (``primary``/``secondary``/None) of an address."""
+        fs = self._set_for(int(IPv4Address(address)))
+        return fs.role if fs else None
+
+    def in_pool(self, address: str | int) -> bool:
+        return self._set_for(int(IPv4Address(address))) is not None
+
+    def free_count(self, subnet_id: int | None = None, roles: Iterable[str] | None = None) -> int:
+        roles = tuple(roles) if roles is not None else None
+        return sum(len(fs) for fs in self._sets
+                   if (subnet_id is None or fs.subnet_id == subnet_id)
+                   and (roles is None or fs.role in roles))
+
+    def reserved_address(self, subnet_id: int, hwaddr: str) -> str | None:
+        a = self._reserved_mac.get((subnet_id, normalize_hwaddr(hwaddr)))
+        return str(IPv4Address(a)) if a is not None else None
+
+    def _subnet(self, subnet_id: int):
+        s = self._subnets.get(subnet_id)
+        if s is None:
+            raise UnknownSubnet(f"no subnet with id {subnet_id}")
+        return s
+
+    def _track(self, lease: Lease) -> None:
+        """Bring the mirror and the free sets in line with a stored record."""
+        a = _aton(lease.address)
+        if a not in self._meta:
+            self._sorted = None
+        self._meta[a] = (lease.version, lease.state, lease.subnet_id)
+        fs = self._set_for(a)
+        if fs is None or a in self._reserved_addr:
+            return
+        if lease.state in FREE_STATES:
+            fs.put(a)
+        else:
+            fs.discard(a)
+
+    def _forget(self, address: int) -> None:
+        if self._meta.pop(address, None) is not None:
+            self._sorted = None
+        fs = self._set_for(address)
+        if fs is not None and address not in self._reserved_addr:
+            fs.put(address)
+
+    # ------------------------------------------------------------------
+    # start
+    # ------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def load(self):
+        """Build the free sets from one paged scan of the stored leases.
+
+        Fires with the number of lease records read.
+        """
+        cursor, n = None, 0
+        while True:
+            cursor, keys = yield self.store.scan(LEASE_PREFIX, cursor, self.page_size)
+            hashes = yield defer.gatherResults([self.store.hgetall(k) for k in keys],
+                                               consumeErrors=True)
+            for key, h in zip(keys, hashes):
+                lease = Lease.from_hash(h) if h else None
+                if lease is None or key != lease_key(lease.address):
+                    self.counters["malformed_records"] += 1
+                    self._log.warn("ignoring malformed lease record {key}", key=key)
+                    continue
+                self._track(lease)
+                n += 1
+            if cursor is None:
+                break
+        self.loaded = True
+        self._log.info("dhcp4 leases loaded: {n} records, {free} free addresses",
+                       n=n, free=self.free_count())
+        return n
+
+    # ------------------------------------------------------------------
+    # reads
+    # ------------------------------------------------------------------
+    def get(self, address: str):
+        """Fire with the :class:`Lease` stored for ``address``, or None."""
+        try:
+            address = _canon(address)
+        except ValueError:
+            return defer.fail(UnknownSubnet(f"{address!r} is not an IPv4 address"))
+        return self._get(address)
+
+    def _get(self, address: str):
+        return self.store.hgetall(lease_key(address)).addCallback(_parse_hash)
+
+    @defer.inlineCallbacks
+    def find_client(self, subnet_id: int, hwaddr: bytes | str | None,
+                    client_id: bytes | str | None = None):
+        """Fire with the client's lease in the subnet (any state but declined), or None."""
+        ck = client_key(hwaddr, client_id)
+        if not ck:
+            return None
+        ip = yield self.store.get(client_index_key(subnet_id, ck))
+        if ip is None:
+            return None
+        lease = yield self._get(ip)
+        if lease is None or lease.client_key != ck or lease.subnet_id != subnet_id \
+                or lease.state == DECLINED:
+            return None     # stale index entry: the address moved on
+        return lease
+
+    @defer.inlineCallbacks
+    def find_hwaddr(self, hwaddr: bytes | str):
+        """Fire with the leases (any subnet) of a hardware address: found by
+        the ``hw:`` index, or by the common client id ``01 + MAC``."""
+        hw = normalize_hwaddr(hwaddr)
+        out = []
+        for sid in self._subnets:
+            for cid in (None, "01" + hw.replace(":", "")):
+                lease = yield self.find_client(sid, hw, cid)
+                if lease is not None and lease not in out:
+                    out.append(lease)
+        return out
+
+    @defer.inlineCallbacks
+    def leases(self, subnet: int | None = None, state: str | None = None,
+               limit: int = 100, cursor: str | None = None):
+        """One page for ``dhcp4.leases``: ``{leases: [...], cursor}``.
+
+        Ordered by address; ``cursor`` is the last address of the previous
+        page (None: from the start); the returned cursor is None at the end.
+        """
+        limit = max(1, min(int(limit), 1000))
+        if self._sorted is None:
+            self._sorted = sorted(self._meta)
+        order = self._sorted
+        start = 0 if cursor is None else bisect.bisect_right(order, int(IPv4Address(cursor)))
+        out: list[dict] = []
+        last = None
+        i = start
+        while i < len(order) and len(out) < limit:
+            a = order[i]
+            i += 1
+            meta = self._meta.get(a)
+            if meta is None or (subnet is not None and meta[2] != subnet) \
+                    or (state is not None and meta[1] != state):
+                continue
+            lease = yield self._get(_ntoa(a))
+            last = a
+            if lease is None:
+                continue
+            if (subnet is None or lease.subnet_id == subnet) and (state is None or lease.state == state):
+                out.append(lease.to_json())
+        more = any(self._match(order[j], subnet, state) for j in range(i, len(order)))
+        next_cursor = _ntoa(last) if (more and last is not None) else None
+        return {"leases": out, "cursor": next_cursor}
+
+    def _match(self, a: int, subnet, state) -> bool:
+        meta = self._meta.get(a)
+        return meta is not None and (subnet is None or meta[2] == subnet) \
+            and (state is None or meta[1] == state)
+
+    def stats(self) -> dict[str, Any]:
+        """Counts per subnet and state (from the mirror), free addresses, counters."""
+        per: dict[int, dict[str, Any]] = {}
+        for s in self.config.subnets:
+            per[s.id] = {"subnet": str(s.network), "pool_size": sum(p.size for p in s.pools),
+                         "free": self.free_count(s.id), "states": {}}
+        for _, st, sid in self._meta.values():
+            if sid in per:
+                states = per[sid]["states"]
+                states[st] = states.get(st, 0) + 1
+        return {"subnets": per, "counters": dict(self.counters)}
+
+    # ------------------------------------------------------------------
+    # the one write path
+    # ------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def _commit(self, new: Lease, old: Lease | None, *, supersede: Lease | None = None,
+                drop_index: Iterable[str] = (), set_index: bool = True):
+        """Write ``new`` over ``old`` (the record read, None if absent) in one
+        guarded commit.  Fires with the written Lease, or None if a guard
+        failed (somebody else wrote first; ``old`` was re-read into the mirror).
+        """
+        now = self._now()
+        new = replace(new, version=(old.version if old else 0) + 1)
+        a = new.address
+        ops = [Op.hset(lease_key(a), new.to_hash()), Op.set(version_key(a), str(new.version))]
+        if new.state in TIMED_STATES:
+            ops.append(Op.zadd(EXPIRY_KEY, {a: new.expires}))
+        else:
+            ops.append(Op.zrem(EXPIRY_KEY, [a]))
+        expect: dict[str, str | None] = {version_key(a): str(old.version) if old else None}
+        ck = new.client_key
+        cleanup = set(drop_index)
+        if ck and new.state in INDEXED_STATES:
+            if set_index:
+                ops.append(Op.set(client_index_key(new.subnet_id, ck), a))
+        elif ck:
+            cleanup.add(client_index_key(new.subnet_id, ck))
+        if old is not None and old.client_key and (
+                old.client_key != ck or old.subnet_id != new.subnet_id):
+            cleanup.add(client_index_key(old.subnet_id, old.client_key))
+        cleanup.discard(client_index_key(new.subnet_id, ck) if new.state in INDEXED_STATES else "")
+        for key in sorted(cleanup):
+            value = yield self.store.get(key)
+            if value == a:
+                ops.append(Op.delete(key))
+                expect[key] = value
+        sup_new = None
+        if supersede is not None and supersede.address != a:
+            sup_new = replace(supersede, state=EXPIRED, expires=min(supersede.expires, now),
+                              version=supersede.version + 1, updated_by=self.node_id)
+            sa = sup_new.address
+            ops += [Op.hset(lease_key(sa), sup_new.to_hash()),
+                    Op.set(version_key(sa), str(sup_new.version)), Op.zrem(EXPIRY_KEY, [sa])]
+            expect[version_key(sa)] = str(supersede.version)
+        ok = yield self.store.commit(ops, expect)
+        if not ok:
+            self.counters["guard_retries"] += 1
+            fresh = yield self._get(a)
+            if fresh is None:
+                self._forget(_aton(a))
+            else:
+                self._track(fresh)
+            return None
+        self._track(new)
+        if sup_new is not None:
+            self._track(sup_new)
+        return new
+
+    # ------------------------------------------------------------------
+    # DHCP operations
+    # ------------------------------------------------------------------
+    def _allowed(self, address: int, subnet_id: int, roles) -> bool:
+        fs = self._set_for(address)
+        return fs is not None and fs.subnet_id == subnet_id and (roles is None or fs.role in roles)
+
+    def _take(self, subnet_id: int, roles) -> int | None:
+        for fs in self._sets:
+            if fs.subnet_id == subnet_id and (roles is None or fs.role in roles) and fs.free:
+                a = fs.take()
+                if a is not None:
+                    return a
+        return None
+
+    @defer.inlineCallbacks
+    def offer(self, subnet_id: int, hwaddr: bytes | str | None, client_id: bytes | str | None = None,
+              *, requested: str | None = None, roles: Iterable[str] | None = None,
+              hostname: str = ""):
+        """Pick an address for a DISCOVER and hold it for ``offer_timeout_s``.
+
+        Preference: the client's reservation; its current or previous lease
+        (same address back); the requested address (option 50) if free and
+        allocatable; else a free address from the segments of ``roles``
+        (``pools.allocation_roles``; None = any).  A bound, unexpired lease is
+        returned unchanged (no write).  Fires with the Lease, or None when no
+        address is available.
+        """
+        sub = self._subnet(subnet_id)
+        hw, cid = normalize_hwaddr(hwaddr), normalize_client_id(client_id)
+        ck = client_key(hw, cid)
+        roles = tuple(roles) if roles is not None else None
+        for _ in range(_RETRIES):
+            now = self._now()
+            current = yield self.find_client(subnet_id, hw, cid)
+            if current is not None and current.state == BOUND and current.expires > now \
+                    and not self._reserved_elsewhere(current, subnet_id, hw):
+                return current
+            candidates: list[int] = []
+            reserved = self._reserved_mac.get((subnet_id, hw))
+            if reserved is not None:
+                candidates.append(reserved)
+            elif current is not None and not self._reserved_elsewhere(current, subnet_id, hw):
+                ca = _aton(current.address)
+                if current.active(now) or self._allowed(ca, subnet_id, roles):
+                    candidates.append(ca)
+            if requested and reserved is None:
+                try:
+                    ra = int(IPv4Address(requested))
+                except ValueError:
+                    ra = None
+                if ra is not None and IPv4Address(ra) in sub.network \
+                        and ra not in self._reserved_addr and self._allowed(ra, subnet_id, roles):
+                    candidates.append(ra)
+            taken_from_set = None
+            chosen, old = None, None
+            for ca in candidates:
+                rec = yield self._get(_ntoa(ca))
+                if rec is not None and rec.holds(now) and rec.client_key != ck:
+                    continue
+                if rec is not None and rec.state == DECLINED and rec.expires > now:
+                    continue
+                chosen, old = ca, rec
+                break
+            if chosen is None:
+                chosen = self._take(subnet_id, roles)
+                if chosen is None:
+                    return None
+                taken_from_set = chosen
+                if chosen in self._meta:
+                    old = yield self._get(_ntoa(chosen))
+                    if old is not None and (old.holds(now) and old.client_key != ck):
+                        self._track(old)       # our mirror was behind: skip it
+                        continue
+            else:
+                fs = self._set_for(chosen)
+                if fs is not None and fs.discard(chosen):
+                    taken_from_set = chosen
+            supersede = None
+            if current is not None and current.active(now) \
+                    and _aton(current.address) != chosen:
+                supersede = current
+            lease = Lease(_ntoa(chosen), subnet_id, OFFERED, hw, cid,
+                          hostname or (old.hostname if old and old.client_key == ck else ""),
+                          now + self.offer_timeout_s, now, self.node_id, self.node_id)
+            try:
+                written = yield self._commit(lease, old, supersede=supersede)
+            except Exception:
+                self._undo_take(taken_from_set, old)
+                raise
+            if written is not None:
+                return written
+        return None
+
+    def _undo_take(self, address: int | None, old: Lease | None) -> None:
+        if address is None:
+            return
+        if old is None or old.state in FREE_STATES:
+            fs = self._set_for(address)
+            if fs is not None:
+                fs.put(address)
+
+    def _reserved_elsewhere(self, lease: Lease, subnet_id: int, hw: str) -> bool:
+        """True if the client has a reservation for another address, or the
+        lease's address is reserved for another client."""
+        a = _aton(lease.address)
+        mine = self._reserved_mac.get((subnet_id, hw))
+        if mine is not None and mine != a:
+            return True
+        holder = self._reserved_addr.get(a)
+        return holder is not None and holder != (subnet_id, hw)
+
+    @defer.inlineCallbacks
+    def bind(self, subnet_id: int, address: str, hwaddr: bytes | str | None,
+             client_id: bytes | str | None = None, *, lease_time_s: float,
+             hostname: str = "", roles: Iterable[str] | None = None):
+        """Bind (REQUEST: selecting, init-reboot, renewing, rebinding).
+
+        Renews the client's own offered/bound lease on ``address`` whatever
+        segment it is in; takes a free address only if it is allocatable
+        (in a pool segment of ``roles``, or reserved for this client).
+        Fires with the bound Lease, durable in the store; errbacks with
+        :class:`AddressUnavailable` (NAK) or :class:`UnknownSubnet`.
+        """
+        sub = self._subnet(subnet_id)
+        try:
+            addr = IPv4Address(address)
+        except ValueError:
+            raise UnknownSubnet(f"{address!r} is not an IPv4 address") from None
+        if addr not in sub.network:
+            raise UnknownSubnet(f"{addr} is not in subnet {sub.id} ({sub.network})")
+        a, address = int(addr), str(addr)
+        hw, cid = normalize_hwaddr(hwaddr), normalize_client_id(client_id)
+        ck = client_key(hw, cid)
+        roles = tuple(roles) if roles is not None else None
+        holder = self._reserved_addr.get(a)
+        if holder is not None and holder != (subnet_id, hw):
+            raise AddressUnavailable(f"{address} is reserved for another client")
+        mine = self._reserved_mac.get((subnet_id, hw))
+        if mine is not None and mine != a:
+            raise AddressUnavailable(f"client {hw} has a reservation for {IPv4Address(mine)}")
+        for _ in range(_RETRIES):
+            now = self._now()
+            rec = yield self.get(address)
+            if rec is not None and rec.state == DECLINED and rec.expires > now:
+                raise AddressUnavailable(f"{address} is quarantined (declined)")
+            if rec is not None and rec.holds(now) and rec.client_key != ck:
+                raise AddressUnavailable(f"{address} is held by another client")
+            renewal = rec is not None and rec.client_key == ck and rec.active(now)
+            if not renewal and holder is None and not self._allowed(a, subnet_id, roles):
+                raise AddressUnavailable(f"{address} is not an address this server may allocate")
+            current = yield self.find_client(subnet_id, hw, cid)
+            supersede = current if (current is not None and current.address != address
+                                    and current.active(now)) else None
+            lease = Lease(address, subnet_id, BOUND, hw, cid,
+                          hostname or (rec.hostname if rec and rec.client_key == ck else ""),
+                          now + float(lease_time_s), now, self.node_id, self.node_id)
+            fs = self._set_for(a)
+            was_free = fs is not None and fs.discard(a)
+            try:
+                written = yield self._commit(lease, rec, supersede=supersede)
+            except Exception:
+                if was_free:
+                    fs.put(a)
+                raise
+            if written is not None:
+                return written
+        raise AddressUnavailable(f"{address}: too many concurrent changes")
+
+    @defer.inlineCallbacks
+    def release(self, address: str, hwaddr: bytes | str | None = None,
+                client_id: bytes | str | None = None):
+        """RELEASE (or RPC ``dhcp4.release`` without a client): the address is
+        free again; the client keeps its index entry so it gets it back.
+        Fires with the released Lease, or None if nothing (of that client) was held."""
+        address = str(IPv4Address(address))
+        ck = client_key(hwaddr, client_id) if (hwaddr or client_id) else None
+        for _ in range(_RETRIES):
+            now = self._now()
+            rec = yield self.get(address)
+            if rec is None or rec.state not in ACTIVE_STATES or (ck is not None and rec.client_key != ck):
+                return None
+            lease = replace(rec, state=RELEASED, expires=now, cltt=now, updated_by=self.node_id)
+            written = yield self._commit(lease, rec)
+            if written is not None:
+                return written
+        return None
+
+    @defer.inlineCallbacks
+    def decline(self, address: str, hwaddr: bytes | str | None = None,
+                client_id: bytes | str | None = None):
+        """DECLINE: the address is in use on the wire; quarantine it for
+        ``decline_quarantine_s`` and drop the client's index entry so it is
+        offered a different address.  Fires with the declined Lease or None."""
+        address = str(IPv4Address(address))
+        ck = client_key(hwaddr, client_id) if (hwaddr or client_id) else None
+        for _ in range(_RETRIES):
+            now = self._now()
+            rec = yield self.get(address)
+            if rec is None or (ck is not None and rec.client_key != ck):
+                return None
+            lease = replace(rec, state=DECLINED, expires=now + self.decline_quarantine_s,
+                            cltt=now, updated_by=self.node_id)
+            written = yield self._commit(lease, rec)
+            if written is not None:
+                return written
+        return None
+
+    @defer.inlineCallbacks
+    def reclaim(self, limit: int = 500):
+        """Expire what is due, from the expiry index, at most ``limit`` leases.
+
+        offered/bound -> expired (client fields kept), declined -> free.
+        Fires with the list of changed Leases (call again while it returns
+        ``limit`` entries).  Never scans all leases.
+        """
+        now = self._now()
+        due = yield self.store.zrangebyscore(EXPIRY_KEY, 0, now, limit)
+        changed = []
+        for ip, _score in due:
+            rec = yield self.get(ip)
+            if rec is None or rec.state not in TIMED_STATES:
+                yield self.store.zrem(EXPIRY_KEY, ip)     # stale index entry
+                continue
+            if rec.expires > now:
+                yield self.store.zadd(EXPIRY_KEY, {ip: rec.expires})
+                continue
+            if rec.state == DECLINED:
+                new = replace(rec, state=FREE, hwaddr="", client_id="", hostname="",
+                              updated_by=self.node_id)
+            else:
+                new = replace(rec, state=EXPIRED, updated_by=self.node_id)
+            written = yield self._commit(new, rec)
+            if written is not None:
+                changed.append(written)
+        if changed:
+            self.counters["reclaimed"] += len(changed)
+            self._log.info("dhcp4: {n} leases expired", n=len(changed))
+        return changed
+
+    # ------------------------------------------------------------------
+    # failover merge
+    # ------------------------------------------------------------------
+    @staticmethod
+    def _newer(a: Lease, b: Lease) -> bool:
+        """True if ``a`` beats ``b``: later cltt; on a tie the later expiry,
+        then the higher (updated_by, state) -- the same answer on both nodes."""
+        return (a.cltt, a.expires, a.updated_by, a.state) > (b.cltt, b.expires, b.updated_by, b.state)
+
+    @defer.inlineCallbacks
+    def apply_remote(self, remote: Lease):
+        """Merge a partner's lease (update or sync page entry).
+
+        The lease with the newer client-last-transaction time wins.  When
+        both sides hold the address for different clients (a partition) it
+        is a conflict: counted and logged, the newer cltt wins, and the
+        loser's client index entry is removed so no address ends with two
+        active clients.  A client keeps one active lease per subnet: if the
+        winning remote lease moves a client, its older local lease expires.
+
+        Fires with APPLIED, STALE, CONFLICT_REMOTE_WON, CONFLICT_LOCAL_WON
+        (the caller should send the local lease back) or REJECTED (unknown
+        subnet / address outside it).
+        """
+        sub = self._subnets.get(remote.subnet_id)
+        try:
+            addr = IPv4Address(remote.address)
+        except ValueError:
+            addr = None
+        if sub is None or addr is None or addr not in sub.network or remote.state not in STATES:
+            self.counters["remote_rejected"] += 1
+            self._log.warn("rejected partner lease {address} (subnet {subnet}): not configured here",
+                           address=remote.address, subnet=remote.subnet_id)
+            return REJECTED
+        address = str(addr)
+        for _ in range(_RETRIES):
+            now = self._now()
+            local = yield self.get(address)
+            rck = remote.client_key
+            conflict = (local is not None and local.active(now) and remote.active(now)
+                        and local.client_key != rck)
+            if local is not None and not self._newer(remote, local):
+                if conflict:
+                    self._conflict(local, remote, winner="local")
+                    yield self._drop_index_if(remote.subnet_id, rck, address)
+                    return CONFLICT_LOCAL_WON
+                self.counters["remote_stale"] += 1
+                return STALE
+            supersede, set_index = None, True
+            new = replace(remote, address=address)
+            if rck and remote.state in ACTIVE_STATES:
+                other = yield self.find_client(remote.subnet_id, remote.hwaddr, remote.client_id)
+                if other is not None and other.address != address and other.active(now):
+                    if self._newer(remote, other):
+                        supersede = other          # the client moved: its old lease ends
+                    else:
+                        # the client has a newer lease here: keep the partner's record
+                        # for history, but not as a second active lease of that client
+                        new = replace(new, state=EXPIRED, expires=min(new.expires, now))
+                        set_index = False
+            written = yield self._commit(new, local, supersede=supersede, set_index=set_index)
+            if written is None:
+                continue
+            if conflict:
+                self._conflict(local, remote, winner="remote")
+                return CONFLICT_REMOTE_WON
+            self.counters["remote_applied"] += 1
+            return APPLIED
+        return STALE
+
+    def _conflict(self, local: Lease, remote: Lease, winner: str) -> None:
+        self.counters["conflicts"] += 1
+        self._log.warn(
+            "dhcp4 lease conflict on {address}: local {lck} (cltt {lcltt}) vs partner {rck} "
+            "(cltt {rcltt}); {winner} kept (newer client transaction)",
+            address=local.address, lck=local.client_key, lcltt=local.cltt,
+            rck=remote.client_key, rcltt=remote.cltt, winner=winner)
+
+    @defer.inlineCallbacks
+    def _drop_index_if(self, subnet_id: int, ck: str, address: str):
+        if not ck:
+            return False
+        key = client_index_key(subnet_id, ck)
+        value = yield self.store.get(key)
+        if value != address:
+            return False
+        ok = yield self.store.commit([Op.delete(key)], {key: value})
+        return ok
+
+    @defer.inlineCallbacks
+    def export(self, cursor: str | None = None, limit: int = 1000):
+        """A page of full leases for the partner's sync (RECOVER):
+        ``([wire dicts], next_cursor)``, ordered by address."""
+        if self._sorted is None:
+            self._sorted = sorted(self._meta)
+        order = self._sorted
+        start = 0 if cursor is None else bisect.bisect_right(order, int(IPv4Address(cursor)))
+        page = order[start:start + limit]
+        out = []
+        for a in page:
+            lease = yield self._get(_ntoa(a))
+            if lease is not None:
+                out.append(lease.to_wire())
+        nxt = _ntoa(page[-1]) if page and start + limit < len(order) else None
+        return out, nxt
