@@ -1,5 +1,9 @@
 """The appliance's own service plugins: one object per service key of SPEC.md.
 
-Services register here as they are built (dhcp4, dhcp6, sip, dns, encap,
-esr).  Each plugin object is an :class:`appliance.plugin.IServicePlugin`.
+Each object is an :class:`appliance.plugin.IServicePlugin`; the service code
+lives in ``services/`` and is imported only when the service is used.
 """
+
+from services.dhcp.plugin import dhcp4_plugin
+
+__all__ = ["dhcp4_plugin"]

@@ -1,0 +1,229 @@
+"""DHCPv4 request handling: one parsed request in, at most one reply out.
+
+No sockets here: :class:`Dhcp4Handler` decides with the lease store and
+the failover rules (``pools.answers`` / ``allocation_roles``) and returns
+``(reply, destination)`` or ``None``.  Every lease change is durable in the
+store before the reply exists (the handler awaits the store's commit).
+Packets it will not answer are counted by reason in ``self.counters``.
+
+Subnet selection, in order: option 118 (subnet selection), relay
+agent link selection (82.5), giaddr, ciaddr, then the subnet of the
+receiving interface (``local_subnet``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from services.dhcp.v4 import codec as C
+from services.dhcp.v4 import pools as P
+from services.dhcp.v4.config import Dhcp4Config, Subnet
+from services.dhcp.v4.leases import AddressUnavailable, LeaseStore, UnknownSubnet
+
+_log = Logger(namespace="services.dhcp4")
+ZERO = IPv4Address(0)
+
+
+@dataclass
+class FailoverView:
+    """What the handler needs to know about the partner relationship."""
+
+    mode: str | None = None         # None: no failover
+    role: str | None = None
+    split: int = 50
+    delay_s: float = 0.0
+    mclt_s: float = 3600
+    state: str = P.NORMAL
+    partner_down_since: float | None = None
+
+
+class Dhcp4Handler:
+    def __init__(self, config: Dhcp4Config, leases: LeaseStore, server_id: IPv4Address, *,
+                 now: Callable[[], float], failover: FailoverView | None = None,
+                 local_subnet: Subnet | None = None, on_lease: Callable | None = None):
+        self.config = config
+        self.leases = leases
+        self.server_id = server_id
+        self.now = now
+        self.failover = failover or FailoverView()
+        self.local_subnet = local_subnet or (config.subnets[0] if len(config.subnets) == 1 else None)
+        self.on_lease = on_lease            # called with (event, lease) after each change
+        self.counters: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------
+    def subnet_for(self, pkt: C.DHCPPacket) -> Subnet | None:
+        for addr in (pkt.subnet_selection, pkt.link_selection,
+                     pkt.giaddr if pkt.giaddr != ZERO else None,
+                     pkt.ciaddr if pkt.ciaddr != ZERO else None):
+            if addr is not None:
+                return self.config.subnet_for(addr)
+        return self.local_subnet
+
+    def _lease_options(self, subnet: Subnet, lease_time: float) -> dict[int, bytes]:
+        enc = C.encode_option_value
+        opts = {C.OPT_SUBNET_MASK: enc(C.OPT_SUBNET_MASK, subnet.network.netmask)}
+        if subnet.routers:
+            opts[C.OPT_ROUTERS] = enc(C.OPT_ROUTERS, list(subnet.routers))
+        if subnet.dns_servers:
+            opts[C.OPT_DNS_SERVERS] = enc(C.OPT_DNS_SERVERS, list(subnet.dns_servers))
+        if subnet.domain_name:
+            opts[C.OPT_DOMAIN_NAME] = enc(C.OPT_DOMAIN_NAME, subnet.domain_name)
+        lt = int(lease_time)
+        opts[C.OPT_LEASE_TIME] = enc(C.OPT_LEASE_TIME, lt)
+        ratio_t1 = subnet.t1_s / subnet.lease_time_s if subnet.lease_time_s else 0.5
+        ratio_t2 = subnet.t2_s / subnet.lease_time_s if subnet.lease_time_s else 0.875
+        opts[C.OPT_RENEWAL_TIME] = enc(C.OPT_RENEWAL_TIME, int(lt * ratio_t1))
+        opts[C.OPT_REBINDING_TIME] = enc(C.OPT_REBINDING_TIME, int(lt * ratio_t2))
+        return opts
+
+    def _lease_time(self, subnet: Subnet) -> float:
+        f = self.failover
+        if f.mode is None:
+            return subnet.lease_time_s
+        return P.lease_time_cap(subnet.lease_time_s, f.state, f.mclt_s)
+
+    def _roles(self):
+        f = self.failover
+        since = None if f.partner_down_since is None else self.now() - f.partner_down_since
+        return P.allocation_roles(f.role, f.state, since, f.mclt_s, failover=f.mode is not None)
+
+    def _answers(self, pkt: C.DHCPPacket, address_role: str | None) -> bool:
+        f = self.failover
+        if f.mode is None:
+            return True
+        key = P.client_hash_key(pkt.client_id, pkt.hwaddr)
+        owner = P.owner_of(f.mode, key, f.split, address_role)
+        return P.answers(f.mode, f.role, f.state, owner, pkt.secs, f.delay_s)
+
+    def _reply(self, pkt, mtype, subnet=None, yiaddr=None, lease_time=None):
+        options = self._lease_options(subnet, lease_time) if subnet is not None and lease_time else {}
+        server_id = pkt.server_id_override or self.server_id
+        reply = C.build_reply(pkt, mtype, yiaddr=yiaddr, server_id=server_id, options=options)
+        return reply, C.reply_destination(pkt, reply)
+
+    def _drop(self, reason: str):
+        self.counters[f"drop_{reason}"] += 1
+        return None
+
+    # ------------------------------------------------------------------
+    def handle(self, pkt: C.DHCPPacket) -> defer.Deferred:
+        """Fire with ``(reply, (ip, port, broadcast))`` or ``None``."""
+        return defer.ensureDeferred(self._handle(pkt))
+
+    async def _handle(self, pkt: C.DHCPPacket):
+        mtype = pkt.message_type
+        if pkt.op != 1:
+            return self._drop("not_request")
+        if mtype is None:
+            return self._drop("no_message_type")
+        self.counters[f"in_{C.MESSAGE_TYPE_NAMES.get(mtype, mtype)}"] += 1
+        handler = {C.DISCOVER: self._discover, C.REQUEST: self._request,
+                   C.RELEASE: self._release, C.DECLINE: self._decline,
+                   C.INFORM: self._inform}.get(mtype)
+        if handler is None:
+            return self._drop("unexpected_message_type")
+        result = await handler(pkt)
+        if result is not None:
+            name = C.MESSAGE_TYPE_NAMES.get(result[0].message_type, "?")
+            self.counters[f"out_{name}"] += 1
+        return result
+
+    async def _discover(self, pkt):
+        subnet = self.subnet_for(pkt)
+        if subnet is None:
+            return self._drop("no_subnet")
+        current = await self.leases.find_client(subnet.id, pkt.hwaddr, pkt.client_id)
+        address_role = self.leases.segment_role(current.address) if current else None
+        if not self._answers(pkt, address_role):
+            return self._drop("not_ours")
+        roles = self._roles()
+        if roles == ():
+            return self._drop("not_serving")
+        requested = str(pkt.requested_ip) if pkt.requested_ip else None
+        lease = await self.leases.offer(subnet.id, pkt.hwaddr, pkt.client_id,
+                                        requested=requested, roles=roles,
+                                        hostname=pkt.hostname or "")
+        if lease is None:
+            _log.warn("no free address in subnet {subnet} for {hw}", subnet=str(subnet.network),
+                      hw=pkt.hwaddr.hex(":"))
+            return self._drop("no_address")
+        return self._reply(pkt, C.OFFER, subnet, IPv4Address(lease.address), self._lease_time(subnet))
+
+    async def _request(self, pkt):
+        server_id = pkt.server_id
+        if server_id is not None and server_id not in (self.server_id, pkt.server_id_override):
+            return self._drop("other_server")          # the client chose someone else
+        subnet = self.subnet_for(pkt)
+        if pkt.ciaddr != ZERO:                         # renewing / rebinding
+            address = pkt.ciaddr
+        elif pkt.requested_ip is not None:             # selecting / init-reboot
+            address = pkt.requested_ip
+        else:
+            return self._drop("request_without_address")
+        if subnet is None or address not in subnet.network:
+            if server_id is None and pkt.ciaddr == ZERO and subnet is not None:
+                return self._reply(pkt, C.NAK)         # init-reboot on the wrong network
+            return self._drop("no_subnet")
+        current = await self.leases.find_client(subnet.id, pkt.hwaddr, pkt.client_id)
+        address_role = self.leases.segment_role(address)
+        if current is None and server_id is None and pkt.ciaddr == ZERO \
+                and self.failover.mode is None:
+            # init-reboot from a client we have no record of: RFC 2131 4.3.2 says silent
+            rec = await self.leases.get(str(address))
+            if rec is None:
+                return self._drop("unknown_client")
+        if server_id is None and not self._answers(pkt, address_role):
+            # renew/rebind/init-reboot for the partner's client: the partner answers
+            # (unless it is down / the client waited delay_s, see pools.answers)
+            return self._drop("not_ours")
+        try:
+            lease = await self.leases.bind(subnet.id, str(address), pkt.hwaddr, pkt.client_id,
+                                           lease_time_s=self._lease_time(subnet),
+                                           hostname=pkt.hostname or "", roles=self._roles())
+        except (AddressUnavailable, UnknownSubnet) as e:
+            _log.info("NAK {address} to {hw}: {why}", address=str(address),
+                      hw=pkt.hwaddr.hex(":"), why=e)
+            return self._reply(pkt, C.NAK)
+        self._notify("bound", lease)
+        return self._reply(pkt, C.ACK, subnet, IPv4Address(lease.address),
+                           max(1, round(lease.expires - self.now())))
+
+    async def _release(self, pkt):
+        if pkt.ciaddr == ZERO:
+            return self._drop("release_without_address")
+        lease = await self.leases.release(str(pkt.ciaddr), pkt.hwaddr, pkt.client_id)
+        if lease is not None:
+            self._notify("released", lease)
+        return None
+
+    async def _decline(self, pkt):
+        if pkt.requested_ip is None:
+            return self._drop("decline_without_address")
+        lease = await self.leases.decline(str(pkt.requested_ip), pkt.hwaddr, pkt.client_id)
+        if lease is not None:
+            _log.warn("address {address} declined by {hw}: quarantined", address=lease.address,
+                      hw=pkt.hwaddr.hex(":"))
+            self._notify("declined", lease)
+        return None
+
+    async def _inform(self, pkt):
+        subnet = self.subnet_for(pkt)
+        if subnet is None:
+            return self._drop("no_subnet")
+        options = self._lease_options(subnet, subnet.lease_time_s)
+        server_id = pkt.server_id_override or self.server_id
+        reply = C.build_reply(pkt, C.ACK, yiaddr=None, server_id=server_id, options=options)
+        return reply, C.reply_destination(pkt, reply)
+
+    def _notify(self, event: str, lease: Any):
+        if self.on_lease is not None:
+            try:
+                self.on_lease(event, lease)
+            except Exception:
+                _log.failure("lease listener failed on {event}", event=event)

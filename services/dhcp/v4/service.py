@@ -1,0 +1,325 @@
+"""The ``dhcp4`` service: UDP listener, lease store, reclaim loop, RPC, metrics.
+
+Direct clients: ``interface = "veth0"`` binds the socket to that device
+(SO_BINDTODEVICE) on port 67 and broadcasts replies as RFC 2131 4.1 asks.
+Relayed clients only: ``listen_address = "10.9.0.10"`` (any port), replies
+go back to the relay's giaddr, port 67.  On a loopback ``listen_address``
+(the demo) the relay must be on this box: replies go to the address and
+port the relayed request came from.  Failover (lazy updates to the partner over
+the peer link, partner states from the cluster manager) is wired when
+``failover`` is configured.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+import struct
+from ipaddress import IPv4Address
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from twisted.application.service import Service
+from twisted.internet import defer, protocol, task
+from twisted.logger import Logger
+
+from appliance.admin.rpc import ApplicationError, InvalidParams
+from services.dhcp.v4 import codec as C
+from services.dhcp.v4 import pools as P
+from services.dhcp.v4.config import Dhcp4Config
+from services.dhcp.v4.handler import Dhcp4Handler, FailoverView
+from services.dhcp.v4.leases import Lease, LeaseStore
+
+_log = Logger(namespace="services.dhcp4")
+SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+SIOCGIFADDR = 0x8915
+CHANNEL = "dhcp4"
+
+
+def interface_address(ifname: str) -> IPv4Address:
+    """The first IPv4 address of ``ifname`` (one ioctl; no netlink needed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        packed = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", ifname.encode()[:15]))
+    return IPv4Address(packed[20:24])
+
+
+class _Protocol(protocol.DatagramProtocol):
+    def __init__(self, service: "Dhcp4Service"):
+        self.service = service
+
+    def datagramReceived(self, data, addr):
+        try:
+            self.service.datagram(data, addr)
+        except Exception:
+            _log.failure("dhcp4: datagram from {addr} crashed the handler", addr=addr)
+
+
+class Dhcp4Service(Service):
+    name = "dhcp4"
+
+    def __init__(self, config: Dhcp4Config, context):
+        self.config = config
+        self.context = context
+        self.reactor = context.reactor
+        self.leases = LeaseStore(context.store, config, context.node_id, now=self.reactor.seconds)
+        self.port = None
+        self._loopback = False
+        self.handler: Dhcp4Handler | None = None
+        self.drops: dict[str, int] = {r: 0 for r in C.DROP_REASONS}
+        self._reclaim = None
+        self.view = FailoverView()
+        if config.failover is not None:
+            f = config.failover
+            self.view = FailoverView(mode=f.mode, role=f.role, split=f.split, delay_s=f.delay_s,
+                                     mclt_s=f.mclt_s, state=P.STARTUP)
+        self.stats = {"replication_sent": 0, "replication_failed": 0, "replication_applied": 0}
+
+    @property
+    def role(self) -> str:
+        f = self.config.failover
+        if f is None:
+            return "standalone"
+        return f"{f.role} ({self.view.state})"
+
+    # ------------------------------------------------------------------
+    def startService(self):
+        super().startService()
+        return defer.ensureDeferred(self._start())
+
+    async def _start(self):
+        cfg = self.config
+        await self.leases.load()
+        if cfg.server_id is not None:
+            server_id = cfg.server_id
+        elif cfg.listen_address is not None:
+            server_id = cfg.listen_address
+        elif cfg.interface:
+            server_id = interface_address(cfg.interface)
+        else:
+            raise ValueError("dhcp4 needs server_id, listen_address or interface")
+        local = None
+        if cfg.interface:
+            local = cfg.subnet_for(server_id)
+        self.handler = Dhcp4Handler(cfg, self.leases, server_id, now=self.reactor.seconds,
+                                    failover=self.view, local_subnet=local,
+                                    on_lease=self._lease_changed)
+        listen_on = str(cfg.listen_address) if cfg.listen_address else ""
+        self._loopback = bool(cfg.listen_address is not None and cfg.listen_address.is_loopback)
+        self.port = self.reactor.listenUDP(cfg.port, _Protocol(self), interface=listen_on)
+        sock = self.port.socket
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        if cfg.interface:
+            sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, cfg.interface.encode())
+        self._register_rpc()
+        self.context.metrics.register(self)
+        self._setup_failover()
+        self._reclaim = task.LoopingCall(self._reclaim_due)
+        self._reclaim.clock = self.reactor
+        self._reclaim.start(cfg.reclaim_interval_s, now=False).addErrback(
+            lambda f: _log.failure("dhcp4 reclaim loop stopped", failure=f))
+        _log.info("dhcp4 serving {n} subnet(s) on {where}:{port} as {sid} ({role})",
+                  n=len(cfg.subnets), where=cfg.interface or listen_on or "*", port=cfg.port,
+                  sid=str(server_id), role=self.role)
+
+    def stopService(self):
+        super().stopService()
+        if self._reclaim is not None and self._reclaim.running:
+            self._reclaim.stop()
+        for name in ("dhcp4.leases", "dhcp4.lease", "dhcp4.release", "dhcp4.scopes", "dhcp4.stats"):
+            if name in self.context.rpc:
+                self.context.rpc.unregister(name)
+        try:
+            self.context.metrics.unregister(self)
+        except KeyError:
+            pass
+        if self.port is not None:
+            port, self.port = self.port, None
+            return defer.maybeDeferred(port.stopListening)
+        return defer.succeed(None)
+
+    # ------------------------------------------------------------------
+    def datagram(self, data: bytes, addr) -> None:
+        try:
+            pkt = C.parse(data)
+        except C.MalformedPacket as e:
+            self.drops[e.reason] = self.drops.get(e.reason, 0) + 1
+            return
+        d = self.handler.handle(pkt)
+        d.addCallback(self._send, pkt, addr)
+        d.addErrback(self._failed, pkt)
+
+    def _send(self, result, pkt, source):
+        if result is None or self.port is None:
+            return
+        reply, (ip, port, _broadcast) = result
+        if self._loopback and pkt.giaddr != IPv4Address(0):
+            # A loopback listener only hears relays on this box: answer the
+            # relay where it sent from (giaddr is not reachable from lo).
+            ip, port = IPv4Address(source[0]), source[1]
+        try:
+            data = C.encode(reply, max_size=pkt.max_message_size)
+        except (ValueError, TypeError) as e:
+            self.drops["reply_too_large"] = self.drops.get("reply_too_large", 0) + 1
+            _log.error("dhcp4: reply not encodable: {why}", why=e)
+            return
+        if ip == IPv4Address("255.255.255.255") or _broadcast:
+            ip = IPv4Address("255.255.255.255")
+        self.port.write(data, (str(ip), port))
+
+    def _failed(self, failure, pkt):
+        self.drops["store_error"] = self.drops.get("store_error", 0) + 1
+        _log.error("dhcp4: {type} from {hw} not answered: {why}",
+                   type=pkt.message_type_name, hw=pkt.hwaddr.hex(":"),
+                   why=failure.getErrorMessage())
+
+    def _reclaim_due(self):
+        d = self.leases.reclaim()
+        d.addErrback(lambda f: _log.warn("dhcp4 reclaim failed: {why}", why=f.getErrorMessage()))
+        return None
+
+    # ------------------------------------------------------------------
+    # failover: partner state and lazy updates over the peer link
+    # ------------------------------------------------------------------
+    def _setup_failover(self):
+        f = self.config.failover
+        cluster = self.context.cluster
+        if f is None or cluster is None:
+            return
+        state = cluster.register_partner(f.peer, self._partner_state, primary=f.role == "primary",
+                                         sync=self._sync_from_partner)
+        self.view.state = state
+        link = getattr(cluster, "peerlink", None)
+        if link is not None:
+            link.on(CHANNEL, self._remote_update)
+
+    def _partner_state(self, peer, state, reason):
+        if state == P.PARTNER_DOWN and self.view.state != P.PARTNER_DOWN:
+            self.view.partner_down_since = self.reactor.seconds()
+        elif state != P.PARTNER_DOWN:
+            self.view.partner_down_since = None
+        _log.info("dhcp4 partner {peer}: {state} ({reason})", peer=peer, state=state, reason=reason)
+        self.view.state = state
+
+    def _lease_changed(self, event: str, lease: Lease):
+        f = self.config.failover
+        link = getattr(self.context.cluster, "peerlink", None)
+        if f is None or link is None:
+            return
+        d = link.send(f.peer, CHANNEL, {"lease": lease.to_wire()})
+
+        def sent(_):
+            self.stats["replication_sent"] += 1
+
+        def failed(fail):
+            self.stats["replication_failed"] += 1
+            _log.warn("dhcp4 update of {address} to {peer} not queued: {why}",
+                      address=lease.address, peer=f.peer, why=fail.getErrorMessage())
+
+        d.addCallbacks(sent, failed)
+
+    def _remote_update(self, peer, body):
+        if "lease" in body:
+            d = self.leases.apply_remote(Lease.from_wire(body["lease"]))
+            return d.addCallback(lambda _: self.stats.__setitem__(
+                "replication_applied", self.stats["replication_applied"] + 1))
+        if "sync" in body:
+            return self._send_all(peer)
+        return None
+
+    def _sync_from_partner(self, peer):
+        """RECOVER: ask the partner for everything; applied as it arrives (ordered channel)."""
+        link = getattr(self.context.cluster, "peerlink", None)
+        if link is None:
+            return defer.succeed(None)
+        return link.send(peer, CHANNEL, {"sync": True})
+
+    @defer.inlineCallbacks
+    def _send_all(self, peer):
+        link = self.context.cluster.peerlink
+        cursor = None
+        while True:
+            cursor, page = yield self.leases.export(cursor)
+            for lease in page:
+                link.send(peer, CHANNEL, {"lease": lease.to_wire()}).addErrback(lambda f: None)
+            if cursor is None:
+                break
+
+    # ------------------------------------------------------------------
+    # admin
+    # ------------------------------------------------------------------
+    def _register_rpc(self):
+        rpc = self.context.rpc
+        rpc.register("dhcp4.leases", self.rpc_leases,
+                     doc="{subnet?, state?, limit?, cursor?} -> {leases, cursor}")
+        rpc.register("dhcp4.lease", self.rpc_lease, doc="{address | hwaddr} -> one lease")
+        rpc.register("dhcp4.release", self.rpc_release, doc="{address}: free it now")
+        rpc.register("dhcp4.scopes", self.rpc_scopes, doc="subnets, pools, free counts")
+        rpc.register("dhcp4.stats", self.rpc_stats, doc="packet counters, drops, leases")
+
+    def rpc_leases(self, subnet=None, state=None, limit=100, cursor=None):
+        if subnet is not None and not isinstance(subnet, int):
+            sub = self.config.subnet_for(str(subnet).split("/")[0]) if subnet else None
+            if sub is None:
+                raise InvalidParams(f"unknown subnet {subnet!r}")
+            subnet = sub.id
+        d = self.leases.leases(subnet=subnet, state=state, limit=int(limit), cursor=cursor)
+        return d
+
+    @defer.inlineCallbacks
+    def rpc_lease(self, address=None, hwaddr=None):
+        if address:
+            lease = yield self.leases.get(str(address))
+        elif hwaddr:
+            lease = yield self.leases.find_hwaddr(hwaddr)
+        else:
+            raise InvalidParams("give address or hwaddr")
+        if lease is None:
+            raise ApplicationError(f"no lease for {address or hwaddr}", code=-32040)
+        return lease.to_json()
+
+    @defer.inlineCallbacks
+    def rpc_release(self, address):
+        lease = yield self.leases.release(str(address))
+        if lease is None:
+            raise ApplicationError(f"{address} is not leased", code=-32041)
+        self._lease_changed("released", lease)
+        return lease.to_json()
+
+    def rpc_scopes(self):
+        out = []
+        for s in self.config.subnets:
+            out.append({"id": s.id, "subnet": str(s.network),
+                        "pools": [f"{p.first}-{p.last}" for p in s.pools],
+                        "free": self.leases.free_count(s.id),
+                        "lease_time_s": s.lease_time_s})
+        return {"scopes": out, "failover": None if self.config.failover is None else {
+            "peer": self.config.failover.peer, "role": self.config.failover.role,
+            "mode": self.config.failover.mode, "state": self.view.state}}
+
+    def rpc_stats(self):
+        return {"packets": dict(self.handler.counters) if self.handler else {},
+                "drops": {k: v for k, v in self.drops.items() if v},
+                "leases": self.leases.stats(), "replication": dict(self.stats)}
+
+    # ------------------------------------------------------------------
+    def collect(self):
+        packets = CounterMetricFamily("appliance_dhcp4_packets", "DHCPv4 packets by direction and type",
+                                      labels=["counter"])
+        for name, value in (self.handler.counters.items() if self.handler else []):
+            packets.add_metric([name], value)
+        yield packets
+        drops = CounterMetricFamily("appliance_dhcp4_dropped", "DHCPv4 packets dropped, by reason",
+                                    labels=["reason"])
+        for reason, value in self.drops.items():
+            drops.add_metric([reason], value)
+        yield drops
+        free = GaugeMetricFamily("appliance_dhcp4_free_addresses", "Free addresses per subnet",
+                                 labels=["subnet"])
+        for s in self.config.subnets:
+            free.add_metric([str(s.network)], self.leases.free_count(s.id))
+        yield free
+        repl = CounterMetricFamily("appliance_dhcp4_replication", "Lease updates to/from the partner",
+                                   labels=["event"])
+        for k, v in self.stats.items():
+            repl.add_metric([k], v)
+        yield repl
+

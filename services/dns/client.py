@@ -1,0 +1,233 @@
+"""A small Twisted DNS client: UDP with TCP fallback, several servers in order.
+
+:meth:`DNSClient.exchange` sends one (signed) message and fires with
+``(response, server)`` -- the first server that gives an answer the caller
+can act on (NOERROR, NXDOMAIN, or a failed UPDATE prerequisite) wins.  A
+timeout, a refused port, a garbled answer or an error rcode (REFUSED,
+NOTAUTH, BADKEY...) moves on to the next server; when all fail the
+Deferred fails with the most telling error (an rcode beats a timeout).
+
+UDP goes through one connected socket per server (so a closed port is
+reported at once, not after a timeout); a reply with TC set, or a message
+larger than 512 bytes, goes over TCP (RFC 1035 4.2.2 two-byte framing).
+Nothing here blocks the reactor.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import dns.message
+from twisted.internet import defer, protocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from services.dns.message import (PREREQ_FAILED, DNSError, TransportError, UpdateError,
+                                  _PeerTSIGError, rcode_text, read_response)
+
+UDP_MAX = 512
+_log = Logger(namespace="appliance.dns")
+
+
+def parse_server(text: str) -> tuple[str, int]:
+    """``"host:port"`` (or ``"host"``: port 53; ``[v6]:port``) -> ``(host, port)``."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else "53"
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    elif ":" in text:
+        host, port = text, "53"
+    else:
+        host, port = text, "53"
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not host:port")
+    return host, int(port)
+
+
+def show_server(server: tuple[str, int]) -> str:
+    host, port = server
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _UDPChannel(protocol.DatagramProtocol):
+    """One connected UDP socket to one server; replies matched by message id."""
+
+    def __init__(self, server: tuple[str, int]):
+        self.server = server
+        self.pending: dict[int, defer.Deferred] = {}
+
+    def startProtocol(self):
+        self.transport.connect(*self.server)
+
+    def datagramReceived(self, data, addr):
+        if len(data) < 2:
+            return
+        (msg_id,) = struct.unpack("!H", data[:2])
+        d = self.pending.pop(msg_id, None)
+        if d is not None:
+            d.callback(data)
+
+    def connectionRefused(self):
+        pending, self.pending = self.pending, {}
+        for d in pending.values():
+            d.errback(TransportError(f"{show_server(self.server)}: connection refused",
+                                     "refused"))
+
+    def stopProtocol(self):
+        # The reactor closes a connected UDP port on some socket errors (an
+        # ICMP port unreachable seen as EPOLLERR): report like a refusal; the
+        # client opens a fresh socket for the next message.
+        self.connectionRefused()
+
+    def send(self, msg_id: int, wire: bytes) -> defer.Deferred:
+        d = defer.Deferred(lambda _: self.pending.pop(msg_id, None))
+        self.pending[msg_id] = d
+        try:
+            self.transport.write(wire)
+        except OSError as e:
+            self.pending.pop(msg_id, None)
+            return defer.fail(TransportError(f"{show_server(self.server)}: {e}", "refused"))
+        return d
+
+
+class _TCPExchange(protocol.Protocol):
+    """Send one length-prefixed message, wait for one reply."""
+
+    def __init__(self, wire: bytes):
+        self.wire = wire
+        self.buffer = b""
+        self.done: defer.Deferred = defer.Deferred()
+
+    def connectionMade(self):
+        self.transport.write(struct.pack("!H", len(self.wire)) + self.wire)
+
+    def dataReceived(self, data):
+        self.buffer += data
+        if len(self.buffer) >= 2:
+            (size,) = struct.unpack("!H", self.buffer[:2])
+            if len(self.buffer) >= 2 + size and not self.done.called:
+                self.done.callback(self.buffer[2:2 + size])
+                self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        if not self.done.called:
+            self.done.errback(TransportError("TCP connection closed before the answer",
+                                             "refused"))
+
+
+class DNSClient:
+    """Exchanges DNS messages with ``servers`` (tried in order)."""
+
+    def __init__(self, reactor, servers: list[tuple[str, int]], timeout_s: float = 1.0):
+        self.reactor = reactor
+        self.servers = list(servers)
+        self.timeout_s = timeout_s
+        self._channels: dict[tuple[str, int], _UDPChannel] = {}
+        self._ports: list = []
+        self.tcp_fallbacks = 0
+
+    def close(self) -> defer.Deferred:
+        ports, self._ports, self._channels = self._ports, [], {}
+        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports],
+                                   consumeErrors=True)
+
+    def _channel(self, server) -> _UDPChannel:
+        ch = self._channels.get(server)
+        if ch is None or ch.transport is None:
+            ch = _UDPChannel(server)
+            bind = "::" if ":" in server[0] else ""
+            port = self.reactor.listenUDP(0, ch, interface=bind)
+            self._ports = [p for p in self._ports if p.connected] + [port]
+            self._channels[server] = ch
+        return ch
+
+    @defer.inlineCallbacks
+    def exchange(self, request: dns.message.Message, zone: str, key: str | None,
+                 what: str = "update"):
+        """Fire with ``(response, server_text)``; see the module docstring."""
+        errors: list[DNSError] = []
+        for server in self.servers:
+            try:
+                response = yield self._one(server, request)
+            except DNSError as e:
+                if isinstance(e, _PeerTSIGError):
+                    e = UpdateError(zone, show_server(server), e.rcode, key, what)
+                errors.append(e)
+                continue
+            rcode = rcode_text(response)
+            if rcode in ("NOERROR", "NXDOMAIN") or rcode in PREREQ_FAILED:
+                return response, show_server(server)
+            errors.append(UpdateError(zone, show_server(server), rcode, key, what))
+        answered = [e for e in errors if isinstance(e, UpdateError)]
+        if answered:
+            raise answered[0]
+        reasons = "; ".join(str(e) for e in errors) or "no servers configured"
+        rcode = errors[0].rcode if errors else "error"
+        raise TransportError(f"{what} of zone {zone}: no server answered ({reasons})", rcode)
+
+    def _one(self, server, request: dns.message.Message) -> defer.Deferred:
+        ch = self._channels.get(server)
+        while ch is not None and request.id in ch.pending:
+            request.id = random.randint(0, 65535)
+        wire = request.to_wire()
+        if len(wire) > UDP_MAX:
+            return self._tcp(server, wire, request)
+        d = self._channel(server).send(request.id, wire)
+        d = self._timeout(d, server, "UDP")
+
+        def got(data: bytes):
+            if len(data) > 2 and data[2] & 0x02:    # TC: ask again over TCP
+                self.tcp_fallbacks += 1
+                return self._tcp(server, wire, request)
+            return read_response(data, request)
+        return d.addCallback(got)
+
+    def _tcp(self, server, wire: bytes, request) -> defer.Deferred:
+        host, port = server
+        endpoint = TCP4ClientEndpoint(self.reactor, host, port, timeout=max(1, int(self.timeout_s + 0.999)))
+        exchange = _TCPExchange(wire)
+        connecting = connectProtocol(endpoint, exchange)
+
+        def failed_connect(f):
+            if f.check(DNSError):
+                return f
+            if not exchange.done.called:
+                exchange.done.errback(TransportError(
+                    f"{show_server(server)}: TCP connect failed: {f.getErrorMessage()}", "refused"))
+        connecting.addErrback(failed_connect)
+        d = self._timeout(exchange.done, server, "TCP", on_timeout=lambda: (
+            exchange.transport.abortConnection() if exchange.transport else connecting.cancel()))
+        return d.addCallback(read_response, request)
+
+    def _timeout(self, d: defer.Deferred, server, how: str, on_timeout=None) -> defer.Deferred:
+        out: defer.Deferred = defer.Deferred()
+
+        def expire():
+            if on_timeout is not None:
+                try:
+                    on_timeout()
+                except Exception:
+                    pass
+            d.cancel()
+            if not out.called:
+                out.errback(TransportError(f"{show_server(server)}: no {how} answer within "
+                                           f"{self.timeout_s:g}s", "timeout"))
+        call = self.reactor.callLater(self.timeout_s, expire)
+
+        def finish(result):
+            if call.active():
+                call.cancel()
+            if out.called:
+                return None
+            if isinstance(result, Failure):
+                if not result.check(defer.CancelledError):
+                    out.errback(result)
+            else:
+                out.callback(result)
+            return None
+        d.addBoth(finish)
+        return out

@@ -1,0 +1,181 @@
+"""The ``[services.dns]`` table, read with :class:`appliance.config.Table`.
+
+Example (see ``etc/dns.toml``)::
+
+    [services.dns]
+    servers = ["127.0.0.1:5353"]        # primaries, tried in order
+    tsig_key_file = "etc/dns.key"       # BIND key format (tsig-keygen)
+    zones = ["example.test."]
+    default_ttl = 5
+    ddns = { forward_zone = "dhcp.example.test.", reverse_zone = "0.9.10.in-addr.arpa." }
+
+    [[services.dns.records]]
+    name = "sip.example.test."
+    type = "A"
+    resource = "vip-sip"
+    values = { a = "10.9.0.11", b = "10.9.0.12" }
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import dns.name
+import dns.rdatatype
+
+from services.dns.client import parse_server
+from services.dns.records import TYPES, RecordSpec, parse_rdata, zone_of
+from services.dns.tsigkey import KeyFileError, TSIGKey, parse_key_file, select_key
+
+_RESOURCE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class DDNSConfig:
+    forward_zone: dns.name.Name
+    reverse_zone: dns.name.Name | None
+
+
+@dataclass(frozen=True)
+class DNSConfig:
+    servers: tuple[tuple[str, int], ...]
+    key: TSIGKey | None
+    key_file: str | None
+    zones: tuple[dns.name.Name, ...]
+    default_ttl: int
+    records: tuple[RecordSpec, ...]
+    reconcile_interval_s: float = 30.0
+    timeout_s: float = 1.0
+    retry_initial_s: float = 0.5
+    retry_max_s: float = 30.0
+    ddns: DDNSConfig | None = None
+
+
+def _name(table, key: str, value: Any) -> dns.name.Name | None:
+    try:
+        return dns.name.from_text(value)
+    except Exception as e:
+        table.error(key, f'"{value}" is not a domain name: {e}')
+        return None
+
+
+def parse(table, context) -> DNSConfig | None:
+    """Validate ``table``; return None after recording problems."""
+    problems_before = len(table.problems.items)
+    servers = []
+    for i, text in enumerate(table.list("servers", min_len=1) or ()):
+        path = f"{table.key_path('servers')}[{i}]"
+        if not isinstance(text, str):
+            table.problems.add(path, f"expected a \"host:port\" string, got {type(text).__name__}")
+            continue
+        try:
+            servers.append(parse_server(text))
+        except ValueError as e:
+            table.problems.add(path, str(e))
+
+    key = None
+    key_file = table.path_("tsig_key_file", None)
+    key_name = table.str("tsig_key_name", None)
+    if key_file is not None:
+        try:
+            key = select_key(parse_key_file(Path(key_file).read_text(encoding="utf-8")), key_name)
+        except OSError as e:
+            table.error("tsig_key_file", f"{key_file}: cannot read: {e.strerror or e}")
+        except KeyFileError as e:
+            table.error("tsig_key_file", f"{key_file}: {e}")
+    elif key_name is not None:
+        table.error("tsig_key_name", "needs tsig_key_file")
+
+    zones = []
+    for i, text in enumerate(table.list("zones", min_len=1) or ()):
+        path = f"zones[{i}]"
+        if isinstance(text, str):
+            zone = _name(table, path, text)
+            if zone is not None:
+                zones.append(zone)
+        else:
+            table.error(path, "expected a zone name string")
+
+    default_ttl = table.int("default_ttl", 5, min=0, max=2_147_483_647)
+    interval = table.float("reconcile_interval_s", 30.0, min=0.1, max=86400)
+    timeout = table.float("timeout_s", 1.0, min=0.01, max=60)
+    retry_initial = table.float("retry_initial_s", 0.5, min=0.01, max=3600)
+    retry_max = table.float("retry_max_s", 30.0, min=0.01, max=86400)
+    if retry_initial is not None and retry_max is not None and retry_max < retry_initial:
+        table.error("retry_max_s", f"{retry_max} is below retry_initial_s {retry_initial}")
+
+    ddns = None
+    dt = table.table("ddns")
+    if dt is not None:
+        fwd_text = dt.str("forward_zone")
+        rev_text = dt.str("reverse_zone", None)
+        fwd = _name(dt, "forward_zone", fwd_text) if fwd_text else None
+        rev = _name(dt, "reverse_zone", rev_text) if rev_text else None
+        dt.done()
+        if fwd is not None:
+            ddns = DDNSConfig(fwd, rev)
+
+    nodes = ({context.node_id} if context.node_id else set()) | set(context.peer_ids)
+    records = []
+    for rt in table.tables("records"):
+        spec = _parse_record(rt, context, nodes, zones, default_ttl if default_ttl is not None else 5)
+        if spec is not None:
+            records.append(spec)
+    by_name: dict[dns.name.Name, str] = {}
+    seen: set = set()
+    for i, spec in enumerate(records):
+        if spec.key in seen:
+            table.error("records", f"{spec.name} {spec.type_text} is configured twice")
+        seen.add(spec.key)
+        other = by_name.setdefault(spec.name, spec.resource)
+        if other != spec.resource:
+            table.error("records", f"{spec.name}: all records of one name must follow the same "
+                                   f"resource ({other!r} and {spec.resource!r})")
+    if len(table.problems.items) != problems_before or not servers or not zones:
+        return None
+    return DNSConfig(tuple(servers), key, key_file, tuple(zones), default_ttl, tuple(records),
+                     interval, timeout, retry_initial, retry_max, ddns)
+
+
+def _parse_record(rt, context, nodes: set[str], zones, default_ttl: int) -> RecordSpec | None:
+    name_text = rt.str("name")
+    rdtype = rt.str("type", choices=TYPES)
+    ttl = rt.int("ttl", default_ttl, min=0, max=2_147_483_647)
+    resource = rt.str("resource", pattern=_RESOURCE,
+                      describe="a resource name (letters, digits, '_', '.', ':', '-')")
+    values: dict[str, Any] = {}
+    vt = rt.table("values", required=True)
+    if vt is not None:
+        for node in list(vt.data):
+            text = vt.str(node)
+            if node not in nodes:
+                vt.error(node, f"{node!r} is neither this node nor a cluster peer")
+            elif text is not None and rdtype is not None:
+                try:
+                    values[node] = parse_rdata(rdtype, text)
+                except ValueError as e:
+                    vt.error(node, str(e))
+        vt.done()
+        if not vt.data:
+            rt.error("values", "needs at least one node = \"rdata\"")
+    rt.done()
+    name = _name(rt, "name", name_text) if name_text else None
+    zone = None
+    if name is not None and zones:
+        zone = zone_of(name, zones)
+        if zone is None:
+            rt.error("name", f"{name} is not inside any of zones "
+                             f"({', '.join(z.to_text() for z in zones)})")
+    if resource is not None and resource not in context.vip_names and ":" not in resource:
+        known = ", ".join(context.vip_names) or "none"
+        rt.error("resource", f"{resource!r} is neither a [[vip]] name (known: {known}) nor a "
+                             "service resource (\"service:name\", e.g. \"sip:registrar\")")
+        resource = None
+    if None in (name, zone, rdtype, ttl, resource) or not values:
+        return None
+    return RecordSpec(name, dns.rdatatype.from_text(rdtype), ttl, resource,
+                      MappingProxyType(values), zone)

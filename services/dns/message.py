@@ -1,0 +1,190 @@
+"""DNS messages of the updater: UPDATEs with the epoch guard, queries, and
+what a response means (pure: builds and reads wire messages, no I/O).
+
+One UPDATE per zone carries every change of one decision.  For each owner
+name it holds:
+
+- a prerequisite on the guard TXT rrset ``_appliance-owner.<name>``: it must
+  equal what the updater last read (value-dependent "RRset exists", RFC 2136
+  section 2.4.2), or not exist if it read nothing (section 2.4.3) -- a
+  compare-and-set on the server;
+- the replacement of the record's rrset (delete rrset, add rdatas);
+- the replacement of the guard with ``"<node> <epoch>"``.
+
+If the guard changed in between, the server answers NXRRSET/YXRRSET and
+applies nothing; the updater re-reads the guard and retries only if its own
+epoch is not older (see :mod:`.updater`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdataclass
+import dns.rdataset
+import dns.rdatatype
+import dns.tsig
+import dns.update
+
+from services.dns.records import Change, guard_name, guard_rdata
+from services.dns.tsigkey import TSIGKey
+
+#: Answers meaning "this server will not take this update": name zone and key.
+REFUSALS = frozenset({"REFUSED", "NOTAUTH", "NOTZONE", "BADKEY", "BADSIG", "BADTIME",
+                      "BADTRUNC", "NOTIMP", "FORMERR"})
+#: Answers meaning "a prerequisite failed": somebody else wrote in between.
+PREREQ_FAILED = frozenset({"NXRRSET", "YXRRSET", "NXDOMAIN", "YXDOMAIN"})
+
+_PEER_ERRORS = (
+    (dns.tsig.PeerBadKey, "BADKEY"),
+    (dns.tsig.PeerBadSignature, "BADSIG"),
+    (dns.tsig.PeerBadTime, "BADTIME"),
+    (dns.tsig.PeerBadTruncation, "BADTRUNC"),
+)
+
+
+class DNSError(Exception):
+    """A DNS exchange failed; ``rcode`` is the metrics label (e.g. ``BADKEY``, ``timeout``)."""
+
+    rcode = "error"
+
+
+class UpdateError(DNSError):
+    """A server answered an UPDATE (or query) with an error rcode."""
+
+    def __init__(self, zone: str, server: str, rcode: str, key: str | None, what: str = "update"):
+        self.zone, self.server, self.rcode, self.key = zone, server, rcode, key
+        verb = "refused by" if rcode in REFUSALS else "failed at"
+        keypart = f" (key {key})" if key else ""
+        super().__init__(f"{what} of zone {zone} {verb} {server}: {rcode}{keypart}")
+
+    @property
+    def prerequisite_failed(self) -> bool:
+        return self.rcode in PREREQ_FAILED
+
+
+class TransportError(DNSError):
+    """No usable answer from any server (timeouts, refused connections, garbage)."""
+
+    def __init__(self, message: str, rcode: str = "timeout"):
+        self.rcode = rcode
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class Guard:
+    """What the updater believes the guard TXT rrset of a name holds (empty: absent)."""
+
+    rdatas: frozenset = frozenset()
+
+
+def build_update(zone: dns.name.Name, changes: Iterable[Change], guards: Mapping[dns.name.Name, frozenset],
+                 node: str, epochs: Mapping[str, int], key: TSIGKey | None) -> dns.update.UpdateMessage:
+    """One UPDATE for ``zone`` holding ``changes``.
+
+    ``guards`` maps each owner name to the guard rdatas last read (missing
+    or empty: the guard must not exist); ``epochs`` maps resources to this
+    node's epoch for them.
+    """
+    upd = make_update(zone, key)
+    guarded: set[dns.name.Name] = set()
+    for change in changes:
+        spec = change.spec
+        name = spec.name
+        if name not in guarded:
+            guarded.add(name)
+            gname = guard_name(name)
+            current = guards.get(name) or frozenset()
+            if current:
+                rds = dns.rdataset.Rdataset(dns.rdataclass.IN, dns.rdatatype.TXT)
+                for rd in current:
+                    rds.add(rd)
+                upd.present(gname, rds)
+            else:
+                upd.absent(gname, dns.rdatatype.TXT)
+            upd.replace(gname, spec.ttl, guard_rdata(node, epochs[spec.resource]))
+        if change.rdatas:
+            upd.replace(name, spec.ttl, *sorted(change.rdatas, key=lambda r: r.to_text()))
+        else:
+            upd.delete(name, spec.rdtype)
+    return upd
+
+
+def make_update(zone: dns.name.Name, key: TSIGKey | None) -> dns.update.UpdateMessage:
+    upd = dns.update.UpdateMessage(zone)
+    if key is not None:
+        upd.use_tsig(keyring=key.dns_key(), keyname=key.keyname)
+    return upd
+
+
+def make_query(name: dns.name.Name, rdtype, key: TSIGKey | None) -> dns.message.Message:
+    """A non-recursive query, signed when a key is given."""
+    q = dns.message.make_query(name, rdtype)
+    q.flags &= ~dns.flags.RD
+    if key is not None:
+        q.use_tsig(keyring=key.dns_key(), keyname=key.keyname)
+    return q
+
+
+def read_response(wire: bytes, request: dns.message.Message) -> dns.message.Message:
+    """Parse and TSIG-verify ``wire`` as the answer to ``request``.
+
+    Raises :class:`DNSError` subclasses: TSIG problems the server reported
+    become their RFC 8945 names (``BADKEY``...), everything else that is not
+    a proper answer raises TransportError("...", "garbled").
+    """
+    keyring = request.keyring if request.had_tsig or request.keyring else None
+    try:
+        response = dns.message.from_wire(wire, keyring=keyring, request_mac=request.mac,
+                                         one_rr_per_rrset=False)
+    except dns.message.Truncated:
+        raise
+    except dns.tsig.PeerError as e:
+        for cls, name in _PEER_ERRORS:
+            if isinstance(e, cls):
+                raise _PeerTSIGError(name) from None
+        raise _PeerTSIGError("BADSIG") from None
+    except (dns.tsig.BadSignature, dns.tsig.BadTime, dns.message.UnknownTSIGKey) as e:
+        raise TransportError(f"answer failed TSIG verification: {e}", "badresponse") from None
+    except dns.exception.DNSException as e:
+        raise TransportError(f"garbled answer: {e}", "garbled") from None
+    if not request.is_response(response):
+        raise TransportError("answer does not match the request", "garbled")
+    return response
+
+
+class _PeerTSIGError(DNSError):
+    """The server's TSIG error field was set (it rejected our signature)."""
+
+    def __init__(self, rcode: str):
+        self.rcode = rcode
+        super().__init__(rcode)
+
+
+def rcode_text(response: dns.message.Message) -> str:
+    return dns.rcode.to_text(response.rcode())
+
+
+def check_response(response: dns.message.Message, zone: str, server: str, key: str | None,
+                   what: str = "update") -> None:
+    """Raise :class:`UpdateError` unless ``response`` is NOERROR (queries: NXDOMAIN is fine)."""
+    rcode = rcode_text(response)
+    if rcode == "NOERROR" or (what == "query" and rcode == "NXDOMAIN"):
+        return
+    raise UpdateError(zone, server, rcode, key, what)
+
+
+def answer_rdatas(response: dns.message.Message, name: dns.name.Name, rdtype) -> frozenset:
+    """The rdatas of ``name``/``rdtype`` in the answer section (empty if none)."""
+    rdtype = dns.rdatatype.RdataType.make(rdtype)
+    for rrset in response.answer:
+        if rrset.name == name and rrset.rdtype == rdtype:
+            return frozenset(rrset)
+    return frozenset()

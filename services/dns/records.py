@@ -1,0 +1,154 @@
+"""Desired DNS state from resource ownership (pure: no I/O, no reactor).
+
+A :class:`RecordSpec` binds one owner name and type to a cluster resource:
+``values`` maps each node id to the rdata that node publishes while it owns
+the resource.  :func:`desired_rdatas` says what the rrset should hold when
+``owner`` owns it; SRV sets are reordered so the owner's target has the
+lowest priority number (tried first) and the other nodes follow in their
+configured order.
+
+Each owner name also carries a guard: the TXT rrset
+``_appliance-owner.<name>`` holding ``"<node> <epoch>"`` of the last writer,
+used as an UPDATE prerequisite so that a late writer with an older epoch
+cannot overwrite a newer owner (see :mod:`.message`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import dns.name
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.rdtypes.ANY.TXT
+
+#: Record types the updater manages (RFC 1035, 3596, 2782, 6742).
+TYPES = ("A", "AAAA", "SRV", "CNAME", "NID", "L64", "L32", "LP")
+
+GUARD_LABEL = "_appliance-owner"
+
+
+@dataclass(frozen=True)
+class RecordSpec:
+    """One configured record: ``name``/``type`` follow the owner of ``resource``."""
+
+    name: dns.name.Name
+    rdtype: dns.rdatatype.RdataType
+    ttl: int
+    resource: str
+    values: Mapping[str, dns.rdata.Rdata]     # node id -> rdata it publishes
+    zone: dns.name.Name
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.name.to_text(), dns.rdatatype.to_text(self.rdtype))
+
+    @property
+    def type_text(self) -> str:
+        return dns.rdatatype.to_text(self.rdtype)
+
+
+def parse_rdata(rdtype: str, text: str, origin: dns.name.Name | None = None) -> dns.rdata.Rdata:
+    """Parse ``text`` as rdata of ``rdtype``; ValueError with dnspython's reason if it fails."""
+    if rdtype not in TYPES:
+        raise ValueError(f"type {rdtype!r} is not one of {', '.join(TYPES)}")
+    try:
+        return dns.rdata.from_text(dns.rdataclass.IN, rdtype, text, origin=origin or dns.name.root,
+                                   relativize=False)
+    except Exception as e:   # dnspython raises several syntax error types
+        raise ValueError(f"{text!r} is not valid {rdtype} rdata: {e}") from None
+
+
+def zone_of(name: dns.name.Name, zones: Iterable[dns.name.Name]) -> dns.name.Name | None:
+    """The longest of ``zones`` containing ``name`` (None: outside all)."""
+    best = None
+    for zone in zones:
+        if name.is_subdomain(zone) and (best is None or len(zone) > len(best)):
+            best = zone
+    return best
+
+
+def guard_name(name: dns.name.Name) -> dns.name.Name:
+    """The owner name of the epoch guard TXT rrset for ``name``."""
+    return dns.name.Name((GUARD_LABEL.encode(),) + name.labels)
+
+
+def guard_rdata(node: str, epoch: int) -> dns.rdata.Rdata:
+    return dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, [f"{node} {epoch}"])
+
+
+def parse_guard(rdatas: Iterable[dns.rdata.Rdata]) -> tuple[str, int] | None:
+    """``(node, epoch)`` of a guard rrset (the highest epoch if several), None if absent/garbled."""
+    best = None
+    for rd in rdatas:
+        try:
+            text = b"".join(rd.strings).decode("ascii", "replace")
+            node, epoch = text.split()
+            value = (node, int(epoch))
+        except (AttributeError, ValueError):
+            continue
+        if best is None or value[1] > best[1]:
+            best = value
+    return best
+
+
+def desired_rdatas(spec: RecordSpec, owner: str | None) -> frozenset[dns.rdata.Rdata] | None:
+    """What ``spec``'s rrset should hold while ``owner`` owns the resource.
+
+    None when nothing can be said (no owner, or an owner without a value:
+    leave what is published alone).
+    """
+    if owner is None or owner not in spec.values:
+        return None
+    if spec.rdtype != dns.rdatatype.SRV:
+        return frozenset([spec.values[owner]])
+    return frozenset(srv_order(spec.values, owner))
+
+
+def srv_order(values: Mapping[str, dns.rdata.Rdata], owner: str) -> list[dns.rdata.Rdata]:
+    """SRV rdatas with ``owner`` first: it gets the lowest configured priority
+    number, the others follow one step apart in their configured order
+    (priority, then node id), keeping their weight, port and target."""
+    base = min(rd.priority for rd in values.values())
+    others = sorted((n for n in values if n != owner), key=lambda n: (values[n].priority, n))
+    out = [values[owner].replace(priority=base)]
+    for i, node in enumerate(others, start=1):
+        out.append(values[node].replace(priority=min(base + i, 65535)))
+    return out
+
+
+@dataclass(frozen=True)
+class Change:
+    """One rrset to (re)write in a zone, with the guard it writes."""
+
+    spec: RecordSpec
+    rdatas: frozenset
+    reason: str
+
+
+def plan(specs: Iterable[RecordSpec], owned: Mapping[str, int], node: str,
+         resources: Iterable[str] | None = None, reason: str = "") -> dict[dns.name.Name, list[Change]]:
+    """The changes this node publishes, grouped by zone (one UPDATE per zone).
+
+    ``owned`` maps the resources this node owns to their epoch; only those
+    are published.  ``resources`` narrows to the ones a decision touched.
+    """
+    wanted = set(resources) if resources is not None else None
+    out: dict[dns.name.Name, list[Change]] = {}
+    for spec in specs:
+        if spec.resource not in owned or (wanted is not None and spec.resource not in wanted):
+            continue
+        rdatas = desired_rdatas(spec, node)
+        if rdatas is None:
+            continue
+        out.setdefault(spec.zone, []).append(Change(spec, rdatas, reason))
+    return out
+
+
+def rdatas_text(rdatas: Iterable[dns.rdata.Rdata] | None) -> list[str] | None:
+    """Sorted text forms, for RPC results and logs."""
+    if rdatas is None:
+        return None
+    return sorted(rd.to_text() for rd in rdatas)

@@ -1,0 +1,356 @@
+"""The ``dns`` service: records follow resource ownership; reconcile; RPC; metrics.
+
+Every node runs it; only the node that owns a resource publishes that
+resource's records.  Flow:
+
+- ``cluster`` listener ``(resource, role, epoch)``: on "owner" the records of
+  the resource are marked dirty and flushed at once -- one UPDATE per zone,
+  so the new answer is at the server one round trip after the decision;
+- per zone at most one UPDATE is in flight; changes marked meanwhile are
+  sent together right after it;
+- a failed UPDATE is retried with exponential backoff and jitter until it
+  succeeds or the node stops owning the resource (never blocks, never raises);
+- reconcile (on start, every ``reconcile_interval_s``, on ``dns.sync``) reads
+  what the primary publishes and repairs drift of the records this node owns.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import dns.name
+import dns.rdatatype
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from services.dns.backoff import Backoff
+from services.dns.client import DNSClient, show_server
+from services.dns.ddns import DDNSUpdater
+from services.dns.message import DNSError
+from services.dns.metrics import DNSMetrics
+from services.dns.records import (desired_rdatas, guard_name, parse_guard, plan, rdatas_text)
+from services.dns.updater import Updater
+
+_log = Logger(namespace="appliance.dns")
+
+
+class DNSService(Service):
+    """Publishes the configured records for the resources this node owns."""
+
+    name = "dns"
+
+    def __init__(self, config, context, *, rng=random.random):
+        self.config = config
+        self.context = context
+        self.reactor = context.reactor
+        self.node = context.node_id
+        self.cluster = context.cluster
+        self.metrics = DNSMetrics(getattr(context, "metrics", None))
+        self.client = DNSClient(self.reactor, list(config.servers), config.timeout_s)
+        self.updater = Updater(self.client, config.key, self.node, self.reactor, self.metrics)
+        self.ddns = None
+        if config.ddns is not None:
+            self.ddns = DDNSUpdater(self.client, config.key, config.ddns.forward_zone,
+                                    config.ddns.reverse_zone, self.metrics)
+        self._rng = rng
+        self.owned: dict[str, int] = {}                  # resource -> epoch this node holds
+        self.published: dict[tuple[str, str], frozenset | None] = {}   # last read or written
+        self.guards_seen: dict[tuple[str, str], Any] = {}
+        self.dirty: dict[dns.name.Name, dict[tuple[str, str], str]] = {}
+        self.inflight: set[dns.name.Name] = set()
+        self.backoff: dict[dns.name.Name, Backoff] = {}
+        self.retry_calls: dict[dns.name.Name, Any] = {}
+        self.errors: dict[str, str] = {}                 # zone -> last error
+        self.waiters: dict[dns.name.Name, list[defer.Deferred]] = {}
+        self.last_reconcile: float | None = None
+        self.stats = {"stale_refused": 0, "drift_repairs": 0, "updates": 0, "failures": 0}
+        self._reconcile_call = None
+        self._reconciling: defer.Deferred | None = None
+        self.resources = sorted({r.resource for r in config.records})
+
+    # ------------------------------------------------------------------
+    @property
+    def role(self) -> str:
+        if self.cluster is None or getattr(self.cluster, "single", False):
+            return "standalone"
+        return "owner" if self.owned else "standby"
+
+    def startService(self):
+        super().startService()
+        rpc = self.context.rpc
+        if rpc is not None:
+            rpc.register("dns.records", self.records, doc="DNS records: desired vs published.")
+            rpc.register("dns.sync", self.sync,
+                         doc="Read the server now, repair drift; returns what changed.")
+        if self.ddns is not None:
+            self.context.providers["ddns"] = self.ddns
+        for resource in self.resources:
+            known = getattr(self.cluster, "resources", {}).get(resource)
+            if known is not None:
+                self.cluster.add_resource(known.spec, listener=self._role_changed)
+            else:
+                self.cluster.register_resource(resource, self._role_changed, kind="dns")
+        _log.info("dns: updating {zones} at {servers} (key {key}) for {n} records of {res}",
+                  zones=", ".join(z.to_text() for z in self.config.zones),
+                  servers=", ".join(show_server(s) for s in self.config.servers),
+                  key=self.config.key.name if self.config.key else "none",
+                  n=len(self.config.records), res=", ".join(self.resources) or "no resources")
+        self._reconcile_call = self.reactor.callLater(0, self._periodic)
+
+    def stopService(self):
+        super().stopService()
+        for call in [self._reconcile_call, *self.retry_calls.values()]:
+            if call is not None and call.active():
+                call.cancel()
+        self._reconcile_call = None
+        self.retry_calls.clear()
+        rpc = self.context.rpc
+        for name in ("dns.records", "dns.sync"):
+            if rpc is not None and name in rpc:
+                rpc.unregister(name)
+        if self.ddns is not None and self.context.providers.get("ddns") is self.ddns:
+            del self.context.providers["ddns"]
+        self._fire_waiters(list(self.waiters), "service stopped")
+        return self.client.close()
+
+    # ------------------------------------------------------------------
+    # ownership -> publish
+    # ------------------------------------------------------------------
+    def _role_changed(self, resource: str, role: str, epoch: int) -> None:
+        if not self.running:
+            return
+        if role == "owner":
+            self.owned[resource] = epoch
+            _log.info("dns: {node} gained {res} (epoch {epoch}): publishing its records",
+                      node=self.node, res=resource, epoch=epoch)
+            self.mark([s for s in self.config.records if s.resource == resource],
+                      f"{self.node} owns {resource} (epoch {epoch})")
+        else:
+            if self.owned.pop(resource, None) is not None:
+                _log.info("dns: {node} lost {res}: no longer publishing its records",
+                          node=self.node, res=resource)
+            for pending in self.dirty.values():
+                for spec in self.config.records:
+                    if spec.resource == resource:
+                        pending.pop(spec.key, None)
+
+    def mark(self, specs, reason: str) -> list[dns.name.Name]:
+        """Queue ``specs`` for publishing; flush their zones now."""
+        zones = []
+        for spec in specs:
+            if spec.resource not in self.owned:
+                continue
+            self.dirty.setdefault(spec.zone, {})[spec.key] = reason
+            if spec.zone not in zones:
+                zones.append(spec.zone)
+        for zone in zones:
+            self._flush(zone)
+        return zones
+
+    def _flush(self, zone: dns.name.Name) -> None:
+        if not self.running or zone in self.inflight:
+            return
+        call = self.retry_calls.get(zone)
+        if call is not None and call.active():
+            return
+        take = self.dirty.pop(zone, {})
+        changes = [c for c in plan(self.config.records, self.owned, self.node).get(zone, [])
+                   if c.spec.key in take]
+        if not changes:
+            self._fire_waiters([zone], None)
+            return
+        self.inflight.add(zone)
+        epochs = dict(self.owned)
+        d = self.updater.publish(zone, changes, epochs)
+        d.addCallbacks(self._published, self._failed, callbackArgs=(zone, take, epochs),
+                       errbackArgs=(zone, take))
+        d.addErrback(lambda f: _log.failure("dns: publish bookkeeping failed", failure=f))
+
+    def _published(self, result, zone, take, epochs) -> None:
+        self.inflight.discard(zone)
+        self.backoff.pop(zone, None)
+        if self.errors.pop(zone.to_text(), None) is not None:
+            _log.info("dns: zone {zone} updates succeed again at {server}", zone=zone.to_text(),
+                      server=result.server)
+        self.stats["updates"] += 1
+        for change in result.applied:
+            spec = change.spec
+            self.published[spec.key] = change.rdatas
+            reason = take.get(spec.key, "")
+            if reason.startswith("drift"):
+                self.metrics.drift.inc()
+                self.stats["drift_repairs"] += 1
+            _log.info("dns: {name} {type} -> {rdatas} (ttl {ttl}, epoch {epoch}) in {ms} ms: "
+                      "{reason}", name=spec.name.to_text(), type=spec.type_text,
+                      rdatas=", ".join(rdatas_text(change.rdatas)), ttl=spec.ttl,
+                      epoch=epochs.get(spec.resource), ms=round(result.latency_s * 1000, 1),
+                      reason=reason)
+        for change, guard in result.stale:
+            self.metrics.stale.inc()
+            self.stats["stale_refused"] += 1
+            _log.warn("dns: not writing {name} {type}: the server's guard says {holder} at epoch "
+                      "{their} owns it, newer than our epoch {ours}", name=change.spec.name.to_text(),
+                      type=change.spec.type_text, holder=guard[0] if guard else "?",
+                      their=guard[1] if guard else "?", ours=epochs.get(change.spec.resource))
+        if self.dirty.get(zone):
+            self._flush(zone)
+        else:
+            self._fire_waiters([zone], None)
+
+    def _failed(self, failure, zone, take) -> None:
+        self.inflight.discard(zone)
+        self.stats["failures"] += 1
+        message = failure.getErrorMessage() if failure.check(DNSError) else (
+            f"{failure.type.__name__}: {failure.getErrorMessage()}")
+        if not failure.check(DNSError):
+            _log.failure("dns: unexpected error updating zone {zone}", failure=failure,
+                         zone=zone.to_text())
+        pending = self.dirty.setdefault(zone, {})
+        for key, reason in take.items():
+            pending.setdefault(key, reason)
+        backoff = self.backoff.setdefault(zone, Backoff(self.config.retry_initial_s,
+                                                        self.config.retry_max_s, rng=self._rng))
+        delay = backoff.next_delay()
+        if self.errors.get(zone.to_text()) != message:
+            _log.error("dns: {message}; retrying in {delay:.2f}s (with backoff)", message=message,
+                       delay=delay)
+        self.errors[zone.to_text()] = message
+        if self.running:
+            self.retry_calls[zone] = self.reactor.callLater(delay, self._retry, zone)
+        self._fire_waiters([zone], message)
+
+    def _retry(self, zone) -> None:
+        self.retry_calls.pop(zone, None)
+        self._flush(zone)
+
+    def _wait_zone(self, zone) -> defer.Deferred:
+        if zone not in self.inflight and not self.dirty.get(zone):
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self.waiters.setdefault(zone, []).append(d)
+        return d
+
+    def _fire_waiters(self, zones, error) -> None:
+        for zone in zones:
+            for d in self.waiters.pop(zone, []):
+                d.callback(error)
+
+    # ------------------------------------------------------------------
+    # reconcile
+    # ------------------------------------------------------------------
+    def _periodic(self) -> None:
+        self._reconcile_call = None
+        if not self.running:
+            return
+        if self._reconciling is None:
+            d = self.reconcile("periodic")
+            d.addErrback(lambda f: _log.failure("dns: reconcile failed", failure=f))
+        self._reconcile_call = self.reactor.callLater(self.config.reconcile_interval_s,
+                                                      self._periodic)
+
+    def reconcile(self, reason: str = "periodic") -> defer.Deferred:
+        """Read the server, repair drift; fire with ``{changed, errors}``."""
+        d = defer.ensureDeferred(self._reconcile(reason))
+        self._reconciling = d
+
+        def done(result):
+            if self._reconciling is d:
+                self._reconciling = None
+            return result
+        return d.addBoth(done)
+
+    async def _reconcile(self, reason: str) -> dict[str, Any]:
+        specs = list(self.config.records)
+        reads = [self.updater.read(s.zone, s.name, s.rdtype) for s in specs]
+        names = {}
+        for s in specs:
+            names.setdefault(s.name, s.zone)
+        guard_reads = [self.updater.read(zone, guard_name(n), dns.rdatatype.TXT)
+                       for n, zone in names.items()]
+        results = await defer.DeferredList(reads + guard_reads, consumeErrors=True)
+        errors: dict[str, str] = {}
+        for (ok, value), (name, zone) in zip(results[len(specs):], names.items()):
+            if ok:
+                self.updater.guards[name] = value
+            else:
+                errors[zone.to_text()] = value.getErrorMessage()
+        drift = []
+        for spec, (ok, value) in zip(specs, results[:len(specs)]):
+            if not ok:
+                errors[spec.zone.to_text()] = value.getErrorMessage()
+                continue
+            self.published[spec.key] = value
+            self.guards_seen[spec.key] = parse_guard(self.updater.guards.get(spec.name, ()))
+            if spec.resource in self.owned:
+                desired = desired_rdatas(spec, self.node)
+                if desired is not None and desired != value:
+                    drift.append((spec, value, desired))
+        self.last_reconcile = self.reactor.seconds()
+        changed = []
+        for spec, before, desired in drift:
+            _log.warn("dns: drift at {name} {type}: server has {before}, want {want} ({reason})",
+                      name=spec.name.to_text(), type=spec.type_text,
+                      before=", ".join(rdatas_text(before)) or "nothing",
+                      want=", ".join(rdatas_text(desired)), reason=reason)
+            changed.append({"name": spec.name.to_text(), "type": spec.type_text,
+                            "zone": spec.zone.to_text(), "before": rdatas_text(before),
+                            "after": rdatas_text(desired), "reason": f"drift ({reason})"})
+        zones = self.mark([s for s, _, _ in drift], f"drift repair ({reason})")
+        for zone in zones:
+            error = await self._wait_zone(zone)
+            if error:
+                errors[zone.to_text()] = error
+        for row in changed:
+            key = (row["name"], row["type"])
+            row["applied"] = rdatas_text(self.published.get(key)) == row["after"]
+        return {"changed": changed, "errors": errors}
+
+    # ------------------------------------------------------------------
+    # RPC
+    # ------------------------------------------------------------------
+    def records(self) -> dict[str, Any]:
+        """Desired vs published per record (``published`` is what was last read or written)."""
+        owners = {}
+        try:
+            resources = self.cluster.status()["resources"]
+            owners = {name: r.get("owner") for name, r in resources.items()}
+        except Exception:
+            pass
+        rows = []
+        for spec in self.config.records:
+            owner = self.node if spec.resource in self.owned else owners.get(spec.resource)
+            desired = desired_rdatas(spec, owner)
+            published = self.published.get(spec.key)
+            guard = parse_guard(self.updater.guards.get(spec.name, ()))
+            rows.append({
+                "name": spec.name.to_text(), "type": spec.type_text, "ttl": spec.ttl,
+                "resource": spec.resource, "owner": owner,
+                "role": "owner" if spec.resource in self.owned else "standby",
+                "desired": rdatas_text(desired), "published": rdatas_text(published),
+                "in_sync": desired is not None and published == desired,
+                "guard": f"{guard[0]} {guard[1]}" if guard else None,
+            })
+        return {"node": self.node, "role": self.role,
+                "servers": [show_server(s) for s in self.config.servers],
+                "key": self.config.key.name if self.config.key else None,
+                "last_reconcile_s_ago": (None if self.last_reconcile is None else
+                                         round(self.reactor.seconds() - self.last_reconcile, 3)),
+                "errors": dict(self.errors), "stats": dict(self.stats), "records": rows}
+
+    async def _sync(self) -> dict[str, Any]:
+        result = await self.reconcile("dns.sync")
+        for zone in list(self.dirty):      # anything still queued (e.g. after an outage): now
+            call = self.retry_calls.pop(zone, None)
+            if call is not None and call.active():
+                call.cancel()
+            self._flush(zone)
+            error = await self._wait_zone(zone)
+            if error:
+                result["errors"][zone.to_text()] = error
+        return result
+
+    def sync(self) -> defer.Deferred:
+        """Force a reconcile now; returns ``{changed: [...], errors: {zone: reason}}``."""
+        return defer.ensureDeferred(self._sync())
