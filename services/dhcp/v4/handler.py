@@ -197,7 +197,9 @@ class Dhcp4Handler:
     async def _release(self, pkt):
         if pkt.ciaddr == ZERO:
             return self._drop("release_without_address")
-        lease = await self.leases.release(str(pkt.ciaddr), pkt.hwaddr, pkt.client_id)
+        if not await self._held_by(str(pkt.ciaddr), pkt):
+            return self._drop("release_not_holder")
+        lease = await self.leases.release(str(pkt.ciaddr))
         if lease is not None:
             self._notify("released", lease)
         return None
@@ -205,7 +207,9 @@ class Dhcp4Handler:
     async def _decline(self, pkt):
         if pkt.requested_ip is None:
             return self._drop("decline_without_address")
-        lease = await self.leases.decline(str(pkt.requested_ip), pkt.hwaddr, pkt.client_id)
+        if not await self._held_by(str(pkt.requested_ip), pkt):
+            return self._drop("decline_not_holder")
+        lease = await self.leases.decline(str(pkt.requested_ip))
         if lease is not None:
             _log.warn("address {address} declined by {hw}: quarantined", address=lease.address,
                       hw=pkt.hwaddr.hex(":"))
@@ -220,6 +224,18 @@ class Dhcp4Handler:
         server_id = pkt.server_id_override or self.server_id
         reply = C.build_reply(pkt, C.ACK, yiaddr=None, server_id=server_id, options=options)
         return reply, C.reply_destination(pkt, reply)
+
+    async def _held_by(self, address: str, pkt) -> bool:
+        """Whether the lease on ``address`` belongs to this client: same client
+        identifier, or same hardware address (clients often leave option 61
+        out of RELEASE/DECLINE)."""
+        from services.dhcp.v4.leases import normalize_client_id, normalize_hwaddr
+        rec = await self.leases.get(address)
+        if rec is None:
+            return False
+        if pkt.client_id and rec.client_id and normalize_client_id(pkt.client_id) == rec.client_id:
+            return True
+        return bool(rec.hwaddr) and rec.hwaddr == normalize_hwaddr(pkt.hwaddr)
 
     def _notify(self, event: str, lease: Any):
         if self.on_lease is not None:

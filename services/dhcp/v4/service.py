@@ -269,7 +269,8 @@ class Dhcp4Service(Service):
         if address:
             lease = yield self.leases.get(str(address))
         elif hwaddr:
-            lease = yield self.leases.find_hwaddr(hwaddr)
+            found = yield self.leases.find_hwaddr(hwaddr)
+            lease = max(found, key=lambda le: le.cltt) if found else None
         else:
             raise InvalidParams("give address or hwaddr")
         if lease is None:
