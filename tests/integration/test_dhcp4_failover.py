@@ -1,0 +1,135 @@
+"""Two dhcp4 nodes with lazy-update failover in namespaces, a real udhcpc client.
+
+The server that gave the lease dies the way a box dies (kill -9 and link
+down together); the survivor, which learned the lease over the peer link,
+ACKs the client's init-reboot REQUEST with the same address.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from tests.support.cluster_lab import wait_for
+from tests.support.node_process import ROOT, twistd_command
+from tests.support.require import require_binary
+
+ADDR = {"a": "10.77.0.1", "b": "10.77.0.2"}
+PEER = {"a": "b", "b": "a"}
+SCRIPT = """#!/bin/sh
+case "$1" in
+  bound|renew) echo "$1 $ip $serverid" >> "{out}";
+               ip addr flush dev "$interface"; ip addr add "$ip/24" dev "$interface" ;;
+esac
+exit 0
+"""
+
+
+def node_config(node: str, tmp, keys) -> str:
+    role = "primary" if node == "a" else "secondary"
+    return f"""
+[node]
+id = "{node}"
+state_dir = "{tmp}/state-{node}"
+
+[admin]
+listen = "tcp:8740:interface=127.0.0.1"
+token_file = "{tmp}/state-{node}/admin.token"
+
+[cluster]
+peers = [{{ id = "{PEER[node]}", address = "{ADDR[PEER[node]]}" }}]
+bind_address = "{ADDR[node]}"
+heartbeat_interval_ms = 100
+dead_after = 3
+auth_key_file = "{keys}/cluster.key"
+peer_link = "ssl:8742"
+tls = {{ cert = "{keys}/{node}.pem", key = "{keys}/{node}.key", ca = "{keys}/ca.pem" }}
+auto_partner_down_s = 1
+
+[services.dhcp4]
+interface = "eth0"
+failover = {{ peer = "{PEER[node]}", role = "{role}", mode = "split-scope", split = 50, delay_s = 0, mclt_s = 30, max_unacked = 100 }}
+
+[[services.dhcp4.subnets]]
+id = 7
+subnet = "10.77.0.0/24"
+pool = ["10.77.0.100", "10.77.0.119"]
+routers = ["10.77.0.1"]
+lease_time_s = 600
+"""
+
+
+def ctl(lab, tmp, node, method, params=None):
+    args = [sys.executable, "-m", "appliance.admin.ctl", "--url", "http://127.0.0.1:8740/rpc",
+            "--token-file", f"{tmp}/state-{node}/admin.token", "--json", "call", method]
+    if params is not None:
+        args.append(json.dumps(params))
+    res = lab.run(node, *args, check=False)
+    return json.loads(res.stdout) if res.returncode == 0 else {"error": res.stderr.strip()}
+
+
+def test_survivor_keeps_the_clients_address(two_nodes_lab, tmp_path):
+    """Lease from one server, replicated lazily; that server dies (kill -9 + link down);
+    after PARTNER-DOWN the survivor ACKs the client's REQUEST for the same address."""
+    require_binary("busybox")
+    lab = two_nodes_lab
+    keys = tmp_path / "keys"
+    subprocess.run([sys.executable, "-m", "appliance.cluster.keys", str(keys), "--node",
+                    f"a={ADDR['a']}", "--node", f"b={ADDR['b']}"], check=True,
+                   capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    procs = {}
+    for node in ("a", "b"):
+        cfg = tmp_path / f"{node}.toml"
+        cfg.write_text(node_config(node, tmp_path, keys))
+        log = open(tmp_path / f"{node}.log", "w")
+        procs[node] = lab.popen(node, *twistd_command(), "-c", str(cfg), stdout=log,
+                                stderr=subprocess.STDOUT, cwd=str(tmp_path),
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    def partners(node):
+        return ctl(lab, tmp_path, node, "cluster.status").get("partners", {})
+
+    def logs():
+        return "".join((tmp_path / f"{n}.log").read_text()[-3000:] for n in ("a", "b"))
+
+    wait_for(lambda: partners("a").get("b") == "NORMAL" and partners("b").get("a") == "NORMAL",
+             20, "both partners NORMAL\n" + logs())
+
+    out = tmp_path / "udhcpc.out"
+    script = tmp_path / "udhcpc.sh"
+    script.write_text(SCRIPT.format(out=out))
+    script.chmod(0o755)
+    lab.run("client", "ip", "addr", "flush", "dev", "eth0")
+    client = lab.popen("client", "busybox", "udhcpc", "-i", "eth0", "-s", str(script), "-f",
+                       "-t", "5", "-T", "1", text=True)
+    wait_for(lambda: out.exists() and "bound" in out.read_text(), 15, "a lease\n" + logs())
+    _, address, server = out.read_text().split()[:3]
+    giver = "a" if server == ADDR["a"] else "b"
+    survivor = PEER[giver]
+    client.terminate()
+    client.wait(timeout=10)
+
+    # The lease reached the partner over the peer link (lazy update).
+    wait_for(lambda: ctl(lab, tmp_path, survivor, "dhcp4.lease", {"address": address})
+             .get("state") == "bound", 5, "the lease to be replicated\n" + logs())
+
+    # The giver dies like a box: kill -9 and its link down in the same instant.
+    os.kill(procs[giver].pid, signal.SIGKILL)
+    lab.link_down(giver)
+    wait_for(lambda: partners(survivor).get(giver) == "PARTNER-DOWN", 10,
+             "the survivor to reach PARTNER-DOWN\n" + logs())
+
+    # The client comes back asking for its address (init-reboot): same address, new server.
+    client = lab.popen("client", "busybox", "udhcpc", "-i", "eth0", "-s", str(script), "-f",
+                       "-t", "5", "-T", "1", "-r", address, text=True)
+    wait_for(lambda: len(out.read_text().split("\n")) > 2, 15, "a second lease\n" + logs())
+    client.terminate()
+    client.wait(timeout=10)
+    _, again, server2 = out.read_text().splitlines()[1].split()[:3]
+    assert again == address, "the client keeps its address through the failover"
+    assert server2 == ADDR[survivor]
+    stats = ctl(lab, tmp_path, survivor, "dhcp4.stats")
+    assert stats["replication"]["replication_applied"] >= 1
