@@ -133,3 +133,17 @@ def test_survivor_keeps_the_clients_address(two_nodes_lab, tmp_path):
     assert server2 == ADDR[survivor]
     stats = ctl(lab, tmp_path, survivor, "dhcp4.stats")
     assert stats["replication"]["replication_applied"] >= 1
+
+    # The dead box returns: RECOVER (sync from the survivor) -> RECOVER-DONE -> NORMAL,
+    # and it now knows the survivor's renewal of the client's lease.
+    lab.link_up(giver)
+    log = open(tmp_path / f"{giver}.log", "a")
+    procs[giver] = lab.popen(giver, *twistd_command(), "-c", str(tmp_path / f"{giver}.toml"),
+                             stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path),
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    wait_for(lambda: partners(giver).get(survivor) == "NORMAL"
+             and partners(survivor).get(giver) == "NORMAL", 20,
+             "both partners NORMAL after recovery\n" + logs())
+    assert "recovery sync from" in (tmp_path / f"{giver}.log").read_text()
+    lease = ctl(lab, tmp_path, giver, "dhcp4.lease", {"address": address})
+    assert lease["state"] == "bound" and lease["owner"] == survivor, lease

@@ -63,6 +63,7 @@ class Dhcp4Service(Service):
         self.leases = LeaseStore(context.store, config, context.node_id, now=self.reactor.seconds)
         self.port = None
         self._loopback = False
+        self._sync_wait = None
         self.handler: Dhcp4Handler | None = None
         self.drops: dict[str, int] = {r: 0 for r in C.DROP_REASONS}
         self._reclaim = None
@@ -223,25 +224,42 @@ class Dhcp4Service(Service):
                 "replication_applied", self.stats["replication_applied"] + 1))
         if "sync" in body:
             return self._send_all(peer)
+        if "sync_done" in body:
+            # Everything the partner had was sent before this marker on the same
+            # ordered channel, so it has all been applied by now.
+            _log.info("dhcp4 recovery sync from {peer} done: {n} leases", peer=peer,
+                      n=body["sync_done"])
+            waiting, self._sync_wait = self._sync_wait, None
+            if waiting is not None and not waiting.called:
+                waiting.callback(body["sync_done"])
         return None
 
     def _sync_from_partner(self, peer):
-        """RECOVER: ask the partner for everything; applied as it arrives (ordered channel)."""
+        """RECOVER: ask the partner for all its leases; done at its end marker."""
         link = getattr(self.context.cluster, "peerlink", None)
         if link is None:
             return defer.succeed(None)
-        return link.send(peer, CHANNEL, {"sync": True})
+        self._sync_wait = defer.Deferred()
+        _log.info("dhcp4 recovering: asking {peer} for its leases", peer=peer)
+        link.send(peer, CHANNEL, {"sync": True}).addErrback(
+            lambda f: self._sync_wait.errback(f) if self._sync_wait and not self._sync_wait.called
+            else None)
+        return self._sync_wait.addTimeout(120, self.reactor)
 
     @defer.inlineCallbacks
     def _send_all(self, peer):
+        """Answer a partner's sync request: every lease, then an end marker."""
         link = self.context.cluster.peerlink
-        cursor = None
+        cursor, sent = None, 0
         while True:
-            cursor, page = yield self.leases.export(cursor)
-            for lease in page:
-                link.send(peer, CHANNEL, {"lease": lease.to_wire()}).addErrback(lambda f: None)
+            page, cursor = yield self.leases.export(cursor)
+            for wire in page:
+                link.send(peer, CHANNEL, {"lease": wire}).addErrback(lambda f: None)
+                sent += 1
             if cursor is None:
                 break
+        link.send(peer, CHANNEL, {"sync_done": sent}).addErrback(lambda f: None)
+        _log.info("dhcp4 sent {n} leases to {peer} for its recovery", n=sent, peer=peer)
 
     # ------------------------------------------------------------------
     # admin
