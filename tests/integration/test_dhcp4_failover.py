@@ -147,3 +147,58 @@ def test_survivor_keeps_the_clients_address(two_nodes_lab, tmp_path):
     assert "recovery sync from" in (tmp_path / f"{giver}.log").read_text()
     lease = ctl(lab, tmp_path, giver, "dhcp4.lease", {"address": address})
     assert lease["state"] == "bound" and lease["owner"] == survivor, lease
+
+
+def test_partition_never_gives_one_address_to_two_clients(two_nodes_lab, tmp_path):
+    """Partition the servers (nft drop) while new clients keep arriving; after heal both
+    lease tables agree and no address is held by two clients."""
+    require_binary("busybox")
+    lab = two_nodes_lab
+    keys = tmp_path / "keys"
+    subprocess.run([sys.executable, "-m", "appliance.cluster.keys", str(keys), "--node",
+                    f"a={ADDR['a']}", "--node", f"b={ADDR['b']}"], check=True,
+                   capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    for node in ("a", "b"):
+        cfg = tmp_path / f"{node}.toml"
+        cfg.write_text(node_config(node, tmp_path, keys))
+        log = open(tmp_path / f"{node}.log", "w")
+        lab.popen(node, *twistd_command(), "-c", str(cfg), stdout=log, stderr=subprocess.STDOUT,
+                  cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    def partners(node):
+        return ctl(lab, tmp_path, node, "cluster.status").get("partners", {})
+
+    wait_for(lambda: partners("a").get("b") == "NORMAL" and partners("b").get("a") == "NORMAL",
+             20, "both partners NORMAL")
+    script = tmp_path / "udhcpc.sh"
+    out = tmp_path / "udhcpc.out"
+    script.write_text(SCRIPT.format(out=out))
+    script.chmod(0o755)
+
+    def new_client(i):
+        lab.run("client", "ip", "link", "set", "eth0", "address", f"02:00:00:00:01:{i:02x}")
+        lab.run("client", "ip", "addr", "flush", "dev", "eth0")
+        lab.run("client", "busybox", "udhcpc", "-i", "eth0", "-s", str(script), "-n", "-q",
+                "-t", "4", "-T", "1", "-f", check=False, timeout=30)
+
+    for i in range(3):
+        new_client(i)
+    lab.drop_between("a", ADDR["b"])
+    wait_for(lambda: partners("a").get("b") != "NORMAL" and partners("b").get("a") != "NORMAL",
+             10, "the partition to be noticed")
+    for i in range(3, 9):
+        new_client(i)
+    lab.undrop("a", ADDR["b"])
+    wait_for(lambda: partners("a").get("b") == "NORMAL" and partners("b").get("a") == "NORMAL",
+             30, "both partners NORMAL after heal")
+    got = [line.split()[1] for line in out.read_text().splitlines()]
+    assert len(got) >= 8, got
+
+    def table(node):
+        leases = ctl(lab, tmp_path, node, "dhcp4.leases", {"limit": 1000})["leases"]
+        return {le["address"]: le["hwaddr"] for le in leases if le["state"] == "bound"}
+
+    wait_for(lambda: table("a") == table("b"), 10, "both lease tables to agree")
+    bound = table("a")
+    assert len(bound) == len(set(bound.values())), "one client per address, one address per client"
+    assert set(got) <= set(bound)
