@@ -360,6 +360,33 @@ def render_status(status: Any) -> str:
     return header + "\n\n" + format_table(rows, columns)
 
 
+def _relative(when: Any, now: float) -> Any:
+    if not _is_number(when):
+        return when
+    delta = float(when) - now
+    return f"in {fmt_duration(delta)}" if delta >= 0 else f"{fmt_duration(-delta)} ago"
+
+
+def render_leases(result: Any) -> str:
+    """``dhcp4.leases``: one row per lease, times relative to now."""
+    if not isinstance(result, dict) or not isinstance(result.get("leases"), list):
+        return render(result)
+    import time as _time
+    now = _time.time()
+    rows = [{"address": le.get("address"), "hwaddr": le.get("hwaddr"),
+             "client_id": le.get("client_id") or None, "state": le.get("state"),
+             "expires": _relative(le.get("expires"), now),
+             "last_seen": _relative(le.get("cltt"), now), "owner": le.get("owner"),
+             "hostname": le.get("hostname") or None}
+            for le in result["leases"]]
+    if not rows:
+        return "(no leases)"
+    text = format_table(rows)
+    if result.get("cursor"):
+        text += f"\n\n(more: --cursor {result['cursor']})"
+    return text
+
+
 def render_cluster(status: Any) -> str:
     """``cluster.status``: header, PEER table, RESOURCE table, drop counters."""
     if not isinstance(status, dict) or "peers" not in status:
@@ -461,7 +488,7 @@ COMMANDS: dict[str, _Command] = {
                 lambda a: None, render_cluster),
     "leases": ("DHCP leases", lambda a: "dhcp6.leases" if a.v6 else "dhcp4.leases",
                lambda a: _params(subnet=a.subnet, state=a.state, limit=a.limit, cursor=a.cursor),
-               render),
+               render_leases),
     "bindings": ("SIP registrations", lambda a: "sip.bindings",
                  lambda a: _params(aor=a.aor), render),
     "records": ("DNS records: desired vs published", lambda a: "dns.records",
