@@ -160,9 +160,29 @@ class ApplianceNode(MultiService):
         _log.info("node {node} starting (appliance {version}, store {backend}, "
                   "services: {services})", node=self.config.node.id, version=__version__,
                   backend=self.config.store.backend, services=", ".join(self.slots) or "none")
+        self._install_sighup()
         d = defer.ensureDeferred(self._start_all())
         d.addErrback(self._fatal, "node start failed")
         return d
+
+    def _install_sighup(self):
+        """SIGHUP re-reads the config, like ``config.reload`` (main thread only)."""
+        import signal
+
+        def handler(signum, frame):
+            self.reactor.callFromThread(self._sighup)
+
+        try:
+            signal.signal(signal.SIGHUP, handler)
+        except (ValueError, AttributeError):   # not the main thread (tests), or no SIGHUP
+            pass
+
+    def _sighup(self):
+        d = self.reload()
+        d.addCallback(lambda result: _log.info("SIGHUP: {result}", result=result))
+        d.addErrback(lambda f: _log.error("SIGHUP reload refused: {why}",
+                                          why=f.value.data.get("reason") if hasattr(f.value, "data")
+                                          and isinstance(f.value.data, dict) else f.getErrorMessage()))
 
     async def _start_all(self):
         try:

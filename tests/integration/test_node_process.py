@@ -157,3 +157,14 @@ def test_twistd_lists_the_plugin():
                           else [sys.executable, "-m", "twisted", "--help"],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert "appliance" in proc.stdout
+
+
+def test_sighup_reloads(node):
+    """SIGHUP applies a changed service config like config.reload does."""
+    import signal as _signal
+    node.start()
+    node.config.write_text(node.config.read_text().replace('message = "hi"', 'message = "hup"'))
+    node.proc.send_signal(_signal.SIGHUP)
+    from tests.support.cluster_lab import wait_for
+    wait_for(lambda: node.rpc("testecho.ping")["result"]["message"] == "hup", 5, "the reload")
+    assert "SIGHUP" in node.output()
