@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.support.fixtures", "tests.support.netns"]
+pytest_plugins = ["tests.support.fixtures", "tests.support.netns", "tests.support.named_fixtures"]

@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 from appliance.ddns import DHCID_CLIENT_ID, DDNSConflict, IDDNSUpdater
 from services.dns.message import check_response, make_update, rcode_text
+from services.dns.records import zone_of
 
 _log = Logger(namespace="appliance.dns.ddns")
 
@@ -50,19 +51,24 @@ class DDNSUpdater:
     """Forward A/AAAA + DHCID and reverse PTR updates through the service's client."""
 
     def __init__(self, client, key, forward_zone: dns.name.Name, reverse_zone: dns.name.Name | None,
-                 metrics=None):
+                 metrics=None, zones=()):
         self.client = client
         self.key = key
-        self.zone = forward_zone
+        self.domain = forward_zone
+        # UPDATEs go to the zone apex on the server: the configured zone
+        # holding the forward/reverse domain, else the domain itself.
+        self.zone = zone_of(forward_zone, zones) or forward_zone
         self.reverse_zone = reverse_zone
+        self.reverse_update_zone = (zone_of(reverse_zone, zones) or reverse_zone
+                                    if reverse_zone is not None else None)
         self.metrics = metrics
         self.forward_zone = forward_zone.to_text()
 
     # -- helpers ---------------------------------------------------------
     def _names(self, fqdn: str, address: str):
         name = dns.name.from_text(fqdn)
-        if not name.is_subdomain(self.zone):
-            raise ValueError(f"{name} is not inside the DDNS forward zone {self.zone}")
+        if not name.is_subdomain(self.domain):
+            raise ValueError(f"{name} is not inside the DDNS forward zone {self.domain}")
         addr = ipaddress.ip_address(address)
         rdtype = dns.rdatatype.A if addr.version == 4 else dns.rdatatype.AAAA
         rev = dns.reversename.from_address(str(addr))
@@ -113,11 +119,11 @@ class DDNSUpdater:
         result = {"name": name.to_text(), "address": str(addr), "forward": how, "ptr": None}
         # 3. the PTR of the address
         if self.reverse_zone is not None and rev.is_subdomain(self.reverse_zone):
-            upd = make_update(self.reverse_zone, self.key)
+            upd = make_update(self.reverse_update_zone, self.key)
             upd.replace(rev, ttl, dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.PTR,
                                                       name.to_text()))
-            rcode, server, resp = await self._send(upd, self.reverse_zone)
-            check_response(resp, self.reverse_zone.to_text(), server,
+            rcode, server, resp = await self._send(upd, self.reverse_update_zone)
+            check_response(resp, self.reverse_update_zone.to_text(), server,
                            self.key.name if self.key else None)
             result["ptr"] = rev.to_text()
         self._count("bind", "ok")
@@ -160,11 +166,11 @@ class DDNSUpdater:
             check_response(resp, self.zone.to_text(), server, keyname)
         # 3. the PTR, if it still names this client
         if self.reverse_zone is not None and rev.is_subdomain(self.reverse_zone):
-            upd = make_update(self.reverse_zone, self.key)
+            upd = make_update(self.reverse_update_zone, self.key)
             upd.delete(rev, dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.PTR,
                                                 name.to_text()))
-            rcode, server, resp = await self._send(upd, self.reverse_zone)
-            check_response(resp, self.reverse_zone.to_text(), server, keyname)
+            rcode, server, resp = await self._send(upd, self.reverse_update_zone)
+            check_response(resp, self.reverse_update_zone.to_text(), server, keyname)
             result["ptr"] = rev.to_text()
         self._count("release", "ok" if result["forward"] == "removed" else result["forward"])
         _log.info("ddns: {name} {addr} released: forward {forward}, ptr {ptr} removed",

@@ -35,29 +35,32 @@ from services.dns.updater import Updater
 
 _log = Logger(namespace="appliance.dns")
 
+#: After losing a resource, re-read its guards this much later (the new owner
+#: has written by then), keeping the compare-and-set cache fresh.
+GUARD_REFRESH_S = 0.05
+
 
 class DNSService(Service):
     """Publishes the configured records for the resources this node owns."""
 
     name = "dns"
 
-    def __init__(self, config, context, *, rng=random.random):
+    def __init__(self, config, context, *, rng=random.random, client=None):
         self.config = config
         self.context = context
         self.reactor = context.reactor
         self.node = context.node_id
         self.cluster = context.cluster
         self.metrics = DNSMetrics(getattr(context, "metrics", None))
-        self.client = DNSClient(self.reactor, list(config.servers), config.timeout_s)
+        self.client = client or DNSClient(self.reactor, list(config.servers), config.timeout_s)
         self.updater = Updater(self.client, config.key, self.node, self.reactor, self.metrics)
         self.ddns = None
         if config.ddns is not None:
             self.ddns = DDNSUpdater(self.client, config.key, config.ddns.forward_zone,
-                                    config.ddns.reverse_zone, self.metrics)
+                                    config.ddns.reverse_zone, self.metrics, config.zones)
         self._rng = rng
         self.owned: dict[str, int] = {}                  # resource -> epoch this node holds
         self.published: dict[tuple[str, str], frozenset | None] = {}   # last read or written
-        self.guards_seen: dict[tuple[str, str], Any] = {}
         self.dirty: dict[dns.name.Name, dict[tuple[str, str], str]] = {}
         self.inflight: set[dns.name.Name] = set()
         self.backoff: dict[dns.name.Name, Backoff] = {}
@@ -68,6 +71,8 @@ class DNSService(Service):
         self.stats = {"stale_refused": 0, "drift_repairs": 0, "updates": 0, "failures": 0}
         self._reconcile_call = None
         self._reconciling: defer.Deferred | None = None
+        self._writes: dict[tuple[str, str], int] = {}    # key -> successful writes so far
+        self._refresh_calls: list = []
         self.resources = sorted({r.resource for r in config.records})
 
     # ------------------------------------------------------------------
@@ -106,6 +111,10 @@ class DNSService(Service):
                 call.cancel()
         self._reconcile_call = None
         self.retry_calls.clear()
+        for call in self._refresh_calls:
+            if call.active():
+                call.cancel()
+        self._refresh_calls = []
         rpc = self.context.rpc
         for name in ("dns.records", "dns.sync"):
             if rpc is not None and name in rpc:
@@ -113,7 +122,7 @@ class DNSService(Service):
         if self.ddns is not None and self.context.providers.get("ddns") is self.ddns:
             del self.context.providers["ddns"]
         self._fire_waiters(list(self.waiters), "service stopped")
-        return self.client.close()
+        return defer.maybeDeferred(self.client.close)
 
     # ------------------------------------------------------------------
     # ownership -> publish
@@ -135,6 +144,23 @@ class DNSService(Service):
                 for spec in self.config.records:
                     if spec.resource == resource:
                         pending.pop(spec.key, None)
+            # The new owner writes its guard in a moment: read it then, so that
+            # if this node gets the resource back its compare-and-set expects
+            # the right value and lands in one round trip.
+            call = self.reactor.callLater(GUARD_REFRESH_S, self._refresh_guards, resource)
+            self._refresh_calls = [c for c in self._refresh_calls if c.active()] + [call]
+
+    def _refresh_guards(self, resource: str) -> None:
+        if not self.running or resource in self.owned:
+            return
+        by_zone: dict[dns.name.Name, set] = {}
+        for spec in self.config.records:
+            if spec.resource == resource:
+                by_zone.setdefault(spec.zone, set()).add(spec.name)
+        for zone, names in by_zone.items():
+            d = self.updater.read_guards(zone, sorted(names))
+            d.addErrback(lambda f: _log.debug("dns: guard refresh failed: {why}",
+                                              why=f.getErrorMessage()))
 
     def mark(self, specs, reason: str) -> list[dns.name.Name]:
         """Queue ``specs`` for publishing; flush their zones now."""
@@ -178,6 +204,7 @@ class DNSService(Service):
         for change in result.applied:
             spec = change.spec
             self.published[spec.key] = change.rdatas
+            self._writes[spec.key] = self._writes.get(spec.key, 0) + 1
             reason = take.get(spec.key, "")
             if reason.startswith("drift"):
                 self.metrics.drift.inc()
@@ -263,6 +290,7 @@ class DNSService(Service):
 
     async def _reconcile(self, reason: str) -> dict[str, Any]:
         specs = list(self.config.records)
+        writes_before = dict(self._writes)
         reads = [self.updater.read(s.zone, s.name, s.rdtype) for s in specs]
         names = {}
         for s in specs:
@@ -281,8 +309,10 @@ class DNSService(Service):
             if not ok:
                 errors[spec.zone.to_text()] = value.getErrorMessage()
                 continue
+            if self._writes.get(spec.key) != writes_before.get(spec.key) or (
+                    spec.zone in self.inflight or spec.key in self.dirty.get(spec.zone, {})):
+                continue     # written (or being written) while we read: our read is older
             self.published[spec.key] = value
-            self.guards_seen[spec.key] = parse_guard(self.updater.guards.get(spec.name, ()))
             if spec.resource in self.owned:
                 desired = desired_rdatas(spec, self.node)
                 if desired is not None and desired != value:

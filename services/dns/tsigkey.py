@@ -48,14 +48,14 @@ class TSIGKey:
         return dns.name.from_text(self.name)
 
 
-_COMMENT = re.compile(r"/\*.*?\*/|//[^\n]*|#[^\n]*", re.S)
+_COMMENT = re.compile(r'"[^"]*"|/\*.*?\*/|//[^\n]*|#[^\n]*', re.S)   # strings kept intact
 _KEY = re.compile(r'key\s+"?([A-Za-z0-9._-]+)"?\s*\{(.*?)\}\s*;', re.S)
 _STMT = re.compile(r'\s*([a-z-]+)\s+"?([^";]*)"?\s*;')
 
 
 def parse_key_file(text: str) -> list[TSIGKey]:
     """Every key in ``text``; raises :class:`KeyFileError` when there is none or one is bad."""
-    body = _COMMENT.sub("", text)
+    body = _COMMENT.sub(lambda m: m.group(0) if m.group(0).startswith('"') else " ", text)
     keys: list[TSIGKey] = []
     end = 0
     for m in _KEY.finditer(body):

@@ -18,7 +18,7 @@ import dns.rdatatype
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from services.dns.message import (PREREQ_FAILED, DNSError, TransportError, UpdateError,
+from services.dns.message import (PREREQ_FAILED, DNSError, UpdateError,
                                   answer_rdatas, build_update, check_response, make_query,
                                   rcode_text)
 from services.dns.records import Change, guard_name, guard_rdata, parse_guard
@@ -41,13 +41,16 @@ class PublishResult:
 def may_overwrite(current: tuple[str, int] | None, node: str, epoch: int) -> bool:
     """May ``node`` at ``epoch`` replace records guarded by ``current`` (node, epoch)?
 
-    Yes if nothing guards them, if the guard's epoch is older, or if the
-    guard is this node's own (a restart that lost its epoch counter).
+    Yes if nothing guards them, if the guard's epoch is not higher (an equal
+    epoch from another node happens when a promote races a fresh claim; the
+    cluster has already picked one of them), or if the guard is this node's
+    own (a restart that lost its epoch counter).  Only a HIGHER epoch held by
+    another node stops the write.
     """
     if current is None:
         return True
     other, other_epoch = current
-    return other == node or epoch > other_epoch
+    return other == node or epoch >= other_epoch
 
 
 class Updater:

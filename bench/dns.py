@@ -1,0 +1,280 @@
+#!/usr/bin/env python3
+"""DNS benchmark: how fast records follow an ownership move, and signed updates per second.
+
+Runs in one process (one reactor) against a BIND 9 ``named`` this script
+starts on 127.0.0.1 (temp dir, TSIG-protected zone, high port):
+
+* ``move`` -- two nodes ``a`` (127.0.0.1) and ``b`` (127.0.0.2), each a real
+  ClusterManager (UDP heartbeats every 20 ms) plus its own DNSService, bound
+  to one resource ``vip1`` with an A and an SRV record.  Each move is a
+  ``cluster.promote`` on the standby; a thread polls named about every 1 ms
+  and stamps the moment the new A answer is visible.  Metrics
+  ``visible_ms_p50`` / ``visible_ms_p95`` (promote call -> answer visible),
+  over 50 moves (``--quick``: 15).
+* ``sequential`` -- ``updates_per_s``: signed UPDATEs (each with its guard
+  prerequisite) one after the other through the service's Updater.
+
+    python bench/dns.py [--quick] [--json]
+
+With ``--json`` the last stdout line is
+``{"bench": "dns", "rows": [{"system", "case", "metric", "value", "unit"}]}``.
+``named`` comes from the Debian packages bind9 bind9-utils (installed with
+apt-get when running as root; otherwise the script says it is missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# This file is bench/dns.py: keep its folder off sys.path so "import dns" is dnspython.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from twisted.internet import defer, task  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[bench/dns] {msg}", file=sys.stderr, flush=True)
+
+
+def pct(values, p):
+    values = sorted(values)
+    k = max(0, min(len(values) - 1, int(round(p / 100 * (len(values) - 1)))))
+    return values[k]
+
+
+class Poller(threading.Thread):
+    """Queries named every ~1 ms; ``expect(rdata)`` arms it, ``seen`` fires with the time."""
+
+    def __init__(self, reactor, port: int, name: str):
+        super().__init__(daemon=True)
+        import dns.message
+        self.reactor, self.port = reactor, port
+        self.query = dns.message.make_query(name, "A")
+        self.want = None
+        self.seen = None
+        self.stop = False
+        self.lock = threading.Lock()
+
+    def expect(self, rdata) -> defer.Deferred:
+        d = defer.Deferred()
+        with self.lock:
+            self.want, self.seen = rdata, d
+        return d
+
+    def run(self):
+        import dns.query
+        while not self.stop:
+            with self.lock:
+                want, seen = self.want, self.seen
+            if want is None:
+                time.sleep(0.001)
+                continue
+            try:
+                r = dns.query.udp(self.query, "127.0.0.1", port=self.port, timeout=0.5)
+                got = set(r.answer[0]) if r.answer else set()
+            except Exception:
+                got = set()
+            if got == {want}:
+                at = time.perf_counter()
+                with self.lock:
+                    if self.want is want:
+                        self.want, self.seen = None, None
+                        self.reactor.callFromThread(seen.callback, at)
+                continue
+            time.sleep(0.001)
+
+
+def node_toml(me, server, tmp, hb_port):
+    other = "b" if me == "a" else "a"
+    addr = {"a": "127.0.0.1", "b": "127.0.0.2"}
+    return f"""
+[node]
+id = "{me}"
+state_dir = "{tmp}/state-{me}"
+[cluster]
+peers = [{{ id = "{other}", address = "{addr[other]}" }}]
+bind_address = "{addr[me]}"
+heartbeat_port = {hb_port}
+heartbeat_interval_ms = 20
+dead_after = 3
+auth_key_file = "{tmp}/cluster.key"
+auto_partner_down_s = 0
+[[vip]]
+name = "vip1"
+address = "10.9.0.100/24"
+interface = "lo"
+priority = {{ a = 200, b = 100 }}
+preempt = false
+[services.dns]
+servers = ["{server.address}"]
+tsig_key_file = "{server.key_file}"
+zones = ["{server.zone}"]
+default_ttl = 0
+reconcile_interval_s = 3600
+timeout_s = 0.5
+retry_initial_s = 0.01
+retry_max_s = 0.2
+[[services.dns.records]]
+name = "www.{server.zone}"
+type = "A"
+resource = "vip1"
+values = {{ a = "10.9.0.1", b = "10.9.0.2" }}
+[[services.dns.records]]
+name = "_sip._udp.{server.zone}"
+type = "SRV"
+resource = "vip1"
+values = {{ a = "10 5 5060 a.{server.zone}", b = "20 5 5060 b.{server.zone}" }}
+"""
+
+
+async def run(reactor, args) -> list[dict]:
+    import dns.name
+    import dns.rdata
+    from prometheus_client import CollectorRegistry
+
+    from appliance.admin.rpc import MethodRegistry
+    from appliance.cluster.manager import ClusterManager
+    from appliance.config import config_from_string
+    from appliance.plugin import NodeContext
+    from services.dns.plugin import dns_plugin
+    from services.dns.records import plan
+    from services.dns.service import DNSService
+    from tests.support.named_server import NamedServer, free_port
+
+    def sleep(s):
+        return task.deferLater(reactor, s, lambda: None)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-dns-"))
+    (tmp / "cluster.key").write_text("k" * 32)
+    server = NamedServer().start()
+    reactor.addSystemEventTrigger("after", "shutdown", server.cleanup)   # also on SIGTERM
+    log(f"named on {server.address}")
+    rows: list[dict] = []
+    nodes = {}
+    try:
+        hb = free_port()
+        for me in ("a", "b"):
+            cfg = config_from_string(node_toml(me, server, tmp, hb), f"{tmp}/{me}.toml",
+                                     plugins={"dns": dns_plugin})
+            cluster = ClusterManager(reactor, node_id=me, cluster=cfg.cluster, vips=cfg.vips,
+                                     state_dir=tmp / f"state-{me}")
+            ctx = NodeContext(reactor=reactor, config=cfg, store=None, rpc=MethodRegistry(),
+                              metrics=CollectorRegistry(), cluster=cluster, state_dir=tmp)
+            nodes[me] = (cluster, DNSService(cfg.services["dns"].config, ctx))
+        for cluster, service in nodes.values():
+            await cluster.startService()
+            service.startService()
+        poller = Poller(reactor, server.port, f"www.{server.zone}")
+        poller.start()
+        value = {n: dns.rdata.from_text("IN", "A", f"10.9.0.{1 if n == 'a' else 2}") for n in "ab"}
+        first = poller.expect(value["a"])          # a owns it first
+        first.addTimeout(10, reactor)
+        try:
+            await first
+        except defer.TimeoutError:
+            raise RuntimeError(f"a's record never became visible: {nodes['a'][1].records()}, "
+                               f"{nodes['a'][0].status()['resources']}") from None
+        await sleep(0.2)       # both nodes have heard each other's claims
+        moves = 15 if args.quick else 50
+        missed = 0
+        samples = []
+        owner = "a"
+        for i in range(moves):
+            new = "b" if owner == "a" else "a"
+            seen = poller.expect(value[new])
+            seen.addTimeout(3, reactor)
+            t0 = time.perf_counter()
+            nodes[new][0].promote("vip1")
+            try:
+                at = await seen
+                samples.append((at - t0) * 1000)
+            except defer.TimeoutError:
+                missed += 1
+                log(f"move {i}: {new}'s answer not visible within 3 s: {nodes[new][1].records()}")
+            owner = new
+            # let the old owner see the claim and step down before the next move
+            old = "a" if new == "b" else "b"
+            while nodes[old][0].role("vip1") == "owner":
+                await sleep(0.01)
+            await sleep(0.05)
+        poller.stop = True
+        lat = [n[1].metrics.latency.collect()[0] for n in nodes.values()]
+        total = sum(m.value for h in lat for m in h.samples if m.name.endswith("_sum"))
+        count = sum(m.value for h in lat for m in h.samples if m.name.endswith("_count"))
+        update_ms = total / count * 1000 if count else 0.0
+        log(f"move: mean UPDATE round trip {update_ms:.2f} ms over {int(count)} updates")
+        if not samples:
+            raise RuntimeError("no move became visible")
+        p50, p95 = statistics.median(samples), pct(samples, 95)
+        log(f"move: {moves} moves, visible p50 {p50:.2f} ms, p95 {p95:.2f} ms, max {max(samples):.2f} ms")
+        rows += [{"system": "appliance", "case": "move", "metric": "visible_ms_p50",
+                  "value": round(p50, 3), "unit": "ms", "moves": moves},
+                 {"system": "appliance", "case": "move", "metric": "visible_ms_p95",
+                  "value": round(p95, 3), "unit": "ms", "moves": moves, "missed": missed},
+                 {"system": "appliance", "case": "move", "metric": "update_rtt_ms_mean",
+                  "value": round(update_ms, 3), "unit": "ms"}]
+
+        # sequential signed updates through the owner's updater
+        cluster, service = nodes[owner]
+        zone = dns.name.from_text(server.zone)
+        epochs = dict(service.owned)
+        changes = plan(service.config.records, epochs, owner)[zone]
+        n = 200 if args.quick else 1000
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await service.updater.publish(zone, changes, epochs)
+        rate = n / (time.perf_counter() - t0)
+        log(f"sequential: {n} signed updates, {rate:.0f}/s")
+        rows.append({"system": "appliance", "case": "sequential", "metric": "updates_per_s",
+                     "value": round(rate, 1), "unit": "updates/s", "updates": n})
+        rows.append({"system": "appliance", "case": "move", "metric": "updates_per_s",
+                     "value": round(rate, 1), "unit": "updates/s", "updates": n})
+    finally:
+        for cluster, service in nodes.values():
+            if service.running:
+                await service.stopService()
+            if cluster.running:
+                await cluster.stopService()
+        server.cleanup()
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer moves and updates (smoke check)")
+    p.add_argument("--json", action="store_true", help="print the JSON result last on stdout")
+    args = p.parse_args()
+    from tests.support.named_server import APT_PACKAGES, install_bind
+    if not install_bind():
+        print(f"[bench/dns] named is missing: install {' '.join(APT_PACKAGES)} "
+              "(apt-get install -y --no-install-recommends ...) and run again", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"bench": "dns", "rows": [], "error": "named missing"}))
+        return 2
+
+    def report(rows):
+        print(f"{'system':<11}{'case':<12}{'metric':<16}{'value':>10}  unit")
+        print("-" * 58)
+        for r in rows:
+            print(f"{r['system']:<11}{r['case']:<12}{r['metric']:<16}{r['value']:>10}  {r['unit']}")
+        if args.json:
+            print(json.dumps({"bench": "dns", "rows": rows}))
+
+    def go(reactor):
+        return defer.ensureDeferred(run(reactor, args)).addCallback(report)
+    task.react(go)     # exits with 0, or 1 on failure
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,441 @@
+"""The dns service against a real BIND 9 ``named`` on 127.0.0.1 (TSIG-protected zones).
+
+Each test runs the service in this pytest process (pytest-twisted reactor)
+with a real :class:`ClusterManager`; answers are read straight from named
+with dnspython and compared as rdata objects (not text).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import dns.message
+import dns.name
+import dns.query
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.update
+import pytest
+import pytest_twisted
+from prometheus_client import CollectorRegistry
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
+
+from appliance.admin.rpc import MethodRegistry
+from appliance.cluster.manager import ClusterManager
+from appliance.config import config_from_string
+from appliance.ddns import DDNSConflict, ddns_provider
+from appliance.plugin import NodeContext
+from services.dns.client import DNSClient
+from services.dns.plugin import dns_plugin
+from services.dns.records import RecordSpec, parse_rdata, plan
+from services.dns.service import DNSService
+from services.dns.tsigkey import parse_key_file
+from services.dns.updater import Updater
+from tests.support.named_server import free_port
+
+pytestmark = pytest.mark.integration
+
+ZONE = "example.test."
+
+
+def sleep(seconds: float):
+    return deferLater(reactor, seconds, lambda: None)
+
+
+@defer.inlineCallbacks
+def wait_for(predicate, timeout: float = 3.0, step: float = 0.005):
+    """Poll ``predicate`` (cheap blocking queries are fine) with the reactor running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        yield sleep(step)
+
+
+def rd(rdtype: str, text: str):
+    return dns.rdata.from_text(dns.rdataclass.IN, rdtype, text, relativize=False)
+
+
+def answer(server, name: str, rdtype: str) -> frozenset:
+    """What named answers for ``name``/``rdtype`` (a set of rdata objects)."""
+    q = dns.message.make_query(name, rdtype)
+    r = dns.query.udp(q, "127.0.0.1", port=server.port, timeout=1)
+    for rrset in r.answer:
+        if rrset.rdtype == dns.rdatatype.from_text(rdtype):
+            return frozenset(rrset)
+    return frozenset()
+
+
+def node_toml(me: str, server, tmp_path: Path, records: str, *, peers: str = "",
+              extra: str = "", key_file: str | None = None) -> str:
+    return f"""
+[node]
+id = "{me}"
+state_dir = "{tmp_path}/state-{me}"
+{peers}
+[[vip]]
+name = "vip1"
+address = "10.9.0.100/24"
+interface = "lo"
+priority = {{ {', '.join(f'{n} = {200 - 100 * i}' for i, n in enumerate(sorted({me, *(['b'] if peers and me == 'a' else ['a'] if peers else [])})))} }}
+
+[services.dns]
+servers = ["{server.address}"]
+tsig_key_file = "{key_file or server.key_file}"
+zones = ["{ZONE}", "{server.reverse_zone}"]
+default_ttl = 1
+reconcile_interval_s = 60
+timeout_s = 0.2
+retry_initial_s = 0.05
+retry_max_s = 0.3
+{extra}
+{records}
+"""
+
+
+RECORDS_AB = """
+[[services.dns.records]]
+name = "www.{p}example.test."
+type = "A"
+resource = "vip1"
+values = { a = "10.9.0.1", b = "10.9.0.2" }
+
+[[services.dns.records]]
+name = "_sip._udp.{p}example.test."
+type = "SRV"
+ttl = 0
+resource = "vip1"
+values = { a = "10 5 5060 a.example.test.", b = "20 5 5060 b.example.test." }
+"""
+
+
+def build(me: str, toml: str, tmp_path: Path, cluster_key: bytes | None = None):
+    cfg = config_from_string(toml, f"{tmp_path}/{me}.toml", plugins={"dns": dns_plugin})
+    cluster = ClusterManager(reactor, node_id=me, cluster=cfg.cluster, vips=cfg.vips,
+                             state_dir=tmp_path / f"state-{me}", key=cluster_key)
+    context = NodeContext(reactor=reactor, config=cfg, store=None, rpc=MethodRegistry(),
+                          metrics=CollectorRegistry(), cluster=cluster,
+                          state_dir=tmp_path / f"state-{me}")
+    service = DNSService(cfg.services["dns"].config, context)
+    return SimpleNamespace(cfg=cfg, cluster=cluster, context=context, service=service)
+
+
+@defer.inlineCallbacks
+def start(node):
+    yield node.cluster.startService()
+    yield node.service.startService()
+
+
+@defer.inlineCallbacks
+def stop(node):
+    if node.service.running:
+        yield node.service.stopService()
+    if node.cluster.running:
+        yield node.cluster.stopService()
+
+
+def metric(node, name: str, labels: dict | None = None) -> float:
+    return node.context.metrics.get_sample_value(name, labels or {}) or 0.0
+
+
+@pytest_twisted.inlineCallbacks
+def test_owner_publishes_every_type(named_module, tmp_path):
+    """A single node owning vip1 publishes A, AAAA, SRV and ILNP NID/L64/L32/LP;
+    named answers exactly those rdata objects, and dns.records says in sync."""
+    server = named_module
+    records = ""
+    wanted = {
+        ("one.example.test.", "A"): ("10.9.0.1", "10.9.0.2"),
+        ("one.example.test.", "AAAA"): ("fd00::1", "fd00::2"),
+        ("one.example.test.", "NID"): ("10 0014:4fff:ff20:ee64", "10 0014:4fff:ff20:ee65"),
+        ("one.example.test.", "L64"): ("10 2001:0db8:1140:1000", "10 2001:0db8:1140:2000"),
+        ("one.example.test.", "L32"): ("10 10.1.2.0", "10 10.1.3.0"),
+        ("one.example.test.", "LP"): ("10 l64-a.example.test.", "10 l64-b.example.test."),
+        ("_sip._udp.one.example.test.", "SRV"): ("10 5 5060 a.example.test.",
+                                                 "20 5 5060 b.example.test."),
+    }
+    for (name, rdtype), (va, _vb) in wanted.items():
+        records += f"""
+[[services.dns.records]]
+name = "{name}"
+type = "{rdtype}"
+resource = "vip1"
+values = {{ demo = "{va}" }}
+"""
+    toml = node_toml("demo", server, tmp_path, records)
+    node = build("demo", toml, tmp_path)
+    yield start(node)
+    try:
+        def published():
+            return all(answer(server, n, t) for (n, t) in wanted)
+        assert (yield wait_for(published, 3)), node.service.records()
+        for (name, rdtype), (va, _vb) in wanted.items():
+            got = answer(server, name, rdtype)
+            assert got == {rd(rdtype, va)}, (name, rdtype, got)
+        guard = answer(server, "_appliance-owner.one.example.test.", "TXT")
+        assert len(guard) == 1 and next(iter(guard)).strings[0].startswith(b"demo ")
+        result = yield node.context.rpc.dispatch("dns.sync")
+        assert result["changed"] == [] and result["errors"] == {}
+        rows = (yield node.context.rpc.dispatch("dns.records"))["records"]
+        assert all(r["in_sync"] for r in rows), rows
+        assert metric(node, "appliance_dns_updates_total", {"rcode": "NOERROR"}) >= 1
+        assert metric(node, "appliance_dns_update_latency_seconds_count") >= 1
+    finally:
+        yield stop(node)
+
+
+@pytest_twisted.inlineCallbacks
+def test_wrong_key_is_refused_with_zone_and_key_named(named_module, tmp_path):
+    """A key named differently gets BADKEY, a wrong secret BADSIG; the error names
+    zone, server and key, is counted by rcode, and nothing is published."""
+    server = named_module
+    real = parse_key_file(server.key_file.read_text())[0]
+    for keyname, secret, rcode in (("unknown-key", real.secret, "BADKEY"),
+                                   (real.name, "c2VjcmV0LXRoYXQtaXMtd3Jvbmc=", "BADSIG")):
+        key_file = tmp_path / f"{keyname}-{rcode}.key"
+        key_file.write_text(f'key "{keyname}" {{ algorithm hmac-sha256; secret "{secret}"; }};\n')
+        toml = node_toml("demo", server, tmp_path, """
+[[services.dns.records]]
+name = "badkey.example.test."
+type = "A"
+resource = "vip1"
+values = { demo = "10.9.0.9" }
+""", key_file=str(key_file))
+        node = build("demo", toml, tmp_path)
+        yield start(node)
+        try:
+            ok = yield wait_for(lambda: node.service.errors.get(ZONE), 3)
+            assert ok
+            message = node.service.errors[ZONE]
+            assert message == (f"update of zone {ZONE} refused by {server.address}: "
+                               f"{rcode} (key {keyname})")
+            assert metric(node, "appliance_dns_update_failures_total", {"rcode": rcode}) >= 1
+            assert answer(server, "badkey.example.test.", "A") == frozenset()
+            status = yield node.context.rpc.dispatch("dns.records")
+            assert status["errors"][ZONE] == message
+        finally:
+            yield stop(node)
+
+
+@pytest_twisted.inlineCallbacks
+def test_named_down_retries_then_converges(named, tmp_path):
+    """With named stopped the update fails and is retried with backoff (never
+    blocking); once named is back on the same port the record converges."""
+    node = build("demo", node_toml("demo", named, tmp_path, """
+[[services.dns.records]]
+name = "retry.example.test."
+type = "A"
+resource = "vip1"
+values = { demo = "10.9.0.7" }
+"""), tmp_path)
+    named.stop()
+    yield start(node)
+    try:
+        assert (yield wait_for(lambda: node.service.stats["failures"] >= 3, 3))
+        assert ZONE in node.service.errors
+        t0 = time.monotonic()
+        yield deferLater(reactor, 0, named.restart)   # blocking start: fine for a test
+        ok = yield wait_for(lambda: answer(named, "retry.example.test.", "A")
+                            == {rd("A", "10.9.0.7")}, 3)
+        assert ok, node.service.records()
+        assert time.monotonic() - t0 < 3
+        assert (yield wait_for(lambda: ZONE not in node.service.errors, 1))
+    finally:
+        yield stop(node)
+
+
+@pytest_twisted.inlineCallbacks
+def test_drift_is_repaired_by_sync(named_module, tmp_path):
+    """Someone replaces the record with a direct signed update; dns.sync reports
+    the drift, rewrites it, and named answers the desired value again."""
+    server = named_module
+    node = build("demo", node_toml("demo", server, tmp_path, """
+[[services.dns.records]]
+name = "drift.example.test."
+type = "A"
+resource = "vip1"
+values = { demo = "10.9.0.5" }
+"""), tmp_path)
+    yield start(node)
+    try:
+        assert (yield wait_for(lambda: answer(server, "drift.example.test.", "A")
+                               == {rd("A", "10.9.0.5")}, 3))
+        assert (yield wait_for(lambda: node.service.records()["records"][0]["in_sync"], 1))
+        key = parse_key_file(server.key_file.read_text())[0]
+        upd = dns.update.UpdateMessage(ZONE, keyring=key.dns_key(), keyname=key.keyname)
+        upd.replace("drift.example.test.", 60, "A", "192.0.2.66")
+        r = dns.query.udp(upd, "127.0.0.1", port=server.port, timeout=1)
+        assert r.rcode() == 0
+        assert answer(server, "drift.example.test.", "A") == {rd("A", "192.0.2.66")}
+        result = yield node.context.rpc.dispatch("dns.sync")
+        assert [(c["name"], c["before"], c["after"], c["applied"]) for c in result["changed"]] == [
+            ("drift.example.test.", ["192.0.2.66"], ["10.9.0.5"], True)]
+        assert answer(server, "drift.example.test.", "A") == {rd("A", "10.9.0.5")}
+        assert metric(node, "appliance_dns_drift_repairs_total") == 1
+    finally:
+        yield stop(node)
+
+
+def pair_toml(me: str, server, tmp_path: Path, hb_port: int, prefix: str) -> str:
+    other = "b" if me == "a" else "a"
+    addr = {"a": "127.0.0.1", "b": "127.0.0.2"}
+    peers = f"""
+[cluster]
+peers = [{{ id = "{other}", address = "{addr[other]}" }}]
+bind_address = "{addr[me]}"
+heartbeat_port = {hb_port}
+heartbeat_interval_ms = 20
+dead_after = 3
+auth_key_file = "{tmp_path}/cluster.key"
+auto_partner_down_s = 0
+"""
+    return node_toml(me, server, tmp_path, RECORDS_AB.replace("{p}", prefix), peers=peers)
+
+
+@pytest_twisted.inlineCallbacks
+def test_ownership_move_moves_records(named_module, tmp_path):
+    """Two ClusterManagers on 127.0.0.1/127.0.0.2 (real UDP heartbeats), each with
+    its own DNSService on the same named: a owns vip1 and publishes; stopping a's
+    manager hands vip1 to b, and the A record and SRV order follow within a second."""
+    server = named_module
+    (tmp_path / "cluster.key").write_text("k" * 32)
+    hb = free_port()
+    nodes = {me: build(me, pair_toml(me, server, tmp_path, hb, "move."), tmp_path)
+             for me in ("a", "b")}
+    yield start(nodes["a"])
+    yield start(nodes["b"])
+    srv_name = "_sip._udp.move.example.test."
+    try:
+        ok = yield wait_for(lambda: answer(server, "www.move.example.test.", "A")
+                            == {rd("A", "10.9.0.1")}, 3)
+        assert ok, nodes["a"].service.records()
+        assert answer(server, srv_name, "SRV") == {rd("SRV", "10 5 5060 a.example.test."),
+                                                   rd("SRV", "11 5 5060 b.example.test.")}
+        assert nodes["b"].service.role == "standby" and nodes["a"].service.role == "owner"
+        yield wait_for(lambda: nodes["b"].cluster.status()["resources"]["vip1"]["owner"] == "a", 2)
+        t0 = time.monotonic()
+        yield nodes["a"].cluster.stopService()
+        ok = yield wait_for(lambda: answer(server, "www.move.example.test.", "A")
+                            == {rd("A", "10.9.0.2")}, 2)
+        moved_s = time.monotonic() - t0
+        assert ok, nodes["b"].service.records()
+        assert moved_s < 1.0
+        assert answer(server, srv_name, "SRV") == {rd("SRV", "10 5 5060 b.example.test."),
+                                                   rd("SRV", "11 5 5060 a.example.test.")}
+        guard = answer(server, "_appliance-owner.www.move.example.test.", "TXT")
+        node, epoch = next(iter(guard)).strings[0].decode().split()
+        assert node == "b" and int(epoch) > 1
+        assert (yield wait_for(lambda: all(r["owner"] == "b" and r["in_sync"] for r in
+                                           nodes["b"].service.records()["records"]), 1))
+        # a's dns service no longer publishes anything for vip1
+        assert nodes["a"].service.owned == {}
+    finally:
+        for n in nodes.values():
+            yield stop(n)
+
+
+@pytest_twisted.inlineCallbacks
+def test_stale_writer_cannot_overwrite(named_module, tmp_path):
+    """b publishes at epoch 5; a late writer a at epoch 3 -- with a fresh or an
+    outdated guard cache -- is refused by the guard, and b's record stays."""
+    server = named_module
+    key = parse_key_file(server.key_file.read_text())[0]
+    zone = dns.name.from_text(ZONE)
+    spec = RecordSpec(dns.name.from_text("stale.example.test."), dns.rdatatype.A, 1, "vip1",
+                      {"a": parse_rdata("A", "10.9.0.1"), "b": parse_rdata("A", "10.9.0.2")}, zone)
+    client = DNSClient(reactor, [("127.0.0.1", server.port)], 0.5)
+    try:
+        up_a = Updater(client, key, "a", reactor)
+        result = yield up_a.publish(zone, plan([spec], {"vip1": 3}, "a")[zone], {"vip1": 3})
+        assert len(result.applied) == 1          # a's cache now says "a 3"
+        up_b = Updater(client, key, "b", reactor)
+        yield up_b.read_guards(zone, [spec.name])
+        result = yield up_b.publish(zone, plan([spec], {"vip1": 5}, "b")[zone], {"vip1": 5})
+        assert len(result.applied) == 1
+        # outdated cache: the server's prerequisite fails, a re-reads, sees epoch 5
+        result = yield up_a.publish(zone, plan([spec], {"vip1": 3}, "a")[zone], {"vip1": 3})
+        assert result.applied == [] and result.stale[0][1] == ("b", 5)
+        # fresh cache: refused without even sending
+        result = yield up_a.publish(zone, plan([spec], {"vip1": 4}, "a")[zone], {"vip1": 4})
+        assert result.applied == [] and result.stale[0][1] == ("b", 5)
+        assert answer(server, "stale.example.test.", "A") == {rd("A", "10.9.0.2")}
+        # a newer epoch may take over
+        result = yield up_a.publish(zone, plan([spec], {"vip1": 6}, "a")[zone], {"vip1": 6})
+        assert len(result.applied) == 1
+        assert answer(server, "stale.example.test.", "A") == {rd("A", "10.9.0.1")}
+    finally:
+        yield client.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_ddns_adds_and_removes_with_dhcid(named_module, tmp_path):
+    """Through the IDDNSUpdater provider: a bound lease adds A + DHCID + PTR; a
+    second client asking for the same name is refused (DHCID differs) and changes
+    nothing; release removes A, DHCID and PTR; a release by the wrong client keeps them."""
+    server = named_module
+    toml = node_toml("demo", server, tmp_path, "", extra=(
+        f'ddns = {{ forward_zone = "dhcp.{ZONE}", reverse_zone = "{server.reverse_zone}" }}'))
+    toml = toml.replace(f'zones = ["{ZONE}"', f'zones = ["{ZONE}"')
+    node = build("demo", toml, tmp_path)
+    yield start(node)
+    try:
+        ddns = ddns_provider(node.context)
+        assert ddns is not None
+        name, ptr = "host1.dhcp.example.test.", "42.0.9.10.in-addr.arpa."
+        result = yield ddns.lease_bound(name, "10.9.0.42", b"\x01client-one", 300)
+        assert result["forward"] == "added" and result["ptr"] == ptr
+        assert answer(server, name, "A") == {rd("A", "10.9.0.42")}
+        assert len(answer(server, name, "DHCID")) == 1
+        assert answer(server, ptr, "PTR") == {rd("PTR", name)}
+        # the same client renews with a new address: allowed
+        result = yield ddns.lease_bound(name, "10.9.0.43", b"\x01client-one", 300)
+        assert result["forward"] == "updated"
+        assert answer(server, name, "A") == {rd("A", "10.9.0.43")}
+        # another client wants the same name: refused, nothing changes
+        with pytest.raises(DDNSConflict):
+            yield ddns.lease_bound(name, "10.9.0.44", b"\x01client-two", 300)
+        assert answer(server, name, "A") == {rd("A", "10.9.0.43")}
+        assert answer(server, "44.0.9.10.in-addr.arpa.", "PTR") == frozenset()
+        # the wrong client releasing does not remove the forward records
+        result = yield ddns.lease_released(name, "10.9.0.43", b"\x01client-two")
+        assert result["forward"] == "not ours"
+        assert answer(server, name, "A") == {rd("A", "10.9.0.43")}
+        result = yield ddns.lease_released(name, "10.9.0.43", b"\x01client-one")
+        assert result["forward"] == "removed"
+        assert answer(server, name, "A") == frozenset()
+        assert answer(server, name, "DHCID") == frozenset()
+        assert answer(server, "43.0.9.10.in-addr.arpa.", "PTR") == frozenset()
+        assert metric(node, "appliance_dns_ddns_total", {"op": "bind", "result": "conflict"}) == 1
+    finally:
+        yield stop(node)
+    assert ddns_provider(node.context) is None
+
+
+@pytest_twisted.inlineCallbacks
+def test_large_update_goes_over_tcp(named_module, tmp_path):
+    """An UPDATE larger than 512 bytes is sent over TCP and applied."""
+    server = named_module
+    key = parse_key_file(server.key_file.read_text())[0]
+    from services.dns.message import make_update
+    upd = make_update(dns.name.from_text(ZONE), key)
+    for i in range(30):
+        upd.add("big.example.test.", 30, "TXT", f'"chunk number {i:03d} of a large rrset"')
+    client = DNSClient(reactor, [("127.0.0.1", server.port)], 1.0)
+    try:
+        assert len(upd.to_wire()) > 512
+        response, where = yield client.exchange(upd, ZONE, key.name)
+        assert response.rcode() == 0 and where == server.address
+        assert len(answer_tcp(server, "big.example.test.", "TXT")) == 30
+    finally:
+        yield client.close()
+
+
+def answer_tcp(server, name, rdtype):
+    q = dns.message.make_query(name, rdtype)
+    r = dns.query.tcp(q, "127.0.0.1", port=server.port, timeout=1)
+    return frozenset(r.answer[0]) if r.answer else frozenset()

@@ -1,0 +1,113 @@
+"""The [services.dns] table through appliance.config (services.dns.config)."""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance.config import ConfigError, config_from_string
+from services.dns.plugin import dns_plugin
+
+KEY = 'key "appliance-key" { algorithm hmac-sha256; secret "rOCVIKJ7soCh+x7zgbchEgUzzIU7gM4ToLfTmkUx/xU="; };\n'
+
+
+def toml(tmp_path, dns_body: str) -> str:
+    (tmp_path / "dns.key").write_text(KEY)
+    (tmp_path / "cluster.key").write_text("k" * 32)
+    return f"""
+[node]
+id = "a"
+state_dir = "{tmp_path}/state"
+[cluster]
+peers = [{{ id = "b", address = "127.0.0.2" }}]
+auth_key_file = "{tmp_path}/cluster.key"
+[[vip]]
+name = "vip-sip"
+address = "10.9.0.100/24"
+interface = "lo"
+priority = {{ a = 200, b = 100 }}
+[services.dns]
+servers = ["127.0.0.1:5353", "127.0.0.2"]
+tsig_key_file = "{tmp_path}/dns.key"
+zones = ["example.test."]
+{dns_body}
+"""
+
+
+def parse(text):
+    return config_from_string(text, "etc/dns.toml", plugins={"dns": dns_plugin})
+
+
+def test_valid_config(tmp_path):
+    """Servers, key, zones, defaults and records parse into a frozen DNSConfig."""
+    cfg = parse(toml(tmp_path, """
+default_ttl = 0
+[[services.dns.records]]
+name = "_sip._udp.example.test."
+type = "SRV"
+resource = "vip-sip"
+values = { a = "10 5 5060 a.example.test.", b = "20 5 5060 b.example.test." }
+[[services.dns.records]]
+name = "reg.example.test."
+type = "L64"
+ttl = 3
+resource = "sip:registrar"
+values = { a = "10 2001:0db8:1140:1000" }
+""")).services["dns"].config
+    assert cfg.servers == (("127.0.0.1", 5353), ("127.0.0.2", 53))
+    assert cfg.key.name == "appliance-key" and cfg.default_ttl == 0
+    assert [(r.name.to_text(), r.ttl, r.resource) for r in cfg.records] == [
+        ("_sip._udp.example.test.", 0, "vip-sip"), ("reg.example.test.", 3, "sip:registrar")]
+
+
+def test_every_record_problem_is_reported_with_its_path(tmp_path):
+    """Unknown type, bad rdata, unknown node, name outside the zones, unknown
+    resource and a missing key file are all reported at once, each with its key path."""
+    text = toml(tmp_path, """
+ddns = { forward_zone = "dhcp.example.test." }
+[[services.dns.records]]
+name = "x.example.test."
+type = "MX"
+resource = "vip-sip"
+values = { a = "10 mx.example.test." }
+[[services.dns.records]]
+name = "y.example.test."
+type = "A"
+resource = "vip-sip"
+values = { a = "10.0.0.300", c = "10.0.0.1" }
+[[services.dns.records]]
+name = "z.elsewhere.test."
+type = "A"
+resource = "vip-nope"
+values = { a = "10.0.0.1" }
+""").replace(f'tsig_key_file = "{tmp_path}/dns.key"', 'tsig_key_file = "/nonexistent.key"')
+    with pytest.raises(ConfigError) as e:
+        parse(text)
+    problems = "\n".join(e.value.problems)
+    assert 'services.dns.records[0].type: "MX" is not one of' in problems
+    assert "services.dns.records[1].values.a: '10.0.0.300' is not valid A rdata" in problems
+    assert "services.dns.records[1].values.c: 'c' is neither this node nor a cluster peer" in problems
+    assert "services.dns.records[2].name: z.elsewhere.test. is not inside any of zones" in problems
+    assert "services.dns.records[2].resource: 'vip-nope' is neither a [[vip]] name" in problems
+    assert "services.dns.tsig_key_file: /nonexistent.key: cannot read" in problems
+    assert all(p.startswith("etc/dns.toml: services.dns") for p in e.value.problems)
+
+
+def test_one_name_follows_one_resource_and_servers_must_be_host_port(tmp_path):
+    """Records of one name bound to different resources, and a bad server, are refused."""
+    text = toml(tmp_path, """
+[[services.dns.records]]
+name = "w.example.test."
+type = "A"
+resource = "vip-sip"
+values = { a = "10.0.0.1" }
+[[services.dns.records]]
+name = "w.example.test."
+type = "AAAA"
+resource = "sip:registrar"
+values = { a = "fd00::1" }
+""").replace('"127.0.0.2"]', '"127.0.0.2:99999"]')
+    with pytest.raises(ConfigError) as e:
+        parse(text)
+    problems = "\n".join(e.value.problems)
+    assert "must follow the same resource" in problems
+    assert "services.dns.servers[1]: '127.0.0.2:99999' is not host:port" in problems

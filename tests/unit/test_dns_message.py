@@ -1,0 +1,81 @@
+"""UPDATE building and answer classification (services.dns.message)."""
+
+from __future__ import annotations
+
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import pytest
+
+from services.dns.message import UpdateError, build_update, make_update, read_response
+from services.dns.records import RecordSpec, guard_rdata, parse_rdata, plan
+from services.dns.tsigkey import parse_key_file
+
+Z = dns.name.from_text("example.test.")
+KEY = parse_key_file('key "appliance-key" { algorithm hmac-sha256; '
+                     'secret "rOCVIKJ7soCh+x7zgbchEgUzzIU7gM4ToLfTmkUx/xU="; };')[0]
+
+
+def spec(name, rdtype, value):
+    return RecordSpec(dns.name.from_text(name), dns.rdatatype.from_text(rdtype), 5, "vip1",
+                      {"a": parse_rdata(rdtype, value)}, Z)
+
+
+def test_one_update_holds_every_change_with_guard_prerequisites():
+    """Two names in one zone: one UPDATE; per name one guard prerequisite (absent
+    when nothing was read, value-dependent when a guard was read), each rrset and
+    guard replaced (delete rrset + add)."""
+    specs = [spec("www.example.test.", "A", "10.9.0.1"),
+             spec("www.example.test.", "AAAA", "fd00::1"),
+             spec("sip.example.test.", "A", "10.9.0.2")]
+    changes = plan(specs, {"vip1": 7}, "a")[Z]
+    guards = {dns.name.from_text("sip.example.test."): frozenset([guard_rdata("b", 6)])}
+    upd = build_update(Z, changes, guards, "a", {"vip1": 7}, KEY)
+    wire = upd.to_wire()
+    parsed = dns.message.from_wire(wire, keyring=KEY.dns_key())
+    assert parsed.opcode() == dns.opcode.UPDATE and parsed.had_tsig
+    prereq = {(r.name.to_text(), r.deleting or r.rdclass, r.rdtype): r for r in parsed.prerequisite}
+    www = prereq[("_appliance-owner.www.example.test.", dns.rdataclass.NONE, dns.rdatatype.TXT)]
+    assert len(www) == 0                                   # NXRRSET: guard must not exist
+    sip = prereq[("_appliance-owner.sip.example.test.", dns.rdataclass.IN, dns.rdatatype.TXT)]
+    assert set(sip) == {guard_rdata("b", 6)}               # value-dependent compare
+    assert len(parsed.prerequisite) == 2
+    adds = {(r.name.to_text(), r.rdtype): set(r) for r in parsed.update if r.deleting is None}
+    assert adds[("www.example.test.", dns.rdatatype.A)] == {parse_rdata("A", "10.9.0.1")}
+    assert adds[("www.example.test.", dns.rdatatype.AAAA)] == {parse_rdata("AAAA", "fd00::1")}
+    assert adds[("_appliance-owner.sip.example.test.", dns.rdatatype.TXT)] == {guard_rdata("a", 7)}
+    deletes = {(r.name.to_text(), r.rdtype) for r in parsed.update
+               if r.deleting == dns.rdataclass.ANY}
+    assert ("www.example.test.", dns.rdatatype.A) in deletes
+    assert ("_appliance-owner.www.example.test.", dns.rdatatype.TXT) in deletes
+
+
+@pytest.mark.parametrize("rcode,verb", [("REFUSED", "refused by"), ("NOTAUTH", "refused by"),
+                                        ("BADKEY", "refused by"), ("BADSIG", "refused by"),
+                                        ("NOTZONE", "refused by"), ("SERVFAIL", "failed at")])
+def test_error_messages_name_zone_server_and_key(rcode, verb):
+    """The message names zone, server, rcode and key, e.g.
+    'update of zone example.test. refused by 127.0.0.1:5353: BADKEY (key appliance-key)'."""
+    e = UpdateError("example.test.", "127.0.0.1:5353", rcode, "appliance-key")
+    assert str(e) == f"update of zone example.test. {verb} 127.0.0.1:5353: {rcode} (key appliance-key)"
+    assert e.rcode == rcode and not e.prerequisite_failed
+    assert UpdateError("z.", "s", "YXRRSET", None).prerequisite_failed
+
+
+def test_signed_answer_is_verified_and_unsigned_tsig_errors_map():
+    """A signed answer to our signed UPDATE verifies; an answer with a wrong MAC is rejected."""
+    upd = make_update(Z, KEY)
+    upd.to_wire()
+    resp = dns.message.make_response(upd)
+    resp.use_tsig(keyring=KEY.dns_key(), keyname=KEY.keyname)
+    assert read_response(resp.to_wire(), upd).rcode() == dns.rcode.NOERROR
+    other = parse_key_file('key "appliance-key" { algorithm hmac-sha256; '
+                           'secret "c2VjcmV0LXRoYXQtaXMtd3Jvbmc="; };')[0]
+    bad = dns.message.make_response(upd)
+    bad.use_tsig(keyring=other.dns_key(), keyname=other.keyname)
+    from services.dns.message import TransportError
+    with pytest.raises(TransportError, match="TSIG"):
+        read_response(bad.to_wire(), upd)

@@ -1,0 +1,149 @@
+"""DNSService decisions with a fake DNS client and a Clock (no sockets, no real time)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+from prometheus_client import CollectorRegistry
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from appliance.admin.rpc import MethodRegistry
+from appliance.plugin import NodeContext
+from services.dns.config import DNSConfig
+from services.dns.message import TransportError
+from services.dns.records import RecordSpec, parse_rdata
+from services.dns.service import DNSService
+
+EX = dns.name.from_text("example.test.")
+OT = dns.name.from_text("other.test.")
+
+
+class FakeClient:
+    """Answers queries with empty NOERROR; UPDATEs as the test says (default NOERROR)."""
+
+    def __init__(self):
+        self.updates: list[dns.message.Message] = []
+        self.fail_next = 0
+
+    def exchange(self, request, zone, key, what="update"):
+        if request.opcode() == dns.opcode.UPDATE:
+            self.updates.append(request)
+            if self.fail_next:
+                self.fail_next -= 1
+                return defer.fail(TransportError(f"update of zone {zone}: no server answered",
+                                                 "timeout"))
+        return defer.succeed((dns.message.make_response(request), "127.0.0.1:53"))
+
+    def close(self):
+        return None
+
+
+class FakeCluster:
+    single = False
+
+    def __init__(self):
+        self.listeners = {}
+
+    @property
+    def resources(self):
+        return {}
+
+    def register_resource(self, name, listener, **kw):
+        self.listeners[name] = listener
+
+    def status(self):
+        return {"resources": {}}
+
+    def role(self, name):
+        return "standby"
+
+
+def make(records, tmp_path=Path(".")):
+    clock = Clock()
+    config = DNSConfig(servers=(("127.0.0.1", 53),), key=None, key_file=None, zones=(EX, OT),
+                       default_ttl=5, records=tuple(records), reconcile_interval_s=30,
+                       timeout_s=0.5, retry_initial_s=0.1, retry_max_s=1.0)
+    cluster = FakeCluster()
+    context = NodeContext(reactor=clock, config=SimpleNamespace(node=SimpleNamespace(id="a")),
+                          store=None, rpc=MethodRegistry(), metrics=CollectorRegistry(),
+                          cluster=cluster, state_dir=tmp_path)
+    client = FakeClient()
+    service = DNSService(config, context, rng=lambda: 0.5, client=client)
+    service.startService()
+    clock.advance(0)      # the start-up reconcile
+    return service, clock, cluster, client
+
+
+def rec(name, rdtype, value, resource="vip1", zone=EX):
+    return RecordSpec(dns.name.from_text(name), dns.rdatatype.from_text(rdtype), 5, resource,
+                      {"a": parse_rdata(rdtype, value)}, zone)
+
+
+def test_gaining_a_resource_sends_one_update_per_zone_at_once():
+    """Three records of vip1 in two zones: gaining vip1 sends exactly two UPDATEs
+    (one per zone) in the same reactor turn, and dns.records shows them in sync."""
+    service, clock, cluster, client = make([rec("a.example.test.", "A", "10.0.0.1"),
+                                            rec("b.example.test.", "AAAA", "fd00::1"),
+                                            rec("c.other.test.", "A", "10.0.0.3", zone=OT)])
+    assert service.role == "standby" and client.updates == []
+    cluster.listeners["vip1"]("vip1", "owner", 4)
+    assert sorted(u.zone[0].name.to_text() for u in client.updates) == ["example.test.", "other.test."]
+    ex = next(u for u in client.updates if u.zone[0].name == EX)
+    assert {r.name.to_text() for r in ex.update if r.deleting is None} == {
+        "a.example.test.", "b.example.test.", "_appliance-owner.a.example.test.",
+        "_appliance-owner.b.example.test."}
+    assert service.role == "owner"
+    rows = service.records()["records"]
+    assert all(r["in_sync"] for r in rows) and clock.getDelayedCalls()
+    service.stopService()
+    assert not [c for c in clock.getDelayedCalls() if c.active()]
+
+
+def test_failed_update_is_retried_with_backoff_until_it_succeeds():
+    """A failing server: retries after 0.1 s, 0.2 s, 0.4 s (backoff, jitter centred),
+    then success clears the error; nothing blocks in between."""
+    service, clock, cluster, client = make([rec("a.example.test.", "A", "10.0.0.1")])
+    client.fail_next = 3
+    cluster.listeners["vip1"]("vip1", "owner", 1)
+    assert len(client.updates) == 1 and "example.test." in service.errors
+    for delay, sent in ((0.1, 2), (0.2, 3), (0.4, 4)):
+        clock.advance(delay - 0.001)
+        assert len(client.updates) == sent - 1
+        clock.advance(0.001)
+        assert len(client.updates) == sent
+    assert service.errors == {} and service.records()["records"][0]["in_sync"]
+    assert service.metrics.failures.labels("timeout")._value.get() == 3
+    service.stopService()
+
+
+def test_losing_the_resource_stops_retries_and_publishing():
+    """After the node loses vip1, a pending retry sends nothing; regaining publishes again."""
+    service, clock, cluster, client = make([rec("a.example.test.", "A", "10.0.0.1")])
+    client.fail_next = 1
+    cluster.listeners["vip1"]("vip1", "owner", 1)
+    cluster.listeners["vip1"]("vip1", "standby", 1)
+    clock.advance(1)
+    assert len(client.updates) == 1 and service.role == "standby"
+    cluster.listeners["vip1"]("vip1", "owner", 3)
+    assert len(client.updates) == 2
+    guard = [r for r in client.updates[-1].update if r.deleting is None
+             and r.name.to_text().startswith("_appliance-owner")][0]
+    assert b"".join(next(iter(guard)).strings) == b"a 3"
+    service.stopService()
+
+
+def test_rpc_methods_registered_and_removed():
+    """dns.records and dns.sync exist while the service runs."""
+    service, clock, cluster, client = make([rec("a.example.test.", "A", "10.0.0.1")])
+    assert "dns.records" in service.context.rpc and "dns.sync" in service.context.rpc
+    d = service.sync()
+    clock.advance(0)
+    assert d.result == {"changed": [], "errors": {}}
+    service.stopService()
+    assert "dns.records" not in service.context.rpc
