@@ -43,3 +43,40 @@ values = {{ t1 = "10.9.0.7" }}
     assert node.rpc("system.status")["result"]["services"]["dns"]["state"] == "running"
     result = node.rpc("dns.sync")
     assert "result" in result, result
+
+
+def test_dhcp4_lease_publishes_ddns(tmp_path, named):
+    """dhcp4 and dns in one node: a client that sends a host name gets A + PTR (RFC 4703
+    with DHCID); its RELEASE removes them.  dhcp4 only knows appliance/ddns.py."""
+    from services.dhcp.v4 import probe
+    from tests.support.node_process import free_port
+    port = free_port()
+    node = NodeProcess(tmp_path, f"""
+[services.dns]
+servers = ["127.0.0.1:{named.port}"]
+tsig_key_file = "{named.key_file}"
+zones = ["example.test.", "0.9.10.in-addr.arpa."]
+ddns = {{ forward_zone = "example.test.", reverse_zone = "0.9.10.in-addr.arpa." }}
+
+[services.dhcp4]
+listen_address = "127.0.0.1"
+port = {port}
+
+[[services.dhcp4.subnets]]
+id = 1
+subnet = "10.9.0.0/24"
+pool = ["10.9.0.50", "10.9.0.59"]
+lease_time_s = 600
+""")
+    node.start()
+    mac = bytes([2, 0, 0, 0, 0, 0x42])
+    address = probe.run(("127.0.0.1", port), "10.9.0.1", mac, release=False,
+                        out=lambda *_: None, hostname="laptop")
+    wait_for(lambda: answer(named, "laptop.example.test.") == [str(address)], 10,
+             "the DDNS A record\n" + node.output()[-2000:])
+    ptr = answer(named, address.reverse_pointer + ".", "PTR")
+    assert ptr == ["laptop.example.test."]
+    assert answer(named, "laptop.example.test.", "DHCID"), "RFC 4703 DHCID published"
+    probe.run(("127.0.0.1", port), "10.9.0.1", mac, release=True, out=lambda *_: None,
+              hostname="laptop")
+    wait_for(lambda: answer(named, "laptop.example.test.") == [], 10, "the A record removed")

@@ -41,7 +41,7 @@ def exchange(sock, server, data, want: int, timeout: float = 2.0) -> C.DHCPPacke
 
 
 def run(server: tuple[str, int], giaddr: str, mac: bytes, release: bool, out=print,
-        bind: str | None = None) -> IPv4Address | None:
+        bind: str | None = None, hostname: str | None = None) -> IPv4Address | None:
     """One relayed DORA; returns the ACKed address (or None)."""
     xid = int.from_bytes(os.urandom(4), "big")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -52,9 +52,10 @@ def run(server: tuple[str, int], giaddr: str, mac: bytes, release: bool, out=pri
             out(f"DISCOVER -> {offer.message_type_name}")
             return None
         out(f"DISCOVER -> OFFER {offer.yiaddr} from {offer.server_id}")
+        extra = {"o12": hostname.encode()} if hostname else {}
         ack = exchange(sock, server, packet(C.REQUEST, mac, giaddr, xid,
                                             o50=offer.yiaddr.packed,
-                                            o54=offer.server_id.packed), C.ACK)
+                                            o54=offer.server_id.packed, **extra), C.ACK)
         out(f"REQUEST  -> {ack.message_type_name} {ack.yiaddr}"
             f" lease {int.from_bytes(ack.options.get(C.OPT_LEASE_TIME, b'0'), 'big')}s")
         if ack.message_type != C.ACK:
@@ -75,11 +76,12 @@ def main(argv=None) -> int:
     ap.add_argument("giaddr", help="the relay address (selects the subnet)")
     ap.add_argument("--mac", default="02:00:00:00:00:01")
     ap.add_argument("--release", action="store_true")
+    ap.add_argument("--hostname", help="send option 12 (host name) in the REQUEST")
     args = ap.parse_args(argv)
     host, _, port = args.server.rpartition(":")
     mac = bytes.fromhex(args.mac.replace(":", ""))
     try:
-        addr = run((host, int(port)), args.giaddr, mac, args.release)
+        addr = run((host, int(port)), args.giaddr, mac, args.release, hostname=args.hostname)
     except socket.timeout:
         print("no answer (timeout)", file=sys.stderr)
         return 1

@@ -23,6 +23,7 @@ from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
 
 from appliance.admin.rpc import ApplicationError, InvalidParams
+from appliance.ddns import DHCID_CLIENT_ID, DHCID_HWADDR, ddns_provider
 from services.dhcp.v4 import codec as C
 from services.dhcp.v4 import pools as P
 from services.dhcp.v4.config import Dhcp4Config
@@ -174,6 +175,13 @@ class Dhcp4Service(Service):
 
     def _reclaim_due(self):
         d = self.leases.reclaim()
+
+        def expired(changed):
+            for lease in changed or ():
+                if lease.state == "expired":
+                    self._ddns("expired", lease)
+
+        d.addCallback(expired)
         d.addErrback(lambda f: _log.warn("dhcp4 reclaim failed: {why}", why=f.getErrorMessage()))
         return None
 
@@ -201,6 +209,7 @@ class Dhcp4Service(Service):
         self.view.state = state
 
     def _lease_changed(self, event: str, lease: Lease):
+        self._ddns(event, lease)
         f = self.config.failover
         link = getattr(self.context.cluster, "peerlink", None)
         if f is None or link is None:
@@ -216,6 +225,28 @@ class Dhcp4Service(Service):
                       address=lease.address, peer=f.peer, why=fail.getErrorMessage())
 
         d.addCallbacks(sent, failed)
+
+    def _ddns(self, event: str, lease: Lease):
+        """Tell the DDNS provider (the dns service, if configured) about a named lease."""
+        provider = ddns_provider(self.context)
+        if provider is None or not lease.hostname:
+            return
+        host = lease.hostname.rstrip(".")
+        fqdn = host + "." if "." in host else f"{host}.{provider.forward_zone.rstrip('.')}."
+        if lease.client_id:
+            identity, kind = bytes.fromhex(lease.client_id), DHCID_CLIENT_ID
+        else:
+            identity, kind = b"\x01" + bytes.fromhex(lease.hwaddr.replace(":", "")), DHCID_HWADDR
+        if event == "bound":
+            ttl = max(1, int((lease.expires - self.reactor.seconds()) / 3))
+            d = provider.lease_bound(fqdn, lease.address, identity, ttl, kind)
+        elif event in ("released", "declined", "expired"):
+            d = provider.lease_released(fqdn, lease.address, identity, kind)
+        else:
+            return
+        d.addErrback(lambda f: _log.warn("ddns for {fqdn} ({address}) not done: {why}",
+                                         fqdn=fqdn, address=lease.address,
+                                         why=f.getErrorMessage()))
 
     def _remote_update(self, peer, body):
         if "lease" in body:
