@@ -373,7 +373,8 @@ def render_leases(result: Any) -> str:
         return render(result)
     import time as _time
     now = _time.time()
-    rows = [{"address": le.get("address"), "hwaddr": le.get("hwaddr"),
+    rows = [{"address": le.get("address"), "subnet": le.get("subnet"),
+             "hwaddr": le.get("hwaddr"),
              "client_id": le.get("client_id") or None, "state": le.get("state"),
              "expires": _relative(le.get("expires"), now),
              "last_seen": _relative(le.get("cltt"), now), "owner": le.get("owner"),

@@ -74,8 +74,8 @@ lease_time_s = 600
                         out=lambda *_: None, hostname="laptop")
     wait_for(lambda: answer(named, "laptop.example.test.") == [str(address)], 10,
              "the DDNS A record\n" + node.output()[-2000:])
-    ptr = answer(named, address.reverse_pointer + ".", "PTR")
-    assert ptr == ["laptop.example.test."]
+    wait_for(lambda: answer(named, address.reverse_pointer + ".", "PTR")
+             == ["laptop.example.test."], 10, "the PTR record")
     assert answer(named, "laptop.example.test.", "DHCID"), "RFC 4703 DHCID published"
     probe.run(("127.0.0.1", port), "10.9.0.1", mac, release=True, out=lambda *_: None,
               hostname="laptop")

@@ -33,7 +33,7 @@ def test_pip_install_exposes_twistd_plugin(tmp_path, editable):
         assert (env_dir / "bin" / script).exists(), script
     check = subprocess.run([str(env_dir / "bin" / "appliance-check"),
                             str(ROOT / "etc" / "appliance.toml")],
-                           capture_output=True, text=True, cwd=tmp_path)
+                           capture_output=True, text=True, cwd=ROOT)   # paths are cwd-relative
     assert check.returncode == 0, check.stderr
     # The installed package finds its service plugins package.
     found = subprocess.run([str(py), "-c", "from appliance.plugin import plugin_package; "

@@ -167,4 +167,4 @@ def test_sighup_reloads(node):
     node.proc.send_signal(_signal.SIGHUP)
     from tests.support.cluster_lab import wait_for
     wait_for(lambda: node.rpc("testecho.ping")["result"]["message"] == "hup", 5, "the reload")
-    assert "SIGHUP" in node.output()
+    wait_for(lambda: "SIGHUP: " in node.output(), 5, "the reload to be logged")
