@@ -7,7 +7,6 @@ import time
 
 import hypothesis.strategies as st
 from hypothesis import given, settings, HealthCheck
-from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from appliance.config import ParseContext, Problems, Table
@@ -18,21 +17,9 @@ from services.dhcp.v4.config import parse_dhcp4
 from services.dhcp.v4.leases import (AddressUnavailable, FreeSet, Lease, LeaseStore,
                                      client_index_key, lease_key)
 
+from tests.support.sync import inline, ok  # noqa: E402,F401
+
 T0 = 1_700_000_000.0
-
-
-def inline(f, *args):
-    return defer.maybeDeferred(f, *args)
-
-
-def ok(d):
-    """The result of an already-fired Deferred."""
-    results = []
-    d.addBoth(results.append)
-    assert results, "Deferred has not fired"
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
 
 
 def fails(d, exc):

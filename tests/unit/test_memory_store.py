@@ -11,27 +11,11 @@ from zope.interface.verify import verifyObject
 
 from appliance.store.interface import IStateStore, Op, StoreError
 from appliance.store.memory import MemoryStore, ZSet, read_journal
-
-
-def inline(f, *args):
-    return defer.maybeDeferred(f, *args)
+from tests.support.sync import memory_store, ok
 
 
 def make(tmp_path, clock=None, **kw) -> tuple[MemoryStore, Clock]:
-    clock = clock or Clock()
-    store = MemoryStore(clock, state_dir=tmp_path, run_in_thread=inline, **kw)
-    store.startService()
-    return store, clock
-
-
-def ok(d):
-    """The result of an already-fired Deferred."""
-    results = []
-    d.addBoth(results.append)
-    assert results, "Deferred has not fired"
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
+    return memory_store(tmp_path, clock, **kw)
 
 
 def test_provides_interface(tmp_path):

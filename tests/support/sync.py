@@ -1,0 +1,30 @@
+"""Helpers for synchronous tests of Deferred code on a Clock (no real reactor)."""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+
+def inline(f, *args):
+    """A ``run_in_thread`` for MemoryStore that runs the work at once."""
+    return defer.maybeDeferred(f, *args)
+
+
+def ok(d):
+    """The result of an already-fired Deferred (re-raises its failure)."""
+    results = []
+    d.addBoth(results.append)
+    assert results, "Deferred has not fired"
+    if hasattr(results[0], "raiseException"):
+        results[0].raiseException()
+    return results[0]
+
+
+def memory_store(state_dir, clock: Clock | None = None, **kw):
+    """A started MemoryStore on ``clock`` whose disk work runs inline."""
+    from appliance.store.memory import MemoryStore
+    clock = clock or Clock()
+    store = MemoryStore(clock, state_dir=state_dir, run_in_thread=inline, **kw)
+    store.startService()
+    return store, clock
