@@ -71,32 +71,44 @@ def ctl(lab, tmp, node, method, params=None):
     return json.loads(res.stdout) if res.returncode == 0 else {"error": res.stderr.strip()}
 
 
+class DhcpPair:
+    """Two dhcp4 nodes (a primary, b secondary) with keys, started in the lab."""
+
+    def __init__(self, lab, tmp):
+        require_binary("busybox")
+        self.lab, self.tmp = lab, tmp
+        self.keys = tmp / "keys"
+        subprocess.run([sys.executable, "-m", "appliance.cluster.keys", str(self.keys), "--node",
+                        f"a={ADDR['a']}", "--node", f"b={ADDR['b']}"], check=True,
+                       capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        self.procs = {}
+        for node in ("a", "b"):
+            (tmp / f"{node}.toml").write_text(node_config(node, tmp, self.keys))
+            self.start(node, mode="w")
+        wait_for(lambda: self.partners("a").get("b") == "NORMAL"
+                 and self.partners("b").get("a") == "NORMAL", 20,
+                 "both partners NORMAL\n" + self.logs())
+
+    def start(self, node, mode="a"):
+        log = open(self.tmp / f"{node}.log", mode)
+        self.procs[node] = self.lab.popen(node, *twistd_command(), "-c",
+                                          str(self.tmp / f"{node}.toml"), stdout=log,
+                                          stderr=subprocess.STDOUT, cwd=str(self.tmp),
+                                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    def partners(self, node):
+        return ctl(self.lab, self.tmp, node, "cluster.status").get("partners", {})
+
+    def logs(self):
+        return "".join((self.tmp / f"{n}.log").read_text()[-3000:] for n in ("a", "b"))
+
+
 def test_survivor_keeps_the_clients_address(two_nodes_lab, tmp_path):
     """Lease from one server, replicated lazily; that server dies (kill -9 + link down);
     after PARTNER-DOWN the survivor ACKs the client's REQUEST for the same address."""
-    require_binary("busybox")
     lab = two_nodes_lab
-    keys = tmp_path / "keys"
-    subprocess.run([sys.executable, "-m", "appliance.cluster.keys", str(keys), "--node",
-                    f"a={ADDR['a']}", "--node", f"b={ADDR['b']}"], check=True,
-                   capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    procs = {}
-    for node in ("a", "b"):
-        cfg = tmp_path / f"{node}.toml"
-        cfg.write_text(node_config(node, tmp_path, keys))
-        log = open(tmp_path / f"{node}.log", "w")
-        procs[node] = lab.popen(node, *twistd_command(), "-c", str(cfg), stdout=log,
-                                stderr=subprocess.STDOUT, cwd=str(tmp_path),
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-    def partners(node):
-        return ctl(lab, tmp_path, node, "cluster.status").get("partners", {})
-
-    def logs():
-        return "".join((tmp_path / f"{n}.log").read_text()[-3000:] for n in ("a", "b"))
-
-    wait_for(lambda: partners("a").get("b") == "NORMAL" and partners("b").get("a") == "NORMAL",
-             20, "both partners NORMAL\n" + logs())
+    pair = DhcpPair(lab, tmp_path)
+    procs, partners, logs = pair.procs, pair.partners, pair.logs
 
     out = tmp_path / "udhcpc.out"
     script = tmp_path / "udhcpc.sh"
@@ -137,10 +149,7 @@ def test_survivor_keeps_the_clients_address(two_nodes_lab, tmp_path):
     # The dead box returns: RECOVER (sync from the survivor) -> RECOVER-DONE -> NORMAL,
     # and it now knows the survivor's renewal of the client's lease.
     lab.link_up(giver)
-    log = open(tmp_path / f"{giver}.log", "a")
-    procs[giver] = lab.popen(giver, *twistd_command(), "-c", str(tmp_path / f"{giver}.toml"),
-                             stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path),
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    pair.start(giver)
     wait_for(lambda: partners(giver).get(survivor) == "NORMAL"
              and partners(survivor).get(giver) == "NORMAL", 20,
              "both partners NORMAL after recovery\n" + logs())
@@ -152,24 +161,9 @@ def test_survivor_keeps_the_clients_address(two_nodes_lab, tmp_path):
 def test_partition_never_gives_one_address_to_two_clients(two_nodes_lab, tmp_path):
     """Partition the servers (nft drop) while new clients keep arriving; after heal both
     lease tables agree and no address is held by two clients."""
-    require_binary("busybox")
     lab = two_nodes_lab
-    keys = tmp_path / "keys"
-    subprocess.run([sys.executable, "-m", "appliance.cluster.keys", str(keys), "--node",
-                    f"a={ADDR['a']}", "--node", f"b={ADDR['b']}"], check=True,
-                   capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    for node in ("a", "b"):
-        cfg = tmp_path / f"{node}.toml"
-        cfg.write_text(node_config(node, tmp_path, keys))
-        log = open(tmp_path / f"{node}.log", "w")
-        lab.popen(node, *twistd_command(), "-c", str(cfg), stdout=log, stderr=subprocess.STDOUT,
-                  cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-    def partners(node):
-        return ctl(lab, tmp_path, node, "cluster.status").get("partners", {})
-
-    wait_for(lambda: partners("a").get("b") == "NORMAL" and partners("b").get("a") == "NORMAL",
-             20, "both partners NORMAL")
+    pair = DhcpPair(lab, tmp_path)
+    partners = pair.partners
     script = tmp_path / "udhcpc.sh"
     out = tmp_path / "udhcpc.out"
     script.write_text(SCRIPT.format(out=out))
