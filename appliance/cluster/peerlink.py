@@ -248,13 +248,17 @@ class PeerLink(MultiService):
     def connected(self, peer: str) -> bool:
         return self.peers[peer].proto is not None
 
-    def send(self, peer: str, channel: str, body: Any) -> defer.Deferred:
-        """Queue ``body``; the Deferred fires when the peer acknowledged it."""
+    def send(self, peer: str, channel: str, body: Any, *, limit: int | None = None) -> defer.Deferred:
+        """Queue ``body``; the Deferred fires when the peer acknowledged it.
+
+        Fails at once with :class:`Backpressure` when the channel already holds
+        ``limit`` (default ``max_unacked``) unacknowledged messages.
+        """
         state = self.peers.get(peer)
         if state is None:
             return defer.fail(PeerLinkError(f"unknown peer {peer!r}"))
         ch = state.channels.setdefault(channel, Channel())
-        if len(ch.unacked) >= self.max_unacked:
+        if len(ch.unacked) >= (limit or self.max_unacked):
             return defer.fail(Backpressure(f"{len(ch.unacked)} unacked messages to {peer} on "
                                            f"{channel}"))
         seq = ch.next_seq

@@ -65,6 +65,7 @@ class Dhcp4Service(Service):
         self.port = None
         self._loopback = False
         self._sync_wait = None
+        self._overflow: dict[str, Lease] = {}
         self.handler: Dhcp4Handler | None = None
         self.drops: dict[str, int] = {r: 0 for r in C.DROP_REASONS}
         self._reclaim = None
@@ -73,7 +74,8 @@ class Dhcp4Service(Service):
             f = config.failover
             self.view = FailoverView(mode=f.mode, role=f.role, split=f.split, delay_s=f.delay_s,
                                      mclt_s=f.mclt_s, state=P.STARTUP)
-        self.stats = {"replication_sent": 0, "replication_failed": 0, "replication_applied": 0}
+        self.stats = {"replication_sent": 0, "replication_failed": 0, "replication_applied": 0,
+                      "replication_held": 0}
 
     @property
     def role(self) -> str:
@@ -214,12 +216,30 @@ class Dhcp4Service(Service):
         link = getattr(self.context.cluster, "peerlink", None)
         if f is None or link is None:
             return
-        d = link.send(f.peer, CHANNEL, {"lease": lease.to_wire()})
+        self._replicate(link, f, lease)
+
+    def _replicate(self, link, f, lease: Lease):
+        """Lazy update: queue the lease for the partner (acked, resent after
+        reconnects).  Past ``max_unacked`` the newest state of each address
+        waits in ``_overflow`` and goes out as acks free the window."""
+        d = link.send(f.peer, CHANNEL, {"lease": lease.to_wire()}, limit=f.max_unacked)
 
         def sent(_):
             self.stats["replication_sent"] += 1
+            if self._overflow:
+                address, waiting = next(iter(self._overflow.items()))
+                del self._overflow[address]
+                self._replicate(link, f, waiting)
 
         def failed(fail):
+            from appliance.cluster.peerlink import Backpressure
+            if fail.check(Backpressure):
+                if not self._overflow:
+                    _log.warn("dhcp4: {n} lease updates to {peer} unacknowledged; holding "
+                              "further ones until it catches up", n=f.max_unacked, peer=f.peer)
+                self._overflow[lease.address] = lease
+                self.stats["replication_held"] = len(self._overflow)
+                return
             self.stats["replication_failed"] += 1
             _log.warn("dhcp4 update of {address} to {peer} not queued: {why}",
                       address=lease.address, peer=f.peer, why=fail.getErrorMessage())

@@ -1,0 +1,78 @@
+"""Lazy updates to the partner: bounded by max_unacked, held updates drain on acks."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from appliance.cluster.peerlink import Backpressure
+from appliance.config import config_from_string
+from services.dhcp.plugin import dhcp4_plugin
+from services.dhcp.v4.leases import Lease
+from services.dhcp.v4.service import Dhcp4Service
+
+CONFIG = """
+[node]
+id = "a"
+state_dir = "s"
+
+[cluster]
+peers = [{ id = "b", address = "10.0.0.2" }]
+auth_key_file = "k"
+
+[services.dhcp4]
+listen_address = "10.0.0.1"
+failover = { peer = "b", role = "primary", max_unacked = 2 }
+
+[[services.dhcp4.subnets]]
+id = 1
+subnet = "10.0.0.0/24"
+pool = ["10.0.0.10", "10.0.0.20"]
+"""
+
+
+class FakeLink:
+    """A peer link whose sends are acked only when the test says so."""
+
+    def __init__(self):
+        self.pending = []
+
+    def send(self, peer, channel, body, *, limit=None):
+        if len(self.pending) >= limit:
+            return defer.fail(Backpressure("full"))
+        d = defer.Deferred()
+        self.pending.append((body, d))
+        return d
+
+    def ack_one(self):
+        body, d = self.pending.pop(0)
+        d.callback(None)
+        return body
+
+
+def lease(i: int) -> Lease:
+    return Lease(address=f"10.0.0.{10 + i}", hwaddr=f"02:00:00:00:00:{i:02x}", client_id="",
+                 hostname="", state="bound", expires=2e9, cltt=1e9 + i, owner="a", subnet_id=1)
+
+
+def test_backlog_bounded_and_drained_in_order_of_acks():
+    """Only max_unacked updates are in flight; the rest wait and go out one per ack,
+    newest state per address; nothing is dropped."""
+    cfg = config_from_string(CONFIG, "t.toml", {"dhcp4": dhcp4_plugin})
+    link = FakeLink()
+    ctx = SimpleNamespace(reactor=Clock(), store=None, node_id="a", providers={},
+                          cluster=SimpleNamespace(peerlink=link), rpc=None, metrics=None)
+    svc = Dhcp4Service(cfg.services["dhcp4"].config, ctx)
+    for i in range(5):
+        svc._lease_changed("bound", lease(i))
+    assert len(link.pending) == 2
+    assert svc.stats["replication_held"] == 3
+    svc._lease_changed("bound", lease(3))           # newer state of a held address
+    assert len(svc._overflow) == 3
+    sent = [link.ack_one()["lease"]["address"] for _ in range(2)]
+    while link.pending:
+        sent.append(link.ack_one()["lease"]["address"])
+    assert sorted(sent) == [f"10.0.0.{10 + i}" for i in range(5)]
+    assert svc._overflow == {} and svc.stats["replication_sent"] == 5
