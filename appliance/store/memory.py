@@ -25,7 +25,9 @@ Durability (``fsync``):
 When the journals pass ``compact_after_bytes`` the store snapshots itself
 (a copy taken in the reactor, serialised and fsynced in a thread), then
 deletes the journals the snapshot covers; memory and disk stay bounded by
-the live data.
+the live data.  The threshold grows with the data (at least the last
+snapshot's size), so a large store does not snapshot itself over and over:
+compaction costs stay proportional to the writes.
 """
 
 from __future__ import annotations
@@ -179,6 +181,7 @@ class MemoryStore(Service):
         self._sync_wanted = False
         self._batch_call = None
         self._journal_bytes = 0
+        self._snapshot_bytes = 0      # size of the last snapshot: compaction is amortised
         self._compacting = False
         self._ready = False
         self._failed: str | None = None
@@ -219,6 +222,7 @@ class MemoryStore(Service):
         expiry: dict[str, float] = {}
         snap_gen = 0
         snap = self.dir / "snapshot"
+        self._snapshot_bytes = snap.stat().st_size if snap.exists() else 0
         if snap.exists():
             doc = json.loads(snap.read_text(encoding="utf-8"))
             snap_gen = doc["gen"]
@@ -392,7 +396,7 @@ class MemoryStore(Service):
     # ------------------------------------------------------------------
     def _maybe_compact(self):
         if (self._compacting or not self._ready or self._failed
-                or self._journal_bytes < self.compact_after_bytes):
+                or self._journal_bytes < max(self.compact_after_bytes, self._snapshot_bytes)):
             return
         self.compact().addErrback(
             lambda f: self._log.failure("compaction failed (will retry)", failure=f))
@@ -413,8 +417,9 @@ class MemoryStore(Service):
         self._kick()
         d = self._in_thread(self._write_snapshot, image, self._gen, old_gen)
 
-        def done(_):
+        def done(size):
             self._compacting = False
+            self._snapshot_bytes = size or 0
             self.stats["compactions"] += 1
             self._log.info("store compacted: snapshot of {keys} keys, journals up to "
                            "{gen} removed", keys=len(image[0]), gen=old_gen)
@@ -446,12 +451,14 @@ class MemoryStore(Service):
                       separators=(",", ":"), ensure_ascii=False)
             fh.flush()
             os.fsync(fh.fileno())
+        size = tmp.stat().st_size
         os.replace(tmp, self.dir / "snapshot")
         self._fsync_dir()
         for path in self.dir.glob("journal.*"):
             suffix = path.name.split(".", 1)[1]
             if suffix.isdigit() and int(suffix) <= old_gen:
                 path.unlink(missing_ok=True)
+        return size
 
     # ------------------------------------------------------------------
     # applying records (used live and for replay)
