@@ -392,4 +392,16 @@ class Dhcp4Service(Service):
         for k, v in self.stats.items():
             repl.add_metric([k], v)
         yield repl
+        f = self.config.failover
+        link = getattr(self.context.cluster, "peerlink", None)
+        if f is not None and link is not None:
+            backlog = GaugeMetricFamily("appliance_dhcp4_replication_backlog",
+                                        "Lease updates not yet acknowledged by the partner",
+                                        labels=["peer"])
+            backlog.add_metric([f.peer], link.backlog(f.peer, CHANNEL) + len(self._overflow))
+            yield backlog
+            lag = GaugeMetricFamily("appliance_dhcp4_replication_lag_seconds",
+                                    "Age of the oldest unacknowledged update", labels=["peer"])
+            lag.add_metric([f.peer], link.lag_s(f.peer))
+            yield lag
 
