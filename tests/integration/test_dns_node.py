@@ -11,13 +11,25 @@ from tests.support.cluster_lab import wait_for
 from tests.support.node_process import NodeProcess
 
 
+import pytest
+
+
+@pytest.fixture
+def nodes():
+    """Nodes started by a test; killed afterwards whatever happens."""
+    made = []
+    yield made
+    for n in made:
+        n.kill()
+
+
 def answer(named, name, rdtype="A"):
     q = dns.message.make_query(name, rdtype)
     r = dns.query.udp(q, "127.0.0.1", port=named.port, timeout=2)
     return sorted(rr.to_text() for rrset in r.answer for rr in rrset)
 
 
-def test_node_publishes_and_reports(tmp_path, named):
+def test_node_publishes_and_reports(tmp_path, named, nodes):
     """The node owns its resource alone, publishes A + SRV, and reports them in sync."""
     node = NodeProcess(tmp_path, f"""
 [services.dns]
@@ -33,6 +45,7 @@ type = "A"
 resource = "t1:web"
 values = {{ t1 = "10.9.0.7" }}
 """)
+    nodes.append(node)
     node.start()
     wait_for(lambda: answer(named, "web.example.test.") == ["10.9.0.7"], 10,
              "the A record at named")
@@ -45,7 +58,7 @@ values = {{ t1 = "10.9.0.7" }}
     assert "result" in result, result
 
 
-def test_dhcp4_lease_publishes_ddns(tmp_path, named):
+def test_dhcp4_lease_publishes_ddns(tmp_path, named, nodes):
     """dhcp4 and dns in one node: a client that sends a host name gets A + PTR (RFC 4703
     with DHCID); its RELEASE removes them.  dhcp4 only knows appliance/ddns.py."""
     from services.dhcp.v4 import probe
@@ -68,6 +81,7 @@ subnet = "10.9.0.0/24"
 pool = ["10.9.0.50", "10.9.0.59"]
 lease_time_s = 600
 """)
+    nodes.append(node)
     node.start()
     mac = bytes([2, 0, 0, 0, 0, 0x42])
     address = probe.run(("127.0.0.1", port), "10.9.0.1", mac, release=False,
