@@ -21,26 +21,28 @@ op_timeout_s = 1.0
 [services.testecho]
 """)
     node.start()
-    status = node.rpc("system.status")["result"]
-    assert status["store"]["backend"] == "redis" and status["store"]["healthy"] is True
-    assert status["services"]["testecho"]["state"] == "running"
+    try:
+        status = node.rpc("system.status")["result"]
+        assert status["store"]["backend"] == "redis" and status["store"]["healthy"] is True
+        assert status["services"]["testecho"]["state"] == "running"
 
-    redis_server.kill()
-    wait_for(lambda: node.rpc("system.status")["result"]["store"]["healthy"] is False, 5,
-             "the node to report the store unhealthy")
-    t0 = time.monotonic()
-    status = node.rpc("system.status")["result"]
-    assert time.monotonic() - t0 < 1.0, "status must not wait for the store"
-    assert status["services"]["testecho"]["state"] == "running"
-    t0 = time.monotonic()
-    error = node.rpc("testecho.put", {"key": "k", "value": "v"})["error"]
-    assert time.monotonic() - t0 < 1.5, "a write during the outage fails fast"
-    assert error["code"] == -32001 and "store unavailable" in error["data"]["reason"]
+        redis_server.kill()
+        wait_for(lambda: node.rpc("system.status")["result"]["store"]["healthy"] is False, 5,
+                 "the node to report the store unhealthy")
+        t0 = time.monotonic()
+        status = node.rpc("system.status")["result"]
+        assert time.monotonic() - t0 < 1.0, "status must not wait for the store"
+        assert status["services"]["testecho"]["state"] == "running"
+        t0 = time.monotonic()
+        error = node.rpc("testecho.put", {"key": "k", "value": "v"})["error"]
+        assert time.monotonic() - t0 < 1.5, "a write during the outage fails fast"
+        assert error["code"] == -32001 and "store unavailable" in error["data"]["reason"]
 
-    redis_server.restart()
-    wait_for(lambda: node.rpc("system.status")["result"]["store"]["healthy"] is True, 10,
-             "the store to recover")
-    assert node.rpc("testecho.put", {"key": "k", "value": "v"})["result"] is True
-    out = node.ctl("status")
-    assert out.returncode == 0 and "redis (healthy)" in out.stdout
-    node.terminate()
+        redis_server.restart()
+        wait_for(lambda: node.rpc("system.status")["result"]["store"]["healthy"] is True, 10,
+                 "the store to recover")
+        assert node.rpc("testecho.put", {"key": "k", "value": "v"})["result"] is True
+        out = node.ctl("status")
+        assert out.returncode == 0 and "redis (healthy)" in out.stdout
+    finally:
+        node.kill()
