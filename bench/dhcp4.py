@@ -62,6 +62,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import percentile, report  # noqa: E402
+
 ADDR = {"a": "10.80.0.1", "b": "10.80.0.2"}
 PEER = {"a": "b", "b": "a"}
 CLIENT = "10.80.0.10"
@@ -72,17 +74,11 @@ POOL_HALVES = (("10.81.0.0", "10.88.127.255"), ("10.88.128.0", "10.95.255.254"))
 KEA_HOOKS = Path("/usr/lib/x86_64-linux-gnu/kea/hooks")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def percentile(values, p):
-    values = sorted(values)
-    if not values:
-        return None
-    k = (len(values) - 1) * p / 100.0
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 def poll(pred, timeout: float, step: float = 0.1) -> bool:
@@ -788,13 +784,7 @@ def main(argv=None) -> int:
 
 
 def finish(rows, args) -> int:
-    print(f"{'system':<10} {'case':<9} {'metric':<22} {'value':>10}  unit")
-    for r in rows:
-        v = "null" if r["value"] is None else f"{r['value']:.2f}"
-        print(f"{r['system']:<10} {r['case']:<9} {r['metric']:<22} {v:>10}  {r['unit']}")
-    if args.json:
-        print(json.dumps({"bench": "dhcp4", "rows": rows}))
-    return 0
+    return report("dhcp4", rows, args.json)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import percentile, report  # noqa: E402
 from tests.support.cluster_lab import poll, vip_pair_config  # noqa: E402
 
 VIP = "10.77.0.100"
@@ -40,13 +41,6 @@ ADDR = {"a": "10.77.0.1", "b": "10.77.0.2"}
 PEER = {"a": "b", "b": "a"}
 
 
-def percentile(values, p):
-    values = sorted(values)
-    if not values:
-        return None
-    k = (len(values) - 1) * p / 100.0
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 class System:
@@ -249,13 +243,7 @@ def main() -> int:
                 rows.append({"system": cls.name, "case": case, "metric": metric,
                              "value": None if value is None else round(value, 1), "unit": "ms",
                              "n": len(outages)})
-    print(f"{'system':<12} {'case':<18} {'metric':<18} {'value':>10}  n")
-    for r in rows:
-        v = "-" if r["value"] is None else f"{r['value']:.1f}"
-        print(f"{r['system']:<12} {r['case']:<18} {r['metric']:<18} {v:>10}  {r['n']}")
-    if args.json:
-        print(json.dumps({"bench": "failover", "rows": rows}))
-    return 0
+    return report("failover", rows, args.json, extra=("n",))
 
 
 if __name__ == "__main__":
