@@ -76,3 +76,24 @@ def test_backlog_bounded_and_drained_in_order_of_acks():
         sent.append(link.ack_one()["lease"]["address"])
     assert sorted(sent) == [f"10.0.0.{10 + i}" for i in range(5)]
     assert svc._overflow == {} and svc.stats["replication_sent"] == 5
+
+
+def test_overload_sheds_discovers_not_requests():
+    """With MAX_INFLIGHT requests pending, a new DISCOVER is dropped ("overload")
+    while a REQUEST is still handled."""
+    from services.dhcp.v4 import codec as C
+    from services.dhcp.v4.probe import packet
+    cfg = config_from_string(CONFIG, "t.toml", {"dhcp4": dhcp4_plugin})
+    ctx = SimpleNamespace(reactor=Clock(), store=None, node_id="a", providers={},
+                          cluster=None, rpc=None, metrics=None)
+    svc = Dhcp4Service(cfg.services["dhcp4"].config, ctx)
+    handled = []
+    svc.handler = SimpleNamespace(handle=lambda pkt: handled.append(pkt.message_type)
+                                  or defer.Deferred())
+    svc._inflight = svc.MAX_INFLIGHT
+    mac = bytes([2, 0, 0, 0, 0, 1])
+    svc.datagram(packet(C.DISCOVER, mac, "10.0.0.1", 1), ("10.0.0.1", 67))
+    svc.datagram(packet(C.REQUEST, mac, "10.0.0.1", 2, o50=bytes([10, 0, 0, 11])),
+                 ("10.0.0.1", 67))
+    assert svc.drops["overload"] == 1
+    assert handled == [C.REQUEST]

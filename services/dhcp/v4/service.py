@@ -56,6 +56,9 @@ class _Protocol(protocol.DatagramProtocol):
 
 class Dhcp4Service(Service):
     name = "dhcp4"
+    #: Requests being handled (waiting for the store) beyond which new
+    #: DISCOVERs are dropped and counted as "overload".
+    MAX_INFLIGHT = 256
 
     def __init__(self, config: Dhcp4Config, context):
         self.config = config
@@ -66,6 +69,7 @@ class Dhcp4Service(Service):
         self._loopback = False
         self._sync_wait = None
         self._overflow: dict[str, Lease] = {}
+        self._inflight = 0
         self.handler: Dhcp4Handler | None = None
         self.drops: dict[str, int] = {r: 0 for r in C.DROP_REASONS}
         self._reclaim = None
@@ -147,9 +151,19 @@ class Dhcp4Service(Service):
         except C.MalformedPacket as e:
             self.drops[e.reason] = self.drops.get(e.reason, 0) + 1
             return
+        if self._inflight >= self.MAX_INFLIGHT and pkt.message_type == C.DISCOVER:
+            # Overloaded: an OFFER that arrives late is wasted (the client has
+            # moved on), so shed new DISCOVERs and keep finishing REQUESTs.
+            self.drops["overload"] = self.drops.get("overload", 0) + 1
+            return
+        self._inflight += 1
         d = self.handler.handle(pkt)
         d.addCallback(self._send, pkt, addr)
         d.addErrback(self._failed, pkt)
+        d.addBoth(self._done_one)
+
+    def _done_one(self, _):
+        self._inflight -= 1
 
     def _send(self, result, pkt, source):
         if result is None or self.port is None:
