@@ -63,6 +63,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import percentile, report  # noqa: E402
+from tests.support.cluster_lab import dhcp4_pair_config  # noqa: E402
+from tests.support.node_process import twistd_command  # noqa: E402
 
 ADDR = {"a": "10.80.0.1", "b": "10.80.0.2"}
 PEER = {"a": "b", "b": "a"}
@@ -213,11 +215,6 @@ def fmt(v, nd=1):
 # appliance nodes
 # ---------------------------------------------------------------------------
 
-def twistd_cmd() -> list[str]:
-    twistd = shutil.which("twistd")
-    return ([twistd] if twistd else [sys.executable, "-m", "twisted"]) + ["-n", "--pidfile=", "appliance"]
-
-
 def appliance_config(node: str, work: Path, *, pair: bool, mode: str, keys: Path | None) -> str:
     state = work / f"state-{node}"
     head = f"""
@@ -241,29 +238,8 @@ pool = ["{POOL[0]}", "{POOL[1]}"]
 routers = ["{ADDR['a']}"]
 lease_time_s = 3600
 """
-    role = "primary" if node == "a" else "secondary"
-    return head + f"""
-[cluster]
-peers = [{{ id = "{PEER[node]}", address = "{ADDR[PEER[node]]}" }}]
-bind_address = "{ADDR[node]}"
-heartbeat_interval_ms = 100
-dead_after = 3
-auth_key_file = "{keys}/cluster.key"
-peer_link = "ssl:8742"
-tls = {{ cert = "{keys}/{node}.pem", key = "{keys}/{node}.key", ca = "{keys}/ca.pem" }}
-auto_partner_down_s = 1
-
-[services.dhcp4]
-interface = "eth0"
-failover = {{ peer = "{PEER[node]}", role = "{role}", mode = "{mode}", split = 50, delay_s = 0, mclt_s = 30, max_unacked = 100 }}
-
-[[services.dhcp4.subnets]]
-id = 1
-subnet = "{SUBNET}"
-pool = ["{POOL[0]}", "{POOL[1]}"]
-routers = ["{ADDR['a']}"]
-lease_time_s = 3600
-"""
+    return dhcp4_pair_config(node, work, ADDR, keys, subnet=SUBNET, pool=POOL,
+                             routers=ADDR["a"], mode=mode, lease_time_s=3600)
 
 
 RPC_SNIPPET = """
@@ -305,7 +281,7 @@ class Appliance:
             cfg.write_text(appliance_config(node, self.work, pair=self.pair, mode=self.mode,
                                             keys=self.keys))
             fh = open(self.work / f"{node}.log", "w")
-            self.procs[node] = self.lab.popen(node, *twistd_cmd(), "-c", str(cfg), stdout=fh,
+            self.procs[node] = self.lab.popen(node, *twistd_command(), "-c", str(cfg), stdout=fh,
                                               stderr=subprocess.STDOUT, cwd=str(self.work), env=ENV)
         ok = poll(lambda: all("dhcp4 serving" in (self.work / f"{n}.log").read_text()
                               for n in self.nodes()), 30)

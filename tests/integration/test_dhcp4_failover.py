@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 
-from tests.support.cluster_lab import wait_for
+from tests.support.cluster_lab import dhcp4_pair_config, wait_for
 from tests.support.node_process import ROOT, twistd_command
 from tests.support.require import require_binary
 
@@ -29,37 +29,9 @@ exit 0
 
 
 def node_config(node: str, tmp, keys) -> str:
-    role = "primary" if node == "a" else "secondary"
-    return f"""
-[node]
-id = "{node}"
-state_dir = "{tmp}/state-{node}"
-
-[admin]
-listen = "tcp:8740:interface=127.0.0.1"
-token_file = "{tmp}/state-{node}/admin.token"
-
-[cluster]
-peers = [{{ id = "{PEER[node]}", address = "{ADDR[PEER[node]]}" }}]
-bind_address = "{ADDR[node]}"
-heartbeat_interval_ms = 100
-dead_after = 3
-auth_key_file = "{keys}/cluster.key"
-peer_link = "ssl:8742"
-tls = {{ cert = "{keys}/{node}.pem", key = "{keys}/{node}.key", ca = "{keys}/ca.pem" }}
-auto_partner_down_s = 1
-
-[services.dhcp4]
-interface = "eth0"
-failover = {{ peer = "{PEER[node]}", role = "{role}", mode = "split-scope", split = 50, delay_s = 0, mclt_s = 30, max_unacked = 100 }}
-
-[[services.dhcp4.subnets]]
-id = 7
-subnet = "10.77.0.0/24"
-pool = ["10.77.0.100", "10.77.0.119"]
-routers = ["10.77.0.1"]
-lease_time_s = 600
-"""
+    return dhcp4_pair_config(node, tmp, ADDR, keys, subnet="10.77.0.0/24",
+                             pool=("10.77.0.100", "10.77.0.119"), routers="10.77.0.1",
+                             subnet_id=7)
 
 
 def ctl(lab, tmp, node, method, params=None):

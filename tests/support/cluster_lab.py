@@ -55,3 +55,43 @@ interface = "eth0"
 priority = {{ a = 200, b = 100 }}
 preempt = {"true" if preempt else "false"}
 """
+
+
+def dhcp4_pair_config(node: str, workdir: Path, addrs: dict[str, str], keys: Path, *,
+                      subnet: str, pool: tuple[str, str], routers: str, subnet_id: int = 1,
+                      mode: str = "split-scope", lease_time_s: int = 600) -> str:
+    """One node of a dhcp4 failover pair (a primary, b secondary) serving direct clients
+    on eth0, with heartbeats, the TLS peer link (keys from appliance-keys) and
+    auto partner-down after 1 s."""
+    peer = next(n for n in addrs if n != node)
+    role = "primary" if node == "a" else "secondary"
+    return f"""
+[node]
+id = "{node}"
+state_dir = "{workdir}/state-{node}"
+
+[admin]
+listen = "tcp:8740:interface=127.0.0.1"
+token_file = "{workdir}/state-{node}/admin.token"
+
+[cluster]
+peers = [{{ id = "{peer}", address = "{addrs[peer]}" }}]
+bind_address = "{addrs[node]}"
+heartbeat_interval_ms = 100
+dead_after = 3
+auth_key_file = "{keys}/cluster.key"
+peer_link = "ssl:8742"
+tls = {{ cert = "{keys}/{node}.pem", key = "{keys}/{node}.key", ca = "{keys}/ca.pem" }}
+auto_partner_down_s = 1
+
+[services.dhcp4]
+interface = "eth0"
+failover = {{ peer = "{peer}", role = "{role}", mode = "{mode}", split = 50, delay_s = 0, mclt_s = 30, max_unacked = 100 }}
+
+[[services.dhcp4.subnets]]
+id = {subnet_id}
+subnet = "{subnet}"
+pool = ["{pool[0]}", "{pool[1]}"]
+routers = ["{routers}"]
+lease_time_s = {lease_time_s}
+"""
