@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from tests.support.server_process import ServerProcess
 
 APT_PACKAGES = ("bind9", "bind9-utils", "bind9-dnsutils")
 
@@ -66,7 +67,8 @@ _SOA = """$TTL 60
 """
 
 
-class NamedServer:
+
+class NamedServer(ServerProcess):
     """One ``named -f -g`` process serving ``zone`` and ``reverse_zone`` on 127.0.0.1."""
 
     def __init__(self, *, zone: str = "example.test.", reverse_zone: str = "0.9.10.in-addr.arpa.",
@@ -168,21 +170,9 @@ controls {{ }};
         raise RuntimeError(f"named on port {self.port} not ready within {timeout}s: "
                            f"{self.log_tail()}")
 
-    def log_tail(self, n: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return "(no log)"
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     def kill(self) -> None:
         """SIGKILL named (a crash) and reap it."""
-        if self.alive:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        super().kill()
         self._close_log()
 
     def _close_log(self):

@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.support.server_process import ServerProcess
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -51,7 +53,8 @@ def redis_command(port: int, *args: str, timeout: float = 1.0) -> bytes:
         return s.recv(65536)
 
 
-class RedisServer:
+
+class RedisServer(ServerProcess):
     """One redis-server process on 127.0.0.1:<port>."""
 
     def __init__(self, binary: str = "redis-server", *, port: int | None = None,
@@ -118,22 +121,6 @@ class RedisServer:
             time.sleep(0.02)
         raise RuntimeError(f"{self.binary} on port {self.port} did not answer PING within "
                            f"{timeout} s: {self.log_tail()}")
-
-    def log_tail(self, n: int = 2000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return "(no log)"
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self):
-        """SIGKILL the server (a crash: no goodbye to the clients) and reap it."""
-        if self.alive:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
 
     def freeze(self):
         """SIGSTOP the server: connections stay open but nothing is answered."""
