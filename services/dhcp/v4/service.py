@@ -319,12 +319,18 @@ class Dhcp4Service(Service):
         while True:
             page, cursor = yield self.leases.export(cursor)
             for wire in page:
-                link.send(peer, CHANNEL, {"lease": wire}).addErrback(lambda f: None)
+                # The recovering partner's sync is one burst: no max_unacked window.
+                link.send(peer, CHANNEL, {"lease": wire}).addErrback(self._sync_send_failed, peer)
                 sent += 1
             if cursor is None:
                 break
-        link.send(peer, CHANNEL, {"sync_done": sent}).addErrback(lambda f: None)
+        link.send(peer, CHANNEL, {"sync_done": sent}).addErrback(self._sync_send_failed, peer)
         _log.info("dhcp4 sent {n} leases to {peer} for its recovery", n=sent, peer=peer)
+
+    def _sync_send_failed(self, failure, peer):
+        self.stats["replication_failed"] += 1
+        _log.warn("dhcp4 recovery data for {peer} not queued: {why} (it will ask again)",
+                  peer=peer, why=failure.getErrorMessage())
 
     # ------------------------------------------------------------------
     # admin
