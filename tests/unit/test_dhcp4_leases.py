@@ -153,9 +153,12 @@ def test_expiry_via_index_in_batches(tmp_path):
     for i in range(30):
         o = ok(ls.offer(1, mac(i)))
         ok(ls.bind(1, o.address, mac(i), lease_time_s=100 + i))
-    offered = ok(ls.offer(1, mac(99)))           # expires after offer_timeout_s (30 s)
+    offered = ok(ls.offer(1, mac(99)))           # held in memory for offer_timeout_s (30 s)
+    assert ok(store.hgetall(lease_key(offered.address))) == {}     # no store write for an offer
+    assert ls.free_count(1) == 19 and ls.offers_pending == 1
     clock.advance(31)
-    assert [c.address for c in ok(ls.reclaim())] == [offered.address]
+    assert ok(ls.reclaim()) == []                 # the offer ran out: nothing stored changed
+    assert ls.free_count(1) == 20 and ls.offers_pending == 0
     clock.advance(100)                             # now = T0 + 131: leases 0..30 are due
     first = ok(ls.reclaim(limit=10))
     assert len(first) == 10 and all(c.state == "expired" for c in first)
@@ -210,15 +213,27 @@ def test_reload_rebuilds_free_sets(tmp_path):
 
 
 def test_guard_detects_concurrent_writer(tmp_path):
-    """If another writer took the address behind our back, the guard fails and we pick another."""
+    """If another writer took an address behind our back, an offer skips it, and a
+    bind whose record changed between its read and its commit fails the guard and retries."""
     ls, store, _ = make(tmp_path)
     other = Lease("10.9.0.10", 1, "bound", mac(77), "", "", T0 + 999, T0, "b", "b", 1)
     ok(store.commit([Op.hset(lease_key(other.address), other.to_hash()),
                      Op.set(L.version_key(other.address), "1")]))
     o = ok(ls.offer(1, mac(1)))
     assert o.address == "10.9.0.11"
-    assert ls.counters["guard_retries"] == 1
     assert ok(ls.get("10.9.0.10")).hwaddr == mac(77)
+    # the other writer binds 10.9.0.11 to its client while our bind is between read and commit
+    real_commit = store.commit
+    def racing_commit(ops, expect=None):
+        store.commit = real_commit
+        theirs = Lease("10.9.0.11", 1, "bound", mac(78), "", "", T0 + 999, T0, "b", "b", 1)
+        ok(real_commit([Op.hset(lease_key(theirs.address), theirs.to_hash()),
+                        Op.set(L.version_key(theirs.address), "1")]))
+        return real_commit(ops, expect)
+    store.commit = racing_commit
+    assert fails(ls.bind(1, o.address, mac(1), lease_time_s=60), AddressUnavailable)
+    assert ls.counters["guard_retries"] == 1
+    assert ok(ls.get("10.9.0.11")).hwaddr == mac(78)
 
 
 def test_merge_newer_cltt_wins(tmp_path):

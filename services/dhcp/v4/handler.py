@@ -148,7 +148,7 @@ class Dhcp4Handler:
         requested = str(pkt.requested_ip) if pkt.requested_ip else None
         lease = await self.leases.offer(subnet.id, pkt.hwaddr, pkt.client_id,
                                         requested=requested, roles=roles,
-                                        hostname=pkt.hostname or "")
+                                        hostname=pkt.hostname or "", current=current)
         if lease is None:
             _log.warn("no free address in subnet {subnet} for {hw}", subnet=str(subnet.network),
                       hw=pkt.hwaddr.hex(":"))

@@ -382,6 +382,12 @@ class LeaseStore:
         # mirror: ip int -> (version, state, subnet id) of every stored record
         self._meta: dict[int, tuple[int, str, int]] = {}
         self._sorted: list[int] | None = None
+        # offers live in memory only (RFC 2131 4.3.1: the server need not
+        # reserve an offered address durably): address -> offered Lease,
+        # (subnet id, client key) -> address, and a FIFO of (expires, address)
+        self._offers: dict[int, Lease] = {}
+        self._offer_of: dict[tuple[int, str], int] = {}
+        self._offer_fifo: deque[tuple[float, int]] = deque()
         self.counters = {"conflicts": 0, "remote_applied": 0, "remote_stale": 0,
                          "remote_rejected": 0, "guard_retries": 0, "reclaimed": 0,
                          "malformed_records": 0}
@@ -429,7 +435,8 @@ class LeaseStore:
         if fs is None or a in self._reserved_addr:
             return
         if lease.state in FREE_STATES:
-            fs.put(a)
+            if a not in self._offers:
+                fs.put(a)
         else:
             fs.discard(a)
 
@@ -437,8 +444,65 @@ class LeaseStore:
         if self._meta.pop(address, None) is not None:
             self._sorted = None
         fs = self._set_for(address)
-        if fs is not None and address not in self._reserved_addr:
+        if fs is not None and address not in self._reserved_addr and address not in self._offers:
             fs.put(address)
+
+    # ------------------------------------------------------------------
+    # offers (memory only)
+    # ------------------------------------------------------------------
+    def _pending_offer(self, subnet_id: int, ck: str, now: float) -> Lease | None:
+        a = self._offer_of.get((subnet_id, ck))
+        if a is None:
+            return None
+        lease = self._offers.get(a)
+        if lease is None or lease.expires <= now or lease.client_key != ck:
+            return None
+        return lease
+
+    def _offered_to_other(self, address: int, ck: str, now: float) -> bool:
+        lease = self._offers.get(address)
+        return lease is not None and lease.expires > now and lease.client_key != ck
+
+    def _hold_offer(self, lease: Lease) -> None:
+        a = _aton(lease.address)
+        key = (lease.subnet_id, lease.client_key)
+        prev = self._offer_of.get(key)
+        if prev is not None and prev != a:
+            self._drop_offer(prev)
+        self._offers[a] = lease
+        self._offer_of[key] = a
+        self._offer_fifo.append((lease.expires, a))
+
+    def _drop_offer(self, address: int) -> None:
+        """Forget the offer on ``address``; the address is free again unless
+        the store holds it (our mirror says so) or it is reserved."""
+        lease = self._offers.pop(address, None)
+        if lease is None:
+            return
+        key = (lease.subnet_id, lease.client_key)
+        if self._offer_of.get(key) == address:
+            del self._offer_of[key]
+        meta = self._meta.get(address)
+        if (meta is None or meta[1] in FREE_STATES) and address not in self._reserved_addr:
+            fs = self._set_for(address)
+            if fs is not None:
+                fs.put(address)
+
+    def expire_offers(self, now: float | None = None) -> int:
+        """Drop offers whose time ran out (their addresses are free again)."""
+        now = self._now() if now is None else now
+        fifo, n = self._offer_fifo, 0
+        while fifo and fifo[0][0] <= now:
+            _, a = fifo.popleft()
+            lease = self._offers.get(a)
+            if lease is not None and lease.expires <= now:
+                self._drop_offer(a)
+                n += 1
+        return n
+
+    @property
+    def offers_pending(self) -> int:
+        return len(self._offers)
 
     # ------------------------------------------------------------------
     # start
@@ -560,7 +624,11 @@ class LeaseStore:
             if sid in per:
                 states = per[sid]["states"]
                 states[st] = states.get(st, 0) + 1
-        return {"subnets": per, "counters": dict(self.counters)}
+        for lease in self._offers.values():
+            if lease.subnet_id in per:
+                states = per[lease.subnet_id]["states"]
+                states["offered"] = states.get("offered", 0) + 1
+        return {"subnets": per, "counters": dict(self.counters), "offers_pending": len(self._offers)}
 
     # ------------------------------------------------------------------
     # the one write path
@@ -637,15 +705,20 @@ class LeaseStore:
     @defer.inlineCallbacks
     def offer(self, subnet_id: int, hwaddr: bytes | str | None, client_id: bytes | str | None = None,
               *, requested: str | None = None, roles: Iterable[str] | None = None,
-              hostname: str = ""):
+              hostname: str = "", current: Lease | None | bool = False):
         """Pick an address for a DISCOVER and hold it for ``offer_timeout_s``.
 
-        Preference: the client's reservation; its current or previous lease
-        (same address back); the requested address (option 50) if free and
-        allocatable; else a free address from the segments of ``roles``
-        (``pools.allocation_roles``; None = any).  A bound, unexpired lease is
-        returned unchanged (no write).  Fires with the Lease, or None when no
-        address is available.
+        Preference: the client's pending offer; its reservation; its current
+        or previous lease (same address back); the requested address (option
+        50) if free and allocatable; else a free address from the segments of
+        ``roles`` (``pools.allocation_roles``; None = any).  A bound,
+        unexpired lease is returned unchanged.  The offer is held in memory
+        only (no store write: RFC 2131 4.3.1 lets a server not reserve an
+        offered address; the REQUEST's bind is the durable write), so no
+        other DISCOVER gets the address until the offer times out.
+        ``current``: the client's lease if the caller already looked it up.
+        Fires with the Lease (state ``offered``), or None when no address is
+        available.
         """
         sub = self._subnet(subnet_id)
         hw, cid = normalize_hwaddr(hwaddr), normalize_client_id(client_id)
@@ -653,18 +726,24 @@ class LeaseStore:
         roles = tuple(roles) if roles is not None else None
         for _ in range(_RETRIES):
             now = self._now()
-            current = yield self.find_client(subnet_id, hw, cid)
+            self.expire_offers(now)
+            if current is False:
+                current = yield self.find_client(subnet_id, hw, cid)
             if current is not None and current.state == BOUND and current.expires > now \
                     and not self._reserved_elsewhere(current, subnet_id, hw):
                 return current
+            pending = self._pending_offer(subnet_id, ck, now) if ck else None
             candidates: list[int] = []
             reserved = self._reserved_mac.get((subnet_id, hw))
             if reserved is not None:
                 candidates.append(reserved)
-            elif current is not None and not self._reserved_elsewhere(current, subnet_id, hw):
-                ca = _aton(current.address)
-                if current.active(now) or self._allowed(ca, subnet_id, roles):
-                    candidates.append(ca)
+            else:
+                if pending is not None:
+                    candidates.append(_aton(pending.address))
+                if current is not None and not self._reserved_elsewhere(current, subnet_id, hw):
+                    ca = _aton(current.address)
+                    if current.active(now) or self._allowed(ca, subnet_id, roles):
+                        candidates.append(ca)
             if requested and reserved is None:
                 try:
                     ra = int(IPv4Address(requested))
@@ -673,9 +752,10 @@ class LeaseStore:
                 if ra is not None and IPv4Address(ra) in sub.network \
                         and ra not in self._reserved_addr and self._allowed(ra, subnet_id, roles):
                     candidates.append(ra)
-            taken_from_set = None
             chosen, old = None, None
             for ca in candidates:
+                if self._offered_to_other(ca, ck, now):
+                    continue
                 rec = yield self._get(_ntoa(ca))
                 if rec is not None and rec.holds(now) and rec.client_key != ck:
                     continue
@@ -687,39 +767,23 @@ class LeaseStore:
                 chosen = self._take(subnet_id, roles)
                 if chosen is None:
                     return None
-                taken_from_set = chosen
-                if chosen in self._meta:
-                    old = yield self._get(_ntoa(chosen))
-                    if old is not None and (old.holds(now) and old.client_key != ck):
-                        self._track(old)       # our mirror was behind: skip it
-                        continue
+                # the mirror may be behind a writer sharing the store: read it
+                old = yield self._get(_ntoa(chosen))
+                if old is not None and (old.holds(now) and old.client_key != ck):
+                    self._track(old)       # our mirror was behind: skip it
+                    current = False
+                    continue
             else:
                 fs = self._set_for(chosen)
-                if fs is not None and fs.discard(chosen):
-                    taken_from_set = chosen
-            supersede = None
-            if current is not None and current.active(now) \
-                    and _aton(current.address) != chosen:
-                supersede = current
+                if fs is not None:
+                    fs.discard(chosen)
             lease = Lease(_ntoa(chosen), subnet_id, OFFERED, hw, cid,
                           hostname or (old.hostname if old and old.client_key == ck else ""),
-                          now + self.offer_timeout_s, now, self.node_id, self.node_id)
-            try:
-                written = yield self._commit(lease, old, supersede=supersede)
-            except Exception:
-                self._undo_take(taken_from_set, old)
-                raise
-            if written is not None:
-                return written
+                          now + self.offer_timeout_s, now, self.node_id, self.node_id,
+                          old.version if old is not None else 0)
+            self._hold_offer(lease)
+            return lease
         return None
-
-    def _undo_take(self, address: int | None, old: Lease | None) -> None:
-        if address is None:
-            return
-        if old is None or old.state in FREE_STATES:
-            fs = self._set_for(address)
-            if fs is not None:
-                fs.put(address)
 
     def _reserved_elsewhere(self, lease: Lease, subnet_id: int, hw: str) -> bool:
         """True if the client has a reservation for another address, or the
@@ -767,7 +831,11 @@ class LeaseStore:
                 raise AddressUnavailable(f"{address} is quarantined (declined)")
             if rec is not None and rec.holds(now) and rec.client_key != ck:
                 raise AddressUnavailable(f"{address} is held by another client")
-            renewal = rec is not None and rec.client_key == ck and rec.active(now)
+            if self._offered_to_other(a, ck, now):
+                raise AddressUnavailable(f"{address} is offered to another client")
+            offered = self._offers.get(a)
+            renewal = (rec is not None and rec.client_key == ck and rec.active(now)) or (
+                offered is not None and offered.expires > now)
             if not renewal and holder is None and not self._allowed(a, subnet_id, roles):
                 raise AddressUnavailable(f"{address} is not an address this server may allocate")
             current = yield self.find_client(subnet_id, hw, cid)
@@ -785,6 +853,10 @@ class LeaseStore:
                     fs.put(a)
                 raise
             if written is not None:
+                self._offers.pop(a, None)
+                pending = self._offer_of.pop((subnet_id, ck), None)
+                if pending is not None and pending != a:
+                    self._drop_offer(pending)      # the client took another address
                 return written
         raise AddressUnavailable(f"{address}: too many concurrent changes")
 
@@ -836,6 +908,7 @@ class LeaseStore:
         ``limit`` entries).  Never scans all leases.
         """
         now = self._now()
+        self.expire_offers(now)
         due = yield self.store.zrangebyscore(EXPIRY_KEY, 0, now, limit)
         changed = []
         for ip, _score in due:

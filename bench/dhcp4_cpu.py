@@ -1,0 +1,126 @@
+"""DHCPv4 request path cost, in one process, without the network.
+
+Drives ``Dhcp4Handler`` with encoded relayed DISCOVER/REQUEST packets
+(parse -> handle -> encode, as the service does) on a real ``MemoryStore``
+journal in a temporary directory, ``window`` DORAs in flight at once on the
+real reactor.  Prints DORA/s; ``--profile`` adds a cProfile top list (or use
+``py-spy record -- python bench/dhcp4_cpu.py``).  This is the profiling
+harness behind the request-path work; ``bench/dhcp4.py`` is the benchmark.
+
+    python bench/dhcp4_cpu.py [--n 20000] [--window 64] [--fsync always] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+import tempfile
+import time
+from ipaddress import IPv4Address
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from twisted.internet import defer, reactor  # noqa: E402
+
+from appliance.config import ParseContext, Problems, Table  # noqa: E402
+from appliance.store.memory import MemoryStore  # noqa: E402
+from services.dhcp.v4 import codec as C  # noqa: E402
+from services.dhcp.v4.config import parse_dhcp4  # noqa: E402
+from services.dhcp.v4.handler import Dhcp4Handler  # noqa: E402
+from services.dhcp.v4.leases import LeaseStore  # noqa: E402
+
+RELAY = IPv4Address("10.80.0.10")
+
+
+def make_config():
+    data = {"listen_address": "127.0.0.1",
+            "subnets": [{"id": 1, "subnet": "10.80.0.0/12", "pool": ["10.81.0.0", "10.95.255.254"],
+                         "routers": ["10.80.0.1"], "dns_servers": ["10.80.0.1"]}]}
+    problems = Problems("bench.toml")
+    cfg = parse_dhcp4(Table(data, "services.dhcp4", problems), ParseContext("bench.toml", "a", (), ()))
+    assert not problems.items, problems.items
+    return cfg
+
+
+def packet(mtype, mac: bytes, xid: int, requested=None, server_id=None) -> bytes:
+    opts = {C.OPT_MESSAGE_TYPE: bytes([mtype]), C.OPT_PARAMETER_REQUEST_LIST: bytes([1, 3, 6, 51, 54])}
+    if requested is not None:
+        opts[C.OPT_REQUESTED_IP] = requested.packed
+    if server_id is not None:
+        opts[C.OPT_SERVER_ID] = server_id.packed
+    return C.encode(C.DHCPPacket(op=1, htype=1, hlen=6, hops=1, xid=xid, giaddr=RELAY,
+                                 chaddr=mac, options=opts))
+
+
+async def one(handler, i: int) -> bool:
+    mac = (0x5254_0000_0000 + i).to_bytes(6, "big")
+    res = await handler.handle(C.parse(packet(C.DISCOVER, mac, i)))
+    if res is None:
+        return False
+    offer = C.parse(C.encode(res[0]))
+    res = await handler.handle(C.parse(packet(C.REQUEST, mac, i, offer.yiaddr, offer.server_id)))
+    if res is None:
+        return False
+    return C.parse(C.encode(res[0])).message_type == C.ACK
+
+
+async def run(args) -> dict:
+    tmp = tempfile.mkdtemp(prefix="dhcp4cpu-")
+    store = MemoryStore(reactor, state_dir=tmp, fsync=args.fsync)
+    await defer.maybeDeferred(store.startService)
+    leases = LeaseStore(store, make_config(), "a", reactor.seconds)
+    await leases.load()
+    handler = Dhcp4Handler(leases.config, leases, IPv4Address("10.80.0.1"), now=reactor.seconds)
+    todo = iter(range(args.n))
+    done = {"ok": 0, "fail": 0}
+
+    async def worker():
+        for i in todo:
+            if await one(handler, i):
+                done["ok"] += 1
+            else:
+                done["fail"] += 1
+
+    prof = cProfile.Profile() if args.profile else None
+    t0 = time.perf_counter()
+    if prof:
+        prof.enable()
+    await defer.gatherResults([defer.ensureDeferred(worker()) for _ in range(args.window)])
+    if prof:
+        prof.disable()
+    dt = time.perf_counter() - t0
+    await defer.maybeDeferred(store.stopService)
+    if prof:
+        pstats.Stats(prof).sort_stats(args.sort).print_stats(35)
+    return {"dora_per_s": done["ok"] / dt, "ok": done["ok"], "fail": done["fail"],
+            "seconds": dt, "fsyncs": store.stats["fsyncs"]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--window", type=int, default=64)
+    ap.add_argument("--fsync", default="always", choices=("always", "batch", "never"))
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--sort", default="tottime")
+    args = ap.parse_args(argv)
+    out = {}
+
+    def go():
+        d = defer.ensureDeferred(run(args))
+        d.addCallback(out.update)
+        d.addErrback(lambda f: (f.printTraceback(), out.update(error=str(f.value))))
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(go)
+    reactor.run()
+    print(out)
+    return 0 if "error" not in out else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
