@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from twisted.internet import defer, reactor  # noqa: E402
 
 from appliance.config import ParseContext, Problems, Table  # noqa: E402
+from appliance.eager import as_deferred  # noqa: E402
 from appliance.store.memory import MemoryStore  # noqa: E402
 from services.dhcp.v4 import codec as C  # noqa: E402
 from services.dhcp.v4.config import parse_dhcp4  # noqa: E402
@@ -58,11 +59,11 @@ def packet(mtype, mac: bytes, xid: int, requested=None, server_id=None) -> bytes
 
 async def one(handler, i: int) -> bool:
     mac = (0x5254_0000_0000 + i).to_bytes(6, "big")
-    res = await handler.handle(C.parse(packet(C.DISCOVER, mac, i)))
+    res = await as_deferred(handler.handle(C.parse(packet(C.DISCOVER, mac, i))))
     if res is None:
         return False
     offer = C.parse(C.encode(res[0]))
-    res = await handler.handle(C.parse(packet(C.REQUEST, mac, i, offer.yiaddr, offer.server_id)))
+    res = await as_deferred(handler.handle(C.parse(packet(C.REQUEST, mac, i, offer.yiaddr, offer.server_id))))
     if res is None:
         return False
     return C.parse(C.encode(res[0])).message_type == C.ACK

@@ -23,7 +23,9 @@ Durability (``fsync``):
 * ``never`` -- records are written in the background, never fsynced.
 
 When the journals pass ``compact_after_bytes`` the store snapshots itself
-(a copy taken in the reactor, serialised and fsynced in a thread), then
+(like Redis BGSAVE: a forked child serialises and fsyncs its copy-on-write
+view of that instant while the reactor keeps serving; where there is no
+fork, a copy taken in the reactor is serialised in a thread), then
 deletes the journals the snapshot covers; memory and disk stay bounded by
 the live data.  The threshold grows with the data (at least the last
 snapshot's size), so a large store does not snapshot itself over and over:
@@ -155,7 +157,7 @@ class MemoryStore(Service):
 
     def __init__(self, reactor, *, state_dir: str | Path, fsync: str = "always",
                  compact_after_bytes: int = 8 * 1024 * 1024, batch_interval_s: float = 0.2,
-                 threadpool=None, run_in_thread=None):
+                 threadpool=None, run_in_thread=None, fork_snapshots: bool | None = None):
         if fsync not in ("always", "batch", "never"):
             raise ValueError(f"fsync must be always|batch|never, not {fsync!r}")
         self._reactor = reactor
@@ -165,6 +167,8 @@ class MemoryStore(Service):
         self.batch_interval_s = batch_interval_s
         self._threadpool = threadpool
         self._run_in_thread = run_in_thread   # tests: run "thread" work inline
+        # snapshots from a forked child (no copy, no stall in the reactor) where fork exists
+        self.fork_snapshots = hasattr(os, "fork") if fork_snapshots is None else fork_snapshots
         self._data: dict[str, Any] = {}
         self._expiry: dict[str, float] = {}
         self._expiry_heap: list[tuple[float, str]] = []
@@ -413,16 +417,25 @@ class MemoryStore(Service):
         old_gen, self._gen = self._gen, self._gen + 1
         self._fh = open(self._journal_path(self._gen), "ab")
         self._journal_bytes = 0
-        image = self._image()
-        self._kick()
-        d = self._in_thread(self._write_snapshot, image, self._gen, old_gen)
+        if self.fork_snapshots:
+            # Like Redis BGSAVE: a forked child serialises its copy-on-write
+            # view of this instant while the reactor goes on serving.
+            pid = self._fork_snapshot(self._gen, old_gen)
+            self._kick()
+            d = self._in_thread(self._wait_snapshot_child, pid)
+            keys = len(self._data)
+        else:
+            image = self._image()
+            keys = len(image[0])
+            self._kick()
+            d = self._in_thread(self._write_snapshot, image, self._gen, old_gen)
 
         def done(size):
             self._compacting = False
             self._snapshot_bytes = size or 0
             self.stats["compactions"] += 1
             self._log.info("store compacted: snapshot of {keys} keys, journals up to "
-                           "{gen} removed", keys=len(image[0]), gen=old_gen)
+                           "{gen} removed", keys=keys, gen=old_gen)
             return True
 
         def failed(f):
@@ -430,6 +443,26 @@ class MemoryStore(Service):
             return f
 
         return d.addCallbacks(done, failed)
+
+    def _fork_snapshot(self, gen: int, old_gen: int) -> int:
+        """Fork; the child writes the snapshot of this instant and exits."""
+        pid = os.fork()
+        if pid == 0:                                   # child: no reactor, no threads
+            code = 1
+            try:
+                self._write_snapshot(self._image(), gen, old_gen)
+                code = 0
+            finally:
+                os._exit(code)
+        return pid
+
+    def _wait_snapshot_child(self, pid: int) -> int:
+        """Thread: wait for the snapshot child; the snapshot's size."""
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            raise StoreError(f"snapshot process {pid} failed (exit status {code})")
+        return (self.dir / "snapshot").stat().st_size
 
     def _image(self):
         data = {}
@@ -630,6 +663,19 @@ class MemoryStore(Service):
         if ttl_s <= 0:
             raise StoreError("ttl_s must be positive")
         return self._reactor.seconds() + float(ttl_s)
+
+    # -- synchronous reads: this process holds the data -------------------
+    # Optional capability (not in IStateStore): callers look for these with
+    # getattr and otherwise use the Deferred reads.  Same answers as
+    # get/hgetall, returned at once; StoreError when the store is not usable.
+    def get_now(self, key: str):
+        self._check_ready()
+        return self._typed(key, str)
+
+    def hgetall_now(self, key: str) -> dict:
+        self._check_ready()
+        h = self._typed(key, dict)
+        return {} if h is None else dict(h)
 
     # -- plain keys -----------------------------------------------------
     def get(self, key):

@@ -12,7 +12,10 @@ def inline(f, *args):
 
 
 def ok(d):
-    """The result of an already-fired Deferred (re-raises its failure)."""
+    """The result of an already-fired Deferred (re-raises its failure), or
+    ``d`` itself when it is a plain value (an ``appliance.eager`` result)."""
+    if not isinstance(d, defer.Deferred):
+        return d
     results = []
     d.addBoth(results.append)
     assert results, "Deferred has not fired"

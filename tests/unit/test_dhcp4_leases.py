@@ -10,6 +10,7 @@ from hypothesis import given, settings, HealthCheck
 from twisted.internet.task import Clock
 
 from appliance.config import ParseContext, Problems, Table
+from appliance.eager import as_deferred
 from appliance.store.interface import Op
 from appliance.store.memory import MemoryStore
 from services.dhcp.v4 import leases as L
@@ -301,7 +302,7 @@ def test_merge_never_leaves_two_active_clients(tmp_path_factory, events):
         clock.advance(1)
         address = f"10.9.0.{10 + addr_off}"
         if local:
-            d = ls.bind(1, address, mac(client), lease_time_s=300)
+            d = as_deferred(ls.bind(1, address, mac(client), lease_time_s=300))
             d.addErrback(lambda f: f.trap(AddressUnavailable))
             ok(d)
         else:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 
+import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
@@ -120,9 +122,11 @@ def test_corrupt_crc_stops_replay_at_that_record(tmp_path):
     assert ok(again.get("b")) is None
 
 
-def test_compaction_bounds_the_journal(tmp_path):
-    """Past compact_after_bytes the store snapshots and removes old journals."""
-    store, _ = make(tmp_path, compact_after_bytes=4096)
+@pytest.mark.parametrize("fork", [True, False], ids=["forked-child", "thread-copy"])
+def test_compaction_bounds_the_journal(tmp_path, fork):
+    """Past compact_after_bytes the store snapshots (from a forked child, or a copy
+    serialised in a thread) and removes old journals."""
+    store, _ = make(tmp_path, compact_after_bytes=4096, fork_snapshots=fork)
     for i in range(500):
         ok(store.set("counter", str(i)))   # one live key, many records
     assert store.stats["compactions"] >= 1
@@ -133,6 +137,23 @@ def test_compaction_bounds_the_journal(tmp_path):
     ok(store.stopService())
     again, _ = make(tmp_path)
     assert ok(again.get("counter")) == "499"
+
+
+def test_failed_snapshot_child_keeps_the_journals(tmp_path, monkeypatch):
+    """A snapshot child that dies makes compaction fail (logged, retried later);
+    no journal is removed and nothing is lost."""
+    store, _ = make(tmp_path, compact_after_bytes=1 << 30, fork_snapshots=True)
+    for i in range(50):
+        ok(store.set(f"k{i}", str(i)))
+    monkeypatch.setattr(MemoryStore, "_write_snapshot", lambda *a: os._exit(3))
+    failures = []
+    store.compact().addErrback(failures.append)
+    assert failures and failures[0].check(StoreError) and "exit status 3" in str(failures[0].value)
+    assert not (tmp_path / "store" / "snapshot").exists()
+    monkeypatch.undo()
+    ok(store.stopService())
+    again, _ = make(tmp_path)
+    assert [ok(again.get(f"k{i}")) for i in range(50)] == [str(i) for i in range(50)]
 
 
 def test_wrong_type_and_bad_values_fail_cleanly(tmp_path):

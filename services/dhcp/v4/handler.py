@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any, Callable
 
-from twisted.internet import defer
+from appliance.eager import eager
 from twisted.logger import Logger
 
 from services.dhcp.v4 import codec as C
@@ -112,11 +112,14 @@ class Dhcp4Handler:
         return None
 
     # ------------------------------------------------------------------
-    def handle(self, pkt: C.DHCPPacket) -> defer.Deferred:
-        """Fire with ``(reply, (ip, port, broadcast))`` or ``None``."""
-        return defer.ensureDeferred(self._handle(pkt))
+    def handle(self, pkt: C.DHCPPacket):
+        """``(reply, (ip, port, broadcast))`` or ``None`` -- at once when the
+        lease store answered from memory, else a Deferred firing with it
+        (see ``appliance.eager``; failures are always a failed Deferred)."""
+        return self._handle(pkt)
 
-    async def _handle(self, pkt: C.DHCPPacket):
+    @eager
+    def _handle(self, pkt: C.DHCPPacket):
         mtype = pkt.message_type
         if pkt.op != 1:
             return self._drop("not_request")
@@ -128,17 +131,18 @@ class Dhcp4Handler:
                    C.INFORM: self._inform}.get(mtype)
         if handler is None:
             return self._drop("unexpected_message_type")
-        result = await handler(pkt)
+        result = yield handler(pkt)
         if result is not None:
             name = C.MESSAGE_TYPE_NAMES.get(result[0].message_type, "?")
             self.counters[f"out_{name}"] += 1
         return result
 
-    async def _discover(self, pkt):
+    @eager
+    def _discover(self, pkt):
         subnet = self.subnet_for(pkt)
         if subnet is None:
             return self._drop("no_subnet")
-        current = await self.leases.find_client(subnet.id, pkt.hwaddr, pkt.client_id)
+        current = yield self.leases.find_client(subnet.id, pkt.hwaddr, pkt.client_id)
         address_role = self.leases.segment_role(current.address) if current else None
         if not self._answers(pkt, address_role):
             return self._drop("not_ours")
@@ -146,7 +150,7 @@ class Dhcp4Handler:
         if roles == ():
             return self._drop("not_serving")
         requested = str(pkt.requested_ip) if pkt.requested_ip else None
-        lease = await self.leases.offer(subnet.id, pkt.hwaddr, pkt.client_id,
+        lease = yield self.leases.offer(subnet.id, pkt.hwaddr, pkt.client_id,
                                         requested=requested, roles=roles,
                                         hostname=pkt.hostname or "", current=current)
         if lease is None:
@@ -155,7 +159,8 @@ class Dhcp4Handler:
             return self._drop("no_address")
         return self._reply(pkt, C.OFFER, subnet, IPv4Address(lease.address), self._lease_time(subnet))
 
-    async def _request(self, pkt):
+    @eager
+    def _request(self, pkt):
         server_id = pkt.server_id
         if server_id is not None and server_id not in (self.server_id, pkt.server_id_override):
             return self._drop("other_server")          # the client chose someone else
@@ -170,12 +175,12 @@ class Dhcp4Handler:
             if server_id is None and pkt.ciaddr == ZERO and subnet is not None:
                 return self._reply(pkt, C.NAK)         # init-reboot on the wrong network
             return self._drop("no_subnet")
-        current = await self.leases.find_client(subnet.id, pkt.hwaddr, pkt.client_id)
+        current = yield self.leases.find_client(subnet.id, pkt.hwaddr, pkt.client_id)
         address_role = self.leases.segment_role(address)
         if current is None and server_id is None and pkt.ciaddr == ZERO \
                 and self.failover.mode is None:
             # init-reboot from a client we have no record of: RFC 2131 4.3.2 says silent
-            rec = await self.leases.get(str(address))
+            rec = yield self.leases.get(str(address))
             if rec is None:
                 return self._drop("unknown_client")
         if server_id is None and not self._answers(pkt, address_role):
@@ -183,7 +188,7 @@ class Dhcp4Handler:
             # (unless it is down / the client waited delay_s, see pools.answers)
             return self._drop("not_ours")
         try:
-            lease = await self.leases.bind(subnet.id, str(address), pkt.hwaddr, pkt.client_id,
+            lease = yield self.leases.bind(subnet.id, str(address), pkt.hwaddr, pkt.client_id,
                                            lease_time_s=self._lease_time(subnet),
                                            hostname=pkt.hostname or "", roles=self._roles())
         except (AddressUnavailable, UnknownSubnet) as e:
@@ -194,29 +199,32 @@ class Dhcp4Handler:
         return self._reply(pkt, C.ACK, subnet, IPv4Address(lease.address),
                            max(1, round(lease.expires - self.now())))
 
-    async def _release(self, pkt):
+    @eager
+    def _release(self, pkt):
         if pkt.ciaddr == ZERO:
             return self._drop("release_without_address")
-        if not await self._held_by(str(pkt.ciaddr), pkt):
+        if not (yield self._held_by(str(pkt.ciaddr), pkt)):
             return self._drop("release_not_holder")
-        lease = await self.leases.release(str(pkt.ciaddr))
+        lease = yield self.leases.release(str(pkt.ciaddr))
         if lease is not None:
             self._notify("released", lease)
         return None
 
-    async def _decline(self, pkt):
+    @eager
+    def _decline(self, pkt):
         if pkt.requested_ip is None:
             return self._drop("decline_without_address")
-        if not await self._held_by(str(pkt.requested_ip), pkt):
+        if not (yield self._held_by(str(pkt.requested_ip), pkt)):
             return self._drop("decline_not_holder")
-        lease = await self.leases.decline(str(pkt.requested_ip))
+        lease = yield self.leases.decline(str(pkt.requested_ip))
         if lease is not None:
             _log.warn("address {address} declined by {hw}: quarantined", address=lease.address,
                       hw=pkt.hwaddr.hex(":"))
             self._notify("declined", lease)
         return None
 
-    async def _inform(self, pkt):
+    @eager
+    def _inform(self, pkt):
         subnet = self.subnet_for(pkt)
         if subnet is None:
             return self._drop("no_subnet")
@@ -225,12 +233,13 @@ class Dhcp4Handler:
         reply = C.build_reply(pkt, C.ACK, yiaddr=None, server_id=server_id, options=options)
         return reply, C.reply_destination(pkt, reply)
 
-    async def _held_by(self, address: str, pkt) -> bool:
+    @eager
+    def _held_by(self, address: str, pkt) -> bool:
         """Whether the lease on ``address`` belongs to this client: same client
         identifier, or same hardware address (clients often leave option 61
         out of RELEASE/DECLINE)."""
         from services.dhcp.v4.leases import normalize_client_id, normalize_hwaddr
-        rec = await self.leases.get(address)
+        rec = yield self.leases.get(address)
         if rec is None:
             return False
         if pkt.client_id and rec.client_id and normalize_client_id(pkt.client_id) == rec.client_id:

@@ -1,8 +1,13 @@
 """DHCPv4 leases in the shared state store, and fast free-address allocation.
 
-Reactor-free: every method returns a Deferred from the store (or an already
-fired one); time comes from the ``now`` callable given to the constructor
-(``reactor.seconds`` or a ``task.Clock``'s).
+Reactor-free; time comes from the ``now`` callable given to the constructor
+(``reactor.seconds`` or a ``task.Clock``'s).  The per-request methods
+(``get``, ``find_client``, ``offer``, ``bind``, ``release``, ``decline``,
+``apply_remote``) are ``appliance.eager``: on a store that answers reads at
+once (the embedded memory store's ``hgetall_now``/``get_now``) they return
+their result directly unless they wait for a write, otherwise a Deferred;
+errors are always a failed Deferred.  Wrap with ``as_deferred`` when a
+Deferred is needed.  The rest (load, reclaim, leases, export) return Deferreds.
 
 Store layout (keys are ``str``, values ``str``)::
 
@@ -54,7 +59,8 @@ from typing import Any, Callable, Iterable
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from appliance.store.interface import Op
+from appliance.eager import eager
+from appliance.store.interface import Op, StoreError
 
 from services.dhcp.v4 import pools as _pools
 from services.dhcp.v4.config import Dhcp4Config, normalize_mac
@@ -360,6 +366,9 @@ class LeaseStore:
         self.decline_quarantine_s = decline_quarantine_s or config.decline_quarantine_s
         self.page_size = page_size
         self.loaded = False
+        # the embedded store answers reads at once: no Deferred on the hot path
+        self._hgetall_now = getattr(store, "hgetall_now", None)
+        self._get_now = getattr(store, "get_now", None)
         self._subnets = {s.id: s for s in config.subnets}
         split = config.failover.split if config.failover else None
         self._sets: list[FreeSet] = []
@@ -545,16 +554,32 @@ class LeaseStore:
         return self._get(address)
 
     def _get(self, address: str):
+        """The stored Lease (or None): at once from a store that holds its
+        data in this process (``hgetall_now``), else a Deferred."""
+        if self._hgetall_now is not None:
+            try:
+                return _parse_hash(self._hgetall_now(lease_key(address)))
+            except StoreError:
+                return defer.fail()
         return self.store.hgetall(lease_key(address)).addCallback(_parse_hash)
 
-    @defer.inlineCallbacks
+    def _index_get(self, key: str):
+        """A client index entry (address or None), at once when the store allows."""
+        if self._get_now is not None:
+            try:
+                return self._get_now(key)
+            except StoreError:
+                return defer.fail()
+        return self.store.get(key)
+
+    @eager
     def find_client(self, subnet_id: int, hwaddr: bytes | str | None,
                     client_id: bytes | str | None = None):
         """Fire with the client's lease in the subnet (any state but declined), or None."""
         ck = client_key(hwaddr, client_id)
         if not ck:
             return None
-        ip = yield self.store.get(client_index_key(subnet_id, ck))
+        ip = yield self._index_get(client_index_key(subnet_id, ck))
         if ip is None:
             return None
         lease = yield self._get(ip)
@@ -633,7 +658,7 @@ class LeaseStore:
     # ------------------------------------------------------------------
     # the one write path
     # ------------------------------------------------------------------
-    @defer.inlineCallbacks
+    @eager
     def _commit(self, new: Lease, old: Lease | None, *, supersede: Lease | None = None,
                 drop_index: Iterable[str] = (), set_index: bool = True):
         """Write ``new`` over ``old`` (the record read, None if absent) in one
@@ -661,7 +686,7 @@ class LeaseStore:
             cleanup.add(client_index_key(old.subnet_id, old.client_key))
         cleanup.discard(client_index_key(new.subnet_id, ck) if new.state in INDEXED_STATES else "")
         for key in sorted(cleanup):
-            value = yield self.store.get(key)
+            value = yield self._index_get(key)
             if value == a:
                 ops.append(Op.delete(key))
                 expect[key] = value
@@ -702,7 +727,7 @@ class LeaseStore:
                     return a
         return None
 
-    @defer.inlineCallbacks
+    @eager
     def offer(self, subnet_id: int, hwaddr: bytes | str | None, client_id: bytes | str | None = None,
               *, requested: str | None = None, roles: Iterable[str] | None = None,
               hostname: str = "", current: Lease | None | bool = False):
@@ -795,7 +820,7 @@ class LeaseStore:
         holder = self._reserved_addr.get(a)
         return holder is not None and holder != (subnet_id, hw)
 
-    @defer.inlineCallbacks
+    @eager
     def bind(self, subnet_id: int, address: str, hwaddr: bytes | str | None,
              client_id: bytes | str | None = None, *, lease_time_s: float,
              hostname: str = "", roles: Iterable[str] | None = None):
@@ -826,7 +851,7 @@ class LeaseStore:
             raise AddressUnavailable(f"client {hw} has a reservation for {IPv4Address(mine)}")
         for _ in range(_RETRIES):
             now = self._now()
-            rec = yield self.get(address)
+            rec = yield self._get(address)
             if rec is not None and rec.state == DECLINED and rec.expires > now:
                 raise AddressUnavailable(f"{address} is quarantined (declined)")
             if rec is not None and rec.holds(now) and rec.client_key != ck:
@@ -860,7 +885,7 @@ class LeaseStore:
                 return written
         raise AddressUnavailable(f"{address}: too many concurrent changes")
 
-    @defer.inlineCallbacks
+    @eager
     def release(self, address: str, hwaddr: bytes | str | None = None,
                 client_id: bytes | str | None = None):
         """RELEASE (or RPC ``dhcp4.release`` without a client): the address is
@@ -879,7 +904,7 @@ class LeaseStore:
                 return written
         return None
 
-    @defer.inlineCallbacks
+    @eager
     def decline(self, address: str, hwaddr: bytes | str | None = None,
                 client_id: bytes | str | None = None):
         """DECLINE: the address is in use on the wire; quarantine it for
@@ -941,7 +966,7 @@ class LeaseStore:
         then the higher (updated_by, state) -- the same answer on both nodes."""
         return (a.cltt, a.expires, a.updated_by, a.state) > (b.cltt, b.expires, b.updated_by, b.state)
 
-    @defer.inlineCallbacks
+    @eager
     def apply_remote(self, remote: Lease):
         """Merge a partner's lease (update or sync page entry).
 
@@ -1010,12 +1035,12 @@ class LeaseStore:
             address=local.address, lck=local.client_key, lcltt=local.cltt,
             rck=remote.client_key, rcltt=remote.cltt, winner=winner)
 
-    @defer.inlineCallbacks
+    @eager
     def _drop_index_if(self, subnet_id: int, ck: str, address: str):
         if not ck:
             return False
         key = client_index_key(subnet_id, ck)
-        value = yield self.store.get(key)
+        value = yield self._index_get(key)
         if value != address:
             return False
         ok = yield self.store.commit([Op.delete(key)], {key: value})

@@ -23,6 +23,7 @@ from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
 
 from appliance.admin.rpc import ApplicationError, InvalidParams
+from appliance.eager import as_deferred
 from appliance.ddns import DHCID_CLIENT_ID, DHCID_HWADDR, ddns_provider
 from services.dhcp.v4 import codec as C
 from services.dhcp.v4 import pools as P
@@ -156,11 +157,14 @@ class Dhcp4Service(Service):
             # moved on), so shed new DISCOVERs and keep finishing REQUESTs.
             self.drops["overload"] = self.drops.get("overload", 0) + 1
             return
+        result = self.handler.handle(pkt)
+        if not isinstance(result, defer.Deferred):      # answered from memory
+            self._send(result, pkt, addr)
+            return
         self._inflight += 1
-        d = self.handler.handle(pkt)
-        d.addCallback(self._send, pkt, addr)
-        d.addErrback(self._failed, pkt)
-        d.addBoth(self._done_one)
+        result.addCallback(self._send, pkt, addr)
+        result.addErrback(self._failed, pkt)
+        result.addBoth(self._done_one)
 
     def _done_one(self, _):
         self._inflight -= 1
@@ -284,7 +288,7 @@ class Dhcp4Service(Service):
 
     def _remote_update(self, peer, body):
         if "lease" in body:
-            d = self.leases.apply_remote(Lease.from_wire(body["lease"]))
+            d = as_deferred(self.leases.apply_remote(Lease.from_wire(body["lease"])))
             return d.addCallback(lambda _: self.stats.__setitem__(
                 "replication_applied", self.stats["replication_applied"] + 1))
         if "sync" in body:
