@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 from twisted.internet import defer
@@ -11,6 +12,7 @@ from appliance.cluster.peerlink import Backpressure
 from appliance.config import config_from_string
 from services.dhcp.plugin import dhcp4_plugin
 from services.dhcp.v4.leases import Lease
+from services.dhcp.v4.replication import LeaseOutbox
 from services.dhcp.v4.service import Dhcp4Service
 
 CONFIG = """
@@ -58,24 +60,48 @@ def lease(i: int) -> Lease:
 
 
 def test_backlog_bounded_and_drained_in_order_of_acks():
-    """Only max_unacked updates are in flight; the rest wait and go out one per ack,
-    newest state per address; nothing is dropped."""
+    """Updates of one reactor turn leave as one batch; only max_unacked lease updates
+    are in flight; the rest wait (newest state per address) and go out as acks
+    free the window; nothing is dropped."""
     cfg = config_from_string(CONFIG, "t.toml", {"dhcp4": dhcp4_plugin})
     link = FakeLink()
-    ctx = SimpleNamespace(reactor=Clock(), store=None, node_id="a", providers={},
+    clock = Clock()
+    ctx = SimpleNamespace(reactor=clock, store=None, node_id="a", providers={},
                           cluster=SimpleNamespace(peerlink=link), rpc=None, metrics=None)
     svc = Dhcp4Service(cfg.services["dhcp4"].config, ctx)
+    svc.outbox = LeaseOutbox(clock, link, "b", "dhcp4", 2, stats=svc.stats)
     for i in range(5):
         svc._lease_changed("bound", lease(i))
-    assert len(link.pending) == 2
-    assert svc.stats["replication_held"] == 3
-    svc._lease_changed("bound", lease(3))           # newer state of a held address
-    assert len(svc._overflow) == 3
-    sent = [link.ack_one()["lease"]["address"] for _ in range(2)]
+    assert link.pending == []                       # batched at the end of the turn
+    clock.advance(0)
+    assert len(link.pending) == 1 and len(link.pending[0][0]["leases"]) == 2
+    assert svc.stats["replication_held"] == 3 and svc.outbox.backlog == 5
+    newer = replace(lease(3), cltt=lease(3).cltt + 5)
+    svc._lease_changed("bound", newer)             # newer state of a held address
+    assert len(svc.outbox.pending) == 3
+    sent = []
     while link.pending:
-        sent.append(link.ack_one()["lease"]["address"])
-    assert sorted(sent) == [f"10.0.0.{10 + i}" for i in range(5)]
-    assert svc._overflow == {} and svc.stats["replication_sent"] == 5
+        sent += link.ack_one()["leases"]
+    assert sorted(w["address"] for w in sent) == [f"10.0.0.{10 + i}" for i in range(5)]
+    assert [w["cltt"] for w in sent if w["address"] == "10.0.0.13"] == [newer.cltt]
+    assert svc.outbox.backlog == 0 and svc.stats["replication_sent"] == 5
+
+
+def test_partner_batch_applied_and_malformed_entries_skipped(tmp_path):
+    """A batch from the partner is stored lease by lease; a malformed entry is
+    counted, the rest still applied (the batch is acked, not resent forever)."""
+    from appliance.eager import as_deferred
+    from tests.support.sync import memory_store, ok
+    cfg = config_from_string(CONFIG, "t.toml", {"dhcp4": dhcp4_plugin})
+    store, clock = memory_store(tmp_path)
+    ctx = SimpleNamespace(reactor=clock, store=store, node_id="a", providers={},
+                          cluster=None, rpc=None, metrics=None)
+    svc = Dhcp4Service(cfg.services["dhcp4"].config, ctx)
+    ok(svc.leases.load())
+    body = {"leases": [lease(1).to_wire(), {"address": "nonsense"}, lease(2).to_wire()]}
+    ok(as_deferred(svc._remote_update("b", body)))
+    assert svc.stats["replication_applied"] == 2 and svc.stats["replication_rejected"] == 1
+    assert ok(svc.leases.get("10.0.0.12")).hwaddr == lease(2).hwaddr
 
 
 def test_overload_sheds_discovers_not_requests():

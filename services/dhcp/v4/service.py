@@ -30,11 +30,13 @@ from services.dhcp.v4 import pools as P
 from services.dhcp.v4.config import Dhcp4Config
 from services.dhcp.v4.handler import Dhcp4Handler, FailoverView
 from services.dhcp.v4.leases import Lease, LeaseStore
+from services.dhcp.v4.replication import LeaseOutbox
 
 _log = Logger(namespace="services.dhcp4")
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 SIOCGIFADDR = 0x8915
 CHANNEL = "dhcp4"
+SYNC_BATCH = 256        # leases per peer-link message in a recovery sync
 
 
 def interface_address(ifname: str) -> IPv4Address:
@@ -69,7 +71,7 @@ class Dhcp4Service(Service):
         self.port = None
         self._loopback = False
         self._sync_wait = None
-        self._overflow: dict[str, Lease] = {}
+        self.outbox: LeaseOutbox | None = None    # lazy updates to the partner
         self._inflight = 0
         self.handler: Dhcp4Handler | None = None
         self.drops: dict[str, int] = {r: 0 for r in C.DROP_REASONS}
@@ -80,7 +82,7 @@ class Dhcp4Service(Service):
             self.view = FailoverView(mode=f.mode, role=f.role, split=f.split, delay_s=f.delay_s,
                                      mclt_s=f.mclt_s, state=P.STARTUP)
         self.stats = {"replication_sent": 0, "replication_failed": 0, "replication_applied": 0,
-                      "replication_held": 0}
+                      "replication_held": 0, "replication_rejected": 0}
 
     @property
     def role(self) -> str:
@@ -133,6 +135,8 @@ class Dhcp4Service(Service):
         super().stopService()
         if self._reclaim is not None and self._reclaim.running:
             self._reclaim.stop()
+        if self.outbox is not None:
+            self.outbox.flush()            # hand what is queued to the peer link now
         for name in ("dhcp4.leases", "dhcp4.lease", "dhcp4.release", "dhcp4.scopes", "dhcp4.stats"):
             if name in self.context.rpc:
                 self.context.rpc.unregister(name)
@@ -219,6 +223,8 @@ class Dhcp4Service(Service):
         link = getattr(cluster, "peerlink", None)
         if link is not None:
             link.on(CHANNEL, self._remote_update)
+            self.outbox = LeaseOutbox(self.reactor, link, f.peer, CHANNEL, f.max_unacked,
+                                      stats=self.stats)
 
     def _partner_state(self, peer, state, reason):
         if state == P.PARTNER_DOWN and self.view.state != P.PARTNER_DOWN:
@@ -230,39 +236,8 @@ class Dhcp4Service(Service):
 
     def _lease_changed(self, event: str, lease: Lease):
         self._ddns(event, lease)
-        f = self.config.failover
-        link = getattr(self.context.cluster, "peerlink", None)
-        if f is None or link is None:
-            return
-        self._replicate(link, f, lease)
-
-    def _replicate(self, link, f, lease: Lease):
-        """Lazy update: queue the lease for the partner (acked, resent after
-        reconnects).  Past ``max_unacked`` the newest state of each address
-        waits in ``_overflow`` and goes out as acks free the window."""
-        d = link.send(f.peer, CHANNEL, {"lease": lease.to_wire()}, limit=f.max_unacked)
-
-        def sent(_):
-            self.stats["replication_sent"] += 1
-            if self._overflow:
-                address, waiting = next(iter(self._overflow.items()))
-                del self._overflow[address]
-                self._replicate(link, f, waiting)
-
-        def failed(fail):
-            from appliance.cluster.peerlink import Backpressure
-            if fail.check(Backpressure):
-                if not self._overflow:
-                    _log.warn("dhcp4: {n} lease updates to {peer} unacknowledged; holding "
-                              "further ones until it catches up", n=f.max_unacked, peer=f.peer)
-                self._overflow[lease.address] = lease
-                self.stats["replication_held"] = len(self._overflow)
-                return
-            self.stats["replication_failed"] += 1
-            _log.warn("dhcp4 update of {address} to {peer} not queued: {why}",
-                      address=lease.address, peer=f.peer, why=fail.getErrorMessage())
-
-        d.addCallbacks(sent, failed)
+        if self.outbox is not None:
+            self.outbox.add(lease)
 
     def _ddns(self, event: str, lease: Lease):
         """Tell the DDNS provider (the dns service, if configured) about a named lease."""
@@ -287,10 +262,8 @@ class Dhcp4Service(Service):
                                          why=f.getErrorMessage()))
 
     def _remote_update(self, peer, body):
-        if "lease" in body:
-            d = as_deferred(self.leases.apply_remote(Lease.from_wire(body["lease"])))
-            return d.addCallback(lambda _: self.stats.__setitem__(
-                "replication_applied", self.stats["replication_applied"] + 1))
+        if "leases" in body or "lease" in body:
+            return self._apply_updates(peer, body.get("leases") or [body["lease"]])
         if "sync" in body:
             return self._send_all(peer)
         if "sync_done" in body:
@@ -302,6 +275,30 @@ class Dhcp4Service(Service):
             if waiting is not None and not waiting.called:
                 waiting.callback(body["sync_done"])
         return None
+
+    def _apply_updates(self, peer, wires):
+        """Store a batch of the partner's leases (merged by cltt); the peer link
+        acks the batch when all are stored.  A malformed entry is counted and
+        skipped (resending it would not make it better)."""
+        results = []
+        for wire in wires if isinstance(wires, list) else ():
+            try:
+                lease = Lease.from_wire(wire)
+            except (ValueError, TypeError, AttributeError) as e:
+                self.stats["replication_rejected"] += 1
+                _log.warn("dhcp4: malformed lease update from {peer} skipped: {why}",
+                          peer=peer, why=e)
+                continue
+            results.append(self.leases.apply_remote(lease))
+        waits = [r for r in results if isinstance(r, defer.Deferred)]
+        self.stats["replication_applied"] += len(results) - len(waits)
+        if not waits:
+            return None
+
+        def applied(_):
+            self.stats["replication_applied"] += len(waits)
+
+        return defer.gatherResults(waits, consumeErrors=True).addCallback(applied)
 
     def _sync_from_partner(self, peer):
         """RECOVER: ask the partner for all its leases; done at its end marker."""
@@ -322,10 +319,12 @@ class Dhcp4Service(Service):
         cursor, sent = None, 0
         while True:
             page, cursor = yield self.leases.export(cursor)
-            for wire in page:
-                # The recovering partner's sync is one burst: no max_unacked window.
-                link.send(peer, CHANNEL, {"lease": wire}).addErrback(self._sync_send_failed, peer)
-                sent += 1
+            # The recovering partner's sync is one burst: no max_unacked window.
+            for i in range(0, len(page), SYNC_BATCH):
+                batch = page[i:i + SYNC_BATCH]
+                link.send(peer, CHANNEL, {"leases": batch}, limit=1 << 30).addErrback(
+                    self._sync_send_failed, peer)
+                sent += len(batch)
             if cursor is None:
                 break
         link.send(peer, CHANNEL, {"sync_done": sent}).addErrback(self._sync_send_failed, peer)
@@ -422,7 +421,7 @@ class Dhcp4Service(Service):
             backlog = GaugeMetricFamily("appliance_dhcp4_replication_backlog",
                                         "Lease updates not yet acknowledged by the partner",
                                         labels=["peer"])
-            backlog.add_metric([f.peer], link.backlog(f.peer, CHANNEL) + len(self._overflow))
+            backlog.add_metric([f.peer], self.outbox.backlog if self.outbox else 0)
             yield backlog
             lag = GaugeMetricFamily("appliance_dhcp4_replication_lag_seconds",
                                     "Age of the oldest unacknowledged update", labels=["peer"])

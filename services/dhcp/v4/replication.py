@@ -1,0 +1,100 @@
+"""Lazy lease updates to the failover partner: batched, acknowledged, bounded.
+
+The server ACKs its client first and then hands the lease to
+:class:`LeaseOutbox`.  Updates made in one reactor turn leave together as
+one peer-link message ``{"leases": [wire, ...]}`` (at most ``batch``
+leases); the peer link acknowledges each message after the partner has
+stored every lease in it, and resends unacknowledged messages after a
+reconnect.  At most ``max_unacked`` lease updates are in flight; past that
+the newest state of each address waits in ``pending`` and goes out as acks
+free the window, so a slow or absent partner costs memory bounded by the
+pool, never a lost update.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+
+from appliance.cluster.peerlink import Backpressure
+
+_log = Logger(namespace="services.dhcp4.replication")
+
+
+class LeaseOutbox:
+    RETRY_S = 0.5          # after the peer link refused a batch (Backpressure)
+
+    def __init__(self, reactor, link, peer: str, channel: str, max_unacked: int, *,
+                 batch: int = 64, stats: dict[str, int] | None = None):
+        self.reactor = reactor
+        self.link = link
+        self.peer = peer
+        self.channel = channel
+        self.max_unacked = max(1, int(max_unacked))
+        self.batch = max(1, int(batch))
+        self.pending: dict[str, Any] = {}      # address -> newest Lease not yet sent
+        self.unacked = 0                        # lease updates sent, not acknowledged
+        self.stats = stats if stats is not None else {}
+        for key in ("replication_sent", "replication_failed", "replication_held"):
+            self.stats.setdefault(key, 0)
+        self._flush_call = None
+        self._holding = False
+
+    @property
+    def backlog(self) -> int:
+        """Lease updates the partner does not have yet (in flight + waiting)."""
+        return self.unacked + len(self.pending)
+
+    def add(self, lease) -> None:
+        """Queue ``lease`` (replacing an unsent older state of its address)."""
+        self.pending[lease.address] = lease
+        if self._flush_call is None:
+            self._flush_call = self.reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Send what the window allows, in batches."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        while self.pending and self.unacked < self.max_unacked and self._flush_call is None:
+            n = min(self.batch, self.max_unacked - self.unacked, len(self.pending))
+            leases = []
+            for address in list(self.pending)[:n]:
+                leases.append(self.pending.pop(address))
+            self._send(leases)
+        self.stats["replication_held"] = len(self.pending)
+        if self.pending and not self._holding:
+            self._holding = True
+            _log.warn("dhcp4: {n} lease updates to {peer} unacknowledged; holding further "
+                      "ones until it catches up", n=self.unacked, peer=self.peer)
+        elif not self.pending:
+            self._holding = False
+
+    def _send(self, leases: list) -> None:
+        n = len(leases)
+        self.unacked += n
+        d = self.link.send(self.peer, self.channel, {"leases": [lease.to_wire() for lease in leases]},
+                           limit=self.max_unacked)
+
+        def acked(_):
+            self.unacked -= n
+            self.stats["replication_sent"] += n
+            if self.pending:
+                self.flush()
+
+        def failed(failure):
+            self.unacked -= n
+            if failure.check(Backpressure):        # the link's own window is full: retry soon
+                for lease in leases:
+                    self.pending.setdefault(lease.address, lease)
+                self.stats["replication_held"] = len(self.pending)
+                if self._flush_call is None:
+                    self._flush_call = self.reactor.callLater(self.RETRY_S, self.flush)
+                return
+            self.stats["replication_failed"] += n
+            _log.warn("dhcp4: {n} lease updates to {peer} not queued: {why}", n=n,
+                      peer=self.peer, why=failure.getErrorMessage())
+
+        d.addCallbacks(acked, failed)
+        d.addErrback(lambda f: _log.failure("dhcp4 lease outbox bug", failure=f))
