@@ -33,6 +33,7 @@ setup(
         "txredisapi>=1.4.10",
         "prometheus_client>=0.20",
         "attrs>=23",
+        "sortedcontainers>=2.4",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6"],

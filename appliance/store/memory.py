@@ -34,7 +34,6 @@ compaction costs stay proportional to the writes.
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import json
 import os
@@ -43,6 +42,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable
 
+from sortedcontainers import SortedList
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
@@ -57,38 +57,37 @@ _WRONGTYPE = "WRONGTYPE operation against a key holding the wrong kind of value"
 
 
 class ZSet:
-    """A sorted set: member -> score, plus a (score, member) sorted list."""
+    """A sorted set: member -> score, plus the (score, member) pairs in a
+    ``SortedList`` (O(log n) updates: no list shifting with 1M members)."""
 
     __slots__ = ("scores", "order")
 
     def __init__(self, items: dict[str, float] | None = None):
         self.scores: dict[str, float] = {}
-        self.order: list[tuple[float, str]] = []
         if items:
             self.scores = {m: float(s) for m, s in items.items()}
-            self.order = sorted((s, m) for m, s in self.scores.items())
+        self.order = SortedList((s, m) for m, s in self.scores.items())
 
     def add(self, member: str, score: float) -> bool:
         old = self.scores.get(member)
         if old is not None:
             if old == score:
                 return False
-            del self.order[bisect.bisect_left(self.order, (old, member))]
+            self.order.remove((old, member))
         self.scores[member] = score
-        bisect.insort(self.order, (score, member))
+        self.order.add((score, member))
         return old is None
 
     def remove(self, member: str) -> bool:
         old = self.scores.pop(member, None)
         if old is None:
             return False
-        del self.order[bisect.bisect_left(self.order, (old, member))]
+        self.order.remove((old, member))
         return True
 
     def range(self, lo: float, hi: float, limit: int | None) -> list[tuple[str, float]]:
-        start = bisect.bisect_left(self.order, (lo, ""))
         out = []
-        for score, member in self.order[start:]:
+        for score, member in self.order.irange((lo, ""), None):
             if score > hi or (limit is not None and len(out) >= limit):
                 break
             out.append((member, score))
