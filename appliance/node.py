@@ -10,6 +10,8 @@ each child (the memory store flushes its journal last).
 
 from __future__ import annotations
 
+import gc
+
 import os
 import sys
 import time
@@ -210,6 +212,11 @@ class ApplianceNode(MultiService):
                 return
         _log.info("node {node} running: {summary}", node=self.config.node.id,
                   summary=", ".join(f"{n}={s.state}" for n, s in self.slots.items()) or "no services")
+        # What exists now (modules, classes, loaded state) lives as long as the
+        # process: keep it out of the cyclic GC's full passes, which otherwise
+        # pause the reactor in proportion to it (and copy pages after a fork).
+        gc.collect()
+        gc.freeze()
 
     async def _start_child(self, service):
         if service.parent is None:

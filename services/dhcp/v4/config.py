@@ -138,9 +138,10 @@ class Dhcp4Config:
 
     def subnet_for(self, address) -> Subnet | None:
         """The subnet whose network contains ``address`` (e.g. a giaddr)."""
-        addr = IPv4Address(address)
+        a = int(address if isinstance(address, IPv4Address) else IPv4Address(address))
         for s in self.subnets:
-            if addr in s.network:
+            net = s.network
+            if net.network_address._ip <= a <= net.broadcast_address._ip:
                 return s
         return None
 

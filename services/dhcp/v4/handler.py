@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+import socket
 from ipaddress import IPv4Address
 from typing import Any, Callable
 
@@ -28,6 +29,11 @@ from services.dhcp.v4.leases import AddressUnavailable, LeaseStore, UnknownSubne
 
 _log = Logger(namespace="services.dhcp4")
 ZERO = IPv4Address(0)
+
+
+def _ip(dotted: str) -> IPv4Address:
+    """A stored (canonical) dotted quad as an address, without re-parsing the text."""
+    return IPv4Address(socket.inet_aton(dotted))
 
 
 @dataclass
@@ -157,7 +163,7 @@ class Dhcp4Handler:
             _log.warn("no free address in subnet {subnet} for {hw}", subnet=str(subnet.network),
                       hw=pkt.hwaddr.hex(":"))
             return self._drop("no_address")
-        return self._reply(pkt, C.OFFER, subnet, IPv4Address(lease.address), self._lease_time(subnet))
+        return self._reply(pkt, C.OFFER, subnet, _ip(lease.address), self._lease_time(subnet))
 
     @eager
     def _request(self, pkt):
@@ -188,7 +194,7 @@ class Dhcp4Handler:
             # (unless it is down / the client waited delay_s, see pools.answers)
             return self._drop("not_ours")
         try:
-            lease = yield self.leases.bind(subnet.id, str(address), pkt.hwaddr, pkt.client_id,
+            lease = yield self.leases.bind(subnet.id, address, pkt.hwaddr, pkt.client_id,
                                            lease_time_s=self._lease_time(subnet),
                                            hostname=pkt.hostname or "", roles=self._roles())
         except (AddressUnavailable, UnknownSubnet) as e:
@@ -196,7 +202,7 @@ class Dhcp4Handler:
                       hw=pkt.hwaddr.hex(":"), why=e)
             return self._reply(pkt, C.NAK)
         self._notify("bound", lease)
-        return self._reply(pkt, C.ACK, subnet, IPv4Address(lease.address),
+        return self._reply(pkt, C.ACK, subnet, _ip(lease.address),
                            max(1, round(lease.expires - self.now())))
 
     @eager

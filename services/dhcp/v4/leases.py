@@ -412,7 +412,8 @@ class LeaseStore:
 
     def segment_role(self, address: str | int) -> str | None:
         """The pool-segment role (``primary``/``secondary``/None) of an address."""
-        fs = self._set_for(int(IPv4Address(address)))
+        a = int(address) if isinstance(address, (int, IPv4Address)) else _aton(address)
+        fs = self._set_for(a)
         return fs.role if fs else None
 
     def in_pool(self, address: str | int) -> bool:
@@ -821,7 +822,7 @@ class LeaseStore:
         return holder is not None and holder != (subnet_id, hw)
 
     @eager
-    def bind(self, subnet_id: int, address: str, hwaddr: bytes | str | None,
+    def bind(self, subnet_id: int, address: str | IPv4Address, hwaddr: bytes | str | None,
              client_id: bytes | str | None = None, *, lease_time_s: float,
              hostname: str = "", roles: Iterable[str] | None = None):
         """Bind (REQUEST: selecting, init-reboot, renewing, rebinding).
@@ -834,7 +835,7 @@ class LeaseStore:
         """
         sub = self._subnet(subnet_id)
         try:
-            addr = IPv4Address(address)
+            addr = address if isinstance(address, IPv4Address) else IPv4Address(address)
         except ValueError:
             raise UnknownSubnet(f"{address!r} is not an IPv4 address") from None
         if addr not in sub.network:
