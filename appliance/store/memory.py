@@ -653,7 +653,7 @@ class MemoryStore(Service):
     @staticmethod
     def _check_str(*values):
         for v in values:
-            if not isinstance(v, str):
+            if v.__class__ is not str and not isinstance(v, str):
                 raise StoreError(f"keys, fields and values must be str, not {type(v).__name__}")
 
     def _ttl_at(self, ttl_s):

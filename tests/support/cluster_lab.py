@@ -86,7 +86,7 @@ auto_partner_down_s = 1
 
 [services.dhcp4]
 interface = "eth0"
-failover = {{ peer = "{peer}", role = "{role}", mode = "{mode}", split = 50, delay_s = 0, mclt_s = 30, max_unacked = 100 }}
+failover = {{ peer = "{peer}", role = "{role}", mode = "{mode}", split = 50, delay_s = 0, mclt_s = 30, max_unacked = 1000 }}
 
 [[services.dhcp4.subnets]]
 id = {subnet_id}

@@ -6,7 +6,7 @@ Example (SPEC.md)::
     interface = "veth0"            # or listen_address = "127.0.0.1" (relayed only)
     port = 67
     failover = { peer = "b", role = "primary", mode = "split-scope", split = 50,
-                 delay_s = 2, mclt_s = 3600, max_unacked = 100 }
+                 delay_s = 2, mclt_s = 3600, max_unacked = 1000 }
     [[services.dhcp4.subnets]]
     id = 1
     subnet = "10.9.0.0/24"
@@ -67,7 +67,7 @@ class Failover:
     split: int = 50           # primary's percent (0..100)
     delay_s: float = 2.0      # non-owner answers once the client's secs >= delay_s
     mclt_s: int = 3600        # maximum client lead time
-    max_unacked: int = 100    # bound on un-acked lease updates to the partner
+    max_unacked: int = 1000   # bound on un-acked lease updates to the partner
 
     @property
     def partner_role(self) -> str:
@@ -186,7 +186,7 @@ def _parse_failover(table: Table, context: ParseContext) -> Failover | None:
     split = ft.int("split", 50, min=0, max=100)
     delay_s = ft.float("delay_s", 2.0, min=0, max=3600)
     mclt_s = ft.int("mclt_s", 3600, min=1, max=30 * 86400)
-    max_unacked = ft.int("max_unacked", 100, min=1, max=1_000_000)
+    max_unacked = ft.int("max_unacked", 1000, min=1, max=1_000_000)
     ft.done()
     if peer is not None and peer not in context.peer_ids:
         known = ", ".join(context.peer_ids) or "none: [cluster] has no peers"

@@ -52,7 +52,7 @@ import bisect
 import re
 import socket
 from collections import deque
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 from typing import Any, Callable, Iterable
 
@@ -123,6 +123,15 @@ def _checked(address: str) -> str:
     except OSError:
         pass
     raise ValueError(f"{address!r} is not an IPv4 address")
+
+
+def _canonical(address) -> str:
+    """A canonical dotted quad as it is, anything else through ipaddress
+    (ValueError if it is not an IPv4 address)."""
+    try:
+        return _checked(address)
+    except (ValueError, TypeError):
+        return str(IPv4Address(address))
 
 
 def _parse_hash(h):
@@ -233,13 +242,16 @@ class Lease:
 
     def to_wire(self) -> dict[str, Any]:
         """Everything, for lease updates to the partner (``from_wire`` reads it)."""
-        return asdict(self)
+        return {"address": self.address, "subnet_id": self.subnet_id, "state": self.state,
+                "hwaddr": self.hwaddr, "client_id": self.client_id, "hostname": self.hostname,
+                "expires": self.expires, "cltt": self.cltt, "owner": self.owner,
+                "updated_by": self.updated_by, "version": self.version}
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> "Lease":
         """Build from a partner's ``to_wire`` dict; raises ValueError if malformed."""
         try:
-            lease = cls(str(IPv4Address(d["address"])), int(d["subnet_id"]), str(d["state"]),
+            lease = cls(_canonical(d["address"]), int(d["subnet_id"]), str(d["state"]),
                         normalize_hwaddr(d.get("hwaddr") or ""),
                         normalize_client_id(d.get("client_id") or ""), str(d.get("hostname") or ""),
                         float(d.get("expires", 0)), float(d.get("cltt", 0)),
