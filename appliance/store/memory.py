@@ -683,8 +683,9 @@ class MemoryStore(Service):
             return self._typed(key, str)
         return self._read(op)
 
-    def _do_set(self, key, value, ttl_s):
-        self._check_str(key, value)
+    def _do_set(self, key, value, ttl_s, checked=False):
+        if not checked:
+            self._check_str(key, value)
         when = self._ttl_at(ttl_s)
         self._data[key] = value
         self._set_expiry(key, when)
@@ -722,8 +723,9 @@ class MemoryStore(Service):
         return self._read(op)
 
     # -- hashes -----------------------------------------------------------
-    def _do_hset(self, key, mapping):
-        self._check_str(key, *mapping.keys(), *mapping.values())
+    def _do_hset(self, key, mapping, checked=False):
+        if not checked:
+            self._check_str(key, *mapping.keys(), *mapping.values())
         h = self._typed(key, dict)
         if h is None:
             h = self._data[key] = {}
@@ -773,10 +775,11 @@ class MemoryStore(Service):
         return self._write(op)
 
     # -- sorted sets ------------------------------------------------------
-    def _do_zadd(self, key, mapping):
-        self._check_str(key, *mapping.keys())
+    def _do_zadd(self, key, mapping, checked=False):
+        if not checked:
+            self._check_str(key, *mapping.keys())
         scores = {m: float(s) for m, s in mapping.items()}
-        if any(score != score for score in scores.values()):
+        if not checked and any(score != score for score in scores.values()):
             raise StoreError("score is not a number (NaN)")
         z = self._typed(key, ZSet)
         if z is None:
@@ -853,11 +856,11 @@ class MemoryStore(Service):
                 self._check_str(key)
                 if self._typed(key, str) != value:
                     return False, [], []
-            self._validate_ops(ops)
+            self._validate_ops(ops)          # checks every op: applying below skips the checks
             records, changes = [], []
             for o in ops:
                 if o.kind == "set":
-                    records.append(self._do_set(o.key, o.args[0], o.args[1]))
+                    records.append(self._do_set(o.key, o.args[0], o.args[1], checked=True))
                 elif o.kind == "delete":
                     if self._live(o.key) is None:
                         continue
@@ -867,14 +870,14 @@ class MemoryStore(Service):
                 elif o.kind in ("hset", "zadd") and not o.args[0]:
                     continue                      # nothing to write (as on redis)
                 elif o.kind == "hset":
-                    records.append(self._do_hset(o.key, dict(o.args[0]))[1])
+                    records.append(self._do_hset(o.key, dict(o.args[0]), checked=True)[1])
                 elif o.kind == "hdel":
                     record = self._do_hdel(o.key, o.args[0])[1]
                     if record is None:
                         continue
                     records.append(record)
                 elif o.kind == "zadd":
-                    records.append(self._do_zadd(o.key, dict(o.args[0]))[1])
+                    records.append(self._do_zadd(o.key, dict(o.args[0]), checked=True)[1])
                 elif o.kind == "zrem":
                     record = self._do_zrem(o.key, o.args[0])[1]
                     if record is None:

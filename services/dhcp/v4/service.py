@@ -60,11 +60,9 @@ class _Protocol(protocol.DatagramProtocol):
 class Dhcp4Service(Service):
     name = "dhcp4"
     #: Requests being handled (waiting for the store) beyond which new
-    #: DISCOVERs are dropped and counted as "overload" -- about half a second
-    #: of work at the rates this service sustains, so a short stall (a GC
-    #: pass, a busy CPU) is absorbed, while real overload still sheds the
-    #: DISCOVERs whose OFFERs would come too late.
-    MAX_INFLIGHT = 1024
+    #: DISCOVERs are dropped and counted as "overload" (measured: a larger
+    #: queue at saturation only makes every answer late).
+    MAX_INFLIGHT = 256
 
     def __init__(self, config: Dhcp4Config, context):
         self.config = config
