@@ -129,6 +129,7 @@ class Dhcp4Config:
     offer_timeout_s: float = 30.0
     decline_quarantine_s: float = 86400.0
     reclaim_interval_s: float = 10.0
+    receive_buffer_bytes: int = 4 * 1024 * 1024
 
     def subnet(self, subnet_id: int) -> Subnet | None:
         for s in self.subnets:
@@ -163,6 +164,7 @@ def parse_dhcp4(table: Table, context: ParseContext) -> Dhcp4Config | None:
     offer_timeout = table.float("offer_timeout_s", 30.0, min=1, max=3600)
     quarantine = table.float("decline_quarantine_s", 86400.0, min=1, max=30 * 86400)
     reclaim = table.float("reclaim_interval_s", 10.0, min=0.1, max=3600)
+    rcvbuf = table.int("receive_buffer_bytes", 4 * 1024 * 1024, min=65536, max=256 * 1024 * 1024)
     if interface is None and listen_address is None and "interface" not in table.data \
             and "listen_address" not in table.data:
         table.error("interface", "missing: give interface (direct clients) or "
@@ -173,7 +175,7 @@ def parse_dhcp4(table: Table, context: ParseContext) -> Dhcp4Config | None:
     if len(table.problems.items) != before:
         return None
     return Dhcp4Config(interface, listen_address, port, server_id, failover, tuple(subnets),
-                       offer_timeout, quarantine, reclaim)
+                       offer_timeout, quarantine, reclaim, rcvbuf)
 
 
 def _parse_failover(table: Table, context: ParseContext) -> Failover | None:

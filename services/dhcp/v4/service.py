@@ -34,6 +34,7 @@ from services.dhcp.v4.replication import LeaseOutbox
 
 _log = Logger(namespace="services.dhcp4")
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SIOCGIFADDR = 0x8915
 CHANNEL = "dhcp4"
 SYNC_BATCH = 256        # leases per peer-link message in a recovery sync
@@ -44,6 +45,20 @@ def interface_address(ifname: str) -> IPv4Address:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         packed = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", ifname.encode()[:15]))
     return IPv4Address(packed[20:24])
+
+
+def set_receive_buffer(sock: socket.socket, size: int) -> int:
+    """Ask for a ``size``-byte kernel receive buffer (SO_RCVBUFFORCE when
+    allowed, else SO_RCVBUF, which ``net.core.rmem_max`` caps); the size
+    the kernel reports back."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+    except OSError:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        except OSError as e:
+            _log.warn("dhcp4: cannot set the receive buffer to {size}: {why}", size=size, why=e)
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
 
 
 class _Protocol(protocol.DatagramProtocol):
@@ -119,6 +134,7 @@ class Dhcp4Service(Service):
         self.port = self.reactor.listenUDP(cfg.port, _Protocol(self), interface=listen_on)
         sock = self.port.socket
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        rcvbuf = set_receive_buffer(sock, cfg.receive_buffer_bytes)
         if cfg.interface:
             sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, cfg.interface.encode())
         self._register_rpc()
@@ -128,9 +144,10 @@ class Dhcp4Service(Service):
         self._reclaim.clock = self.reactor
         self._reclaim.start(cfg.reclaim_interval_s, now=False).addErrback(
             lambda f: _log.failure("dhcp4 reclaim loop stopped", failure=f))
-        _log.info("dhcp4 serving {n} subnet(s) on {where}:{port} as {sid} ({role})",
+        _log.info("dhcp4 serving {n} subnet(s) on {where}:{port} as {sid} ({role}); "
+                  "receive buffer {rcvbuf} bytes",
                   n=len(cfg.subnets), where=cfg.interface or listen_on or "*", port=cfg.port,
-                  sid=str(server_id), role=self.role)
+                  sid=str(server_id), role=self.role, rcvbuf=rcvbuf)
 
     def stopService(self):
         super().stopService()
