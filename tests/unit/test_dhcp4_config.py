@@ -166,3 +166,21 @@ def test_mac_normalisation(octets, sep, upper):
     text = text.upper() if upper else text
     assert normalize_mac(text) == ":".join(f"{o:02x}" for o in octets)
     assert normalize_mac(text + ":00") is None
+
+
+def test_receive_buffer_default_range_and_socket():
+    """receive_buffer_bytes defaults to 4 MiB, is range-checked with its key path, and
+    set_receive_buffer gets at least that from the kernel when allowed (root)."""
+    import os
+    import socket
+
+    from services.dhcp.v4.service import set_receive_buffer
+    cfg, problems = parse(base())
+    assert problems == [] and cfg.receive_buffer_bytes == 4 * 1024 * 1024
+    _, problems = parse(base(receive_buffer_bytes=10))
+    assert any("services.dhcp4.receive_buffer_bytes" in p for p in problems), problems
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        got = set_receive_buffer(s, 4 * 1024 * 1024)
+        assert got > 0
+        if os.geteuid() == 0:
+            assert got >= 4 * 1024 * 1024
