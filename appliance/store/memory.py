@@ -449,6 +449,7 @@ class MemoryStore(Service):
         if pid == 0:                                   # child: no reactor, no threads
             code = 1
             try:
+                os.nice(19)                            # serving comes first
                 self._write_snapshot(self._image(), gen, old_gen)
                 code = 0
             finally:
