@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(redis-server redis-tools redis-sentinel procps iproute2 nftables iputils-ping keepalived busybox bind9 bind9-utils bind9-dnsutils kea-admin)
+APT_PACKAGES=(redis-server redis-tools redis-sentinel procps iproute2 nftables iputils-ping keepalived busybox bind9 bind9-utils bind9-dnsutils kea-admin slapd ldap-utils)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -16,6 +16,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     echo "== apt-get install ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    # slapd: no system directory; the tests build their own (tests/support/slapd_server.py)
+    echo "slapd slapd/no_configuration boolean true" | debconf-set-selections
     apt-get -o DPkg::Lock::Timeout=600 update -qq
     apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   else

@@ -36,6 +36,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 from typing import Any
 
 from appliance.config import ParseContext, Table, ip_item
@@ -99,6 +100,26 @@ class Reservation:
 
 
 @dataclass(frozen=True)
+class LdapSettings:
+    """``[services.dhcp4.ldap]``: reservations read from a directory."""
+
+    servers: tuple[str, ...]
+    base_dn: str
+    bind_dn: str | None = None
+    password_file: str | None = None
+    filter: str = "(objectClass=ieee802Device)"
+    mac_attribute: str = "macAddress"
+    ip_attribute: str = "ipHostNumber"
+    refresh_interval_s: float = 300.0
+    timeout_s: float = 2.0
+
+    def password(self) -> str | None:
+        if self.password_file is None:
+            return None
+        return Path(self.password_file).read_text(encoding="utf-8").strip()
+
+
+@dataclass(frozen=True)
 class Subnet:
     id: int
     network: IPv4Network
@@ -130,6 +151,7 @@ class Dhcp4Config:
     decline_quarantine_s: float = 86400.0
     reclaim_interval_s: float = 10.0
     receive_buffer_bytes: int = 4 * 1024 * 1024
+    ldap: LdapSettings | None = None
 
     def subnet(self, subnet_id: int) -> Subnet | None:
         for s in self.subnets:
@@ -171,11 +193,45 @@ def parse_dhcp4(table: Table, context: ParseContext) -> Dhcp4Config | None:
                                  "listen_address (relayed clients only)")
     failover = _parse_failover(table, context)
     subnets = _parse_subnets(table, failover is not None or table.has("failover"))
+    ldap = _parse_ldap(table)
     table.done()
     if len(table.problems.items) != before:
         return None
     return Dhcp4Config(interface, listen_address, port, server_id, failover, tuple(subnets),
-                       offer_timeout, quarantine, reclaim, rcvbuf)
+                       offer_timeout, quarantine, reclaim, rcvbuf, ldap)
+
+
+def _ldap_url(table: Table, path: str, value: Any):
+    if not isinstance(value, str) or not re.match(r"^ldaps?://[^/\s]+/?$", value):
+        table.problems.add(path, f"{value!r} is not an LDAP server URL (ldap://host:port)")
+        return None
+    return value
+
+
+def _parse_ldap(table: Table) -> LdapSettings | None:
+    lt = table.table("ldap")
+    if lt is None:
+        return None
+    servers = lt.list("servers", _ldap_url, min_len=1)
+    base_dn = lt.str("base_dn")
+    bind_dn = lt.str("bind_dn", None)
+    password_file = lt.str("password_file", None)
+    flt = lt.str("filter", "(objectClass=ieee802Device)")
+    mac_attr = lt.str("mac_attribute", "macAddress")
+    ip_attr = lt.str("ip_attribute", "ipHostNumber")
+    refresh = lt.float("refresh_interval_s", 300.0, min=1, max=86400)
+    timeout = lt.float("timeout_s", 2.0, min=0.1, max=60)
+    if flt is not None and not (flt.startswith("(") and flt.endswith(")")):
+        lt.error("filter", f"{flt!r} is not an LDAP filter (it is written in parentheses)")
+    if bind_dn is not None and password_file is None:
+        lt.error("password_file", "missing: bind_dn needs the file holding its password")
+    if password_file is not None and not Path(password_file).is_file():
+        lt.error("password_file", f"{password_file!r} is not a readable file")
+    lt.done()
+    if not servers or base_dn is None:
+        return None
+    return LdapSettings(tuple(servers), base_dn, bind_dn, password_file, flt or "", mac_attr or "",
+                        ip_attr or "", refresh or 300.0, timeout or 2.0)
 
 
 def _parse_failover(table: Table, context: ParseContext) -> Failover | None:
@@ -356,5 +412,5 @@ def _reservations_only(pairs) -> tuple[Reservation, ...]:
     return tuple(r for _, r in pairs)
 
 
-__all__ = ["Dhcp4Config", "Failover", "Pool", "Reservation", "Subnet", "MODES", "ROLES",
+__all__ = ["Dhcp4Config", "Failover", "LdapSettings", "Pool", "Reservation", "Subnet", "MODES", "ROLES",
            "normalize_mac", "parse_dhcp4"]

@@ -400,6 +400,7 @@ class LeaseStore:
             fs = self._set_for(a)
             if fs is not None:
                 fs.discard(a)
+        self._config_reserved = (dict(self._reserved_addr), dict(self._reserved_mac))
         # mirror: ip int -> (version, state, subnet id) of every stored record
         self._meta: dict[int, tuple[int, str, int]] = {}
         self._sorted: list[int] | None = None
@@ -440,6 +441,45 @@ class LeaseStore:
     def reserved_address(self, subnet_id: int, hwaddr: str) -> str | None:
         a = self._reserved_mac.get((subnet_id, normalize_hwaddr(hwaddr)))
         return str(IPv4Address(a)) if a is not None else None
+
+    def set_external_reservations(self, pairs: Iterable[tuple[str, IPv4Address]]) -> list[str]:
+        """Replace the reservations that come from outside the config (LDAP)
+        with ``pairs`` of ``(mac, address)``; the config's own win on a
+        conflict.  Returns a text for each pair not used (no subnet holds
+        the address, or the address or client is reserved already)."""
+        addr, mac_of = dict(self._config_reserved[0]), dict(self._config_reserved[1])
+        unplaced = []
+        for mac, ip in pairs:
+            a = int(ip)
+            sub = self.config.subnet_for(ip)
+            if sub is None:
+                unplaced.append(f"{ip} for {mac}: in no configured subnet")
+                continue
+            if addr.get(a, (sub.id, mac)) != (sub.id, mac):
+                unplaced.append(f"{ip} for {mac}: reserved for {addr[a][1]} already")
+                continue
+            if mac_of.get((sub.id, mac), a) != a:
+                unplaced.append(f"{ip} for {mac}: {mac} has {IPv4Address(mac_of[(sub.id, mac)])} "
+                                "reserved already")
+                continue
+            addr[a] = (sub.id, mac)
+            mac_of[(sub.id, mac)] = a
+        before = self._reserved_addr
+        self._reserved_addr, self._reserved_mac = addr, mac_of
+        for a in addr.keys() - before.keys():          # newly reserved: not for the pool
+            fs = self._set_for(a)
+            if fs is not None:
+                fs.discard(a)
+        for a in before.keys() - addr.keys():          # no longer reserved: free if unused
+            meta = self._meta.get(a)
+            fs = self._set_for(a)
+            if fs is not None and a not in self._offers and (meta is None or meta[1] in FREE_STATES):
+                fs.put(a)
+        return unplaced
+
+    @property
+    def reservation_count(self) -> int:
+        return len(self._reserved_addr)
 
     def _subnet(self, subnet_id: int):
         s = self._subnets.get(subnet_id)

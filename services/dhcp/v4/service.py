@@ -29,6 +29,7 @@ from services.dhcp.v4 import codec as C
 from services.dhcp.v4 import pools as P
 from services.dhcp.v4.config import Dhcp4Config
 from services.dhcp.v4.handler import Dhcp4Handler, FailoverView
+from services.dhcp.v4.ldap_reservations import LdapReservations
 from services.dhcp.v4.leases import Lease, LeaseStore
 from services.dhcp.v4.replication import LeaseOutbox
 
@@ -88,6 +89,7 @@ class Dhcp4Service(Service):
         self._loopback = False
         self._sync_wait = None
         self.outbox: LeaseOutbox | None = None    # lazy updates to the partner
+        self.ldap: LdapReservations | None = None  # reservations from a directory
         self._inflight = 0
         self.handler: Dhcp4Handler | None = None
         self.drops: dict[str, int] = {r: 0 for r in C.DROP_REASONS}
@@ -115,6 +117,11 @@ class Dhcp4Service(Service):
     async def _start(self):
         cfg = self.config
         await self.leases.load()
+        if cfg.ldap is not None:
+            self.ldap = LdapReservations(self.reactor, cfg.ldap,
+                                         self.leases.set_external_reservations,
+                                         store=self.context.store)
+            await self.ldap.start()
         if cfg.server_id is not None:
             server_id = cfg.server_id
         elif cfg.listen_address is not None:
@@ -155,6 +162,8 @@ class Dhcp4Service(Service):
             self._reclaim.stop()
         if self.outbox is not None:
             self.outbox.flush()            # hand what is queued to the peer link now
+        if self.ldap is not None:
+            self.ldap.stop()
         for name in ("dhcp4.leases", "dhcp4.lease", "dhcp4.release", "dhcp4.scopes", "dhcp4.stats"):
             if name in self.context.rpc:
                 self.context.rpc.unregister(name)
@@ -409,7 +418,9 @@ class Dhcp4Service(Service):
     def rpc_stats(self):
         return {"packets": dict(self.handler.counters) if self.handler else {},
                 "drops": {k: v for k, v in self.drops.items() if v},
-                "leases": self.leases.stats(), "replication": dict(self.stats)}
+                "leases": self.leases.stats(), "replication": dict(self.stats),
+                "reservations": {"count": self.leases.reservation_count,
+                                 "ldap": self.ldap.status() if self.ldap else None}}
 
     # ------------------------------------------------------------------
     def collect(self):
@@ -428,6 +439,14 @@ class Dhcp4Service(Service):
         for s in self.config.subnets:
             free.add_metric([str(s.network)], self.leases.free_count(s.id))
         yield free
+        res = GaugeMetricFamily("appliance_dhcp4_reservations", "Static host reservations in use")
+        res.add_metric([], self.leases.reservation_count)
+        yield res
+        if self.ldap is not None:
+            ldap_errors = CounterMetricFamily("appliance_dhcp4_ldap_refresh_errors",
+                                              "LDAP reservation refreshes that failed")
+            ldap_errors.add_metric([], self.ldap.stats["errors"])
+            yield ldap_errors
         repl = CounterMetricFamily("appliance_dhcp4_replication", "Lease updates to/from the partner",
                                    labels=["event"])
         for k, v in self.stats.items():
