@@ -25,6 +25,7 @@ Install (Debian 12, OpenLDAP 2.5.13), see ``install_slapd()``::
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -292,12 +293,13 @@ class SlapdServer(ServerProcess):
         """A synchronous ldap3 Connection, bound as ``admin_dn`` unless ``bind=False``
         (anonymous).  The caller unbinds it."""
         import ldap3
+        receive = max(1, math.ceil(timeout))   # ldap3 packs SO_RCVTIMEO as whole seconds
         server = ldap3.Server("127.0.0.1", port=self.port, get_info=ldap3.NONE,
                               connect_timeout=timeout)
         if not bind:
-            return ldap3.Connection(server, auto_bind=True, receive_timeout=timeout)
+            return ldap3.Connection(server, auto_bind=True, receive_timeout=receive)
         return ldap3.Connection(server, user=self.admin_dn, password=self.admin_password,
-                                auto_bind=True, raise_exceptions=False, receive_timeout=timeout)
+                                auto_bind=True, raise_exceptions=False, receive_timeout=receive)
 
     def host_dn(self, cn: str) -> str:
         from ldap3.utils.dn import escape_rdn

@@ -26,6 +26,8 @@ retries with backoff (5 s doubling up to ``refresh_interval_s``).
 from __future__ import annotations
 
 import json
+import math
+import struct
 from ipaddress import IPv4Address
 from typing import Any, Callable
 
@@ -61,8 +63,10 @@ def fetch_entries(settings: LdapSettings, password: str | None) -> tuple[str, li
         conn = None
         try:
             server = ldap3.Server(url, connect_timeout=settings.timeout_s, get_info=ldap3.NONE)
+            # ldap3 packs receive_timeout into SO_RCVTIMEO as whole seconds
             conn = ldap3.Connection(server, user=settings.bind_dn, password=password,
-                                    receive_timeout=settings.timeout_s, auto_bind=True,
+                                    receive_timeout=max(1, math.ceil(settings.timeout_s)),
+                                    auto_bind=True,
                                     raise_exceptions=True, read_only=True)
             entries = conn.extend.standard.paged_search(
                 settings.base_dn, settings.filter, ldap3.SUBTREE,
@@ -76,7 +80,7 @@ def fetch_entries(settings: LdapSettings, password: str | None) -> tuple[str, li
                 out.append({"dn": e.get("dn", "?"), "mac": _first(attrs.get(settings.mac_attribute)),
                             "ip": _first(attrs.get(settings.ip_attribute))})
             return url, out
-        except (LDAPException, OSError) as e:
+        except (LDAPException, OSError, ValueError, TypeError, struct.error) as e:
             problems.append(f"{url}: {type(e).__name__}: {e}")
         finally:
             if conn is not None:
