@@ -15,12 +15,19 @@ ADDR = {"a": "127.0.0.1", "b": "127.0.0.2"}
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with socket.socket() as s:   # must be free on 127.0.0.2 as well
-        s.bind(("127.0.0.2", port))
-    return port
+    """A TCP port free on 127.0.0.1 and on 127.0.0.2 (retried: the kernel only
+    promises the first)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.2", port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no port free on both 127.0.0.1 and 127.0.0.2")
 
 
 @pytest.fixture(scope="module")

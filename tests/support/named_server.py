@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.support.server_process import ServerProcess
+from tests.support.server_process import DirServerProcess
 
 APT_PACKAGES = ("bind9", "bind9-utils", "bind9-dnsutils")
 
@@ -68,8 +68,10 @@ _SOA = """$TTL 60
 
 
 
-class NamedServer(ServerProcess):
+class NamedServer(DirServerProcess):
     """One ``named -f -g`` process serving ``zone`` and ``reverse_zone`` on 127.0.0.1."""
+
+    restart_pause = 0.2
 
     def __init__(self, *, zone: str = "example.test.", reverse_zone: str = "0.9.10.in-addr.arpa.",
                  key_name: str = "appliance-key", port: int | None = None,
@@ -170,46 +172,3 @@ controls {{ }};
         raise RuntimeError(f"named on port {self.port} not ready within {timeout}s: "
                            f"{self.log_tail()}")
 
-    def kill(self) -> None:
-        """SIGKILL named (a crash) and reap it."""
-        super().kill()
-        self._close_log()
-
-    def _close_log(self):
-        if self._logfh is not None:
-            self._logfh.close()
-            self._logfh = None
-
-    def stop(self) -> None:
-        """Terminate named (SIGTERM, then SIGKILL); the directory stays for restart()."""
-        if self.alive:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._close_log()
-
-    def restart(self, timeout: float = 15.0) -> "NamedServer":
-        """Start again on the same port (stopping a running instance first)."""
-        self.stop()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                return self.start(timeout=max(2.0, deadline - time.monotonic()))
-            except RuntimeError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-
-    def cleanup(self) -> None:
-        """Stop and remove the directory (when it was created here)."""
-        self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.cleanup()

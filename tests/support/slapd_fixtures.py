@@ -20,19 +20,6 @@ def _require_slapd() -> None:
                     f"apt-get install {' '.join(APT_PACKAGES)})")
 
 
-@pytest.fixture(scope="module")
-def slapd_module():
-    """One slapd shared by a module's tests (dc=example,dc=net, ou=hosts);
-    tests must use their own entry names and must not stop it."""
-    _require_slapd()
-    from tests.support.slapd_server import SlapdServer
-    server = SlapdServer()
-    try:
-        yield server.start()
-    finally:
-        server.cleanup()
-
-
 @pytest.fixture
 def slapd():
     """A slapd for one test; the test may stop, kill and start/restart it."""

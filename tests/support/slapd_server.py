@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from tests.support.node_process import free_port
-from tests.support.server_process import ServerProcess
+from tests.support.server_process import DirServerProcess
 
 APT_PACKAGES = ("slapd", "ldap-utils")
 DEBCONF_PRESEED = "slapd slapd/no_configuration boolean true\n"
@@ -157,8 +157,10 @@ ou: hosts
 """
 
 
-class SlapdServer(ServerProcess):
+class SlapdServer(DirServerProcess):
     """One foreground ``slapd`` serving ``dc=example,dc=net`` on 127.0.0.1:``port``."""
+
+    restart_pause = 0.1
 
     base_dn = "dc=example,dc=net"
     hosts_dn = "ou=hosts,dc=example,dc=net"
@@ -244,49 +246,6 @@ class SlapdServer(ServerProcess):
         raise RuntimeError(f"slapd on port {self.port} not ready within {timeout}s "
                            f"({last!r}): {self.log_tail()}")
 
-    def kill(self) -> None:
-        """SIGKILL slapd (a crash) and reap it; the data directory stays."""
-        super().kill()
-        self._close_log()
-
-    def stop(self) -> None:
-        """Terminate slapd (SIGTERM + wait, then SIGKILL); the directory stays."""
-        if self.alive:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._close_log()
-
-    def restart(self, timeout: float = 10.0) -> "SlapdServer":
-        """Start again on the same port (stopping a running instance first)."""
-        self.stop()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                return self.start(timeout=max(2.0, deadline - time.monotonic()))
-            except RuntimeError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-
-    def _close_log(self) -> None:
-        if self._logfh is not None:
-            self._logfh.close()
-            self._logfh = None
-
-    def cleanup(self) -> None:
-        """Stop and remove the directory (when it was created here)."""
-        self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.cleanup()
 
     # -- LDAP ------------------------------------------------------------
     def connect(self, bind: bool = True, timeout: float = 5.0):
