@@ -1036,18 +1036,20 @@ class LeaseStore:
         """
         sub = self._subnets.get(remote.subnet_id)
         try:
-            addr = IPv4Address(remote.address)
-        except ValueError:
-            addr = None
-        if sub is None or addr is None or addr not in sub.network or remote.state not in STATES:
+            a = _aton(_canonical(remote.address))
+        except (ValueError, OSError):
+            a = None
+        net = sub.network if sub is not None else None
+        if sub is None or a is None or remote.state not in STATES \
+                or not net.network_address._ip <= a <= net.broadcast_address._ip:
             self.counters["remote_rejected"] += 1
             self._log.warn("rejected partner lease {address} (subnet {subnet}): not configured here",
                            address=remote.address, subnet=remote.subnet_id)
             return REJECTED
-        address = str(addr)
+        address = _ntoa(a)
         for _ in range(_RETRIES):
             now = self._now()
-            local = yield self.get(address)
+            local = yield self._get(address)
             rck = remote.client_key
             conflict = (local is not None and local.active(now) and remote.active(now)
                         and local.client_key != rck)
