@@ -23,9 +23,9 @@ Durability (``fsync``):
 * ``never`` -- records are written in the background, never fsynced.
 
 When the journals pass ``compact_after_bytes`` the store snapshots itself
-(like Redis BGSAVE: a forked child serialises and fsyncs its copy-on-write
-view of that instant while the reactor keeps serving; where there is no
-fork, a copy taken in the reactor is serialised in a thread), then
+(encoded in the reactor ``snapshot_chunk`` keys per turn, so serving goes
+on between chunks, then written and fsynced in a thread; the snapshot is
+fuzzy and the journal from the seal on makes it exact on replay), then
 deletes the journals the snapshot covers; memory and disk stay bounded by
 the live data.  The threshold grows with the data (at least the last
 snapshot's size), so a large store does not snapshot itself over and over:
@@ -38,6 +38,7 @@ import heapq
 import json
 import os
 import struct
+import time
 import zlib
 from pathlib import Path
 from typing import Any, Callable
@@ -119,6 +120,15 @@ class _Job:
         self.fh, self.frames, self.waiters, self.close = fh, frames, waiters, close
 
 
+def _encode_value(value: Any) -> list:
+    """A stored value as a snapshot entry ``[kind, value]``."""
+    if isinstance(value, str):
+        return ["s", value]
+    if isinstance(value, dict):
+        return ["h", value]
+    return ["z", value.scores]
+
+
 def _frame(record: Any) -> bytes:
     payload = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
     return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
@@ -156,7 +166,7 @@ class MemoryStore(Service):
 
     def __init__(self, reactor, *, state_dir: str | Path, fsync: str = "always",
                  compact_after_bytes: int = 8 * 1024 * 1024, batch_interval_s: float = 0.2,
-                 threadpool=None, run_in_thread=None, fork_snapshots: bool | None = None):
+                 threadpool=None, run_in_thread=None, snapshot_chunk: int = 500):
         if fsync not in ("always", "batch", "never"):
             raise ValueError(f"fsync must be always|batch|never, not {fsync!r}")
         self._reactor = reactor
@@ -166,8 +176,8 @@ class MemoryStore(Service):
         self.batch_interval_s = batch_interval_s
         self._threadpool = threadpool
         self._run_in_thread = run_in_thread   # tests: run "thread" work inline
-        # snapshots from a forked child (no copy, no stall in the reactor) where fork exists
-        self.fork_snapshots = hasattr(os, "fork") if fork_snapshots is None else fork_snapshots
+        self.snapshot_chunk = max(1, snapshot_chunk)   # keys encoded per reactor turn
+        self._compact_call = None
         self._data: dict[str, Any] = {}
         self._expiry: dict[str, float] = {}
         self._expiry_heap: list[tuple[float, str]] = []
@@ -282,10 +292,12 @@ class MemoryStore(Service):
 
     def stopService(self):
         super().stopService()
-        for call in (self._expiry_call, self._notify_call, self._batch_call):
+        for call in (self._expiry_call, self._notify_call, self._batch_call, self._compact_call):
             if call is not None and call.active():
                 call.cancel()
-        self._expiry_call = self._notify_call = self._batch_call = None
+        if self._compact_call is not None:
+            self._compacting = False       # abandoned: the journals it would replace stay
+        self._expiry_call = self._notify_call = self._batch_call = self._compact_call = None
         if not self._ready:
             return defer.succeed(None)
         return self.flush().addCallback(self._close)
@@ -416,25 +428,50 @@ class MemoryStore(Service):
         old_gen, self._gen = self._gen, self._gen + 1
         self._fh = open(self._journal_path(self._gen), "ab")
         self._journal_bytes = 0
-        if self.fork_snapshots:
-            # Like Redis BGSAVE: a forked child serialises its copy-on-write
-            # view of this instant while the reactor goes on serving.
-            pid = self._fork_snapshot(self._gen, old_gen)
-            self._kick()
-            d = self._in_thread(self._wait_snapshot_child, pid)
-            keys = len(self._data)
-        else:
-            image = self._image()
-            keys = len(image[0])
-            self._kick()
-            d = self._in_thread(self._write_snapshot, image, self._gen, old_gen)
+        # The snapshot is encoded in the reactor a chunk of keys per turn (no
+        # copy of the state, no long pause), written and fsynced in a thread.
+        # It is fuzzy: a key encoded late may carry writes made after the
+        # seal -- harmless, because every record from the seal on is in the
+        # next journal and replaying them (overwrites of keys, fields and
+        # members, deletes) over any such mix ends in the same state.
+        gen = self._gen
+        keys = list(self._data)
+        parts: list[str] = []
+        d = defer.Deferred()
+        timing = {"busy": 0.0, "max": 0.0}
+
+        def step(i: int):
+            self._compact_call = None
+            t0 = time.perf_counter()
+            chunk = {}
+            data = self._data
+            for key in keys[i:i + self.snapshot_chunk]:
+                value = data.get(key)
+                if value is not None:
+                    chunk[key] = _encode_value(value)
+            if chunk:
+                parts.append(json.dumps(chunk, separators=(",", ":"), ensure_ascii=False)[1:-1])
+            spent = time.perf_counter() - t0
+            timing["busy"] += spent
+            timing["max"] = max(timing["max"], spent)
+            if i + self.snapshot_chunk < len(keys):
+                self._compact_call = self._reactor.callLater(0, step, i + self.snapshot_chunk)
+                return
+            text = '{"format":%d,"gen":%d,"data":{%s},"expiry":%s}' % (
+                _FORMAT, gen, ",".join(parts), json.dumps(self._expiry, separators=(",", ":")))
+            self._in_thread(self._write_snapshot_text, text, old_gen).chainDeferred(d)
+
+        self._kick()
+        step(0)
 
         def done(size):
             self._compacting = False
             self._snapshot_bytes = size or 0
             self.stats["compactions"] += 1
-            self._log.info("store compacted: snapshot of {keys} keys, journals up to "
-                           "{gen} removed", keys=keys, gen=old_gen)
+            self._log.info("store compacted: snapshot of {keys} keys ({size} bytes; encoding "
+                           "took {busy:.0f} ms of the reactor, at most {most:.1f} ms at a "
+                           "time), journals up to {gen} removed", keys=len(keys), size=size,
+                           busy=timing["busy"] * 1000, most=timing["max"] * 1000, gen=old_gen)
             return True
 
         def failed(f):
@@ -443,45 +480,11 @@ class MemoryStore(Service):
 
         return d.addCallbacks(done, failed)
 
-    def _fork_snapshot(self, gen: int, old_gen: int) -> int:
-        """Fork; the child writes the snapshot of this instant and exits."""
-        pid = os.fork()
-        if pid == 0:                                   # child: no reactor, no threads
-            code = 1
-            try:
-                os.nice(19)                            # serving comes first
-                self._write_snapshot(self._image(), gen, old_gen)
-                code = 0
-            finally:
-                os._exit(code)
-        return pid
-
-    def _wait_snapshot_child(self, pid: int) -> int:
-        """Thread: wait for the snapshot child; the snapshot's size."""
-        _, status = os.waitpid(pid, 0)
-        code = os.waitstatus_to_exitcode(status)
-        if code != 0:
-            raise StoreError(f"snapshot process {pid} failed (exit status {code})")
-        return (self.dir / "snapshot").stat().st_size
-
-    def _image(self):
-        data = {}
-        for key, value in self._data.items():
-            if isinstance(value, str):
-                data[key] = ("s", value)
-            elif isinstance(value, dict):
-                data[key] = ("h", dict(value))
-            else:
-                data[key] = ("z", dict(value.scores))
-        return data, dict(self._expiry)
-
-    def _write_snapshot(self, image, gen: int, old_gen: int):
-        """Thread: write snapshot atomically, then remove covered journals."""
-        data, expiry = image
+    def _write_snapshot_text(self, text: str, old_gen: int) -> int:
+        """Thread: write the snapshot atomically, then remove the journals it covers."""
         tmp = self.dir / "snapshot.tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump({"format": _FORMAT, "gen": gen, "data": data, "expiry": expiry}, fh,
-                      separators=(",", ":"), ensure_ascii=False)
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         size = tmp.stat().st_size
