@@ -41,8 +41,7 @@ def setup(tmp_path):
     clock = Clock()
     clock.advance(T0)
     thread = ManualThread()
-    store = MemoryStore(clock, state_dir=tmp_path, fsync="always", run_in_thread=thread,
-                        fork_snapshots=False)
+    store = MemoryStore(clock, state_dir=tmp_path, fsync="always", run_in_thread=thread)
     store.startService()
     thread.run_all()                                   # the load
     leases = LeaseStore(store, config(), "a", clock.seconds)
