@@ -18,6 +18,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     # slapd: no system directory; the tests build their own (tests/support/slapd_server.py)
     echo "slapd slapd/no_configuration boolean true" | debconf-set-selections
+    mkdir -p /etc/ldap && touch /etc/ldap/noslapd     # and no system slapd started
     apt-get -o DPkg::Lock::Timeout=600 update -qq
     apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   else
