@@ -26,7 +26,7 @@ class LeaseOutbox:
     RETRY_S = 0.5          # after the peer link refused a batch (Backpressure)
 
     def __init__(self, reactor, link, peer: str, channel: str, max_unacked: int, *,
-                 batch: int = 128, stats: dict[str, int] | None = None):
+                 batch: int = 32, stats: dict[str, int] | None = None):
         self.reactor = reactor
         self.link = link
         self.peer = peer
