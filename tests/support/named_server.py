@@ -140,16 +140,8 @@ controls {{ }};
         if self.alive:
             return self
         self._write()
-        self._logfh = open(self.log_path, "a")
-        self.proc = subprocess.Popen(
-            [self.named, "-f", "-g", "-4", "-n", "1", "-c", str(self.conf)],
-            stdin=subprocess.DEVNULL, stdout=self._logfh, stderr=subprocess.STDOUT, cwd=self.dir)
-        try:
-            self.wait_ready(timeout)
-        except BaseException:
-            self.kill()
-            raise
-        return self
+        return self._launch([self.named, "-f", "-g", "-4", "-n", "1", "-c", str(self.conf)],
+                            timeout)
 
     def wait_ready(self, timeout: float = 15.0) -> None:
         import dns.message

@@ -40,6 +40,20 @@ class DirServerProcess(ServerProcess):
     _logfh = None
     restart_pause = 0.1
 
+    def _launch(self, argv: list[str], timeout: float):
+        """Start ``argv`` in ``self.dir`` logging to ``self.log_path``; wait until
+        ``self.wait_ready(timeout)`` passes (killing it if it does not)."""
+        self._close_log()
+        self._logfh = open(self.log_path, "a")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._logfh,
+                                     stderr=subprocess.STDOUT, cwd=self.dir)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
     def kill(self) -> None:
         """SIGKILL (a crash) and reap; the directory stays for a restart."""
         super().kill()

@@ -219,17 +219,9 @@ class SlapdServer(DirServerProcess):
         if self.alive:
             return self
         self._build()
-        self._close_log()
-        self._logfh = open(self.log_path, "a")
-        self.proc = subprocess.Popen(
+        return self._launch(
             [self.slapd, "-d", self.loglevel, "-h", f"{self.url}/", "-F", str(self.config_dir)],
-            stdin=subprocess.DEVNULL, stdout=self._logfh, stderr=subprocess.STDOUT, cwd=self.dir)
-        try:
-            self.wait_ready(timeout)
-        except BaseException:
-            self.kill()
-            raise
-        return self
+            timeout)
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
