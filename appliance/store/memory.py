@@ -455,14 +455,23 @@ class MemoryStore(Service):
             timing["busy"] += spent
             timing["max"] = max(timing["max"], spent)
             if i + self.snapshot_chunk < len(keys):
-                self._compact_call = self._reactor.callLater(0, step, i + self.snapshot_chunk)
+                step_later(i + self.snapshot_chunk)
                 return
             text = '{"format":%d,"gen":%d,"data":{%s},"expiry":%s}' % (
                 _FORMAT, gen, ",".join(parts), json.dumps(self._expiry, separators=(",", ":")))
             self._in_thread(self._write_snapshot_text, text, old_gen).chainDeferred(d)
 
+        def guarded(i: int):
+            try:
+                step(i)
+            except Exception:
+                d.errback()
+
+        def step_later(i: int):
+            self._compact_call = self._reactor.callLater(0, guarded, i)
+
         self._kick()
-        step(0)
+        guarded(0)
 
         def done(size):
             self._compacting = False

@@ -134,3 +134,26 @@ def test_unreadable_password_file_is_an_error_not_a_crash(tmp_path):
     w.refresh().addErrback(failures.append)
     assert failures and "password_file" in w.stats["last_error"]
     w.stop()
+
+
+def test_apply_that_raises_is_logged_counted_and_retried(tmp_path):
+    """A bug while applying a fetched set does not stop the refreshes silently."""
+    calls = []
+
+    def apply(pairs):
+        calls.append(pairs)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return []
+
+    store, clock = memory_store(tmp_path)
+    w = LdapReservations(clock, SETTINGS, apply, store=None,
+                         fetch=lambda s, p: ("ldap://x", [{"dn": "cn=a", "mac": mac(1),
+                                                            "ip": "10.9.0.15"}]),
+                         run_in_thread=inline)
+    ok(w.start())
+    clock.advance(0)
+    assert w.stats["errors"] == 1 and "boom" in w.stats["last_error"]
+    clock.advance(LdapReservations.MIN_RETRY_S)
+    assert len(calls) == 2 and w.stats["source"] == "ldap"
+    w.stop()

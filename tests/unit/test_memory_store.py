@@ -171,6 +171,24 @@ def test_fuzzy_snapshot_with_writes_between_chunks_reloads_exactly(tmp_path):
     assert _dump(again) == live
 
 
+def test_compaction_that_fails_while_encoding_leaves_the_store_working(tmp_path, monkeypatch):
+    """An error while encoding the snapshot fails that compaction (logged by the
+    caller); the store keeps serving, keeps its journals, and compacts later."""
+    import appliance.store.memory as M
+    store, clock = make(tmp_path, compact_after_bytes=1 << 30)
+    ok(store.set("a", "1"))
+    monkeypatch.setattr(M, "_encode_value", lambda v: (_ for _ in ()).throw(ValueError("bad")))
+    failures = []
+    store.compact().addErrback(failures.append)
+    assert failures and failures[0].check(ValueError)
+    monkeypatch.undo()
+    ok(store.set("b", "2"))
+    assert ok(store.compact()) is True
+    ok(store.stopService())
+    again, _ = make(tmp_path)
+    assert (ok(again.get("a")), ok(again.get("b"))) == ("1", "2")
+
+
 def _dump(store) -> dict:
     out = {}
     cursor = None

@@ -156,7 +156,15 @@ class LdapReservations:
 
     def _tick(self) -> None:
         self._call = None
-        self.refresh().addBoth(lambda _: None)
+        self.refresh().addErrback(self._refresh_broke)
+
+    def _refresh_broke(self, failure) -> None:
+        if failure.check(LdapUnavailable):
+            return                      # logged and rescheduled by _failed
+        _log.failure("dhcp4 ldap: applying the reservations failed", failure=failure)
+        self.stats["errors"] += 1
+        self.stats["last_error"] = failure.getErrorMessage()
+        self._schedule(self.MIN_RETRY_S)
 
     # -- one refresh ---------------------------------------------------------
     def refresh(self) -> defer.Deferred:

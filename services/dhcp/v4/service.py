@@ -23,8 +23,8 @@ from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
 
 from appliance.admin.rpc import ApplicationError, InvalidParams
-from appliance.eager import as_deferred
 from appliance.ddns import DHCID_CLIENT_ID, DHCID_HWADDR, ddns_provider
+from appliance.eager import as_deferred
 from services.dhcp.v4 import codec as C
 from services.dhcp.v4 import pools as P
 from services.dhcp.v4.config import Dhcp4Config
