@@ -25,9 +25,11 @@ def ok(d):
 
 
 def memory_store(state_dir, clock: Clock | None = None, **kw):
-    """A started MemoryStore on ``clock`` whose disk work runs inline."""
+    """A started MemoryStore on ``clock`` whose disk work runs inline (and
+    starts at each write, not at the end of a reactor turn)."""
     from appliance.store.memory import MemoryStore
     clock = clock or Clock()
+    kw.setdefault("turn_batching", False)
     store = MemoryStore(clock, state_dir=state_dir, run_in_thread=inline, **kw)
     store.startService()
     return store, clock

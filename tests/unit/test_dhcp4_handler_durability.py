@@ -47,11 +47,11 @@ def setup(tmp_path):
     leases = LeaseStore(store, config(), "a", clock.seconds)
     leases.load()
     handler = Dhcp4Handler(leases.config, leases, IPv4Address("10.9.0.1"), now=clock.seconds)
-    return handler, thread
+    return handler, thread, clock
 
 
 def test_ack_only_after_the_lease_is_on_disk(tmp_path):
-    handler, thread = setup(tmp_path)
+    handler, thread, clock = setup(tmp_path)
     mac = bytes([2, 0, 0, 0, 0, 1])
     offer = handler.handle(C.parse(packet(C.DISCOVER, mac, "10.9.0.1", 1)))
     assert not isinstance(offer, defer.Deferred), "a DISCOVER is answered from memory"
@@ -60,6 +60,7 @@ def test_ack_only_after_the_lease_is_on_disk(tmp_path):
     ack = handler.handle(C.parse(packet(C.REQUEST, mac, "10.9.0.1", 2, o50=yiaddr.packed,
                                         o54=IPv4Address("10.9.0.1").packed)))
     assert isinstance(ack, defer.Deferred) and not ack.called, "no ACK before the journal write"
+    clock.advance(0)                                   # the journal job starts at the turn's end
     assert len(thread.jobs) == 1
     thread.run_all()
     results = []
@@ -68,12 +69,13 @@ def test_ack_only_after_the_lease_is_on_disk(tmp_path):
 
 
 def test_failed_journal_write_gives_no_ack(tmp_path):
-    handler, thread = setup(tmp_path)
+    handler, thread, clock = setup(tmp_path)
     mac = bytes([2, 0, 0, 0, 0, 2])
     offer = handler.handle(C.parse(packet(C.DISCOVER, mac, "10.9.0.1", 1)))
     ack = handler.handle(C.parse(packet(C.REQUEST, mac, "10.9.0.1", 2,
                                         o50=offer[0].yiaddr.packed,
                                         o54=IPv4Address("10.9.0.1").packed)))
+    clock.advance(0)
     thread.run_all(fail=True)
     failures = []
     ack.addErrback(failures.append)

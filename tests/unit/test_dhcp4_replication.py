@@ -60,7 +60,7 @@ def lease(i: int) -> Lease:
 
 
 def test_backlog_bounded_and_drained_in_order_of_acks():
-    """Updates of one reactor turn leave as one batch; only max_unacked lease updates
+    """Updates gathered for delay_s leave as one batch; only max_unacked lease updates
     are in flight; the rest wait (newest state per address) and go out as acks
     free the window; nothing is dropped."""
     cfg = config_from_string(CONFIG, "t.toml", {"dhcp4": dhcp4_plugin})
@@ -72,8 +72,9 @@ def test_backlog_bounded_and_drained_in_order_of_acks():
     svc.outbox = LeaseOutbox(clock, link, "b", "dhcp4", 2, stats=svc.stats)
     for i in range(5):
         svc._lease_changed("bound", lease(i))
-    assert link.pending == []                       # batched at the end of the turn
     clock.advance(0)
+    assert link.pending == []                       # gathering for delay_s
+    clock.advance(svc.outbox.delay_s)
     assert len(link.pending) == 1 and len(link.pending[0][0]["leases"]) == 2
     assert svc.stats["replication_held"] == 3 and svc.outbox.backlog == 5
     newer = replace(lease(3), cltt=lease(3).cltt + 5)
@@ -85,6 +86,35 @@ def test_backlog_bounded_and_drained_in_order_of_acks():
     assert sorted(w["address"] for w in sent) == [f"10.0.0.{10 + i}" for i in range(5)]
     assert [w["cltt"] for w in sent if w["address"] == "10.0.0.13"] == [newer.cltt]
     assert svc.outbox.backlog == 0 and svc.stats["replication_sent"] == 5
+
+
+def test_full_batch_leaves_at_once_and_backpressure_waits():
+    """A full batch does not wait for delay_s; a batch the link refuses
+    (Backpressure) is kept and retried after RETRY_S, not at the next add."""
+    link = FakeLink()
+    clock = Clock()
+    box = LeaseOutbox(clock, link, "b", "dhcp4", 100, batch=3, delay_s=0.01)
+    for i in range(3):
+        box.add(lease(i))
+    assert len(link.pending) == 1 and len(link.pending[0][0]["leases"]) == 3
+    box.add(lease(3))
+    assert len(link.pending) == 1                   # one lease: waits for the timer
+    clock.advance(0.01)
+    assert len(link.pending) == 2
+    refusing = SimpleNamespace(send=lambda *a, **k: defer.fail(Backpressure("full")))
+    box.link = refusing
+    for i in range(4, 7):
+        box.add(lease(i))                           # full batch, refused
+    assert sorted(box.pending) == [f"10.0.0.{10 + i}" for i in range(4, 7)]
+    box.link = link
+    box.add(lease(7))                               # no retry before RETRY_S
+    box.add(lease(8))
+    assert len(link.pending) == 2
+    clock.advance(box.RETRY_S)
+    assert len(link.pending) == 4 and box.backlog == 3 + 1 + 5
+    for _ in range(4):
+        link.ack_one()
+    assert box.backlog == 0 and box.stats["replication_sent"] == 9
 
 
 def test_partner_batch_applied_and_malformed_entries_skipped(tmp_path):

@@ -225,7 +225,8 @@ def test_commit_guard(tmp_path):
 
 
 def test_fsync_always_acks_only_after_the_write(tmp_path):
-    """With fsync=always the write's Deferred waits for the journal batch."""
+    """With fsync=always the write's Deferred waits for the journal job; the
+    writes of one reactor turn share one job (one fsync), later ones queue."""
     clock = Clock()
     pending = []
 
@@ -240,14 +241,19 @@ def test_fsync_always_acks_only_after_the_write(tmp_path):
     d0.callback(f(*args))   # load finished
     acked = []
     store.set("a", "1").addCallback(acked.append)
-    store.set("b", "2").addCallback(acked.append)   # queued behind the first batch
-    assert acked == []
+    store.set("b", "2").addCallback(acked.append)   # same turn: same job
+    assert acked == [] and pending == [], "the job starts at the end of the turn"
+    clock.advance(0)
+    assert len(pending) == 1
+    store.set("c", "3").addCallback(acked.append)   # a later turn: queued behind the job
+    clock.advance(0)
+    assert acked == [] and len(pending) == 1
     d, f, args = pending.pop(0)
     d.callback(f(*args))
-    assert acked == [None]
+    assert acked == [None, None], "a and b are acked together, c waits for its own fsync"
     d, f, args = pending.pop(0)
     d.callback(f(*args))
-    assert acked == [None, None]
+    assert acked == [None, None, None]
     assert store.stats["fsyncs"] == 2
 
 

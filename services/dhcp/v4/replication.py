@@ -1,9 +1,10 @@
 """Lazy lease updates to the failover partner: batched, acknowledged, bounded.
 
 The server ACKs its client first and then hands the lease to
-:class:`LeaseOutbox`.  Updates made in one reactor turn leave together as
-one peer-link message ``{"leases": [wire, ...]}`` (at most ``batch``
-leases); the peer link acknowledges each message after the partner has
+:class:`LeaseOutbox`.  Updates gather for up to ``delay_s`` (10 ms) and
+leave together as one peer-link message ``{"leases": [wire, ...]}`` (at
+most ``batch`` leases; a full batch leaves at once): one TLS record, one
+partner journal job and one ack per batch instead of per lease.  The peer link acknowledges each message after the partner has
 stored every lease in it, and resends unacknowledged messages after a
 reconnect.  At most ``max_unacked`` lease updates are in flight; past that
 the newest state of each address waits in ``pending`` and goes out as acks
@@ -26,19 +27,21 @@ class LeaseOutbox:
     RETRY_S = 0.5          # after the peer link refused a batch (Backpressure)
 
     def __init__(self, reactor, link, peer: str, channel: str, max_unacked: int, *,
-                 batch: int = 32, stats: dict[str, int] | None = None):
+                 batch: int = 32, delay_s: float = 0.01, stats: dict[str, int] | None = None):
         self.reactor = reactor
         self.link = link
         self.peer = peer
         self.channel = channel
         self.max_unacked = max(1, int(max_unacked))
         self.batch = max(1, int(batch))
+        self.delay_s = max(0.0, float(delay_s))
         self.pending: dict[str, Any] = {}      # address -> newest Lease not yet sent
         self.unacked = 0                        # lease updates sent, not acknowledged
         self.stats = stats if stats is not None else {}
         for key in ("replication_sent", "replication_failed", "replication_held"):
             self.stats.setdefault(key, 0)
         self._flush_call = None
+        self._retrying = False                  # the link refused a batch: wait RETRY_S
         self._holding = False
 
     @property
@@ -49,14 +52,18 @@ class LeaseOutbox:
     def add(self, lease) -> None:
         """Queue ``lease`` (replacing an unsent older state of its address)."""
         self.pending[lease.address] = lease
-        if self._flush_call is None:
-            self._flush_call = self.reactor.callLater(0, self.flush)
+        if len(self.pending) >= self.batch and self.unacked < self.max_unacked \
+                and not self._retrying:
+            self.flush()                   # a full batch leaves now
+        elif self._flush_call is None:
+            self._flush_call = self.reactor.callLater(self.delay_s, self.flush)
 
     def flush(self) -> None:
         """Send what the window allows, in batches."""
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
+        self._retrying = False
         while self.pending and self.unacked < self.max_unacked and self._flush_call is None:
             n = min(self.batch, self.max_unacked - self.unacked, len(self.pending))
             leases = []
@@ -80,8 +87,9 @@ class LeaseOutbox:
         def acked(_):
             self.unacked -= n
             self.stats["replication_sent"] += n
-            if self.pending:
-                self.flush()
+            if self.pending and (self._holding or len(self.pending) >= self.batch) \
+                    and not self._retrying:
+                self.flush()               # the window held these back (else the timer sends)
 
         def failed(failure):
             self.unacked -= n
@@ -89,8 +97,10 @@ class LeaseOutbox:
                 for lease in leases:
                     self.pending.setdefault(lease.address, lease)
                 self.stats["replication_held"] = len(self.pending)
-                if self._flush_call is None:
-                    self._flush_call = self.reactor.callLater(self.RETRY_S, self.flush)
+                if self._flush_call is not None and self._flush_call.active():
+                    self._flush_call.cancel()
+                self._retrying = True
+                self._flush_call = self.reactor.callLater(self.RETRY_S, self.flush)
                 return
             self.stats["replication_failed"] += n
             _log.warn("dhcp4: {n} lease updates to {peer} not queued: {why}", n=n,
