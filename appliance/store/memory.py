@@ -120,6 +120,12 @@ class _Job:
         self.fh, self.frames, self.waiters, self.close = fh, frames, waiters, close
 
 
+_NONE = type(None)
+
+
+_WANT = {"set": str, "hset": dict, "hdel": dict, "zadd": ZSet, "zrem": ZSet}
+
+
 def _encode_value(value: Any) -> list:
     """A stored value as a snapshot entry ``[kind, value]``."""
     if isinstance(value, str):
@@ -924,36 +930,49 @@ class MemoryStore(Service):
         return self._write(op)
 
     def _validate_ops(self, ops):
-        """Check every op before applying any (all or nothing)."""
+        """Check every op before applying any (all or nothing).  The common
+        case (str keys and values) is checked by class identity; anything
+        else goes through ``_check_str`` for the error text."""
         kinds: dict[str, type] = {}
+        check = self._check_str
         for o in ops:
-            if not isinstance(o, Op) or o.kind not in Op.KINDS:
+            if o.__class__ is not Op and not isinstance(o, Op) or o.kind not in Op.KINDS:
                 raise StoreError(f"not a store operation: {o!r}")
-            self._check_str(o.key)
-            want = {"set": str, "hset": dict, "hdel": dict, "zadd": ZSet, "zrem": ZSet}.get(o.kind)
-            if o.kind == "delete":
-                kinds[o.key] = type(None)
+            kind, key, args = o.kind, o.key, o.args
+            if key.__class__ is not str:
+                check(key)
+            if kind == "delete":
+                kinds[key] = _NONE
                 continue
-            current = kinds.get(o.key)
+            want = _WANT[kind]
+            current = kinds.get(key)
             if current is None:
-                value = self._live(o.key)
-                current = type(value) if value is not None else type(None)
-            if current is not type(None) and current is not want and o.kind != "set":
+                value = self._live(key)
+                current = _NONE if value is None else type(value)
+            if current is not _NONE and current is not want and kind != "set":
                 raise StoreError(_WRONGTYPE)
-            if o.kind in ("set", "hset", "zadd"):
-                kinds[o.key] = want
-            if o.kind == "set":
-                self._check_str(o.args[0])
-                if o.args[1] is not None and o.args[1] <= 0:
+            if kind == "set":
+                kinds[key] = want
+                if args[0].__class__ is not str:
+                    check(args[0])
+                if args[1] is not None and args[1] <= 0:
                     raise StoreError("ttl_s must be positive")
-            elif o.kind == "hset":
-                self._check_str(*(x for pair in o.args[0] for x in pair))
-            elif o.kind in ("hdel", "zrem"):
-                self._check_str(*o.args[0])
-            elif o.kind == "zadd":
-                self._check_str(*(m for m, _ in o.args[0]))
-                if any(score != score for _, score in o.args[0]):
-                    raise StoreError("score is not a number (NaN)")
+            elif kind == "hset":
+                kinds[key] = want
+                for f, v in args[0]:
+                    if f.__class__ is not str or v.__class__ is not str:
+                        check(f, v)
+            elif kind == "zadd":
+                kinds[key] = want
+                for m, score in args[0]:
+                    if m.__class__ is not str:
+                        check(m)
+                    if score != score:
+                        raise StoreError("score is not a number (NaN)")
+            else:                                   # hdel, zrem
+                for m in args[0]:
+                    if m.__class__ is not str:
+                        check(m)
 
     # -- iteration and change feed -----------------------------------------
     def scan(self, prefix, cursor=None, count=100):

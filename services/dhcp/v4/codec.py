@@ -322,7 +322,7 @@ class DHCPPacket:
         raw = self.options.get(code)
         if raw is None or len(raw) != 4:
             return None
-        return IPv4Address(bytes(raw))
+        return _ip4(bytes(raw))
 
     def _rai_ip(self, sub: int) -> IPv4Address | None:
         subs = self.relay_suboptions
@@ -378,8 +378,22 @@ def _scan(data: bytes, start: int, end: int, parts: dict[int, list[bytes]],
     # Running off the end without END is tolerated.
 
 
+_IP_CACHE: dict[bytes, IPv4Address] = {}
+
+
+def _ip4(raw: bytes) -> IPv4Address:
+    """``IPv4Address(raw)`` for 4 octets, shared: relays, server ids and a
+    client's requested address repeat from packet to packet."""
+    ip = _IP_CACHE.get(raw)
+    if ip is None:
+        if len(_IP_CACHE) >= 4096:
+            _IP_CACHE.clear()
+        ip = _IP_CACHE[raw] = IPv4Address(raw)
+    return ip
+
+
 def _from_wire(raw: bytes) -> IPv4Address:
-    return ZERO if raw == b"\x00\x00\x00\x00" else IPv4Address(raw)
+    return ZERO if raw == b"\x00\x00\x00\x00" else _ip4(raw)
 
 
 def parse(data: bytes, *, max_size: int = MAX_PACKET_SIZE) -> DHCPPacket:

@@ -61,6 +61,7 @@ class Dhcp4Handler:
         self.local_subnet = local_subnet or (config.subnets[0] if len(config.subnets) == 1 else None)
         self.on_lease = on_lease            # called with (event, lease) after each change
         self.counters: Counter[str] = Counter()
+        self._options_cache: dict[tuple[int, int], tuple[Subnet, dict[int, bytes]]] = {}
 
     # ------------------------------------------------------------------
     def subnet_for(self, pkt: C.DHCPPacket) -> Subnet | None:
@@ -72,6 +73,19 @@ class Dhcp4Handler:
         return self.local_subnet
 
     def _lease_options(self, subnet: Subnet, lease_time: float) -> dict[int, bytes]:
+        """The subnet's encoded options for ``lease_time`` (kept: the same
+        few (subnet, lease time) pairs answer every client; read-only)."""
+        key = (id(subnet), int(lease_time))
+        hit = self._options_cache.get(key)
+        if hit is not None and hit[0] is subnet:
+            return hit[1]
+        if len(self._options_cache) >= 256:
+            self._options_cache.clear()
+        opts = self._encode_lease_options(subnet, lease_time)
+        self._options_cache[key] = (subnet, opts)
+        return opts
+
+    def _encode_lease_options(self, subnet: Subnet, lease_time: float) -> dict[int, bytes]:
         enc = C.encode_option_value
         opts = {C.OPT_SUBNET_MASK: enc(C.OPT_SUBNET_MASK, subnet.network.netmask)}
         if subnet.routers:

@@ -49,6 +49,7 @@ this process's view; writes by others reach it through :meth:`apply_remote`
 from __future__ import annotations
 
 import bisect
+import functools
 import re
 import socket
 from collections import deque
@@ -175,11 +176,30 @@ def normalize_client_id(value: bytes | str | None) -> str:
 
 def client_key(hwaddr: bytes | str | None, client_id: bytes | str | None = None) -> str:
     """The client's identity in the store: client id if any, else hardware address."""
+    try:
+        return _client_key_cached(hwaddr, client_id)
+    except TypeError:                       # unhashable (bytearray): compute it
+        return _client_key(hwaddr, client_id)
+
+
+def _client_key(hwaddr: bytes | str | None, client_id: bytes | str | None = None) -> str:
     cid = normalize_client_id(client_id)
     if cid:
         return "id:" + cid
     hw = normalize_hwaddr(hwaddr)
     return "hw:" + hw if hw else ""
+
+
+def _with_version(lease: "Lease", version: int) -> "Lease":
+    """``replace(lease, version=version)`` without dataclasses.replace's
+    per-field introspection (this is on every lease write)."""
+    return Lease(lease.address, lease.subnet_id, lease.state, lease.hwaddr, lease.client_id,
+                 lease.hostname, lease.expires, lease.cltt, lease.owner, lease.updated_by,
+                 version)
+
+
+# the same few clients' keys are asked for several times per packet
+_client_key_cached = functools.lru_cache(maxsize=8192)(_client_key)
 
 
 def _f(value: float) -> str:
@@ -719,7 +739,7 @@ class LeaseStore:
         failed (somebody else wrote first; ``old`` was re-read into the mirror).
         """
         now = self._now()
-        new = replace(new, version=(old.version if old else 0) + 1)
+        new = _with_version(new, (old.version if old else 0) + 1)
         a = new.address
         ops = [Op.hset(lease_key(a), new.to_hash()), Op.set(version_key(a), str(new.version))]
         if new.state in TIMED_STATES:

@@ -34,6 +34,8 @@ from services.dhcp.v4.leases import Lease, LeaseStore
 from services.dhcp.v4.replication import LeaseOutbox
 
 _log = Logger(namespace="services.dhcp4")
+_ZERO = IPv4Address(0)
+_BROADCAST = IPv4Address("255.255.255.255")
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SIOCGIFADDR = 0x8915
@@ -204,7 +206,7 @@ class Dhcp4Service(Service):
         if result is None or self.port is None:
             return
         reply, (ip, port, _broadcast) = result
-        if self._loopback and pkt.giaddr != IPv4Address(0):
+        if self._loopback and pkt.giaddr != _ZERO:
             # A loopback listener only hears relays on this box: answer the
             # relay where it sent from (giaddr is not reachable from lo).
             ip, port = IPv4Address(source[0]), source[1]
@@ -214,8 +216,8 @@ class Dhcp4Service(Service):
             self.drops["reply_too_large"] = self.drops.get("reply_too_large", 0) + 1
             _log.error("dhcp4: reply not encodable: {why}", why=e)
             return
-        if ip == IPv4Address("255.255.255.255") or _broadcast:
-            ip = IPv4Address("255.255.255.255")
+        if _broadcast or ip == _BROADCAST:
+            ip = _BROADCAST
         self.port.write(data, (str(ip), port))
 
     def _failed(self, failure, pkt):
