@@ -7,13 +7,21 @@ real reactor.  Prints DORA/s; ``--profile`` adds a cProfile top list (or use
 ``py-spy record -- python bench/dhcp4_cpu.py``).  This is the profiling
 harness behind the request-path work; ``bench/dhcp4.py`` is the benchmark.
 
-    python bench/dhcp4_cpu.py [--n 20000] [--window 64] [--fsync always] [--profile]
+    python bench/dhcp4_cpu.py [--n 20000] [--window 64] [--fsync always] [--profile] [--pair]
+
+``--pair``: one partner of a split-scope pair (primary, NORMAL), as in the
+pair benchmark where both partners hear every client: clients the RFC 3074
+hash gives this node get a DORA; the others' DISCOVER and REQUEST (to the
+partner's server id) are parsed and dropped, and their leases arrive as the
+partner's lazy updates (JSON batches of 32, applied as the service does).
+DORA/s then counts all clients: per-node cost of a pair's throughput.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import pstats
 import sys
 import tempfile
@@ -31,18 +39,25 @@ from appliance.eager import as_deferred  # noqa: E402
 from appliance.store.memory import MemoryStore  # noqa: E402
 from services.dhcp.v4 import codec as C  # noqa: E402
 from services.dhcp.v4.config import parse_dhcp4  # noqa: E402
-from services.dhcp.v4.handler import Dhcp4Handler  # noqa: E402
-from services.dhcp.v4.leases import LeaseStore  # noqa: E402
+from services.dhcp.v4 import pools as P  # noqa: E402
+from services.dhcp.v4.handler import Dhcp4Handler, FailoverView  # noqa: E402
+from services.dhcp.v4.leases import BOUND, Lease, LeaseStore  # noqa: E402
 
 RELAY = IPv4Address("10.80.0.10")
 
 
-def make_config():
+PARTNER = IPv4Address("10.80.0.2")
+
+
+def make_config(pair: bool = False):
     data = {"listen_address": "127.0.0.1",
             "subnets": [{"id": 1, "subnet": "10.80.0.0/12", "pool": ["10.81.0.0", "10.95.255.254"],
                          "routers": ["10.80.0.1"], "dns_servers": ["10.80.0.1"]}]}
+    if pair:
+        data["failover"] = {"peer": "b", "role": "primary", "mode": "split-scope", "split": 50}
     problems = Problems("bench.toml")
-    cfg = parse_dhcp4(Table(data, "services.dhcp4", problems), ParseContext("bench.toml", "a", (), ()))
+    cfg = parse_dhcp4(Table(data, "services.dhcp4", problems),
+                      ParseContext("bench.toml", "a", ("b",) if pair else (), ()))
     assert not problems.items, problems.items
     return cfg
 
@@ -69,19 +84,62 @@ async def one(handler, i: int) -> bool:
     return C.parse(C.encode(res[0])).message_type == C.ACK
 
 
+class Partner:
+    """The other half of the pair: its clients' packets reach us and are
+    dropped; the leases it gives them arrive as batched lazy updates."""
+
+    def __init__(self, leases: LeaseStore, now):
+        self.leases, self.now = leases, now
+        seg = next(fs for fs in leases._sets if fs.role == P.SECONDARY)
+        self.next_address = seg.first
+        self.batch: list[dict] = []
+        self.pending: list = []
+
+    async def client(self, handler, mac: bytes, i: int) -> bool:
+        for pkt in (packet(C.DISCOVER, mac, i),
+                    packet(C.REQUEST, mac, i, IPv4Address(self.next_address), PARTNER)):
+            if await as_deferred(handler.handle(C.parse(pkt))) is not None:
+                return False                      # the partner's client: not ours to answer
+        now = self.now()
+        self.batch.append(Lease(str(IPv4Address(self.next_address)), 1, BOUND, mac.hex(":"), "",
+                                "", now + 3600, now, "b", "b", 1).to_wire())
+        self.next_address += 1
+        if len(self.batch) >= 32:
+            await self.flush()
+        return True
+
+    async def flush(self):
+        wires, self.batch = json.loads(json.dumps({"leases": self.batch})), []
+        results = [self.leases.apply_remote(Lease.from_wire(w)) for w in wires["leases"]]
+        waits = [r for r in results if isinstance(r, defer.Deferred)]
+        if waits:
+            await defer.gatherResults(waits)
+
+
 async def run(args) -> dict:
     tmp = tempfile.mkdtemp(prefix="dhcp4cpu-")
     store = MemoryStore(reactor, state_dir=tmp, fsync=args.fsync)
     await defer.maybeDeferred(store.startService)
-    leases = LeaseStore(store, make_config(), "a", reactor.seconds)
+    leases = LeaseStore(store, make_config(args.pair), "a", reactor.seconds)
     await leases.load()
-    handler = Dhcp4Handler(leases.config, leases, IPv4Address("10.80.0.1"), now=reactor.seconds)
+    failover = FailoverView(mode="split-scope", role=P.PRIMARY, split=50) if args.pair else None
+    handler = Dhcp4Handler(leases.config, leases, IPv4Address("10.80.0.1"), now=reactor.seconds,
+                           failover=failover)
+    partner = Partner(leases, reactor.seconds) if args.pair else None
     todo = iter(range(args.n))
     done = {"ok": 0, "fail": 0}
 
+    async def client(i: int) -> bool:
+        if partner is None:
+            return await one(handler, i)
+        mac = (0x5254_0000_0000 + i).to_bytes(6, "big")
+        if P.hash_owner(mac, 50) == P.PRIMARY:
+            return await one(handler, i)
+        return await partner.client(handler, mac, i)
+
     async def worker():
         for i in todo:
-            if await one(handler, i):
+            if await client(i):
                 done["ok"] += 1
             else:
                 done["fail"] += 1
@@ -91,14 +149,20 @@ async def run(args) -> dict:
     if prof:
         prof.enable()
     await defer.gatherResults([defer.ensureDeferred(worker()) for _ in range(args.window)])
+    if partner is not None:
+        await partner.flush()
     if prof:
         prof.disable()
     dt = time.perf_counter() - t0
     await defer.maybeDeferred(store.stopService)
     if prof:
         pstats.Stats(prof).sort_stats(args.sort).print_stats(35)
-    return {"dora_per_s": done["ok"] / dt, "ok": done["ok"], "fail": done["fail"],
-            "seconds": dt, "fsyncs": store.stats["fsyncs"]}
+    out = {"dora_per_s": done["ok"] / dt, "ok": done["ok"], "fail": done["fail"],
+           "seconds": dt, "fsyncs": store.stats["fsyncs"]}
+    if partner is not None:
+        out["drops"] = {k: v for k, v in handler.counters.items() if k.startswith("drop_")}
+        out["remote"] = {k: v for k, v in leases.counters.items() if v}
+    return out
 
 
 def main(argv=None) -> int:
@@ -107,6 +171,7 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--fsync", default="always", choices=("always", "batch", "never"))
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--pair", action="store_true", help="one partner of a split-scope pair")
     ap.add_argument("--sort", default="tottime")
     args = ap.parse_args(argv)
     out = {}

@@ -135,8 +135,12 @@ def _encode_value(value: Any) -> list:
     return ["z", value.scores]
 
 
+_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False,
+                                check_circular=False).encode
+
+
 def _frame(record: Any) -> bytes:
-    payload = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
+    payload = _encode_json(record).encode()
     return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
@@ -351,12 +355,15 @@ class MemoryStore(Service):
         pool = self._threadpool or self._reactor.getThreadPool()
         return deferToThreadPool(self._reactor, pool, f, *args)
 
-    def _log_record(self, record) -> defer.Deferred:
+    def _log_record(self, record, wait: bool = True) -> defer.Deferred | None:
         frame = _frame(record)
         self._pending.append(frame)
         self._journal_bytes += len(frame)
         self.stats["writes"] += 1
         if self.fsync == "always":
+            if not wait:                   # commit_now: the caller waits on durable()
+                self._kick_soon()
+                return None
             d = defer.Deferred()
             self._waiters.append(d)
             self._kick_soon()
@@ -366,7 +373,7 @@ class MemoryStore(Service):
                 self._batch_call = self._reactor.callLater(self.batch_interval_s, self._batch_due)
         else:
             self._kick_soon()
-        return defer.succeed(None)
+        return defer.succeed(None) if wait else None
 
     def _kick_soon(self):
         """Start a journal job at the end of this reactor turn: every record
@@ -893,41 +900,76 @@ class MemoryStore(Service):
         return self._write(op)
 
     def commit(self, ops, expect=None):
-        def op():
-            for key, value in (expect or {}).items():
-                self._check_str(key)
-                if self._typed(key, str) != value:
-                    return False, [], []
-            self._validate_ops(ops)          # checks every op: applying below skips the checks
-            records, changes = [], []
-            for o in ops:
-                if o.kind == "set":
-                    records.append(self._do_set(o.key, o.args[0], o.args[1], checked=True))
-                elif o.kind == "delete":
-                    if self._live(o.key) is None:
-                        continue
-                    self._data.pop(o.key, None)
-                    self._expiry.pop(o.key, None)
-                    records.append(["del", o.key])
-                elif o.kind in ("hset", "zadd") and not o.args[0]:
-                    continue                      # nothing to write (as on redis)
-                elif o.kind == "hset":
-                    records.append(self._do_hset(o.key, dict(o.args[0]), checked=True)[1])
-                elif o.kind == "hdel":
-                    record = self._do_hdel(o.key, o.args[0])[1]
-                    if record is None:
-                        continue
-                    records.append(record)
-                elif o.kind == "zadd":
-                    records.append(self._do_zadd(o.key, dict(o.args[0]), checked=True)[1])
-                elif o.kind == "zrem":
-                    record = self._do_zrem(o.key, o.args[0])[1]
-                    if record is None:
-                        continue
-                    records.append(record)
-                changes.append((o.key, o.kind))
-            return True, records, changes
-        return self._write(op)
+        return self._write(lambda: self._apply_commit(ops, expect))
+
+    # -- optional capability (not in IStateStore): writes without a Deferred.
+    # Callers look for ``commit_now`` with getattr, as for ``get_now``.
+    def commit_now(self, ops, expect=None) -> bool:
+        """``commit`` applied at once: returns True, or False when a guard
+        did not match; raises StoreError.  The change is visible at once and
+        journaled; it is on disk (per the fsync policy) when a
+        :meth:`durable` asked for afterwards fires -- wait for that before
+        telling anybody outside the process."""
+        self._check_ready()
+        try:
+            ok, records, changes = self._apply_commit(ops, expect)
+        except StoreError:
+            raise
+        except Exception as e:
+            raise StoreError(str(e)) from e
+        if records:
+            self._log_record(records[0] if len(records) == 1 else ["tx", records], wait=False)
+            for key, op in changes:
+                self._notify(key, op)
+        return ok
+
+    def durable(self) -> defer.Deferred:
+        """Fires when every write made so far is durable (fsynced with
+        ``fsync = "always"``; as acknowledged by the other policies, i.e.
+        at once); fails with StoreError if the journal write fails."""
+        if self._failed:
+            return defer.fail(StoreError(self._failed))
+        if self.fsync != "always" or not self._ready:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiters.append(d)
+        self._kick_soon()
+        return d
+
+    def _apply_commit(self, ops, expect):
+        for key, value in (expect or {}).items():
+            self._check_str(key)
+            if self._typed(key, str) != value:
+                return False, [], []
+        self._validate_ops(ops)          # checks every op: applying below skips the checks
+        records, changes = [], []
+        for o in ops:
+            if o.kind == "set":
+                records.append(self._do_set(o.key, o.args[0], o.args[1], checked=True))
+            elif o.kind == "delete":
+                if self._live(o.key) is None:
+                    continue
+                self._data.pop(o.key, None)
+                self._expiry.pop(o.key, None)
+                records.append(["del", o.key])
+            elif o.kind in ("hset", "zadd") and not o.args[0]:
+                continue                      # nothing to write (as on redis)
+            elif o.kind == "hset":
+                records.append(self._do_hset(o.key, dict(o.args[0]), checked=True)[1])
+            elif o.kind == "hdel":
+                record = self._do_hdel(o.key, o.args[0])[1]
+                if record is None:
+                    continue
+                records.append(record)
+            elif o.kind == "zadd":
+                records.append(self._do_zadd(o.key, dict(o.args[0]), checked=True)[1])
+            elif o.kind == "zrem":
+                record = self._do_zrem(o.key, o.args[0])[1]
+                if record is None:
+                    continue
+                records.append(record)
+            changes.append((o.key, o.kind))
+        return True, records, changes
 
     def _validate_ops(self, ops):
         """Check every op before applying any (all or nothing).  The common

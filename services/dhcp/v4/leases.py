@@ -25,6 +25,13 @@ Redis store, an RPC release racing a renewal) makes the commit fail cleanly
 and the operation re-reads and retries.  The Deferred fires after the
 store acknowledged the write: the server sends its ACK only then.
 
+``immediate_writes=True`` (the DHCP service, on a store with
+``commit_now``): writes are applied and journaled at once and the methods
+return without waiting for the disk; ``writes`` counts them and the caller
+waits on :meth:`LeaseStore.durable` before it tells anybody (the ACK, the
+peer link's ack of a partner batch, an RPC answer).  One wait per reply
+or batch instead of a Deferred chain through every method per write.
+
 States: ``offered`` and ``bound`` hold the address for their client until
 ``expires``; ``declined`` holds it (for nobody) until the quarantine ends;
 ``released``, ``expired`` and ``free`` are free addresses.  Released and
@@ -389,8 +396,10 @@ class LeaseStore:
 
     def __init__(self, store, config: Dhcp4Config, node_id: str, now: Callable[[], float], *,
                  offer_timeout_s: float | None = None, decline_quarantine_s: float | None = None,
-                 page_size: int = 5000):
+                 page_size: int = 5000, immediate_writes: bool = False):
         self.store = store
+        self._commit_now = getattr(store, "commit_now", None) if immediate_writes else None
+        self.writes = 0          # journaled writes (immediate_writes): wait on durable()
         self.config = config
         self.node_id = node_id
         self._now = now
@@ -771,7 +780,11 @@ class LeaseStore:
             ops += [Op.hset(lease_key(sa), sup_new.to_hash()),
                     Op.set(version_key(sa), str(sup_new.version)), Op.zrem(EXPIRY_KEY, [sa])]
             expect[version_key(sa)] = str(supersede.version)
-        ok = yield self.store.commit(ops, expect)
+        if self._commit_now is not None:
+            self.writes += 1
+            ok = self._commit_now(ops, expect)
+        else:
+            ok = yield self.store.commit(ops, expect)
         if not ok:
             self.counters["guard_retries"] += 1
             fresh = yield self._get(a)
@@ -1118,8 +1131,18 @@ class LeaseStore:
         value = yield self._index_get(key)
         if value != address:
             return False
+        if self._commit_now is not None:
+            self.writes += 1
+            return self._commit_now([Op.delete(key)], {key: value})
         ok = yield self.store.commit([Op.delete(key)], {key: value})
         return ok
+
+    def durable(self) -> defer.Deferred:
+        """Fires when every write made so far is on disk (``immediate_writes``;
+        otherwise each method already waited: fires at once)."""
+        if self._commit_now is not None:
+            return self.store.durable()
+        return defer.succeed(None)
 
     @defer.inlineCallbacks
     def export(self, cursor: str | None = None, limit: int = 1000):

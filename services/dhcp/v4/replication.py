@@ -27,7 +27,8 @@ class LeaseOutbox:
     RETRY_S = 0.5          # after the peer link refused a batch (Backpressure)
 
     def __init__(self, reactor, link, peer: str, channel: str, max_unacked: int, *,
-                 batch: int = 32, delay_s: float = 0.01, stats: dict[str, int] | None = None):
+                 batch: int = 32, delay_s: float = 0.01, stats: dict[str, int] | None = None,
+                 durable=None):
         self.reactor = reactor
         self.link = link
         self.peer = peer
@@ -35,6 +36,9 @@ class LeaseOutbox:
         self.max_unacked = max(1, int(max_unacked))
         self.batch = max(1, int(batch))
         self.delay_s = max(0.0, float(delay_s))
+        # durable(): a Deferred that fires once the leases written so far are
+        # on disk here; a batch leaves only then (ACK first, then the update)
+        self.durable = durable
         self.pending: dict[str, Any] = {}      # address -> newest Lease not yet sent
         self.unacked = 0                        # lease updates sent, not acknowledged
         self.stats = stats if stats is not None else {}
@@ -81,8 +85,12 @@ class LeaseOutbox:
     def _send(self, leases: list) -> None:
         n = len(leases)
         self.unacked += n
-        d = self.link.send(self.peer, self.channel, {"leases": [lease.to_wire() for lease in leases]},
-                           limit=self.max_unacked)
+        body = {"leases": [lease.to_wire() for lease in leases]}
+        if self.durable is None:
+            d = self.link.send(self.peer, self.channel, body, limit=self.max_unacked)
+        else:
+            d = self.durable().addCallback(
+                lambda _: self.link.send(self.peer, self.channel, body, limit=self.max_unacked))
 
         def acked(_):
             self.unacked -= n

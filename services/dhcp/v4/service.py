@@ -86,7 +86,10 @@ class Dhcp4Service(Service):
         self.config = config
         self.context = context
         self.reactor = context.reactor
-        self.leases = LeaseStore(context.store, config, context.node_id, now=self.reactor.seconds)
+        # writes applied at once; replies, partner acks and RPC answers wait on
+        # leases.durable() (one wait per reply instead of a Deferred chain)
+        self.leases = LeaseStore(context.store, config, context.node_id, now=self.reactor.seconds,
+                                 immediate_writes=True)
         self.port = None
         self._loopback = False
         self._sync_wait = None
@@ -190,10 +193,14 @@ class Dhcp4Service(Service):
             # moved on), so shed new DISCOVERs and keep finishing REQUESTs.
             self.drops["overload"] = self.drops.get("overload", 0) + 1
             return
+        writes = self.leases.writes
         result = self.handler.handle(pkt)
         if not isinstance(result, defer.Deferred):      # answered from memory
-            self._send(result, pkt, addr)
-            return
+            if result is None or self.leases.writes == writes:
+                self._send(result, pkt, addr)           # nothing written (an OFFER)
+                return
+            # the lease is written in memory: the reply waits until it is on disk
+            result = self.leases.durable().addCallback(lambda _, reply=result: reply)
         self._inflight += 1
         result.addCallback(self._send, pkt, addr)
         result.addErrback(self._failed, pkt)
@@ -253,7 +260,7 @@ class Dhcp4Service(Service):
         if link is not None:
             link.on(CHANNEL, self._remote_update)
             self.outbox = LeaseOutbox(self.reactor, link, f.peer, CHANNEL, f.max_unacked,
-                                      stats=self.stats)
+                                      stats=self.stats, durable=self.leases.durable)
 
     def _partner_state(self, peer, state, reason):
         if state == P.PARTNER_DOWN and self.view.state != P.PARTNER_DOWN:
@@ -310,6 +317,7 @@ class Dhcp4Service(Service):
         acks the batch when all are stored.  A malformed entry is counted and
         skipped (resending it would not make it better)."""
         results = []
+        writes = self.leases.writes
         for wire in wires if isinstance(wires, list) else ():
             try:
                 lease = Lease.from_wire(wire)
@@ -321,11 +329,15 @@ class Dhcp4Service(Service):
             results.append(self.leases.apply_remote(lease))
         waits = [r for r in results if isinstance(r, defer.Deferred)]
         self.stats["replication_applied"] += len(results) - len(waits)
+        if self.leases.writes != writes:
+            # the batch is acked to the partner only once it is on disk here
+            waits.append(self.leases.durable().addCallback(lambda _: None))
         if not waits:
             return None
+        counted = len([r for r in results if isinstance(r, defer.Deferred)])
 
         def applied(_):
-            self.stats["replication_applied"] += len(waits)
+            self.stats["replication_applied"] += counted
 
         return defer.gatherResults(waits, consumeErrors=True).addCallback(applied)
 
@@ -401,6 +413,7 @@ class Dhcp4Service(Service):
     @defer.inlineCallbacks
     def rpc_release(self, address):
         lease = yield self.leases.release(str(address))
+        yield self.leases.durable()
         if lease is None:
             raise ApplicationError(f"{address} is not leased", code=-32041)
         self._lease_changed("released", lease)
