@@ -114,10 +114,11 @@ class _Subscription:
 class _Job:
     """One batch of journal frames for one file, and who waits for it."""
 
-    __slots__ = ("fh", "frames", "waiters", "close")
+    __slots__ = ("fh", "frames", "waiters", "close", "started", "disk_s")
 
     def __init__(self, fh, frames, waiters, close=False):
         self.fh, self.frames, self.waiters, self.close = fh, frames, waiters, close
+        self.started = self.disk_s = 0.0
 
 
 _NONE = type(None)
@@ -215,7 +216,8 @@ class MemoryStore(Service):
         self._ready = False
         self._failed: str | None = None
         self.stats = {"writes": 0, "flushes": 0, "fsyncs": 0, "compactions": 0,
-                      "torn_records_dropped": 0}
+                      "torn_records_dropped": 0, "slow_journal_writes": 0}
+        self.slow_job_s = 0.25     # a journal job slower than this is logged and counted
 
     # ------------------------------------------------------------------
     # service life cycle
@@ -410,12 +412,14 @@ class MemoryStore(Service):
                    or (self.fsync != "never" and bool(job.waiters)))
         self._sync_wanted = False
         self._flushing = True
+        job.started = time.monotonic()
         d = self._in_thread(self._write_job, job, do_sync)
         d.addCallbacks(self._job_done, self._job_failed, callbackArgs=(job,), errbackArgs=(job,))
         d.addErrback(lambda f: self._log.failure("journal writer bug", failure=f))
 
     def _write_job(self, job: _Job, do_sync: bool):
         """Thread: append frames, flush, fsync as the policy says."""
+        t0 = time.monotonic()
         if job.frames:
             job.fh.write(b"".join(job.frames))
         job.fh.flush()
@@ -423,11 +427,20 @@ class MemoryStore(Service):
             os.fsync(job.fh.fileno())
         if job.close:
             job.fh.close()
+        job.disk_s = time.monotonic() - t0
         return do_sync
 
     def _job_done(self, synced, job: _Job):
         self._flushing = False
         self.stats["flushes"] += 1
+        took = time.monotonic() - job.started
+        if took > self.slow_job_s:
+            # acknowledgements waited this long: say whether the disk or the
+            # process (CPU, GIL, thread pool) was slow
+            self.stats["slow_journal_writes"] += 1
+            self._log.warn("store: a journal write of {n} records took {ms:.0f} ms "
+                           "({disk:.0f} ms in write+fsync); acknowledgements waited that long",
+                           n=len(job.frames), ms=took * 1e3, disk=job.disk_s * 1e3)
         if synced:
             self.stats["fsyncs"] += 1
         for d in job.waiters:

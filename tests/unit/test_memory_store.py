@@ -266,3 +266,48 @@ def test_zset_order_and_rescore():
     assert z.range(1, 2, 1) == [("b", 1.0)]
     assert z.remove("b") and not z.remove("b")
     assert len(z) == 2
+
+
+def test_commit_now_applies_at_once_and_durable_waits_for_the_journal(tmp_path):
+    """commit_now: the change (or a guard's refusal) is known at once and
+    visible to reads; durable() fires only after the journal job that holds
+    it, and fails when that job fails."""
+    clock = Clock()
+    pending = []
+
+    def deferred_thread(f, *args):
+        d = defer.Deferred()
+        pending.append((d, f, args))
+        return d
+
+    store = MemoryStore(clock, state_dir=tmp_path, run_in_thread=deferred_thread)
+    store.startService()
+    d0, f, args = pending.pop()
+    d0.callback(f(*args))
+    assert store.commit_now([Op.set("k", "1")], {"k": None}) is True
+    assert store.commit_now([Op.set("k", "2")], {"k": None}) is False     # guard
+    assert store.get_now("k") == "1"
+    done = []
+    store.durable().addCallback(done.append)
+    clock.advance(0)
+    assert done == [] and len(pending) == 1
+    d, f, args = pending.pop()
+    d.callback(f(*args))
+    assert done == [None]
+    store.commit_now([Op.set("k2", "x")])
+    failed = []
+    store.durable().addErrback(failed.append)
+    clock.advance(0)
+    d, f, args = pending.pop()
+    d.errback(OSError("disk on fire"))
+    assert failed and failed[0].check(StoreError)
+    with pytest.raises(StoreError):
+        store.commit_now([Op.set("k3", "y")])                             # store is failed now
+
+
+def test_durable_is_immediate_when_writes_are_not_fsynced(tmp_path):
+    store, clock = memory_store(tmp_path, fsync="never")
+    store.commit_now([Op.set("a", "1")])
+    done = []
+    store.durable().addCallback(done.append)
+    assert done == [None]

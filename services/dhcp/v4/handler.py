@@ -2,8 +2,12 @@
 
 No sockets here: :class:`Dhcp4Handler` decides with the lease store and
 the failover rules (``pools.answers`` / ``allocation_roles``) and returns
-``(reply, destination)`` or ``None``.  Every lease change is durable in the
-store before the reply exists (the handler awaits the store's commit).
+``(reply, destination)`` or ``None``.  With a lease store that waits for
+its writes, every lease change is durable before the reply exists; with
+``immediate_writes`` (what the service uses on the memory store) the change
+is applied at once and the *service* holds the reply until
+``leases.durable()`` fires -- either way no ACK leaves before its lease is
+on disk.
 Packets it will not answer are counted by reason in ``self.counters``.
 
 Subnet selection, in order: option 118 (subnet selection), relay
