@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application.service import IService, MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -106,6 +106,15 @@ class _NodeCollector:
                                   labels=["backend"])
         store.add_metric([self.node.store.backend], 1 if self.node.store.healthy else 0)
         yield store
+        stats = getattr(self.node.store, "stats", None)
+        if isinstance(stats, dict):
+            events = CounterMetricFamily(
+                "appliance_store_events", "memory store: journal writes, flushes, fsyncs, "
+                "compactions, torn records dropped at load, journal writes slower than 250 ms",
+                labels=["backend", "event"])
+            for event, n in sorted(stats.items()):
+                events.add_metric([self.node.store.backend, event], n)
+            yield events
         svc = GaugeMetricFamily("appliance_service_state",
                                 "1 for the state each service is in", labels=["service", "state"])
         for name, slot in self.node.slots.items():

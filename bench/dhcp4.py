@@ -721,17 +721,17 @@ def main(argv=None) -> int:
                 raise
             return k
 
-        start = 400 if args.quick else 500
+        start = 800 if args.quick else 1000      # the same search for every system
         bench("appliance", "single", lambda: appliance(False), False, start)
         if kea_ok:
-            bench("kea", "single", lambda: kea(None), False, 800 if args.quick else 1000)
+            bench("kea", "single", lambda: kea(None), False, start)
         elif not args.skip_kea:
             null_rows("kea", ("single",), kea_why)
         bench("appliance", "pair", lambda: appliance(True), True, start)
         if kea_ok and not args.skip_kea:
-            bench("kea", "pair", lambda: kea("hot-standby"), True, 800 if args.quick else 1000)
+            bench("kea", "pair", lambda: kea("hot-standby"), True, start)
             if kea_lb:
-                bench("kea", "pair-lb", lambda: kea("load-balancing"), True, 1000)
+                bench("kea", "pair-lb", lambda: kea("load-balancing"), True, start)
         elif not args.skip_kea:
             null_rows("kea", ("pair",), kea_why)
 

@@ -229,7 +229,7 @@ class MemoryStore(Service):
     def describe(self) -> dict[str, Any]:
         info = {"backend": "memory", "healthy": self.healthy, "keys": len(self._data),
                 "fsync": self.fsync, "journal_bytes": self._journal_bytes,
-                "state_dir": str(self.dir)}
+                "state_dir": str(self.dir), "stats": dict(self.stats)}
         if self._failed:
             info["error"] = self._failed
         return info
