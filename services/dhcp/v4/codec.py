@@ -472,16 +472,26 @@ def _effective_max_size(max_size: int | None) -> int:
     return max(MIN_MESSAGE_SIZE, min(int(max_size), 65535))
 
 
+_ZERO_PACKED = b"\x00\x00\x00\x00"
+
+
+def _packed(value: Any) -> bytes:
+    if value is ZERO:
+        return _ZERO_PACKED
+    return value.packed if value.__class__ is IPv4Address else _addr(value).packed
+
+
 def _header(packet: DHCPPacket) -> bytes:
-    if len(packet.chaddr) != packet.hlen or packet.hlen > 16:
-        raise ValueError(f"chaddr is {len(packet.chaddr)} octets, hlen {packet.hlen}")
+    chaddr, hlen = packet.chaddr, packet.hlen
+    if len(chaddr) != hlen or hlen > 16:
+        raise ValueError(f"chaddr is {len(chaddr)} octets, hlen {hlen}")
     if len(packet.sname) > 64 or len(packet.file) > 128:
         raise ValueError("sname is at most 64 octets, file at most 128")
     try:
         return _HEADER.pack(
-            packet.op, packet.htype, packet.hlen, packet.hops, packet.xid, packet.secs,
-            packet.flags, _addr(packet.ciaddr).packed, _addr(packet.yiaddr).packed,
-            _addr(packet.siaddr).packed, _addr(packet.giaddr).packed, bytes(packet.chaddr),
+            packet.op, packet.htype, hlen, packet.hops, packet.xid, packet.secs,
+            packet.flags, _packed(packet.ciaddr), _packed(packet.yiaddr),
+            _packed(packet.siaddr), _packed(packet.giaddr), bytes(chaddr),
             bytes(packet.sname), bytes(packet.file)) + MAGIC_COOKIE
     except struct.error as exc:
         raise ValueError(f"header field out of range: {exc}") from None
@@ -495,14 +505,20 @@ def encode_with_dropped(packet: DHCPPacket, *,
     """
     head = _header(packet)
     wires: list[tuple[int, bytes] | None] = []
+    total = len(head) + 1                                   # + END
     for code, value in packet.options.items():
         if not 1 <= code <= 254 or code == OPT_OVERLOAD:
             raise ValueError(f"option code {code} cannot be encoded")
-        if not isinstance(value, (bytes, bytearray, memoryview)):
-            raise TypeError(f"option {code} value must be bytes, not {type(value).__name__}")
-        wires.append((code, _option_wire(code, bytes(value))))
+        cls = value.__class__
+        if cls is not bytes:
+            if not isinstance(value, (bytes, bytearray, memoryview)):
+                raise TypeError(f"option {code} value must be bytes, not {cls.__name__}")
+            value = bytes(value)
+        n = len(value)
+        wire = bytes((code, n)) + value if n <= 255 else _option_wire(code, value)
+        wires.append((code, wire))
+        total += len(wire)
     limit = _effective_max_size(max_size) - IP_UDP_OVERHEAD
-    total = len(head) + sum(len(w) for _, w in wires) + 1  # + END
     dropped: list[int] = []
     if total > limit:
         for idx in range(len(wires) - 1, -1, -1):
@@ -517,7 +533,8 @@ def encode_with_dropped(packet: DHCPPacket, *,
         if total > limit:
             raise PacketTooLarge(
                 f"{total} octets with only protected options, limit {limit}")
-    out = b"".join([head, *(item[1] for item in wires if item is not None), b"\xff"])
+        wires = [item for item in wires if item is not None]
+    out = b"".join([head, *(item[1] for item in wires), b"\xff"])
     if len(out) < BOOTP_MIN_LEN:
         out += b"\x00" * (BOOTP_MIN_LEN - len(out))
     return out, dropped
