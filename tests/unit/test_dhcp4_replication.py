@@ -153,3 +153,55 @@ def test_overload_sheds_discovers_not_requests():
                  ("10.0.0.1", 67))
     assert svc.drops["overload"] == 1
     assert handled == [C.REQUEST]
+
+
+def test_kernel_receive_time_of_a_datagram():
+    """SIOCGSTAMP gives when the kernel queued the datagram, not when it was read."""
+    import socket
+    import time
+
+    from services.dhcp.v4.service import enable_receive_times, last_received_at
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("127.0.0.1", 0))
+        assert enable_receive_times(rx)
+        tx.sendto(b"x", rx.getsockname())
+        time.sleep(0.3)
+        rx.recvfrom(16)
+        at = last_received_at(rx)
+        assert at is not None and 0.25 <= time.time() - at < 5
+    finally:
+        rx.close()
+        tx.close()
+
+
+def test_stale_discovers_are_shed_requests_are_not(monkeypatch):
+    """A DISCOVER that waited in the socket queue longer than discover_max_age_ms
+    is dropped ("stale"); a REQUEST of the same age is still answered; 0 turns
+    the check off."""
+    import time
+
+    from services.dhcp.v4 import codec as C
+    from services.dhcp.v4 import service as S
+    from services.dhcp.v4.probe import packet
+    cfg = config_from_string(CONFIG, "t.toml", {"dhcp4": dhcp4_plugin})
+    ctx = SimpleNamespace(reactor=Clock(), store=None, node_id="a", providers={},
+                          cluster=None, rpc=None, metrics=None)
+    svc = Dhcp4Service(cfg.services["dhcp4"].config, ctx)
+    handled = []
+    svc.handler = SimpleNamespace(handle=lambda pkt: handled.append(pkt.message_type) or None)
+    svc.port = SimpleNamespace(socket=None)
+    monkeypatch.setattr(S, "last_received_at", lambda sock: time.time() - 1.5)
+    mac = bytes([2, 0, 0, 0, 0, 1])
+    svc.datagram(packet(C.DISCOVER, mac, "10.0.0.1", 1), ("10.0.0.1", 67))
+    svc.datagram(packet(C.REQUEST, mac, "10.0.0.1", 2, o50=bytes([10, 0, 0, 11])),
+                 ("10.0.0.1", 67))
+    assert svc.drops["stale"] == 1 and handled == [C.REQUEST]
+    monkeypatch.setattr(S, "last_received_at", lambda sock: time.time() - 0.2)
+    svc.datagram(packet(C.DISCOVER, mac, "10.0.0.1", 3), ("10.0.0.1", 67))
+    assert handled == [C.REQUEST, C.DISCOVER]
+    svc._max_age_s = 0                                  # discover_max_age_ms = 0: off
+    monkeypatch.setattr(S, "last_received_at", lambda sock: time.time() - 100)
+    svc.datagram(packet(C.DISCOVER, mac, "10.0.0.1", 4), ("10.0.0.1", 67))
+    assert svc.drops["stale"] == 1 and handled[-1] == C.DISCOVER

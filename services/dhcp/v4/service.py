@@ -13,6 +13,7 @@ the peer link, partner states from the cluster manager) is wired when
 from __future__ import annotations
 
 import fcntl
+import time
 import socket
 import struct
 from ipaddress import IPv4Address
@@ -39,6 +40,8 @@ _BROADCAST = IPv4Address("255.255.255.255")
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SIOCGIFADDR = 0x8915
+SIOCGSTAMP = 0x8906     # the kernel receive time of the last datagram read from a socket
+_TIMEVAL = struct.Struct("@ll")
 CHANNEL = "dhcp4"
 SYNC_BATCH = 256        # leases per peer-link message in a recovery sync
 
@@ -62,6 +65,32 @@ def set_receive_buffer(sock: socket.socket, size: int) -> int:
         except OSError as e:
             _log.warn("dhcp4: cannot set the receive buffer to {size}: {why}", size=size, why=e)
     return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+
+
+def enable_receive_times(sock: socket.socket) -> bool:
+    """Have the kernel keep the receive time of each datagram read from
+    ``sock``: the first SIOCGSTAMP turns stamping on (it has no time to
+    give yet), later ones return the last datagram's arrival."""
+    try:
+        fcntl.ioctl(sock.fileno(), SIOCGSTAMP, b"\0" * _TIMEVAL.size)
+    except FileNotFoundError:          # ENOENT: nothing received yet -- stamping is on now
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def last_received_at(sock: socket.socket | None) -> float | None:
+    """When the kernel received the datagram last read from ``sock`` (wall
+    clock, SIOCGSTAMP; see :func:`enable_receive_times`), or None where that
+    is not available."""
+    if sock is None:
+        return None
+    try:
+        sec, usec = _TIMEVAL.unpack(fcntl.ioctl(sock.fileno(), SIOCGSTAMP, b"\0" * _TIMEVAL.size))
+    except OSError:
+        return None
+    return sec + usec / 1e6
 
 
 class _Protocol(protocol.DatagramProtocol):
@@ -101,8 +130,10 @@ class Dhcp4Service(Service):
         self.outbox: LeaseOutbox | None = None    # lazy updates to the partner
         self.ldap: LdapReservations | None = None  # reservations from a directory
         self._inflight = 0
+        self._max_age_s = config.discover_max_age_ms / 1000.0
         self.handler: Dhcp4Handler | None = None
         self.drops: dict[str, int] = {r: 0 for r in C.DROP_REASONS}
+        self.drops.update(overload=0, stale=0, store_error=0, reply_too_large=0)
         self._reclaim = None
         self.view = FailoverView()
         if config.failover is not None:
@@ -153,6 +184,9 @@ class Dhcp4Service(Service):
         sock = self.port.socket
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         rcvbuf = set_receive_buffer(sock, cfg.receive_buffer_bytes)
+        if cfg.discover_max_age_ms and not enable_receive_times(sock):
+            _log.warn("dhcp4: no kernel receive times on this socket: discover_max_age_ms "
+                      "is not enforced")
         if cfg.interface:
             sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, cfg.interface.encode())
         self._register_rpc()
@@ -194,11 +228,18 @@ class Dhcp4Service(Service):
         except C.MalformedPacket as e:
             self.drops[e.reason] = self.drops.get(e.reason, 0) + 1
             return
-        if self._inflight >= self.MAX_INFLIGHT and pkt.message_type == C.DISCOVER:
-            # Overloaded: an OFFER that arrives late is wasted (the client has
-            # moved on), so shed new DISCOVERs and keep finishing REQUESTs.
-            self.drops["overload"] = self.drops.get("overload", 0) + 1
-            return
+        if pkt.message_type == C.DISCOVER:
+            if self._inflight >= self.MAX_INFLIGHT:
+                # Overloaded: an OFFER that arrives late is wasted (the client has
+                # moved on), so shed new DISCOVERs and keep finishing REQUESTs.
+                self.drops["overload"] = self.drops.get("overload", 0) + 1
+                return
+            if self._max_age_s and self._stale(getattr(self.port, "socket", None)):
+                # It waited in the socket queue (a storm, or this box busy) for
+                # longer than discover_max_age_ms: the client has retransmitted
+                # or moved on; answering it would only delay the fresh ones.
+                self.drops["stale"] = self.drops.get("stale", 0) + 1
+                return
         writes = self.leases.writes
         result = self.handler.handle(pkt)
         if not isinstance(result, defer.Deferred):      # answered from memory
@@ -211,6 +252,10 @@ class Dhcp4Service(Service):
         result.addCallback(self._send, pkt, addr)
         result.addErrback(self._failed, pkt)
         result.addBoth(self._done_one)
+
+    def _stale(self, sock) -> bool:
+        at = last_received_at(sock)
+        return at is not None and time.time() - at > self._max_age_s
 
     def _done_one(self, _):
         self._inflight -= 1
