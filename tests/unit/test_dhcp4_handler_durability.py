@@ -189,3 +189,31 @@ def test_outbox_sends_a_batch_only_once_its_leases_are_on_disk():
     assert sent == [], "waits for durable()"
     gate.callback(None)
     assert len(sent) == 1 and box.backlog == 0
+
+
+def test_service_reply_that_waited_first_still_waits_for_the_disk(tmp_path):
+    """A handler result that is a Deferred (it waited for something) and wrote a
+    lease after that wait: the reply still waits for the journal job."""
+    svc, thread, clock = service(tmp_path)
+    gate = defer.Deferred()
+    real = svc.handler
+
+    class Slow:
+        leases = real.leases
+
+        def handle(self, pkt):
+            return gate.addCallback(lambda _: as_deferred(real.handle(pkt)))
+
+    from appliance.eager import as_deferred
+    yiaddr = dora_request(svc, bytes([2, 0, 0, 0, 0, 5]), 30)   # OFFER from the real handler
+    clock.advance(0)
+    thread.run_all()
+    svc.port.sent.clear()
+    svc.handler = Slow()
+    svc.datagram(packet(C.REQUEST, bytes([2, 0, 0, 0, 0, 5]), "10.9.0.1", 32,
+                        o50=yiaddr.packed, o54=IPv4Address("10.9.0.1").packed), ("10.9.0.1", 67))
+    gate.callback(None)                                # the wait ends, the lease is rewritten
+    assert svc.port.sent == [], "no ACK before the journal write"
+    clock.advance(0)
+    thread.run_all()
+    assert [p.message_type for p, _ in svc.port.sent] == [C.ACK]

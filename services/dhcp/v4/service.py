@@ -248,10 +248,17 @@ class Dhcp4Service(Service):
                 return
             # the lease is written in memory: the reply waits until it is on disk
             result = self.leases.durable().addCallback(lambda _, reply=result: reply)
+        else:
+            result.addCallback(self._once_durable, writes)   # it may write after waiting
         self._inflight += 1
         result.addCallback(self._send, pkt, addr)
         result.addErrback(self._failed, pkt)
         result.addBoth(self._done_one)
+
+    def _once_durable(self, reply, writes: int):
+        if reply is None or self.leases.writes == writes:
+            return reply
+        return self.leases.durable().addCallback(lambda _: reply)
 
     def _stale(self, sock) -> bool:
         at = last_received_at(sock)
