@@ -311,3 +311,19 @@ def test_durable_is_immediate_when_writes_are_not_fsynced(tmp_path):
     done = []
     store.durable().addCallback(done.append)
     assert done == [None]
+
+
+def test_slow_journal_jobs_are_counted_and_say_how_much_was_the_disk(tmp_path):
+    from twisted.logger import globalLogPublisher
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        store, clock = memory_store(tmp_path)
+        store.slow_job_s = -1                        # every job counts as slow
+        store.set("a", "1")
+        assert store.stats["slow_journal_writes"] >= 1
+        assert store.describe()["stats"]["slow_journal_writes"] >= 1
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    texts = [e.get("log_format", "") for e in seen]
+    assert any("in write+fsync" in t for t in texts)
