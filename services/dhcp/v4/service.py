@@ -13,9 +13,9 @@ the peer link, partner states from the cluster manager) is wired when
 from __future__ import annotations
 
 import fcntl
-import time
 import socket
 import struct
+import time
 from ipaddress import IPv4Address
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -387,17 +387,16 @@ class Dhcp4Service(Service):
             results.append(self.leases.apply_remote(lease))
         waits = [r for r in results if isinstance(r, defer.Deferred)]
         self.stats["replication_applied"] += len(results) - len(waits)
-        if self.leases.writes != writes:
-            # the batch is acked to the partner only once it is on disk here
-            waits.append(self.leases.durable().addCallback(lambda _: None))
-        if not waits:
+        if not waits and self.leases.writes == writes:
             return None
-        counted = len([r for r in results if isinstance(r, defer.Deferred)])
 
-        def applied(_):
-            self.stats["replication_applied"] += counted
+        def settle(_):
+            self.stats["replication_applied"] += len(waits)
+            # the batch is acked to the partner only once what it wrote here
+            # (at once, or after a wait) is on disk
+            return self.leases.durable() if self.leases.writes != writes else None
 
-        return defer.gatherResults(waits, consumeErrors=True).addCallback(applied)
+        return defer.gatherResults(waits, consumeErrors=True).addCallback(settle)
 
     def _sync_from_partner(self, peer):
         """RECOVER: ask the partner for all its leases; done at its end marker."""
