@@ -339,7 +339,9 @@ def render_status(status: Any) -> str:
     store_text = str(store.get("backend", "-"))
     if healthy is not None:
         store_text += " (healthy)" if healthy else " (UNHEALTHY)"
-    extra = {k: v for k, v in store.items() if k not in ("backend", "healthy")}
+    extra = {k: v for k, v in store.items() if k not in ("backend", "healthy", "stats")}
+    if isinstance(store.get("stats"), dict):     # counters, flattened: writes=.. fsyncs=..
+        extra.update(store["stats"])
     if extra:
         store_text += "  " + " ".join(f"{k}={_cell(v)}" for k, v in extra.items())
     header = _kv_block([("node", _cell(status.get("node"))),

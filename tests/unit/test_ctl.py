@@ -86,6 +86,9 @@ def test_render_status():
     unhealthy = dict(status, services={}, store={"backend": "redis", "healthy": False})
     assert "store:   redis (UNHEALTHY)" in ctl.render_status(unhealthy)
     assert ctl.render_status(unhealthy).endswith("(no services enabled)")
+    counters = dict(status, store={"backend": "memory", "healthy": True, "keys": 4,
+                                   "stats": {"writes": 1, "fsyncs": 1}})
+    assert "store:   memory (healthy)  keys=4 writes=1 fsyncs=1" in ctl.render_status(counters)
 
 
 @pytest.mark.parametrize("seconds, text", [(5, "5.0s"), (65, "1m 05s"), (3600, "1h 00m 00s"),
