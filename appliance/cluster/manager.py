@@ -32,12 +32,14 @@ from appliance.cluster import partner as P
 from appliance.cluster.heartbeat import (DROP_REASONS, Heartbeat, HeartbeatVerifier,
                                          config_digest, encode)
 from appliance.cluster.ownership import Claim, ResourceSpec, View, decide
+from appliance.net.sockets import set_receive_buffer
 
 _log = Logger(namespace="appliance.cluster")
 
 SKEW_WARN_S = 30.0
 LINK_CHECK_S = 0.5         # how often VIP interfaces are checked for carrier
 DETAIL_EVERY = 10          # heartbeats between config-detail broadcasts
+HEARTBEAT_RCVBUF = 1 << 20  # bytes of kernel receive buffer for the heartbeat socket
 
 
 def load_key(path: str) -> bytes:
@@ -254,6 +256,11 @@ class ClusterManager(Service):
         interface = str(self.cfg.bind_address) if self.cfg.bind_address else ""
         self.port = self.reactor.listenUDP(self.cfg.heartbeat_port, _HeartbeatProtocol(self),
                                            interface=interface)
+        # A burst of junk (a forger, a misconfigured box) queues instead of
+        # crowding the partner's real heartbeats out of a ~200 KiB default buffer.
+        sock = getattr(self.port, "socket", None)       # (a test reactor's port has none)
+        if sock is not None:
+            set_receive_buffer(sock, HEARTBEAT_RCVBUF)
         d = self._load_persisted()
         d.addErrback(lambda f: _log.warn("could not load persisted cluster state: {why}",
                                          why=f.getErrorMessage()))

@@ -178,3 +178,8 @@ def test_forged_heartbeats_from_a_third_box_change_nothing(two_nodes_lab, pair_f
              and pair.status("b")["drops"].get("truncated", 0) >= 200, 5,
              "every forged datagram to be dropped and counted")
     assert pair.owners() == ["a"]
+    # the heartbeat socket got its large receive buffer (bursts queue, not dropped)
+    ss = lab.run("b", "ss", "-uamn", "sport", "=", ":8741").stdout
+    rb = [int(part[2:]) for part in ss.replace("(", ",").replace(")", ",").split(",")
+          if part.startswith("rb") and part[2:].isdigit()]
+    assert rb and max(rb) >= 1 << 20, ss

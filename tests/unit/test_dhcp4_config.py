@@ -174,7 +174,7 @@ def test_receive_buffer_default_range_and_socket():
     import os
     import socket
 
-    from services.dhcp.v4.service import set_receive_buffer
+    from appliance.net.sockets import set_receive_buffer
     cfg, problems = parse(base())
     assert problems == [] and cfg.receive_buffer_bytes == 4 * 1024 * 1024
     _, problems = parse(base(receive_buffer_bytes=10))

@@ -160,7 +160,7 @@ def test_kernel_receive_time_of_a_datagram():
     import socket
     import time
 
-    from services.dhcp.v4.service import enable_receive_times, last_received_at
+    from appliance.net.sockets import enable_receive_times, last_received_at
     rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from appliance.admin.rpc import ApplicationError, InvalidParams
 from appliance.ddns import DHCID_CLIENT_ID, DHCID_HWADDR, ddns_provider
 from appliance.eager import as_deferred
+from appliance.net.sockets import enable_receive_times, last_received_at, set_receive_buffer
 from services.dhcp.v4 import codec as C
 from services.dhcp.v4 import pools as P
 from services.dhcp.v4.config import Dhcp4Config
@@ -38,10 +39,7 @@ _log = Logger(namespace="services.dhcp4")
 _ZERO = IPv4Address(0)
 _BROADCAST = IPv4Address("255.255.255.255")
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SIOCGIFADDR = 0x8915
-SIOCGSTAMP = 0x8906     # the kernel receive time of the last datagram read from a socket
-_TIMEVAL = struct.Struct("@ll")
 CHANNEL = "dhcp4"
 SYNC_BATCH = 256        # leases per peer-link message in a recovery sync
 
@@ -51,46 +49,6 @@ def interface_address(ifname: str) -> IPv4Address:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         packed = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", ifname.encode()[:15]))
     return IPv4Address(packed[20:24])
-
-
-def set_receive_buffer(sock: socket.socket, size: int) -> int:
-    """Ask for a ``size``-byte kernel receive buffer (SO_RCVBUFFORCE when
-    allowed, else SO_RCVBUF, which ``net.core.rmem_max`` caps); the size
-    the kernel reports back."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
-    except OSError:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
-        except OSError as e:
-            _log.warn("dhcp4: cannot set the receive buffer to {size}: {why}", size=size, why=e)
-    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-
-
-def enable_receive_times(sock: socket.socket) -> bool:
-    """Have the kernel keep the receive time of each datagram read from
-    ``sock``: the first SIOCGSTAMP turns stamping on (it has no time to
-    give yet), later ones return the last datagram's arrival."""
-    try:
-        fcntl.ioctl(sock.fileno(), SIOCGSTAMP, b"\0" * _TIMEVAL.size)
-    except FileNotFoundError:          # ENOENT: nothing received yet -- stamping is on now
-        return True
-    except OSError:
-        return False
-    return True
-
-
-def last_received_at(sock: socket.socket | None) -> float | None:
-    """When the kernel received the datagram last read from ``sock`` (wall
-    clock, SIOCGSTAMP; see :func:`enable_receive_times`), or None where that
-    is not available."""
-    if sock is None:
-        return None
-    try:
-        sec, usec = _TIMEVAL.unpack(fcntl.ioctl(sock.fileno(), SIOCGSTAMP, b"\0" * _TIMEVAL.size))
-    except OSError:
-        return None
-    return sec + usec / 1e6
 
 
 class _Protocol(protocol.DatagramProtocol):
