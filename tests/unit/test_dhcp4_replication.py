@@ -192,13 +192,13 @@ def test_stale_discovers_are_shed_requests_are_not(monkeypatch):
     handled = []
     svc.handler = SimpleNamespace(handle=lambda pkt: handled.append(pkt.message_type) or None)
     svc.port = SimpleNamespace(socket=None)
-    monkeypatch.setattr(S, "last_received_at", lambda sock: time.time() - 1.5)
+    monkeypatch.setattr(S, "last_received_at", lambda sock: time.time() - 2.5)
     mac = bytes([2, 0, 0, 0, 0, 1])
     svc.datagram(packet(C.DISCOVER, mac, "10.0.0.1", 1), ("10.0.0.1", 67))
     svc.datagram(packet(C.REQUEST, mac, "10.0.0.1", 2, o50=bytes([10, 0, 0, 11])),
                  ("10.0.0.1", 67))
     assert svc.drops["stale"] == 1 and handled == [C.REQUEST]
-    monkeypatch.setattr(S, "last_received_at", lambda sock: time.time() - 0.2)
+    monkeypatch.setattr(S, "last_received_at", lambda sock: time.time() - 1.5)
     svc.datagram(packet(C.DISCOVER, mac, "10.0.0.1", 3), ("10.0.0.1", 67))
     assert handled == [C.REQUEST, C.DISCOVER]
     svc._max_age_s = 0                                  # discover_max_age_ms = 0: off

@@ -152,7 +152,7 @@ class Dhcp4Config:
     reclaim_interval_s: float = 10.0
     receive_buffer_bytes: int = 4 * 1024 * 1024
     ldap: LdapSettings | None = None
-    discover_max_age_ms: int = 500
+    discover_max_age_ms: int = 2000
 
     def subnet(self, subnet_id: int) -> Subnet | None:
         for s in self.subnets:
@@ -188,7 +188,7 @@ def parse_dhcp4(table: Table, context: ParseContext) -> Dhcp4Config | None:
     quarantine = table.float("decline_quarantine_s", 86400.0, min=1, max=30 * 86400)
     reclaim = table.float("reclaim_interval_s", 10.0, min=0.1, max=3600)
     rcvbuf = table.int("receive_buffer_bytes", 4 * 1024 * 1024, min=65536, max=256 * 1024 * 1024)
-    max_age = table.int("discover_max_age_ms", 500, min=0, max=60000)
+    max_age = table.int("discover_max_age_ms", 2000, min=0, max=60000)
     if interface is None and listen_address is None and "interface" not in table.data \
             and "listen_address" not in table.data:
         table.error("interface", "missing: give interface (direct clients) or "
