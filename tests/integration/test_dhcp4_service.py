@@ -133,6 +133,38 @@ def test_discovers_queued_while_the_box_was_stuck_are_shed_as_stale(node):
     assert packets.get("in_DISCOVER") == 1, "only the fresh DISCOVER reached the handler"
 
 
+
+def test_every_acked_lease_survives_kill_9(node):
+    """Ten clients' REQUESTs sent at once (one journal job, one fsync for
+    several leases); the node is killed (-9) the moment the last ACK arrives;
+    after a restart every ACKed lease is there, with its client."""
+    from services.dhcp.v4 import codec as C
+    server = ("127.0.0.1", node.dhcp_port)
+    macs = [mac(200 + i) for i in range(10)]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(3)
+        for i, m in enumerate(macs):
+            s.sendto(probe.packet(C.DISCOVER, m, "10.9.0.1", 5000 + i), server)
+        offers = {}
+        while len(offers) < len(macs):
+            reply = C.parse(s.recvfrom(2048)[0])
+            if reply.message_type == C.OFFER:
+                offers[bytes(reply.chaddr)] = reply
+        for i, m in enumerate(macs):
+            o = offers[m]
+            s.sendto(probe.packet(C.REQUEST, m, "10.9.0.1", 6000 + i, o50=o.yiaddr.packed,
+                                  o54=o.server_id.packed), server)
+        acked = {}
+        while len(acked) < len(macs):
+            reply = C.parse(s.recvfrom(2048)[0])
+            if reply.message_type == C.ACK:
+                acked[str(reply.yiaddr)] = bytes(reply.chaddr).hex(":")
+    node.kill()                                   # SIGKILL: no orderly flush
+    node.start()
+    leases = node.rpc("dhcp4.leases", {"state": "bound"})["result"]["leases"]
+    assert {lease["address"]: lease["hwaddr"] for lease in leases} == acked
+
+
 UDHCPC_SCRIPT = """#!/bin/sh
 # udhcpc hook: record what we got, never touch the system's resolv.conf
 case "$1" in
