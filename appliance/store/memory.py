@@ -969,15 +969,11 @@ class MemoryStore(Service):
                 continue                      # nothing to write (as on redis)
             elif o.kind == "hset":
                 records.append(self._do_hset(o.key, dict(o.args[0]), checked=True)[1])
-            elif o.kind == "hdel":
-                record = self._do_hdel(o.key, o.args[0])[1]
-                if record is None:
-                    continue
-                records.append(record)
             elif o.kind == "zadd":
                 records.append(self._do_zadd(o.key, dict(o.args[0]), checked=True)[1])
-            elif o.kind == "zrem":
-                record = self._do_zrem(o.key, o.args[0])[1]
+            else:                             # hdel, zrem: nothing recorded if nothing went
+                remove = self._do_hdel if o.kind == "hdel" else self._do_zrem
+                record = remove(o.key, o.args[0])[1]
                 if record is None:
                     continue
                 records.append(record)

@@ -37,13 +37,20 @@ class ManualThread:
                 d.callback(f(*args))
 
 
-def setup(tmp_path):
+def started_store(tmp_path):
+    """A loaded fsync=always MemoryStore on a Clock whose journal jobs wait
+    for ``thread.run_all()``: ``(clock, thread, store)``."""
     clock = Clock()
     clock.advance(T0)
     thread = ManualThread()
     store = MemoryStore(clock, state_dir=tmp_path, fsync="always", run_in_thread=thread)
     store.startService()
     thread.run_all()                                   # the load
+    return clock, thread, store
+
+
+def setup(tmp_path):
+    clock, thread, store = started_store(tmp_path)
     leases = LeaseStore(store, config(), "a", clock.seconds)
     leases.load()
     handler = Dhcp4Handler(leases.config, leases, IPv4Address("10.9.0.1"), now=clock.seconds)
@@ -113,12 +120,7 @@ def service(tmp_path):
     from appliance.config import config_from_string
     from services.dhcp.plugin import dhcp4_plugin
     from services.dhcp.v4.service import Dhcp4Service
-    clock = Clock()
-    clock.advance(T0)
-    thread = ManualThread()
-    store = MemoryStore(clock, state_dir=tmp_path, fsync="always", run_in_thread=thread)
-    store.startService()
-    thread.run_all()
+    clock, thread, store = started_store(tmp_path)
     cfg = config_from_string(SERVICE_CONFIG, "t.toml", {"dhcp4": dhcp4_plugin})
     ctx = SimpleNamespace(reactor=clock, store=store, node_id="a", providers={},
                           cluster=None, rpc=None, metrics=None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 
@@ -224,9 +223,9 @@ def test_commit_guard(tmp_path):
     assert ok(store.get("a")) is None
 
 
-def test_fsync_always_acks_only_after_the_write(tmp_path):
-    """With fsync=always the write's Deferred waits for the journal job; the
-    writes of one reactor turn share one job (one fsync), later ones queue."""
+def store_with_held_jobs(tmp_path):
+    """A started MemoryStore on a Clock whose journal jobs wait in ``pending``
+    as ``(Deferred, f, args)`` until the test runs them (the load has run)."""
     clock = Clock()
     pending = []
 
@@ -238,7 +237,14 @@ def test_fsync_always_acks_only_after_the_write(tmp_path):
     store = MemoryStore(clock, state_dir=tmp_path, run_in_thread=deferred_thread)
     store.startService()
     d0, f, args = pending.pop()
-    d0.callback(f(*args))   # load finished
+    d0.callback(f(*args))      # load finished
+    return store, clock, pending
+
+
+def test_fsync_always_acks_only_after_the_write(tmp_path):
+    """With fsync=always the write's Deferred waits for the journal job; the
+    writes of one reactor turn share one job (one fsync), later ones queue."""
+    store, clock, pending = store_with_held_jobs(tmp_path)
     acked = []
     store.set("a", "1").addCallback(acked.append)
     store.set("b", "2").addCallback(acked.append)   # same turn: same job
@@ -272,18 +278,7 @@ def test_commit_now_applies_at_once_and_durable_waits_for_the_journal(tmp_path):
     """commit_now: the change (or a guard's refusal) is known at once and
     visible to reads; durable() fires only after the journal job that holds
     it, and fails when that job fails."""
-    clock = Clock()
-    pending = []
-
-    def deferred_thread(f, *args):
-        d = defer.Deferred()
-        pending.append((d, f, args))
-        return d
-
-    store = MemoryStore(clock, state_dir=tmp_path, run_in_thread=deferred_thread)
-    store.startService()
-    d0, f, args = pending.pop()
-    d0.callback(f(*args))
+    store, clock, pending = store_with_held_jobs(tmp_path)
     assert store.commit_now([Op.set("k", "1")], {"k": None}) is True
     assert store.commit_now([Op.set("k", "2")], {"k": None}) is False     # guard
     assert store.get_now("k") == "1"

@@ -25,7 +25,6 @@ from twisted.logger import Logger
 
 from appliance.admin.rpc import ApplicationError, InvalidParams
 from appliance.ddns import DHCID_CLIENT_ID, DHCID_HWADDR, ddns_provider
-from appliance.eager import as_deferred
 from appliance.net.sockets import enable_receive_times, last_received_at, set_receive_buffer
 from services.dhcp.v4 import codec as C
 from services.dhcp.v4 import pools as P
