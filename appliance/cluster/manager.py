@@ -94,6 +94,7 @@ class Resource:
     epoch: int = 0
     max_epoch: int = 0
     claiming: bool = False
+    contested: bool = False      # another live node claims it while we own it
     changed_at: float = 0.0
     reason: str = ""
 
@@ -153,7 +154,7 @@ class ClusterManager(Service):
         self.started_at = 0.0
         self.hold_until = 0.0
         self.stats = {"sent": 0, "received": 0, "send_errors": 0, "role_changes": 0,
-                      "partner_transitions": 0}
+                      "partner_transitions": 0, "reannounced": 0}
         for vip in vips:
             self.add_resource(
                 ResourceSpec(vip.name, dict(vip.priority), vip.preempt, kind="vip"),
@@ -513,6 +514,19 @@ class ClusterManager(Service):
             res.owner = owner
             if d.action == "claim" and not holding and not res.claiming:
                 self._claim(res, d.epoch, why=self._why(res, claims, able))
+            elif d.action == "reassert" and not res.claiming:
+                # Won a contest against a newer claim (a healed partition under
+                # preempt): claim again above it, so listeners hear the new
+                # epoch and the VIP is announced again.
+                self._claim(res, d.epoch, manual=res.mine.manual,
+                            why="re-asserted after a contest (" + self._why(res, claims, able) + ")")
+            elif d.action == "keep" and res.mine is not None:
+                contested = any(c.owner != self.node_id for c in claims.values())
+                if contested and not res.contested:
+                    # Someone else announces it too: announce again
+                    # (keepalived garp_lower_prio_repeat).
+                    self._reannounce(res, "contest: " + self._why(res, claims, able))
+                res.contested = contested
             elif d.action == "release":
                 self._set_mine(res, None, f"{d.winner or 'nobody'} should own it "
                                           f"({self._why(res, claims, able)})")
@@ -581,7 +595,8 @@ class ClusterManager(Service):
             return
         now = self.reactor.seconds()
         res.changed_at, res.reason = now, why
-        self.stats["role_changes"] += 1
+        if (before is None) != (claim is None):
+            self.stats["role_changes"] += 1
         role = "owner" if claim is not None else "standby"
         epoch = claim.epoch if claim is not None else before.epoch
         res.epoch = epoch
@@ -594,6 +609,14 @@ class ClusterManager(Service):
                                               why=f.getErrorMessage()))
         for listener in list(res.listeners):
             self._call(listener, res.spec.name, role, epoch)
+
+    def _reannounce(self, res: Resource, why: str):
+        if res.spec.kind != "vip" or self.vip_manager is None:
+            return
+        self.stats["reannounced"] += 1
+        d = defer.maybeDeferred(self.vip_manager.acquire, res.spec.name, why)
+        d.addErrback(lambda f: _log.error("vip {res}: {why}", res=res.spec.name,
+                                          why=f.getErrorMessage()))
 
     @staticmethod
     def _call(listener, *args):

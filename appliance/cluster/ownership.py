@@ -11,9 +11,13 @@ epoch.  :func:`elect` picks the rightful owner:
 3. Otherwise the live able node with the highest priority (ties: node id).
 
 A node that wins but does not own it claims with an epoch above every
-epoch seen; a node that owns it but lost steps down.  Epochs only grow, so
-after a partition heals every node sees the same claims and agrees within
-one heartbeat.
+epoch seen; a node that owns it but lost steps down.  A node that wins and
+owns it but holds an epoch below one seen elsewhere (a peer claimed during
+a partition and lost the contest at the heal) *re-asserts*: it claims again
+at ``max_epoch + 1`` so that the owner always holds the highest epoch
+(a valid fencing token) and announces itself again (GARP, DNS).  Epochs
+only grow, so after a partition heals every node sees the same claims and
+agrees within one heartbeat.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ def elect(spec: ResourceSpec, view: View) -> str | None:
 
 @dataclass(frozen=True)
 class Decision:
-    action: str              # "claim", "release" or "keep"
+    action: str              # "claim", "reassert", "release" or "keep"
     winner: str | None
     epoch: int               # the epoch to claim with (for "claim")
 
@@ -84,4 +88,7 @@ def decide(spec: ResourceSpec, view: View, me: str, mine: Claim | None) -> Decis
         return Decision("claim", winner, max(view.max_epoch, 0) + 1)
     if winner != me and mine is not None:
         return Decision("release", winner, mine.epoch)
+    if winner == me and mine is not None and view.max_epoch > mine.epoch:
+        # Won a contest against a newer claim: take it again above it.
+        return Decision("reassert", winner, view.max_epoch + 1)
     return Decision("keep", winner, mine.epoch if mine else 0)

@@ -334,3 +334,30 @@ def _skewed(build, offset):
         hb = build()
         return replace(hb, sent_at=hb.sent_at + offset)
     return skewed
+
+
+def test_preempt_heal_winner_reclaims_above_the_loser_and_reannounces():
+    """H1: after a partition under preempt the winner re-claims at an epoch above
+    the loser's (listeners hear it, the VIP is acquired again so GARP goes out)."""
+    clock, net, nodes = make_pair(preempt=True)
+    vips = {n: FakeVIPs() for n in nodes}
+    for n, m in nodes.items():
+        m.vip_manager = vips[n]
+    start(clock, nodes)
+    run(clock, 1.0)
+    assert owners(nodes) == ["a"]
+    net.cut.add(ADDR["a"])
+    run(clock, 1.0)
+    assert owners(nodes) == ["a", "b"]
+    eb = nodes["b"].resources["vip1"].mine.epoch
+    assert eb > nodes["a"].resources["vip1"].mine.epoch
+    net.cut.clear()
+    run(clock, 0.3)
+    assert owners(nodes) == ["a"]
+    ea = nodes["a"].resources["vip1"].mine.epoch
+    assert ea > eb, (ea, eb)
+    assert nodes["a"].roles[-1] == ("owner", ea)
+    assert vips["a"].log.count(("acquire", "vip1")) >= 2, vips["a"].log
+    assert nodes["b"].status()["resources"]["vip1"]["epoch"] >= ea
+    run(clock, 1.0)
+    assert nodes["a"].resources["vip1"].mine.epoch == ea, "no epoch churn once settled"

@@ -132,3 +132,11 @@ def test_peer_maintenance_means_partner_down_and_recover_has_exit():
     assert g.state == P.RECOVER
     g.lost(1)
     assert g.tick(11).new == P.PARTNER_DOWN
+
+
+def test_winner_with_stale_epoch_reasserts_above_max():
+    """H1: the preempting winner holding a lower epoch than seen re-claims above it."""
+    view = View({"a", "b"}, {"b": Claim("b", 2)}, max_epoch=2)
+    d = decide(SPEC, view, "a", Claim("a", 1))
+    assert (d.action, d.epoch) == ("reassert", 3)
+    assert decide(SPEC, View({"a", "b"}, {}, max_epoch=3), "a", Claim("a", 3)).action == "keep"
