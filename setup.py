@@ -30,7 +30,7 @@ setup(
         "pyopenssl>=24",
         "cryptography>=42",
         "service_identity>=24",
-        "txredisapi>=1.4.10",
+        "txredisapi>=1.6,<1.7",
         "prometheus_client>=0.20",
         "attrs>=23",
         "sortedcontainers>=2.4",

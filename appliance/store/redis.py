@@ -4,35 +4,80 @@ Mapping of the :class:`IStateStore` contract onto Redis:
 
 * Keys are stored as ``<namespace>:<key>``; ``scan`` uses ``SCAN .. MATCH``
   with the caller's prefix glob-escaped and strips the namespace again.
-* Every write goes through one Lua script (``EVAL``/``EVALSHA``, one round
-  trip).  The script checks the ``expect`` guards, checks the types of all the
-  keys a multi-op commit touches *before* writing anything (a Lua error does
-  not undo the writes made before it, so this is what makes ``commit`` all or
-  nothing), applies the ops and ``PUBLISH``es each change -- the op's name on
-  ``<namespace>:__chg__:<key>``.  ``set``, ``hset`` and ``zadd`` always
-  publish; ``delete``, ``hdel``, ``zrem`` and ``expire`` only when they
-  changed something.
-* ``subscribe`` shares ONE subscriber connection that ``PSUBSCRIBE``s
-  ``<namespace>:__chg__:<escaped prefix>*`` per distinct prefix, and
-  re-subscribes after a reconnect.  Changes made while that connection is
-  down are not replayed.  TTL expiry is not notified (Redis does not publish
-  on our channels when a key times out; ``expired`` is never delivered by
-  this backend).  Pub/sub channels are global to a Redis server, not per
-  database: stores sharing a server but using different ``db`` numbers
-  should use different namespaces.
-* Failing fast: when no connection is up an operation errbacks at once with
-  :class:`StoreUnavailable`; a command in flight is bounded by
-  ``op_timeout_s``.  txredisapi reconnects by itself (backoff capped at 1 s
-  here), after which operations succeed again.
+* Every write goes through one Lua script (``EVALSHA``, one round trip; the
+  scripts are in ``redis_lua.py``).  The script checks the ``expect`` guards,
+  checks the types of all the keys a multi-op commit touches *before* writing
+  anything (a Lua error does not undo the writes made before it, so this is
+  what makes ``commit`` all or nothing), applies the ops and ``PUBLISH``es
+  each change -- the op's name on ``<namespace>:__chg__:<key>``.  ``set``,
+  ``hset`` and ``zadd`` always publish; ``delete``, ``hdel``, ``zrem`` and
+  ``expire`` only when they changed something.
+
+Program order.  Every command -- reads and writes -- goes over ONE
+connection, pipelined: a command is written to the socket as soon as it is
+issued, without waiting for the replies of the ones before it.  Redis runs
+the commands of one connection one at a time in the order they arrive and
+answers in that order, and txredisapi fires the Deferreds in reply order.
+So ``set(k, "1"); set(k, "2")`` without awaiting leaves ``"2"``, a ``get``
+issued after a ``set`` sees it, and the Deferreds fire in issue order (the
+interface's ordering guarantee).  A new connection is only used after its
+handshake (``SCRIPT LOAD`` of both scripts, the instance check and the
+durability probe below), so ``EVALSHA`` never meets a missing script on a
+fresh connection; if one does anyway (``SCRIPT FLUSH`` by an operator), the
+write fails with :class:`StoreUnavailable` -- it was not applied -- and the
+scripts are loaded again; there is no ``EVAL`` fallback, because re-sending
+a write after the commands issued behind it would reorder them.
+
+Change feed.  ``subscribe`` shares ONE subscriber connection that
+``PSUBSCRIBE``s ``<namespace>:__chg__:<escaped prefix>*`` per distinct prefix.
+A subscription's ``ready`` fires once the server has the PSUBSCRIBE (writes
+issued after that are notified).  A notification of a write is delivered
+only after that write's Deferred fired (if the write came from this store:
+notifications are held until every write issued before they arrived has
+been answered).  Pub/sub is not replayable: after every re-subscribe except
+the first (a reconnect, a Sentinel failover, Redis dropping a slow
+subscriber) each subscriber gets ``callback(prefix, RESYNC)`` -- changes may
+have been missed, re-read what you cache.  TTL expiry is not notified
+(``expired`` is never delivered by this backend).  Pub/sub channels are
+global to a Redis server, not per database: stores sharing a server but
+using different ``db`` numbers should use different namespaces.
+
+Durability.  A write is acknowledged when Redis answers, which says nothing
+about disk: with ``appendonly no`` (Redis' shipped default: RDB snapshots
+only) a Redis crash loses every write since the last snapshot, and a
+Sentinel failover loses what was not yet replicated.  At every connect the
+store reads ``INFO persistence``, ``INFO replication`` and (when allowed)
+``CONFIG GET appendfsync``/``save``, shows them in
+``describe()["durability"]`` and logs a warning when AOF is off.  With
+``min_replicas_acked = n`` every write is followed (on the same connection)
+by ``WAIT n replicas_timeout_ms``; when fewer replicas acknowledged in time
+the write fails with :class:`StoreUnavailable` -- it may still have been
+applied on the master (and be lost or kept by a failover).
+
+Data loss.  At first start the store puts a random id in
+``__store_instance__:<namespace>`` (``SET NX``; outside the namespace, so
+``scan`` never returns it).  When that key is missing or different after a
+reconnect, Redis came back without its data (or another deployment took over
+the namespace): the store turns unhealthy, ``describe()["error"]`` says data
+loss, writes fail with :class:`StoreDown`, subscribers get ``RESYNC``.  Reads
+still work.  :meth:`RedisStore.recheck` (``appliancectl call store.recheck``)
+accepts the new state: it re-creates the key and the store is healthy again.
+A loss while no store of the deployment is running cannot be told from a
+first start.
+
+Failing fast: when no connection is up an operation errbacks at once with
+:class:`StoreUnavailable`; a command in flight is bounded by ``op_timeout_s``
+(plus ``replicas_timeout_ms`` when ``WAIT`` is used, since commands queue
+behind it).  txredisapi reconnects by itself (backoff capped at 1 s here),
+also after a refused ``AUTH`` (fixing the password on the server is enough).
 """
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 import math
+import uuid
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import txredisapi
 from twisted.application.service import Service
@@ -40,224 +85,21 @@ from twisted.internet import defer, error as ierror
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, HostnameEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from appliance.store.interface import IStateStore, ISubscription, Op, StoreError, StoreUnavailable
+from appliance.store import redis_lua as lua
+from appliance.store.interface import (RESYNC, IStateStore, ISubscription, Op, StoreDown,
+                                       StoreError, StoreUnavailable)
+from appliance.store.redis_url import glob_escape, mask_url, parse_redis_url
+from appliance.store.validate import check_str
 
-__all__ = ["RedisStore", "glob_escape", "parse_redis_url"]
+__all__ = ["RedisStore", "glob_escape", "mask_url", "parse_redis_url"]
 
 # Replies that mean "the server is there but cannot serve right now".
 _UNAVAILABLE_REPLIES = ("LOADING", "MASTERDOWN", "READONLY", "BUSY", "TRYAGAIN",
-                        "CLUSTERDOWN", "NOREPLICAS", "MISCONF")
+                        "CLUSTERDOWN", "NOREPLICAS", "MISCONF", "NOSCRIPT")
 
-_WRITE_SCRIPT = r"""
--- ARGV[1] = length of the key namespace prefix, ARGV[2] = channel prefix,
--- then: nguards, (keyidx, present '0'|'1', value)*, nops,
--- (kind, keyidx, nargs, arg*)*
-local nslen = tonumber(ARGV[1])
-local chg = ARGV[2]
-local i = 3
-local types = {}
-local function ktype(k)
-  local t = types[k]
-  if t == nil then
-    t = redis.call('TYPE', k)['ok']
-    types[k] = t
-  end
-  return t
-end
-local function wrongtype(k)
-  return redis.error_reply('WRONGTYPE Operation against a key holding the wrong kind of value: '
-                           .. string.sub(k, nslen + 1))
-end
-local ng = tonumber(ARGV[i]); i = i + 1
-for g = 1, ng do
-  local k = KEYS[tonumber(ARGV[i])]
-  local present = ARGV[i + 1] == '1'
-  local want = ARGV[i + 2]
-  i = i + 3
-  local t = ktype(k)
-  if t ~= 'string' and t ~= 'none' then return wrongtype(k) end
-  local cur = redis.call('GET', k)
-  if present then
-    if cur ~= want then return {0} end
-  elseif cur then
-    return {0}
-  end
-end
-local nops = tonumber(ARGV[i]); i = i + 1
-local ops = {}
-for o = 1, nops do
-  local n = tonumber(ARGV[i + 2])
-  ops[o] = {ARGV[i], KEYS[tonumber(ARGV[i + 1])], i + 3, n}
-  i = i + 3 + n
-end
-if nops > 1 then
-  local sim = {}
-  for o = 1, nops do
-    local kind, k = ops[o][1], ops[o][2]
-    local t = sim[k]
-    if t == nil then t = ktype(k) end
-    if kind == 'set' then
-      sim[k] = 'string'
-    elseif kind == 'delete' then
-      sim[k] = 'none'
-    elseif kind == 'hset' or kind == 'hdel' then
-      if t ~= 'hash' and t ~= 'none' then return wrongtype(k) end
-      if kind == 'hset' and ops[o][4] > 0 then sim[k] = 'hash' else sim[k] = t end
-    elseif kind == 'zadd' or kind == 'zrem' then
-      if t ~= 'zset' and t ~= 'none' then return wrongtype(k) end
-      if kind == 'zadd' and ops[o][4] > 0 then sim[k] = 'zset' else sim[k] = t end
-    elseif kind == 'expire' then
-      sim[k] = t
-    else
-      return redis.error_reply('ERR unknown store op ' .. kind)
-    end
-  end
-end
-local function chunked(cmd, k, s, n)
-  local total, j = 0, 0
-  while j < n do
-    local m = math.min(1000, n - j)
-    total = total + redis.call(cmd, k, unpack(ARGV, s + j, s + j + m - 1))
-    j = j + m
-  end
-  return total
-end
-local out = {1}
-for o = 1, nops do
-  local kind, k, s, n = ops[o][1], ops[o][2], ops[o][3], ops[o][4]
-  local r, pub = 0, false
-  if kind == 'set' then
-    if ARGV[s + 1] ~= '' then
-      redis.call('SET', k, ARGV[s], 'PX', ARGV[s + 1])
-    else
-      redis.call('SET', k, ARGV[s])
-    end
-    r, pub = 1, true
-  elseif kind == 'delete' then
-    r = redis.call('DEL', k); pub = r > 0
-  elseif kind == 'expire' then
-    r = redis.call('PEXPIRE', k, ARGV[s]); pub = r > 0
-  elseif n > 0 then
-    if kind == 'hset' then
-      r = chunked('HSET', k, s, n); pub = true
-    elseif kind == 'hdel' then
-      r = chunked('HDEL', k, s, n); pub = r > 0
-    elseif kind == 'zadd' then
-      r = chunked('ZADD', k, s, n); pub = true
-    elseif kind == 'zrem' then
-      r = chunked('ZREM', k, s, n); pub = r > 0
-    end
-  end
-  if pub then redis.call('PUBLISH', chg .. string.sub(k, nslen + 1), kind) end
-  out[o + 1] = r
-end
-return out
-"""
-
-
-# The hot path: one plain SET (+ PUBLISH).  KEYS[1] = key; ARGV = value, px or '', channel
-_SET_SCRIPT = r"""
-if ARGV[2] ~= '' then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-else
-  redis.call('SET', KEYS[1], ARGV[1])
-end
-redis.call('PUBLISH', ARGV[3], 'set')
-return 1
-"""
-
-
-class _Script:
-    """A Lua script run with EVALSHA, falling back to EVAL when the server lacks it."""
-
-    def __init__(self, source: str):
-        import hashlib
-
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-
-_WRITE = _Script(_WRITE_SCRIPT)
-_SET = _Script(_SET_SCRIPT)
-
-
-def glob_escape(text: str) -> str:
-    """Escape Redis glob metacharacters so ``text`` matches literally."""
-    out = []
-    for ch in text:
-        if ch in "*?[]\\":
-            out.append("\\")
-        out.append(ch)
-    return "".join(out)
-
-
-def parse_redis_url(url: str) -> dict[str, Any]:
-    """``redis://[[user]:password@]host[:port][/db]`` or ``unix:///path?db=N&password=P``."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    query = parse_qs(parts.query)
-    info: dict[str, Any] = {"username": None, "password": None, "db": 0}
-    if parts.username:
-        info["username"] = unquote(parts.username)
-    if parts.password is not None:
-        info["password"] = unquote(parts.password)
-    if scheme == "redis":
-        info["host"] = parts.hostname or "127.0.0.1"
-        try:
-            info["port"] = parts.port or 6379
-        except ValueError as e:
-            raise ValueError(f"bad redis url {mask_url(url)!r}: {e}") from None
-        path = parts.path.strip("/")
-        if path:
-            if not path.isdigit():
-                raise ValueError(f"bad redis url {mask_url(url)!r}: db must be a number")
-            info["db"] = int(path)
-    elif scheme in ("unix", "redis+unix"):
-        if not parts.path:
-            raise ValueError(f"bad redis url {mask_url(url)!r}: no socket path")
-        info["path"] = parts.path
-    else:
-        raise ValueError(f"bad redis url {mask_url(url)!r}: scheme must be redis:// or unix://")
-    if "db" in query:
-        try:
-            info["db"] = int(query["db"][0])
-        except ValueError:
-            raise ValueError(f"bad redis url {mask_url(url)!r}: db must be a number") from None
-    if "password" in query:
-        info["password"] = query["password"][0]
-    return info
-
-
-def mask_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None and "password=" not in parts.query:
-            return url
-        netloc = parts.netloc
-        if "@" in netloc:
-            cred, host = netloc.rsplit("@", 1)
-            user = cred.split(":", 1)[0]
-            netloc = f"{user}:***@{host}" if ":" in cred else f"{cred}@{host}"
-        query = parts.query
-        if "password=" in query:
-            query = "&".join("password=***" if q.startswith("password=") else q
-                             for q in query.split("&"))
-        out = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-        scheme = parts.scheme + "://"
-        if url.startswith(scheme) and not out.startswith(scheme):   # unix:///path
-            out = scheme + out[len(parts.scheme) + 1:]
-        return out
-    except Exception:
-        return "<unparsable url>"
-
-
-def _check_str(*values):
-    for v in values:
-        if not isinstance(v, str):
-            raise StoreError(f"keys, fields and values must be str, not {type(v).__name__}")
 
 
 def _px(ttl_s) -> str:
@@ -280,10 +122,22 @@ def _score(value) -> str:
     return repr(score)
 
 
+def _info(text) -> dict[str, str]:
+    """``INFO`` reply text -> ``{field: value}``."""
+    out = {}
+    for line in str(text or "").splitlines():
+        name, sep, value = line.partition(":")
+        if sep and not line.startswith("#"):
+            out[name.strip()] = value.strip()
+    return out
+
+
 # ----------------------------------------------------------------------
 # txredisapi plumbing
 # ----------------------------------------------------------------------
-class _Proto(txredisapi.RedisProtocol):
+class _RecordLoss:
+    """Remember why the command connection went away (for the log and describe)."""
+
     def connectionLost(self, why):
         store = getattr(self.factory, "store", None)
         if store is not None and self._ready:
@@ -291,28 +145,31 @@ class _Proto(txredisapi.RedisProtocol):
         super().connectionLost(why)
 
 
-class _SentinelProto(txredisapi.SentinelRedisProtocol):
-    def connectionLost(self, why):
-        store = getattr(self.factory, "store", None)
-        if store is not None and self._ready:
-            store._lost_reason = why.getErrorMessage()
-        super().connectionLost(why)
-
-
-class _SubProto(txredisapi.SubscriberProtocol):
+class _DeliverMessages:
     def messageReceived(self, pattern, channel, message):
         self.factory.store._on_message(pattern, channel, message)
 
 
-class _SentinelSubProto(txredisapi.SubscriberProtocol, txredisapi.SentinelRedisProtocol):
+class _Proto(_RecordLoss, txredisapi.RedisProtocol):
+    pass
+
+
+class _SentinelProto(_RecordLoss, txredisapi.SentinelRedisProtocol):
+    pass
+
+
+class _SubProto(_DeliverMessages, txredisapi.SubscriberProtocol):
+    pass
+
+
+class _SentinelSubProto(_DeliverMessages, txredisapi.SubscriberProtocol,
+                        txredisapi.SentinelRedisProtocol):
     """A subscriber that, like SentinelRedisProtocol, only stays on a master."""
-
-    def messageReceived(self, pattern, channel, message):
-        self.factory.store._on_message(pattern, channel, message)
 
 
 class _Hooks:
-    """Tell the store when a pool connection becomes usable or goes away."""
+    """Tell the store when a connection becomes usable or goes away, and keep
+    retrying after a refused AUTH/SELECT (txredisapi stops the slot for good)."""
 
     initialDelay = 0.2
     maxDelay = 1.0
@@ -328,6 +185,20 @@ class _Hooks:
         super().delConnection(conn)
         if self.store is not None:
             self.store._conn_down(self, conn)
+
+    def connectionError(self, why):
+        super().connectionError(why)
+        if self.store is not None:
+            self.store._factory_error(self, why)
+
+    def stopTrying(self):
+        # called by txredisapi after a failed AUTH or SELECT: the slot would
+        # never reconnect.  While the store runs, the slot keeps its backoff
+        # (capped at maxDelay) and retries instead.
+        store = self.store
+        if store is not None and store.running and not store._stopping:
+            return defer.succeed(None)
+        return super().stopTrying()
 
 
 class _Factory(_Hooks, txredisapi.RedisFactory):
@@ -389,10 +260,11 @@ class RedisStore(Service):
     re-discovered on every reconnect; ``url`` then only supplies the
     password and db.  ``op_timeout_s`` bounds every command in flight;
     ``connect_timeout_s`` bounds ``startService`` (which never fails: the
-    store just starts unhealthy) and each connection attempt.
-    ``poolsize`` connections carry the commands; one more carries the
-    change feed.  Subscriptions carry a ``ready`` Deferred that fires once
-    the server has the PSUBSCRIBE (writes after that are notified).
+    store just starts unhealthy) and each connection attempt.  One
+    connection carries all commands (program order), one more the change
+    feed.  ``min_replicas_acked`` > 0: every write waits (``WAIT``) for that
+    many replicas, at most ``replicas_timeout_ms``, and fails with
+    :class:`StoreUnavailable` when they did not acknowledge it.
     """
 
     backend = "redis"
@@ -402,16 +274,25 @@ class RedisStore(Service):
     def __init__(self, reactor, *, url: str | None = None, sentinels: tuple[str, ...] = (),
                  master_name: str | None = None, namespace: str = "appliance",
                  op_timeout_s: float = 2.0, connect_timeout_s: float = 3.0,
-                 poolsize: int = 2):
+                 min_replicas_acked: int = 0, replicas_timeout_ms: int = 1000):
         if not isinstance(namespace, str) or not namespace:
             raise ValueError("namespace must be a non-empty string")
+        if int(min_replicas_acked) < 0:
+            raise ValueError("min_replicas_acked must be >= 0")
+        if int(replicas_timeout_ms) < 0:
+            raise ValueError("replicas_timeout_ms must be >= 0 (0 waits forever: not allowed)")
         self._reactor = reactor
         self.namespace = namespace
         self.op_timeout_s = float(op_timeout_s)
         self.connect_timeout_s = float(connect_timeout_s)
-        self.poolsize = int(poolsize)
+        self.min_replicas_acked = int(min_replicas_acked)
+        self.replicas_timeout_ms = int(replicas_timeout_ms)
+        # commands queue behind a WAIT on the one connection
+        self._deadline_s = self.op_timeout_s + (
+            self.replicas_timeout_ms / 1000.0 if self.min_replicas_acked else 0.0)
         self._ns = namespace + ":"
         self._chg = namespace + ":__chg__:"
+        self._instance_key = f"__store_instance__:{namespace}"
         self.sentinels = tuple(sentinels)
         self.master_name = master_name
         if self.sentinels:
@@ -439,29 +320,45 @@ class RedisStore(Service):
         self._factory = None
         self._subfactory = None
         self._sentinel = None
-        self._rr = itertools.count()
-        self._up = False                # last logged state of the command pool
+        self._conn = None               # the command connection, once its handshake is done
+        self._up = False                # last logged state of the command connection
         self._down_logged = False
         self._lost_reason: str | None = None
         self._last_error: str | None = None
+        self._auth_error: str | None = None
         self._down_since: float | None = None
         self._start_waiter: defer.Deferred | None = None
         self._start_timer = None
         self._stopping = False
+        # data-loss detection and durability
+        self._instance: str | None = None
+        self._data_loss: str | None = None
+        self._durability: dict[str, Any] = {"appendonly": None, "appendfsync": None,
+                                            "rdb_save": None, "replicas": None}
+        self._durability_logged: tuple | None = None
         # subscriptions
         self._patterns: dict[str, list[_Subscription]] = {}
         self._active_patterns: set[str] = set()
+        self._ever_active: set[str] = set()
         self._subconn = None
+        # notifications held until the writes issued before them were answered
+        self._writes_issued = 0
+        self._writes_done = 0
+        self._held: deque = deque()
+        self._held_call = None
         self._inflight: deque = deque()
         self._sweep_call = None
-        self.stats = {"reconnects": 0, "unavailable": 0, "notifications": 0}
+        self.stats = {"reconnects": 0, "unavailable": 0, "notifications": 0, "resyncs": 0,
+                      "replica_wait_failures": 0, "data_loss": 0}
 
     # ------------------------------------------------------------------
     # life cycle
     # ------------------------------------------------------------------
     @property
     def healthy(self) -> bool:
-        return bool(self.running and self._factory is not None and self._factory.size > 0)
+        conn = self._conn
+        return bool(self.running and conn is not None and conn.connected
+                    and self._data_loss is None)
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"backend": "redis", "healthy": self.healthy,
@@ -478,9 +375,14 @@ class RedisStore(Service):
                     pass
         else:
             info["url"] = self.url
+        info["durability"] = dict(self._durability, min_replicas_acked=self.min_replicas_acked)
+        if self.min_replicas_acked:
+            info["durability"]["replicas_timeout_ms"] = self.replicas_timeout_ms
         info["subscriber_connected"] = self._subconn is not None
         info["subscriptions"] = sum(len(v) for v in self._patterns.values())
-        if not self.healthy and self._last_error:
+        if self._data_loss is not None:
+            info["error"] = self._data_loss
+        elif not info["healthy"] and self._last_error:
             info["error"] = self._last_error
         return info
 
@@ -529,7 +431,7 @@ class RedisStore(Service):
         if self._sentinel is not None:
             ds.append(self._sentinel.disconnect())
         self._factory = self._subfactory = self._sentinel = None
-        self._subconn = None
+        self._conn = self._subconn = None
         self._active_patterns.clear()
         d = defer.gatherResults(ds, consumeErrors=True)
         d.addTimeout(5, self._reactor)
@@ -553,18 +455,15 @@ class RedisStore(Service):
             factory = _SentinelFactory(
                 sentinel_manager=self._sentinel, service_name=self.master_name,
                 is_master=True, uuid=None, dbid=None if subscriber else info["db"],
-                poolsize=1 if subscriber else self.poolsize, isLazy=True,
-                charset="utf-8", password=info["password"],
-                replyTimeout=None,
-                convertNumbers=False, username=info["username"])
+                poolsize=1, isLazy=True, charset="utf-8", password=info["password"],
+                replyTimeout=None, convertNumbers=False, username=info["username"])
             factory.protocol = _SentinelSubProto if subscriber else _SentinelProto
             endpoint = txredisapi._SentinelEndpoint(factory)
         else:
             factory = _Factory(
-                None, None if subscriber else info["db"], 1 if subscriber else self.poolsize,
+                None, None if subscriber else info["db"], 1,
                 isLazy=True, charset="utf-8", password=info["password"],
-                replyTimeout=None,
-                convertNumbers=False, username=info["username"])
+                replyTimeout=None, convertNumbers=False, username=info["username"])
             factory.protocol = _SubProto if subscriber else _Proto
             if "path" in info:
                 endpoint = UNIXClientEndpoint(self._reactor, info["path"],
@@ -577,16 +476,20 @@ class RedisStore(Service):
                                               timeout=self.connect_timeout_s)
         factory.store = self
         factory.subscriber = subscriber
-        # errbacks if authentication / SELECT fails (the slot then stops)
-        factory.deferred.addErrback(self._factory_error)
+        # errbacks once if AUTH/SELECT fails; _Hooks.connectionError reports every failure
+        factory.deferred.addErrback(lambda f: None)
         factory.startConnecting(_ReportingEndpoint(endpoint, self))
         return factory
 
-    def _factory_error(self, failure):
-        self._last_error = failure.getErrorMessage()
-        self._log.error("redis at {where}: {error} (not retrying)", where=self._where,
-                        error=self._last_error)
-        return None
+    def _factory_error(self, factory, why: str):
+        """AUTH or SELECT refused: logged once per distinct reason; the slot retries."""
+        if self._stopping or factory not in (self._factory, self._subfactory):
+            return
+        self._last_error = str(why)
+        if self._auth_error != self._last_error:
+            self._auth_error = self._last_error
+            self._log.error("redis at {where}: {error} (retrying every {delay:g} s)",
+                            where=self._where, error=self._last_error, delay=factory.maxDelay)
 
     # -- connection state -------------------------------------------------
     def _connect_failed(self, failure):
@@ -599,12 +502,58 @@ class RedisStore(Service):
                            reason=self._last_error)
 
     def _conn_up(self, factory, conn):
+        self._auth_error = None
         if factory is self._subfactory:
             self._subconn = conn
             self._resubscribe(conn)
             return
         if factory is not self._factory:
             return
+        d = defer.ensureDeferred(self._handshake(conn))
+        d.addErrback(self._handshake_failed, conn)
+
+    async def _handshake(self, conn):
+        """Make a new command connection usable: load the scripts, check the
+        instance key, read the durability settings.  Commands issued before
+        this finishes fail fast; the ones after it queue behind it in order."""
+        def raw(*args, optional=False):
+            d = self._raw(conn, *args)
+            if optional:    # e.g. CONFIG renamed away: fine, we just know less
+                d.addErrback(lambda f: f.trap(StoreError) and None)
+            return d
+
+        ds = [raw("SCRIPT", "LOAD", lua.WRITE.source), raw("SCRIPT", "LOAD", lua.SET.source),
+              raw("GET", self._instance_key), raw("INFO", "persistence"),
+              raw("INFO", "replication"), raw("CONFIG", "GET", "appendfsync", optional=True),
+              raw("CONFIG", "GET", "save", optional=True)]
+        try:
+            _, _, current, persistence, replication, appendfsync, save = \
+                await defer.gatherResults(ds, consumeErrors=True)
+        except defer.FirstError as e:
+            e.subFailure.raiseException()
+        self._note_durability(persistence, replication, appendfsync, save)
+        if self._instance is None:
+            if current is None:
+                await raw("SET", self._instance_key, uuid.uuid4().hex, "NX")
+                current = await raw("GET", self._instance_key)
+            self._instance = current
+        elif current != self._instance:
+            self._mark_data_loss(current)
+        if self._factory is None or conn not in self._factory.pool or not conn.connected:
+            return
+        self._conn = conn
+        self._connected()
+
+    def _handshake_failed(self, failure, conn):
+        if self._stopping:
+            return
+        self._last_error = f"connection handshake failed: {failure.getErrorMessage()}"
+        self._log.warn("redis at {where}: {error}; reconnecting", where=self._where,
+                       error=self._last_error)
+        if conn.connected:
+            conn.transport.loseConnection()
+
+    def _connected(self):
         if not self._up:
             self._up = True
             if self._down_since is not None:
@@ -620,14 +569,56 @@ class RedisStore(Service):
             self._last_error = None
         self._fire_start()
 
+    def _note_durability(self, persistence, replication, appendfsync, save):
+        p, r = _info(persistence), _info(replication)
+        d = self._durability
+        d["appendonly"] = p.get("aof_enabled") == "1" if "aof_enabled" in p else None
+        d["appendfsync"] = appendfsync[1] if isinstance(appendfsync, list) and \
+            len(appendfsync) == 2 else None
+        d["rdb_save"] = save[1] if isinstance(save, list) and len(save) == 2 else None
+        try:
+            d["replicas"] = int(r.get("connected_slaves", "0"))
+        except ValueError:
+            d["replicas"] = None
+        state = (d["appendonly"], d["appendfsync"], d["rdb_save"], d["replicas"])
+        if state == self._durability_logged:
+            return
+        self._durability_logged = state
+        if d["appendonly"] is False:
+            self._log.warn("redis at {where} runs with appendonly no (rdb save {save!r}): "
+                           "a Redis crash loses acknowledged writes made since its last "
+                           "snapshot; set appendonly yes", where=self._where,
+                           save=d["rdb_save"])
+        elif d["appendonly"] and d["appendfsync"] not in (None, "always"):
+            self._log.info("redis at {where}: appendonly yes, appendfsync {fsync} (a power "
+                           "loss can cost about a second of acknowledged writes)",
+                           where=self._where, fsync=d["appendfsync"])
+        if self.min_replicas_acked and (d["replicas"] or 0) < self.min_replicas_acked:
+            self._log.warn("redis at {where} has {n} connected replicas but "
+                           "min_replicas_acked = {need}: writes will fail",
+                           where=self._where, n=d["replicas"], need=self.min_replicas_acked)
+
+    def _mark_data_loss(self, current):
+        what = "is missing" if current is None else f"holds another id ({current})"
+        self._data_loss = (
+            f"data loss: the store's instance key {self._instance_key} {what} after "
+            f"reconnecting to {self._where} (redis restarted without its data, or a failover "
+            f"to a replica that never had it); writes are refused until "
+            f"'appliancectl call store.recheck' accepts the new state")
+        self.stats["data_loss"] += 1
+        self._log.critical("redis store: {error}", error=self._data_loss)
+        self._resync_all()
+
     def _conn_down(self, factory, conn):
         if factory is self._subfactory or (self._subconn is conn):
             if self._subconn is conn:
                 self._subconn = None
                 self._active_patterns.clear()
             return
-        if factory is not self._factory or factory.size > 0:
+        if factory is not self._factory:
             return
+        if conn is self._conn:
+            self._conn = None
         if self._stopping or not self.running:
             self._up = False
             return
@@ -640,17 +631,51 @@ class RedisStore(Service):
                            "fast until it is back", where=self._where, reason=self._last_error)
 
     # ------------------------------------------------------------------
+    # recheck (operator: appliancectl call store.recheck)
+    # ------------------------------------------------------------------
+    def recheck(self):
+        """Ping, check the instance key, re-read the durability settings; accept
+        a detected data loss (re-create the instance key).  Fires with describe()."""
+        def failed(f):
+            self._log.warn("redis store recheck failed: {e}", e=f.getErrorMessage())
+            return self.describe()
+        return defer.ensureDeferred(self._recheck()).addErrback(failed)
+
+    async def _recheck(self):
+        conn = self._pick()
+        if not self.running or conn is None:
+            return self.describe()
+        await self._raw(conn, "PING")
+        persistence, replication, appendfsync, save, current = await defer.gatherResults([
+            self._raw(conn, "INFO", "persistence"), self._raw(conn, "INFO", "replication"),
+            self._raw(conn, "CONFIG", "GET", "appendfsync").addErrback(lambda f: None),
+            self._raw(conn, "CONFIG", "GET", "save").addErrback(lambda f: None),
+            self._raw(conn, "GET", self._instance_key)], consumeErrors=True)
+        self._note_durability(persistence, replication, appendfsync, save)
+        if self._data_loss is None and current is not None and current == self._instance:
+            return self.describe()
+        was = self._data_loss or f"instance key changed to {current!r} (noticed by recheck)"
+        if current is None:
+            if self._instance is None:
+                self._instance = uuid.uuid4().hex
+            await self._raw(conn, "SET", self._instance_key, self._instance)
+        else:
+            self._instance = current
+        if self._data_loss is None:
+            self._resync_all()
+        self._data_loss = None
+        self._log.critical("redis store: operator accepted the current state of {where} "
+                           "after: {was}; writes are accepted again (instance {id})",
+                           where=self._where, was=was, id=self._instance)
+        return self.describe()
+
+    # ------------------------------------------------------------------
     # running commands
     # ------------------------------------------------------------------
     def _pick(self):
-        f = self._factory
-        if f is None or not f.pool:
-            return None
-        pool = f.pool
-        for _ in range(len(pool)):
-            conn = pool[next(self._rr) % len(pool)]
-            if conn.connected:
-                return conn
+        conn = self._conn
+        if conn is not None and conn.connected:
+            return conn
         return None
 
     def _unavailable(self, why: str | None = None) -> StoreUnavailable:
@@ -664,7 +689,7 @@ class RedisStore(Service):
         if failure.check(StoreError):
             return failure
         if failure.check(defer.TimeoutError, defer.CancelledError):
-            raise self._unavailable(f"no reply within {self.op_timeout_s:g} s")
+            raise self._unavailable(f"no reply within {self._deadline_s:g} s")
         if failure.check(txredisapi.ConnectionError, ierror.ConnectionLost,
                          ierror.ConnectionDone, ierror.ConnectError):
             raise self._unavailable(failure.getErrorMessage())
@@ -677,15 +702,14 @@ class RedisStore(Service):
                         conn.transport.loseConnection()
                 raise self._unavailable(msg)
             raise StoreError(msg)
+        if failure.check(UnicodeError, txredisapi.InvalidData):
+            raise StoreError(f"cannot encode the arguments: {failure.getErrorMessage()}")
         if failure.check(txredisapi.RedisError):
             raise StoreError(failure.getErrorMessage())
-        return failure
+        raise StoreError(f"{failure.type.__name__}: {failure.getErrorMessage()}")
 
-    def _cmd(self, *args):
-        """Run one command on a live connection, bounded by ``op_timeout_s``."""
-        conn = self._pick()
-        if conn is None or not self.running:
-            return defer.fail(self._unavailable())
+    def _raw(self, conn, *args):
+        """One command on ``conn``, translated and bounded by the op timeout."""
         try:
             d = conn.execute_command(*args)
         except Exception as e:
@@ -694,14 +718,21 @@ class RedisStore(Service):
         self._track(d, conn)
         return d
 
+    def _cmd(self, *args):
+        """Run one read on the command connection, bounded by ``op_timeout_s``."""
+        conn = self._pick()
+        if conn is None or not self.running:
+            return defer.fail(self._unavailable())
+        return self._raw(conn, *args)
+
     # -- op timeouts --------------------------------------------------------
-    # Equivalent to d.addTimeout(op_timeout_s) on every command, but one
-    # deque entry per command instead of a DelayedCall: commands are issued
-    # in deadline order, so a single timer at the oldest deadline suffices.
+    # Equivalent to d.addTimeout(deadline) on every command, but one deque
+    # entry per command instead of a DelayedCall: commands are issued in
+    # deadline order, so a single timer at the oldest deadline suffices.
     def _track(self, d, conn):
-        self._inflight.append((self._reactor.seconds() + self.op_timeout_s, d, conn))
+        self._inflight.append((self._reactor.seconds() + self._deadline_s, d, conn))
         if self._sweep_call is None:
-            self._sweep_call = self._reactor.callLater(self.op_timeout_s, self._sweep)
+            self._sweep_call = self._reactor.callLater(self._deadline_s, self._sweep)
 
     def _sweep(self):
         self._sweep_call = None
@@ -722,33 +753,78 @@ class RedisStore(Service):
         for conn in stuck:
             if conn.connected:
                 # no answer in time: the server is frozen or the path is broken;
-                # drop the connection so the pool reconnects (and health shows it)
-                self._lost_reason = f"no reply within {self.op_timeout_s:g} s"
+                # drop the connection so it reconnects (and health shows it)
+                self._lost_reason = f"no reply within {self._deadline_s:g} s"
                 conn.transport.abortConnection()
         if q and self._sweep_call is None:
             self._sweep_call = self._reactor.callLater(max(0.001, q[0][0] - now), self._sweep)
 
-    def _script(self, script: _Script, keys: list[str], args: list[str]):
+    # -- writes ---------------------------------------------------------------
+    def _script(self, script: lua.Script, keys: list[str], args: list[str]):
+        """Run a write script (EVALSHA), then WAIT for replicas if configured."""
         conn = self._pick()
         if conn is None or not self.running:
             return defer.fail(self._unavailable())
-        n = len(keys)
+        if self._data_loss is not None:
+            return defer.fail(StoreDown(self._data_loss))
         try:
-            d = conn.execute_command("EVALSHA", script.sha, n, *keys, *args)
+            d = conn.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         except Exception as e:
             return defer.fail(e).addErrback(self._translate)
-
-        def noscript(failure):
-            if (failure.check(txredisapi.ResponseError)
-                    and failure.getErrorMessage().startswith("NOSCRIPT")
-                    and conn.connected):
-                return conn.execute_command("EVAL", script.source, n, *keys, *args)
-            return failure
-
-        d.addErrback(noscript)
+        d.addErrback(self._noscript, conn)
         d.addErrback(self._translate)
         self._track(d, conn)
+        if self.min_replicas_acked:
+            d = self._wait_replicas(conn, d)
+        self._writes_issued += 1
+        d.addBoth(self._write_answered)
         return d
+
+    def _noscript(self, failure, conn):
+        """A script went missing (SCRIPT FLUSH): the write was not applied.  No
+        EVAL retry (it would run after the commands issued behind this one)."""
+        if failure.check(txredisapi.ResponseError) and \
+                failure.getErrorMessage().startswith("NOSCRIPT") and conn.connected:
+            self._log.warn("redis at {where} lost the store's Lua scripts (SCRIPT FLUSH?); "
+                           "loading them again", where=self._where)
+            for script in (lua.WRITE, lua.SET):
+                self._raw(conn, "SCRIPT", "LOAD", script.source).addErrback(
+                    lambda f: self._log.warn("SCRIPT LOAD failed: {e}", e=f.getErrorMessage()))
+        return failure
+
+    def _wait_replicas(self, conn, d):
+        """``WAIT n timeout`` right behind the write on the same connection; the
+        write's result fires with the WAIT reply (so still in issue order)."""
+        need, ms = self.min_replicas_acked, self.replicas_timeout_ms
+        waited = self._raw(conn, "WAIT", str(need), str(ms))
+        result = defer.Deferred()
+        answer: list = []
+        d.addBoth(answer.append)
+
+        def replicas_answered(n):
+            written = answer[0] if answer else Failure(self._unavailable("no reply"))
+            if isinstance(written, Failure):
+                result.errback(written)
+            elif isinstance(n, Failure):
+                result.errback(StoreUnavailable(
+                    f"write done on the master but not confirmed by replicas: "
+                    f"{n.getErrorMessage()} (it may or may not survive a failover)"))
+            elif int(n) < need:
+                self.stats["replica_wait_failures"] += 1
+                result.errback(StoreUnavailable(
+                    f"only {int(n)} of {need} replicas acknowledged the write within "
+                    f"{ms} ms; it was applied on the master and may be lost by a failover"))
+            else:
+                result.callback(written)
+        waited.addBoth(replicas_answered)
+        return result
+
+    def _write_answered(self, result):
+        self._writes_done += 1
+        if self._held and self._held_call is None and self._held[0][0] <= self._writes_done:
+            # after the callbacks the caller adds to this Deferred
+            self._held_call = self._reactor.callLater(0, self._release_held)
+        return result
 
     def _k(self, key: str) -> str:
         return self._ns + key
@@ -777,7 +853,7 @@ class RedisStore(Service):
         for kind, key, args in ops:
             argv += [kind, idx(key), str(len(args))]
             argv += args
-        d = self._script(_WRITE, keys, argv)
+        d = self._script(lua.WRITE, keys, argv)
         d.addCallback(lambda r: None if int(r[0]) == 0 else [int(x) for x in r[1:]])
         return d
 
@@ -796,21 +872,21 @@ class RedisStore(Service):
     # ------------------------------------------------------------------
     def get(self, key):
         def go():
-            _check_str(key)
+            check_str(key)
             return self._cmd("GET", self._k(key))
         return self._guarded(go)
 
     def set(self, key, value, ttl_s=None):
         def go():
-            _check_str(key, value)
+            check_str(key, value)
             px = "" if ttl_s is None else _px(ttl_s)
-            return self._script(_SET, [self._ns + key], [value, px, self._chg + key]).addCallback(
+            return self._script(lua.SET, [self._ns + key], [value, px, self._chg + key]).addCallback(
                 lambda _: None)
         return self._guarded(go)
 
     def delete(self, *keys):
         def go():
-            _check_str(*keys)
+            check_str(*keys)
             if not keys:
                 return defer.succeed(0)
             return self._write([("delete", k, []) for k in keys]).addCallback(sum)
@@ -818,14 +894,14 @@ class RedisStore(Service):
 
     def expire(self, key, ttl_s):
         def go():
-            _check_str(key)
+            check_str(key)
             px = _px(ttl_s)
             return self._write([("expire", key, [px])]).addCallback(lambda r: bool(r[0]))
         return self._guarded(go)
 
     def ttl(self, key):
         def go():
-            _check_str(key)
+            check_str(key)
             return self._cmd("PTTL", self._k(key)).addCallback(
                 lambda ms: None if int(ms) < 0 else int(ms) / 1000.0)
         return self._guarded(go)
@@ -835,32 +911,32 @@ class RedisStore(Service):
     # ------------------------------------------------------------------
     def hset(self, key, mapping):
         def go():
-            _check_str(key)
+            check_str(key)
             if not mapping:
                 raise StoreError("hset needs at least one field")
             args = []
             for f, v in mapping.items():
-                _check_str(f, v)
+                check_str(f, v)
                 args += [f, v]
             return self._write([("hset", key, args)]).addCallback(lambda r: r[0])
         return self._guarded(go)
 
     def hget(self, key, field):
         def go():
-            _check_str(key, field)
+            check_str(key, field)
             return self._cmd("HGET", self._k(key), field)
         return self._guarded(go)
 
     def hgetall(self, key):
         def go():
-            _check_str(key)
+            check_str(key)
             return self._cmd("HGETALL", self._k(key)).addCallback(
                 lambda r: dict(zip(r[::2], r[1::2])))
         return self._guarded(go)
 
     def hdel(self, key, *fields):
         def go():
-            _check_str(key, *fields)
+            check_str(key, *fields)
             if not fields:
                 return defer.succeed(0)
             return self._write([("hdel", key, list(fields))]).addCallback(lambda r: r[0])
@@ -871,19 +947,19 @@ class RedisStore(Service):
     # ------------------------------------------------------------------
     def zadd(self, key, mapping):
         def go():
-            _check_str(key)
+            check_str(key)
             if not mapping:
                 raise StoreError("zadd needs at least one member")
             args = []
             for m, s in mapping.items():
-                _check_str(m)
+                check_str(m)
                 args += [_score(s), m]
             return self._write([("zadd", key, args)]).addCallback(lambda r: r[0])
         return self._guarded(go)
 
     def zrem(self, key, *members):
         def go():
-            _check_str(key, *members)
+            check_str(key, *members)
             if not members:
                 return defer.succeed(0)
             return self._write([("zrem", key, list(members))]).addCallback(lambda r: r[0])
@@ -891,20 +967,20 @@ class RedisStore(Service):
 
     def zscore(self, key, member):
         def go():
-            _check_str(key, member)
+            check_str(key, member)
             return self._cmd("ZSCORE", self._k(key), member).addCallback(
                 lambda s: None if s is None else float(s))
         return self._guarded(go)
 
     def zcard(self, key):
         def go():
-            _check_str(key)
+            check_str(key)
             return self._cmd("ZCARD", self._k(key)).addCallback(int)
         return self._guarded(go)
 
     def zrangebyscore(self, key, min_score, max_score, limit=None):
         def go():
-            _check_str(key)
+            check_str(key)
             lo, hi = _score(min_score), _score(max_score)
             args = ["ZRANGEBYSCORE", self._k(key), lo, hi, "WITHSCORES"]
             if limit is not None:
@@ -921,13 +997,13 @@ class RedisStore(Service):
     # ------------------------------------------------------------------
     def cas(self, key, expected, new, ttl_s=None):
         def go():
-            _check_str(key)
+            check_str(key)
             if expected is not None:
-                _check_str(expected)
+                check_str(expected)
             if new is None:
                 op = ("delete", key, [])
             else:
-                _check_str(new)
+                check_str(new)
                 op = ("set", key, [new, "" if ttl_s is None else _px(ttl_s)])
             return self._write([op], [(key, expected)]).addCallback(lambda r: r is not None)
         return self._guarded(go)
@@ -936,34 +1012,34 @@ class RedisStore(Service):
         def go():
             guards = []
             for key, value in (expect or {}).items():
-                _check_str(key)
+                check_str(key)
                 if value is not None:
-                    _check_str(value)
+                    check_str(value)
                 guards.append((key, value))
             wire = []
             for o in ops:
                 if not isinstance(o, Op) or o.kind not in Op.KINDS:
                     raise StoreError(f"not a store operation: {o!r}")
-                _check_str(o.key)
+                check_str(o.key)
                 if o.kind == "set":
                     value, ttl_s = o.args
-                    _check_str(value)
+                    check_str(value)
                     wire.append(("set", o.key, [value, "" if ttl_s is None else _px(ttl_s)]))
                 elif o.kind == "delete":
                     wire.append(("delete", o.key, []))
                 elif o.kind == "hset":
                     args = []
                     for f, v in o.args[0]:
-                        _check_str(f, v)
+                        check_str(f, v)
                         args += [f, v]
                     wire.append(("hset", o.key, args))
                 elif o.kind in ("hdel", "zrem"):
-                    _check_str(*o.args[0])
+                    check_str(*o.args[0])
                     wire.append((o.kind, o.key, list(o.args[0])))
                 elif o.kind == "zadd":
                     args = []
                     for m, s in o.args[0]:
-                        _check_str(m)
+                        check_str(m)
                         args += [_score(s), m]
                     wire.append(("zadd", o.key, args))
             return self._write(wire, guards).addCallback(lambda r: r is not None)
@@ -974,9 +1050,9 @@ class RedisStore(Service):
     # ------------------------------------------------------------------
     def scan(self, prefix, cursor=None, count=100):
         def go():
-            _check_str(prefix)
+            check_str(prefix)
             if cursor is not None:
-                _check_str(cursor)
+                check_str(cursor)
                 if not cursor.isdigit():
                     raise StoreError(f"bad scan cursor {cursor!r}")
             if int(count) < 1:
@@ -993,8 +1069,7 @@ class RedisStore(Service):
         return self._guarded(go)
 
     def subscribe(self, prefix, callback):
-        if not isinstance(prefix, str):
-            raise StoreError("prefix must be str")
+        check_str(prefix)
         pattern = glob_escape(self._chg + prefix) + "*"
         sub = _Subscription(self, prefix, pattern, callback)
         subs = self._patterns.setdefault(pattern, [])
@@ -1021,11 +1096,17 @@ class RedisStore(Service):
             if conn is not self._subconn:
                 return
             subs = self._patterns.get(pattern)
-            if subs:
-                self._active_patterns.add(pattern)
-                for sub in subs:
-                    if not sub.ready.called:
-                        sub.ready.callback(None)
+            if not subs:
+                return
+            self._active_patterns.add(pattern)
+            again = pattern in self._ever_active
+            self._ever_active.add(pattern)
+            for sub in list(subs):
+                if not sub.ready.called:
+                    sub.ready.callback(None)
+                elif again:
+                    # subscribed before the gap: notifications may have been missed
+                    self._resync(sub)
 
         def failed(f):
             if f.check(txredisapi.ConnectionError):
@@ -1036,7 +1117,10 @@ class RedisStore(Service):
                 conn.transport.loseConnection()   # reconnect and try again
         try:
             d = conn.psubscribe(pattern)
-        except Exception:
+        except Exception as e:
+            # e.g. the connection dropped in this very turn: it resubscribes when
+            # back; anything else: reconnect and try again
+            failed(Failure(e))
             return
         d.addCallbacks(done, failed)
 
@@ -1052,6 +1136,7 @@ class RedisStore(Service):
             return
         del self._patterns[sub.pattern]
         self._active_patterns.discard(sub.pattern)
+        self._ever_active.discard(sub.pattern)
         conn = self._subconn
         if conn is not None and conn.connected:
             try:
@@ -1060,11 +1145,27 @@ class RedisStore(Service):
                 pass
 
     def _on_message(self, pattern, channel, message):
-        subs = self._patterns.get(pattern)
-        if not subs or not isinstance(channel, str) or not channel.startswith(self._chg):
+        if not isinstance(channel, str) or not channel.startswith(self._chg):
             return
         key = channel[len(self._chg):]
         op = message if isinstance(message, str) else str(message)
+        if self._writes_done < self._writes_issued or self._held:
+            # maybe our own write whose reply is not in yet: deliver after it
+            self._held.append((self._writes_issued, pattern, key, op))
+            return
+        self._deliver(pattern, key, op)
+
+    def _release_held(self):
+        self._held_call = None
+        held = self._held
+        while held and held[0][0] <= self._writes_done:
+            _, pattern, key, op = held.popleft()
+            self._deliver(pattern, key, op)
+
+    def _deliver(self, pattern, key, op):
+        subs = self._patterns.get(pattern)
+        if not subs:
+            return
         self.stats["notifications"] += 1
         for sub in list(subs):
             if not sub.active:
@@ -1074,6 +1175,22 @@ class RedisStore(Service):
             except Exception:
                 self._log.failure("store subscriber for {prefix!r} failed on {key}",
                                   prefix=sub.prefix, key=key)
+
+    def _resync(self, sub):
+        if not sub.active:
+            return
+        self.stats["resyncs"] += 1
+        try:
+            sub.callback(sub.prefix, RESYNC)
+        except Exception:
+            self._log.failure("store subscriber for {prefix!r} failed on resync",
+                              prefix=sub.prefix)
+
+    def _resync_all(self):
+        for subs in list(self._patterns.values()):
+            for sub in list(subs):
+                if sub.ready.called:
+                    self._resync(sub)
 
     def ping(self):
         return self._cmd("PING").addCallback(lambda _: True)

@@ -1,7 +1,12 @@
 """A real ``redis-server`` (and optionally ``redis-sentinel``) on loopback for tests.
 
 The server runs from a temporary directory with its own config (no
-persistence, no daemonizing) on a free port of 127.0.0.1.  ``kill()`` sends
+daemonizing) on a free port of 127.0.0.1.  ``persistence``: ``"aof"`` (the
+default: ``appendonly yes``, ``appendfsync everysec``, no RDB -- a kill -9 and
+restart keeps the data, like a well-configured production Redis), ``"none"``
+(``save ""``, ``appendonly no``: a restart comes back empty) or
+``"default"`` (Redis' shipped defaults: RDB snapshots only).  This module
+must not import pytest: ``bench/store.py`` uses it after ``pip install .``.  ``kill()`` sends
 SIGKILL (an outage as abrupt as a crash), ``restart()`` brings it back on the
 same port, ``stop()`` ends it for good.  Only processes started here are ever
 signalled, by their own pid.
@@ -59,7 +64,10 @@ class RedisServer(ServerProcess):
 
     def __init__(self, binary: str = "redis-server", *, port: int | None = None,
                  workdir: str | Path | None = None, password: str | None = None,
-                 extra_config: str = "", sentinel: bool = False):
+                 extra_config: str = "", sentinel: bool = False, persistence: str = "aof"):
+        if persistence not in ("aof", "none", "default"):
+            raise ValueError(f"persistence must be aof, none or default, not {persistence!r}")
+        self.persistence = persistence
         self.binary = shutil.which(binary) or binary
         self.port = port or free_port()
         self._own_dir = workdir is None
@@ -89,8 +97,11 @@ class RedisServer(ServerProcess):
             f'logfile "{self.log_path}"',
         ]
         if not self.sentinel:
-            lines += ['save ""', "appendonly no", "protected-mode yes",
-                      "databases 16", "tcp-keepalive 0"]
+            if self.persistence == "none":
+                lines += ['save ""', "appendonly no"]
+            elif self.persistence == "aof":
+                lines += ['save ""', "appendonly yes", "appendfsync everysec"]
+            lines += ["protected-mode yes", "databases 16", "tcp-keepalive 0"]
             if self.password:
                 lines.append(f"requirepass {self.password}")
         lines.append(self.extra_config)
@@ -166,20 +177,29 @@ class RedisServer(ServerProcess):
 
 
 class SentinelSetup:
-    """A master redis-server plus one redis-sentinel monitoring it, on loopback."""
+    """A master redis-server, ``replicas`` replicas of it and one redis-sentinel
+    monitoring it, on loopback.  ``down_after_ms`` is Sentinel's
+    down-after-milliseconds (how long a dead master goes unnoticed)."""
 
-    def __init__(self, master_name: str = "appliance-test", *, quorum: int = 1):
+    def __init__(self, master_name: str = "appliance-test", *, quorum: int = 1,
+                 replicas: int = 0, down_after_ms: int = 1000):
         self.master_name = master_name
         self.dir = Path(tempfile.mkdtemp(prefix="redis-sentinel-test-"))
         (self.dir / "master").mkdir()
         (self.dir / "sentinel").mkdir()
         self.master = RedisServer("redis-server", workdir=self.dir / "master")
+        self.replicas = []
+        for i in range(replicas):
+            (self.dir / f"replica{i}").mkdir()
+            r = RedisServer("redis-server", workdir=self.dir / f"replica{i}")
+            r.extra_config = f"replicaof 127.0.0.1 {self.master.port}\nrepl-ping-replica-period 1"
+            self.replicas.append(r)
         self.sentinel = RedisServer(
             shutil.which("redis-sentinel") or "redis-sentinel", workdir=self.dir / "sentinel",
             sentinel=True)
         self.sentinel.extra_config = "\n".join([
             f"sentinel monitor {master_name} 127.0.0.1 {self.master.port} {quorum}",
-            f"sentinel down-after-milliseconds {master_name} 1000",
+            f"sentinel down-after-milliseconds {master_name} {down_after_ms}",
             f"sentinel failover-timeout {master_name} 3000",
         ])
 
@@ -189,6 +209,9 @@ class SentinelSetup:
 
     def start(self) -> "SentinelSetup":
         self.master.start()
+        for r in self.replicas:
+            r.start()
+        self.wait_replicas(len(self.replicas))
         self.sentinel.start()
         # wait until the sentinel knows the master
         deadline = time.monotonic() + 10
@@ -204,7 +227,33 @@ class SentinelSetup:
         raise RuntimeError(f"sentinel does not know {self.master_name}: "
                            f"{self.sentinel.log_tail()}")
 
+    def wait_replicas(self, n: int, timeout: float = 10.0) -> None:
+        """Wait until the master reports ``n`` replicas online."""
+        deadline = time.monotonic() + timeout
+        while n:
+            try:
+                reply = redis_command(self.master.port, "INFO", "replication")
+            except OSError:
+                reply = b""
+            if f"connected_slaves:{n}".encode() in reply and reply.count(b"state=online") >= n:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"master has not {n} replicas online: {reply[-300:]!r}")
+            time.sleep(0.05)
+
+    def master_port(self) -> int | None:
+        """The master's port as the sentinel reports it now."""
+        try:
+            reply = redis_command(self.sentinel.port, "SENTINEL", "get-master-addr-by-name",
+                                  self.master_name)
+        except OSError:
+            return None
+        parts = [p for p in reply.split(b"\r\n") if p and not p[:1] in (b"*", b"$")]
+        return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
+
     def stop(self):
         self.sentinel.stop()
+        for r in self.replicas:
+            r.stop()
         self.master.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
