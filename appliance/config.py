@@ -39,7 +39,6 @@ DEMO_CONFIG = _demo_config()
 
 _REQUIRED = object()
 _NODE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-_ENDPOINT_KINDS = ("tcp", "tcp6", "ssl", "unix", "systemd")
 
 
 class ConfigError(Exception):
@@ -206,12 +205,19 @@ class Table:
             return None
         return _convert_ip(self, key, value, ipaddress.ip_interface, version, "address/prefix")
 
-    def endpoint(self, key: str, default: Any = _REQUIRED) -> str | None:
-        """A Twisted server endpoint string (checked for shape, never bound)."""
+    def endpoint(self, key: str, default: Any = _REQUIRED, *,
+                 tls_in_string: bool = False) -> str | None:
+        """A Twisted server endpoint string, built by Twisted's own parser on a
+        reactor that never binds (:func:`appliance.admin.listen.server_endpoint_problem`).
+
+        ``tls_in_string``: an ``ssl:`` string must carry its own key
+        (``privateKey=``, read as the runtime reads it); otherwise the TLS
+        material comes from elsewhere and ``ssl:`` is checked like ``tcp:``.
+        """
         value = self.str(key, default)
         if value is None or key not in self.data:
             return value
-        problem = endpoint_problem(value)
+        problem = endpoint_problem(value, tls_in_string=tls_in_string)
         if problem:
             self.error(key, f"{_show(value)} is not a server endpoint: {problem}")
             return None
@@ -311,24 +317,13 @@ def str_item(table: Table, path: str, value: Any):
     return value
 
 
-def endpoint_problem(description: str) -> str | None:
-    """Why ``description`` is not a usable server endpoint string, or None."""
-    parts = description.split(":")
-    kind = parts[0]
-    if kind not in _ENDPOINT_KINDS:
-        return f"type {kind!r} is not one of {', '.join(_ENDPOINT_KINDS)}"
-    if kind in ("tcp", "tcp6", "ssl"):
-        if len(parts) < 2 or not parts[1]:
-            return "missing port"
-        port = parts[1]
-        if port.startswith("port="):
-            port = port[5:]
-        if not port.isdigit() or not 0 <= int(port) <= 65535:
-            return f"port {port!r} is not a number 0..65535"
-        for option in parts[2:]:
-            if "=" not in option:
-                return f"option {option!r} is not name=value"
-    return None
+def endpoint_problem(description: str, *, tls_in_string: bool = True) -> str | None:
+    """Why ``description`` is not a usable server endpoint string, or None.
+
+    Twisted's own parser decides (one endpoint parser in the codebase).
+    """
+    from appliance.admin.listen import server_endpoint_problem
+    return server_endpoint_problem(description, tls_in_string=tls_in_string)
 
 
 # ---------------------------------------------------------------------------
@@ -340,6 +335,10 @@ class NodeSection:
     id: str
     state_dir: str
     fail_fast: bool = False
+    #: How long one child (store, cluster, admin, a service) may take to start
+    #: or to stop before the node gives up on it (start: failed; stop: skipped).
+    start_timeout_s: float = 60.0
+    stop_timeout_s: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -352,7 +351,8 @@ class StoreSection:
     namespace: str = "appliance"
     op_timeout_s: float = 2.0
     connect_timeout_s: float = 3.0
-    compact_after_bytes: int = 8 * 1024 * 1024
+    min_replicas_acked: int = 0
+    replicas_timeout_ms: int = 1000
 
 
 @dataclass(frozen=True)
@@ -362,6 +362,10 @@ class AdminSection:
     client_ca: str | None = None
     max_request_bytes: int = 1024 * 1024
     metrics_auth: bool = False
+    #: A listener that cannot start stops the node (exit 1); false: run without it.
+    required: bool = True
+    #: Most members of one JSON-RPC batch (more: -32600).
+    max_batch: int = 100
 
 
 @dataclass(frozen=True)
@@ -491,16 +495,62 @@ def _parse_node(t: Table | None) -> NodeSection | None:
                     describe="a node id (lowercase letters, digits, '-', '_'; at most 32)")
     state_dir = t.path_("state_dir")
     fail_fast = t.bool("fail_fast", False)
+    start_timeout = t.float("start_timeout_s", NodeSection.start_timeout_s, min=0.1, max=3600)
+    stop_timeout = t.float("stop_timeout_s", NodeSection.stop_timeout_s, min=0.1, max=3600)
     t.done()
     if node_id is None or state_dir is None:
         return None
-    return NodeSection(node_id, state_dir, fail_fast)
+    return NodeSection(node_id, state_dir, bool(fail_fast),
+                       start_timeout or NodeSection.start_timeout_s,
+                       stop_timeout or NodeSection.stop_timeout_s)
+
+
+#: ``store.backend`` values: "memory" is the canonical name (SPEC) of the
+#: embedded store, which runs on SQLite under ``node.state_dir``.
+STORE_BACKENDS = ("memory", "embedded", "sqlite", "redis")
+
+
+def _redis_url_problem(url: str) -> str | None:
+    """What the runtime's Redis URL parser says about ``url`` (None: fine)."""
+    try:
+        from appliance.store.redis_url import parse_redis_url
+    except ImportError:
+        from appliance.store.redis import parse_redis_url
+    try:
+        parse_redis_url(url)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _sentinel_problem(address: str) -> str | None:
+    """``host:port`` or ``[v6]:port``, the way the Redis store splits it."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host:
+        return f"{_show(address)} is not host:port"
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"{_show(address)}: port {port!r} is not a number 1..65535"
+    if host.startswith("[") or host.endswith("]"):
+        try:
+            ok = host.startswith("[") and host.endswith("]") and \
+                ipaddress.ip_address(host[1:-1]).version == 6
+        except ValueError:
+            ok = False
+        if not ok:
+            return f"{_show(address)}: {host} is not a bracketed IPv6 address"
+    elif ":" in host:
+        return f"{_show(address)}: write an IPv6 address in brackets, e.g. [::1]:26379"
+    elif any(c.isspace() for c in host):
+        return f"{_show(address)} is not host:port"
+    return None
 
 
 def _parse_store(t: Table | None) -> StoreSection:
     if t is None:
         return StoreSection()
-    backend = t.str("backend", "memory", choices=("memory", "redis"))
+    backend = t.str("backend", "memory", choices=STORE_BACKENDS)
+    if backend in ("embedded", "sqlite"):
+        backend = "memory"      # aliases of the embedded (SQLite) store
     url = t.str("url", None)
     sentinels = t.list("sentinels", str_item, ())
     master_name = t.str("master_name", None)
@@ -509,37 +559,53 @@ def _parse_store(t: Table | None) -> StoreSection:
                       describe="a namespace (letters, digits, '_', '.', '-')")
     op_timeout = t.float("op_timeout_s", 2.0, min=0.05, max=60)
     connect_timeout = t.float("connect_timeout_s", 3.0, min=0.1, max=120)
-    compact = t.int("compact_after_bytes", 8 * 1024 * 1024, min=4096)
+    min_replicas = t.int("min_replicas_acked", 0, min=0, max=100)
+    replicas_timeout = t.int("replicas_timeout_ms", 1000, min=1, max=60_000)
+    if t.has("compact_after_bytes"):
+        t.int("compact_after_bytes", None)      # seen: not reported as unknown
+        t.error("compact_after_bytes", "no longer used: the embedded store runs on SQLite; "
+                                       "remove this key")
     if backend == "redis":
         if url is None and not sentinels:
             t.error("url", 'missing: backend "redis" needs url or sentinels + master_name')
         if sentinels and not master_name:
             t.error("master_name", "missing: sentinels need master_name")
-        if url is not None and not re.match(r"^(redis|rediss|unix)://", url):
-            t.error("url", f"{_show(url)} is not a redis:// or unix:// URL")
+        if url is not None:
+            problem = _redis_url_problem(url)
+            if problem:
+                t.error("url", problem)
         for i, s in enumerate(sentinels or ()):
-            if s is not None and not re.match(r"^[^:\s]+:\d{1,5}$", s):
-                t.problems.add(f"{t.key_path('sentinels')}[{i}]", f"{_show(s)} is not host:port")
+            problem = _sentinel_problem(s) if s is not None else None
+            if problem:
+                t.problems.add(f"{t.key_path('sentinels')}[{i}]", problem)
+    elif backend == "memory":
+        for key in ("min_replicas_acked", "replicas_timeout_ms"):
+            if t.has(key):
+                t.error(key, 'only for backend "redis"')
     t.done()
     return StoreSection(backend or "memory", url, sentinels or (), master_name, fsync or "always",
                         namespace or "appliance", op_timeout or 2.0, connect_timeout or 3.0,
-                        compact or 8 * 1024 * 1024)
+                        min_replicas or 0, replicas_timeout or 1000)
 
 
 def _parse_admin(t: Table | None, node: NodeSection | None) -> AdminSection:
     default_token = f"{node.state_dir}/admin.token" if node else "var/admin.token"
     if t is None:
         return AdminSection(token_file=default_token)
-    listen = t.endpoint("listen", AdminSection.listen)
+    listen = t.endpoint("listen", AdminSection.listen, tls_in_string=True)
     token_file = t.path_("token_file", default_token)
     client_ca = t.path_("client_ca", None)
     max_bytes = t.int("max_request_bytes", 1024 * 1024, min=1024, max=64 * 1024 * 1024)
     metrics_auth = t.bool("metrics_auth", False)
+    required = t.bool("required", True)
+    max_batch = t.int("max_batch", AdminSection.max_batch, min=1, max=10_000)
     if client_ca and listen and not listen.startswith("ssl:"):
         t.error("client_ca", 'needs an "ssl:" listen endpoint (client certificates need TLS)')
     t.done()
     return AdminSection(listen or AdminSection.listen, token_file or default_token,
-                        client_ca, max_bytes or 1024 * 1024, bool(metrics_auth))
+                        client_ca, max_bytes or 1024 * 1024, bool(metrics_auth),
+                        True if required is None else bool(required),
+                        max_batch or AdminSection.max_batch)
 
 
 def _peer_item(node: NodeSection | None):

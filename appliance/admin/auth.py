@@ -3,7 +3,8 @@
 The token file is created on first start (``secrets.token_urlsafe(32)``, mode
 0600, created atomically with ``O_CREAT | O_EXCL`` so it is never readable by
 others, not even for an instant).  ``appliancectl`` on the same box reads the
-same file.  Requests carry ``Authorization: Bearer <token>``; the comparison
+same file.  An existing file that group or others may access is refused
+(like ssh refuses such a private key).  Requests carry ``Authorization: Bearer <token>``; the comparison
 is constant-time.
 """
 
@@ -66,9 +67,11 @@ class BearerTokenAuth:
             raise TokenFileError(f"admin token file {path}: cannot read: "
                                  f"{getattr(e, 'strerror', None) or e}") from None
         if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            self._log.warn("admin token file {path} is accessible by group/others (mode {mode}); "
-                           "run: chmod 600 {path}", path=str(path),
-                           mode=oct(stat.S_IMODE(st.st_mode)))
+            # Refused, as ssh refuses a private key others can read: the token
+            # may already have leaked, and serving with it would hide that.
+            mode = oct(stat.S_IMODE(st.st_mode))
+            raise TokenFileError(f"admin token file {path}: accessible by group/others "
+                                 f"(mode {mode}); run: chmod 600 {path}")
         token = text.strip()
         if not token:
             raise TokenFileError(f"admin token file {path}: is empty")

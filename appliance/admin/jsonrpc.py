@@ -15,6 +15,8 @@ Protocol decisions (the JSON-RPC 2.0 spec leaves the HTTP mapping open):
 - Invalid request objects are answered with ``id: null`` (the id is not
   trusted from an object that is not a valid request).
 - Batch members run concurrently; responses keep the order of the requests.
+  A batch has at most ``max_batch`` members (default 100, ``admin.max_batch``);
+  a larger one is refused whole with one -32600 error, nothing is run.
 - Results are encoded with ``allow_nan=False``; ``ipaddress`` objects, sets,
   paths and datetimes are converted; anything else that is not JSON becomes a
   -32603 error for that call (and a log entry), never a broken body.
@@ -117,8 +119,9 @@ class JSONRPCResource(Resource):
     _log = Logger()
 
     def __init__(self, registry: MethodRegistry, authorizer, *,
-                 max_request_bytes: int = 1_048_576, metrics=None):
+                 max_request_bytes: int = 1_048_576, metrics=None, max_batch: int = 100):
         super().__init__()
+        self.max_batch = max_batch
         self.registry = registry
         self.authorizer = authorizer
         self.max_request_bytes = max_request_bytes
@@ -213,6 +216,12 @@ class JSONRPCResource(Resource):
                     self._record(INVALID_METHOD, False)
                     return defer.succeed(error_body(INVALID_REQUEST, "invalid request",
                                                     {"reason": "empty batch"}))
+                if len(payload) > self.max_batch:
+                    self._record(INVALID_METHOD, False)
+                    return defer.succeed(error_body(
+                        INVALID_REQUEST, "invalid request",
+                        {"reason": f"a batch of {len(payload)} requests exceeds the limit of "
+                                   f"{self.max_batch} (admin.max_batch)"}))
                 calls = [self._call(item) for item in payload]
                 d = defer.gatherResults(calls, consumeErrors=True)
                 d.addCallback(lambda parts: [p for p in parts if p is not None])

@@ -1,16 +1,31 @@
-"""Reading Twisted server endpoint strings without binding anything (pure).
+"""Twisted server endpoint strings: the one parser of the codebase (pure, binds nothing).
 
-Used by the admin service (to build a mutual-TLS listener from an ``ssl:``
-string) and by ``appliancectl`` (to turn the node's ``admin.listen`` into the
-URL it should call).
+Everything here goes through Twisted's own code: :func:`split_endpoint` is
+Twisted's strports lexer (``\\`` escapes ``:`` and ``=``), and
+:func:`server_endpoint_problem` builds the endpoint with
+``serverFromString(MemoryReactor(), description)``, exactly as the runtime
+does but on a reactor that never binds.  So ``--check`` accepts what the node
+accepts (``tcp6:8740:interface=\\:\\:1``) and refuses what it would refuse
+(``ssl:8740`` with no readable key).
+
+Used by the config (``admin.listen``, ``cluster.peer_link``), the admin
+service (to build a mutual-TLS listener from an ``ssl:`` string), the peer
+link, and ``appliancectl`` (to turn the node's ``admin.listen`` into a URL).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from urllib.parse import quote
 
-__all__ = ["split_endpoint", "admin_url", "EndpointError"]
+from twisted.internet import endpoints
+
+__all__ = ["split_endpoint", "server_endpoint_problem", "admin_url", "EndpointError"]
+
+#: Options of Twisted's ``ssl:`` parser that only concern the TLS material.
+_SSL_ONLY = ("privateKey", "certKey", "sslmethod", "extraCertChain", "dhParameters")
+_PORTED = ("tcp", "tcp6", "ssl")
 
 
 class EndpointError(ValueError):
@@ -18,36 +33,96 @@ class EndpointError(ValueError):
 
 
 def split_endpoint(description: str) -> tuple[str, list[str], dict[str, str]]:
-    """Split ``kind:arg:key=value...`` like Twisted does (``\\`` escapes ``:`` and ``=``).
+    """Split ``kind:arg:key=value...`` with Twisted's own strports lexer.
 
     >>> split_endpoint(r"ssl:8740:interface=127.0.0.1:privateKey=a\\:b.pem")
     ('ssl', ['8740'], {'interface': '127.0.0.1', 'privateKey': 'a:b.pem'})
     """
-    parts: list[list[str]] = [[""]]     # each part: [key-or-value] or [key, value]
-    escaped = False
-    for ch in description:
-        if escaped:
-            parts[-1][-1] += ch
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == ":":
-            parts.append([""])
-        elif ch == "=" and len(parts[-1]) == 1:
-            parts[-1].append("")
-        else:
-            parts[-1][-1] += ch
-    kind_part = parts[0]
-    if len(kind_part) != 1 or not kind_part[0]:
+    if not isinstance(description, str):
+        raise EndpointError(f"{description!r}: not a string")
+    args, kwargs = endpoints._parse(description)
+    if not args or not args[0]:
         raise EndpointError(f"{description!r}: missing endpoint type")
-    args: list[str] = []
-    kwargs: dict[str, str] = {}
-    for part in parts[1:]:
-        if len(part) == 1:
-            args.append(part[0])
-        else:
-            kwargs[part[0]] = part[1]
-    return kind_part[0], args, kwargs
+    return args[0], list(args[1:]), dict(kwargs)
+
+
+def _twisted_reason(exc: BaseException) -> str:
+    """Twisted's parser errors in the config's words."""
+    text = str(exc)
+    if isinstance(exc, TypeError):
+        m = re.search(r"unexpected keyword argument '([^']+)'", text)
+        if m:
+            return f"unknown option {m.group(1)!r}"
+        m = re.search(r"missing \d+ required positional argument[s]?: (.+)$", text)
+        if m:
+            return "missing " + m.group(1).replace("'", "")
+        if "positional argument" in text:
+            return "too many positional values"
+    if isinstance(exc, OSError) and exc.filename:
+        return f"cannot read {exc.filename}: {exc.strerror or exc}"
+    if isinstance(exc, ValueError) and text.startswith("invalid literal for int()"):
+        return "a number was expected: " + text.split(":", 1)[-1].strip()
+    return text or type(exc).__name__
+
+
+def server_endpoint_problem(description: str, *, tls_in_string: bool = True) -> str | None:
+    """Why ``description`` is not a server endpoint the runtime can build, or None.
+
+    The endpoint is built by Twisted's ``serverFromString`` on a
+    ``MemoryReactor`` (nothing binds).  For ``ssl:`` that reads the key and
+    certificate files, as the runtime does.  ``tls_in_string=False`` is for
+    listeners whose TLS material comes from elsewhere (``cluster.peer_link``
+    with ``[cluster.tls]``): the ``ssl:`` string is then checked as TCP.
+    ``systemd:`` is checked for shape only (its sockets exist only under systemd).
+    """
+    from twisted.internet.testing import MemoryReactor
+    try:
+        kind, args, kwargs = split_endpoint(description)
+    except (EndpointError, ValueError) as e:
+        return str(e)
+    if kind in _PORTED:
+        value = kwargs.get("port", args[0] if args else None)
+        if value is None or value == "":
+            return "missing port"
+        try:
+            port = int(value)
+        except ValueError:
+            return f"port {value!r} is not a number 0..65535"
+        if not 0 <= port <= 65535:
+            return f"port {port} is not a number 0..65535"
+        interface = kwargs.get("interface", args[1] if len(args) > 1 else None)
+        if interface:
+            try:
+                address = ipaddress.ip_address(interface)
+            except ValueError:
+                return f"interface {interface!r} is not an IP address"
+            if kind == "tcp6" and address.version != 6:
+                return f"interface {interface!r} is not an IPv6 address (tcp6)"
+    if kind == "systemd":
+        if args:
+            return f"unexpected value {args[0]!r} (use domain=INET and index=N or name=N)"
+        if "domain" not in kwargs or not ({"index", "name"} & set(kwargs)):
+            return "needs domain= and index= (or name=)"
+        unknown = set(kwargs) - {"domain", "index", "name"}
+        if unknown:
+            return f"unknown option {sorted(unknown)[0]!r}"
+        return None
+    if kind == "ssl" and tls_in_string and "privateKey" not in kwargs:
+        return "an ssl: listener needs privateKey=KEY.pem (and certKey=CERT.pem)"
+    if kind == "ssl" and not tls_in_string:
+        kwargs = {k: v for k, v in kwargs.items() if k not in _SSL_ONLY}
+        rebuilt = ":".join(["tcp", *(_escape(a) for a in args),
+                            *(f"{_escape(k)}={_escape(v)}" for k, v in kwargs.items())])
+        description = rebuilt
+    try:
+        endpoints.serverFromString(MemoryReactor(), description)
+    except Exception as e:      # Twisted raises ValueError/TypeError/OSError/ImportError...
+        return _twisted_reason(e)
+    return None
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
 
 
 def _port(description: str, args: list[str], kwargs: dict[str, str]) -> int:

@@ -12,9 +12,19 @@
     PEM file with the CA certificate(s) whose client certificates are
     required; only with an ``ssl:`` listener.
 ``max_request_bytes``
-    Largest request body accepted (larger: HTTP 413, never buffered whole).
+    Largest request body accepted.  A larger ``Content-Length`` is answered
+    413 as soon as the headers are in, and the connection is closed (the body
+    is never read); a chunked body is counted and capped, never buffered whole.
+``max_batch``
+    Most members of one JSON-RPC batch (more: -32600, nothing runs).
 ``metrics_auth``
-    If true, ``/metrics`` also needs the bearer token.
+    If true, ``/metrics`` also needs the bearer token.  ``/`` (name and
+    version) and, by default, ``/metrics`` need no token: fine on loopback;
+    on other addresses set ``metrics_auth = true`` (and use ``ssl:``).
+
+The node runs as root (DHCP binds port 67 after ``startService``;
+``privilegedStartService`` binds nothing), so ``twistd --uid/--gid`` is not
+supported: see etc/README.md.
 """
 
 from __future__ import annotations
@@ -68,15 +78,45 @@ class _CappedBody(io.BytesIO):
         return size
 
 
-def _request_factory(max_request_bytes: int):
+def _too_large_response(max_request_bytes: int) -> bytes:
+    from appliance.admin.jsonrpc import error_body
+    from appliance.admin.rpc import INVALID_REQUEST
+    body = error_body(INVALID_REQUEST, "request too large",
+                      {"reason": f"the body exceeds {max_request_bytes} bytes"})
+    return (b"HTTP/1.1 413 Request Entity Too Large\r\n"
+            b"Content-Type: application/json\r\nCache-Control: no-store\r\n"
+            b"Connection: close\r\nContent-Length: " + str(len(body)).encode() +
+            b"\r\n\r\n" + body)
+
+
+def _request_factory(max_request_bytes: int, metrics: AdminMetrics | None = None):
     class AdminRequest(server.Request):
         # The body is JSON, never a form: do not parse it as one.
         _parsePOSTFormSubmission = False
+        _refused = False
 
         def gotLength(self, length):
             # Keep one byte more than the limit so the resource can tell
             # "exactly at the limit" from "over it" without buffering a huge body.
             self.content = _CappedBody(max_request_bytes + 1)
+            if length is not None and length > max_request_bytes:
+                # Declared too large: answer now and close, before any body
+                # byte is read (an unauthenticated client cannot stream on).
+                self._refused = True
+                if metrics is not None:
+                    metrics.reject("too_large")
+                transport = self.channel.transport
+                transport.write(_too_large_response(max_request_bytes))
+                transport.loseConnection()
+
+        def handleContentChunk(self, data):
+            if not self._refused:
+                super().handleContentChunk(data)
+
+        def requestReceived(self, command, path, version):
+            if self._refused:
+                return          # already answered 413; the connection is closing
+            super().requestReceived(command, path, version)
 
     return AdminRequest
 
@@ -177,7 +217,8 @@ class AdminService(Service):
         self.port = None
         self.rpc_resource = JSONRPCResource(registry, self.auth,
                                             max_request_bytes=config.max_request_bytes,
-                                            metrics=self.metrics)
+                                            metrics=self.metrics,
+                                            max_batch=getattr(config, "max_batch", 100))
         root = _Index()
         root.putChild(b"rpc", self.rpc_resource)
         if metrics_registry is not None:
@@ -185,7 +226,8 @@ class AdminService(Service):
             if config.metrics_auth:
                 metrics = _RequireToken(metrics, self.auth, self.metrics)
             root.putChild(b"metrics", metrics)
-        self.site = _AdminSite(root, requestFactory=_request_factory(config.max_request_bytes),
+        self.site = _AdminSite(root, requestFactory=_request_factory(config.max_request_bytes,
+                                                                        self.metrics),
                                timeout=60, reactor=reactor)
 
     # -- lifecycle -------------------------------------------------------

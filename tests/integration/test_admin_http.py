@@ -328,3 +328,34 @@ def test_mutual_tls_needs_ssl_and_readable_files(tmp_path, pki):
                        make_registry(), CollectorRegistry())
     with pytest.raises(AdminListenError, match="missing.key: no such file or directory"):
         yield svc.startService()
+
+
+def _declare_huge_body(port: int, token: bytes) -> bytes:
+    """Send only headers declaring 100 MB, never the body; return what the server says."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"POST /rpc HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token +
+                     b"\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\n\r\n")
+        data = b""
+        while True:
+            chunk = sock.recv(65536)     # the server must answer *and close* unprompted
+            if not chunk:
+                return data
+            data += chunk
+
+
+@pytest_twisted.inlineCallbacks
+def test_declared_oversize_body_is_refused_before_reading(tmp_path):
+    """Content-Length above the cap: 413 right after the headers and the connection closes;
+    the body is never read (review LOW 13: it was read to the end first)."""
+    from twisted.internet import threads
+    svc = yield start_admin(tmp_path, max_request_bytes=1024)
+    try:
+        port = svc.port.getHost().port
+        raw = yield threads.deferToThread(_declare_huge_body, port, token_of(svc))
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 413 ")
+        assert json.loads(body)["error"] == {
+            "code": -32600, "message": "request too large",
+            "data": {"reason": "the body exceeds 1024 bytes"}}
+    finally:
+        yield svc.stopService()

@@ -39,16 +39,24 @@ def test_token_created_atomically_private(tmp_path):
     assert BearerTokenAuth(path).load_or_create() == token
 
 
-def test_existing_token_is_stripped_and_loose_mode_warned(tmp_path):
-    """An existing token is read with whitespace stripped; a group/world-readable file warns."""
+def test_existing_token_is_stripped(tmp_path):
+    """An existing private token file is read with whitespace stripped."""
     path = tmp_path / "admin.token"
     path.write_text("  abc-123 \n")
-    os.chmod(path, 0o644)
-    auth = BearerTokenAuth(path)
-    events = []
-    auth._log = Logger(observer=events.append)
-    assert auth.load_or_create() == "abc-123"
-    assert any(e["log_level"].name == "warn" and "chmod 600" in e["log_format"] for e in events)
+    os.chmod(path, 0o600)
+    assert BearerTokenAuth(path).load_or_create() == "abc-123"
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o660])
+def test_loose_token_file_is_refused(tmp_path, mode):
+    """A token file group/others may access is refused with a clear error (was a warning)."""
+    path = tmp_path / "admin.token"
+    path.write_text("abc-123\n")
+    os.chmod(path, mode)
+    with pytest.raises(TokenFileError) as info:
+        BearerTokenAuth(path).load_or_create()
+    assert str(info.value) == (f"admin token file {path}: accessible by group/others "
+                               f"(mode {oct(mode)}); run: chmod 600 {path}")
 
 
 @pytest.mark.parametrize("content, message", [("", "is empty"), ("two words", "one word")])

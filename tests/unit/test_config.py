@@ -83,7 +83,8 @@ bogus = 1
 listen = "tcp:notaport"
 max_request_bytes = "big"
 """)
-    assert 'etc/test.toml: store.backend: "mongo" is not one of "memory", "redis"' in found
+    assert ('etc/test.toml: store.backend: "mongo" is not one of "memory", "embedded", '
+            '"sqlite", "redis"') in found
     assert "etc/test.toml: store.fsync: expected a string, got integer 3" in found
     assert any(p.startswith("etc/test.toml: store.bogus: unknown key") for p in found)
     assert any(p.startswith("etc/test.toml: admin.listen:") and "not a server endpoint" in p
@@ -221,3 +222,95 @@ def test_arbitrary_documents_never_crash(doc):
         _parse(doc, "f.toml", {})
     except ConfigError as e:
         assert e.problems and all(p.startswith("f.toml: ") for p in e.problems)
+
+
+# -- store (issue 10: SQLite embedded store, redis checks as the runtime does) ----------
+@pytest.mark.parametrize("backend", ["memory", "embedded", "sqlite"])
+def test_store_backend_aliases(backend):
+    """"embedded" and "sqlite" are aliases of the canonical "memory" backend."""
+    cfg = parse(MINIMAL + f'[store]\nbackend = "{backend}"\nfsync = "batch"\n')
+    assert cfg.store.backend == "memory" and cfg.store.fsync == "batch"
+
+
+def test_compact_after_bytes_is_gone():
+    """The old journal key is refused with a clear reason (not just "unknown key")."""
+    found = problems(MINIMAL + "[store]\ncompact_after_bytes = 8388608\n")
+    assert found == ["etc/test.toml: store.compact_after_bytes: no longer used: the embedded "
+                     "store runs on SQLite; remove this key"]
+
+
+def test_redis_replica_keys():
+    """min_replicas_acked / replicas_timeout_ms: redis only, ranges checked."""
+    cfg = parse(MINIMAL + '[store]\nbackend = "redis"\nurl = "redis://127.0.0.1:6379/0"\n'
+                'min_replicas_acked = 1\nreplicas_timeout_ms = 250\n')
+    assert (cfg.store.min_replicas_acked, cfg.store.replicas_timeout_ms) == (1, 250)
+    assert parse(MINIMAL).store.min_replicas_acked == 0
+    assert parse(MINIMAL).store.replicas_timeout_ms == 1000
+    found = problems(MINIMAL + '[store]\nbackend = "redis"\nurl = "redis://h/0"\n'
+                     "min_replicas_acked = -1\n")
+    assert found == ["etc/test.toml: store.min_replicas_acked: -1 is below the minimum 0"]
+    found = problems(MINIMAL + "[store]\nmin_replicas_acked = 1\n")
+    assert found == ['etc/test.toml: store.min_replicas_acked: only for backend "redis"']
+
+
+@pytest.mark.parametrize("url, why", [
+    ("rediss://127.0.0.1:6379/0", "scheme must be redis:// or unix://"),
+    ("redis://127.0.0.1:99999/0", "Port out of range"),
+    ("redis://127.0.0.1:6379/x", "db must be a number"),
+])
+def test_redis_url_checked_by_the_runtime_parser(url, why):
+    """--check refuses every URL the Redis store would refuse at start (review M5)."""
+    found = problems(MINIMAL + f'[store]\nbackend = "redis"\nurl = "{url}"\n')
+    assert len(found) == 1 and found[0].startswith("etc/test.toml: store.url: ") and why in found[0]
+
+
+def test_redis_sentinels_accept_ipv6():
+    """Sentinels: host:port and [v6]:port, as the store splits them."""
+    cfg = parse(MINIMAL + '[store]\nbackend = "redis"\nmaster_name = "m"\n'
+                'sentinels = ["[::1]:26379", "sentinel-1:26379", "127.0.0.1:26380"]\n')
+    assert cfg.store.sentinels == ("[::1]:26379", "sentinel-1:26379", "127.0.0.1:26380")
+    found = problems(MINIMAL + '[store]\nbackend = "redis"\nmaster_name = "m"\n'
+                     'sentinels = ["::1:26379", "[nope]:1", "h:0"]\n')
+    assert [p.split(": ", 2)[1] for p in found] == [
+        "store.sentinels[0]", "store.sentinels[1]", "store.sentinels[2]"]
+
+
+# -- endpoints: Twisted's own parser (review M5) ---------------------------------------
+def test_ipv6_admin_endpoint_with_escapes():
+    """tcp6 with an escaped IPv6 interface is accepted (it was refused)."""
+    cfg = parse(MINIMAL + '[admin]\nlisten = "tcp6:8740:interface=\\\\:\\\\:1"\n')
+    assert cfg.admin.listen == r"tcp6:8740:interface=\:\:1"
+
+
+@pytest.mark.parametrize("listen, why", [
+    ("ssl:8740", "needs privateKey="),
+    ("ssl:8740:privateKey=/nonexistent/k.pem", "cannot read /nonexistent/k.pem"),
+    ("tcp:8740:bogus=1", "unknown option 'bogus'"),
+    ("tcp:99999", "port 99999 is not a number 0..65535"),
+    ("tcp:8740:interface=10.0.0.300", "is not an IP address"),
+    ("nope:1", "Unknown endpoint type"),
+])
+def test_admin_endpoint_refused_like_the_runtime(listen, why):
+    """Endpoints the runtime cannot build are config errors, with Twisted's reason."""
+    found = problems(MINIMAL + f'[admin]\nlisten = "{listen}"\n')
+    assert len(found) == 1 and found[0].startswith(f'etc/test.toml: admin.listen: "{listen}" '
+                                                   "is not a server endpoint: ")
+    assert why in found[0]
+
+
+def test_ssl_admin_endpoint_with_real_key(tmp_path):
+    """An ssl: listener whose key and certificate exist passes (Twisted loads them)."""
+    from appliance.net.tls import make_ca, make_cert, write_pem
+    ca_cert, ca_key = make_ca("test-ca")
+    cert, key = make_cert(ca_cert, ca_key, "localhost")
+    write_pem(tmp_path / "c.pem", cert)
+    write_pem(tmp_path / "k.pem", key, private=True)
+    listen = f"ssl:8740:interface=127.0.0.1:privateKey={tmp_path}/k.pem:certKey={tmp_path}/c.pem"
+    assert parse(MINIMAL + f'[admin]\nlisten = "{listen}"\n').admin.listen == listen
+
+
+def test_peer_link_ssl_without_key_in_string():
+    """cluster.peer_link takes its TLS files from [cluster.tls]: "ssl:8742" is fine there."""
+    cfg = parse(MINIMAL + '[cluster]\npeer_link = "ssl:8742"\n'
+                'tls = { cert = "c.pem", key = "k.pem", ca = "ca.pem" }\n')
+    assert cfg.cluster.peer_link == "ssl:8742"

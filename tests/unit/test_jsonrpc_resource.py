@@ -168,7 +168,7 @@ def test_unknown_method_and_invalid_params():
     err = body_of(post(res, {"jsonrpc": "2.0", "method": "add", "params": {"a": 1},
                              "id": 8}))["error"]
     assert err["code"] == -32602
-    assert "'b'" in err["message"]
+    assert "params.b" in err["message"] and err["data"]["reason"] == "params.b: missing (required)"
 
 
 def test_notifications_get_no_response():
@@ -357,3 +357,28 @@ def test_any_body_gets_a_well_formed_answer(body):
         _check_response(item)
     if isinstance(parsed, list):
         assert parsed, "an all-notification batch is 204, never []"
+
+
+def test_batch_size_is_bounded():
+    """A batch larger than max_batch is refused whole (-32600), no member runs; at the
+    limit it is served (review LOW 13: the size was bounded only by bytes)."""
+    reg = make_registry()
+    ran = []
+    reg.register("note", ran.append)
+    res = JSONRPCResource(reg, FixedToken(), max_batch=3)
+    res._log = Logger(observer=lambda event: None)
+    batch = [{"jsonrpc": "2.0", "method": "note", "params": [i], "id": i} for i in range(4)]
+    body = body_of(post(res, batch))
+    assert body["error"]["code"] == -32600
+    assert body["error"]["data"]["reason"] == ("a batch of 4 requests exceeds the limit of 3 "
+                                               "(admin.max_batch)")
+    assert ran == []
+    assert len(body_of(post(res, batch[:3]))) == 3 and ran == [0, 1, 2]
+
+
+def test_default_batch_limit_is_100():
+    """Without a setting, 100 members pass and 101 are refused."""
+    res = make_resource()
+    ok = [{"jsonrpc": "2.0", "method": "system.methods", "id": i} for i in range(100)]
+    assert len(body_of(post(res, ok))) == 100
+    assert body_of(post(res, ok + [ok[0]]))["error"]["code"] == -32600

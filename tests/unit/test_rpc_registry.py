@@ -112,9 +112,9 @@ def test_unknown_method(registry):
 
 
 @pytest.mark.parametrize("params, fragment", [
-    ({}, "missing a required argument: 'resource'"),
-    ({"resource": "r", "force": True}, "unexpected keyword argument 'force'"),
-    (["r", "extra"], "too many positional arguments"),
+    ({}, "params.resource: missing (required)"),
+    ({"resource": "r", "force": True}, "params.force: unknown parameter"),
+    (["r", "extra"], "at most 1 positional value(s) (resource), got 2"),
     (42, "expected an object or an array"),
 ])
 def test_invalid_params_name_the_problem(registry, params, fragment):
