@@ -1,4 +1,5 @@
-"""RedisStore when Redis goes away: fail fast, recover by itself, resubscribe.
+"""RedisStore when Redis goes away: fail fast, recover by itself, resubscribe
+(with a RESYNC to every subscriber), notice a Redis that came back empty.
 
 Each test gets its own redis-server (function scope) that it kills with
 SIGKILL, freezes with SIGSTOP or starts late.  Plus one Sentinel test: a
@@ -15,7 +16,8 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 
-from appliance.store.interface import StoreUnavailable
+from appliance.store.interface import RESYNC, StoreDown, StoreUnavailable
+from tests.support.require import require_binary
 
 pytestmark = pytest.mark.integration
 
@@ -72,8 +74,9 @@ def make_store(url, **kw):
 
 @pytest_twisted.ensureDeferred
 async def test_kill_fails_fast_then_recovers_with_subscriptions(redis_server):
-    """kill -9 of redis: ops errback StoreUnavailable fast, healthy goes False; after a
-    restart on the same port ops work again and the subscription delivers again."""
+    """kill -9 of redis (with AOF): ops errback StoreUnavailable fast, healthy goes False;
+    after a restart on the same port ops work again, the data is there, the subscriber
+    gets RESYNC (it may have missed changes) and the subscription delivers again."""
     store = make_store(redis_server.url)
     await store.startService()
     try:
@@ -101,9 +104,12 @@ async def test_kill_fails_fast_then_recovers_with_subscriptions(redis_server):
         took = await works_again(store)
         assert took < 8
         assert store.healthy
-        # the server lost its data (no persistence): the store works with the new one
-        assert await store.get("w:before") is None
-        # the subscription is re-established after the reconnect
+        # AOF kept the data: no data loss
+        assert await store.get("w:before") == "1"
+        assert "error" not in store.describe()
+        # the subscription is re-established after the reconnect, with a resync first
+        await eventually(lambda: ("w:", RESYNC) in seen, 8, what="resync after re-subscribe")
+        assert seen.count(("w:", RESYNC)) == 1, seen
         seen.clear()
 
         async def delivered():
@@ -124,6 +130,58 @@ async def test_kill_fails_fast_then_recovers_with_subscriptions(redis_server):
         sub.cancel()
     finally:
         await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_restart_without_data_is_detected_until_recheck():
+    """A redis without persistence killed and restarted empty: the store notices (the
+    instance key is gone), turns unhealthy with a data-loss error, refuses writes with
+    StoreDown (reads still work), tells subscribers RESYNC; recheck() accepts the new
+    state: instance key re-created, healthy, writes work again."""
+    require_binary("redis-server")
+    from tests.support.redis_server import RedisServer
+
+    server = RedisServer(persistence="none").start()
+    try:
+        store = make_store(server.url)
+        await store.startService()
+        try:
+            seen = []
+            sub = store.subscribe("d:", lambda k, op: seen.append((k, op)))
+            await defer.Deferred.addTimeout(sub.ready, 5, reactor)
+            await store.set("d:epoch", "7")
+            assert "durability" in store.describe()
+            server.kill()
+            await eventually(lambda: not store.healthy, 3, what="healthy False")
+            server.restart()
+            await eventually(lambda: "data loss" in store.describe().get("error", ""), 8,
+                             what="data loss reported")
+            assert store.healthy is False
+            assert store.describe()["healthy"] is False
+            e = None
+            try:
+                await store.set("d:epoch", "8")
+            except StoreDown as exc:
+                e = exc
+            assert e is not None and "data loss" in str(e)
+            await timed_failure(store.commit([]))
+            assert await store.get("d:epoch") is None     # reads work: the data is gone
+            await eventually(lambda: ("d:", RESYNC) in seen, 8, what="resync")
+            info = await store.recheck()
+            assert info["healthy"] is True and "error" not in info, info
+            assert store.healthy
+            await store.set("d:epoch", "1")
+            assert await store.get("d:epoch") == "1"
+            from tests.support.redis_server import redis_command
+            assert redis_command(server.port, "EXISTS",
+                                 f"__store_instance__:{store.namespace}").startswith(b":1")
+            # a recheck of a healthy store changes nothing
+            info = await store.recheck()
+            assert info["healthy"] is True
+        finally:
+            await store.stopService()
+    finally:
+        server.stop()
 
 
 @pytest_twisted.ensureDeferred
