@@ -14,8 +14,24 @@ Frames are length-prefixed JSON objects:
 * ``{"t": "ack", "ch": channel, "seq": n}`` -- cumulative: everything up to
   ``n`` was handled (the channel handler's Deferred fired).
 
+* ``{"t": "ping"}`` / ``{"t": "pong"}`` -- keepalive: each side pings every
+  ``keepalive_s``; a connection that received nothing for ``idle_timeout_s``
+  is aborted and redialled (a half-open link after a peer's power loss is
+  noticed in seconds, not after ``tcp_retries2``).
+
 Unacked messages stay queued and are resent, in order, after a reconnect;
-the receiver drops duplicates by sequence number.  A channel holds at most
+the receiver drops duplicates by sequence number.
+
+Receiving is strictly serial per peer (one handler at a time, whatever
+connection the frame came on) and nothing is ever acked past a message
+whose handler failed: the failed message is retried in place with
+exponential backoff while later ones wait behind it.  After
+``poison_after`` failures it is *parked* (kept in :attr:`PeerState.parked`,
+counted in ``stats["parked"]``, logged as critical and shown in
+``status()``), then acked, so one poison message cannot block the channel
+forever and is never silently skipped.  The receive queue is bounded: past
+``RECV_HIGH`` frames the connection stops reading (TCP flow control pushes
+back on the sender) until it drains below ``RECV_LOW``.  A channel holds at most
 ``max_unacked`` messages: beyond that :meth:`PeerLink.send` fails with
 :class:`Backpressure` so the service can fall back (e.g. to a bulk sync).
 """
@@ -23,7 +39,7 @@ the receiver drops duplicates by sequence number.  A channel holds at most
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -37,6 +53,11 @@ from twisted.protocols.basic import Int32StringReceiver
 _log = Logger(namespace="appliance.peerlink")
 
 MAX_FRAME = 4 * 1024 * 1024
+RECV_HIGH = 1000          # queued frames per peer before the connection stops reading
+RECV_LOW = 100            # ... and resumes
+RETRY_BASE_S = 0.1        # first retry of a failed handler; doubles up to RETRY_MAX_S
+RETRY_MAX_S = 5.0
+POISON_AFTER = 8          # failures of one message before it is parked (~13 s of retries)
 
 
 class Backpressure(Exception):
@@ -65,6 +86,13 @@ class PeerState:
     remote_inc: int | None = None
     connected_since: float | None = None
     connects: int = 0
+    # receive side, per peer (not per connection): serial handling, retries
+    inbox: deque = field(default_factory=deque)     # (proto, key, frame)
+    busy: bool = False
+    retry: Any = None                               # DelayedCall of a handler retry
+    failures: dict[str, int] = field(default_factory=dict)   # "key:seq" -> failures
+    parked: list[dict] = field(default_factory=list)
+    paused: Any = None                              # the proto whose reading is paused
 
 
 class PeerProtocol(Int32StringReceiver):
@@ -74,11 +102,27 @@ class PeerProtocol(Int32StringReceiver):
         self.link = link
         self.expected = expected      # dialer: the peer we dialed; acceptor: None
         self.peer: PeerState | None = None
-        self._queue: list[dict] = []
-        self._busy = False
+        self.last_rx = link.reactor.seconds()
+        self._keepalive = None
 
     def connectionMade(self):
         self._send({"t": "hello", "node": self.link.node_id, "inc": self.link.incarnation})
+        self._keepalive = self.link.reactor.callLater(self.link.keepalive_s, self._ping)
+
+    def _ping(self):
+        self._keepalive = None
+        if not self.connected or self.transport is None:
+            return
+        idle = self.link.reactor.seconds() - self.last_rx
+        if idle > self.link.idle_timeout_s:
+            self.link.stats["idle_timeouts"] += 1
+            _log.warn("peer link to {peer}: nothing received for {ms} ms; aborting",
+                      peer=self.peer.id if self.peer else self.expected or "?",
+                      ms=round(idle * 1000))
+            self.transport.abortConnection()
+            return
+        self._send({"t": "ping"})
+        self._keepalive = self.link.reactor.callLater(self.link.keepalive_s, self._ping)
 
     def _send(self, frame: dict):
         self.sendString(json.dumps(frame, separators=(",", ":")).encode())
@@ -99,6 +143,7 @@ class PeerProtocol(Int32StringReceiver):
         self.transport.loseConnection()
 
     def stringReceived(self, data: bytes):
+        self.last_rx = self.link.reactor.seconds()
         try:
             frame = json.loads(data)
             kind = frame["t"]
@@ -114,10 +159,11 @@ class PeerProtocol(Int32StringReceiver):
             self._hello(frame)
             return
         if kind == "msg":
-            self._queue.append(frame)
-            self._drain()
+            self.link._received(self.peer, self, frame)
         elif kind == "ack":
             self.link._acked(self.peer, frame.get("ch"), frame.get("seq"))
+        elif kind == "ping":
+            self._send({"t": "pong"})
 
     def _hello(self, frame: dict):
         claimed = frame.get("node")
@@ -138,42 +184,10 @@ class PeerProtocol(Int32StringReceiver):
         self.peer = self.link.peers[claimed]
         self.link._attached(self.peer, self, frame.get("inc"))
 
-    def _drain(self):
-        if self._busy or not self._queue:
-            return
-        frame = self._queue.pop(0)
-        channel, seq = frame.get("ch"), frame.get("seq")
-        peer = self.peer
-        key = f"{peer.remote_inc}:{channel}"
-        last = peer.delivered.get(key, 0)
-        if not isinstance(seq, int) or seq <= last:
-            self._send({"t": "ack", "ch": channel, "seq": last})   # duplicate after resend
-            self._drain()
-            return
-        handler = self.link.handlers.get(channel)
-        self._busy = True
-        d = (defer.maybeDeferred(handler, peer.id, frame.get("body")) if handler
-             else defer.fail(PeerLinkError(f"no handler for channel {channel!r}")))
-
-        def done(_):
-            peer.delivered[key] = seq
-            self.link.stats["received"] += 1
-            if self.transport is not None and self.connected:
-                self._send({"t": "ack", "ch": channel, "seq": seq})
-
-        def failed(f):
-            # Not acked: the sender keeps it and resends after a reconnect.
-            _log.error("peer link: handler for {ch} failed on message {seq} from {peer}: {why}",
-                       ch=channel, seq=seq, peer=peer.id, why=f.getErrorMessage())
-            self.transport.loseConnection()
-
-        def next_(_):
-            self._busy = False
-            self._drain()
-
-        d.addCallbacks(done, failed).addBoth(next_)
-
     def connectionLost(self, reason):
+        if self._keepalive is not None and self._keepalive.active():
+            self._keepalive.cancel()
+        self._keepalive = None
         if self.peer is not None:
             self.link._detached(self.peer, self, reason.getErrorMessage())
 
@@ -199,10 +213,17 @@ def from_config(reactor, node_id: str, incarnation: int, cluster) -> "PeerLink":
     interface = kwargs.get("interface") or (str(cluster.bind_address) if cluster.bind_address else "")
     cert, key, ca = (Path(cluster.tls.cert).read_bytes(), Path(cluster.tls.key).read_bytes(),
                      Path(cluster.tls.ca).read_bytes())
+    # Keepalive at the heartbeat interval; a silent link is dropped after
+    # (dead_after + 0.5) intervals, but never under 1 s: TCP's minimum RTO is
+    # 200 ms and a lost retransmission doubles it, so a tighter bound would
+    # reconnect needlessly under packet loss.
+    interval = cluster.heartbeat_interval_ms / 1000.0
     return PeerLink(reactor, node_id=node_id, incarnation=incarnation,
                     peers={p.id: str(p.address) for p in cluster.peers}, port=port,
                     interface=interface, server_options=server_options(cert, key, ca),
-                    client_options=lambda peer: client_options(peer, ca, cert, key))
+                    client_options=lambda peer: client_options(peer, ca, cert, key),
+                    keepalive_s=max(interval, 0.05),
+                    idle_timeout_s=max((cluster.dead_after + 0.5) * interval, 1.0))
 
 
 class PeerLink(MultiService):
@@ -212,7 +233,8 @@ class PeerLink(MultiService):
 
     def __init__(self, reactor, *, node_id: str, incarnation: int, peers: dict[str, str],
                  port: int, server_options, client_options: Callable[[str], Any],
-                 interface: str = "", max_unacked: int = 10000):
+                 interface: str = "", max_unacked: int = 10000, keepalive_s: float = 1.0,
+                 idle_timeout_s: float = 3.0, poison_after: int = POISON_AFTER):
         super().__init__()
         self.reactor = reactor
         self.node_id = node_id
@@ -220,8 +242,13 @@ class PeerLink(MultiService):
         self.peers = {pid: PeerState(pid, addr) for pid, addr in peers.items()}
         self.handlers: dict[str, Callable] = {}
         self.max_unacked = max_unacked
+        self.keepalive_s = keepalive_s
+        self.idle_timeout_s = max(idle_timeout_s, 2 * keepalive_s)
+        self.poison_after = max(1, poison_after)
         self.listeners: list[Callable] = []
-        self.stats = {"sent": 0, "received": 0, "resent": 0, "refused": 0, "bad_frames": 0}
+        self.stats = {"sent": 0, "received": 0, "resent": 0, "refused": 0, "bad_frames": 0,
+                      "handler_failures": 0, "parked": 0, "idle_timeouts": 0, "paused": 0,
+                      "too_big": 0}
         self._listen_port = port
         self._interface = interface
         self._server_options = server_options
@@ -258,6 +285,11 @@ class PeerLink(MultiService):
         if state is None:
             return defer.fail(PeerLinkError(f"unknown peer {peer!r}"))
         ch = state.channels.setdefault(channel, Channel())
+        size = len(json.dumps(body, separators=(",", ":")))
+        if size > MAX_FRAME - 256:
+            self.stats["too_big"] += 1
+            return defer.fail(PeerLinkError(f"message of {size} bytes on {channel} exceeds the "
+                                            f"{MAX_FRAME}-byte frame limit"))
         if len(ch.unacked) >= (limit or self.max_unacked):
             return defer.fail(Backpressure(f"{len(ch.unacked)} unacked messages to {peer} on "
                                            f"{channel}"))
@@ -302,8 +334,19 @@ class PeerLink(MultiService):
     def stopService(self):
         d = defer.maybeDeferred(super().stopService)
         for state in self.peers.values():
+            if state.retry is not None and state.retry.active():
+                state.retry.cancel()
+            state.retry = None
             if state.proto is not None:
                 state.proto.transport.loseConnection()
+            # Nobody will ack these now: tell the senders instead of leaving
+            # their Deferreds pending forever.
+            for name, ch in state.channels.items():
+                pending = list(ch.unacked.items())
+                ch.unacked.clear()
+                ch.sent_at.clear()
+                for seq, (_, waiting) in pending:
+                    waiting.errback(PeerLinkError(f"peer link stopping ({name} #{seq} unacked)"))
         if self._port is not None:
             port, self._port = self._port, None
             d.addCallback(lambda _: port.stopListening())
@@ -332,7 +375,102 @@ class PeerLink(MultiService):
             except Exception:
                 _log.failure("peer link listener failed")
 
+    def reset(self, peer: str, why: str) -> None:
+        """Drop the connection to ``peer`` (it restarted, or was declared
+        dead); the dialer redials and unacked messages are resent."""
+        state = self.peers.get(peer)
+        if state is not None and state.proto is not None and state.proto.transport is not None:
+            _log.info("peer link to {peer} reset: {why}", peer=peer, why=why)
+            state.proto.transport.abortConnection()
+
+    # -- receive side: serial, retried, never acked past a failure ------------
+    def _received(self, peer: PeerState, proto: PeerProtocol, frame: dict):
+        peer.inbox.append((proto, f"{peer.remote_inc}:{frame.get('ch')}", frame))
+        if len(peer.inbox) >= RECV_HIGH and peer.paused is None:
+            peer.paused = proto
+            self.stats["paused"] += 1
+            proto.transport.pauseProducing()
+        self._drain(peer)
+
+    def _drain(self, peer: PeerState):
+        while not peer.busy and peer.retry is None and peer.inbox:
+            proto, key, frame = peer.inbox[0]
+            if proto is not peer.proto:
+                # Its connection is gone: the sender resends whatever we do
+                # not ack, on the new one.
+                self._pop(peer)
+                continue
+            channel, seq = frame.get("ch"), frame.get("seq")
+            last = peer.delivered.get(key, 0)
+            if not isinstance(seq, int) or seq <= last:
+                self._pop(peer)
+                proto._send({"t": "ack", "ch": channel, "seq": last})   # duplicate after resend
+                continue
+            self._handle(peer, proto, key, frame)
+
+    def _pop(self, peer: PeerState):
+        peer.inbox.popleft()
+        if peer.paused is not None and len(peer.inbox) <= RECV_LOW:
+            paused, peer.paused = peer.paused, None
+            if paused.transport is not None and paused.connected:
+                paused.transport.resumeProducing()
+
+    def _handle(self, peer: PeerState, proto: PeerProtocol, key: str, frame: dict):
+        channel, seq = frame.get("ch"), frame["seq"]
+        handler = self.handlers.get(channel)
+        peer.busy = True
+        d = (defer.maybeDeferred(handler, peer.id, frame.get("body")) if handler
+             else defer.fail(PeerLinkError(f"no handler for channel {channel!r}")))
+
+        def settle(ok: bool):
+            peer.delivered[key] = max(peer.delivered.get(key, 0), seq)
+            peer.failures.pop(f"{key}:{seq}", None)
+            if ok:
+                self.stats["received"] += 1
+            if peer.inbox and peer.inbox[0][2] is frame:
+                self._pop(peer)
+            if proto is peer.proto and proto.connected:
+                proto._send({"t": "ack", "ch": channel, "seq": seq})
+
+        def done(_):
+            settle(True)
+
+        def failed(f):
+            # Not acked, not skipped: retried in place, later frames wait.
+            self.stats["handler_failures"] += 1
+            tag = f"{key}:{seq}"
+            n = peer.failures[tag] = peer.failures.get(tag, 0) + 1
+            if n >= self.poison_after:
+                self.stats["parked"] += 1
+                peer.parked.append({"channel": channel, "seq": seq, "body": frame.get("body"),
+                                    "error": f.getErrorMessage(), "failures": n,
+                                    "at": self.reactor.seconds()})
+                _log.critical("peer link: message {seq} on {ch} from {peer} failed {n} times "
+                              "({why}); PARKED for the operator and acknowledged",
+                              seq=seq, ch=channel, peer=peer.id, n=n, why=f.getErrorMessage(),
+                              event_type="peerlink_parked")
+                settle(False)
+                return
+            delay = min(RETRY_BASE_S * 2 ** (n - 1), RETRY_MAX_S)
+            _log.error("peer link: handler for {ch} failed on message {seq} from {peer} "
+                       "({why}); retry {n} in {delay:.1f}s", ch=channel, seq=seq, peer=peer.id,
+                       why=f.getErrorMessage(), n=n, delay=delay)
+            peer.retry = self.reactor.callLater(delay, self._retry, peer)
+
+        def next_(_):
+            peer.busy = False
+            self._drain(peer)
+
+        d.addCallbacks(done, failed).addBoth(next_)
+        d.addErrback(lambda f: _log.failure("peer link receive bookkeeping failed", failure=f))
+
+    def _retry(self, peer: PeerState):
+        peer.retry = None
+        self._drain(peer)
+
     def _detached(self, peer: PeerState, proto: PeerProtocol, why: str):
+        if peer.paused is proto:
+            peer.paused = None
         if peer.proto is not proto:
             return
         peer.proto = None
@@ -358,5 +496,7 @@ class PeerLink(MultiService):
 
     def status(self) -> dict[str, Any]:
         return {pid: {"connected": p.proto is not None, "backlog": self.backlog(pid),
-                      "lag_s": round(self.lag_s(pid), 3), "connects": p.connects}
+                      "lag_s": round(self.lag_s(pid), 3), "connects": p.connects,
+                      "inbox": len(p.inbox), "retrying": p.retry is not None,
+                      "parked": [{k: v for k, v in m.items() if k != "body"} for m in p.parked]}
                 for pid, p in self.peers.items()}
