@@ -1,6 +1,6 @@
 """The IStateStore contract, run against every backend on the real reactor.
 
-``memory``: the embedded journaled store in a temp dir (fsync=always).
+``memory``: the embedded SQLite store in a temp dir (fsync=always).
 ``redis``: RedisStore against a real redis-server on loopback, one namespace
 per test.  Anything asserted here must hold for both; backend-specific
 behaviour is marked as such.
@@ -17,7 +17,8 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from zope.interface.verify import verifyObject
 
-from appliance.store.interface import IStateStore, ISubscription, Op, StoreError, StoreUnavailable
+from appliance.store.interface import (RESYNC, IImmediateStore, IStateStore, ISubscription, Op,
+                                       StoreError, StoreUnavailable)
 
 pytestmark = pytest.mark.integration
 
@@ -83,20 +84,45 @@ async def scan_all(store, prefix, count):
 @pytest_twisted.async_yield_fixture(params=["memory", "redis"])
 async def store(request, tmp_path):
     if request.param == "memory":
-        mod = pytest.importorskip("appliance.store.memory",
-                                  reason="appliance.store.memory not written yet")
-        s = mod.MemoryStore(reactor, state_dir=tmp_path, fsync="always")
+        mod = pytest.importorskip("appliance.store.embedded",
+                                  reason="appliance.store.embedded not written yet")
+
+        def make():
+            return mod.EmbeddedStore(reactor, state_dir=tmp_path, fsync="always")
     else:
         server = request.getfixturevalue("redis_server_module")
         from appliance.store.redis import RedisStore
+        namespace = f"t{uuid.uuid4().hex[:12]}"
 
-        s = RedisStore(reactor, url=server.url, namespace=f"t{uuid.uuid4().hex[:12]}",
-                       op_timeout_s=2.0, connect_timeout_s=3.0)
+        def make():
+            return RedisStore(reactor, url=server.url, namespace=namespace,
+                              op_timeout_s=2.0, connect_timeout_s=3.0)
+    opened = []
+
+    def open_store():
+        s = make()
+        opened.append(s)
+        return s
+
+    request.node.open_store = open_store
+    s = open_store()
     await defer.maybeDeferred(s.startService)
     try:
         yield s
     finally:
-        await defer.maybeDeferred(s.stopService)
+        for s in opened:
+            if s.running:
+                await defer.maybeDeferred(s.stopService)
+
+
+async def reopen(request, store):
+    """Stop ``store`` and open the same data again (embedded: same state_dir; redis:
+    same url and namespace); the fixture stops the new store at the end."""
+    await defer.maybeDeferred(store.stopService)
+    new = request.node.open_store()
+    await defer.maybeDeferred(new.startService)
+    assert new.healthy
+    return new
 
 
 # ----------------------------------------------------------------------
@@ -106,6 +132,10 @@ async def store(request, tmp_path):
 async def test_provides_interface(store):
     """The store provides IStateStore, is healthy once started, answers ping, describes itself."""
     assert verifyObject(IStateStore, store)
+    if store.backend == "memory":
+        assert verifyObject(IImmediateStore, store)
+    else:
+        assert not IImmediateStore.providedBy(store)
     assert store.backend in ("memory", "redis")
     assert store.healthy is True
     assert await store.ping() is True
@@ -448,7 +478,9 @@ async def test_scan_pages_through_prefix(store):
     assert pages > 1
     cursor, page = await store.scan("s:nothing-here:", None, 10)
     assert page == []
-    assert await store.scan("", None, 1000) is not None
+    # the empty prefix is every key of the store (and nothing of the store's own)
+    keys, _ = await scan_all(store, "", 1000)
+    assert set(keys) == wanted | {f"s:other:{i}" for i in range(30)} | {"s:ite", "s:itemx"}
     everything, _ = await scan_all(store, "s:", 50)
     assert set(everything) == wanted | {f"s:other:{i}" for i in range(30)} | {"s:ite",
                                                                                  "s:itemx"}
@@ -683,3 +715,149 @@ async def test_edge_cases_aligned(store):
     assert await store.hgetall("h") == {}
     keys, _ = await scan_all(store, "", 100)
     assert sorted(keys) == ["k"]
+
+
+# ----------------------------------------------------------------------
+# program order, restarts, input checks, feed guarantees (issue 10)
+# ----------------------------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_type_changes_survive_a_restart(store, request):
+    """Keys that changed type (set over a hash; delete + zadd over a hash in one commit;
+    hset over a string) have their last type and value after the store is reopened."""
+    await store.hset("tc:a", {"f": "v"})
+    await store.set("tc:a", "plain")
+    await store.hset("tc:b", {"f": "v"})
+    assert await store.commit([Op.delete("tc:b"), Op.zadd("tc:b", {"m": 2.0})]) is True
+    await store.set("tc:c", "s")
+    await store.delete("tc:c")
+    await store.hset("tc:c", {"g": "w"})
+    await store.zadd("tc:d", {"m": 1.0})
+    assert await store.commit([Op.delete("tc:d"), Op.set("tc:d", "again")]) is True
+    store = await reopen(request, store)
+    assert await store.get("tc:a") == "plain"
+    assert await store.zrangebyscore("tc:b", "-inf", "inf") == [("m", 2.0)]
+    assert await store.hgetall("tc:c") == {"g": "w"}
+    assert await store.get("tc:d") == "again"
+    await fails(store.hgetall("tc:a"))
+    await fails(store.get("tc:b"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_program_order_without_awaiting(store):
+    """Calls issued without awaiting are applied in issue order and writes are
+    acknowledged in issue order: 300 writes to one key leave the last value, their
+    Deferreds fire in order, and a read issued between writes sees exactly the writes
+    before it.  (A read may answer before an earlier write is durable: read-your-writes,
+    see the interface docstring.)"""
+    fired = []
+    ds = []
+    for i in range(300):
+        d = store.set("po:k", str(i))
+        d.addCallback(lambda _, i=i: fired.append(i))
+        ds.append(d)
+    await defer.gatherResults(ds)
+    assert fired == list(range(300))
+    assert await store.get("po:k") == "299"
+    # set, get, set, get, hset, hgetall, commit, get -- none awaited
+    order = []
+    calls = [("set", store.set("po:x", "a")), ("get", store.get("po:x")),
+             ("set", store.set("po:x", "b")), ("get", store.get("po:x")),
+             ("hset", store.hset("po:h", {"f": "1"})), ("hgetall", store.hgetall("po:h")),
+             ("commit", store.commit([Op.delete("po:h"), Op.set("po:x", "c")])),
+             ("get", store.get("po:x")), ("hgetall", store.hgetall("po:h")),
+             ("delete", store.delete("po:x")), ("get", store.get("po:x"))]
+    for n, (name, d) in enumerate(calls):
+        d.addCallback(lambda r, n=n: order.append(n) or r)
+    results = await defer.gatherResults([d for _, d in calls])
+    writes = [n for n, (name, _) in enumerate(calls) if name in ("set", "hset", "commit",
+                                                                  "delete")]
+    assert [n for n in order if n in writes] == writes
+    assert results == [None, "a", None, "b", 1, {"f": "1"}, True, "c", {}, 1, None]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unencodable_strings_are_refused(store):
+    """Lone surrogates (as json.loads gives them) are refused with StoreError through an
+    errback -- key, value, hash field, sorted-set member, commit op, guard, scan prefix --
+    and nothing is written."""
+    bad = json.loads('"bad\\ud800"')
+    assert bad == "bad\ud800"
+    cases = [
+        (store.set, ("su:k", bad)), (store.set, (bad, "v")), (store.get, (bad,)),
+        (store.hset, ("su:h", {bad: "v"})), (store.hset, ("su:h", {"f": bad})),
+        (store.hget, ("su:h", bad)), (store.zadd, ("su:z", {bad: 1.0})),
+        (store.zrem, ("su:z", bad)), (store.delete, (bad,)),
+        (store.cas, ("su:k", None, bad)), (store.cas, ("su:k", bad, "v")),
+        (store.commit, ([Op.set("su:k", "ok"), Op.set("su:k2", bad)],)),
+        (store.commit, ([Op.hset("su:h", {bad: "v"})],)),
+        (store.commit, ([Op.set("su:k", "ok")], {"su:g": bad})),
+        (store.scan, (bad,)), (store.scan, ("su:" + bad, None, 10)),
+    ]
+    for fn, args in cases:
+        try:
+            result = await errback_not_raise(fn, *args)
+        except StoreError as e:
+            assert not isinstance(e, StoreUnavailable), e
+        else:
+            pytest.fail(f"{fn.__name__}{args!r} was not refused: {result!r}")
+    assert await store.get("su:k") is None
+    assert await store.get("su:k2") is None
+    assert await store.hgetall("su:h") == {}
+    assert await store.zcard("su:z") == 0
+    assert store.healthy
+    # non-BMP characters and NUL are fine
+    await store.set("su:ok", "\U0001F600\x00")
+    assert await store.get("su:ok") == "\U0001F600\x00"
+
+
+@pytest_twisted.ensureDeferred
+async def test_notifications_come_after_the_write_is_acknowledged(store):
+    """A change notification for a write of this store is delivered only after that
+    write's Deferred fired (the write is durable before anyone hears of it)."""
+    events = []
+    await subscribed(store, "na:", lambda k, op: events.append(("note", k, op)))
+    ds = []
+    for i in range(100):
+        if i % 3 == 0:
+            d = store.commit([Op.set(f"na:{i}", "v"), Op.zadd("na:z", {str(i): i})])
+        else:
+            d = store.set(f"na:{i}", "v")
+        d.addCallback(lambda _, i=i: events.append(("ack", f"na:{i}", None)))
+        ds.append(d)
+    await defer.gatherResults(ds)
+    await eventually(lambda: sum(1 for e in events if e[0] == "note") >= 100 + 34)
+    acked = set()
+    for kind, key, op in events:
+        if kind == "ack":
+            acked.add(key)
+        elif key != "na:z":
+            assert key in acked, f"notification of {key} before its write was acknowledged"
+
+
+@pytest_twisted.ensureDeferred
+async def test_subscription_ready(store):
+    """subscribe() returns an ISubscription whose ``ready`` Deferred fires; writes made
+    after it are notified; cancel() before ready still fires it."""
+    seen = []
+    sub = store.subscribe("rd:", lambda k, op: seen.append((k, op)))
+    assert verifyObject(ISubscription, sub)
+    assert isinstance(sub.ready, defer.Deferred)
+    await defer.Deferred.addTimeout(sub.ready, 5, reactor)
+    await store.set("rd:1", "v")
+    await eventually(lambda: ("rd:1", "set") in seen)
+    assert all(op != RESYNC for _, op in seen)
+    sub.cancel()
+    other = store.subscribe("rd2:", lambda k, op: None)
+    other.cancel()
+    await defer.Deferred.addTimeout(other.ready, 5, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_recheck_fires_with_describe(store):
+    """recheck() of a healthy store fires with describe() (healthy, same backend)."""
+    d = errback_not_raise(store.recheck)
+    info = await d
+    assert info["healthy"] is True and info["backend"] == store.backend
+    assert set(info) == set(store.describe())
+    json.dumps(info)
+    assert store.healthy
