@@ -6,6 +6,7 @@ until twistd starts the returned service.
 
 from __future__ import annotations
 
+import gc
 import sys
 
 from twisted.python import usage
@@ -50,9 +51,27 @@ def check_summary(config: NodeConfig) -> str:
             f"admin {config.admin.listen}, services: {services})")
 
 
+def tune_gc_for_serving(node=None) -> None:
+    """Process-wide GC tuning for a node process, once everything has started.
+
+    What exists now (modules, classes, loaded state) lives as long as the
+    process: keep it out of the cyclic GC's full passes, which otherwise pause
+    the reactor in proportion to it (measured: 50-145 ms under load).  A
+    packet allocates a few hundred short-lived objects: with the default
+    700-allocation young generation many are collected (and promoted) while
+    still in use; a larger one lets them die first.
+
+    Done here, by ``twistd appliance``, not by ``ApplianceNode``: library code
+    and tests that build nodes in-process keep the interpreter's defaults.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(max(gc.get_threshold()[0], 20000), *gc.get_threshold()[1:])
+
+
 def makeService(options):
     from appliance.node import ApplianceNode
-    return ApplianceNode(options.node_config)
+    return ApplianceNode(options.node_config, on_running=tune_gc_for_serving)
 
 
 def check_main(argv: list[str] | None = None) -> int:
