@@ -390,8 +390,13 @@ class ClusterSection:
     auth_key_file: str | None = None
     peer_link: str | None = None
     tls: TLSFiles | None = None
-    auto_partner_down_s: float = 10.0
+    #: 0 = PARTNER-DOWN only by operator (dhcpd and Microsoft ship it so);
+    #: silence alone cannot tell a dead partner from a partition.
+    auto_partner_down_s: float = 0.0
     bind_address: Any = None
+    #: Heartbeats per interval; the deadline stays dead_after intervals, so
+    #: a false suspicion needs dead_after x beats_per_interval lost in a row.
+    beats_per_interval: int = 3
 
 
 @dataclass(frozen=True)
@@ -548,7 +553,11 @@ def _sentinel_problem(address: str) -> str | None:
 def _parse_store(t: Table | None) -> StoreSection:
     if t is None:
         return StoreSection()
-    backend = t.str("backend", "memory", choices=STORE_BACKENDS)
+    backend = t.str("backend", "memory")
+    if backend is not None and backend not in STORE_BACKENDS:
+        t.error("backend", f'{_show(backend)} is not one of "memory", "redis" '
+                           '("embedded" and "sqlite" are aliases of "memory")')
+        backend = None
     if backend in ("embedded", "sqlite"):
         backend = "memory"      # aliases of the embedded (SQLite) store
     url = t.str("url", None)
@@ -644,7 +653,8 @@ def _parse_cluster(t: Table | None, node: NodeSection | None) -> ClusterSection 
         tls_table.done()
         if cert and key and ca:
             tls = TLSFiles(cert, key, ca)
-    auto_pd = t.float("auto_partner_down_s", 10.0, min=0)
+    auto_pd = t.float("auto_partner_down_s", 0.0, min=0)
+    beats = t.int("beats_per_interval", 3, min=1, max=20)
     ids = [p.id for p in peers or () if p]
     for dup in {i for i in ids if ids.count(i) > 1}:
         t.error("peers", f"peer id {dup!r} appears more than once")
@@ -655,7 +665,7 @@ def _parse_cluster(t: Table | None, node: NodeSection | None) -> ClusterSection 
     t.done()
     return ClusterSection(peers or (), hb_port or 8741, interval or 100, dead_after or 3,
                           key_file, peer_link, tls,
-                          auto_pd if auto_pd is not None else 10.0, bind_address)
+                          auto_pd if auto_pd is not None else 0.0, bind_address, beats or 3)
 
 
 def _parse_vip(t: Table, node: NodeSection | None, peer_ids: tuple[str, ...]) -> VIPSection | None:
