@@ -47,14 +47,24 @@ def _redis_ping(port: int, password: str | None = None, timeout: float = 0.5) ->
         return None
 
 
-def redis_command(port: int, *args: str, timeout: float = 1.0) -> bytes:
-    """One command over a raw socket (test helper); returns the raw reply."""
+def _encode_command(*args: str) -> bytes:
     payload = b"*%d\r\n" % len(args)
     for a in args:
         b = a.encode()
         payload += b"$%d\r\n%s\r\n" % (len(b), b)
+    return payload
+
+
+def redis_command(port: int, *args: str, timeout: float = 1.0,
+                  password: str | None = None) -> bytes:
+    """One command over a raw socket (test helper); returns the raw reply."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(payload)
+        if password:
+            s.sendall(_encode_command("AUTH", password))
+            reply = s.recv(64)
+            if not reply.startswith(b"+OK"):
+                return reply
+        s.sendall(_encode_command(*args))
         return s.recv(65536)
 
 
