@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from appliance import __version__
-from tests.support.node_process import NodeProcess, env_with_dropins, twistd_command, ROOT
+from tests.support.node_process import (NodeProcess, ROOT, env_with_dropins, stored_string,
+                                        twistd_command)
 
 SERVICES = """
 [services.testecho]
@@ -68,9 +69,8 @@ def test_sigterm_is_orderly_and_state_survives(node):
     assert code in (0, -15), log
     assert "node t1 stopped" in log
     assert "Traceback" not in log
-    # The store's journal holds what the service wrote on start.
-    from tests.integration.test_memory_durability import reopen, value
-    assert value(reopen(node.state_dir), "testecho:started") == "t1"
+    # The store's file holds what the service wrote on start.
+    assert stored_string(node.state_dir, "testecho:started") == "t1"
 
 
 def test_token_file_created_private(node):
@@ -146,9 +146,50 @@ def test_config_reload_starts_and_stops_services(node):
     assert "services.testecho.message: expected a string, got integer 5" in error["data"]["reason"]
     assert node.rpc("testecho.ping")["result"]["message"] == "changed", "old config still active"
 
-    node.config.write_text(text.replace("tcp:", "tcp6:"))
+    node.config.write_text(text.replace("[admin]\n", "[admin]\nmax_request_bytes = 4096\n"))
     result = node.rpc("config.reload")["result"]
     assert result["restart_required"] == ["admin"]
+
+
+def test_reload_retries_failed_services_and_overlapping_reloads_are_serialized(node):
+    """A failed service is retried by every reload (its table did not change), and a
+    reload batch sent together with SIGHUPs never answers -32603 (review M6)."""
+    import signal
+    import time
+    node.start()
+    assert node.rpc("system.status")["result"]["services"]["testbroken"]["state"] == "failed"
+    text = node.config.read_text()
+    node.config.write_text(text.replace('message = "hi"', 'message = "again"'))
+    node.proc.send_signal(signal.SIGHUP)
+    batch = [{"jsonrpc": "2.0", "method": "config.reload", "id": i} for i in range(3)]
+    answers = node.rpc_batch(batch)
+    node.proc.send_signal(signal.SIGHUP)
+    assert all("result" in a for a in answers), answers
+    lines = [line for a in answers for line in a["result"]["applied"]]
+    assert lines.count("services.testecho: restarted") <= 1, lines   # the SIGHUP may win
+    assert all(any(line.startswith("services.testbroken: failed to restart (RuntimeError: "
+                                   "no such interface eth9)") for line in a["result"]["applied"])
+               for a in answers), answers
+    assert all(a["result"]["failed"] == ["testbroken"] for a in answers)
+    time.sleep(0.5)
+    status = node.rpc("system.status")["result"]["services"]
+    assert status["testecho"]["state"] == "running"
+    assert node.rpc("testecho.ping")["result"]["message"] == "again"
+    log = node.output()
+    assert log.count("service testecho running") == 2, log     # started once, restarted once
+    assert "Unhandled" not in log and "Traceback" not in log
+
+
+def test_rpc_params_are_validated(node):
+    """Bad params get -32602 with the reason naming the parameter, never -32603."""
+    node.start()
+    error = node.rpc("service.restart", {"service": 5})["error"]
+    assert error["code"] == -32602
+    assert error["data"]["reason"] == "params.service: expected a string, got an integer 5"
+    error = node.rpc("system.status", {"verbose": True})["error"]
+    assert error["code"] == -32602 and "params.verbose: unknown parameter" in error["message"]
+    out = node.rpc("store.recheck")["result"]
+    assert out["backend"] == "memory" and out["healthy"] is True
 
 
 def test_twistd_lists_the_plugin():
@@ -168,3 +209,21 @@ def test_sighup_reloads(node):
     from tests.support.cluster_lab import wait_for
     wait_for(lambda: node.rpc("testecho.ping")["result"]["message"] == "hup", 5, "the reload")
     wait_for(lambda: "SIGHUP: " in node.output(), 5, "the reload to be logged")
+
+
+def test_admin_port_in_use_is_fatal(tmp_path):
+    """An admin listener that cannot bind stops the node with exit 1 and a clear line
+    (it used to run on without /rpc and /metrics, visible only in the log)."""
+    import socket
+    n = NodeProcess(tmp_path, "")
+    with socket.socket() as blocker:
+        blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        blocker.bind(("127.0.0.1", n.port))
+        blocker.listen(1)
+        proc = subprocess.run(twistd_command() + ["-c", str(n.config)], cwd=tmp_path,
+                              env=env_with_dropins(), capture_output=True, text=True, timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert (f"admin listener tcp:{n.port}:interface=127.0.0.1 failed: admin listener "
+            f"tcp:{n.port}:interface=127.0.0.1: address already in use "
+            "(set admin.required = false to run without it)") in out

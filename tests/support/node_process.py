@@ -21,6 +21,27 @@ ROOT = Path(__file__).resolve().parents[2]
 DROPINS = ROOT / "tests" / "support" / "dropins"
 
 
+def stored_string(state_dir: Path, key: str) -> str | None:
+    """A string key as the node's store left it on disk (read after the node exited).
+
+    The embedded store keeps ``<state_dir>/store.sqlite3`` (table ``keys``);
+    read with the ``sqlite3`` module, so nothing of the store is imported.
+    Older nodes kept a journal: read that with the journal store.
+    """
+    db = Path(state_dir) / "store.sqlite3"
+    if db.exists():
+        import sqlite3
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            row = conn.execute("SELECT value FROM keys WHERE key = ? AND kind = 's'",
+                               (key,)).fetchone()
+        finally:
+            conn.close()
+        return row[0] if row else None
+    from tests.integration.test_memory_durability import reopen, value
+    return value(reopen(state_dir), key)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -98,6 +119,14 @@ token_file = "{self.token_file}"
                                      headers={"Authorization": f"Bearer {self.token()}",
                                               "Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=5) as resp:
+            return json.loads(resp.read())
+
+    def rpc_batch(self, batch: list, timeout: float = 15) -> list:
+        """Send one JSON-RPC batch; return the list of responses."""
+        req = urllib.request.Request(self.url, data=json.dumps(batch).encode(), method="POST",
+                                     headers={"Authorization": f"Bearer {self.token()}",
+                                              "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())
 
     def ctl(self, *args: str, timeout: float = 15) -> subprocess.CompletedProcess:

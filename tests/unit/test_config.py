@@ -83,8 +83,8 @@ bogus = 1
 listen = "tcp:notaport"
 max_request_bytes = "big"
 """)
-    assert ('etc/test.toml: store.backend: "mongo" is not one of "memory", "embedded", '
-            '"sqlite", "redis"') in found
+    assert ('etc/test.toml: store.backend: "mongo" is not one of "memory", "redis" ("embedded" '
+            'and "sqlite" are aliases of "memory")') in found
     assert "etc/test.toml: store.fsync: expected a string, got integer 3" in found
     assert any(p.startswith("etc/test.toml: store.bogus: unknown key") for p in found)
     assert any(p.startswith("etc/test.toml: admin.listen:") and "not a server endpoint" in p
