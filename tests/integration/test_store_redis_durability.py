@@ -160,6 +160,20 @@ async def test_min_replicas_acked_with_a_replica(server_factory):
                 acked.add(key)
             elif key.startswith("r:p"):
                 assert key in acked, f"{key} notified before its ack"
+        # a frozen replica: the write is applied and published at once, but its answer
+        # (a failure after replicas_timeout_ms) comes later -- and so does the notification
+        events.clear()
+        replica.freeze()
+        try:
+            d = store.set("r:frozen", "x")
+            d.addErrback(lambda f: events.append(("failed", f.value)))
+            await sleep(0.5)
+            assert events == [], "notified before the write's Deferred fired"
+            await eventually(lambda: len(events) == 2, 4, "failure, then notification")
+            assert events[0][0] == "failed" and isinstance(events[0][1], StoreUnavailable)
+            assert events[1] == ("note", "r:frozen")
+        finally:
+            replica.thaw()
     finally:
         await store.stopService()
 
