@@ -186,6 +186,13 @@ def _json_kind(value: Any) -> str:
             list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
 
 
+def _got(value: Any) -> str:
+    """``got ...`` text: the JSON kind, and the value for scalars."""
+    if value is None or isinstance(value, (dict, list)):
+        return _json_kind(value)
+    return f"{_json_kind(value)} {_show(value)}"
+
+
 class Param:
     """One parameter: its kind and limits.
 
@@ -221,14 +228,14 @@ class Param:
         if kind == "bool":
             if not isinstance(value, bool):
                 raise InvalidParams.because(f"{path}: expected true or false, got "
-                                            f"{_json_kind(value)} {_show(value)}")
+                                            f"{_got(value)}")
             return value
         if kind in ("int", "number"):
             ok = isinstance(value, int) or (kind == "number" and isinstance(value, float))
             if isinstance(value, bool) or not ok:
                 what = "an integer" if kind == "int" else "a number"
                 raise InvalidParams.because(f"{path}: expected {what}, got "
-                                            f"{_json_kind(value)} {_show(value)}")
+                                            f"{_got(value)}")
             if isinstance(value, float) and not math.isfinite(value):
                 raise InvalidParams.because(f"{path}: {value} is not a finite number")
             self._bounds(path, value, value)
@@ -244,7 +251,7 @@ class Param:
             return value
         if not isinstance(value, str):
             raise InvalidParams.because(f"{path}: expected {self._string_kind()}, got "
-                                        f"{_json_kind(value)} {_show(value)}")
+                                            f"{_got(value)}")
         if kind == "str":
             self._bounds(path, len(value), value, what="characters")
             return self._choice(path, value)

@@ -25,6 +25,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from appliance.admin.rpc import Params
 from services.dns.backoff import Backoff
 from services.dns.client import DNSClient, show_server
 from services.dns.ddns import DDNSUpdater
@@ -86,8 +87,9 @@ class DNSService(Service):
         super().startService()
         rpc = self.context.rpc
         if rpc is not None:
-            rpc.register("dns.records", self.records, doc="DNS records: desired vs published.")
-            rpc.register("dns.sync", self.sync,
+            rpc.register("dns.records", self.records, doc="DNS records: desired vs published.",
+                         params=Params())
+            rpc.register("dns.sync", self.sync, params=Params(),
                          doc="Read the server now, repair drift; returns what changed.")
         if self.ddns is not None:
             self.context.providers["ddns"] = self.ddns

@@ -189,3 +189,90 @@ def test_builtin_without_signature_still_callable(registry):
     """Callables without an inspectable signature are called; their TypeErrors are internal."""
     registry.register("dict", dict)
     assert result_of(registry.dispatch("dict", {"a": 1})) == {"a": 1}
+
+
+# -- declarative params (issue 10: bad params are -32602 with the reason) -------------
+from appliance.admin.rpc import Param, Params  # noqa: E402
+
+
+def reason_of(registry, method, params) -> str:
+    f = failure_of(registry.dispatch(method, params))
+    assert f.check(InvalidParams) and f.value.code == -32602
+    assert f.value.message == "invalid params: " + f.value.data["reason"]
+    return f.value.data["reason"]
+
+
+def test_params_spec_checks_before_the_method_runs(registry):
+    """Types, ranges, address syntax, required and unknown keys; the method never runs."""
+    ran = []
+    registry.register("m", lambda address, limit=100: ran.append((address, limit)) or "ok",
+                      params=Params(address=Param("ipv4", required=True),
+                                    limit=Param("int", default=100, min=1, max=1000)))
+    assert reason_of(registry, "m", {"address": "x"}) == 'params.address: "x" is not an IPv4 address'
+    assert reason_of(registry, "m", {"address": "10.0.0.1", "limit": -5}) == \
+        "params.limit: -5 is below the minimum 1"
+    assert reason_of(registry, "m", {"address": "10.0.0.1", "limit": True}) == \
+        "params.limit: expected an integer, got a boolean true"
+    assert reason_of(registry, "m", {"address": "10.0.0.1", "limit": 1.5}) == \
+        "params.limit: expected an integer, got a number 1.5"
+    assert reason_of(registry, "m", {"adress": "10.0.0.1"}) == \
+        "params.adress: unknown parameter (did you mean 'address'?)"
+    assert reason_of(registry, "m", {}) == "params.address: missing (required)"
+    assert ran == []
+    assert result_of(registry.dispatch("m", {"address": "010.0.0.1"[1:]})) == "ok"
+    assert result_of(registry.dispatch("m", ["10.0.0.2", 5])) == "ok"
+    assert ran == [("10.0.0.1", 100), ("10.0.0.2", 5)]
+
+
+@pytest.mark.parametrize("kind, value, out", [
+    ("ipv6", "FE80::0001", "fe80::1"),
+    ("ip", "10.0.0.1", "10.0.0.1"),
+    ("ipv4_network", "10.0.0.7/24", "10.0.0.0/24"),
+    ("hwaddr", "02-00-00-AA-bb-01", "02:00:00:aa:bb:01"),
+    ("hwaddr", "0200000000ff", "02:00:00:00:00:ff"),
+    ("number", 2, 2),
+    ("str", "a", "a"),
+])
+def test_param_kinds_normalize(kind, value, out):
+    """Addresses come back normalized, hardware addresses lower case with ':'."""
+    assert Param(kind).check("params.x", value) == out
+
+
+@pytest.mark.parametrize("spec, value, reason", [
+    (Param("ipv6"), "10.0.0.1", 'params.x: "10.0.0.1" is not an IPv6 address'),
+    (Param("ipv4"), None, "params.x: expected an IPv4 address, got null"),
+    (Param("number"), float("nan"), "params.x: nan is not a finite number"),
+    (Param("str", max=3), "abcd", "params.x: 4 characters is above the maximum 3 characters"),
+    (Param("str", choices=("a", "b")), "c", 'params.x: "c" is not one of "a", "b"'),
+    (Param("array", max=1), [1, 2], "params.x: 2 items is above the maximum 1 items"),
+    (Param("object"), [], "params.x: expected an object, got an array"),
+    (Param("bool"), 0, "params.x: expected true or false, got an integer 0"),
+])
+def test_param_refusals(spec, value, reason):
+    """Each refusal names the parameter and says what was expected."""
+    with pytest.raises(InvalidParams) as info:
+        spec.check("params.x", value)
+    assert info.value.data["reason"] == reason
+
+
+def test_spec_from_annotations(registry):
+    """Without a spec, the signature and its annotations decide (cluster methods)."""
+    def set_maintenance(on: bool):
+        return on
+    registry.register("cluster.maintenance", set_maintenance)
+    assert reason_of(registry, "cluster.maintenance", {"on": "yes"}) == \
+        'params.on: expected true or false, got a string "yes"'
+    assert result_of(registry.dispatch("cluster.maintenance", {"on": True})) is True
+
+
+def test_every_method_of_a_node_has_a_spec(tmp_path):
+    """Every method a node registers is validated (explicit or derived spec)."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from appliance.config import config_from_string
+    from appliance.node import ApplianceNode
+    from tests.unit.test_node import FakeStore
+    config = config_from_string(f'[node]\nid = "n"\nstate_dir = "{tmp_path}"\n', plugins={})
+    node = ApplianceNode(config, MemoryReactorClock(), {}, store=FakeStore())
+    missing = [name for name in node.rpc.names() if node.rpc.params_of(name) is None]
+    assert missing == []

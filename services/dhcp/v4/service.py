@@ -13,6 +13,7 @@ the peer link, partner states from the cluster manager) is wired when
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import socket
 import struct
 import time
@@ -23,7 +24,7 @@ from twisted.application.service import Service
 from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
 
-from appliance.admin.rpc import ApplicationError, InvalidParams
+from appliance.admin.rpc import ApplicationError, InvalidParams, Param, Params
 from appliance.ddns import DHCID_CLIENT_ID, DHCID_HWADDR, ddns_provider
 from appliance.net.sockets import enable_receive_times, last_received_at, set_receive_buffer
 from services.dhcp.v4 import codec as C
@@ -31,7 +32,7 @@ from services.dhcp.v4 import pools as P
 from services.dhcp.v4.config import Dhcp4Config
 from services.dhcp.v4.handler import Dhcp4Handler, FailoverView
 from services.dhcp.v4.ldap_reservations import LdapReservations
-from services.dhcp.v4.leases import Lease, LeaseStore
+from services.dhcp.v4.leases import STATES as LEASE_STATES, Lease, LeaseStore
 from services.dhcp.v4.replication import LeaseOutbox
 
 _log = Logger(namespace="services.dhcp4")
@@ -396,19 +397,52 @@ class Dhcp4Service(Service):
     def _register_rpc(self):
         rpc = self.context.rpc
         rpc.register("dhcp4.leases", self.rpc_leases,
-                     doc="{subnet?, state?, limit?, cursor?} -> {leases, cursor}")
-        rpc.register("dhcp4.lease", self.rpc_lease, doc="{address | hwaddr} -> one lease")
-        rpc.register("dhcp4.release", self.rpc_release, doc="{address}: free it now")
-        rpc.register("dhcp4.scopes", self.rpc_scopes, doc="subnets, pools, free counts")
-        rpc.register("dhcp4.stats", self.rpc_stats, doc="packet counters, drops, leases")
+                     doc="{subnet?, state?, limit?, cursor?} -> {leases, cursor}",
+                     params=Params(
+                         subnet=Param("any"),     # an id, a network or an address in it
+                         state=Param("str", choices=LEASE_STATES, nullable=True),
+                         limit=Param("int", default=100, min=1, max=1000),
+                         cursor=Param("ipv4", nullable=True)))
+        rpc.register("dhcp4.lease", self.rpc_lease, doc="{address | hwaddr} -> one lease",
+                     params=Params(exactly_one_of=("address", "hwaddr"),
+                                   address=Param("ipv4", nullable=True),
+                                   hwaddr=Param("hwaddr", nullable=True)))
+        rpc.register("dhcp4.release", self.rpc_release, doc="{address}: free it now",
+                     params=Params(address=Param("ipv4", required=True)))
+        rpc.register("dhcp4.scopes", self.rpc_scopes, doc="subnets, pools, free counts",
+                     params=Params())
+        rpc.register("dhcp4.stats", self.rpc_stats, doc="packet counters, drops, leases",
+                     params=Params())
+
+    def _subnet_param(self, subnet) -> int | None:
+        """``params.subnet``: a configured subnet id, its network, or an address in it."""
+        if subnet is None:
+            return None
+        ids = {s.id for s in self.config.subnets}
+        if isinstance(subnet, int) and not isinstance(subnet, bool):
+            if subnet not in ids:
+                raise InvalidParams.because(f"params.subnet: no subnet with id {subnet} "
+                                            f"(ids: {', '.join(map(str, sorted(ids)))})")
+            return subnet
+        if not isinstance(subnet, str):
+            raise InvalidParams.because("params.subnet: expected a subnet id, a network or an "
+                                        f"address, got {type(subnet).__name__}")
+        try:
+            if "/" in subnet:
+                network = ipaddress.IPv4Network(subnet, strict=False)
+                sub = self.config.subnet_for(network.network_address)
+            else:
+                sub = self.config.subnet_for(ipaddress.IPv4Address(subnet))
+        except ValueError:
+            raise InvalidParams.because(f"params.subnet: {subnet!r} is not an IPv4 network or "
+                                        "address") from None
+        if sub is None:
+            raise InvalidParams.because(f"params.subnet: {subnet!r} is not a configured subnet")
+        return sub.id
 
     def rpc_leases(self, subnet=None, state=None, limit=100, cursor=None):
-        if subnet is not None and not isinstance(subnet, int):
-            sub = self.config.subnet_for(str(subnet).split("/")[0]) if subnet else None
-            if sub is None:
-                raise InvalidParams(f"unknown subnet {subnet!r}")
-            subnet = sub.id
-        d = self.leases.leases(subnet=subnet, state=state, limit=int(limit), cursor=cursor)
+        subnet = self._subnet_param(subnet)
+        d = self.leases.leases(subnet=subnet, state=state, limit=limit, cursor=cursor)
         return d
 
     @defer.inlineCallbacks
