@@ -366,6 +366,9 @@ class AdminSection:
     required: bool = True
     #: Most members of one JSON-RPC batch (more: -32600).
     max_batch: int = 100
+    #: CA that signed the ``ssl:`` listener's certificate: appliancectl verifies
+    #: the node with it (``client_ca`` is the CA of *client* certificates).
+    server_ca: str | None = None
 
 
 @dataclass(frozen=True)
@@ -457,6 +460,34 @@ def load_config(path: str | Path, plugins: Mapping[str, Any] | None = None) -> N
     except OSError as e:
         raise ConfigError([f"{path}: cannot read: {e.strerror or e}"]) from None
     return config_from_string(text, path, plugins)
+
+
+def load_admin_section(path: str | Path) -> AdminSection:
+    """Only what ``appliancectl`` needs: ``[admin]`` (and ``node.state_dir`` for
+    the default token path).  Other tables are not read, so a broken service
+    table or an unreadable key file of some service does not stop the client.
+    Raises :class:`ConfigError` for problems in ``[admin]`` only.
+    """
+    path = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror or e}"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{path}: not valid TOML: {e}"]) from None
+    problems = Problems(path)
+    node_table = data.get("node")
+    state_dir = node_table.get("state_dir") if isinstance(node_table, dict) else None
+    node = NodeSection("ctl", state_dir) if isinstance(state_dir, str) and state_dir else None
+    admin_table = data.get("admin", {})
+    if not isinstance(admin_table, dict):
+        problems.add("admin", f"expected a table, got {_kind(admin_table)}")
+        problems.raise_if_any()
+    admin = _parse_admin(Table(admin_table, "admin", problems), node, read_tls=False)
+    problems.raise_if_any()
+    return admin
 
 
 def config_from_string(text: str, file: str = "<string>",
@@ -597,24 +628,29 @@ def _parse_store(t: Table | None) -> StoreSection:
                         min_replicas or 0, replicas_timeout or 1000)
 
 
-def _parse_admin(t: Table | None, node: NodeSection | None) -> AdminSection:
+def _parse_admin(t: Table | None, node: NodeSection | None, *,
+                 read_tls: bool = True) -> AdminSection:
+    """``read_tls=False`` (appliancectl): an ``ssl:`` listener's key is not read."""
     default_token = f"{node.state_dir}/admin.token" if node else "var/admin.token"
     if t is None:
         return AdminSection(token_file=default_token)
-    listen = t.endpoint("listen", AdminSection.listen, tls_in_string=True)
+    listen = t.endpoint("listen", AdminSection.listen, tls_in_string=read_tls)
     token_file = t.path_("token_file", default_token)
     client_ca = t.path_("client_ca", None)
     max_bytes = t.int("max_request_bytes", 1024 * 1024, min=1024, max=64 * 1024 * 1024)
     metrics_auth = t.bool("metrics_auth", False)
     required = t.bool("required", True)
     max_batch = t.int("max_batch", AdminSection.max_batch, min=1, max=10_000)
+    server_ca = t.path_("server_ca", None)
     if client_ca and listen and not listen.startswith("ssl:"):
         t.error("client_ca", 'needs an "ssl:" listen endpoint (client certificates need TLS)')
+    if server_ca and listen and not listen.startswith("ssl:"):
+        t.error("server_ca", 'needs an "ssl:" listen endpoint')
     t.done()
     return AdminSection(listen or AdminSection.listen, token_file or default_token,
                         client_ca, max_bytes or 1024 * 1024, bool(metrics_auth),
                         True if required is None else bool(required),
-                        max_batch or AdminSection.max_batch)
+                        max_batch or AdminSection.max_batch, server_ca)
 
 
 def _peer_item(node: NodeSection | None):

@@ -455,7 +455,7 @@ def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None
     parser.add_argument("--timeout", type=float, metavar="S", default=default(10.0),
                         help="seconds to wait for the node (default 10)")
     parser.add_argument("--ca", metavar="F", default=default(None),
-                        help="CA file to verify an https node (default: the config's client_ca)")
+                        help="CA file to verify an https node (default: the config's admin.server_ca)")
     parser.add_argument("--cert", metavar="F", default=default(None),
                         help="client certificate (PEM) for mutual TLS")
     parser.add_argument("--key", metavar="F", default=default(None),
@@ -555,12 +555,11 @@ def _read_token(path: str) -> str:
 
 
 def _load_admin_section(path: str):
+    """``[admin]`` of the node config (and node.state_dir for the token path) only:
+    the rest (service tables, their key files) is the node's business."""
+    from appliance.config import ConfigError, load_admin_section
     try:
-        from appliance.config import ConfigError, load_config
-    except ImportError as e:    # pragma: no cover - only while the config module is missing
-        raise CtlError(f"cannot read {path}: {e}", EXIT_USAGE) from None
-    try:
-        return load_config(path).admin
+        return load_admin_section(path)
     except ConfigError as e:
         raise CtlError(str(e), EXIT_USAGE) from None
 
@@ -591,7 +590,9 @@ def resolve_target(args) -> tuple[str, str, str | None]:
         token_file = admin.token_file
     else:
         raise CtlError("--url needs --token-file (or --config)", EXIT_USAGE)
-    ca = args.ca if args.ca is not None else getattr(admin, "client_ca", None)
+    # The node's certificate is verified with admin.server_ca (admin.client_ca is
+    # the CA of *client* certificates: a different role).
+    ca = args.ca if args.ca is not None else getattr(admin, "server_ca", None)
     return url, token_file, ca
 
 

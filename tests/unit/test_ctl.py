@@ -180,12 +180,52 @@ def test_unreadable_token_file(tmp_path):
 
 
 def test_bad_config_is_one_line(tmp_path):
-    """A config that does not load gives exit 2 and its problems on one line."""
+    """A config whose [admin] does not load gives exit 2 and its problems on one line."""
     bad = tmp_path / "bad.toml"
-    bad.write_text('[node]\nid = "a"\n')
+    bad.write_text('[node]\nid = "a"\n[admin]\nlisten = 5\n')
     code, _, err = run_ctl("--config", str(bad), "status")
     assert code == 2
-    assert err.startswith(f"appliancectl: {bad}: ") and err.count("\n") == 1
+    assert err == f"appliancectl: {bad}: admin.listen: expected a string, got integer 5\n"
+
+
+def test_ctl_reads_only_admin_and_state_dir(tmp_path):
+    """Broken service tables and unreadable key files of services do not stop appliancectl
+    (review LOW 8: it loaded and validated the whole node config)."""
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f"""
+[node]
+id = "a"
+state_dir = "{tmp_path}/st"
+[admin]
+listen = "tcp:8799:interface=127.0.0.1"
+[services.dns]
+key_file = "/root/nonexistent/tsig.key"
+bogus = 1
+[services.nosuchservice]
+""")
+    args = ctl.build_parser().parse_args(["--config", str(cfg), "status"])
+    url, token_file, ca = ctl.resolve_target(args)
+    assert (url, token_file, ca) == ("http://127.0.0.1:8799/rpc", f"{tmp_path}/st/admin.token",
+                                     None)
+
+
+def test_ctl_verifies_the_server_with_server_ca_not_client_ca(tmp_path):
+    """admin.client_ca is the CA of client certificates; the node's certificate is
+    verified with admin.server_ca (or --ca).  The key file is not read by the client."""
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f"""
+[node]
+id = "a"
+state_dir = "{tmp_path}"
+[admin]
+listen = "ssl:8799:interface=127.0.0.1:privateKey=/root/unreadable/k.pem"
+client_ca = "{tmp_path}/clients-ca.pem"
+server_ca = "{tmp_path}/server-ca.pem"
+""")
+    args = ctl.build_parser().parse_args(["--config", str(cfg), "status"])
+    assert ctl.resolve_target(args)[2] == f"{tmp_path}/server-ca.pem"
+    cfg.write_text(cfg.read_text().replace(f'server_ca = "{tmp_path}/server-ca.pem"\n', ""))
+    assert ctl.resolve_target(args)[2] is None
 
 
 def test_options_after_the_command():
