@@ -1,23 +1,34 @@
 #!/usr/bin/env python3
-"""Store benchmark: the appliance's two store backends next to redis-benchmark.
+"""Store benchmark: the appliance's store backends next to raw txredisapi and
+redis-benchmark, in one run, one process (one reactor).
 
-Runs in one process (one reactor):
+Systems (SPEC row names):
 
-* ``memory``  -- MemoryStore in a temp dir, fsync policy from ``--fsync``
-  (default ``always``); with ``always`` an extra ``memory-fsync-batch`` row
-  set shows the cost of durability.
-* ``redis``   -- RedisStore against a redis-server this script starts on
-  127.0.0.1 (temp config, no persistence).
-* ``redis-benchmark`` -- the anchor: ``redis-benchmark -t set -c 1`` against the
-  same server, plain (sequential) and with ``-P 16`` (pipelined).
+* ``embedded-always`` / ``embedded-batch`` / ``embedded-never`` -- the embedded
+  SQLite store (``EmbeddedStore``) in a temp dir with that fsync policy.
+  ``always`` fsyncs every commit before acknowledging it.
+* ``redis`` -- ``RedisStore`` (each ``set`` is an ``EVALSHA`` of a script that
+  does ``SET`` + ``PUBLISH``; one ordered connection).
+* ``txredisapi`` -- raw txredisapi, one connection, ``SET`` straight on the
+  protocol (the cheapest path txredisapi has; no script, no PUBLISH).
+* ``redis-benchmark`` -- the anchor, ``redis-benchmark -t set -c 1``
+  (``-P 16`` for pipelined).
+
+The Redis rows run twice, against two redis-servers this script starts on
+127.0.0.1: one with Redis' SHIPPED DEFAULT config (``appendonly no``, RDB
+snapshots: an acknowledged write is in memory only -- case ``sequential`` /
+``pipelined``), and one with ``appendonly yes`` + ``appendfsync always``
+(fsync before the reply, the fair comparison with ``embedded-always`` -- case
+``sequential-aof-always`` / ``pipelined-aof-always``).
 
 Cases: ``sequential`` = one SET awaited before the next; ``pipelined`` = SETs
-issued ``--window`` at a time, then awaited.  Metric: ``ops_per_s``.
+issued ``--window`` at a time without awaiting, then awaited.  Metric:
+``ops_per_s``.  Keys cycle over 10,000 names, values are ``--value-size`` bytes.
 
-    python bench/store.py [--quick] [--json] [--fsync always|batch|never]
+    python bench/store.py [--quick] [--json] [--systems a,b,...]
 
-With ``--json`` the last stdout line is
-``{"bench": "store", "rows": [{"system", "case", "metric", "value", "unit", ...}]}``.
+Needs only ``pip install .`` (no pytest).  With ``--json`` the last stdout line
+is ``{"bench": "store", "rows": [{"system", "case", "metric", "value", "unit", ...}]}``.
 """
 
 from __future__ import annotations
@@ -38,6 +49,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from twisted.internet import defer, task  # noqa: E402
+
+SYSTEMS = ("embedded-always", "embedded-batch", "embedded-never", "redis", "txredisapi",
+           "redis-benchmark")
+REDIS_CONFIGS = (("", "default"), ("-aof-always", "appendonly yes\nappendfsync always"))
 
 
 def note(msg: str) -> None:
@@ -72,28 +87,27 @@ def find_or_install(binary: str, package: str, allow_install: bool) -> str | Non
 
 
 # ----------------------------------------------------------------------
-# the two load shapes, on any IStateStore
+# the two load shapes, on anything with set(key, value) -> Deferred
 # ----------------------------------------------------------------------
-async def run_sequential(store, n: int, max_s: float, value: str, prefix: str) -> tuple[int, float]:
+async def run_sequential(set_, n: int, max_s: float, value: str, prefix: str):
     start = time.perf_counter()
     done = 0
     deadline = start + max_s
     while done < n:
-        await store.set(f"{prefix}:{done % 10000}", value)
+        await set_(f"{prefix}:{done % 10000}", value)
         done += 1
         if done % 64 == 0 and time.perf_counter() > deadline:
             break
     return done, time.perf_counter() - start
 
 
-async def run_pipelined(store, n: int, max_s: float, value: str, prefix: str,
-                        window: int) -> tuple[int, float]:
+async def run_pipelined(set_, n: int, max_s: float, value: str, prefix: str, window: int):
     start = time.perf_counter()
     done = 0
     deadline = start + max_s
     while done < n:
         batch = min(window, n - done)
-        ds = [store.set(f"{prefix}:{(done + i) % 10000}", value) for i in range(batch)]
+        ds = [set_(f"{prefix}:{(done + i) % 10000}", value) for i in range(batch)]
         await defer.gatherResults(ds, consumeErrors=True)
         done += batch
         if time.perf_counter() > deadline:
@@ -101,54 +115,60 @@ async def run_pipelined(store, n: int, max_s: float, value: str, prefix: str,
     return done, time.perf_counter() - start
 
 
-async def bench_store(label: str, store, args, value: str, extra: dict) -> list[dict]:
+async def bench_set(label: str, set_, args, value: str, suffix: str = "", **extra):
     rows = []
-    # warm up (connections, scripts, journal file)
-    await run_pipelined(store, 200, 5, value, f"bench:warm:{label}", 100)
-    n_seq, n_pipe = args.ops_seq, args.ops_pipe
-    done, took = await run_sequential(store, n_seq, args.max_seconds, value, f"bench:seq:{label}")
-    rows.append(row(label, "sequential", done / took, ops=done, seconds=round(took, 3), **extra))
-    note(f"{label:>20} sequential {done / took:>10.0f} ops/s ({done} ops in {took:.2f} s)")
-    done, took = await run_pipelined(store, n_pipe, args.max_seconds, value,
-                                      f"bench:pipe:{label}", args.window)
-    rows.append(row(label, "pipelined", done / took, ops=done, seconds=round(took, 3),
-                    window=args.window, **extra))
-    note(f"{label:>20} pipelined  {done / took:>10.0f} ops/s ({done} ops in {took:.2f} s, "
-         f"window {args.window})")
+    await run_pipelined(set_, 500, 5, value, f"bench:warm:{label}", 100)     # warm up
+    for case, coro in (
+            ("sequential", run_sequential(set_, args.ops_seq, args.max_seconds, value,
+                                          f"bench:seq:{label}")),
+            ("pipelined", run_pipelined(set_, args.ops_pipe, args.max_seconds, value,
+                                        f"bench:pipe:{label}", args.window))):
+        done, took = await coro
+        more = dict(extra, ops=done, seconds=round(took, 3))
+        if case == "pipelined":
+            more["window"] = args.window
+        rows.append(row(label, case + suffix, done / took, **more))
+        note(f"{label:>16} {case + suffix:<22} {done / took:>10.0f} ops/s "
+             f"({done} ops in {took:.2f} s)")
     return rows
 
 
-async def bench_memory(reactor, args, value: str) -> list[dict]:
-    from appliance.store.memory import MemoryStore
+async def bench_embedded(reactor, args, value: str, policy: str) -> list[dict]:
+    from appliance.store.embedded import EmbeddedStore
 
-    policies = [args.fsync]
-    if args.fsync == "always" and not args.no_extra:
-        policies.append("batch")
-    rows = []
-    for policy in policies:
-        with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
-            store = MemoryStore(reactor, state_dir=tmp, fsync=policy)
-            await defer.maybeDeferred(store.startService)
-            try:
-                label = "memory" if policy == args.fsync else f"memory-fsync-{policy}"
-                rows += await bench_store(label, store, args, value, {"fsync": policy})
-            finally:
-                await defer.maybeDeferred(store.stopService)
-    return rows
+    with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
+        store = EmbeddedStore(reactor, state_dir=tmp, fsync=policy)
+        await defer.maybeDeferred(store.startService)
+        try:
+            return await bench_set(f"embedded-{policy}", store.set, args, value, fsync=policy)
+        finally:
+            await defer.maybeDeferred(store.stopService)
 
 
-async def bench_redis_store(reactor, args, url: str, value: str) -> list[dict]:
+async def bench_redis_store(reactor, args, url: str, value: str, suffix: str, config: str):
     from appliance.store.redis import RedisStore
 
-    store = RedisStore(reactor, url=url, namespace="bench", op_timeout_s=10.0,
+    store = RedisStore(reactor, url=url, namespace="bench", op_timeout_s=30.0,
                        connect_timeout_s=5.0)
     await store.startService()
     try:
         if not store.healthy:
             raise RuntimeError(f"RedisStore could not connect to {url}")
-        return await bench_store("redis", store, args, value, {"poolsize": store.poolsize})
+        return await bench_set("redis", store.set, args, value, suffix, redis_config=config)
     finally:
         await store.stopService()
+
+
+async def bench_txredisapi(reactor, args, port: int, value: str, suffix: str, config: str):
+    import txredisapi
+
+    handler = await txredisapi.Connection("127.0.0.1", port, reconnect=False, convertNumbers=False)
+    try:
+        conn = handler._factory.pool[0]      # the protocol: no pool round-robin, no coroutine
+        return await bench_set("txredisapi", lambda k, v: conn.execute_command("SET", k, v),
+                               args, value, suffix, redis_config=config)
+    finally:
+        await handler.disconnect()
 
 
 _RB_LINE = re.compile(r"SET:\s*([\d.]+)\s+requests per second")
@@ -162,7 +182,7 @@ def redis_benchmark(binary: str, port: int, args, pipeline: int) -> float | None
         cmd += ["-P", str(pipeline)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True,
-                             timeout=30 if args.quick else 120).stdout
+                             timeout=60 if args.quick else 180).stdout
     except subprocess.TimeoutExpired:
         note(f"{' '.join(cmd)} timed out")
         return None
@@ -184,89 +204,109 @@ async def main(reactor, args) -> list[dict]:
     except OSError:
         pass
 
-    if "memory" in args.systems:
+    for policy in ("always", "batch", "never"):
+        label = f"embedded-{policy}"
+        if label not in args.systems:
+            continue
         try:
-            rows += await bench_memory(reactor, args, value)
+            rows += await bench_embedded(reactor, args, value, policy)
         except Exception as e:
-            note(f"memory store bench failed: {e!r}")
-            rows += [row("memory", c, None, note=f"failed: {e}") for c in ("sequential",
-                                                                          "pipelined")]
+            note(f"{label} bench failed: {e!r}")
+            rows += [row(label, c, None, note=f"failed: {e}") for c in ("sequential",
+                                                                       "pipelined")]
 
-    server = None
-    want_redis = {"redis", "redis-benchmark"} & set(args.systems)
-    if want_redis:
-        server_bin = find_or_install("redis-server", "redis-server", not args.no_install)
+    want_redis = [s for s in ("redis", "txredisapi", "redis-benchmark") if s in args.systems]
+    if not want_redis:
+        return rows
+    server_bin = find_or_install("redis-server", "redis-server", not args.no_install)
+    rb = None
+    if "redis-benchmark" in want_redis:
+        rb = find_or_install("redis-benchmark", "redis-tools", not args.no_install)
+    from tests.support.redis_server import RedisServer
+
+    for suffix, config in REDIS_CONFIGS:
+        cases = [c + suffix for c in ("sequential", "pipelined")]
         if server_bin is None:
             msg = "redis-server not installed (apt-get install redis-server redis-tools)"
             note(msg + ": redis rows skipped")
-            for system in sorted(want_redis):
-                for case in ("sequential", "pipelined"):
-                    rows.append(row(system, case, None, note=msg))
+            rows += [row(s, c, None, note=msg) for s in want_redis for c in cases]
+            continue
+        if config == "default":
+            server = RedisServer(server_bin, persistence="default")
         else:
-            from tests.support.redis_server import RedisServer
-
-            server = RedisServer(server_bin).start()
-    try:
-        if server is not None and "redis" in args.systems:
-            try:
-                rows += await bench_redis_store(reactor, args, server.url, value)
-            except Exception as e:
-                note(f"redis store bench failed: {e!r}")
-                rows += [row("redis", c, None, note=f"failed: {e}") for c in ("sequential",
-                                                                             "pipelined")]
-        if server is not None and "redis-benchmark" in args.systems:
-            rb = find_or_install("redis-benchmark", "redis-tools", not args.no_install)
-            if rb is None:
-                msg = "redis-benchmark not installed (apt-get install redis-tools)"
-                note(msg)
-                rows += [row("redis-benchmark", c, None, note=msg)
-                         for c in ("sequential", "pipelined")]
-            else:
+            server = RedisServer(server_bin, persistence="default", extra_config=config)
+        server.start()
+        shown = "shipped defaults" if config == "default" else config.replace("\n", ", ")
+        note(f"redis-server on port {server.port}: {shown}")
+        try:
+            if "redis" in want_redis:
+                try:
+                    rows += await bench_redis_store(reactor, args, server.url, value, suffix,
+                                                    shown)
+                except Exception as e:
+                    note(f"redis store bench failed: {e!r}")
+                    rows += [row("redis", c, None, note=f"failed: {e}") for c in cases]
+            if "txredisapi" in want_redis:
+                try:
+                    rows += await bench_txredisapi(reactor, args, server.port, value, suffix,
+                                                   shown)
+                except Exception as e:
+                    note(f"txredisapi bench failed: {e!r}")
+                    rows += [row("txredisapi", c, None, note=f"failed: {e}") for c in cases]
+            if "redis-benchmark" in want_redis:
+                if rb is None:
+                    msg = "redis-benchmark not installed (apt-get install redis-tools)"
+                    note(msg)
+                    rows += [row("redis-benchmark", c, None, note=msg) for c in cases]
+                    continue
                 for case, pipeline in (("sequential", 1), ("pipelined", 16)):
                     rate = await task.deferLater(reactor, 0, redis_benchmark, rb, server.port,
                                                  args, pipeline)
-                    extra = {"cmd": f"redis-benchmark -t set -c 1 -d {args.value_size}"
-                                    + (f" -P {pipeline}" if pipeline > 1 else "")}
-                    rows.append(row("redis-benchmark", case, rate, **extra))
+                    cmd = f"redis-benchmark -t set -c 1 -d {args.value_size}" + (
+                        f" -P {pipeline}" if pipeline > 1 else "")
+                    rows.append(row("redis-benchmark", case + suffix, rate, cmd=cmd,
+                                    redis_config=shown))
                     if rate is not None:
-                        note(f"{'redis-benchmark':>20} {case:<10} {rate:>10.0f} ops/s")
-    finally:
-        if server is not None:
+                        note(f"{'redis-benchmark':>16} {case + suffix:<22} {rate:>10.0f} ops/s")
+        finally:
             server.stop()
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'system':<22}{'case':<12}{'ops/s':>12}  notes")
-    print("-" * 70)
+    print(f"{'system':<18}{'case':<24}{'ops/s':>12}  notes")
+    print("-" * 96)
     for r in rows:
         value = "n/a" if r["value"] is None else f"{r['value']:,.0f}"
         notes = []
-        for k in ("fsync", "window", "poolsize", "cmd", "note"):
+        for k in ("fsync", "window", "redis_config", "cmd", "note"):
             if k in r:
                 notes.append(f"{k}={r[k]}")
-        print(f"{r['system']:<22}{r['case']:<12}{value:>12}  {' '.join(notes)}")
+        print(f"{r['system']:<18}{r['case']:<24}{value:>12}  {' '.join(notes)}")
+    print("redis rows: case without suffix = redis-server with its shipped defaults "
+          "(appendonly no: acknowledged = in memory); -aof-always = appendonly yes + "
+          "appendfsync always (fsync before the reply, like embedded-always).")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="short run (well under a minute)")
+    p.add_argument("--quick", action="store_true", help="short run (under a minute)")
     p.add_argument("--json", action="store_true", help="print the JSON result as the last line")
-    p.add_argument("--fsync", choices=("always", "batch", "never"), default="always",
-                   help="memory store fsync policy (default: always)")
     p.add_argument("--window", type=int, default=500, help="outstanding SETs when pipelined")
     p.add_argument("--value-size", type=int, default=32, help="bytes per value")
-    p.add_argument("--systems", default="memory,redis,redis-benchmark",
-                   help="comma-separated subset of memory,redis,redis-benchmark")
-    p.add_argument("--no-extra", action="store_true", help="skip the extra fsync=batch rows")
+    p.add_argument("--systems", default=",".join(SYSTEMS),
+                   help=f"comma-separated subset of {','.join(SYSTEMS)}")
     p.add_argument("--no-install", action="store_true", help="never apt-get install anchors")
     args = p.parse_args(argv)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown:
+        p.error(f"unknown systems: {', '.join(sorted(unknown))}")
     if args.quick:
-        args.ops_seq, args.ops_pipe, args.max_seconds = 5000, 20000, 3.0
-        args.ops_rb_seq, args.ops_rb_pipe = 20000, 200000
+        args.ops_seq, args.ops_pipe, args.max_seconds = 3000, 20000, 1.5
+        args.ops_rb_seq, args.ops_rb_pipe = 10000, 100000
     else:
-        args.ops_seq, args.ops_pipe, args.max_seconds = 30000, 200000, 15.0
+        args.ops_seq, args.ops_pipe, args.max_seconds = 30000, 300000, 10.0
         args.ops_rb_seq, args.ops_rb_pipe = 100000, 1000000
     return args
 
