@@ -122,6 +122,18 @@ def _score(value) -> str:
     return repr(score)
 
 
+def _none(_):
+    return None
+
+
+def _resp(args) -> bytes:
+    """A command as a RESP frame (all arguments are str)."""
+    out = [f"*{len(args)}\r\n"]
+    for a in args:
+        out.append(f"${len(a) if a.isascii() else len(a.encode())}\r\n{a}\r\n")
+    return "".join(out).encode()
+
+
 def _info(text) -> dict[str, str]:
     """``INFO`` reply text -> ``{field: value}``."""
     out = {}
@@ -696,6 +708,8 @@ class RedisStore(Service):
         if failure.check(txredisapi.ResponseError):
             msg = failure.getErrorMessage()
             if msg.split(" ", 1)[0] in _UNAVAILABLE_REPLIES:
+                if msg.startswith("NOSCRIPT"):
+                    self._reload_scripts()
                 if msg.startswith("READONLY") and self.sentinels:
                     # still talking to a demoted master: reconnect via Sentinel
                     for conn in list(self._factory.pool if self._factory else ()):
@@ -710,13 +724,34 @@ class RedisStore(Service):
 
     def _raw(self, conn, *args):
         """One command on ``conn``, translated and bounded by the op timeout."""
+        return self._send(conn, args)
+
+    def _send(self, conn, args):
+        """Write one command on ``conn`` and return the Deferred of its reply.
+
+        The hot path, so it skips txredisapi's ``execute_command`` (per-argument
+        encoding, two Deferreds per command) and does what it does directly:
+        write the RESP frame, take the next slot of the connection's reply
+        queue.  Replies come back in the order the frames were written, which
+        is what the ordering guarantee rests on.  (txredisapi 1.6 internals:
+        ``replyQueue``; the version is pinned in setup.py.)
+        """
+        if not conn.connected:
+            return defer.fail(self._unavailable("not connected"))
         try:
-            d = conn.execute_command(*args)
-        except Exception as e:
-            return defer.fail(e).addErrback(self._translate)
-        d.addErrback(self._translate)
+            frame = _resp(args)
+        except (UnicodeEncodeError, AttributeError) as e:
+            return defer.fail(StoreError(f"cannot encode the arguments: {e}"))
+        conn.transport.write(frame)
+        d = conn.replyQueue.get()
+        d.addCallbacks(self._reply, self._translate)
         self._track(d, conn)
         return d
+
+    def _reply(self, reply):
+        if isinstance(reply, Exception):    # error replies and "connection lost" are queued as values
+            return self._translate(Failure(reply))
+        return reply
 
     def _cmd(self, *args):
         """Run one read on the command connection, bounded by ``op_timeout_s``."""
@@ -760,37 +795,32 @@ class RedisStore(Service):
             self._sweep_call = self._reactor.callLater(max(0.001, q[0][0] - now), self._sweep)
 
     # -- writes ---------------------------------------------------------------
-    def _script(self, script: lua.Script, keys: list[str], args: list[str]):
+    def _script(self, script: lua.Script, keys, args):
         """Run a write script (EVALSHA), then WAIT for replicas if configured."""
-        conn = self._pick()
-        if conn is None or not self.running:
+        conn = self._conn
+        if conn is None or not conn.connected or not self.running:
             return defer.fail(self._unavailable())
         if self._data_loss is not None:
             return defer.fail(StoreDown(self._data_loss))
-        try:
-            d = conn.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        except Exception as e:
-            return defer.fail(e).addErrback(self._translate)
-        d.addErrback(self._noscript, conn)
-        d.addErrback(self._translate)
-        self._track(d, conn)
+        d = self._send(conn, ("EVALSHA", script.sha, str(len(keys)), *keys, *args))
         if self.min_replicas_acked:
             d = self._wait_replicas(conn, d)
         self._writes_issued += 1
         d.addBoth(self._write_answered)
         return d
 
-    def _noscript(self, failure, conn):
-        """A script went missing (SCRIPT FLUSH): the write was not applied.  No
-        EVAL retry (it would run after the commands issued behind this one)."""
-        if failure.check(txredisapi.ResponseError) and \
-                failure.getErrorMessage().startswith("NOSCRIPT") and conn.connected:
-            self._log.warn("redis at {where} lost the store's Lua scripts (SCRIPT FLUSH?); "
-                           "loading them again", where=self._where)
-            for script in (lua.WRITE, lua.SET):
-                self._raw(conn, "SCRIPT", "LOAD", script.source).addErrback(
-                    lambda f: self._log.warn("SCRIPT LOAD failed: {e}", e=f.getErrorMessage()))
-        return failure
+    def _reload_scripts(self):
+        """A script went missing (SCRIPT FLUSH): the write that noticed was not
+        applied and fails.  No EVAL retry: it would run after the commands
+        issued behind it.  Load the scripts again for the writes to come."""
+        conn = self._pick()
+        if conn is None:
+            return
+        self._log.warn("redis at {where} lost the store's Lua scripts (SCRIPT FLUSH?); "
+                       "loading them again", where=self._where)
+        for script in (lua.WRITE, lua.SET):
+            self._raw(conn, "SCRIPT", "LOAD", script.source).addErrback(
+                lambda f: self._log.warn("SCRIPT LOAD failed: {e}", e=f.getErrorMessage()))
 
     def _wait_replicas(self, conn, d):
         """``WAIT n timeout`` right behind the write on the same connection; the
@@ -877,12 +907,13 @@ class RedisStore(Service):
         return self._guarded(go)
 
     def set(self, key, value, ttl_s=None):
-        def go():
+        try:
             check_str(key, value)
             px = "" if ttl_s is None else _px(ttl_s)
-            return self._script(lua.SET, [self._ns + key], [value, px, self._chg + key]).addCallback(
-                lambda _: None)
-        return self._guarded(go)
+        except StoreError:
+            return defer.fail()
+        return self._script(lua.SET, (self._ns + key,), (value, px, self._chg + key)).addCallback(
+            _none)
 
     def delete(self, *keys):
         def go():
