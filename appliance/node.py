@@ -77,9 +77,15 @@ def make_cluster(reactor, config: NodeConfig, store):
     if config.vips:
         from appliance.cluster.vip import VIPManager
         vip_manager = VIPManager(reactor, list(config.vips))
+    clock = None
+    if config.cluster is not None and config.cluster.peers:
+        # Liveness and partner timers on CLOCK_MONOTONIC: a wall-clock step
+        # neither silences this node nor fires its deadlines.
+        from appliance.cluster.clock import monotonic_clock
+        clock = monotonic_clock(reactor)
     return ClusterManager(reactor, node_id=config.node.id, cluster=config.cluster,
                           vips=config.vips, store=store, state_dir=config.node.state_dir,
-                          vip_manager=vip_manager)
+                          vip_manager=vip_manager, clock=clock)
 
 
 class _CollectorAdapter:

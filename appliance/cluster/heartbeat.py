@@ -8,10 +8,27 @@ MAC covers version and payload.  The payload is compact JSON::
      "p": {peer: partner state}, "c": {resource: config digest},
      "cd": {resource: {setting: digest}} (every few beats only)}
 
+``"e": {peer: [incarnation, seq]}`` echoes, for each receiver, the last
+authentic beat the sender heard from it.
+
 The incarnation grows with every start of a node (wall-clock nanoseconds,
-never below the previous start's), the sequence with every beat.  The
-receiver keeps the highest (incarnation, sequence) per peer and drops
+never below the previous start's), the sequence with every beat.  Within
+one incarnation the receiver keeps the highest sequence per peer and drops
 anything not newer, so a captured beat can never be believed twice.
+
+A beat of an incarnation the receiver has not accepted yet (the peer's
+first beat after either side started, or after the peer restarted) is
+believed only if it *echoes the receiver's current incarnation* with a
+recent sequence: it must have been sent after the sender heard this very
+run of the receiver.  So a recorded beat can never be replayed into a
+restarted receiver (it cannot echo an incarnation that did not exist),
+and a peer that restarts with a *lower* incarnation (state dir lost, clock
+behind) is re-admitted at once instead of being dropped forever.  Until
+the echo arrives the beat is dropped as ``unechoed`` (its sender is still
+recorded, so our next beat echoes it and the handshake completes within a
+round trip; counted per peer in ``unechoed``, apart from the drops).  Beats without an ``e`` field (a peer running an older
+version) fall back to the old rule: never a lower incarnation.
+
 Every drop has a reason, counted by :class:`HeartbeatVerifier`.
 """
 
@@ -50,6 +67,7 @@ class Heartbeat:
     partners: dict[str, str] = field(default_factory=dict)
     config: dict[str, str] = field(default_factory=dict)
     config_detail: dict[str, dict[str, str]] | None = None
+    echo: dict[str, tuple[int, int]] | None = None
 
     @property
     def able(self) -> bool:
@@ -69,6 +87,8 @@ def encode(hb: Heartbeat, key: bytes) -> bytes:
                             "p": hb.partners, "c": hb.config}
     if hb.config_detail is not None:
         body["cd"] = hb.config_detail
+    if hb.echo is not None:
+        body["e"] = {k: [i, q] for k, (i, q) in hb.echo.items()}
     payload = bytes([VERSION]) + json.dumps(body, separators=(",", ":")).encode()
     mac = hmac.new(key, payload, hashlib.sha256).digest()
     return MAGIC + payload[:1] + mac + payload[1:]
@@ -116,23 +136,45 @@ def decode(datagram: bytes, key: bytes) -> Heartbeat:
         if detail is not None:
             detail = {k: {str(a): str(b) for a, b in _str_map(v, "detail").items()}
                       for k, v in _str_map(detail, "config detail").items()}
+        echo = body.get("e")
+        if echo is not None:
+            parsed = {}
+            for k, v in _str_map(echo, "echo").items():
+                inc_e, seq_e = v
+                if not (isinstance(inc_e, int) and isinstance(seq_e, int)):
+                    raise HeartbeatError("malformed", f"echo for {k}")
+                parsed[k] = (inc_e, seq_e)
+            echo = parsed
     except HeartbeatError:
         raise
-    except (ValueError, KeyError, TypeError) as e:
-        raise HeartbeatError("malformed", str(e)) from None
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise HeartbeatError("malformed", str(e)[:200]) from None
     return Heartbeat(node, inc, seq, float(sent), tuple(health), resources, partners, config,
-                     detail)
+                     detail, echo)
 
 
 class HeartbeatVerifier:
-    """Decodes datagrams from known peers, dropping stale ones; counts drops."""
+    """Decodes datagrams from known peers, dropping stale ones; counts drops.
 
-    def __init__(self, key: bytes, own_id: str, peer_ids):
+    ``incarnation`` is this node's own (None: no echo check, the pre-echo
+    rule); the sender keeps :attr:`sent_seq` current so that an echo can be
+    judged recent (within ``window`` beats)."""
+
+    def __init__(self, key: bytes, own_id: str, peer_ids, *, incarnation: int | None = None,
+                 window: int = 64):
         self.key = key
         self.own_id = own_id
         self.peer_ids = set(peer_ids)
+        self.incarnation = incarnation
+        self.window = window
+        self.sent_seq = 0
         self.latest: dict[str, tuple[int, int]] = {}
+        self.heard: dict[str, tuple[int, int]] = {}     # what our beats echo, per peer
         self.drops: Counter[str] = Counter()
+        self.unechoed: Counter[str] = Counter()   # per peer: beats waiting for our echo
+
+    def echo(self) -> dict[str, tuple[int, int]]:
+        return dict(self.heard)
 
     def accept(self, datagram: bytes) -> Heartbeat | None:
         """The heartbeat if it is authentic and newer than any seen; else None."""
@@ -148,15 +190,30 @@ class HeartbeatVerifier:
             self.drops["unknown_peer"] += 1
             return None
         last = self.latest.get(hb.node)
-        if last is not None:
-            inc, seq = last
-            if hb.incarnation < inc:
-                self.drops["old_incarnation"] += 1
+        if last is not None and hb.incarnation == last[0]:
+            if hb.seq <= last[1]:
+                self.drops["replayed" if hb.seq == last[1] else "reordered"] += 1
                 return None
-            if hb.incarnation == inc and hb.seq <= seq:
-                self.drops["replayed" if hb.seq == seq else "reordered"] += 1
+        elif self.incarnation is not None and hb.echo is not None:
+            # A new incarnation (or the first beat heard): believed only if
+            # it echoes this run of ours, recently.
+            e = hb.echo.get(self.own_id)
+            if not (e is not None and e[0] == self.incarnation
+                    and self.sent_seq - self.window < e[1] <= self.sent_seq):
+                if last is None or hb.incarnation > last[0] or self.heard.get(hb.node) is None:
+                    self.heard[hb.node] = (hb.incarnation, hb.seq)
+                if last is None or hb.incarnation > last[0]:
+                    # The handshake's normal first step, not an attack: counted
+                    # per peer apart from the drops.
+                    self.unechoed[hb.node] += 1
+                else:
+                    self.drops["old_incarnation"] += 1
                 return None
+        elif last is not None and hb.incarnation < last[0]:
+            self.drops["old_incarnation"] += 1
+            return None
         self.latest[hb.node] = (hb.incarnation, hb.seq)
+        self.heard[hb.node] = (hb.incarnation, hb.seq)
         return hb
 
 

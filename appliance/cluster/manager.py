@@ -4,10 +4,28 @@ Events flow one way: heartbeat in -> liveness -> elections and partner
 state machines -> ``roleChanged`` / ``partnerStateChanged`` callbacks on the
 services that registered -> side effects (VIP add/remove, ...).  Nobody
 polls.  Decisions are re-evaluated on every received heartbeat and every
-tick (``heartbeat_interval_ms``), so a dead owner is replaced about
-``dead_after`` intervals after its last beat, and a claim conflict left by a
-healed partition is resolved within one heartbeat (the lower epoch steps
-down).
+beat, so a dead owner is replaced ``dead_after`` intervals after its last
+beat, and a claim conflict left by a healed partition is resolved within
+one heartbeat (the winner re-claims above every epoch seen).
+
+Timing.  Every timer runs on ``clock``, a monotonic ``IReactorTime``
+(:class:`appliance.cluster.clock.MonotonicClock` in production, a
+``task.Clock`` in tests and the simulator): a wall-clock step changes no
+deadline.  Wall time (``wall()``) is used only for what goes on the wire
+(``sent_at``, for the skew estimate).  Beats leave on a drift-free
+schedule: ``beats_per_interval`` (k) beats per interval at absolute times
+``start + n * interval / k``, so the tick's own cost never stretches the
+period.  A peer is suspected ``dead_after * interval + (interval / k) / 2``
+after its last beat (half a beat period of slack for jitter).
+
+Loss tolerance.  A false suspicion needs every beat of that window lost:
+``dead_after * k`` consecutive beats.  With independent loss p and
+``R = k / interval`` beats per second, false suspicions come at a rate of
+about ``R * (1 - p) * p ** (dead_after * k)`` per second.  At 100 ms,
+dead_after 3, k = 3 (30 beats/s): p = 10 % gives 2.7e-8/s, one in about
+430 days (k = 1 would give 36 an hour); p = 20 % gives 1.2e-5/s, about
+one a day; k = 4 at 20 %: one in about 70 days.  The detection time stays
+``dead_after`` intervals.
 
 Without a ``[cluster]`` table the node is alone: it owns every resource it
 has a priority for and sends no heartbeats.
@@ -78,6 +96,15 @@ class PeerInfo:
     skew_s: float | None = None
     timer: Any = None            # fires dead_after after the last heartbeat
     config_mismatch: dict[str, list[str]] = field(default_factory=dict)
+    # loss and jitter from sequence gaps (per incarnation)
+    incarnation: int | None = None
+    last_seq: int = 0
+    got: int = 0
+    lost: int = 0
+    loss_ewma: float = 0.0       # share of beats lost, smoothed over ~100 beats
+    jitter_s: float = 0.0        # RFC 3550-style smoothed |arrival - expected| deviation
+    restarts: int = 0
+    suspected: int = 0           # times the detector declared it dead
 
     @property
     def able(self) -> bool:
@@ -105,6 +132,7 @@ class Partnership:
     listeners: list[Callable] = field(default_factory=list)
     sync: Callable | None = None
     syncing: bool = False
+    loading: bool = False        # persisted state being read: no transitions yet
 
 
 class _HeartbeatProtocol(protocol.DatagramProtocol):
@@ -124,8 +152,11 @@ class ClusterManager(Service):
     name = "cluster"
 
     def __init__(self, reactor, *, node_id: str, cluster, vips=(), store=None,
-                 state_dir: str | Path = ".", vip_manager=None, key: bytes | None = None):
+                 state_dir: str | Path = ".", vip_manager=None, key: bytes | None = None,
+                 clock=None, wall: Callable[[], float] | None = None):
         self.reactor = reactor
+        self.clock = clock if clock is not None else reactor    # monotonic timers
+        self.wall = wall or time.time                            # wire timestamps only
         self.node_id = node_id
         self.cfg = cluster                      # ClusterSection or None (single node)
         self.store = store
@@ -134,6 +165,11 @@ class ClusterManager(Service):
         self._key = key
         self.interval = (cluster.heartbeat_interval_ms / 1000.0) if cluster else 0.1
         self.dead_after_s = self.interval * (cluster.dead_after if cluster else 3)
+        self.beats = max(1, int(getattr(cluster, "beats_per_interval", 1) or 1))
+        self.beat_period = self.interval / self.beats
+        self.deadline_s = self.dead_after_s + 0.5 * self.beat_period
+        self._next_beat_at: float | None = None
+        self._beat_no = 0
         self.peers: dict[str, PeerInfo] = {
             p.id: PeerInfo(p.id, str(p.address)) for p in (cluster.peers if cluster else ())}
         self.resources: dict[str, Resource] = {}
@@ -154,7 +190,7 @@ class ClusterManager(Service):
         self.started_at = 0.0
         self.hold_until = 0.0
         self.stats = {"sent": 0, "received": 0, "send_errors": 0, "role_changes": 0,
-                      "partner_transitions": 0, "reannounced": 0}
+                      "partner_transitions": 0, "reannounced": 0, "late_beats": 0}
         for vip in vips:
             self.add_resource(
                 ResourceSpec(vip.name, dict(vip.priority), vip.preempt, kind="vip"),
@@ -177,7 +213,7 @@ class ClusterManager(Service):
         if listener is not None:
             res.listeners.append(listener)
             if res.mine is not None:
-                self.reactor.callLater(0, self._call, listener, spec.name, "owner", res.mine.epoch)
+                self.clock.callLater(0, self._call, listener, spec.name, "owner", res.mine.epoch)
         if self.running:
             self.evaluate()
 
@@ -204,11 +240,17 @@ class ClusterManager(Service):
         return "owner" if res is not None and res.mine is not None else "standby"
 
     def register_partner(self, peer: str, listener: Callable | None = None, *,
-                         primary: bool, sync: Callable | None = None) -> str:
+                         primary: bool, sync: Callable | None = None,
+                         data_lost: bool = False) -> str:
         """Join a partner relationship with ``peer``; returns the current state.
 
         ``listener(peer, state, reason)`` hears every transition; ``sync(peer)``
-        (returning a Deferred) runs in RECOVER to resynchronise.
+        (returning a Deferred) runs in RECOVER to resynchronise.  The state
+        persisted by the previous run is read from the store before the first
+        transition (a node that was PARTNER-DOWN comes back PARTNER-DOWN).
+        ``data_lost``: the service has no valid stable storage (a fresh or
+        lost lease store): the relationship starts in RECOVER and serves
+        nothing until it synced from the peer.
         """
         if peer not in self.peers:
             raise ValueError(f"{peer!r} is not a cluster peer")
@@ -217,13 +259,35 @@ class ClusterManager(Service):
             fsm = P.PartnerFSM(peer, primary=primary,
                                auto_partner_down_s=self.cfg.auto_partner_down_s,
                                startup_wait_s=max(2 * self.dead_after_s, 0.5),
-                               now=self.reactor.seconds())
+                               now=self.clock.seconds(), data_lost=data_lost)
             ps = self.partners[peer] = Partnership(fsm)
+            if self.store is not None:
+                ps.loading = True
+                d = self.store.get(self._partner_key(peer))
+
+                def loaded(value):
+                    if value in P.STATES:
+                        ps.fsm.persisted = value
+                        _log.info("partner {peer}: state before this start was {state}",
+                                  peer=peer, state=value)
+
+                def unreadable(f):
+                    _log.warn("partner {peer}: persisted state unreadable ({why}); "
+                              "starting without it", peer=peer, why=f.getErrorMessage())
+
+                def ready(_):
+                    ps.loading = False
+
+                d.addCallbacks(loaded, unreadable).addBoth(ready)
+                d.addErrback(lambda f: _log.failure("partner load bookkeeping", failure=f))
         if listener is not None:
             ps.listeners.append(listener)
         if sync is not None:
             ps.sync = sync
         return ps.fsm.state
+
+    def _partner_key(self, peer: str) -> str:
+        return f"cluster:partner:{self.node_id}:{peer}"
 
     # ------------------------------------------------------------------
     # life cycle
@@ -237,7 +301,7 @@ class ClusterManager(Service):
         return d.addCallback(lambda _: self._start())
 
     def _start(self):
-        self.started_at = self.reactor.seconds()
+        self.started_at = self.clock.seconds()
         if self.single:
             self.hold_until = self.started_at
             self.evaluate()
@@ -245,10 +309,13 @@ class ClusterManager(Service):
         if self._key is None:
             self._key = load_key(self.cfg.auth_key_file)
         self.incarnation = next_incarnation(self.state_dir)
-        self.verifier = HeartbeatVerifier(self._key, self.node_id, self.peers)
+        self.verifier = HeartbeatVerifier(self._key, self.node_id, self.peers,
+                                          incarnation=self.incarnation,
+                                          window=self.beats * (self.cfg.dead_after + 2))
         if self.cfg.peer_link and self.cfg.tls is not None:
             from appliance.cluster.peerlink import from_config
-            self.peerlink = from_config(self.reactor, self.node_id, self.incarnation, self.cfg)
+            self.peerlink = from_config(self.reactor, self.node_id, self.incarnation, self.cfg,
+                                        clock=self.clock)
             self.peerlink.startService().addErrback(
                 lambda f: _log.error("peer link failed to start: {why}", why=f.getErrorMessage()))
         # Listen for the peers before claiming anything; hold claims until a
@@ -283,9 +350,10 @@ class ClusterManager(Service):
                 if value is not None:
                     res.max_epoch = max(res.max_epoch, int(value))
             for peer, ps in self.partners.items():
-                value = yield self.store.get(f"cluster:partner:{self.node_id}:{peer}")
-                if value in P.STATES:
-                    ps.fsm.persisted = value
+                if ps.fsm.persisted is None and not ps.loading:
+                    value = yield self.store.get(self._partner_key(peer))
+                    if value in P.STATES:
+                        ps.fsm.persisted = value
         return load()
 
     def stopService(self):
@@ -323,17 +391,31 @@ class ClusterManager(Service):
             self._send_heartbeats()
             self._detect()
             for peer, ps in self.partners.items():
-                self._transition(ps, ps.fsm.tick(self.reactor.seconds()))
+                if not ps.loading:
+                    self._transition(ps, ps.fsm.tick(self.clock.seconds()))
             self._check_links()
             self.evaluate()
         except Exception:
             _log.failure("cluster tick failed")
         if self.running:
-            self._tick_call = self.reactor.callLater(self.interval, self._tick)
+            self._schedule_tick()
+
+    def _schedule_tick(self):
+        """The next beat at an absolute time on the monotonic clock: the tick's
+        own cost never stretches the period (a stall skips, counted)."""
+        now = self.clock.seconds()
+        if self._next_beat_at is None:
+            self._next_beat_at = now
+        self._next_beat_at += self.beat_period
+        if self._next_beat_at <= now:
+            missed = int((now - self._next_beat_at) / self.beat_period) + 1
+            self.stats["late_beats"] += missed
+            self._next_beat_at += missed * self.beat_period
+        self._tick_call = self.clock.callLater(self._next_beat_at - now, self._tick)
 
     def _check_links(self):
         """Flag ``interface_down`` while a VIP's interface has no carrier."""
-        now = self.reactor.seconds()
+        now = self.clock.seconds()
         checker = getattr(self.vip_manager, "interfaces_down", None)
         if checker is None or self._link_checking or now < self._link_check_at:
             return
@@ -379,10 +461,13 @@ class ClusterManager(Service):
             config[name] = overall
             if detail is not None:
                 detail[name] = per
-        return Heartbeat(self.node_id, self.incarnation, self.seq, time.time(),
+        if self.verifier is not None:
+            self.verifier.sent_seq = self.seq
+        return Heartbeat(self.node_id, self.incarnation, self.seq, self.wall(),
                          self.health_flags(), claims,
                          {peer: ps.fsm.state for peer, ps in self.partners.items()},
-                         config, detail)
+                         config, detail,
+                         self.verifier.echo() if self.verifier is not None else None)
 
     def _send_heartbeats(self):
         if self.port is None:
@@ -401,17 +486,18 @@ class ClusterManager(Service):
         if hb is None:
             return
         self.stats["received"] += 1
-        now = self.reactor.seconds()
+        now = self.clock.seconds()
         peer = self.peers[hb.node]
         was_alive = peer.alive
+        self._account(peer, hb, now)
         peer.last_seen, peer.heartbeat, peer.alive = now, hb, True
-        # Suspect the peer exactly dead_after after its last beat, not at the
-        # next tick: takeover time should not depend on tick alignment.
+        # Suspect the peer dead_after intervals (+ half a beat) after its last
+        # beat, not at the next tick: takeover time does not depend on ticks.
         if peer.timer is not None and peer.timer.active():
-            peer.timer.reset(self.dead_after_s + 0.001)
+            peer.timer.reset(self.deadline_s)
         else:
-            peer.timer = self.reactor.callLater(self.dead_after_s + 0.001, self._deadline)
-        skew = hb.sent_at - time.time()
+            peer.timer = self.clock.callLater(self.deadline_s, self._deadline)
+        skew = hb.sent_at - self.wall()
         was_skewed = peer.skew_s is not None and abs(peer.skew_s) > SKEW_WARN_S
         peer.skew_s = skew if peer.skew_s is None else 0.8 * peer.skew_s + 0.2 * skew
         skewed = abs(peer.skew_s) > SKEW_WARN_S
@@ -434,11 +520,37 @@ class ClusterManager(Service):
             if res is not None and epoch > res.max_epoch:
                 res.max_epoch = epoch
         ps = self.partners.get(peer.id)
-        if ps is not None:
+        if ps is not None and not ps.loading:
             reported = hb.partners.get(self.node_id)
             self._transition(ps, ps.fsm.heard(reported, now,
                                               maintenance="maintenance" in hb.health))
         self.evaluate()
+
+    def _account(self, peer: PeerInfo, hb: Heartbeat, now: float):
+        """Loss and jitter from sequence gaps; a new incarnation resets them
+        (and the peer link, which may be half-open to the old process)."""
+        if peer.incarnation != hb.incarnation:
+            if peer.incarnation is not None:
+                peer.restarts += 1
+                _log.info("peer {peer} restarted (incarnation {old} -> {new})", peer=peer.id,
+                          old=peer.incarnation, new=hb.incarnation)
+                if self.peerlink is not None:
+                    self.peerlink.reset(peer.id, "peer restarted")
+            peer.incarnation, peer.last_seq = hb.incarnation, hb.seq
+            peer.got += 1
+            return
+        gap = hb.seq - peer.last_seq
+        lost = max(0, gap - 1)
+        peer.got += 1
+        peer.lost += lost
+        alpha = 0.01
+        for _ in range(min(lost, 200)):
+            peer.loss_ewma += alpha * (1 - peer.loss_ewma)
+        peer.loss_ewma += alpha * (0 - peer.loss_ewma)
+        if peer.last_seen is not None and gap > 0:
+            deviation = abs((now - peer.last_seen) - gap * self.beat_period)
+            peer.jitter_s += (deviation - peer.jitter_s) / 16
+        peer.last_seq = hb.seq
 
     def _check_config(self, peer: PeerInfo, hb: Heartbeat):
         for name, digest in hb.config.items():
@@ -467,14 +579,16 @@ class ClusterManager(Service):
             _log.failure("liveness deadline handling failed")
 
     def _detect(self):
-        now = self.reactor.seconds()
+        now = self.clock.seconds()
         for peer in self.peers.values():
-            if peer.alive and (peer.last_seen is None or now - peer.last_seen > self.dead_after_s):
+            if peer.alive and (peer.last_seen is None
+                               or now - peer.last_seen >= self.deadline_s - 1e-6):
                 peer.alive = False
+                peer.suspected += 1
                 _log.warn("peer {peer} suspected dead: no heartbeat for {ms} ms", peer=peer.id,
                           ms=round((now - (peer.last_seen or now)) * 1000))
                 ps = self.partners.get(peer.id)
-                if ps is not None:
+                if ps is not None and not ps.loading:
                     self._transition(ps, ps.fsm.lost(now))
 
     # ------------------------------------------------------------------
@@ -493,7 +607,7 @@ class ClusterManager(Service):
             return
         able = self._able_nodes()
         alive = {p.id for p in self.peers.values() if p.alive} | {self.node_id}
-        holding = self.reactor.seconds() < self.hold_until
+        holding = self.clock.seconds() < self.hold_until
         for name, res in self.resources.items():
             claims = {}
             for peer in self.peers.values():
@@ -593,7 +707,7 @@ class ClusterManager(Service):
         res.mine = claim
         if (before is None) == (claim is None) and before == claim:
             return
-        now = self.reactor.seconds()
+        now = self.clock.seconds()
         res.changed_at, res.reason = now, why
         if (before is None) != (claim is None):
             self.stats["role_changes"] += 1
@@ -637,7 +751,7 @@ class ClusterManager(Service):
         _log.info("partner {peer}: {old} -> {new}: {reason}", peer=ps.fsm.peer, old=t.old,
                   new=t.new, reason=t.reason)
         if self.store is not None:
-            self.store.set(f"cluster:partner:{self.node_id}:{ps.fsm.peer}", t.new).addErrback(
+            self.store.set(self._partner_key(ps.fsm.peer), t.new).addErrback(
                 lambda f: _log.warn("partner state not persisted: {why}", why=f.getErrorMessage()))
         for listener in list(ps.listeners):
             self._call(listener, ps.fsm.peer, t.new, t.reason)
@@ -652,13 +766,13 @@ class ClusterManager(Service):
 
         def done(_):
             ps.syncing = False
-            self._transition(ps, ps.fsm.sync_done(self.reactor.seconds()))
+            self._transition(ps, ps.fsm.sync_done(self.clock.seconds()))
 
         def failed(f):
             ps.syncing = False
             _log.error("recovery sync with {peer} failed: {why}; retrying", peer=ps.fsm.peer,
                        why=f.getErrorMessage())
-            self.reactor.callLater(max(1.0, self.dead_after_s), self._retry_sync, ps)
+            self.clock.callLater(max(1.0, self.dead_after_s), self._retry_sync, ps)
 
         d.addCallbacks(done, failed)
         d.addErrback(lambda f: _log.failure("sync bookkeeping failed", failure=f))
@@ -703,7 +817,7 @@ class ClusterManager(Service):
         was, self.maintenance = self.maintenance, bool(on)
         if was and not on:
             for ps in self.partners.values():
-                self._transition(ps, ps.fsm.leave_maintenance(self.reactor.seconds()))
+                self._transition(ps, ps.fsm.leave_maintenance(self.clock.seconds()))
         _log.info("maintenance {state} on node {node}", state="on" if on else "off",
                   node=self.node_id)
         self._send_heartbeats()
@@ -718,16 +832,16 @@ class ClusterManager(Service):
             raise ApplicationError(f"peer {peer} is alive (heard {self._ago(self.peers[peer])} "
                                    "ago); refusing partner-down", code=-32023)
         if ps is not None:
-            self._transition(ps, ps.fsm.partner_down(self.reactor.seconds()))
+            self._transition(ps, ps.fsm.partner_down(self.clock.seconds()))
         return {"peer": peer, "state": ps.fsm.state if ps else "no partnership"}
 
     def _ago(self, peer: PeerInfo) -> str:
         if peer.last_seen is None:
             return "never"
-        return f"{(self.reactor.seconds() - peer.last_seen) * 1000:.0f} ms"
+        return f"{(self.clock.seconds() - peer.last_seen) * 1000:.0f} ms"
 
     def status(self) -> dict[str, Any]:
-        now = self.reactor.seconds()
+        now = self.clock.seconds()
         peers = {}
         for p in self.peers.values():
             entry = {"alive": p.alive, "address": p.address,
@@ -735,7 +849,12 @@ class ClusterManager(Service):
                      "state": (self.partners[p.id].fsm.state if p.id in self.partners
                                else ("alive" if p.alive else "dead")),
                      "health": list(p.heartbeat.health) if p.heartbeat else [],
-                     "skew_s": None if p.skew_s is None else round(p.skew_s, 3)}
+                     "skew_s": None if p.skew_s is None else round(p.skew_s, 3),
+                     "incarnation": p.incarnation, "restarts": p.restarts,
+                     "suspected": p.suspected,
+                     "unechoed": self.verifier.unechoed.get(p.id, 0) if self.verifier else 0,
+                     "received": p.got, "lost": p.lost, "loss": round(p.loss_ewma, 4),
+                     "jitter_ms": round(p.jitter_s * 1000, 2)}
             if p.skew_s is not None and abs(p.skew_s) > SKEW_WARN_S:
                 entry["warning"] = f"clock skew {p.skew_s:.1f}s"
             if p.config_mismatch:
@@ -748,7 +867,17 @@ class ClusterManager(Service):
                                "manual": bool(res.mine and res.mine.manual),
                                "since_s": round(now - res.changed_at, 3) if res.changed_at else None,
                                "reason": res.reason}
-        return {"node": self.node_id, "incarnation": self.incarnation,
+        warnings = []
+        if self.cfg is not None and self.cfg.auto_partner_down_s > 0 and self.partners:
+            warnings.append(
+                f"auto_partner_down_s = {self.cfg.auto_partner_down_s:g} without a witness or "
+                "client evidence: in a partition both sides could be PARTNER-DOWN and serve "
+                "the same addresses")
+        return {"node": self.node_id, "incarnation": self.incarnation, "warnings": warnings,
+                "heartbeat": {"interval_ms": round(self.interval * 1000),
+                              "beats_per_interval": self.beats,
+                              "deadline_ms": round(self.deadline_s * 1000, 1),
+                              "late_beats": self.stats["late_beats"]},
                 "maintenance": self.maintenance, "health": list(self.health_flags()),
                 "heartbeat_interval_ms": round(self.interval * 1000),
                 "peers": peers, "resources": resources,
@@ -786,6 +915,19 @@ class ClusterManager(Service):
         for p in self.peers.values():
             alive.add_metric([p.id], 1 if p.alive else 0)
         yield alive
+        lost = CounterMetricFamily("appliance_heartbeats_lost",
+                                   "Heartbeats missing from the peer's sequence", labels=["peer"])
+        loss = GaugeMetricFamily("appliance_heartbeat_loss_ratio",
+                                 "Smoothed share of the peer's heartbeats lost", labels=["peer"])
+        jitter = GaugeMetricFamily("appliance_heartbeat_jitter_seconds",
+                                   "Smoothed heartbeat arrival jitter", labels=["peer"])
+        for p in self.peers.values():
+            lost.add_metric([p.id], p.lost)
+            loss.add_metric([p.id], p.loss_ewma)
+            jitter.add_metric([p.id], p.jitter_s)
+        yield lost
+        yield loss
+        yield jitter
         changes = CounterMetricFamily("appliance_failovers", "Ownership changes on this node")
         changes.add_metric([], self.stats["role_changes"])
         yield changes

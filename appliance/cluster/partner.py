@@ -11,13 +11,27 @@ failover drafts:
   down: each side keeps serving only its own share, so a partition never
   hands out the same resource twice.
 * ``PARTNER-DOWN`` -- the peer is known (operator) or assumed (after
-  ``auto_partner_down_s``) down: serve everything.
-* ``RECOVER`` -- back after the peer ran in PARTNER-DOWN: serve nothing
-  until the partner's state is synced.
+  ``auto_partner_down_s``, default 0 = never) down: serve everything.
+* ``RECOVER`` -- back after the peer ran in PARTNER-DOWN, or started
+  without valid stable storage (``data_lost``), or restarted while in
+  RECOVER: serve nothing until the partner's state is synced.  RECOVER
+  never times out into PARTNER-DOWN (a node that never finished its sync
+  must not serve everything); the sync is retried, and the operator's
+  ``partner-down`` is the way out when the peer is gone for good.
 * ``RECOVER-DONE`` -- synced; waiting for the peer to return to NORMAL.
 
-Every state has a way out that needs no restart: RECOVER times out into a
-fresh sync attempt and operator ``partner-down`` works from any state.
+A peer that is heard but does not report a relationship with us (its
+service stopped, failed or has not registered yet) is not a NORMAL
+partner: COMMUNICATIONS-INTERRUPTED until it does.  A partner that is in
+RECOVER while we are NORMAL or COMMUNICATIONS-INTERRUPTED lost its data:
+we go PARTNER-DOWN so that its clients are served while it syncs.
+
+The state of the previous run (``persisted``) is read by the manager
+before the first event: PARTNER-DOWN comes back PARTNER-DOWN while the peer
+is silent or recovering, RECOVER comes back RECOVER.
+
+Every state has a way out that needs no restart: RECOVER retries its
+sync and operator ``partner-down`` works from any state.
 """
 
 from __future__ import annotations
@@ -44,7 +58,8 @@ class PartnerFSM:
     """One side of a partner relationship with ``peer``."""
 
     def __init__(self, peer: str, *, primary: bool, auto_partner_down_s: float,
-                 startup_wait_s: float, now: float, persisted: str | None = None):
+                 startup_wait_s: float, now: float, persisted: str | None = None,
+                 data_lost: bool = False):
         self.peer = peer
         self.primary = primary
         self.auto_partner_down_s = auto_partner_down_s
@@ -56,6 +71,7 @@ class PartnerFSM:
         self.peer_seen = False
         self.peer_maintenance = False
         self.interrupted_at: float | None = None
+        self.data_lost = data_lost           # no valid stable storage: start in RECOVER
 
     # ------------------------------------------------------------------
     def _go(self, new: str, now: float, reason: str) -> Transition | None:
@@ -77,6 +93,17 @@ class PartnerFSM:
             # The peer promised to stop serving: take everything now.
             return self._go(PARTNER_DOWN, now, f"peer {self.peer} in maintenance")
         s = self.state
+        if s == STARTUP and (self.data_lost or self.persisted == RECOVER):
+            return self._go(RECOVER, now, "no valid stable storage; resync from peer"
+                            if self.data_lost else "was RECOVER before restart; resync")
+        if peer_state is None:
+            # Its cluster manager is alive, its side of the relationship is not.
+            if s in (STARTUP, NORMAL, RECOVER_DONE):
+                return self._go(COMM_INTERRUPTED, now,
+                                f"peer {self.peer} alive but not in a relationship with us")
+            return None
+        if s in (NORMAL, COMM_INTERRUPTED) and peer_state == RECOVER:
+            return self._go(PARTNER_DOWN, now, f"peer {self.peer} recovering; serve its clients")
         if s in (STARTUP, COMM_INTERRUPTED):
             if peer_state == PARTNER_DOWN:
                 return self._go(RECOVER, now, f"peer {self.peer} ran in PARTNER-DOWN; resync")
@@ -110,11 +137,14 @@ class PartnerFSM:
     def tick(self, now: float) -> Transition | None:
         """Time-driven transitions."""
         if self.state == STARTUP and not self.peer_seen and now - self.since >= self.startup_wait_s:
+            if self.data_lost or self.persisted == RECOVER:
+                return self._go(RECOVER, now, "no valid stable storage; waiting for the peer"
+                                if self.data_lost else "was RECOVER before restart")
             if self.persisted == PARTNER_DOWN:
                 return self._go(PARTNER_DOWN, now, "was PARTNER-DOWN before restart; peer still silent")
             return self._go(COMM_INTERRUPTED, now,
                             f"peer {self.peer} not heard within {self.startup_wait_s:g}s of start")
-        if (self.state in (COMM_INTERRUPTED, RECOVER) and self.peer_state is None
+        if (self.state == COMM_INTERRUPTED and self.peer_state is None
                 and self.auto_partner_down_s > 0 and self.interrupted_at is not None
                 and now - self.interrupted_at >= self.auto_partner_down_s):
             return self._go(PARTNER_DOWN, now,

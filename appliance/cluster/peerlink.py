@@ -102,18 +102,18 @@ class PeerProtocol(Int32StringReceiver):
         self.link = link
         self.expected = expected      # dialer: the peer we dialed; acceptor: None
         self.peer: PeerState | None = None
-        self.last_rx = link.reactor.seconds()
+        self.last_rx = link.clock.seconds()
         self._keepalive = None
 
     def connectionMade(self):
         self._send({"t": "hello", "node": self.link.node_id, "inc": self.link.incarnation})
-        self._keepalive = self.link.reactor.callLater(self.link.keepalive_s, self._ping)
+        self._keepalive = self.link.clock.callLater(self.link.keepalive_s, self._ping)
 
     def _ping(self):
         self._keepalive = None
         if not self.connected or self.transport is None:
             return
-        idle = self.link.reactor.seconds() - self.last_rx
+        idle = self.link.clock.seconds() - self.last_rx
         if idle > self.link.idle_timeout_s:
             self.link.stats["idle_timeouts"] += 1
             _log.warn("peer link to {peer}: nothing received for {ms} ms; aborting",
@@ -122,7 +122,7 @@ class PeerProtocol(Int32StringReceiver):
             self.transport.abortConnection()
             return
         self._send({"t": "ping"})
-        self._keepalive = self.link.reactor.callLater(self.link.keepalive_s, self._ping)
+        self._keepalive = self.link.clock.callLater(self.link.keepalive_s, self._ping)
 
     def _send(self, frame: dict):
         self.sendString(json.dumps(frame, separators=(",", ":")).encode())
@@ -143,7 +143,7 @@ class PeerProtocol(Int32StringReceiver):
         self.transport.loseConnection()
 
     def stringReceived(self, data: bytes):
-        self.last_rx = self.link.reactor.seconds()
+        self.last_rx = self.link.clock.seconds()
         try:
             frame = json.loads(data)
             kind = frame["t"]
@@ -202,7 +202,7 @@ class _Factory(Factory):
         return p
 
 
-def from_config(reactor, node_id: str, incarnation: int, cluster) -> "PeerLink":
+def from_config(reactor, node_id: str, incarnation: int, cluster, clock=None) -> "PeerLink":
     """Build the peer link of ``[cluster]`` (``peer_link`` + ``tls`` files)."""
     from pathlib import Path
 
@@ -222,7 +222,7 @@ def from_config(reactor, node_id: str, incarnation: int, cluster) -> "PeerLink":
                     peers={p.id: str(p.address) for p in cluster.peers}, port=port,
                     interface=interface, server_options=server_options(cert, key, ca),
                     client_options=lambda peer: client_options(peer, ca, cert, key),
-                    keepalive_s=max(interval, 0.05),
+                    keepalive_s=max(interval, 0.05), clock=clock,
                     idle_timeout_s=max((cluster.dead_after + 0.5) * interval, 1.0))
 
 
@@ -234,9 +234,10 @@ class PeerLink(MultiService):
     def __init__(self, reactor, *, node_id: str, incarnation: int, peers: dict[str, str],
                  port: int, server_options, client_options: Callable[[str], Any],
                  interface: str = "", max_unacked: int = 10000, keepalive_s: float = 1.0,
-                 idle_timeout_s: float = 3.0, poison_after: int = POISON_AFTER):
+                 idle_timeout_s: float = 3.0, poison_after: int = POISON_AFTER, clock=None):
         super().__init__()
         self.reactor = reactor
+        self.clock = clock if clock is not None else reactor   # keepalive and retry timers
         self.node_id = node_id
         self.incarnation = incarnation
         self.peers = {pid: PeerState(pid, addr) for pid, addr in peers.items()}
@@ -444,7 +445,7 @@ class PeerLink(MultiService):
                 self.stats["parked"] += 1
                 peer.parked.append({"channel": channel, "seq": seq, "body": frame.get("body"),
                                     "error": f.getErrorMessage(), "failures": n,
-                                    "at": self.reactor.seconds()})
+                                    "at": self.clock.seconds()})
                 _log.critical("peer link: message {seq} on {ch} from {peer} failed {n} times "
                               "({why}); PARKED for the operator and acknowledged",
                               seq=seq, ch=channel, peer=peer.id, n=n, why=f.getErrorMessage(),
@@ -455,7 +456,7 @@ class PeerLink(MultiService):
             _log.error("peer link: handler for {ch} failed on message {seq} from {peer} "
                        "({why}); retry {n} in {delay:.1f}s", ch=channel, seq=seq, peer=peer.id,
                        why=f.getErrorMessage(), n=n, delay=delay)
-            peer.retry = self.reactor.callLater(delay, self._retry, peer)
+            peer.retry = self.clock.callLater(delay, self._retry, peer)
 
         def next_(_):
             peer.busy = False

@@ -17,15 +17,30 @@ ADDR = {"a": "10.0.0.1", "b": "10.0.0.2"}
 
 
 class Net:
-    """Delivers datagrams between fake ports unless the link is cut."""
+    """Delivers datagrams between fake ports unless the link is cut.
 
-    def __init__(self, clock):
+    ``loss`` drops each datagram with that probability (seeded), ``drop_next``
+    drops the next n datagrams from one address to another, ``tap`` records
+    every datagram sent (for replays)."""
+
+    def __init__(self, clock, *, loss=0.0, seed=1):
+        import random
         self.clock = clock
         self.ports = {}          # address -> protocol
         self.cut = set()         # addresses whose traffic is dropped (both ways)
+        self.loss = loss
+        self.rng = random.Random(seed)
+        self.drop_next = {}      # (src, dst) -> datagrams still to drop
+        self.tap = []
 
     def send(self, src, data, dst):
+        self.tap.append((src, dst, data))
         if src in self.cut or dst in self.cut:
+            return
+        if self.drop_next.get((src, dst), 0) > 0:
+            self.drop_next[(src, dst)] -= 1
+            return
+        if self.loss and self.rng.random() < self.loss:
             return
         proto = self.ports.get(dst)
         if proto is not None:
@@ -44,17 +59,49 @@ class FakePort:
 
 
 class NodeReactor:
-    """One node's view of the shared Clock, with its own UDP address."""
+    """One node's view of the shared Clock, with its own UDP address.
 
-    def __init__(self, clock, net, address):
+    ``overhead`` is added to every callLater delay: the cost of a tick plus
+    epoll's round-up, which a re-armed (not drift-free) schedule accumulates."""
+
+    def __init__(self, clock, net, address, overhead=0.0):
         self._clock, self._net, self._address = clock, net, address
+        self._overhead = overhead
 
     def __getattr__(self, name):
         return getattr(self._clock, name)
 
+    def callLater(self, delay, f, *args, **kw):
+        return self._clock.callLater(delay + self._overhead, f, *args, **kw)
+
     def listenUDP(self, port, proto, interface=""):
         self._net.ports[self._address] = proto
         return FakePort(self._net, self._address)
+
+
+class WallReactor(NodeReactor):
+    """A reactor whose timers follow a steppable wall clock, as Twisted's do
+    (``runtime.seconds is time.time``): after ``step(-3600)`` a pending call
+    fires an hour late, after ``step(+3600)`` at once."""
+
+    def __init__(self, clock, net, address):
+        super().__init__(clock, net, address)
+        self.offset = 0.0
+        self._calls = []
+
+    def seconds(self):
+        return self._clock.seconds() + self.offset
+
+    def callLater(self, delay, f, *args, **kw):
+        dc = self._clock.callLater(delay, f, *args, **kw)
+        self._calls.append((dc, self.seconds() + delay))
+        return dc
+
+    def step(self, delta):
+        self.offset += delta
+        self._calls = [(dc, due) for dc, due in self._calls if dc.active()]
+        for dc, due in self._calls:
+            dc.reset(max(0.0, due - self.seconds()))
 
 
 class MemStore:
@@ -78,22 +125,45 @@ class MemStore:
         return defer.succeed(True)
 
 
-def make_pair(preempt=True, auto_pd=0.0, shared_store=None):
+def cluster_section(me, other, auto_pd=0.0, beats=None):
+    import dataclasses
+    cluster = ClusterSection(peers=(Peer(other, ipaddress.ip_address(ADDR[other])),),
+                             heartbeat_interval_ms=100, dead_after=3,
+                             auto_partner_down_s=auto_pd, bind_address=None)
+    if beats is not None and "beats_per_interval" in {f.name for f in dataclasses.fields(cluster)}:
+        cluster = dataclasses.replace(cluster, beats_per_interval=beats)
+    return cluster
+
+
+def make_node(clock, net, me, *, preempt=True, auto_pd=0.0, store=None, beats=None,
+              overhead=0.0, wall_reactor=False):
+    """One manager on the shared network.  ``wall_reactor``: its reactor's timers
+    follow a steppable wall clock and the monotonic ``clock`` is passed apart."""
+    other = "b" if me == "a" else "a"
+    cluster = cluster_section(me, other, auto_pd, beats)
+    vip = VIPSection("vip1", ipaddress.ip_interface("10.0.0.100/24"), "eth0",
+                     {"a": 200, "b": 100}, preempt)
+    kw = {}
+    if wall_reactor:
+        reactor = WallReactor(clock, net, ADDR[me])
+        kw = {"clock": clock, "wall": reactor.seconds}
+    else:
+        reactor = NodeReactor(clock, net, ADDR[me], overhead)
+    m = ClusterManager(reactor, node_id=me, cluster=cluster, vips=[vip],
+                       store=store if store is not None else MemStore(),
+                       state_dir=f"/tmp/apl-test-{me}", key=KEY, **kw)
+    m.roles = []
+    m.add_resource(m.resources["vip1"].spec, listener=lambda r, role, e, m=m: m.roles.append((role, e)))
+    return m
+
+
+def make_pair(preempt=True, auto_pd=0.0, shared_store=None, *, loss=0.0, seed=1, beats=None,
+              overhead=0.0, wall_reactor=False):
     clock = Clock()
-    net = Net(clock)
-    nodes = {}
-    for me, other in (("a", "b"), ("b", "a")):
-        cluster = ClusterSection(peers=(Peer(other, ipaddress.ip_address(ADDR[other])),),
-                                 heartbeat_interval_ms=100, dead_after=3,
-                                 auto_partner_down_s=auto_pd, bind_address=None)
-        vip = VIPSection("vip1", ipaddress.ip_interface("10.0.0.100/24"), "eth0",
-                         {"a": 200, "b": 100}, preempt)
-        m = ClusterManager(NodeReactor(clock, net, ADDR[me]), node_id=me, cluster=cluster, vips=[vip],
-                           store=shared_store or MemStore(), state_dir=f"/tmp/apl-test-{me}",
-                           key=KEY)
-        m.roles = []
-        m.add_resource(m.resources["vip1"].spec, listener=lambda r, role, e, m=m: m.roles.append((role, e)))
-        nodes[me] = m
+    net = Net(clock, loss=loss, seed=seed)
+    nodes = {me: make_node(clock, net, me, preempt=preempt, auto_pd=auto_pd, store=shared_store,
+                           beats=beats, overhead=overhead, wall_reactor=wall_reactor)
+             for me in ("a", "b")}
     return clock, net, nodes
 
 
@@ -142,9 +212,10 @@ def test_dead_owner_replaced_within_dead_after():
         clock.advance(0.01)
         assert clock.seconds() - t0 < 1.0
     took = clock.seconds() - t0
-    # Suspected exactly dead_after (300 ms) after the LAST beat heard, which
-    # came at most one interval before the cut.
-    assert 0.2 <= took <= 0.31, took
+    # Suspected dead_after (300 ms) + half a beat period (3 beats per interval:
+    # 17 ms) after the LAST beat heard, which came at most one beat period
+    # before the cut (and up to one 10 ms step after it here).
+    assert 0.27 <= took <= 0.335, took
     assert nodes["b"].roles[-1][0] == "owner"
 
 
@@ -361,3 +432,122 @@ def test_preempt_heal_winner_reclaims_above_the_loser_and_reannounces():
     assert nodes["b"].status()["resources"]["vip1"]["epoch"] >= ea
     run(clock, 1.0)
     assert nodes["a"].resources["vip1"].mine.epoch == ea, "no epoch churn once settled"
+
+
+def _owner_changes(m):
+    return sum(1 for role, _ in m.roles if role == "owner")
+
+
+@pytest.mark.parametrize("beats", [1, 3])
+def test_dead_after_minus_one_intervals_lost_never_take_over(beats):
+    """H6: with a tick that costs 0.5 ms, (dead_after - 1) intervals of lost beats (one
+    short of the deadline) cause no takeover; dead_after intervals do."""
+    per = beats if beats else 1
+    for lost_intervals, expect_takeover in ((2, False), (3, True)):
+        clock, net, nodes = make_pair(beats=beats, overhead=0.0005)
+        start(clock, nodes)
+        run(clock, 2.0, step=0.001)
+        assert owners(nodes) == ["a"]
+        k = nodes["a"].beats if hasattr(nodes["a"], "beats") else 1
+        net.drop_next[(ADDR["a"], ADDR["b"])] = lost_intervals * k
+        run(clock, 1.0, step=0.001)
+        took_over = _owner_changes(nodes["b"]) > 0
+        assert took_over == expect_takeover, (beats, per, lost_intervals)
+
+
+def test_ten_percent_loss_no_spurious_takeover():
+    """Loss tolerance: 10 % independent loss both ways for 10 simulated minutes at
+    100 ms x dead_after 3 gives no takeover (one beat per interval gives dozens)."""
+    clock, net, nodes = make_pair(loss=0.10, seed=7)
+    start(clock, nodes)
+    run(clock, 2.0, step=0.005)
+    assert owners(nodes) == ["a"]
+    run(clock, 600.0, step=0.05)
+    assert _owner_changes(nodes["b"]) == 0
+    assert owners(nodes) == ["a"]
+    peer = nodes["b"].status()["peers"]["a"]
+    assert 0.03 < peer["loss"] < 0.25, peer
+    assert 0.08 < peer["lost"] / (peer["lost"] + peer["received"]) < 0.12, peer
+    assert peer["lost"] > 1000
+
+
+@pytest.mark.parametrize("delta", [-3600.0, 3600.0])
+def test_wall_clock_step_causes_no_takeover_and_no_silence(delta):
+    """H7: a wall-clock step of +-1 h on either node changes no liveness decision:
+    the owner keeps beating, the standby suspects nobody."""
+    clock, net, nodes = make_pair(wall_reactor=True)
+    start(clock, nodes)
+    run(clock, 1.0)
+    assert owners(nodes) == ["a"]
+    sent_before = nodes["a"].stats["sent"]
+    nodes["a"].reactor.step(delta)
+    nodes["b"].reactor.step(-delta)
+    run(clock, 2.0)
+    assert owners(nodes) == ["a"]
+    assert _owner_changes(nodes["b"]) == 0
+    assert nodes["a"].stats["sent"] - sent_before >= 19, "the owner kept beating"
+    assert nodes["b"].peers["a"].alive and nodes["a"].peers["b"].alive
+
+
+def _restart(clock, net, nodes, name, incarnation, monkeypatch, **kw):
+    old = nodes[name]
+    old.stopService()
+    monkeypatch.setattr("appliance.cluster.manager.next_incarnation", lambda d: incarnation)
+    m = make_node(clock, net, name, store=kw.pop("store", None), **kw)
+    nodes[name] = m
+    m.startService()
+    return m
+
+
+def test_restart_with_lower_incarnation_is_readmitted_and_replays_refused(monkeypatch):
+    """H3: the owner restarts with a LOWER incarnation (state dir lost, clock behind):
+    its peer re-admits it (the beats echo the peer's incarnation) and one owner
+    remains; the old run's recorded beats replayed afterwards are refused."""
+    monkeypatch.setattr("appliance.cluster.manager.next_incarnation",
+                        lambda d, c=iter([1000, 2000]): next(c))
+    clock, net, nodes = make_pair()
+    start(clock, nodes)
+    run(clock, 1.0)
+    assert owners(nodes) == ["a"]
+    recorded = [d for src, dst, d in net.tap if src == ADDR["a"]][-20:]
+    _restart(clock, net, nodes, "a", 5, monkeypatch)
+    run(clock, 2.0)
+    assert nodes["b"].peers["a"].alive, nodes["b"].status()["drops"]
+    assert owners(nodes) == ["a"]
+    assert nodes["b"].peers["a"].heartbeat.incarnation == 5
+    for data in recorded:
+        nodes["b"].datagram(data, (ADDR["a"], 8741))
+    run(clock, 0.5)
+    assert nodes["b"].peers["a"].heartbeat.incarnation == 5
+    assert owners(nodes) == ["a"]
+
+
+def test_recorded_beats_replayed_into_a_restarted_receiver_are_refused(monkeypatch):
+    """M11: the owner dies; its recorded beats replayed to a restarted standby never
+    make the standby believe it alive (they cannot echo the new incarnation)."""
+    clock, net, nodes = make_pair()
+    start(clock, nodes)
+    run(clock, 1.0)
+    recorded = [d for src, dst, d in net.tap if src == ADDR["a"]]
+    nodes["a"].stopService()
+    net.cut.add(ADDR["a"])
+    b = _restart(clock, net, nodes, "b", 10**6, monkeypatch)
+    for i, data in enumerate(recorded[-30:]):
+        clock.callLater(0.03 * i, b.datagram, data, (ADDR["a"], 8741))
+    run(clock, 1.5)
+    assert not b.peers["a"].alive
+    assert b.role("vip1") == "owner"
+
+
+def test_persisted_partner_state_loaded_at_registration():
+    """H4: with the real start order (cluster first, the service registers later)
+    a node that was PARTNER-DOWN comes back PARTNER-DOWN while its peer is silent."""
+    clock, net, nodes = make_pair()
+    net.cut.add(ADDR["a"])
+    b = nodes["b"]
+    b.store.data["cluster:partner:b:a"] = P.PARTNER_DOWN
+    b.startService()
+    run(clock, 0.05)
+    b.register_partner("a", primary=False)
+    run(clock, 2.0)
+    assert b.partners["a"].fsm.state == P.PARTNER_DOWN

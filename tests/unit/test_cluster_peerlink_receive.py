@@ -117,9 +117,11 @@ def test_poison_message_parked_counted_and_acked_in_order():
     proto, transport = connect(link, clock)
     proto.stringReceived(msg(1, "poison"))
     proto.stringReceived(msg(2, "fine"))
-    clock.advance(0.1 + 0.2)        # two of the three retries
+    for _ in range(35):              # retries at 0.1 and 0.3 s: three failures
+        clock.advance(0.01)
     assert handled == [] and acks(transport) == [] and link.stats["parked"] == 0
-    clock.advance(0.5)
+    for _ in range(40):              # the fourth at 0.7 s parks it
+        clock.advance(0.01)
     assert link.stats["parked"] == 1
     parked = link.status()["a"]["parked"]
     assert parked[0]["seq"] == 1 and "cannot apply" in parked[0]["error"]

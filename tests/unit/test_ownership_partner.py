@@ -122,8 +122,10 @@ def test_both_partner_down_secondary_resyncs():
     assert sec.heard(P.PARTNER_DOWN, 2).new == P.RECOVER
 
 
-def test_peer_maintenance_means_partner_down_and_recover_has_exit():
-    """A peer in maintenance is taken over at once; a RECOVER with a dead peer is not stuck."""
+def test_peer_maintenance_means_partner_down_and_recover_never_times_out():
+    """A peer in maintenance is taken over at once; RECOVER with a dead peer never
+    turns into PARTNER-DOWN by itself (H4: it never finished its sync); the
+    operator's partner-down is its way out."""
     f = fsm()
     f.heard(P.NORMAL, 0)
     assert f.heard(P.NORMAL, 1, maintenance=True).new == P.PARTNER_DOWN
@@ -131,7 +133,31 @@ def test_peer_maintenance_means_partner_down_and_recover_has_exit():
     g.heard(P.PARTNER_DOWN, 0)
     assert g.state == P.RECOVER
     g.lost(1)
-    assert g.tick(11).new == P.PARTNER_DOWN
+    assert g.tick(11) is None and g.tick(10_000) is None
+    assert g.state == P.RECOVER
+    assert g.partner_down(10_001).new == P.PARTNER_DOWN
+
+
+def test_peer_alive_without_relationship_is_not_normal():
+    """H4: a peer whose service does not report us is COMMUNICATIONS-INTERRUPTED."""
+    f = fsm()
+    assert f.heard(None, 0).new == P.COMM_INTERRUPTED
+    assert f.heard(P.STARTUP, 0.1).new == P.NORMAL
+    assert f.heard(None, 0.2).new == P.COMM_INTERRUPTED
+
+
+def test_data_lost_starts_in_recover_and_partner_serves_its_clients():
+    """A node without valid stable storage starts in RECOVER (peer heard or silent);
+    its NORMAL partner goes PARTNER-DOWN while it recovers."""
+    lost, peer = fsm(data_lost=True), fsm(primary=False)
+    peer.heard(P.NORMAL, 0)
+    assert lost.heard(P.NORMAL, 0.1).new == P.RECOVER
+    assert peer.heard(lost.state, 0.2).new == P.PARTNER_DOWN
+    assert lost.sync_done(1).new == P.RECOVER_DONE
+    assert peer.heard(lost.state, 1.1).new == P.NORMAL
+    silent = fsm(data_lost=True)
+    assert silent.tick(1.0).new == P.RECOVER
+    assert fsm(persisted=P.RECOVER).tick(1.0).new == P.RECOVER
 
 
 def test_winner_with_stale_epoch_reasserts_above_max():
