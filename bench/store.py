@@ -23,7 +23,7 @@ snapshots: an acknowledged write is in memory only -- case ``sequential`` /
 
 Cases: ``sequential`` = one SET awaited before the next; ``pipelined`` = SETs
 issued ``--window`` at a time without awaiting, then awaited.  Metric:
-``ops_per_s``.  Keys cycle over 10,000 names, values are ``--value-size`` bytes.
+``ops_per_s``, the median of ``--repeat`` runs (each run's rate is in ``runs``).  Keys cycle over 10,000 names, values are ``--value-size`` bytes.
 
     python bench/store.py [--quick] [--json] [--systems a,b,...]
 
@@ -38,6 +38,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -116,20 +117,28 @@ async def run_pipelined(set_, n: int, max_s: float, value: str, prefix: str, win
 
 
 async def bench_set(label: str, set_, args, value: str, suffix: str = "", **extra):
+    """Both cases, each run ``--repeat`` times; the row holds the median rate."""
     rows = []
     await run_pipelined(set_, 500, 5, value, f"bench:warm:{label}", 100)     # warm up
-    for case, coro in (
-            ("sequential", run_sequential(set_, args.ops_seq, args.max_seconds, value,
-                                          f"bench:seq:{label}")),
-            ("pipelined", run_pipelined(set_, args.ops_pipe, args.max_seconds, value,
-                                        f"bench:pipe:{label}", args.window))):
-        done, took = await coro
-        more = dict(extra, ops=done, seconds=round(took, 3))
+    for case in ("sequential", "pipelined"):
+        rates, total_ops, total_s = [], 0, 0.0
+        for _ in range(args.repeat):
+            if case == "sequential":
+                done, took = await run_sequential(set_, args.ops_seq, args.max_seconds, value,
+                                                  f"bench:seq:{label}")
+            else:
+                done, took = await run_pipelined(set_, args.ops_pipe, args.max_seconds, value,
+                                                 f"bench:pipe:{label}", args.window)
+            rates.append(done / took)
+            total_ops, total_s = total_ops + done, total_s + took
+        rate = statistics.median(rates)
+        more = dict(extra, ops=total_ops, seconds=round(total_s, 3),
+                    runs=[round(r) for r in rates])
         if case == "pipelined":
             more["window"] = args.window
-        rows.append(row(label, case + suffix, done / took, **more))
-        note(f"{label:>16} {case + suffix:<22} {done / took:>10.0f} ops/s "
-             f"({done} ops in {took:.2f} s)")
+        rows.append(row(label, case + suffix, rate, **more))
+        note(f"{label:>16} {case + suffix:<22} {rate:>10.0f} ops/s (median of "
+             f"{', '.join(f'{r:.0f}' for r in rates)})")
     return rows
 
 
@@ -297,16 +306,20 @@ def parse_args(argv=None):
     p.add_argument("--systems", default=",".join(SYSTEMS),
                    help=f"comma-separated subset of {','.join(SYSTEMS)}")
     p.add_argument("--no-install", action="store_true", help="never apt-get install anchors")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="runs per case, the median is reported (default 3, --quick 1)")
     args = p.parse_args(argv)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         p.error(f"unknown systems: {', '.join(sorted(unknown))}")
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
     if args.quick:
         args.ops_seq, args.ops_pipe, args.max_seconds = 3000, 20000, 1.5
         args.ops_rb_seq, args.ops_rb_pipe = 10000, 100000
     else:
-        args.ops_seq, args.ops_pipe, args.max_seconds = 30000, 300000, 10.0
+        args.ops_seq, args.ops_pipe, args.max_seconds = 20000, 200000, 5.0
         args.ops_rb_seq, args.ops_rb_pipe = 100000, 1000000
     return args
 
