@@ -145,8 +145,10 @@ def make_node(clock, net, me, *, preempt=True, auto_pd=0.0, store=None, beats=No
                      {"a": 200, "b": 100}, preempt)
     kw = {}
     if wall_reactor:
+        import inspect
         reactor = WallReactor(clock, net, ADDR[me])
-        kw = {"clock": clock, "wall": reactor.seconds}
+        if "clock" in inspect.signature(ClusterManager).parameters:
+            kw = {"clock": clock, "wall": reactor.seconds}
     else:
         reactor = NodeReactor(clock, net, ADDR[me], overhead)
     m = ClusterManager(reactor, node_id=me, cluster=cluster, vips=[vip],
@@ -534,8 +536,11 @@ def test_recorded_beats_replayed_into_a_restarted_receiver_are_refused(monkeypat
     b = _restart(clock, net, nodes, "b", 10**6, monkeypatch)
     for i, data in enumerate(recorded[-30:]):
         clock.callLater(0.03 * i, b.datagram, data, (ADDR["a"], 8741))
-    run(clock, 1.5)
-    assert not b.peers["a"].alive
+    believed = False
+    for _ in range(150):
+        clock.advance(0.01)
+        believed = believed or b.peers["a"].alive
+    assert not believed, "a replayed beat made the dead owner look alive"
     assert b.role("vip1") == "owner"
 
 
