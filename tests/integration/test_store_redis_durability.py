@@ -234,3 +234,34 @@ def store_script_sha() -> str:
     from appliance.store import redis_lua
 
     return redis_lua.SET.sha
+
+
+@pytest_twisted.ensureDeferred
+async def test_psubscribe_raising_is_not_swallowed(server_factory, log_events):
+    """If issuing a PSUBSCRIBE raises (the subscriber connection broke in that very
+    turn), the failure is logged and the connection re-made: the new subscription's
+    ready still fires, the old one gets RESYNC, both deliver."""
+    server = server_factory()
+    store = make_store(server.url)
+    await store.startService()
+    try:
+        seen = []
+        first = store.subscribe("a:", lambda k, op: seen.append((k, op)))
+        await defer.Deferred.addTimeout(first.ready, 5, reactor)
+        conn = store._subconn
+        real = conn.psubscribe
+
+        def broken(pattern):
+            conn.psubscribe = real
+            raise RuntimeError("simulated failure while issuing PSUBSCRIBE")
+        conn.psubscribe = broken
+        second = store.subscribe("b:", lambda k, op: seen.append((k, op)))
+        await defer.Deferred.addTimeout(second.ready, 5, reactor)
+        assert [t for t in texts(log_events) if "simulated failure" in t]
+        await eventually(lambda: ("a:", "resync") in seen, 3, "resync of the first")
+        await store.set("a:1", "v")
+        await store.set("b:1", "v")
+        await eventually(lambda: {("a:1", "set"), ("b:1", "set")} <= set(seen), 3,
+                         "notifications on both")
+    finally:
+        await store.stopService()
