@@ -50,15 +50,11 @@ def make_store(reactor, config: NodeConfig):
     s = config.store
     if s.backend == "redis":
         from appliance.store.redis import RedisStore
-        replicas = {}
-        # Passed only when set, so a RedisStore without WAIT support still builds.
-        if s.min_replicas_acked or s.replicas_timeout_ms != 1000:
-            replicas = {"min_replicas_acked": s.min_replicas_acked,
-                        "replicas_timeout_ms": s.replicas_timeout_ms}
         return RedisStore(reactor, url=s.url, sentinels=tuple(s.sentinels),
                           master_name=s.master_name, namespace=s.namespace,
                           op_timeout_s=s.op_timeout_s, connect_timeout_s=s.connect_timeout_s,
-                          **replicas)
+                          min_replicas_acked=s.min_replicas_acked,
+                          replicas_timeout_ms=s.replicas_timeout_ms)
     try:
         from appliance.store.embedded import EmbeddedStore
     except ImportError as e:

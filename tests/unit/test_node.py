@@ -334,3 +334,27 @@ def test_reload_refused_while_stopping(world):
     result_of(node.stopService())
     with pytest.raises(ApplicationError):
         result_of(node.reload())
+
+
+# -- make_store ------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["memory", "embedded", "sqlite"])
+def test_make_store_builds_the_embedded_store(tmp_path, backend):
+    """All three names build the embedded store under node.state_dir, with the fsync policy."""
+    from appliance.node import make_store
+    config = config_from_string(f'[node]\nid = "n"\nstate_dir = "{tmp_path}"\n[store]\n'
+                                f'backend = "{backend}"\nfsync = "batch"\n', plugins={})
+    store = make_store(MemoryReactorClock(), config)
+    assert store.backend == "memory" and store.fsync == "batch"
+    assert type(store).__name__ == "EmbeddedStore"
+    assert store.describe()["file"] == str(tmp_path / "store.sqlite3")
+
+
+def test_make_store_passes_the_redis_replica_keys():
+    """min_replicas_acked / replicas_timeout_ms reach the RedisStore."""
+    from appliance.node import make_store
+    config = config_from_string('[node]\nid = "n"\nstate_dir = "s"\n[store]\nbackend = "redis"\n'
+                                'url = "redis://127.0.0.1:1/0"\nmin_replicas_acked = 2\n'
+                                'replicas_timeout_ms = 250\n', plugins={})
+    store = make_store(MemoryReactorClock(), config)
+    assert store.backend == "redis"
+    assert (store.min_replicas_acked, store.replicas_timeout_ms) == (2, 250)
