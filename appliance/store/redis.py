@@ -801,13 +801,17 @@ class RedisStore(Service):
         if conn is None or not conn.connected or not self.running:
             return defer.fail(self._unavailable())
         if self._data_loss is not None:
-            return defer.fail(StoreDown(self._data_loss))
+            # refused, but answered in issue order: behind what is in flight
+            return self._send(conn, ("PING",)).addCallback(self._refuse_after_loss)
         d = self._send(conn, ("EVALSHA", script.sha, str(len(keys)), *keys, *args))
         if self.min_replicas_acked:
             d = self._wait_replicas(conn, d)
         self._writes_issued += 1
         d.addBoth(self._write_answered)
         return d
+
+    def _refuse_after_loss(self, _):
+        raise StoreDown(self._data_loss or "data loss detected (accepted since)")
 
     def _reload_scripts(self):
         """A script went missing (SCRIPT FLUSH): the write that noticed was not
