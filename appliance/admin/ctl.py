@@ -337,9 +337,19 @@ def render_status(status: Any) -> str:
     store = status.get("store") if isinstance(status.get("store"), dict) else {}
     healthy = store.get("healthy")
     store_text = str(store.get("backend", "-"))
+    error = store.get("error")
     if healthy is not None:
-        store_text += " (healthy)" if healthy else " (UNHEALTHY)"
-    extra = {k: v for k, v in store.items() if k not in ("backend", "healthy", "stats")}
+        store_text += " (healthy)" if healthy else (
+            f" (UNHEALTHY: {_cell(error)})" if error else " (UNHEALTHY)")
+    extra: dict[str, Any] = {}
+    for k, v in store.items():
+        if k in ("backend", "healthy", "stats", "error"):
+            continue
+        if isinstance(v, dict):     # e.g. durability: durability.survives=..
+            extra.update({f"{k}.{sub}": value for sub, value in v.items()
+                          if not (sub in store and store[sub] == value)})
+        else:
+            extra[k] = v
     if isinstance(store.get("stats"), dict):     # counters, flattened: writes=.. fsyncs=..
         extra.update(store["stats"])
     if extra:

@@ -91,6 +91,18 @@ def test_render_status():
     assert "store:   memory (healthy)  keys=4 writes=1 fsyncs=1" in ctl.render_status(counters)
 
 
+def test_render_status_store_error_and_nested_fields():
+    """A failed store shows its error next to UNHEALTHY; nested fields (durability) are
+    flattened as key.sub=value, without repeating a top-level value."""
+    status = {"node": "a", "version": "1", "uptime_s": 1, "services": {},
+              "store": {"backend": "memory", "healthy": False, "error": "disk full",
+                        "fsync": "always",
+                        "durability": {"fsync": "always", "synchronous": "FULL"},
+                        "stats": {"writes": 3}}}
+    assert ("store:   memory (UNHEALTHY: disk full)  fsync=always durability.synchronous=FULL "
+            "writes=3") in ctl.render_status(status)
+
+
 @pytest.mark.parametrize("seconds, text", [(5, "5.0s"), (65, "1m 05s"), (3600, "1h 00m 00s"),
                                            (90061, "1d 01h 01m"), (None, "-")])
 def test_fmt_duration(seconds, text):
