@@ -122,6 +122,8 @@ class Resource:
     max_epoch: int = 0
     claiming: bool = False
     contested: bool = False      # another live node claims it while we own it
+    vip_failures: int = 0        # consecutive failed VIP adds
+    vip_error: str | None = None
     changed_at: float = 0.0
     reason: str = ""
 
@@ -177,6 +179,7 @@ class ClusterManager(Service):
         self.health: set[str] = set()
         self.maintenance = False
         self.excluded: set[str] = set()         # resources this node was demoted from
+        self.res_unable: dict[str, float] = {}  # resource -> retry time (failed VIP add)
         self.incarnation = 0
         self.seq = 0
         self.verifier: HeartbeatVerifier | None = None
@@ -394,6 +397,7 @@ class ClusterManager(Service):
                 if not ps.loading:
                     self._transition(ps, ps.fsm.tick(self.clock.seconds()))
             self._check_links()
+            self._expire_unable()
             self.evaluate()
         except Exception:
             _log.failure("cluster tick failed")
@@ -444,6 +448,7 @@ class ClusterManager(Service):
 
     def health_flags(self) -> tuple[str, ...]:
         flags = set(self.health)
+        flags.update(f"unable:{name}" for name in self.res_unable)
         if self.maintenance:
             flags.add("maintenance")
         if self.store is not None and not getattr(self.store, "healthy", True):
@@ -616,7 +621,7 @@ class ClusterManager(Service):
                     owner, epoch, manual = hb.resources[name]
                     if owner == peer.id:
                         claims[peer.id] = Claim(owner, epoch, manual)
-            excluded = {self.node_id} if name in self.excluded else set()
+            excluded = self._excluded(name, res, able)
             usable = able
             if not any(res.spec.priority.get(n, 0) > 0 for n in able):
                 # Nobody healthy can serve it: better a degraded owner than none.
@@ -647,6 +652,53 @@ class ClusterManager(Service):
                 res.owner = d.winner if d.winner in claims else None
             if name in self.excluded and res.owner not in (None, self.node_id):
                 self.excluded.discard(name)    # demote done: someone else took it
+
+    def _excluded(self, name: str, res: Resource, able: set[str]) -> set[str]:
+        """Nodes that must not own ``name`` now: this node after a demote or
+        while its VIP cannot be added (if someone else can take it); a peer
+        that flags ``unable:<name>`` or does not have the resource at all."""
+        excluded = {self.node_id} if name in self.excluded else set()
+        for peer in self.peers.values():
+            hb = peer.heartbeat
+            if peer.alive and hb is not None and (f"unable:{name}" in hb.health
+                                                  or name not in hb.config):
+                excluded.add(peer.id)
+        if name in self.res_unable:
+            others = [n for n in able if n != self.node_id and n not in excluded
+                      and res.spec.priority.get(n, 0) > 0]
+            if others:
+                excluded.add(self.node_id)
+        return excluded
+
+    def _vip_result(self, ok, res: Resource):
+        name = res.spec.name
+        if ok is False and res.mine is not None:
+            res.vip_failures += 1
+            backoff = min(2.0 ** (res.vip_failures - 1), 60.0)
+            self.res_unable[name] = self.clock.seconds() + backoff
+            res.vip_error = f"add failed {res.vip_failures}x; retry in {backoff:g}s"
+            _log.error("vip {res}: address could not be added ({n} failures); flagged "
+                       "unable:{res} so a peer can take it; retry in {backoff:g}s",
+                       res=name, n=res.vip_failures, backoff=backoff)
+            self._send_heartbeats()
+            self.evaluate()
+        elif ok:
+            res.vip_failures = 0
+            res.vip_error = None
+            self.res_unable.pop(name, None)
+
+    def _expire_unable(self):
+        now = self.clock.seconds()
+        for name, until in list(self.res_unable.items()):
+            if now < until:
+                continue
+            del self.res_unable[name]
+            res = self.resources.get(name)
+            if res is not None and res.mine is not None and self.vip_manager is not None:
+                # Still the owner (nobody else could take it): try again.
+                d = defer.maybeDeferred(self.vip_manager.acquire, name, "retry after failure")
+                d.addCallback(self._vip_result, res)
+                d.addErrback(lambda f: _log.failure("vip retry", failure=f))
 
     def _why(self, res: Resource, claims: dict, able: set[str]) -> str:
         dead = [p.id for p in self.peers.values() if not p.alive]
@@ -719,6 +771,8 @@ class ClusterManager(Service):
         if res.spec.kind == "vip" and self.vip_manager is not None:
             action = self.vip_manager.acquire if claim is not None else self.vip_manager.release
             d = defer.maybeDeferred(action, res.spec.name, why)
+            if claim is not None:
+                d.addCallback(self._vip_result, res)
             d.addErrback(lambda f: _log.error("vip {res}: {why}", res=res.spec.name,
                                               why=f.getErrorMessage()))
         for listener in list(res.listeners):
@@ -865,6 +919,7 @@ class ClusterManager(Service):
             resources[name] = {"owner": res.owner, "epoch": res.mine.epoch if res.mine else res.max_epoch,
                                "role": "owner" if res.mine else "standby", "kind": res.spec.kind,
                                "manual": bool(res.mine and res.mine.manual),
+                               "vip_error": res.vip_error,
                                "since_s": round(now - res.changed_at, 3) if res.changed_at else None,
                                "reason": res.reason}
         warnings = []

@@ -45,7 +45,7 @@ class VIPManager(Service):
 
     def __init__(self, reactor: Any, vips: Iterable[Any], *, netns: str | None = None,
                  announce_count: int = 3, announce_interval_s: float = 0.05,
-                 refresh_interval_s: float = 60.0, netlink: Any = None):
+                 refresh_interval_s: float = 15.0, netlink: Any = None):
         self._reactor = reactor
         self._vips: dict[str, Any] = {}
         for vip in vips:

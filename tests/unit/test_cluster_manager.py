@@ -556,3 +556,40 @@ def test_persisted_partner_state_loaded_at_registration():
     b.register_partner("a", primary=False)
     run(clock, 2.0)
     assert b.partners["a"].fsm.state == P.PARTNER_DOWN
+
+
+def test_failed_vip_add_hands_over_and_is_retried():
+    """M2: the owner cannot add its VIP: it flags unable:vip1, the peer takes over, the
+    status names the error, and the add is retried with backoff (preempt takes it
+    back once it works)."""
+    clock, net, nodes = make_pair()
+    vips = {n: FakeVIPs() for n in nodes}
+    broken = {"on": True}
+    real = vips["a"].acquire
+    vips["a"].acquire = lambda name, reason="": (real(name, reason), defer.succeed(
+        not broken["on"]))[1]
+    for n, m in nodes.items():
+        m.vip_manager = vips[n]
+    start(clock, nodes)
+    run(clock, 1.5)
+    assert owners(nodes) == ["b"], "a VIP that could not be added is not owned"
+    assert "unable:vip1" in nodes["b"].status()["peers"]["a"]["health"]
+    tries = vips["a"].log.count(("acquire", "vip1"))
+    run(clock, 5.0)
+    assert vips["a"].log.count(("acquire", "vip1")) > tries, "retried"
+    broken["on"] = False
+    run(clock, 70.0)
+    assert owners(nodes) == ["a"]
+    assert nodes["a"].status()["resources"]["vip1"]["vip_error"] is None
+
+
+def test_resource_known_to_one_node_only_is_owned_by_it():
+    """M3: a resource registered on node a only is owned by a, although the default
+    priorities would give the tie to b (which does not have it)."""
+    clock, net, nodes = make_pair()
+    heard = []
+    start(clock, nodes)
+    nodes["a"].register_resource("dns:www", lambda r, role, e: heard.append(role))
+    run(clock, 1.5)
+    assert nodes["a"].role("dns:www") == "owner"
+    assert heard == ["owner"]
