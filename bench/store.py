@@ -157,7 +157,7 @@ async def bench_embedded(reactor, args, value: str, policy: str) -> list[dict]:
 async def bench_redis_store(reactor, args, url: str, value: str, suffix: str, config: str):
     from appliance.store.redis import RedisStore
 
-    store = RedisStore(reactor, url=url, namespace="bench", op_timeout_s=30.0,
+    store = RedisStore(reactor, url=url, namespace="bench",   # shipped op_timeout_s
                        connect_timeout_s=5.0)
     await store.startService()
     try:

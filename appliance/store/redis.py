@@ -436,6 +436,10 @@ class RedisStore(Service):
             self._sweep_call.cancel()
         self._sweep_call = None
         self._inflight.clear()      # their connections are closed below: they errback
+        self._held.clear()          # notifications nobody will read
+        if self._held_call is not None and self._held_call.active():
+            self._held_call.cancel()
+        self._held_call = None
         ds = []
         for f in (self._factory, self._subfactory):
             if f is not None:
@@ -765,7 +769,12 @@ class RedisStore(Service):
     # entry per command instead of a DelayedCall: commands are issued in
     # deadline order, so a single timer at the oldest deadline suffices.
     def _track(self, d, conn):
-        self._inflight.append((self._reactor.seconds() + self._deadline_s, d, conn))
+        q = self._inflight
+        # drop answered commands from the head now (replies come in order), so a
+        # long deadline does not keep every answered Deferred alive until the sweep
+        while q and q[0][1].called and not q[0][1].paused:
+            q.popleft()
+        q.append((self._reactor.seconds() + self._deadline_s, d, conn))
         if self._sweep_call is None:
             self._sweep_call = self._reactor.callLater(self._deadline_s, self._sweep)
 
