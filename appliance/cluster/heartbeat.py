@@ -8,7 +8,9 @@ MAC covers version and payload.  The payload is compact JSON::
      "p": {peer: partner state}, "c": {resource: config digest},
      "cd": {resource: {setting: digest}} (every few beats only)}
 
-``"e": {peer: [incarnation, seq]}`` echoes, for each receiver, the last
+``"m": {resource: epoch}`` is the highest epoch the sender knows for each
+resource (a node that restarts, or lost a contest, learns it: the owner
+always re-claims above it).  ``"e": {peer: [incarnation, seq]}`` echoes, for each receiver, the last
 authentic beat the sender heard from it.
 
 The incarnation grows with every start of a node (wall-clock nanoseconds,
@@ -68,6 +70,7 @@ class Heartbeat:
     config: dict[str, str] = field(default_factory=dict)
     config_detail: dict[str, dict[str, str]] | None = None
     echo: dict[str, tuple[int, int]] | None = None
+    max_epochs: dict[str, int] = field(default_factory=dict)
 
     @property
     def able(self) -> bool:
@@ -89,6 +92,8 @@ def encode(hb: Heartbeat, key: bytes) -> bytes:
         body["cd"] = hb.config_detail
     if hb.echo is not None:
         body["e"] = {k: [i, q] for k, (i, q) in hb.echo.items()}
+    if hb.max_epochs:
+        body["m"] = hb.max_epochs
     payload = bytes([VERSION]) + json.dumps(body, separators=(",", ":")).encode()
     mac = hmac.new(key, payload, hashlib.sha256).digest()
     return MAGIC + payload[:1] + mac + payload[1:]
@@ -145,12 +150,15 @@ def decode(datagram: bytes, key: bytes) -> Heartbeat:
                     raise HeartbeatError("malformed", f"echo for {k}")
                 parsed[k] = (inc_e, seq_e)
             echo = parsed
+        max_epochs = _str_map(body.get("m", {}), "max epochs")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in max_epochs.values()):
+            raise HeartbeatError("malformed", "max epochs are not integers")
     except HeartbeatError:
         raise
     except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise HeartbeatError("malformed", str(e)[:200]) from None
     return Heartbeat(node, inc, seq, float(sent), tuple(health), resources, partners, config,
-                     detail, echo)
+                     detail, echo, max_epochs)
 
 
 class HeartbeatVerifier:

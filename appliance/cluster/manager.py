@@ -124,6 +124,7 @@ class Resource:
     contested: bool = False      # another live node claims it while we own it
     vip_failures: int = 0        # consecutive failed VIP adds
     vip_error: str | None = None
+    digest: Any = None           # (settings, config_digest(settings)) cache
     changed_at: float = 0.0
     reason: str = ""
 
@@ -462,7 +463,7 @@ class ClusterManager(Service):
         config = {}
         detail = {} if self.seq % DETAIL_EVERY == 1 else None
         for name, res in self.resources.items():
-            overall, per = config_digest(res.settings)
+            overall, per = self._digest(res)
             config[name] = overall
             if detail is not None:
                 detail[name] = per
@@ -472,7 +473,9 @@ class ClusterManager(Service):
                          self.health_flags(), claims,
                          {peer: ps.fsm.state for peer, ps in self.partners.items()},
                          config, detail,
-                         self.verifier.echo() if self.verifier is not None else None)
+                         self.verifier.echo() if self.verifier is not None else None,
+                         {name: res.max_epoch for name, res in self.resources.items()
+                          if res.max_epoch > 0})
 
     def _send_heartbeats(self):
         if self.port is None:
@@ -524,6 +527,10 @@ class ClusterManager(Service):
             res = self.resources.get(name)
             if res is not None and epoch > res.max_epoch:
                 res.max_epoch = epoch
+        for name, epoch in hb.max_epochs.items():
+            res = self.resources.get(name)
+            if res is not None and epoch > res.max_epoch:
+                res.max_epoch = epoch
         ps = self.partners.get(peer.id)
         if ps is not None and not ps.loading:
             reported = hb.partners.get(self.node_id)
@@ -562,7 +569,7 @@ class ClusterManager(Service):
             res = self.resources.get(name)
             if res is None:
                 continue
-            overall, mine = config_digest(res.settings)
+            overall, mine = self._digest(res)
             if overall == digest:
                 peer.config_mismatch.pop(name, None)
                 continue
@@ -652,6 +659,13 @@ class ClusterManager(Service):
                 res.owner = d.winner if d.winner in claims else None
             if name in self.excluded and res.owner not in (None, self.node_id):
                 self.excluded.discard(name)    # demote done: someone else took it
+
+    def _digest(self, res: Resource):
+        """``config_digest`` of the resource's settings, cached (settings are
+        fixed once the node runs; a change before start is picked up)."""
+        if res.digest is None or res.digest[0] is not res.settings or not self.running:
+            res.digest = (res.settings, config_digest(res.settings))
+        return res.digest[1]
 
     def _excluded(self, name: str, res: Resource, able: set[str]) -> set[str]:
         """Nodes that must not own ``name`` now: this node after a demote or

@@ -1,0 +1,1 @@
+"""Deterministic fault simulator for the cluster manager (see world.py)."""

@@ -1,0 +1,46 @@
+"""Run the cluster fault simulator.
+
+    python -m tests.sim --seeds 10000            # seeds 0..9999, 2 and 3 nodes
+    python -m tests.sim --seed 1234 --nodes 2 -v # replay one seed, print its events
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from tests.sim.world import Violation, World
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tests.sim")
+    ap.add_argument("--seeds", type=int, default=100, help="how many seeds (from --start)")
+    ap.add_argument("--start", type=int, default=0)
+    ap.add_argument("--seed", type=int, help="replay this one seed")
+    ap.add_argument("--nodes", type=int, choices=(2, 3), action="append",
+                    help="node counts (default: 2 and 3)")
+    ap.add_argument("--duration", type=float, default=30.0, help="simulated seconds per seed")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print the event log")
+    args = ap.parse_args(argv)
+    counts = args.nodes or [2, 3]
+    seeds = [args.seed] if args.seed is not None else range(args.start, args.start + args.seeds)
+    t0, runs, failures, events = time.time(), 0, 0, 0
+    for seed in seeds:
+        for n in counts:
+            try:
+                w = World(seed, n).run(args.duration)
+                events += w.events
+                if args.verbose:
+                    print("\n".join(w.log))
+            except Violation as v:
+                failures += 1
+                print(f"FAIL {v}\n", flush=True)
+            runs += 1
+    print(f"{runs} runs ({len(seeds)} seeds x {counts} nodes, {args.duration:g} s simulated "
+          f"each, {events} fault events), {failures} failed, {time.time() - t0:.1f} s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

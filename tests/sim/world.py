@@ -1,0 +1,413 @@
+"""A deterministic fault simulator for the cluster manager.
+
+The *real* :class:`~appliance.cluster.manager.ClusterManager` of N nodes runs
+on one injected monotonic clock (a ``task.Clock``: true time) with a wall
+clock per node (true time + an offset the schedule steps independently), and
+a simulated network: per-direction loss, delay and jitter, partitions
+(symmetric and one-way) and heals.  A seeded random schedule also kills and
+restarts nodes (keeping or wiping their state: store and incarnation, with a
+clock behind so the new incarnation is *lower*), steps wall clocks by +-1 h
+and issues operator commands (promote, demote, maintenance, partner-down).
+
+Invariants, checked after every 10 ms step of simulated time:
+
+* ``epoch``: the highest epoch a node knows for a resource never goes
+  down while it runs, and every claim it makes is above its previous claim
+  (also across a restart that kept its store: the claim epoch is persisted);
+* ``detector``: a node suspects a peer only if nothing the peer sent in the
+  last ``dead_after`` intervals reached it (no takeover unless dead_after
+  intervals of beats were really lost);
+* ``heal``: once every fault is cleared, at most one owner per resource
+  within one heartbeat interval (+ one beat period + 20 ms), and that owner
+  holds the highest epoch any running node has seen;
+* ``partners``: once the network is clean, every node up and nobody in
+  maintenance for 5 s, every partner relationship is NORMAL (every state is
+  left without operator action once its cause is gone).
+
+A violation raises :class:`Violation` whose message ends with the one
+command that replays the seed: ``python -m tests.sim --seed S --nodes N``.
+Not simulated (reported as missing): the TLS peer link, key rotation, a
+witness.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from dataclasses import dataclass, field
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+import appliance.cluster.manager as manager_mod
+from appliance.cluster import partner as P
+from appliance.cluster.manager import ClusterManager
+from appliance.config import ClusterSection, Peer, VIPSection
+
+KEY = b"k" * 32
+IDS = ("a", "b", "c")
+PRIORITY = {"a": 200, "b": 150, "c": 100}
+INTERVAL_MS = 100
+DEAD_AFTER = 3
+STEP = 0.01
+
+
+class Violation(AssertionError):
+    pass
+
+
+class MemStore:
+    """The store calls the manager makes, synchronous, per node (a lease DB)."""
+
+    def __init__(self):
+        self.data = {}
+        self.healthy = True
+
+    def get(self, key):
+        return defer.succeed(self.data.get(key))
+
+    def set(self, key, value):
+        self.data[key] = value
+        return defer.succeed(None)
+
+    def cas(self, key, expected, new):
+        if self.data.get(key) != expected:
+            return defer.succeed(False)
+        self.data[key] = new
+        return defer.succeed(True)
+
+
+@dataclass
+class Link:
+    loss: float = 0.0
+    delay: float = 0.0005
+    jitter: float = 0.0
+    cut: bool = False
+
+
+class SimNet:
+    def __init__(self, clock: Clock, rng: random.Random, ids):
+        self.clock, self.rng = clock, rng
+        self.ports: dict[str, object] = {}
+        self.links = {(s, d): Link() for s in ids for d in ids if s != d}
+        self.addr = {n: f"10.0.0.{i + 1}" for i, n in enumerate(ids)}
+        self.node_of = {a: n for n, a in self.addr.items()}
+        self.last_sent_delivered: dict[tuple[str, str], float] = {}
+
+    def send(self, src: str, data: bytes, dst_addr: str):
+        dst = self.node_of.get(dst_addr)
+        link = self.links.get((src, dst))
+        if link is None or link.cut or (link.loss and self.rng.random() < link.loss):
+            return
+        delay = link.delay + (self.rng.random() * link.jitter if link.jitter else 0.0)
+        self.clock.callLater(delay, self._deliver, src, dst, data, self.clock.seconds())
+
+    def _deliver(self, src, dst, data, sent_at):
+        proto = self.ports.get(dst)
+        if proto is None:
+            return
+        key = (src, dst)
+        self.last_sent_delivered[key] = max(self.last_sent_delivered.get(key, -1e9), sent_at)
+        proto.datagramReceived(data, (self.addr[src], 8741))
+
+    def clean(self) -> bool:
+        return all(not l.cut and not l.loss and l.jitter == 0 and l.delay < 0.002
+                   for l in self.links.values())
+
+    def heal(self):
+        for link in self.links.values():
+            link.loss, link.delay, link.jitter, link.cut = 0.0, 0.0005, 0.0, False
+
+
+class _Port:
+    def __init__(self, net, node):
+        self.net, self.node = net, node
+
+    def write(self, data, addr):
+        self.net.send(self.node, data, addr[0])
+
+    def stopListening(self):
+        if self.net.ports.get(self.node) is not None:
+            self.net.ports.pop(self.node, None)
+
+
+class _Reactor:
+    """What the manager needs of a reactor besides time: a UDP port."""
+
+    def __init__(self, clock, net, node):
+        self._clock, self._net, self._node = clock, net, node
+
+    def seconds(self):
+        return self._clock.seconds()
+
+    def callLater(self, *a, **kw):
+        return self._clock.callLater(*a, **kw)
+
+    def listenUDP(self, port, proto, interface=""):
+        self._net.ports[self._node] = proto
+        return _Port(self._net, self._node)
+
+
+@dataclass
+class SimNode:
+    id: str
+    store: MemStore = field(default_factory=MemStore)
+    wall_offset: float = 0.0
+    manager: ClusterManager | None = None
+    up: bool = False
+    started_at: float = 0.0
+    epochs: dict[str, int] = field(default_factory=dict)
+    last_claim: dict[str, int] = field(default_factory=dict)
+    suspected: dict[str, int] = field(default_factory=dict)
+    incarnation: int = 0
+
+
+class World:
+    def __init__(self, seed: int, n_nodes: int = 2, preempt: bool | None = None):
+        self.seed, self.n = seed, n_nodes
+        self.rng = random.Random(seed)
+        self.net_rng = random.Random(seed * 7919 + 1)
+        self.clock = Clock()
+        self.ids = IDS[:n_nodes]
+        self.net = SimNet(self.clock, self.net_rng, self.ids)
+        self.preempt = self.rng.random() < 0.7 if preempt is None else preempt
+        self.nodes = {n: SimNode(n) for n in self.ids}
+        self.fault_gen = 0
+        self.clean_since = 0.0
+        self.pending_checks: list[tuple[float, int, str]] = []
+        self.log: list[str] = []
+        self.events = 0
+        self.last_op = 0.0            # last operator command (partner check waits 5 s)
+        self._next_inc = 10**6
+
+    # -- nodes ---------------------------------------------------------------
+    def _incarnation(self, node: SimNode, lower: bool) -> int:
+        if lower:
+            return self.rng.randint(1, 1000)        # state dir lost and clock behind
+        self._next_inc += self.rng.randint(1, 10**6)
+        return self._next_inc
+
+    def start(self, nid: str, *, wipe: bool = False, lower: bool = False):
+        node = self.nodes[nid]
+        if wipe:
+            node.store = MemStore()
+            node.last_claim = {}
+        node.epochs = {}
+        node.incarnation = self._incarnation(node, lower)
+        peers = tuple(Peer(p, ipaddress.ip_address(self.net.addr[p])) for p in self.ids if p != nid)
+        cluster = ClusterSection(peers=peers, heartbeat_interval_ms=INTERVAL_MS,
+                                 dead_after=DEAD_AFTER, auto_partner_down_s=0.0,
+                                 bind_address=None)
+        vip = VIPSection("vip1", ipaddress.ip_interface("10.0.0.100/24"), "eth0",
+                         {n: PRIORITY[n] for n in self.ids}, self.preempt)
+        inc = node.incarnation
+        saved = manager_mod.next_incarnation
+        manager_mod.next_incarnation = lambda d: inc
+        try:
+            m = ClusterManager(_Reactor(self.clock, self.net, nid), node_id=nid, cluster=cluster,
+                               vips=[vip], store=node.store, state_dir="/nonexistent-sim",
+                               key=KEY, clock=self.clock,
+                               wall=lambda node=node: self.clock.seconds() + node.wall_offset)
+            if self.n == 2:
+                other = [p for p in self.ids if p != nid][0]
+                m.register_partner(other, primary=(nid == "a"), sync=lambda peer: None)
+            m.startService()
+        finally:
+            manager_mod.next_incarnation = saved
+        node.manager, node.up, node.started_at = m, True, self.clock.seconds()
+        node.suspected = {p: 0 for p in self.ids if p != nid}
+
+    def kill(self, nid: str):
+        node = self.nodes[nid]
+        if not node.up:
+            return
+        m = node.manager
+        self.net.ports.pop(nid, None)           # kill -9: nothing more leaves or arrives
+        m.port = None
+        m.stopService()
+        node.up = False
+
+    # -- faults ----------------------------------------------------------------
+    def _fault(self, what: str):
+        self.fault_gen += 1
+        self.events += 1
+        self.log.append(f"{self.clock.seconds():8.3f} {what}")
+
+    def random_event(self):
+        r = self.rng.random()
+        ids = list(self.ids)
+        pair = self.rng.sample(ids, 2)
+        if r < 0.18:
+            p = self.rng.choice([0.05, 0.1, 0.2, 0.3])
+            for link in self.net.links.values():
+                link.loss = p
+            self._fault(f"loss {p:.0%} everywhere")
+        elif r < 0.28:
+            p = self.rng.uniform(0, 0.3)
+            self.net.links[tuple(pair)].loss = p
+            self._fault(f"one-way loss {pair[0]}->{pair[1]} {p:.0%}")
+        elif r < 0.36:
+            d, j = self.rng.uniform(0, 0.15), self.rng.uniform(0, 0.05)
+            for link in self.net.links.values():
+                link.delay, link.jitter = d, j
+            self._fault(f"delay {d * 1000:.0f} ms jitter {j * 1000:.0f} ms")
+        elif r < 0.48:
+            self.net.links[tuple(pair)].cut = self.net.links[tuple(reversed(pair))].cut = True
+            self._fault(f"partition {pair[0]}|{pair[1]}")
+        elif r < 0.52:
+            self.net.links[tuple(pair)].cut = True
+            self._fault(f"one-way cut {pair[0]}->{pair[1]}")
+        elif r < 0.70:
+            self.net.heal()
+            self._fault("heal")
+            t = self.clock.seconds()
+            self.pending_checks.append((t + INTERVAL_MS / 1000 + INTERVAL_MS / 3000 + 0.02,
+                                        self.fault_gen, "heal"))
+        elif r < 0.78:
+            nid = self.rng.choice(ids)
+            if self.nodes[nid].up:
+                self.kill(nid)
+                self._fault(f"kill {nid}")
+            else:
+                wipe = self.rng.random() < 0.4
+                lower = wipe and self.rng.random() < 0.5
+                self.start(nid, wipe=wipe, lower=lower)
+                self._fault(f"restart {nid}" + (" wiped" if wipe else "")
+                            + (" lower-incarnation" if lower else ""))
+        elif r < 0.84:
+            nid = self.rng.choice(ids)
+            step = self.rng.choice([-3600.0, 3600.0, -30.0, 45.0])
+            self.nodes[nid].wall_offset += step
+            self.events += 1
+            self.log.append(f"{self.clock.seconds():8.3f} wall step {nid} {step:+g}s")
+        else:
+            self._operator(ids)
+
+    def _operator(self, ids):
+        nid = self.rng.choice(ids)
+        node = self.nodes[nid]
+        if not node.up:
+            return
+        m = node.manager
+        r = self.rng.random()
+        self.events += 1
+        self.last_op = self.clock.seconds()
+        try:
+            if r < 0.3:
+                m.promote("vip1")
+                what = "promote"
+            elif r < 0.55:
+                m.demote("vip1")
+                what = "demote"
+            elif r < 0.8:
+                on = not m.maintenance
+                m.set_maintenance(on)
+                what = f"maintenance {'on' if on else 'off'}"
+            else:
+                peer = self.rng.choice([p for p in ids if p != nid])
+                m.partner_down(peer)
+                what = f"partner-down {peer}"
+        except Exception as e:          # refused (ApplicationError): fine
+            what = f"refused ({type(e).__name__}: {e})"
+        self.log.append(f"{self.clock.seconds():8.3f} operator {nid}: {what}")
+
+    # -- invariants ------------------------------------------------------------
+    def fail(self, what: str):
+        tail = "\n".join(self.log[-25:])
+        raise Violation(f"seed {self.seed}, {self.n} nodes, t={self.clock.seconds():.3f}: "
+                        f"{what}\n--- last events ---\n{tail}\n--- replay ---\n"
+                        f"python -m tests.sim --seed {self.seed} --nodes {self.n}")
+
+    def owners(self):
+        return [n for n, node in self.nodes.items()
+                if node.up and node.manager.role("vip1") == "owner"]
+
+    def check(self):
+        now = self.clock.seconds()
+        dead_s = DEAD_AFTER * INTERVAL_MS / 1000
+        for nid, node in self.nodes.items():
+            if not node.up:
+                continue
+            m = node.manager
+            for name, res in m.resources.items():
+                e = max(res.max_epoch, res.mine.epoch if res.mine else 0)
+                if e < node.epochs.get(name, 0):
+                    self.fail(f"epoch of {name} on {nid} went down: {node.epochs[name]} -> {e}")
+                node.epochs[name] = e
+                if res.mine is not None and res.mine.epoch != node.last_claim.get(name):
+                    if res.mine.epoch < node.last_claim.get(name, 0):
+                        self.fail(f"{nid} claimed {name} at epoch {res.mine.epoch}, below its "
+                                  f"previous claim {node.last_claim[name]}")
+                    node.last_claim[name] = res.mine.epoch
+            for pid, peer in m.peers.items():
+                if peer.suspected > node.suspected.get(pid, 0):
+                    node.suspected[pid] = peer.suspected
+                    last = self.net.last_sent_delivered.get((pid, nid), -1e9)
+                    if now - last < dead_s - 1e-6:
+                        self.fail(f"{nid} suspected {pid} although a beat sent "
+                                  f"{(now - last) * 1000:.1f} ms ago reached it "
+                                  f"(dead_after = {dead_s * 1000:.0f} ms)")
+        if not self.net.clean():
+            self.clean_since = None
+        elif self.clean_since is None:
+            self.clean_since = now
+        for check in [c for c in self.pending_checks if c[0] <= now]:
+            self.pending_checks.remove(check)
+            at, gen, kind = check
+            if gen != self.fault_gen or not self.net.clean():
+                continue
+            if any(node.up and now - node.started_at < 1.0 for node in self.nodes.values()):
+                continue
+            owners = self.owners()
+            if len(owners) > 1:
+                self.fail(f"{len(owners)} owners {owners} one heartbeat after a heal")
+            if owners:
+                mine = self.nodes[owners[0]].manager.resources["vip1"]
+                top = max(n.manager.resources["vip1"].max_epoch
+                          for n in self.nodes.values() if n.up)
+                if mine.mine.epoch < top:
+                    self.fail(f"owner {owners[0]} holds epoch {mine.mine.epoch} below the "
+                              f"highest seen ({top}) after a heal")
+        if (self.n == 2 and self.clean_since is not None and now - self.clean_since > 5.0
+                and now - self.last_op > 5.0
+                and all(node.up and now - node.started_at > 5.0 for node in self.nodes.values())
+                and not any(node.manager.maintenance for node in self.nodes.values())):
+            states = {nid: ps.fsm.state for nid, node in self.nodes.items()
+                      for ps in node.manager.partners.values()}
+            if any(s != P.NORMAL for s in states.values()):
+                self.fail(f"partner states {states} after 5 s of a clean network")
+
+    # -- run ---------------------------------------------------------------------
+    def run(self, duration: float = 30.0, mean_gap: float = 1.5):
+        for nid in self.ids:
+            self.start(nid)
+        next_event = self.rng.expovariate(1 / mean_gap) + 1.0
+        t = 0.0
+        while t < duration:
+            self.clock.advance(STEP)
+            t = self.clock.seconds()
+            self.check()
+            if t >= next_event:
+                self.random_event()
+                next_event = t + self.rng.expovariate(1 / mean_gap)
+        # the end: heal, restart everyone, and everything must settle
+        self.net.heal()
+        self._fault("final heal")
+        for nid, node in self.nodes.items():
+            if not node.up:
+                self.start(nid)
+            elif node.manager.maintenance:
+                node.manager.set_maintenance(False)
+                self.last_op = self.clock.seconds()
+        self.pending_checks.append((t + 1.5, self.fault_gen, "heal"))
+        for _ in range(int(8.0 / STEP)):
+            self.clock.advance(STEP)
+            self.check()
+        for node in self.nodes.values():
+            if node.up:
+                self.kill(node.id)
+        return self
+
+
+def run_seed(seed: int, n_nodes: int = 2, duration: float = 30.0) -> World:
+    return World(seed, n_nodes).run(duration)
