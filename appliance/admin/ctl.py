@@ -401,15 +401,24 @@ def render_leases(result: Any) -> str:
 
 
 def render_cluster(status: Any) -> str:
-    """``cluster.status``: header, PEER table, RESOURCE table, drop counters."""
+    """``cluster.status``: header, warnings, PEER table (with heartbeat loss and
+    jitter from sequence gaps), RESOURCE table, drop counters."""
     if not isinstance(status, dict) or "peers" not in status:
         return render(status)
     health = status.get("health") or []
+    hb = status.get("heartbeat") or {}
+    beat = f"{_cell(status.get('heartbeat_interval_ms'))} ms"
+    if hb:
+        beat += (f" ({_cell(hb.get('beats_per_interval'))} beats/interval, suspect after "
+                 f"{_cell(hb.get('deadline_ms'))} ms)")
     header = _kv_block([("node", _cell(status.get("node"))),
-                        ("heartbeat", f"{_cell(status.get('heartbeat_interval_ms'))} ms"),
+                        ("heartbeat", beat),
                         ("maintenance", _cell(status.get("maintenance"))),
                         ("health", ",".join(health) if health else "ok")])
     blocks = [header]
+    warnings = status.get("warnings") or []
+    if warnings:
+        blocks.append("\n".join(f"WARNING: {w}" for w in warnings))
     peers = status.get("peers") or {}
     if peers:
         rows = []
@@ -419,11 +428,18 @@ def render_cluster(status: Any) -> str:
             if mismatch:
                 note = (note + "; " if note else "") + "config differs: " + "; ".join(
                     f"{res} ({', '.join(keys)})" for res, keys in mismatch.items())
+            loss = p.get("loss")
             rows.append({"peer": pid, "alive": p.get("alive"), "last_seen_ms": p.get("last_seen_ms"),
                          "state": p.get("state"), "health": p.get("health") or ["ok"],
+                         "loss": None if loss is None else f"{loss * 100:.1f}%",
+                         "jitter_ms": p.get("jitter_ms"), "suspected": p.get("suspected"),
                          "skew_s": p.get("skew_s"), "note": note or None})
-        blocks.append(format_table(rows, ["peer", "alive", "last_seen_ms", "state", "health",
-                                          "skew_s", "note"]))
+        columns = ["peer", "alive", "last_seen_ms", "state", "health", "loss", "jitter_ms",
+                   "suspected", "skew_s", "note"]
+        columns = [c for c in columns if c in ("peer", "alive", "last_seen_ms", "state", "health",
+                                               "skew_s", "note")
+                   or any(r.get(c) is not None for r in rows)]
+        blocks.append(format_table(rows, columns))
     else:
         blocks.append("(single node: no peers)")
     resources = status.get("resources") or {}
@@ -431,7 +447,9 @@ def render_cluster(status: Any) -> str:
         rows = [{"resource": name, "owner": r.get("owner"), "epoch": r.get("epoch"),
                  "role": r.get("role"), "kind": r.get("kind"),
                  "since": fmt_duration(r.get("since_s")) if r.get("since_s") is not None else None,
-                 "reason": r.get("reason") or None}
+                 "reason": "; ".join(x for x in (r.get("reason"),
+                                                 f"VIP: {r['vip_error']}" if r.get("vip_error")
+                                                 else None) if x) or None}
                 for name, r in resources.items()]
         blocks.append(format_table(rows))
     else:
