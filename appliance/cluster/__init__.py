@@ -1,7 +1,13 @@
 """The heartbeat + failover manager shared by every service.
 
-heartbeat.py (wire format, HMAC, replay protection), detector.py (peer
-liveness), ownership.py (election with epochs), partner.py (failover
-states of a partner relationship), vip.py (address takeover), manager.py
-(the ``cluster`` service wiring them to the reactor, the store and RPC).
+Pure logic: heartbeat.py (wire format, HMAC, echo-based replay protection),
+ownership.py (election with epochs), partner.py (failover states of a
+partner relationship).  Components: transport.py (socket, incarnation,
+drift-free send schedule), detector.py (peer liveness, loss, jitter, skew),
+health.py (local flags), resources.py (elections, epochs, claims, VIPs),
+partners.py (partner state machines, persistence, syncs), admin.py (RPC,
+status, metrics; the only module that maps to admin errors), clock.py
+(monotonic timers), peerlink.py (the mutual-TLS replication stream),
+vip.py (address takeover).  manager.py is the ``cluster`` service: a thin
+façade wiring them to the reactor, the store and RPC.
 """

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from appliance.cluster.manager import new_cluster_key
+from appliance.cluster.transport import new_cluster_key
 
 
 def _write(path: Path, data: bytes, private: bool, force: bool) -> str:

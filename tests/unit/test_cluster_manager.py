@@ -280,9 +280,10 @@ def test_maintenance_hands_over_and_partner_down_refused_while_alive():
     run(clock, 0.1)
     assert owners(nodes) == ["b"]
     assert nodes["b"].partners["a"].fsm.state == P.PARTNER_DOWN
-    from appliance.admin.rpc import ApplicationError
-    with pytest.raises(ApplicationError):
+    from appliance.cluster.errors import ClusterError
+    with pytest.raises(ClusterError) as refused:
         nodes["b"].partner_down("a")
+    assert refused.value.code == -32023
     nodes["a"].set_maintenance(False)
     run(clock, 0.5)
     assert nodes["a"].partners["b"].fsm.state == P.NORMAL

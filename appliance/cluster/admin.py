@@ -1,0 +1,113 @@
+"""The cluster's operator surface: JSON-RPC methods, ``cluster.status`` and the
+Prometheus collector.  Refusals from the core (:class:`ClusterError`) become
+JSON-RPC application errors here, so the cluster core imports no admin code.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from appliance.cluster.errors import ClusterError
+from appliance.cluster.heartbeat import DROP_REASONS
+
+
+def _rpc(method):
+    """Call ``method``; a :class:`ClusterError` becomes an ``ApplicationError``."""
+    from appliance.admin.rpc import ApplicationError
+
+    @functools.wraps(method)
+    def call(*args, **kw):
+        try:
+            return method(*args, **kw)
+        except ClusterError as e:
+            raise ApplicationError(str(e), code=e.code) from None
+    return call
+
+
+def register_methods(m, rpc) -> None:
+    rpc.register("cluster.status", m.status, doc="Peers, resources, partner states.")
+    rpc.register("cluster.promote", _rpc(m.promote), doc="Take a resource now {resource}.")
+    rpc.register("cluster.demote", _rpc(m.demote), doc="Hand a resource to a peer {resource}.")
+    rpc.register("cluster.maintenance", _rpc(m.set_maintenance),
+                 doc="{on}: hand everything to the partner and stop claiming.")
+    rpc.register("cluster.partner_down", _rpc(m.partner_down),
+                 doc="{peer}: declare a silent peer down (serve everything).")
+
+
+def status(m) -> dict[str, Any]:
+    now = m.clock.seconds()
+    peers = m.detector.status(now)
+    partners = m.partnerships.states()
+    for pid, entry in peers.items():
+        p = m.peers[pid]
+        entry["state"] = partners.get(pid) or ("alive" if p.alive else "dead")
+        entry["unechoed"] = m.verifier.unechoed.get(pid, 0) if m.verifier else 0
+    warnings = []
+    if m.cfg is not None and m.cfg.auto_partner_down_s > 0 and partners:
+        warnings.append(
+            f"auto_partner_down_s = {m.cfg.auto_partner_down_s:g} without a witness or "
+            "client evidence: in a partition both sides could be PARTNER-DOWN and serve "
+            "the same addresses")
+    return {"node": m.node_id, "incarnation": m.incarnation, "warnings": warnings,
+            "heartbeat": {"interval_ms": round(m.interval * 1000),
+                          "beats_per_interval": m.beats,
+                          "deadline_ms": round(m.deadline_s * 1000, 1),
+                          "late_beats": m.stats["late_beats"]},
+            "maintenance": m.maintenance, "health": list(m.health_flags()),
+            "heartbeat_interval_ms": round(m.interval * 1000),
+            "peers": peers, "resources": m.table.status(now),
+            "partners": partners,
+            "drops": dict(m.verifier.drops) if m.verifier else {},
+            "peer_link": m.peerlink.status() if m.peerlink is not None else None,
+            "stats": dict(m.stats)}
+
+
+def collect(m):
+    sent = CounterMetricFamily("appliance_heartbeats_sent", "Heartbeats sent")
+    sent.add_metric([], m.stats["sent"])
+    yield sent
+    recv = CounterMetricFamily("appliance_heartbeats_received", "Heartbeats accepted")
+    recv.add_metric([], m.stats["received"])
+    yield recv
+    drops = CounterMetricFamily("appliance_heartbeats_dropped",
+                                "Heartbeats dropped, by reason", labels=["reason"])
+    counts = m.verifier.drops if m.verifier else {}
+    for reason in DROP_REASONS:
+        drops.add_metric([reason], counts.get(reason, 0))
+    yield drops
+    alive = GaugeMetricFamily("appliance_peer_alive", "1 if the peer is heard", labels=["peer"])
+    lost = CounterMetricFamily("appliance_heartbeats_lost",
+                               "Heartbeats missing from the peer's sequence", labels=["peer"])
+    loss = GaugeMetricFamily("appliance_heartbeat_loss_ratio",
+                             "Smoothed share of the peer's heartbeats lost", labels=["peer"])
+    jitter = GaugeMetricFamily("appliance_heartbeat_jitter_seconds",
+                               "Smoothed heartbeat arrival jitter", labels=["peer"])
+    suspected = CounterMetricFamily("appliance_peer_suspicions",
+                                    "Times the detector declared the peer dead", labels=["peer"])
+    for p in m.peers.values():
+        alive.add_metric([p.id], 1 if p.alive else 0)
+        lost.add_metric([p.id], p.lost)
+        loss.add_metric([p.id], p.loss_ewma)
+        jitter.add_metric([p.id], p.jitter_s)
+        suspected.add_metric([p.id], p.suspected)
+    yield alive
+    yield lost
+    yield loss
+    yield jitter
+    yield suspected
+    changes = CounterMetricFamily("appliance_failovers", "Ownership changes on this node")
+    changes.add_metric([], m.stats["role_changes"])
+    yield changes
+    owner = GaugeMetricFamily("appliance_resource_owner", "1 if this node owns the resource",
+                              labels=["resource"])
+    for name, res in m.resources.items():
+        owner.add_metric([name], 1 if res.mine else 0)
+    yield owner
+    if m.peerlink is not None:
+        parked = CounterMetricFamily("appliance_peerlink_parked",
+                                     "Peer-link messages parked after repeated handler failures")
+        parked.add_metric([], m.peerlink.stats.get("parked", 0))
+        yield parked

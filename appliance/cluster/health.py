@@ -1,0 +1,84 @@
+"""Local health: the flags this node advertises in its heartbeats.
+
+Node-wide flags (``maintenance``, ``interface_down`` while a VIP interface
+has no carrier, ``store_down``) make the node unable for every resource;
+``unable:<resource>`` (a VIP whose address could not be added) only for
+that resource, until its retry time.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from appliance.cluster.heartbeat import UNABLE_FLAGS
+
+_log = Logger(namespace="appliance.cluster")
+
+LINK_CHECK_S = 0.5         # how often VIP interfaces are checked for carrier
+
+
+class LocalHealth:
+    def __init__(self, clock, *, store: Callable, vip_manager: Callable,
+                 changed: Callable[[], None]):
+        self.clock = clock
+        self._store, self._vip_manager = store, vip_manager   # read at call time
+        self.changed = changed
+        self.flags_set: set[str] = set()
+        self.maintenance = False
+        self.unable: dict[str, float] = {}     # resource -> retry time (failed VIP add)
+        self.interfaces_down: list[str] = []
+        self._link_check_at = 0.0
+        self._link_checking = False
+
+    def flags(self) -> tuple[str, ...]:
+        flags = set(self.flags_set)
+        flags.update(f"unable:{name}" for name in self.unable)
+        if self.maintenance:
+            flags.add("maintenance")
+        store = self._store()
+        if store is not None and not getattr(store, "healthy", True):
+            flags.add("store_down")
+        return tuple(sorted(flags))
+
+    def able(self) -> bool:
+        return not any(f in UNABLE_FLAGS for f in self.flags())
+
+    def check_links(self):
+        """Flag ``interface_down`` while a VIP's interface has no carrier."""
+        now = self.clock.seconds()
+        checker = getattr(self._vip_manager(), "interfaces_down", None)
+        if checker is None or self._link_checking or now < self._link_check_at:
+            return
+        self._link_check_at = now + LINK_CHECK_S
+        self._link_checking = True
+
+        def got(down):
+            self._link_checking = False
+            if down != self.interfaces_down:
+                _log.warn("client-facing interfaces down: {down}; this node {verdict}",
+                          down=", ".join(down) or "none",
+                          verdict="cannot serve" if down else "can serve again")
+                self.interfaces_down = down
+                if down:
+                    self.flags_set.add("interface_down")
+                else:
+                    self.flags_set.discard("interface_down")
+                self.changed()
+
+        def failed(f):
+            self._link_checking = False
+            _log.warn("interface check failed: {why}", why=f.getErrorMessage())
+
+        d = defer.maybeDeferred(checker).addCallbacks(got, failed)
+        d.addErrback(lambda f: _log.failure("interface check bookkeeping", failure=f))
+
+    def expired_unable(self) -> list[str]:
+        """Resources whose retry time came (their flag is dropped)."""
+        now = self.clock.seconds()
+        due = [name for name, until in self.unable.items() if now >= until]
+        for name in due:
+            del self.unable[name]
+        return due

@@ -1,0 +1,150 @@
+"""Partner relationships: the pure ``partner.PartnerFSM`` per peer, fed by the
+detector and heartbeats, its state persisted in the store and read back at
+registration (before the first transition), listeners told, the RECOVER
+sync run and retried.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from appliance.cluster import partner as P
+from appliance.cluster.resources import call_listener
+
+_log = Logger(namespace="appliance.cluster")
+
+
+@dataclass
+class Partnership:
+    fsm: P.PartnerFSM
+    listeners: list[Callable] = field(default_factory=list)
+    sync: Callable | None = None
+    syncing: bool = False
+    loading: bool = False        # persisted state being read: no transitions yet
+
+
+class Partnerships:
+    def __init__(self, m):
+        self.m = m
+        self.partners: dict[str, Partnership] = {}
+
+    def key(self, peer: str) -> str:
+        return f"cluster:partner:{self.m.node_id}:{peer}"
+
+    def register(self, peer: str, listener, *, primary: bool, sync, data_lost: bool) -> str:
+        m = self.m
+        ps = self.partners.get(peer)
+        if ps is None:
+            fsm = P.PartnerFSM(peer, primary=primary,
+                               auto_partner_down_s=m.cfg.auto_partner_down_s,
+                               startup_wait_s=max(2 * m.dead_after_s, 0.5),
+                               now=m.clock.seconds(), data_lost=data_lost)
+            ps = self.partners[peer] = Partnership(fsm)
+            if m.store is not None:
+                ps.loading = True
+                d = m.store.get(self.key(peer))
+
+                def loaded(value):
+                    if value in P.STATES:
+                        ps.fsm.persisted = value
+                        _log.info("partner {peer}: state before this start was {state}",
+                                  peer=peer, state=value)
+
+                def unreadable(f):
+                    _log.warn("partner {peer}: persisted state unreadable ({why}); "
+                              "starting without it", peer=peer, why=f.getErrorMessage())
+
+                def ready(_):
+                    ps.loading = False
+
+                d.addCallbacks(loaded, unreadable).addBoth(ready)
+                d.addErrback(lambda f: _log.failure("partner load bookkeeping", failure=f))
+        if listener is not None:
+            ps.listeners.append(listener)
+        if sync is not None:
+            ps.sync = sync
+        return ps.fsm.state
+
+    def load(self, store):
+        @defer.inlineCallbacks
+        def load():
+            for peer, ps in self.partners.items():
+                if ps.fsm.persisted is None and not ps.loading:
+                    value = yield store.get(self.key(peer))
+                    if value in P.STATES:
+                        ps.fsm.persisted = value
+        return load()
+
+    def states(self) -> dict[str, str]:
+        return {peer: ps.fsm.state for peer, ps in self.partners.items()}
+
+    # -- events -----------------------------------------------------------------
+    def heard(self, peer: str, reported: str | None, now: float, maintenance: bool):
+        ps = self.partners.get(peer)
+        if ps is not None and not ps.loading:
+            self.transition(ps, ps.fsm.heard(reported, now, maintenance=maintenance))
+
+    def lost(self, peer: str, now: float):
+        ps = self.partners.get(peer)
+        if ps is not None and not ps.loading:
+            self.transition(ps, ps.fsm.lost(now))
+
+    def tick(self, now: float):
+        for ps in self.partners.values():
+            if not ps.loading:
+                self.transition(ps, ps.fsm.tick(now))
+
+    def leave_maintenance(self, now: float):
+        for ps in self.partners.values():
+            self.transition(ps, ps.fsm.leave_maintenance(now))
+
+    def partner_down(self, peer: str, now: float) -> str:
+        ps = self.partners.get(peer)
+        if ps is None:
+            return "no partnership"
+        self.transition(ps, ps.fsm.partner_down(now))
+        return ps.fsm.state
+
+    def transition(self, ps: Partnership, t: P.Transition | None):
+        if t is None:
+            return
+        m = self.m
+        m.stats["partner_transitions"] += 1
+        _log.info("partner {peer}: {old} -> {new}: {reason}", peer=ps.fsm.peer, old=t.old,
+                  new=t.new, reason=t.reason)
+        if m.store is not None:
+            m.store.set(self.key(ps.fsm.peer), t.new).addErrback(
+                lambda f: _log.warn("partner state not persisted: {why}", why=f.getErrorMessage()))
+        for listener in list(ps.listeners):
+            call_listener(listener, ps.fsm.peer, t.new, t.reason)
+        if t.new == P.RECOVER:
+            self._start_sync(ps)
+
+    # -- RECOVER sync ---------------------------------------------------------------
+    def _start_sync(self, ps: Partnership):
+        if ps.syncing:
+            return
+        m = self.m
+        ps.syncing = True
+        d = defer.maybeDeferred(ps.sync, ps.fsm.peer) if ps.sync else defer.succeed(None)
+
+        def done(_):
+            ps.syncing = False
+            self.transition(ps, ps.fsm.sync_done(m.clock.seconds()))
+
+        def failed(f):
+            ps.syncing = False
+            _log.error("recovery sync with {peer} failed: {why}; retrying", peer=ps.fsm.peer,
+                       why=f.getErrorMessage())
+            m.clock.callLater(max(1.0, m.dead_after_s), self._retry_sync, ps)
+
+        d.addCallbacks(done, failed)
+        d.addErrback(lambda f: _log.failure("sync bookkeeping failed", failure=f))
+
+    def _retry_sync(self, ps: Partnership):
+        if self.m.running and ps.fsm.state == P.RECOVER:
+            self._start_sync(ps)

@@ -1,0 +1,303 @@
+"""Resource ownership: the election loop over the pure ``ownership.decide``,
+epoch persistence (compare-and-set in a shared store), claim and release,
+VIP side effects and listener fan-out.
+
+The table reads the world through the manager it belongs to (``m``): the
+peer table, local health, the store and the VIP manager, the start hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from appliance.cluster.heartbeat import Heartbeat, config_digest
+from appliance.cluster.ownership import Claim, ResourceSpec, View, decide
+
+_log = Logger(namespace="appliance.cluster")
+
+
+@dataclass
+class Resource:
+    spec: ResourceSpec
+    settings: dict[str, Any]
+    listeners: list[Callable] = field(default_factory=list)
+    mine: Claim | None = None
+    owner: str | None = None
+    epoch: int = 0
+    max_epoch: int = 0
+    claiming: bool = False
+    contested: bool = False      # another live node claims it while we own it
+    vip_failures: int = 0        # consecutive failed VIP adds
+    vip_error: str | None = None
+    digest: Any = None           # (settings, config_digest(settings)) cache
+    changed_at: float = 0.0
+    reason: str = ""
+
+
+def call_listener(listener, *args):
+    try:
+        result = listener(*args)
+        if isinstance(result, defer.Deferred):
+            result.addErrback(lambda f: _log.failure("role listener failed", failure=f))
+    except Exception:
+        _log.failure("role listener {listener!r} failed", listener=listener)
+
+
+class ResourceTable:
+    def __init__(self, m):
+        self.m = m
+        self.resources: dict[str, Resource] = {}
+        self.excluded: set[str] = set()         # resources this node was demoted from
+
+    # -- registration ------------------------------------------------------------
+    def add(self, spec: ResourceSpec, settings: dict | None, listener: Callable | None):
+        res = self.resources.get(spec.name)
+        if res is None:
+            res = self.resources[spec.name] = Resource(spec, settings or {})
+        if listener is not None:
+            res.listeners.append(listener)
+            if res.mine is not None:
+                self.m.clock.callLater(0, call_listener, listener, spec.name, "owner",
+                                       res.mine.epoch)
+        return res
+
+    def digest(self, res: Resource):
+        """``config_digest`` of the settings, cached (fixed once the node runs)."""
+        if res.digest is None or res.digest[0] is not res.settings or not self.m.running:
+            res.digest = (res.settings, config_digest(res.settings))
+        return res.digest[1]
+
+    def digest_of(self, name: str):
+        res = self.resources.get(name)
+        return None if res is None else self.digest(res)
+
+    def load_epochs(self, store):
+        @defer.inlineCallbacks
+        def load():
+            for name, res in self.resources.items():
+                value = yield store.get(f"cluster:epoch:{name}")
+                if value is not None:
+                    res.max_epoch = max(res.max_epoch, int(value))
+        return load()
+
+    def learn(self, hb: Heartbeat):
+        """Epochs a peer claims or knows: ours never lag behind."""
+        for name, (owner, epoch, _) in hb.resources.items():
+            res = self.resources.get(name)
+            if res is not None and epoch > res.max_epoch:
+                res.max_epoch = epoch
+        for name, epoch in hb.max_epochs.items():
+            res = self.resources.get(name)
+            if res is not None and epoch > res.max_epoch:
+                res.max_epoch = epoch
+
+    # -- the election ---------------------------------------------------------------
+    def _able_nodes(self) -> set[str]:
+        able = {p.id for p in self.m.peers.values() if p.able}
+        if self.m.health.able():
+            able.add(self.m.node_id)
+        return able
+
+    def evaluate(self) -> None:
+        m = self.m
+        able = self._able_nodes()
+        alive = {p.id for p in m.peers.values() if p.alive} | {m.node_id}
+        holding = m.clock.seconds() < m.hold_until
+        for name, res in self.resources.items():
+            claims = {}
+            for peer in m.peers.values():
+                hb = peer.heartbeat
+                if peer.alive and hb is not None and name in hb.resources:
+                    owner, epoch, manual = hb.resources[name]
+                    if owner == peer.id:
+                        claims[peer.id] = Claim(owner, epoch, manual)
+            excluded = self._excluded(name, res, able)
+            usable = able
+            if not any(res.spec.priority.get(n, 0) > 0 for n in able):
+                # Nobody healthy can serve it: better a degraded owner than none.
+                usable = alive
+            view = View(usable, claims, res.max_epoch, excluded)
+            d = decide(res.spec, view, m.node_id, res.mine)
+            owner = m.node_id if res.mine else max(
+                claims.values(), key=lambda c: c.epoch, default=Claim("", 0)).owner or None
+            res.owner = owner
+            if d.action == "claim" and not holding and not res.claiming:
+                self.claim(res, d.epoch, why=self._why(claims))
+            elif d.action == "reassert" and not res.claiming:
+                # Won a contest against a newer claim (a healed partition under
+                # preempt): claim again above it, so listeners hear the new
+                # epoch and the VIP is announced again.
+                self.claim(res, d.epoch, manual=res.mine.manual,
+                           why="re-asserted after a contest (" + self._why(claims) + ")")
+            elif d.action == "keep" and res.mine is not None:
+                contested = any(c.owner != m.node_id for c in claims.values())
+                if contested and not res.contested:
+                    # Someone else announces it too: announce again
+                    # (keepalived garp_lower_prio_repeat).
+                    self._reannounce(res, "contest: " + self._why(claims))
+                res.contested = contested
+            elif d.action == "release":
+                self.set_mine(res, None, f"{d.winner or 'nobody'} should own it "
+                                         f"({self._why(claims)})")
+                res.owner = d.winner if d.winner in claims else None
+            if name in self.excluded and res.owner not in (None, m.node_id):
+                self.excluded.discard(name)    # demote done: someone else took it
+
+    def _excluded(self, name: str, res: Resource, able: set[str]) -> set[str]:
+        """Nodes that must not own ``name`` now: this node after a demote or
+        while its VIP cannot be added (if someone else can take it); a peer
+        that flags ``unable:<name>`` or does not have the resource at all."""
+        m = self.m
+        excluded = {m.node_id} if name in self.excluded else set()
+        for peer in m.peers.values():
+            hb = peer.heartbeat
+            if peer.alive and hb is not None and (f"unable:{name}" in hb.health
+                                                  or name not in hb.config):
+                excluded.add(peer.id)
+        if name in m.health.unable:
+            others = [n for n in able if n != m.node_id and n not in excluded
+                      and res.spec.priority.get(n, 0) > 0]
+            if others:
+                excluded.add(m.node_id)
+        return excluded
+
+    def _why(self, claims: dict) -> str:
+        peers = self.m.peers.values()
+        dead = [p.id for p in peers if not p.alive]
+        unable = [p.id for p in peers if p.alive and not p.able]
+        parts = []
+        if dead:
+            parts.append("dead: " + ",".join(dead))
+        if unable:
+            parts.append("unable: " + ",".join(unable))
+        if claims:
+            parts.append("claims: " + ",".join(f"{c.owner}@{c.epoch}" for c in claims.values()))
+        return "; ".join(parts) or "election"
+
+    # -- claims ---------------------------------------------------------------------
+    def claim(self, res: Resource, epoch: int, why: str, manual: bool = False):
+        res.claiming = True
+        d = self._persist_epoch(res.spec.name, epoch)
+
+        def claimed(ok):
+            res.claiming = False
+            if not ok:
+                _log.info("claim of {res} at epoch {epoch} lost a race in the shared store",
+                          res=res.spec.name, epoch=epoch)
+                return False
+            res.max_epoch = max(res.max_epoch, epoch)
+            self.set_mine(res, Claim(self.m.node_id, epoch, manual), why)
+            return True
+
+        def failed(f):
+            res.claiming = False
+            _log.error("claim of {res} not persisted ({why}); not taking it",
+                       res=res.spec.name, why=f.getErrorMessage())
+            return False
+
+        d.addCallbacks(claimed, failed)
+        d.addErrback(lambda f: _log.failure("claim bookkeeping failed", failure=f))
+        return d
+
+    def _persist_epoch(self, name: str, epoch: int):
+        """Store the epoch; with a shared store, only if nobody wrote a higher one."""
+        store = self.m.store
+        if store is None:
+            return defer.succeed(True)
+        key = f"cluster:epoch:{name}"
+
+        @defer.inlineCallbacks
+        def go():
+            for _ in range(5):
+                current = yield store.get(key)
+                if current is not None and int(current) >= epoch:
+                    self.resources[name].max_epoch = max(self.resources[name].max_epoch,
+                                                         int(current))
+                    return False
+                ok = yield store.cas(key, current, str(epoch))
+                if ok:
+                    return True
+            return False
+        return go()
+
+    def set_mine(self, res: Resource, claim: Claim | None, why: str):
+        m = self.m
+        before = res.mine
+        res.mine = claim
+        if (before is None) == (claim is None) and before == claim:
+            return
+        res.changed_at, res.reason = m.clock.seconds(), why
+        if (before is None) != (claim is None):
+            m.stats["role_changes"] += 1
+        role = "owner" if claim is not None else "standby"
+        epoch = claim.epoch if claim is not None else before.epoch
+        res.epoch = epoch
+        _log.info("resource {res}: {node} is now {role} (epoch {epoch}): {why}", res=res.spec.name,
+                  node=m.node_id, role=role, epoch=epoch, why=why)
+        vips = m.vip_manager
+        if res.spec.kind == "vip" and vips is not None:
+            action = vips.acquire if claim is not None else vips.release
+            d = defer.maybeDeferred(action, res.spec.name, why)
+            if claim is not None:
+                d.addCallback(self._vip_result, res)
+            d.addErrback(lambda f: _log.error("vip {res}: {why}", res=res.spec.name,
+                                              why=f.getErrorMessage()))
+        for listener in list(res.listeners):
+            call_listener(listener, res.spec.name, role, epoch)
+
+    def release_all(self, why: str):
+        for res in self.resources.values():
+            if res.mine is not None:
+                self.set_mine(res, None, why)
+
+    # -- VIP side effects --------------------------------------------------------------
+    def _reannounce(self, res: Resource, why: str):
+        vips = self.m.vip_manager
+        if res.spec.kind != "vip" or vips is None:
+            return
+        self.m.stats["reannounced"] += 1
+        d = defer.maybeDeferred(vips.acquire, res.spec.name, why)
+        d.addErrback(lambda f: _log.error("vip {res}: {why}", res=res.spec.name,
+                                          why=f.getErrorMessage()))
+
+    def _vip_result(self, ok, res: Resource):
+        m = self.m
+        name = res.spec.name
+        if ok is False and res.mine is not None:
+            res.vip_failures += 1
+            backoff = min(2.0 ** (res.vip_failures - 1), 60.0)
+            m.health.unable[name] = m.clock.seconds() + backoff
+            res.vip_error = f"add failed {res.vip_failures}x; retry in {backoff:g}s"
+            _log.error("vip {res}: address could not be added ({n} failures); flagged "
+                       "unable:{res} so a peer can take it; retry in {backoff:g}s",
+                       res=name, n=res.vip_failures, backoff=backoff)
+            m.changed()
+        elif ok:
+            res.vip_failures = 0
+            res.vip_error = None
+            m.health.unable.pop(name, None)
+
+    def retry_vips(self, names):
+        vips = self.m.vip_manager
+        for name in names:
+            res = self.resources.get(name)
+            if res is not None and res.mine is not None and vips is not None:
+                # Still the owner (nobody else could take it): try again.
+                d = defer.maybeDeferred(vips.acquire, name, "retry after failure")
+                d.addCallback(self._vip_result, res)
+                d.addErrback(lambda f: _log.failure("vip retry", failure=f))
+
+    # -- views ----------------------------------------------------------------------
+    def status(self, now: float) -> dict[str, dict]:
+        return {name: {"owner": res.owner,
+                       "epoch": res.mine.epoch if res.mine else res.max_epoch,
+                       "role": "owner" if res.mine else "standby", "kind": res.spec.kind,
+                       "manual": bool(res.mine and res.mine.manual),
+                       "vip_error": res.vip_error,
+                       "since_s": round(now - res.changed_at, 3) if res.changed_at else None,
+                       "reason": res.reason}
+                for name, res in self.resources.items()}

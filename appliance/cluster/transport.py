@@ -1,0 +1,182 @@
+"""Heartbeat transport: the UDP socket, key, incarnation, sequence, encode and
+verify, the drift-free monotonic send schedule and the datagram size budget.
+
+``HeartbeatChannel`` knows nothing about peers' meaning: each beat's content
+comes from ``build()`` (the manager's ``build_heartbeat``), each authentic
+beat goes to ``on_beat(hb)``, and ``on_tick()`` runs after every beat sent.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Callable
+
+from twisted.internet import protocol
+from twisted.logger import Logger
+
+from appliance.cluster.heartbeat import Heartbeat, HeartbeatVerifier, encode
+from appliance.net.sockets import set_receive_buffer
+
+_log = Logger(namespace="appliance.cluster")
+
+HEARTBEAT_RCVBUF = 1 << 20  # bytes of kernel receive buffer for the heartbeat socket
+SIZE_BUDGET = 1400          # bytes: above this a beat is IP-fragmented on a 1500 MTU path
+MAX_PACKET = 65535          # read whole datagrams, so an oversize one is counted as such
+
+
+def load_key(path: str) -> bytes:
+    """Read the heartbeat HMAC key (text, stripped; at least 16 bytes)."""
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as e:
+        raise ValueError(f"cluster.auth_key_file {path}: {e.strerror or e}") from None
+    if len(key) < 16:
+        raise ValueError(f"cluster.auth_key_file {path}: key is shorter than 16 bytes")
+    return key
+
+
+def new_cluster_key() -> str:
+    return secrets.token_hex(32)
+
+
+def next_incarnation(state_dir: Path) -> int:
+    """A number larger than any previous start's (wall-clock ns, persisted,
+    fsynced with its directory).  A lost state dir with a clock behind gives
+    a *lower* one: the receivers' echo check re-admits it (heartbeat.py)."""
+    path = state_dir / "cluster.incarnation"
+    try:
+        last = int(path.read_text().strip())
+    except (OSError, ValueError):
+        last = 0
+    inc = max(time.time_ns(), last + 1)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        f.write(str(inc))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:
+        fd = os.open(state_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return inc
+
+
+class _Protocol(protocol.DatagramProtocol):
+    def __init__(self, channel: "HeartbeatChannel"):
+        self.channel = channel
+
+    def datagramReceived(self, data, addr):
+        try:
+            self.channel.received(data, addr)
+        except Exception:
+            _log.failure("heartbeat handling failed for a datagram from {addr}", addr=addr)
+
+
+class HeartbeatChannel:
+    """Sends a beat to every peer every ``beat_period`` on ``clock`` (absolute
+    times, so the period never drifts by the tick's cost) and verifies what
+    arrives."""
+
+    def __init__(self, reactor, clock, *, node_id: str, key: bytes, incarnation: int,
+                 peers: dict[str, str], port: int, beat_period: float, window: int,
+                 build: Callable[[], Heartbeat], on_beat: Callable[[Heartbeat], None],
+                 on_tick: Callable[[], None], stats: dict):
+        self.reactor, self.clock = reactor, clock
+        self.node_id, self.key, self.incarnation = node_id, key, incarnation
+        self.peer_addresses = peers
+        self.udp_port = port
+        self.beat_period = beat_period
+        self.build, self.on_beat, self.on_tick = build, on_beat, on_tick
+        self.stats = stats
+        self.seq = 0
+        self.verifier = HeartbeatVerifier(key, node_id, peers, incarnation=incarnation,
+                                          window=window)
+        self.port = None
+        self._call = None
+        self._next_at: float | None = None
+        self._warned_size = False
+        self._stopped = False
+
+    def listen(self, interface: str = ""):
+        try:
+            self.port = self.reactor.listenUDP(self.udp_port, _Protocol(self), interface=interface,
+                                               maxPacketSize=MAX_PACKET)
+        except TypeError:        # a test reactor without maxPacketSize
+            self.port = self.reactor.listenUDP(self.udp_port, _Protocol(self), interface=interface)
+        # A burst of junk (a forger, a misconfigured box) queues instead of
+        # crowding the partner's real heartbeats out of a ~200 KiB default buffer.
+        sock = getattr(self.port, "socket", None)       # (a test reactor's port has none)
+        if sock is not None:
+            set_receive_buffer(sock, HEARTBEAT_RCVBUF)
+        return self.port
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        self.verifier.sent_seq = self.seq
+        return self.seq
+
+    def send(self, port=None):
+        port = port if port is not None else self.port
+        if port is None:
+            return
+        datagram = encode(self.build(), self.key)
+        if len(datagram) > SIZE_BUDGET:
+            self.stats["oversize_sent"] = self.stats.get("oversize_sent", 0) + 1
+            if not self._warned_size:
+                self._warned_size = True
+                _log.warn("heartbeat of {n} bytes exceeds the {budget}-byte budget (IP "
+                          "fragments: one lost fragment loses the beat); fewer resources per "
+                          "node, or shorter names", n=len(datagram), budget=SIZE_BUDGET)
+        for peer, address in self.peer_addresses.items():
+            try:
+                port.write(datagram, (address, self.udp_port))
+                self.stats["sent"] += 1
+            except Exception as e:   # unreachable network, no route: counted, not fatal
+                self.stats["send_errors"] += 1
+                _log.debug("heartbeat to {peer} failed: {why}", peer=peer, why=e)
+
+    def received(self, data: bytes, addr):
+        hb = self.verifier.accept(data)
+        if hb is None:
+            return
+        self.stats["received"] += 1
+        self.on_beat(hb)
+
+    # -- the schedule ----------------------------------------------------------
+    def start(self):
+        self.tick()
+
+    def tick(self):
+        self._call = None
+        try:
+            self.on_tick()
+        except Exception:
+            _log.failure("cluster tick failed")
+        if not self._stopped:
+            self._schedule()
+
+    def _schedule(self):
+        now = self.clock.seconds()
+        if self._next_at is None:
+            self._next_at = now
+        self._next_at += self.beat_period
+        if self._next_at <= now:
+            missed = int((now - self._next_at) / self.beat_period) + 1
+            self.stats["late_beats"] += missed
+            self._next_at += missed * self.beat_period
+        self._call = self.clock.callLater(self._next_at - now, self.tick)
+
+    def stop(self):
+        self._stopped = True
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
