@@ -86,8 +86,9 @@ class Link:
 
 
 class SimNet:
-    def __init__(self, clock: Clock, rng: random.Random, ids):
+    def __init__(self, clock: Clock, rng: random.Random, ids, incarnation_of=lambda n: 0):
         self.clock, self.rng = clock, rng
+        self.incarnation_of = incarnation_of
         self.ports: dict[str, object] = {}
         self.links = {(s, d): Link() for s in ids for d in ids if s != d}
         self.addr = {n: f"10.0.0.{i + 1}" for i, n in enumerate(ids)}
@@ -100,13 +101,14 @@ class SimNet:
         if link is None or link.cut or (link.loss and self.rng.random() < link.loss):
             return
         delay = link.delay + (self.rng.random() * link.jitter if link.jitter else 0.0)
-        self.clock.callLater(delay, self._deliver, src, dst, data, self.clock.seconds())
+        self.clock.callLater(delay, self._deliver, src, dst, data, self.clock.seconds(),
+                             self.incarnation_of(src))
 
-    def _deliver(self, src, dst, data, sent_at):
+    def _deliver(self, src, dst, data, sent_at, incarnation):
         proto = self.ports.get(dst)
         if proto is None:
             return
-        key = (src, dst)
+        key = (src, dst, incarnation)
         self.last_sent_delivered[key] = max(self.last_sent_delivered.get(key, -1e9), sent_at)
         proto.datagramReceived(data, (self.addr[src], 8741))
 
@@ -169,7 +171,8 @@ class World:
         self.net_rng = random.Random(seed * 7919 + 1)
         self.clock = Clock()
         self.ids = IDS[:n_nodes]
-        self.net = SimNet(self.clock, self.net_rng, self.ids)
+        self.net = SimNet(self.clock, self.net_rng, self.ids,
+                          incarnation_of=lambda n: self.nodes[n].incarnation)
         self.preempt = self.rng.random() < 0.7 if preempt is None else preempt
         self.nodes = {n: SimNode(n) for n in self.ids}
         self.fault_gen = 0
@@ -307,9 +310,14 @@ class World:
                 peer = self.rng.choice([p for p in ids if p != nid])
                 m.partner_down(peer)
                 what = f"partner-down {peer}"
-        except Exception as e:          # refused (ApplicationError): fine
+        except Exception as e:          # refused (ClusterError): fine
             what = f"refused ({type(e).__name__}: {e})"
         self.log.append(f"{self.clock.seconds():8.3f} operator {nid}: {what}")
+        # An operator move is make-before-break: one owner again within one
+        # heartbeat (checked like a heal).
+        self.fault_gen += 1
+        self.pending_checks.append((self.clock.seconds() + INTERVAL_MS / 1000
+                                    + INTERVAL_MS / 3000 + 0.02, self.fault_gen, "operator"))
 
     # -- invariants ------------------------------------------------------------
     def fail(self, what: str):
@@ -342,7 +350,9 @@ class World:
             for pid, peer in m.peers.items():
                 if peer.suspected > node.suspected.get(pid, 0):
                     node.suspected[pid] = peer.suspected
-                    last = self.net.last_sent_delivered.get((pid, nid), -1e9)
+                    # beats of the incarnation it knew (a restarted peer's new
+                    # beats are a different process, admitted after the echo)
+                    last = self.net.last_sent_delivered.get((pid, nid, peer.incarnation), -1e9)
                     if now - last < dead_s - 1e-6:
                         self.fail(f"{nid} suspected {pid} although a beat sent "
                                   f"{(now - last) * 1000:.1f} ms ago reached it "
