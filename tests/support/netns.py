@@ -343,11 +343,16 @@ class Lab:
     def link_up(self, ns: str, ifname: str = "eth0") -> None:
         self.host("ip", "-n", self._resolve(ns), "link", "set", ifname, "up")
 
-    def drop_between(self, ns: str, addr: str, percent: int = 100) -> None:
+    def drop_between(self, ns: str, addr: str, percent: int = 100,
+                     direction: str = "both") -> None:
         """Drop IP traffic between namespace ``ns`` and ``addr`` (both
-        directions, at ``ns``), all of it or ``percent`` % at random
-        (``numgen random mod 100 < P``; there is no netem here).  ARP and
-        neighbour discovery of other addresses are untouched."""
+        directions, at ``ns``; ``direction="in"`` only what ``ns`` receives
+        from ``addr``, ``"out"`` only what it sends there), all of it or
+        ``percent`` % at random (``numgen random mod 100 < P``; there is no
+        netem here).  ARP and neighbour discovery of other addresses are
+        untouched.  :meth:`dropped` reads the rules' packet counters."""
+        if direction not in ("both", "in", "out"):
+            raise ValueError("direction is both, in or out")
         require_binary("nft")
         if not 0 < percent <= 100:
             raise ValueError("percent must be in 1..100")
@@ -359,15 +364,30 @@ class Lab:
         fam = "ip" if ip.version == 4 else "ip6"
         chain = "d" + hashlib.sha1(str(ip).encode()).hexdigest()[:10]
         match = "" if percent >= 100 else f"numgen random mod 100 < {percent} "
-        script = (
-            "add table inet apl_lab\n"
-            f"add chain inet apl_lab {chain}_in {{ type filter hook input priority -10; }}\n"
-            f"add chain inet apl_lab {chain}_out {{ type filter hook output priority -10; }}\n"
-            f"add rule inet apl_lab {chain}_in {fam} saddr {ip} {match}counter drop\n"
-            f"add rule inet apl_lab {chain}_out {fam} daddr {ip} {match}counter drop\n"
-        )
+        script = "add table inet apl_lab\n"
+        if direction in ("both", "in"):
+            script += (f"add chain inet apl_lab {chain}_in {{ type filter hook input priority -10; }}\n"
+                       f"add rule inet apl_lab {chain}_in {fam} saddr {ip} {match}counter drop\n")
+        if direction in ("both", "out"):
+            script += (f"add chain inet apl_lab {chain}_out {{ type filter hook output priority -10; }}\n"
+                       f"add rule inet apl_lab {chain}_out {fam} daddr {ip} {match}counter drop\n")
         self.run(full, "nft", "-f", "-", input=script)
         self._drops[key] = chain
+
+    def dropped(self, ns: str, addr: str) -> int:
+        """Packets the :meth:`drop_between` rules for ``(ns, addr)`` dropped so far."""
+        full = self._resolve(ns)
+        chain = self._drops.get((full, str(ipaddress.ip_address(addr))))
+        if chain is None:
+            return 0
+        total = 0
+        for suffix in ("_in", "_out"):
+            out = self.run(full, "nft", "list", "chain", "inet", "apl_lab", chain + suffix,
+                           check=False)
+            for word, value in zip(out.stdout.split(), out.stdout.split()[1:]):
+                if word == "packets" and value.isdigit():
+                    total += int(value)
+        return total
 
     def undrop(self, ns: str, addr: str) -> None:
         """Remove what :meth:`drop_between` added for ``(ns, addr)``."""
