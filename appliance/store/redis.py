@@ -65,6 +65,17 @@ accepts the new state: it re-creates the key and the store is healthy again.
 A loss while no store of the deployment is running cannot be told from a
 first start.
 
+Sentinel.  The master is looked up with ``SENTINEL get-master-addr-by-name``
+before every connection attempt, and every ``master_check_s`` (default 1 s)
+while connected: a master Sentinel no longer names is left at once.  A dead
+master drops our connections by itself; a demoted master that is still alive
+(``SENTINEL FAILOVER``, a partition) keeps accepting writes until Sentinel
+reconfigures it (~10 s), and Redis discards those writes when it becomes a
+replica.  So without ``min_replicas_acked``, writes acknowledged in the up to
+``master_check_s`` before the store notices can be lost; with it they mostly
+fail instead (the old master's replicas leave it) -- but not entirely: a
+replica may still be attached to the old master for a moment.
+
 Failing fast: when no connection is up an operation errbacks at once with
 :class:`StoreUnavailable`; a command in flight is bounded by ``op_timeout_s``
 (plus ``replicas_timeout_ms`` when ``WAIT`` is used, since commands queue
@@ -75,13 +86,14 @@ also after a refused ``AUTH`` (fixing the password on the server is enough).
 from __future__ import annotations
 
 from collections import deque
+import ipaddress
 import math
 import uuid
 from typing import Any
 
 import txredisapi
 from twisted.application.service import Service
-from twisted.internet import defer, error as ierror
+from twisted.internet import defer, error as ierror, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, HostnameEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
@@ -132,6 +144,17 @@ def _resp(args) -> bytes:
     for a in args:
         out.append(f"${len(a) if a.isascii() else len(a.encode())}\r\n{a}\r\n")
     return "".join(out).encode()
+
+
+def _same_endpoint(peer_host: str, peer_port: int, host: str, port: int) -> bool:
+    """Is the connected peer the address Sentinel reports?  (Sentinel may report
+    a hostname: then only the port can be compared.)"""
+    if int(peer_port) != port:
+        return False
+    try:
+        return ipaddress.ip_address(peer_host) == ipaddress.ip_address(host)
+    except ValueError:
+        return True
 
 
 def _info(text) -> dict[str, str]:
@@ -221,6 +244,44 @@ class _SentinelFactory(_Hooks, txredisapi.SentinelConnectionFactory):
     initialDelay = 0.1
 
 
+class _Sentinel(txredisapi.Sentinel):
+    """Finds the master with ``SENTINEL get-master-addr-by-name``.
+
+    txredisapi asks ``SENTINEL MASTERS``, which keeps naming the old master
+    until the whole failover has ended (the other replicas reconfigured, ~4 s
+    here); get-master-addr-by-name names the promoted replica as soon as it is
+    promoted.  It matters when the old master is still alive (SENTINEL
+    FAILOVER, a partition): it keeps accepting writes, which are thrown away
+    when Sentinel turns it into a replica.
+    """
+
+    reactor = None      # set by the store
+
+    def discover_master(self, service_name):
+        result = defer.Deferred()
+
+        def answered(reply):
+            if not result.called and isinstance(reply, list) and len(reply) == 2:
+                result.callback((reply[0], int(reply[1])))
+
+        for sentinel in self.sentinels:
+            q = sentinel.execute_command("SENTINEL", "get-master-addr-by-name", service_name)
+            q.addTimeout(self.discovery_timeout, self.reactor)
+            q.addCallbacks(answered, lambda f: None)
+
+        def timed_out():
+            if not result.called:
+                result.errback(txredisapi.MasterNotFoundError(
+                    f"No master found for {service_name}"))
+        call = self.reactor.callLater(self.discovery_timeout, timed_out)
+
+        def cancel_timer(r):
+            if call.active():
+                call.cancel()
+            return r
+        return result.addBoth(cancel_timer)
+
+
 @implementer(IStreamClientEndpoint)
 class _ReportingEndpoint:
     """Wraps an endpoint to record why connection attempts fail."""
@@ -286,7 +347,8 @@ class RedisStore(Service):
     def __init__(self, reactor, *, url: str | None = None, sentinels: tuple[str, ...] = (),
                  master_name: str | None = None, namespace: str = "appliance",
                  op_timeout_s: float = 2.0, connect_timeout_s: float = 3.0,
-                 min_replicas_acked: int = 0, replicas_timeout_ms: int = 1000):
+                 min_replicas_acked: int = 0, replicas_timeout_ms: int = 1000,
+                 master_check_s: float = 1.0):
         if not isinstance(namespace, str) or not namespace:
             raise ValueError("namespace must be a non-empty string")
         if int(min_replicas_acked) < 0:
@@ -298,6 +360,7 @@ class RedisStore(Service):
         self.op_timeout_s = float(op_timeout_s)
         self.connect_timeout_s = float(connect_timeout_s)
         self.min_replicas_acked = int(min_replicas_acked)
+        self.master_check_s = float(master_check_s)
         self.replicas_timeout_ms = int(replicas_timeout_ms)
         # commands queue behind a WAIT on the one connection
         self._deadline_s = self.op_timeout_s + (
@@ -332,6 +395,8 @@ class RedisStore(Service):
         self._factory = None
         self._subfactory = None
         self._sentinel = None
+        self._master_check = None       # LoopingCall: is Sentinel's master still ours?
+        self._checking_master = False
         self._conn = None               # the command connection, once its handshake is done
         self._up = False                # last logged state of the command connection
         self._down_logged = False
@@ -408,6 +473,11 @@ class RedisStore(Service):
         self._start_timer = self._reactor.callLater(self.connect_timeout_s, self._start_timed_out)
         if self._patterns:
             self._start_subscriber()
+        if self.sentinels and self.master_check_s > 0:
+            self._master_check = task.LoopingCall(self._check_master)
+            self._master_check.clock = self._reactor
+            self._master_check.start(self.master_check_s, now=False).addErrback(
+                lambda f: self._log.failure("sentinel master check stopped", f))
         return d
 
     def _start_timed_out(self):
@@ -432,6 +502,9 @@ class RedisStore(Service):
         super().stopService()
         self._stopping = True
         self._fire_start()
+        if self._master_check is not None and self._master_check.running:
+            self._master_check.stop()
+        self._master_check = None
         if self._sweep_call is not None and self._sweep_call.active():
             self._sweep_call.cancel()
         self._sweep_call = None
@@ -460,7 +533,8 @@ class RedisStore(Service):
         info = self._conninfo
         if self.sentinels:
             if self._sentinel is None:
-                self._sentinel = txredisapi.Sentinel(self._sentinel_addrs)
+                self._sentinel = _Sentinel(self._sentinel_addrs)
+                self._sentinel.reactor = self._reactor
                 self._sentinel.discovery_timeout = 1
                 for handler in self._sentinel.sentinels:
                     try:
@@ -645,6 +719,42 @@ class RedisStore(Service):
             self._down_logged = True
             self._log.warn("redis at {where} connection down: {reason}; operations fail "
                            "fast until it is back", where=self._where, reason=self._last_error)
+
+    # -- following Sentinel ----------------------------------------------------
+    # A master that died drops our connections, and the reconnect asks Sentinel.
+    # A master that is still alive after a failover (SENTINEL FAILOVER, a
+    # partition) keeps accepting writes until Sentinel converts it to a replica,
+    # about 10 s later, and those writes are then thrown away.  So ask Sentinel
+    # every master_check_s and leave a master it no longer names.
+    def _check_master(self):
+        if self._sentinel is None or self._checking_master:
+            return
+        if self._pick() is None and self._subconn is None:
+            return
+        self._checking_master = True
+        d = self._sentinel.discover_master(self.master_name)
+        d.addCallback(self._compare_master)
+        d.addErrback(lambda f: None)    # no sentinel answered: our connections will tell
+
+        def done(_):
+            self._checking_master = False
+        d.addBoth(done)
+
+    def _compare_master(self, address):
+        host, port = str(address[0]), int(address[1])
+        for conn in (self._conn, self._subconn):
+            if conn is None or not conn.connected:
+                continue
+            try:
+                peer = conn.transport.getPeer()
+            except Exception:
+                continue
+            if _same_endpoint(peer.host, peer.port, host, port):
+                continue
+            self._lost_reason = (f"sentinel now names {host}:{port} as master, "
+                                 f"not {peer.host}:{peer.port}")
+            self._log.warn("redis store: {reason}; reconnecting", reason=self._lost_reason)
+            conn.transport.loseConnection()
 
     # ------------------------------------------------------------------
     # recheck (operator: appliancectl call store.recheck)

@@ -124,3 +124,57 @@ async def test_failover_under_write_load_loses_no_acknowledged_write(sentinel_wi
             await sleep(0.05)
     finally:
         await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_manual_failover_demoted_master_is_left(sentinel_with_replicas):
+    """SENTINEL FAILOVER: the old master stays up (and takes writes until Sentinel
+    demotes it, ~10 s later -- writes that are then thrown away).  The store asks
+    Sentinel every master_check_s and leaves it within about that, with at most a
+    StoreUnavailable on the way; writes then land on the new master."""
+    from appliance.store.redis import RedisStore
+    from tests.support.redis_server import redis_command
+
+    setup = sentinel_with_replicas
+    old_port = setup.master.port
+    store = RedisStore(reactor, sentinels=setup.sentinels, master_name=setup.master_name,
+                       namespace=f"m{uuid.uuid4().hex[:8]}", op_timeout_s=1.0,
+                       connect_timeout_s=5.0, master_check_s=0.5)
+    await store.startService()
+    try:
+        await store.set("k", "0")
+        deadline = time.monotonic() + 10
+        while True:     # the sentinel needs fresh INFO from a replica before it promotes one
+            reply = redis_command(setup.sentinel.port, "SENTINEL", "FAILOVER",
+                                  setup.master_name)
+            if b"+OK" in reply:
+                break
+            assert time.monotonic() < deadline, reply
+            await sleep(0.2)
+        named_at = None
+        failures, i = [], 0
+        deadline = time.monotonic() + 15
+        while True:
+            i += 1
+            try:
+                await store.set("k", str(i))
+            except StoreUnavailable as e:
+                failures.append(str(e))
+            new_port = setup.master_port()
+            if new_port not in (None, old_port):
+                named_at = named_at or time.monotonic()
+                if store.describe().get("master", "").endswith(f":{new_port}"):
+                    break
+            assert time.monotonic() < deadline, (
+                f"store did not follow the failover: {store.describe()} {failures[-3:]}")
+            await sleep(0.02)
+        followed = time.monotonic() - named_at
+        print(f"\nmanual failover: store on the new master {followed:.2f} s after Sentinel "
+              f"named it; {len(failures)} failed writes {failures[:1]}")
+        assert followed < 2.0
+        await store.set("k", "last")
+        reply = redis_command(new_port, "GET", f"{store.namespace}:k")
+        assert b"last" in reply, reply
+        assert store.healthy
+    finally:
+        await store.stopService()

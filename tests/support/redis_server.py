@@ -231,11 +231,21 @@ class SentinelSetup:
                                       "get-master-addr-by-name", self.master_name)
             except OSError:
                 reply = b""
-            if str(self.master.port).encode() in reply:
+            if str(self.master.port).encode() in reply and \
+                    self._sentinel_knows_replicas() >= len(self.replicas):
                 return self
             time.sleep(0.05)
         raise RuntimeError(f"sentinel does not know {self.master_name}: "
                            f"{self.sentinel.log_tail()}")
+
+    def _sentinel_knows_replicas(self) -> int:
+        if not self.replicas:
+            return 0
+        try:
+            reply = redis_command(self.sentinel.port, "SENTINEL", "REPLICAS", self.master_name)
+        except OSError:
+            return 0
+        return reply.count(b"\r\nslave\r\n")
 
     def wait_replicas(self, n: int, timeout: float = 10.0) -> None:
         """Wait until the master reports ``n`` replicas online."""
