@@ -176,7 +176,7 @@ class ClusterManager(Service):
 
     def register_partner(self, peer: str, listener: Callable | None = None, *,
                          primary: bool, sync: Callable | None = None,
-                         data_lost: bool = False) -> str:
+                         data_lost: bool = False, recover_wait_s: float = 0.0) -> str:
         """Join a partner relationship with ``peer``; returns the current state.
 
         ``listener(peer, state, reason)`` hears every transition; ``sync(peer)``
@@ -185,12 +185,14 @@ class ClusterManager(Service):
         transition (a node that was PARTNER-DOWN comes back PARTNER-DOWN).
         ``data_lost``: the service has no valid stable storage (a fresh or
         lost lease store): the relationship starts in RECOVER and serves
-        nothing until it synced from the peer.
+        nothing until it synced from the peer, then waits ``recover_wait_s``
+        (the service's MCLT) in RECOVER-WAIT.  ``sync`` also runs in
+        POTENTIAL-CONFLICT (the primary first, then the secondary).
         """
         if peer not in self.peers:
             raise ValueError(f"{peer!r} is not a cluster peer")
         return self.partnerships.register(peer, listener, primary=primary, sync=sync,
-                                          data_lost=data_lost)
+                                          data_lost=data_lost, recover_wait_s=recover_wait_s)
 
     # ------------------------------------------------------------------
     # life cycle

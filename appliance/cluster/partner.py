@@ -18,7 +18,18 @@ failover drafts:
   never times out into PARTNER-DOWN (a node that never finished its sync
   must not serve everything); the sync is retried, and the operator's
   ``partner-down`` is the way out when the peer is gone for good.
+* ``RECOVER-WAIT`` -- synced, but this node's own knowledge was incomplete
+  (no stable storage, or a restart in RECOVER): wait ``recover_wait_s``
+  (the service's MCLT) before RECOVER-DONE, so leases the peer granted
+  that the sync could not show have expired.
 * ``RECOVER-DONE`` -- synced; waiting for the peer to return to NORMAL.
+* ``POTENTIAL-CONFLICT`` -- both sides served everything (both were
+  PARTNER-DOWN, e.g. after a partition with operator partner-down on each
+  side): no new allocations.  The primary pulls all of the secondary's
+  bindings (resolving by cltt) and goes CONFLICT-DONE; then the secondary
+  pulls the primary's and goes NORMAL; the primary follows to NORMAL.
+* ``CONFLICT-DONE`` -- the primary resolved its side; waiting for the
+  secondary's pull.
 
 A peer that is heard but does not report a relationship with us (its
 service stopped, failed or has not registered yet) is not a NORMAL
@@ -44,7 +55,11 @@ COMM_INTERRUPTED = "COMMUNICATIONS-INTERRUPTED"
 PARTNER_DOWN = "PARTNER-DOWN"
 RECOVER = "RECOVER"
 RECOVER_DONE = "RECOVER-DONE"
-STATES = (STARTUP, NORMAL, COMM_INTERRUPTED, PARTNER_DOWN, RECOVER, RECOVER_DONE)
+RECOVER_WAIT = "RECOVER-WAIT"
+POTENTIAL_CONFLICT = "POTENTIAL-CONFLICT"
+CONFLICT_DONE = "CONFLICT-DONE"
+STATES = (STARTUP, NORMAL, COMM_INTERRUPTED, PARTNER_DOWN, RECOVER, RECOVER_DONE, RECOVER_WAIT,
+          POTENTIAL_CONFLICT, CONFLICT_DONE)
 
 
 @dataclass(frozen=True)
@@ -59,7 +74,7 @@ class PartnerFSM:
 
     def __init__(self, peer: str, *, primary: bool, auto_partner_down_s: float,
                  startup_wait_s: float, now: float, persisted: str | None = None,
-                 data_lost: bool = False):
+                 data_lost: bool = False, recover_wait_s: float = 0.0):
         self.peer = peer
         self.primary = primary
         self.auto_partner_down_s = auto_partner_down_s
@@ -72,6 +87,8 @@ class PartnerFSM:
         self.peer_maintenance = False
         self.interrupted_at: float | None = None
         self.data_lost = data_lost           # no valid stable storage: start in RECOVER
+        self.recover_wait_s = recover_wait_s
+        self.incomplete = False              # own knowledge incomplete: RECOVER-WAIT after sync
 
     # ------------------------------------------------------------------
     def _go(self, new: str, now: float, reason: str) -> Transition | None:
@@ -93,9 +110,21 @@ class PartnerFSM:
             # The peer promised to stop serving: take everything now.
             return self._go(PARTNER_DOWN, now, f"peer {self.peer} in maintenance")
         s = self.state
-        if s == STARTUP and (self.data_lost or self.persisted == RECOVER):
+        if s == STARTUP and (self.data_lost or self.persisted in (RECOVER, RECOVER_WAIT)):
+            self.incomplete = True
             return self._go(RECOVER, now, "no valid stable storage; resync from peer"
                             if self.data_lost else "was RECOVER before restart; resync")
+        if s == STARTUP and self.persisted in (POTENTIAL_CONFLICT, CONFLICT_DONE):
+            return self._go(POTENTIAL_CONFLICT, now, f"was {self.persisted} before restart")
+        if peer_state == POTENTIAL_CONFLICT and s in (STARTUP, PARTNER_DOWN, COMM_INTERRUPTED,
+                                                      NORMAL):
+            return self._go(POTENTIAL_CONFLICT, now, f"peer {self.peer} in POTENTIAL-CONFLICT")
+        if s == POTENTIAL_CONFLICT:
+            return None                      # left by the syncs (sync_done)
+        if s == CONFLICT_DONE:
+            if peer_state == NORMAL:
+                return self._go(NORMAL, now, f"peer {self.peer} resolved its side")
+            return None
         if peer_state is None:
             # Its cluster manager is alive, its side of the relationship is not.
             if s in (STARTUP, NORMAL, RECOVER_DONE):
@@ -113,13 +142,16 @@ class PartnerFSM:
         if s == PARTNER_DOWN:
             if peer_state in (RECOVER_DONE, NORMAL):
                 return self._go(NORMAL, now, f"peer {self.peer} recovered ({peer_state})")
-            if peer_state == PARTNER_DOWN and not self.primary:
-                return self._go(RECOVER, now, "both sides ran PARTNER-DOWN; secondary resyncs")
+            if peer_state == PARTNER_DOWN:
+                return self._go(POTENTIAL_CONFLICT, now,
+                                "both sides ran PARTNER-DOWN; exchange bindings")
             return None
         if s == NORMAL:
             if peer_state == PARTNER_DOWN:
                 return self._go(RECOVER, now, f"peer {self.peer} ran in PARTNER-DOWN; resync")
             return None
+        if s == RECOVER_WAIT:
+            return None                      # left by time (tick)
         if s == RECOVER_DONE:
             if peer_state in (NORMAL, RECOVER_DONE, COMM_INTERRUPTED, STARTUP):
                 return self._go(NORMAL, now, f"peer {self.peer} is {peer_state}")
@@ -137,13 +169,19 @@ class PartnerFSM:
     def tick(self, now: float) -> Transition | None:
         """Time-driven transitions."""
         if self.state == STARTUP and not self.peer_seen and now - self.since >= self.startup_wait_s:
-            if self.data_lost or self.persisted == RECOVER:
+            if self.data_lost or self.persisted in (RECOVER, RECOVER_WAIT):
+                self.incomplete = True
                 return self._go(RECOVER, now, "no valid stable storage; waiting for the peer"
                                 if self.data_lost else "was RECOVER before restart")
+            if self.persisted in (POTENTIAL_CONFLICT, CONFLICT_DONE):
+                return self._go(POTENTIAL_CONFLICT, now, f"was {self.persisted} before restart")
             if self.persisted == PARTNER_DOWN:
                 return self._go(PARTNER_DOWN, now, "was PARTNER-DOWN before restart; peer still silent")
             return self._go(COMM_INTERRUPTED, now,
                             f"peer {self.peer} not heard within {self.startup_wait_s:g}s of start")
+        if self.state == RECOVER_WAIT and now - self.since >= self.recover_wait_s:
+            return self._go(RECOVER_DONE, now, f"waited {self.recover_wait_s:g}s (MCLT) after "
+                                               "an incomplete recovery")
         if (self.state == COMM_INTERRUPTED and self.peer_state is None
                 and self.auto_partner_down_s > 0 and self.interrupted_at is not None
                 and now - self.interrupted_at >= self.auto_partner_down_s):
@@ -156,9 +194,25 @@ class PartnerFSM:
         """Operator says the peer is down (works from every state)."""
         return self._go(PARTNER_DOWN, now, "operator partner-down")
 
+    @property
+    def wants_sync(self) -> bool:
+        """Whether the manager should pull the peer's bindings now."""
+        if self.state == RECOVER:
+            return True
+        if self.state == POTENTIAL_CONFLICT:
+            return self.primary or self.peer_state == CONFLICT_DONE
+        return False
+
     def sync_done(self, now: float) -> Transition | None:
         if self.state == RECOVER:
+            if self.incomplete and self.recover_wait_s > 0:
+                return self._go(RECOVER_WAIT, now, "recovery sync finished; own knowledge "
+                                                   "was incomplete: wait MCLT")
             return self._go(RECOVER_DONE, now, "recovery sync finished")
+        if self.state == POTENTIAL_CONFLICT:
+            if self.primary:
+                return self._go(CONFLICT_DONE, now, "pulled the secondary's bindings")
+            return self._go(NORMAL, now, "pulled the primary's bindings; conflict resolved")
         return None
 
     def leave_maintenance(self, now: float) -> Transition | None:

@@ -35,14 +35,16 @@ class Partnerships:
     def key(self, peer: str) -> str:
         return f"cluster:partner:{self.m.node_id}:{peer}"
 
-    def register(self, peer: str, listener, *, primary: bool, sync, data_lost: bool) -> str:
+    def register(self, peer: str, listener, *, primary: bool, sync, data_lost: bool,
+                 recover_wait_s: float = 0.0) -> str:
         m = self.m
         ps = self.partners.get(peer)
         if ps is None:
             fsm = P.PartnerFSM(peer, primary=primary,
                                auto_partner_down_s=m.cfg.auto_partner_down_s,
                                startup_wait_s=max(2 * m.dead_after_s, 0.5),
-                               now=m.clock.seconds(), data_lost=data_lost)
+                               now=m.clock.seconds(), data_lost=data_lost,
+                               recover_wait_s=recover_wait_s)
             ps = self.partners[peer] = Partnership(fsm)
             if m.store is not None:
                 ps.loading = True
@@ -87,6 +89,7 @@ class Partnerships:
         ps = self.partners.get(peer)
         if ps is not None and not ps.loading:
             self.transition(ps, ps.fsm.heard(reported, now, maintenance=maintenance))
+            self.maybe_sync(ps)        # the secondary's turn in POTENTIAL-CONFLICT
 
     def lost(self, peer: str, now: float):
         ps = self.partners.get(peer)
@@ -121,7 +124,10 @@ class Partnerships:
                 lambda f: _log.warn("partner state not persisted: {why}", why=f.getErrorMessage()))
         for listener in list(ps.listeners):
             call_listener(listener, ps.fsm.peer, t.new, t.reason)
-        if t.new == P.RECOVER:
+        self.maybe_sync(ps)
+
+    def maybe_sync(self, ps: Partnership):
+        if ps.fsm.wants_sync:
             self._start_sync(ps)
 
     # -- RECOVER sync ---------------------------------------------------------------
@@ -146,5 +152,5 @@ class Partnerships:
         d.addErrback(lambda f: _log.failure("sync bookkeeping failed", failure=f))
 
     def _retry_sync(self, ps: Partnership):
-        if self.m.running and ps.fsm.state == P.RECOVER:
-            self._start_sync(ps)
+        if self.m.running:
+            self.maybe_sync(ps)

@@ -112,14 +112,36 @@ def test_startup_silence_and_persisted_partner_down():
     assert fsm(persisted=P.PARTNER_DOWN).tick(1.0).new == P.PARTNER_DOWN
 
 
-def test_both_partner_down_secondary_resyncs():
-    """If both sides ran PARTNER-DOWN during a partition, the secondary resyncs."""
+def test_both_partner_down_potential_conflict_resolved_primary_first():
+    """Both sides ran PARTNER-DOWN: both go POTENTIAL-CONFLICT (no new allocations); the
+    primary pulls first (CONFLICT-DONE), then the secondary pulls and goes NORMAL, and
+    the primary follows."""
     prim, sec = fsm(), fsm(primary=False)
     for f in (prim, sec):
         f.heard(P.STARTUP, 0)
         f.partner_down(1)
-    assert prim.heard(P.PARTNER_DOWN, 2) is None
-    assert sec.heard(P.PARTNER_DOWN, 2).new == P.RECOVER
+    assert prim.heard(P.PARTNER_DOWN, 2).new == P.POTENTIAL_CONFLICT
+    assert sec.heard(P.PARTNER_DOWN, 2).new == P.POTENTIAL_CONFLICT
+    assert not prim.serves_own_share and not sec.serves_own_share
+    assert prim.wants_sync and not sec.wants_sync
+    assert prim.sync_done(3).new == P.CONFLICT_DONE
+    assert sec.heard(prim.state, 3.1) is None and sec.wants_sync
+    assert sec.sync_done(4).new == P.NORMAL
+    assert prim.heard(sec.state, 4.1).new == P.NORMAL
+
+
+def test_recover_wait_after_an_incomplete_recovery():
+    """A node without stable storage syncs, then waits recover_wait_s (MCLT) in
+    RECOVER-WAIT before RECOVER-DONE; with complete knowledge no wait."""
+    f = fsm(data_lost=True, recover_wait_s=30)
+    assert f.heard(P.NORMAL, 0).new == P.RECOVER
+    assert f.sync_done(1).new == P.RECOVER_WAIT
+    assert not f.serves_own_share
+    assert f.tick(30.9) is None
+    assert f.tick(31.0).new == P.RECOVER_DONE
+    g = fsm(recover_wait_s=30)
+    g.heard(P.PARTNER_DOWN, 0)
+    assert g.sync_done(1).new == P.RECOVER_DONE
 
 
 def test_peer_maintenance_means_partner_down_and_recover_never_times_out():
