@@ -400,6 +400,10 @@ class ClusterSection:
     #: Heartbeats per interval; the deadline stays dead_after intervals, so
     #: a false suspicion needs dead_after x beats_per_interval lost in a row.
     beats_per_interval: int = 3
+    #: "node", or "witness": runs no services, owns nothing, only votes.
+    role: str = "node"
+    #: [cluster.witness] { id, address }: the tie-breaking third vote.
+    witness: Peer | None = None
 
 
 @dataclass(frozen=True)
@@ -691,6 +695,21 @@ def _parse_cluster(t: Table | None, node: NodeSection | None) -> ClusterSection 
             tls = TLSFiles(cert, key, ca)
     auto_pd = t.float("auto_partner_down_s", 0.0, min=0)
     beats = t.int("beats_per_interval", 3, min=1, max=20)
+    role = t.str("role", "node", choices=("node", "witness"))
+    witness = None
+    wt = t.table("witness")
+    if wt is not None:
+        w_id = wt.str("id", pattern=_NODE_ID, describe="a node id")
+        w_addr = wt.ip("address")
+        wt.done()
+        if w_id is not None and w_addr is not None:
+            witness = Peer(w_id, w_addr)
+            if node is not None and w_id == node.id:
+                t.error("witness", f"{_show(w_id)} is this node's own id (node.id)")
+            if any(p and p.id == w_id for p in peers or ()):
+                t.error("witness", f"{_show(w_id)} is also listed in peers")
+    if role == "witness" and witness is not None:
+        t.error("witness", 'a node with role = "witness" is the witness; it has no [cluster.witness]')
     ids = [p.id for p in peers or () if p]
     for dup in {i for i in ids if ids.count(i) > 1}:
         t.error("peers", f"peer id {dup!r} appears more than once")
@@ -701,7 +720,8 @@ def _parse_cluster(t: Table | None, node: NodeSection | None) -> ClusterSection 
     t.done()
     return ClusterSection(peers or (), hb_port or 8741, interval or 100, dead_after or 3,
                           key_file, peer_link, tls,
-                          auto_pd if auto_pd is not None else 0.0, bind_address, beats or 3)
+                          auto_pd if auto_pd is not None else 0.0, bind_address, beats or 3,
+                          role or "node", witness)
 
 
 def _parse_vip(t: Table, node: NodeSection | None, peer_ids: tuple[str, ...]) -> VIPSection | None:

@@ -46,12 +46,18 @@ def status(m) -> dict[str, Any]:
         entry["state"] = partners.get(pid) or ("alive" if p.alive else "dead")
         entry["unechoed"] = m.verifier.unechoed.get(pid, 0) if m.verifier else 0
     warnings = []
-    if m.cfg is not None and m.cfg.auto_partner_down_s > 0 and partners:
+    if m.cfg is not None and m.cfg.auto_partner_down_s > 0 and partners and m.witness_id is None:
         warnings.append(
             f"auto_partner_down_s = {m.cfg.auto_partner_down_s:g} without a witness or "
             "client evidence: in a partition both sides could be PARTNER-DOWN and serve "
             "the same addresses")
+    quorum = {"has": m.has_quorum(), "witness": m.witness_id,
+              "witness_vote": (m.peers[m.witness_id].heartbeat.vote
+                               if m.witness_id and m.peers[m.witness_id].heartbeat else None)}
+    if m.is_witness:
+        quorum = {"role": "witness", "vote": m.vote}
     return {"node": m.node_id, "incarnation": m.incarnation, "warnings": warnings,
+            "quorum": quorum,
             "heartbeat": {"interval_ms": round(m.interval * 1000),
                           "beats_per_interval": m.beats,
                           "deadline_ms": round(m.deadline_s * 1000, 1),

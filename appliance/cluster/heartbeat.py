@@ -10,7 +10,7 @@ MAC covers version and payload.  The payload is compact JSON::
 
 ``"m": {resource: epoch}`` is the highest epoch the sender knows for each
 resource (a node that restarts, or lost a contest, learns it: the owner
-always re-claims above it).  ``"e": {peer: [incarnation, seq]}`` echoes, for each receiver, the last
+always re-claims above it).  ``"v": node`` is a witness's vote.  ``"e": {peer: [incarnation, seq]}`` echoes, for each receiver, the last
 authentic beat the sender heard from it.
 
 The incarnation grows with every start of a node (wall-clock nanoseconds,
@@ -71,6 +71,7 @@ class Heartbeat:
     config_detail: dict[str, dict[str, str]] | None = None
     echo: dict[str, tuple[int, int]] | None = None
     max_epochs: dict[str, int] = field(default_factory=dict)
+    vote: str | None = None          # a witness's vote (the one node it backs)
 
     @property
     def able(self) -> bool:
@@ -94,6 +95,8 @@ def encode(hb: Heartbeat, key: bytes) -> bytes:
         body["e"] = {k: [i, q] for k, (i, q) in hb.echo.items()}
     if hb.max_epochs:
         body["m"] = hb.max_epochs
+    if hb.vote is not None:
+        body["v"] = hb.vote
     payload = bytes([VERSION]) + json.dumps(body, separators=(",", ":")).encode()
     mac = hmac.new(key, payload, hashlib.sha256).digest()
     return MAGIC + payload[:1] + mac + payload[1:]
@@ -153,12 +156,15 @@ def decode(datagram: bytes, key: bytes) -> Heartbeat:
         max_epochs = _str_map(body.get("m", {}), "max epochs")
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in max_epochs.values()):
             raise HeartbeatError("malformed", "max epochs are not integers")
+        vote = body.get("v")
+        if vote is not None and not isinstance(vote, str):
+            raise HeartbeatError("malformed", "vote is not a node id")
     except HeartbeatError:
         raise
     except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise HeartbeatError("malformed", str(e)[:200]) from None
     return Heartbeat(node, inc, seq, float(sent), tuple(health), resources, partners, config,
-                     detail, echo, max_epochs)
+                     detail, echo, max_epochs, vote)
 
 
 class HeartbeatVerifier:

@@ -94,8 +94,17 @@ class ClusterManager(Service):
                       "partner_transitions": 0, "reannounced": 0, "late_beats": 0,
                       "oversize_sent": 0}
         self.skew_listeners: list[Callable] = []
+        self.is_witness = getattr(cluster, "role", "node") == "witness"
+        witness = getattr(cluster, "witness", None)
+        self.witness_id: str | None = witness.id if witness is not None else None
+        members = {p.id: str(p.address) for p in (cluster.peers if cluster else ())}
+        if witness is not None:
+            members[witness.id] = str(witness.address)
+        self.node_ids = [self.node_id] + [p.id for p in (cluster.peers if cluster else ())]
+        self.vote: str | None = None             # a witness: the node it backs
+        self._vote_seen = 0.0                    # ... last connected to it
         self.detector = PeerTable(
-            self.clock, {p.id: str(p.address) for p in (cluster.peers if cluster else ())},
+            self.clock, members,
             deadline_s=self.deadline_s, beat_period=self.beat_period, wall=self._wall_now,
             on_deadline=self._deadline, on_down=self._peer_down, on_restart=self._peer_restart,
             on_skew=self._peer_skew)
@@ -155,7 +164,7 @@ class ClusterManager(Service):
     def register_resource(self, name: str, listener: Callable, *, priority: dict | None = None,
                           preempt: bool = True, kind: str = "service", settings: dict | None = None):
         """Convenience for services: default priority 100 for every node."""
-        prio = priority or {n: 100 for n in [self.node_id, *self.peers]}
+        prio = priority or {n: 100 for n in self.node_ids}
         self.add_resource(ResourceSpec(name, prio, preempt, kind), settings or {"priority": prio,
                                                                                "preempt": preempt},
                           listener)
@@ -189,7 +198,7 @@ class ClusterManager(Service):
         (the service's MCLT) in RECOVER-WAIT.  ``sync`` also runs in
         POTENTIAL-CONFLICT (the primary first, then the secondary).
         """
-        if peer not in self.peers:
+        if peer not in self.peers or peer == self.witness_id:
             raise ValueError(f"{peer!r} is not a cluster peer")
         return self.partnerships.register(peer, listener, primary=primary, sync=sync,
                                           data_lost=data_lost, recover_wait_s=recover_wait_s)
@@ -281,7 +290,9 @@ class ClusterManager(Service):
         self._send_heartbeats()
         now = self.clock.seconds()
         self.detector.detect(now)
-        self.partnerships.tick(now)
+        if self.is_witness:
+            self._update_vote(now)
+        self.partnerships.tick(now, allow_auto=self.witness_id is None or self.has_quorum())
         self.health.check_links()
         self.table.retry_vips(self.health.expired_unable())
         self.evaluate()
@@ -301,11 +312,87 @@ class ClusterManager(Service):
             if detail is not None:
                 detail[name] = per
         verifier = self.verifier
+        health = self.health_flags() + (("witness",) if self.is_witness else ())
         return Heartbeat(self.node_id, self.incarnation, seq, self.wall(),
-                         self.health_flags(), claims, self.partnerships.states(),
+                         health, claims, self.partnerships.states(),
                          config, detail, verifier.echo() if verifier is not None else None,
                          {name: res.max_epoch for name, res in self.resources.items()
-                          if res.max_epoch > 0})
+                          if res.max_epoch > 0}, self.vote if self.is_witness else None)
+
+    # ------------------------------------------------------------------
+    # quorum and the witness
+    # ------------------------------------------------------------------
+    def node_peers(self):
+        """Peers that are nodes (not the witness)."""
+        return [p for p in self.peers.values() if p.id != self.witness_id]
+
+    def has_quorum(self) -> bool:
+        """May this node own resources (and enter PARTNER-DOWN by itself)?
+
+        With a witness: a majority of nodes + witness, where the witness's
+        vote counts only for the one node it backs and whoever that node is
+        connected to, so two sides of a partition never both have it.
+        Without a witness: with 3 or more nodes a majority of nodes; with two
+        nodes always (as before: one owner again one heartbeat after a heal).
+        A witness's vote is held ``deadline_s`` after its last beat; the
+        witness moves it only ``deadline_s + 2 x interval`` after it was last
+        connected to the node it backed, so the old side has let go before
+        the new one can claim.
+        """
+        alive = {p.id for p in self.node_peers() if self.connected(p)}
+        votes = 1 + len(alive)
+        total = len(self.node_ids)
+        if self.witness_id is not None:
+            total += 1
+            w = self.peers[self.witness_id]
+            vote = w.heartbeat.vote if self.connected(w) else None
+            if vote is not None and (vote == self.node_id or vote in alive):
+                votes += 1
+        elif total <= 2:
+            return True
+        return 2 * votes > total
+
+    def connected(self, peer: PeerInfo) -> bool:
+        """Heard, and it hears us: its last beat echoes one of ours sent less
+        than ``deadline_s - beat_period`` ago.  The peer suspects us no sooner
+        than ``deadline_s`` after that beat of ours *arrived*, so we stop
+        counting its vote before it can count us out and take over (and a
+        one-way link is no connection: the two sides of an asymmetric
+        partition cannot both count each other).  The margin (1.5 beat
+        periods) covers the wait for our next election."""
+        hb = peer.heartbeat
+        if not peer.alive or hb is None:
+            return False
+        if hb.echo is None:
+            return True                     # a peer of an older version: no echo to judge
+        echo = hb.echo.get(self.node_id)
+        if echo is None or echo[0] != self.incarnation or self.channel is None:
+            return False
+        sent = self.channel.sent_time(echo[1])
+        return (sent is not None
+                and self.clock.seconds() - sent < self.deadline_s - 1.5 * self.beat_period)
+
+    def _update_vote(self, now: float):
+        """A witness backs one node at a time.  It keeps it while connected to
+        it (heard, and hearing the witness) and moves only ``deadline_s + 2 x
+        interval`` after it last was: the node let go of the vote
+        ``deadline_s`` after it last heard the witness, so even with a one-way
+        delay below an interval the old side has given up before the new one
+        hears the new vote.  The new vote goes to the connected node claiming
+        the most resources (no needless move), then the smallest id."""
+        current = self.peers.get(self.vote) if self.vote else None
+        if current is not None and self.connected(current):
+            self._vote_seen = now
+            return
+        if current is not None and now - self._vote_seen < self.deadline_s + 2 * self.interval:
+            return
+        live = [p for p in self.node_peers() if self.connected(p)]
+        new = min(live, key=lambda p: (-len(p.heartbeat.resources), p.id)).id if live else None
+        if new != self.vote:
+            _log.info("witness: vote {old} -> {new}", old=self.vote or "nobody",
+                      new=new or "nobody")
+            self.vote = new
+            self._vote_seen = now
 
     def _send_heartbeats(self):
         if self.channel is not None and self.port is not None:
@@ -369,6 +456,9 @@ class ClusterManager(Service):
     def promote(self, resource: str):
         """Take ``resource`` now as a manual claim (kept until demote)."""
         res = self._resource(resource)
+        if not self.has_quorum():
+            raise ClusterError(f"no quorum: this node cannot own {resource} now (it does not "
+                               "see a majority of the nodes and the witness)", code=-32025)
         self.excluded.discard(resource)
         if res.mine is not None and res.mine.manual:
             return {"resource": resource, "owner": self.node_id, "epoch": res.mine.epoch}

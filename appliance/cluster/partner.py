@@ -166,8 +166,9 @@ class PartnerFSM:
             return self._go(COMM_INTERRUPTED, now, f"peer {self.peer} not heard")
         return None
 
-    def tick(self, now: float) -> Transition | None:
-        """Time-driven transitions."""
+    def tick(self, now: float, allow_auto: bool = True) -> Transition | None:
+        """Time-driven transitions (``allow_auto``: automatic partner-down is
+        allowed now -- with a witness, only while this node holds quorum)."""
         if self.state == STARTUP and not self.peer_seen and now - self.since >= self.startup_wait_s:
             if self.data_lost or self.persisted in (RECOVER, RECOVER_WAIT):
                 self.incomplete = True
@@ -183,7 +184,7 @@ class PartnerFSM:
             return self._go(RECOVER_DONE, now, f"waited {self.recover_wait_s:g}s (MCLT) after "
                                                "an incomplete recovery")
         if (self.state == COMM_INTERRUPTED and self.peer_state is None
-                and self.auto_partner_down_s > 0 and self.interrupted_at is not None
+                and self.auto_partner_down_s > 0 and allow_auto and self.interrupted_at is not None
                 and now - self.interrupted_at >= self.auto_partner_down_s):
             return self._go(PARTNER_DOWN, now,
                             f"peer {self.peer} silent for {self.auto_partner_down_s:g}s "

@@ -96,10 +96,10 @@ class Partnerships:
         if ps is not None and not ps.loading:
             self.transition(ps, ps.fsm.lost(now))
 
-    def tick(self, now: float):
+    def tick(self, now: float, allow_auto: bool = True):
         for ps in self.partners.values():
             if not ps.loading:
-                self.transition(ps, ps.fsm.tick(now))
+                self.transition(ps, ps.fsm.tick(now, allow_auto=allow_auto))
 
     def leave_maintenance(self, now: float):
         for ps in self.partners.values():

@@ -52,6 +52,7 @@ class ResourceTable:
         self.m = m
         self.resources: dict[str, Resource] = {}
         self.excluded: set[str] = set()         # resources this node was demoted from
+        self.no_quorum = False
 
     # -- registration ------------------------------------------------------------
     def add(self, spec: ResourceSpec, settings: dict | None, listener: Callable | None):
@@ -96,20 +97,29 @@ class ResourceTable:
                 res.max_epoch = epoch
 
     # -- the election ---------------------------------------------------------------
-    def _able_nodes(self) -> set[str]:
-        able = {p.id for p in self.m.peers.values() if p.able}
-        if self.m.health.able():
+    def _able_nodes(self, quorum: bool) -> set[str]:
+        able = {p.id for p in self.m.node_peers() if p.able}
+        if quorum and self.m.health.able():
             able.add(self.m.node_id)
         return able
 
     def evaluate(self) -> None:
         m = self.m
-        able = self._able_nodes()
-        alive = {p.id for p in m.peers.values() if p.alive} | {m.node_id}
+        if m.is_witness:
+            return
+        quorum = m.has_quorum()
+        if not quorum and not self.no_quorum:
+            _log.warn("node {node} lost quorum: giving up and claiming nothing until it is back",
+                      node=m.node_id)
+        elif quorum and self.no_quorum:
+            _log.info("node {node} has quorum again", node=m.node_id)
+        self.no_quorum = not quorum
+        able = self._able_nodes(quorum)
+        alive = {p.id for p in m.node_peers() if p.alive} | ({m.node_id} if quorum else set())
         holding = m.clock.seconds() < m.hold_until
         for name, res in self.resources.items():
             claims = {}
-            for peer in m.peers.values():
+            for peer in m.node_peers():
                 hb = peer.heartbeat
                 if peer.alive and hb is not None and name in hb.resources:
                     owner, epoch, manual = hb.resources[name]
@@ -126,6 +136,12 @@ class ResourceTable:
                 claims.values(), key=lambda c: c.epoch, default=Claim("", 0)).owner or None
             res.owner = owner
             if d.action == "claim" and not holding and not res.claiming:
+                if claims:
+                    # Break before make: a live node still holds it and
+                    # computes the same election, so it lets go within a beat;
+                    # claim once it has (never two owners for a preemption,
+                    # and a one-way link cannot keep two owners forever).
+                    continue
                 self.claim(res, d.epoch, why=self._why(claims))
             elif d.action == "reassert" and not res.claiming:
                 # Won a contest against a newer claim (a healed partition under
@@ -153,7 +169,7 @@ class ResourceTable:
         that flags ``unable:<name>`` or does not have the resource at all."""
         m = self.m
         excluded = {m.node_id} if name in self.excluded else set()
-        for peer in m.peers.values():
+        for peer in m.node_peers():
             hb = peer.heartbeat
             if peer.alive and hb is not None and (f"unable:{name}" in hb.health
                                                   or name not in hb.config):

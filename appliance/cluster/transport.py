@@ -98,6 +98,7 @@ class HeartbeatChannel:
         self.build, self.on_beat, self.on_tick = build, on_beat, on_tick
         self.stats = stats
         self.seq = 0
+        self.sent_at: dict[int, float] = {}     # our recent beats: seq -> send time
         self.verifier = HeartbeatVerifier(key, node_id, peers, incarnation=incarnation,
                                           window=window)
         self.port = None
@@ -122,7 +123,13 @@ class HeartbeatChannel:
     def next_seq(self) -> int:
         self.seq += 1
         self.verifier.sent_seq = self.seq
+        self.sent_at[self.seq] = self.clock.seconds()
+        self.sent_at.pop(self.seq - self.verifier.window, None)
         return self.seq
+
+    def sent_time(self, seq: int) -> float | None:
+        """When (monotonic) our beat ``seq`` left, if it is recent."""
+        return self.sent_at.get(seq)
 
     def send(self, port=None):
         port = port if port is not None else self.port

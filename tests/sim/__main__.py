@@ -21,6 +21,7 @@ def main(argv=None) -> int:
     ap.add_argument("--nodes", type=int, choices=(2, 3), action="append",
                     help="node counts (default: 2 and 3)")
     ap.add_argument("--duration", type=float, default=30.0, help="simulated seconds per seed")
+    ap.add_argument("--witness", action="store_true", help="add a witness node (w)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print the event log")
     args = ap.parse_args(argv)
     counts = args.nodes or [2, 3]
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
     for seed in seeds:
         for n in counts:
             try:
-                w = World(seed, n).run(args.duration)
+                w = World(seed, n, witness=args.witness).run(args.duration)
                 events += w.events
                 if args.verbose:
                     print("\n".join(w.log))

@@ -17,6 +17,9 @@ Invariants, checked after every 10 ms step of simulated time:
 * ``detector``: a node suspects a peer only if nothing the peer sent in the
   last ``dead_after`` intervals reached it (no takeover unless dead_after
   intervals of beats were really lost);
+* ``witness`` (with ``--witness``): never two owners, at any step, whatever
+  the partitions (except within dead_after + 1 intervals after an operator
+  promote, which is make-before-break by design);
 * ``heal``: once every fault is cleared, at most one owner per resource
   within one heartbeat interval (+ one beat period + 20 ms), and that owner
   holds the highest epoch any running node has seen;
@@ -26,8 +29,7 @@ Invariants, checked after every 10 ms step of simulated time:
 
 A violation raises :class:`Violation` whose message ends with the one
 command that replays the seed: ``python -m tests.sim --seed S --nodes N``.
-Not simulated (reported as missing): the TLS peer link, key rotation, a
-witness.
+Not simulated (reported as missing): the TLS peer link, key rotation.
 """
 
 from __future__ import annotations
@@ -165,12 +167,15 @@ class SimNode:
 
 
 class World:
-    def __init__(self, seed: int, n_nodes: int = 2, preempt: bool | None = None):
-        self.seed, self.n = seed, n_nodes
+    def __init__(self, seed: int, n_nodes: int = 2, preempt: bool | None = None,
+                 witness: bool = False):
+        self.seed, self.n, self.witness = seed, n_nodes, witness
         self.rng = random.Random(seed)
         self.net_rng = random.Random(seed * 7919 + 1)
         self.clock = Clock()
-        self.ids = IDS[:n_nodes]
+        self.node_ids = IDS[:n_nodes]
+        self.ids = self.node_ids + (("w",) if witness else ())
+        self.last_op_move = -1e9      # an operator promote: make-before-break by design
         self.net = SimNet(self.clock, self.net_rng, self.ids,
                           incarnation_of=lambda n: self.nodes[n].incarnation)
         self.preempt = self.rng.random() < 0.7 if preempt is None else preempt
@@ -197,22 +202,27 @@ class World:
             node.last_claim = {}
         node.epochs = {}
         node.incarnation = self._incarnation(node, lower)
-        peers = tuple(Peer(p, ipaddress.ip_address(self.net.addr[p])) for p in self.ids if p != nid)
+        peers = tuple(Peer(p, ipaddress.ip_address(self.net.addr[p])) for p in self.node_ids
+                      if p != nid)
+        witness = (Peer("w", ipaddress.ip_address(self.net.addr["w"]))
+                   if self.witness and nid != "w" else None)
         cluster = ClusterSection(peers=peers, heartbeat_interval_ms=INTERVAL_MS,
                                  dead_after=DEAD_AFTER, auto_partner_down_s=0.0,
-                                 bind_address=None)
+                                 bind_address=None, role="witness" if nid == "w" else "node",
+                                 witness=witness)
         vip = VIPSection("vip1", ipaddress.ip_interface("10.0.0.100/24"), "eth0",
-                         {n: PRIORITY[n] for n in self.ids}, self.preempt)
+                         {n: PRIORITY[n] for n in self.node_ids}, self.preempt)
         inc = node.incarnation
         saved = manager_mod.next_incarnation
         manager_mod.next_incarnation = lambda d: inc
         try:
             m = ClusterManager(_Reactor(self.clock, self.net, nid), node_id=nid, cluster=cluster,
-                               vips=[vip], store=node.store, state_dir="/nonexistent-sim",
+                               vips=[] if nid == "w" else [vip], store=node.store,
+                               state_dir="/nonexistent-sim",
                                key=KEY, clock=self.clock,
                                wall=lambda node=node: self.clock.seconds() + node.wall_offset)
-            if self.n == 2:
-                other = [p for p in self.ids if p != nid][0]
+            if self.n == 2 and nid != "w":
+                other = [p for p in self.node_ids if p != nid][0]
                 m.register_partner(other, primary=(nid == "a"), sync=lambda peer: None)
             m.startService()
         finally:
@@ -296,7 +306,10 @@ class World:
         self.events += 1
         self.last_op = self.clock.seconds()
         try:
-            if r < 0.3:
+            if nid == "w":
+                what = "nothing (witness)"
+            elif r < 0.3:
+                self.last_op_move = self.clock.seconds()
                 m.promote("vip1")
                 what = "promote"
             elif r < 0.55:
@@ -307,7 +320,7 @@ class World:
                 m.set_maintenance(on)
                 what = f"maintenance {'on' if on else 'off'}"
             else:
-                peer = self.rng.choice([p for p in ids if p != nid])
+                peer = self.rng.choice([p for p in self.node_ids if p != nid])
                 m.partner_down(peer)
                 what = f"partner-down {peer}"
         except Exception as e:          # refused (ClusterError): fine
@@ -322,17 +335,26 @@ class World:
     # -- invariants ------------------------------------------------------------
     def fail(self, what: str):
         tail = "\n".join(self.log[-25:])
-        raise Violation(f"seed {self.seed}, {self.n} nodes, t={self.clock.seconds():.3f}: "
+        w = " --witness" if self.witness else ""
+        raise Violation(f"seed {self.seed}, {self.n} nodes{' + witness' if w else ''}, "
+                        f"t={self.clock.seconds():.3f}: "
                         f"{what}\n--- last events ---\n{tail}\n--- replay ---\n"
-                        f"python -m tests.sim --seed {self.seed} --nodes {self.n}")
+                        f"python -m tests.sim --seed {self.seed} --nodes {self.n}{w}")
 
     def owners(self):
         return [n for n, node in self.nodes.items()
-                if node.up and node.manager.role("vip1") == "owner"]
+                if n != "w" and node.up and node.manager.role("vip1") == "owner"]
 
     def check(self):
         now = self.clock.seconds()
         dead_s = DEAD_AFTER * INTERVAL_MS / 1000
+        # An operator promote is make-before-break: if the network fails at
+        # that moment, the overlap lasts until the promoted node learns it has
+        # no quorum (dead_after intervals): excluded here, reported.
+        if self.witness and now - self.last_op_move > dead_s + INTERVAL_MS / 1000:
+            owners = self.owners()
+            if len(owners) > 1:
+                self.fail(f"two owners {owners} with a witness")
         for nid, node in self.nodes.items():
             if not node.up:
                 continue
@@ -374,7 +396,7 @@ class World:
             if owners:
                 mine = self.nodes[owners[0]].manager.resources["vip1"]
                 top = max(n.manager.resources["vip1"].max_epoch
-                          for n in self.nodes.values() if n.up)
+                          for nid, n in self.nodes.items() if n.up and nid != "w")
                 if mine.mine.epoch < top:
                     self.fail(f"owner {owners[0]} holds epoch {mine.mine.epoch} below the "
                               f"highest seen ({top}) after a heal")
@@ -383,7 +405,7 @@ class World:
                 and all(node.up and now - node.started_at > 5.0 for node in self.nodes.values())
                 and not any(node.manager.maintenance for node in self.nodes.values())):
             states = {nid: ps.fsm.state for nid, node in self.nodes.items()
-                      for ps in node.manager.partners.values()}
+                      for ps in node.manager.partners.values() if nid != "w"}
             if any(s != P.NORMAL for s in states.values()):
                 self.fail(f"partner states {states} after 5 s of a clean network")
 
@@ -419,5 +441,6 @@ class World:
         return self
 
 
-def run_seed(seed: int, n_nodes: int = 2, duration: float = 30.0) -> World:
-    return World(seed, n_nodes).run(duration)
+def run_seed(seed: int, n_nodes: int = 2, duration: float = 30.0,
+             witness: bool = False) -> World:
+    return World(seed, n_nodes, witness=witness).run(duration)

@@ -1,0 +1,72 @@
+"""Witness and quorum on the simulator's network (real managers, Clock):
+a partition with a witness never has two owners; without one it does (as before)."""
+
+from __future__ import annotations
+
+from tests.sim.world import World
+
+
+def _settle(w, seconds):
+    samples = []
+    for _ in range(int(seconds / 0.01)):
+        w.clock.advance(0.01)
+        samples.append(tuple(w.owners()))
+    return samples
+
+
+def _world(witness):
+    w = World(seed=1, n_nodes=2, preempt=True, witness=witness)
+    for nid in w.ids:
+        w.start(nid)
+    assert _settle(w, 1.5)[-1] == ("a",)
+    return w
+
+
+def _partition(w, x, y):
+    w.net.links[(x, y)].cut = w.net.links[(y, x)].cut = True
+
+
+def test_partition_with_witness_keeps_exactly_one_owner():
+    """a|b cut, both still hear the witness: the witness backs one side only, so
+    exactly one owner at every 10 ms sample, before, during and after."""
+    w = _world(witness=True)
+    _partition(w, "a", "b")
+    during = _settle(w, 5.0)
+    assert all(len(s) <= 1 for s in during), [s for s in during if len(s) > 1][:3]
+    assert during[-1] in (("a",), ("b",))
+    w.net.heal()
+    after = _settle(w, 2.0)
+    assert all(len(s) <= 1 for s in after)
+    assert after[-1] == ("a",)
+
+
+def test_partition_without_witness_has_two_owners_as_before():
+    """Two nodes, no witness: each side of a partition owns (one owner again after heal)."""
+    w = _world(witness=False)
+    _partition(w, "a", "b")
+    assert _settle(w, 2.0)[-1] == ("a", "b")
+    w.net.heal()
+    assert _settle(w, 0.5)[-1] == ("a",)
+
+
+def test_isolated_owner_gives_up_before_the_other_takes_over():
+    """The owner a loses both links: it releases (no quorum) before b, backed by the
+    witness, claims; b then owns; never both."""
+    w = _world(witness=True)
+    for other in ("b", "w"):
+        _partition(w, "a", other)
+    samples = _settle(w, 3.0)
+    assert all(len(s) <= 1 for s in samples)
+    assert samples[-1] == ("b",)
+    assert w.nodes["a"].manager.status()["quorum"]["has"] is False
+
+
+def test_one_way_link_counts_no_vote():
+    """a hears b but b does not hear a (and a is cut from the witness): a has no quorum."""
+    w = _world(witness=True)
+    w.net.links[("a", "b")].cut = True
+    _partition(w, "a", "w")
+    samples = _settle(w, 3.0)
+    assert all(len(s) <= 1 for s in samples)
+    assert not w.nodes["a"].manager.has_quorum()
+    assert samples[-1] == ("b",)
