@@ -24,13 +24,16 @@ def wait_for(pred, timeout: float, what: str) -> None:
 
 def vip_pair_config(node: str, workdir: Path, addrs: dict[str, str], vip: str, *,
                     interval_ms: int = 100, preempt: bool = True, vip_name: str = "vip1",
-                    dead_after: int = 3) -> str:
+                    dead_after: int = 3, witness: tuple[str, str] | None = None) -> str:
     """The TOML of one node of a two-node pair sharing one VIP (priority a=200, b=100).
 
     ``addrs`` maps the two node ids to their addresses; the HMAC key is
-    ``workdir/cluster.key`` (the caller writes it).
+    ``workdir/cluster.key`` (the caller writes it).  ``witness``: ``(id,
+    address)`` of a witness node (see :func:`witness_config`).
     """
     peer = next(n for n in addrs if n != node)
+    witness_line = (f'witness = {{ id = "{witness[0]}", address = "{witness[1]}" }}\n'
+                    if witness else "")
     return f"""
 [node]
 id = "{node}"
@@ -47,13 +50,36 @@ heartbeat_interval_ms = {interval_ms}
 dead_after = {dead_after}
 auth_key_file = "{workdir}/cluster.key"
 auto_partner_down_s = 0
-
+{witness_line}
 [[vip]]
 name = "{vip_name}"
 address = "{vip}"
 interface = "eth0"
 priority = {{ a = 200, b = 100 }}
 preempt = {"true" if preempt else "false"}
+"""
+
+
+def witness_config(node: str, workdir: Path, address: str, nodes: dict[str, str], *,
+                   interval_ms: int = 100, dead_after: int = 3) -> str:
+    """The TOML of a witness: ``role = "witness"``, the nodes as peers, no services."""
+    peers = ", ".join(f'{{ id = "{n}", address = "{a}" }}' for n, a in nodes.items())
+    return f"""
+[node]
+id = "{node}"
+state_dir = "{workdir}/state-{node}"
+
+[admin]
+listen = "tcp:8740:interface=127.0.0.1"
+token_file = "{workdir}/state-{node}/admin.token"
+
+[cluster]
+role = "witness"
+peers = [{peers}]
+bind_address = "{address}"
+heartbeat_interval_ms = {interval_ms}
+dead_after = {dead_after}
+auth_key_file = "{workdir}/cluster.key"
 """
 
 
