@@ -11,7 +11,19 @@ and a backup (priority 200/100, preempt): after each trial the dead primary
 is revived (its runtime files cleared, as a power cycle would), takes the
 VIP back, and the next trial kills it again.
 
+Rows: takeover p50/p95 per heartbeat interval with each system's configured
+detection threshold (appliance: dead_after + half a beat; keepalived:
+3 x advert + skew, skew = (256 - backup priority) / 256 x advert, so
+keepalived also runs with priorities 254/253 as ``keepalived-254``, near-zero
+skew); spurious takeovers per 10 minutes at 5/10/20 % random loss between
+the nodes (nft, both ways, 100 ms; counted as rising edges of b holding the
+VIP, polled every 20 ms, and from b's own log); a 30 s partition between the
+nodes: milliseconds with two VIP owners (the appliance with a witness in a
+third namespace; keepalived has none) and the time to a single owner after
+the heal.
+
     python bench/failover.py [--quick] [--json] [--trials N] [--intervals 10,100,1000]
+                             [--loss-seconds 120] [--partition-seconds 30] [--only takeover,loss,partition]
 
 Needs root, iproute2 and (for the anchor) keepalived; says so and skips the
 anchor if it is missing.
@@ -34,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import percentile, report  # noqa: E402
-from tests.support.cluster_lab import poll, vip_pair_config  # noqa: E402
+from tests.support.cluster_lab import poll, vip_pair_config, witness_config  # noqa: E402
 
 VIP = "10.77.0.100"
 ADDR = {"a": "10.77.0.1", "b": "10.77.0.2"}
@@ -43,14 +55,27 @@ PEER = {"a": "b", "b": "a"}
 
 
 
+W_ADDR = "10.77.0.3"
+DEAD_AFTER = 3
+BEATS = 3                  # the appliance's default beats_per_interval
+
+
 class System:
     """One HA implementation under test on a lab."""
 
     name = "?"
 
-    def __init__(self, lab, workdir: Path, interval_ms: int):
+    def __init__(self, lab, workdir: Path, interval_ms: int, witness: bool = False):
         self.lab, self.workdir, self.interval_ms = lab, workdir, interval_ms
+        self.witness = witness
         self.procs: dict[str, subprocess.Popen] = {}
+
+    def detection_threshold_ms(self) -> float:
+        raise NotImplementedError
+
+    def became_master(self, node: str) -> int:
+        """How often ``node`` took over, from its own log."""
+        return 0
 
     def start(self, node: str):
         raise NotImplementedError
@@ -98,15 +123,27 @@ class System:
 class Appliance(System):
     name = "appliance"
 
-    def __init__(self, lab, workdir, interval_ms):
-        super().__init__(lab, workdir, interval_ms)
+    def __init__(self, lab, workdir, interval_ms, witness=False):
+        super().__init__(lab, workdir, interval_ms, witness)
         (workdir / "cluster.key").write_text("k" * 64 + "\n")
+
+    def detection_threshold_ms(self) -> float:
+        return round(self.interval_ms * (DEAD_AFTER + 0.5 / BEATS), 1)
 
     def config(self, node: str) -> Path:
         path = self.workdir / f"node-{node}.toml"
-        path.write_text(vip_pair_config(node, self.workdir, ADDR, f"{VIP}/24", vip_name="vip",
-                                        interval_ms=self.interval_ms, preempt=True))
+        if node == "w":
+            path.write_text(witness_config("w", self.workdir, W_ADDR, ADDR,
+                                           interval_ms=self.interval_ms))
+        else:
+            path.write_text(vip_pair_config(node, self.workdir, ADDR, f"{VIP}/24", vip_name="vip",
+                                            interval_ms=self.interval_ms, preempt=True,
+                                            witness=("w", W_ADDR) if self.witness else None))
         return path
+
+    def became_master(self, node: str) -> int:
+        log = self.workdir / f"twistd-{node}.log"
+        return log.read_text().count("is now owner") if log.exists() else 0
 
     def start(self, node: str):
         twistd = shutil.which("twistd") or "twistd"
@@ -118,6 +155,16 @@ class Appliance(System):
 
 class Keepalived(System):
     name = "keepalived"
+    priorities = {"a": 200, "b": 100}
+
+    def detection_threshold_ms(self) -> float:
+        advert = float(self.interval_ms)
+        skew = (256 - self.priorities["b"]) / 256 * advert
+        return round(3 * advert + skew, 1)
+
+    def became_master(self, node: str) -> int:
+        log = self.workdir / f"keepalived-{node}.log"
+        return log.read_text().count("Entering MASTER STATE") if log.exists() else 0
 
     def config(self, node: str) -> Path:
         path = self.workdir / f"keepalived-{node}.conf"
@@ -133,7 +180,7 @@ vrrp_instance VI_1 {{
     state BACKUP
     interface eth0
     virtual_router_id 51
-    priority {200 if node == 'a' else 100}
+    priority {self.priorities[node]}
     advert_int {advert:g}
     unicast_src_ip {ADDR[node]}
     unicast_peer {{
@@ -158,6 +205,14 @@ vrrp_instance VI_1 {{
             node, "keepalived", "-n", "-l", "-D", "-f", str(self.config(node)),
             "-p", str(d / "k.pid"), "-r", str(d / "v.pid"), "-c", str(d / "c.pid"),
             stdout=log, stderr=subprocess.STDOUT)
+
+
+class Keepalived254(Keepalived):
+    """keepalived with priorities 254/253: skew_time about 0.01 x advert, so its
+    detection threshold is the appliance's (3 adverts)."""
+
+    name = "keepalived-254"
+    priorities = {"a": 254, "b": 253}
 
 
 def client_ping_ok(lab) -> bool:
@@ -213,13 +268,101 @@ def run_system(cls, interval_ms: int, trials: int, log) -> list[float]:
     return outages
 
 
+def holders(lab) -> list[str]:
+    return [n for n in ("a", "b") if any(str(a.ip) == VIP for a in lab.addresses(n))]
+
+
+def _pair(cls, lab, workdir, interval_ms, witness=False, log=print):
+    system = cls(lab, workdir, interval_ms, witness)
+    if witness:
+        lab.add_node("w", f"{W_ADDR}/24")
+        system.start("w")
+    system.start("a")
+    poll(lambda: system.owner() == "a", 10)
+    system.start("b")
+    if not poll(lambda: system.owner() == "a" and client_ping_ok(lab), 20):
+        log(f"{system.name}: VIP never came up on a")
+        system.stop()
+        return None
+    time.sleep(2.0)
+    return system
+
+
+def run_loss(cls, percent: int, seconds: float, log) -> float | None:
+    """Spurious takeovers per 10 minutes at ``percent`` loss between a and b."""
+    from tests.support.netns import Lab
+    with tempfile.TemporaryDirectory(prefix="apl-bench-") as tmp, Lab() as lab:
+        lab.two_nodes_and_client()
+        system = _pair(cls, lab, Path(tmp), 100, log=log)
+        if system is None:
+            return None
+        try:
+            before = system.became_master("b")
+            lab.drop_between("b", ADDR["a"], percent=percent)
+            edges, had_b = 0, False
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                has_b = "b" in holders(lab)
+                edges += has_b and not had_b
+                had_b = has_b
+                time.sleep(0.02)
+            dropped = lab.dropped("b", ADDR["a"])
+            lab.undrop("b", ADDR["a"])
+            from_log = system.became_master("b") - before
+            count = max(edges, from_log)
+            log(f"  {system.name} loss={percent}%: {seconds:g}s, {dropped} packets dropped, "
+                f"takeovers {count} (VIP edges {edges}, log {from_log})")
+            return round(count * 600.0 / seconds, 2)
+        finally:
+            system.stop()
+
+
+def run_partition(cls, seconds: float, witness: bool, log) -> tuple[float, float] | None:
+    """(milliseconds with two VIP owners, ms from the heal to a single owner)."""
+    from tests.support.netns import Lab
+    with tempfile.TemporaryDirectory(prefix="apl-bench-") as tmp, Lab() as lab:
+        lab.two_nodes_and_client()
+        system = _pair(cls, lab, Path(tmp), 100, witness=witness, log=log)
+        if system is None:
+            return None
+        try:
+            lab.drop_between("a", ADDR["b"])
+            dual_s, last = 0.0, time.monotonic()
+            end = last + seconds
+            while time.monotonic() < end:
+                both = len(holders(lab)) > 1
+                now = time.monotonic()
+                if both:
+                    dual_s += now - last
+                last = now
+                time.sleep(0.01)
+            lab.undrop("a", ADDR["b"])
+            healed = time.monotonic()
+            single = None
+            while time.monotonic() < healed + 10:
+                if len(holders(lab)) == 1:
+                    single = (time.monotonic() - healed) * 1000
+                    break
+                time.sleep(0.005)
+            log(f"  {system.name}{' + witness' if witness else ''} partition {seconds:g}s: "
+                f"two owners for {dual_s * 1000:.0f} ms; single owner {single} ms after heal")
+            return round(dual_s * 1000, 1), None if single is None else round(single, 1)
+        finally:
+            system.stop()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 trials at 100 ms only")
     ap.add_argument("--json", action="store_true", help="print one JSON object last")
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--intervals", default="10,100,1000")
+    ap.add_argument("--loss-seconds", type=float, default=120.0,
+                    help="seconds per loss level (rows are scaled to 10 minutes)")
+    ap.add_argument("--partition-seconds", type=float, default=30.0)
+    ap.add_argument("--only", default="takeover,loss,partition")
     args = ap.parse_args()
+    parts = set(args.only.split(","))
     # Killed from outside: unwind so every namespace and process is removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     trials = 3 if args.quick else args.trials
@@ -229,20 +372,44 @@ def main() -> int:
         print("failover bench: needs root (network namespaces)", file=sys.stderr)
         return 2
     systems = [Appliance]
+    anchors = []
     if shutil.which("keepalived"):
-        systems.append(Keepalived)
+        anchors = [Keepalived, Keepalived254]
     else:
         log("keepalived not installed (apt-get install keepalived): anchor rows skipped")
     rows = []
-    for interval in intervals:
-        for cls in systems:
-            outages = run_system(cls, interval, trials, log)
-            case = f"interval={interval}ms"
-            for metric, p in (("takeover_ms_p50", 50), ("takeover_ms_p95", 95)):
-                value = percentile(outages, p)
-                rows.append({"system": cls.name, "case": case, "metric": metric,
-                             "value": None if value is None else round(value, 1), "unit": "ms",
-                             "n": len(outages)})
+    if "takeover" in parts:
+        for interval in intervals:
+            for cls in systems + anchors:
+                outages = run_system(cls, interval, trials, log)
+                case = f"interval={interval}ms"
+                for metric, p in (("takeover_ms_p50", 50), ("takeover_ms_p95", 95)):
+                    value = percentile(outages, p)
+                    rows.append({"system": cls.name, "case": case, "metric": metric,
+                                 "value": None if value is None else round(value, 1),
+                                 "unit": "ms", "n": len(outages)})
+                rows.append({"system": cls.name, "case": case, "metric": "detection_threshold_ms",
+                             "value": cls(None, Path("."), interval).detection_threshold_ms(),
+                             "unit": "ms", "n": 1})
+    loss_seconds = 20.0 if args.quick else args.loss_seconds
+    if "loss" in parts:
+        for percent in (5, 10, 20):
+            for cls in systems + anchors[:1]:
+                value = run_loss(cls, percent, loss_seconds, log)
+                rows.append({"system": cls.name, "case": f"loss={percent}%",
+                             "metric": "spurious_takeovers_per_10min", "value": value,
+                             "unit": "count", "n": round(loss_seconds)})
+    part_seconds = 10.0 if args.quick else args.partition_seconds
+    if "partition" in parts:
+        for cls, witness in [(Appliance, True)] + [(a, False) for a in anchors[:1]]:
+            result = run_partition(cls, part_seconds, witness, log)
+            name = cls.name + (" (witness)" if witness else "")
+            dual, single = result if result else (None, None)
+            case = f"partition-{part_seconds:g}s"
+            rows.append({"system": name, "case": case, "metric": "dual_owner_ms",
+                         "value": dual, "unit": "ms", "n": 1})
+            rows.append({"system": name, "case": case, "metric": "single_owner_after_heal_ms",
+                         "value": single, "unit": "ms", "n": 1})
     return report("failover", rows, args.json, extra=("n",))
 
 

@@ -6,8 +6,10 @@ Run inside the client namespace (needs root for the raw socket):
 
 Sends an echo request every interval and records the wall-clock time of
 every reply.  When ``--mark-file`` appears (the bench writes the time of
-the failure into it), the pinger reports the first reply received after
-that moment, then exits.  Prints one JSON object:
+the failure into it), the pinger reports the first reply *to an echo sent
+after* that moment (the request's send time travels in its payload), so a
+reply the dying box sent before the failure but that is read late never
+counts; then it exits.  Prints one JSON object:
 ``{"sent": N, "replies": N, "failure_at": T, "first_reply_after": T, "outage_ms": X}``.
 """
 
@@ -84,9 +86,13 @@ def main() -> int:
         if icmp_type != 0 or rid != ident or addr[0] != args.target:
             continue
         t = time.time()
+        try:
+            (sent_at,) = struct.unpack("!d", packet[ihl + 8:ihl + 16])
+        except struct.error:
+            continue
         replies += 1
         last_reply = t
-        if failure_at is not None and first_after is None and t > failure_at:
+        if failure_at is not None and first_after is None and sent_at > failure_at:
             first_after = t
             stop_at = min(stop_at, t + args.after_mark)
     result = {"sent": sent, "replies": replies, "failure_at": failure_at,
