@@ -55,14 +55,7 @@ def make_store(reactor, config: NodeConfig):
                           op_timeout_s=s.op_timeout_s, connect_timeout_s=s.connect_timeout_s,
                           min_replicas_acked=s.min_replicas_acked,
                           replicas_timeout_ms=s.replicas_timeout_ms)
-    try:
-        from appliance.store.embedded import EmbeddedStore
-    except ImportError as e:
-        if e.name != "appliance.store.embedded":
-            raise
-        # Until the SQLite store lands: the journal store of the same contract.
-        from appliance.store.memory import MemoryStore
-        return MemoryStore(reactor, state_dir=config.node.state_dir, fsync=s.fsync)
+    from appliance.store.embedded import EmbeddedStore
     return EmbeddedStore(reactor, state_dir=config.node.state_dir, fsync=s.fsync)
 
 

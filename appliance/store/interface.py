@@ -13,6 +13,24 @@ Key namespace: backends prefix every key with ``<namespace>:`` (config key
 ``<service>:<kind>:<id>`` (for example ``dhcp4:lease:10.9.0.50``); node-local
 keys carry the node id (``cluster:node:a:epoch``).  The prefix is not visible
 to callers: ``scan`` and notifications give keys without it.
+
+Ordering (both backends): the calls one store object receives are applied in
+the order they were issued, made durable in that order and acknowledged
+(their Deferreds fire) in that order.  A crash therefore leaves a *prefix* of
+what was issued: every acknowledged write, and possibly some writes issued
+after the last acknowledged one, never a later write without an earlier one,
+never part of a commit.  (Redis: one ordered write connection; the embedded
+store: one writer thread, one SQLite transaction per group of writes.)
+
+Read-your-writes: a read issued after a write sees it, even before the write
+is durable (the embedded store answers reads from memory).  A value read that
+way may still be lost by a crash: await the write (or :meth:`IImmediateStore.durable`)
+before telling anybody outside the process.
+
+Input: keys, fields, values and members must be ``str`` that encode as
+UTF-8 (a lone surrogate such as ``"\\ud800"`` is refused with
+:class:`StoreError`, never half-written); scores are finite-or-infinite
+floats, not NaN.
 """
 
 from __future__ import annotations
@@ -29,6 +47,17 @@ class StoreError(Exception):
 
 class StoreUnavailable(StoreError):
     """The backend cannot be reached; the operation failed fast."""
+
+
+class StoreDown(StoreUnavailable):
+    """The store failed (disk error, disk full, data loss detected) and refuses
+    writes until :meth:`IStateStore.recheck` (or its own retry) finds it
+    healthy again.  Nothing written after the failure was acknowledged."""
+
+
+RESYNC = "resync"
+"""The ``op`` a subscriber gets (with its prefix as the key) after a gap in
+the change feed: notifications may have been missed, re-read what you cache."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +102,9 @@ class Op:
 
 class ISubscription(Interface):
     """A live change subscription returned by :meth:`IStateStore.subscribe`."""
+
+    ready = Attribute("A Deferred that fires once notifications flow "
+                      "(Redis: PSUBSCRIBE acknowledged; embedded: at once)")
 
     def cancel() -> None:
         """Stop delivering notifications.  Idempotent."""
@@ -177,3 +209,36 @@ class IStateStore(Interface):
 
     def ping():
         """Fire with ``True`` when the backend answers; errback otherwise."""
+
+    def recheck():
+        """Check the backend now (operator: ``appliancectl call store.recheck``).
+
+        A store that failed (disk error, disk full, a Redis that lost its
+        data) becomes healthy again if the check succeeds.  Fire with
+        :meth:`describe` afterwards; never errback for an unhealthy store
+        (``describe()["healthy"]`` says it).
+        """
+
+
+class IImmediateStore(IStateStore):
+    """A store that holds its data in this process (the embedded backend).
+
+    Reads answer at once and writes apply at once; durability is asked for
+    separately, so a hot path pays one wait per reply instead of one per
+    write.  Callers check ``IImmediateStore.providedBy(store)``.
+    """
+
+    def get_now(key: str):
+        """The string value or ``None``; raises :class:`StoreError`."""
+
+    def hgetall_now(key: str) -> dict:
+        """The hash as a ``dict`` (empty if absent); raises :class:`StoreError`."""
+
+    def commit_now(ops: list[Op], expect: dict[str, str | None] | None = None) -> bool:
+        """:meth:`IStateStore.commit` applied at once: ``True``, or ``False``
+        when a guard did not match; raises :class:`StoreError`.  Visible at
+        once, durable when a :meth:`durable` asked for afterwards fires."""
+
+    def durable():
+        """A Deferred that fires once every write made so far is durable (per
+        the fsync policy), or fails with :class:`StoreError` if it cannot be."""

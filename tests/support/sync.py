@@ -7,7 +7,7 @@ from twisted.internet.task import Clock
 
 
 def inline(f, *args):
-    """A ``run_in_thread`` for MemoryStore that runs the work at once."""
+    """A ``run_in_thread`` for EmbeddedStore that runs the work at once."""
     return defer.maybeDeferred(f, *args)
 
 
@@ -25,11 +25,11 @@ def ok(d):
 
 
 def memory_store(state_dir, clock: Clock | None = None, **kw):
-    """A started MemoryStore on ``clock`` whose disk work runs inline (and
+    """A started EmbeddedStore on ``clock`` whose disk work runs inline (and
     starts at each write, not at the end of a reactor turn)."""
-    from appliance.store.memory import MemoryStore
+    from appliance.store.embedded import EmbeddedStore
     clock = clock or Clock()
     kw.setdefault("turn_batching", False)
-    store = MemoryStore(clock, state_dir=state_dir, run_in_thread=inline, **kw)
+    store = EmbeddedStore(clock, state_dir=state_dir, run_in_thread=inline, **kw)
     store.startService()
     return store, clock

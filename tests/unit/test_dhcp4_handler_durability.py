@@ -9,7 +9,7 @@ from ipaddress import IPv4Address
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from appliance.store.memory import MemoryStore
+from appliance.store.embedded import EmbeddedStore
 from services.dhcp.v4 import codec as C
 from services.dhcp.v4.handler import Dhcp4Handler
 from services.dhcp.v4.leases import LeaseStore
@@ -18,7 +18,7 @@ from tests.unit.test_dhcp4_leases import T0, config
 
 
 class ManualThread:
-    """A MemoryStore ``run_in_thread`` whose journal jobs wait until released."""
+    """An EmbeddedStore ``run_in_thread`` whose journal jobs wait until released."""
 
     def __init__(self):
         self.jobs = []
@@ -38,12 +38,12 @@ class ManualThread:
 
 
 def started_store(tmp_path):
-    """A loaded fsync=always MemoryStore on a Clock whose journal jobs wait
+    """A loaded fsync=always EmbeddedStore on a Clock whose journal jobs wait
     for ``thread.run_all()``: ``(clock, thread, store)``."""
     clock = Clock()
     clock.advance(T0)
     thread = ManualThread()
-    store = MemoryStore(clock, state_dir=tmp_path, fsync="always", run_in_thread=thread)
+    store = EmbeddedStore(clock, state_dir=tmp_path, fsync="always", run_in_thread=thread)
     store.startService()
     thread.run_all()                                   # the load
     return clock, thread, store

@@ -1,8 +1,7 @@
-"""Leases on a MemoryStore with a Clock: allocation, renew, release, decline, expiry, merge, paging."""
+"""Leases on an EmbeddedStore with a Clock: allocation, renew, release, decline, expiry, merge, paging."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import hypothesis.strategies as st
@@ -12,7 +11,7 @@ from twisted.internet.task import Clock
 from appliance.config import ParseContext, Problems, Table
 from appliance.eager import as_deferred
 from appliance.store.interface import Op
-from appliance.store.memory import MemoryStore
+from appliance.store.embedded import EmbeddedStore
 from services.dhcp.v4 import leases as L
 from services.dhcp.v4.config import parse_dhcp4
 from services.dhcp.v4.leases import (AddressUnavailable, FreeSet, Lease, LeaseStore,
@@ -49,7 +48,8 @@ def make(tmp_path, cfg=None, node="a", clock=None, store=None):
     if clock.seconds() < T0:
         clock.advance(T0)
     if store is None:
-        store = MemoryStore(clock, state_dir=tmp_path, fsync="never", run_in_thread=inline)
+        store = EmbeddedStore(clock, state_dir=tmp_path, fsync="never", run_in_thread=inline,
+                              turn_batching=False)
         store.startService()
     ls = LeaseStore(store, cfg or config(), node, clock.seconds)
     ok(ls.load())
@@ -381,23 +381,26 @@ def test_100k_pool_allocates_quickly(tmp_path):
 
     first, last = 0x0A000001, 0x0A000001 + 99_999        # 10.0.0.1 .. 10.1.134.160
     cfg = config(pool=(L._ntoa(first), L._ntoa(last)), subnet="10.0.0.0/8")
-    # 97,000 leases already taken: seeded as the memory store's documented snapshot
-    # ({"format": 1, "gen": G, "data": {key: [kind, value]}, "expiry": {}}) and loaded
-    # by a store restart, which is quicker than 97k commits and is what a restart sees.
-    data = {}
+    # 97,000 leases already taken: written in one commit, then loaded by a store
+    # restart (quicker than 97k commits, and what a restart sees).
+    ops = []
     for n in range(97_000):
         a = L._ntoa(first + n)
         lease = Lease(a, 1, "bound", mac(n), "", "", T0 + 3600, T0, "a", "a", 1)
-        data[lease_key(a)] = ["h", lease.to_hash()]
-        data[L.version_key(a)] = ["s", "1"]
-        data[client_index_key(1, lease.client_key)] = ["s", a]
-    data[L.EXPIRY_KEY] = ["z", {L._ntoa(first + n): T0 + 3600 for n in range(97_000)}]
-    (tmp_path / "store").mkdir()
-    (tmp_path / "store" / "snapshot").write_text(
-        json.dumps({"format": 1, "gen": 1, "data": data, "expiry": {}}))
+        ops.append(Op.hset(lease_key(a), lease.to_hash()))
+        ops.append(Op.set(L.version_key(a), "1"))
+        ops.append(Op.set(client_index_key(1, lease.client_key), a))
+    ops.append(Op.zadd(L.EXPIRY_KEY, {L._ntoa(first + n): T0 + 3600 for n in range(97_000)}))
     clock = Clock()
     clock.advance(T0)
-    store = MemoryStore(clock, state_dir=tmp_path, fsync="never", run_in_thread=inline)
+    seed = EmbeddedStore(clock, state_dir=tmp_path, fsync="never", run_in_thread=inline,
+                         turn_batching=False)
+    seed.startService()
+    assert seed.commit_now(ops) is True
+    ok(seed.durable())
+    ok(seed.stopService())
+    store = EmbeddedStore(clock, state_dir=tmp_path, fsync="never", run_in_thread=inline,
+                          turn_batching=False)
     store.startService()
     assert ok(store.zcard(L.EXPIRY_KEY)) == 97_000
     ls = LeaseStore(store, cfg, "a", clock.seconds, page_size=10_000)
