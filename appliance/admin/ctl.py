@@ -411,7 +411,16 @@ def render_cluster(status: Any) -> str:
     if hb:
         beat += (f" ({_cell(hb.get('beats_per_interval'))} beats/interval, suspect after "
                  f"{_cell(hb.get('deadline_ms'))} ms)")
-    header = _kv_block([("node", _cell(status.get("node"))),
+    quorum = status.get("quorum") or {}
+    rows_q = []
+    if quorum.get("role") == "witness":
+        rows_q = [("role", "witness"), ("vote", _cell(quorum.get("vote")))]
+    elif quorum.get("witness"):
+        rows_q = [("quorum", f"{_cell(quorum.get('has'))} (witness {quorum['witness']} backs "
+                             f"{quorum.get('witness_vote') or 'nobody'})")]
+    elif quorum and not quorum.get("has", True):
+        rows_q = [("quorum", "no")]
+    header = _kv_block([("node", _cell(status.get("node"))), *rows_q,
                         ("heartbeat", beat),
                         ("maintenance", _cell(status.get("maintenance"))),
                         ("health", ",".join(health) if health else "ok")])

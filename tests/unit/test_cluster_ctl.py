@@ -24,3 +24,13 @@ def test_cluster_table_shows_loss_jitter_and_warnings():
     row = next(line for line in text.splitlines() if line.startswith("b "))
     assert "10.3%" in row and "1.25" in row
     assert "VIP: add failed 2x" in text
+
+
+def test_cluster_header_shows_quorum_and_witness_vote():
+    """With a witness the header says whether this node has quorum and whom it backs."""
+    base = {"node": "a", "heartbeat_interval_ms": 100, "peers": {}, "resources": {}}
+    text = ctl.render_cluster({**base, "quorum": {"has": True, "witness": "w",
+                                                  "witness_vote": "a"}})
+    assert "quorum:" in text and "witness w backs a" in text
+    text = ctl.render_cluster({**base, "quorum": {"role": "witness", "vote": "b"}})
+    assert "role:" in text and "vote:" in text and "b" in text
