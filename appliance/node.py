@@ -125,8 +125,8 @@ class _NodeCollector:
         stats = getattr(self.node.store, "stats", None)
         if isinstance(stats, dict):
             events = CounterMetricFamily(
-                "appliance_store_events", "memory store: journal writes, flushes, fsyncs, "
-                "compactions, torn records dropped at load, journal writes slower than 250 ms",
+                "appliance_store_events", "store counters (embedded: writes, commits, rows "
+                "committed, checkpoints, commits slower than 250 ms, failures, recoveries)",
                 labels=["backend", "event"])
             for event, n in sorted(stats.items()):
                 events.add_metric([self.node.store.backend, event], n)
