@@ -4,7 +4,7 @@ Reactor-free; time comes from the ``now`` callable given to the constructor
 (``reactor.seconds`` or a ``task.Clock``'s).  The per-request methods
 (``get``, ``find_client``, ``offer``, ``bind``, ``release``, ``decline``,
 ``apply_remote``) are ``appliance.eager``: on a store that answers reads at
-once (the embedded memory store's ``hgetall_now``/``get_now``) they return
+once (``IImmediateStore``: the embedded store's ``hgetall_now``/``get_now``) they return
 their result directly unless they wait for a write, otherwise a Deferred;
 errors are always a failed Deferred.  Wrap with ``as_deferred`` when a
 Deferred is needed.  The rest (load, reclaim, leases, export) return Deferreds.
@@ -25,8 +25,8 @@ Redis store, an RPC release racing a renewal) makes the commit fail cleanly
 and the operation re-reads and retries.  The Deferred fires after the
 store acknowledged the write: the server sends its ACK only then.
 
-``immediate_writes=True`` (the DHCP service, on a store with
-``commit_now``): writes are applied and journaled at once and the methods
+``immediate_writes=True`` (the DHCP service, on an ``IImmediateStore``):
+writes are applied at once and committed at the end of the reactor turn and the methods
 return without waiting for the disk; ``writes`` counts them and the caller
 waits on :meth:`LeaseStore.durable` before it tells anybody (the ACK, the
 peer link's ack of a partner batch, an RPC answer).  One wait per reply
@@ -68,7 +68,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from appliance.eager import eager
-from appliance.store.interface import Op, StoreError
+from appliance.store.interface import IImmediateStore, Op, StoreError
 
 from services.dhcp.v4 import pools as _pools
 from services.dhcp.v4.config import Dhcp4Config, normalize_mac
@@ -398,7 +398,8 @@ class LeaseStore:
                  offer_timeout_s: float | None = None, decline_quarantine_s: float | None = None,
                  page_size: int = 5000, immediate_writes: bool = False):
         self.store = store
-        self._commit_now = getattr(store, "commit_now", None) if immediate_writes else None
+        immediate = IImmediateStore.providedBy(store)
+        self._commit_now = store.commit_now if immediate and immediate_writes else None
         self.writes = 0          # journaled writes (immediate_writes): wait on durable()
         self.config = config
         self.node_id = node_id
@@ -408,8 +409,8 @@ class LeaseStore:
         self.page_size = page_size
         self.loaded = False
         # the embedded store answers reads at once: no Deferred on the hot path
-        self._hgetall_now = getattr(store, "hgetall_now", None)
-        self._get_now = getattr(store, "get_now", None)
+        self._hgetall_now = store.hgetall_now if immediate else None
+        self._get_now = store.get_now if immediate else None
         self._subnets = {s.id: s for s in config.subnets}
         split = config.failover.split if config.failover else None
         self._sets: list[FreeSet] = []
