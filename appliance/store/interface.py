@@ -14,13 +14,16 @@ Key namespace: backends prefix every key with ``<namespace>:`` (config key
 keys carry the node id (``cluster:node:a:epoch``).  The prefix is not visible
 to callers: ``scan`` and notifications give keys without it.
 
-Ordering (both backends): the calls one store object receives are applied in
-the order they were issued, made durable in that order and acknowledged
+Ordering (both backends): the writes one store object receives are applied
+in the order they were issued, made durable in that order and acknowledged
 (their Deferreds fire) in that order.  A crash therefore leaves a *prefix* of
 what was issued: every acknowledged write, and possibly some writes issued
 after the last acknowledged one, never a later write without an earlier one,
-never part of a commit.  (Redis: one ordered write connection; the embedded
-store: one writer thread, one SQLite transaction per group of writes.)
+never part of a commit.  (Redis: one connection for all commands, pipelined;
+the embedded store: one writer thread, one SQLite transaction per group of
+writes.)  Two exceptions, both about calls that write nothing: a call refused
+for its arguments (``StoreError``) fails at once, and reads answer as soon as
+they can (the embedded store at once, from memory; Redis in issue order).
 
 Read-your-writes: a read issued after a write sees it, even before the write
 is durable (the embedded store answers reads from memory).  A value read that
