@@ -386,3 +386,17 @@ def test_sqlite_file_commits_a_batch_all_or_nothing(tmp_path):
     strings, hashes, zsets, expiry = db.load()
     assert strings == {"a": "1"}
     db.close()
+
+
+@pytest.mark.parametrize("fsync", ["batch", "never"])
+def test_every_policy_acks_only_after_the_commit(tmp_path, fsync):
+    """Review M1: "batch" (and "never") acknowledged before the data left the
+    process, so a kill -9 lost acknowledged writes; now every policy acks after
+    the commit (the data is in the OS), only the fsync differs."""
+    store, clock, held = started(tmp_path, held=True, fsync=fsync)
+    acked = []
+    store.set("a", "1").addCallback(acked.append)
+    clock.advance(0)
+    assert acked == [] and len(held.jobs) == 1
+    held.run()
+    assert acked == [None]
