@@ -125,6 +125,7 @@ class EmbeddedStore(Service):
         self._dirty_whole: set[str] = set()
         self._dirty_members: dict[str, set[str]] = {}
         self._dirty_expires: set[str] = set()
+        self._clear: set[str] = set()             # whole keys that had rows in hfields/zmembers
         self._waiters: list[defer.Deferred] = []
         self._notes: list[tuple[str, str]] = []
         self._job: _Job | None = None
@@ -198,7 +199,7 @@ class EmbeddedStore(Service):
         self._data = data
         self._index = SortedList(data)
         self._expiry, self._expiry_heap = {}, []
-        self._dirty_whole, self._dirty_members, self._dirty_expires = set(), {}, set()
+        self._clear_dirty()
         for key, when in expiry.items():
             if key in data:
                 self._expiry[key] = when
@@ -281,11 +282,14 @@ class EmbeddedStore(Service):
         """The dirty keys, fields and members as rows (their values now)."""
         b = Batch()
         data, expiry = self._data, self._expiry
+        clear = self._clear
         for key in self._dirty_whole:
             v = data.get(key)
-            b.drop.append((key,))
             if v is None:
+                b.drop.append((key,))
                 continue
+            if key in clear:                       # it was a hash or sorted set: its rows go
+                b.drop.append((key,))
             when = expiry.get(key)
             if v.__class__ is str:
                 b.keys.append((key, "s", v, when))
@@ -315,8 +319,12 @@ class EmbeddedStore(Service):
         for key in self._dirty_expires:
             if key in data:
                 b.expires.append((expiry.get(key), key))
-        self._dirty_whole, self._dirty_members, self._dirty_expires = set(), {}, set()
+        self._clear_dirty()
         return b
+
+    def _clear_dirty(self):
+        self._dirty_whole, self._dirty_members, self._dirty_expires = set(), {}, set()
+        self._clear = set()
 
     def _kick(self):
         if self._job is not None or self._failed or not self._ready:
@@ -387,7 +395,7 @@ class EmbeddedStore(Service):
         first = self._failed is None
         self._failed = reason
         self.stats["failures"] += 1
-        self._dirty_whole, self._dirty_members, self._dirty_expires = set(), {}, set()
+        self._clear_dirty()
         self._notes = []
         for w in self._take_waiters():
             w.errback(StoreDown(reason))
@@ -508,16 +516,22 @@ class EmbeddedStore(Service):
     # ------------------------------------------------------------------
     def _put(self, key: str, value) -> None:
         """A new value for the whole key (a new key, or a type change)."""
-        if key not in self._data:
+        old = self._data.get(key)
+        if old is None:
             self._index.add(key)
+        elif old.__class__ is not str:
+            self._clear.add(key)
         self._data[key] = value
         self._dirty_whole.add(key)
         self._dirty_members.pop(key, None)
         self._dirty_expires.discard(key)
 
     def _drop(self, key: str) -> None:
-        if self._data.pop(key, None) is not None:
+        old = self._data.pop(key, None)
+        if old is not None:
             self._index.remove(key)
+            if old.__class__ is not str:
+                self._clear.add(key)
         self._expiry.pop(key, None)
         self._dirty_whole.add(key)
         self._dirty_members.pop(key, None)

@@ -69,6 +69,7 @@ class Batch:
     """The rows one transaction writes (built in the reactor from the mirror)."""
 
     drop: list = field(default_factory=list)        # (key,): the key and all its rows go
+                                                    # (before ``keys`` re-inserts it)
     keys: list = field(default_factory=list)        # (key, kind, value, expires)
     expires: list = field(default_factory=list)     # (expires, key)
     hset: list = field(default_factory=list)        # (key, field, value)

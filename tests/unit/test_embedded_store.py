@@ -250,11 +250,14 @@ def test_type_changes_survive_a_restart(tmp_path):
     ok(store.commit([Op.delete("c"), Op.zadd("c", {"n": 2.0})]))
     ok(store.hdel("d", "f"))
     ok(store.hset("d", {"g": "2"}))
+    ok(store.hset("e", {"old": "1"}))
+    ok(store.set("e", "string"))                   # a later commit: e's field rows must go
+    ok(store.commit([Op.delete("e"), Op.hset("e", {"new": "2"})]))
     before = dump(store)
     stop(store, clock)
     again = reopened(tmp_path, clock)
     assert dump(again) == before == {"a": "now a string", "b": {"x": "y"}, "c": {"n": 2.0},
-                                     "d": {"g": "2"}}
+                                     "d": {"g": "2"}, "e": {"new": "2"}}
 
 
 def test_a_change_writes_rows_proportional_to_it(tmp_path):
