@@ -342,22 +342,33 @@ def render_status(status: Any) -> str:
         store_text += " (healthy)" if healthy else (
             f" (UNHEALTHY: {_cell(error)})" if error else " (UNHEALTHY)")
     extra: dict[str, Any] = {}
+    durability: dict[str, Any] = {}
     for k, v in store.items():
         if k in ("backend", "healthy", "stats", "error"):
             continue
-        if isinstance(v, dict):     # e.g. durability: durability.survives=..
+        if k == "durability" and isinstance(v, dict):     # its own line
+            durability = {sub: value for sub, value in v.items()
+                          if not (sub in store and store[sub] == value)}
+        elif isinstance(v, dict):
             extra.update({f"{k}.{sub}": value for sub, value in v.items()
                           if not (sub in store and store[sub] == value)})
         else:
             extra[k] = v
-    if isinstance(store.get("stats"), dict):     # counters, flattened: writes=.. fsyncs=..
-        extra.update(store["stats"])
     if extra:
         store_text += "  " + " ".join(f"{k}={_cell(v)}" for k, v in extra.items())
-    header = _kv_block([("node", _cell(status.get("node"))),
-                        ("version", _cell(status.get("version"))),
-                        ("uptime", fmt_duration(status.get("uptime_s"))),
-                        ("store", store_text)])
+    lines = [("node", _cell(status.get("node"))),
+             ("version", _cell(status.get("version"))),
+             ("uptime", fmt_duration(status.get("uptime_s"))),
+             ("store", store_text)]
+    if durability:
+        survives = durability.pop("survives", None)
+        text = " ".join(f"{k}={_cell(v)}" for k, v in durability.items())
+        if survives:
+            text = f"survives {survives}" + (f" ({text})" if text else "")
+        lines.append(("durable", text))
+    if isinstance(store.get("stats"), dict) and store["stats"]:     # counters: writes=.. commits=..
+        lines.append(("counters", " ".join(f"{k}={_cell(v)}" for k, v in store["stats"].items())))
+    header = _kv_block(lines)
     services = status.get("services") if isinstance(status.get("services"), dict) else {}
     if not services:
         return header + "\n\n(no services enabled)"

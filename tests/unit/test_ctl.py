@@ -88,19 +88,24 @@ def test_render_status():
     assert ctl.render_status(unhealthy).endswith("(no services enabled)")
     counters = dict(status, store={"backend": "memory", "healthy": True, "keys": 4,
                                    "stats": {"writes": 1, "fsyncs": 1}})
-    assert "store:   memory (healthy)  keys=4 writes=1 fsyncs=1" in ctl.render_status(counters)
+    assert "store:    memory (healthy)  keys=4" in ctl.render_status(counters)
+    assert "counters: writes=1 fsyncs=1" in ctl.render_status(counters)
 
 
 def test_render_status_store_error_and_nested_fields():
-    """A failed store shows its error next to UNHEALTHY; nested fields (durability) are
-    flattened as key.sub=value, without repeating a top-level value."""
+    """A failed store shows its error next to UNHEALTHY; durability gets its own line
+    (what an acknowledged write survives), without repeating a top-level value;
+    counters their own."""
     status = {"node": "a", "version": "1", "uptime_s": 1, "services": {},
               "store": {"backend": "memory", "healthy": False, "error": "disk full",
                         "fsync": "always",
-                        "durability": {"fsync": "always", "synchronous": "FULL"},
+                        "durability": {"fsync": "always", "synchronous": "FULL",
+                                       "survives": "process crash and power loss"},
                         "stats": {"writes": 3}}}
-    assert ("store:   memory (UNHEALTHY: disk full)  fsync=always durability.synchronous=FULL "
-            "writes=3") in ctl.render_status(status)
+    out = ctl.render_status(status)
+    assert "store:    memory (UNHEALTHY: disk full)  fsync=always" in out
+    assert "durable:  survives process crash and power loss (synchronous=FULL)" in out
+    assert "counters: writes=3" in out
 
 
 @pytest.mark.parametrize("seconds, text", [(5, "5.0s"), (65, "1m 05s"), (3600, "1h 00m 00s"),
