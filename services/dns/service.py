@@ -17,6 +17,7 @@ resource's records.  Flow:
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
 import dns.name
@@ -30,7 +31,7 @@ from services.dns.backoff import Backoff
 from services.dns.client import DNSClient, show_server
 from services.dns.ddns import DDNSUpdater
 from services.dns.message import DNSError
-from services.dns.metrics import DNSMetrics
+from services.dns.metrics import DNSMetrics, gauge
 from services.dns.records import (desired_rdatas, guard_name, parse_guard, plan, rdatas_text)
 from services.dns.updater import Updater
 
@@ -75,6 +76,9 @@ class DNSService(Service):
         self._writes: dict[tuple[str, str], int] = {}    # key -> successful writes so far
         self._refresh_calls: list = []
         self.resources = sorted({r.resource for r in config.records})
+        self.last_success: dict[str, float] = {}         # zone -> wall time of the last success
+        self.blocked: dict[tuple[str, str], Any] = {}    # record key -> the guard that blocks it
+        self._wall = getattr(context, "wall", None) or time.time
 
     # ------------------------------------------------------------------
     @property
@@ -85,6 +89,8 @@ class DNSService(Service):
 
     def startService(self):
         super().startService()
+        self.metrics.gauges = self._gauges
+        self.metrics.attach()
         rpc = self.context.rpc
         if rpc is not None:
             rpc.register("dns.records", self.records, doc="DNS records: desired vs published.",
@@ -124,6 +130,14 @@ class DNSService(Service):
         if self.ddns is not None and self.context.providers.get("ddns") is self.ddns:
             del self.context.providers["ddns"]
         self._fire_waiters(list(self.waiters), "service stopped")
+        self.metrics.detach()
+        self.metrics.gauges = None
+        # Do not leave our listener behind: a restart (config.reload) adds a new one.
+        for resource in self.resources:
+            res = getattr(self.cluster, "resources", {}).get(resource)
+            listeners = getattr(res, "listeners", None)
+            if isinstance(listeners, list) and self._role_changed in listeners:
+                listeners.remove(self._role_changed)
         return defer.maybeDeferred(self.client.close)
 
     # ------------------------------------------------------------------
@@ -146,6 +160,9 @@ class DNSService(Service):
                 for spec in self.config.records:
                     if spec.resource == resource:
                         pending.pop(spec.key, None)
+            for spec in self.config.records:
+                if spec.resource == resource:
+                    self.blocked.pop(spec.key, None)
             # The new owner writes its guard in a moment: read it then, so that
             # if this node gets the resource back its compare-and-set expects
             # the right value and lands in one round trip.
@@ -203,8 +220,10 @@ class DNSService(Service):
             _log.info("dns: zone {zone} updates succeed again at {server}", zone=zone.to_text(),
                       server=result.server)
         self.stats["updates"] += 1
+        self.last_success[zone.to_text()] = self._wall()
         for change in result.applied:
             spec = change.spec
+            self.blocked.pop(spec.key, None)
             self.published[spec.key] = change.rdatas
             self._writes[spec.key] = self._writes.get(spec.key, 0) + 1
             reason = take.get(spec.key, "")
@@ -217,6 +236,7 @@ class DNSService(Service):
                       epoch=epochs.get(spec.resource), ms=round(result.latency_s * 1000, 1),
                       reason=reason)
         for change, guard in result.stale:
+            self.blocked[change.spec.key] = guard
             self.metrics.stale.inc()
             self.stats["stale_refused"] += 1
             _log.warn("dns: not writing {name} {type}: the server's guard says {holder} at epoch "
@@ -338,6 +358,29 @@ class DNSService(Service):
             key = (row["name"], row["type"])
             row["applied"] = rdatas_text(self.published.get(key)) == row["after"]
         return {"changed": changed, "errors": errors}
+
+    # ------------------------------------------------------------------
+    # gauges (computed at scrape time)
+    # ------------------------------------------------------------------
+    def _gauges(self):
+        out_of_sync = 0
+        for spec in self.config.records:
+            if spec.resource in self.owned:
+                desired = desired_rdatas(spec, self.node)
+                if desired is not None and self.published.get(spec.key) != desired:
+                    out_of_sync += 1
+        yield gauge("appliance_dns_records_out_of_sync",
+                    "Records this node owns whose published rrset is not (known to be) the desired one",
+                    [], [((), out_of_sync)])
+        zones = sorted({z.to_text() for z in self.config.zones})
+        yield gauge("appliance_dns_zone_last_success_timestamp_seconds",
+                    "Wall-clock time of the last successful UPDATE per zone (0: none yet)",
+                    ["zone"], [((z,), self.last_success.get(z, 0.0)) for z in zones])
+        yield gauge("appliance_dns_zone_error", "1 while the last UPDATE of the zone failed",
+                    ["zone"], [((z,), 1.0 if z in self.errors else 0.0) for z in zones])
+        yield gauge("appliance_dns_guard_blocked_records",
+                    "Records not written because the server's guard names a newer owner "
+                    "(dns.reset_guard clears a stale one)", [], [((), len(self.blocked))])
 
     # ------------------------------------------------------------------
     # RPC

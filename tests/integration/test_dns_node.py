@@ -94,3 +94,40 @@ lease_time_s = 600
     probe.run(("127.0.0.1", port), "10.9.0.1", mac, release=True, out=lambda *_: None,
               hostname="laptop")
     wait_for(lambda: answer(named, "laptop.example.test.") == [], 10, "the A record removed")
+
+
+def test_reload_of_dns_under_a_running_node(tmp_path, named, nodes):
+    """Review H1: config.reload with a changed [services.dns] restarts the service
+    (its metrics are not registered twice): it runs, and the new value is at named."""
+    body = """
+[services.dns]
+servers = ["127.0.0.1:{port}"]
+tsig_key_file = "{key}"
+zones = ["example.test."]
+default_ttl = 5
+
+[[services.dns.records]]
+name = "reload.example.test."
+type = "A"
+resource = "t1:web"
+values = {{ t1 = "{value}" }}
+"""
+    node = NodeProcess(tmp_path, body.format(port=named.port, key=named.key_file,
+                                             value="10.9.0.7"))
+    nodes.append(node)
+    node.start()
+    wait_for(lambda: answer(named, "reload.example.test.") == ["10.9.0.7"], 10, "the first value")
+    text = node.config.read_text().replace('t1 = "10.9.0.7"', 't1 = "10.9.0.8"')
+    node.config.write_text(text)
+    result = node.rpc("config.reload")
+    assert "result" in result, result
+    wait_for(lambda: node.rpc("system.status")["result"]["services"]["dns"]["state"] == "running",
+             10, "dns running after the reload\n" + node.output()[-3000:])
+    wait_for(lambda: answer(named, "reload.example.test.") == ["10.9.0.8"], 10,
+             "the new value at named\n" + node.output()[-3000:])
+    assert "DuplicateTimeseries" not in node.output()
+    # and once more (a second restart on the same registry)
+    node.config.write_text(text.replace('t1 = "10.9.0.8"', 't1 = "10.9.0.9"'))
+    assert "result" in node.rpc("config.reload")
+    wait_for(lambda: answer(named, "reload.example.test.") == ["10.9.0.9"], 10,
+             "the third value\n" + node.output()[-3000:])

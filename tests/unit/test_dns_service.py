@@ -147,3 +147,23 @@ def test_rpc_methods_registered_and_removed():
     assert d.result == {"changed": [], "errors": {}}
     service.stopService()
     assert "dns.records" not in service.context.rpc
+
+
+def test_restart_on_the_same_registry_and_gauges():
+    """Review H1: a second service on the node registry (what config.reload builds)
+    starts without DuplicateTimeseries; the gauges are exported while it runs and
+    disappear with it."""
+    service, clock, cluster, client = make([rec("a.example.test.", "A", "10.0.0.1")])
+    registry = service.context.metrics
+    cluster.listeners["vip1"]("vip1", "owner", 1)
+    assert registry.get_sample_value("appliance_dns_records_out_of_sync") == 0
+    assert registry.get_sample_value("appliance_dns_zone_error", {"zone": "example.test."}) == 0
+    assert registry.get_sample_value("appliance_dns_zone_last_success_timestamp_seconds",
+                                      {"zone": "example.test."}) > 0
+    assert registry.get_sample_value("appliance_dns_updates_total", {"rcode": "NOERROR"}) == 1
+    service.stopService()
+    assert registry.get_sample_value("appliance_dns_records_out_of_sync") is None
+    again = DNSService(service.config, service.context, rng=lambda: 0.5, client=FakeClient())
+    again.startService()
+    assert registry.get_sample_value("appliance_dns_guard_blocked_records") == 0
+    again.stopService()
