@@ -1,0 +1,415 @@
+"""The ``sip`` service: registrar, location service and redirect server.
+
+Flow of a request: transport (UDP datagram or one framed stream message) ->
+:func:`services.sip.message.parse` (malformed: 400 with the reason when the
+request allows a response, else a counted drop) -> server transaction table
+(a retransmission gets the stored answer or is absorbed while the first copy
+is being handled) -> the method:
+
+- ``REGISTER``: §10.3 rules (:mod:`services.sip.registrar`) on the AOR's
+  bindings, one commit in the store, **200 only after it is durable**;
+- ``INVITE``: redirect: 302 with the AOR's contacts (by q), 480 when a known
+  AOR has none left, 404 when it never registered; ACK is absorbed by the
+  INVITE's transaction (whose non-2xx answer is retransmitted on UDP until then);
+- ``OPTIONS``: 200 with Allow/Supported; ``CANCEL``: 200 (the INVITE was
+  answered at once); anything else: 405 with Allow.
+
+Not here yet (issue 14): digest authentication, replication to a backup,
+sharding; the service reports role ``standalone``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from email.utils import formatdate
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from twisted.application.service import Service
+from twisted.internet import defer, endpoints, task
+from twisted.logger import Logger
+
+from appliance.admin.rpc import ApplicationError, Param, Params
+from appliance.net.sockets import set_receive_buffer
+from appliance.store.interface import StoreError
+from services.sip import message as M
+from services.sip.location import Location
+from services.sip.registrar import decide
+from services.sip.transaction import ServerTransactions, transaction_key
+from services.sip.transport import Source, StreamFactory, UDPProtocol
+
+_log = Logger(namespace="services.sip")
+
+ALLOW = "REGISTER, INVITE, ACK, CANCEL, OPTIONS"
+SUPPORTED = {"path"}
+RPC_METHODS = ("sip.bindings", "sip.unregister", "sip.stats")
+
+
+class SIPService(Service):
+    name = "sip"
+    #: Bytes of datagrams read per reactor turn (Twisted's default 256 KiB is
+    #: ~500 REGISTERs during which no durable wait can release its 200).
+    READ_BATCH_BYTES = 64 * 1024
+
+    def __init__(self, config, context):
+        self.config = config
+        self.context = context
+        self.reactor = context.reactor
+        self.location = Location(context.store, self.reactor.seconds)
+        self.stats: dict[str, int] = {"requests": 0, "responses": 0}
+        self.transactions = ServerTransactions(self.reactor, stats=self.stats)
+        self.requests: dict[str, int] = {}
+        self.responses: dict[str, int] = {}
+        self.drops: dict[str, int] = {}
+        self.connections = 0
+        self.udp = None
+        self.listeners: list = []
+        self._sweeper = None
+        self._sweeps = 0
+        self._tag = secrets.token_hex(3)
+        self._counter = 0
+
+    @property
+    def role(self) -> str:
+        return "standalone"
+
+    # ------------------------------------------------------------------
+    def startService(self):
+        super().startService()
+        return defer.ensureDeferred(self._start())
+
+    async def _start(self):
+        cfg = self.config
+        try:
+            await self.location.recount()
+        except StoreError as e:
+            _log.warn("sip: could not count the stored bindings: {why}", why=e)
+        where = []
+        if cfg.port:
+            self.udp = self.reactor.listenUDP(cfg.port, UDPProtocol(self), interface=cfg.interface)
+            self.udp.maxThroughput = self.READ_BATCH_BYTES
+            rcvbuf = set_receive_buffer(self.udp.socket, cfg.receive_buffer_bytes)
+            where.append(f"udp:{cfg.interface or '*'}:{self.udp.getHost().port} "
+                         f"(receive buffer {rcvbuf})")
+        for name, description in (("tcp", cfg.tcp), ("tls", cfg.tls)):
+            if description is None:
+                continue
+            ep = endpoints.serverFromString(self.reactor, description)
+            port = await ep.listen(StreamFactory(self, name))
+            self.listeners.append(port)
+            where.append(f"{name}:{port.getHost().host}:{port.getHost().port}")
+        self._register_rpc()
+        metrics = getattr(self.context, "metrics", None)
+        if metrics is not None:
+            metrics.register(self)
+        self._sweeper = task.LoopingCall(self._sweep)
+        self._sweeper.clock = self.reactor
+        self._sweeper.start(1.0, now=False).addErrback(
+            lambda f: _log.failure("sip: sweep loop stopped", failure=f))
+        _log.info("sip: registrar on {where}; domains {domains}; {n} bindings in the store",
+                  where=", ".join(where), domains=", ".join(cfg.domains) or "any",
+                  n=self.location.count)
+
+    def stopService(self):
+        super().stopService()
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        self.transactions.clear()
+        rpc = self.context.rpc
+        for name in RPC_METHODS:
+            if rpc is not None and name in rpc:
+                rpc.unregister(name)
+        metrics = getattr(self.context, "metrics", None)
+        if metrics is not None:
+            try:
+                metrics.unregister(self)
+            except KeyError:
+                pass
+        ds = []
+        if self.udp is not None:
+            ds.append(defer.maybeDeferred(self.udp.stopListening))
+            self.udp = None
+        for port in self.listeners:
+            ds.append(defer.maybeDeferred(port.stopListening))
+        self.listeners = []
+        return defer.gatherResults(ds, consumeErrors=True)
+
+    def _sweep(self) -> None:
+        try:
+            self.transactions.sweep()
+        except Exception:
+            _log.failure("sip: transaction sweep failed")
+        self._sweeps += 1
+        if self._sweeps % max(1, int(self.config.sweep_interval_s)) == 0:
+            d = self.location.sweep()
+            d.addCallback(lambda n: n and _log.debug("sip: {n} expired bindings removed", n=n))
+            d.addErrback(lambda f: _log.warn("sip: expired bindings not removed: {why}",
+                                             why=f.getErrorMessage()))
+
+    # ------------------------------------------------------------------
+    # receive
+    # ------------------------------------------------------------------
+    def drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+
+    def received(self, data: bytes, src: Source, stream: bool) -> None:
+        try:
+            msg = M.parse(data, stream=stream)
+        except M.Malformed as e:
+            if e.request is not None and e.request.method != "ACK":
+                self.drop("malformed_answered")
+                self._send(src, self._response(e.request, 400, e.reason))
+            else:
+                self.drop("malformed")
+            return
+        if not msg.is_request:
+            self.drop("response")      # we send no requests: a stray response
+            return
+        self.stats["requests"] += 1
+        self.requests[msg.method] = self.requests.get(msg.method, 0) + 1
+        try:
+            key = transaction_key(msg)
+        except (ValueError, IndexError):
+            self.drop("malformed")
+            return
+        if self.transactions.received(msg, key, src.send) is None:
+            return
+        self._dispatch(msg, key, src)
+
+    def _dispatch(self, msg: M.Message, key, src: Source) -> None:
+        method = msg.method
+        if method == "REGISTER":
+            self._register(msg, key, src)
+        elif method == "INVITE":
+            self._invite(msg, key, src)
+        elif method in ("OPTIONS",):
+            resp = self._response(msg, 200)
+            resp.add("Allow", ALLOW)
+            resp.add("Accept", "application/sdp")
+            resp.add("Supported", ", ".join(sorted(SUPPORTED)))
+            self._answer(key, src, resp)
+        elif method == "CANCEL":
+            self._answer(key, src, self._response(msg, 200))
+        else:
+            resp = self._response(msg, 405)
+            resp.add("Allow", ALLOW)
+            self._answer(key, src, resp)
+
+    # ------------------------------------------------------------------
+    # responses
+    # ------------------------------------------------------------------
+    def _to_tag(self) -> str:
+        self._counter += 1
+        return f"{self._tag}{self._counter:x}"
+
+    def _response(self, msg: M.Message, code: int, reason: str | None = None) -> M.Message:
+        resp = M.response_for(msg, code, reason, to_tag=self._to_tag())
+        resp.add("Server", self.config.server_header)
+        return resp
+
+    def _send(self, src: Source, resp: M.Message) -> None:
+        self._count_response(resp)
+        src.send(self._via_received(resp, src).to_bytes())
+
+    def _count_response(self, resp: M.Message) -> None:
+        self.stats["responses"] += 1
+        code = str(resp.code)
+        self.responses[code] = self.responses.get(code, 0) + 1
+
+    @staticmethod
+    def _via_received(resp: M.Message, src: Source) -> M.Message:
+        """RFC 3261 §18.2.1 / RFC 3581: note the source address (and port
+        for rport) in the top Via."""
+        for i, (name, value) in enumerate(resp.headers):
+            if name != "Via":
+                continue
+            try:
+                via = M.parse_via(value)
+            except ValueError:
+                return resp
+            extra = ""
+            if via.host != src.host.lower() and "received" not in via.params:
+                extra += f";received={src.host}"
+            if "rport" in via.params and not via.params["rport"]:
+                value = value.replace(";rport", "", 1)
+                extra += f";rport={src.port}"
+            if extra:
+                resp.headers[i] = (name, value + extra)
+            return resp
+        return resp
+
+    def _answer(self, key, src: Source, resp: M.Message) -> None:
+        self._count_response(resp)
+        data = self._via_received(resp, src).to_bytes()
+        method = key[3] if key[0] == "3261" else key[5]
+        invite_failure = resp.code >= 300 and method == "INVITE"
+        self.transactions.respond(key, data, reliable=src.reliable,
+                                  invite_failure=invite_failure)
+
+    # ------------------------------------------------------------------
+    # REGISTER
+    # ------------------------------------------------------------------
+    def _domain_ok(self, host_of_uri: str) -> bool:
+        if not self.config.domains:
+            return True
+        return host_of_uri in self.config.domains
+
+    def _register(self, msg: M.Message, key, src: Source) -> None:
+        unsupported = [o for o in (v.strip().lower() for v in msg.get_all("Require"))
+                       if o not in SUPPORTED]
+        if unsupported:
+            resp = self._response(msg, 420)
+            resp.add("Unsupported", ", ".join(unsupported))
+            return self._answer(key, src, resp)
+        try:
+            aor = M.canonical_aor(M.parse_name_addr(msg.get("To")).uri)
+            domain = M.canonical_aor(msg.uri).split(":", 1)[1].rpartition("@")[2]
+        except ValueError as e:
+            return self._answer(key, src, self._response(msg, 404, f"Not Found ({e})"[:80]))
+        if not self._domain_ok(domain) or not self._domain_ok(aor.rpartition("@")[2]):
+            return self._answer(key, src, self._response(msg, 404, "Domain Not Served"))
+        received = str(src)
+        now = self.reactor.seconds()
+        d = self.location.update(
+            aor, lambda existing: decide(aor, existing, msg, now, self.config.limits, received))
+        d.addCallbacks(self._registered, self._store_failed, callbackArgs=(msg, key, src, now),
+                       errbackArgs=(msg, key, src))
+        d.addErrback(lambda f: _log.failure("sip: REGISTER answer failed", failure=f))
+
+    def _registered(self, decision, msg, key, src, now) -> None:
+        resp = self._response(msg, decision.code, decision.reason)
+        for name, value in decision.headers:
+            resp.add(name, value)
+        if decision.code == 200:
+            resp.add("Date", formatdate(time.time(), usegmt=True))
+        self._answer(key, src, resp)
+
+    def _store_failed(self, failure, msg, key, src) -> None:
+        self.drop("store_error")
+        _log.error("sip: {method} for {to} not answered 200: store failed: {why}",
+                   method=msg.method, to=msg.get("To"), why=failure.getErrorMessage())
+        resp = self._response(msg, 500, "Location Store Unavailable")
+        resp.add("Retry-After", "5")
+        self._answer(key, src, resp)
+
+    # ------------------------------------------------------------------
+    # INVITE -> redirect
+    # ------------------------------------------------------------------
+    def _invite(self, msg: M.Message, key, src: Source) -> None:
+        mf = msg.get("Max-Forwards")
+        if mf is not None and int(mf) == 0:
+            return self._answer(key, src, self._response(msg, 483))
+        try:
+            aor = M.canonical_aor(msg.uri)
+        except ValueError:
+            return self._answer(key, src, self._response(msg, 416))
+        if not self._domain_ok(aor.rpartition("@")[2]):
+            return self._answer(key, src, self._response(msg, 404, "Domain Not Served"))
+        d = self.location.read(aor)
+
+        def found(result):
+            bindings, known = result
+            if bindings:
+                resp = self._response(msg, 302)
+                now = self.reactor.seconds()
+                for b in sorted(bindings.values(),
+                                key=lambda b: (-(b.q if b.q is not None else 1.0), b.uri)):
+                    resp.add("Contact", b.contact_header(now))
+            elif known:
+                resp = self._response(msg, 480)
+            else:
+                resp = self._response(msg, 404)
+            self._answer(key, src, resp)
+        d.addCallbacks(found, self._store_failed, errbackArgs=(msg, key, src))
+        d.addErrback(lambda f: _log.failure("sip: INVITE answer failed", failure=f))
+
+    # ------------------------------------------------------------------
+    # RPC and metrics
+    # ------------------------------------------------------------------
+    def _register_rpc(self) -> None:
+        rpc = self.context.rpc
+        if rpc is None:
+            return
+        rpc.register("sip.bindings", self.rpc_bindings,
+                     doc="{aor?} -> {bindings: [{aor, contact, expires, q, call_id, cseq}]}",
+                     params=Params(aor=Param("str", nullable=True, min=1, max=512)))
+        rpc.register("sip.unregister", self.rpc_unregister,
+                     doc="{aor}: remove every binding of the AOR now",
+                     params=Params(aor=Param("str", required=True, min=1, max=512)))
+        rpc.register("sip.stats", self.rpc_stats, doc="requests, responses, drops, bindings",
+                     params=Params())
+
+    @staticmethod
+    def _aor_param(aor: str) -> str:
+        from appliance.admin.rpc import InvalidParams
+        try:
+            return M.canonical_aor(aor if ":" in aor else "sip:" + aor)
+        except ValueError as e:
+            raise InvalidParams.because(f"params.aor: {aor!r} is not a SIP address: {e}")
+
+    def _rows(self, aor: str, bindings) -> list[dict]:
+        return [{"aor": aor, "contact": b.uri, "expires": b.expires, "q": b.q,
+                 "call_id": b.call_id, "cseq": b.cseq, "path": list(b.path),
+                 "received": b.received}
+                for b in sorted(bindings.values(), key=lambda b: b.uri)]
+
+    async def _bindings(self, aor: str | None) -> dict:
+        if aor is not None:
+            aor = self._aor_param(aor)
+            bindings, _known = await self.location.read(aor)
+            return {"bindings": self._rows(aor, bindings)}
+        rows = []
+        for one in await self.location.all_aors():
+            bindings, _known = await self.location.read(one)
+            rows.extend(self._rows(one, bindings))
+        return {"bindings": rows}
+
+    def rpc_bindings(self, aor: str | None = None):
+        return defer.ensureDeferred(self._bindings(aor))
+
+    def rpc_unregister(self, aor: str):
+        aor = self._aor_param(aor)
+        d = self.location.remove_aor(aor)
+
+        def done(n):
+            if n:
+                _log.info("sip: {aor} unregistered by the operator ({n} bindings)", aor=aor, n=n)
+            return {"aor": aor, "removed": n}
+        return d.addCallback(done)
+
+    def rpc_stats(self) -> dict:
+        if not self.running:
+            raise ApplicationError("sip service not running")
+        return {"requests": dict(self.requests), "responses": dict(self.responses),
+                "drops": dict(self.drops), "bindings": self.location.count,
+                "transactions": len(self.transactions), "connections": self.connections,
+                "counters": dict(self.stats)}
+
+    def collect(self):
+        req = CounterMetricFamily("appliance_sip_requests", "SIP requests received, by method",
+                                  labels=["method"])
+        for method, n in sorted(self.requests.items()):
+            req.add_metric([method], n)
+        yield req
+        resp = CounterMetricFamily("appliance_sip_responses", "SIP responses sent, by code",
+                                   labels=["code"])
+        for code, n in sorted(self.responses.items()):
+            resp.add_metric([code], n)
+        yield resp
+        drops = CounterMetricFamily("appliance_sip_dropped",
+                                    "SIP messages dropped or refused as malformed, by reason",
+                                    labels=["reason"])
+        for reason, n in sorted(self.drops.items()):
+            drops.add_metric([reason], n)
+        yield drops
+        tx = CounterMetricFamily("appliance_sip_transaction_events",
+                                 "Retransmissions absorbed, answers resent, ACKs matched",
+                                 labels=["event"])
+        for k in ("retransmissions_absorbed", "responses_resent", "acks_matched",
+                  "acks_unmatched", "invite_retransmits", "invite_timeouts"):
+            tx.add_metric([k], self.stats.get(k, 0))
+        yield tx
+        yield GaugeMetricFamily("appliance_sip_bindings", "SIP bindings in the location store",
+                                value=self.location.count)
+        yield GaugeMetricFamily("appliance_sip_transactions", "Server transactions held",
+                                value=len(self.transactions))
