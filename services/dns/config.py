@@ -38,6 +38,13 @@ _RESOURCE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 class DDNSConfig:
     forward_zone: dns.name.Name
     reverse_zone: dns.name.Name | None
+    forward_zones: tuple[dns.name.Name, ...] = ()     # further DDNS domains (per subnet)
+    reverse_zones: tuple[dns.name.Name, ...] = ()     # further reverse zones
+    attempts: int = 5                                 # per UPDATE (timeouts, SERVFAIL)
+    retry_initial_s: float = 0.25
+    retry_max_s: float = 5.0
+    override_client_update: bool = False              # RFC 4702: S=0 -> the server does A too (O=1)
+    override_no_update: bool = False                 # RFC 4702: N=1 -> the server updates anyway
 
 
 @dataclass(frozen=True)
@@ -115,9 +122,27 @@ def parse(table, context) -> DNSConfig | None:
         rev_text = dt.str("reverse_zone", None)
         fwd = _name(dt, "forward_zone", fwd_text) if fwd_text else None
         rev = _name(dt, "reverse_zone", rev_text) if rev_text else None
+        more = {}
+        for list_key in ("forward_zones", "reverse_zones"):
+            names = []
+            for i, text in enumerate(dt.list(list_key, default=None) or ()):
+                n = _name(dt, f"{list_key}[{i}]", text) if isinstance(text, str) else None
+                if n is None and not isinstance(text, str):
+                    dt.error(f"{list_key}[{i}]", "expected a zone name string")
+                if n is not None:
+                    names.append(n)
+            more[list_key] = tuple(names)
+        attempts = dt.int("attempts", 5, min=1, max=100)
+        d_initial = dt.float("retry_initial_s", 0.25, min=0.01, max=3600)
+        d_max = dt.float("retry_max_s", 5.0, min=0.01, max=86400)
+        if d_initial is not None and d_max is not None and d_max < d_initial:
+            dt.error("retry_max_s", f"{d_max} is below retry_initial_s {d_initial}")
+        o_client = dt.bool("override_client_update", False)
+        o_none = dt.bool("override_no_update", False)
         dt.done()
         if fwd is not None:
-            ddns = DDNSConfig(fwd, rev)
+            ddns = DDNSConfig(fwd, rev, more["forward_zones"], more["reverse_zones"], attempts,
+                              d_initial, d_max, bool(o_client), bool(o_none))
 
     nodes = ({context.node_id} if context.node_id else set()) | set(context.peer_ids)
     records = []

@@ -58,8 +58,14 @@ class DNSService(Service):
         self.updater = Updater(self.client, config.key, self.node, self.reactor, self.metrics)
         self.ddns = None
         if config.ddns is not None:
-            self.ddns = DDNSUpdater(self.client, config.key, config.ddns.forward_zone,
-                                    config.ddns.reverse_zone, self.metrics, config.zones)
+            dd = config.ddns
+            self.ddns = DDNSUpdater(
+                self.client, config.key, dd.forward_zone, dd.reverse_zone, self.metrics,
+                config.zones, forward_zones=dd.forward_zones, reverse_zones=dd.reverse_zones,
+                managed=[s.name for s in config.records], clock=self.reactor,
+                attempts=dd.attempts, retry_initial_s=dd.retry_initial_s,
+                retry_max_s=dd.retry_max_s, override_client_update=dd.override_client_update,
+                override_no_update=dd.override_no_update, rng=rng)
         self._rng = rng
         self.owned: dict[str, int] = {}                  # resource -> epoch this node holds
         self.published: dict[tuple[str, str], frozenset | None] = {}   # last read or written
@@ -132,6 +138,8 @@ class DNSService(Service):
         self._fire_waiters(list(self.waiters), "service stopped")
         self.metrics.detach()
         self.metrics.gauges = None
+        if self.ddns is not None:
+            self.ddns.stopped = True
         # Do not leave our listener behind: a restart (config.reload) adds a new one.
         for resource in self.resources:
             res = getattr(self.cluster, "resources", {}).get(resource)

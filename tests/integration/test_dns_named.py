@@ -439,3 +439,61 @@ def answer_tcp(server, name, rdtype):
     q = dns.message.make_query(name, rdtype)
     r = dns.query.tcp(q, "127.0.0.1", port=server.port, timeout=1)
     return frozenset(r.answer[0]) if r.answer else frozenset()
+
+
+@pytest_twisted.inlineCallbacks
+def test_ddns_hostile_names_through_the_hook(named_module, tmp_path):
+    """Review H2, against real named through the IDDNSUpdater provider of a running dns
+    service: host names like ``a..b``, a 64-octet label, a 300-octet name, a managed
+    record or its guard never raise into the caller (a failed Deferred), publish
+    nothing, and the updater keeps working for the next client."""
+    from appliance.ddns import DDNSNameError
+    server = named_module
+    toml = node_toml("demo", server, tmp_path, """
+[[services.dns.records]]
+name = "managed.hostile.example.test."
+type = "A"
+resource = "vip1"
+values = { demo = "10.9.0.1" }
+""", extra=f'ddns = {{ forward_zone = "hostile.{ZONE}", reverse_zone = "{server.reverse_zone}" }}')
+    node = build("demo", toml, tmp_path)
+    yield start(node)
+    try:
+        ddns = ddns_provider(node.context)
+        hostile = ["a..b.hostile.example.test.", "x" * 64 + ".hostile.example.test.",
+                   ("y" * 60 + ".") * 5 + "hostile.example.test.", ".", "a..b",
+                   "managed.hostile.example.test.",
+                   "_appliance-owner.managed.hostile.example.test."]
+        for fqdn in hostile:
+            try:
+                d = ddns.lease_bound(fqdn, "10.9.0.61", b"\x01hostile", 300)
+                d2 = ddns.lease_released(fqdn, "10.9.0.61", b"\x01hostile")
+            except Exception as e:     # the old code raised here, before dhcp4 queued the lease
+                pytest.fail(f"{fqdn[:40]!r} raised {e!r} synchronously")
+            for deferred in (d, d2):
+                with pytest.raises(DDNSNameError):
+                    yield deferred
+        assert answer(server, "61.0.9.10.in-addr.arpa.", "PTR") == frozenset()
+        result = yield ddns.lease_bound("fine.hostile.example.test.", "10.9.0.61",
+                                        b"\x01hostile", 300)
+        assert result["forward"] == "added"
+        assert answer(server, "fine.hostile.example.test.", "A") == {rd("A", "10.9.0.61")}
+        # a changed host name removes the old name; a moved client its old PTR
+        result = yield ddns.lease_bound("renamed.hostile.example.test.", "10.9.0.62",
+                                        b"\x01hostile", 300,
+                                        previous_fqdn="fine.hostile.example.test.",
+                                        previous_address="10.9.0.61")
+        assert result["previous"]["forward"] == "removed"
+        assert answer(server, "fine.hostile.example.test.", "A") == frozenset()
+        assert answer(server, "fine.hostile.example.test.", "DHCID") == frozenset()
+        assert answer(server, "61.0.9.10.in-addr.arpa.", "PTR") == frozenset()
+        assert answer(server, "renamed.hostile.example.test.", "A") == {rd("A", "10.9.0.62")}
+        assert answer(server, "62.0.9.10.in-addr.arpa.", "PTR") == {
+            rd("PTR", "renamed.hostile.example.test.")}
+        # the DHCID published is RFC 4701's, over the name
+        from services.dns.ddns import dhcid_rdata
+        assert answer(server, "renamed.hostile.example.test.", "DHCID") == {
+            dhcid_rdata(b"\x01hostile", dns.name.from_text("renamed.hostile.example.test."))}
+        assert metric(node, "appliance_dns_ddns_total", {"op": "bind", "result": "bad_name"}) == 7
+    finally:
+        yield stop(node)

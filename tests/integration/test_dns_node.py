@@ -94,6 +94,20 @@ lease_time_s = 600
     probe.run(("127.0.0.1", port), "10.9.0.1", mac, release=True, out=lambda *_: None,
               hostname="laptop")
     wait_for(lambda: answer(named, "laptop.example.test.") == [], 10, "the A record removed")
+    # Review H2: hostile host names through the real dhcp4 -> ddns hook: every client still
+    # gets its lease, nothing hostile is published, the node keeps serving and publishing.
+    for i, hostile in enumerate(["a..b", "x" * 64, "y" * 300, ".", "www..", "-"]):
+        hw = bytes([2, 0, 0, 0, 1, i])
+        got = probe.run(("127.0.0.1", port), "10.9.0.1", hw, release=False,
+                        out=lambda *_: None, hostname=hostile)
+        assert got is not None, hostile
+    assert node.rpc("system.status")["result"]["services"]["dns"]["state"] == "running"
+    assert node.rpc("system.status")["result"]["services"]["dhcp4"]["state"] == "running"
+    address = probe.run(("127.0.0.1", port), "10.9.0.1", bytes([2, 0, 0, 0, 2, 1]),
+                        release=False, out=lambda *_: None, hostname="after")
+    wait_for(lambda: answer(named, "after.example.test.") == [str(address)], 10,
+             "DDNS still works after hostile names\n" + node.output()[-2000:])
+    assert "Traceback" not in node.output(), node.output()[-4000:]
 
 
 def test_reload_of_dns_under_a_running_node(tmp_path, named, nodes):
