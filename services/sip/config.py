@@ -3,7 +3,7 @@
 Example (see ``etc/sip.toml``)::
 
     [services.sip]
-    interface = "127.0.0.1"             # UDP listener address ("" = all)
+    listen_address = "127.0.0.1"        # UDP (and default) listener address; "0.0.0.0" = all
     port = 15060                        # UDP port (0 = no UDP)
     tcp = "tcp:15060:interface=127.0.0.1"   # optional stream listeners: Twisted
     tls = "ssl:15061:interface=127.0.0.1:privateKey=key.pem:certKey=cert.pem"  # endpoint strings
@@ -27,7 +27,7 @@ _DOMAIN = re.compile(r"^[A-Za-z0-9.\-]{1,253}(:\d{1,5})?$")
 
 @dataclass(frozen=True)
 class SIPConfig:
-    interface: str
+    listen_address: object            # ipaddress.IPv4Address | IPv6Address
     port: int
     tcp: str | None
     tls: str | None
@@ -41,7 +41,10 @@ class SIPConfig:
 def parse(table, context) -> SIPConfig | None:
     """Validate ``table``; return None after recording problems."""
     before = len(table.problems.items)
-    interface = table.str("interface", "127.0.0.1")
+    listen_address = table.ip("listen_address", "127.0.0.1")
+    if isinstance(listen_address, str):
+        import ipaddress
+        listen_address = ipaddress.ip_address(listen_address)
     port = table.int("port", 5060, min=0, max=65535)
     tcp = table.endpoint("tcp", None)
     tls = table.endpoint("tls", None, tls_in_string=True)
@@ -68,6 +71,6 @@ def parse(table, context) -> SIPConfig | None:
         table.error("port", "0 (no UDP) needs a tcp or tls listener")
     if len(table.problems.items) != before:
         return None
-    return SIPConfig(interface, port, tcp, tls, tuple(domains),
+    return SIPConfig(listen_address, port, tcp, tls, tuple(domains),
                      Limits(default_expires, min_expires, max_expires, max_contacts),
                      rcvbuf, sweep)

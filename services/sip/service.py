@@ -86,10 +86,11 @@ class SIPService(Service):
             _log.warn("sip: could not count the stored bindings: {why}", why=e)
         where = []
         if cfg.port:
-            self.udp = self.reactor.listenUDP(cfg.port, UDPProtocol(self), interface=cfg.interface)
+            self.udp = self.reactor.listenUDP(cfg.port, UDPProtocol(self),
+                                             interface=str(cfg.listen_address))
             self.udp.maxThroughput = self.READ_BATCH_BYTES
             rcvbuf = set_receive_buffer(self.udp.socket, cfg.receive_buffer_bytes)
-            where.append(f"udp:{cfg.interface or '*'}:{self.udp.getHost().port} "
+            where.append(f"udp:{cfg.listen_address}:{self.udp.getHost().port} "
                          f"(receive buffer {rcvbuf})")
         for name, description in (("tcp", cfg.tcp), ("tls", cfg.tls)):
             if description is None:

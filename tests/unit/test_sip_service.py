@@ -4,6 +4,8 @@ second write, redirect 302/404/480, malformed input, TCP framing, expiry, RPC.""
 
 from __future__ import annotations
 
+import ipaddress
+
 from prometheus_client import CollectorRegistry
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -38,7 +40,7 @@ def settle(clock, thread):
 
 def make(tmp_path, **limits):
     clock, thread, store = started_store(tmp_path)
-    cfg = SIPConfig("127.0.0.1", 0, None, None, ("example.test",),
+    cfg = SIPConfig(ipaddress.ip_address("127.0.0.1"), 0, None, None, ("example.test",),
                     Limits(**{"default_expires": 3600, "min_expires": 60, "max_expires": 7200,
                               "max_contacts": 5, **limits}))
     rpc = MethodRegistry()
