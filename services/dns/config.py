@@ -60,6 +60,7 @@ class DNSConfig:
     retry_initial_s: float = 0.5
     retry_max_s: float = 30.0
     ddns: DDNSConfig | None = None
+    cluster_id: str | None = None      # identity written into guards (default: derived)
 
 
 def _name(table, key: str, value: Any) -> dns.name.Name | None:
@@ -108,6 +109,8 @@ def parse(table, context) -> DNSConfig | None:
             table.error(path, "expected a zone name string")
 
     default_ttl = table.int("default_ttl", 5, min=0, max=2_147_483_647)
+    cluster_id = table.str("cluster_id", None, pattern=re.compile(r"^[A-Za-z0-9_.:-]{1,40}$"),
+                           describe="letters, digits, '_', '.', ':', '-' (1-40)")
     interval = table.float("reconcile_interval_s", 30.0, min=0.1, max=86400)
     timeout = table.float("timeout_s", 1.0, min=0.01, max=60)
     retry_initial = table.float("retry_initial_s", 0.5, min=0.01, max=3600)
@@ -163,7 +166,7 @@ def parse(table, context) -> DNSConfig | None:
     if len(table.problems.items) != problems_before or not servers or not zones:
         return None
     return DNSConfig(tuple(servers), key, key_file, tuple(zones), default_ttl, tuple(records),
-                     interval, timeout, retry_initial, retry_max, ddns)
+                     interval, timeout, retry_initial, retry_max, ddns, cluster_id)
 
 
 def _parse_record(rt, context, nodes: set[str], zones, default_ttl: int) -> RecordSpec | None:

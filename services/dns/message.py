@@ -19,7 +19,7 @@ epoch is not older (see :mod:`.updater`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import dns.exception
 import dns.flags
@@ -33,7 +33,8 @@ import dns.rdatatype
 import dns.tsig
 import dns.update
 
-from services.dns.records import Change, guard_name, guard_rdata
+from services.dns.guard import Guard, guard_name, guard_rdata
+from services.dns.records import Change, RecordSpec
 from services.dns.tsigkey import TSIGKey
 
 #: Answers meaning "this server will not take this update": name zone and key.
@@ -86,12 +87,12 @@ class Guard:
 
 
 def build_update(zone: dns.name.Name, changes: Iterable[Change], guards: Mapping[dns.name.Name, frozenset],
-                 node: str, epochs: Mapping[str, int], key: TSIGKey | None) -> dns.update.UpdateMessage:
+                 mine: Callable[[RecordSpec], Guard], key: TSIGKey | None) -> dns.update.UpdateMessage:
     """One UPDATE for ``zone`` holding ``changes``.
 
-    ``guards`` maps each owner name to the guard rdatas last read (missing
-    or empty: the guard must not exist); ``epochs`` maps resources to this
-    node's epoch for them.
+    ``guards`` maps each owner name to the guard rdatas expected (missing
+    or empty: the guard must not exist); ``mine(spec)`` is the guard this
+    node writes for a record.
     """
     upd = make_update(zone, key)
     guarded: set[dns.name.Name] = set()
@@ -109,7 +110,7 @@ def build_update(zone: dns.name.Name, changes: Iterable[Change], guards: Mapping
                 upd.present(gname, rds)
             else:
                 upd.absent(gname, dns.rdatatype.TXT)
-            upd.replace(gname, spec.ttl, guard_rdata(node, epochs[spec.resource]))
+            upd.replace(gname, spec.ttl, guard_rdata(mine(spec)))
         if change.rdatas:
             upd.replace(name, spec.ttl, *sorted(change.rdatas, key=lambda r: r.to_text()))
         else:

@@ -8,9 +8,9 @@ lowest priority number (tried first) and the other nodes follow in their
 configured order.
 
 Each owner name also carries a guard: the TXT rrset
-``_appliance-owner.<name>`` holding ``"<node> <epoch>"`` of the last writer,
-used as an UPDATE prerequisite so that a late writer with an older epoch
-cannot overwrite a newer owner (see :mod:`.message`).
+``_appliance-owner.<name>`` naming the last writer (cluster, resource, node,
+epoch), used as an UPDATE prerequisite so that a late writer with an older
+epoch cannot overwrite a newer owner (see :mod:`.guard`, :mod:`.message`).
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ import dns.name
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
-import dns.rdtypes.ANY.TXT
+import dns.rdtypes.ANY.TXT  # noqa: F401
+
+from services.dns.guard import GUARD_LABEL, Guard, guard_name, parse_guard  # noqa: F401 (API)
+from services.dns.guard import guard_rdata as _guard_rdata
 
 #: Record types the updater manages (RFC 1035, 3596, 2782, 6742).
 TYPES = ("A", "AAAA", "SRV", "CNAME", "NID", "L64", "L32", "LP")
 
-GUARD_LABEL = "_appliance-owner"
 
 
 @dataclass(frozen=True)
@@ -70,28 +72,10 @@ def zone_of(name: dns.name.Name, zones: Iterable[dns.name.Name]) -> dns.name.Nam
     return best
 
 
-def guard_name(name: dns.name.Name) -> dns.name.Name:
-    """The owner name of the epoch guard TXT rrset for ``name``."""
-    return dns.name.Name((GUARD_LABEL.encode(),) + name.labels)
-
-
-def guard_rdata(node: str, epoch: int) -> dns.rdata.Rdata:
-    return dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, [f"{node} {epoch}"])
-
-
-def parse_guard(rdatas: Iterable[dns.rdata.Rdata]) -> tuple[str, int] | None:
-    """``(node, epoch)`` of a guard rrset (the highest epoch if several), None if absent/garbled."""
-    best = None
-    for rd in rdatas:
-        try:
-            text = b"".join(rd.strings).decode("ascii", "replace")
-            node, epoch = text.split()
-            value = (node, int(epoch))
-        except (AttributeError, ValueError):
-            continue
-        if best is None or value[1] > best[1]:
-            best = value
-    return best
+def guard_rdata(node: str, epoch: int, resource: str | None = None,
+                cluster: str | None = None) -> dns.rdata.Rdata:
+    """The guard TXT rdata ``node`` writes at ``epoch`` (see :mod:`.guard`)."""
+    return _guard_rdata(Guard(node, epoch, resource, cluster))
 
 
 def desired_rdatas(spec: RecordSpec, owner: str | None) -> frozenset[dns.rdata.Rdata] | None:

@@ -26,13 +26,14 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from appliance.admin.rpc import Params
+from appliance.admin.rpc import ApplicationError, Param, Params
 from services.dns.backoff import Backoff
 from services.dns.client import DNSClient, show_server
 from services.dns.ddns import DDNSUpdater
 from services.dns.message import DNSError
 from services.dns.metrics import DNSMetrics, gauge
-from services.dns.records import (desired_rdatas, guard_name, parse_guard, plan, rdatas_text)
+from services.dns.guard import cluster_identity, guard_name, parse_guard
+from services.dns.records import desired_rdatas, plan, rdatas_text
 from services.dns.updater import Updater
 
 _log = Logger(namespace="appliance.dns")
@@ -55,7 +56,12 @@ class DNSService(Service):
         self.cluster = context.cluster
         self.metrics = DNSMetrics(getattr(context, "metrics", None))
         self.client = client or DNSClient(self.reactor, list(config.servers), config.timeout_s)
-        self.updater = Updater(self.client, config.key, self.node, self.reactor, self.metrics)
+        section = getattr(getattr(context, "config", None), "cluster", None)
+        self.node_ids = sorted({self.node, *(p.id for p in getattr(section, "peers", ()) or ())})
+        self.cluster_id = cluster_identity(getattr(config, "cluster_id", None), self.node_ids,
+                                           getattr(section, "auth_key_file", None))
+        self.updater = Updater(self.client, config.key, self.node, self.reactor, self.metrics,
+                               cluster=self.cluster_id, priority=self._priority)
         self.ddns = None
         if config.ddns is not None:
             dd = config.ddns
@@ -67,6 +73,7 @@ class DNSService(Service):
                 retry_max_s=dd.retry_max_s, override_client_update=dd.override_client_update,
                 override_no_update=dd.override_no_update, rng=rng)
         self._rng = rng
+        self._force: set[tuple[str, str]] = set()       # keys dns.reset_guard asked to force
         self.owned: dict[str, int] = {}                  # resource -> epoch this node holds
         self.published: dict[tuple[str, str], frozenset | None] = {}   # last read or written
         self.dirty: dict[dns.name.Name, dict[tuple[str, str], str]] = {}
@@ -76,7 +83,8 @@ class DNSService(Service):
         self.errors: dict[str, str] = {}                 # zone -> last error
         self.waiters: dict[dns.name.Name, list[defer.Deferred]] = {}
         self.last_reconcile: float | None = None
-        self.stats = {"stale_refused": 0, "drift_repairs": 0, "updates": 0, "failures": 0}
+        self.stats = {"stale_refused": 0, "drift_repairs": 0, "updates": 0, "failures": 0,
+                      "takeovers": 0}
         self._reconcile_call = None
         self._reconciling: defer.Deferred | None = None
         self._writes: dict[tuple[str, str], int] = {}    # key -> successful writes so far
@@ -103,6 +111,12 @@ class DNSService(Service):
                          params=Params())
             rpc.register("dns.sync", self.sync, params=Params(),
                          doc="Read the server now, repair drift; returns what changed.")
+            rpc.register("dns.reset_guard", self.reset_guard,
+                         params=Params(name=Param("str", nullable=True)),
+                         doc="{name?}: overwrite the server's _appliance-owner guard of the "
+                             "records this node owns (all blocked ones without a name) and "
+                             "publish them; for a guard left ahead by a cluster that lost its "
+                             "epochs.")
         if self.ddns is not None:
             self.context.providers["ddns"] = self.ddns
         for resource in self.resources:
@@ -130,7 +144,7 @@ class DNSService(Service):
                 call.cancel()
         self._refresh_calls = []
         rpc = self.context.rpc
-        for name in ("dns.records", "dns.sync"):
+        for name in ("dns.records", "dns.sync", "dns.reset_guard"):
             if rpc is not None and name in rpc:
                 rpc.unregister(name)
         if self.ddns is not None and self.context.providers.get("ddns") is self.ddns:
@@ -156,6 +170,8 @@ class DNSService(Service):
             return
         if role == "owner":
             self.owned[resource] = epoch
+            for name in sorted({s.name for s in self.config.records if s.resource == resource}):
+                self.updater.expect(name, resource, epoch, self.node_ids)
             _log.info("dns: {node} gained {res} (epoch {epoch}): publishing its records",
                       node=self.node, res=resource, epoch=epoch)
             self.mark([s for s in self.config.records if s.resource == resource],
@@ -209,6 +225,13 @@ class DNSService(Service):
         if call is not None and call.active():
             return
         take = self.dirty.pop(zone, {})
+        force = bool(self._force & set(take))
+        if force:       # forced records alone; the rest follows in the next UPDATE
+            rest = {k: v for k, v in take.items() if k not in self._force}
+            take = {k: v for k, v in take.items() if k in self._force}
+            if rest:
+                self.dirty.setdefault(zone, {}).update(rest)
+            self._force -= set(take)
         changes = [c for c in plan(self.config.records, self.owned, self.node).get(zone, [])
                    if c.spec.key in take]
         if not changes:
@@ -216,7 +239,7 @@ class DNSService(Service):
             return
         self.inflight.add(zone)
         epochs = dict(self.owned)
-        d = self.updater.publish(zone, changes, epochs)
+        d = self.updater.publish(zone, changes, epochs, force=force)
         d.addCallbacks(self._published, self._failed, callbackArgs=(zone, take, epochs),
                        errbackArgs=(zone, take))
         d.addErrback(lambda f: _log.failure("dns: publish bookkeeping failed", failure=f))
@@ -243,14 +266,25 @@ class DNSService(Service):
                       rdatas=", ".join(rdatas_text(change.rdatas)), ttl=spec.ttl,
                       epoch=epochs.get(spec.resource), ms=round(result.latency_s * 1000, 1),
                       reason=reason)
+        for change, guard, why in result.takeovers:
+            self.metrics.takeovers.labels("operator" if why.startswith("reset") else
+                                          "identity").inc()
+            self.stats["takeovers"] += 1
+            _log.critical("dns: TOOK OVER the guard of {name} {type} from {old}: {why}; now "
+                          "{node} at epoch {epoch} in cluster {cluster}",
+                          name=change.spec.name.to_text(), type=change.spec.type_text,
+                          old=guard.show() if guard else "?", why=why, node=self.node,
+                          epoch=epochs.get(change.spec.resource), cluster=self.cluster_id)
         for change, guard in result.stale:
             self.blocked[change.spec.key] = guard
             self.metrics.stale.inc()
             self.stats["stale_refused"] += 1
-            _log.warn("dns: not writing {name} {type}: the server's guard says {holder} at epoch "
-                      "{their} owns it, newer than our epoch {ours}", name=change.spec.name.to_text(),
-                      type=change.spec.type_text, holder=guard[0] if guard else "?",
-                      their=guard[1] if guard else "?", ours=epochs.get(change.spec.resource))
+            _log.error("dns: not writing {name} {type}: the server's guard names {holder}, ahead "
+                       "of our epoch {ours} in cluster {cluster}; if that guard is stale (the "
+                       "cluster lost its epochs), clear it with dns.reset_guard",
+                       name=change.spec.name.to_text(), type=change.spec.type_text,
+                       holder=guard.show() if guard else "?", ours=epochs.get(change.spec.resource),
+                       cluster=self.cluster_id)
         if self.dirty.get(zone):
             self._flush(zone)
         else:
@@ -321,6 +355,7 @@ class DNSService(Service):
     async def _reconcile(self, reason: str) -> dict[str, Any]:
         specs = list(self.config.records)
         writes_before = dict(self._writes)
+        guard_gen = dict(self.updater.generation)
         reads = [self.updater.read(s.zone, s.name, s.rdtype) for s in specs]
         names = {}
         for s in specs:
@@ -331,7 +366,7 @@ class DNSService(Service):
         errors: dict[str, str] = {}
         for (ok, value), (name, zone) in zip(results[len(specs):], names.items()):
             if ok:
-                self.updater.guards[name] = value
+                self.updater.remember(name, value, guard_gen.get(name, 0))
             else:
                 errors[zone.to_text()] = value.getErrorMessage()
         drift = []
@@ -366,6 +401,38 @@ class DNSService(Service):
             key = (row["name"], row["type"])
             row["applied"] = rdatas_text(self.published.get(key)) == row["after"]
         return {"changed": changed, "errors": errors}
+
+    def _priority(self, resource: str, node: str) -> int:
+        res = getattr(self.cluster, "resources", {}).get(resource)
+        spec = getattr(res, "spec", None)
+        return int(getattr(spec, "priority", {}).get(node, 0)) if spec is not None else 0
+
+    async def _reset_guard(self, name: str | None) -> dict[str, Any]:
+        specs = [s for s in self.config.records
+                 if (name is None and s.key in self.blocked) or
+                 (name is not None and s.name.to_text().rstrip(".") == name.rstrip("."))]
+        if name is not None and not specs:
+            raise ApplicationError(f"{name} is not a configured record name")
+        not_owned = sorted({s.name.to_text() for s in specs if s.resource not in self.owned})
+        specs = [s for s in specs if s.resource in self.owned]
+        if not_owned and name is not None:
+            raise ApplicationError(f"{name}: this node does not own its resource; reset the "
+                                   "guard on the owner")
+        _log.warn("dns: operator resets the guards of {names}", names=", ".join(
+            sorted({s.name.to_text() for s in specs})) or "nothing")
+        self._force |= {s.key for s in specs}
+        errors = {}
+        for zone in self.mark(specs, "dns.reset_guard"):
+            error = await self._wait_zone(zone)
+            if error:
+                errors[zone.to_text()] = error
+        return {"reset": sorted({s.name.to_text() for s in specs if s.key not in self.blocked}),
+                "still_blocked": sorted({s.name.to_text() for s in specs if s.key in self.blocked}),
+                "not_owned": not_owned, "errors": errors}
+
+    def reset_guard(self, name: str | None = None) -> defer.Deferred:
+        """Overwrite stale guards (review H3); returns ``{reset, still_blocked, not_owned, errors}``."""
+        return defer.ensureDeferred(self._reset_guard(name))
 
     # ------------------------------------------------------------------
     # gauges (computed at scrape time)
@@ -407,15 +474,17 @@ class DNSService(Service):
             desired = desired_rdatas(spec, owner)
             published = self.published.get(spec.key)
             guard = parse_guard(self.updater.guards.get(spec.name, ()))
+            blocked = self.blocked.get(spec.key)
             rows.append({
                 "name": spec.name.to_text(), "type": spec.type_text, "ttl": spec.ttl,
                 "resource": spec.resource, "owner": owner,
                 "role": "owner" if spec.resource in self.owned else "standby",
                 "desired": rdatas_text(desired), "published": rdatas_text(published),
                 "in_sync": desired is not None and published == desired,
-                "guard": f"{guard[0]} {guard[1]}" if guard else None,
+                "guard": guard.show() if guard else None,
+                "blocked_by": blocked.show() if blocked else None,
             })
-        return {"node": self.node, "role": self.role,
+        return {"node": self.node, "role": self.role, "cluster_id": self.cluster_id,
                 "servers": [show_server(s) for s in self.config.servers],
                 "key": self.config.key.name if self.config.key else None,
                 "last_reconcile_s_ago": (None if self.last_reconcile is None else

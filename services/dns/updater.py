@@ -6,6 +6,7 @@ read" (see :mod:`.message`), so the server does a compare-and-set.  When
 the prerequisite fails, the updater reads the guards again: names whose
 guard holds a *newer* epoch (another node took over since) are dropped --
 a late writer never overwrites a newer owner -- and the rest is retried.
+Who may overwrite whom is :func:`.guard.verdict`.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import dns.rdatatype
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from services.dns.guard import Guard, guard_name, guard_rdata, parse_guard, verdict
 from services.dns.message import (PREREQ_FAILED, DNSError, UpdateError,
                                   answer_rdatas, build_update, check_response, make_query,
                                   rcode_text)
-from services.dns.records import Change, guard_name, guard_rdata, parse_guard
+from services.dns.records import Change
 from services.dns.tsigkey import TSIGKey
 
 _log = Logger(namespace="appliance.dns")
@@ -34,57 +36,106 @@ class PublishResult:
     zone: str
     server: str | None = None
     applied: list[Change] = field(default_factory=list)
-    stale: list[tuple[Change, tuple[str, int]]] = field(default_factory=list)  # (change, server guard)
+    stale: list[tuple[Change, Guard]] = field(default_factory=list)   # (change, server guard)
+    takeovers: list[tuple[Change, Guard, str]] = field(default_factory=list)  # (.., old, why)
     latency_s: float = 0.0
+    rounds: int = 0                  # UPDATEs sent (1 when the expectation was right)
 
 
-def may_overwrite(current: tuple[str, int] | None, node: str, epoch: int) -> bool:
-    """May ``node`` at ``epoch`` replace records guarded by ``current`` (node, epoch)?
-
-    Yes if nothing guards them, if the guard's epoch is not higher (an equal
-    epoch from another node happens when a promote races a fresh claim; the
-    cluster has already picked one of them), or if the guard is this node's
-    own (a restart that lost its epoch counter).  Only a HIGHER epoch held by
-    another node stops the write.
-    """
-    if current is None:
-        return True
-    other, other_epoch = current
-    return other == node or epoch >= other_epoch
+def may_overwrite(current, node: str, epoch: int, resource: str | None = None,
+                  cluster: str | None = None) -> bool:
+    """Compatibility wrapper over :func:`.guard.verdict`."""
+    if current is not None and not isinstance(current, Guard):
+        current = Guard(*current)
+    return verdict(current, Guard(node, epoch, resource, cluster)).write
 
 
 class Updater:
-    """Signed UPDATEs and reads through a :class:`~.client.DNSClient`."""
+    """Signed UPDATEs and reads through a :class:`~.client.DNSClient`.
 
-    def __init__(self, client, key: TSIGKey | None, node: str, clock, metrics=None):
+    ``cluster`` is the cluster identity written into guards; ``priority(resource,
+    node)`` the node's configured priority for a resource (equal-epoch ties).
+    """
+
+    def __init__(self, client, key: TSIGKey | None, node: str, clock, metrics=None, *,
+                 cluster: str = "-", priority=None):
         self.client = client
         self.key = key
         self.node = node
         self.clock = clock
         self.metrics = metrics
+        self.cluster = cluster
+        self.priority = priority or (lambda resource, node: 0)
         #: owner name -> guard rdatas last read or written (the CAS "expected" value)
         self.guards: dict[dns.name.Name, frozenset] = {}
+        #: owner name -> times the cache entry was set (reads older than a write are dropped)
+        self.generation: dict[dns.name.Name, int] = {}
 
     @property
     def key_name(self) -> str | None:
         return self.key.name if self.key else None
 
+    def mine(self, spec, epochs: Mapping[str, int]) -> Guard:
+        return Guard(self.node, epochs[spec.resource], spec.resource, self.cluster)
+
+    def remember(self, name: dns.name.Name, rdatas: frozenset, generation: int | None = None):
+        """Cache ``rdatas`` as the guard of ``name`` unless it was set after ``generation``."""
+        if generation is not None and self.generation.get(name, 0) != generation:
+            return
+        self.guards[name] = rdatas
+        self.generation[name] = self.generation.get(name, 0) + 1
+
+    def expect(self, name: dns.name.Name, resource: str, epoch: int, others) -> None:
+        """Derive the expected guard from the claims: an owner claims at the highest
+        epoch + 1, so the guard on the server is normally the previous epoch's
+        owner's.  With one other node that is known without asking the server
+        (review M2: a stale cache cost a failed UPDATE, a read and a retry)."""
+        cached = parse_guard(self.guards.get(name, ()))
+        if cached is not None and cached.cluster == self.cluster and \
+                cached.resource == resource and cached.epoch >= epoch - 1:
+            return
+        others = [n for n in others if n != self.node]
+        if len(others) == 1 and epoch > 1 and cached is not None and cached.cluster == self.cluster \
+                and cached.resource == resource:
+            self.remember(name, frozenset([guard_rdata(
+                Guard(others[0], epoch - 1, resource, self.cluster))]))
+
+    def _judge(self, change, current: Guard | None, epochs, force: bool, result) -> bool:
+        spec = change.spec
+        if force:
+            if current is not None and current.node != self.node:
+                result.takeovers.append((change, current, "reset by the operator"))
+            return True
+        v = verdict(current, self.mine(spec, epochs),
+                    lambda node: self.priority(spec.resource, node))
+        if not v.write:
+            result.stale.append((change, current))
+        elif v.takeover is not None:
+            result.takeovers.append((change, current, v.takeover))
+        return v.write
+
     @defer.inlineCallbacks
-    def publish(self, zone: dns.name.Name, changes: list[Change], epochs: Mapping[str, int]):
-        """Write ``changes`` in one UPDATE; fire with a :class:`PublishResult`."""
+    def publish(self, zone: dns.name.Name, changes: list[Change], epochs: Mapping[str, int],
+                force: bool = False):
+        """Write ``changes`` in one UPDATE; fire with a :class:`PublishResult`.
+
+        ``force``: overwrite whatever guard the server holds (``dns.reset_guard``);
+        still a compare-and-set against the value read, so a concurrent writer
+        is not overwritten blindly.
+        """
         result = PublishResult(zone.to_text())
         pending = []
         for change in changes:      # a newer owner we already know of wins without asking
             guard = parse_guard(self.guards.get(change.spec.name, ()))
-            if may_overwrite(guard, self.node, epochs[change.spec.resource]):
+            if self._judge(change, guard, epochs, force, result):
                 pending.append(change)
-            else:
-                result.stale.append((change, guard))
         for _round in range(MAX_CAS_ROUNDS):
             if not pending:
                 return result
-            upd = build_update(zone, pending, self.guards, self.node, epochs, self.key)
+            upd = build_update(zone, pending, self.guards, lambda spec: self.mine(spec, epochs),
+                               self.key)
             started = self.clock.seconds()
+            result.rounds += 1
             try:
                 response, server = yield self.client.exchange(upd, zone.to_text(), self.key_name)
             except DNSError as e:
@@ -98,8 +149,8 @@ class Updater:
                 self.metrics.answered(rcode, result.latency_s)
             if rcode == "NOERROR":
                 for change in pending:
-                    self.guards[change.spec.name] = frozenset(
-                        [guard_rdata(self.node, epochs[change.spec.resource])])
+                    self.remember(change.spec.name,
+                                  frozenset([guard_rdata(self.mine(change.spec, epochs))]))
                 result.applied.extend(pending)
                 return result
             if rcode not in PREREQ_FAILED:
@@ -108,12 +159,11 @@ class Updater:
             names = sorted({c.spec.name for c in pending})
             current = yield self.read_guards(zone, names)
             keep = []
+            result.takeovers = []
             for change in pending:
-                guard = parse_guard(current[change.spec.name])
-                if may_overwrite(guard, self.node, epochs[change.spec.resource]):
+                if self._judge(change, parse_guard(current[change.spec.name]), epochs, force,
+                               result):
                     keep.append(change)
-                else:
-                    result.stale.append((change, guard))
             pending = keep
         if pending:
             raise UpdateError(zone.to_text(), result.server or "?", "YXRRSET", self.key_name,
@@ -122,17 +172,18 @@ class Updater:
 
     @defer.inlineCallbacks
     def read_guards(self, zone: dns.name.Name, names: Iterable[dns.name.Name]):
-        """``{name: guard rdatas}`` read from the server (also refreshes the cache)."""
+        """``{name: guard rdatas}`` read from the server (also refreshes the cache,
+        unless a write changed it while reading)."""
         names = list(names)
+        before = {n: self.generation.get(n, 0) for n in names}
         found = yield defer.gatherResults(
             [self.read(zone, guard_name(n), dns.rdatatype.TXT) for n in names],
             consumeErrors=True).addErrback(lambda f: f.value.subFailure)
         out = {}
         for name, rdatas in zip(names, found):
-            self.guards[name] = rdatas
+            self.remember(name, rdatas, before[name])
             out[name] = rdatas
         return out
-
     @defer.inlineCallbacks
     def read(self, zone: dns.name.Name, name: dns.name.Name, rdtype):
         """The rdatas the primary publishes at ``name``/``rdtype`` (empty set: none)."""

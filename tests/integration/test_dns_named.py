@@ -178,7 +178,7 @@ values = {{ demo = "{va}" }}
             got = answer(server, name, rdtype)
             assert got == {rd(rdtype, va)}, (name, rdtype, got)
         guard = answer(server, "_appliance-owner.one.example.test.", "TXT")
-        assert len(guard) == 1 and next(iter(guard)).strings[0].startswith(b"demo ")
+        assert len(guard) == 1 and next(iter(guard)).strings[0].split()[3] == b"demo"
         result = yield node.context.rpc.dispatch("dns.sync")
         assert result["changed"] == [] and result["errors"] == {}
         rows = (yield node.context.rpc.dispatch("dns.records"))["records"]
@@ -328,7 +328,7 @@ def test_ownership_move_moves_records(named_module, tmp_path):
         assert answer(server, srv_name, "SRV") == {rd("SRV", "10 5 5060 b.example.test."),
                                                    rd("SRV", "11 5 5060 a.example.test.")}
         guard = answer(server, "_appliance-owner.www.move.example.test.", "TXT")
-        node, epoch = next(iter(guard)).strings[0].decode().split()
+        node, epoch = next(iter(guard)).strings[0].decode().split()[3:]
         assert node == "b" and int(epoch) > 1
         assert (yield wait_for(lambda: all(r["owner"] == "b" and r["in_sync"] for r in
                                            nodes["b"].service.records()["records"]), 1))
@@ -359,10 +359,10 @@ def test_stale_writer_cannot_overwrite(named_module, tmp_path):
         assert len(result.applied) == 1
         # outdated cache: the server's prerequisite fails, a re-reads, sees epoch 5
         result = yield up_a.publish(zone, plan([spec], {"vip1": 3}, "a")[zone], {"vip1": 3})
-        assert result.applied == [] and result.stale[0][1] == ("b", 5)
+        assert result.applied == [] and result.stale[0][1][:2] == ("b", 5)
         # fresh cache: refused without even sending
         result = yield up_a.publish(zone, plan([spec], {"vip1": 4}, "a")[zone], {"vip1": 4})
-        assert result.applied == [] and result.stale[0][1] == ("b", 5)
+        assert result.applied == [] and result.stale[0][1][:2] == ("b", 5)
         assert answer(server, "stale.example.test.", "A") == {rd("A", "10.9.0.2")}
         # a newer epoch may take over
         result = yield up_a.publish(zone, plan([spec], {"vip1": 6}, "a")[zone], {"vip1": 6})
@@ -495,5 +495,60 @@ values = { demo = "10.9.0.1" }
         assert answer(server, "renamed.hostile.example.test.", "DHCID") == {
             dhcid_rdata(b"\x01hostile", dns.name.from_text("renamed.hostile.example.test."))}
         assert metric(node, "appliance_dns_ddns_total", {"op": "bind", "result": "bad_name"}) == 7
+    finally:
+        yield stop(node)
+
+
+def seed(server, name: str, guard_text: str, address: str) -> None:
+    """Put a guard and an A record on the server, as an earlier writer left them."""
+    key = parse_key_file(server.key_file.read_text())[0]
+    upd = dns.update.UpdateMessage(ZONE, keyring=key.dns_key(), keyname=key.keyname)
+    upd.replace(f"_appliance-owner.{name}", 60, "TXT", f'"{guard_text}"')
+    upd.replace(name, 60, "A", address)
+    r = dns.query.udp(upd, "127.0.0.1", port=server.port, timeout=2)
+    assert r.rcode() == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_epoch_reset_with_a_stale_guard_on_the_server(named_module, tmp_path):
+    """Review H3: guards left at epoch 57 by a cluster that lost its epochs (this one
+    claims at 1).  An old-format guard, another cluster's, or another resource's is
+    taken over (logged loudly, counted); this cluster's own is refused, shown as
+    blocked (gauge, dns.records) and cleared by the operator with dns.reset_guard."""
+    server = named_module
+    records = "".join(f"""
+[[services.dns.records]]
+name = "{n}.reset.example.test."
+type = "A"
+resource = "vip1"
+values = {{ demo = "10.9.0.1" }}
+""" for n in ("legacy", "foreign", "rebound", "own"))
+    node = build("demo", node_toml("demo", server, tmp_path, records), tmp_path)
+    me = node.service.cluster_id
+    seed(server, "legacy.reset.example.test.", "a 57", "10.9.0.57")
+    seed(server, "foreign.reset.example.test.", "v2 0ther0cluster vip1 a 57", "10.9.0.57")
+    seed(server, "rebound.reset.example.test.", f"v2 {me} vip-old a 57", "10.9.0.57")
+    seed(server, "own.reset.example.test.", f"v2 {me} vip1 a 57", "10.9.0.57")
+    yield start(node)
+    try:
+        ok = yield wait_for(lambda: all(
+            answer(server, f"{n}.reset.example.test.", "A") == {rd("A", "10.9.0.1")}
+            for n in ("legacy", "foreign", "rebound")), 5)
+        assert ok, node.service.records()
+        assert answer(server, "own.reset.example.test.", "A") == {rd("A", "10.9.0.57")}
+        ok = yield wait_for(lambda: metric(node, "appliance_dns_guard_blocked_records") == 1, 3)
+        assert ok
+        assert metric(node, "appliance_dns_guard_takeovers_total", {"why": "identity"}) == 3
+        rows = {r["name"]: r for r in node.service.records()["records"]}
+        assert "epoch 57" in rows["own.reset.example.test."]["blocked_by"]
+        assert rows["legacy.reset.example.test."]["blocked_by"] is None
+        result = yield node.context.rpc.dispatch("dns.reset_guard",
+                                                 {"name": "own.reset.example.test."})
+        assert result["reset"] == ["own.reset.example.test."] and result["errors"] == {}
+        assert answer(server, "own.reset.example.test.", "A") == {rd("A", "10.9.0.1")}
+        guard = answer(server, "_appliance-owner.own.reset.example.test.", "TXT")
+        assert next(iter(guard)).strings[0].decode().split() == ["v2", me, "vip1", "demo", "1"]
+        assert metric(node, "appliance_dns_guard_blocked_records") == 0
+        assert metric(node, "appliance_dns_guard_takeovers_total", {"why": "operator"}) == 1
     finally:
         yield stop(node)

@@ -10,6 +10,7 @@ import dns.rdataclass
 import dns.rdatatype
 import pytest
 
+from services.dns.guard import Guard
 from services.dns.message import UpdateError, build_update, make_update, read_response
 from services.dns.records import RecordSpec, guard_rdata, parse_rdata, plan
 from services.dns.tsigkey import parse_key_file
@@ -33,7 +34,7 @@ def test_one_update_holds_every_change_with_guard_prerequisites():
              spec("sip.example.test.", "A", "10.9.0.2")]
     changes = plan(specs, {"vip1": 7}, "a")[Z]
     guards = {dns.name.from_text("sip.example.test."): frozenset([guard_rdata("b", 6)])}
-    upd = build_update(Z, changes, guards, "a", {"vip1": 7}, KEY)
+    upd = build_update(Z, changes, guards, lambda spec: Guard("a", 7, spec.resource, "c1"), KEY)
     wire = upd.to_wire()
     parsed = dns.message.from_wire(wire, keyring=KEY.dns_key())
     assert parsed.opcode() == dns.opcode.UPDATE and parsed.had_tsig
@@ -46,7 +47,8 @@ def test_one_update_holds_every_change_with_guard_prerequisites():
     adds = {(r.name.to_text(), r.rdtype): set(r) for r in parsed.update if r.deleting is None}
     assert adds[("www.example.test.", dns.rdatatype.A)] == {parse_rdata("A", "10.9.0.1")}
     assert adds[("www.example.test.", dns.rdatatype.AAAA)] == {parse_rdata("AAAA", "fd00::1")}
-    assert adds[("_appliance-owner.sip.example.test.", dns.rdatatype.TXT)] == {guard_rdata("a", 7)}
+    assert adds[("_appliance-owner.sip.example.test.", dns.rdatatype.TXT)] == {
+        guard_rdata("a", 7, "vip1", "c1")}
     deletes = {(r.name.to_text(), r.rdtype) for r in parsed.update
                if r.deleting == dns.rdataclass.ANY}
     assert ("www.example.test.", dns.rdatatype.A) in deletes

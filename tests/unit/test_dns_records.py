@@ -81,11 +81,14 @@ def test_plan_groups_owned_records_per_zone():
 
 
 def test_guard_round_trip_and_highest_epoch_wins():
-    """The guard TXT holds "<node> <epoch>"; garbled strings are ignored."""
+    """The guard TXT holds "v2 <cluster> <resource> <node> <epoch>" (the old
+    "<node> <epoch>" still reads, without identity); garbled strings are ignored."""
     assert guard_name(dns.name.from_text("www.example.test.")).to_text() == \
         "_appliance-owner.www.example.test."
-    assert parse_guard([guard_rdata("a", 7)]) == ("a", 7)
-    assert parse_guard([guard_rdata("a", 7), guard_rdata("b", 9)]) == ("b", 9)
+    assert parse_guard([guard_rdata("a", 7)]) == ("a", 7, None, None)
+    assert parse_guard([guard_rdata("a", 7), guard_rdata("b", 9)]) == ("b", 9, None, None)
+    assert parse_guard([guard_rdata("a", 7, "vip1", "c1")]) == ("a", 7, "vip1", "c1")
+    assert guard_rdata("a", 7, "vip1", "c1").strings == (b"v2 c1 vip1 a 7",)
     assert parse_guard([parse_rdata_txt("garbage")]) is None
     assert parse_guard([]) is None
 
