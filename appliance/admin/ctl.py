@@ -411,6 +411,22 @@ def render_leases(result: Any) -> str:
     return text
 
 
+def render_bindings(result: Any) -> str:
+    """``sip.bindings``: one row per contact, expiry relative to now, best q first."""
+    if not isinstance(result, dict) or not isinstance(result.get("bindings"), list):
+        return render(result)
+    import time as _time
+    now = _time.time()
+    rows = [{"aor": b.get("aor"), "contact": b.get("contact"),
+             "expires": _relative(b.get("expires"), now),
+             "q": b.get("q"), "call_id": b.get("call_id"), "cseq": b.get("cseq"),
+             "path": ",".join(b.get("path") or []) or None, "received": b.get("received")}
+            for b in result["bindings"] if isinstance(b, dict)]
+    if not rows:
+        return "(no bindings)"
+    return format_table(rows)
+
+
 def render_cluster(status: Any) -> str:
     """``cluster.status``: header, warnings, PEER table (with heartbeat loss and
     jitter from sequence gaps), RESOURCE table, drop counters."""
@@ -541,7 +557,7 @@ COMMANDS: dict[str, _Command] = {
                lambda a: _params(subnet=a.subnet, state=a.state, limit=a.limit, cursor=a.cursor),
                render_leases),
     "bindings": ("SIP registrations", lambda a: "sip.bindings",
-                 lambda a: _params(aor=a.aor), render),
+                 lambda a: _params(aor=a.aor), render_bindings),
     "records": ("DNS records: desired vs published", lambda a: "dns.records",
                 lambda a: None, render),
     "sessions": ("encapsulation sessions", lambda a: "encap.sessions", lambda a: None, render),
