@@ -107,7 +107,10 @@ def test_answer_rules_per_state_and_delay():
         assert not P.serves(key, owner, 50, state)
     # hot standby: the standby waits for PARTNER-DOWN whatever secs says
     assert P.owner_of("hot-standby", key, 10) == PRIMARY
-    assert not P.answers("hot-standby", SECONDARY, COMM_INTERRUPTED, PRIMARY, secs=100, delay_s=2)
+    assert not P.answers("hot-standby", SECONDARY, NORMAL, PRIMARY, secs=100, delay_s=2)
+    # COMMUNICATIONS-INTERRUPTED answers everybody (issue 12 deliver 4), in every mode
+    for mode in P.MODES:
+        assert P.answers(mode, SECONDARY, COMM_INTERRUPTED, PRIMARY, secs=0, delay_s=2)
     assert P.answers("hot-standby", SECONDARY, PARTNER_DOWN, PRIMARY)
     # split scope: a known client belongs to the segment of its address
     assert P.owner_of("split-scope", key, 50, address_role=SECONDARY) == SECONDARY

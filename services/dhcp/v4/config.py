@@ -416,3 +416,25 @@ def _reservations_only(pairs) -> tuple[Reservation, ...]:
 
 __all__ = ["Dhcp4Config", "Failover", "LdapSettings", "Pool", "Reservation", "Subnet", "MODES", "ROLES",
            "normalize_mac", "parse_dhcp4"]
+
+
+def failover_notes(config: "Dhcp4Config") -> list[str]:
+    """Things an operator should know about a valid failover config (logged
+    at start, not errors)."""
+    f = config.failover
+    if f is None:
+        return []
+    out = []
+    for s in config.subnets:
+        if s.lease_time_s > f.mclt_s:
+            out.append(
+                f"subnet {s.id} ({s.network}): lease_time_s ({s.lease_time_s}) is above the "
+                f"failover mclt_s ({f.mclt_s}): a client's first lease, and any lease the "
+                f"partner has not acknowledged, is at most mclt_s beyond what the partner "
+                f"knows (draft-ietf-dhc-failover-12; dhcpd does the same); its next renewal "
+                f"after the partner's acknowledgement gets the full lease_time_s")
+    if f.mode == "hot-standby" and f.split == 50:
+        out.append("hot-standby with split = 50: the primary allocates from only half of "
+                   "each pool in NORMAL (the rest is the standby's reserve); split = 90 "
+                   "keeps a 10 % reserve")
+    return out

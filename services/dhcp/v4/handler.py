@@ -51,6 +51,9 @@ class FailoverView:
     mclt_s: float = 3600
     state: str = P.NORMAL
     partner_down_since: float | None = None
+    #: PARTNER-DOWN known to be real (operator, witness quorum, a partner in
+    #: maintenance or recovering): only then the partner's addresses unlock
+    partner_down_confirmed: bool = False
 
 
 class Dhcp4Handler:
@@ -106,16 +109,19 @@ class Dhcp4Handler:
         opts[C.OPT_REBINDING_TIME] = enc(C.OPT_REBINDING_TIME, int(lt * ratio_t2))
         return opts
 
-    def _lease_time(self, subnet: Subnet) -> float:
-        f = self.failover
-        if f.mode is None:
+    def _lease_time(self, subnet: Subnet, lease=None) -> float:
+        """The lease time an OFFER shows for ``lease`` (the ACK's comes from
+        the bind): the MCLT rule of ``LeaseStore.expiry_for`` in failover."""
+        if self.failover.mode is None:
             return subnet.lease_time_s
-        return P.lease_time_cap(subnet.lease_time_s, f.state, f.mclt_s)
+        now = self.now()
+        return max(1, self.leases.expiry_for(lease, subnet.lease_time_s, now) - now)
 
     def _roles(self):
         f = self.failover
         since = None if f.partner_down_since is None else self.now() - f.partner_down_since
-        return P.allocation_roles(f.role, f.state, since, f.mclt_s, failover=f.mode is not None)
+        return P.allocation_roles(f.role, f.state, since, f.mclt_s, failover=f.mode is not None,
+                                  confirmed=f.partner_down_confirmed)
 
     def _answers(self, pkt: C.DHCPPacket, address_role: str | None) -> bool:
         f = self.failover
@@ -181,7 +187,8 @@ class Dhcp4Handler:
             _log.warn("no free address in subnet {subnet} for {hw}", subnet=str(subnet.network),
                       hw=pkt.hwaddr.hex(":"))
             return self._drop("no_address")
-        return self._reply(pkt, C.OFFER, subnet, _ip(lease.address), self._lease_time(subnet))
+        return self._reply(pkt, C.OFFER, subnet, _ip(lease.address),
+                           self._lease_time(subnet, lease))
 
     @eager
     def _request(self, pkt):
@@ -201,9 +208,9 @@ class Dhcp4Handler:
             return self._drop("no_subnet")
         current = yield self.leases.find_client(subnet.id, pkt.hwaddr, pkt.client_id)
         address_role = self.leases.segment_role(address)
-        if current is None and server_id is None and pkt.ciaddr == ZERO \
-                and self.failover.mode is None:
-            # init-reboot from a client we have no record of: RFC 2131 4.3.2 says silent
+        if current is None and server_id is None and pkt.ciaddr == ZERO:
+            # init-reboot from a client we have no record of: RFC 2131 4.3.2 says
+            # silent (in failover too: the partner may know it -- review L1)
             rec = yield self.leases.get(str(address))
             if rec is None:
                 return self._drop("unknown_client")
@@ -211,11 +218,23 @@ class Dhcp4Handler:
             # renew/rebind/init-reboot for the partner's client: the partner answers
             # (unless it is down / the client waited delay_s, see pools.answers)
             return self._drop("not_ours")
+        roles = self._roles()
         try:
             lease = yield self.leases.bind(subnet.id, address, pkt.hwaddr, pkt.client_id,
-                                           lease_time_s=self._lease_time(subnet),
-                                           hostname=pkt.hostname or "", roles=self._roles())
-        except (AddressUnavailable, UnknownSubnet) as e:
+                                           lease_time_s=subnet.lease_time_s,
+                                           hostname=pkt.hostname or "", roles=roles)
+        except AddressUnavailable as e:
+            if self.failover.mode is not None and server_id is None \
+                    and self.failover.state != P.PARTNER_DOWN \
+                    and address_role is not None and address_role != self.failover.role \
+                    and address_role not in (roles or ()):
+                # the partner's address and we have no live binding of this client
+                # on it: the partner may know better -- silent, never a NAK (M1)
+                return self._drop("not_ours")
+            _log.info("NAK {address} to {hw}: {why}", address=str(address),
+                      hw=pkt.hwaddr.hex(":"), why=e)
+            return self._reply(pkt, C.NAK)
+        except UnknownSubnet as e:
             _log.info("NAK {address} to {hw}: {why}", address=str(address),
                       hw=pkt.hwaddr.hex(":"), why=e)
             return self._reply(pkt, C.NAK)

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import heapq
 import re
 import socket
 from collections import deque
@@ -90,9 +91,11 @@ APPLIED = "applied"
 STALE = "stale"
 CONFLICT_REMOTE_WON = "conflict-remote-won"
 CONFLICT_LOCAL_WON = "conflict-local-won"
+LOCAL_WON = "local-won"            # not a conflict, but the partner must get our record
 REJECTED = "rejected"
 
 _RETRIES = 8
+_RANK = {OFFERED: 1, BOUND: 2, EXPIRED: 3, RELEASED: 4, DECLINED: 4}
 _NORMAL_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2})*$")
 
 
@@ -202,7 +205,7 @@ def _with_version(lease: "Lease", version: int) -> "Lease":
     per-field introspection (this is on every lease write)."""
     return Lease(lease.address, lease.subnet_id, lease.state, lease.hwaddr, lease.client_id,
                  lease.hostname, lease.expires, lease.cltt, lease.owner, lease.updated_by,
-                 version)
+                 version, lease.pexp, lease.acked, lease.synced)
 
 
 # the same few clients' keys are asked for several times per packet
@@ -228,6 +231,15 @@ class Lease:
     owner: str = ""
     updated_by: str = ""
     version: int = 0
+    #: failover (draft-ietf-dhc-failover-12): the potential expiration time this
+    #: record tells the partner (the address may be held until then), the one
+    #: the partner has acknowledged (``acked``: for a record learnt from the
+    #: partner, the partner's own ``pexp``), and whether the partner has this
+    #: version (``synced``; an unsynced record is an update still owed to it:
+    #: the durable outbox).
+    pexp: float = 0.0
+    acked: float = 0.0
+    synced: bool = False
 
     @property
     def client_key(self) -> str:
@@ -245,7 +257,8 @@ class Lease:
         return {"address": self.address, "subnet": str(self.subnet_id), "state": self.state,
                 "hwaddr": self.hwaddr, "client_id": self.client_id, "hostname": self.hostname,
                 "expires": _f(self.expires), "cltt": _f(self.cltt), "owner": self.owner,
-                "updated_by": self.updated_by, "version": str(self.version)}
+                "updated_by": self.updated_by, "version": str(self.version),
+                "pexp": _f(self.pexp), "acked": _f(self.acked), "synced": "1" if self.synced else "0"}
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> "Lease | None":
@@ -257,7 +270,9 @@ class Lease:
             return cls(_checked(h["address"]), int(h["subnet"]), state,
                        h.get("hwaddr", ""), h.get("client_id", ""), h.get("hostname", ""),
                        float(h.get("expires", 0)), float(h.get("cltt", 0)), h.get("owner", ""),
-                       h.get("updated_by", ""), int(h.get("version", 0)))
+                       h.get("updated_by", ""), int(h.get("version", 0)),
+                       float(h.get("pexp", h.get("expires", 0))), float(h.get("acked", 0)),
+                       h.get("synced", "0") == "1")
         except (KeyError, ValueError, TypeError):
             return None
 
@@ -272,7 +287,8 @@ class Lease:
         return {"address": self.address, "subnet_id": self.subnet_id, "state": self.state,
                 "hwaddr": self.hwaddr, "client_id": self.client_id, "hostname": self.hostname,
                 "expires": self.expires, "cltt": self.cltt, "owner": self.owner,
-                "updated_by": self.updated_by, "version": self.version}
+                "updated_by": self.updated_by, "version": self.version,
+                "pexp": self.pexp}
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> "Lease":
@@ -283,7 +299,7 @@ class Lease:
                         normalize_client_id(d.get("client_id") or ""), str(d.get("hostname") or ""),
                         float(d.get("expires", 0)), float(d.get("cltt", 0)),
                         str(d.get("owner") or ""), str(d.get("updated_by") or ""),
-                        int(d.get("version", 0)))
+                        int(d.get("version", 0)), float(d.get("pexp", d.get("expires", 0))))
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed lease: {e!r}") from None
         if lease.state not in STATES:
@@ -330,8 +346,19 @@ class FreeSet:
     def covers(self, address: int) -> bool:
         return self.first <= address <= self.last
 
-    def take(self) -> int | None:
-        """Remove and return a free address, or None when there is none."""
+    def take(self, reuse_first: bool = False) -> int | None:
+        """Remove and return a free address, or None when there is none.
+
+        Never-used addresses first (lowest first), then oldest-freed; with
+        ``reuse_first`` the other way round (the partner's segment in
+        PARTNER-DOWN: its never-used addresses are the ones it may have
+        given without telling us)."""
+        first, then = ((self._take_reuse, self._take_fresh) if reuse_first
+                       else (self._take_fresh, self._take_reuse))
+        a = first()
+        return then() if a is None else a
+
+    def _take_fresh(self) -> int | None:
         flags, n = self._flags, len(self._flags)
         i = self._cursor
         while i < n:
@@ -342,7 +369,10 @@ class FreeSet:
                 return self.first + i
             i += 1
         self._cursor = n
-        reuse = self._reuse
+        return None
+
+    def _take_reuse(self) -> int | None:
+        flags, reuse = self._flags, self._reuse
         while reuse:
             i = reuse.popleft()
             if flags[i] == _REUSE:
@@ -413,6 +443,24 @@ class LeaseStore:
         self._get_now = store.get_now if immediate else None
         self._subnets = {s.id: s for s in config.subnets}
         split = config.failover.split if config.failover else None
+        fo = config.failover
+        #: failover: this server's segment role and the MCLT (None: no failover)
+        self.role: str | None = fo.role if fo else None
+        self.mclt_s: float | None = float(fo.mclt_s) if fo else None
+        #: addresses whose record the partner has not acknowledged yet (in
+        #: store order: the durable outbox; the service sends them)
+        self.unsynced: dict[str, None] = {}
+        #: pending-free: expired/released addresses the partner has not
+        #: acknowledged (address -> the time after which, plus the MCLT, a
+        #: confirmed PARTNER-DOWN may reuse them), and a heap over them
+        self._pending: dict[int, float] = {}
+        self._pending_heap: list[tuple[float, int]] = []
+        #: set by the service while PARTNER-DOWN is confirmed (operator, witness,
+        #: maintenance, a recovering partner): when it started
+        self.partner_down_since: float | None = None
+        #: called with each record written that the partner does not have yet
+        #: (the service queues it for the partner)
+        self.on_unsynced: Callable[[Lease], None] | None = None
         self._sets: list[FreeSet] = []
         for s in config.subnets:
             for pool in s.pools:
@@ -457,7 +505,7 @@ class LeaseStore:
         """The pool-segment role (``primary``/``secondary``/None) of an address."""
         a = int(address) if isinstance(address, (int, IPv4Address)) else _aton(address)
         fs = self._set_for(a)
-        return fs.role if fs else None
+        return fs.role if fs is not None else None   # (a full FreeSet is falsy)
 
     def in_pool(self, address: str | int) -> bool:
         return self._set_for(int(IPv4Address(address))) is not None
@@ -503,7 +551,8 @@ class LeaseStore:
         for a in before.keys() - addr.keys():          # no longer reserved: free if unused
             meta = self._meta.get(a)
             fs = self._set_for(a)
-            if fs is not None and a not in self._offers and (meta is None or meta[1] in FREE_STATES):
+            if fs is not None and a not in self._offers and a not in self._pending \
+                    and (meta is None or meta[1] in FREE_STATES):
                 fs.put(a)
         return unplaced
 
@@ -523,18 +572,64 @@ class LeaseStore:
         if a not in self._meta:
             self._sorted = None
         self._meta[a] = (lease.version, lease.state, lease.subnet_id)
+        pending = False
+        if self.role is not None:
+            if lease.synced:
+                self.unsynced.pop(lease.address, None)
+            else:
+                self.unsynced[lease.address] = None
+                if self.on_unsynced is not None:
+                    self.on_unsynced(lease)
+            pending = not lease.synced and lease.state in (RELEASED, EXPIRED)
+        if pending:
+            basis = max(lease.expires, lease.pexp, lease.acked)
+            if self._pending.get(a) != basis:
+                self._pending[a] = basis
+                heapq.heappush(self._pending_heap, (basis, a))
+        else:
+            self._pending.pop(a, None)
         fs = self._set_for(a)
         if fs is None or a in self._reserved_addr:
             return
-        if lease.state in FREE_STATES:
+        if lease.state in FREE_STATES and not pending:
             if a not in self._offers:
                 fs.put(a)
         else:
             fs.discard(a)
 
+    def unlock_pending(self, now: float | None = None) -> int:
+        """In a confirmed PARTNER-DOWN, pending-free addresses become free
+        MCLT after ``max(their potential expiry, the start of PARTNER-DOWN)``
+        (the partner may have extended them until then without telling us).
+        Returns how many were freed."""
+        since = self.partner_down_since
+        if since is None or self.mclt_s is None:
+            return 0
+        now = self._now() if now is None else now
+        if now < since + self.mclt_s:
+            return 0
+        heap, n = self._pending_heap, 0
+        while heap and heap[0][0] + self.mclt_s <= now:
+            basis, a = heapq.heappop(heap)
+            if self._pending.get(a) != basis:
+                continue
+            del self._pending[a]
+            fs = self._set_for(a)
+            if fs is not None and a not in self._reserved_addr and a not in self._offers:
+                fs.put(a)
+                n += 1
+        return n
+
+    @property
+    def pending_free(self) -> int:
+        """Expired/released addresses waiting for the partner's acknowledgement."""
+        return len(self._pending)
+
     def _forget(self, address: int) -> None:
         if self._meta.pop(address, None) is not None:
             self._sorted = None
+        self._pending.pop(address, None)
+        self.unsynced.pop(_ntoa(address), None)
         fs = self._set_for(address)
         if fs is not None and address not in self._reserved_addr and address not in self._offers:
             fs.put(address)
@@ -575,7 +670,8 @@ class LeaseStore:
         if self._offer_of.get(key) == address:
             del self._offer_of[key]
         meta = self._meta.get(address)
-        if (meta is None or meta[1] in FREE_STATES) and address not in self._reserved_addr:
+        if (meta is None or meta[1] in FREE_STATES) and address not in self._reserved_addr \
+                and address not in self._pending:
             fs = self._set_for(address)
             if fs is not None:
                 fs.put(address)
@@ -776,7 +872,8 @@ class LeaseStore:
         sup_new = None
         if supersede is not None and supersede.address != a:
             sup_new = replace(supersede, state=EXPIRED, expires=min(supersede.expires, now),
-                              version=supersede.version + 1, updated_by=self.node_id)
+                              version=supersede.version + 1, updated_by=self.node_id,
+                              synced=False)
             sa = sup_new.address
             ops += [Op.hset(lease_key(sa), sup_new.to_hash()),
                     Op.set(version_key(sa), str(sup_new.version)), Op.zrem(EXPIRY_KEY, [sa])]
@@ -807,12 +904,34 @@ class LeaseStore:
         return fs is not None and fs.subnet_id == subnet_id and (roles is None or fs.role in roles)
 
     def _take(self, subnet_id: int, roles) -> int | None:
-        for fs in self._sets:
-            if fs.subnet_id == subnet_id and (roles is None or fs.role in roles) and fs.free:
-                a = fs.take()
-                if a is not None:
-                    return a
+        """A free address: this server's own segments first; the partner's
+        (only when ``roles`` allows them: a confirmed PARTNER-DOWN past the
+        MCLT) after them, oldest-freed first."""
+        if self.partner_down_since is not None:
+            self.unlock_pending()
+        own = self.role
+        for pass_own in (True, False):
+            for fs in self._sets:
+                if (fs.role == own or own is None) != pass_own:
+                    continue
+                if fs.subnet_id == subnet_id and (roles is None or fs.role in roles) and fs.free:
+                    a = fs.take(reuse_first=not pass_own)
+                    if a is not None:
+                        return a
         return None
+
+    def expiry_for(self, lease: "Lease | None", lease_time_s: float, now: float) -> float:
+        """The expiry to give a client now on the address of ``lease`` (its
+        current record, or None): ``now + lease_time_s``, and in failover at
+        most ``max(partner-acked potential expiry, now) + mclt_s``
+        (draft-ietf-dhc-failover-12: a lease never runs more than the MCLT
+        beyond what the partner knows).  A new client gets the MCLT; its
+        renewal after the partner's ack gets the full time."""
+        end = now + float(lease_time_s)
+        if self.mclt_s is None:
+            return end
+        acked = lease.acked if lease is not None else 0.0
+        return min(end, max(acked, now) + self.mclt_s)
 
     @eager
     def offer(self, subnet_id: int, hwaddr: bytes | str | None, client_id: bytes | str | None = None,
@@ -871,6 +990,8 @@ class LeaseStore:
                 rec = yield self._get(_ntoa(ca))
                 if rec is not None and rec.holds(now) and rec.client_key != ck:
                     continue
+                if ca in self._pending and (rec is None or rec.client_key != ck):
+                    continue               # pending-free: the partner may still renew it
                 if rec is not None and rec.state == DECLINED and rec.expires > now:
                     continue
                 chosen, old = ca, rec
@@ -892,7 +1013,8 @@ class LeaseStore:
             lease = Lease(_ntoa(chosen), subnet_id, OFFERED, hw, cid,
                           hostname or (old.hostname if old and old.client_key == ck else ""),
                           now + self.offer_timeout_s, now, self.node_id, self.node_id,
-                          old.version if old is not None else 0)
+                          old.version if old is not None else 0, 0.0,
+                          old.acked if old is not None else 0.0)
             self._hold_offer(lease)
             return lease
         return None
@@ -945,6 +1067,9 @@ class LeaseStore:
                 raise AddressUnavailable(f"{address} is held by another client")
             if self._offered_to_other(a, ck, now):
                 raise AddressUnavailable(f"{address} is offered to another client")
+            if a in self._pending and (rec is None or rec.client_key != ck):
+                raise AddressUnavailable(f"{address} is pending-free (the partner has not "
+                                         "acknowledged its expiry or release)")
             offered = self._offers.get(a)
             renewal = (rec is not None and rec.client_key == ck and rec.active(now)) or (
                 offered is not None and offered.expires > now)
@@ -953,9 +1078,14 @@ class LeaseStore:
             current = yield self.find_client(subnet_id, hw, cid)
             supersede = current if (current is not None and current.address != address
                                     and current.active(now)) else None
+            expires = self.expiry_for(rec, lease_time_s, now)
+            # what we tell the partner the address may be held until: a renewal at
+            # T1 (half the lease) after its ack is then within the MCLT of it
+            pexp = now + 1.5 * float(lease_time_s) if self.mclt_s is not None else expires
             lease = Lease(address, subnet_id, BOUND, hw, cid,
                           hostname or (rec.hostname if rec and rec.client_key == ck else ""),
-                          now + float(lease_time_s), now, self.node_id, self.node_id)
+                          expires, now, self.node_id, self.node_id, 0, max(pexp, expires),
+                          rec.acked if rec is not None else 0.0, False)
             fs = self._set_for(a)
             was_free = fs is not None and fs.discard(a)
             try:
@@ -985,7 +1115,8 @@ class LeaseStore:
             rec = yield self.get(address)
             if rec is None or rec.state not in ACTIVE_STATES or (ck is not None and rec.client_key != ck):
                 return None
-            lease = replace(rec, state=RELEASED, expires=now, cltt=now, updated_by=self.node_id)
+            lease = replace(rec, state=RELEASED, expires=now, cltt=now, updated_by=self.node_id,
+                            synced=False)
             written = yield self._commit(lease, rec)
             if written is not None:
                 return written
@@ -1005,7 +1136,7 @@ class LeaseStore:
             if rec is None or (ck is not None and rec.client_key != ck):
                 return None
             lease = replace(rec, state=DECLINED, expires=now + self.decline_quarantine_s,
-                            cltt=now, updated_by=self.node_id)
+                            cltt=now, updated_by=self.node_id, synced=False)
             written = yield self._commit(lease, rec)
             if written is not None:
                 return written
@@ -1033,9 +1164,9 @@ class LeaseStore:
                 continue
             if rec.state == DECLINED:
                 new = replace(rec, state=FREE, hwaddr="", client_id="", hostname="",
-                              updated_by=self.node_id)
+                              updated_by=self.node_id, synced=False)
             else:
-                new = replace(rec, state=EXPIRED, updated_by=self.node_id)
+                new = replace(rec, state=EXPIRED, updated_by=self.node_id, synced=False)
             written = yield self._commit(new, rec)
             if written is not None:
                 changed.append(written)
@@ -1049,9 +1180,13 @@ class LeaseStore:
     # ------------------------------------------------------------------
     @staticmethod
     def _newer(a: Lease, b: Lease) -> bool:
-        """True if ``a`` beats ``b``: later cltt; on a tie the later expiry,
-        then the higher (updated_by, state) -- the same answer on both nodes."""
-        return (a.cltt, a.expires, a.updated_by, a.state) > (b.cltt, b.expires, b.updated_by, b.state)
+        """True if ``a`` beats ``b``: later cltt; on a tie the later state of a
+        client's life (released/declined after expired after bound after
+        offered: a release or an expiry keeps or takes the binding's cltt),
+        then the later expiry, then the higher (updated_by, state) -- the same
+        answer on both nodes."""
+        return (a.cltt, _RANK.get(a.state, 0), a.expires, a.updated_by, a.state) > \
+            (b.cltt, _RANK.get(b.state, 0), b.expires, b.updated_by, b.state)
 
     @eager
     def apply_remote(self, remote: Lease):
@@ -1087,15 +1222,28 @@ class LeaseStore:
             rck = remote.client_key
             conflict = (local is not None and local.active(now) and remote.active(now)
                         and local.client_key != rck)
-            if local is not None and not self._newer(remote, local):
+            # a record that frees the address (released, expired, ...) of client X
+            # never ends a binding of another client Y here (review M2): Y's
+            # lease stands and goes back to the partner
+            frees_other = (local is not None and local.active(now) and not remote.active(now)
+                           and local.client_key != rck)
+            if local is not None and (frees_other or not self._newer(remote, local)):
                 if conflict:
                     self._conflict(local, remote, winner="local")
                     yield self._drop_index_if(remote.subnet_id, rck, address)
                     return CONFLICT_LOCAL_WON
+                if local.active(now) and not remote.active(now):
+                    # the partner expires/releases what we renewed (or gave to
+                    # another client): our record must reach it before it frees
+                    # the address
+                    self.counters["remote_stale"] += 1
+                    return LOCAL_WON
                 self.counters["remote_stale"] += 1
                 return STALE
             supersede, set_index = None, True
-            new = replace(remote, address=address)
+            # the partner has this record and its potential expiry
+            new = replace(remote, address=address, synced=True,
+                          acked=max(remote.pexp, remote.expires))
             if rck and remote.state in ACTIVE_STATES:
                 other = yield self.find_client(remote.subnet_id, remote.hwaddr, remote.client_id)
                 if other is not None and other.address != address and other.active(now):
@@ -1115,6 +1263,32 @@ class LeaseStore:
             self.counters["remote_applied"] += 1
             return APPLIED
         return STALE
+
+    @eager
+    def mark_synced(self, sent: Lease):
+        """The partner acknowledged ``sent`` (a record we sent it): if it is
+        still our version of the address, remember that the partner has it
+        and the potential expiry it acknowledged.  A pending-free address
+        becomes free.  Fires with True if the record was marked."""
+        a = _aton(sent.address)
+        meta = self._meta.get(a)
+        if meta is None or meta[0] != sent.version:
+            return False               # changed since: the newer version is owed
+        rec = yield self._get(sent.address)
+        if rec is None or rec.version != sent.version or rec.synced:
+            return False
+        acked = max(rec.acked, sent.pexp, sent.expires)
+        ops = [Op.hset(lease_key(sent.address), {"synced": "1", "acked": _f(acked)})]
+        expect = {version_key(sent.address): str(sent.version)}
+        if self._commit_now is not None:
+            self.writes += 1
+            done = self._commit_now(ops, expect)
+        else:
+            done = yield self.store.commit(ops, expect)
+        if not done:
+            return False
+        self._track(replace(rec, synced=True, acked=acked))
+        return True
 
     def _conflict(self, local: Lease, remote: Lease, winner: str) -> None:
         self.counters["conflicts"] += 1

@@ -9,11 +9,17 @@ Three failover modes (``failover.mode``), one model underneath:
   addresses only from its own segment in NORMAL and COMMUNICATIONS-INTERRUPTED,
   so the two partners never hand out the same free address even while they
   cannot talk (lazy updates: the partner learns of a lease after the ACK).
-  In PARTNER-DOWN the survivor keeps allocating from its own segment at
-  once, and from the partner's segment only after the MCLT safety period
-  (:func:`may_allocate_from_partner`): by then every lease the dead partner
-  may have given without telling us has run out (leases it gave are capped
-  by ``mclt_s`` beyond what we know -- :func:`lease_time_cap`).
+  In a *confirmed* PARTNER-DOWN (operator, the witness's quorum, a partner
+  in maintenance or recovering -- never heartbeat silence alone) the
+  survivor keeps allocating from its own segment first, and from the
+  partner's segment only after the MCLT safety period
+  (:func:`may_allocate_from_partner`).  That is safe because every lease in
+  every failover state is capped at ``max(partner-acked potential expiry,
+  now) + mclt_s`` (``LeaseStore.expiry_for``, draft-ietf-dhc-failover-12):
+  a lease the dead partner gave without telling us has run out MCLT after it
+  stopped.  Expired and released addresses stay *pending-free* until the
+  partner acknowledges them (``LeaseStore``), since the partner may have
+  renewed the client meanwhile.
   In ``hot-standby`` the secondary's segment is its reserve for the first
   MCLT of PARTNER-DOWN (Microsoft's ``ReservePercent``, dhcpd's backup pool):
   give it e.g. ``split = 90``.
@@ -29,8 +35,11 @@ Three failover modes (``failover.mode``), one model underneath:
     a new client is owned by its hash bucket, as in load balancing.
   - ``hot-standby``: the primary owns every client.
 
-* **Answering** (:func:`answers`): in NORMAL and COMMUNICATIONS-INTERRUPTED
-  the owner answers at once; in ``split-scope`` and ``load-balancing`` the
+* **Answering** (:func:`answers`): in COMMUNICATIONS-INTERRUPTED a server
+  answers everybody (new clients from its own segment; renewals and rebinds
+  of the partner's clients within the MCLT rule), so a dead partner's
+  clients are served as soon as it is suspected.  In NORMAL the owner
+  answers at once; in ``split-scope`` and ``load-balancing`` the
   non-owner answers too once the client's ``secs`` field is ``>= delay_s``
   (the owner looks silent: dhcpd's "load balance max seconds", the
   configurable delay of split-scope servers), from its *own* segment.  The
@@ -166,9 +175,9 @@ def answers(mode: str | None, role: str | None, state: str, owner: str,
     """
     if mode is None:
         return True
-    if state == PARTNER_DOWN:
+    if state in (PARTNER_DOWN, COMM_INTERRUPTED):
         return True
-    if state not in (NORMAL, COMM_INTERRUPTED):
+    if state != NORMAL:
         return False
     if owner == role:
         return True
@@ -239,18 +248,20 @@ def may_allocate_from_partner(state: str, since_partner_down_s: float | None,
 
 
 def allocation_roles(role: str | None, state: str, since_partner_down_s: float | None = None,
-                     mclt_s: float = 3600, *, failover: bool = True) -> tuple[str, ...] | None:
+                     mclt_s: float = 3600, *, failover: bool = True,
+                     confirmed: bool = True) -> tuple[str, ...] | None:
     """The segment roles this server may take *new* addresses from.
 
     ``None`` means every segment (no failover).  An empty tuple means none
     (not a serving state).  Renewing an existing lease is not allocation
-    and is not restricted by this.
+    and is not restricted by this.  ``confirmed``: the PARTNER-DOWN is known
+    to be real (not just heartbeat silence, which a partition also gives).
     """
     if not failover or role is None:
         return None
     if state not in SERVING_STATES:
         return ()
-    if may_allocate_from_partner(state, since_partner_down_s, mclt_s):
+    if confirmed and may_allocate_from_partner(state, since_partner_down_s, mclt_s):
         return (PRIMARY, SECONDARY)
     return (role,)
 
@@ -266,10 +277,10 @@ def my_ranges(first: int, last: int, split: int, role: str, state: str,
 
 def lease_time_cap(lease_time_s: float, state: str, mclt_s: float,
                    capped_states: Iterable[str] = (COMM_INTERRUPTED,)) -> float:
-    """The lease time to give: capped by the MCLT in COMMUNICATIONS-INTERRUPTED,
-    where the partner cannot learn of it (draft-ietf-dhc-failover-12 lazy
-    update: a server never extends a lease more than MCLT beyond what its
-    partner knows)."""
+    """An upper bound of the lease time when nothing is known of the
+    address (a new client): the MCLT in the given states.  The lease store
+    applies the real rule per address (``LeaseStore.expiry_for``: at most
+    MCLT beyond the partner-acked potential expiry, in every state)."""
     if state in tuple(capped_states):
         return min(lease_time_s, mclt_s)
     return lease_time_s

@@ -9,7 +9,11 @@ stored every lease in it, and resends unacknowledged messages after a
 reconnect.  At most ``max_unacked`` lease updates are in flight; past that
 the newest state of each address waits in ``pending`` and goes out as acks
 free the window, so a slow or absent partner costs memory bounded by the
-pool, never a lost update.
+pool.  The outbox itself is not the durable copy: every record the partner
+has not acknowledged is marked ``synced = false`` in the lease store, in the
+same commit as the lease (``LeaseStore.unsynced``); ``on_acked`` marks it
+synced, and a restart queues every unsynced record again.  A batch that
+fails for any reason is queued again after ``RETRY_S``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ class LeaseOutbox:
 
     def __init__(self, reactor, link, peer: str, channel: str, max_unacked: int, *,
                  batch: int = 32, delay_s: float = 0.01, stats: dict[str, int] | None = None,
-                 durable=None):
+                 durable=None, on_acked=None):
         self.reactor = reactor
         self.link = link
         self.peer = peer
@@ -39,6 +43,7 @@ class LeaseOutbox:
         # durable(): a Deferred that fires once the leases written so far are
         # on disk here; a batch leaves only then (ACK first, then the update)
         self.durable = durable
+        self.on_acked = on_acked                # called with the leases the partner acked
         self.pending: dict[str, Any] = {}      # address -> newest Lease not yet sent
         self.unacked = 0                        # lease updates sent, not acknowledged
         self.stats = stats if stats is not None else {}
@@ -95,24 +100,29 @@ class LeaseOutbox:
         def acked(_):
             self.unacked -= n
             self.stats["replication_sent"] += n
+            if self.on_acked is not None:
+                try:
+                    self.on_acked(leases)
+                except Exception:
+                    _log.failure("dhcp4: marking acknowledged updates failed")
             if self.pending and (self._holding or len(self.pending) >= self.batch) \
                     and not self._retrying:
                 self.flush()               # the window held these back (else the timer sends)
 
         def failed(failure):
             self.unacked -= n
-            if failure.check(Backpressure):        # the link's own window is full: retry soon
-                for lease in leases:
-                    self.pending.setdefault(lease.address, lease)
-                self.stats["replication_held"] = len(self.pending)
-                if self._flush_call is not None and self._flush_call.active():
-                    self._flush_call.cancel()
-                self._retrying = True
-                self._flush_call = self.reactor.callLater(self.RETRY_S, self.flush)
-                return
-            self.stats["replication_failed"] += n
-            _log.warn("dhcp4: {n} lease updates to {peer} not queued: {why}", n=n,
-                      peer=self.peer, why=failure.getErrorMessage())
+            if not failure.check(Backpressure):
+                self.stats["replication_failed"] += n
+                _log.warn("dhcp4: {n} lease updates to {peer} not queued: {why}; retrying",
+                          n=n, peer=self.peer, why=failure.getErrorMessage())
+            # never dropped: queued again (a newer state of an address wins) and retried
+            for lease in leases:
+                self.pending.setdefault(lease.address, lease)
+            self.stats["replication_held"] = len(self.pending)
+            if self._flush_call is not None and self._flush_call.active():
+                self._flush_call.cancel()
+            self._retrying = True
+            self._flush_call = self.reactor.callLater(self.RETRY_S, self.flush)
 
         d.addCallbacks(acked, failed)
         d.addErrback(lambda f: _log.failure("dhcp4 lease outbox bug", failure=f))

@@ -29,10 +29,11 @@ from appliance.ddns import DHCID_CLIENT_ID, DHCID_HWADDR, ddns_provider
 from appliance.net.sockets import enable_receive_times, last_received_at, set_receive_buffer
 from services.dhcp.v4 import codec as C
 from services.dhcp.v4 import pools as P
-from services.dhcp.v4.config import Dhcp4Config
+from services.dhcp.v4.config import Dhcp4Config, failover_notes
 from services.dhcp.v4.handler import Dhcp4Handler, FailoverView
 from services.dhcp.v4.ldap_reservations import LdapReservations
-from services.dhcp.v4.leases import STATES as LEASE_STATES, Lease, LeaseStore
+from services.dhcp.v4.leases import (CONFLICT_LOCAL_WON, LOCAL_WON, STATES as LEASE_STATES, Lease,
+                                     LeaseStore)
 from services.dhcp.v4.replication import LeaseOutbox
 
 _log = Logger(namespace="services.dhcp4")
@@ -93,6 +94,7 @@ class Dhcp4Service(Service):
         self.drops: dict[str, int] = {r: 0 for r in C.DROP_REASONS}
         self.drops.update(overload=0, stale=0, store_error=0, reply_too_large=0)
         self._reclaim = None
+        self._reclaiming = False
         self.view = FailoverView()
         if config.failover is not None:
             f = config.failover
@@ -115,7 +117,9 @@ class Dhcp4Service(Service):
 
     async def _start(self):
         cfg = self.config
-        await self.leases.load()
+        self._records_at_start = await self.leases.load()
+        for note in failover_notes(cfg):
+            _log.info("dhcp4 note: {note}", note=note)
         if cfg.ldap is not None:
             self.ldap = LdapReservations(self.reactor, cfg.ldap,
                                          self.leases.set_external_reservations,
@@ -249,16 +253,34 @@ class Dhcp4Service(Service):
                    type=pkt.message_type_name, hw=pkt.hwaddr.hex(":"),
                    why=failure.getErrorMessage())
 
+    RECLAIM_BATCH = 500
+
     def _reclaim_due(self):
-        d = self.leases.reclaim()
+        """Expire what is due, batch after batch (yielding to the reactor
+        between batches) while full batches come back (review M5)."""
+        if self._reclaiming:
+            return None
+        self._reclaiming = True
+        if self.leases.partner_down_since is not None:
+            self.leases.unlock_pending()
+
+        def batch():
+            return self.leases.reclaim(self.RECLAIM_BATCH).addCallback(expired)
 
         def expired(changed):
             for lease in changed or ():
                 if lease.state == "expired":
                     self._ddns("expired", lease)
+            if changed is not None and len(changed) >= self.RECLAIM_BATCH and self.running:
+                return task.deferLater(self.reactor, 0, batch)
+            return None
 
-        d.addCallback(expired)
+        def done(_):
+            self._reclaiming = False
+
+        d = batch()
         d.addErrback(lambda f: _log.warn("dhcp4 reclaim failed: {why}", why=f.getErrorMessage()))
+        d.addBoth(done)
         return None
 
     # ------------------------------------------------------------------
@@ -270,26 +292,67 @@ class Dhcp4Service(Service):
         if f is None or cluster is None:
             return
         state = cluster.register_partner(f.peer, self._partner_state, primary=f.role == "primary",
-                                         sync=self._sync_from_partner)
+                                         sync=self._sync_from_partner,
+                                         recover_wait_s=float(f.mclt_s))
         self.view.state = state
         link = getattr(cluster, "peerlink", None)
         if link is not None:
             link.on(CHANNEL, self._remote_update)
             self.outbox = LeaseOutbox(self.reactor, link, f.peer, CHANNEL, f.max_unacked,
-                                      stats=self.stats, durable=self.leases.durable)
+                                      stats=self.stats, durable=self.leases.durable,
+                                      on_acked=self._updates_acked)
+            # the durable outbox: every record the partner has not acknowledged
+            # (kept across a crash in the store) goes to it again
+            owed = []
+            for address in list(self.leases.unsynced):
+                lease = self.leases._get(address)
+                if isinstance(lease, Lease):
+                    owed.append(lease)
+            for lease in owed:
+                self.outbox.add(lease)
+            if owed:
+                _log.info("dhcp4: {n} lease updates owed to {peer} from before this start",
+                          n=len(owed), peer=f.peer)
+            self.leases.on_unsynced = self.outbox.add
+
+    def _updates_acked(self, leases):
+        for lease in leases:
+            self.leases.mark_synced(lease)
 
     def _partner_state(self, peer, state, reason):
         if state == P.PARTNER_DOWN and self.view.state != P.PARTNER_DOWN:
             self.view.partner_down_since = self.reactor.seconds()
+            self.view.partner_down_confirmed = self._confirmed(reason)
         elif state != P.PARTNER_DOWN:
             self.view.partner_down_since = None
-        _log.info("dhcp4 partner {peer}: {state} ({reason})", peer=peer, state=state, reason=reason)
+            self.view.partner_down_confirmed = False
+        self.leases.partner_down_since = (self.view.partner_down_since
+                                          if self.view.partner_down_confirmed else None)
+        _log.info("dhcp4 partner {peer}: {state} ({reason}){note}", peer=peer, state=state,
+                  reason=reason,
+                  note="" if state != P.PARTNER_DOWN or self.view.partner_down_confirmed else
+                  "; not confirmed (heartbeat silence only): the partner's addresses stay locked")
         self.view.state = state
 
+    def _confirmed(self, reason: str) -> bool:
+        """Whether a PARTNER-DOWN is known to be real.  Heartbeat silence
+        alone (``auto_partner_down_s``) is what a partition looks like too:
+        it is confirmed only when the cluster has a witness (then automatic
+        PARTNER-DOWN needs quorum).  The operator's command, a partner in
+        maintenance or recovering (alive, serving nobody) are real."""
+        if "auto_partner_down_s" not in reason:
+            return True
+        return getattr(self.context.cluster, "witness_id", None) is not None
+
     def _lease_changed(self, event: str, lease: Lease):
-        self._ddns(event, lease)
-        if self.outbox is not None:
+        # the partner's update is already queued (LeaseStore.on_unsynced, in the
+        # write itself); DDNS can never keep it from the partner (review M4)
+        if self.outbox is not None and not lease.synced:
             self.outbox.add(lease)
+        try:
+            self._ddns(event, lease)
+        except Exception:
+            _log.failure("dhcp4: DDNS for {address} failed", address=lease.address)
 
     def _ddns(self, event: str, lease: Lease):
         """Tell the DDNS provider (the dns service, if configured) about a named lease."""
@@ -342,7 +405,12 @@ class Dhcp4Service(Service):
                 _log.warn("dhcp4: malformed lease update from {peer} skipped: {why}",
                           peer=peer, why=e)
                 continue
-            results.append(self.leases.apply_remote(lease))
+            result = self.leases.apply_remote(lease)
+            if isinstance(result, str) and result in (LOCAL_WON, CONFLICT_LOCAL_WON):
+                self._send_back(peer, lease.address)
+            elif isinstance(result, defer.Deferred):
+                result.addCallback(self._maybe_send_back, peer, lease.address)
+            results.append(result)
         waits = [r for r in results if isinstance(r, defer.Deferred)]
         self.stats["replication_applied"] += len(results) - len(waits)
         if not waits and self.leases.writes == writes:
@@ -355,6 +423,24 @@ class Dhcp4Service(Service):
             return self.leases.durable() if self.leases.writes != writes else None
 
         return defer.gatherResults(waits, consumeErrors=True).addCallback(settle)
+
+    def _maybe_send_back(self, result, peer, address):
+        if result in (LOCAL_WON, CONFLICT_LOCAL_WON):
+            self._send_back(peer, address)
+        return result
+
+    def _send_back(self, peer, address):
+        """Our record beat the partner's: send it now, before the peer link
+        acks the partner's batch, so the partner applies it before it treats
+        its own (losing) record as acknowledged -- e.g. never frees an address
+        we renewed (the winners of a merge go back: review H4)."""
+        lease = self.leases._get(address)
+        link = getattr(self.context.cluster, "peerlink", None)
+        if not isinstance(lease, Lease) or link is None:
+            return
+        self.stats["replication_sent_back"] = self.stats.get("replication_sent_back", 0) + 1
+        link.send(peer, CHANNEL, {"leases": [lease.to_wire()]}, limit=1 << 30).addErrback(
+            lambda f: self.outbox.add(lease) if self.outbox is not None else None)
 
     def _sync_from_partner(self, peer):
         """RECOVER: ask the partner for all its leases; done at its end marker."""
