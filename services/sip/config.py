@@ -13,6 +13,13 @@ Example (see ``etc/sip.toml``)::
     max_expires = 7200                  # longer requests are shortened to this
     max_contacts = 10                   # bindings per AOR (more: 503)
     receive_buffer_bytes = 4194304      # SO_RCVBUF of the UDP socket
+
+    [services.sip.auth]                 # optional: digest authentication of REGISTERs
+    realm = "example.test"
+    ha1_file = "etc/sip-users.ha1"      # user:realm:HA1 (MD5) or user:realm:ALGORITHM:HA1
+    algorithms = ["SHA-256", "MD5"]     # offered in this order (RFC 8760)
+    nonce_ttl_s = 300                   # older nonces: 401 with stale=true
+    invite = false                      # also challenge INVITEs
 """
 
 from __future__ import annotations
@@ -26,6 +33,16 @@ _DOMAIN = re.compile(r"^[A-Za-z0-9.\-]{1,253}(:\d{1,5})?$")
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    realm: str
+    ha1_file: str
+    credentials: object            # services.sip.auth.HA1File
+    algorithms: tuple[str, ...]
+    nonce_ttl_s: float
+    invite: bool
+
+
+@dataclass(frozen=True)
 class SIPConfig:
     listen_address: object            # ipaddress.IPv4Address | IPv6Address
     port: int
@@ -36,6 +53,7 @@ class SIPConfig:
     receive_buffer_bytes: int = 4 * 1024 * 1024
     sweep_interval_s: float = 5.0
     server_header: str = "appliance-sip"
+    auth: AuthConfig | None = None
 
 
 def parse(table, context) -> SIPConfig | None:
@@ -69,8 +87,43 @@ def parse(table, context) -> SIPConfig | None:
         table.error("default_expires", f"{default_expires} is above max_expires {max_expires}")
     if port == 0 and tcp is None and tls is None:
         table.error("port", "0 (no UDP) needs a tcp or tls listener")
+    auth = None
+    at = table.table("auth")
+    if at is not None:
+        auth = _parse_auth(at, domains)
+        at.done()
     if len(table.problems.items) != before:
         return None
     return SIPConfig(listen_address, port, tcp, tls, tuple(domains),
                      Limits(default_expires, min_expires, max_expires, max_contacts),
-                     rcvbuf, sweep)
+                     rcvbuf, sweep, auth=auth)
+
+
+def _parse_auth(at, domains) -> AuthConfig | None:
+    from pathlib import Path
+
+    from services.sip.auth import ALGORITHMS, HA1File, HA1FileError
+    realm = at.str("realm", domains[0] if domains else None)
+    if realm is None and not at.has("realm"):
+        at.error("realm", "missing (required when domains is empty)")
+    ha1_file = at.path_("ha1_file")
+    algorithms = []
+    for i, a in enumerate(at.list("algorithms", default=["SHA-256", "MD5"], min_len=1) or ()):
+        if not isinstance(a, str) or a.upper() not in ALGORITHMS:
+            at.problems.add(f"{at.key_path('algorithms')}[{i}]",
+                            f"{a!r} is not one of {', '.join(ALGORITHMS)}")
+        else:
+            algorithms.append(a.upper())
+    ttl = at.float("nonce_ttl_s", 300.0, min=1, max=86400)
+    invite = at.bool("invite", False)
+    credentials = None
+    if ha1_file is not None:
+        try:
+            credentials = HA1File.parse(Path(ha1_file).read_text(encoding="utf-8"), ha1_file)
+        except OSError as e:
+            at.error("ha1_file", f"{ha1_file}: cannot read: {e.strerror or e}")
+        except HA1FileError as e:
+            at.error("ha1_file", str(e))
+    if None in (realm, credentials, ttl, invite) or not algorithms:
+        return None
+    return AuthConfig(realm, ha1_file, credentials, tuple(algorithms), ttl, invite)

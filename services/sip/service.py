@@ -14,7 +14,10 @@ is being handled) -> the method:
 - ``OPTIONS``: 200 with Allow/Supported; ``CANCEL``: 200 (the INVITE was
   answered at once); anything else: 405 with Allow.
 
-Not here yet (issue 14): digest authentication, replication to a backup,
+With ``[services.sip.auth]`` REGISTERs (and INVITEs if ``invite = true``)
+need digest credentials (:mod:`services.sip.auth`) naming the To user.
+
+Not here yet (issue 14): LDAP credentials, replication to a backup,
 sharding; the service reports role ``standalone``.
 """
 
@@ -66,6 +69,12 @@ class SIPService(Service):
         self.listeners: list = []
         self._sweeper = None
         self._sweeps = 0
+        self.auth = None
+        if config.auth is not None:
+            from services.sip.auth import DigestAuth
+            a = config.auth
+            self.auth = DigestAuth(a.realm, a.credentials, algorithms=a.algorithms,
+                                   nonce_ttl_s=a.nonce_ttl_s, now=self.reactor.seconds)
         self._tag = secrets.token_hex(3)
         self._counter = 0
 
@@ -141,6 +150,8 @@ class SIPService(Service):
         except Exception:
             _log.failure("sip: transaction sweep failed")
         self._sweeps += 1
+        if self.auth is not None:
+            self.auth.sweep()
         if self._sweeps % max(1, int(self.config.sweep_interval_s)) == 0:
             d = self.location.sweep()
             d.addCallback(lambda n: n and _log.debug("sip: {n} expired bindings removed", n=n))
@@ -269,6 +280,8 @@ class SIPService(Service):
             return self._answer(key, src, self._response(msg, 404, f"Not Found ({e})"[:80]))
         if not self._domain_ok(domain) or not self._domain_ok(aor.rpartition("@")[2]):
             return self._answer(key, src, self._response(msg, 404, "Domain Not Served"))
+        if not self._authorized(msg, key, src, aor):
+            return
         received = str(src)
         now = self.reactor.seconds()
         d = self.location.update(
@@ -276,6 +289,23 @@ class SIPService(Service):
         d.addCallbacks(self._registered, self._store_failed, callbackArgs=(msg, key, src, now),
                        errbackArgs=(msg, key, src))
         d.addErrback(lambda f: _log.failure("sip: REGISTER answer failed", failure=f))
+
+    def _authorized(self, msg: M.Message, key, src: Source, aor: str | None) -> bool:
+        """True if no auth is configured or the request carries good credentials;
+        otherwise answer (401 challenge, 403, 400) and return False."""
+        if self.auth is None:
+            return True
+        user = aor.split(":", 1)[1].rpartition("@")[0] if aor else None
+        verdict = self.auth.check(msg.method, msg.get_all("Authorization"), user)
+        if verdict.code == 0:
+            return True
+        reason = {403: "Forbidden (credentials of another user)",
+                  400: "Bad Authorization header"}.get(verdict.code)
+        resp = self._response(msg, verdict.code, reason)
+        for name, value in verdict.headers:
+            resp.add(name, value)
+        self._answer(key, src, resp)
+        return False
 
     def _registered(self, decision, msg, key, src, now) -> None:
         resp = self._response(msg, decision.code, decision.reason)
@@ -306,6 +336,9 @@ class SIPService(Service):
             return self._answer(key, src, self._response(msg, 416))
         if not self._domain_ok(aor.rpartition("@")[2]):
             return self._answer(key, src, self._response(msg, 404, "Domain Not Served"))
+        if self.config.auth is not None and self.config.auth.invite and \
+                not self._authorized(msg, key, src, None):
+            return
         d = self.location.read(aor)
 
         def found(result):
@@ -384,6 +417,7 @@ class SIPService(Service):
         return {"requests": dict(self.requests), "responses": dict(self.responses),
                 "drops": dict(self.drops), "bindings": self.location.count,
                 "transactions": len(self.transactions), "connections": self.connections,
+                "auth": dict(self.auth.results) if self.auth is not None else None,
                 "counters": dict(self.stats)}
 
     def collect(self):
@@ -410,6 +444,12 @@ class SIPService(Service):
                   "acks_unmatched", "invite_retransmits", "invite_timeouts"):
             tx.add_metric([k], self.stats.get(k, 0))
         yield tx
+        if self.auth is not None:
+            auth = CounterMetricFamily("appliance_sip_auth", "Digest authentication outcomes",
+                                       labels=["result"])
+            for result, n in sorted(self.auth.results.items()):
+                auth.add_metric([result], n)
+            yield auth
         yield GaugeMetricFamily("appliance_sip_bindings", "SIP bindings in the location store",
                                 value=self.location.count)
         yield GaugeMetricFamily("appliance_sip_transactions", "Server transactions held",
