@@ -533,7 +533,7 @@ def child_main(reactor, state_dir, fsync, seed, max_calls=100000):
     from twisted.internet import defer
 
     from appliance.store.embedded import EmbeddedStore
-    from appliance.store.interface import StoreError
+    from appliance.store.interface import StoreDown
 
     out = sys.stdout
 
@@ -544,7 +544,7 @@ def child_main(reactor, state_dir, fsync, seed, max_calls=100000):
     rng = random.Random(seed)
     store = EmbeddedStore(reactor, state_dir=state_dir, fsync=fsync, batch_interval_s=0.02)
     done = defer.Deferred()
-    state = {"n": 0, "inflight": 0, "scheduled": False}
+    state = {"n": 0, "inflight": 0, "scheduled": False, "recovering": False}
 
     def check_mirror(call, model):
         keys = call.get("keys") or [call.get("key")] + [o[1] for o in call.get("ops", [])]
@@ -570,7 +570,9 @@ def child_main(reactor, state_dir, fsync, seed, max_calls=100000):
                 pass
             d = issue(store, call)
             d.addCallbacks(acked, failed, callbackArgs=(n,), errbackArgs=(n,))
-            if call_checked(call) and rng.random() < 0.3:
+            if state["recovering"]:
+                return                       # one refused call per recovery attempt
+            if call_checked(call) and rng.random() < 0.3 and store.healthy:
                 check_mirror(call, model)
             if rng.random() < 0.3:
                 break                        # the rest in a later reactor turn
@@ -594,7 +596,29 @@ def child_main(reactor, state_dir, fsync, seed, max_calls=100000):
         state["inflight"] -= 1
         kind = type(f.value).__name__
         emit(f"ERR {n} {kind} {f.getErrorMessage()!r}")
-        schedule()
+        if f.check(StoreDown) and not state["recovering"]:
+            state["recovering"] = True
+            reactor.callLater(rng.uniform(0.005, 0.03), recover)
+        if not state["recovering"]:
+            schedule()
+
+    def recover():
+        """After a StoreDown: recheck until healthy, then take the reloaded
+        state as the model (the test checks it is exactly the acknowledged
+        calls) and go on."""
+        def done(desc):
+            if not store.healthy:
+                if state["n"] < max_calls and rng.random() < 0.5:
+                    pump()                   # a call while down: refused at once
+                reactor.callLater(rng.uniform(0.002, 0.02), recover)
+                return
+            state["recovering"] = False
+            loaded = dump_store(store)
+            model.__init__(loaded["data"], loaded["expiry"])
+            emit(f"RECOVERED {digest(loaded)}")
+            schedule()
+        store.recheck().addCallback(done).addErrback(
+            lambda f: emit(f"BAD recheck failed: {f.getErrorMessage()!r}"))
 
     def started(_):
         loaded = dump_store(store)
@@ -631,7 +655,10 @@ def inject_fault(fault: str | None) -> None:
     """Break the store on purpose (the harness's self-test: it must notice).
 
     ``early_ack``: writes are acknowledged before their transaction commits;
-    ``torn``: a batch is committed as two transactions."""
+    ``torn``: a batch is committed as two transactions; ``io_error``: a
+    commit fails now and then (a disk error; the store must recover and this
+    must pass); ``io_error_keep_waiters``: and the failure leaves the queued
+    writes waiting (the old store's H3), to be acknowledged later."""
     if not fault:
         return
     from appliance.store import embedded, sqlite_file
@@ -664,6 +691,31 @@ def inject_fault(fault: str | None) -> None:
             time.sleep(0.002)
             return t + orig_apply(self, second)
         sqlite_file.SQLiteFile.apply = torn_apply
+    elif fault in ("io_error", "io_error_keep_waiters"):
+        import sqlite3
+        rng = random.Random()
+        p = float(os.environ.get("STORE_CRASHER_IO_P", "0.05"))
+        orig_apply, orig_probe = sqlite_file.SQLiteFile.apply, sqlite_file.SQLiteFile.probe
+
+        def failing_apply(self, batch):
+            if rng.random() < p:
+                raise sqlite3.OperationalError("disk I/O error (injected)")
+            return orig_apply(self, batch)
+
+        def failing_probe(self):
+            if rng.random() < 0.3:
+                raise sqlite3.OperationalError("disk I/O error (injected, probe)")
+            return orig_probe(self)
+        sqlite_file.SQLiteFile.apply = failing_apply
+        sqlite_file.SQLiteFile.probe = failing_probe
+        if fault == "io_error_keep_waiters":
+            # the old store's H3: a failure leaves the queued writes waiting,
+            # and a later empty commit acknowledges them
+            def fail(self, reason):
+                self._failed = reason
+                self.stats["failures"] += 1
+                self._schedule_retry()
+            embedded.EmbeddedStore._fail = fail
     else:
         raise ValueError(f"unknown fault {fault!r}")
 
@@ -812,63 +864,93 @@ class CrashCheckFailed(AssertionError):
     pass
 
 
-def parse_transcript(text: str):
-    issued, acks, errs, bad, ready = {}, {}, {}, [], None
-    ack_order = []
+def parse_transcript(text: str) -> dict:
+    """The child's lines, plus its outages (StoreDown .. RECOVERED): the
+    calls issued from the first one that failed with StoreDown until the
+    store recovered are *tainted* (none may be acknowledged; their errors
+    were decided on a mirror holding writes that were then thrown away)."""
+    t = {"ready": None, "issued": {}, "acks": {}, "errs": {}, "bad": [], "ack_order": [],
+         "tainted": set(), "recoveries": []}
     lines = text.split("\n")
     if lines and lines[-1] != "":
         lines = lines[:-1]          # the last line was cut by the kill: never issued
+    since, down = [], None          # calls issued since the last recovery; first StoreDown
     for line in lines:
         if not line:
             continue
         word, _, rest = line.partition(" ")
         if word == "READY":
-            ready = rest
+            t["ready"] = rest
         elif word == "ISSUED":
-            n, t, call = rest.split(" ", 2)
-            issued[int(n)] = (float(t), json.loads(call))
+            n, when, call = rest.split(" ", 2)
+            t["issued"][int(n)] = (float(when), json.loads(call))
+            since.append(int(n))
         elif word == "ACK":
             n, result = rest.split(" ", 1)
-            acks[int(n)] = json.loads(result)
-            ack_order.append(int(n))
+            t["acks"][int(n)] = json.loads(result)
+            t["ack_order"].append(int(n))
         elif word == "ERR":
             n, what = rest.split(" ", 1)
-            errs[int(n)] = what
+            t["errs"][int(n)] = what
+            if what.startswith("StoreDown"):
+                down = int(n) if down is None else min(down, int(n))
+        elif word == "RECOVERED":
+            if down is not None:
+                t["tainted"].update(m for m in since if m >= down)
+            t["recoveries"].append((max(since, default=0), rest))
+            since, down = [], None
         else:
-            bad.append(line)
-    return ready, issued, acks, errs, bad, ack_order
+            t["bad"].append(line)
+    if down is not None:
+        t["tainted"].update(m for m in since if m >= down)
+    return t
+
+
+def _replay(model: Model, n: int, call, t: float, tr: dict):
+    """Apply call ``n`` unless it failed; return (model, result, error)."""
+    if n in tr["errs"] and (n in tr["tainted"] or tr["errs"][n].startswith("StoreDown")):
+        return model, None, "skipped"
+    before = model.copy()
+    try:
+        return model, model.apply(call, n, t), None
+    except WrongType as e:
+        return before, None, f"WRONGTYPE {e}"      # all or nothing
 
 
 def check_round(initial: dict, transcript: str, after: dict) -> dict:
     """Raise CrashCheckFailed unless ``after`` (the store dumped after the
-    kill) is ``initial`` plus a prefix of the issued calls covering every ack."""
-    ready, issued, acks, errs, bad, ack_order = parse_transcript(transcript)
+    kill) is ``initial`` plus a prefix of the issued calls covering every ack
+    (calls that failed with StoreDown left out: a failure throws them away)."""
+    tr = parse_transcript(transcript)
+    issued, acks, errs = tr["issued"], tr["acks"], tr["errs"]
     problems = []
-    if ready is None:
+    if tr["ready"] is None:
         problems.append("the child never became READY")
-    elif ready != digest(initial):
-        problems.append(f"the child loaded state {ready}, the last check saw {digest(initial)}")
-    problems += [f"child: {b}" for b in bad]
-    if ack_order != sorted(ack_order):
-        problems.append(f"acknowledgements out of issue order: {ack_order[:50]}")
+    elif tr["ready"] != digest(initial):
+        problems.append(f"the child loaded state {tr['ready']}, the last check saw "
+                        f"{digest(initial)}")
+    problems += [f"child: {b}" for b in tr["bad"]]
+    if tr["ack_order"] != sorted(tr["ack_order"]):
+        problems.append(f"acknowledgements out of issue order: {tr['ack_order'][:50]}")
+    late = sorted(n for n in acks if n in tr["tainted"])
+    if late:
+        problems.append(f"calls acknowledged although issued after a failed one "
+                        f"(StoreDown): {late[:20]}")
     model = Model(initial["data"], initial["expiry"])
     numbers = sorted(issued)
     if numbers != list(range(1, len(numbers) + 1)):
         problems.append("ISSUED numbers are not 1..n")
+    recoveries = dict(tr["recoveries"])
     top = max(acks, default=0)
     best = None
     if top == 0 and matches(model, after) is None:
         best = 0
     for n in numbers:
         t, call = issued[n]
-        before = model.copy()
-        try:
-            result = model.apply(call, n, t)
-            error = None
-        except WrongType as e:
-            model = before                      # all or nothing
-            result, error = None, f"WRONGTYPE {e}"
-        if n in errs:
+        model, result, error = _replay(model, n, call, t, tr)
+        if error == "skipped":
+            pass
+        elif n in errs:
             if error is None:
                 problems.append(f"call {n} failed ({errs[n]}) but the model applies it: {call}")
         elif n in acks:
@@ -876,28 +958,32 @@ def check_round(initial: dict, transcript: str, after: dict) -> dict:
                 problems.append(f"call {n} acknowledged ({acks[n]!r}) but the model refuses it "
                                 f"({error}): {call}")
             elif call_checked(call) and acks[n] != result:
-                problems.append(f"call {n} answered {acks[n]!r}, the model says {result!r}: {call}")
+                problems.append(f"call {n} answered {acks[n]!r}, the model says {result!r}: "
+                                f"{call}")
+        if n in recoveries:
+            got = recoveries[n]
+            want = digest({"data": model.data})
+            if got != want:
+                problems.append(f"after the outage the store reloaded state {got}, but the calls "
+                                f"acknowledged before it give {want} (issued up to {n})")
         if n >= top and best is None and matches(model, after) is None:
             best = n
     if best is None:
-        # the closest prefix, for the report
         model = Model(initial["data"], initial["expiry"])
         diffs = []
         for n in [0] + numbers:
             if n:
                 t, call = issued[n]
-                before = model.copy()
-                try:
-                    model.apply(call, n, t)
-                except WrongType:
-                    model = before
+                model, _, _ = _replay(model, n, call, t, tr)
             if n >= top:
                 diffs.append(f"  prefix 1..{n}: {matches(model, after)}")
         problems.append(f"the store after the crash is no prefix 1..k with k >= {top} (highest "
                         f"ack) of the {len(numbers)} issued calls:\n" + "\n".join(diffs[:12]))
     if problems:
         raise CrashCheckFailed("\n".join(problems))
-    return {"issued": len(numbers), "acked": len(acks), "top_ack": top, "prefix": best}
+    return {"issued": len(numbers), "acked": len(acks), "top_ack": top, "prefix": best,
+            "outages": len(tr["recoveries"]) + (1 if tr["tainted"] and not tr["recoveries"]
+                                                 else 0)}
 
 
 def run_rounds(rounds: int, fsync: str, seed: int, workdir: Path, chain: int = 4,
@@ -907,7 +993,7 @@ def run_rounds(rounds: int, fsync: str, seed: int, workdir: Path, chain: int = 4
     own = zygote is None
     zygote = zygote or Zygote()
     stats = {"rounds": 0, "issued": 0, "acked": 0, "unacked_survived": 0, "seconds": 0.0,
-             "ran_ms": 0.0}
+             "ran_ms": 0.0, "outages": 0}
     t0 = time.monotonic()
     state_dir = None
     initial = None
@@ -946,19 +1032,21 @@ def run_rounds(rounds: int, fsync: str, seed: int, workdir: Path, chain: int = 4
                 shutil.copytree(state_dir, keep / "after", dirs_exist_ok=True)
                 shutil.copy(transcript, keep / "transcript.txt")
                 raise CrashCheckFailed(
-                    f"round {i} (fsync={fsync}, round seed {round_seed}, base seed {seed}, "
+                    f"round {i} (fsync={fsync}, fault={fault}, round seed {round_seed}, base seed {seed}, "
                     f"kill {delay:.0f} ms after READY) failed:\n{e}\n"
                     f"kept in {keep}\nre-check: python -m tests.support.store_crasher --check "
                     f"{keep}/before {keep}/after {keep}/transcript.txt\n"
                     f"replay the run: STORE_CRASH_SEED={seed} STORE_CRASH_ROUNDS={i + 1} "
                     f"python -m pytest -q tests/integration/test_store_crash.py  (or: python -m "
-                    f"tests.support.store_crasher --rounds {i + 1} --fsync {fsync} --seed {seed})"
+                    f"tests.support.store_crasher --rounds {i + 1} --fsync {fsync} --seed {seed}"
+                    f"{' --fault ' + fault if fault else ''})"
                 ) from e
             initial = after
             stats["rounds"] += 1
             stats["issued"] += res["issued"]
             stats["acked"] += res["acked"]
             stats["unacked_survived"] += res["prefix"] - res["top_ack"]
+            stats["outages"] += res["outages"]
             stats["ran_ms"] += reply["ran_ms"]
     finally:
         if own:
@@ -989,7 +1077,9 @@ def main(argv):
         p.add_argument("--fsync", default="always")
         p.add_argument("--seed", type=int, default=random.randrange(2**32))
         p.add_argument("--keep", default=None)
-        p.add_argument("--fault", default=None, help="self-test: early_ack or torn")
+        p.add_argument("--fault", default=None,
+                       help="early_ack, torn, io_error_keep_waiters (must be caught), "
+                            "io_error (must pass)")
         a = p.parse_args(argv)
         work = Path(a.keep or tempfile.mkdtemp(prefix="store-crash-"))
         work.mkdir(parents=True, exist_ok=True)
