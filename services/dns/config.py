@@ -163,6 +163,18 @@ def parse(table, context) -> DNSConfig | None:
         if other != spec.resource:
             table.error("records", f"{spec.name}: all records of one name must follow the same "
                                    f"resource ({other!r} and {spec.resource!r})")
+    types_at: dict[dns.name.Name, set] = {}
+    for spec in records:
+        types_at.setdefault(spec.name, set()).add(spec.rdtype)
+    for name, types in types_at.items():
+        if dns.rdatatype.CNAME in types and len(types) > 1:
+            others = ", ".join(sorted(dns.rdatatype.to_text(t) for t in types
+                                      if t != dns.rdatatype.CNAME))
+            table.error("records", f"{name}: a CNAME cannot share its name with other data "
+                                   f"({others}; RFC 1034 3.6.2): the server would drop the "
+                                   "update and reconcile would rewrite it forever")
+        if name in zones and dns.rdatatype.CNAME in types:
+            table.error("records", f"{name}: a CNAME cannot be at a zone apex")
     if len(table.problems.items) != problems_before or not servers or not zones:
         return None
     return DNSConfig(tuple(servers), key, key_file, tuple(zones), default_ttl, tuple(records),

@@ -145,8 +145,6 @@ def read_response(wire: bytes, request: dns.message.Message) -> dns.message.Mess
     try:
         response = dns.message.from_wire(wire, keyring=keyring, request_mac=request.mac,
                                          one_rr_per_rrset=False)
-    except dns.message.Truncated:
-        raise
     except dns.tsig.PeerError as e:
         for cls, name in _PEER_ERRORS:
             if isinstance(e, cls):
@@ -155,6 +153,12 @@ def read_response(wire: bytes, request: dns.message.Message) -> dns.message.Mess
     except (dns.tsig.BadSignature, dns.tsig.BadTime, dns.message.UnknownTSIGKey) as e:
         raise TransportError(f"answer failed TSIG verification: {e}", "badresponse") from None
     except dns.exception.DNSException as e:
+        rcode = _unsigned_error(wire, request) if keyring is not None else None
+        if rcode is not None:
+            # An unsigned error answer to a signed request (RFC 8945 5.3: servers
+            # answer some errors unsigned): still a failure, but keep its rcode
+            # (review L1) -- NOTAUTH, REFUSED, NOTZONE say what to fix.
+            raise _UnsignedError(rcode) from None
         raise TransportError(f"garbled answer: {e}", "garbled") from None
     if not request.is_response(response):
         raise TransportError("answer does not match the request", "garbled")
@@ -167,6 +171,21 @@ class _PeerTSIGError(DNSError):
     def __init__(self, rcode: str):
         self.rcode = rcode
         super().__init__(rcode)
+
+
+def _unsigned_error(wire: bytes, request: dns.message.Message) -> str | None:
+    """The rcode of an unsigned error answer to ``request`` (None: not one)."""
+    try:
+        response = dns.message.from_wire(wire, ignore_trailing=True, one_rr_per_rrset=False)
+    except dns.exception.DNSException:
+        return None
+    if response.had_tsig or not request.is_response(response) or response.rcode() == 0:
+        return None
+    return dns.rcode.to_text(response.rcode())
+
+
+class _UnsignedError(_PeerTSIGError):
+    """An error rcode in an answer the server did not sign."""
 
 
 def rcode_text(response: dns.message.Message) -> str:
@@ -182,10 +201,18 @@ def check_response(response: dns.message.Message, zone: str, server: str, key: s
     raise UpdateError(zone, server, rcode, key, what)
 
 
+class Rdatas(frozenset):
+    """A set of rdatas that remembers the rrset's TTL (None: not read from a server)."""
+
+    ttl: int | None = None
+
+
 def answer_rdatas(response: dns.message.Message, name: dns.name.Name, rdtype) -> frozenset:
-    """The rdatas of ``name``/``rdtype`` in the answer section (empty if none)."""
+    """The rdatas of ``name``/``rdtype`` in the answer section (empty if none), with ``.ttl``."""
     rdtype = dns.rdatatype.RdataType.make(rdtype)
     for rrset in response.answer:
         if rrset.name == name and rrset.rdtype == rdtype:
-            return frozenset(rrset)
-    return frozenset()
+            out = Rdatas(rrset)
+            out.ttl = rrset.ttl
+            return out
+    return Rdatas()

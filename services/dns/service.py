@@ -43,6 +43,12 @@ _log = Logger(namespace="appliance.dns")
 GUARD_REFRESH_S = 0.05
 
 
+def in_sync(spec, desired, published) -> bool:
+    """Published equals desired, and the TTL read from the server (if any) is the spec's."""
+    return (desired is not None and published == desired
+            and getattr(published, "ttl", None) in (None, spec.ttl))
+
+
 class DNSService(Service):
     """Publishes the configured records for the resources this node owns."""
 
@@ -74,6 +80,7 @@ class DNSService(Service):
                 override_no_update=dd.override_no_update, rng=rng)
         self._rng = rng
         self._force: set[tuple[str, str]] = set()       # keys dns.reset_guard asked to force
+        self._flush_call = None                          # end-of-turn flush of marked zones
         self.owned: dict[str, int] = {}                  # resource -> epoch this node holds
         self.published: dict[tuple[str, str], frozenset | None] = {}   # last read or written
         self.dirty: dict[dns.name.Name, dict[tuple[str, str], str]] = {}
@@ -134,10 +141,10 @@ class DNSService(Service):
 
     def stopService(self):
         super().stopService()
-        for call in [self._reconcile_call, *self.retry_calls.values()]:
+        for call in [self._reconcile_call, self._flush_call, *self.retry_calls.values()]:
             if call is not None and call.active():
                 call.cancel()
-        self._reconcile_call = None
+        self._reconcile_call = self._flush_call = None
         self.retry_calls.clear()
         for call in self._refresh_calls:
             if call.active():
@@ -206,7 +213,9 @@ class DNSService(Service):
                                               why=f.getErrorMessage()))
 
     def mark(self, specs, reason: str) -> list[dns.name.Name]:
-        """Queue ``specs`` for publishing; flush their zones now."""
+        """Queue ``specs`` for publishing; their zones are flushed at the end of this
+        reactor turn, so every change of one decision (the cluster calls the listener
+        once per resource) goes out in one UPDATE per zone (review M3)."""
         zones = []
         for spec in specs:
             if spec.resource not in self.owned:
@@ -214,9 +223,14 @@ class DNSService(Service):
             self.dirty.setdefault(spec.zone, {})[spec.key] = reason
             if spec.zone not in zones:
                 zones.append(spec.zone)
-        for zone in zones:
-            self._flush(zone)
+        if zones and self._flush_call is None and self.running:
+            self._flush_call = self.reactor.callLater(0, self._flush_marked)
         return zones
+
+    def _flush_marked(self) -> None:
+        self._flush_call = None
+        for zone in list(self.dirty):
+            self._flush(zone)
 
     def _flush(self, zone: dns.name.Name) -> None:
         if not self.running or zone in self.inflight:
@@ -380,14 +394,18 @@ class DNSService(Service):
             self.published[spec.key] = value
             if spec.resource in self.owned:
                 desired = desired_rdatas(spec, self.node)
-                if desired is not None and desired != value:
-                    drift.append((spec, value, desired))
+                ttl = getattr(value, "ttl", None)
+                if desired is not None and (desired != value or (
+                        value and ttl is not None and ttl != spec.ttl)):
+                    drift.append((spec, value, desired))   # a changed ttl too (review M7)
         self.last_reconcile = self.reactor.seconds()
         changed = []
         for spec, before, desired in drift:
-            _log.warn("dns: drift at {name} {type}: server has {before}, want {want} ({reason})",
+            _log.warn("dns: drift at {name} {type}: server has {before} (ttl {ttl}), want {want} "
+                      "(ttl {want_ttl}) ({reason})",
                       name=spec.name.to_text(), type=spec.type_text,
                       before=", ".join(rdatas_text(before)) or "nothing",
+                      ttl=getattr(before, "ttl", None), want_ttl=spec.ttl,
                       want=", ".join(rdatas_text(desired)), reason=reason)
             changed.append({"name": spec.name.to_text(), "type": spec.type_text,
                             "zone": spec.zone.to_text(), "before": rdatas_text(before),
@@ -442,7 +460,7 @@ class DNSService(Service):
         for spec in self.config.records:
             if spec.resource in self.owned:
                 desired = desired_rdatas(spec, self.node)
-                if desired is not None and self.published.get(spec.key) != desired:
+                if desired is not None and not in_sync(spec, desired, self.published.get(spec.key)):
                     out_of_sync += 1
         yield gauge("appliance_dns_records_out_of_sync",
                     "Records this node owns whose published rrset is not (known to be) the desired one",
@@ -480,7 +498,7 @@ class DNSService(Service):
                 "resource": spec.resource, "owner": owner,
                 "role": "owner" if spec.resource in self.owned else "standby",
                 "desired": rdatas_text(desired), "published": rdatas_text(published),
-                "in_sync": desired is not None and published == desired,
+                "in_sync": in_sync(spec, desired, published),
                 "guard": guard.show() if guard else None,
                 "blocked_by": blocked.show() if blocked else None,
             })

@@ -14,7 +14,8 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import dns.name
 import dns.tsig
@@ -38,12 +39,17 @@ class KeyFileError(ValueError):
 class TSIGKey:
     name: str                # as written in the file, e.g. "appliance-key"
     algorithm: str           # e.g. "hmac-sha256"
-    secret: str              # base64 as in the file
+    secret: str = field(repr=False)      # base64 as in the file; never in logs (review L4)
 
     def dns_key(self) -> dns.tsig.Key:
+        """The dnspython key, built once (review: it was rebuilt for every message)."""
+        return self._key
+
+    @cached_property
+    def _key(self) -> dns.tsig.Key:
         return dns.tsig.Key(dns.name.from_text(self.name), self.secret, ALGORITHMS[self.algorithm])
 
-    @property
+    @cached_property
     def keyname(self) -> dns.name.Name:
         return dns.name.from_text(self.name)
 

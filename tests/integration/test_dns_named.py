@@ -552,3 +552,39 @@ values = {{ demo = "10.9.0.1" }}
         assert metric(node, "appliance_dns_guard_takeovers_total", {"why": "operator"}) == 1
     finally:
         yield stop(node)
+
+
+def answer_ttl(server, name: str, rdtype: str):
+    q = dns.message.make_query(name, rdtype)
+    r = dns.query.udp(q, "127.0.0.1", port=server.port, timeout=1)
+    return next((rrset.ttl for rrset in r.answer), None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_ttl_drift_is_repaired(named_module, tmp_path):
+    """Review M7: the right rdata with the wrong TTL (someone raised it, or `ttl` changed
+    in config) is drift: dns.sync rewrites it with the configured TTL."""
+    server = named_module
+    node = build("demo", node_toml("demo", server, tmp_path, """
+[[services.dns.records]]
+name = "ttl.example.test."
+type = "A"
+ttl = 7
+resource = "vip1"
+values = { demo = "10.9.0.7" }
+"""), tmp_path)
+    yield start(node)
+    try:
+        assert (yield wait_for(lambda: answer_ttl(server, "ttl.example.test.", "A") == 7
+                               and node.service.records()["records"][0]["in_sync"], 3))
+        key = parse_key_file(server.key_file.read_text())[0]
+        upd = dns.update.UpdateMessage(ZONE, keyring=key.dns_key(), keyname=key.keyname)
+        upd.replace("ttl.example.test.", 3600, "A", "10.9.0.7")
+        assert dns.query.udp(upd, "127.0.0.1", port=server.port, timeout=2).rcode() == 0
+        assert answer_ttl(server, "ttl.example.test.", "A") == 3600
+        result = yield node.service.sync()
+        assert [c["name"] for c in result["changed"]] == ["ttl.example.test."], result
+        assert answer_ttl(server, "ttl.example.test.", "A") == 7
+        assert node.service.records()["records"][0]["in_sync"]
+    finally:
+        yield stop(node)

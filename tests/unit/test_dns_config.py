@@ -111,3 +111,21 @@ values = { a = "fd00::1" }
     problems = "\n".join(e.value.problems)
     assert "must follow the same resource" in problems
     assert "services.dns.servers[1]: '127.0.0.2:99999' is not host:port" in problems
+
+
+def test_cname_beside_other_data_is_refused(tmp_path):
+    """Review L13: a CNAME and an A at one name is refused at config time."""
+    with pytest.raises(ConfigError) as e:
+        parse(toml(tmp_path, """
+[[services.dns.records]]
+name = "www.example.test."
+type = "CNAME"
+resource = "vip-sip"
+values = { a = "a.example.test.", b = "b.example.test." }
+[[services.dns.records]]
+name = "www.example.test."
+type = "A"
+resource = "vip-sip"
+values = { a = "10.9.0.1" }
+"""))
+    assert "a CNAME cannot share its name with other data (A" in str(e.value)

@@ -81,3 +81,20 @@ def test_signed_answer_is_verified_and_unsigned_tsig_errors_map():
     from services.dns.message import TransportError
     with pytest.raises(TransportError, match="TSIG"):
         read_response(bad.to_wire(), upd)
+
+
+def test_unsigned_error_answer_keeps_its_rcode():
+    """Review L1: an unsigned NOTAUTH to a signed UPDATE is a failure naming NOTAUTH,
+    not a "garbled answer"."""
+    import dns.rcode
+    import dns.update
+    import pytest
+    from services.dns.message import DNSError
+    upd = make_update(Z, KEY)
+    upd.to_wire()
+    answer = dns.update.UpdateMessage(Z, id=upd.id)
+    answer.flags |= dns.flags.QR
+    answer.set_rcode(dns.rcode.NOTAUTH)
+    with pytest.raises(DNSError) as e:
+        read_response(answer.to_wire(), upd)
+    assert e.value.rcode == "NOTAUTH"

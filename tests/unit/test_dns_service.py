@@ -87,12 +87,13 @@ def rec(name, rdtype, value, resource="vip1", zone=EX):
 
 def test_gaining_a_resource_sends_one_update_per_zone_at_once():
     """Three records of vip1 in two zones: gaining vip1 sends exactly two UPDATEs
-    (one per zone) in the same reactor turn, and dns.records shows them in sync."""
+    (one per zone) at the end of the reactor turn, and dns.records shows them in sync."""
     service, clock, cluster, client = make([rec("a.example.test.", "A", "10.0.0.1"),
                                             rec("b.example.test.", "AAAA", "fd00::1"),
                                             rec("c.other.test.", "A", "10.0.0.3", zone=OT)])
     assert service.role == "standby" and client.updates == []
     cluster.listeners["vip1"]("vip1", "owner", 4)
+    clock.advance(0)          # the end-of-turn flush
     assert sorted(u.zone[0].name.to_text() for u in client.updates) == ["example.test.", "other.test."]
     ex = next(u for u in client.updates if u.zone[0].name == EX)
     assert {r.name.to_text() for r in ex.update if r.deleting is None} == {
@@ -111,6 +112,7 @@ def test_failed_update_is_retried_with_backoff_until_it_succeeds():
     service, clock, cluster, client = make([rec("a.example.test.", "A", "10.0.0.1")])
     client.fail_next = 3
     cluster.listeners["vip1"]("vip1", "owner", 1)
+    clock.advance(0)          # the end-of-turn flush
     assert len(client.updates) == 1 and "example.test." in service.errors
     for delay, sent in ((0.1, 2), (0.2, 3), (0.4, 4)):
         clock.advance(delay - 0.001)
@@ -127,10 +129,12 @@ def test_losing_the_resource_stops_retries_and_publishing():
     service, clock, cluster, client = make([rec("a.example.test.", "A", "10.0.0.1")])
     client.fail_next = 1
     cluster.listeners["vip1"]("vip1", "owner", 1)
+    clock.advance(0)          # the end-of-turn flush
     cluster.listeners["vip1"]("vip1", "standby", 1)
     clock.advance(1)
     assert len(client.updates) == 1 and service.role == "standby"
     cluster.listeners["vip1"]("vip1", "owner", 3)
+    clock.advance(0)          # the end-of-turn flush
     assert len(client.updates) == 2
     guard = [r for r in client.updates[-1].update if r.deleting is None
              and r.name.to_text().startswith("_appliance-owner")][0]
@@ -156,6 +160,7 @@ def test_restart_on_the_same_registry_and_gauges():
     service, clock, cluster, client = make([rec("a.example.test.", "A", "10.0.0.1")])
     registry = service.context.metrics
     cluster.listeners["vip1"]("vip1", "owner", 1)
+    clock.advance(0)          # the end-of-turn flush
     assert registry.get_sample_value("appliance_dns_records_out_of_sync") == 0
     assert registry.get_sample_value("appliance_dns_zone_error", {"zone": "example.test."}) == 0
     assert registry.get_sample_value("appliance_dns_zone_last_success_timestamp_seconds",
@@ -167,3 +172,18 @@ def test_restart_on_the_same_registry_and_gauges():
     again.startService()
     assert registry.get_sample_value("appliance_dns_guard_blocked_records") == 0
     again.stopService()
+
+
+def test_one_update_per_zone_for_a_decision_moving_several_resources():
+    """Review M3: the cluster calls the listener once per resource; gaining vip1 and
+    vip2 in one reactor turn sends one UPDATE for the zone holding both."""
+    service, clock, cluster, client = make([rec("a.example.test.", "A", "10.0.0.1"),
+                                            rec("b.example.test.", "A", "10.0.0.2", "vip2")])
+    cluster.listeners["vip1"]("vip1", "owner", 2)
+    cluster.listeners["vip2"]("vip2", "owner", 2)
+    assert client.updates == []
+    clock.advance(0)
+    assert len(client.updates) == 1
+    names = {r.name.to_text() for r in client.updates[0].update if r.deleting is None}
+    assert {"a.example.test.", "b.example.test."} <= names
+    service.stopService()

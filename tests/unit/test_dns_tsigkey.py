@@ -58,3 +58,11 @@ def test_round_trip(name, secret, algorithm):
     b64 = base64.b64encode(secret).decode()
     (key,) = parse_key_file(f'key "{name}" {{\n algorithm {algorithm};\n secret "{b64}";\n}};\n')
     assert (key.name, key.algorithm, key.secret) == (name, algorithm, b64)
+
+
+def test_key_object_built_once_and_secret_not_in_repr():
+    """The dnspython key is built once per TSIGKey; repr() never shows the secret."""
+    from services.dns.tsigkey import TSIGKey
+    key = TSIGKey("k", "hmac-sha256", "c2VjcmV0LXNlY3JldC1zZWNyZXQ=")
+    assert key.dns_key() is key.dns_key() and key.keyname is key.keyname
+    assert "c2VjcmV0" not in repr(key)
