@@ -139,3 +139,54 @@ def run_sipp(workdir: Path, xml: str, target: str, *, calls: int, rate: float = 
     return SippResult(proc.returncode, counts.get("Successful call", 0),
                       counts.get("Failed call", 0), proc.stdout[-3000:] + proc.stderr[-2000:],
                       errors, elapsed)
+
+
+def _register_auth(domain: str, cseq: int, expect: str, *, password: str | None = None,
+                   auth: bool = True, check_stale: bool = False) -> str:
+    # sipp 3.6 does not expand [field0] inside [authentication ...]: the user is
+    # ``-s USER`` ([service]) and its password ``-ap`` (run_sipp(..., user=, password=))
+    user = "[service]"
+    lines = [f"REGISTER sip:{domain} SIP/2.0", HEADERS.format(user=user, domain=domain),
+             f"CSeq: {cseq} REGISTER", f"Contact: <sip:{user}@[local_ip]:[local_port]>",
+             "Expires: 3600"]
+    if auth:
+        lines.append("[authentication]" if password is None else
+                     f"[authentication password={password}]")
+    lines.append("Content-Length: 0")
+    body = "\n".join(lines) + "\n\n"
+    recv_auth = ' auth="true"' if expect == "401" else ""
+    action = ""
+    if check_stale:
+        action = ('<action><ereg regexp="stale=true" search_in="hdr" header="WWW-Authenticate:" '
+                  'check_it="true" assign_to="dummy"/></action>')
+    return (f'  <send retrans="500"><![CDATA[\n{body}]]></send>\n'
+            f'  <recv response="{expect}"{recv_auth}>{action}</recv>\n')
+
+
+def auth_success(domain: str = "example.test") -> str:
+    """REGISTER -> 401 challenge -> REGISTER with digest (MD5, qop=auth) -> 200, as the
+    user given to run_sipp (``-s``/``-au``/``-ap``)."""
+    return scenario("auth-ok", [_register_auth(domain, 1, "401", auth=False),
+                                _register_auth(domain, 2, "200")])
+
+
+def auth_wrong_password(domain: str = "example.test") -> str:
+    """REGISTER -> 401 -> REGISTER with a wrong password -> 401 again."""
+    return scenario("auth-wrong", [_register_auth(domain, 1, "401", auth=False),
+                                   _register_auth(domain, 2, "401", password="wrong")])
+
+
+def auth_stale(domain: str = "example.test", wait_ms: int = 2500) -> str:
+    """REGISTER -> 401; wait past the nonce lifetime; the answer to the old nonce is
+    401 with stale=true; answering the new nonce -> 200."""
+    return scenario("auth-stale", [
+        _register_auth(domain, 1, "401", auth=False),
+        f'  <pause milliseconds="{wait_ms}"/>\n',
+        _register_auth(domain, 2, "401", check_stale=True),
+        _register_auth(domain, 3, "200"),
+    ])
+
+
+def user_args(user: str, password: str) -> tuple[str, ...]:
+    """sipp options making every call act as ``user`` with ``password`` (digest)."""
+    return ("-s", user, "-au", user, "-ap", password)
