@@ -413,8 +413,12 @@ class ClusterManager(Service):
         peer, _ = self.detector.heard(hb, now)
         self.detector.check_config(peer, hb, self.table.digest_of)
         self.table.learn(hb)
-        self.partnerships.heard(peer.id, hb.partners.get(self.node_id), now,
-                                "maintenance" in hb.health)
+        if not self.maintenance:
+            # In maintenance this node serves nothing and its peer is
+            # PARTNER-DOWN by design: that is no conflict; leaving maintenance
+            # goes through RECOVER.
+            self.partnerships.heard(peer.id, hb.partners.get(self.node_id), now,
+                                    "maintenance" in hb.health)
         self.evaluate()
 
     def _deadline(self):

@@ -116,9 +116,9 @@ class PartnerFSM:
                             if self.data_lost else "was RECOVER before restart; resync")
         if s == STARTUP and self.persisted in (POTENTIAL_CONFLICT, CONFLICT_DONE):
             return self._go(POTENTIAL_CONFLICT, now, f"was {self.persisted} before restart")
-        if peer_state == POTENTIAL_CONFLICT and s in (STARTUP, PARTNER_DOWN, COMM_INTERRUPTED,
-                                                      NORMAL):
-            return self._go(POTENTIAL_CONFLICT, now, f"peer {self.peer} in POTENTIAL-CONFLICT")
+        if (peer_state == POTENTIAL_CONFLICT or (peer_state == CONFLICT_DONE and not self.primary)) \
+                and s in (STARTUP, PARTNER_DOWN, COMM_INTERRUPTED, NORMAL):
+            return self._go(POTENTIAL_CONFLICT, now, f"peer {self.peer} in {peer_state}")
         if s == POTENTIAL_CONFLICT:
             return None                      # left by the syncs (sync_done)
         if s == CONFLICT_DONE:

@@ -188,3 +188,14 @@ def test_winner_with_stale_epoch_reasserts_above_max():
     d = decide(SPEC, view, "a", Claim("a", 1))
     assert (d.action, d.epoch) == ("reassert", 3)
     assert decide(SPEC, View({"a", "b"}, {}, max_epoch=3), "a", Claim("a", 3)).action == "keep"
+
+
+def test_secondary_partner_down_follows_a_primary_in_conflict_done():
+    """Found by the simulator: a secondary in PARTNER-DOWN hearing the primary's
+    CONFLICT-DONE joins the resolution (pulls, then NORMAL) instead of waiting forever."""
+    sec = fsm(primary=False)
+    sec.heard(P.NORMAL, 0)
+    sec.partner_down(1)
+    assert sec.heard(P.CONFLICT_DONE, 2).new == P.POTENTIAL_CONFLICT
+    assert sec.wants_sync
+    assert sec.sync_done(3).new == P.NORMAL
