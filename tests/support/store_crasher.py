@@ -790,13 +790,16 @@ def run_forked(req) -> dict:
     t0 = time.monotonic()
     ready_at = None
     deadline = t0 + 30.0
-    kill_at = None
+    # early_ms: kill that long after the fork, READY or not (a crash while
+    # the store opens: WAL recovery, the load, the first expiry deletions)
+    kill_at = t0 + req["early_ms"] / 1000.0 if req.get("early_ms") is not None else None
     eof = False
     while not eof:
         now = time.monotonic()
         if ready_at is None and b"READY" in buf:
             ready_at = now
-            kill_at = now + req["delay_ms"] / 1000.0
+            if req.get("early_ms") is None:
+                kill_at = now + req["delay_ms"] / 1000.0
         limit = kill_at if kill_at is not None else deadline
         if now >= limit:
             break
@@ -917,7 +920,7 @@ def _replay(model: Model, n: int, call, t: float, tr: dict):
         return before, None, f"WRONGTYPE {e}"      # all or nothing
 
 
-def check_round(initial: dict, transcript: str, after: dict) -> dict:
+def check_round(initial: dict, transcript: str, after: dict, started: bool = True) -> dict:
     """Raise CrashCheckFailed unless ``after`` (the store dumped after the
     kill) is ``initial`` plus a prefix of the issued calls covering every ack
     (calls that failed with StoreDown left out: a failure throws them away)."""
@@ -925,7 +928,8 @@ def check_round(initial: dict, transcript: str, after: dict) -> dict:
     issued, acks, errs = tr["issued"], tr["acks"], tr["errs"]
     problems = []
     if tr["ready"] is None:
-        problems.append("the child never became READY")
+        if started or issued:
+            problems.append("the child never became READY")
     elif tr["ready"] != digest(initial):
         problems.append(f"the child loaded state {tr['ready']}, the last check saw "
                         f"{digest(initial)}")
@@ -993,7 +997,7 @@ def run_rounds(rounds: int, fsync: str, seed: int, workdir: Path, chain: int = 4
     own = zygote is None
     zygote = zygote or Zygote()
     stats = {"rounds": 0, "issued": 0, "acked": 0, "unacked_survived": 0, "seconds": 0.0,
-             "ran_ms": 0.0, "outages": 0}
+             "ran_ms": 0.0, "outages": 0, "killed_while_opening": 0}
     t0 = time.monotonic()
     state_dir = None
     initial = None
@@ -1013,18 +1017,19 @@ def run_rounds(rounds: int, fsync: str, seed: int, workdir: Path, chain: int = 4
             shutil.rmtree(before, ignore_errors=True)
             shutil.copytree(state_dir, before)
             transcript = workdir / "transcript.txt"
+            early = rng.uniform(0, 60) if rng.random() < 0.05 else None
             reply = zygote.run(state_dir=str(state_dir), fsync=fsync, seed=round_seed,
-                               delay_ms=delay, transcript=str(transcript),
+                               delay_ms=delay, early_ms=early, transcript=str(transcript),
                                stderr=str(workdir / "stderr.txt"), fault=fault)
             text = transcript.read_text(errors="replace")
             try:
-                if not reply["ready"] or reply["exited_before_kill"]:
+                if reply["exited_before_kill"] or not reply["ready"] and early is None:
                     raise CrashCheckFailed(
                         f"the child did not run until the kill: {reply}; stderr:\n"
                         + (workdir / "stderr.txt").read_text(errors="replace")[-3000:]
                         + "\nstdout tail:\n" + text[-2000:])
                 after = open_and_dump(state_dir, fsync)
-                res = check_round(initial, text, after)
+                res = check_round(initial, text, after, started=reply["ready"])
             except Exception as e:
                 keep = workdir / f"failed-round-{i}"
                 keep.mkdir(exist_ok=True)
@@ -1032,8 +1037,10 @@ def run_rounds(rounds: int, fsync: str, seed: int, workdir: Path, chain: int = 4
                 shutil.copytree(state_dir, keep / "after", dirs_exist_ok=True)
                 shutil.copy(transcript, keep / "transcript.txt")
                 raise CrashCheckFailed(
-                    f"round {i} (fsync={fsync}, fault={fault}, round seed {round_seed}, base seed {seed}, "
-                    f"kill {delay:.0f} ms after READY) failed:\n{e}\n"
+                    f"round {i} (fsync={fsync}, fault={fault}, round seed {round_seed}, "
+                    f"base seed {seed}, "
+                    + (f"kill {early:.0f} ms after the fork" if early is not None
+                       else f"kill {delay:.0f} ms after READY") + f") failed:\n{e}\n"
                     f"kept in {keep}\nre-check: python -m tests.support.store_crasher --check "
                     f"{keep}/before {keep}/after {keep}/transcript.txt\n"
                     f"replay the run: STORE_CRASH_SEED={seed} STORE_CRASH_ROUNDS={i + 1} "
@@ -1047,6 +1054,7 @@ def run_rounds(rounds: int, fsync: str, seed: int, workdir: Path, chain: int = 4
             stats["acked"] += res["acked"]
             stats["unacked_survived"] += res["prefix"] - res["top_ack"]
             stats["outages"] += res["outages"]
+            stats["killed_while_opening"] += not reply["ready"]
             stats["ran_ms"] += reply["ran_ms"]
     finally:
         if own:
