@@ -15,6 +15,7 @@ Nothing here blocks the reactor.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import struct
 
@@ -120,15 +121,30 @@ class _TCPExchange(protocol.Protocol):
 
 
 class DNSClient:
-    """Exchanges DNS messages with ``servers`` (tried in order)."""
+    """Exchanges DNS messages with ``servers``: the last one that answered first,
+    then the others in configured order (review M4).
 
-    def __init__(self, reactor, servers: list[tuple[str, int]], timeout_s: float = 1.0):
+    Within one server a UDP message is sent again at 1/5 and 3/5 of
+    ``timeout_s`` when no answer came (a lost datagram costs a fraction of the
+    timeout, not the next server).  Host names in ``servers`` are resolved
+    through ``reactor.resolve`` (a thread, never the reactor) and cached for
+    ``resolve_ttl_s``.
+    """
+
+    RESEND_AT = (0.2, 0.6)      # fractions of timeout_s
+
+    def __init__(self, reactor, servers: list[tuple[str, int]], timeout_s: float = 1.0,
+                 resolve_ttl_s: float = 60.0):
         self.reactor = reactor
         self.servers = list(servers)
         self.timeout_s = timeout_s
+        self.resolve_ttl_s = resolve_ttl_s
         self._channels: dict[tuple[str, int], _UDPChannel] = {}
         self._ports: list = []
+        self._resolved: dict[str, tuple[str, float]] = {}
+        self.good: tuple[str, int] | None = None     # the last server that answered
         self.tcp_fallbacks = 0
+        self.resends = 0
 
     def close(self) -> defer.Deferred:
         ports, self._ports, self._channels = self._ports, [], {}
@@ -145,12 +161,38 @@ class DNSClient:
             self._channels[server] = ch
         return ch
 
+    def order(self) -> list[tuple[str, int]]:
+        """Servers in the order tried: the last good one first."""
+        if self.good in self.servers:
+            return [self.good] + [s for s in self.servers if s != self.good]
+        return list(self.servers)
+
+    @defer.inlineCallbacks
+    def _address(self, server):
+        """``server`` with its host as an IP literal (resolved off the reactor, cached)."""
+        host, port = server
+        try:
+            ipaddress.ip_address(host)
+            return server
+        except ValueError:
+            pass
+        cached = self._resolved.get(host)
+        now = self.reactor.seconds()
+        if cached is not None and cached[1] > now:
+            return cached[0], port
+        try:
+            address = yield self.reactor.resolve(host, timeout=(max(1, int(self.timeout_s)),))
+        except Exception as e:
+            raise TransportError(f"{host}: cannot resolve: {e}", "resolve") from None
+        self._resolved[host] = (address, now + self.resolve_ttl_s)
+        return address, port
+
     @defer.inlineCallbacks
     def exchange(self, request: dns.message.Message, zone: str, key: str | None,
                  what: str = "update"):
         """Fire with ``(response, server_text)``; see the module docstring."""
         errors: list[DNSError] = []
-        for server in self.servers:
+        for server in self.order():
             try:
                 response = yield self._one(server, request)
             except DNSError as e:
@@ -160,6 +202,7 @@ class DNSClient:
                 continue
             rcode = rcode_text(response)
             if rcode in ("NOERROR", "NXDOMAIN") or rcode in PREREQ_FAILED:
+                self.good = server
                 return response, show_server(server)
             errors.append(UpdateError(zone, show_server(server), rcode, key, what))
         answered = [e for e in errors if isinstance(e, UpdateError)]
@@ -169,22 +212,41 @@ class DNSClient:
         rcode = errors[0].rcode if errors else "error"
         raise TransportError(f"{what} of zone {zone}: no server answered ({reasons})", rcode)
 
-    def _one(self, server, request: dns.message.Message) -> defer.Deferred:
+    @defer.inlineCallbacks
+    def _one(self, named, request: dns.message.Message):
+        server = yield self._address(named)
         ch = self._channels.get(server)
         while ch is not None and request.id in ch.pending:
             request.id = random.randint(0, 65535)
         wire = request.to_wire()
         if len(wire) > UDP_MAX:
-            return self._tcp(server, wire, request)
-        d = self._channel(server).send(request.id, wire)
-        d = self._timeout(d, server, "UDP")
+            response = yield self._tcp(server, wire, request)
+            return response
+        ch = self._channel(server)
+        d = ch.send(request.id, wire)
+        resends = [self.reactor.callLater(self.timeout_s * f, self._resend, ch, request.id, wire)
+                   for f in self.RESEND_AT]
 
-        def got(data: bytes):
-            if len(data) > 2 and data[2] & 0x02:    # TC: ask again over TCP
-                self.tcp_fallbacks += 1
-                return self._tcp(server, wire, request)
-            return read_response(data, request)
-        return d.addCallback(got)
+        def stop_resends(result):
+            for call in resends:
+                if call.active():
+                    call.cancel()
+            return result
+        d = self._timeout(d, server, "UDP").addBoth(stop_resends)
+        data = yield d
+        if len(data) > 2 and data[2] & 0x02:    # TC: ask again over TCP
+            self.tcp_fallbacks += 1
+            response = yield self._tcp(server, wire, request)
+            return response
+        return read_response(data, request)
+
+    def _resend(self, ch: _UDPChannel, msg_id: int, wire: bytes) -> None:
+        if msg_id in ch.pending and ch.transport is not None:
+            self.resends += 1
+            try:
+                ch.transport.write(wire)
+            except OSError:
+                pass      # the refusal arrives through connectionRefused
 
     def _tcp(self, server, wire: bytes, request) -> defer.Deferred:
         host, port = server
