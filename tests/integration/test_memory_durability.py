@@ -44,6 +44,14 @@ def reopen(state_dir) -> EmbeddedStore:
     return store
 
 
+def value(store, key):
+    """``store.get(key)``'s answer (it answers at once).  Kept for
+    tests/support/node_process.stored_string's journal fallback."""
+    out = []
+    store.get(key).addBoth(out.append)
+    return out[0]
+
+
 def run_and_kill(state_dir, fsync, count, window, kill_after):
     """Start the writer, SIGKILL it after ``kill_after`` acks; return the acked indexes."""
     proc = subprocess.Popen(
