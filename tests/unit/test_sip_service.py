@@ -17,7 +17,42 @@ from services.sip.config import SIPConfig
 from services.sip.registrar import Limits
 from services.sip.service import SIPService
 from services.sip.transport import Source, StreamProtocol
-from tests.unit.test_dhcp4_handler_durability import started_store
+from appliance.store.embedded import EmbeddedStore
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+T0 = 1_700_000_000.0
+
+
+class ManualThread:
+    """An EmbeddedStore ``run_in_thread`` whose commit jobs wait until released."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def __call__(self, f, *args):
+        d = defer.Deferred()
+        self.jobs.append((f, args, d))
+        return d
+
+    def run_all(self, fail: bool = False):
+        while self.jobs:
+            f, args, d = self.jobs.pop(0)
+            if fail:
+                d.errback(OSError("disk on fire"))
+            else:
+                d.callback(f(*args))
+
+
+def started_store(tmp_path):
+    """A loaded fsync=always EmbeddedStore on a Clock: ``(clock, thread, store)``."""
+    clock = Clock()
+    clock.advance(T0)
+    thread = ManualThread()
+    store = EmbeddedStore(clock, state_dir=tmp_path, fsync="always", run_in_thread=thread)
+    store.startService()
+    thread.run_all()
+    return clock, thread, store
 
 
 class Peer:
@@ -191,3 +226,16 @@ def test_metrics_collect(tmp_path):
     names = {m.name for m in svc.collect()}
     assert {"appliance_sip_requests", "appliance_sip_responses", "appliance_sip_bindings",
             "appliance_sip_dropped"} <= names
+
+
+def test_store_failure_no_200(tmp_path):
+    """A failed commit: the REGISTER gets 500 with Retry-After, never a 200; counted."""
+    svc, clock, thread, store, rpc = make(tmp_path)
+    peer = Peer()
+    svc.received(req("REGISTER", "sip:example.test", contacts=["<sip:alice@h>"]), peer.src, False)
+    clock.advance(0)
+    thread.run_all(fail=True)
+    clock.advance(0)
+    [answer] = peer.responses()
+    assert answer.code == 500 and answer.get("Retry-After") == "5"
+    assert svc.drops["store_error"] == 1
