@@ -27,11 +27,21 @@ from typing import Any
 import dns.name
 import dns.rdatatype
 
+from appliance.config import Table
 from services.dns.client import parse_server
 from services.dns.records import TYPES, RecordSpec, parse_rdata, zone_of
 from services.dns.tsigkey import KeyFileError, TSIGKey, parse_key_file, select_key
 
 _RESOURCE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class ZoneSettings:
+    """A zone with servers and/or a key of its own (``zones = [{ name, servers, tsig_key_file }]``)."""
+
+    servers: tuple[tuple[str, int], ...]
+    key: TSIGKey | None
+    key_file: str | None
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,7 @@ class DNSConfig:
     retry_max_s: float = 30.0
     ddns: DDNSConfig | None = None
     cluster_id: str | None = None      # identity written into guards (default: derived)
+    zone_settings: Any = None      # zone -> ZoneSettings (own servers or key); None: none
 
 
 def _name(table, key: str, value: Any) -> dns.name.Name | None:
@@ -74,39 +85,34 @@ def _name(table, key: str, value: Any) -> dns.name.Name | None:
 def parse(table, context) -> DNSConfig | None:
     """Validate ``table``; return None after recording problems."""
     problems_before = len(table.problems.items)
-    servers = []
-    for i, text in enumerate(table.list("servers", min_len=1) or ()):
-        path = f"{table.key_path('servers')}[{i}]"
-        if not isinstance(text, str):
-            table.problems.add(path, f"expected a \"host:port\" string, got {type(text).__name__}")
-            continue
-        try:
-            servers.append(parse_server(text))
-        except ValueError as e:
-            table.problems.add(path, str(e))
-
-    key = None
-    key_file = table.path_("tsig_key_file", None)
-    key_name = table.str("tsig_key_name", None)
-    if key_file is not None:
-        try:
-            key = select_key(parse_key_file(Path(key_file).read_text(encoding="utf-8")), key_name)
-        except OSError as e:
-            table.error("tsig_key_file", f"{key_file}: cannot read: {e.strerror or e}")
-        except KeyFileError as e:
-            table.error("tsig_key_file", f"{key_file}: {e}")
-    elif key_name is not None:
-        table.error("tsig_key_name", "needs tsig_key_file")
+    servers = _servers(table, "servers", required=False)
+    key, key_file = _key(table)
 
     zones = []
-    for i, text in enumerate(table.list("zones", min_len=1) or ()):
+    settings = {}
+    zone_items = table.list("zones", min_len=1) or ()
+    for i, item in enumerate(zone_items):
         path = f"zones[{i}]"
-        if isinstance(text, str):
-            zone = _name(table, path, text)
+        if isinstance(item, str):
+            zone = _name(table, path, item)
             if zone is not None:
                 zones.append(zone)
-        else:
-            table.error(path, "expected a zone name string")
+            continue
+        if not isinstance(item, dict):
+            table.error(path, "expected a zone name or { name, servers, tsig_key_file }")
+            continue
+        zt = Table(item, f"{table.key_path('zones')}[{i}]", table.problems)
+        zname = zt.str("name")
+        zone = _name(zt, "name", zname) if zname else None
+        zservers = _servers(zt, "servers", required=False) if zt.has("servers") else None
+        zkey, zkey_file = _key(zt) if zt.has("tsig_key_file") else (key, key_file)
+        zt.done()
+        if zone is not None:
+            zones.append(zone)
+            if zservers is not None or zkey_file != key_file:
+                settings[zone] = ZoneSettings(tuple(zservers or servers), zkey, zkey_file)
+    if not servers and any(z not in settings or not settings[z].servers for z in zones):
+        table.error("servers", "needs at least one server (or servers in every zone)")
 
     default_ttl = table.int("default_ttl", 5, min=0, max=2_147_483_647)
     cluster_id = table.str("cluster_id", None, pattern=re.compile(r"^[A-Za-z0-9_.:-]{1,40}$"),
@@ -175,10 +181,42 @@ def parse(table, context) -> DNSConfig | None:
                                    "update and reconcile would rewrite it forever")
         if name in zones and dns.rdatatype.CNAME in types:
             table.error("records", f"{name}: a CNAME cannot be at a zone apex")
-    if len(table.problems.items) != problems_before or not servers or not zones:
+    if len(table.problems.items) != problems_before or not zones:
         return None
     return DNSConfig(tuple(servers), key, key_file, tuple(zones), default_ttl, tuple(records),
-                     interval, timeout, retry_initial, retry_max, ddns, cluster_id)
+                     interval, timeout, retry_initial, retry_max, ddns, cluster_id,
+                     MappingProxyType(settings))
+
+
+def _servers(table, key: str, required: bool = True) -> list[tuple[str, int]]:
+    servers = []
+    for i, text in enumerate(table.list(key, min_len=1 if required else 0,
+                                        **({} if required else {"default": None})) or ()):
+        path = f"{table.key_path(key)}[{i}]"
+        if not isinstance(text, str):
+            table.problems.add(path, f"expected a \"host:port\" string, got {type(text).__name__}")
+            continue
+        try:
+            servers.append(parse_server(text))
+        except ValueError as e:
+            table.problems.add(path, str(e))
+    return servers
+
+
+def _key(table) -> tuple[TSIGKey | None, str | None]:
+    key = None
+    key_file = table.path_("tsig_key_file", None)
+    key_name = table.str("tsig_key_name", None)
+    if key_file is not None:
+        try:
+            key = select_key(parse_key_file(Path(key_file).read_text(encoding="utf-8")), key_name)
+        except OSError as e:
+            table.error("tsig_key_file", f"{key_file}: cannot read: {e.strerror or e}")
+        except KeyFileError as e:
+            table.error("tsig_key_file", f"{key_file}: {e}")
+    elif key_name is not None:
+        table.error("tsig_key_name", "needs tsig_key_file")
+    return key, key_file
 
 
 def _parse_record(rt, context, nodes: set[str], zones, default_ttl: int) -> RecordSpec | None:

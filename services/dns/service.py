@@ -62,12 +62,22 @@ class DNSService(Service):
         self.cluster = context.cluster
         self.metrics = DNSMetrics(getattr(context, "metrics", None))
         self.client = client or DNSClient(self.reactor, list(config.servers), config.timeout_s)
+        # Zones with servers of their own get a client per distinct server list.
+        self.clients = {tuple(config.servers): self.client}
+        self.zone_routes = {}
+        for zone, zs in (getattr(config, "zone_settings", None) or {}).items():
+            servers = tuple(zs.servers)
+            if servers not in self.clients:
+                self.clients[servers] = (client if client is not None else
+                                         DNSClient(self.reactor, list(servers), config.timeout_s))
+            self.zone_routes[zone] = (self.clients[servers], zs.key)
         section = getattr(getattr(context, "config", None), "cluster", None)
         self.node_ids = sorted({self.node, *(p.id for p in getattr(section, "peers", ()) or ())})
         self.cluster_id = cluster_identity(getattr(config, "cluster_id", None), self.node_ids,
                                            getattr(section, "auth_key_file", None))
         self.updater = Updater(self.client, config.key, self.node, self.reactor, self.metrics,
-                               cluster=self.cluster_id, priority=self._priority)
+                               cluster=self.cluster_id, priority=self._priority,
+                               zones=self.zone_routes)
         self.ddns = None
         if config.ddns is not None:
             dd = config.ddns
@@ -77,7 +87,8 @@ class DNSService(Service):
                 managed=[s.name for s in config.records], clock=self.reactor,
                 attempts=dd.attempts, retry_initial_s=dd.retry_initial_s,
                 retry_max_s=dd.retry_max_s, override_client_update=dd.override_client_update,
-                override_no_update=dd.override_no_update, rng=rng)
+                override_no_update=dd.override_no_update, rng=rng,
+                client_for=self.updater.client_for, key_for=self.updater.key_for)
         self._rng = rng
         self._force: set[tuple[str, str]] = set()       # keys dns.reset_guard asked to force
         self._flush_call = None                          # end-of-turn flush of marked zones
@@ -167,7 +178,9 @@ class DNSService(Service):
             listeners = getattr(res, "listeners", None)
             if isinstance(listeners, list) and self._role_changed in listeners:
                 listeners.remove(self._role_changed)
-        return defer.maybeDeferred(self.client.close)
+        return defer.gatherResults([defer.maybeDeferred(c.close) for c in
+                                    {id(c): c for c in self.clients.values()}.values()],
+                                   consumeErrors=True)
 
     # ------------------------------------------------------------------
     # ownership -> publish
@@ -505,6 +518,10 @@ class DNSService(Service):
         return {"node": self.node, "role": self.role, "cluster_id": self.cluster_id,
                 "servers": [show_server(s) for s in self.config.servers],
                 "key": self.config.key.name if self.config.key else None,
+                "zones": {z.to_text(): {
+                    "servers": [show_server(x) for x in
+                                getattr(self.updater.client_for(z), "servers", ())],
+                    "key": self.updater.key_name_for(z)} for z in self.config.zones},
                 "last_reconcile_s_ago": (None if self.last_reconcile is None else
                                          round(self.reactor.seconds() - self.last_reconcile, 3)),
                 "errors": dict(self.errors), "stats": dict(self.stats), "records": rows}

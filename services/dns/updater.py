@@ -58,9 +58,11 @@ class Updater:
     """
 
     def __init__(self, client, key: TSIGKey | None, node: str, clock, metrics=None, *,
-                 cluster: str = "-", priority=None):
+                 cluster: str = "-", priority=None, zones=None):
         self.client = client
         self.key = key
+        #: zone -> (client, key) for zones with their own servers or key
+        self.zones = dict(zones or {})
         self.node = node
         self.clock = clock
         self.metrics = metrics
@@ -74,6 +76,16 @@ class Updater:
     @property
     def key_name(self) -> str | None:
         return self.key.name if self.key else None
+
+    def client_for(self, zone):
+        return self.zones.get(zone, (self.client, self.key))[0]
+
+    def key_for(self, zone) -> TSIGKey | None:
+        return self.zones.get(zone, (self.client, self.key))[1]
+
+    def key_name_for(self, zone) -> str | None:
+        key = self.key_for(zone)
+        return key.name if key else None
 
     def mine(self, spec, epochs: Mapping[str, int]) -> Guard:
         return Guard(self.node, epochs[spec.resource], spec.resource, self.cluster)
@@ -133,11 +145,12 @@ class Updater:
             if not pending:
                 return result
             upd = build_update(zone, pending, self.guards, lambda spec: self.mine(spec, epochs),
-                               self.key)
+                               self.key_for(zone))
             started = self.clock.seconds()
             result.rounds += 1
             try:
-                response, server = yield self.client.exchange(upd, zone.to_text(), self.key_name)
+                response, server = yield self.client_for(zone).exchange(
+                    upd, zone.to_text(), self.key_name_for(zone))
             except DNSError as e:
                 if self.metrics is not None:
                     self.metrics.failed(e.rcode)
@@ -154,7 +167,7 @@ class Updater:
                 result.applied.extend(pending)
                 return result
             if rcode not in PREREQ_FAILED:
-                raise UpdateError(zone.to_text(), server, rcode, self.key_name)
+                raise UpdateError(zone.to_text(), server, rcode, self.key_name_for(zone))
             # Somebody wrote a guard since we last looked: read, keep what we may overwrite.
             names = sorted({c.spec.name for c in pending})
             current = yield self.read_guards(zone, names)
@@ -166,7 +179,8 @@ class Updater:
                     keep.append(change)
             pending = keep
         if pending:
-            raise UpdateError(zone.to_text(), result.server or "?", "YXRRSET", self.key_name,
+            raise UpdateError(zone.to_text(), result.server or "?", "YXRRSET",
+                              self.key_name_for(zone),
                               "update (guard kept changing)")
         return result
 
@@ -184,11 +198,13 @@ class Updater:
             self.remember(name, rdatas, before[name])
             out[name] = rdatas
         return out
+
     @defer.inlineCallbacks
     def read(self, zone: dns.name.Name, name: dns.name.Name, rdtype):
         """The rdatas the primary publishes at ``name``/``rdtype`` (empty set: none)."""
-        query = make_query(name, rdtype, self.key)
-        response, server = yield self.client.exchange(query, zone.to_text(), self.key_name,
+        query = make_query(name, rdtype, self.key_for(zone))
+        response, server = yield self.client_for(zone).exchange(query, zone.to_text(),
+                                                                self.key_name_for(zone),
                                                       what="query")
-        check_response(response, zone.to_text(), server, self.key_name, "query")
+        check_response(response, zone.to_text(), server, self.key_name_for(zone), "query")
         return answer_rdatas(response, name, rdtype)

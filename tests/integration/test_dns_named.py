@@ -588,3 +588,59 @@ values = { demo = "10.9.0.7" }
         assert node.service.records()["records"][0]["in_sync"]
     finally:
         yield stop(node)
+
+
+@pytest_twisted.inlineCallbacks
+def test_per_zone_servers_and_keys(named_module, tmp_path):
+    """Deliver 3: example.test. on one named with one key, second.test. and the reverse
+    zone 1.9.10.in-addr.arpa. on another named with another key; records and DDNS
+    (two DDNS domains, two reverse zones) each go to their zone's server, signed with
+    its key."""
+    from tests.support.named_fixtures import _require_named
+    from tests.support.named_server import NamedServer
+    _require_named()
+    first = named_module
+    second = NamedServer(zone="second.test.", reverse_zone="1.9.10.in-addr.arpa.",
+                         key_name="second-key").start()
+    try:
+        toml = node_toml("demo", first, tmp_path, """
+[[services.dns.records]]
+name = "one.zones.example.test."
+type = "A"
+resource = "vip1"
+values = { demo = "10.9.0.1" }
+
+[[services.dns.records]]
+name = "two.second.test."
+type = "A"
+resource = "vip1"
+values = { demo = "10.9.1.2" }
+""", extra=f'ddns = {{ forward_zone = "dyn.{ZONE}", forward_zones = ["dyn.second.test."], '
+            f'reverse_zone = "{first.reverse_zone}", reverse_zones = ["1.9.10.in-addr.arpa."] }}')
+        toml = toml.replace(
+            f'zones = ["{ZONE}", "{first.reverse_zone}"]',
+            f'zones = ["{ZONE}", "{first.reverse_zone}", {{ name = "second.test.", servers = '
+            f'["{second.address}"], tsig_key_file = "{second.key_file}" }}, {{ name = '
+            f'"1.9.10.in-addr.arpa.", servers = ["{second.address}"], tsig_key_file = '
+            f'"{second.key_file}" }}]')
+        node = build("demo", toml, tmp_path)
+        yield start(node)
+        try:
+            ok = yield wait_for(lambda: answer(first, "one.zones.example.test.", "A")
+                                == {rd("A", "10.9.0.1")} and answer(second, "two.second.test.", "A")
+                                == {rd("A", "10.9.1.2")}, 3)
+            assert ok, node.service.records()
+            ddns = ddns_provider(node.context)
+            result = yield ddns.lease_bound("pc.dyn.second.test.", "10.9.1.20", b"\x01pc", 60)
+            assert result["forward"] == "added"
+            assert answer(second, "pc.dyn.second.test.", "A") == {rd("A", "10.9.1.20")}
+            assert answer(second, "20.1.9.10.in-addr.arpa.", "PTR") == {
+                rd("PTR", "pc.dyn.second.test.")}
+            result = yield ddns.lease_bound("pc.dyn.example.test.", "10.9.0.20", b"\x01pc", 60)
+            assert answer(first, "20.0.9.10.in-addr.arpa.", "PTR") == {
+                rd("PTR", "pc.dyn.example.test.")}
+            assert node.service.errors == {}
+        finally:
+            yield stop(node)
+    finally:
+        second.cleanup()

@@ -129,3 +129,21 @@ resource = "vip-sip"
 values = { a = "10.9.0.1" }
 """))
     assert "a CNAME cannot share its name with other data (A" in str(e.value)
+
+
+def test_zone_with_its_own_servers_and_key(tmp_path):
+    """zones = ["a", { name, servers, tsig_key_file }]: the second zone has its own
+    servers and key; an unknown key in a zone table is reported."""
+    (tmp_path / "other.key").write_text(KEY.replace("appliance-key", "other-key"))
+    text = toml(tmp_path, "").replace(
+        'zones = ["example.test."]',
+        f'zones = ["example.test.", {{ name = "other.test.", servers = ["10.0.0.9:53"], '
+        f'tsig_key_file = "{tmp_path}/other.key" }}]')
+    cfg = parse(text).services["dns"].config
+    import dns.name
+    zs = cfg.zone_settings[dns.name.from_text("other.test.")]
+    assert zs.servers == (("10.0.0.9", 53),) and zs.key.name == "other-key"
+    assert dns.name.from_text("example.test.") not in cfg.zone_settings
+    with pytest.raises(ConfigError) as e:
+        parse(text.replace('servers = ["10.0.0.9:53"]', 'srvers = ["10.0.0.9:53"]'))
+    assert "srvers" in str(e.value)
