@@ -50,6 +50,8 @@ _CANONICAL["www-authenticate"] = "WWW-Authenticate"
 _CANONICAL["cseq"] = "CSeq"
 _CANONICAL["call-id"] = "Call-ID"
 
+_KNOWN_SPELLINGS = frozenset(_CANONICAL.values())
+
 #: Headers whose comma-separated values are separate entries (RFC 3261 §7.3.1).
 LIST_HEADERS = frozenset({"Via", "Contact", "Route", "Record-Route", "Path", "Allow",
                           "Supported", "Require", "Proxy-Require", "Unsupported",
@@ -85,6 +87,8 @@ class Malformed(Exception):
 
 
 def canonical_name(name: str) -> str:
+    if name in _KNOWN_SPELLINGS:
+        return name
     low = name.lower()
     if low in COMPACT:
         return COMPACT[low]
@@ -313,16 +317,22 @@ class Message:
     def is_request(self) -> bool:
         return self.method is not None
 
+    def _by_name(self) -> dict:
+        index = self.__dict__.get("_index")
+        if index is None or index[0] is not self.headers or index[1] != len(self.headers):
+            table: dict[str, list[str]] = {}
+            for n, v in self.headers:
+                table.setdefault(n, []).append(v)
+            index = (self.headers, len(self.headers), table)
+            self.__dict__["_index"] = index
+        return index[2]
+
     def get(self, name: str, default=None):
-        name = canonical_name(name)
-        for n, v in self.headers:
-            if n == name:
-                return v
-        return default
+        values = self._by_name().get(canonical_name(name))
+        return values[0] if values else default
 
     def get_all(self, name: str) -> list[str]:
-        name = canonical_name(name)
-        return [v for n, v in self.headers if n == name]
+        return list(self._by_name().get(canonical_name(name), ()))
 
     def add(self, name: str, value: str) -> None:
         self.headers.append((canonical_name(name), value))
@@ -339,11 +349,19 @@ class Message:
     # -- parsed views ---------------------------------------------------
     @property
     def vias(self) -> list[Via]:
-        return [parse_via(v) for v in self.get_all("Via")]
+        raw = self.get_all("Via")
+        cached = self.__dict__.get("_vias")
+        if cached is None or cached[0] != raw:
+            cached = (raw, [parse_via(v) for v in raw])
+            self.__dict__["_vias"] = cached
+        return cached[1]
 
     @property
     def top_via(self) -> Via:
-        return parse_via(self.get_all("Via")[0])
+        vias = self.vias
+        if not vias:
+            raise IndexError("no Via")
+        return vias[0]
 
     @property
     def call_id(self) -> str:
