@@ -11,8 +11,20 @@ starts on 127.0.0.1 (temp dir, TSIG-protected zone, high port):
   and stamps the moment the new A answer is visible.  Metrics
   ``visible_ms_p50`` / ``visible_ms_p95`` (promote call -> answer visible),
   over 50 moves (``--quick``: 15).
+  Measured from ``promote()`` (an operator decision), not from failure detection.
+  Also reported: the mean UPDATE round trip and ``cas_misses`` (UPDATEs whose
+  guard prerequisite failed because the expected guard was stale).
 * ``sequential`` -- ``updates_per_s``: signed UPDATEs (each with its guard
-  prerequisite) one after the other through the service's Updater.
+  prerequisites) one after the other through the service's Updater; each one
+  really changes data (the A record alternates between two values), so BIND
+  bumps the serial and writes and fsyncs its journal.  Baselines in the same
+  run, same named, same message shape: ``dnspython`` (built, signed, sent with
+  ``dns.query.udp``) and ``nsupdate`` (``nsupdate -k``, one process, process
+  start excluded).
+
+named runs as shipped: its default worker count (``-n`` not given) and its
+directory on disk (under /var/tmp; the filesystem type is logged).  The
+ClusterManagers run without a store (epoch persistence is not in the path).
 
     python bench/dns.py [--quick] [--json]
 
@@ -94,6 +106,89 @@ class Poller(threading.Thread):
             time.sleep(0.001)
 
 
+def fs_type(path: Path) -> str:
+    """The filesystem type holding ``path`` (from /proc/mounts)."""
+    best, kind = "", "?"
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            _, mount, fstype = line.split()[:3]
+            if str(path.resolve()).startswith(mount) and len(mount) > len(best):
+                best, kind = mount, fstype
+    except OSError:
+        pass
+    return kind
+
+
+def baseline_message(server, key, shape, value: str):
+    """The appliance's UPDATE shape in plain dnspython: per name a guard prerequisite
+    (value-dependent), the rrset replaced, the guard replaced."""
+    import dns.tsig
+    import dns.update
+    www, srv, guards = shape
+    upd = dns.update.UpdateMessage(server.zone, keyring=dns.tsig.Key(key.name, key.secret,
+                                                                     key.algorithm),
+                                   keyname=key.name)
+    for spec in (www, srv):
+        gname = "_appliance-owner." + spec.name.to_text()
+        upd.present(gname, "TXT", f'"{guards[spec.name]}"')
+        upd.replace(gname, spec.ttl, "TXT", f'"{guards[spec.name]}"')
+    upd.replace(www.name, www.ttl, "A", value)
+    srv_values = sorted(rd.to_text() for rd in srv.values.values())
+    upd.replace(srv.name, srv.ttl, "SRV", *srv_values)
+    return upd
+
+
+def dnspython_baseline(server, key, shape, n: int) -> float:
+    """The same changing UPDATE, built, signed and sent with dns.query.udp, one after another."""
+    import dns.query
+    values = ("10.9.0.21", "10.9.0.22")
+    t0 = time.perf_counter()
+    for i in range(n):
+        r = dns.query.udp(baseline_message(server, key, shape, values[i % 2]), "127.0.0.1",
+                          port=server.port, timeout=2)
+        if r.rcode() != 0:
+            raise RuntimeError(f"dnspython baseline: rcode {r.rcode()}")
+    return n / (time.perf_counter() - t0)
+
+
+def nsupdate_baseline(server, shape, n: int) -> float | None:
+    """``nsupdate -k`` sending the same changing UPDATE ``n`` times in one process
+    (rate from the difference of an n-update and a 1-update run: process start excluded)."""
+    import shutil
+    import subprocess
+    exe = shutil.which("nsupdate")
+    if exe is None:
+        log("nsupdate missing (bind9-dnsutils): no nsupdate row")
+        return None
+    www, srv, guards = shape
+
+    def script(count: int) -> str:
+        out = [f"server 127.0.0.1 {server.port}", f"zone {server.zone}"]
+        for i in range(count):
+            for spec in (www, srv):
+                g = "_appliance-owner." + spec.name.to_text()
+                out.append(f'prereq yxrrset {g} IN TXT "{guards[spec.name]}"')
+                out.append(f"update delete {g} TXT")
+                out.append(f'update add {g} {spec.ttl} TXT "{guards[spec.name]}"')
+            out.append(f"update delete {www.name} A")
+            out.append(f"update add {www.name} {www.ttl} A 10.9.0.{31 + i % 2}")
+            out.append(f"update delete {srv.name} SRV")
+            for rd in srv.values.values():
+                out.append(f"update add {srv.name} {srv.ttl} SRV {rd.to_text()}")
+            out.append("send")
+        return "\n".join(out) + "\n"
+
+    def timed(count: int) -> float:
+        t0 = time.perf_counter()
+        p = subprocess.run([exe, "-k", str(server.key_file)], input=script(count), text=True,
+                           capture_output=True, timeout=300)
+        if p.returncode != 0:
+            raise RuntimeError(f"nsupdate failed: {p.stderr[-500:]}")
+        return time.perf_counter() - t0
+    one = min(timed(1) for _ in range(3))
+    return (n - 1) / max(1e-6, timed(n) - one)
+
+
 def node_toml(me, server, tmp, hb_port):
     other = "b" if me == "a" else "a"
     addr = {"a": "127.0.0.1", "b": "127.0.0.2"}
@@ -147,7 +242,7 @@ async def run(reactor, args) -> list[dict]:
     from appliance.config import config_from_string
     from appliance.plugin import NodeContext
     from services.dns.plugin import dns_plugin
-    from services.dns.records import plan
+    from services.dns.records import Change, plan
     from services.dns.service import DNSService
     from tests.support.named_server import NamedServer, free_port
 
@@ -156,9 +251,17 @@ async def run(reactor, args) -> list[dict]:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-dns-"))
     (tmp / "cluster.key").write_text("k" * 32)
-    server = NamedServer().start()
-    reactor.addSystemEventTrigger("after", "shutdown", server.cleanup)   # also on SIGTERM
-    log(f"named on {server.address}")
+    # named as shipped: its default worker count, its directory on disk (ext4 here),
+    # so every changing update pays BIND's journal write and fsync
+    workdir = Path(tempfile.mkdtemp(prefix="bench-named-", dir="/var/tmp"))
+    server = NamedServer(workdir=workdir, workers=None).start()
+    import shutil
+
+    def cleanup():
+        server.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+    reactor.addSystemEventTrigger("after", "shutdown", cleanup)   # also on SIGTERM
+    log(f"named on {server.address}, directory {workdir} ({fs_type(workdir)}), default workers")
     rows: list[dict] = []
     nodes = {}
     try:
@@ -208,6 +311,10 @@ async def run(reactor, args) -> list[dict]:
                 await sleep(0.01)
             await sleep(0.05)
         poller.stop = True
+        prereq = sum(n[1].context.metrics.get_sample_value(
+            "appliance_dns_updates_total", {"rcode": r}) or 0
+            for n in nodes.values() for r in ("NXRRSET", "YXRRSET"))
+        log(f"move: {int(prereq)} UPDATEs failed their guard prerequisite (stale expectation)")
         lat = [n[1].metrics.latency.collect()[0] for n in nodes.values()]
         total = sum(m.value for h in lat for m in h.samples if m.name.endswith("_sum"))
         count = sum(m.value for h in lat for m in h.samples if m.name.endswith("_count"))
@@ -222,30 +329,59 @@ async def run(reactor, args) -> list[dict]:
                  {"system": "appliance", "case": "move", "metric": "visible_ms_p95",
                   "value": round(p95, 3), "unit": "ms", "moves": moves, "missed": missed},
                  {"system": "appliance", "case": "move", "metric": "update_rtt_ms_mean",
-                  "value": round(update_ms, 3), "unit": "ms"}]
+                  "value": round(update_ms, 3), "unit": "ms"},
+                 {"system": "appliance", "case": "move", "metric": "cas_misses",
+                  "value": int(prereq), "unit": "updates"}]
 
-        # sequential signed updates through the owner's updater
+        # sequential signed updates through the owner's updater; every update really
+        # changes data (the A alternates between two values: BIND bumps the serial,
+        # writes its journal and fsyncs -- a repeated identical update is a no-op)
         cluster, service = nodes[owner]
         zone = dns.name.from_text(server.zone)
         epochs = dict(service.owned)
         changes = plan(service.config.records, epochs, owner)[zone]
+        www = next(c for c in changes if c.spec.type_text == "A")
+        srv = [c for c in changes if c is not www]
+        alt = [dns.rdata.from_text("IN", "A", "10.9.0.11"), dns.rdata.from_text("IN", "A", "10.9.0.12")]
+        batches = [[Change(www.spec, frozenset([alt[i % 2]]), "bench")] + srv for i in range(2)]
         n = 200 if args.quick else 1000
+        rounds = 0
         t0 = time.perf_counter()
-        for _ in range(n):
-            await service.updater.publish(zone, changes, epochs)
+        for i in range(n):
+            result = await service.updater.publish(zone, batches[i % 2], epochs)
+            rounds += result.rounds
         rate = n / (time.perf_counter() - t0)
-        log(f"sequential: {n} signed updates, {rate:.0f}/s")
+        log(f"sequential: {n} signed changing updates, {rate:.0f}/s ({rounds} UPDATEs sent)")
         rows.append({"system": "appliance", "case": "sequential", "metric": "updates_per_s",
                      "value": round(rate, 1), "unit": "updates/s", "updates": n})
-        rows.append({"system": "appliance", "case": "move", "metric": "updates_per_s",
+        guards = {}
+        for c in changes:
+            g = service.updater.guards[c.spec.name]
+            guards[c.spec.name] = b"".join(next(iter(g)).strings).decode()
+        for cluster, service in nodes.values():      # quiet reactor for the baselines
+            if service.running:
+                await service.stopService()
+            if cluster.running:
+                await cluster.stopService()
+        key = service.config.key
+        shape = (www.spec, srv[0].spec, guards)
+        rate = dnspython_baseline(server, key, shape, n)
+        log(f"sequential: dnspython dns.query.udp, the same UPDATE: {rate:.0f}/s")
+        rows.append({"system": "dnspython", "case": "sequential", "metric": "updates_per_s",
                      "value": round(rate, 1), "unit": "updates/s", "updates": n})
+        rate = nsupdate_baseline(server, shape, 200 if args.quick else 500)
+        if rate is not None:
+            log(f"sequential: nsupdate -k, the same UPDATE: {rate:.0f}/s")
+            rows.append({"system": "nsupdate", "case": "sequential", "metric": "updates_per_s",
+                         "value": round(rate, 1), "unit": "updates/s",
+                         "updates": 200 if args.quick else 500})
     finally:
         for cluster, service in nodes.values():
             if service.running:
                 await service.stopService()
             if cluster.running:
                 await cluster.stopService()
-        server.cleanup()
+        cleanup()
     return rows
 
 

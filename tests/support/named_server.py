@@ -75,8 +75,10 @@ class NamedServer(DirServerProcess):
 
     def __init__(self, *, zone: str = "example.test.", reverse_zone: str = "0.9.10.in-addr.arpa.",
                  key_name: str = "appliance-key", port: int | None = None,
-                 workdir: str | Path | None = None, extra_zones: tuple[str, ...] = ()):
+                 workdir: str | Path | None = None, extra_zones: tuple[str, ...] = (),
+                 workers: int | None = 1):
         self.named = find_named() or "named"
+        self.workers = workers          # named -n; None: named's default (one per CPU)
         self.zone = zone if zone.endswith(".") else zone + "."
         self.reverse_zone = reverse_zone if reverse_zone.endswith(".") else reverse_zone + "."
         self.zones = (self.zone, self.reverse_zone, *extra_zones)
@@ -140,7 +142,8 @@ controls {{ }};
         if self.alive:
             return self
         self._write()
-        return self._launch([self.named, "-f", "-g", "-4", "-n", "1", "-c", str(self.conf)],
+        workers = ["-n", str(self.workers)] if self.workers else []
+        return self._launch([self.named, "-f", "-g", "-4", *workers, "-c", str(self.conf)],
                             timeout)
 
     def wait_ready(self, timeout: float = 15.0) -> None:
