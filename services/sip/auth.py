@@ -13,7 +13,8 @@ trip per UA, nothing more).  Replay protection: per nonce, the highest
 nonce-count seen; a count not above it is refused (``stale=true``).  The
 table of counts holds only live nonces (swept with the nonce lifetime).
 
-Credentials come from an HA1 file (:class:`HA1File`): lines
+Credentials come from LDAP (:mod:`services.sip.ldap_credentials`, lookups
+return Deferreds) or from an HA1 file (:class:`HA1File`): lines
 ``user:realm:HA1`` (htdigest, MD5) or ``user:realm:ALGORITHM:HA1``; ``#``
 starts a comment.  An HA1 is ``H(user:realm:password)`` with the algorithm's
 hash, so the file holds no password.
@@ -33,6 +34,8 @@ import hmac
 import os
 import struct
 from dataclasses import dataclass, field
+
+from twisted.internet.defer import Deferred
 
 ALGORITHMS = {
     "MD5": lambda b: hashlib.md5(b).hexdigest(),
@@ -192,9 +195,11 @@ class DigestAuth:
         self.results[verdict.result] = self.results.get(verdict.result, 0) + 1
         return verdict
 
-    def check(self, method: str, authorizations: list[str], expected_user: str | None) -> Verdict:
+    def check(self, method: str, authorizations: list[str], expected_user: str | None):
         """Authenticate a request with these ``Authorization`` values;
-        ``expected_user``: the user part the credentials must name (None: any)."""
+        ``expected_user``: the user part the credentials must name (None: any).
+        A :class:`Verdict`, or a Deferred firing with one when the credentials
+        come from a directory (failing with its error when it cannot answer)."""
         mine = []
         for value in authorizations:
             try:
@@ -225,6 +230,11 @@ class DigestAuth:
         if expected_user is not None and user != expected_user:
             return self._count(Verdict("user_mismatch", 403, [], user))
         secret = self.credentials.lookup(user, self.realm, algorithm)
+        if isinstance(secret, Deferred):       # a directory: the verdict comes later
+            return secret.addCallback(self._verify, method, p, algorithm, nonce, nc, issued, user)
+        return self._verify(secret, method, p, algorithm, nonce, nc, issued, user)
+
+    def _verify(self, secret, method, p, algorithm, nonce, nc, issued, user) -> Verdict:
         if secret is None:
             return self.challenge("unknown_user")
         h = ALGORITHMS[algorithm]

@@ -20,6 +20,19 @@ Example (see ``etc/sip.toml``)::
     algorithms = ["SHA-256", "MD5"]     # offered in this order (RFC 8760)
     nonce_ttl_s = 300                   # older nonces: 401 with stale=true
     invite = false                      # also challenge INVITEs
+    # instead of ha1_file, a directory (cleartext password attribute):
+    [services.sip.auth.ldap]
+    servers = ["ldap://10.0.0.5", "ldap://10.0.0.6"]   # tried in turn
+    base_dn = "ou=people,dc=example,dc=net"
+    bind_dn = "cn=sip,dc=example,dc=net"              # with password_file; else anonymous
+    password_file = "etc/ldap.pw"
+    filter = "(uid={user})"
+    password_attribute = "userPassword"
+    strategy = "first"                                # or "round_robin"
+    timeout_s = 2                                     # per server: connect and answer
+    cache_ttl_s = 60                                  # answers cached this long
+    serve_stale = true                                # directory down: last good answer
+    stale_max_s = 86400                               # ... if not older than this
 """
 
 from __future__ import annotations
@@ -35,11 +48,12 @@ _DOMAIN = re.compile(r"^[A-Za-z0-9.\-]{1,253}(:\d{1,5})?$")
 @dataclass(frozen=True)
 class AuthConfig:
     realm: str
-    ha1_file: str
-    credentials: object            # services.sip.auth.HA1File
+    ha1_file: str | None
+    credentials: object            # services.sip.auth.HA1File (None with ldap)
     algorithms: tuple[str, ...]
     nonce_ttl_s: float
     invite: bool
+    ldap: object = None            # services.sip.ldap_credentials.LdapSettings
 
 
 @dataclass(frozen=True)
@@ -106,7 +120,14 @@ def _parse_auth(at, domains) -> AuthConfig | None:
     realm = at.str("realm", domains[0] if domains else None)
     if realm is None and not at.has("realm"):
         at.error("realm", "missing (required when domains is empty)")
-    ha1_file = at.path_("ha1_file")
+    ha1_file = at.path_("ha1_file", None)
+    ldap = None
+    lt = at.table("ldap")
+    if lt is not None:
+        ldap = _parse_ldap(lt)
+        lt.done()
+    if (ha1_file is None) == (lt is None):
+        at.error(None, "needs exactly one of ha1_file and ldap")
     algorithms = []
     for i, a in enumerate(at.list("algorithms", default=["SHA-256", "MD5"], min_len=1) or ()):
         if not isinstance(a, str) or a.upper() not in ALGORITHMS:
@@ -124,6 +145,43 @@ def _parse_auth(at, domains) -> AuthConfig | None:
             at.error("ha1_file", f"{ha1_file}: cannot read: {e.strerror or e}")
         except HA1FileError as e:
             at.error("ha1_file", str(e))
-    if None in (realm, credentials, ttl, invite) or not algorithms:
+    if None in (realm, ttl, invite) or not algorithms or (credentials is None and ldap is None):
         return None
-    return AuthConfig(realm, ha1_file, credentials, tuple(algorithms), ttl, invite)
+    return AuthConfig(realm, ha1_file, credentials, tuple(algorithms), ttl, invite, ldap)
+
+
+def _parse_ldap(lt):
+    from pathlib import Path
+
+    from services.sip.ldap_credentials import LdapSettings
+    servers = []
+    for i, url in enumerate(lt.list("servers", min_len=1) or ()):
+        if not isinstance(url, str) or not url.startswith(("ldap://", "ldaps://")):
+            lt.problems.add(f"{lt.key_path('servers')}[{i}]",
+                            f"{url!r} is not an ldap:// or ldaps:// URL")
+        else:
+            servers.append(url)
+    base_dn = lt.str("base_dn")
+    bind_dn = lt.str("bind_dn", None)
+    password_file = lt.path_("password_file", None)
+    password = None
+    if password_file is not None:
+        try:
+            password = Path(password_file).read_text(encoding="utf-8").strip()
+        except OSError as e:
+            lt.error("password_file", f"{password_file}: cannot read: {e.strerror or e}")
+    elif bind_dn is not None:
+        lt.error("bind_dn", "needs password_file")
+    flt = lt.str("filter", "(uid={user})")
+    if flt is not None and "{user}" not in flt:
+        lt.error("filter", f'"{flt}" does not contain {{user}}')
+    attr = lt.str("password_attribute", "userPassword")
+    strategy = lt.str("strategy", "first", choices=("first", "round_robin"))
+    timeout = lt.float("timeout_s", 2.0, min=0.1, max=60)
+    ttl = lt.float("cache_ttl_s", 60.0, min=0, max=86400)
+    serve_stale = lt.bool("serve_stale", True)
+    stale_max = lt.float("stale_max_s", 86400.0, min=0, max=30 * 86400)
+    if not servers or None in (base_dn, flt, attr, strategy, timeout, ttl, serve_stale, stale_max):
+        return None
+    return LdapSettings(tuple(servers), base_dn, bind_dn, password, flt, attr, strategy, timeout,
+                        ttl, serve_stale, stale_max)

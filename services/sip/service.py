@@ -17,7 +17,7 @@ is being handled) -> the method:
 With ``[services.sip.auth]`` REGISTERs (and INVITEs if ``invite = true``)
 need digest credentials (:mod:`services.sip.auth`) naming the To user.
 
-Not here yet (issue 14): LDAP credentials, replication to a backup,
+Not here yet (issue 14): replication to a backup,
 sharding; the service reports role ``standalone``.
 """
 
@@ -73,7 +73,12 @@ class SIPService(Service):
         if config.auth is not None:
             from services.sip.auth import DigestAuth
             a = config.auth
-            self.auth = DigestAuth(a.realm, a.credentials, algorithms=a.algorithms,
+            credentials = a.credentials
+            if a.ldap is not None:
+                from services.sip.ldap_credentials import LdapCredentials
+                credentials = LdapCredentials(self.reactor, a.ldap)
+            self.credentials = credentials
+            self.auth = DigestAuth(a.realm, credentials, algorithms=a.algorithms,
                                    nonce_ttl_s=a.nonce_ttl_s, now=self.reactor.seconds)
         self._tag = secrets.token_hex(3)
         self._counter = 0
@@ -280,8 +285,9 @@ class SIPService(Service):
             return self._answer(key, src, self._response(msg, 404, f"Not Found ({e})"[:80]))
         if not self._domain_ok(domain) or not self._domain_ok(aor.rpartition("@")[2]):
             return self._answer(key, src, self._response(msg, 404, "Domain Not Served"))
-        if not self._authorized(msg, key, src, aor):
-            return
+        self._authorized(msg, key, src, aor, self._store_binding)
+
+    def _store_binding(self, msg: M.Message, key, src: Source, aor: str) -> None:
         received = str(src)
         now = self.reactor.seconds()
         d = self.location.update(
@@ -290,22 +296,44 @@ class SIPService(Service):
                        errbackArgs=(msg, key, src))
         d.addErrback(lambda f: _log.failure("sip: REGISTER answer failed", failure=f))
 
-    def _authorized(self, msg: M.Message, key, src: Source, aor: str | None) -> bool:
-        """True if no auth is configured or the request carries good credentials;
-        otherwise answer (401 challenge, 403, 400) and return False."""
+    def _authorized(self, msg: M.Message, key, src: Source, aor: str | None, then) -> None:
+        """Call ``then(msg, key, src, aor)`` if no auth is configured or the request
+        carries good credentials; otherwise answer (401 challenge, 403, 400, or 503
+        when the directory cannot answer)."""
         if self.auth is None:
-            return True
-        user = aor.split(":", 1)[1].rpartition("@")[0] if aor else None
-        verdict = self.auth.check(msg.method, msg.get_all("Authorization"), user)
+            return then(msg, key, src, aor)
+        # a REGISTER must authenticate as the user it registers; an INVITE as anyone
+        user = aor.split(":", 1)[1].rpartition("@")[0] if msg.method == "REGISTER" else None
+        try:
+            verdict = self.auth.check(msg.method, msg.get_all("Authorization"), user)
+        except Exception:
+            _log.failure("sip: authentication check failed")
+            return self._answer(key, src, self._response(msg, 500))
+        if isinstance(verdict, defer.Deferred):
+            verdict.addCallbacks(self._verdict, self._directory_failed,
+                                 callbackArgs=(msg, key, src, aor, then),
+                                 errbackArgs=(msg, key, src))
+            verdict.addErrback(lambda f: _log.failure("sip: answer after auth failed", failure=f))
+            return
+        self._verdict(verdict, msg, key, src, aor, then)
+
+    def _verdict(self, verdict, msg, key, src, aor, then) -> None:
         if verdict.code == 0:
-            return True
+            return then(msg, key, src, aor)
         reason = {403: "Forbidden (credentials of another user)",
                   400: "Bad Authorization header"}.get(verdict.code)
         resp = self._response(msg, verdict.code, reason)
         for name, value in verdict.headers:
             resp.add(name, value)
         self._answer(key, src, resp)
-        return False
+
+    def _directory_failed(self, failure, msg, key, src) -> None:
+        self.drop("directory_unavailable")
+        self.auth.results["directory_unavailable"] = \
+            self.auth.results.get("directory_unavailable", 0) + 1
+        resp = self._response(msg, 503, "Directory Unavailable")
+        resp.add("Retry-After", "5")
+        self._answer(key, src, resp)
 
     def _registered(self, decision, msg, key, src, now) -> None:
         resp = self._response(msg, decision.code, decision.reason)
@@ -336,9 +364,11 @@ class SIPService(Service):
             return self._answer(key, src, self._response(msg, 416))
         if not self._domain_ok(aor.rpartition("@")[2]):
             return self._answer(key, src, self._response(msg, 404, "Domain Not Served"))
-        if self.config.auth is not None and self.config.auth.invite and \
-                not self._authorized(msg, key, src, None):
-            return
+        if self.config.auth is not None and self.config.auth.invite:
+            return self._authorized(msg, key, src, aor, self._redirect)
+        self._redirect(msg, key, src, aor)
+
+    def _redirect(self, msg: M.Message, key, src: Source, aor: str) -> None:
         d = self.location.read(aor)
 
         def found(result):
@@ -418,7 +448,15 @@ class SIPService(Service):
                 "drops": dict(self.drops), "bindings": self.location.count,
                 "transactions": len(self.transactions), "connections": self.connections,
                 "auth": dict(self.auth.results) if self.auth is not None else None,
+                "ldap": self._ldap_stats(),
                 "counters": dict(self.stats)}
+
+    def _ldap_stats(self):
+        creds = getattr(self, "credentials", None)
+        if creds is None or not hasattr(creds, "last_server"):
+            return None
+        return {**creds.stats, "server": creds.last_server, "last_error": creds.last_error,
+                "cached_users": len(creds.cache)}
 
     def collect(self):
         req = CounterMetricFamily("appliance_sip_requests", "SIP requests received, by method",
