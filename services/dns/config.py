@@ -72,6 +72,8 @@ class DNSConfig:
     ddns: DDNSConfig | None = None
     cluster_id: str | None = None      # identity written into guards (default: derived)
     zone_settings: Any = None      # zone -> ZoneSettings (own servers or key); None: none
+    verify_secondaries: tuple[tuple[str, int], ...] = ()   # check they reach the new serial
+    verify_timeout_s: float = 5.0
 
 
 def _name(table, key: str, value: Any) -> dns.name.Name | None:
@@ -115,6 +117,8 @@ def parse(table, context) -> DNSConfig | None:
         table.error("servers", "needs at least one server (or servers in every zone)")
 
     default_ttl = table.int("default_ttl", 5, min=0, max=2_147_483_647)
+    secondaries = _servers(table, "verify_secondaries", required=False)
+    verify_timeout = table.float("verify_timeout_s", 5.0, min=0.1, max=3600)
     cluster_id = table.str("cluster_id", None, pattern=re.compile(r"^[A-Za-z0-9_.:-]{1,40}$"),
                            describe="letters, digits, '_', '.', ':', '-' (1-40)")
     interval = table.float("reconcile_interval_s", 30.0, min=0.1, max=86400)
@@ -185,7 +189,7 @@ def parse(table, context) -> DNSConfig | None:
         return None
     return DNSConfig(tuple(servers), key, key_file, tuple(zones), default_ttl, tuple(records),
                      interval, timeout, retry_initial, retry_max, ddns, cluster_id,
-                     MappingProxyType(settings))
+                     MappingProxyType(settings), tuple(secondaries), verify_timeout)
 
 
 def _servers(table, key: str, required: bool = True) -> list[tuple[str, int]]:

@@ -23,7 +23,7 @@ from typing import Any
 import dns.name
 import dns.rdatatype
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from appliance.admin.rpc import ApplicationError, Param, Params
@@ -92,6 +92,11 @@ class DNSService(Service):
         self._rng = rng
         self._force: set[tuple[str, str]] = set()       # keys dns.reset_guard asked to force
         self._flush_call = None                          # end-of-turn flush of marked zones
+        self.config_secondaries = tuple(getattr(config, "verify_secondaries", ()) or ())
+        self.secondaries: dict[str, dict[str, dict]] = {}  # zone -> server -> state
+        self._verifying: dict[dns.name.Name, Any] = {}
+        self._verify_again: set = set()
+        self._secondary_clients = {}
         self.owned: dict[str, int] = {}                  # resource -> epoch this node holds
         self.published: dict[tuple[str, str], frozenset | None] = {}   # last read or written
         self.dirty: dict[dns.name.Name, dict[tuple[str, str], str]] = {}
@@ -178,8 +183,9 @@ class DNSService(Service):
             listeners = getattr(res, "listeners", None)
             if isinstance(listeners, list) and self._role_changed in listeners:
                 listeners.remove(self._role_changed)
+        clients = [*self.clients.values(), *self._secondary_clients.values()]
         return defer.gatherResults([defer.maybeDeferred(c.close) for c in
-                                    {id(c): c for c in self.clients.values()}.values()],
+                                    {id(c): c for c in clients}.values()],
                                    consumeErrors=True)
 
     # ------------------------------------------------------------------
@@ -279,6 +285,8 @@ class DNSService(Service):
                       server=result.server)
         self.stats["updates"] += 1
         self.last_success[zone.to_text()] = self._wall()
+        if result.applied and self.config_secondaries:
+            self._verify(zone)
         for change in result.applied:
             spec = change.spec
             self.blocked.pop(spec.key, None)
@@ -338,6 +346,73 @@ class DNSService(Service):
         if self.running:
             self.retry_calls[zone] = self.reactor.callLater(delay, self._retry, zone)
         self._fire_waiters([zone], message)
+
+    # ------------------------------------------------------------------
+    # verify_secondaries: did they pick up the new serial?
+    # ------------------------------------------------------------------
+    def _secondary_client(self, server):
+        client = self._secondary_clients.get(server)
+        if client is None:
+            client = self._secondary_clients[server] = DNSClient(
+                self.reactor, [server], self.config.timeout_s)
+        return client
+
+    async def _serial(self, client, zone, key=None) -> int | None:
+        from services.dns.message import answer_rdatas, make_query
+        response, _ = await client.exchange(make_query(zone, dns.rdatatype.SOA, key),
+                                            zone.to_text(), key.name if key else None, "query")
+        soa = answer_rdatas(response, zone, dns.rdatatype.SOA)
+        return next(iter(soa)).serial if soa else None
+
+    def _verify(self, zone) -> None:
+        """After an UPDATE: read the primary's SOA serial, then poll each secondary until
+        it serves that serial or later (``verify_timeout_s``); shown in dns.records."""
+        running = self._verifying.get(zone)
+        if running is not None and not running.called:
+            self._verify_again.add(zone)
+            return
+        d = defer.ensureDeferred(self._verify_zone(zone))
+        d.addErrback(lambda f: _log.warn("dns: secondary check of {zone} failed: {why}",
+                                         zone=zone.to_text(), why=f.getErrorMessage()))
+
+        def done(_):
+            if zone in self._verify_again and self.running:
+                self._verify_again.discard(zone)
+                self._verify(zone)
+        d.addBoth(done)
+        self._verifying[zone] = d
+
+    async def _verify_zone(self, zone) -> None:
+        started = self.reactor.seconds()
+        want = await self._serial(self.updater.client_for(zone), zone, self.updater.key_for(zone))
+        states = self.secondaries.setdefault(zone.to_text(), {})
+        pending = list(self.config_secondaries)
+        while pending and self.running:
+            for server in list(pending):
+                name = show_server(server)
+                state = states.setdefault(name, {})
+                try:
+                    serial = await self._serial(self._secondary_client(server), zone)
+                    state.update(serial=serial, error=None)
+                except DNSError as e:
+                    serial = None
+                    state.update(error=str(e))
+                state["want"] = want
+                ok = serial is not None and want is not None and \
+                    (serial - want) % 2**32 < 2**31
+                state["in_sync"] = ok
+                if ok:
+                    state["lag_ms"] = round((self.reactor.seconds() - started) * 1000, 1)
+                    pending.remove(server)
+            if not pending or self.reactor.seconds() - started > self.config.verify_timeout_s:
+                break
+            await task.deferLater(self.reactor, 0.1, lambda: None)
+        for server in pending:
+            states[show_server(server)]["lag_ms"] = None
+            _log.warn("dns: secondary {server} still serves serial {serial} of {zone}, the "
+                      "primary {want} ({s:g} s after the update)", server=show_server(server),
+                      serial=states[show_server(server)].get("serial"), zone=zone.to_text(),
+                      want=want, s=self.config.verify_timeout_s)
 
     def _retry(self, zone) -> None:
         self.retry_calls.pop(zone, None)
@@ -484,6 +559,11 @@ class DNSService(Service):
                     ["zone"], [((z,), self.last_success.get(z, 0.0)) for z in zones])
         yield gauge("appliance_dns_zone_error", "1 while the last UPDATE of the zone failed",
                     ["zone"], [((z,), 1.0 if z in self.errors else 0.0) for z in zones])
+        yield gauge("appliance_dns_secondary_in_sync",
+                    "1 when the secondary served the primary's serial after the last update",
+                    ["zone", "server"], [((z, srv), 1.0 if st.get("in_sync") else 0.0)
+                                         for z, v in self.secondaries.items()
+                                         for srv, st in v.items()])
         yield gauge("appliance_dns_guard_blocked_records",
                     "Records not written because the server's guard names a newer owner "
                     "(dns.reset_guard clears a stale one)", [], [((), len(self.blocked))])
@@ -524,6 +604,8 @@ class DNSService(Service):
                     "key": self.updater.key_name_for(z)} for z in self.config.zones},
                 "last_reconcile_s_ago": (None if self.last_reconcile is None else
                                          round(self.reactor.seconds() - self.last_reconcile, 3)),
+                "secondaries": {z: {srv: dict(st) for srv, st in v.items()}
+                                for z, v in self.secondaries.items()},
                 "errors": dict(self.errors), "stats": dict(self.stats), "records": rows}
 
     async def _sync(self) -> dict[str, Any]:

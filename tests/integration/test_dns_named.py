@@ -644,3 +644,43 @@ values = { demo = "10.9.1.2" }
             yield stop(node)
     finally:
         second.cleanup()
+
+
+@pytest_twisted.inlineCallbacks
+def test_verify_secondaries(named_module, tmp_path):
+    """Deliver 4: verify_secondaries = [the primary itself, a server that never gets the
+    update]: after a publish the first is in sync (lag measured), the second is reported
+    behind the primary's serial after verify_timeout_s; both in dns.records and a gauge."""
+    from tests.support.named_fixtures import _require_named
+    from tests.support.named_server import NamedServer
+    _require_named()
+    server = named_module
+    stale = NamedServer().start()          # also serves example.test., at serial 1 for good
+    try:
+        toml = node_toml("demo", server, tmp_path, """
+[[services.dns.records]]
+name = "serial.example.test."
+type = "A"
+resource = "vip1"
+values = { demo = "10.9.0.77" }
+""", extra=f'verify_secondaries = ["{server.address}", "{stale.address}"]\n'
+           'verify_timeout_s = 0.5')
+        node = build("demo", toml, tmp_path)
+        yield start(node)
+        try:
+            def states():
+                return node.service.records()["secondaries"].get(ZONE, {})
+            ok = yield wait_for(lambda: states().get(stale.address, {}).get("lag_ms", 0) is None
+                                and states().get(server.address, {}).get("in_sync"), 5)
+            assert ok, states()
+            fresh, behind = states()[server.address], states()[stale.address]
+            assert fresh["serial"] == fresh["want"] and fresh["lag_ms"] is not None
+            assert behind["serial"] == 1 and behind["want"] > 1 and not behind["in_sync"]
+            assert metric(node, "appliance_dns_secondary_in_sync",
+                          {"zone": ZONE, "server": stale.address}) == 0
+            assert metric(node, "appliance_dns_secondary_in_sync",
+                          {"zone": ZONE, "server": server.address}) == 1
+        finally:
+            yield stop(node)
+    finally:
+        stale.cleanup()
