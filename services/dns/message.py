@@ -64,7 +64,9 @@ class UpdateError(DNSError):
         self.zone, self.server, self.rcode, self.key = zone, server, rcode, key
         verb = "refused by" if rcode in REFUSALS else "failed at"
         keypart = f" (key {key})" if key else ""
-        super().__init__(f"{what} of zone {zone} {verb} {server}: {rcode}{keypart}")
+        hint = (" -- clock skew between this node and the server? (TSIG allows 300 s; "
+                "check NTP)") if rcode == "BADTIME" else ""
+        super().__init__(f"{what} of zone {zone} {verb} {server}: {rcode}{keypart}{hint}")
 
     @property
     def prerequisite_failed(self) -> bool:

@@ -154,6 +154,16 @@ class DNSService(Service):
                   key=self.config.key.name if self.config.key else "none",
                   n=len(self.config.records), res=", ".join(self.resources) or "no resources")
         self._reconcile_call = self.reactor.callLater(0, self._periodic)
+        if self.config.key is None and not any(
+                zs.key for zs in (getattr(self.config, "zone_settings", None) or {}).values()):
+            _log.warn("dns: no TSIG key: updates are unsigned and answers spoofable "
+                      "(set tsig_key_file)")
+        if self.ddns is not None:
+            clash = sorted(s.name.to_text() for s in self.config.records
+                           if any(s.name.is_subdomain(d) for d in self.ddns.domains))
+            if clash:
+                _log.warn("dns: managed records inside the DDNS domains ({names}): DDNS refuses "
+                          "these names to DHCP clients", names=", ".join(clash))
 
     def stopService(self):
         super().stopService()
@@ -327,6 +337,9 @@ class DNSService(Service):
 
     def _failed(self, failure, zone, take) -> None:
         self.inflight.discard(zone)
+        if not self.running:        # stopping: in-flight exchanges end as "refused"; not news
+            self._fire_waiters([zone], "service stopped")
+            return
         self.stats["failures"] += 1
         message = failure.getErrorMessage() if failure.check(DNSError) else (
             f"{failure.type.__name__}: {failure.getErrorMessage()}")
@@ -609,6 +622,9 @@ class DNSService(Service):
                 "errors": dict(self.errors), "stats": dict(self.stats), "records": rows}
 
     async def _sync(self) -> dict[str, Any]:
+        running = self._reconciling
+        if running is not None:       # one reconcile at a time (review L11)
+            await defer.DeferredList([running], consumeErrors=True)
         result = await self.reconcile("dns.sync")
         for zone in list(self.dirty):      # anything still queued (e.g. after an outage): now
             call = self.retry_calls.pop(zone, None)

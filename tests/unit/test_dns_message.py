@@ -98,3 +98,9 @@ def test_unsigned_error_answer_keeps_its_rcode():
     with pytest.raises(DNSError) as e:
         read_response(answer.to_wire(), upd)
     assert e.value.rcode == "NOTAUTH"
+
+
+def test_badtime_names_clock_skew():
+    """Review L1: BADTIME says what to check."""
+    e = UpdateError("example.test.", "127.0.0.1:53", "BADTIME", "k")
+    assert "clock skew" in str(e) and "NTP" in str(e)
