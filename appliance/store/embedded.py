@@ -55,6 +55,8 @@ _NONE = type(None)
 _WANT = {"set": str, "hset": dict, "hdel": dict, "zadd": ZSet, "zrem": ZSet}
 RETRY_MIN_S = 1.0
 RETRY_MAX_S = 30.0
+MIN_FREE_BYTES = 256 * 1024     # a failed store recovers only with this much disk free
+STABLE_S = 60.0                 # healthy this long after a recovery: retries start at 1 s again
 
 
 def check_str(*values) -> None:
@@ -140,6 +142,8 @@ class EmbeddedStore(Service):
         self._retry_s = RETRY_MIN_S
         self._retry_call = None
         self._rechecking: defer.Deferred | None = None
+        self._first_error: str | None = None
+        self._recovered_at: float | None = None
         self.stats = {"writes": 0, "commits": 0, "rows": 0, "checkpoints": 0,
                       "slow_commits": 0, "failures": 0, "recoveries": 0}
         self.slow_commit_s = 0.25     # a commit slower than this is logged and counted
@@ -347,6 +351,9 @@ class EmbeddedStore(Service):
 
     def _job_done(self, disk_s, job: _Job):
         self._job = None
+        if (self._recovered_at is not None
+                and self._reactor.seconds() - self._recovered_at >= STABLE_S):
+            self._recovered_at, self._retry_s = None, RETRY_MIN_S
         self.stats["commits"] += 1
         self.stats["rows"] += job.batch.rows()
         took = time.monotonic() - job.started
@@ -394,6 +401,8 @@ class EmbeddedStore(Service):
         """The disk refused a write: fail everything queued, refuse the rest."""
         first = self._failed is None
         self._failed = reason
+        if first:
+            self._first_error = reason
         self.stats["failures"] += 1
         self._clear_dirty()
         self._notes = []
@@ -432,13 +441,13 @@ class EmbeddedStore(Service):
         def attempt():
             self._file.close()              # never reuse a handle that saw an error
             self._file.open()
-            self._file.probe()
+            self._file.probe(MIN_FREE_BYTES)
             return self._file.load()
 
         def ok(result):
             old = self._failed
             self._loaded(result)
-            self._retry_s = RETRY_MIN_S
+            self._recovered_at = self._reactor.seconds()   # the backoff resets once stable
             self.stats["recoveries"] += 1
             self._log.warn("store healthy again after: {reason} (reloaded {keys} keys from "
                            "{path}; the writes that failed were never acknowledged)",
@@ -446,6 +455,8 @@ class EmbeddedStore(Service):
             self._resync_subscribers()
 
         def still_failed(f):
+            now = f"recheck failed: {f.getErrorMessage()}"
+            self._failed = now if now == self._first_error else f"{now} (first: {self._first_error})"
             self._log.warn("store recheck: still failing: {error}", error=f.getErrorMessage())
             self._schedule_retry()
 

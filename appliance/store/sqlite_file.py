@@ -215,8 +215,16 @@ class SQLiteFile:
         if self.conn is not None:
             self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
-    def probe(self) -> None:
-        """A real write: does the disk take a transaction again?"""
+    def probe(self, min_free_bytes: int = 0) -> None:
+        """Does the disk take a transaction again?  A real write, and at least
+        ``min_free_bytes`` free: a one-row write can fit in WAL space a failed
+        transaction left allocated, so it alone would call a full disk fine."""
+        if min_free_bytes:
+            st = os.statvfs(self.dir)
+            free = st.f_bavail * st.f_frsize
+            if free < min_free_bytes:
+                raise OSError(28, f"disk full: {free} bytes free in {self.dir}, "
+                                  f"the store needs at least {min_free_bytes}")
         c = self.conn
         c.execute("BEGIN IMMEDIATE")
         try:

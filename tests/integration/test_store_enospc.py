@@ -11,18 +11,18 @@ the disk is still full, removes both files and recovers by
 ``retry``), writes again, and restarts the store.  It reports each step as
 ``WORD <json>`` on stdout; the tests below check them.
 
-A second geometry (2 MiB disk, 512 KiB ballast) shows a store bug, kept as a
-strict xfail: after the store filled the disk itself, its recovery probe (a
-one-row write) fits in the WAL space the failed transaction had already
-taken, so recheck() and the automatic retry call the store healthy with 0
-bytes free, and the next real write fails again.
+A second geometry (2 MiB disk, 512 KiB ballast) checks a bug this test
+found: after the store filled the disk itself, a one-row probe write fits in
+the WAL space the failed transaction had already taken, so recheck() and the
+automatic retry called the store healthy with 0 bytes free (store_down
+flapped).  The probe now also wants 256 KiB free.
 
 Node level: a twistd node with the sip service and its state dir on a
 4 MiB tmpfs (the node itself runs under ``unshare -m``; the test reaches its
 files through ``/proc/<pid>/root``): REGISTERs fill the disk, the status
 shows the store unhealthy, REGISTER gets 500, recheck after freeing the
-space brings it back (and a strict xfail for the same probe bug: the node
-reports the store healthy 1 s later although the disk is still full).
+space brings it back, and while the disk stays full the node never reports
+the store healthy (the same probe bug).
 
 Needs root, ``unshare`` and ``mount``; skips without them on a laptop, fails
 under CI (tests.support.require).
@@ -117,10 +117,6 @@ def test_disk_full_fails_writes_and_the_store_recovers(tmp_path, mode):
     assert restart["failed_present"] == [] and restart["late_present"] == [], log
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "store bug: recheck()'s probe is a one-row write, and it fits in the space the failed "
-    "transaction's frames already took in the WAL; on a disk with 0 bytes free the store "
-    "is called healthy and the next real write fails again (store_down flaps)"))
 @pytest.mark.parametrize("mode", ["recheck", "retry"])
 def test_a_store_on_a_still_full_disk_stays_down(tmp_path, mode):
     """2 MiB disk, 512 KiB ballast: when the store has filled the disk and a
@@ -289,9 +285,6 @@ def test_node_reports_the_full_disk_and_recovers(tmp_path):
     _node_scenario(tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "store bug (see test_a_store_on_a_still_full_disk_stays_down): the 1 s automatic retry "
-    "calls the store healthy while the disk is still full"))
 def test_node_stays_store_down_while_the_disk_is_full(tmp_path):
     """While the disk stays full (3 s), appliancectl status shows the store
     UNHEALTHY and system.status never says healthy."""
