@@ -684,3 +684,40 @@ values = { demo = "10.9.0.77" }
             yield stop(node)
     finally:
         stale.cleanup()
+
+
+@pytest_twisted.inlineCallbacks
+def test_wildcard_txt_over_the_guard_and_equal_epochs(named_module, tmp_path):
+    """Review L7: a wildcard TXT covering _appliance-owner.<name> (queries see it, UPDATE
+    prerequisites do not) no longer livelocks the CAS.  Review M1 against real BIND: two
+    writers at one epoch -- the higher node id wins, the other is refused either way round."""
+    server = named_module
+    key = parse_key_file(server.key_file.read_text())[0]
+    upd = dns.update.UpdateMessage(ZONE, keyring=key.dns_key(), keyname=key.keyname)
+    upd.replace("*.wild.example.test.", 60, "TXT", '"wildcard"')
+    assert dns.query.udp(upd, "127.0.0.1", port=server.port, timeout=2).rcode() == 0
+    zone = dns.name.from_text(ZONE)
+    client = DNSClient(reactor, [("127.0.0.1", server.port)], 0.5)
+    try:
+        spec = RecordSpec(dns.name.from_text("x.wild.example.test."), dns.rdatatype.A, 1, "vip1",
+                          {"a": parse_rdata("A", "10.9.0.1")}, zone)
+        up = Updater(client, key, "a", reactor, cluster="c1")
+        yield up.read_guards(zone, [spec.name])          # reads the wildcard's "wildcard"
+        result = yield up.publish(zone, plan([spec], {"vip1": 1}, "a")[zone], {"vip1": 1})
+        assert len(result.applied) == 1 and result.rounds == 2
+        assert answer(server, "x.wild.example.test.", "A") == {rd("A", "10.9.0.1")}
+
+        tie = RecordSpec(dns.name.from_text("tie.example.test."), dns.rdatatype.A, 1, "vip1",
+                         {"a": parse_rdata("A", "10.9.0.1"), "b": parse_rdata("A", "10.9.0.2")},
+                         zone)
+        up_a = Updater(client, key, "a", reactor, cluster="c1")
+        up_b = Updater(client, key, "b", reactor, cluster="c1")
+        result = yield up_a.publish(zone, plan([tie], {"vip1": 5}, "a")[zone], {"vip1": 5})
+        assert len(result.applied) == 1
+        result = yield up_b.publish(zone, plan([tie], {"vip1": 5}, "b")[zone], {"vip1": 5})
+        assert len(result.applied) == 1                  # b > a at epoch 5
+        result = yield up_a.publish(zone, plan([tie], {"vip1": 5}, "a")[zone], {"vip1": 5})
+        assert result.applied == [] and result.stale[0][1][:2] == ("b", 5)
+        assert answer(server, "tie.example.test.", "A") == {rd("A", "10.9.0.2")}
+    finally:
+        yield client.close()
