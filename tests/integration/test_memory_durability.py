@@ -45,8 +45,7 @@ def reopen(state_dir) -> EmbeddedStore:
 
 
 def value(store, key):
-    """``store.get(key)``'s answer (it answers at once).  Kept for
-    tests/support/node_process.stored_string's journal fallback."""
+    """``store.get(key)``'s answer (it answers at once)."""
     out = []
     store.get(key).addBoth(out.append)
     return out[0]

@@ -26,20 +26,16 @@ def stored_string(state_dir: Path, key: str) -> str | None:
 
     The embedded store keeps ``<state_dir>/store.sqlite3`` (table ``keys``);
     read with the ``sqlite3`` module, so nothing of the store is imported.
-    Older nodes kept a journal: read that with the journal store.
     """
+    import sqlite3
     db = Path(state_dir) / "store.sqlite3"
-    if db.exists():
-        import sqlite3
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        try:
-            row = conn.execute("SELECT value FROM keys WHERE key = ? AND kind = 's'",
-                               (key,)).fetchone()
-        finally:
-            conn.close()
-        return row[0] if row else None
-    from tests.integration.test_memory_durability import reopen, value
-    return value(reopen(state_dir), key)
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        row = conn.execute("SELECT value FROM keys WHERE key = ? AND kind = 's'",
+                           (key,)).fetchone()
+    finally:
+        conn.close()
+    return row[0] if row else None
 
 
 def free_port() -> int:
