@@ -18,7 +18,7 @@ Quick mode (CI): 180 rounds with fsync="always", 60 each with "batch" and
 "never" (SIGKILL is a process crash: every policy must keep the prefix), and
 60 with injected commit failures (StoreDown, recheck, reload) before the
 kill.
-``STORE_CRASH_ROUNDS=N`` runs N rounds per policy (thousands locally),
+``--store-crash-rounds N`` (or ``STORE_CRASH_ROUNDS=N``) runs N rounds per policy (thousands locally),
 ``STORE_CRASH_SEED=S`` fixes the seed; a failure prints the seed, the kept
 state dirs and the replay commands.
 
