@@ -164,6 +164,8 @@ class DDNSUpdater:
         """Send ``build()`` (a fresh message each attempt); retry timeouts and SERVFAIL."""
         backoff = None
         for attempt in range(self.attempts):
+            if self.stopped:
+                raise TransportError(f"ddns for {zone}: the dns service stopped", "stopped")
             upd = build()
             started = self.clock.seconds() if self.clock is not None else 0.0
             try:

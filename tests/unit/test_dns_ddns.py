@@ -178,3 +178,15 @@ def test_operations_on_one_name_run_in_call_order():
     assert bound.result["forward"] == "added"
     assert released.result["forward"] == "removed"
     assert other.result["forward"] == "added"
+
+
+def test_no_retry_after_the_service_stopped():
+    """A retry waiting when the service stops sends nothing more and fails the Deferred."""
+    clock = Clock()
+    client = Client(["timeout"])
+    up = updater(client, clock)
+    d = up.lease_bound("s.dhcp.example.test.", "10.9.0.5", b"\x01id", 300)
+    up.stopped = True
+    clock.advance(10)
+    assert len(client.sent) == 1 and d.result.check(TransportError)
+    d.addErrback(lambda _: None)
