@@ -57,6 +57,14 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class ReplicationConfig:
+    peers: tuple[str, ...]
+    mode: str                      # "sync" | "async"
+    timeout_s: float
+    batch: int
+
+
+@dataclass(frozen=True)
 class SIPConfig:
     listen_address: object            # ipaddress.IPv4Address | IPv6Address
     port: int
@@ -68,6 +76,7 @@ class SIPConfig:
     sweep_interval_s: float = 5.0
     server_header: str = "appliance-sip"
     auth: AuthConfig | None = None
+    replication: ReplicationConfig | None = None
 
 
 def parse(table, context) -> SIPConfig | None:
@@ -106,11 +115,28 @@ def parse(table, context) -> SIPConfig | None:
     if at is not None:
         auth = _parse_auth(at, domains)
         at.done()
+    replication = None
+    rt = table.table("replication")
+    if rt is not None:
+        peers = []
+        for i, peer in enumerate(rt.list("peers", min_len=1) or ()):
+            if peer not in context.peer_ids:
+                rt.problems.add(f"{rt.key_path('peers')}[{i}]",
+                                f"{peer!r} is not a cluster peer (known: "
+                                f"{', '.join(context.peer_ids) or 'none'})")
+            else:
+                peers.append(peer)
+        mode = rt.str("mode", "sync", choices=("sync", "async"))
+        timeout = rt.float("timeout_s", 2.0, min=0.01, max=60)
+        batch = rt.int("batch", 100, min=1, max=10000)
+        rt.done()
+        if peers and None not in (mode, timeout, batch):
+            replication = ReplicationConfig(tuple(peers), mode, timeout, batch)
     if len(table.problems.items) != before:
         return None
     return SIPConfig(listen_address, port, tcp, tls, tuple(domains),
                      Limits(default_expires, min_expires, max_expires, max_contacts),
-                     rcvbuf, sweep, auth=auth)
+                     rcvbuf, sweep, auth=auth, replication=replication)
 
 
 def _parse_auth(at, domains) -> AuthConfig | None:

@@ -17,8 +17,10 @@ is being handled) -> the method:
 With ``[services.sip.auth]`` REGISTERs (and INVITEs if ``invite = true``)
 need digest credentials (:mod:`services.sip.auth`) naming the To user.
 
-Not here yet (issue 14): replication to a backup,
-sharding; the service reports role ``standalone``.
+With ``[services.sip.replication]`` each changed AOR goes to the backups over
+the peer link (:mod:`services.sip.replication`); in ``sync`` mode the 200
+waits for every live backup.  Not here yet (issue 14): which node serves
+(ownership, a backup refusing REGISTERs), sharding; the role is ``standalone``.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class SIPService(Service):
         self.listeners: list = []
         self._sweeper = None
         self._sweeps = 0
+        self.replicator = None
         self.auth = None
         if config.auth is not None:
             from services.sip.auth import DigestAuth
@@ -113,6 +116,7 @@ class SIPService(Service):
             port = await ep.listen(StreamFactory(self, name))
             self.listeners.append(port)
             where.append(f"{name}:{port.getHost().host}:{port.getHost().port}")
+        self._setup_replication()
         self._register_rpc()
         metrics = getattr(self.context, "metrics", None)
         if metrics is not None:
@@ -148,6 +152,23 @@ class SIPService(Service):
             ds.append(defer.maybeDeferred(port.stopListening))
         self.listeners = []
         return defer.gatherResults(ds, consumeErrors=True)
+
+    def _setup_replication(self) -> None:
+        r = self.config.replication
+        if r is None:
+            return
+        link = getattr(self.context.cluster, "peerlink", None)
+        if link is None:
+            _log.error("sip: replication to {peers} configured but this node has no peer "
+                       "link ([cluster] peer_link and tls): bindings stay on this node",
+                       peers=", ".join(r.peers))
+            return
+        from services.sip.replication import Replicator
+        self.replicator = Replicator(self.reactor, link, r.peers, r.mode, self.location,
+                                     timeout_s=r.timeout_s, batch=r.batch)
+        self.replicator.start()
+        _log.info("sip: replicating bindings to {peers} ({mode})", peers=", ".join(r.peers),
+                  mode=r.mode)
 
     def _sweep(self) -> None:
         try:
@@ -292,6 +313,8 @@ class SIPService(Service):
         now = self.reactor.seconds()
         d = self.location.update(
             aor, lambda existing: decide(aor, existing, msg, now, self.config.limits, received))
+        if self.replicator is not None:
+            d.addCallback(self._replicate, aor)
         d.addCallbacks(self._registered, self._store_failed, callbackArgs=(msg, key, src, now),
                        errbackArgs=(msg, key, src))
         d.addErrback(lambda f: _log.failure("sip: REGISTER answer failed", failure=f))
@@ -334,6 +357,14 @@ class SIPService(Service):
         resp = self._response(msg, 503, "Directory Unavailable")
         resp.add("Retry-After", "5")
         self._answer(key, src, resp)
+
+    def _replicate(self, decision, aor: str):
+        """Ship a changed AOR to the backups; in sync mode the 200 waits for them."""
+        if decision.bindings is None or not decision.changes:
+            return decision
+        removed = [b.uri for b in decision.removed]
+        d = self.replicator.replicate(aor, decision.bindings, removed)
+        return d.addCallback(lambda _: decision)
 
     def _registered(self, decision, msg, key, src, now) -> None:
         resp = self._response(msg, decision.code, decision.reason)
@@ -434,6 +465,11 @@ class SIPService(Service):
     def rpc_unregister(self, aor: str):
         aor = self._aor_param(aor)
         d = self.location.remove_aor(aor)
+        if self.replicator is not None:
+            def ship(n):
+                return self.replicator.replicate(aor, {}, []).addCallback(lambda _: n) \
+                    if n else n
+            d.addCallback(ship)
 
         def done(n):
             if n:
@@ -449,7 +485,16 @@ class SIPService(Service):
                 "transactions": len(self.transactions), "connections": self.connections,
                 "auth": dict(self.auth.results) if self.auth is not None else None,
                 "ldap": self._ldap_stats(),
+                "replication": self._replication_stats(),
                 "counters": dict(self.stats)}
+
+    def _replication_stats(self):
+        r = self.replicator
+        if r is None:
+            return None
+        return {**r.stats, "mode": r.mode,
+                "backlog": {p: r.backlog(p) for p in r.peers},
+                "missed": {p: len(r.missed[p]) for p in r.peers}}
 
     def _ldap_stats(self):
         creds = getattr(self, "credentials", None)
@@ -490,5 +535,20 @@ class SIPService(Service):
             yield auth
         yield GaugeMetricFamily("appliance_sip_bindings", "SIP bindings in the location store",
                                 value=self.location.count)
+        if self.replicator is not None:
+            backlog = GaugeMetricFamily("appliance_sip_replication_backlog",
+                                        "AOR updates a backup has not acknowledged or missed",
+                                        labels=["peer"])
+            lag = GaugeMetricFamily("appliance_sip_replication_lag_seconds",
+                                    "Age of the oldest unacknowledged message to a backup",
+                                    labels=["peer"])
+            for p in self.replicator.peers:
+                backlog.add_metric([p], self.replicator.backlog(p))
+                try:
+                    lag.add_metric([p], self.replicator.link.lag_s(p))
+                except Exception:
+                    pass
+            yield backlog
+            yield lag
         yield GaugeMetricFamily("appliance_sip_transactions", "Server transactions held",
                                 value=len(self.transactions))

@@ -1,0 +1,161 @@
+"""Registration replication on a Clock with two services, two embedded stores and a fake
+peer link: sync mode holds the 200 until the backup stored the binding; deletes replicate;
+a backup that is down or silent does not block the 200 and gets what it missed (delta)
+when it returns; async answers at once."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from twisted.internet import defer
+
+from services.sip.config import ReplicationConfig
+from services.sip.replication import Replicator
+from tests.unit.test_sip_service import Peer, make, req, settle
+
+
+class FakeLink:
+    """One side of a peer link: ordered, acknowledged after the far handler finished;
+    messages sent while down wait and go when the link comes up (like the real one)."""
+
+    def __init__(self, name):
+        self.name = name
+        self.other: FakeLink | None = None
+        self.up = True
+        self.silent = False          # deliver nothing, ack nothing
+        self.handlers = {}
+        self.listeners = []
+        self.unacked = []
+
+    def on(self, channel, handler):
+        self.handlers[channel] = handler
+
+    def on_connection(self, listener):
+        self.listeners.append(listener)
+
+    def connected(self, peer):
+        return self.up
+
+    def backlog(self, peer, channel=None):
+        return len(self.unacked)
+
+    def lag_s(self, peer):
+        return 0.0
+
+    def send(self, peer, channel, body, *, limit=None):
+        d = defer.Deferred()
+        self.unacked.append((channel, body, d))
+        if self.up and not self.silent:
+            self._deliver()
+        return d
+
+    def _deliver(self):
+        while self.unacked:
+            channel, body, d = self.unacked.pop(0)
+            r = defer.maybeDeferred(self.other.handlers[channel], self.name, body)
+            r.addCallbacks(lambda _, d=d: d.callback(None), d.errback)
+
+    def set_up(self, up):
+        self.up = up
+        for listener in self.listeners:
+            listener("b", up)
+        if up and not self.silent:
+            self._deliver()
+
+
+def pair(tmp_path, mode="sync", timeout_s=2.0):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, clock_a, thread_a, store_a, _ = make(tmp_path / "a")
+    b, clock_b, thread_b, store_b, _ = make(tmp_path / "b")
+    link_a, link_b = FakeLink("a"), FakeLink("b")
+    link_a.other, link_b.other = link_b, link_a
+    a.config = replace(a.config, replication=ReplicationConfig(("b",), mode, timeout_s, 10))
+    a.replicator = Replicator(clock_a, link_a, ("b",), mode, a.location, timeout_s=timeout_s,
+                              batch=10)
+    a.replicator.start()
+    b.replicator = Replicator(clock_b, link_b, ("a",), mode, b.location)
+    b.replicator.start()
+
+    def settle_all():
+        for _ in range(3):
+            settle(clock_a, thread_a)
+            settle(clock_b, thread_b)
+    return a, b, link_a, clock_a, thread_a, thread_b, settle_all
+
+
+def bindings(svc, aor="sip:alice@example.test"):
+    return svc.location._read_now(aor)[0]
+
+
+def test_sync_200_after_backup_stored_and_deletes_replicate(tmp_path):
+    """The 200 leaves only once the backup's store committed the binding; an
+    unregistration removes it on the backup too."""
+    a, b, link, clock, thread_a, thread_b, settle_all = pair(tmp_path)
+    peer = Peer()
+    a.received(req("REGISTER", "sip:example.test", contacts=["<sip:alice@10.0.0.1>;q=0.7"]),
+               peer.src, False)
+    clock.advance(0)
+    thread_a.run_all()
+    clock.advance(0)
+    assert peer.sent == []                             # local durable, backup not yet
+    settle_all()
+    assert peer.responses()[0].code == 200
+    [mine] = bindings(a).values()
+    [theirs] = bindings(b).values()
+    assert (theirs.uri, theirs.expires, theirs.q, theirs.cseq) == (
+        mine.uri, mine.expires, mine.q, mine.cseq)
+    assert b.location.count == 1
+    a.received(req("REGISTER", "sip:example.test", branch="z9hG4bK2", cseq=2,
+                   contacts=["<sip:alice@10.0.0.1>;expires=0"]), peer.src, False)
+    settle_all()
+    assert peer.responses()[-1].code == 200 and bindings(b) == {} and b.location.count == 0
+    caller = Peer(7000)
+    b.received(req("INVITE", "sip:alice@example.test", branch="z9hG4bKi"), caller.src, False)
+    assert caller.responses()[-1].code == 480          # known on the backup, no binding
+
+
+def test_backup_down_does_not_block_and_catches_up(tmp_path):
+    """Backup link down: the 200 goes after the local write; the AOR is missed; when the
+    link returns the backup receives its current state."""
+    a, b, link, clock, thread_a, thread_b, settle_all = pair(tmp_path)
+    link.up = False
+    peer = Peer()
+    for i in range(3):
+        a.received(req("REGISTER", "sip:example.test", to=f"sip:u{i}@example.test",
+                       branch=f"z9hG4bKd{i}", contacts=[f"<sip:u{i}@10.0.0.{i + 1}>"]),
+                   peer.src, False)
+    settle_all()
+    assert [r.code for r in peer.responses()] == [200, 200, 200]
+    assert a.replicator.missed["b"] == {f"sip:u{i}@example.test" for i in range(3)}
+    link.set_up(True)
+    settle_all()
+    clock.advance(0)
+    settle_all()
+    assert a.replicator.missed["b"] == set()
+    assert all(bindings(b, f"sip:u{i}@example.test") for i in range(3))
+
+
+def test_silent_backup_times_out(tmp_path):
+    """A connected backup that does not acknowledge within timeout_s: the 200 goes at the
+    timeout and the AOR is remembered as missed."""
+    a, b, link, clock, thread_a, thread_b, settle_all = pair(tmp_path, timeout_s=1.0)
+    link.silent = True
+    peer = Peer()
+    a.received(req("REGISTER", "sip:example.test", contacts=["<sip:alice@h>"]), peer.src, False)
+    settle_all()
+    assert peer.sent == []
+    clock.advance(1.0)
+    assert peer.responses()[0].code == 200
+    assert a.replicator.missed["b"] == {"sip:alice@example.test"}
+    assert a.replicator.stats["timeouts"] == 1
+
+
+def test_async_answers_without_waiting(tmp_path):
+    """async: the 200 leaves after the local write even if the backup never answers."""
+    a, b, link, clock, thread_a, thread_b, settle_all = pair(tmp_path, mode="async")
+    link.silent = True
+    peer = Peer()
+    a.received(req("REGISTER", "sip:example.test", contacts=["<sip:alice@h>"]), peer.src, False)
+    settle(clock, thread_a)
+    assert peer.responses()[0].code == 200
