@@ -23,10 +23,11 @@ import dns.message
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.logger import Logger
+from twisted.protocols.basic import Int16StringReceiver
 from twisted.python.failure import Failure
 
 from services.dns.message import (PREREQ_FAILED, DNSError, TransportError, UpdateError,
-                                  _PeerTSIGError, rcode_text, read_response)
+                                  PeerTSIGError, rcode_text, read_response)
 
 UDP_MAX = 512
 _log = Logger(namespace="appliance.dns")
@@ -95,24 +96,20 @@ class _UDPChannel(protocol.DatagramProtocol):
         return d
 
 
-class _TCPExchange(protocol.Protocol):
-    """Send one length-prefixed message, wait for one reply."""
+class _TCPExchange(Int16StringReceiver):
+    """Send one length-prefixed message (RFC 1035 4.2.2), wait for one reply."""
 
     def __init__(self, wire: bytes):
         self.wire = wire
-        self.buffer = b""
         self.done: defer.Deferred = defer.Deferred()
 
     def connectionMade(self):
-        self.transport.write(struct.pack("!H", len(self.wire)) + self.wire)
+        self.sendString(self.wire)
 
-    def dataReceived(self, data):
-        self.buffer += data
-        if len(self.buffer) >= 2:
-            (size,) = struct.unpack("!H", self.buffer[:2])
-            if len(self.buffer) >= 2 + size and not self.done.called:
-                self.done.callback(self.buffer[2:2 + size])
-                self.transport.loseConnection()
+    def stringReceived(self, data):
+        if not self.done.called:
+            self.done.callback(data)
+            self.transport.loseConnection()
 
     def connectionLost(self, reason):
         if not self.done.called:
@@ -196,7 +193,7 @@ class DNSClient:
             try:
                 response = yield self._one(server, request)
             except DNSError as e:
-                if isinstance(e, _PeerTSIGError):
+                if isinstance(e, PeerTSIGError):
                     e = UpdateError(zone, show_server(server), e.rcode, key, what)
                 errors.append(e)
                 continue

@@ -150,8 +150,8 @@ def read_response(wire: bytes, request: dns.message.Message) -> dns.message.Mess
     except dns.tsig.PeerError as e:
         for cls, name in _PEER_ERRORS:
             if isinstance(e, cls):
-                raise _PeerTSIGError(name) from None
-        raise _PeerTSIGError("BADSIG") from None
+                raise PeerTSIGError(name) from None
+        raise PeerTSIGError("BADSIG") from None
     except (dns.tsig.BadSignature, dns.tsig.BadTime, dns.message.UnknownTSIGKey) as e:
         raise TransportError(f"answer failed TSIG verification: {e}", "badresponse") from None
     except dns.exception.DNSException as e:
@@ -167,12 +167,15 @@ def read_response(wire: bytes, request: dns.message.Message) -> dns.message.Mess
     return response
 
 
-class _PeerTSIGError(DNSError):
+class PeerTSIGError(DNSError):
     """The server's TSIG error field was set (it rejected our signature)."""
 
     def __init__(self, rcode: str):
         self.rcode = rcode
         super().__init__(rcode)
+
+
+_PeerTSIGError = PeerTSIGError      # the old private name
 
 
 def _unsigned_error(wire: bytes, request: dns.message.Message) -> str | None:
@@ -186,7 +189,7 @@ def _unsigned_error(wire: bytes, request: dns.message.Message) -> str | None:
     return dns.rcode.to_text(response.rcode())
 
 
-class _UnsignedError(_PeerTSIGError):
+class _UnsignedError(PeerTSIGError):
     """An error rcode in an answer the server did not sign."""
 
 
