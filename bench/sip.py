@@ -20,9 +20,13 @@ of the offered rate completed over the whole sipp run), then bisect between the 
 rate; ``register_per_s`` is the completed rate of the best clean run (REGISTER
 transactions per second that got their 200; with auth each also had a 401 first).
 
-Not measured yet (the rows are printed with null values and the reason): the pair cases
-(``sync``, ``async``, ``dmq-pair``), ``lost_bindings`` and ``resync_s_100k`` -- the
-appliance has no replication yet (issue 14, deliver 4).
+Pairs (``sync``, ``async``): two appliance nodes on loopback (127.0.0.1, 127.0.0.2) with
+the TLS peer link, load at a; ``lost_bindings``: sipp registers unique users at the best
+clean rate, a gets SIGKILL a few seconds in, lost = 200 OKs received - those users'
+bindings on b (one death per case; loopback has no link to pull).
+
+Not measured yet (null rows with the reason): ``resync_s_100k``, the Kamailio
+``dmq-pair``, 20 deaths per case, the overload rates.
 
     python bench/sip.py [--quick] [--json] [--duration S] [--skip-kamailio]
 """
@@ -91,6 +95,88 @@ algorithms = ["MD5"]
     def stop(self) -> None:
         if self.node is not None:
             self.node.terminate()
+
+
+class AppliancePair:
+    """Two nodes on loopback (127.0.0.1 = a, 127.0.0.2 = b), the TLS peer link, sip
+    replication a -> b (and b -> a) in ``mode``; load goes to a."""
+
+    name = "appliance"
+
+    def __init__(self, work: Path, mode: str):
+        self.work, self.mode = work, mode
+        self.port = free_port()
+        self.nodes = {}
+
+    def start(self) -> None:
+        from tests.support.node_process import NodeProcess, env_with_dropins
+        addr = {"a": "127.0.0.1", "b": "127.0.0.2"}
+        keys = self.work / "keys"
+        subprocess.run([sys.executable, "-m", "appliance.cluster.keys", str(keys), "--node",
+                        "a=127.0.0.1", "--node", "b=127.0.0.2"], check=True,
+                       capture_output=True, env=env_with_dropins())
+        hb, link = free_port(), free_port()
+        for me, other in (("a", "b"), ("b", "a")):
+            d = self.work / me
+            d.mkdir(exist_ok=True)
+            body = f"""
+[cluster]
+peers = [{{ id = "{other}", address = "{addr[other]}" }}]
+bind_address = "{addr[me]}"
+heartbeat_port = {hb}
+heartbeat_interval_ms = 100
+dead_after = 3
+auth_key_file = "{keys}/cluster.key"
+peer_link = "ssl:{link}"
+tls = {{ cert = "{keys}/{me}.pem", key = "{keys}/{me}.key", ca = "{keys}/ca.pem" }}
+
+[services.sip]
+listen_address = "{addr[me]}"
+port = {self.port}
+domains = ["{REALM}"]
+
+[services.sip.replication]
+peers = ["{other}"]
+mode = "{self.mode}"
+"""
+            self.nodes[me] = NodeProcess(d, body, node_id=me).start()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            st = self.nodes["a"].rpc("cluster.status")["result"]
+            if st["peer_link"]["b"]["connected"]:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("peer link did not come up")
+
+    def stop(self) -> None:
+        for n in self.nodes.values():
+            n.kill()
+
+
+def lost_bindings(pair: "AppliancePair", work: Path, rate: int, run_s: float) -> dict:
+    """sipp registers unique users at a; a is killed (SIGKILL) ``run_s`` seconds in;
+    lost = 200 OKs sipp received - bindings of those users found on b."""
+    import threading
+
+    from tests.support import sipp
+    prefix = f"loss{pair.mode}x"
+    result = {}
+
+    def load():
+        result["r"] = sipp.run_sipp(work / "loss", sipp.register_only(REALM, prefix=prefix),
+                                    f"127.0.0.1:{pair.port}", calls=int(rate * (run_s + 3)),
+                                    rate=rate, limit=max(1000, rate * 2), timeout_s=run_s + 6)
+    t = threading.Thread(target=load)
+    t.start()
+    time.sleep(run_s)
+    pair.nodes["a"].kill()
+    t.join()
+    r = result["r"]
+    rows = pair.nodes["b"].rpc("sip.bindings")["result"]["bindings"]
+    found = {row["aor"] for row in rows if row["aor"].startswith(f"sip:{prefix}")}
+    log(f"  appliance {pair.mode} death at {rate}/s: {r.successful} 200 OKs, {len(found)} "
+        f"bindings on the backup")
+    return {"acked": r.successful, "found": len(found), "lost": max(0, r.successful - len(found))}
 
 
 KAMAILIO_CFG = """#!KAMAILIO
@@ -251,11 +337,29 @@ def main(argv=None) -> int:
                     row(cls.name, case, "register_per_s", None, "REGISTER/s", f"failed: {e}")
                 finally:
                     system.stop()
-    not_built = "appliance replication not built yet (issue 14 deliver 4)"
     for case in ("sync", "async"):
-        row("appliance", case, "register_per_s", None, "REGISTER/s", not_built)
-        row("appliance", case, "lost_bindings", None, "bindings", not_built)
-        row("appliance", case, "resync_s_100k", None, "s", not_built)
+        with tempfile.TemporaryDirectory(prefix="sipp-pair-") as tmp:
+            work = Path(tmp)
+            pair = AppliancePair(work, case)
+            try:
+                if missing_sipp:
+                    raise RuntimeError(missing_sipp)
+                pair.start()
+                best = rate_search(pair, work, False, start, duration, trials)
+                row("appliance", case, "register_per_s", best and best["achieved"],
+                    "REGISTER/s", "pair on loopback, load at a, unique users")
+                loss_rate = int(best["rate"]) if best else start
+                lost = lost_bindings(pair, work, loss_rate, 1.5 if args.quick else 4.0)
+                row("appliance", case, "lost_bindings", lost["lost"], "bindings",
+                    f"one kill -9 of a at {loss_rate}/s ({lost['acked']} acked); loopback, "
+                    "no link to pull")
+            except Exception as e:
+                log(f"sip bench: appliance {case}: FAILED: {e}")
+                row("appliance", case, "register_per_s", None, "REGISTER/s", f"failed: {e}")
+                row("appliance", case, "lost_bindings", None, "bindings", f"failed: {e}")
+            finally:
+                pair.stop()
+        row("appliance", case, "resync_s_100k", None, "s", "not measured yet")
     for metric, unit in (("register_per_s", "REGISTER/s"), ("lost_bindings", "bindings"),
                          ("resync_s_100k", "s")):
         row("kamailio", "dmq-pair", metric, None, unit, "dmq pair not scripted yet")
