@@ -48,6 +48,8 @@ _log = Logger(namespace="services.sip")
 ALLOW = "REGISTER, INVITE, ACK, CANCEL, OPTIONS"
 SUPPORTED = {"path"}
 RPC_METHODS = ("sip.bindings", "sip.unregister", "sip.stats")
+KNOWN_METHODS = frozenset({"REGISTER", "INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "SUBSCRIBE",
+                           "NOTIFY", "MESSAGE", "INFO", "PRACK", "UPDATE", "REFER", "PUBLISH"})
 
 
 class SIPService(Service):
@@ -204,7 +206,8 @@ class SIPService(Service):
             self.drop("response")      # we send no requests: a stray response
             return
         self.stats["requests"] += 1
-        self.requests[msg.method] = self.requests.get(msg.method, 0) + 1
+        label = msg.method if msg.method in KNOWN_METHODS else "OTHER"   # bounded labels
+        self.requests[label] = self.requests.get(label, 0) + 1
         try:
             key = transaction_key(msg)
         except (ValueError, IndexError):
