@@ -187,3 +187,26 @@ def test_one_update_per_zone_for_a_decision_moving_several_resources():
     names = {r.name.to_text() for r in client.updates[0].update if r.deleting is None}
     assert {"a.example.test.", "b.example.test."} <= names
     service.stopService()
+
+
+def test_regain_expects_the_previous_epochs_owner():
+    """Review M2: a owns vip1 at epoch 1, loses it, and gains it back at epoch 3 before
+    its 50 ms guard refresh: b held epoch 2, so the UPDATE's guard prerequisite expects
+    "b 2" (derived from the claims), not the stale cached "a 1"."""
+    service, clock, cluster, client = make([rec("a.example.test.", "A", "10.0.0.1")])
+    service.stopService()
+    peers = SimpleNamespace(peers=[SimpleNamespace(id="b")], auth_key_file=None)
+    service.context.config = SimpleNamespace(node=SimpleNamespace(id="a"), cluster=peers)
+    service = DNSService(service.config, service.context, rng=lambda: 0.5, client=client)
+    service.startService()
+    clock.advance(0)
+    cluster.listeners["vip1"]("vip1", "owner", 1)
+    clock.advance(0)
+    cluster.listeners["vip1"]("vip1", "standby", 1)
+    cluster.listeners["vip1"]("vip1", "owner", 3)
+    clock.advance(0)
+    prereq = [r for r in client.updates[-1].prerequisite
+              if r.name.to_text() == "_appliance-owner.a.example.test."][0]
+    text = b"".join(next(iter(prereq)).strings).split()
+    assert text[3:] == [b"b", b"2"] and text[2] == b"vip1"
+    service.stopService()
