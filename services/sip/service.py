@@ -57,6 +57,9 @@ class SIPService(Service):
     #: Bytes of datagrams read per reactor turn (Twisted's default 256 KiB is
     #: ~500 REGISTERs during which no durable wait can release its 200).
     READ_BATCH_BYTES = 64 * 1024
+    #: REGISTERs waiting for the store (and sync backups) beyond which new ones get
+    #: 503 + Retry-After instead of queueing.
+    MAX_PENDING = 4096
 
     def __init__(self, config, context):
         self.config = config
@@ -69,6 +72,7 @@ class SIPService(Service):
         self.responses: dict[str, int] = {}
         self.drops: dict[str, int] = {}
         self.connections = 0
+        self.pending = 0
         self.udp = None
         self.listeners: list = []
         self._sweeper = None
@@ -312,6 +316,14 @@ class SIPService(Service):
         self._authorized(msg, key, src, aor, self._store_binding)
 
     def _store_binding(self, msg: M.Message, key, src: Source, aor: str) -> None:
+        if self.pending >= self.MAX_PENDING:
+            # the store (or a sync backup) is behind: an answer that comes seconds late
+            # only draws retransmissions; tell the UA to come back instead
+            self.drop("overload")
+            resp = self._response(msg, 503, "Overloaded")
+            resp.add("Retry-After", "1")
+            return self._answer(key, src, resp)
+        self.pending += 1
         received = str(src)
         now = self.reactor.seconds()
         d = self.location.update(
@@ -321,6 +333,10 @@ class SIPService(Service):
         d.addCallbacks(self._registered, self._store_failed, callbackArgs=(msg, key, src, now),
                        errbackArgs=(msg, key, src))
         d.addErrback(lambda f: _log.failure("sip: REGISTER answer failed", failure=f))
+        d.addBoth(self._done_one)
+
+    def _done_one(self, _):
+        self.pending -= 1
 
     def _authorized(self, msg: M.Message, key, src: Source, aor: str | None, then) -> None:
         """Call ``then(msg, key, src, aor)`` if no auth is configured or the request
@@ -486,6 +502,7 @@ class SIPService(Service):
         return {"requests": dict(self.requests), "responses": dict(self.responses),
                 "drops": dict(self.drops), "bindings": self.location.count,
                 "transactions": len(self.transactions), "connections": self.connections,
+                "pending": self.pending,
                 "auth": dict(self.auth.results) if self.auth is not None else None,
                 "ldap": self._ldap_stats(),
                 "replication": self._replication_stats(),

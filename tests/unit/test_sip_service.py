@@ -239,3 +239,17 @@ def test_store_failure_no_200(tmp_path):
     [answer] = peer.responses()
     assert answer.code == 500 and answer.get("Retry-After") == "5"
     assert svc.drops["store_error"] == 1
+
+
+def test_overload_503(tmp_path):
+    """Past MAX_PENDING REGISTERs waiting for the store, new ones get 503 + Retry-After."""
+    svc, clock, thread, store, rpc = make(tmp_path)
+    svc.MAX_PENDING = 1
+    peer = Peer()
+    svc.received(req("REGISTER", "sip:example.test", contacts=["<sip:alice@h>"]), peer.src, False)
+    svc.received(req("REGISTER", "sip:example.test", to="sip:bob@example.test",
+                     branch="z9hG4bKo2", contacts=["<sip:bob@h>"]), peer.src, False)
+    [busy] = peer.responses()
+    assert busy.code == 503 and busy.get("Retry-After") == "1" and svc.drops["overload"] == 1
+    settle(clock, thread)
+    assert peer.responses()[-1].code == 200 and svc.pending == 0
