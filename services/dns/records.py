@@ -86,9 +86,30 @@ def desired_rdatas(spec: RecordSpec, owner: str | None) -> frozenset[dns.rdata.R
     """
     if owner is None or owner not in spec.values:
         return None
-    if spec.rdtype != dns.rdatatype.SRV:
-        return frozenset([spec.values[owner]])
-    return frozenset(srv_order(spec.values, owner))
+    if spec.rdtype == dns.rdatatype.SRV:
+        return frozenset(srv_order(spec.values, owner))
+    if spec.rdtype in (dns.rdatatype.L64, dns.rdatatype.L32):
+        return frozenset(locator_order(spec.values, owner))
+    return frozenset([spec.values[owner]])
+
+
+def locator_order(values: Mapping[str, dns.rdata.Rdata], owner: str) -> list[dns.rdata.Rdata]:
+    """ILNP locators (RFC 6742 L64/L32) as a preference-ordered set, like SRV (review
+    M10): the owner's locator gets the lowest configured preference (used first), the
+    other nodes' follow one step apart, so an ILNP host can move to another locator
+    without waiting for DNS.  Equal locators of several nodes appear once."""
+    base = min(rd.preference for rd in values.values())
+    others = sorted((n for n in values if n != owner), key=lambda n: (values[n].preference, n))
+    def locator(rd):
+        return getattr(rd, "locator64", None) or getattr(rd, "locator32", None)
+    out = {values[owner].replace(preference=base)}
+    seen = {locator(values[owner])}
+    for i, node in enumerate(others, start=1):
+        if locator(values[node]) in seen:
+            continue
+        seen.add(locator(values[node]))
+        out.add(values[node].replace(preference=min(base + i, 65535)))
+    return sorted(out, key=lambda r: r.preference)
 
 
 def srv_order(values: Mapping[str, dns.rdata.Rdata], owner: str) -> list[dns.rdata.Rdata]:

@@ -48,12 +48,10 @@ def test_srv_owner_always_strictly_first(prios, data):
     ("A", "10.9.0.1", "10.9.0.2"),
     ("AAAA", "fd00::1", "fd00::2"),
     ("NID", "10 0014:4fff:ff20:ee64", "10 0014:4fff:ff20:ee65"),
-    ("L64", "10 2001:0db8:1140:1000", "20 2001:0db8:1140:2000"),
-    ("L32", "10 10.1.2.0", "10 10.1.3.0"),
     ("LP", "10 l64-a.example.test.", "10 l64-b.example.test."),
 ])
 def test_single_value_types_point_at_the_owner(rdtype, a, b):
-    """A/AAAA and the ILNP types (RFC 6742) publish exactly the owner's rdata."""
+    """A/AAAA and ILNP NID/LP (RFC 6742) publish exactly the owner's rdata."""
     s = spec("x.example.test.", rdtype, {"a": a, "b": b})
     assert desired_rdatas(s, "a") == {parse_rdata(rdtype, a)}
     assert desired_rdatas(s, "b") == {parse_rdata(rdtype, b)}
@@ -107,3 +105,19 @@ def test_zone_of_picks_longest_match_and_rdata_errors_are_clear():
         parse_rdata("A", "10.0.0.300")
     with pytest.raises(ValueError, match="is not one of"):
         parse_rdata("MX", "10 mx.example.test.")
+
+
+@pytest.mark.parametrize("rdtype,a,b", [
+    ("L64", "10 2001:0db8:1140:1000", "20 2001:0db8:1140:2000"),
+    ("L32", "10 10.1.2.0", "10 10.1.3.0"),
+])
+def test_locators_are_a_preference_ordered_set(rdtype, a, b):
+    """Review M10: L64/L32 publish every node's locator, the owner's with the lowest
+    preference, the others one step behind (like SRV)."""
+    s = spec("x.example.test.", rdtype, {"a": a, "b": b})
+    field = "locator64" if rdtype == "L64" else "locator32"
+    loc = {n: getattr(parse_rdata(rdtype, v), field) for n, v in (("a", a), ("b", b))}
+    for owner, other in (("a", "b"), ("b", "a")):
+        out = desired_rdatas(s, owner)
+        assert {(r.preference, getattr(r, field)) for r in out} == {(10, loc[owner]),
+                                                                     (11, loc[other])}
