@@ -213,6 +213,9 @@ class DNSClient:
     def _one(self, named, request: dns.message.Message):
         server = yield self._address(named)
         ch = self._channels.get(server)
+        if ch is not None and len(ch.pending) > 32768:      # review L9: never spin for an id
+            raise TransportError(f"{show_server(server)}: {len(ch.pending)} queries "
+                                 "outstanding", "overload")
         while ch is not None and request.id in ch.pending:
             request.id = random.randint(0, 65535)
         wire = request.to_wire()
