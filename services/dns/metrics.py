@@ -57,6 +57,9 @@ class DNSMetrics:
                                  "Guards taken over: written by another cluster identity, another "
                                  "resource, an older format, or reset by the operator",
                                  ["why"], registry=registry)
+        self.cas_misses = Counter("appliance_dns_cas_misses",
+                                  "UPDATEs sent again because the expected guard was stale "
+                                  "(each costs a read and a round trip)", registry=registry)
         self.latency = Histogram("appliance_dns_update_latency_seconds",
                                  "Time from sending an UPDATE to its answer",
                                  buckets=LATENCY_BUCKETS, registry=registry)

@@ -295,6 +295,8 @@ class DNSService(Service):
                       server=result.server)
         self.stats["updates"] += 1
         self.last_success[zone.to_text()] = self._wall()
+        if result.rounds > 1:
+            self.metrics.cas_misses.inc(result.rounds - 1)
         if result.applied and self.config_secondaries:
             self._verify(zone)
         for change in result.applied:

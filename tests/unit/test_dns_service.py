@@ -209,4 +209,5 @@ def test_regain_expects_the_previous_epochs_owner():
               if r.name.to_text() == "_appliance-owner.a.example.test."][0]
     text = b"".join(next(iter(prereq)).strings).split()
     assert text[3:] == [b"b", b"2"] and text[2] == b"vip1"
+    assert service.context.metrics.get_sample_value("appliance_dns_cas_misses_total") == 0
     service.stopService()
