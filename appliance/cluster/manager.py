@@ -59,6 +59,7 @@ from appliance.cluster.health import LocalHealth
 from appliance.cluster.heartbeat import Heartbeat
 from appliance.cluster.ownership import ResourceSpec
 from appliance.cluster.partners import Partnership, Partnerships  # noqa: F401 (API)
+from appliance.cluster.quorum import Quorum
 from appliance.cluster.resources import Resource, ResourceTable, call_listener  # noqa: F401
 from appliance.cluster.transport import (HeartbeatChannel, load_key,  # noqa: F401 (API)
                                          new_cluster_key, next_incarnation)
@@ -101,8 +102,6 @@ class ClusterManager(Service):
         if witness is not None:
             members[witness.id] = str(witness.address)
         self.node_ids = [self.node_id] + [p.id for p in (cluster.peers if cluster else ())]
-        self.vote: str | None = None             # a witness: the node it backs
-        self._vote_seen = 0.0                    # ... last connected to it
         self.detector = PeerTable(
             self.clock, members,
             deadline_s=self.deadline_s, beat_period=self.beat_period, wall=self._wall_now,
@@ -115,6 +114,7 @@ class ClusterManager(Service):
         self.resources: dict[str, Resource] = self.table.resources
         self.excluded = self.table.excluded
         self.partnerships = Partnerships(self)
+        self.quorum = Quorum(self)
         self.partners: dict[str, Partnership] = self.partnerships.partners
         self.incarnation = 0
         self.channel: HeartbeatChannel | None = None
@@ -291,7 +291,7 @@ class ClusterManager(Service):
         now = self.clock.seconds()
         self.detector.detect(now)
         if self.is_witness:
-            self._update_vote(now)
+            self.quorum.update_vote(now)
         self.partnerships.tick(now, allow_auto=self.witness_id is None or self.has_quorum())
         self.health.check_links()
         self.table.retry_vips(self.health.expired_unable())
@@ -320,79 +320,20 @@ class ClusterManager(Service):
                           if res.max_epoch > 0}, self.vote if self.is_witness else None)
 
     # ------------------------------------------------------------------
-    # quorum and the witness
+    # quorum and the witness (quorum.py)
     # ------------------------------------------------------------------
     def node_peers(self):
-        """Peers that are nodes (not the witness)."""
-        return [p for p in self.peers.values() if p.id != self.witness_id]
+        return self.quorum.node_peers()
 
     def has_quorum(self) -> bool:
-        """May this node own resources (and enter PARTNER-DOWN by itself)?
-
-        With a witness: a majority of nodes + witness, where the witness's
-        vote counts only for the one node it backs and whoever that node is
-        connected to, so two sides of a partition never both have it.
-        Without a witness: with 3 or more nodes a majority of nodes; with two
-        nodes always (as before: one owner again one heartbeat after a heal).
-        A witness's vote is held ``deadline_s`` after its last beat; the
-        witness moves it only ``deadline_s + 2 x interval`` after it was last
-        connected to the node it backed, so the old side has let go before
-        the new one can claim.
-        """
-        alive = {p.id for p in self.node_peers() if self.connected(p)}
-        votes = 1 + len(alive)
-        total = len(self.node_ids)
-        if self.witness_id is not None:
-            total += 1
-            w = self.peers[self.witness_id]
-            vote = w.heartbeat.vote if self.connected(w) else None
-            if vote is not None and (vote == self.node_id or vote in alive):
-                votes += 1
-        elif total <= 2:
-            return True
-        return 2 * votes > total
+        return self.quorum.has_quorum()
 
     def connected(self, peer: PeerInfo) -> bool:
-        """Heard, and it hears us: its last beat echoes one of ours sent less
-        than ``deadline_s - beat_period`` ago.  The peer suspects us no sooner
-        than ``deadline_s`` after that beat of ours *arrived*, so we stop
-        counting its vote before it can count us out and take over (and a
-        one-way link is no connection: the two sides of an asymmetric
-        partition cannot both count each other).  The margin (1.5 beat
-        periods) covers the wait for our next election."""
-        hb = peer.heartbeat
-        if not peer.alive or hb is None:
-            return False
-        if hb.echo is None:
-            return True                     # a peer of an older version: no echo to judge
-        echo = hb.echo.get(self.node_id)
-        if echo is None or echo[0] != self.incarnation or self.channel is None:
-            return False
-        sent = self.channel.sent_time(echo[1])
-        return (sent is not None
-                and self.clock.seconds() - sent < self.deadline_s - 1.5 * self.beat_period)
+        return self.quorum.connected(peer)
 
-    def _update_vote(self, now: float):
-        """A witness backs one node at a time.  It keeps it while connected to
-        it (heard, and hearing the witness) and moves only ``deadline_s + 2 x
-        interval`` after it last was: the node let go of the vote
-        ``deadline_s`` after it last heard the witness, so even with a one-way
-        delay below an interval the old side has given up before the new one
-        hears the new vote.  The new vote goes to the connected node claiming
-        the most resources (no needless move), then the smallest id."""
-        current = self.peers.get(self.vote) if self.vote else None
-        if current is not None and self.connected(current):
-            self._vote_seen = now
-            return
-        if current is not None and now - self._vote_seen < self.deadline_s + 2 * self.interval:
-            return
-        live = [p for p in self.node_peers() if self.connected(p)]
-        new = min(live, key=lambda p: (-len(p.heartbeat.resources), p.id)).id if live else None
-        if new != self.vote:
-            _log.info("witness: vote {old} -> {new}", old=self.vote or "nobody",
-                      new=new or "nobody")
-            self.vote = new
-            self._vote_seen = now
+    @property
+    def vote(self) -> str | None:
+        return self.quorum.vote
 
     def _send_heartbeats(self):
         if self.channel is not None and self.port is not None:
