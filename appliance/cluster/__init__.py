@@ -5,7 +5,8 @@ ownership.py (election with epochs), partner.py (failover states of a
 partner relationship).  Components: transport.py (socket, incarnation,
 drift-free send schedule), detector.py (peer liveness, loss, jitter, skew),
 health.py (local flags), resources.py (elections, epochs, claims, VIPs),
-partners.py (partner state machines, persistence, syncs), admin.py (RPC,
+partners.py (partner state machines, persistence, syncs), quorum.py (majority
+and the witness vote), admin.py (RPC,
 status, metrics; the only module that maps to admin errors), clock.py
 (monotonic timers), peerlink.py (the mutual-TLS replication stream),
 vip.py (address takeover).  manager.py is the ``cluster`` service: a thin
