@@ -140,6 +140,8 @@ class SIPService(Service):
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
         self.transactions.clear()
+        if self.replicator is not None:
+            self.replicator.stop()
         rpc = self.context.rpc
         for name in RPC_METHODS:
             if rpc is not None and name in rpc:
