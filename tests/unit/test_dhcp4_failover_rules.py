@@ -21,6 +21,7 @@ from tests.sim.dhcp4.pair import (SERVER_IDS, T0, Pair, discover, dora, lease_ti
 from tests.support.sync import ok
 
 PRIMARY, SECONDARY = P.PRIMARY, P.SECONDARY
+M = L.MAX_SKEW_S          # every wait on a partner's time allows for this much clock skew
 NOW = T0
 
 
@@ -109,7 +110,7 @@ def test_review_h1_survivor_never_hands_out_the_dead_partners_unreported_lease(p
     p.a.crash()
     p.clock.advance(1)
     p.b.set_state(P.PARTNER_DOWN, confirmed=True)         # the operator says A is dead
-    p.clock.advance(30)
+    p.clock.advance(30 + M)
     roles = p.b.handler._roles()
     assert set(roles) == {PRIMARY, SECONDARY}
     # old API as in the review's script: B's offer to a new client
@@ -161,7 +162,7 @@ def test_review_h2_expired_address_not_reused_while_the_partner_renewed_it(pair)
     p.clock.advance(500)
     xb = ok(B.bind(1, x.address, hw(1), lease_time_s=600, roles=("secondary",)))
     assert xb.expires > x.expires
-    p.clock.advance(x.expires - p.clock.seconds() + 1)
+    p.clock.advance(x.expires - p.clock.seconds() + 1 + M)
     changed = ok(A.reclaim())
     assert x.address in [c.address for c in changed]
     assert A.pending_free >= 1
@@ -205,7 +206,7 @@ def test_pending_free_unlocks_in_confirmed_partner_down_after_mclt(pair):
     p.a.set_state(P.PARTNER_DOWN, confirmed=True)
     p.a.leases.unlock_pending()
     assert p.a.leases.pending_free == 1
-    p.clock.advance(basis + 30 - p.clock.seconds() - 1)
+    p.clock.advance(basis + 30 + M - p.clock.seconds() - 1)
     assert p.a.leases.unlock_pending() == 0
     p.clock.advance(2)
     assert p.a.leases.unlock_pending() == 1
@@ -233,14 +234,21 @@ def test_own_segment_first_then_the_partners_oldest_freed_first(pair):
         p.sync()
     p.a.crash()
     p.b.set_state(P.PARTNER_DOWN, confirmed=True)
+    # A may have renewed its clients up to MCLT past the potential expiry it told B
+    horizon = max(max(r.pexp, r.acked, r.expires) for r in (ok(B.get("10.9.0.10")),
+                                                            ok(B.get("10.9.0.11"))))
     p.clock.advance(31)
+    roles = p.b.handler._roles()
+    assert ok(B.offer(1, hw(49), roles=roles)).address.startswith("10.9.0.1")
+    p.clock.advance(horizon + 30 + M + 1 - p.clock.seconds())
     roles = p.b.handler._roles()
     got = []
     for i in range(10):
         o = ok(B.offer(1, hw(50 + i), roles=roles))
         got.append(o.address)
-    assert [B.segment_role(a) for a in got[:5]] == [SECONDARY] * 5
+    assert [B.segment_role(a) for a in got[:5]] == [SECONDARY] * 5, got
     assert got[5:7] == ["10.9.0.11", "10.9.0.10"], "oldest-freed first"
+    assert set(got[7:]) == {"10.9.0.12", "10.9.0.13", "10.9.0.14"}
 
 
 # -- 4. COMMUNICATIONS-INTERRUPTED answers everybody ---------------------------------------
@@ -333,3 +341,153 @@ def test_note_when_lease_time_is_above_mclt():
     assert failover_notes(pair_config("a", mclt_s=3600, lease_time_s=3600)) == []
     notes = failover_notes(pair_config("a", mclt_s=30, lease_time_s=600))
     assert len(notes) == 1 and "mclt_s" in notes[0] and "first lease" in notes[0]
+
+
+# -- the service's wiring ----------------------------------------------------------------
+def service(tmp_path, cluster=None):
+    from types import SimpleNamespace
+    from appliance.config import config_from_string
+    from services.dhcp.plugin import dhcp4_plugin
+    from services.dhcp.v4.service import Dhcp4Service
+    from tests.support.sync import memory_store
+    from tests.unit.test_dhcp4_replication import CONFIG
+    cfg = config_from_string(CONFIG, "t.toml", {"dhcp4": dhcp4_plugin})
+    store, clock = memory_store(tmp_path)
+    clock.advance(T0)
+    ctx = SimpleNamespace(reactor=clock, store=store, node_id="a", providers={},
+                          cluster=cluster, rpc=None, metrics=None)
+    svc = Dhcp4Service(cfg.services["dhcp4"].config, ctx)
+    ok(svc.leases.load())
+    return svc, clock
+
+
+def test_only_a_real_partner_down_unlocks_the_partners_addresses(tmp_path):
+    """Heartbeat silence (auto partner-down) without a witness, a recovering partner, a
+    partner in maintenance: alive or maybe alive -- not confirmed.  The operator's
+    command, or auto partner-down with a witness (quorum): confirmed."""
+    from types import SimpleNamespace
+    svc, clock = service(tmp_path)
+    cases = [("peer b silent for 10s (auto_partner_down_s)", False),
+             ("peer b recovering; serve its clients", False),
+             ("peer b in maintenance", False),
+             ("operator partner-down", True)]
+    for reason, confirmed in cases:
+        svc._partner_state("b", P.NORMAL, "heard")
+        svc._partner_state("b", P.PARTNER_DOWN, reason)
+        assert svc.view.partner_down_confirmed is confirmed, reason
+        assert (svc.leases.partner_down_since is not None) is confirmed
+    svc2, _ = service(tmp_path / "w", cluster=SimpleNamespace(witness_id="w"))
+    svc2._partner_state("b", P.PARTNER_DOWN, "peer b silent for 10s (auto_partner_down_s)")
+    assert svc2.view.partner_down_confirmed
+
+
+def test_no_service_before_the_partner_is_heard_after_a_start_or_recovery(tmp_path):
+    """Review M3: STARTUP -> COMMUNICATIONS-INTERRUPTED (partner silent) or RECOVER-DONE ->
+    COMMUNICATIONS-INTERRUPTED serve nobody: the partner may be in PARTNER-DOWN using our
+    addresses.  NORMAL or PARTNER-DOWN lift the hold."""
+    svc, clock = service(tmp_path)
+    assert svc.view.hold
+    svc._partner_state("b", P.COMM_INTERRUPTED, "peer b not heard within 0.6s of start")
+    assert svc.view.hold
+    svc._partner_state("b", P.NORMAL, "peer heard")
+    assert not svc.view.hold
+    svc._partner_state("b", P.COMM_INTERRUPTED, "peer b not heard")
+    assert not svc.view.hold, "a partition after NORMAL keeps serving"
+    svc._partner_state("b", P.RECOVER, "peer b ran in PARTNER-DOWN; resync")
+    svc._partner_state("b", P.RECOVER_DONE, "recovery sync finished")
+    svc._partner_state("b", P.COMM_INTERRUPTED, "peer b not heard")
+    assert svc.view.hold
+
+
+def test_handler_holds_every_request_while_not_in_step(pair):
+    p = pair()
+    x, = macs_of(PRIMARY, 1)
+    p.a.set_state(P.STARTUP)
+    p.a.set_state(P.COMM_INTERRUPTED)
+    assert p.a.handle(discover(x)) is None
+    assert p.a.handler.counters["drop_not_serving"] == 1
+    p.a.set_state(P.NORMAL)
+    assert dora(p.a, x) is not None
+
+
+def test_review_m4_a_failing_ddns_never_keeps_the_update_from_the_partner(tmp_path):
+    svc, clock = service(tmp_path)
+    queued = []
+    svc.outbox = SimpleOutbox(queued)
+
+    def boom(event, lease):
+        raise ValueError("label too long")
+    svc._ddns = boom
+    lease = Lease("10.0.0.10", 1, L.BOUND, hw(1), "", "x" * 64, T0 + 30, T0, "a", "a", 1)
+    svc._lease_changed("bound", lease)         # must not raise
+    assert queued == [lease]
+
+
+class SimpleOutbox:
+    def __init__(self, queued):
+        self.queued = queued
+
+    def add(self, lease):
+        self.queued.append(lease)
+
+
+def test_merge_winner_goes_back_before_the_batch_is_acked(tmp_path):
+    """H4: our record that beats the partner's (a renewal it has not seen, when it sends
+    the expiry) is sent back at once, before the peer link acks its batch."""
+    from types import SimpleNamespace
+    sent = []
+    link = SimpleNamespace(send=lambda peer, ch, body, limit=None: sent.append(body) or
+                           defer.succeed(None), on=lambda *a: None)
+    svc, clock = service(tmp_path, cluster=SimpleNamespace(peerlink=link))
+    mine = ok(svc.leases.bind(1, "10.0.0.10", hw(1), lease_time_s=600, roles=None))
+    expired = Lease("10.0.0.10", 1, L.EXPIRED, hw(1), "", "", T0 - 10, T0 - 100, "b", "b", 1)
+    result = svc._remote_update("b", {"leases": [expired.to_wire()]})
+    assert sent and sent[0]["leases"][0]["state"] == L.BOUND, "sent back in the handler"
+    assert ok(svc.leases.get("10.0.0.10")).state == L.BOUND
+    assert result is None or isinstance(result, defer.Deferred)
+    assert mine.state == L.BOUND
+
+
+def test_review_m5_reclaim_drains_a_backlog_in_full_batches(tmp_path):
+    svc, clock = service(tmp_path)
+    svc.RECLAIM_BATCH = 3
+    svc.running = True          # (as after startService)
+    for i in range(8):
+        ok(svc.leases.bind(1, f"10.0.0.{10 + i}", hw(i), lease_time_s=60, roles=None))
+    clock.advance(600)
+    svc._reclaim_due()
+    for _ in range(5):
+        clock.advance(0)
+    assert svc.leases.counters["reclaimed"] == 8
+
+
+def test_an_empty_store_after_holding_leases_starts_in_recover_without_data(tmp_path):
+    """A wiped lease store (the node held leases before: its marker in state_dir) tells
+    the cluster data_lost (RECOVER, sync, RECOVER-WAIT of MCLT) and holds what the
+    partner reports until its potential expiry + MCLT; a fresh node does not."""
+    from types import SimpleNamespace
+    calls = []
+
+    class Cluster:
+        peerlink = None
+
+        def register_partner(self, peer, listener, **kw):
+            calls.append(kw)
+            return P.STARTUP
+    state = tmp_path / "state"
+    state.mkdir()
+    svc, clock = service(tmp_path / "s1", cluster=Cluster())
+    svc.context.state_dir = state
+    svc._setup_failover()
+    assert calls[-1]["data_lost"] is False, "a fresh node"
+    svc._owed_marker_now()                  # it held leases
+    svc2, clock2 = service(tmp_path / "s2", cluster=Cluster())   # ... then lost its store
+    svc2.context.state_dir = state
+    svc2._setup_failover()
+    assert calls[-1]["data_lost"] is True and calls[-1]["recover_wait_s"] == 3600
+    remote = Lease("10.0.0.12", 1, L.BOUND, hw(1), "", "", T0 + 10, T0 - 5, "b", "b", 1,
+                   T0 + 100)
+    svc2._apply_updates("b", [remote.to_wire()])
+    assert svc2.leases._held[L._aton("10.0.0.12")] >= T0 + 100 + 3600
+    svc2._partner_state("b", P.NORMAL, "peer heard")
+    assert not (state / "dhcp4.recovering-without-data").exists()

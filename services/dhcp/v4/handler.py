@@ -54,6 +54,12 @@ class FailoverView:
     #: PARTNER-DOWN known to be real (operator, witness quorum, a partner in
     #: maintenance or recovering): only then the partner's addresses unlock
     partner_down_confirmed: bool = False
+    #: not in step with the partner since this start or recovery: serve
+    #: nobody until NORMAL (or PARTNER-DOWN).  A node that starts, or leaves
+    #: RECOVER-DONE, without hearing its partner may find it in PARTNER-DOWN,
+    #: using our addresses after the MCLT: COMMUNICATIONS-INTERRUPTED is not
+    #: enough to serve then (review M3, issue 12 deliver 5)
+    hold: bool = False
 
 
 class Dhcp4Handler:
@@ -120,7 +126,9 @@ class Dhcp4Handler:
     def _roles(self):
         f = self.failover
         since = None if f.partner_down_since is None else self.now() - f.partner_down_since
-        return P.allocation_roles(f.role, f.state, since, f.mclt_s, failover=f.mode is not None,
+        # the partner's last leases end MCLT after it stopped, by its clock
+        wait = f.mclt_s + getattr(self.leases, "skew_margin_s", 0.0)
+        return P.allocation_roles(f.role, f.state, since, wait, failover=f.mode is not None,
                                   confirmed=f.partner_down_confirmed)
 
     def _answers(self, pkt: C.DHCPPacket, address_role: str | None) -> bool:
@@ -161,6 +169,8 @@ class Dhcp4Handler:
                    C.INFORM: self._inform}.get(mtype)
         if handler is None:
             return self._drop("unexpected_message_type")
+        if self.failover.hold and mtype != C.INFORM:
+            return self._drop("not_serving")
         result = yield handler(pkt)
         if result is not None:
             name = C.MESSAGE_TYPE_NAMES.get(result[0].message_type, "?")
@@ -240,7 +250,9 @@ class Dhcp4Handler:
             return self._reply(pkt, C.NAK)
         self._notify("bound", lease)
         return self._reply(pkt, C.ACK, subnet, _ip(lease.address),
-                           max(1, round(lease.expires - self.now())))
+                           # the record's own length (cltt is the bind time), rounded
+                           # down: never longer than the record says
+                           max(1, int(lease.expires - lease.cltt + 1e-6)))
 
     @eager
     def _release(self, pkt):

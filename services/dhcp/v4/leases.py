@@ -95,6 +95,10 @@ LOCAL_WON = "local-won"            # not a conflict, but the partner must get ou
 REJECTED = "rejected"
 
 _RETRIES = 8
+#: the largest clock difference between the partners the MCLT waits allow for
+#: (times in a partner's records are its clock's): every wait that trusts a
+#: partner's time adds it.  The service refuses merges beyond it.
+MAX_SKEW_S = 2.0
 _RANK = {OFFERED: 1, BOUND: 2, EXPIRED: 3, RELEASED: 4, DECLINED: 4}
 _NORMAL_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2})*$")
 
@@ -447,6 +451,7 @@ class LeaseStore:
         #: failover: this server's segment role and the MCLT (None: no failover)
         self.role: str | None = fo.role if fo else None
         self.mclt_s: float | None = float(fo.mclt_s) if fo else None
+        self.skew_margin_s = MAX_SKEW_S
         #: addresses whose record the partner has not acknowledged yet (in
         #: store order: the durable outbox; the service sends them)
         self.unsynced: dict[str, None] = {}
@@ -455,12 +460,21 @@ class LeaseStore:
         #: confirmed PARTNER-DOWN may reuse them), and a heap over them
         self._pending: dict[int, float] = {}
         self._pending_heap: list[tuple[float, int]] = []
+        #: after a recovery without our own data: addresses nobody may get
+        #: before the time (the partner-known potential expiry + MCLT: a lease
+        #: we gave before losing our data may run until then)
+        self._held: dict[int, float] = {}
+        self._held_heap: list[tuple[float, int]] = []
         #: set by the service while PARTNER-DOWN is confirmed (operator, witness,
         #: maintenance, a recovering partner): when it started
         self.partner_down_since: float | None = None
         #: called with each record written that the partner does not have yet
         #: (the service queues it for the partner)
         self.on_unsynced: Callable[[Lease], None] | None = None
+        #: False in PARTNER-DOWN: the partner is recovering (maybe without its
+        #: data), so its ack of an expiry or release says nothing about leases
+        #: it gave before it went down -- only the MCLT rule frees them then
+        self.trust_acks = True
         self._sets: list[FreeSet] = []
         for s in config.subnets:
             for pool in s.pools:
@@ -571,7 +585,10 @@ class LeaseStore:
         a = _aton(lease.address)
         if a not in self._meta:
             self._sorted = None
-        self._meta[a] = (lease.version, lease.state, lease.subnet_id)
+        # the 4th field: until when any lease on the address may run that the
+        # partner may have given or extended (its potential expiry)
+        self._meta[a] = (lease.version, lease.state, lease.subnet_id,
+                         max(lease.expires, lease.pexp, lease.acked))
         pending = False
         if self.role is not None:
             if lease.synced:
@@ -591,7 +608,7 @@ class LeaseStore:
         fs = self._set_for(a)
         if fs is None or a in self._reserved_addr:
             return
-        if lease.state in FREE_STATES and not pending:
+        if lease.state in FREE_STATES and not pending and a not in self._held:
             if a not in self._offers:
                 fs.put(a)
         else:
@@ -606,10 +623,11 @@ class LeaseStore:
         if since is None or self.mclt_s is None:
             return 0
         now = self._now() if now is None else now
-        if now < since + self.mclt_s:
+        wait = self.mclt_s + self.skew_margin_s
+        if now < since + wait:
             return 0
         heap, n = self._pending_heap, 0
-        while heap and heap[0][0] + self.mclt_s <= now:
+        while heap and heap[0][0] + wait <= now:
             basis, a = heapq.heappop(heap)
             if self._pending.get(a) != basis:
                 continue
@@ -619,6 +637,41 @@ class LeaseStore:
                 fs.put(a)
                 n += 1
         return n
+
+    def hold(self, address: int, until: float) -> None:
+        """Nobody but the address's current client gets it before ``until``."""
+        if until <= self._held.get(address, 0.0):
+            return
+        self._held[address] = until
+        heapq.heappush(self._held_heap, (until, address))
+        fs = self._set_for(address)
+        if fs is not None:
+            fs.discard(address)
+
+    def release_held(self, now: float | None = None) -> int:
+        """Return addresses whose hold ran out to the free sets (if free)."""
+        if not self._held_heap:
+            return 0
+        now = self._now() if now is None else now
+        heap, n = self._held_heap, 0
+        while heap and heap[0][0] <= now:
+            until, a = heapq.heappop(heap)
+            if self._held.get(a) != until:
+                continue
+            del self._held[a]
+            meta = self._meta.get(a)
+            fs = self._set_for(a)
+            if fs is not None and a not in self._pending and a not in self._offers \
+                    and a not in self._reserved_addr and (meta is None or meta[1] in FREE_STATES):
+                fs.put(a)
+                n += 1
+        return n
+
+    def _blocked(self, a: int, ck: str, rec: "Lease | None", now: float) -> bool:
+        """Pending-free or held: not for a client other than the record's."""
+        if a not in self._pending and self._held.get(a, 0.0) <= now:
+            return False
+        return rec is None or rec.client_key != ck
 
     @property
     def pending_free(self) -> int:
@@ -671,7 +724,7 @@ class LeaseStore:
             del self._offer_of[key]
         meta = self._meta.get(address)
         if (meta is None or meta[1] in FREE_STATES) and address not in self._reserved_addr \
-                and address not in self._pending:
+                and address not in self._pending and address not in self._held:
             fs = self._set_for(address)
             if fs is not None:
                 fs.put(address)
@@ -824,7 +877,7 @@ class LeaseStore:
         for s in self.config.subnets:
             per[s.id] = {"subnet": str(s.network), "pool_size": sum(p.size for p in s.pools),
                          "free": self.free_count(s.id), "states": {}}
-        for _, st, sid in self._meta.values():
+        for _, st, sid, _ in self._meta.values():
             if sid in per:
                 states = per[sid]["states"]
                 states[st] = states.get(st, 0) + 1
@@ -909,16 +962,40 @@ class LeaseStore:
         MCLT) after them, oldest-freed first."""
         if self.partner_down_since is not None:
             self.unlock_pending()
+        if self._held_heap:
+            self.release_held()
         own = self.role
         for pass_own in (True, False):
             for fs in self._sets:
                 if (fs.role == own or own is None) != pass_own:
                     continue
                 if fs.subnet_id == subnet_id and (roles is None or fs.role in roles) and fs.free:
-                    a = fs.take(reuse_first=not pass_own)
+                    while True:
+                        a = fs.take(reuse_first=not pass_own)
+                        if a is None or pass_own:
+                            break
+                        # the partner's address (confirmed PARTNER-DOWN): its lease on
+                        # it may run MCLT past its potential expiry
+                        meta = self._meta.get(a)
+                        until = (meta[3] if meta else 0.0) + (self.mclt_s or 0.0) \
+                            + self.skew_margin_s
+                        if until <= self._now():
+                            break
+                        fs.put(a)
+                        self.hold(a, until)
                     if a is not None:
                         return a
         return None
+
+    def _still_held_for(self, rec: Lease) -> bool:
+        """Failover: a binding past its time that nobody can have given to
+        another client -- still ``bound`` here (no expiry processed), or our
+        own expiry the partner has not acknowledged.  The partner frees an
+        address only after we acknowledged its expiry/release (pending-free),
+        so its client may renew it here (a lost update of the partner's
+        renewal must not cost the client its address)."""
+        return self.role is not None and (
+            rec.state == BOUND or (rec.state == EXPIRED and not rec.synced))
 
     def expiry_for(self, lease: "Lease | None", lease_time_s: float, now: float) -> float:
         """The expiry to give a client now on the address of ``lease`` (its
@@ -990,7 +1067,7 @@ class LeaseStore:
                 rec = yield self._get(_ntoa(ca))
                 if rec is not None and rec.holds(now) and rec.client_key != ck:
                     continue
-                if ca in self._pending and (rec is None or rec.client_key != ck):
+                if self._blocked(ca, ck, rec, now):
                     continue               # pending-free: the partner may still renew it
                 if rec is not None and rec.state == DECLINED and rec.expires > now:
                     continue
@@ -1067,11 +1144,12 @@ class LeaseStore:
                 raise AddressUnavailable(f"{address} is held by another client")
             if self._offered_to_other(a, ck, now):
                 raise AddressUnavailable(f"{address} is offered to another client")
-            if a in self._pending and (rec is None or rec.client_key != ck):
+            if self._blocked(a, ck, rec, now):
                 raise AddressUnavailable(f"{address} is pending-free (the partner has not "
                                          "acknowledged its expiry or release)")
             offered = self._offers.get(a)
-            renewal = (rec is not None and rec.client_key == ck and rec.active(now)) or (
+            renewal = (rec is not None and rec.client_key == ck and (
+                rec.active(now) or self._still_held_for(rec))) or (
                 offered is not None and offered.expires > now)
             if not renewal and holder is None and not self._allowed(a, subnet_id, roles):
                 raise AddressUnavailable(f"{address} is not an address this server may allocate")
@@ -1152,6 +1230,10 @@ class LeaseStore:
         """
         now = self._now()
         self.expire_offers(now)
+        if self.mclt_s is not None:
+            # a partner's expiry is by its clock: expire only once it passed on
+            # both clocks (our expiry may free the address here)
+            now -= self.skew_margin_s
         due = yield self.store.zrangebyscore(EXPIRY_KEY, 0, now, limit)
         changed = []
         for ip, _score in due:
@@ -1189,7 +1271,7 @@ class LeaseStore:
             (b.cltt, _RANK.get(b.state, 0), b.expires, b.updated_by, b.state)
 
     @eager
-    def apply_remote(self, remote: Lease):
+    def apply_remote(self, remote: Lease, *, without_data: bool = False):
         """Merge a partner's lease (update or sync page entry).
 
         The lease with the newer client-last-transaction time wins.  When
@@ -1216,6 +1298,13 @@ class LeaseStore:
                            address=remote.address, subnet=remote.subnet_id)
             return REJECTED
         address = _ntoa(a)
+        if without_data and self.mclt_s is not None and remote.state in (BOUND, EXPIRED, OFFERED):
+            # a recovery sync after we lost our data: we may have extended this
+            # binding up to MCLT beyond what the partner knew without telling it
+            until = max(remote.expires, remote.pexp, remote.acked) + self.mclt_s \
+                + self.skew_margin_s
+            if until > self._now():
+                self.hold(a, until)
         for _ in range(_RETRIES):
             now = self._now()
             local = yield self._get(address)
@@ -1277,6 +1366,8 @@ class LeaseStore:
         rec = yield self._get(sent.address)
         if rec is None or rec.version != sent.version or rec.synced:
             return False
+        if not self.trust_acks and rec.state in (RELEASED, EXPIRED):
+            return False               # stays pending-free (and owed: sent again later)
         acked = max(rec.acked, sent.pexp, sent.expires)
         ops = [Op.hset(lease_key(sent.address), {"synced": "1", "acked": _f(acked)})]
         expect = {version_key(sent.address): str(sent.version)}

@@ -37,6 +37,7 @@ from services.dhcp.v4.leases import (CONFLICT_LOCAL_WON, LOCAL_WON, STATES as LE
 from services.dhcp.v4.replication import LeaseOutbox
 
 _log = Logger(namespace="services.dhcp4")
+_RECOVERING = (P.RECOVER, P.RECOVER_DONE, getattr(P, "RECOVER_WAIT", "RECOVER-WAIT"))
 _ZERO = IPv4Address(0)
 _BROADCAST = IPv4Address("255.255.255.255")
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
@@ -95,11 +96,14 @@ class Dhcp4Service(Service):
         self.drops.update(overload=0, stale=0, store_error=0, reply_too_large=0)
         self._reclaim = None
         self._reclaiming = False
+        self._without_data = False
+        self._marked = False
+        self._records_at_start = 0
         self.view = FailoverView()
         if config.failover is not None:
             f = config.failover
             self.view = FailoverView(mode=f.mode, role=f.role, split=f.split, delay_s=f.delay_s,
-                                     mclt_s=f.mclt_s, state=P.STARTUP)
+                                     mclt_s=f.mclt_s, state=P.STARTUP, hold=True)
         self.stats = {"replication_sent": 0, "replication_failed": 0, "replication_applied": 0,
                       "replication_held": 0, "replication_rejected": 0}
 
@@ -118,6 +122,9 @@ class Dhcp4Service(Service):
     async def _start(self):
         cfg = self.config
         self._records_at_start = await self.leases.load()
+        self._marked = False
+        if self._records_at_start and cfg.failover is not None:
+            self._owed_marker_now()
         for note in failover_notes(cfg):
             _log.info("dhcp4 note: {note}", note=note)
         if cfg.ldap is not None:
@@ -291,10 +298,28 @@ class Dhcp4Service(Service):
         cluster = self.context.cluster
         if f is None or cluster is None:
             return
+        # A lease store that holds nothing although this node held leases before
+        # (the marker in state_dir survived: the store was wiped or lost) knows
+        # nothing of what it gave: RECOVER, serve only after the sync and the
+        # MCLT, and hold every address the partner reports until its potential
+        # expiry + MCLT (a lease we gave may run until then)
+        marker = self._marker()
+        again = self._marker("dhcp4.recovering-without-data")
+        self._without_data = bool(marker is not None and (
+            (self._records_at_start == 0 and marker.exists()) or again.exists()))
+        if self._without_data:
+            try:
+                again.touch()       # a restart before NORMAL recovers without data again
+            except OSError:
+                pass
+            _log.warn("dhcp4: the lease store is empty but this node held leases before "
+                      "({marker}): starting in RECOVER without data", marker=str(marker))
         state = cluster.register_partner(f.peer, self._partner_state, primary=f.role == "primary",
                                          sync=self._sync_from_partner,
+                                         data_lost=self._without_data,
                                          recover_wait_s=float(f.mclt_s))
         self.view.state = state
+        self.view.hold = state not in (P.NORMAL, P.PARTNER_DOWN)
         link = getattr(cluster, "peerlink", None)
         if link is not None:
             link.on(CHANNEL, self._remote_update)
@@ -303,23 +328,61 @@ class Dhcp4Service(Service):
                                       on_acked=self._updates_acked)
             # the durable outbox: every record the partner has not acknowledged
             # (kept across a crash in the store) goes to it again
-            owed = []
-            for address in list(self.leases.unsynced):
-                lease = self.leases._get(address)
-                if isinstance(lease, Lease):
-                    owed.append(lease)
-            for lease in owed:
-                self.outbox.add(lease)
+            owed = self._requeue_unsynced()
             if owed:
                 _log.info("dhcp4: {n} lease updates owed to {peer} from before this start",
-                          n=len(owed), peer=f.peer)
-            self.leases.on_unsynced = self.outbox.add
+                          n=owed, peer=f.peer)
+            self.leases.on_unsynced = self._owed
+
+    def _owed_marker_now(self):
+        marker = self._marker()
+        if marker is not None and not marker.exists():
+            try:
+                marker.touch()
+            except OSError:
+                return
+        self._marked = marker is not None
+
+    def _marker(self, name: str = "dhcp4.held-leases"):
+        state_dir = getattr(self.context, "state_dir", None)
+        if state_dir is None:
+            return None
+        from pathlib import Path
+        return Path(state_dir) / name
+
+    def _owed(self, lease):
+        """A record the partner does not have yet: to the outbox (and remember
+        that this node holds leases: a later empty store is a lost one)."""
+        if not self._marked:
+            self._owed_marker_now()
+        self.outbox.add(lease)
+
+    def _requeue_unsynced(self) -> int:
+        """Queue every record the partner has not acknowledged (the durable outbox)."""
+        if self.outbox is None:
+            return 0
+        n = 0
+        for address in list(self.leases.unsynced):
+            lease = self.leases._get(address)
+            if isinstance(lease, Lease):
+                self.outbox.add(lease)
+                n += 1
+        return n
 
     def _updates_acked(self, leases):
         for lease in leases:
             self.leases.mark_synced(lease)
 
     def _partner_state(self, peer, state, reason):
+        if state in (P.NORMAL, P.PARTNER_DOWN):
+            self.view.hold = False
+            if self._without_data:
+                self._without_data = False
+                again = self._marker("dhcp4.recovering-without-data")
+                if again is not None:
+                    again.unlink(missing_ok=True)
+        elif state in _RECOVERING:
+            self.view.hold = True
         if state == P.PARTNER_DOWN and self.view.state != P.PARTNER_DOWN:
             self.view.partner_down_since = self.reactor.seconds()
             self.view.partner_down_confirmed = self._confirmed(reason)
@@ -328,6 +391,10 @@ class Dhcp4Service(Service):
             self.view.partner_down_confirmed = False
         self.leases.partner_down_since = (self.view.partner_down_since
                                           if self.view.partner_down_confirmed else None)
+        was_down = not self.leases.trust_acks
+        self.leases.trust_acks = state != P.PARTNER_DOWN
+        if was_down and self.leases.trust_acks:
+            self._requeue_unsynced()      # acks refused in PARTNER-DOWN: ask again
         _log.info("dhcp4 partner {peer}: {state} ({reason}){note}", peer=peer, state=state,
                   reason=reason,
                   note="" if state != P.PARTNER_DOWN or self.view.partner_down_confirmed else
@@ -335,14 +402,18 @@ class Dhcp4Service(Service):
         self.view.state = state
 
     def _confirmed(self, reason: str) -> bool:
-        """Whether a PARTNER-DOWN is known to be real.  Heartbeat silence
-        alone (``auto_partner_down_s``) is what a partition looks like too:
-        it is confirmed only when the cluster has a witness (then automatic
-        PARTNER-DOWN needs quorum).  The operator's command, a partner in
-        maintenance or recovering (alive, serving nobody) are real."""
-        if "auto_partner_down_s" not in reason:
+        """Whether a PARTNER-DOWN means the partner is really down, so its
+        addresses may be used after the MCLT.  The operator's command is.
+        Heartbeat silence alone (``auto_partner_down_s``) is what a partition
+        looks like too: confirmed only when the cluster has a witness (then
+        automatic PARTNER-DOWN needs quorum).  A partner in maintenance or
+        recovering is alive and will serve its addresses again: not confirmed
+        (its clients are served, its free addresses are left alone)."""
+        if "operator" in reason:
             return True
-        return getattr(self.context.cluster, "witness_id", None) is not None
+        if "auto_partner_down_s" in reason:
+            return getattr(self.context.cluster, "witness_id", None) is not None
+        return False
 
     def _lease_changed(self, event: str, lease: Lease):
         # the partner's update is already queued (LeaseStore.on_unsynced, in the
@@ -405,7 +476,7 @@ class Dhcp4Service(Service):
                 _log.warn("dhcp4: malformed lease update from {peer} skipped: {why}",
                           peer=peer, why=e)
                 continue
-            result = self.leases.apply_remote(lease)
+            result = self.leases.apply_remote(lease, without_data=self._without_data)
             if isinstance(result, str) and result in (LOCAL_WON, CONFLICT_LOCAL_WON):
                 self._send_back(peer, lease.address)
             elif isinstance(result, defer.Deferred):

@@ -69,7 +69,8 @@ class Node:
         ok(self.leases.load())
         f = self.cfg.failover
         self.view = FailoverView(mode=f.mode, role=f.role, split=f.split, delay_s=f.delay_s,
-                                 mclt_s=f.mclt_s, state=state) if f else FailoverView()
+                                 mclt_s=f.mclt_s, state=state,
+                                 hold=state not in (P.NORMAL, P.PARTNER_DOWN)) if f else FailoverView()
         self.handler = Dhcp4Handler(self.cfg, self.leases, SERVER_IDS[self.name], now=self.now,
                                     failover=self.view)
         # the outbox: addresses owed to the partner, newest record each (memory)
@@ -93,6 +94,10 @@ class Node:
 
     def set_state(self, state: str, *, confirmed: bool = False):
         v = self.view
+        if state in (P.NORMAL, P.PARTNER_DOWN):  # as the service does
+            v.hold = False
+        elif state in (P.RECOVER, P.RECOVER_DONE, "RECOVER-WAIT", P.STARTUP):
+            v.hold = True
         if state == P.PARTNER_DOWN and v.state != P.PARTNER_DOWN:
             v.partner_down_since = self.now()
             v.partner_down_confirmed = confirmed
@@ -100,6 +105,11 @@ class Node:
             v.partner_down_since, v.partner_down_confirmed = None, False
         v.state = state
         self.leases.partner_down_since = v.partner_down_since if v.partner_down_confirmed else None
+        was_down = not self.leases.trust_acks
+        self.leases.trust_acks = state != P.PARTNER_DOWN
+        if was_down and self.leases.trust_acks:        # as the service: ask again
+            for address in self.leases.unsynced:
+                self.outbox[address] = ok(self.leases.get(address))
 
     def handle(self, pkt: C.DHCPPacket):
         """The reply (``C.DHCPPacket``) or None."""
@@ -114,12 +124,13 @@ class Node:
             out.append(self.outbox.pop(address))
         return out
 
-    def apply(self, leases: list[Lease]) -> list[Lease]:
+    def apply(self, leases: list[Lease], without_data: bool = False) -> list[Lease]:
         """Apply a partner batch; returns our records that must go back at once
         (before the ack), as the service's ``_send_back`` does."""
         back = []
         for lease in leases:
-            result = ok(self.leases.apply_remote(Lease.from_wire(lease.to_wire())))
+            result = ok(self.leases.apply_remote(Lease.from_wire(lease.to_wire()),
+                                                 without_data=without_data))
             if result in (LOCAL_WON, CONFLICT_LOCAL_WON):
                 back.append(ok(self.leases.get(lease.address)))
         return back
