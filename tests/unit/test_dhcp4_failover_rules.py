@@ -491,3 +491,79 @@ def test_an_empty_store_after_holding_leases_starts_in_recover_without_data(tmp_
     assert svc2.leases._held[L._aton("10.0.0.12")] >= T0 + 100 + 3600
     svc2._partner_state("b", P.NORMAL, "peer heard")
     assert not (state / "dhcp4.recovering-without-data").exists()
+
+
+# -- low findings ---------------------------------------------------------------------------
+def test_review_l2_release_with_another_client_id_is_ignored(pair):
+    """h.py: a RELEASE with client-id B released client-id A's lease on the same MAC."""
+    from tests.sim.dhcp4.pair import Node, release
+    p = pair()
+    hw1 = mac(1)
+    cid_a, cid_b = b"\xff" + b"A" * 8, b"\xff" + b"B" * 8
+    node = p.a if P.hash_owner(cid_a, 50) == PRIMARY else p.b
+    d = discover(hw1)
+    d.options[C.OPT_CLIENT_ID] = cid_a
+    offer = node.handle(d)
+    r = request(hw1, requested=offer.yiaddr, server=SERVER_IDS[node.name])
+    r.options[C.OPT_CLIENT_ID] = cid_a
+    ack = node.handle(r)
+    assert ack.message_type == C.ACK
+    rel = release(hw1, ack.yiaddr, SERVER_IDS[node.name])
+    rel.options[C.OPT_CLIENT_ID] = cid_b
+    node.handle(rel)
+    assert ok(node.leases.get(str(ack.yiaddr))).state == L.BOUND
+    rel.options[C.OPT_CLIENT_ID] = cid_a
+    node.handle(rel)
+    assert ok(node.leases.get(str(ack.yiaddr))).state == L.RELEASED
+
+
+def test_review_l4_server_id_override_only_from_a_relay(pair):
+    """A local (non-relayed) client cannot make us accept another server's id via 82.11."""
+    from ipaddress import IPv4Address
+    p = pair()
+    x = macs_of(PRIMARY, 1)[0]
+    offer = p.a.handle(discover(x))
+    other = IPv4Address("10.9.0.99")
+    r = request(x, requested=offer.yiaddr, server=other)
+    r.options[C.OPT_RELAY_AGENT_INFO] = C.encode_option_value(C.OPT_RELAY_AGENT_INFO,
+                                                              {11: other.packed})
+    assert p.a.handle(r) is None
+    assert p.a.handler.counters["drop_other_server"] == 1
+
+
+def test_recovery_sync_is_flow_controlled_and_times_out_on_silence_only(tmp_path):
+    """Review M10/H4: the partner's sync keeps at most SYNC_WINDOW batches unacked; the
+    recovering side gives up after SYNC_IDLE_S without a batch, not after a fixed time."""
+    from types import SimpleNamespace
+    from services.dhcp.v4 import service as S
+    pending = []
+    link = SimpleNamespace(on=lambda *a: None,
+                           send=lambda peer, ch, body, limit=None: pending.append(
+                               (body, defer.Deferred())) or pending[-1][1])
+    svc, clock = service(tmp_path, cluster=SimpleNamespace(peerlink=link))
+    svc.SYNC_WINDOW = 2
+    for i in range(9):                       # 9 leases, 1 per batch
+        ok(svc.leases.bind(1, f"10.0.0.{10 + i}", hw(i), lease_time_s=600, roles=None))
+    old_batch, S.SYNC_BATCH = S.SYNC_BATCH, 1
+    try:
+        svc._send_all("b")
+        assert len(pending) == 2, "the window"
+        for _ in range(20):
+            for body, d in list(pending):
+                if not d.called:
+                    d.callback(None)
+        assert sum(len(b.get("leases", ())) for b, _ in pending) == 9
+        assert pending[-1][0] == {"sync_done": 9}
+    finally:
+        S.SYNC_BATCH = old_batch
+    pending.clear()
+    failures = []
+    svc.SYNC_IDLE_S = 60
+    d = svc._sync_from_partner("b")
+    d.addErrback(failures.append)
+    for _ in range(5):                       # batches keep coming: no timeout
+        clock.advance(50)
+        svc._apply_updates("b", [])
+    assert not failures
+    clock.advance(61)
+    assert failures and failures[0].check(defer.TimeoutError)

@@ -35,6 +35,11 @@ _log = Logger(namespace="services.dhcp4")
 ZERO = IPv4Address(0)
 
 
+def _override(pkt) -> IPv4Address | None:
+    """RFC 5107 server identifier override (82.11), honoured only from a relay."""
+    return pkt.server_id_override if pkt.giaddr != ZERO else None
+
+
 def _ip(dotted: str) -> IPv4Address:
     """A stored (canonical) dotted quad as an address, without re-parsing the text."""
     return IPv4Address(socket.inet_aton(dotted))
@@ -78,8 +83,12 @@ class Dhcp4Handler:
 
     # ------------------------------------------------------------------
     def subnet_for(self, pkt: C.DHCPPacket) -> Subnet | None:
-        for addr in (pkt.subnet_selection, pkt.link_selection,
-                     pkt.giaddr if pkt.giaddr != ZERO else None,
+        relayed = pkt.giaddr != ZERO
+        # option 118 and relay sub-option 82.5 only from a relay (review L4): a
+        # local client does not pick its subnet
+        for addr in (pkt.subnet_selection if relayed else None,
+                     pkt.link_selection if relayed else None,
+                     pkt.giaddr if relayed else None,
                      pkt.ciaddr if pkt.ciaddr != ZERO else None):
             if addr is not None:
                 return self.config.subnet_for(addr)
@@ -141,7 +150,7 @@ class Dhcp4Handler:
 
     def _reply(self, pkt, mtype, subnet=None, yiaddr=None, lease_time=None):
         options = self._lease_options(subnet, lease_time) if subnet is not None and lease_time else {}
-        server_id = pkt.server_id_override or self.server_id
+        server_id = _override(pkt) or self.server_id
         reply = C.build_reply(pkt, mtype, yiaddr=yiaddr, server_id=server_id, options=options)
         return reply, C.reply_destination(pkt, reply)
 
@@ -203,7 +212,7 @@ class Dhcp4Handler:
     @eager
     def _request(self, pkt):
         server_id = pkt.server_id
-        if server_id is not None and server_id not in (self.server_id, pkt.server_id_override):
+        if server_id is not None and server_id not in (self.server_id, _override(pkt)):
             return self._drop("other_server")          # the client chose someone else
         subnet = self.subnet_for(pkt)
         if pkt.ciaddr != ZERO:                         # renewing / rebinding
@@ -284,7 +293,7 @@ class Dhcp4Handler:
         if subnet is None:
             return self._drop("no_subnet")
         options = self._lease_options(subnet, subnet.lease_time_s)
-        server_id = pkt.server_id_override or self.server_id
+        server_id = _override(pkt) or self.server_id
         reply = C.build_reply(pkt, C.ACK, yiaddr=None, server_id=server_id, options=options)
         return reply, C.reply_destination(pkt, reply)
 
@@ -297,8 +306,9 @@ class Dhcp4Handler:
         rec = yield self.leases.get(address)
         if rec is None:
             return False
-        if pkt.client_id and rec.client_id and normalize_client_id(pkt.client_id) == rec.client_id:
-            return True
+        if pkt.client_id and rec.client_id:
+            # both name a client id: only that decides (review L2)
+            return normalize_client_id(pkt.client_id) == rec.client_id
         return bool(rec.hwaddr) and rec.hwaddr == normalize_hwaddr(pkt.hwaddr)
 
     def _notify(self, event: str, lease: Any):

@@ -99,6 +99,7 @@ class Dhcp4Service(Service):
         self._without_data = False
         self._marked = False
         self._records_at_start = 0
+        self._sync_progress = 0.0
         self.view = FailoverView()
         if config.failover is not None:
             f = config.failover
@@ -261,6 +262,8 @@ class Dhcp4Service(Service):
                    why=failure.getErrorMessage())
 
     RECLAIM_BATCH = 500
+    SYNC_WINDOW = 8          # recovery sync batches in flight
+    SYNC_IDLE_S = 60.0       # a recovery sync gives up after this long without a batch
 
     def _reclaim_due(self):
         """Expire what is due, batch after batch (yielding to the reactor
@@ -468,6 +471,7 @@ class Dhcp4Service(Service):
         skipped (resending it would not make it better)."""
         results = []
         writes = self.leases.writes
+        self._sync_progress = self.reactor.seconds()
         for wire in wires if isinstance(wires, list) else ():
             try:
                 lease = Lease.from_wire(wire)
@@ -518,26 +522,46 @@ class Dhcp4Service(Service):
         link = getattr(self.context.cluster, "peerlink", None)
         if link is None:
             return defer.succeed(None)
-        self._sync_wait = defer.Deferred()
+        self._sync_wait = wait = defer.Deferred()
+        self._sync_progress = self.reactor.seconds()
         _log.info("dhcp4 recovering: asking {peer} for its leases", peer=peer)
         link.send(peer, CHANNEL, {"sync": True}).addErrback(
-            lambda f: self._sync_wait.errback(f) if self._sync_wait and not self._sync_wait.called
-            else None)
-        return self._sync_wait.addTimeout(120, self.reactor)
+            lambda f: wait.errback(f) if not wait.called else None)
+
+        def watchdog():
+            # gives up only when nothing arrived for SYNC_IDLE_S (a big table
+            # takes as long as it takes while batches keep coming)
+            if wait.called:
+                return
+            idle = self.reactor.seconds() - self._sync_progress
+            if idle >= self.SYNC_IDLE_S:
+                self._sync_wait = None
+                wait.errback(defer.TimeoutError(f"recovery sync from {peer}: nothing for "
+                                                f"{idle:.0f}s"))
+            else:
+                self.reactor.callLater(self.SYNC_IDLE_S - idle, watchdog)
+
+        self.reactor.callLater(self.SYNC_IDLE_S, watchdog)
+        return wait
 
     @defer.inlineCallbacks
     def _send_all(self, peer):
-        """Answer a partner's sync request: every lease, then an end marker."""
+        """Answer a partner's sync request: every lease, then an end marker.
+        Flow-controlled: at most SYNC_WINDOW batches unacknowledged, pages read
+        as the window opens (memory bounded by the window, not the table)."""
         link = self.context.cluster.peerlink
         cursor, sent = None, 0
+        window: list[defer.Deferred] = []
         while True:
-            page, cursor = yield self.leases.export(cursor)
-            # The recovering partner's sync is one burst: no max_unacked window.
+            page, cursor = yield self.leases.export(cursor, SYNC_BATCH * 4)
             for i in range(0, len(page), SYNC_BATCH):
                 batch = page[i:i + SYNC_BATCH]
-                link.send(peer, CHANNEL, {"leases": batch}, limit=1 << 30).addErrback(
-                    self._sync_send_failed, peer)
+                d = link.send(peer, CHANNEL, {"leases": batch}, limit=1 << 30)
+                d.addErrback(self._sync_send_failed, peer)
+                window.append(d)
                 sent += len(batch)
+                if len(window) >= self.SYNC_WINDOW:
+                    yield window.pop(0)
             if cursor is None:
                 break
         link.send(peer, CHANNEL, {"sync_done": sent}).addErrback(self._sync_send_failed, peer)
