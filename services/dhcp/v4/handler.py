@@ -65,6 +65,10 @@ class FailoverView:
     #: using our addresses after the MCLT: COMMUNICATIONS-INTERRUPTED is not
     #: enough to serve then (review M3, issue 12 deliver 5)
     hold: bool = False
+    #: PARTNER-DOWN entered while on hold (not in step since the start): the
+    #: partner may have run PARTNER-DOWN on our addresses meanwhile, so our own
+    #: free addresses are as unknown as its: nothing new before the MCLT
+    stale_partner_down: bool = False
 
 
 class Dhcp4Handler:
@@ -137,6 +141,8 @@ class Dhcp4Handler:
         since = None if f.partner_down_since is None else self.now() - f.partner_down_since
         # the partner's last leases end MCLT after it stopped, by its clock
         wait = f.mclt_s + getattr(self.leases, "skew_margin_s", 0.0)
+        if f.stale_partner_down and f.state == P.PARTNER_DOWN and (since is None or since < wait):
+            return ()
         return P.allocation_roles(f.role, f.state, since, wait, failover=f.mode is not None,
                                   confirmed=f.partner_down_confirmed)
 

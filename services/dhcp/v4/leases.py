@@ -475,6 +475,9 @@ class LeaseStore:
         #: data), so its ack of an expiry or release says nothing about leases
         #: it gave before it went down -- only the MCLT rule frees them then
         self.trust_acks = True
+        #: a PARTNER-DOWN entered without having been in step with the partner
+        #: since this start: our own addresses get the partner's waits too
+        self.own_is_foreign = False
         self._sets: list[FreeSet] = []
         for s in config.subnets:
             for pool in s.pools:
@@ -970,9 +973,10 @@ class LeaseStore:
                 if (fs.role == own or own is None) != pass_own:
                     continue
                 if fs.subnet_id == subnet_id and (roles is None or fs.role in roles) and fs.free:
+                    foreign = not pass_own or self.own_is_foreign
                     while True:
                         a = fs.take(reuse_first=not pass_own)
-                        if a is None or pass_own:
+                        if a is None or not foreign:
                             break
                         # the partner's address (confirmed PARTNER-DOWN): its lease on
                         # it may run MCLT past its potential expiry

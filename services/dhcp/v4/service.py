@@ -100,6 +100,7 @@ class Dhcp4Service(Service):
         self._marked = False
         self._records_at_start = 0
         self._sync_progress = 0.0
+        self._partner_without_data = False
         self.view = FailoverView()
         if config.failover is not None:
             f = config.failover
@@ -377,6 +378,11 @@ class Dhcp4Service(Service):
             self.leases.mark_synced(lease)
 
     def _partner_state(self, peer, state, reason):
+        if state == P.PARTNER_DOWN and self.view.state != P.PARTNER_DOWN:
+            self.view.stale_partner_down = self.view.hold
+        elif state != P.PARTNER_DOWN:
+            self.view.stale_partner_down = False
+        self.leases.own_is_foreign = self.view.stale_partner_down
         if state in (P.NORMAL, P.PARTNER_DOWN):
             self.view.hold = False
             if self._without_data:
@@ -394,8 +400,10 @@ class Dhcp4Service(Service):
             self.view.partner_down_confirmed = False
         self.leases.partner_down_since = (self.view.partner_down_since
                                           if self.view.partner_down_confirmed else None)
+        if state == P.NORMAL and self.view.state == P.PARTNER_DOWN:
+            self._partner_without_data = False     # it recovered (and waited MCLT)
         was_down = not self.leases.trust_acks
-        self.leases.trust_acks = state != P.PARTNER_DOWN
+        self.leases.trust_acks = state != P.PARTNER_DOWN and not self._partner_without_data
         if was_down and self.leases.trust_acks:
             self._requeue_unsynced()      # acks refused in PARTNER-DOWN: ask again
         _log.info("dhcp4 partner {peer}: {state} ({reason}){note}", peer=peer, state=state,
@@ -451,6 +459,16 @@ class Dhcp4Service(Service):
                                          why=f.getErrorMessage()))
 
     def _remote_update(self, peer, body):
+        if "without_data" in body:
+            # the partner lost its lease store: its acks of our expiries and
+            # releases say nothing about the leases it gave before (they are
+            # lost with its data) -- only the MCLT rules free addresses now
+            if not self._partner_without_data:
+                _log.warn("dhcp4: {peer} recovers without its data: its acks free no "
+                          "addresses until it is NORMAL again", peer=peer)
+            self._partner_without_data = True
+            self.leases.trust_acks = False
+            return None
         if "leases" in body or "lease" in body:
             return self._apply_updates(peer, body.get("leases") or [body["lease"]])
         if "sync" in body:
@@ -472,6 +490,12 @@ class Dhcp4Service(Service):
         results = []
         writes = self.leases.writes
         self._sync_progress = self.reactor.seconds()
+        link = getattr(self.context.cluster, "peerlink", None)
+        if self._without_data and link is not None:
+            # before this batch's ack: the partner must not read it as "the
+            # partner gave nobody these addresses" (we lost what we gave)
+            link.send(peer, CHANNEL, {"without_data": True}, limit=1 << 30).addErrback(
+                lambda f: None)
         for wire in wires if isinstance(wires, list) else ():
             try:
                 lease = Lease.from_wire(wire)

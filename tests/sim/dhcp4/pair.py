@@ -79,6 +79,8 @@ class Node:
             self.outbox[address] = ok(self.leases.get(address))
         self.leases.on_unsynced = lambda lease: self.outbox.__setitem__(lease.address, lease)
         self.alive = True
+        self.without_data = False            # recovering after losing the store
+        self.partner_without_data = False
 
     def crash(self, wipe: bool = False):
         """kill -9: memory gone (the store commits each write at once here, so
@@ -94,7 +96,16 @@ class Node:
 
     def set_state(self, state: str, *, confirmed: bool = False):
         v = self.view
-        if state in (P.NORMAL, P.PARTNER_DOWN):  # as the service does
+        if state == P.NORMAL and v.state == P.PARTNER_DOWN:
+            self.partner_without_data = False
+        if state == P.NORMAL:
+            self.without_data = False
+        if state == P.PARTNER_DOWN and v.state != P.PARTNER_DOWN:   # as the service does
+            v.stale_partner_down = v.hold
+        elif state != P.PARTNER_DOWN:
+            v.stale_partner_down = False
+        self.leases.own_is_foreign = v.stale_partner_down
+        if state in (P.NORMAL, P.PARTNER_DOWN):
             v.hold = False
         elif state in (P.RECOVER, P.RECOVER_DONE, "RECOVER-WAIT", P.STARTUP):
             v.hold = True
@@ -106,7 +117,7 @@ class Node:
         v.state = state
         self.leases.partner_down_since = v.partner_down_since if v.partner_down_confirmed else None
         was_down = not self.leases.trust_acks
-        self.leases.trust_acks = state != P.PARTNER_DOWN
+        self.leases.trust_acks = state != P.PARTNER_DOWN and not self.partner_without_data
         if was_down and self.leases.trust_acks:        # as the service: ask again
             for address in self.leases.unsynced:
                 self.outbox[address] = ok(self.leases.get(address))
@@ -171,7 +182,10 @@ class Link:
             if not self.inflight:
                 return n
             sent = self.inflight.popleft()
-            back = self.dst.apply(sent)
+            if self.dst.without_data:          # its notice goes before the ack
+                self.src.partner_without_data = True
+                self.src.leases.trust_acks = False
+            back = self.dst.apply(sent, without_data=self.dst.without_data)
             for lease in back:                 # the receiver's winners, before the ack
                 self.src.apply([lease])
                 self.dst.outbox.pop(lease.address, None)

@@ -23,3 +23,12 @@ def test_pair_never_gives_one_address_to_two_clients(start, count):
     disk, clock skew and operator partner-down."""
     for seed in range(start, start + count):
         World(seed, duration=DURATION).run()
+
+
+@pytest.mark.parametrize("seed", [5122, 5149])
+def test_seeds_that_found_bugs(seed):
+    """5122: a partner recovering without its data acked our expiry while we were NORMAL
+    for a moment (its ack freed an address its lost renewal still held); 5149: operator
+    partner-down on a node that restarted during a partition and never heard its
+    partner, which had run PARTNER-DOWN on its addresses."""
+    World(seed, duration=DURATION).run()

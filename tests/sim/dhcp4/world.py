@@ -112,7 +112,7 @@ class World:
     def fail(self, text: str):
         tail = "\n".join(self.log[-40:])
         raise Violation(f"seed {self.seed}: {text}\n  replay: python -m tests.sim.dhcp4 "
-                        f"--seed {self.seed} -v\n{tail}")
+                        f"--seed {self.seed} --duration {self.duration:g} -v\n{tail}")
 
     def node(self, name):
         return self.pair.a if name == "a" else self.pair.b
@@ -186,6 +186,7 @@ class World:
         n = self.node(name)
         other = self.node("b" if name == "a" else "a")
         n.start(state=P.STARTUP)
+        n.without_data = name in self.lost_disk
         self.say(f"restart {name} ({'no data' if name in self.lost_disk else 'disk kept'})")
         if name not in self.lost_disk:
             for c in self.clients:
