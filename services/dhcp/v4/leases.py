@@ -670,6 +670,19 @@ class LeaseStore:
                 n += 1
         return n
 
+    def _foreign_wait_over(self, a: int, now: float) -> bool:
+        """For a new binding on ``a``: True unless it is the partner's address
+        (or, after a stale PARTNER-DOWN, any address) whose last potential
+        expiry + MCLT (+ skew) has not passed -- the partner may have given
+        or extended a lease on it until then without telling us."""
+        if self.mclt_s is None:
+            return True
+        fs = self._set_for(a)
+        if fs is None or (fs.role == self.role and not self.own_is_foreign):
+            return True
+        meta = self._meta.get(a)
+        return (meta[3] if meta else 0.0) + self.mclt_s + self.skew_margin_s <= now
+
     def _blocked(self, a: int, ck: str, rec: "Lease | None", now: float) -> bool:
         """Pending-free or held: not for a client other than the record's."""
         if a not in self._pending and self._held.get(a, 0.0) <= now:
@@ -1073,6 +1086,9 @@ class LeaseStore:
                     continue
                 if self._blocked(ca, ck, rec, now):
                     continue               # pending-free: the partner may still renew it
+                if not (rec is not None and rec.client_key == ck and rec.active(now)) \
+                        and not self._foreign_wait_over(ca, now):
+                    continue               # the partner's: its leases may still run
                 if rec is not None and rec.state == DECLINED and rec.expires > now:
                     continue
                 chosen, old = ca, rec
@@ -1157,6 +1173,8 @@ class LeaseStore:
                 offered is not None and offered.expires > now)
             if not renewal and holder is None and not self._allowed(a, subnet_id, roles):
                 raise AddressUnavailable(f"{address} is not an address this server may allocate")
+            if not renewal and not self._foreign_wait_over(a, now):
+                raise AddressUnavailable(f"{address}: the partner's lease on it may still run")
             current = yield self.find_client(subnet_id, hw, cid)
             supersede = current if (current is not None and current.address != address
                                     and current.active(now)) else None
