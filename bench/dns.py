@@ -260,6 +260,7 @@ async def run(reactor, args) -> list[dict]:
     def cleanup():
         server.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     reactor.addSystemEventTrigger("after", "shutdown", cleanup)   # also on SIGTERM
     log(f"named on {server.address}, directory {workdir} ({fs_type(workdir)}), default workers")
     rows: list[dict] = []
