@@ -901,7 +901,9 @@ class LeaseStore:
             if lease.subnet_id in per:
                 states = per[lease.subnet_id]["states"]
                 states["offered"] = states.get("offered", 0) + 1
-        return {"subnets": per, "counters": dict(self.counters), "offers_pending": len(self._offers)}
+        return {"subnets": per, "counters": dict(self.counters), "offers_pending": len(self._offers),
+                "pending_free": len(self._pending), "unsynced": len(self.unsynced),
+                "held": len(self._held)}
 
     # ------------------------------------------------------------------
     # the one write path
