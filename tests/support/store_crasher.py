@@ -702,10 +702,10 @@ def inject_fault(fault: str | None) -> None:
                 raise sqlite3.OperationalError("disk I/O error (injected)")
             return orig_apply(self, batch)
 
-        def failing_probe(self):
+        def failing_probe(self, *args, **kw):
             if rng.random() < 0.3:
                 raise sqlite3.OperationalError("disk I/O error (injected, probe)")
-            return orig_probe(self)
+            return orig_probe(self, *args, **kw)
         sqlite_file.SQLiteFile.apply = failing_apply
         sqlite_file.SQLiteFile.probe = failing_probe
         if fault == "io_error_keep_waiters":
