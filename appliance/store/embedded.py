@@ -48,6 +48,7 @@ from appliance.store.interface import (
     StoreError,
 )
 from appliance.store.sqlite_file import SYNCHRONOUS, Batch, SQLiteFile
+from appliance.store.validate import check_str
 from appliance.store.zset import ZSet
 
 _WRONGTYPE = "WRONGTYPE operation against a key holding the wrong kind of value"
@@ -57,19 +58,6 @@ RETRY_MIN_S = 1.0
 RETRY_MAX_S = 30.0
 MIN_FREE_BYTES = 256 * 1024     # a failed store recovers only with this much disk free
 STABLE_S = 60.0                 # healthy this long after a recovery: retries start at 1 s again
-
-
-def check_str(*values) -> None:
-    """Keys, fields, values, members: ``str`` that encode as UTF-8."""
-    for v in values:
-        if v.__class__ is not str and not isinstance(v, str):
-            raise StoreError(f"keys, fields and values must be str, not {type(v).__name__}")
-        if not v.isascii():
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise StoreError(f"string cannot be stored (not valid Unicode: {e.reason} "
-                                 f"at position {e.start})") from None
 
 
 @implementer(ISubscription)
@@ -631,7 +619,6 @@ class EmbeddedStore(Service):
             raise StoreError(_WRONGTYPE)
         return value
 
-    _check_str = staticmethod(check_str)
 
     def _ttl_at(self, ttl_s):
         if ttl_s is None:

@@ -34,6 +34,7 @@ is on disk entirely or not at all, and batches become durable in order.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
@@ -183,8 +184,7 @@ class SQLiteFile:
         c = self.conn
         if c is None:
             raise sqlite3.OperationalError("store database is closed")
-        c.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             if batch.drop:
                 c.executemany("DELETE FROM keys WHERE key = ?", batch.drop)
                 c.executemany("DELETE FROM hfields WHERE key = ?", batch.drop)
@@ -201,6 +201,15 @@ class SQLiteFile:
                 c.executemany("DELETE FROM zmembers WHERE key = ? AND member = ?", batch.zdel)
             if batch.zadd:
                 c.executemany("INSERT OR REPLACE INTO zmembers VALUES (?, ?, ?)", batch.zadd)
+        return time.monotonic() - t0
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        """BEGIN IMMEDIATE ... COMMIT; ROLLBACK if anything in between fails."""
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            yield c
             c.execute("COMMIT")
         except BaseException:
             try:
@@ -208,7 +217,6 @@ class SQLiteFile:
             except sqlite3.Error:
                 pass
             raise
-        return time.monotonic() - t0
 
     def checkpoint(self) -> None:
         """Copy the WAL into the database (fsyncs both unless ``never``)."""
@@ -225,17 +233,8 @@ class SQLiteFile:
             if free < min_free_bytes:
                 raise OSError(28, f"disk full: {free} bytes free in {self.dir}, "
                                   f"the store needs at least {min_free_bytes}")
-        c = self.conn
-        c.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as c:
             c.execute("INSERT OR REPLACE INTO meta VALUES ('probe', ?)", (repr(time.time()),))
-            c.execute("COMMIT")
-        except BaseException:
-            try:
-                c.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            raise
 
     def size_bytes(self) -> int:
         total = 0

@@ -33,3 +33,41 @@ def memory_store(state_dir, clock: Clock | None = None, **kw):
     store = EmbeddedStore(clock, state_dir=state_dir, run_in_thread=inline, **kw)
     store.startService()
     return store, clock
+
+
+class ManualThread:
+    """A store ``run_in_thread`` whose jobs wait until the test releases them:
+    ``run(n)`` runs the oldest n, ``fail(exc)`` fails the oldest, ``run_all()``
+    (``fail=True``: fails) all of them, including those queued meanwhile."""
+
+    def __init__(self):
+        self.jobs: list = []
+
+    def __call__(self, f, *args):
+        d = defer.Deferred()
+        self.jobs.append((f, args, d))
+        return d
+
+    def _run_one(self):
+        f, args, d = self.jobs.pop(0)
+        try:
+            result = f(*args)
+        except Exception as e:
+            d.errback(e)
+        else:
+            d.callback(result)
+
+    def run(self, n: int = 1):
+        for _ in range(n):
+            self._run_one()
+
+    def fail(self, exc: Exception):
+        _f, _args, d = self.jobs.pop(0)
+        d.errback(exc)
+
+    def run_all(self, fail: bool = False):
+        while self.jobs:
+            if fail:
+                self.fail(OSError("disk on fire"))
+            else:
+                self._run_one()

@@ -26,42 +26,16 @@ from appliance.store.interface import (
     StoreError,
 )
 from appliance.store.sqlite_file import SQLiteFile
-from tests.support.sync import inline, ok
+from tests.support.sync import ManualThread, inline, ok
 
 T0 = 1_700_000_000.0
-
-
-class Held:
-    """A ``run_in_thread`` whose jobs wait until the test runs or fails them."""
-
-    def __init__(self):
-        self.jobs: list[tuple[defer.Deferred, object, tuple]] = []
-
-    def __call__(self, f, *args):
-        d = defer.Deferred()
-        self.jobs.append((d, f, args))
-        return d
-
-    def run(self, n: int = 1):
-        for _ in range(n):
-            d, f, args = self.jobs.pop(0)
-            try:
-                result = f(*args)
-            except Exception as e:
-                d.errback(e)
-            else:
-                d.callback(result)
-
-    def fail(self, exc: Exception):
-        d, _f, _args = self.jobs.pop(0)
-        d.errback(exc)
 
 
 def started(tmp_path, clock=None, held=False, **kw):
     clock = clock or Clock()
     if clock.seconds() == 0:
         clock.advance(T0)
-    thread = Held() if held else inline
+    thread = ManualThread() if held else inline
     kw.setdefault("turn_batching", held)     # inline: each write commits at once
     store = EmbeddedStore(clock, state_dir=tmp_path, run_in_thread=thread, **kw)
     d = store.startService()

@@ -21,27 +21,9 @@ from appliance.store.embedded import EmbeddedStore
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
+from tests.support.sync import ManualThread
+
 T0 = 1_700_000_000.0
-
-
-class ManualThread:
-    """An EmbeddedStore ``run_in_thread`` whose commit jobs wait until released."""
-
-    def __init__(self):
-        self.jobs = []
-
-    def __call__(self, f, *args):
-        d = defer.Deferred()
-        self.jobs.append((f, args, d))
-        return d
-
-    def run_all(self, fail: bool = False):
-        while self.jobs:
-            f, args, d = self.jobs.pop(0)
-            if fail:
-                d.errback(OSError("disk on fire"))
-            else:
-                d.callback(f(*args))
 
 
 def started_store(tmp_path):
