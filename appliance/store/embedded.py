@@ -619,7 +619,6 @@ class EmbeddedStore(Service):
             raise StoreError(_WRONGTYPE)
         return value
 
-
     def _ttl_at(self, ttl_s):
         if ttl_s is None:
             return None
