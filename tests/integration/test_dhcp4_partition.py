@@ -115,3 +115,49 @@ def test_partition_longer_than_mclt_gives_no_address_twice(two_nodes_lab, tmp_pa
     assert not bad, f"addresses ACKed to two clients with overlapping leases: {bad}\n{logs()}"
     # every lease a server gave during the partition was capped by the MCLT
     assert all(a["lease"] <= LEASE_S for a in acks)
+
+
+def test_restart_with_a_wiped_lease_store_recovers_before_serving(two_nodes_lab, tmp_path):
+    """kill -9 a node, delete its store (the marker in state_dir stays), start it: it goes
+    RECOVER (data lost), answers no client until it synced and waited the MCLT, and then
+    knows the partner's binding of a client it had served."""
+    lab = two_nodes_lab
+    partners, logs = start_pair(lab, tmp_path)
+    out = tmp_path / "acks.out"
+    script = tmp_path / "udhcpc.sh"
+    script.write_text(SCRIPT.format(out=out))
+    script.chmod(0o755)
+    lab.run("client", "ip", "addr", "flush", "dev", "eth0")
+    lab.run("client", "busybox", "udhcpc", "-i", "eth0", "-s", str(script), "-n", "-q",
+            "-t", "4", "-T", "1", "-f", check=False, timeout=30)
+    _, address, server, *_ = out.read_text().split()
+    giver = "a" if server == ADDR["a"] else "b"
+    other = "b" if giver == "a" else "a"
+    wait_for(lambda: ctl(lab, tmp_path, other, "dhcp4.lease", {"address": address})
+             .get("state") == "bound", 10, "the lease replicated\n" + logs())
+    state = tmp_path / f"state-{giver}"
+    assert (state / "dhcp4.held-leases").exists()
+    pid = lab.run(giver, "pgrep", "-f", f"{giver}.toml", check=False).stdout.split()
+    for p in pid:
+        lab.run(giver, "kill", "-9", p, check=False)
+    time.sleep(0.5)
+    for name in os.listdir(state):
+        if name.startswith("store.sqlite3"):
+            os.unlink(state / name)
+    log = open(tmp_path / f"{giver}.log", "a")
+    lab.popen(giver, *twistd_command(), "-c", str(tmp_path / f"{giver}.toml"), stdout=log,
+              stderr=subprocess.STDOUT, cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": str(ROOT)})
+    wait_for(lambda: partners(giver).get(other) in ("RECOVER", "RECOVER-WAIT"), 20,
+             "RECOVER after a wiped store\n" + logs())
+    # a new client while it recovers: only the partner answers
+    lab.run("client", "ip", "link", "set", "eth0", "address", "02:00:00:00:0e:01")
+    lab.run("client", "ip", "addr", "flush", "dev", "eth0")
+    lab.run("client", "busybox", "udhcpc", "-i", "eth0", "-s", str(script), "-n", "-q",
+            "-t", "3", "-T", "1", "-f", check=False, timeout=30)
+    stats = ctl(lab, tmp_path, giver, "dhcp4.stats")
+    assert not stats["packets"].get("out_OFFER") and not stats["packets"].get("out_ACK"), stats
+    wait_for(lambda: partners(giver).get(other) == "NORMAL", 60,
+             "NORMAL after the sync and the MCLT\n" + logs())
+    lease = ctl(lab, tmp_path, giver, "dhcp4.lease", {"address": address})
+    assert lease.get("state") == "bound", lease
+    assert "without data" in (tmp_path / f"{giver}.log").read_text()
