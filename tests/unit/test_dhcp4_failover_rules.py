@@ -567,3 +567,24 @@ def test_recovery_sync_is_flow_controlled_and_times_out_on_silence_only(tmp_path
     assert not failures
     clock.advance(61)
     assert failures and failures[0].check(defer.TimeoutError)
+
+
+def test_partner_updates_wait_while_the_clocks_are_too_far_apart(tmp_path):
+    """Merges compare two clocks' times: beyond MAX_SKEW_S the batch waits (unacked, so
+    the partner keeps capping those leases) and dhcp4.stats says why."""
+    from types import SimpleNamespace
+    skew = {"b": 10.0}
+    cluster = SimpleNamespace(peerlink=None, skew=lambda peer: skew[peer])
+    svc, clock = service(tmp_path, cluster=cluster)
+    lease = Lease("10.0.0.12", 1, L.BOUND, hw(1), "", "", T0 + 100, T0, "b", "b", 1)
+    d = svc._apply_updates("b", [lease.to_wire()])
+    assert isinstance(d, defer.Deferred) and not d.called
+    assert ok(svc.leases.get("10.0.0.12")) is None
+    assert svc.rpc_stats()["merge_held_by_skew"]["skew_s"] == 10.0
+    clock.advance(1)
+    assert ok(svc.leases.get("10.0.0.12")) is None, "still waiting"
+    skew["b"] = 0.5
+    clock.advance(1)
+    clock.advance(0)
+    assert ok(svc.leases.get("10.0.0.12")).client_key == lease.client_key
+    assert svc.rpc_stats()["merge_held_by_skew"] is None

@@ -32,8 +32,8 @@ from services.dhcp.v4 import pools as P
 from services.dhcp.v4.config import Dhcp4Config, failover_notes
 from services.dhcp.v4.handler import Dhcp4Handler, FailoverView
 from services.dhcp.v4.ldap_reservations import LdapReservations
-from services.dhcp.v4.leases import (CONFLICT_LOCAL_WON, LOCAL_WON, STATES as LEASE_STATES, Lease,
-                                     LeaseStore)
+from services.dhcp.v4.leases import (CONFLICT_LOCAL_WON, LOCAL_WON, MAX_SKEW_S,
+                                     STATES as LEASE_STATES, Lease, LeaseStore)
 from services.dhcp.v4.replication import LeaseOutbox
 
 _log = Logger(namespace="services.dhcp4")
@@ -101,6 +101,7 @@ class Dhcp4Service(Service):
         self._records_at_start = 0
         self._sync_progress = 0.0
         self._partner_without_data = False
+        self.skew_hold: dict | None = None     # partner updates held: clocks too far apart
         self.view = FailoverView()
         if config.failover is not None:
             f = config.failover
@@ -483,7 +484,37 @@ class Dhcp4Service(Service):
                 waiting.callback(body["sync_done"])
         return None
 
+    def _skew_too_large(self, peer) -> float | None:
+        """The partner's measured clock offset if it exceeds MAX_SKEW_S, else None."""
+        skew_of = getattr(self.context.cluster, "skew", None)
+        if skew_of is None:
+            return None
+        try:
+            skew = skew_of(peer)
+        except (KeyError, AttributeError):
+            return None
+        if skew is not None and abs(skew) > MAX_SKEW_S:
+            return skew
+        return None
+
     def _apply_updates(self, peer, wires):
+        """Merge a partner batch -- but not while its clock is off by more than
+        MAX_SKEW_S: the merge compares times of two clocks, and every MCLT wait
+        allows only that much.  The batch then waits (unacked: the partner's
+        leases stay capped at MCLT past what we acked) until the skew is back
+        within the limit; ``dhcp4.stats`` shows it."""
+        skew = self._skew_too_large(peer)
+        if skew is None:
+            self.skew_hold = None
+            return self._apply_now(peer, wires)
+        if self.skew_hold is None:
+            _log.error("dhcp4: {peer}'s clock is {skew:+.1f}s off ours (limit {limit}s): its "
+                       "lease updates wait until the clocks agree", peer=peer, skew=skew,
+                       limit=MAX_SKEW_S)
+        self.skew_hold = {"peer": peer, "skew_s": round(skew, 3), "limit_s": MAX_SKEW_S}
+        return task.deferLater(self.reactor, 1.0, self._apply_updates, peer, wires)
+
+    def _apply_now(self, peer, wires):
         """Store a batch of the partner's leases (merged by cltt); the peer link
         acks the batch when all are stored.  A malformed entry is counted and
         skipped (resending it would not make it better)."""
@@ -687,6 +718,7 @@ class Dhcp4Service(Service):
         return {"packets": dict(self.handler.counters) if self.handler else {},
                 "drops": {k: v for k, v in self.drops.items() if v},
                 "leases": self.leases.stats(), "replication": dict(self.stats),
+                "merge_held_by_skew": self.skew_hold,
                 "reservations": {"count": self.leases.reservation_count,
                                  "ldap": self.ldap.status() if self.ldap else None}}
 
