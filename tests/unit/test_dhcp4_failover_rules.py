@@ -588,3 +588,15 @@ def test_partner_updates_wait_while_the_clocks_are_too_far_apart(tmp_path):
     clock.advance(0)
     assert ok(svc.leases.get("10.0.0.12")).client_key == lease.client_key
     assert svc.rpc_stats()["merge_held_by_skew"] is None
+
+
+def test_review_m6_reserved_client_whose_address_is_taken_gets_no_offer_it_cannot_bind(tmp_path):
+    """demo.py part 3: the reserved client was OFFERed a pool address that its REQUEST then
+    got NAKed for (a DISCOVER/NAK loop).  Now OFFER and REQUEST agree: no offer."""
+    from ipaddress import IPv4Address
+    from tests.unit.test_dhcp4_leases import config, make
+    ls, store, clock = make(tmp_path, config())
+    ok(ls.bind(1, "10.9.0.12", hw(7), lease_time_s=3600))
+    ls.set_external_reservations([(hw(8), IPv4Address("10.9.0.12"))])
+    assert ok(ls.offer(1, hw(8))) is None
+    assert ls.counters["reservation_busy"] == 1

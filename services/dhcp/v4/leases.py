@@ -1095,6 +1095,12 @@ class LeaseStore:
                     continue
                 chosen, old = ca, rec
                 break
+            if chosen is None and reserved is not None:
+                # the client's reserved address is held by someone else: a pool
+                # address would only be NAKed at the REQUEST (bind refuses it), so
+                # OFFER and REQUEST agree by staying silent (review M6)
+                self.counters["reservation_busy"] = self.counters.get("reservation_busy", 0) + 1
+                return None
             if chosen is None:
                 chosen = self._take(subnet_id, roles)
                 if chosen is None:
