@@ -238,8 +238,12 @@ pool = ["{POOL[0]}", "{POOL[1]}"]
 routers = ["{ADDR['a']}"]
 lease_time_s = 3600
 """
-    return dhcp4_pair_config(node, work, ADDR, keys, subnet=SUBNET, pool=POOL,
-                             routers=ADDR["a"], mode=mode, lease_time_s=3600)
+    cfg = dhcp4_pair_config(node, work, ADDR, keys, subnet=SUBNET, pool=POOL,
+                            routers=ADDR["a"], mode=mode, lease_time_s=3600)
+    # the shipped default: no automatic partner-down (heartbeat silence is also what a
+    # partition looks like); the survivor serves new clients from COMMUNICATIONS-
+    # INTERRUPTED as soon as it suspects the partner (issue 12)
+    return cfg.replace("auto_partner_down_s = 1", "auto_partner_down_s = 0")
 
 
 RPC_SNIPPET = """
