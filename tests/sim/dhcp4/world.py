@@ -60,7 +60,8 @@ class Client:
     next_at: float = 0.0
     secs: int = 0
     server_expires: float = 0.0   # the expiry in the ACKing server's clock
-    unknown: bool = False         # its last ACK was lost with its server's disk
+    unknown: bool = False
+    disk_lost: bool = False       # its last ACK's server lost its disk since         # its last ACK was lost with its server's disk
     history: list = field(default_factory=list)
 
     def holds(self, now: float) -> bool:
@@ -174,6 +175,8 @@ class World:
             # clients may lose their address (never to another client, though)
             other = self.node("b" if name == "a" else "a")
             for c in self.clients:
+                if c.server == name:
+                    c.disk_lost = True        # its server's record of it is gone
                 if c.server == name and c.state == "bound":
                     rec = ok(other.leases.get(c.address)) if other.alive else None
                     if rec is None or rec.client_key != "hw:" + c.hw.hex(":") \
@@ -190,7 +193,7 @@ class World:
         self.say(f"restart {name} ({'no data' if name in self.lost_disk else 'disk kept'})")
         if name not in self.lost_disk:
             for c in self.clients:
-                if c.server != name or not c.holds(self.now):
+                if c.server != name or not c.holds(self.now) or c.disk_lost:
                     continue
                 ck, until = "hw:" + c.hw.hex(":"), c.server_expires
                 rec = ok(n.leases.get(c.address))
@@ -297,6 +300,7 @@ class World:
         c.expires, c.t1, c.t2 = now + t, now + t * 0.5, now + t * 0.875
         c.secs = 0
         c.unknown = False
+        c.disk_lost = False
         self.stats["acks"] += 1
         # in the server's own (possibly skewed) clock, as its record says
         c.server_expires = node.now() + t
