@@ -46,7 +46,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import pytest
+try:
+    import pytest              # the fixtures below; benches use the Lab without pytest
+except ImportError:
+    pytest = None
 
 from tests.support.require import require_binary, require_root
 
@@ -400,26 +403,26 @@ class Lab:
         self.run(full, "nft", "delete", "chain", "inet", "apl_lab", f"{chain}_out", check=False)
 
 
-@pytest.fixture
-def netns_lab() -> Iterator[Lab]:
-    """An empty :class:`Lab`; everything it created is deleted afterwards."""
-    lab = Lab()
-    try:
-        yield lab
-    finally:
-        lab.close()
+if pytest is not None:
+    @pytest.fixture
+    def netns_lab() -> Iterator[Lab]:
+        """An empty :class:`Lab`; everything it created is deleted afterwards."""
+        lab = Lab()
+        try:
+            yield lab
+        finally:
+            lab.close()
 
-
-@pytest.fixture
-def two_nodes_lab() -> Iterator[Lab]:
-    """A :class:`Lab` with nodes ``a`` (10.77.0.1), ``b`` (10.77.0.2) and
-    ``client`` (10.77.0.10), /24 on ``eth0``, all on one bridge."""
-    lab = Lab()
-    try:
-        lab.two_nodes_and_client()
-        yield lab
-    finally:
-        lab.close()
+    @pytest.fixture
+    def two_nodes_lab() -> Iterator[Lab]:
+        """A :class:`Lab` with nodes ``a`` (10.77.0.1), ``b`` (10.77.0.2) and
+        ``client`` (10.77.0.10), /24 on ``eth0``, all on one bridge."""
+        lab = Lab()
+        try:
+            lab.two_nodes_and_client()
+            yield lab
+        finally:
+            lab.close()
 
 
 __all__ = ["Lab", "Node", "cleanup_stale", "netns_lab", "two_nodes_lab"]

@@ -10,15 +10,19 @@ from __future__ import annotations
 import os
 import shutil
 
-import pytest
-
 
 def under_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def unavailable(reason: str) -> None:
-    """Skip (laptop) or fail (CI) the running test with ``reason``."""
+    """Skip (laptop) or fail (CI) the running test with ``reason``.
+
+    Outside pytest (a bench uses the same helpers) it raises RuntimeError."""
+    try:
+        import pytest          # lazily: benches import this module without pytest
+    except ImportError:
+        raise RuntimeError(reason) from None
     if under_ci():
         pytest.fail(f"required under CI: {reason}", pytrace=False)
     pytest.skip(reason)

@@ -53,9 +53,6 @@ def test_lazy_support_imports_without_pytest(bench, module):
     assert out.returncode == 0, f"bench/{bench}.py imports {module}:\n{out.stderr}"
 
 
-@pytest.mark.xfail(strict=True, reason="tests/support/netns.py (cluster lab) and "
-                   "tests/support/require.py import pytest at module level; bench/dhcp4.py and "
-                   "bench/failover.py import tests.support.netns on their run paths")
 def test_netns_lab_imports_without_pytest():
     """The network-namespace lab (dhcp4 pair/failover, failover bench) without pytest."""
     out = _without_pytest("import tests.support.netns")
