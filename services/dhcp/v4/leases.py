@@ -651,6 +651,18 @@ class LeaseStore:
         if fs is not None:
             fs.discard(address)
 
+    def held_until(self, address: str) -> float | None:
+        """Until when ``address`` is held (after a recovery without data), or None."""
+        try:
+            until = self._held.get(_aton(address))
+        except OSError:
+            return None
+        return until if until is not None and until > self._now() else None
+
+    @staticmethod
+    def address_int(address: str) -> int:
+        return _aton(_canonical(address))
+
     def release_held(self, now: float | None = None) -> int:
         """Return addresses whose hold ran out to the free sets (if free)."""
         if not self._held_heap:
@@ -684,8 +696,12 @@ class LeaseStore:
         return (meta[3] if meta else 0.0) + self.mclt_s + self.skew_margin_s <= now
 
     def _blocked(self, a: int, ck: str, rec: "Lease | None", now: float) -> bool:
-        """Pending-free or held: not for a client other than the record's."""
-        if a not in self._pending and self._held.get(a, 0.0) <= now:
+        """Pending-free: not for a client other than the record's.  Held (after a
+        recovery without our data): only the renewal of the record's binding --
+        we may have given the address to anybody since that record."""
+        if self._held.get(a, 0.0) > now:
+            return not (rec is not None and rec.client_key == ck and rec.state == BOUND)
+        if a not in self._pending:
             return False
         return rec is None or rec.client_key != ck
 
@@ -1008,13 +1024,13 @@ class LeaseStore:
 
     def _still_held_for(self, rec: Lease) -> bool:
         """Failover: a binding past its time that nobody can have given to
-        another client -- still ``bound`` here (no expiry processed), or our
-        own expiry the partner has not acknowledged.  The partner frees an
-        address only after we acknowledged its expiry/release (pending-free),
-        so its client may renew it here (a lost update of the partner's
-        renewal must not cost the client its address)."""
-        return self.role is not None and (
-            rec.state == BOUND or (rec.state == EXPIRED and not rec.synced))
+        another client -- still ``bound`` here (no expiry processed: the
+        partner frees an address only after we acknowledged its expiry or
+        release), so its client may renew it here (a lost update of the
+        partner's renewal must not cost the client its address).  Not once we
+        expired it ourselves: the partner may have applied that expiry and
+        freed the address before our own record learns of its ack."""
+        return self.role is not None and rec.state == BOUND
 
     def expiry_for(self, lease: "Lease | None", lease_time_s: float, now: float) -> float:
         """The expiry to give a client now on the address of ``lease`` (its
@@ -1328,9 +1344,10 @@ class LeaseStore:
                            address=remote.address, subnet=remote.subnet_id)
             return REJECTED
         address = _ntoa(a)
-        if without_data and self.mclt_s is not None and remote.state in (BOUND, EXPIRED, OFFERED):
+        if without_data and self.mclt_s is not None:
             # a recovery sync after we lost our data: we may have extended this
-            # binding up to MCLT beyond what the partner knew without telling it
+            # binding, or given the address (released, expired) to a new client, up
+            # to MCLT beyond the potential expiry the partner knew, without telling it
             until = max(remote.expires, remote.pexp, remote.acked) + self.mclt_s \
                 + self.skew_margin_s
             if until > self._now():

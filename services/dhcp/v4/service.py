@@ -470,6 +470,16 @@ class Dhcp4Service(Service):
             self._partner_without_data = True
             self.leases.trust_acks = False
             return None
+        if "held" in body:
+            # the partner lost its data and may have given these addresses until
+            # then: nobody gets them here before that either
+            for address, until in (body.get("held") or {}).items():
+                try:
+                    self.leases.hold(self.leases.address_int(address),
+                                     float(until) + self.leases.skew_margin_s)
+                except (ValueError, TypeError, OSError):
+                    continue
+            return None
         if "leases" in body or "lease" in body:
             return self._apply_updates(peer, body.get("leases") or [body["lease"]])
         if "sync" in body:
@@ -536,6 +546,11 @@ class Dhcp4Service(Service):
                           peer=peer, why=e)
                 continue
             result = self.leases.apply_remote(lease, without_data=self._without_data)
+            until = self.leases.held_until(lease.address)
+            if until is not None and link is not None:
+                # before the ack: our lost leases may hold it until then
+                link.send(peer, CHANNEL, {"held": {lease.address: until}},
+                          limit=1 << 30).addErrback(lambda f: None)
             if isinstance(result, str) and result in (LOCAL_WON, CONFLICT_LOCAL_WON):
                 self._send_back(peer, lease.address)
             elif isinstance(result, defer.Deferred):

@@ -186,6 +186,11 @@ class Link:
                 self.src.partner_without_data = True
                 self.src.leases.trust_acks = False
             back = self.dst.apply(sent, without_data=self.dst.without_data)
+            for lease in sent:                 # its "held" notices, before the ack
+                until = self.dst.leases.held_until(lease.address)
+                if until is not None:
+                    self.src.leases.hold(self.src.leases.address_int(lease.address),
+                                         until + self.src.leases.skew_margin_s)
             for lease in back:                 # the receiver's winners, before the ack
                 self.src.apply([lease])
                 self.dst.outbox.pop(lease.address, None)

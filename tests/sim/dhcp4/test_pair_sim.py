@@ -25,7 +25,7 @@ def test_pair_never_gives_one_address_to_two_clients(start, count):
         World(seed, duration=DURATION).run()
 
 
-@pytest.mark.parametrize("seed", [1365, 5122, 5149, 5974])
+@pytest.mark.parametrize("seed", [1365, 1989, 5122, 5149, 5974, 6593, 6661, 6957, 7275])
 def test_seeds_that_found_bugs(seed):
     """5122: a partner recovering without its data acked our expiry while we were NORMAL
     for a moment (its ack freed an address its lost renewal still held); 5149: operator

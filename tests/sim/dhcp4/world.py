@@ -156,6 +156,12 @@ class World:
             if not self.node(name).alive or not self.node(other).alive or self.recovering:
                 return
             wipe = kind == "crash_wipe"
+            if wipe and (other in self.lost_disk or self.node(other).view.state in (
+                    P.STARTUP, P.RECOVER, "RECOVER-WAIT", P.RECOVER_DONE)):
+                # both stores lost before one of them synced: nobody knows the
+                # leases any more (outside the draft's model: one server keeps its
+                # stable storage) -- a plain kill instead
+                wipe = False
             self.crash(name, wipe)
             down = r.uniform(1, 3 * self.mclt)
             if kind == "crash_pd":
