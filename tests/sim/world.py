@@ -46,6 +46,7 @@ import appliance.cluster.manager as manager_mod
 from appliance.cluster import partner as P
 from appliance.cluster.manager import ClusterManager
 from appliance.config import ClusterSection, Peer, VIPSection
+from tests.support.sync import MemStore
 
 KEY = b"k" * 32
 IDS = ("a", "b", "c")
@@ -57,27 +58,6 @@ STEP = 0.01
 
 class Violation(AssertionError):
     pass
-
-
-class MemStore:
-    """The store calls the manager makes, synchronous, per node (a lease DB)."""
-
-    def __init__(self):
-        self.data = {}
-        self.healthy = True
-
-    def get(self, key):
-        return defer.succeed(self.data.get(key))
-
-    def set(self, key, value):
-        self.data[key] = value
-        return defer.succeed(None)
-
-    def cas(self, key, expected, new):
-        if self.data.get(key) != expected:
-            return defer.succeed(False)
-        self.data[key] = new
-        return defer.succeed(True)
 
 
 @dataclass

@@ -71,3 +71,25 @@ class ManualThread:
                 self.fail(OSError("disk on fire"))
             else:
                 self._run_one()
+
+
+class MemStore:
+    """The store calls the cluster manager makes (get, set, cas), answered at once
+    from a dict: one per simulated node, or per unit test."""
+
+    def __init__(self):
+        self.data = {}
+        self.healthy = True
+
+    def get(self, key):
+        return defer.succeed(self.data.get(key))
+
+    def set(self, key, value):
+        self.data[key] = value
+        return defer.succeed(None)
+
+    def cas(self, key, expected, new):
+        if self.data.get(key) != expected:
+            return defer.succeed(False)
+        self.data[key] = new
+        return defer.succeed(True)

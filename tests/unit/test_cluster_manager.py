@@ -11,6 +11,7 @@ from twisted.internet.task import Clock
 from appliance.cluster import partner as P
 from appliance.cluster.manager import ClusterManager
 from appliance.config import ClusterSection, Peer, VIPSection
+from tests.support.sync import MemStore
 
 KEY = b"s" * 32
 ADDR = {"a": "10.0.0.1", "b": "10.0.0.2"}
@@ -102,27 +103,6 @@ class WallReactor(NodeReactor):
         self._calls = [(dc, due) for dc, due in self._calls if dc.active()]
         for dc, due in self._calls:
             dc.reset(max(0.0, due - self.seconds()))
-
-
-class MemStore:
-    """The few store calls the manager makes, synchronously."""
-
-    def __init__(self):
-        self.data = {}
-        self.healthy = True
-
-    def get(self, key):
-        return defer.succeed(self.data.get(key))
-
-    def set(self, key, value):
-        self.data[key] = value
-        return defer.succeed(None)
-
-    def cas(self, key, expected, new):
-        if self.data.get(key) != expected:
-            return defer.succeed(False)
-        self.data[key] = new
-        return defer.succeed(True)
 
 
 def cluster_section(me, other, auto_pd=0.0, beats=None):
