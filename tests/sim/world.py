@@ -39,7 +39,6 @@ import ipaddress
 import random
 from dataclasses import dataclass, field
 
-from twisted.internet import defer
 from twisted.internet.task import Clock
 
 import appliance.cluster.manager as manager_mod
