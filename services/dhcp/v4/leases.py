@@ -58,6 +58,7 @@ from __future__ import annotations
 import bisect
 import functools
 import heapq
+import json
 import re
 import socket
 from collections import deque
@@ -209,7 +210,7 @@ def _with_version(lease: "Lease", version: int) -> "Lease":
     per-field introspection (this is on every lease write)."""
     return Lease(lease.address, lease.subnet_id, lease.state, lease.hwaddr, lease.client_id,
                  lease.hostname, lease.expires, lease.cltt, lease.owner, lease.updated_by,
-                 version, lease.pexp, lease.acked, lease.synced)
+                 version, lease.pexp, lease.acked, lease.synced, lease.ddns)
 
 
 # the same few clients' keys are asked for several times per packet
@@ -218,6 +219,41 @@ _client_key_cached = functools.lru_cache(maxsize=8192)(_client_key)
 
 def _f(value: float) -> str:
     return repr(float(value))
+
+
+@dataclass(frozen=True, slots=True)
+class DDNSState:
+    """What DDNS published for a lease (services/dhcp/v4/ddns.py): the name,
+    the address, the S/O/N flags of the option 81 answer, and ``done`` once
+    the DNS server confirmed it (False: sent, or to be sent again).  Kept on
+    the record so the partner and a restart know what to remove."""
+
+    fqdn: str
+    address: str
+    flags: int | None = None
+    done: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fqdn": self.fqdn, "address": self.address, "flags": self.flags,
+                "done": self.done}
+
+    @classmethod
+    def of(cls, value: Any) -> "DDNSState | None":
+        """From a dict (wire), its JSON text (store) or a DDNSState; None when
+        absent or malformed (old records have none)."""
+        if isinstance(value, DDNSState) or value is None:
+            return value
+        try:
+            if isinstance(value, str):
+                value = json.loads(value) if value else None
+            if not isinstance(value, dict) or not isinstance(value.get("fqdn"), str) \
+                    or not isinstance(value.get("address"), str):
+                return None
+            flags = value.get("flags")
+            return cls(value["fqdn"], value["address"],
+                       None if flags is None else int(flags), bool(value.get("done")))
+        except (ValueError, TypeError):
+            return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +280,9 @@ class Lease:
     pexp: float = 0.0
     acked: float = 0.0
     synced: bool = False
+    #: DDNS state (:class:`DDNSState`): what is published for this client;
+    #: None when nothing is (or for records written before it existed)
+    ddns: DDNSState | None = None
 
     @property
     def client_key(self) -> str:
@@ -262,7 +301,8 @@ class Lease:
                 "hwaddr": self.hwaddr, "client_id": self.client_id, "hostname": self.hostname,
                 "expires": _f(self.expires), "cltt": _f(self.cltt), "owner": self.owner,
                 "updated_by": self.updated_by, "version": str(self.version),
-                "pexp": _f(self.pexp), "acked": _f(self.acked), "synced": "1" if self.synced else "0"}
+                "pexp": _f(self.pexp), "acked": _f(self.acked), "synced": "1" if self.synced else "0",
+                "ddns": json.dumps(self.ddns.to_dict()) if self.ddns is not None else ""}
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> "Lease | None":
@@ -276,7 +316,7 @@ class Lease:
                        float(h.get("expires", 0)), float(h.get("cltt", 0)), h.get("owner", ""),
                        h.get("updated_by", ""), int(h.get("version", 0)),
                        float(h.get("pexp", h.get("expires", 0))), float(h.get("acked", 0)),
-                       h.get("synced", "0") == "1")
+                       h.get("synced", "0") == "1", DDNSState.of(h.get("ddns")))
         except (KeyError, ValueError, TypeError):
             return None
 
@@ -284,7 +324,8 @@ class Lease:
         """The RPC shape (SPEC ``dhcp4.leases``) plus subnet and hostname."""
         return {"address": self.address, "hwaddr": self.hwaddr, "client_id": self.client_id,
                 "state": self.state, "expires": self.expires, "cltt": self.cltt,
-                "owner": self.owner, "subnet": self.subnet_id, "hostname": self.hostname}
+                "owner": self.owner, "subnet": self.subnet_id, "hostname": self.hostname,
+                "ddns": self.ddns.to_dict() if self.ddns is not None else None}
 
     def to_wire(self) -> dict[str, Any]:
         """Everything, for lease updates to the partner (``from_wire`` reads it)."""
@@ -292,7 +333,8 @@ class Lease:
                 "hwaddr": self.hwaddr, "client_id": self.client_id, "hostname": self.hostname,
                 "expires": self.expires, "cltt": self.cltt, "owner": self.owner,
                 "updated_by": self.updated_by, "version": self.version,
-                "pexp": self.pexp}
+                "pexp": self.pexp,
+                "ddns": self.ddns.to_dict() if self.ddns is not None else None}
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> "Lease":
@@ -303,7 +345,8 @@ class Lease:
                         normalize_client_id(d.get("client_id") or ""), str(d.get("hostname") or ""),
                         float(d.get("expires", 0)), float(d.get("cltt", 0)),
                         str(d.get("owner") or ""), str(d.get("updated_by") or ""),
-                        int(d.get("version", 0)), float(d.get("pexp", d.get("expires", 0))))
+                        int(d.get("version", 0)), float(d.get("pexp", d.get("expires", 0))),
+                        ddns=DDNSState.of(d.get("ddns")))
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed lease: {e!r}") from None
         if lease.state not in STATES:
@@ -1209,7 +1252,10 @@ class LeaseStore:
             lease = Lease(address, subnet_id, BOUND, hw, cid,
                           hostname or (rec.hostname if rec and rec.client_key == ck else ""),
                           expires, now, self.node_id, self.node_id, 0, max(pexp, expires),
-                          rec.acked if rec is not None else 0.0, False)
+                          rec.acked if rec is not None else 0.0, False,
+                          # a renewal keeps what DDNS published for the client
+                          rec.ddns if rec is not None and rec.client_key == ck
+                          and rec.state == BOUND else None)
             fs = self._set_for(a)
             was_free = fs is not None and fs.discard(a)
             try:
@@ -1427,6 +1473,19 @@ class LeaseStore:
             return False
         self._track(replace(rec, synced=True, acked=acked))
         return True
+
+    @eager
+    def set_ddns(self, lease: Lease, ddns: DDNSState | None):
+        """Record ``ddns`` on ``lease``'s address if the stored record is still
+        ``lease`` (same version): one commit that keeps the record's
+        ``synced`` (a DDNS-only change is no news to a partner that has the
+        record: its merge would call it stale).  Fires with the written Lease,
+        or None when the record changed meanwhile."""
+        rec = yield self._get(lease.address)
+        if rec is None or rec.version != lease.version or rec.ddns == ddns:
+            return None
+        written = yield self._commit(replace(rec, ddns=ddns), rec)
+        return written
 
     def _conflict(self, local: Lease, remote: Lease, winner: str) -> None:
         self.counters["conflicts"] += 1
