@@ -62,6 +62,22 @@ class ReplicationConfig:
     mode: str                      # "sync" | "async"
     timeout_s: float
     batch: int
+    backlog_limit: int = 10_000    # missed AORs per backup before a paged full resync
+    page: int = 500                # AORs per full-resync page
+    window: int = 2                # full-resync pages in flight
+    pause_s: float = 0.002         # reactor breath between two pages
+
+
+@dataclass(frozen=True)
+class ClusterRoles:
+    """Who serves what: one cluster resource (``shards == 0``) or one per shard."""
+
+    shards: int = 0                                   # 0 = unsharded
+    resource: str = "sip:registrar"                   # unsharded resource (or a [[vip]] name)
+    priority: tuple[tuple[str, int], ...] = ()        # unsharded: node -> priority
+    preempt: bool = False
+    not_owner: str = "redirect"                       # or "serve-if-owner-down"
+    addresses: tuple[tuple[str, str], ...] = ()       # node -> "host:port" for 302s
 
 
 @dataclass(frozen=True)
@@ -77,6 +93,7 @@ class SIPConfig:
     server_header: str = "appliance-sip"
     auth: AuthConfig | None = None
     replication: ReplicationConfig | None = None
+    roles: ClusterRoles = ClusterRoles()
 
 
 def parse(table, context) -> SIPConfig | None:
@@ -129,14 +146,65 @@ def parse(table, context) -> SIPConfig | None:
         mode = rt.str("mode", "sync", choices=("sync", "async"))
         timeout = rt.float("timeout_s", 2.0, min=0.01, max=60)
         batch = rt.int("batch", 100, min=1, max=10000)
+        backlog_limit = rt.int("backlog_limit", 10_000, min=1, max=10_000_000)
+        page = rt.int("page", 500, min=1, max=5000)
+        window = rt.int("window", 2, min=1, max=64)
+        pause = rt.float("pause_ms", 2.0, min=0, max=10_000)
         rt.done()
-        if peers and None not in (mode, timeout, batch):
-            replication = ReplicationConfig(tuple(peers), mode, timeout, batch)
+        if peers and None not in (mode, timeout, batch, backlog_limit, page, window, pause):
+            replication = ReplicationConfig(tuple(peers), mode, timeout, batch, backlog_limit,
+                                            page, window, pause / 1000.0)
+    roles = _parse_roles(table, context, port)
     if len(table.problems.items) != before:
         return None
     return SIPConfig(listen_address, port, tcp, tls, tuple(domains),
                      Limits(default_expires, min_expires, max_expires, max_contacts),
-                     rcvbuf, sweep, auth=auth, replication=replication)
+                     rcvbuf, sweep, auth=auth, replication=replication, roles=roles)
+
+
+_RESOURCE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_HOSTPORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]{1,253})(:\d{1,5})?$")
+
+
+def _parse_roles(table, context, port) -> ClusterRoles | None:
+    members = set(context.peer_ids) | ({context.node_id} if context.node_id else set())
+    shards = table.int("shards", 0, min=0, max=1024)
+    resource = table.str("resource", "sip:registrar", pattern=_RESOURCE,
+                         describe="a resource name (letters, digits, '_', '.', ':', '-')")
+    if shards and table.has("resource"):
+        table.error("resource", "only for an unsharded registrar (shards = 0); shard "
+                                "resources are named sip:shard<N>")
+    preempt = table.bool("preempt", False)
+    not_owner = table.str("not_owner", "redirect", choices=("redirect", "serve-if-owner-down"))
+    priority = {}
+    pt = table.table("priority")
+    if pt is not None:
+        if shards:
+            table.error("priority", "only for an unsharded registrar; shards rotate the "
+                                    "node order (shard i prefers the i-th node)")
+        for member in list(pt.data):
+            value = pt.int(member, min=0, max=255)
+            if member not in members:
+                pt.error(member, f"{member!r} is neither this node nor a cluster peer")
+            elif value is not None:
+                priority[member] = value
+        pt.done()
+    addresses = {}
+    at = table.table("addresses")
+    if at is not None:
+        for member in list(at.data):
+            value = at.str(member)
+            if member not in members:
+                at.error(member, f"{member!r} is neither this node nor a cluster peer")
+            elif value is not None and not _HOSTPORT.match(value):
+                at.error(member, f'"{value}" is not "host" or "host:port"')
+            elif value is not None:
+                addresses[member] = value
+        at.done()
+    if None in (shards, resource, preempt, not_owner):
+        return None
+    return ClusterRoles(shards, resource, tuple(sorted(priority.items())), preempt, not_owner,
+                        tuple(sorted(addresses.items())))
 
 
 def _parse_auth(at, domains) -> AuthConfig | None:

@@ -17,21 +17,35 @@ States queued in one reactor turn leave together as one message
   remembered as missed for it and the 200 goes out (the binding is durable here).
 - ``async``: the 200 goes out after the local write; the send happens anyway.
 
-Missed AORs (per backup, in memory) are sent again -- their current state,
-read from the store -- when that backup's link comes back: a delta resync,
-``batch`` AORs at a time, one batch in flight, so a returning backup never
-gets a storm.  Not yet: surviving this node's own restart with a missed set
-(a restarted primary needs a full paged resync), ownership (which node may
-serve), and a bound on the missed set.
+Missed AORs.  Per backup, the AORs it has not acknowledged (its link was
+down, a send failed or timed out) are kept in memory *and in the store*
+(hash ``sip:backlog:<peer>``, written before a sync-mode 200 leaves), so they
+survive a restart of this node.  When the backup's link comes back the two
+sides exchange ``{"hello": {"bindings": n}}``; then:
+
+- a backup that reports no bindings (it lost its data), or whose backlog
+  overflowed ``backlog_limit`` (flag ``sip:backlog-full:<peer>`` in the store),
+  gets a **paged full resync**: ``{"full_begin"}``, pages of ``page`` AOR
+  states read from the store as the window opens (``window`` pages in flight,
+  ``pause_s`` between pages so live REGISTERs keep their latency), then
+  ``{"full_end"}``: the backup drops the AORs of the covered shards that the
+  resync did not mention (they went while it was away);
+- otherwise a **delta resync**: the current state of each missed AOR,
+  ``batch`` AORs at a time, one batch in flight.
+
+Only AORs of shards this node owns are pushed (a node that is not the owner
+holds a copy that may be older than the owner's).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import secrets
+from typing import Any, Callable
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from appliance.store.interface import Op
 from services.sip.location import AOR_PREFIX, EXPIRY, USER_PREFIX, _decode
@@ -39,6 +53,8 @@ from services.sip.location import AOR_PREFIX, EXPIRY, USER_PREFIX, _decode
 _log = Logger(namespace="services.sip.replication")
 
 CHANNEL = "sip"
+BACKLOG_PREFIX = "sip:backlog:"          # hash per backup: missed AOR -> "1"
+FULL_PREFIX = "sip:backlog-full:"        # string per backup: "1" = needs a full resync
 
 
 def state_body(aor: str, bindings: dict, removed: list[str]) -> dict:
@@ -53,26 +69,66 @@ class Replicator:
     MESSAGE_STATES = 512
 
     def __init__(self, reactor, link, peers: tuple[str, ...], mode: str, location, *,
-                 timeout_s: float = 2.0, batch: int = 100, max_unacked: int = 10_000):
+                 timeout_s: float = 2.0, batch: int = 100, max_unacked: int = 10_000,
+                 backlog_limit: int = 10_000, page: int = 500, window: int = 2,
+                 pause_s: float = 0.002, owns: Callable[[str], bool] | None = None,
+                 shard_of: Callable[[str], int] | None = None,
+                 owned_shards: Callable[[], list[int] | None] | None = None):
         self.reactor = reactor
         self.link = link
         self.peers = tuple(peers)
         self.mode = mode
         self.location = location
+        self.store = location.store
         self.timeout_s = timeout_s
         self.batch = batch
         self.max_unacked = max_unacked
+        self.backlog_limit = backlog_limit
+        self.page = page
+        self.window = window
+        self.pause_s = pause_s
+        self.owns = owns or (lambda aor: True)
+        self.shard_of = shard_of or (lambda aor: 0)
+        self.owned_shards = owned_shards or (lambda: None)
         self.missed: dict[str, set[str]] = {p: set() for p in self.peers}
+        #: backups that need a paged full resync (persisted); and those running now
+        self.full_needed: dict[str, bool] = {p: False for p in self.peers}
+        self.full_running: set[str] = set()
+        self.peer_bindings: dict[str, int | None] = {p: None for p in self.peers}
         self._resyncing: set[str] = set()
         self.stats = {"sent": 0, "acked": 0, "timeouts": 0, "failed": 0, "applied": 0,
-                      "resent": 0, "skipped_down": 0, "messages": 0}
+                      "resent": 0, "skipped_down": 0, "messages": 0, "overflows": 0,
+                      "full_resyncs": 0, "full_sent": 0, "full_removed": 0,
+                      "last_full_resync_s": None, "delta_resyncs": 0}
         self._queue: dict[str, list] = {}
         self._flush_calls: dict[str, object] = {}
+        self._ops: list = []
+        self._persist_call = None
+        self._persisted: defer.Deferred | None = None
+        self._full_in: dict[str, dict] = {}     # backup side: peer -> running full resync
+
+    def load(self) -> defer.Deferred:
+        """Read the persisted backlogs (what each backup missed before this start)."""
+        @defer.inlineCallbacks
+        def go():
+            for peer in self.peers:
+                raw = yield self.store.hgetall(BACKLOG_PREFIX + peer)
+                self.missed[peer].update(raw or ())
+                flag = yield self.store.get(FULL_PREFIX + peer)
+                self.full_needed[peer] = flag is not None
+                if raw or flag is not None:
+                    _log.info("sip: {peer} still owes {what} from before this start", peer=peer,
+                              what="a full resync" if flag is not None else
+                              f"{len(raw)} missed AORs")
+        return go()
 
     def start(self) -> None:
         self.link.on(CHANNEL, self.apply)
         if hasattr(self.link, "on_connection"):
             self.link.on_connection(self._connection)
+        for peer in self.peers:
+            if self.link.connected(peer):
+                self._connection(peer, True)
 
     def stop(self) -> None:
         """Send what is queued now (the link keeps it until acknowledged)."""
@@ -81,6 +137,53 @@ class Replicator:
             if call is not None and call.active():
                 call.cancel()
             self._flush(peer)
+        if self._persist_call is not None and self._persist_call.active():
+            self._persist_call.cancel()
+            self._persist()
+
+    # -- the persistent backlog ---------------------------------------------------
+    def _write(self, *ops) -> defer.Deferred:
+        """Queue store ops; all queued in one reactor turn go in one commit."""
+        self._ops.extend(ops)
+        if self._persisted is None:
+            self._persisted = defer.Deferred()
+            self._persist_call = self.reactor.callLater(0, self._persist)
+        d = defer.Deferred()
+        self._persisted.addBoth(lambda r: (d.callback(None), r)[1])
+        return d
+
+    def _persist(self) -> None:
+        ops, self._ops = self._ops, []
+        waiter, self._persisted = self._persisted, None
+        self._persist_call = None
+        d = self.store.commit(ops) if ops else defer.succeed(None)
+
+        def failed(f):
+            _log.error("sip: replication backlog not stored: {why}", why=f.getErrorMessage())
+        d.addErrback(failed)
+        d.addBoth(lambda _: waiter.callback(None))
+
+    def miss(self, peer: str, aor: str) -> defer.Deferred:
+        """Remember that ``peer`` lacks ``aor``'s current state; fire once it is durable."""
+        if self.full_needed[peer] and peer not in self.full_running:
+            return defer.succeed(None)          # the coming full resync covers it
+        missed = self.missed[peer]
+        if aor in missed:
+            return defer.succeed(None)
+        missed.add(aor)
+        if len(missed) > self.backlog_limit:
+            self.stats["overflows"] += 1
+            _log.warn("sip: {peer} missed more than {n} AORs: it gets a paged full resync when "
+                      "it returns", peer=peer, n=self.backlog_limit)
+            missed.clear()
+            self.full_needed[peer] = True
+            return self._write(Op.set(FULL_PREFIX + peer, "1"), Op.delete(BACKLOG_PREFIX + peer))
+        return self._write(Op.hset(BACKLOG_PREFIX + peer, {aor: "1"}))
+
+    def _caught_up(self, peer: str, aors) -> None:
+        done = [a for a in aors if a not in self.missed[peer]]
+        if done:
+            self._write(Op.hdel(BACKLOG_PREFIX + peer, done))
 
     # -- primary side ---------------------------------------------------------
     def replicate(self, aor: str, bindings: dict, removed: list[str]) -> defer.Deferred:
@@ -90,7 +193,7 @@ class Replicator:
         for peer in self.peers:
             if not self.link.connected(peer):
                 self.stats["skipped_down"] += 1
-                self.missed[peer].add(aor)
+                waits.append(self.miss(peer, aor))
                 continue
             waits.append(self._send(peer, aor, body))
         if self.mode != "sync" or not waits:
@@ -135,10 +238,10 @@ class Replicator:
             _log.warn("sip: replication of {n} AORs to {peer} failed: {why}", n=len(items),
                       peer=peer, why=f.getErrorMessage())
             for aor, _body, done, timer in items:
-                self.missed[peer].add(aor)
+                persisted = self.miss(peer, aor)
                 if timer.active():
                     timer.cancel()
-                    done.callback(False)
+                    persisted.addBoth(lambda _, done=done: done.callback(False))
 
         d.addCallbacks(acked, failed)
         d.addErrback(lambda f: _log.failure("sip: replication bookkeeping failed", failure=f))
@@ -146,52 +249,164 @@ class Replicator:
     def _timed_out(self, done: defer.Deferred, peer: str, aor: str) -> None:
         # the backup is not live for this write: answer without it, resend on return
         self.stats["timeouts"] += 1
-        self.missed[peer].add(aor)
-        done.callback(False)
+        self.miss(peer, aor).addBoth(lambda _: done.callback(False))
 
     def backlog(self, peer: str) -> int:
         unacked = self.link.backlog(peer, CHANNEL) if hasattr(self.link, "backlog") else 0
         return unacked + len(self.missed.get(peer, ()))
 
-    # -- delta resync -----------------------------------------------------------
+    # -- resync of a returning backup ---------------------------------------------
     def _connection(self, peer: str, up: bool) -> None:
-        if up and peer in self.missed and self.missed[peer] and peer not in self._resyncing:
-            _log.info("sip: {peer} is back: resending {n} AORs it missed", peer=peer,
-                      n=len(self.missed[peer]))
-            self._resyncing.add(peer)
-            self._resync_next(peer)
+        if peer not in self.missed:
+            return
+        if not up:
+            self.peer_bindings[peer] = None
+            return
+        # tell it what we hold; its hello tells us whether it lost its data
+        d = self.link.send(peer, CHANNEL, {"hello": {"bindings": self.location.count}},
+                           limit=1 << 30)
+        d.addErrback(lambda f: _log.debug("sip: hello to {peer} not acked: {why}", peer=peer,
+                                          why=f.getErrorMessage()))
 
-    def _resync_next(self, peer: str) -> None:
-        pending = self.missed[peer]
+    def _hello(self, peer: str, info: dict) -> None:
+        n = int(info.get("bindings") or 0)
+        self.peer_bindings[peer] = n
+        if peer in self._resyncing:
+            return
+        if n == 0 and self.location.count > 0 and not self.full_needed[peer]:
+            _log.info("sip: {peer} came back without bindings: full resync", peer=peer)
+            self.full_needed[peer] = True
+        self.reactor.callLater(0, self.resync, peer)
+
+    def resync(self, peer: str) -> defer.Deferred | None:
+        """Bring ``peer`` up to date: a full resync if it needs one, else the delta."""
+        if peer in self._resyncing or not self.link.connected(peer):
+            return None
+        if self.full_needed[peer]:
+            d = self.full_resync(peer)
+        elif self.missed[peer]:
+            d = self.delta_resync(peer)
+        else:
+            return None
+        d.addErrback(lambda f: _log.warn("sip: resync of {peer} stopped: {why} (again when it "
+                                         "returns)", peer=peer, why=f.getErrorMessage()))
+        return d
+
+    def delta_resync(self, peer: str) -> defer.Deferred:
+        owned = [a for a in self.missed[peer] if self.owns(a)]
+        _log.info("sip: {peer} is back: resending {n} AORs it missed", peer=peer, n=len(owned))
+        self.stats["delta_resyncs"] += 1
+        self._resyncing.add(peer)
+        finished = defer.Deferred()
+        self._resync_next(peer, finished)
+        return finished
+
+    def _resync_next(self, peer: str, finished: defer.Deferred) -> None:
+        pending = [a for a in self.missed[peer] if self.owns(a)][:self.batch]
         if not pending or not self.link.connected(peer):
             self._resyncing.discard(peer)
+            finished.callback(None)
             return
-        aors = [pending.pop() for _ in range(min(self.batch, len(pending)))]
-        reads = [self.location.read(aor) for aor in aors]
-        d = defer.gatherResults(reads, consumeErrors=True)
+        for aor in pending:
+            self.missed[peer].discard(aor)
+        d = defer.gatherResults([self.location.read(aor) for aor in pending], consumeErrors=True)
 
         def send(results):
             sends = []
-            for aor, (bindings, _known) in zip(aors, results):
+            for aor, (bindings, _known) in zip(pending, results):
                 body = state_body(aor, bindings, [])
                 body["replace"] = True        # whatever the backup holds beyond this goes
                 self.stats["resent"] += 1
                 sends.append(self._send(peer, aor, body))
-            return defer.DeferredList(sends, consumeErrors=True)
+            return defer.DeferredList(sends, consumeErrors=True).addCallback(
+                lambda _: self._caught_up(peer, pending))
 
         def failed(f):
-            pending.update(aors)
+            self.missed[peer].update(pending)
             _log.warn("sip: resync read for {peer} failed: {why}", peer=peer,
                       why=f.getErrorMessage())
         d.addCallbacks(send, failed)
-        d.addBoth(lambda _: self.reactor.callLater(0, self._resync_next, peer))
         d.addErrback(lambda f: _log.failure("sip: resync failed", failure=f))
+        d.addBoth(lambda _: self.reactor.callLater(0, self._resync_next, peer, finished))
+
+    def full_resync(self, peer: str) -> defer.Deferred:
+        """Paged, flow-controlled copy of every AOR of the shards owned here."""
+        self._resyncing.add(peer)
+        self.full_running.add(peer)
+        d = defer.ensureDeferred(self._full(peer))
+
+        def done(r):
+            self._resyncing.discard(peer)
+            self.full_running.discard(peer)
+            if not isinstance(r, Failure) and self.missed[peer]:
+                self.reactor.callLater(0, self.resync, peer)     # what it missed meanwhile
+            return r
+        return d.addBoth(done)
+
+    async def _full(self, peer: str) -> None:
+        started = self.reactor.seconds()
+        token = secrets.token_hex(4)
+        shards = self.owned_shards()
+        self.stats["full_resyncs"] += 1
+        # the full copy covers every AOR missed so far; the flag stays until it ends
+        self.missed[peer].clear()
+        await self._write(Op.set(FULL_PREFIX + peer, "1"), Op.delete(BACKLOG_PREFIX + peer))
+        _log.info("sip: full resync of {peer} starts ({n} bindings here, pages of {page}, "
+                  "{window} in flight)", peer=peer, n=self.location.count, page=self.page,
+                  window=self.window)
+        big = 1 << 30
+        await self.link.send(peer, CHANNEL, {"full_begin": {"id": token, "shards": shards}},
+                             limit=big)
+        cursor = None
+        window: list[defer.Deferred] = []
+        sent = 0
+        while True:
+            cursor, keys = await self.store.scan(AOR_PREFIX, cursor, self.page)
+            aors = [k[len(AOR_PREFIX):] for k in keys]
+            aors = [a for a in aors if self.owns(a)]
+            if aors:
+                results = await defer.gatherResults([self.location.read(a) for a in aors],
+                                                    consumeErrors=True)
+                states = []
+                for aor, (bindings, _known) in zip(aors, results):
+                    body = state_body(aor, bindings, [])
+                    body["replace"] = True
+                    states.append(body)
+                window.append(self.link.send(peer, CHANNEL, {"states": states, "full": token},
+                                             limit=big))
+                sent += len(states)
+                self.stats["full_sent"] += len(states)
+                if len(window) >= self.window:
+                    await window.pop(0)
+            if cursor is None:
+                break
+            if not self.link.connected(peer):
+                raise ConnectionError(f"{peer} left during the full resync ({sent} AORs sent)")
+            # let the live REGISTERs through between two pages
+            await task.deferLater(self.reactor, self.pause_s, lambda: None)
+        for d in window:
+            await d
+        await self.link.send(peer, CHANNEL, {"full_end": {"id": token, "shards": shards,
+                                                          "sent": sent}}, limit=big)
+        self.full_needed[peer] = False
+        await self._write(Op.delete(FULL_PREFIX + peer))
+        took = self.reactor.seconds() - started
+        self.stats["last_full_resync_s"] = round(took, 3)
+        _log.info("sip: full resync of {peer} done: {n} AORs in {s:.1f}s", peer=peer, n=sent,
+                  s=took)
 
     # -- backup side ------------------------------------------------------------
     def apply(self, peer: str, body: Any) -> defer.Deferred:
         """Store AOR states from ``peer`` (``{"states": [...]}`` or one state) in one
         commit; fire once it is durable (the link acknowledges then)."""
         try:
+            if "hello" in body:
+                self._hello(peer, body["hello"])
+                return defer.succeed(None)
+            if "full_begin" in body:
+                return self._full_begin(peer, body["full_begin"])
+            if "full_end" in body:
+                return self._full_end(peer, body["full_end"])
             states = body["states"] if "states" in body else [body]
             merged: dict[str, dict] = {}
             for st in states:
@@ -205,6 +420,8 @@ class Replicator:
                                "replace": bool(st.get("replace")) or bool(prev and prev["replace"])}
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             return defer.fail(ValueError(f"bad sip replication message: {e}"))
+        for running in self._full_in.values():
+            running["untouched"].difference_update(merged)
         store = self.location.store
         aors = list(merged)
         d = defer.gatherResults([store.hgetall(AOR_PREFIX + a) for a in aors], consumeErrors=True)
@@ -232,3 +449,39 @@ class Replicator:
             self.location.count += delta
             return store.commit(ops) if ops else None
         return d.addCallback(write)
+
+    def _full_begin(self, peer: str, info: dict) -> defer.Deferred:
+        shards = info.get("shards")
+        covered = None if shards is None else {int(s) for s in shards}
+
+        def got(aors):
+            untouched = {a for a in aors if covered is None or self.shard_of(a) in covered}
+            self._full_in[peer] = {"id": info.get("id"), "untouched": untouched}
+            _log.info("sip: full resync from {peer} begins ({n} AORs here in its shards)",
+                      peer=peer, n=len(untouched))
+        return self.location.all_aors().addCallback(got)
+
+    def _full_end(self, peer: str, info: dict) -> defer.Deferred:
+        running = self._full_in.pop(peer, None)
+        if running is None or running["id"] != info.get("id"):
+            return defer.succeed(None)
+        gone = sorted(running["untouched"])
+        if not gone:
+            return defer.succeed(None)
+        store = self.location.store
+        d = defer.gatherResults([store.hgetall(AOR_PREFIX + a) for a in gone], consumeErrors=True)
+
+        def drop(currents):
+            ops = []
+            n = 0
+            for aor, current in zip(gone, currents):
+                if current:
+                    ops.append(Op.hdel(AOR_PREFIX + aor, sorted(current)))
+                    ops.append(Op.zrem(EXPIRY, [f"{aor} {u}" for u in current]))
+                    n += len(current)
+            self.location.count -= n
+            self.stats["full_removed"] += n
+            _log.info("sip: full resync from {peer} done; {n} bindings it no longer has removed",
+                      peer=peer, n=n)
+            return store.commit(ops) if ops else None
+        return d.addCallback(drop)

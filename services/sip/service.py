@@ -19,8 +19,14 @@ need digest credentials (:mod:`services.sip.auth`) naming the To user.
 
 With ``[services.sip.replication]`` each changed AOR goes to the backups over
 the peer link (:mod:`services.sip.replication`); in ``sync`` mode the 200
-waits for every live backup.  Not here yet (issue 14): which node serves
-(ownership, a backup refusing REGISTERs), sharding; the role is ``standalone``.
+waits for every live backup.
+
+Who serves (:mod:`services.sip.roles`): every AOR belongs to a shard (one,
+unsharded) that is a cluster resource; a REGISTER or INVITE for a shard
+this node does not own gets 302 to the owner's SIP address (or, with
+``not_owner = "serve-if-owner-down"``, is served here when the owner is
+dead and this node is the shard's backup); no binding is ever written for
+a shard served elsewhere.  A node without cluster peers owns everything.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ _log = Logger(namespace="services.sip")
 
 ALLOW = "REGISTER, INVITE, ACK, CANCEL, OPTIONS"
 SUPPORTED = {"path"}
-RPC_METHODS = ("sip.bindings", "sip.unregister", "sip.stats")
+RPC_METHODS = ("sip.bindings", "sip.unregister", "sip.stats", "sip.shards")
 KNOWN_METHODS = frozenset({"REGISTER", "INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "SUBSCRIBE",
                            "NOTIFY", "MESSAGE", "INFO", "PRACK", "UPDATE", "REFER", "PUBLISH"})
 
@@ -91,10 +97,34 @@ class SIPService(Service):
                                    nonce_ttl_s=a.nonce_ttl_s, now=self.reactor.seconds)
         self._tag = secrets.token_hex(3)
         self._counter = 0
+        self.roles = self._make_roles()
+
+    def _make_roles(self):
+        from services.sip.roles import Roles
+        cluster = self.context.cluster
+        node_config = getattr(self.context, "config", None)
+        node_id = getattr(getattr(node_config, "node", None), "id", None) or \
+            getattr(cluster, "node_id", None) or "local"
+        peers = {}
+        section = getattr(node_config, "cluster", None)
+        for p in getattr(section, "peers", ()) or ():
+            peers[p.id] = str(p.address)
+        cfg = self.config
+        port = cfg.port
+        if not port and cfg.tcp:
+            try:
+                port = int(cfg.tcp.split(":")[1])
+            except (IndexError, ValueError):
+                port = 5060
+        roles = Roles(cfg.roles, cluster, node_id, port or 5060, peers)
+        host = str(cfg.listen_address)
+        if host not in ("0.0.0.0", "::"):
+            roles.addresses.setdefault(node_id, f"{host}:{port}")
+        return roles
 
     @property
     def role(self) -> str:
-        return "standalone"
+        return self.roles.role()
 
     # ------------------------------------------------------------------
     def startService(self):
@@ -122,7 +152,14 @@ class SIPService(Service):
             port = await ep.listen(StreamFactory(self, name))
             self.listeners.append(port)
             where.append(f"{name}:{port.getHost().host}:{port.getHost().port}")
+        self.roles.register()
         self._setup_replication()
+        if self.replicator is not None:
+            try:
+                await self.replicator.load()
+            except StoreError as e:
+                _log.warn("sip: could not read the replication backlog: {why}", why=e)
+            self.replicator.start()
         self._register_rpc()
         metrics = getattr(self.context, "metrics", None)
         if metrics is not None:
@@ -172,9 +209,12 @@ class SIPService(Service):
                        peers=", ".join(r.peers))
             return
         from services.sip.replication import Replicator
-        self.replicator = Replicator(self.reactor, link, r.peers, r.mode, self.location,
-                                     timeout_s=r.timeout_s, batch=r.batch)
-        self.replicator.start()
+        roles = self.roles
+        self.replicator = Replicator(
+            self.reactor, link, r.peers, r.mode, self.location, timeout_s=r.timeout_s,
+            batch=r.batch, backlog_limit=r.backlog_limit, page=r.page, window=r.window,
+            pause_s=r.pause_s, owns=roles.owns_aor, shard_of=roles.shard,
+            owned_shards=lambda: [i for i in range(roles.count) if roles.owns_shard(i)])
         _log.info("sip: replicating bindings to {peers} ({mode})", peers=", ".join(r.peers),
                   mode=r.mode)
 
@@ -315,7 +355,32 @@ class SIPService(Service):
             return self._answer(key, src, self._response(msg, 404, f"Not Found ({e})"[:80]))
         if not self._domain_ok(domain) or not self._domain_ok(aor.rpartition("@")[2]):
             return self._answer(key, src, self._response(msg, 404, "Domain Not Served"))
+        if not self._routed_here(msg, key, src, aor):
+            return
         self._authorized(msg, key, src, aor, self._store_binding)
+
+    def _routed_here(self, msg: M.Message, key, src: Source, aor: str) -> bool:
+        """True if this node serves ``aor``'s shard now; otherwise answer (302 to the
+        owner, or 503 while nobody owns it) and return False."""
+        route = self.roles.route(aor)
+        if route.action == "serve":
+            if route.owner is None:
+                self.drop("served_for_dead_owner")
+            return True
+        if route.action == "redirect" and route.address:
+            self.drop("redirected_to_owner")
+            resp = self._response(msg, 302, "Moved Temporarily (shard owner)")
+            user = aor.split(":", 1)[1].rpartition("@")[0]
+            target = f"sip:{user}@{route.address}" if msg.method == "INVITE" and user \
+                else f"sip:{route.address}"
+            resp.add("Contact", f"<{target}>")
+            self._answer(key, src, resp)
+            return False
+        self.drop("no_owner")
+        resp = self._response(msg, 503, "No Registrar Owns This Shard")
+        resp.add("Retry-After", "1")
+        self._answer(key, src, resp)
+        return False
 
     def _store_binding(self, msg: M.Message, key, src: Source, aor: str) -> None:
         if self.pending >= self.MAX_PENDING:
@@ -416,6 +481,8 @@ class SIPService(Service):
             return self._answer(key, src, self._response(msg, 416))
         if not self._domain_ok(aor.rpartition("@")[2]):
             return self._answer(key, src, self._response(msg, 404, "Domain Not Served"))
+        if not self._routed_here(msg, key, src, aor):
+            return
         if self.config.auth is not None and self.config.auth.invite:
             return self._authorized(msg, key, src, aor, self._redirect)
         self._redirect(msg, key, src, aor)
@@ -454,6 +521,9 @@ class SIPService(Service):
                      params=Params(aor=Param("str", required=True, min=1, max=512)))
         rpc.register("sip.stats", self.rpc_stats, doc="requests, responses, drops, bindings",
                      params=Params())
+        rpc.register("sip.shards", self.rpc_shards,
+                     doc="-> {shards: [{shard, resource, owner, backup, role, bindings, backlog}]}",
+                     params=Params())
 
     @staticmethod
     def _aor_param(aor: str) -> str:
@@ -485,6 +555,10 @@ class SIPService(Service):
 
     def rpc_unregister(self, aor: str):
         aor = self._aor_param(aor)
+        route = self.roles.route(aor)
+        if route.action != "serve":
+            raise ApplicationError(f"not_owner: {aor} belongs to {route.resource}, owned by "
+                                   f"{route.owner or 'nobody now'}: ask that node")
         d = self.location.remove_aor(aor)
         if self.replicator is not None:
             def ship(n):
@@ -501,7 +575,9 @@ class SIPService(Service):
     def rpc_stats(self) -> dict:
         if not self.running:
             raise ApplicationError("sip service not running")
-        return {"requests": dict(self.requests), "responses": dict(self.responses),
+        return {"role": self.role, "node": self.roles.node_id,
+                "owned": sorted(self.roles.owned),
+                "requests": dict(self.requests), "responses": dict(self.responses),
                 "drops": dict(self.drops), "bindings": self.location.count,
                 "transactions": len(self.transactions), "connections": self.connections,
                 "pending": self.pending,
@@ -510,13 +586,48 @@ class SIPService(Service):
                 "replication": self._replication_stats(),
                 "counters": dict(self.stats)}
 
+    def rpc_shards(self):
+        return defer.ensureDeferred(self._shards())
+
+    async def _shards(self) -> dict:
+        roles = self.roles
+        counts = [0] * roles.count
+        rows = await self.store_rows()
+        for member in rows:
+            aor = member.partition(" ")[0]
+            counts[roles.shard(aor)] += 1
+        r = self.replicator
+        out = []
+        for i, name in enumerate(roles.names):
+            backlog = None
+            if r is not None:
+                backlog = {p: sum(1 for a in r.missed[p] if roles.shard(a) == i)
+                           for p in r.peers}
+            out.append({"shard": i, "resource": name, "owner": roles.owner(name),
+                        "backup": roles.backup(name),
+                        "role": "owner" if name in roles.owned else "backup",
+                        "epoch": roles.epochs.get(name), "bindings": counts[i],
+                        "backlog": backlog,
+                        "full_resync_needed": None if r is None else
+                        {p: r.full_needed[p] for p in r.peers}})
+        return {"node": roles.node_id, "shards": out, "count": roles.shards}
+
+    async def store_rows(self) -> list[str]:
+        """Every unexpired "<aor> <contact>" in the expiry index."""
+        from services.sip.location import EXPIRY
+        now = self.reactor.seconds()
+        rows = await self.location.store.zrangebyscore(EXPIRY, now, float("inf"))
+        return [m for m, _score in rows]
+
     def _replication_stats(self):
         r = self.replicator
         if r is None:
             return None
         return {**r.stats, "mode": r.mode,
                 "backlog": {p: r.backlog(p) for p in r.peers},
-                "missed": {p: len(r.missed[p]) for p in r.peers}}
+                "missed": {p: len(r.missed[p]) for p in r.peers},
+                "full_resync_needed": {p: r.full_needed[p] for p in r.peers},
+                "peer_bindings": dict(r.peer_bindings)}
 
     def _ldap_stats(self):
         creds = getattr(self, "credentials", None)

@@ -29,6 +29,8 @@ class FakeLink:
 
     def on(self, channel, handler):
         self.handlers[channel] = handler
+        if self.other is not None and self.other.up and not self.other.silent:
+            self.other._deliver()
 
     def on_connection(self, listener):
         self.listeners.append(listener)
@@ -50,20 +52,23 @@ class FakeLink:
         return d
 
     def _deliver(self):
-        while self.unacked:
+        while self.unacked and self.unacked[0][0] in self.other.handlers:
             channel, body, d = self.unacked.pop(0)
             r = defer.maybeDeferred(self.other.handlers[channel], self.name, body)
             r.addCallbacks(lambda _, d=d: d.callback(None), d.errback)
 
     def set_up(self, up):
-        self.up = up
+        self.up = self.other.up = up
         for listener in self.listeners:
-            listener("b", up)
+            listener(self.other.name, up)
+        for listener in self.other.listeners:
+            listener(self.name, up)
         if up and not self.silent:
             self._deliver()
+            self.other._deliver()
 
 
-def pair(tmp_path, mode="sync", timeout_s=2.0):
+def pair(tmp_path, mode="sync", timeout_s=2.0, **kw):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     a, clock_a, thread_a, store_a, _ = make(tmp_path / "a")
@@ -71,11 +76,11 @@ def pair(tmp_path, mode="sync", timeout_s=2.0):
     link_a, link_b = FakeLink("a"), FakeLink("b")
     link_a.other, link_b.other = link_b, link_a
     a.config = replace(a.config, replication=ReplicationConfig(("b",), mode, timeout_s, 10))
-    a.replicator = Replicator(clock_a, link_a, ("b",), mode, a.location, timeout_s=timeout_s,
-                              batch=10)
-    a.replicator.start()
     b.replicator = Replicator(clock_b, link_b, ("a",), mode, b.location)
     b.replicator.start()
+    a.replicator = Replicator(clock_a, link_a, ("b",), mode, a.location, timeout_s=timeout_s,
+                              batch=10, **kw)
+    a.replicator.start()
 
     def settle_all():
         for _ in range(3):
@@ -146,6 +151,8 @@ def test_silent_backup_times_out(tmp_path):
     settle_all()
     assert peer.sent == []
     clock.advance(1.0)
+    assert peer.sent == []                      # the missed AOR is stored first
+    settle_all()
     assert peer.responses()[0].code == 200
     assert a.replicator.missed["b"] == {"sip:alice@example.test"}
     assert a.replicator.stats["timeouts"] == 1
