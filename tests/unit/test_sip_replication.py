@@ -166,3 +166,113 @@ def test_async_answers_without_waiting(tmp_path):
     a.received(req("REGISTER", "sip:example.test", contacts=["<sip:alice@h>"]), peer.src, False)
     settle(clock, thread_a)
     assert peer.responses()[0].code == 200
+
+
+def _register_many(a, peer, users, settle_all, prefix="u"):
+    for i in users:
+        a.received(req("REGISTER", "sip:example.test", to=f"sip:{prefix}{i}@example.test",
+                       branch=f"z9hG4bK{prefix}{i}", call_id=f"c{prefix}{i}",
+                       contacts=[f"<sip:{prefix}{i}@10.0.0.{i % 250 + 1}>"]), peer.src, False)
+    settle_all()
+
+
+def test_backlog_survives_primary_restart(tmp_path):
+    """What a down backup missed is in the store before the 200; a restarted primary
+    (a new Replicator on the same store) still owes it and sends it when the link returns;
+    then the stored backlog is empty."""
+    from services.sip.replication import BACKLOG_PREFIX
+    a, b, link, clock, thread_a, thread_b, settle_all = pair(tmp_path)
+    peer = Peer()
+    _register_many(a, peer, [0], settle_all, prefix="x")      # b holds data: delta, not full
+    link.up = link.other.up = False
+    _register_many(a, peer, range(3), settle_all)
+    assert [r.code for r in peer.responses()] == [200, 200, 200, 200]
+    users = {f"sip:u{i}@example.test" for i in range(3)}
+    assert set(a.location.store.hgetall_now(BACKLOG_PREFIX + "b")) == users
+    # the primary restarts: a fresh replicator reads the backlog from the store
+    link.listeners.clear()
+    a.replicator = Replicator(clock, link, ("b",), "sync", a.location, batch=10)
+    d = a.replicator.load()
+    settle_all()
+    assert d.called and a.replicator.missed["b"] == users
+    a.replicator.start()
+    link.set_up(True)
+    for _ in range(3):
+        settle_all()
+    assert all(bindings(b, u) for u in users)
+    assert a.replicator.missed["b"] == set()
+    assert a.location.store.hgetall_now(BACKLOG_PREFIX + "b") == {}
+    assert a.replicator.stats["delta_resyncs"] == 1
+
+
+def test_overflow_gives_paged_full_resync_that_removes_stale(tmp_path):
+    """More missed AORs than backlog_limit: the backlog becomes a stored full-resync flag;
+    on return the backup gets every AOR in pages, and AORs it holds that the primary no
+    longer has (unregistered while it was away) are removed."""
+    from services.sip.replication import BACKLOG_PREFIX, FULL_PREFIX
+    a, b, link, clock, thread_a, thread_b, settle_all = pair(
+        tmp_path, backlog_limit=3, page=2, window=1, pause_s=0.0)
+    peer = Peer()
+    _register_many(a, peer, [0], settle_all, prefix="gone")
+    assert bindings(b, "sip:gone0@example.test")
+    link.up = link.other.up = False
+    a.received(req("REGISTER", "sip:example.test", to="sip:gone0@example.test", cseq=2,
+                   branch="z9hG4bKx", call_id="cgone0", extra=["Expires: 0"],
+                   contacts=["*"]), peer.src, False)
+    _register_many(a, peer, range(7), settle_all)
+    assert all(r.code == 200 for r in peer.responses())
+    store = a.location.store
+    assert a.replicator.full_needed["b"] and store.get_now(FULL_PREFIX + "b") == "1"
+    assert store.hgetall_now(BACKLOG_PREFIX + "b") == {}
+    link.set_up(True)
+    for _ in range(12):
+        settle_all()
+    assert all(bindings(b, f"sip:u{i}@example.test") for i in range(7))
+    assert bindings(b, "sip:gone0@example.test") == {}
+    assert b.location.count == 7
+    r = a.replicator
+    assert r.stats["full_resyncs"] == 1 and r.stats["full_sent"] == 7
+    assert not r.full_needed["b"] and store.get_now(FULL_PREFIX + "b") is None
+    assert b.replicator.stats["full_removed"] == 1
+
+
+def test_backup_without_data_gets_full_resync(tmp_path):
+    """A backup whose hello says it holds no binding gets the paged full copy even
+    though nothing is in the primary's backlog for it."""
+    a, b, link, clock, thread_a, thread_b, settle_all = pair(tmp_path, page=3, pause_s=0.0)
+    link.up = link.other.up = False
+    peer = Peer()
+    _register_many(a, peer, range(5), settle_all)
+    a.replicator.missed["b"].clear()             # as if the backlog had been acked
+    link.set_up(True)
+    for _ in range(8):
+        settle_all()
+    assert a.replicator.stats["full_resyncs"] == 1
+    assert a.replicator.stats["delta_resyncs"] == 0
+    assert all(bindings(b, f"sip:u{i}@example.test") for i in range(5))
+
+
+def test_full_resync_yields_to_live_registers(tmp_path):
+    """Flow control: between two pages the reactor is free (pause_s), so a live REGISTER
+    is answered (and replicated) while the full resync is still running."""
+    a, b, link, clock, thread_a, thread_b, settle_all = pair(
+        tmp_path, backlog_limit=1, page=4, window=1, pause_s=0.5)
+    link.up = link.other.up = False
+    peer = Peer()
+    _register_many(a, peer, range(20), settle_all)
+    link.set_up(True)
+    settle_all()
+    assert "b" in a.replicator.full_running
+    live = Peer(6000)
+    a.received(req("REGISTER", "sip:example.test", to="sip:live@example.test",
+                   branch="z9hG4bKlive", call_id="clive", contacts=["<sip:live@10.9.0.1>"]),
+               live.src, False)
+    settle_all()
+    assert live.responses()[-1].code == 200
+    assert bindings(b, "sip:live@example.test")
+    assert "b" in a.replicator.full_running          # the copy is not done yet
+    for _ in range(10):
+        clock.advance(0.5)
+        settle_all()
+    assert "b" not in a.replicator.full_running
+    assert all(bindings(b, f"sip:u{i}@example.test") for i in range(20))
