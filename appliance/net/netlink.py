@@ -235,6 +235,104 @@ class Netlink:
             raise _no_device()
         return bytes.fromhex(addr.replace(":", ""))
 
+    # -- routes and rules (worker thread) -----------------------------------
+
+    def _route_replace(self, dst: Any, dev: str | None, via: str | None, table: int,
+                       proto: int | None, metric: int | None) -> None:
+        kwargs: dict[str, Any] = {"dst": str(dst.network_address), "dst_len": dst.prefixlen,
+                                  "family": socket.AF_INET if dst.version == 4 else socket.AF_INET6,
+                                  "table": table}
+        if dev is not None:
+            kwargs["oif"] = self._index(dev)
+        if via is not None:
+            kwargs["gateway"] = str(via)
+        if proto is not None:
+            kwargs["proto"] = proto
+        if metric is not None:
+            kwargs["priority"] = metric
+        self._iproute().route("replace", **kwargs)
+
+    def _route_delete(self, dst: Any, table: int, proto: int | None) -> bool:
+        from pyroute2.netlink.exceptions import NetlinkError as _PyNLError
+        ipr = self._iproute()
+        kwargs: dict[str, Any] = {"dst": str(dst.network_address), "dst_len": dst.prefixlen,
+                                  "family": socket.AF_INET if dst.version == 4 else socket.AF_INET6,
+                                  "table": table}
+        if proto is not None:
+            # only ours: look first (the kernel's delete ignores proto on some paths)
+            if not any(r["proto"] == proto for r in self._route_dump(
+                    dst.version, table, None) if r["dst"] == str(dst)):
+                return False
+            kwargs["proto"] = proto
+        try:
+            ipr.route("del", **kwargs)
+        except _PyNLError as e:
+            if e.code in (errno.ESRCH, errno.ENOENT):
+                return False
+            raise
+        return True
+
+    def _route_dump(self, version: int, table: int, proto: int | None) -> list[dict[str, Any]]:
+        ipr = self._iproute()
+        family = socket.AF_INET if version == 4 else socket.AF_INET6
+        names: dict[int, str] = {}
+        out: list[dict[str, Any]] = []
+        for msg in ipr.get_routes(family=family, table=table):
+            rtable = msg.get("RTA_TABLE") or msg["table"]
+            if rtable != table or (proto is not None and msg["proto"] != proto):
+                continue
+            if msg["type"] != 1:          # RTN_UNICAST only (no local/broadcast)
+                continue
+            dst = msg.get("RTA_DST")
+            if dst is None:
+                dst = "0.0.0.0" if version == 4 else "::"
+            oif = msg.get("RTA_OIF")
+            dev = None
+            if oif is not None:
+                if oif not in names:
+                    links = ipr.get_links(oif)
+                    names[oif] = links[0].get_attr("IFLA_IFNAME") if links else str(oif)
+                dev = names[oif]
+            out.append({"dst": str(ipaddress.ip_network(f"{dst}/{msg['dst_len']}")),
+                        "via": msg.get("RTA_GATEWAY"), "dev": dev, "proto": msg["proto"],
+                        "table": rtable, "metric": msg.get("RTA_PRIORITY")})
+        return out
+
+    def _rule_add(self, src: Any, table: int, priority: int | None) -> bool:
+        from pyroute2.netlink.exceptions import NetlinkError as _PyNLError
+        kwargs: dict[str, Any] = {"table": table, "src": str(src.network_address),
+                                  "src_len": src.prefixlen,
+                                  "family": socket.AF_INET if src.version == 4 else socket.AF_INET6}
+        if priority is not None:
+            kwargs["priority"] = priority
+        if self._rule_find(src, table):
+            return False
+        try:
+            self._iproute().rule("add", **kwargs)
+        except _PyNLError as e:
+            if e.code == errno.EEXIST:
+                return False
+            raise
+        return True
+
+    def _rule_find(self, src: Any, table: int) -> list[Any]:
+        family = socket.AF_INET if src.version == 4 else socket.AF_INET6
+        found = []
+        for msg in self._iproute().get_rules(family=family):
+            rtable = msg.get("FRA_TABLE") or msg["table"]
+            if (rtable == table and msg.get("FRA_SRC") == str(src.network_address)
+                    and msg["src_len"] == src.prefixlen):
+                found.append(msg)
+        return found
+
+    def _rule_delete(self, src: Any, table: int) -> bool:
+        msgs = self._rule_find(src, table)
+        for msg in msgs:
+            self._iproute().rule("del", table=table, src=str(src.network_address),
+                                 src_len=src.prefixlen, family=msg["family"],
+                                 priority=msg.get("FRA_PRIORITY"))
+        return bool(msgs)
+
     # -- public API (Deferreds) --------------------------------------------
 
     def addresses(self, ifname: str) -> defer.Deferred:
@@ -272,3 +370,50 @@ class Netlink:
         addr = ip.ip if isinstance(ip, (ipaddress.IPv4Interface, ipaddress.IPv6Interface)) else ip
         return self._run(f"announce {addr} on {ifname}", garp.send_announcement,
                          ifname, addr, self.netns)
+
+    def route_replace(self, prefix: Any, *, dev: str | None = None, via: str | None = None,
+                      table: int = 254, proto: int | None = None,
+                      metric: int | None = None) -> defer.Deferred:
+        """``ip route replace PREFIX [via VIA] [dev DEV] table TABLE [proto P]``:
+        adds the route or replaces the one with the same prefix (and metric)
+        in ``table``; fires None."""
+        try:
+            dst = ipaddress.ip_network(prefix, strict=True)
+        except ValueError as e:
+            return defer.fail(NetlinkError(f"route {prefix}: {e}"))
+        where = f"route {dst}" + (f" via {via}" if via else "") + (f" dev {dev}" if dev else "")
+        return self._run(f"replace {where} table {table}", self._route_replace, dst, dev, via,
+                         table, proto, metric)
+
+    def route_delete(self, prefix: Any, *, table: int = 254,
+                     proto: int | None = None) -> defer.Deferred:
+        """Delete the route to ``prefix`` in ``table`` (with ``proto``: only a
+        route of that protocol); fires True if one was deleted, False if none."""
+        try:
+            dst = ipaddress.ip_network(prefix, strict=True)
+        except ValueError as e:
+            return defer.fail(NetlinkError(f"route {prefix}: {e}"))
+        return self._run(f"delete route {dst} table {table}", self._route_delete, dst, table, proto)
+
+    def routes(self, *, table: int = 254, proto: int | None = None,
+               version: int = 4) -> defer.Deferred:
+        """Fires with the unicast routes of ``table`` (only ``proto``'s if
+        given) as ``[{"dst", "via", "dev", "proto", "table", "metric"}]``."""
+        return self._run(f"routes of table {table}", self._route_dump, version, table, proto)
+
+    def rule_add(self, source: Any, table: int, *, priority: int | None = None) -> defer.Deferred:
+        """``ip rule add from SOURCE lookup TABLE [priority P]``; fires True if
+        added, False if such a rule was already there."""
+        try:
+            src = ipaddress.ip_network(source, strict=True)
+        except ValueError as e:
+            return defer.fail(NetlinkError(f"rule from {source}: {e}"))
+        return self._run(f"rule from {src} lookup {table}", self._rule_add, src, table, priority)
+
+    def rule_delete(self, source: Any, table: int) -> defer.Deferred:
+        """Delete every ``from SOURCE lookup TABLE`` rule; fires True if any was there."""
+        try:
+            src = ipaddress.ip_network(source, strict=True)
+        except ValueError as e:
+            return defer.fail(NetlinkError(f"rule from {source}: {e}"))
+        return self._run(f"delete rule from {src} lookup {table}", self._rule_delete, src, table)
