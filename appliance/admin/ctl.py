@@ -466,7 +466,9 @@ def render_cluster(status: Any) -> str:
                     f"{res} ({', '.join(keys)})" for res, keys in mismatch.items())
             loss = p.get("loss")
             rows.append({"peer": pid, "alive": p.get("alive"), "last_seen_ms": p.get("last_seen_ms"),
-                         "state": p.get("state"), "health": p.get("health") or ["ok"],
+                         "state": (f"{p.get('state')} (confirmed)" if p.get("partner_confirmed")
+                                   else p.get("state")),
+                         "health": p.get("health") or ["ok"],
                          "loss": None if loss is None else f"{loss * 100:.1f}%",
                          "jitter_ms": p.get("jitter_ms"), "suspected": p.get("suspected"),
                          "skew_s": p.get("skew_s"), "note": note or None})

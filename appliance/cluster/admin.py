@@ -44,6 +44,9 @@ def status(m) -> dict[str, Any]:
     for pid, entry in peers.items():
         p = m.peers[pid]
         entry["state"] = partners.get(pid) or ("alive" if p.alive else "dead")
+        if pid in partners:
+            entry["partner_confirmed"] = m.partnerships.confirmed(pid)
+            entry["partner_reason"] = m.partners[pid].reason
         entry["unechoed"] = m.verifier.unechoed.get(pid, 0) if m.verifier else 0
     warnings = []
     if m.cfg is not None and m.cfg.auto_partner_down_s > 0 and partners and m.witness_id is None:

@@ -205,6 +205,15 @@ class ClusterManager(Service):
 
     # ------------------------------------------------------------------
     # life cycle
+    def partner_confirmed(self, peer: str) -> bool:
+        """True iff the relationship with ``peer`` is PARTNER-DOWN and that is
+        *confirmed*: the operator's ``partner-down``, or an automatic one
+        backed by the witness's quorum or by the partner's clients going
+        unanswered.  Heartbeat silence alone, a partner in maintenance or one
+        recovering is not (its addresses are not ours to give).  Already
+        correct when the listener hears the transition."""
+        return self.partnerships.confirmed(peer)
+
     # ------------------------------------------------------------------
     def startService(self):
         super().startService()

@@ -12,6 +12,12 @@ failover drafts:
   hands out the same resource twice.
 * ``PARTNER-DOWN`` -- the peer is known (operator) or assumed (after
   ``auto_partner_down_s``, default 0 = never) down: serve everything.
+  Each entry records whether it is *confirmed* (:attr:`PartnerFSM.confirmed`,
+  :attr:`Transition.confirmed`): the operator's command, or an automatic
+  partner-down backed by evidence the partner cannot have (the witness's
+  quorum, or the partner's clients unanswered).  A partner in maintenance or
+  recovering is alive: that PARTNER-DOWN serves its clients but is not
+  confirmed (its addresses are not ours to give).
 * ``RECOVER`` -- back after the peer ran in PARTNER-DOWN, or started
   without valid stable storage (``data_lost``), or restarted while in
   RECOVER: serve nothing until the partner's state is synced.  RECOVER
@@ -67,6 +73,7 @@ class Transition:
     old: str
     new: str
     reason: str
+    confirmed: bool = False      # a PARTNER-DOWN the partner cannot contradict
 
 
 class PartnerFSM:
@@ -89,13 +96,21 @@ class PartnerFSM:
         self.data_lost = data_lost           # no valid stable storage: start in RECOVER
         self.recover_wait_s = recover_wait_s
         self.incomplete = False              # own knowledge incomplete: RECOVER-WAIT after sync
+        self.confirmed = False               # PARTNER-DOWN confirmed (operator, evidence)
+        self.persisted_confirmed = False     # the previous run's PARTNER-DOWN was confirmed
 
     # ------------------------------------------------------------------
-    def _go(self, new: str, now: float, reason: str) -> Transition | None:
+    def _go(self, new: str, now: float, reason: str, confirmed: bool = False) -> Transition | None:
         if new == self.state:
+            if new == PARTNER_DOWN and confirmed and not self.confirmed:
+                # An unconfirmed PARTNER-DOWN (maintenance, a recovering
+                # partner) becomes confirmed: told as a transition to itself.
+                self.confirmed = True
+                return Transition(new, new, reason, True)
             return None
-        t = Transition(self.state, new, reason)
-        self.state, self.since = new, now
+        confirmed = confirmed and new == PARTNER_DOWN
+        t = Transition(self.state, new, reason, confirmed)
+        self.state, self.since, self.confirmed = new, now, confirmed
         if new == COMM_INTERRUPTED:
             self.interrupted_at = now
         return t
@@ -137,7 +152,8 @@ class PartnerFSM:
             if peer_state == PARTNER_DOWN:
                 return self._go(RECOVER, now, f"peer {self.peer} ran in PARTNER-DOWN; resync")
             if s == STARTUP and self.persisted == PARTNER_DOWN and peer_state in (RECOVER, STARTUP):
-                return self._go(PARTNER_DOWN, now, "was PARTNER-DOWN before restart; peer recovering")
+                return self._go(PARTNER_DOWN, now, "was PARTNER-DOWN before restart; peer recovering",
+                                self.persisted_confirmed)
             return self._go(NORMAL, now, f"peer {self.peer} heard ({peer_state})")
         if s == PARTNER_DOWN:
             if peer_state in (RECOVER_DONE, NORMAL):
@@ -166,9 +182,12 @@ class PartnerFSM:
             return self._go(COMM_INTERRUPTED, now, f"peer {self.peer} not heard")
         return None
 
-    def tick(self, now: float, allow_auto: bool = True) -> Transition | None:
+    def tick(self, now: float, allow_auto: bool = True,
+             confirm: str | None = None) -> Transition | None:
         """Time-driven transitions (``allow_auto``: automatic partner-down is
-        allowed now -- with a witness, only while this node holds quorum)."""
+        allowed now -- with a witness, only while this node holds quorum;
+        ``confirm``: what confirms the partner is down, if anything -- the
+        automatic PARTNER-DOWN is then confirmed and says so)."""
         if self.state == STARTUP and not self.peer_seen and now - self.since >= self.startup_wait_s:
             if self.data_lost or self.persisted in (RECOVER, RECOVER_WAIT):
                 self.incomplete = True
@@ -177,7 +196,8 @@ class PartnerFSM:
             if self.persisted in (POTENTIAL_CONFLICT, CONFLICT_DONE):
                 return self._go(POTENTIAL_CONFLICT, now, f"was {self.persisted} before restart")
             if self.persisted == PARTNER_DOWN:
-                return self._go(PARTNER_DOWN, now, "was PARTNER-DOWN before restart; peer still silent")
+                return self._go(PARTNER_DOWN, now, "was PARTNER-DOWN before restart; peer still silent",
+                                self.persisted_confirmed)
             return self._go(COMM_INTERRUPTED, now,
                             f"peer {self.peer} not heard within {self.startup_wait_s:g}s of start")
         if self.state == RECOVER_WAIT and now - self.since >= self.recover_wait_s:
@@ -188,12 +208,15 @@ class PartnerFSM:
                 and now - self.interrupted_at >= self.auto_partner_down_s):
             return self._go(PARTNER_DOWN, now,
                             f"peer {self.peer} silent for {self.auto_partner_down_s:g}s "
-                            "(auto_partner_down_s)")
+                            "(auto_partner_down_s)" + (f"; confirmed by {confirm}" if confirm
+                                                       else ""),
+                            confirm is not None)
         return None
 
     def partner_down(self, now: float) -> Transition | None:
-        """Operator says the peer is down (works from every state)."""
-        return self._go(PARTNER_DOWN, now, "operator partner-down")
+        """Operator says the peer is down (works from every state; confirms an
+        unconfirmed PARTNER-DOWN)."""
+        return self._go(PARTNER_DOWN, now, "operator partner-down", True)
 
     @property
     def wants_sync(self) -> bool:

@@ -25,6 +25,7 @@ class Partnership:
     sync: Callable | None = None
     syncing: bool = False
     loading: bool = False        # persisted state being read: no transitions yet
+    reason: str = ""             # of the last transition
 
 
 class Partnerships:
@@ -34,6 +35,25 @@ class Partnerships:
 
     def key(self, peer: str) -> str:
         return f"cluster:partner:{self.m.node_id}:{peer}"
+
+    def confirmed_key(self, peer: str) -> str:
+        """Whether the persisted PARTNER-DOWN was confirmed ("1"/"0"; written
+        before the state on every entry into PARTNER-DOWN)."""
+        return f"cluster:partner:{self.m.node_id}:{peer}:confirmed"
+
+    def _read(self, store, peer: str, ps: "Partnership"):
+        """Read the previous run's state (and its confirmation) into the FSM."""
+        @defer.inlineCallbacks
+        def read():
+            value = yield store.get(self.key(peer))
+            if value in P.STATES:
+                ps.fsm.persisted = value
+                if value == P.PARTNER_DOWN:
+                    ps.fsm.persisted_confirmed = (yield store.get(self.confirmed_key(peer))) == "1"
+                _log.info("partner {peer}: state before this start was {state}{confirmed}",
+                          peer=peer, state=value,
+                          confirmed=" (confirmed)" if ps.fsm.persisted_confirmed else "")
+        return read()
 
     def register(self, peer: str, listener, *, primary: bool, sync, data_lost: bool,
                  recover_wait_s: float = 0.0) -> str:
@@ -48,13 +68,7 @@ class Partnerships:
             ps = self.partners[peer] = Partnership(fsm)
             if m.store is not None:
                 ps.loading = True
-                d = m.store.get(self.key(peer))
-
-                def loaded(value):
-                    if value in P.STATES:
-                        ps.fsm.persisted = value
-                        _log.info("partner {peer}: state before this start was {state}",
-                                  peer=peer, state=value)
+                d = self._read(m.store, peer, ps)
 
                 def unreadable(f):
                     _log.warn("partner {peer}: persisted state unreadable ({why}); "
@@ -63,7 +77,7 @@ class Partnerships:
                 def ready(_):
                     ps.loading = False
 
-                d.addCallbacks(loaded, unreadable).addBoth(ready)
+                d.addErrback(unreadable).addBoth(ready)
                 d.addErrback(lambda f: _log.failure("partner load bookkeeping", failure=f))
         if listener is not None:
             ps.listeners.append(listener)
@@ -76,13 +90,23 @@ class Partnerships:
         def load():
             for peer, ps in self.partners.items():
                 if ps.fsm.persisted is None and not ps.loading:
-                    value = yield store.get(self.key(peer))
-                    if value in P.STATES:
-                        ps.fsm.persisted = value
+                    yield self._read(store, peer, ps)
         return load()
 
     def states(self) -> dict[str, str]:
         return {peer: ps.fsm.state for peer, ps in self.partners.items()}
+
+    def confirmed(self, peer: str) -> bool:
+        ps = self.partners.get(peer)
+        return ps is not None and ps.fsm.state == P.PARTNER_DOWN and ps.fsm.confirmed
+
+    def confirmation(self, peer: str) -> str | None:
+        """What would confirm an automatic PARTNER-DOWN with ``peer`` now
+        (None: nothing, silence alone)."""
+        m = self.m
+        if m.witness_id is not None and m.has_quorum():
+            return f"witness {m.witness_id} quorum"
+        return None
 
     # -- events -----------------------------------------------------------------
     def heard(self, peer: str, reported: str | None, now: float, maintenance: bool):
@@ -96,10 +120,15 @@ class Partnerships:
         if ps is not None and not ps.loading:
             self.transition(ps, ps.fsm.lost(now))
 
-    def tick(self, now: float, allow_auto: bool = True):
-        for ps in self.partners.values():
+    def tick(self, now: float, allow_auto: bool | None = None):
+        """Time-driven transitions.  Automatic partner-down: with a witness
+        only while this node holds quorum (then confirmed)."""
+        if allow_auto is None:
+            allow_auto = self.m.witness_id is None or self.m.has_quorum()
+        for peer, ps in self.partners.items():
             if not ps.loading:
-                self.transition(ps, ps.fsm.tick(now, allow_auto=allow_auto))
+                self.transition(ps, ps.fsm.tick(now, allow_auto=allow_auto,
+                                                confirm=self.confirmation(peer)))
 
     def leave_maintenance(self, now: float):
         for ps in self.partners.values():
@@ -117,11 +146,19 @@ class Partnerships:
             return
         m = self.m
         m.stats["partner_transitions"] += 1
-        _log.info("partner {peer}: {old} -> {new}: {reason}", peer=ps.fsm.peer, old=t.old,
-                  new=t.new, reason=t.reason)
+        _log.info("partner {peer}: {old} -> {new}{confirmed}: {reason}", peer=ps.fsm.peer,
+                  old=t.old, new=t.new, reason=t.reason,
+                  confirmed=" (confirmed)" if t.confirmed else "",
+                  partner_transition={"peer": ps.fsm.peer, "old": t.old, "new": t.new,
+                                      "reason": t.reason, "confirmed": t.confirmed})
+        ps.reason = t.reason
         if m.store is not None:
-            m.store.set(self.key(ps.fsm.peer), t.new).addErrback(
-                lambda f: _log.warn("partner state not persisted: {why}", why=f.getErrorMessage()))
+            warn = lambda f: _log.warn("partner state not persisted: {why}",  # noqa: E731
+                                       why=f.getErrorMessage())
+            if t.new == P.PARTNER_DOWN:
+                m.store.set(self.confirmed_key(ps.fsm.peer),
+                            "1" if t.confirmed else "0").addErrback(warn)
+            m.store.set(self.key(ps.fsm.peer), t.new).addErrback(warn)
         for listener in list(ps.listeners):
             call_listener(listener, ps.fsm.peer, t.new, t.reason)
         self.maybe_sync(ps)
