@@ -43,6 +43,7 @@ setup(
             "appliancectl = appliance.admin.ctl:main",
             "appliance-check = appliance.tap:check_main",
             "appliance-keys = appliance.cluster.keys:main",
+            "appliance-en = services.encap.en:main",
         ],
     },
 )

@@ -1,0 +1,144 @@
+"""The ``[services.encap]`` table (the DN), read with :class:`appliance.config.Table`.
+
+Example (see ``etc/encap.toml``)::
+
+    [services.encap]
+    listen_address = "0.0.0.0"       # UDP listener of the tunnel
+    port = 7400
+    psk_file = "etc/encap.psk"       # pre-shared key: 64+ hex digits (or 32+ raw bytes)
+    tun = "encap0"                   # TUN device (needs CAP_NET_ADMIN)
+    mtu = 1400                       # of the TUN device (tunnel overhead: 66 bytes)
+    slice_prefixlen = 26             # each DN subnet is cut into slices of this size,
+                                     # one per secondary DN (a failover moves one slice)
+    esr_gateway = "10.99.0.254"      # optional: decapsulated traffic goes there
+    route_table = 100                #   ... through this table (rule "from <EN subnets>")
+    announce_interface = "eth0"      # optional: proxy ARP + gratuitous ARP for taken-over ENs
+    session_timeout_s = 30           # an EN silent this long loses its session
+    read_batch = 64                  # TUN packets per reactor turn
+
+    [[services.encap.nodes]]         # every DN (this node included), the same list on each
+    id = "dn1"
+    subnet = "10.200.0.0/24"
+    secondaries = ["dn2"]
+
+    [[services.encap.nodes]]
+    id = "dn2"
+    subnet = "10.200.1.0/24"
+    secondaries = ["dn1"]
+
+    [services.encap.watchdog]        # the DN-FD (fd.py)
+    enabled = true
+    interval_s = 0.5
+    max_lag_s = 1.0
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class DNNode:
+    id: str
+    subnet: ipaddress.IPv4Network
+    secondaries: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class WatchdogConfig:
+    enabled: bool = True
+    interval_s: float = 0.5
+    max_lag_s: float = 1.0
+    fail_after: int = 3
+    restart_backoff_s: float = 1.0
+    restart_backoff_max_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class EncapConfig:
+    listen_address: object          # ipaddress.IPv4Address
+    port: int
+    psk_file: str
+    tun: str
+    mtu: int
+    nodes: tuple[DNNode, ...]
+    slice_prefixlen: int
+    esr_gateway: str | None = None
+    route_table: int = 100
+    announce_interface: str | None = None
+    session_timeout_s: float = 30.0
+    read_batch: int = 64
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+
+    def node(self, node_id: str) -> DNNode | None:
+        for n in self.nodes:
+            if n.id == node_id:
+                return n
+        return None
+
+
+def parse(table, context) -> EncapConfig | None:
+    before = len(table.problems.items)
+    listen = table.ip("listen_address", "0.0.0.0")
+    port = table.int("port", 7400, min=0, max=65535)
+    psk_file = table.path_("psk_file")
+    tun = table.str("tun", "encap0")
+    if isinstance(tun, str) and not (0 < len(tun) < 16 and tun.replace("-", "").replace("_", "").isalnum()):
+        table.error("tun", f'"{tun}" is not an interface name (1-15 letters, digits, - and _)')
+    mtu = table.int("mtu", 1400, min=576, max=65000)
+    slice_len = table.int("slice_prefixlen", 26, min=1, max=32)
+    esr = table.ip("esr_gateway", None, version=4)
+    route_table = table.int("route_table", 100, min=1, max=2 ** 31 - 1)
+    announce = table.str("announce_interface", None)
+    timeout = table.float("session_timeout_s", 30.0, min=0.5, max=86400)
+    batch = table.int("read_batch", 64, min=1, max=4096)
+    nodes = []
+    seen = set()
+    for nt in table.tables("nodes"):
+        nid = nt.str("id")
+        subnet = nt.network("subnet", version=4)
+        secs = nt.list("secondaries", default=[])
+        nt.done()
+        if nid is None or subnet is None or secs is None:
+            continue
+        if nid in seen:
+            nt.error("id", f'"{nid}" appears twice')
+            continue
+        seen.add(nid)
+        if slice_len is not None and slice_len < subnet.prefixlen:
+            nt.error("subnet", f"{subnet} is smaller than slice_prefixlen /{slice_len}")
+        n_slices = 2 ** ((slice_len or subnet.prefixlen) - subnet.prefixlen) if slice_len else 1
+        if len(secs) > n_slices:
+            nt.error("secondaries", f"{len(secs)} secondaries but {subnet} has only "
+                                    f"{n_slices} /{slice_len} slice(s)")
+        nodes.append(DNNode(nid, subnet, tuple(str(s) for s in secs)))
+    for n in nodes:
+        for s in n.secondaries:
+            if s not in seen or s == n.id:
+                table.error("nodes", f'{n.id}: secondary "{s}" is not another DN of nodes')
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            if a.subnet.overlaps(b.subnet):
+                table.error("nodes", f"subnets of {a.id} and {b.id} overlap")
+    if context.node_id is not None and nodes and context.node_id not in seen:
+        table.error("nodes", f'this node ("{context.node_id}") is not in the list')
+    if not nodes:
+        table.error("nodes", "needs at least this node's entry (id, subnet)")
+    wd = WatchdogConfig()
+    wt = table.table("watchdog")
+    if wt is not None:
+        wd = WatchdogConfig(
+            enabled=wt.bool("enabled", True), interval_s=wt.float("interval_s", 0.5, min=0.01, max=60),
+            max_lag_s=wt.float("max_lag_s", 1.0, min=0.01, max=600),
+            fail_after=wt.int("fail_after", 3, min=1, max=1000),
+            restart_backoff_s=wt.float("restart_backoff_s", 1.0, min=0.01, max=3600),
+            restart_backoff_max_s=wt.float("restart_backoff_max_s", 30.0, min=0.01, max=86400))
+        wt.done()
+    if len(table.problems.items) != before:
+        return None
+    if isinstance(listen, str):
+        listen = ipaddress.ip_address(listen)
+    return EncapConfig(listen, port, psk_file, tun, mtu, tuple(nodes), slice_len,
+                       str(esr) if esr is not None else None, route_table, announce, timeout,
+                       batch, wd)

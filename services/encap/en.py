@@ -1,0 +1,550 @@
+"""``appliance-en``: the encapsulation client (EN).
+
+Usage: ``appliance-en --config PATH [--status-file PATH]``.  Config (TOML)::
+
+    [en]
+    id = "en1"                      # this EN's identity (1-64 printable ASCII)
+    psk_file = "etc/encap.psk"      # the DNs' pre-shared key
+    tun = "en0"                     # TUN device (created; needs CAP_NET_ADMIN)
+    routes = ["10.210.0.0/24"]      # destinations sent through the tunnel
+    keepalive_ms = 50               # keepalive (echo) interval to every DN
+    dead_after = 4                  # silent intervals before a DN is dead
+    handshake_retry_ms = 250        # HELLO retry while a DN is down
+    soft_handoff = true             # send on old and new DN until the new path is confirmed
+    handoff_max_ms = 2000           # ... at most this long
+    status_interval_s = 1.0         # how often --status-file is rewritten
+
+    [[en.dns]]                      # in preference order: the first to answer is primary
+    id = "dn1"
+    address = "10.99.0.1"
+    port = 7400
+
+:class:`ENClient` is the logic with its I/O injected (``send(dn, data)``,
+``tun_write(packets)``, ``configure(address, prefixlen, mtu)``); :func:`main`
+wires it to one *connected* UDP socket per DN (so an ICMP port-unreachable
+from a dead DN process reaches us as ``connectionRefused``) and a TUN device.
+
+Failover: the primary is declared dead after ``dead_after`` keepalive
+intervals without any record from it, at once on an ICMP port-unreachable
+from it, or when a secondary says ``primary_down``.  The EN then makes the
+next DN that is up (config order) its primary (``promote``); with soft
+handoff every packet also goes to the old DN, with the same flow number,
+until the new DN answers ``promoted``.  When the home DN (the one that
+assigned the address) is back, the EN moves back to it the same way and
+``demote``s the DN that served it meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+
+from twisted.internet import defer, protocol, task
+from twisted.logger import Logger
+
+from services.encap import wire as W
+
+_log = Logger(namespace="services.encap.en")
+
+DOWN, HANDSHAKING, UP = "down", "handshaking", "up"
+
+
+@dataclass(frozen=True)
+class DNEntry:
+    id: str
+    address: str
+    port: int = 7400
+
+
+@dataclass(frozen=True)
+class ENConfig:
+    id: str
+    psk_file: str
+    dns: tuple[DNEntry, ...]
+    tun: str = "en0"
+    routes: tuple[str, ...] = ()
+    keepalive_ms: float = 50.0
+    dead_after: int = 4
+    handshake_retry_ms: float = 250.0
+    soft_handoff: bool = True
+    handoff_max_ms: float = 2000.0
+    status_interval_s: float = 1.0
+
+
+class ENConfigError(Exception):
+    pass
+
+
+def load_config(path: str) -> ENConfig:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ENConfigError(f"{path}: {e}") from e
+    en = data.get("en")
+    problems = []
+    if not isinstance(en, dict):
+        raise ENConfigError(f"{path}: en: missing table [en]")
+    known = {"id", "psk_file", "dns", "tun", "routes", "keepalive_ms", "dead_after",
+             "handshake_retry_ms", "soft_handoff", "handoff_max_ms", "status_interval_s"}
+    for k in en:
+        if k not in known:
+            problems.append(f"en.{k}: unknown key")
+    ident = en.get("id")
+    if not isinstance(ident, str) or not 0 < len(ident) <= W.MAX_ID_LEN or not ident.isascii() \
+            or not ident.isprintable():
+        problems.append(f"en.id: {ident!r} is not 1-64 printable ASCII characters")
+    if not isinstance(en.get("psk_file"), str):
+        problems.append("en.psk_file: missing (required)")
+    dns = []
+    for i, d in enumerate(en.get("dns") or []):
+        try:
+            ipaddress.ip_address(d["address"])
+            dns.append(DNEntry(str(d["id"]), str(d["address"]), int(d.get("port", 7400))))
+        except (KeyError, TypeError, ValueError) as e:
+            problems.append(f"en.dns[{i}]: needs id and an IP address ({e})")
+    if not dns:
+        problems.append("en.dns: needs at least one DN")
+    routes = []
+    for i, r in enumerate(en.get("routes") or []):
+        try:
+            routes.append(str(ipaddress.ip_network(r)))
+        except (TypeError, ValueError):
+            problems.append(f"en.routes[{i}]: {r!r} is not a network")
+    if problems:
+        raise ENConfigError("\n".join(f"{path}: {p}" for p in problems))
+    return ENConfig(ident, en["psk_file"], tuple(dns), str(en.get("tun", "en0")), tuple(routes),
+                    float(en.get("keepalive_ms", 50)), int(en.get("dead_after", 4)),
+                    float(en.get("handshake_retry_ms", 250)), bool(en.get("soft_handoff", True)),
+                    float(en.get("handoff_max_ms", 2000)),
+                    float(en.get("status_interval_s", 1.0)))
+
+
+@dataclass
+class Link:
+    dn: DNEntry
+    state: str = DOWN
+    initiator: W.Initiator | None = None
+    keys: W.SessionKeys | None = None
+    last_rx: float = 0.0
+    last_hello: float = -1e9
+    up_since: float = 0.0
+    index: int = 0                # our receiver index (records to us carry it)
+    rx: int = 0
+    tx: int = 0
+    drops: dict = field(default_factory=dict)
+
+
+class ENClient:
+    """The EN's logic (see the module docstring)."""
+
+    def __init__(self, reactor, config: ENConfig, psk: bytes, *, send, tun_write,
+                 configure=None):
+        self.reactor = reactor
+        self.config = config
+        self.psk = psk
+        self.send = send                  # send(dn_id, data)
+        self.tun_write = tun_write        # tun_write(list of packets) -> int
+        self.configure = configure        # configure(address, prefixlen, mtu) -> Deferred
+        self.links = {d.id: Link(d) for d in config.dns}
+        self.order = [d.id for d in config.dns]
+        self.address: str | None = None
+        self.address_bytes: bytes | None = None
+        self.home: str | None = None      # the DN that assigned our address
+        self.primary: str | None = None
+        self.handoff_from: str | None = None
+        self.handoff_until = 0.0
+        self.confirmed = False            # the primary answered promoted/assign
+        # flow numbers continue upward across restarts (microseconds at start)
+        self.flow = int(time.time() * 1e6)
+        self.interval = config.keepalive_ms / 1000.0
+        self.dead_s = self.interval * config.dead_after
+        self.stats = {"tx_packets": 0, "rx_packets": 0, "failovers": 0, "handoffs_confirmed": 0,
+                      "moved_home": 0, "dual_sent": 0, "icmp_unreachable": 0}
+        self.drops: dict[str, int] = {}
+        self.events: list[dict] = []
+        self._tun_queue: list[bytes] = []
+        self._flush_call = None
+        self._ticker = None
+
+    # ------------------------------------------------------------------
+    def drop(self, reason: str, link: Link | None = None) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+        if link is not None:
+            link.drops[reason] = link.drops.get(reason, 0) + 1
+
+    def event(self, what: str, **kw) -> None:
+        kw.update(what=what, t=time.time())
+        self.events.append(kw)
+        del self.events[:-50]
+        _log.info("en: {what} {kw}", what=what, kw=kw)
+
+    def start(self) -> None:
+        for link in self.links.values():
+            self._hello(link)
+        self._ticker = task.LoopingCall(self.tick)
+        self._ticker.clock = self.reactor
+        self._ticker.start(self.interval, now=False).addErrback(
+            lambda f: _log.failure("en: tick loop stopped", failure=f))
+
+    def stop(self) -> None:
+        if self._ticker is not None and self._ticker.running:
+            self._ticker.stop()
+
+    def _hello(self, link: Link) -> None:
+        link.initiator = W.Initiator(self.psk, self.config.id)
+        link.last_hello = self.reactor.seconds()
+        if link.state != UP:
+            link.state = HANDSHAKING
+        self._raw(link, link.initiator.hello())
+
+    def _raw(self, link: Link, data: bytes) -> None:
+        try:
+            self.send(link.dn.id, data)
+        except OSError:
+            self.drop("send_error", link)
+
+    def _seal(self, link: Link, plain: bytes) -> None:
+        if link.keys is None:
+            return
+        link.tx += 1
+        self._raw(link, link.keys.seal(plain))
+
+    def control(self, link: Link, msg: dict) -> None:
+        self._seal(link, W.control_plain(msg))
+
+    # ------------------------------------------------------------------
+    def tick(self) -> None:
+        now = self.reactor.seconds()
+        retry = self.config.handshake_retry_ms / 1000.0
+        for link in self.links.values():
+            if link.state == UP:
+                if now - link.last_rx > self.dead_s:
+                    self._link_dead(link, "keepalive_timeout")
+                else:
+                    self._seal(link, W.keepalive_plain(True))
+                    if link.keys is not None and link.keys.send_seq > W.REKEY_AFTER_SEQ:
+                        self._hello(link)
+            elif now - link.last_hello >= retry:
+                self._hello(link)
+        if self.handoff_from is not None and now > self.handoff_until:
+            self.event("handoff_expired", old=self.handoff_from, new=self.primary)
+            self.handoff_from = None
+        if self.primary is None and self.address is not None:
+            self._choose_primary("no_primary")
+
+    def _link_dead(self, link: Link, reason: str) -> None:
+        was_up = link.state == UP
+        link.state = DOWN
+        link.keys = None
+        if was_up:
+            self.event("dn_down", dn=link.dn.id, reason=reason)
+        if link.dn.id == self.primary:
+            self.failover(reason)
+
+    def refused(self, dn: str) -> None:
+        """ICMP port-unreachable from ``dn`` (its process is gone)."""
+        self.stats["icmp_unreachable"] += 1
+        link = self.links.get(dn)
+        if link is not None and link.state == UP:
+            self._link_dead(link, "icmp_unreachable")
+
+    def failover(self, reason: str, to: str | None = None) -> None:
+        old = self.primary
+        candidates = [to] if to else [d for d in self.order if d != old]
+        new = next((d for d in candidates
+                    if self.links[d].state == UP and self.links[d].keys is not None), None)
+        self.stats["failovers"] += 1
+        if new is None:
+            self.event("failover_no_dn", old=old, reason=reason)
+            self.primary = None
+            return
+        self._switch(old, new, reason)
+
+    def _switch(self, old: str | None, new: str, reason: str) -> None:
+        self.primary = new
+        self.confirmed = False
+        if self.config.soft_handoff and old is not None and old != new:
+            self.handoff_from = old
+            self.handoff_until = self.reactor.seconds() + self.config.handoff_max_ms / 1000.0
+        self.event("switch", old=old, new=new, reason=reason)
+        self.control(self.links[new], {"t": W.C_PROMOTE, "address": self.address,
+                                       "reason": reason})
+
+    def _choose_primary(self, reason: str) -> None:
+        for d in self.order:
+            if self.links[d].state == UP:
+                self._switch(None, d, reason)
+                return
+
+    # ------------------------------------------------------------------
+    def datagram(self, dn: str, data: bytes) -> None:
+        link = self.links.get(dn)
+        if link is None:
+            return self.drop("unknown_dn")
+        try:
+            msg = W.decode(data)
+            if isinstance(msg, W.Challenge):
+                self._challenged(link, msg)
+            elif isinstance(msg, W.Record):
+                self._record(link, msg)
+            else:
+                raise W.Drop("unexpected_type")
+        except W.Drop as d:
+            self.drop(d.reason, link)
+
+    def _challenged(self, link: Link, ch: W.Challenge) -> None:
+        if link.initiator is None:
+            raise W.Drop("unknown_session")
+        confirm, keys, ident = link.initiator.challenged(ch)
+        if ident != link.dn.id:
+            raise W.Drop("wrong_dn")
+        self._raw(link, confirm)
+        link.index = link.initiator.index
+        link.initiator = None
+        link.keys = keys
+        link.state = UP
+        now = self.reactor.seconds()
+        link.last_rx = link.up_since = now
+        self.event("dn_up", dn=link.dn.id)
+        if self.address is None:
+            if self.primary is None:
+                self.primary = link.dn.id      # the first to answer
+                self.control(link, {"t": W.C_INFO, "en": self.config.id, "role": "primary",
+                                    "dns": self.order})
+            return                             # secondaries wait for the address
+        if link.dn.id == self.home and self.primary != self.home:
+            # home again: ask it to serve us (it answers assign, then we move back)
+            self.control(link, self._info("primary"))
+        elif self.primary is None or link.dn.id == self.primary:
+            self.primary = link.dn.id
+            self.control(link, self._info("primary"))
+        else:
+            self.control(link, self._info("secondary"))
+
+    def _info(self, role: str) -> dict:
+        return {"t": W.C_INFO, "en": self.config.id, "role": role, "dns": self.order,
+                "address": self.address, "primary": self.primary}
+
+    def _record(self, link: Link, rec: W.Record) -> None:
+        if link.keys is None or rec.receiver != link.index:
+            raise W.Drop("unknown_session")
+        plain = link.keys.open(rec)
+        kind, value = W.parse_inner(plain)
+        link.last_rx = self.reactor.seconds()
+        link.rx += 1
+        if kind == W.K_DATA:
+            packet = value[1]
+            self.stats["rx_packets"] += 1
+            self._tun_queue.append(packet)
+            if self._flush_call is None:
+                self._flush_call = self.reactor.callLater(0, self._flush)
+        elif kind == W.K_CONTROL:
+            self._control(link, value)
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        queue, self._tun_queue = self._tun_queue, []
+        if queue:
+            self.tun_write(queue)
+
+    def _control(self, link: Link, msg: dict) -> None:
+        t = msg["t"]
+        dn = link.dn.id
+        if t == W.C_ASSIGN:
+            try:
+                address = str(ipaddress.IPv4Address(msg.get("address")))
+            except (ValueError, TypeError):
+                return self.drop("bad_control", link)
+            first = self.address is None
+            if self.address is not None and address != self.address:
+                self.event("address_changed", old=self.address, new=address, dn=dn)
+            self.home = dn
+            self._set_address(address, int(msg.get("mtu") or 1400))
+            if self.primary != dn:
+                self.stats["moved_home"] += 1
+                old = self.primary
+                self._switch(old, dn, "home")
+            if first:
+                for other in self.links.values():
+                    if other.dn.id != dn and other.state == UP:
+                        self.control(other, self._info("secondary"))
+        elif t == W.C_PROMOTED:
+            if dn == self.primary:
+                self.confirmed = True
+                self.stats["handoffs_confirmed"] += 1
+                old = self.handoff_from
+                self.handoff_from = None
+                self.event("confirmed", dn=dn, latency_ms=msg.get("latency_ms"))
+                if old is not None and old != dn and self.links[old].state == UP:
+                    self.control(self.links[old], {"t": W.C_DEMOTE, "address": self.address})
+                    self.control(self.links[old], self._info("secondary"))
+        elif t == W.C_PRIMARY_DOWN:
+            if self.primary is not None and msg.get("primary") == self.primary and dn != self.primary:
+                link_old = self.links[self.primary]
+                link_old.state = DOWN
+                link_old.keys = None
+                self.stats["failovers"] += 1
+                self._switch(self.primary, dn, "primary_down")
+        elif t == W.C_PRIMARY_BACK:
+            self.event("primary_back", dn=dn, primary=msg.get("primary"))
+        elif t == W.C_SECONDARY:
+            pass
+        elif t == W.C_ERROR:
+            self.event("dn_error", dn=dn, reason=msg.get("reason"))
+        else:
+            self.drop("unexpected_control", link)
+
+    def _set_address(self, address: str, mtu: int) -> None:
+        if address == self.address:
+            return
+        self.address = address
+        self.address_bytes = ipaddress.IPv4Address(address).packed
+        self.event("address", address=address)
+        if self.configure is not None:
+            d = defer.maybeDeferred(self.configure, address, 32, mtu)
+            d.addErrback(lambda f: _log.error("en: configuring {a} failed: {e}", a=address,
+                                              e=f.getErrorMessage()))
+
+    # ------------------------------------------------------------------
+    def tun_packets(self, packets: list[bytes]) -> None:
+        primary = self.links.get(self.primary) if self.primary else None
+        if primary is None or primary.keys is None:
+            self.drops["no_primary"] = self.drops.get("no_primary", 0) + len(packets)
+            return
+        old = self.links.get(self.handoff_from) if self.handoff_from else None
+        if old is not None and old.keys is None:
+            old = None
+        for packet in packets:
+            if packet[0] >> 4 != 4 or packet[12:16] != self.address_bytes:
+                self.drop("not_from_us")
+                continue
+            self.flow += 1
+            plain = W.data_plain(self.flow, packet)
+            self._seal(primary, plain)
+            self.stats["tx_packets"] += 1
+            if old is not None:
+                self._seal(old, plain)
+                self.stats["dual_sent"] += 1
+
+    def describe(self) -> dict:
+        now = self.reactor.seconds()
+        return {"en": self.config.id, "address": self.address, "home": self.home,
+                "primary": self.primary, "confirmed": self.confirmed,
+                "handoff_from": self.handoff_from,
+                "links": {d: {"state": l.state, "idle_s": round(now - l.last_rx, 3) if l.keys else None,
+                              "rx": l.rx, "tx": l.tx, "drops": dict(l.drops)}
+                          for d, l in self.links.items()},
+                "stats": dict(self.stats), "drops": dict(self.drops), "events": self.events[-20:]}
+
+
+# ----------------------------------------------------------------------
+# process wiring
+# ----------------------------------------------------------------------
+class _DNProtocol(protocol.DatagramProtocol):
+    def __init__(self, client_ref, dn: DNEntry):
+        self.client_ref = client_ref
+        self.dn = dn
+
+    def startProtocol(self):
+        self.transport.connect(self.dn.address, self.dn.port)
+
+    def datagramReceived(self, data, addr):
+        self.client_ref[0].datagram(self.dn.id, data)
+
+    def connectionRefused(self):
+        self.client_ref[0].refused(self.dn.id)
+
+
+def _configure_routes(ifname: str, address: str, prefixlen: int, mtu: int, routes) -> None:
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from services.encap.tun import _configure
+    _configure(ifname, address, prefixlen, mtu)
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)[0]
+        for r in routes:
+            net = ipaddress.ip_network(r)
+            try:
+                ipr.route("replace", dst=str(net.network_address), dst_len=net.prefixlen,
+                          oif=idx, prefsrc=address)
+            except NetlinkError as e:
+                _log.error("en: route {r} via {ifname}: {e}", r=r, ifname=ifname, e=e)
+
+
+def run(reactor, config: ENConfig, status_file: str | None = None):
+    from twisted.internet import threads
+
+    from services.encap import tun as T
+    psk = W.load_psk(config.psk_file)
+    fd, name = T.open_tun(config.tun)
+    ref: list = [None]
+    transports = {}
+    for dn in config.dns:
+        port = reactor.listenUDP(0, _DNProtocol(ref, dn))
+        transports[dn.id] = port
+
+    def send(dn_id, data):
+        transports[dn_id].write(data)
+
+    reader = T.TunReader(reactor, fd, name, lambda packets: ref[0].tun_packets(packets))
+
+    def configure(address, prefixlen, mtu):
+        return threads.deferToThread(_configure_routes, name, address, prefixlen,
+                                     min(mtu, 1400), config.routes)
+
+    client = ENClient(reactor, config, psk, send=send, tun_write=reader.write_many,
+                      configure=configure)
+    ref[0] = client
+    reader.start()
+    client.start()
+    if status_file:
+        def write_status():
+            tmp = status_file + ".tmp"
+            try:
+                with open(tmp, "w") as f:
+                    json.dump(client.describe(), f)
+                os.replace(tmp, status_file)
+            except OSError as e:
+                _log.warn("en: status file: {e}", e=e)
+        loop = task.LoopingCall(write_status)
+        loop.clock = reactor
+        loop.start(config.status_interval_s, now=True).addErrback(
+            lambda f: _log.failure("en: status loop stopped", failure=f))
+    return client
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="appliance-en", description="encapsulation client (EN)")
+    parser.add_argument("--config", "-c", required=True)
+    parser.add_argument("--status-file", help="write the EN's state as JSON here every second")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+        W.load_psk(config.psk_file)
+    except (ENConfigError, OSError, ValueError) as e:
+        print(f"appliance-en: {e}", file=sys.stderr)
+        return 1
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+    if not args.quiet:
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
+    try:
+        run(reactor, config, args.status_file)
+    except Exception as e:
+        print(f"appliance-en: {e}", file=sys.stderr)
+        return 1
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

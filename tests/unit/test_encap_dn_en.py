@@ -1,0 +1,266 @@
+"""DN and EN logic together on a Clock: assignment, data path, failover with soft
+handoff, takeover routes, duplicates, replays/forgeries, moving back home."""
+
+import ipaddress
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from services.encap import wire as W
+from services.encap.config import DNNode, EncapConfig
+from services.encap.dn import DecapNode
+from services.encap.en import DNEntry, ENClient, ENConfig
+
+PSK = bytes(range(32))
+
+
+class StubMapping:
+    """The mapping.py contract, in memory (shared by both DNs: a shared store)."""
+
+    def __init__(self):
+        self.table, self.watchers = {}, []
+
+    def claim(self, target, dn, reason):
+        cur = self.table.get(target)
+        epoch = (cur["epoch"] if cur else 0) + 1
+        self.table[target] = {"dn": dn, "epoch": epoch, "since": 0, "reason": reason}
+        for w in self.watchers:
+            w(target, dict(self.table[target]))
+        return defer.succeed(dict(self.table[target]))
+
+    def release(self, target, dn):
+        cur = self.table.get(target)
+        if cur is None or cur["dn"] != dn:
+            return defer.succeed(False)
+        del self.table[target]
+        for w in self.watchers:
+            w(target, None)
+        return defer.succeed(True)
+
+    def lookup(self, target):
+        e = self.table.get(target)
+        return dict(e) if e else None
+
+    def entries(self):
+        return {k: dict(v) for k, v in self.table.items()}
+
+    def watch(self, listener):
+        self.watchers.append(listener)
+
+
+class StubRoutes:
+    def __init__(self):
+        self.routes, self.log = {}, []
+
+    def inject(self, prefix, dev=None, via=None):
+        self.routes[prefix] = dev
+        self.log.append(("inject", prefix))
+        return defer.succeed(0.001)
+
+    def withdraw(self, prefix):
+        self.routes.pop(prefix, None)
+        self.log.append(("withdraw", prefix))
+        return defer.succeed(None)
+
+
+def ip_packet(src, dst, payload=b"x" * 20):
+    total = 20 + len(payload)
+    return (bytes([0x45, 0, total >> 8, total & 255, 0, 0, 0, 0, 64, 17, 0, 0])
+            + ipaddress.IPv4Address(src).packed + ipaddress.IPv4Address(dst).packed + payload)
+
+
+class Net:
+    """EN <-> DNs; datagrams queued and delivered by pump(); links can be cut."""
+
+    def __init__(self):
+        self.clock = Clock()
+        self.mapping = StubMapping()
+        self.cfg = EncapConfig("0.0.0.0", 7400, "psk", "encap0", 1400,
+                               (DNNode("dn1", ipaddress.ip_network("10.200.0.0/24"), ("dn2",)),
+                                DNNode("dn2", ipaddress.ip_network("10.200.1.0/24"), ("dn1",))),
+                               26)
+        self.queue, self.cut = [], set()
+        self.tun = {"dn1": [], "dn2": [], "en": []}
+        self.routes = {"dn1": StubRoutes(), "dn2": StubRoutes()}
+        self.dns = {d: self.make_dn(d) for d in ("dn1", "dn2")}
+        self.en = ENClient(self.clock, ENConfig("en1", "psk", (DNEntry("dn1", "10.99.0.1"),
+                                                             DNEntry("dn2", "10.99.0.2")),
+                                                keepalive_ms=50, dead_after=4),
+                           PSK, send=lambda dn, data: self.queue.append(("en", dn, data)),
+                           tun_write=lambda ps: self.tun["en"].extend(ps) or len(ps))
+
+    def make_dn(self, name, store=None):
+        dn = DecapNode(self.clock, self.cfg, name, PSK,
+                       send=lambda data, addr, name=name: self.queue.append((name, "en", data)),
+                       tun_write=lambda ps, name=name: self.tun[name].extend(ps) or len(ps),
+                       mapping=self.mapping, routes=self.routes[name], store=store)
+        self.mapping.watch(dn.mapping_changed)
+        return dn
+
+    def pump(self, rounds=20):
+        for _ in range(rounds):
+            self.clock.advance(0)
+            if not self.queue:
+                return
+            batch, self.queue = self.queue, []
+            for src, dst, data in batch:
+                dn = src if src != "en" else dst
+                if dn in self.cut:
+                    continue
+                if dst == "en":
+                    self.en.datagram(src, data)
+                else:
+                    self.dns[dst].datagram(data, ("10.99.0.100", 40000))
+
+    def run(self, seconds, step=0.01):
+        for _ in range(int(seconds / step)):
+            self.clock.advance(step)
+            self.pump()
+
+
+def started():
+    net = Net()
+    net.en.start()
+    net.pump()
+    net.run(0.2)
+    return net
+
+
+def test_first_dn_to_answer_assigns_from_the_slice_of_the_secondary():
+    """dn1 answers first: primary, address from dn1's slice backed by dn2; dn2 is secondary."""
+    net = started()
+    assert net.en.primary == "dn1" and net.en.home == "dn1"
+    assert ipaddress.ip_address(net.en.address) in ipaddress.ip_network("10.200.0.0/26")
+    s2 = net.dns["dn2"].sessions[net.dns["dn2"].by_en["en1"]]
+    assert s2.role == "secondary" and s2.address == net.en.address and s2.primary == "dn1"
+
+
+def test_data_both_ways_and_spoofed_source_dropped():
+    """EN -> dn1 -> TUN, TUN -> dn1 -> EN; a packet not from the EN's address is dropped."""
+    net = started()
+    a = net.en.address
+    net.en.tun_packets([ip_packet(a, "10.210.0.10")])
+    net.pump()
+    assert net.tun["dn1"] == [ip_packet(a, "10.210.0.10")]
+    net.dns["dn1"].tun_packets([ip_packet("10.210.0.10", a)])
+    net.pump()
+    assert net.tun["en"] == [ip_packet("10.210.0.10", a)]
+    # a forged inner source, sealed correctly by the EN's session
+    link = net.en.links["dn1"]
+    net.queue.append(("en", "dn1", link.keys.seal(W.data_plain(10 ** 18,
+                                                                ip_packet("10.200.0.99", "1.2.3.4")))))
+    net.pump()
+    assert net.dns["dn1"].drops.get("spoofed_source") == 1
+
+
+def test_failover_on_silence_soft_handoff_and_takeover_route():
+    """dn1 goes silent: the EN promotes dn2, sends on both meanwhile; dn2 claims the
+    address, injects a /32 to its TUN and confirms; traffic then flows via dn2."""
+    net = started()
+    a = net.en.address
+    net.cut.add("dn1")
+    net.en.tun_packets([ip_packet(a, "10.210.0.10")])
+    net.run(0.3)
+    assert net.en.primary == "dn2"
+    assert net.en.confirmed and net.en.handoff_from is None
+    assert net.mapping.lookup(a)["dn"] == "dn2"
+    assert net.routes["dn2"].routes == {a + "/32": "encap0"}
+    assert net.dns["dn2"].stats["handoffs"] == 1
+    net.en.tun_packets([ip_packet(a, "10.210.0.10", b"after" * 4)])
+    net.pump()
+    assert net.tun["dn2"][-1] == ip_packet(a, "10.210.0.10", b"after" * 4)
+    net.dns["dn2"].tun_packets([ip_packet("10.210.0.10", a)])
+    net.pump()
+    assert net.tun["en"][-1] == ip_packet("10.210.0.10", a)
+
+
+def test_soft_handoff_sends_on_both_and_dn_drops_duplicate_flows():
+    """During the switch each packet goes to old and new DN with one flow number;
+    a DN that gets the same flow twice forwards it once."""
+    net = started()
+    a = net.en.address
+    net.en.failover("test")                   # dn1 still alive: handoff in progress
+    net.en.tun_packets([ip_packet(a, "10.210.0.10")])
+    assert net.en.stats["dual_sent"] == 1
+    # same flow replayed into dn2 on the same session: it is a duplicate there
+    flow = net.en.flow
+    dup = net.en.links["dn2"].keys.seal(W.data_plain(flow, ip_packet(a, "10.210.0.10")))
+    net.pump()
+    net.queue.append(("en", "dn2", dup))
+    net.pump()
+    assert net.tun["dn2"].count(ip_packet(a, "10.210.0.10")) == 1
+    assert net.dns["dn2"].drops.get("duplicate") == 1
+
+
+def test_replayed_and_forged_records_dropped_and_counted():
+    """A captured record sent again is a replay; a flipped byte is a forgery; both counted."""
+    net = started()
+    a = net.en.address
+    captured = []
+    real_send = net.en.send
+    net.en.send = lambda dn, data: (captured.append(data), real_send(dn, data))
+    net.en.tun_packets([ip_packet(a, "10.210.0.10")])
+    net.pump()
+    net.dns["dn1"].datagram(captured[-1], ("10.99.0.100", 40000))
+    forged = bytearray(captured[-1])
+    forged[12] ^= 0x40                 # a fresh sequence number: passes the window, fails the tag
+    forged[20] ^= 0xFF
+    net.dns["dn1"].datagram(bytes(forged), ("10.99.0.100", 40000))
+    assert net.dns["dn1"].drops.get("replay") == 1
+    assert net.dns["dn1"].drops.get("forged") == 1
+    assert len(net.tun["dn1"]) == 1
+
+
+def test_primary_down_notice_from_secondary_switches_at_once():
+    """A secondary's primary_down (cluster declared the primary dead) moves the EN now."""
+    net = started()
+    dn2 = net.dns["dn2"]
+    dn2.slice_role("dn1", ipaddress.ip_network("10.200.0.0/26"), "owner")
+    net.pump()
+    assert net.en.primary == "dn2"
+    assert "10.200.0.0/26" in net.routes["dn2"].routes
+    assert net.mapping.lookup("10.200.0.0/26")["dn"] == "dn2"
+    dn2.slice_role("dn1", ipaddress.ip_network("10.200.0.0/26"), "standby")
+    assert "10.200.0.0/26" not in net.routes["dn2"].routes
+
+
+def test_home_dn_returns_and_the_en_moves_back():
+    """dn1 restarts (leases from the store): the EN moves home, dn2 withdraws its route."""
+    class Store:
+        def __init__(self):
+            self.h = {}
+
+        def hset(self, key, mapping):
+            self.h.setdefault(key, {}).update(mapping)
+            return defer.succeed(None)
+
+        def hgetall(self, key):
+            return defer.succeed(dict(self.h.get(key, {})))
+    store = Store()
+    net = Net()
+    net.dns["dn1"] = net.make_dn("dn1", store)
+    net.en.start()
+    net.pump()
+    net.run(0.2)
+    a = net.en.address
+    net.cut.add("dn1")
+    net.run(0.4)
+    assert net.en.primary == "dn2" and net.routes["dn2"].routes
+    # dn1 comes back as a fresh process
+    net.dns["dn1"] = net.make_dn("dn1", store)
+    net.dns["dn1"].load_leases()
+    net.cut.discard("dn1")
+    net.run(0.6)
+    assert net.en.primary == "dn1" and net.en.address == a and net.en.confirmed
+    assert net.routes["dn2"].routes == {}
+    assert net.mapping.lookup(a)["dn"] == "dn1"
+    net.en.tun_packets([ip_packet(a, "10.210.0.10", b"home" * 5)])
+    net.pump()
+    assert net.tun["dn1"][-1] == ip_packet(a, "10.210.0.10", b"home" * 5)
+
+
+def test_addresses_held_by_other_dns_are_never_handed_out():
+    """The allocator skips host targets another DN holds in the mapping table."""
+    net = Net()
+    net.mapping.table["10.200.0.2"] = {"dn": "dn2", "epoch": 1, "since": 0, "reason": "x"}
+    assert net.dns["dn1"].allocate("enX", "dn2") == "10.200.0.3"
