@@ -6,6 +6,7 @@ with 302 to their contact.  (Not yet: the VIP moving, repeated failovers under l
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
@@ -18,22 +19,30 @@ from tests.support.require import require_binary
 pytestmark = pytest.mark.integration
 
 
-def sip_body(me: str, other: str, port: int) -> str:
+def sip_body(me: str, other: str, port: int, extra: str = "") -> str:
     return f"""
 [services.sip]
 listen_address = "{ADDR[me]}"
 port = {port}
 domains = ["example.test"]
+priority = {{ a = 200, b = 100 }}
 
 [services.sip.replication]
 peers = ["{other}"]
 mode = "sync"
 timeout_s = 2
-"""
+""" + extra
 
 
 @pytest.fixture
 def sip_pair(tmp_path):
+    nodes = make_pair(tmp_path)
+    yield nodes
+    for n in nodes.values():
+        n.kill()
+
+
+def make_pair(tmp_path, extra: str = ""):
     import subprocess
     import sys
     require_binary("sipp")
@@ -48,11 +57,9 @@ def sip_pair(tmp_path):
         d = tmp_path / me
         d.mkdir()
         nodes[me] = NodeProcess(d, cluster_body(me, other, keys, hb, link)
-                                + sip_body(me, other, sip_port), node_id=me)
+                                + sip_body(me, other, sip_port, extra), node_id=me)
         nodes[me].sip_port = sip_port
-    yield nodes
-    for n in nodes.values():
-        n.kill()
+    return nodes
 
 
 def invite(address: str, port: int, user: str) -> str:
@@ -87,7 +94,96 @@ def test_sync_replication_then_kill_primary(sip_pair, tmp_path):
     assert len(on_b) == calls, f"backup has {len(on_b)} of {calls} acknowledged bindings"
     repl = a.rpc("sip.stats")["result"]["replication"]
     assert repl["acked"] >= calls and repl["timeouts"] == 0
+    assert b.rpc("sip.stats")["result"]["role"] == "backup"
+    early = invite(ADDR["b"], b.sip_port, "pair8")          # the backup redirects to a
+    assert early.startswith("SIP/2.0 302") and f"@{ADDR['a']}:{b.sip_port}>" in early, early
     a.kill()
+    wait_for(lambda: b.rpc("sip.stats")["result"]["role"] == "owner", 10, "b taking over")
     answer = invite(ADDR["b"], b.sip_port, "pair7")
     assert answer.startswith("SIP/2.0 302"), answer
     assert "<sip:pair7@127.0.0.1:" in answer
+
+
+def _aors(node, prefix):
+    rows = node.rpc("sip.bindings")["result"]["bindings"]
+    return {row["aor"] for row in rows if row["aor"].startswith(prefix)}
+
+
+def test_returning_backup_catches_up_while_sipp_registers(tmp_path):
+    """b dies (-9) while a keeps registering; more than backlog_limit AORs are missed, so
+    b gets a paged full resync when it returns -- while sipp keeps registering on a.
+    Afterwards b holds exactly a's bindings and every 200 sipp saw is on b."""
+    import threading
+    nodes = make_pair(tmp_path, "backlog_limit = 150\npage = 100\nwindow = 2\n")
+    a, b = nodes["a"].start(), nodes["b"].start()
+    try:
+        def link_up():
+            return a.rpc("cluster.status")["result"]["peer_link"]["b"]["connected"]
+        wait_for(link_up, 15, "the peer link")
+        target = f"127.0.0.1:{a.sip_port}"
+        r = sipp.run_sipp(tmp_path / "pre", sipp.register_only(prefix="pre"), target,
+                          calls=200, rate=200)
+        assert r.ok and r.successful == 200, (r.stdout, r.errors)
+        b.kill()
+        r = sipp.run_sipp(tmp_path / "away", sipp.register_only(prefix="away"), target,
+                          calls=400, rate=200)
+        assert r.ok and r.successful == 400, (r.stdout, r.errors)
+        repl = a.rpc("sip.stats")["result"]["replication"]
+        assert repl["full_resync_needed"]["b"] is True          # 400 missed > 150
+        live = {}
+
+        def load():
+            live["r"] = sipp.run_sipp(tmp_path / "live", sipp.register_only(prefix="live"),
+                                      target, calls=1200, rate=150)
+        t = threading.Thread(target=load)
+        t.start()
+        time.sleep(1.5)
+        b.start()                                  # returns while sipp registers
+        t.join(60)
+        r = live["r"]
+        assert r.ok and r.successful == 1200, (r.stdout, r.errors)
+
+        def caught_up():
+            repl = a.rpc("sip.stats")["result"]["replication"]
+            return (repl["backlog"]["b"] == 0 and not repl["full_resync_needed"]["b"]
+                    and repl["full_resyncs"] >= 1)
+        wait_for(caught_up, 20, "b caught up")
+        for prefix, n in (("sip:pre", 200), ("sip:away", 400), ("sip:live", 1200)):
+            on_a, on_b = _aors(a, prefix), _aors(b, prefix)
+            assert len(on_a) == n and on_b == on_a, (prefix, len(on_a), len(on_b))
+    finally:
+        for n in nodes.values():
+            n.kill()
+
+
+def test_backlog_survives_primary_restart(tmp_path):
+    """b down; a acknowledges 100 REGISTERs (b missed them), then a is killed -9 and
+    restarted before b returns: the missed AORs were in a's store, so b gets them when it
+    comes back (the old in-memory set died with a)."""
+    nodes = make_pair(tmp_path)
+    a, b = nodes["a"].start(), nodes["b"].start()
+    try:
+        wait_for(lambda: a.rpc("cluster.status")["result"]["peer_link"]["b"]["connected"],
+                 15, "the peer link")
+        target = f"127.0.0.1:{a.sip_port}"
+        r = sipp.run_sipp(tmp_path / "pre", sipp.register_only(prefix="pre"), target,
+                          calls=50, rate=100)
+        assert r.ok and r.successful == 50, (r.stdout, r.errors)
+        b.kill()
+        r = sipp.run_sipp(tmp_path / "owed", sipp.register_only(prefix="owed"), target,
+                          calls=100, rate=100)
+        assert r.ok and r.successful == 100, (r.stdout, r.errors)
+        a.kill()
+        a.start()
+        wait_for(lambda: a.rpc("sip.stats")["result"]["role"] == "owner", 10, "a owning again")
+        assert a.rpc("sip.stats")["result"]["replication"]["missed"]["b"] == 100
+        b.start()
+
+        def caught_up():
+            repl = a.rpc("sip.stats")["result"]["replication"]
+            return repl["backlog"]["b"] == 0 and repl["delta_resyncs"] >= 1
+        wait_for(caught_up, 20, "b caught up")
+        assert _aors(b, "sip:owed") == _aors(a, "sip:owed") and len(_aors(a, "sip:owed")) == 100
+    finally:
+        for n in nodes.values():
+            n.kill()
