@@ -64,6 +64,12 @@ class IDDNSUpdater(Interface):
         name, or :class:`DDNSNameError` when the name cannot be used.
         """
 
+    def answer_flags(fqdn_flags):
+        """The S/O/N flags :meth:`lease_bound` decides for a client's option 81
+        flags (None: no option 81), at once and without DNS traffic, so the
+        DHCP server can answer option 81 in its ACK before the update is
+        done; the same as the ``"flags"`` of lease_bound's result."""
+
     def lease_released(fqdn, address, client_identity, identity_type=DHCID_CLIENT_ID):
         """Remove what :meth:`lease_bound` published, only if the DHCID still
         matches this client.  Returns a Deferred (dict of what was removed)."""

@@ -246,6 +246,9 @@ class DDNSUpdater:
             self._count("bind", "error")
             return defer.fail()
 
+    def answer_flags(self, fqdn_flags):
+        return self._do(None if fqdn_flags is None else int(fqdn_flags))[2]
+
     def _do(self, flags: int | None) -> tuple[bool, bool, int | None]:
         """(forward, reverse, answer flags) for the client's option 81 flags."""
         if flags is None:

@@ -71,6 +71,20 @@ class FailoverView:
     stale_partner_down: bool = False
 
 
+@dataclass
+class Binding:
+    """The REQUEST being bound, while ``on_lease("bound", lease)`` runs: the
+    DDNS glue (services/dhcp/v4/ddns.py) reads the client's option 81 and
+    its record before this bind (``previous``: another address when the
+    client moved) and leaves the option 81 answer in ``answer``."""
+
+    address: str
+    fqdn: C.ClientFQDN | None = None
+    previous: Any = None
+    htype: int = 1
+    answer: C.ClientFQDN | None = None
+
+
 class Dhcp4Handler:
     def __init__(self, config: Dhcp4Config, leases: LeaseStore, server_id: IPv4Address, *,
                  now: Callable[[], float], failover: FailoverView | None = None,
@@ -82,6 +96,7 @@ class Dhcp4Handler:
         self.failover = failover or FailoverView()
         self.local_subnet = local_subnet or (config.subnets[0] if len(config.subnets) == 1 else None)
         self.on_lease = on_lease            # called with (event, lease) after each change
+        self.binding: Binding | None = None  # the REQUEST being bound, during on_lease
         self.counters: Counter[str] = Counter()
         self._options_cache: dict[tuple[int, int], tuple[Subnet, dict[int, bytes]]] = {}
 
@@ -154,10 +169,16 @@ class Dhcp4Handler:
         owner = P.owner_of(f.mode, key, f.split, address_role)
         return P.answers(f.mode, f.role, f.state, owner, pkt.secs, f.delay_s)
 
-    def _reply(self, pkt, mtype, subnet=None, yiaddr=None, lease_time=None):
+    def _reply(self, pkt, mtype, subnet=None, yiaddr=None, lease_time=None, fqdn=None):
         options = self._lease_options(subnet, lease_time) if subnet is not None and lease_time else {}
+        always = ()
+        if fqdn is not None:
+            # RFC 4702 section 4: option 81 answers the client's, asked for or not
+            options = {**options, C.OPT_CLIENT_FQDN: C.encode_option_value(C.OPT_CLIENT_FQDN, fqdn)}
+            always = (C.OPT_CLIENT_FQDN,)
         server_id = _override(pkt) or self.server_id
-        reply = C.build_reply(pkt, mtype, yiaddr=yiaddr, server_id=server_id, options=options)
+        reply = C.build_reply(pkt, mtype, yiaddr=yiaddr, server_id=server_id, options=options,
+                              always_send=always)
         return reply, C.reply_destination(pkt, reply)
 
     def _drop(self, reason: str):
@@ -263,11 +284,11 @@ class Dhcp4Handler:
             _log.info("NAK {address} to {hw}: {why}", address=str(address),
                       hw=pkt.hwaddr.hex(":"), why=e)
             return self._reply(pkt, C.NAK)
-        self._notify("bound", lease)
+        fqdn = self._bound(pkt, lease, current)
         return self._reply(pkt, C.ACK, subnet, _ip(lease.address),
                            # the record's own length (cltt is the bind time), rounded
                            # down: never longer than the record says
-                           max(1, int(lease.expires - lease.cltt + 1e-6)))
+                           max(1, int(lease.expires - lease.cltt + 1e-6)), fqdn=fqdn)
 
     @eager
     def _release(self, pkt):
@@ -316,6 +337,16 @@ class Dhcp4Handler:
             # both name a client id: only that decides (review L2)
             return normalize_client_id(pkt.client_id) == rec.client_id
         return bool(rec.hwaddr) and rec.hwaddr == normalize_hwaddr(pkt.hwaddr)
+
+    def _bound(self, pkt, lease, current) -> C.ClientFQDN | None:
+        """Tell the listener (the partner's update, then DDNS) about a bound
+        lease; returns the option 81 answer the DDNS glue left, if any."""
+        self.binding = Binding(lease.address, pkt.client_fqdn, current, pkt.htype or 1)
+        try:
+            self._notify("bound", lease)
+            return self.binding.answer
+        finally:
+            self.binding = None
 
     def _notify(self, event: str, lease: Any):
         if self.on_lease is not None:
