@@ -25,7 +25,6 @@ from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
 
 from appliance.admin.rpc import ApplicationError, InvalidParams, Param, Params
-from appliance.ddns import DHCID_CLIENT_ID, DHCID_HWADDR, ddns_provider
 from appliance.net.sockets import enable_receive_times, last_received_at, set_receive_buffer
 from services.dhcp.v4 import codec as C
 from services.dhcp.v4 import pools as P
@@ -438,26 +437,10 @@ class Dhcp4Service(Service):
             _log.failure("dhcp4: DDNS for {address} failed", address=lease.address)
 
     def _ddns(self, event: str, lease: Lease):
-        """Tell the DDNS provider (the dns service, if configured) about a named lease."""
-        provider = ddns_provider(self.context)
-        if provider is None or not lease.hostname:
-            return
-        host = lease.hostname.rstrip(".")
-        fqdn = host + "." if "." in host else f"{host}.{provider.forward_zone.rstrip('.')}."
-        if lease.client_id:
-            identity, kind = bytes.fromhex(lease.client_id), DHCID_CLIENT_ID
-        else:
-            identity, kind = b"\x01" + bytes.fromhex(lease.hwaddr.replace(":", "")), DHCID_HWADDR
-        if event == "bound":
-            ttl = max(1, int((lease.expires - self.reactor.seconds()) / 3))
-            d = provider.lease_bound(fqdn, lease.address, identity, ttl, kind)
-        elif event in ("released", "declined", "expired"):
-            d = provider.lease_released(fqdn, lease.address, identity, kind)
-        else:
-            return
-        d.addErrback(lambda f: _log.warn("ddns for {fqdn} ({address}) not done: {why}",
-                                         fqdn=fqdn, address=lease.address,
-                                         why=f.getErrorMessage()))
+        """DDNS for a lease change: services/dhcp/v4/ddns.py (option 81, what is
+        published recorded on the lease, removal by the lease owner; never raises)."""
+        from services.dhcp.v4.ddns import lease_event
+        lease_event(self, event, lease)
 
     def _remote_update(self, peer, body):
         if "without_data" in body:
