@@ -7,6 +7,7 @@ lives in ``services/`` and is imported only when the service is used.
 from services.dhcp.plugin import dhcp4_plugin
 from services.dns.plugin import dns_plugin
 from services.encap.plugin import encap_plugin
+from services.esr.plugin import esr_plugin
 from services.sip.plugin import sip_plugin
 
-__all__ = ["dhcp4_plugin", "dns_plugin", "encap_plugin", "sip_plugin"]
+__all__ = ["dhcp4_plugin", "dns_plugin", "encap_plugin", "esr_plugin", "sip_plugin"]
