@@ -99,8 +99,12 @@ class Roles:
         for name in self.names:
             existing = getattr(self.cluster, "resources", {}).get(name)
             if existing is not None:
-                # a [[vip]] (or another service's resource): follow its owner
+                # a [[vip]] (or a resource another service registered first): follow its
+                # owner, with its priorities
                 self.cluster.add_resource(existing.spec, None, self._listener)
+                priority = getattr(existing.spec, "priority", None)
+                if priority:
+                    self.priorities[name] = dict(priority)
             else:
                 self.cluster.register_resource(
                     name, self._listener, priority=self.priorities[name],

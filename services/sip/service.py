@@ -98,6 +98,9 @@ class SIPService(Service):
         self._tag = secrets.token_hex(3)
         self._counter = 0
         self.roles = self._make_roles()
+        # registered now, before any service starts: the shard resources get the sip
+        # service's priorities even if the dns service (records following them) starts first
+        self.roles.register()
 
     def _make_roles(self):
         from services.sip.roles import Roles
@@ -152,7 +155,6 @@ class SIPService(Service):
             port = await ep.listen(StreamFactory(self, name))
             self.listeners.append(port)
             where.append(f"{name}:{port.getHost().host}:{port.getHost().port}")
-        self.roles.register()
         self._setup_replication()
         if self.replicator is not None:
             try:

@@ -70,8 +70,6 @@ def make(tmp_path, node="b", peers=("a",), **roles):
     ctx = NodeContext(reactor=clock, config=None, store=store, rpc=MethodRegistry(),
                       metrics=CollectorRegistry(), cluster=cluster, state_dir=tmp_path)
     svc = SIPService(cfg, ctx)
-    svc.roles.node_id = node
-    svc.roles.register()
     svc._register_rpc()
     svc.running = True
     return svc, clock, thread, store, cluster
