@@ -427,6 +427,18 @@ def render_bindings(result: Any) -> str:
     return format_table(rows)
 
 
+def render_shards(result: Any) -> str:
+    """``sip.shards``: one row per shard (owner, backup, bindings, backlog per backup)."""
+    if not isinstance(result, dict) or not isinstance(result.get("shards"), list):
+        return render(result)
+    rows = [{"shard": r.get("shard"), "resource": r.get("resource"), "owner": r.get("owner"),
+             "backup": r.get("backup"), "here": r.get("role"), "bindings": r.get("bindings"),
+             "backlog": ",".join(f"{p}={n}" for p, n in sorted((r.get("backlog") or {}).items()))
+             or None}
+            for r in result["shards"] if isinstance(r, dict)]
+    return format_table(rows) if rows else "(no shards)"
+
+
 def render_cluster(status: Any) -> str:
     """``cluster.status``: header, warnings, PEER table (with heartbeat loss and
     jitter from sequence gaps), RESOURCE table, drop counters."""
@@ -560,6 +572,8 @@ COMMANDS: dict[str, _Command] = {
                render_leases),
     "bindings": ("SIP registrations", lambda a: "sip.bindings",
                  lambda a: _params(aor=a.aor), render_bindings),
+    "shards": ("SIP shards: owner, backup, bindings, backlog", lambda a: "sip.shards",
+               lambda a: None, render_shards),
     "records": ("DNS records: desired vs published", lambda a: "dns.records",
                 lambda a: None, render),
     "sessions": ("encapsulation sessions", lambda a: "encap.sessions", lambda a: None, render),
