@@ -404,6 +404,11 @@ class ClusterSection:
     role: str = "node"
     #: [cluster.witness] { id, address }: the tie-breaking third vote.
     witness: Peer | None = None
+    #: [cluster.witness] redis_lease = true: Redis owner leases break ties
+    #: instead of a witness node (needs [store] backend = "redis").
+    redis_lease: bool = False
+    #: The leases' TTL; 0 = the liveness deadline (dead_after intervals + half a beat).
+    lease_ttl_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -515,6 +520,9 @@ def _parse(data: dict, file: str, plugins: Mapping[str, Any]) -> NodeConfig:
     store = _parse_store(top.table("store"))
     admin = _parse_admin(top.table("admin"), node)
     cluster = _parse_cluster(top.table("cluster"), node)
+    if cluster is not None and cluster.redis_lease and (store is None or store.backend != "redis"):
+        problems.add("cluster.witness.redis_lease", 'needs the Redis store ([store] backend = '
+                     '"redis"): the leases live there')
     peer_ids = tuple(p.id for p in cluster.peers) if cluster else ()
     vips = tuple(v for v in (_parse_vip(t, node, peer_ids) for t in top.tables("vip")) if v)
     names = [v.name for v in vips]
@@ -697,8 +705,25 @@ def _parse_cluster(t: Table | None, node: NodeSection | None) -> ClusterSection 
     beats = t.int("beats_per_interval", 3, min=1, max=20)
     role = t.str("role", "node", choices=("node", "witness"))
     witness = None
+    redis_lease, lease_ttl_ms = False, 0
     wt = t.table("witness")
-    if wt is not None:
+    if wt is not None and wt.data.get("redis_lease") is True:
+        redis_lease = True
+        wt.bool("redis_lease", False)
+        lease_ttl_ms = wt.int("lease_ttl_ms", 0, min=0, max=600_000) or 0
+        for k in ("id", "address"):
+            if k in wt.data:
+                wt.error(k, "a Redis lease witness has no id or address (remove redis_lease "
+                            "for a witness node)")
+        if role == "witness":
+            t.error("witness", 'a node with role = "witness" has no [cluster.witness]')
+        if lease_ttl_ms and lease_ttl_ms < 2 * (interval or 100):
+            wt.error("lease_ttl_ms", f"{lease_ttl_ms} is below two heartbeat intervals "
+                                     f"({2 * (interval or 100)} ms): the lease could not be "
+                                     "renewed in time")
+        wt.done()
+    elif wt is not None:
+        wt.bool("redis_lease", False)
         w_id = wt.str("id", pattern=_NODE_ID, describe="a node id")
         w_addr = wt.ip("address")
         wt.done()
@@ -721,7 +746,8 @@ def _parse_cluster(t: Table | None, node: NodeSection | None) -> ClusterSection 
     return ClusterSection(peers or (), hb_port or 8741, interval or 100, dead_after or 3,
                           key_file, peer_link, tls,
                           auto_pd if auto_pd is not None else 0.0, bind_address, beats or 3,
-                          role or "node", witness)
+                          role or "node", witness, redis_lease=redis_lease,
+                          lease_ttl_ms=lease_ttl_ms)
 
 
 def _parse_vip(t: Table, node: NodeSection | None, peer_ids: tuple[str, ...]) -> VIPSection | None:

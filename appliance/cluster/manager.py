@@ -115,6 +115,8 @@ class ClusterManager(Service):
         self.excluded = self.table.excluded
         self.partnerships = Partnerships(self)
         self.quorum = Quorum(self)
+        from appliance.cluster.lease_witness import from_manager as _lease_witness
+        self.lease = _lease_witness(self, store)   # [cluster.witness] redis_lease, or None
         self.partners: dict[str, Partnership] = self.partnerships.partners
         self.incarnation = 0
         self.channel: HeartbeatChannel | None = None
@@ -301,7 +303,9 @@ class ClusterManager(Service):
         self.detector.detect(now)
         if self.is_witness:
             self.quorum.update_vote(now)
-        self.partnerships.tick(now, allow_auto=self.witness_id is None or self.has_quorum())
+        if self.lease is not None:
+            self.lease.tick(now)
+        self.partnerships.tick(now, allow_auto=self.quorum.allow_auto_partner_down())
         self.health.check_links()
         self.table.retry_vips(self.health.expired_unable())
         self.evaluate()

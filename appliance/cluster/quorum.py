@@ -2,6 +2,9 @@
 
 A node may own resources (and enter automatic PARTNER-DOWN) only while it
 holds a majority; a witness (``role = "witness"``) backs one node at a time.
+With a Redis owner lease instead (lease_witness.py), a node owns a resource
+only while it holds that resource's lease and enters PARTNER-DOWN by itself
+only while it holds the quorum lease.
 See :meth:`Quorum.has_quorum` for the rule and :meth:`Quorum.connected` and
 :meth:`Quorum.update_vote` for the timing that keeps the two sides of a
 partition from ever both holding it.
@@ -39,6 +42,11 @@ class Quorum:
         connected to the node it backed, so the old side has let go before
         the new one can claim.
         """
+        lease = getattr(self.m, "lease", None)
+        if lease is not None:
+            # Redis owner leases: each resource needs its own lease
+            # (resources.py); owning anything needs Redis to answer.
+            return lease.reachable()
         alive = {p.id for p in self.node_peers() if self.connected(p)}
         votes = 1 + len(alive)
         total = len(self.m.node_ids)
@@ -51,6 +59,17 @@ class Quorum:
         elif total <= 2:
             return True
         return 2 * votes > total
+
+    def allow_auto_partner_down(self) -> bool:
+        """May a partner relationship enter PARTNER-DOWN automatically now?
+        With a witness node: only with quorum; with Redis leases: only while
+        this node holds the quorum lease (one node at a time, like the
+        witness's vote); with neither: yes (the partner FSM still wants
+        ``auto_partner_down_s`` > 0 or client evidence)."""
+        lease = getattr(self.m, "lease", None)
+        if lease is not None:
+            return lease.holds_quorum()
+        return self.m.witness_id is None or self.has_quorum()
 
     def connected(self, peer: PeerInfo) -> bool:
         """Heard, and it hears us: its last beat echoes one of ours sent less

@@ -149,6 +149,10 @@ class ResourceTable:
                 # epoch and the VIP is announced again.
                 self.claim(res, d.epoch, manual=res.mine.manual,
                            why="re-asserted after a contest (" + self._why(claims) + ")")
+            elif (d.action in ("keep", "reassert") and res.mine is not None
+                  and m.lease is not None and not m.lease.holds(name)):
+                # Redis lease witness: no lease, no ownership.
+                self.set_mine(res, None, "its Redis owner lease is not held")
             elif d.action == "keep" and res.mine is not None:
                 contested = any(c.owner != m.node_id for c in claims.values())
                 if contested and not res.contested:
@@ -197,10 +201,26 @@ class ResourceTable:
     # -- claims ---------------------------------------------------------------------
     def claim(self, res: Resource, epoch: int, why: str, manual: bool = False):
         res.claiming = True
-        d = self._persist_epoch(res.spec.name, epoch)
+        lease = self.m.lease
+        if lease is None:
+            d = self._persist_epoch(res.spec.name, epoch)
+        else:
+            # Redis lease witness: the lease first (nobody else holds it), then
+            # the epoch; owned only if the lease is still ours at the end.
+            def leased(ok):
+                if not ok:
+                    _log.debug("claim of {res}: its Redis lease is held elsewhere (or Redis "
+                               "does not answer)", res=res.spec.name)
+                    return False
+                return self._persist_epoch(res.spec.name, epoch)
+            d = lease.acquire(res.spec.name, epoch).addCallback(leased)
 
         def claimed(ok):
             res.claiming = False
+            if ok and lease is not None and not lease.holds(res.spec.name):
+                ok = False
+            if not ok and lease is not None and res.mine is None:
+                lease.release(res.spec.name)
             if not ok:
                 _log.info("claim of {res} at epoch {epoch} lost a race in the shared store",
                           res=res.spec.name, epoch=epoch)
@@ -246,6 +266,8 @@ class ResourceTable:
         res.mine = claim
         if (before is None) == (claim is None) and before == claim:
             return
+        if claim is None and m.lease is not None:
+            m.lease.release(res.spec.name)
         res.changed_at, res.reason = m.clock.seconds(), why
         if (before is None) != (claim is None):
             m.stats["role_changes"] += 1

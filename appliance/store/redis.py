@@ -1021,6 +1021,35 @@ class RedisStore(Service):
             return defer.fail(StoreError(str(e)))
 
     # ------------------------------------------------------------------
+    # owner leases (the cluster's Redis witness: appliance/cluster/lease_witness.py)
+    # ------------------------------------------------------------------
+    # Plain commands on the command connection, in the store's namespace, not
+    # on the change feed and without WAIT (a lease must answer within its
+    # TTL).  Each fires True/False, or fails with StoreUnavailable.
+    def lease_acquire(self, key: str, value: str, ttl_ms: int):
+        """``SET key value NX PX ttl_ms``: True when this call created it."""
+        def go():
+            check_str(key)
+            return self._cmd("SET", self._k(key), value, "NX", "PX", str(int(ttl_ms)))
+        return self._guarded(go).addCallback(lambda r: r is not None)
+
+    def lease_renew(self, key: str, expected: str, value: str, ttl_ms: int):
+        """Compare-and-renew: only while ``key`` still holds ``expected``, set it
+        to ``value`` with a fresh TTL (Lua, atomic)."""
+        def go():
+            check_str(key)
+            return self._cmd("EVAL", lua.LEASE_RENEW_SOURCE, "1", self._k(key),
+                             expected, value, str(int(ttl_ms)))
+        return self._guarded(go).addCallback(lambda r: int(r) == 1)
+
+    def lease_release(self, key: str, value: str):
+        """Compare-and-delete: only while ``key`` still holds ``value``."""
+        def go():
+            check_str(key)
+            return self._cmd("EVAL", lua.LEASE_RELEASE_SOURCE, "1", self._k(key), value)
+        return self._guarded(go).addCallback(lambda r: int(r) == 1)
+
+    # ------------------------------------------------------------------
     # IStateStore: plain keys
     # ------------------------------------------------------------------
     def get(self, key):

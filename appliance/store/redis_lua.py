@@ -141,3 +141,26 @@ class Script:
 
 WRITE = Script(_WRITE_SCRIPT)
 SET = Script(_SET_SCRIPT)
+
+
+# Owner leases of the cluster's Redis witness (appliance/cluster/lease_witness.py).
+# Claimed with a plain ``SET key value NX PX ttl``; these two compare the holder's
+# value first, in one atomic step, so a node never extends or deletes a lease
+# someone else holds now (its own expired and was taken meanwhile).
+# KEYS[1] = lease key; ARGV = expected value, new value, ttl ms -> 1 renewed, 0 not ours
+LEASE_RENEW_SOURCE = r"""
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+
+# KEYS[1] = lease key; ARGV[1] = expected value -> 1 deleted, 0 not ours (or gone)
+LEASE_RELEASE_SOURCE = r"""
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""

@@ -2,6 +2,7 @@
 
     python -m tests.sim --seeds 10000            # seeds 0..9999, 2 and 3 nodes
     python -m tests.sim --seed 1234 --nodes 2 -v # replay one seed, print its events
+    python -m tests.sim --seeds 1000 --lease     # Redis owner leases instead of a witness
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ def main(argv=None) -> int:
                     help="node counts (default: 2 and 3)")
     ap.add_argument("--duration", type=float, default=30.0, help="simulated seconds per seed")
     ap.add_argument("--witness", action="store_true", help="add a witness node (w)")
+    ap.add_argument("--lease", action="store_true",
+                    help="Redis owner leases (a simulated Redis) instead of a witness")
     ap.add_argument("-v", "--verbose", action="store_true", help="print the event log")
     args = ap.parse_args(argv)
     counts = args.nodes or [2, 3]
@@ -30,7 +33,7 @@ def main(argv=None) -> int:
     for seed in seeds:
         for n in counts:
             try:
-                w = World(seed, n, witness=args.witness).run(args.duration)
+                w = World(seed, n, witness=args.witness, lease=args.lease).run(args.duration)
                 events += w.events
                 if args.verbose:
                     print("\n".join(w.log))

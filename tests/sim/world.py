@@ -21,6 +21,10 @@ Invariants, checked after every 10 ms step of simulated time:
 * ``witness`` (with ``--witness``): never two owners, at any step, whatever
   the partitions (except within dead_after + 1 intervals after an operator
   promote, which is make-before-break by design);
+* ``lease`` (with ``--lease``: Redis owner leases instead of a witness node,
+  on a simulated Redis whose clock runs up to 1.5 % fast, reached over
+  per-node links that lose, delay, cut, and a Redis that pauses like
+  ``kill -STOP``): never two owners, at any step, no exception;
 * ``heal``: once every fault is cleared, at most one owner per resource
   within one heartbeat interval (+ one beat period + 20 ms), and that owner
   holds the highest epoch any running node has seen;
@@ -39,6 +43,7 @@ import ipaddress
 import random
 from dataclasses import dataclass, field
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 import appliance.cluster.manager as manager_mod
@@ -67,6 +72,130 @@ class Link:
     cut: bool = False
 
 
+@dataclass
+class _Entry:
+    value: str
+    expires: float           # Redis time
+
+
+class SimRedis:
+    """A Redis with the three lease commands, on its own clock (true time x
+    ``rate``; ``rate`` > 1: its TTLs run out early, the unsafe direction),
+    reached over one link per node (requests and replies each take the link's
+    delay, each may be lost, a cut link loses all).  ``paused`` (kill -STOP):
+    requests wait and run at ``resume`` in arrival order."""
+
+    def __init__(self, clock: Clock, rng: random.Random, ids, rate: float = 1.0):
+        self.clock, self.rng, self.rate = clock, rng, rate
+        self.data: dict[str, _Entry] = {}
+        self.links = {n: Link() for n in ids}
+        self.paused = False
+        self.queue: list = []
+
+    def now(self) -> float:
+        return self.clock.seconds() * self.rate
+
+    def _get(self, key):
+        e = self.data.get(key)
+        if e is not None and self.now() >= e.expires:
+            del self.data[key]
+            return None
+        return e
+
+    def holder(self, key):
+        e = self._get(key)
+        return e.value if e else None
+
+    def _run(self, op, key, args):
+        e = self._get(key)
+        if op == "acquire":
+            value, ttl_ms = args
+            if e is not None:
+                return False
+            self.data[key] = _Entry(value, self.now() + ttl_ms / 1000)
+            return True
+        if op == "renew":
+            old, new, ttl_ms = args
+            if e is None or e.value != old:
+                return False
+            self.data[key] = _Entry(new, self.now() + ttl_ms / 1000)
+            return True
+        if op == "release":
+            if e is None or e.value != args[0]:
+                return False
+            del self.data[key]
+            return True
+        raise ValueError(op)
+
+    def call(self, client: "SimLeaseClient", op, key, *args):
+        d = Deferred()
+        link = self.links[client.node]
+        if link.cut or (link.loss and self.rng.random() < link.loss):
+            return d                      # never answered: the caller's timeout
+        delay = link.delay + (self.rng.random() * link.jitter if link.jitter else 0.0)
+        self.clock.callLater(delay, self._arrive, client, op, key, args, d)
+        return d
+
+    def _arrive(self, client, op, key, args, d):
+        if self.paused:
+            self.queue.append((client, op, key, args, d))
+            return
+        result = self._run(op, key, args)
+        link = self.links[client.node]
+        if link.cut or (link.loss and self.rng.random() < link.loss):
+            return
+        delay = link.delay + (self.rng.random() * link.jitter if link.jitter else 0.0)
+        self.clock.callLater(delay, client.answer, d, result)
+
+    def resume(self):
+        self.paused = False
+        queue, self.queue = self.queue, []
+        for item in queue:
+            self._arrive(*item)
+
+    def clean(self) -> bool:
+        return not self.paused and all(not l.cut and not l.loss and l.delay < 0.002
+                                       for l in self.links.values())
+
+    def heal(self):
+        for link in self.links.values():
+            link.loss, link.delay, link.jitter, link.cut = 0.0, 0.0005, 0.0, False
+        if self.paused:
+            self.resume()
+
+
+class SimLeaseClient:
+    """One node's store as the manager sees it: its own epochs (MemStore) and
+    the shared SimRedis's lease commands.  After a kill nothing answers."""
+
+    def __init__(self, store: MemStore, redis: SimRedis, node: str):
+        self.store, self.redis, self.node = store, redis, node
+        self.dead = False
+        self.healthy = True
+
+    def get(self, key):
+        return self.store.get(key)
+
+    def set(self, key, value):
+        return self.store.set(key, value)
+
+    def cas(self, key, expected, new):
+        return self.store.cas(key, expected, new)
+
+    def lease_acquire(self, key, value, ttl_ms):
+        return Deferred() if self.dead else self.redis.call(self, "acquire", key, value, ttl_ms)
+
+    def lease_renew(self, key, old, new, ttl_ms):
+        return Deferred() if self.dead else self.redis.call(self, "renew", key, old, new, ttl_ms)
+
+    def lease_release(self, key, value):
+        return Deferred() if self.dead else self.redis.call(self, "release", key, value)
+
+    def answer(self, d, result):
+        if not self.dead:
+            d.callback(result)
+
+
 class SimNet:
     def __init__(self, clock: Clock, rng: random.Random, ids, incarnation_of=lambda n: 0):
         self.clock, self.rng = clock, rng
@@ -92,8 +221,11 @@ class SimNet:
         if proto is None:
             return
         key = (src, dst, incarnation)
+        if sent_at >= self.last_sent_delivered.get(key, -1e9):
+            # A beat overtaken by a newer one (a delay that shrank at a heal)
+            # is refused as old by the receiver: no evidence of liveness.
+            self.last_arrival[key] = self.clock.seconds()
         self.last_sent_delivered[key] = max(self.last_sent_delivered.get(key, -1e9), sent_at)
-        self.last_arrival[key] = self.clock.seconds()
         proto.datagramReceived(data, (self.addr[src], 8741))
 
     def clean(self) -> bool:
@@ -146,12 +278,14 @@ class SimNode:
     last_claim: dict[str, int] = field(default_factory=dict)
     suspected: dict[str, int] = field(default_factory=dict)
     incarnation: int = 0
+    client: SimLeaseClient | None = None
 
 
 class World:
     def __init__(self, seed: int, n_nodes: int = 2, preempt: bool | None = None,
-                 witness: bool = False):
-        self.seed, self.n, self.witness = seed, n_nodes, witness
+                 witness: bool = False, lease: bool = False):
+        assert not (witness and lease), "a witness node or Redis leases, not both"
+        self.seed, self.n, self.witness, self.lease = seed, n_nodes, witness, lease
         self.rng = random.Random(seed)
         self.net_rng = random.Random(seed * 7919 + 1)
         self.clock = Clock()
@@ -162,6 +296,8 @@ class World:
                           incarnation_of=lambda n: self.nodes[n].incarnation)
         self.preempt = self.rng.random() < 0.7 if preempt is None else preempt
         self.nodes = {n: SimNode(n) for n in self.ids}
+        self.redis = (SimRedis(self.clock, random.Random(seed * 104729 + 3), self.node_ids,
+                               rate=1.0 + self.rng.uniform(0, 0.015)) if lease else None)
         self.fault_gen = 0
         self.clean_since = 0.0
         self.pending_checks: list[tuple[float, int, str]] = []
@@ -192,15 +328,18 @@ class World:
         cluster = ClusterSection(peers=peers, heartbeat_interval_ms=INTERVAL_MS,
                                  dead_after=DEAD_AFTER, auto_partner_down_s=0.0,
                                  bind_address=None, role="witness" if nid == "w" else "node",
-                                 witness=witness)
+                                 witness=witness, redis_lease=self.lease)
         vip = VIPSection("vip1", ipaddress.ip_interface("10.0.0.100/24"), "eth0",
                          {n: PRIORITY[n] for n in self.node_ids}, self.preempt)
         inc = node.incarnation
+        store = node.store
+        if self.lease:
+            store = node.client = SimLeaseClient(node.store, self.redis, nid)
         saved = manager_mod.next_incarnation
         manager_mod.next_incarnation = lambda d: inc
         try:
             m = ClusterManager(_Reactor(self.clock, self.net, nid), node_id=nid, cluster=cluster,
-                               vips=[] if nid == "w" else [vip], store=node.store,
+                               vips=[] if nid == "w" else [vip], store=store,
                                state_dir="/nonexistent-sim",
                                key=KEY, clock=self.clock,
                                wall=lambda node=node: self.clock.seconds() + node.wall_offset)
@@ -233,6 +372,8 @@ class World:
             return
         m = node.manager
         self.net.ports.pop(nid, None)           # kill -9: nothing more leaves or arrives
+        if node.client is not None:
+            node.client.dead = True             # ... not even a lease release
         m.port = None
         m.stopService()
         node.up = False
@@ -243,7 +384,36 @@ class World:
         self.events += 1
         self.log.append(f"{self.clock.seconds():8.3f} {what}")
 
+    def _redis_event(self):
+        redis = self.redis
+        r = self.rng.random()
+        nid = self.rng.choice(list(self.node_ids))
+        link = redis.links[nid]
+        if r < 0.25:
+            link.cut = True
+            self._fault(f"redis link of {nid} cut")
+        elif r < 0.4:
+            link.loss = self.rng.choice([0.1, 0.3, 0.6])
+            self._fault(f"redis link of {nid} loss {link.loss:.0%}")
+        elif r < 0.55:
+            link.delay = self.rng.uniform(0.01, 0.4)
+            link.jitter = self.rng.uniform(0, 0.05)
+            self._fault(f"redis link of {nid} delay {link.delay * 1000:.0f} ms "
+                        f"jitter {link.jitter * 1000:.0f} ms")
+        elif r < 0.7 and not redis.paused:
+            redis.paused = True
+            self._fault("redis paused (kill -STOP)")
+        elif r < 0.8 and redis.paused:
+            redis.resume()
+            self._fault("redis resumed (kill -CONT)")
+        else:
+            redis.heal()
+            self._fault("redis healed")
+
     def random_event(self):
+        if self.lease and self.rng.random() < 0.3:
+            self._redis_event()
+            return
         r = self.rng.random()
         ids = list(self.ids)
         pair = self.rng.sample(ids, 2)
@@ -269,6 +439,8 @@ class World:
             self._fault(f"one-way cut {pair[0]}->{pair[1]}")
         elif r < 0.70:
             self.net.heal()
+            if self.redis is not None:
+                self.redis.heal()
             self._fault("heal")
             t = self.clock.seconds()
             self.pending_checks.append((t + INTERVAL_MS / 1000 + INTERVAL_MS / 3000 + 0.02,
@@ -307,7 +479,11 @@ class World:
                 what = "nothing (witness)"
             elif r < 0.3:
                 self.last_op_move = self.clock.seconds()
-                m.promote("vip1")
+                d = m.promote("vip1")
+                if hasattr(d, "addErrback"):
+                    d.addErrback(lambda f, nid=nid: self.log.append(
+                        f"{self.clock.seconds():8.3f} operator {nid}: promote failed "
+                        f"({f.getErrorMessage()})"))
                 what = "promote"
             elif r < 0.55:
                 m.demote("vip1")
@@ -332,8 +508,8 @@ class World:
     # -- invariants ------------------------------------------------------------
     def fail(self, what: str):
         tail = "\n".join(self.log[-25:])
-        w = " --witness" if self.witness else ""
-        raise Violation(f"seed {self.seed}, {self.n} nodes{' + witness' if w else ''}, "
+        w = " --witness" if self.witness else (" --lease" if self.lease else "")
+        raise Violation(f"seed {self.seed}, {self.n} nodes{w.replace(' --', ' + ')}, "
                         f"t={self.clock.seconds():.3f}: "
                         f"{what}\n--- last events ---\n{tail}\n--- replay ---\n"
                         f"python -m tests.sim --seed {self.seed} --nodes {self.n}{w}")
@@ -352,6 +528,11 @@ class World:
             owners = self.owners()
             if len(owners) > 1:
                 self.fail(f"two owners {owners} with a witness")
+        if self.lease:
+            owners = self.owners()
+            if len(owners) > 1:
+                self.fail(f"two owners {owners} with Redis leases (lease held by "
+                          f"{self.redis.holder('cluster:lease:vip1')})")
         for nid, node in self.nodes.items():
             if not node.up:
                 continue
@@ -413,6 +594,8 @@ class World:
                 next_event = t + self.rng.expovariate(1 / mean_gap)
         # the end: heal, restart everyone, and everything must settle
         self.net.heal()
+        if self.redis is not None:
+            self.redis.heal()
         self._fault("final heal")
         for nid, node in self.nodes.items():
             if not node.up:
@@ -431,5 +614,5 @@ class World:
 
 
 def run_seed(seed: int, n_nodes: int = 2, duration: float = 30.0,
-             witness: bool = False) -> World:
-    return World(seed, n_nodes, witness=witness).run(duration)
+             witness: bool = False, lease: bool = False) -> World:
+    return World(seed, n_nodes, witness=witness, lease=lease).run(duration)
