@@ -444,6 +444,8 @@ class DecapNode:
             # ours already (our subnet, nobody else in the table; or taken over before)
             if s.role != ROLE_TAKEN_OVER:
                 s.role = ROLE_PRIMARY
+            if self.announce is not None:
+                self._announce(address)      # the EN may come back from another DN
             self.control(s, {"t": W.C_PROMOTED, "address": address, "epoch": s.epoch,
                              "latency_ms": 0.0})
             return

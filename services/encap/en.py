@@ -161,6 +161,7 @@ class ENClient:
         self.handoff_from: str | None = None
         self.handoff_until = 0.0
         self.confirmed = False            # the primary answered promoted/assign
+        self.configured: str | None = None  # the address once the TUN carries it
         # flow numbers continue upward across restarts (microseconds at start)
         self.flow = int(time.time() * 1e6)
         self.interval = config.keepalive_ms / 1000.0
@@ -221,6 +222,12 @@ class ENClient:
 
     # ------------------------------------------------------------------
     def tick(self) -> None:
+        try:
+            self._tick()
+        except Exception:
+            _log.failure("en: tick failed")     # never stop the loop
+
+    def _tick(self) -> None:
         now = self.reactor.seconds()
         retry = self.config.handshake_retry_ms / 1000.0
         for link in self.links.values():
@@ -407,8 +414,10 @@ class ENClient:
         self.address = address
         self.address_bytes = ipaddress.IPv4Address(address).packed
         self.event("address", address=address)
+        self.configured = None
         if self.configure is not None:
             d = defer.maybeDeferred(self.configure, address, 32, mtu)
+            d.addCallback(lambda _: setattr(self, "configured", address))
             d.addErrback(lambda f: _log.error("en: configuring {a} failed: {e}", a=address,
                                               e=f.getErrorMessage()))
 
@@ -436,6 +445,7 @@ class ENClient:
     def describe(self) -> dict:
         now = self.reactor.seconds()
         return {"en": self.config.id, "address": self.address, "home": self.home,
+                "configured": self.configured,
                 "primary": self.primary, "confirmed": self.confirmed,
                 "handoff_from": self.handoff_from,
                 "links": {d: {"state": l.state, "idle_s": round(now - l.last_rx, 3) if l.keys else None,
@@ -448,18 +458,64 @@ class ENClient:
 # process wiring
 # ----------------------------------------------------------------------
 class _DNProtocol(protocol.DatagramProtocol):
-    def __init__(self, client_ref, dn: DNEntry):
-        self.client_ref = client_ref
-        self.dn = dn
+    def __init__(self, sock: "_DNSocket"):
+        self.sock = sock
 
     def startProtocol(self):
-        self.transport.connect(self.dn.address, self.dn.port)
+        self.transport.connect(self.sock.dn.address, self.sock.dn.port)
 
     def datagramReceived(self, data, addr):
-        self.client_ref[0].datagram(self.dn.id, data)
+        self.sock.ref[0].datagram(self.sock.dn.id, data)
 
     def connectionRefused(self):
-        self.client_ref[0].refused(self.dn.id)
+        self.sock.ref[0].refused(self.sock.dn.id)
+
+    def stopProtocol(self):
+        self.sock.lost(self)
+
+
+class _DNSocket:
+    """One connected UDP socket to one DN (ICMP errors reach us on it).
+
+    Twisted closes a UDP port whose read fails with an error it does not
+    expect (``EHOSTUNREACH`` when the DN's link is down): the socket is then
+    reopened on a new port, and the error counts as an ICMP error from the DN.
+    """
+
+    def __init__(self, reactor, ref: list, dn: DNEntry):
+        self.reactor, self.ref, self.dn = reactor, ref, dn
+        self.port = None
+        self.protocol = None
+        self.closing = False
+        self.reopened = 0
+        self.open()
+
+    def open(self) -> None:
+        if self.closing:
+            return
+        self.protocol = _DNProtocol(self)
+        self.port = self.reactor.listenUDP(0, self.protocol)
+
+    def lost(self, proto) -> None:
+        if self.closing or proto is not self.protocol:
+            return
+        self.port = None
+        self.reopened += 1
+        client = self.ref[0]
+        if client is not None:
+            client.refused(self.dn.id)
+        self.reactor.callLater(0.05, self.open)
+
+    def write(self, data: bytes) -> None:
+        port = self.port
+        if port is None or getattr(port, "socket", None) is None:
+            raise OSError("socket to the DN is being reopened")
+        port.write(data)
+
+    def close(self):
+        self.closing = True
+        if self.port is not None:
+            return self.port.stopListening()
 
 
 def _configure_routes(ifname: str, address: str, prefixlen: int, mtu: int, routes) -> None:
@@ -486,10 +542,7 @@ def run(reactor, config: ENConfig, status_file: str | None = None):
     psk = W.load_psk(config.psk_file)
     fd, name = T.open_tun(config.tun)
     ref: list = [None]
-    transports = {}
-    for dn in config.dns:
-        port = reactor.listenUDP(0, _DNProtocol(ref, dn))
-        transports[dn.id] = port
+    transports = {dn.id: _DNSocket(reactor, ref, dn) for dn in config.dns}
 
     def send(dn_id, data):
         transports[dn_id].write(data)

@@ -1,0 +1,202 @@
+"""Namespaces for the encap service: en, dn1, dn2, esr, server (tests and bench/encap.py).
+
+::
+
+    en 10.99.0.10 ---+                                  (tunnel: UDP to dn1/dn2:7400)
+    dn1 10.99.0.1 ---+-- br0 --- esr 10.99.0.254 eth0 | eth1 10.210.0.1 --- server 10.210.0.10
+    dn2 10.99.0.2 ---+
+
+The DNs run ``twistd -n appliance`` with the ``encap`` service (TUN ``encap0``,
+subnets 10.200.0.0/24 and 10.200.1.0/24, each the other's secondary), the L2
+announce mode (proxy ARP + gratuitous ARP on eth0) and the source rule to the
+ESR (they have no default route).  The ESR routes 10.200.0.0/16 on-link on
+eth0, so the DN answering ARP for an EN address (the one with a route to it)
+gets its traffic.  The EN runs ``appliance-en`` with 10.210.0.0/24 through
+the tunnel.  Everything is in namespaces of a :class:`tests.support.netns.Lab`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.support.node_process import env_with_dropins, twistd_command
+
+SERVER = "10.210.0.10"
+DN_ADDR = {"dn1": "10.99.0.1", "dn2": "10.99.0.2"}
+SUBNET = {"dn1": "10.200.0.0/24", "dn2": "10.200.1.0/24"}
+
+
+class EncapLab:
+    def __init__(self, lab, workdir: Path, *, keepalive_ms: int = 50, dead_after: int = 4,
+                 soft_handoff: bool = True, announce: bool = True):
+        self.lab = lab
+        self.wd = Path(workdir)
+        self.keepalive_ms, self.dead_after = keepalive_ms, dead_after
+        self.soft_handoff = soft_handoff
+        self.announce = announce
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.psk = self.wd / "encap.psk"
+
+    # ------------------------------------------------------------------
+    def build(self) -> "EncapLab":
+        lab = self.lab
+        self.wd.mkdir(parents=True, exist_ok=True)
+        self.psk.write_text(os.urandom(32).hex() + "\n")
+        lab.add_node("en", "10.99.0.10/24")
+        # the EN shares the bridge with the ESR: it must not answer ARP for its tunnel
+        # address on eth0 (replies would bypass the tunnel)
+        lab.sysctl("en", "net.ipv4.conf.all.arp_ignore", 1)
+        lab.sysctl("en", "net.ipv4.conf.eth0.arp_ignore", 1)
+        for name in ("dn1", "dn2"):
+            lab.add_node(name, DN_ADDR[name] + "/24")
+            for key, value in (("net.ipv4.ip_forward", 1), ("net.ipv4.conf.all.rp_filter", 0),
+                               ("net.ipv4.conf.default.rp_filter", 0)):
+                lab.sysctl(name, key, value)
+        lab.add_node("esr", "10.99.0.254/24")
+        lab.sysctl("esr", "net.ipv4.ip_forward", 1)
+        # the server sits behind the ESR on its own link
+        server = lab.add_namespace("server")
+        esr = lab.ns_name("esr")
+        lab.host("ip", "-n", esr, "link", "add", "eth1", "type", "veth", "peer", "name", "eth0",
+                 "netns", server)
+        lab.host("ip", "-n", esr, "addr", "add", "10.210.0.1/24", "dev", "eth1")
+        lab.host("ip", "-n", esr, "link", "set", "eth1", "up")
+        lab.host("ip", "-n", server, "addr", "add", SERVER + "/24", "dev", "eth0")
+        lab.host("ip", "-n", server, "link", "set", "eth0", "up")
+        lab.host("ip", "-n", server, "route", "add", "default", "via", "10.210.0.1")
+        lab.host("ip", "-n", esr, "route", "add", "10.200.0.0/16", "dev", "eth0")
+        for name in ("dn1", "dn2"):
+            self._dn_config(name)
+        self._en_config()
+        return self
+
+    def _dn_config(self, name: str) -> None:
+        d = self.wd / name
+        d.mkdir(exist_ok=True)
+        other = "dn2" if name == "dn1" else "dn1"
+        announce = 'announce_interface = "eth0"\n' if self.announce else ""
+        (d / "node.toml").write_text(f"""
+[node]
+id = "{name}"
+state_dir = "{d}/state"
+
+[store]
+backend = "memory"
+fsync = "never"
+
+[admin]
+listen = "tcp:8740:interface=127.0.0.1"
+token_file = "{d}/state/admin.token"
+
+[services.encap]
+listen_address = "{DN_ADDR[name]}"
+port = 7400
+psk_file = "{self.psk}"
+tun = "encap0"
+slice_prefixlen = 26
+esr_gateway = "10.99.0.254"
+route_table = 100
+{announce}
+[[services.encap.nodes]]
+id = "{name}"
+subnet = "{SUBNET[name]}"
+secondaries = ["{other}"]
+
+[[services.encap.nodes]]
+id = "{other}"
+subnet = "{SUBNET[other]}"
+secondaries = ["{name}"]
+""")
+
+    def _en_config(self) -> None:
+        (self.wd / "en.toml").write_text(f"""
+[en]
+id = "en1"
+psk_file = "{self.psk}"
+tun = "en0"
+routes = ["10.210.0.0/24"]
+keepalive_ms = {self.keepalive_ms}
+dead_after = {self.dead_after}
+handshake_retry_ms = 200
+soft_handoff = {"true" if self.soft_handoff else "false"}
+status_interval_s = 0.2
+
+[[en.dns]]
+id = "dn1"
+address = "{DN_ADDR['dn1']}"
+
+[[en.dns]]
+id = "dn2"
+address = "{DN_ADDR['dn2']}"
+""")
+
+    # ------------------------------------------------------------------
+    def start_dn(self, name: str, timeout: float = 30.0) -> subprocess.Popen:
+        d = self.wd / name
+        log = open(d / "twistd.log", "a")
+        proc = self.lab.popen(name, *twistd_command(), "-c", str(d / "node.toml"),
+                              cwd=str(d), env=env_with_dropins(), stdout=log,
+                              stderr=subprocess.STDOUT)
+        self.procs[name] = proc
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited {proc.returncode}:\n{self.log(name)}")
+            if "encap: DN " in self.log(name):
+                return proc
+            time.sleep(0.1)
+        raise RuntimeError(f"{name} did not start within {timeout}s:\n{self.log(name)}")
+
+    def log(self, name: str) -> str:
+        p = self.wd / name / "twistd.log"
+        return p.read_text() if p.exists() else ""
+
+    def start_en(self) -> subprocess.Popen:
+        log = open(self.wd / "en.log", "a")
+        proc = self.lab.popen("en", sys.executable, "-m", "services.encap.en", "--config",
+                              str(self.wd / "en.toml"), "--status-file",
+                              str(self.wd / "en.status"), env=env_with_dropins(),
+                              stdout=log, stderr=subprocess.STDOUT)
+        self.procs["en"] = proc
+        return proc
+
+    def en_status(self) -> dict:
+        try:
+            return json.loads((self.wd / "en.status").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def wait_en(self, predicate, timeout: float = 20.0, what: str = "EN state") -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.en_status()
+            if st and predicate(st):
+                return st
+            if self.procs["en"].poll() is not None:
+                raise RuntimeError(f"EN exited:\n{(self.wd / 'en.log').read_text()}")
+            time.sleep(0.05)
+        raise AssertionError(f"{what} not reached in {timeout}s: {self.en_status()}\n"
+                             f"{(self.wd / 'en.log').read_text()[-3000:]}")
+
+    def rpc(self, name: str, method: str) -> dict:
+        out = self.lab.run(name, sys.executable, "-m", "appliance.admin.ctl", "--config",
+                           str(self.wd / name / "node.toml"), "--json", "call", method,
+                           check=True, timeout=20)
+        return json.loads(out.stdout)
+
+    def kill_dn(self, name: str) -> None:
+        """kill -9 the DN process and take its link down."""
+        proc = self.procs[name]
+        os.kill(proc.pid, signal.SIGKILL)
+        self.lab.link_down(name)
+        proc.wait(timeout=10)
+
+    def revive_dn(self, name: str) -> subprocess.Popen:
+        self.lab.link_up(name)
+        return self.start_dn(name)
