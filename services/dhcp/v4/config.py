@@ -69,6 +69,10 @@ class Failover:
     delay_s: float = 2.0      # non-owner answers once the client's secs >= delay_s
     mclt_s: int = 3600        # maximum client lead time
     max_unacked: int = 1000   # bound on un-acked lease updates to the partner
+    #: COMMUNICATIONS-INTERRUPTED: a partner's client whose DISCOVER/REQUEST has
+    #: ``secs >= max_ack_delay_s`` counts as unanswered (evidence for the cluster,
+    #: as Kea's max-ack-delay)
+    max_ack_delay_s: float = 10.0
 
     @property
     def partner_role(self) -> str:
@@ -247,6 +251,7 @@ def _parse_failover(table: Table, context: ParseContext) -> Failover | None:
     delay_s = ft.float("delay_s", 2.0, min=0, max=3600)
     mclt_s = ft.int("mclt_s", 3600, min=1, max=30 * 86400)
     max_unacked = ft.int("max_unacked", 1000, min=1, max=1_000_000)
+    max_ack_delay_s = ft.float("max_ack_delay_s", 10.0, min=1, max=65535)
     ft.done()
     if peer is not None and peer not in context.peer_ids:
         known = ", ".join(context.peer_ids) or "none: [cluster] has no peers"
@@ -257,9 +262,10 @@ def _parse_failover(table: Table, context: ParseContext) -> Failover | None:
             ft.error("role", f'"standby" is only a role in mode "hot-standby", not {mode!r}')
             return None
         role = "secondary"
-    if None in (peer, role, mode, split, delay_s, mclt_s, max_unacked):
+    if None in (peer, role, mode, split, delay_s, mclt_s, max_unacked, max_ack_delay_s):
         return None
-    return Failover(peer, role, mode, split, float(delay_s), mclt_s, max_unacked)
+    return Failover(peer, role, mode, split, float(delay_s), mclt_s, max_unacked,
+                    float(max_ack_delay_s))
 
 
 def _v4(table: Table, path: str, value: Any) -> IPv4Address | None:

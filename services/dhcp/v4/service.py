@@ -101,6 +101,14 @@ class Dhcp4Service(Service):
         self._sync_progress = 0.0
         self._partner_without_data = False
         self.skew_hold: dict | None = None     # partner updates held: clocks too far apart
+        # COMMUNICATIONS-INTERRUPTED: the partner's clients seen waiting
+        # (client key -> last time), reported to the cluster (Kea's unacked clients)
+        self._evidence: dict[bytes, float] = {}
+        self._evidence_to = None              # cluster.report_client_evidence, if any
+        self._evidence_reported = 0
+        self._evidence_prune = None
+        self._max_ack_delay_s = (config.failover.max_ack_delay_s
+                                 if config.failover is not None else 0.0)
         self.view = FailoverView()
         if config.failover is not None:
             f = config.failover
@@ -176,6 +184,8 @@ class Dhcp4Service(Service):
         super().stopService()
         if self._reclaim is not None and self._reclaim.running:
             self._reclaim.stop()
+        if self._evidence_prune is not None and self._evidence_prune.active():
+            self._evidence_prune.cancel()
         if self.outbox is not None:
             self.outbox.flush()            # hand what is queued to the peer link now
         if self.ldap is not None:
@@ -211,6 +221,9 @@ class Dhcp4Service(Service):
                 # or moved on; answering it would only delay the fresh ones.
                 self.drops["stale"] = self.drops.get("stale", 0) + 1
                 return
+        if (self.view.state == P.COMM_INTERRUPTED and self._evidence_to is not None
+                and pkt.secs >= self._max_ack_delay_s):
+            self._client_evidence(pkt)
         writes = self.leases.writes
         result = self.handler.handle(pkt)
         if not isinstance(result, defer.Deferred):      # answered from memory
@@ -324,6 +337,8 @@ class Dhcp4Service(Service):
                                          recover_wait_s=float(f.mclt_s))
         self.view.state = state
         self.view.hold = state not in (P.NORMAL, P.PARTNER_DOWN)
+        report = getattr(cluster, "report_client_evidence", None)
+        self._evidence_to = report if callable(report) else None
         link = getattr(cluster, "peerlink", None)
         if link is not None:
             link.on(CHANNEL, self._remote_update)
@@ -394,7 +409,13 @@ class Dhcp4Service(Service):
             self.view.hold = True
         if state == P.PARTNER_DOWN and self.view.state != P.PARTNER_DOWN:
             self.view.partner_down_since = self.reactor.seconds()
-            self.view.partner_down_confirmed = self._confirmed(reason)
+            self.view.partner_down_confirmed = self._confirmed(peer, reason)
+        elif state == P.PARTNER_DOWN:
+            # PARTNER-DOWN -> PARTNER-DOWN: the cluster confirmed it afterwards
+            # (the operator, evidence); the MCLT wait counts from the confirmation
+            if not self.view.partner_down_confirmed and self._confirmed(peer, reason):
+                self.view.partner_down_confirmed = True
+                self.view.partner_down_since = self.reactor.seconds()
         elif state != P.PARTNER_DOWN:
             self.view.partner_down_since = None
             self.view.partner_down_confirmed = False
@@ -411,20 +432,100 @@ class Dhcp4Service(Service):
                   note="" if state != P.PARTNER_DOWN or self.view.partner_down_confirmed else
                   "; not confirmed (heartbeat silence only): the partner's addresses stay locked")
         self.view.state = state
+        if state != P.COMM_INTERRUPTED:
+            self._evidence_reset(peer)
 
-    def _confirmed(self, reason: str) -> bool:
+    def _confirmed(self, peer: str, reason: str) -> bool:
         """Whether a PARTNER-DOWN means the partner is really down, so its
-        addresses may be used after the MCLT.  The operator's command is.
-        Heartbeat silence alone (``auto_partner_down_s``) is what a partition
-        looks like too: confirmed only when the cluster has a witness (then
-        automatic PARTNER-DOWN needs quorum).  A partner in maintenance or
-        recovering is alive and will serve its addresses again: not confirmed
-        (its clients are served, its free addresses are left alone)."""
+        addresses may be used after the MCLT.  The cluster says so when it can
+        (``cluster.partner_confirmed(peer)``: the operator's command, the
+        witness's quorum, the partner's clients unanswered).  Otherwise a guess
+        from the reason: the operator's command is; heartbeat silence alone
+        (``auto_partner_down_s``) is what a partition looks like too:
+        confirmed only when the cluster has a witness (then automatic
+        PARTNER-DOWN needs quorum).  A partner in maintenance or recovering is
+        alive and will serve its addresses again: not confirmed (its clients
+        are served, its free addresses are left alone)."""
+        ask = getattr(self.context.cluster, "partner_confirmed", None)
+        if callable(ask):
+            try:
+                return ask(peer) is True
+            except (KeyError, ValueError) as e:
+                _log.warn("dhcp4: cluster.partner_confirmed({peer}) failed ({why}): "
+                          "the PARTNER-DOWN is not confirmed", peer=peer, why=e)
+                return False
         if "operator" in reason:
             return True
         if "auto_partner_down_s" in reason:
             return getattr(self.context.cluster, "witness_id", None) is not None
         return False
+
+    # ------------------------------------------------------------------
+    # client evidence (COMMUNICATIONS-INTERRUPTED): the partner's clients waiting
+    # ------------------------------------------------------------------
+    #: a client counts while it was last seen waiting within this many seconds
+    EVIDENCE_WINDOW_S = 60.0
+
+    def _partner_client(self, pkt) -> bool:
+        """Whether the client of ``pkt`` is the partner's: the address it asks
+        for or holds lies in the partner's segment, or (a new client) its hash
+        bucket is the partner's; in hot-standby every client is the primary's."""
+        f = self.config.failover
+        address = pkt.requested_ip
+        if address is None and pkt.ciaddr != _ZERO:
+            address = pkt.ciaddr
+        role = self.leases.segment_role(str(address)) if address is not None else None
+        key = P.client_hash_key(pkt.client_id, pkt.hwaddr)
+        if f.mode == "split-scope" and role in (P.PRIMARY, P.SECONDARY):
+            return role == f.partner_role
+        return P.owner_of(f.mode, key, f.split, role) == f.partner_role
+
+    def _client_evidence(self, pkt):
+        """A DISCOVER/REQUEST with ``secs >= max_ack_delay_s`` in
+        COMMUNICATIONS-INTERRUPTED: if the client is the partner's, nobody has
+        answered it for that long -- evidence that the partner is really down
+        (not merely cut from us).  The count of distinct such clients within
+        EVIDENCE_WINDOW_S goes to ``cluster.report_client_evidence(peer, n)``;
+        the cluster decides what it proves."""
+        if pkt.message_type not in (C.DISCOVER, C.REQUEST) or not self._partner_client(pkt):
+            return
+        self._evidence[P.client_hash_key(pkt.client_id, pkt.hwaddr)] = self.reactor.seconds()
+        self._evidence_report()
+
+    def _evidence_report(self):
+        now = self.reactor.seconds()
+        cutoff = now - self.EVIDENCE_WINDOW_S
+        for key in [k for k, t in self._evidence.items() if t <= cutoff]:
+            del self._evidence[key]
+        n = len(self._evidence)
+        if n != self._evidence_reported:
+            self._evidence_reported = n
+            self._evidence_send(n)
+        if self._evidence_prune is not None and self._evidence_prune.active():
+            self._evidence_prune.cancel()
+        self._evidence_prune = None
+        if self._evidence:
+            first = min(self._evidence.values())
+            self._evidence_prune = self.reactor.callLater(
+                max(0.0, first + self.EVIDENCE_WINDOW_S - now) + 0.001, self._evidence_report)
+
+    def _evidence_send(self, n: int):
+        report = self._evidence_to
+        if report is None:
+            return
+        try:
+            report(self.config.failover.peer, n)
+        except Exception:
+            _log.failure("dhcp4: cluster.report_client_evidence failed")
+
+    def _evidence_reset(self, peer):
+        if self._evidence_prune is not None and self._evidence_prune.active():
+            self._evidence_prune.cancel()
+        self._evidence_prune = None
+        self._evidence.clear()
+        if self._evidence_reported:
+            self._evidence_reported = 0
+            self._evidence_send(0)
 
     def _lease_changed(self, event: str, lease: Lease):
         # the partner's update is already queued (LeaseStore.on_unsynced, in the
