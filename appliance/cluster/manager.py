@@ -485,3 +485,22 @@ class ClusterManager(Service):
 
     def collect(self):
         return admin.collect(self)
+
+    @property
+    def cluster_id(self) -> str:
+        """This cluster's stable identity (the dns service writes it into its
+        guards): a digest of the sorted member node ids and of the heartbeat
+        HMAC key (a fingerprint, never the key), 12 hex digits -- the same on
+        every member, another one for a cluster rebuilt with other members or
+        a new key.  (Added for the dns service, issue 13.)"""
+        import hashlib
+        key = self._key
+        if key is None and self.cfg is not None and getattr(self.cfg, "auth_key_file", None):
+            try:
+                key = load_key(self.cfg.auth_key_file)
+            except ValueError:
+                key = None
+        h = hashlib.sha256(",".join(sorted(set(self.node_ids))).encode())
+        if key:
+            h.update(key)
+        return h.hexdigest()[:12]
