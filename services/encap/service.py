@@ -240,7 +240,12 @@ class EncapService(Service):
             from services.encap.fd import Watchdog
         except ImportError:
             return
+        previous = self.watchdog
         self.watchdog = Watchdog(self.reactor, self, self.config.watchdog)
+        if previous is not None:             # a restart by the watchdog: keep its backoff
+            self.watchdog.restarts = previous.restarts
+            self.watchdog.backoff = previous.backoff
+            self.watchdog.history = previous.history
         self.watchdog.start()
 
     # ------------------------------------------------------------------
