@@ -375,6 +375,14 @@ class AdminSection:
 class Peer:
     id: str
     address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    #: Further heartbeat addresses of this peer (a second path): beats go to
+    #: every one, arrive from any; the peer is suspected only when all are silent.
+    addresses: tuple = ()
+
+    @property
+    def paths(self) -> tuple:
+        """Every heartbeat address: ``address`` first, then ``addresses``."""
+        return (self.address,) + tuple(a for a in self.addresses if a != self.address)
 
 
 @dataclass(frozen=True)
@@ -672,14 +680,20 @@ def _peer_item(node: NodeSection | None):
             return None
         pt = Table(value, path, table.problems)
         peer_id = pt.str("id", pattern=_NODE_ID, describe="a node id")
-        address = pt.ip("address")
+        extra = tuple(a for a in (pt.list("addresses", ip_item(), ()) or ()) if a is not None)
+        address = pt.ip("address", None if "addresses" in value else _REQUIRED)
         pt.done()
+        if address is None and extra:
+            address, extra = extra[0], extra[1:]
         if peer_id is None or address is None:
+            return None
+        if len(set((address,) + extra)) != 1 + len(extra):
+            table.problems.add(f"{path}.addresses", "an address appears more than once")
             return None
         if node is not None and peer_id == node.id:
             table.problems.add(f"{path}.id", f"{_show(peer_id)} is this node's own id (node.id)")
             return None
-        return Peer(peer_id, address)
+        return Peer(peer_id, address, extra)
 
     return convert
 

@@ -476,6 +476,13 @@ def render_cluster(status: Any) -> str:
             if mismatch:
                 note = (note + "; " if note else "") + "config differs: " + "; ".join(
                     f"{res} ({', '.join(keys)})" for res, keys in mismatch.items())
+            paths = p.get("paths") or {}
+            if paths:   # several heartbeat paths: each one's loss and silence
+                note = (note + "; " if note else "") + "paths: " + ", ".join(
+                    f"{addr} " + ("never heard" if x.get("last_seen_ms") is None else
+                                  f"loss {(x.get('loss') or 0) * 100:.1f}%, "
+                                  f"last {x['last_seen_ms']} ms ago")
+                    for addr, x in paths.items())
             loss = p.get("loss")
             rows.append({"peer": pid, "alive": p.get("alive"), "last_seen_ms": p.get("last_seen_ms"),
                          "state": (f"{p.get('state')} (confirmed)" if p.get("partner_confirmed")

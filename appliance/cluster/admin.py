@@ -48,8 +48,12 @@ def status(m) -> dict[str, Any]:
             entry["partner_confirmed"] = m.partnerships.confirmed(pid)
             entry["partner_reason"] = m.partners[pid].reason
         entry["unechoed"] = m.verifier.unechoed.get(pid, 0) if m.verifier else 0
+        paths = m.channel.path_status(pid, now) if m.channel is not None else None
+        if paths is not None:
+            entry["paths"] = paths          # several heartbeat addresses: per path
     warnings = []
-    if m.cfg is not None and m.cfg.auto_partner_down_s > 0 and partners and m.witness_id is None:
+    if (m.cfg is not None and m.cfg.auto_partner_down_s > 0 and partners and m.witness_id is None
+            and getattr(m, "lease", None) is None):
         warnings.append(
             f"auto_partner_down_s = {m.cfg.auto_partner_down_s:g} without a witness or "
             "client evidence: in a partition both sides could be PARTNER-DOWN and serve "
@@ -57,6 +61,8 @@ def status(m) -> dict[str, Any]:
     quorum = {"has": m.has_quorum(), "witness": m.witness_id,
               "witness_vote": (m.peers[m.witness_id].heartbeat.vote
                                if m.witness_id and m.peers[m.witness_id].heartbeat else None)}
+    if getattr(m, "lease", None) is not None:
+        quorum["lease"] = m.lease.status()          # Redis owner leases
     if m.is_witness:
         quorum = {"role": "witness", "vote": m.vote}
     return {"node": m.node_id, "incarnation": m.incarnation, "warnings": warnings,

@@ -102,6 +102,8 @@ class ClusterManager(Service):
         if witness is not None:
             members[witness.id] = str(witness.address)
         self.node_ids = [self.node_id] + [p.id for p in (cluster.peers if cluster else ())]
+        # every heartbeat address of each peer (``addresses``: further paths)
+        self._paths = {p.id: [str(a) for a in p.paths] for p in (cluster.peers if cluster else ())}
         self.detector = PeerTable(
             self.clock, members,
             deadline_s=self.deadline_s, beat_period=self.beat_period, wall=self._wall_now,
@@ -236,7 +238,8 @@ class ClusterManager(Service):
         self.incarnation = next_incarnation(self.state_dir)
         self.channel = HeartbeatChannel(
             self.reactor, self.clock, node_id=self.node_id, key=self._key,
-            incarnation=self.incarnation, peers={p.id: p.address for p in self.peers.values()},
+            incarnation=self.incarnation, peers={p.id: self._paths.get(p.id, p.address)
+                                                       for p in self.peers.values()},
             port=self.cfg.heartbeat_port, beat_period=self.beat_period,
             window=self.beats * (self.cfg.dead_after + 2),
             build=lambda: self.build_heartbeat(), on_beat=self._beat,

@@ -17,7 +17,8 @@ from typing import Callable
 from twisted.internet import protocol
 from twisted.logger import Logger
 
-from appliance.cluster.heartbeat import Heartbeat, HeartbeatVerifier, encode
+from appliance.cluster.heartbeat import (Heartbeat, HeartbeatError, HeartbeatVerifier, decode,
+                                         encode)
 from appliance.net.sockets import set_receive_buffer
 
 _log = Logger(namespace="appliance.cluster")
@@ -84,7 +85,14 @@ class _Protocol(protocol.DatagramProtocol):
 class HeartbeatChannel:
     """Sends a beat to every peer every ``beat_period`` on ``clock`` (absolute
     times, so the period never drifts by the tick's cost) and verifies what
-    arrives."""
+    arrives.
+
+    ``peers`` maps a peer to its address, or to a list of addresses (several
+    heartbeat paths): every beat goes out on every path and counts from
+    whichever path brings it first (the copy from another path is a
+    ``path_duplicates``, not a replay), so a peer is suspected only when
+    every path is silent.  Each path's own loss comes from its sequence gaps
+    (:meth:`path_status`)."""
 
     def __init__(self, reactor, clock, *, node_id: str, key: bytes, incarnation: int,
                  peers: dict[str, str], port: int, beat_period: float, window: int,
@@ -92,7 +100,14 @@ class HeartbeatChannel:
                  on_tick: Callable[[], None], stats: dict):
         self.reactor, self.clock = reactor, clock
         self.node_id, self.key, self.incarnation = node_id, key, incarnation
-        self.peer_addresses = peers
+        self.peer_addresses = {pid: [str(a) for a in (a if isinstance(a, (list, tuple)) else [a])]
+                               for pid, a in peers.items()}
+        self.multipath = {addr: pid for pid, addrs in self.peer_addresses.items()
+                          if len(addrs) > 1 for addr in addrs}
+        self.paths: dict[str, dict[str, dict]] = {
+            pid: {addr: {"received": 0, "lost": 0, "incarnation": None, "last_seq": 0,
+                         "last_seen": None} for addr in addrs}
+            for pid, addrs in self.peer_addresses.items() if len(addrs) > 1}
         self.udp_port = port
         self.beat_period = beat_period
         self.build, self.on_beat, self.on_tick = build, on_beat, on_tick
@@ -143,20 +158,64 @@ class HeartbeatChannel:
                 _log.warn("heartbeat of {n} bytes exceeds the {budget}-byte budget (IP "
                           "fragments: one lost fragment loses the beat); fewer resources per "
                           "node, or shorter names", n=len(datagram), budget=SIZE_BUDGET)
-        for peer, address in self.peer_addresses.items():
-            try:
-                port.write(datagram, (address, self.udp_port))
-                self.stats["sent"] += 1
-            except Exception as e:   # unreachable network, no route: counted, not fatal
-                self.stats["send_errors"] += 1
-                _log.debug("heartbeat to {peer} failed: {why}", peer=peer, why=e)
+        for peer, addresses in self.peer_addresses.items():
+            for address in addresses:
+                try:
+                    port.write(datagram, (address, self.udp_port))
+                    self.stats["sent"] += 1
+                except Exception as e:   # unreachable network, no route: counted, not fatal
+                    self.stats["send_errors"] += 1
+                    _log.debug("heartbeat to {peer} at {address} failed: {why}", peer=peer,
+                               address=address, why=e)
 
     def received(self, data: bytes, addr):
+        pid = self.multipath.get(addr[0]) if addr else None
+        if pid is not None and self._path_copy(pid, addr[0], data):
+            return
         hb = self.verifier.accept(data)
         if hb is None:
             return
         self.stats["received"] += 1
         self.on_beat(hb)
+
+    def _path_copy(self, pid: str, src: str, data: bytes) -> bool:
+        """Account a beat on its path; True if another path brought it first."""
+        try:
+            hb = decode(data, self.key)
+        except HeartbeatError:
+            return False                   # the verifier counts it
+        if hb.node != pid:
+            return False
+        path = self.paths[pid][src]
+        if path["incarnation"] != hb.incarnation:
+            path["incarnation"], path["last_seq"] = hb.incarnation, hb.seq
+            path["received"] += 1
+            path["last_seen"] = self.clock.seconds()
+        elif hb.seq > path["last_seq"]:
+            path["lost"] += hb.seq - path["last_seq"] - 1
+            path["last_seq"] = hb.seq
+            path["received"] += 1
+            path["last_seen"] = self.clock.seconds()
+        last = self.verifier.latest.get(hb.node)
+        if last is not None and last[0] == hb.incarnation and hb.seq <= last[1]:
+            self.stats["path_duplicates"] = self.stats.get("path_duplicates", 0) + 1
+            return True
+        return False
+
+    def path_status(self, pid: str, now: float) -> dict[str, dict] | None:
+        """Per heartbeat path of ``pid`` (None with one path): beats received,
+        lost (sequence gaps on that path), loss ratio, ms since the last one."""
+        paths = self.paths.get(pid)
+        if paths is None:
+            return None
+        out = {}
+        for addr, p in paths.items():
+            total = p["received"] + p["lost"]
+            out[addr] = {"received": p["received"], "lost": p["lost"],
+                         "loss": round(p["lost"] / total, 4) if total else None,
+                         "last_seen_ms": (None if p["last_seen"] is None
+                                          else round((now - p["last_seen"]) * 1000))}
+        return out
 
     # -- the schedule ----------------------------------------------------------
     def start(self):

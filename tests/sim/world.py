@@ -203,20 +203,26 @@ class SimNet:
         self.ports: dict[str, object] = {}
         self.links = {(s, d): Link() for s in ids for d in ids if s != d}
         self.addr = {n: f"10.0.0.{i + 1}" for i, n in enumerate(ids)}
+        self.addr2 = {n: f"10.0.1.{i + 1}" for i, n in enumerate(ids)}   # a second path
         self.node_of = {a: n for n, a in self.addr.items()}
+        self.node_of.update({a: n for n, a in self.addr2.items()})
+        self.cut_paths: set[int] = set()         # path 0 (10.0.0.x) / 1 (10.0.1.x) down
         self.last_sent_delivered: dict[tuple, float] = {}
         self.last_arrival: dict[tuple, float] = {}
 
     def send(self, src: str, data: bytes, dst_addr: str):
         dst = self.node_of.get(dst_addr)
         link = self.links.get((src, dst))
+        path = 1 if dst_addr == self.addr2.get(dst) else 0
+        if path in self.cut_paths:
+            return
         if link is None or link.cut or (link.loss and self.rng.random() < link.loss):
             return
         delay = link.delay + (self.rng.random() * link.jitter if link.jitter else 0.0)
         self.clock.callLater(delay, self._deliver, src, dst, data, self.clock.seconds(),
-                             self.incarnation_of(src))
+                             self.incarnation_of(src), path)
 
-    def _deliver(self, src, dst, data, sent_at, incarnation):
+    def _deliver(self, src, dst, data, sent_at, incarnation, path=0):
         proto = self.ports.get(dst)
         if proto is None:
             return
@@ -226,7 +232,7 @@ class SimNet:
             # is refused as old by the receiver: no evidence of liveness.
             self.last_arrival[key] = self.clock.seconds()
         self.last_sent_delivered[key] = max(self.last_sent_delivered.get(key, -1e9), sent_at)
-        proto.datagramReceived(data, (self.addr[src], 8741))
+        proto.datagramReceived(data, ((self.addr2 if path else self.addr)[src], 8741))
 
     def clean(self) -> bool:
         return all(not l.cut and not l.loss and l.jitter == 0 and l.delay < 0.002
@@ -283,9 +289,10 @@ class SimNode:
 
 class World:
     def __init__(self, seed: int, n_nodes: int = 2, preempt: bool | None = None,
-                 witness: bool = False, lease: bool = False):
+                 witness: bool = False, lease: bool = False, paths: int = 1):
         assert not (witness and lease), "a witness node or Redis leases, not both"
         self.seed, self.n, self.witness, self.lease = seed, n_nodes, witness, lease
+        self.paths = paths            # 2: every node also has a 10.0.1.x heartbeat address
         self.rng = random.Random(seed)
         self.net_rng = random.Random(seed * 7919 + 1)
         self.clock = Clock()
@@ -321,8 +328,9 @@ class World:
             node.last_claim = {}
         node.epochs = {}
         node.incarnation = self._incarnation(node, lower)
-        peers = tuple(Peer(p, ipaddress.ip_address(self.net.addr[p])) for p in self.node_ids
-                      if p != nid)
+        peers = tuple(Peer(p, ipaddress.ip_address(self.net.addr[p]),
+                           (ipaddress.ip_address(self.net.addr2[p]),) if self.paths > 1 else ())
+                      for p in self.node_ids if p != nid)
         witness = (Peer("w", ipaddress.ip_address(self.net.addr["w"]))
                    if self.witness and nid != "w" else None)
         cluster = ClusterSection(peers=peers, heartbeat_interval_ms=INTERVAL_MS,
