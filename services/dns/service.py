@@ -43,6 +43,15 @@ _log = Logger(namespace="appliance.dns")
 GUARD_REFRESH_S = 0.05
 
 
+def _manager_cluster_id(cluster) -> str | None:
+    """The cluster manager's ``cluster_id`` if it has one (a text), else None."""
+    try:
+        value = getattr(cluster, "cluster_id", None)
+    except Exception:
+        return None
+    return value if isinstance(value, str) and value else None
+
+
 def in_sync(spec, desired, published) -> bool:
     """Published equals desired, and the TTL read from the server (if any) is the spec's."""
     return (desired is not None and published == desired
@@ -73,8 +82,11 @@ class DNSService(Service):
             self.zone_routes[zone] = (self.clients[servers], zs.key)
         section = getattr(getattr(context, "config", None), "cluster", None)
         self.node_ids = sorted({self.node, *(p.id for p in getattr(section, "peers", ()) or ())})
-        self.cluster_id = cluster_identity(getattr(config, "cluster_id", None), self.node_ids,
-                                           getattr(section, "auth_key_file", None))
+        # [services.dns] cluster_id, else the cluster manager's identity (member ids +
+        # key fingerprint), else the same digest computed here (a manager without one)
+        self.cluster_id = cluster_identity(
+            getattr(config, "cluster_id", None) or _manager_cluster_id(self.cluster),
+            self.node_ids, getattr(section, "auth_key_file", None))
         self.updater = Updater(self.client, config.key, self.node, self.reactor, self.metrics,
                                cluster=self.cluster_id, priority=self._priority,
                                zones=self.zone_routes)

@@ -15,7 +15,9 @@ import dns.message
 import dns.name
 import dns.query
 import dns.rdata
+import dns.rcode
 import dns.rdataclass
+import dns.rdataset
 import dns.rdatatype
 import dns.update
 import pytest
@@ -719,5 +721,74 @@ def test_wildcard_txt_over_the_guard_and_equal_epochs(named_module, tmp_path):
         result = yield up_a.publish(zone, plan([tie], {"vip1": 5}, "a")[zone], {"vip1": 5})
         assert result.applied == [] and result.stale[0][1][:2] == ("b", 5)
         assert answer(server, "tie.example.test.", "A") == {rd("A", "10.9.0.2")}
+    finally:
+        yield client.close()
+
+
+def old_node_publish(server, node: str, epoch: int, name: str, address: str) -> str:
+    """What a node not yet upgraded (the updater before guards v2) does: read the guard,
+    parse it as exactly ``"<node> <epoch>"`` (a v2 guard reads as garbled, i.e. absent),
+    refuse only a higher epoch of another node, and write A + guard ``"<node> <epoch>"``
+    with the rrset read as the compare-and-set prerequisite.  Returns the rcode text."""
+    key = parse_key_file(server.key_file.read_text())[0]
+    gname = f"_appliance-owner.{name}"
+    r = dns.query.udp(dns.message.make_query(gname, "TXT"), "127.0.0.1", port=server.port,
+                      timeout=2)
+    read = next((rrset for rrset in r.answer if rrset.rdtype == dns.rdatatype.TXT), None)
+    current = None
+    for rdata in read or ():
+        try:
+            holder, value = b"".join(rdata.strings).decode().split()
+            current = (holder, int(value))
+        except ValueError:
+            continue
+    if current is not None and current[0] != node and current[1] > epoch:
+        return "REFUSED-BY-GUARD"
+    upd = dns.update.UpdateMessage(ZONE, keyring=key.dns_key(), keyname=key.keyname)
+    if read is not None:
+        rds = dns.rdataset.Rdataset(dns.rdataclass.IN, dns.rdatatype.TXT)
+        for rdata in read:
+            rds.add(rdata)
+        upd.present(gname, rds)
+    else:
+        upd.absent(gname, "TXT")
+    upd.replace(gname, 1, "TXT", f'"{node} {epoch}"')
+    upd.replace(name, 1, "A", address)
+    answer_ = dns.query.udp(upd, "127.0.0.1", port=server.port, timeout=2)
+    return dns.rcode.to_text(answer_.rcode())
+
+
+@pytest_twisted.inlineCallbacks
+def test_rolling_upgrade_old_format_guards_lock_out_neither_side(named_module, tmp_path):
+    """Issue 13, rolling upgrade: node a still runs the updater without guard identity
+    (guard "a <epoch>"), node b is upgraded (guard "v2 <cluster> vip1 b <epoch>").  As the
+    resource moves a -> b -> a -> b, every owner's write lands: the old node reads b's v2
+    guard as absent, and b takes the old-format guard over (counted as a takeover)."""
+    server = named_module
+    key = parse_key_file(server.key_file.read_text())[0]
+    zone = dns.name.from_text(ZONE)
+    name = "rolling.example.test."
+    spec = RecordSpec(dns.name.from_text(name), dns.rdatatype.A, 1, "vip1",
+                      {"a": parse_rdata("A", "10.9.0.1"), "b": parse_rdata("A", "10.9.0.2")},
+                      zone)
+    client = DNSClient(reactor, [("127.0.0.1", server.port)], 0.5)
+    try:
+        up_b = Updater(client, key, "b", reactor, cluster="c1")
+        assert old_node_publish(server, "a", 3, name, "10.9.0.1") == "NOERROR"
+        assert answer(server, name, "A") == {rd("A", "10.9.0.1")}
+        yield up_b.read_guards(zone, [spec.name])
+        result = yield up_b.publish(zone, plan([spec], {"vip1": 4}, "b")[zone], {"vip1": 4})
+        assert len(result.applied) == 1, result
+        assert [why for _, _, why in result.takeovers] and "old guard format" in \
+            result.takeovers[0][2]
+        assert answer(server, name, "A") == {rd("A", "10.9.0.2")}
+        assert old_node_publish(server, "a", 5, name, "10.9.0.1") == "NOERROR", \
+            "the old node is not locked out by the v2 guard"
+        assert answer(server, name, "A") == {rd("A", "10.9.0.1")}
+        result = yield up_b.publish(zone, plan([spec], {"vip1": 6}, "b")[zone], {"vip1": 6})
+        assert len(result.applied) == 1 and result.stale == []
+        assert answer(server, name, "A") == {rd("A", "10.9.0.2")}
+        guard = answer(server, f"_appliance-owner.{name}", "TXT")
+        assert next(iter(guard)).strings[0].decode() == "v2 c1 vip1 b 6"
     finally:
         yield client.close()

@@ -53,3 +53,53 @@ def test_expectation_from_claims():
     gen = up.generation[name]
     up.remember(name, frozenset(), gen - 1)       # a read older than the last write: dropped
     assert parse_guard(up.guards[name]) == ("b", 7, "vip1", "c")
+
+
+def test_cluster_id_comes_from_the_cluster_manager(tmp_path):
+    """Issue 13: the cluster manager exposes a stable cluster_id (sorted member ids + the
+    HMAC key's fingerprint, the same digest dns derived before, so guards written before
+    the upgrade keep their identity); the dns service writes it into its guards unless
+    [services.dns] cluster_id says otherwise."""
+    import ipaddress
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+    from twisted.internet.task import Clock
+
+    from appliance.admin.rpc import MethodRegistry
+    from appliance.cluster.manager import ClusterManager
+    from appliance.config import ClusterSection, Peer
+    from appliance.plugin import NodeContext
+    from services.dns.service import DNSService
+    from tests.unit.test_dns_service import EX, FakeClient, FakeCluster, rec
+    from services.dns.config import DNSConfig
+
+    key_file = tmp_path / "cluster.key"
+    key_file.write_text("00112233445566778899aabbccddeeff\n")
+    section = ClusterSection(peers=(Peer("b", ipaddress.ip_address("10.0.0.2")),),
+                             heartbeat_interval_ms=100, dead_after=3, bind_address=None,
+                             auth_key_file=str(key_file))
+    managers = [ClusterManager(Clock(), node_id=me, cluster=section.__class__(
+        **{**section.__dict__, "peers": (Peer(other, ipaddress.ip_address("10.0.0.9")),)}),
+        state_dir=tmp_path) for me, other in (("a", "b"), ("b", "a"))]
+    ids = {m.cluster_id for m in managers}
+    assert len(ids) == 1, "the same on every member"
+    cid = ids.pop()
+    assert cid == cluster_identity(None, ["b", "a"], str(key_file))
+    key_file.write_text("ffeeddccbbaa99887766554433221100\n")
+    assert managers[0].cluster_id != cid, "a new key: a new cluster"
+
+    class Cluster(FakeCluster):
+        cluster_id = "from-the-manager"
+
+    def service(explicit):
+        config = DNSConfig(servers=(("127.0.0.1", 53),), key=None, key_file=None, zones=(EX,),
+                           default_ttl=5, records=(rec("a.example.test.", "A", "10.0.0.1"),),
+                           cluster_id=explicit)
+        context = NodeContext(reactor=Clock(), config=SimpleNamespace(
+            node=SimpleNamespace(id="a"), cluster=section), store=None, rpc=MethodRegistry(),
+            metrics=CollectorRegistry(), cluster=Cluster(), state_dir=tmp_path)
+        return DNSService(config, context, client=FakeClient())
+    assert service(None).cluster_id == "from-the-manager"
+    assert service("lab-1").cluster_id == "lab-1"
+    assert service(None).updater.cluster == "from-the-manager"
