@@ -1,0 +1,309 @@
+"""Encapsulation failover benchmark: the encap service (DN pair + appliance-en) vs the
+thesis's published figures, and tunnel throughput vs OpenVPN, on namespaces.
+
+Topology (tests/support/encap_lab.py): en, dn1, dn2, esr (L2: the DN serving an EN
+address answers ARP for it and announces it with a gratuitous ARP), server behind
+the ESR.  A DN failure is a power loss: SIGKILL of the EN's primary DN and its link
+set down in the same instant, during an ICMP echo stream from the EN to the server
+at a fixed rate; outage = lost echoes x interval (the thesis's "ms of lost packets").
+After each kill the DN is revived and the EN moves back home (soft handoff) and the
+echoes lost to that move are counted too.
+
+Cases: ``lan-100pps``/``lan-10pps`` with soft handoff off (the switch on a dead DN
+cannot use the old path anyway), ``soft-lan-100pps`` with it on (the shipped
+default).  EN detection: keepalive 50 ms x dead_after 4 (shipped defaults).
+Throughput: iperf3 TCP (EN -> server, 5 s) and UDP (1200-byte datagrams, offered
+as fast as iperf3 can) through one DN, then the same through OpenVPN 2.6 (UDP,
+AES-256-GCM, one server in dn1, TLS with EC P-256 certificates).
+
+    python bench/encap.py [--quick] [--json] [--kills N] [--only outage,throughput]
+
+Needs root, iproute2, ping (iputils), iperf3 and openvpn (installed with apt-get if
+missing; a missing anchor is said and skipped).  Not measured yet: man/wan delay
+(needs the userspace delay shim), loss, the BIRD 2 OSPF baseline, the 60 MB download
+penalty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.report import percentile, report  # noqa: E402
+
+#: The thesis's published figures (the anchor to beat, issue 15).
+THESIS = [
+    {"system": "thesis", "case": "lan-100pps", "metric": "outage_ms_published_low", "value": 200,
+     "unit": "ms", "note": "200 ms - 1 s of loss per DN failure at 10-100 packets/s"},
+    {"system": "thesis", "case": "lan-100pps", "metric": "outage_ms_published_high", "value": 1000,
+     "unit": "ms", "note": "limited by BIRD's 1 s kernel scan, EN detection, TCP"},
+    {"system": "thesis", "case": "lan-10pps", "metric": "outage_ms_published_low", "value": 200,
+     "unit": "ms", "note": ""},
+    {"system": "thesis", "case": "lan-10pps", "metric": "outage_ms_published_high", "value": 1000,
+     "unit": "ms", "note": ""},
+    {"system": "thesis", "case": "throughput", "metric": "pps", "value": 215, "unit": "packets/s",
+     "note": "its DN saturated a CPU at ~215 packets/s (hardware of the time)"},
+]
+
+SERVER = "10.210.0.10"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def ensure(binary: str, package: str) -> str | None:
+    path = shutil.which(binary)
+    if path:
+        return path
+    log(f"{binary} missing: apt-get install {package} ...")
+    subprocess.run(["apt-get", "install", "-y", "--no-install-recommends",
+                    "-o", "DPkg::Lock::Timeout=600", package],
+                   env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
+                   capture_output=True, timeout=600)
+    return shutil.which(binary)
+
+
+def ping_loss(lab, count: int, interval: float, during=None) -> tuple[int, int]:
+    """``(sent, received)`` of a ping stream; ``during()`` runs 1 s in."""
+    p = lab.popen("en", "ping", "-n", "-q", "-i", f"{interval:g}", "-c", str(count), "-W", "1",
+                  SERVER)
+    if during is not None:
+        time.sleep(1.0)
+        during()
+    out, _ = p.communicate(timeout=count * interval + 30)
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", out.decode())
+    return (int(m.group(1)), int(m.group(2))) if m else (count, 0)
+
+
+def outage_case(case: str, pps: int, soft: bool, kills: int, work: Path) -> list[dict]:
+    from tests.support.encap_lab import EncapLab
+    from tests.support.netns import Lab
+    interval = 1.0 / pps
+    rows: list[dict] = []
+    outages, moveback = [], []
+    with Lab() as lab:
+        el = EncapLab(lab, work / case, soft_handoff=soft).build()
+        el.start_dn("dn1")
+        el.start_dn("dn2")
+        el.start_en()
+        el.wait_en(lambda s: s.get("configured") and s.get("confirmed"))
+        lab.run("en", "ping", "-c", "2", "-W", "2", SERVER, check=False)
+        for k in range(kills):
+            st = el.en_status()
+            primary = st["primary"]
+            other = "dn2" if primary == "dn1" else "dn1"
+            after = 1.5 if pps >= 100 else 2.5      # long enough for the switch
+            count = int((1.0 + after) * pps)
+            sent, received = ping_loss(lab, count, interval, lambda: el.kill_dn(primary))
+            outages.append((sent - received) * interval * 1000)
+            el.wait_en(lambda s: s.get("primary") == other and s.get("confirmed"), timeout=15)
+            # revive the dead DN during another stream: the EN moves back home
+            count = int(4.0 * pps)
+            sent, received = ping_loss(lab, count, interval, lambda: el.revive_dn(primary))
+            el.wait_en(lambda s: s.get("primary") == primary and s.get("confirmed"), timeout=20)
+            moveback.append(sent - received)
+            log(f"{case} kill {k + 1}/{kills}: outage {outages[-1]:.0f} ms, "
+                f"move back lost {moveback[-1]}")
+    for metric, p in (("outage_ms_p50", 50), ("outage_ms_p95", 95)):
+        rows.append({"system": "appliance", "case": case, "metric": metric,
+                     "value": percentile(outages, p), "unit": "ms",
+                     "note": f"{kills} kills; soft_handoff={'on' if soft else 'off'}; "
+                             "keepalive 50 ms x 4"})
+    rows.append({"system": "appliance", "case": case, "metric": "outage_ms_max",
+                 "value": max(outages) if outages else None, "unit": "ms", "note": ""})
+    rows.append({"system": "appliance", "case": case, "metric": "moveback_lost_packets_max",
+                 "value": max(moveback) if moveback else None, "unit": "packets",
+                 "note": "echoes lost when the EN moves back to its revived home DN"})
+    return rows
+
+
+def iperf(lab, seconds: float) -> dict:
+    """TCP Mbit/s and UDP packets/s from the EN to the server."""
+    server_ns = lab.ns_name("server")
+    srv = lab.popen(server_ns, "iperf3", "-s", "-B", SERVER, "-1")
+    time.sleep(0.5)
+    tcp = lab.run("en", "iperf3", "-c", SERVER, "-t", str(seconds), "-J", check=False,
+                  timeout=seconds + 30)
+    srv.wait(timeout=30)
+    srv = lab.popen(server_ns, "iperf3", "-s", "-B", SERVER, "-1")
+    time.sleep(0.5)
+    udp = lab.run("en", "iperf3", "-c", SERVER, "-u", "-b", "0", "-l", "1200", "-t",
+                  str(seconds), "-J", check=False, timeout=seconds + 30)
+    srv.wait(timeout=30)
+    out = {}
+    try:
+        out["mbit_per_s"] = json.loads(tcp.stdout)["end"]["sum_received"]["bits_per_second"] / 1e6
+    except (ValueError, KeyError):
+        log(f"iperf3 tcp failed: {tcp.stdout[-500:]} {tcp.stderr[-500:]}")
+    try:
+        s = json.loads(udp.stdout)["end"]["sum"]
+        out["pps"] = (s["packets"] - s["lost_packets"]) / s["seconds"]
+        out["udp_loss_pct"] = s.get("lost_percent")
+    except (ValueError, KeyError):
+        log(f"iperf3 udp failed: {udp.stdout[-500:]} {udp.stderr[-500:]}")
+    return out
+
+
+def make_certs(d: Path) -> None:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def save(key, cert, stem):
+        (d / f"{stem}.key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        (d / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("bench-ca")).issuer_name(name("bench-ca"))
+          .public_key(ca_key.public_key()).serial_number(1)
+          .not_valid_before(now - datetime.timedelta(days=1))
+          .not_valid_after(now + datetime.timedelta(days=2))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    save(ca_key, ca, "ca")
+    for i, (cn, eku) in enumerate((("server", ExtendedKeyUsageOID.SERVER_AUTH),
+                                   ("client", ExtendedKeyUsageOID.CLIENT_AUTH))):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca.subject)
+                .public_key(key.public_key()).serial_number(10 + i)
+                .not_valid_before(now - datetime.timedelta(days=1))
+                .not_valid_after(now + datetime.timedelta(days=2))
+                .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        save(key, cert, cn)
+
+
+def throughput(seconds: float, work: Path) -> list[dict]:
+    from tests.support.encap_lab import EncapLab
+    from tests.support.netns import Lab
+    rows: list[dict] = []
+    if not ensure("iperf3", "iperf3"):
+        log("iperf3 missing and not installable: throughput skipped")
+        return rows
+    with Lab() as lab:
+        el = EncapLab(lab, work / "throughput").build()
+        el.start_dn("dn1")
+        el.start_dn("dn2")
+        el.start_en()
+        el.wait_en(lambda s: s.get("configured") and s.get("confirmed"))
+        r = iperf(lab, seconds)
+        for metric, unit in (("pps", "packets/s"), ("mbit_per_s", "Mbit/s")):
+            rows.append({"system": "appliance", "case": "throughput", "metric": metric,
+                         "value": r.get(metric), "unit": unit,
+                         "note": "iperf3 EN->server through one DN (TCP; UDP 1200 B)"})
+        for name in ("en", "dn1", "dn2"):
+            proc = el.procs.get(name)
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=10)
+        if not ensure("openvpn", "openvpn"):
+            log("openvpn missing and not installable: the OpenVPN anchor is skipped")
+            return rows
+        d = work / "openvpn"
+        d.mkdir(parents=True, exist_ok=True)
+        make_certs(d)
+        (d / "server.conf").write_text(f"""dev tun
+proto udp
+local 10.99.0.1
+port 1194
+topology subnet
+server 10.201.0.0 255.255.255.0
+push "route 10.210.0.0 255.255.255.0"
+ca {d}/ca.pem
+cert {d}/server.pem
+key {d}/server.key
+dh none
+data-ciphers AES-256-GCM
+verb 3
+""")
+        (d / "client.conf").write_text(f"""client
+dev tun
+proto udp
+remote 10.99.0.1 1194
+nobind
+ca {d}/ca.pem
+cert {d}/client.pem
+key {d}/client.key
+data-ciphers AES-256-GCM
+verb 3
+""")
+        lab.host("ip", "-n", lab.ns_name("esr"), "route", "add", "10.201.0.0/24", "via", "10.99.0.1")
+        lab.host("ip", "-n", lab.ns_name("dn1"), "route", "add", "10.210.0.0/24", "via",
+                 "10.99.0.254")
+        lab.popen("dn1", "openvpn", "--config", str(d / "server.conf"),
+                  stdout=open(d / "server.log", "w"), stderr=subprocess.STDOUT)
+        time.sleep(0.5)
+        lab.popen("en", "openvpn", "--config", str(d / "client.conf"),
+                  stdout=open(d / "client.log", "w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if "Initialization Sequence Completed" in (d / "client.log").read_text():
+                break
+            time.sleep(0.2)
+        else:
+            log("openvpn did not connect: " + (d / "client.log").read_text()[-1500:])
+            return rows
+        r = iperf(lab, seconds)
+        for metric, unit in (("pps", "packets/s"), ("mbit_per_s", "Mbit/s")):
+            rows.append({"system": "openvpn", "case": "throughput", "metric": metric,
+                         "value": r.get(metric), "unit": unit,
+                         "note": "OpenVPN 2.6 UDP AES-256-GCM, same namespaces"})
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="2 kills per case, 3 s iperf runs")
+    p.add_argument("--json", action="store_true", help="print the JSON result last on stdout")
+    p.add_argument("--kills", type=int, default=None, help="kills per case (default 10; quick 2)")
+    p.add_argument("--seconds", type=float, default=None, help="iperf3 seconds (default 5)")
+    p.add_argument("--only", default="outage,throughput")
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        print("bench/encap.py needs root (network namespaces, TUN)", file=sys.stderr)
+        return 2
+    kills = args.kills or (2 if args.quick else 10)
+    seconds = args.seconds or (3 if args.quick else 5)
+    only = set(args.only.split(","))
+    work = Path(tempfile.mkdtemp(prefix="bench-encap-"))
+    rows: list[dict] = []
+    try:
+        if "outage" in only:
+            rows += outage_case("lan-100pps", 100, False, kills, work)
+            rows += outage_case("lan-10pps", 10, False, kills, work)
+            rows += outage_case("soft-lan-100pps", 100, True, kills, work)
+        if "throughput" in only:
+            rows += throughput(seconds, work)
+        rows += THESIS
+        log(f"load average at the end: {os.getloadavg()[0]:.2f} (2 vCPUs shared)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return report("encap", rows, args.json, extra=("note",))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
