@@ -189,7 +189,8 @@ class ClusterManager(Service):
 
     def register_partner(self, peer: str, listener: Callable | None = None, *,
                          primary: bool, sync: Callable | None = None,
-                         data_lost: bool = False, recover_wait_s: float = 0.0) -> str:
+                         data_lost: bool = False, recover_wait_s: float = 0.0,
+                         peer_link: bool | None = None) -> str:
         """Join a partner relationship with ``peer``; returns the current state.
 
         ``listener(peer, state, reason)`` hears every transition; ``sync(peer)``
@@ -201,11 +202,15 @@ class ClusterManager(Service):
         nothing until it synced from the peer, then waits ``recover_wait_s``
         (the service's MCLT) in RECOVER-WAIT.  ``sync`` also runs in
         POTENTIAL-CONFLICT (the primary first, then the secondary).
+        ``peer_link``: the relationship replicates over the peer link (default:
+        when it has a ``sync``), so it is not NORMAL while that link is down
+        (COMMUNICATIONS-INTERRUPTED after dead_after intervals, "peer link down").
         """
         if peer not in self.peers or peer == self.witness_id:
             raise ValueError(f"{peer!r} is not a cluster peer")
         return self.partnerships.register(peer, listener, primary=primary, sync=sync,
-                                          data_lost=data_lost, recover_wait_s=recover_wait_s)
+                                          data_lost=data_lost, recover_wait_s=recover_wait_s,
+                                          peer_link=peer_link)
 
     # ------------------------------------------------------------------
     # life cycle

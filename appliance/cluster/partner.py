@@ -37,6 +37,23 @@ failover drafts:
 * ``CONFLICT-DONE`` -- the primary resolved its side; waiting for the
   secondary's pull.
 
+A relationship that replicates over the peer link (``link`` is not
+``LINK_NA``) is not NORMAL while that link is down: heartbeats up but the
+link down for ``dead_after`` intervals (the manager then sets
+``LINK_DOWN``) is COMMUNICATIONS-INTERRUPTED ("peer link down"); while the
+link is reconnecting (``LINK_PENDING``) nothing enters NORMAL, and once it
+is back the next heartbeat returns the relationship to NORMAL the usual
+way (through RECOVER and its sync if the peer ran PARTNER-DOWN meanwhile).
+
+RECOVER-DONE (draft-ietf-dhc-failover-12): the side that finished its
+recovery sync goes NORMAL once the partner is NORMAL or RECOVER-DONE
+itself (a partner in PARTNER-DOWN or COMMUNICATIONS-INTERRUPTED goes NORMAL
+on hearing RECOVER-DONE first); losing the partner in RECOVER-DONE is
+COMMUNICATIONS-INTERRUPTED.  A partner lost during RECOVER or RECOVER-WAIT
+leaves the state alone: RECOVER waits for the peer (never PARTNER-DOWN by
+timeout), RECOVER-WAIT still ends by time, into RECOVER-DONE and from there
+into COMMUNICATIONS-INTERRUPTED since nobody is heard.
+
 A peer that is heard but does not report a relationship with us (its
 service stopped, failed or has not registered yet) is not a NORMAL
 partner: COMMUNICATIONS-INTERRUPTED until it does.  A partner that is in
@@ -66,6 +83,12 @@ POTENTIAL_CONFLICT = "POTENTIAL-CONFLICT"
 CONFLICT_DONE = "CONFLICT-DONE"
 STATES = (STARTUP, NORMAL, COMM_INTERRUPTED, PARTNER_DOWN, RECOVER, RECOVER_DONE, RECOVER_WAIT,
           POTENTIAL_CONFLICT, CONFLICT_DONE)
+
+# The peer link of a relationship that replicates over it.
+LINK_NA = "n/a"              # does not use the link (or the node has none)
+LINK_UP = "up"
+LINK_PENDING = "pending"     # not connected, for less than dead_after intervals
+LINK_DOWN = "down"           # not connected for dead_after intervals while the peer is heard
 
 
 @dataclass(frozen=True)
@@ -98,6 +121,9 @@ class PartnerFSM:
         self.incomplete = False              # own knowledge incomplete: RECOVER-WAIT after sync
         self.confirmed = False               # PARTNER-DOWN confirmed (operator, evidence)
         self.persisted_confirmed = False     # the previous run's PARTNER-DOWN was confirmed
+        self.peer_alive = False              # heard since it was last lost
+        self.link = LINK_NA                  # the peer link, for relationships that use it
+        self._link_gate = False              # inside heard(): NORMAL needs the link
 
     # ------------------------------------------------------------------
     def _go(self, new: str, now: float, reason: str, confirmed: bool = False) -> Transition | None:
@@ -108,6 +134,11 @@ class PartnerFSM:
                 self.confirmed = True
                 return Transition(new, new, reason, True)
             return None
+        if new == NORMAL and self._link_gate and self.link in (LINK_PENDING, LINK_DOWN):
+            # Heartbeats say NORMAL, the replication link does not.
+            if self.link == LINK_PENDING or self.state not in (STARTUP, RECOVER_DONE):
+                return None              # (PARTNER-DOWN keeps serving until the link is back)
+            new, reason = COMM_INTERRUPTED, f"peer {self.peer}: peer link down"
         confirmed = confirmed and new == PARTNER_DOWN
         t = Transition(self.state, new, reason, confirmed)
         self.state, self.since, self.confirmed = new, now, confirmed
@@ -118,6 +149,14 @@ class PartnerFSM:
     # ------------------------------------------------------------------
     def heard(self, peer_state: str | None, now: float, *, maintenance: bool = False) -> Transition | None:
         """A heartbeat from the peer reporting ``peer_state`` for us."""
+        self._link_gate = True
+        try:
+            return self._heard(peer_state, now, maintenance)
+        finally:
+            self._link_gate = False
+
+    def _heard(self, peer_state: str | None, now: float, maintenance: bool) -> Transition | None:
+        self.peer_alive = True
         self.peer_seen = True
         self.peer_state = peer_state
         self.peer_maintenance = maintenance
@@ -132,7 +171,7 @@ class PartnerFSM:
         if s == STARTUP and self.persisted in (POTENTIAL_CONFLICT, CONFLICT_DONE):
             return self._go(POTENTIAL_CONFLICT, now, f"was {self.persisted} before restart")
         if (peer_state == POTENTIAL_CONFLICT or (peer_state == CONFLICT_DONE and not self.primary)) \
-                and s in (STARTUP, PARTNER_DOWN, COMM_INTERRUPTED, NORMAL):
+                and s in (STARTUP, PARTNER_DOWN, COMM_INTERRUPTED, NORMAL, RECOVER_DONE):
             return self._go(POTENTIAL_CONFLICT, now, f"peer {self.peer} in {peer_state}")
         if s == POTENTIAL_CONFLICT:
             return None                      # left by the syncs (sync_done)
@@ -169,14 +208,19 @@ class PartnerFSM:
         if s == RECOVER_WAIT:
             return None                      # left by time (tick)
         if s == RECOVER_DONE:
-            if peer_state in (NORMAL, RECOVER_DONE, COMM_INTERRUPTED, STARTUP):
+            # draft-ietf-dhc-failover-12: NORMAL once the partner is NORMAL or
+            # RECOVER-DONE (one in PARTNER-DOWN, COMMUNICATIONS-INTERRUPTED or
+            # STARTUP goes NORMAL on hearing our RECOVER-DONE first).
+            if peer_state in (NORMAL, RECOVER_DONE):
                 return self._go(NORMAL, now, f"peer {self.peer} is {peer_state}")
             return None
         return None
 
     def lost(self, now: float) -> Transition | None:
-        """The failure detector stopped hearing the peer."""
+        """The failure detector stopped hearing the peer (in RECOVER and
+        RECOVER-WAIT nothing changes: RECOVER waits for the peer)."""
         self.peer_state = None
+        self.peer_alive = False
         self.interrupted_at = now
         if self.state in (NORMAL, RECOVER_DONE):
             return self._go(COMM_INTERRUPTED, now, f"peer {self.peer} not heard")
@@ -200,6 +244,9 @@ class PartnerFSM:
                                 self.persisted_confirmed)
             return self._go(COMM_INTERRUPTED, now,
                             f"peer {self.peer} not heard within {self.startup_wait_s:g}s of start")
+        if self.state == RECOVER_DONE and not self.peer_alive and self.peer_seen:
+            # Finished (sync or wait) while the partner was lost.
+            return self._go(COMM_INTERRUPTED, now, f"peer {self.peer} not heard")
         if self.state == RECOVER_WAIT and now - self.since >= self.recover_wait_s:
             return self._go(RECOVER_DONE, now, f"waited {self.recover_wait_s:g}s (MCLT) after "
                                                "an incomplete recovery")
@@ -211,6 +258,17 @@ class PartnerFSM:
                             "(auto_partner_down_s)" + (f"; confirmed by {confirm}" if confirm
                                                        else ""),
                             confirm is not None)
+        return None
+
+    def link_changed(self, link: str, now: float) -> Transition | None:
+        """The peer link's state (``LINK_UP``, ``LINK_PENDING``, ``LINK_DOWN``;
+        the manager says ``LINK_DOWN`` only after dead_after intervals of a
+        down link while the peer is heard)."""
+        was, self.link = self.link, link
+        if link != LINK_DOWN or was == LINK_DOWN:
+            return None
+        if self.state in (NORMAL, RECOVER_DONE) or (self.state == STARTUP and self.peer_seen):
+            return self._go(COMM_INTERRUPTED, now, f"peer {self.peer}: peer link down")
         return None
 
     def partner_down(self, now: float) -> Transition | None:

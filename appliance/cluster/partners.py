@@ -26,6 +26,9 @@ class Partnership:
     syncing: bool = False
     loading: bool = False        # persisted state being read: no transitions yet
     reason: str = ""             # of the last transition
+    uses_link: bool = False      # replicates over the peer link: NORMAL needs it up
+    link_down_since: float | None = None
+    alive_since: float | None = None   # the peer heard continuously since
 
 
 class Partnerships:
@@ -56,7 +59,7 @@ class Partnerships:
         return read()
 
     def register(self, peer: str, listener, *, primary: bool, sync, data_lost: bool,
-                 recover_wait_s: float = 0.0) -> str:
+                 recover_wait_s: float = 0.0, peer_link: bool | None = None) -> str:
         m = self.m
         ps = self.partners.get(peer)
         if ps is None:
@@ -83,6 +86,8 @@ class Partnerships:
             ps.listeners.append(listener)
         if sync is not None:
             ps.sync = sync
+        if peer_link or (peer_link is None and sync is not None):
+            ps.uses_link = True
         return ps.fsm.state
 
     def load(self, store):
@@ -111,12 +116,16 @@ class Partnerships:
     # -- events -----------------------------------------------------------------
     def heard(self, peer: str, reported: str | None, now: float, maintenance: bool):
         ps = self.partners.get(peer)
+        if ps is not None and ps.alive_since is None:
+            ps.alive_since = now
         if ps is not None and not ps.loading:
             self.transition(ps, ps.fsm.heard(reported, now, maintenance=maintenance))
             self.maybe_sync(ps)        # the secondary's turn in POTENTIAL-CONFLICT
 
     def lost(self, peer: str, now: float):
         ps = self.partners.get(peer)
+        if ps is not None:
+            ps.alive_since = None
         if ps is not None and not ps.loading:
             self.transition(ps, ps.fsm.lost(now))
 
@@ -127,8 +136,34 @@ class Partnerships:
             allow_auto = self.m.witness_id is None or self.m.has_quorum()
         for peer, ps in self.partners.items():
             if not ps.loading:
+                self._check_link(peer, ps, now)
                 self.transition(ps, ps.fsm.tick(now, allow_auto=allow_auto,
                                                 confirm=self.confirmation(peer)))
+
+    def _check_link(self, peer: str, ps: Partnership, now: float):
+        """The peer link of a relationship that replicates over it: down for
+        dead_after intervals while the peer is heard is LINK_DOWN."""
+        link = self.m.peerlink
+        if not ps.uses_link or link is None:
+            return
+        try:
+            up = link.connected(peer)
+        except KeyError:
+            return
+        if up:
+            ps.link_down_since = None
+            state = P.LINK_UP
+        else:
+            if ps.link_down_since is None:
+                ps.link_down_since = now
+            since = max(ps.link_down_since, ps.alive_since if ps.alive_since is not None else now)
+            down = ps.fsm.link == P.LINK_DOWN or (ps.alive_since is not None
+                                                  and now - since >= self.m.dead_after_s)
+            state = P.LINK_DOWN if down else P.LINK_PENDING
+        if state != ps.fsm.link:
+            _log.info("partner {peer}: peer link {state}", peer=peer, state=state,
+                      partner_link={"peer": peer, "state": state})
+            self.transition(ps, ps.fsm.link_changed(state, now))
 
     def leave_maintenance(self, now: float):
         for ps in self.partners.values():
