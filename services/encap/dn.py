@@ -155,6 +155,7 @@ class DecapNode:
         self._flush_call = None
         self.last_data_rx = 0.0
         self.last_tun_rx = 0.0
+        self.probe_ident: str | None = None          # the watchdog's probe session
 
     # ------------------------------------------------------------------
     def drop(self, reason: str, session: DNSession | None = None) -> None:
@@ -206,6 +207,8 @@ class DecapNode:
             s.role, s.address, s.primary, s.dns, s.epoch = (prev.role, prev.address,
                                                             prev.primary, prev.dns, prev.epoch)
             self._remove(old, keep_address=True)
+        if s.en == self.probe_ident:
+            s.role = "probe"
         self.sessions[s.index] = s
         self.by_en[s.en] = s.index
         if s.address is not None:

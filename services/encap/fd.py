@@ -105,7 +105,9 @@ class Watchdog:
     # ------------------------------------------------------------------
     def start(self) -> None:
         if self.probe_enabled and self.service.udp is not None:
-            self._probe = _Probe(self.service.dn.responder.psk, "fd-" + self.service.dn.node_id)
+            ident = "fd-" + self.service.dn.node_id
+            self.service.dn.probe_ident = ident
+            self._probe = _Probe(self.service.dn.responder.psk, ident)
             try:
                 self._probe_port = self.reactor.listenUDP(0, self._probe)
             except Exception as e:
