@@ -116,7 +116,6 @@ class ESRService(Service):
     """Follows the mapping table; keeps the routes to the DNs (module docstring)."""
 
     name = "esr"
-    role = "standalone"
 
     def __init__(self, config, context, *, netlink=None, store=None, net_admin: bool | None = None):
         self.config = config
@@ -144,6 +143,12 @@ class ESRService(Service):
                       "unknown_dn": 0, "stale_removed": 0, "retries": 0}
         #: called (prefix, route_or_None, latency_s) after each kernel change (tests, bench)
         self.listeners: list = []
+
+    @property
+    def role(self) -> str:
+        """What ``system.status`` shows for the service: ``no-net-admin`` while
+        the agent cannot change routes (it only follows the table)."""
+        return "standalone" if self.net_admin else "no-net-admin"
 
     # ------------------------------------------------------------------
     # life cycle

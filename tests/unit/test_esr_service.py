@@ -213,6 +213,19 @@ def test_without_net_admin_nothing_is_written_and_status_says_so(tmp_path):
     info = ok(d) if hasattr(d, "addBoth") else d
     assert info["net_admin"] is False and info["pending"] == ["10.200.0.5/32"]
     assert "CAP_NET_ADMIN" in info["errors"]["10.200.0.5/32"]
+    assert lab.service.role == "no-net-admin"           # what system.status shows
+
+
+def test_demo_esr_uses_a_table_of_its_own():
+    """The demo's esr writes into a table that is not main (the host's routing never
+    changes) and routes via lo only."""
+    from pathlib import Path
+
+    from appliance.config import load_config
+    cfg = load_config(Path(__file__).resolve().parents[2] / "etc" / "appliance.toml")
+    esr = cfg.services["esr"].config
+    assert esr.table not in (254, 255, 253) and all(
+        h.via is None and h.dev == "lo" for h in esr.next_hops.values())
 
 
 def test_rpc_and_metrics_while_running_and_gone_after_stop(tmp_path):
