@@ -36,6 +36,10 @@ class Resource:
     digest: Any = None           # (settings, config_digest(settings)) cache
     changed_at: float = 0.0
     reason: str = ""
+    intent_seq: int = 0          # our beat that first carried claiming:<name>
+    #: the highest-epoch claim a peer's heartbeat carried, (owner, epoch): what a
+    #: node gaining the resource knows of the owner before it (ClusterManager.previous_claim)
+    last_claim: tuple[str, int] | None = None
 
 
 def call_listener(listener, *args):
@@ -135,12 +139,16 @@ class ResourceTable:
             owner = m.node_id if res.mine else max(
                 claims.values(), key=lambda c: c.epoch, default=Claim("", 0)).owner or None
             res.owner = owner
+            if d.action != "claim" or holding or claims:
+                self._drop_intent(name)
             if d.action == "claim" and not holding and not res.claiming:
                 if claims:
                     # Break before make: a live node still holds it and
                     # computes the same election, so it lets go within a beat;
                     # claim once it has (never two owners for a preemption,
                     # and a one-way link cannot keep two owners forever).
+                    continue
+                if m.witness_id is not None and not self._intent_acked(res):
                     continue
                 self.claim(res, d.epoch, why=self._why(claims))
             elif d.action == "reassert" and not res.claiming:
@@ -166,6 +174,47 @@ class ResourceTable:
                 res.owner = d.winner if d.winner in claims else None
             if name in self.excluded and res.owner not in (None, m.node_id):
                 self.excluded.discard(name)    # demote done: someone else took it
+
+    # -- claim intents (with a witness) ------------------------------------------------
+    # Two connected nodes whose views differ for a moment (both leave
+    # maintenance at once, a heal) can each see the other's last beat without
+    # a claim and claim together.  With a witness a claim therefore waits for
+    # a handshake: this node advertises ``claiming:<resource>`` and claims
+    # only once every connected node peer's latest beat echoes that beat (it
+    # has seen the intent and run its election since) and carries neither a
+    # claim nor an intent that outranks ours (static rank: priority, then id).
+    # A dead owner's survivor has no one to wait for: no delay.
+    def _rank(self, res: Resource, node: str):
+        return (res.spec.priority.get(node, 0), node)
+
+    def _intent_acked(self, res: Resource) -> bool:
+        m = self.m
+        name = res.spec.name
+        flag = f"claiming:{name}"
+        flags = m.health.flags_set
+        waiting = [p for p in m.node_peers() if m.connected(p)]
+        for p in waiting:
+            if flag in p.heartbeat.health and self._rank(res, p.id) > self._rank(res, m.node_id):
+                self._drop_intent(name)       # it outranks us: let it go first
+                return False
+        if not waiting:
+            return True
+        if flag not in flags:
+            flags.add(flag)
+            m._send_heartbeats()              # the intent goes out now
+            res.intent_seq = m.seq
+            return False
+        for p in waiting:
+            echo = (p.heartbeat.echo or {}).get(m.node_id)
+            if echo is None or echo[0] != m.incarnation or echo[1] < res.intent_seq:
+                return False
+        return True
+
+    def _drop_intent(self, name: str):
+        flags = self.m.health.flags_set
+        flag = f"claiming:{name}"
+        if flag in flags:
+            flags.discard(flag)
 
     def _excluded(self, name: str, res: Resource, able: set[str]) -> set[str]:
         """Nodes that must not own ``name`` now: this node after a demote or
@@ -227,6 +276,7 @@ class ResourceTable:
                 return False
             res.max_epoch = max(res.max_epoch, epoch)
             self.set_mine(res, Claim(self.m.node_id, epoch, manual), why)
+            self._drop_intent(res.spec.name)
             return True
 
         def failed(f):

@@ -70,3 +70,31 @@ def test_one_way_link_counts_no_vote():
     assert all(len(s) <= 1 for s in samples)
     assert not w.nodes["a"].manager.has_quorum()
     assert samples[-1] == ("b",)
+
+
+def test_both_leave_maintenance_at_a_heal_one_owner_at_every_instant():
+    """Simulator seed 10617 (--witness): both nodes in maintenance, b->a cut and a
+    cut from the witness; at the heal both leave maintenance at the same instant.
+    Each saw the other's last beat without a claim (b: a still in maintenance;
+    a: b's beat sent before b claimed) and both claimed for a beat.  A claim
+    now waits until the connected peer echoed our claiming:<resource> beat."""
+    w = World(seed=1, n_nodes=2, preempt=False, witness=True)
+    for nid in w.ids:
+        w.start(nid)
+    _settle(w, 1.5)
+    a, b = w.nodes["a"].manager, w.nodes["b"].manager
+    a.set_maintenance(True)
+    _settle(w, 1.0)
+    b.set_maintenance(True)
+    w.net.links[("b", "a")].cut = True
+    _partition(w, "a", "w")
+    _settle(w, 2.0)
+    w.net.heal()
+    a.set_maintenance(False)
+    b.set_maintenance(False)
+    samples = []
+    for _ in range(1000):
+        w.clock.advance(0.001)
+        samples.append(tuple(w.owners()))
+    assert all(len(s) <= 1 for s in samples), [s for s in samples if len(s) > 1][:3]
+    assert len(samples[-1]) == 1
