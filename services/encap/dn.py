@@ -49,6 +49,8 @@ from services.encap.session import (ROLE_PRIMARY, ROLE_SECONDARY, ROLE_TAKEN_OVE
 _log = Logger(namespace="services.encap.dn")
 
 LEASES_KEY = "encap:leases:"
+_INDEX_SEQ = W.RECORD_INDEX_SEQ
+_FLOW = W.FLOW
 
 
 def _ip_bytes(address: str) -> bytes:
@@ -180,6 +182,29 @@ class DecapNode:
     # ------------------------------------------------------------------
     def datagram(self, data: bytes, addr) -> None:
         self.stats["rx_datagrams"] += 1
+        if data[:1] == b"\x04" and len(data) >= W.MIN_RECORD:
+            # the hot path: a RECORD, parsed without building a Record object
+            receiver, seq = _INDEX_SEQ.unpack_from(data, 1)
+            s = self.sessions.get(receiver)
+            if s is None:
+                return self.drop("unknown_session")
+            try:
+                plain = s.keys.open_datagram(data, seq)
+                if plain[0] == W.K_DATA and len(plain) >= 29:
+                    s.last_rx = now = self.reactor.seconds()
+                    if s.addr != addr:
+                        s.addr = addr
+                    packet = plain[9:]
+                    if packet[0] >> 4 not in (4, 6):
+                        raise W.Drop("not_ip")
+                    self._data(s, _FLOW.unpack_from(plain, 1)[0], packet, now)
+                    return
+                kind, value = W.parse_inner(plain)
+            except W.Drop as d:
+                s.drop(d.reason)
+                return self.drop(d.reason)
+            self._inner(s, addr, kind, value)
+            return
         try:
             msg = W.decode(data)
             if isinstance(msg, W.Record):
@@ -227,6 +252,9 @@ class DecapNode:
         except W.Drop as d:
             s.drop(d.reason)
             raise
+        self._inner(s, addr, kind, value)
+
+    def _inner(self, s: DNSession, addr, kind: int, value) -> None:
         now = self.reactor.seconds()
         s.last_rx = now
         if s.addr != addr:

@@ -295,6 +295,19 @@ class ENClient:
         link = self.links.get(dn)
         if link is None:
             return self.drop("unknown_dn")
+        keys = link.keys
+        if data[:1] == b"\x04" and keys is not None and len(data) >= W.MIN_RECORD:
+            # the hot path: a RECORD on an established session
+            receiver, seq = W.RECORD_INDEX_SEQ.unpack_from(data, 1)
+            if receiver != link.index:
+                return self.drop("unknown_session", link)
+            try:
+                plain = keys.open_datagram(data, seq)
+                kind, value = W.parse_inner(plain)
+            except W.Drop as d:
+                return self.drop(d.reason, link)
+            self._inner(link, kind, value)
+            return
         try:
             msg = W.decode(data)
             if isinstance(msg, W.Challenge):
@@ -344,6 +357,9 @@ class ENClient:
             raise W.Drop("unknown_session")
         plain = link.keys.open(rec)
         kind, value = W.parse_inner(plain)
+        self._inner(link, kind, value)
+
+    def _inner(self, link: Link, kind: int, value) -> None:
         link.last_rx = self.reactor.seconds()
         link.rx += 1
         if kind == W.K_DATA:
