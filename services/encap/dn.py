@@ -49,6 +49,8 @@ from services.encap.session import (ROLE_PRIMARY, ROLE_SECONDARY, ROLE_TAKEN_OVE
 _log = Logger(namespace="services.encap.dn")
 
 LEASES_KEY = "encap:leases:"
+#: After a lost claim or a failed route injection, data packets do not retry before this.
+CLAIM_RETRY_S = 1.0
 _INDEX_SEQ = W.RECORD_INDEX_SEQ
 _FLOW = W.FLOW
 
@@ -284,7 +286,7 @@ class DecapNode:
         self.stats["rx_packets"] += 1
         self.stats["rx_bytes"] += len(packet)
         self.last_data_rx = now
-        if s.role == ROLE_SECONDARY:
+        if s.role == ROLE_SECONDARY and now >= s.next_claim:
             self.take_over(s, "first_data")
         self._tun_queue.append(packet)
         if self._flush_call is None:
@@ -495,6 +497,7 @@ class DecapNode:
         def claimed(entry):
             if entry is None or entry.get("dn") != self.node_id:
                 self.stats["claims_lost"] += 1
+                s.next_claim = self.reactor.seconds() + CLAIM_RETRY_S
                 _log.warn("encap: claim of {a} lost to {dn}", a=address,
                           dn=(entry or {}).get("dn"))
                 return None
@@ -517,6 +520,7 @@ class DecapNode:
 
         def failed(f):
             s.claiming = False
+            s.next_claim = self.reactor.seconds() + CLAIM_RETRY_S
             self.stats["route_failures"] += 1
             _log.error("encap: takeover of {a} failed: {e}", a=address, e=f.getErrorMessage())
         d.addCallback(claimed).addCallback(injected).addErrback(failed)

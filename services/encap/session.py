@@ -33,6 +33,7 @@ class DNSession:
     drops: dict = field(default_factory=dict)
     claiming: bool = False
     confirm_pending: bool = False
+    next_claim: float = 0.0       # first-data takeovers wait until then (after a lost claim)
     address_bytes: bytes | None = None
     epoch: int | None = None
 

@@ -264,3 +264,24 @@ def test_addresses_held_by_other_dns_are_never_handed_out():
     net = Net()
     net.mapping.table["10.200.0.2"] = {"dn": "dn2", "epoch": 1, "since": 0, "reason": "x"}
     assert net.dns["dn1"].allocate("enX", "dn2") == "10.200.0.3"
+
+
+def test_a_lost_claim_is_not_retried_on_every_packet():
+    """Another DN wins the address in the table: data packets do not hammer the table."""
+    net = started()
+    a = net.en.address
+    claims = []
+    real = net.mapping.claim
+
+    def rival_wins(target, dn, reason):
+        claims.append(target)
+        net.mapping.table[target] = {"dn": "dn3", "epoch": 99, "since": 0, "reason": "x"}
+        return real(target, "dn3", "rival")
+    net.mapping.claim = rival_wins
+    link = net.en.links["dn2"]
+    for i in range(50):
+        net.queue.append(("en", "dn2", link.keys.seal(W.data_plain(10 ** 17 + i,
+                                                                    ip_packet(a, "10.210.0.10")))))
+    net.pump()
+    assert claims == [a]
+    assert net.dns["dn2"].stats["claims_lost"] == 1 and net.routes["dn2"].routes == {}
