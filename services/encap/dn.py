@@ -517,6 +517,12 @@ class DecapNode:
             # always confirm: the EN may have switched on its own (first data)
             self.control(s, {"t": W.C_PROMOTED, "address": address, "epoch": s.epoch,
                              "latency_ms": round(total * 1000, 3)})
+            if mine and self.mapping is not None:
+                # back home: our slice covers the address, the host entry can go
+                # (the other DN saw our claim and withdrew its route)
+                r = defer.maybeDeferred(self.mapping.release, address, self.node_id)
+                r.addErrback(lambda f: _log.warn("encap: release of {a} after the move home "
+                                                 "failed: {e}", a=address, e=f.getErrorMessage()))
 
         def failed(f):
             s.claiming = False

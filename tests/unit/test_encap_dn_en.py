@@ -253,7 +253,8 @@ def test_home_dn_returns_and_the_en_moves_back():
     net.run(0.6)
     assert net.en.primary == "dn1" and net.en.address == a and net.en.confirmed
     assert net.routes["dn2"].routes == {}
-    assert net.mapping.lookup(a)["dn"] == "dn1"
+    assert net.mapping.lookup(a) is None          # the table shrank again: dn1's slice covers it
+    assert ("withdraw", a + "/32") in net.routes["dn2"].log
     net.en.tun_packets([ip_packet(a, "10.210.0.10", b"home" * 5)])
     net.pump()
     assert net.tun["dn1"][-1] == ip_packet(a, "10.210.0.10", b"home" * 5)
@@ -285,3 +286,27 @@ def test_a_lost_claim_is_not_retried_on_every_packet():
     net.pump()
     assert claims == [a]
     assert net.dns["dn2"].stats["claims_lost"] == 1 and net.routes["dn2"].routes == {}
+
+
+def test_metrics_and_rpc_views():
+    """Prometheus families per EN and per drop reason; encap.stats/sessions shapes."""
+    from types import SimpleNamespace
+
+    from services.encap.service import EncapService
+    net = started()
+    a = net.en.address
+    net.en.tun_packets([ip_packet(a, "10.210.0.10")])
+    net.pump()
+    net.dns["dn1"].datagram(b"\x04" + bytes(40), ("1.2.3.4", 5))
+    svc = EncapService(net.cfg, SimpleNamespace(reactor=net.clock, rpc=None, metrics=None,
+                                                cluster=None, store=None, node_id="dn1"))
+    svc.dn = net.dns["dn1"]
+    fams = {f.name: f for f in svc.collect()}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in fams.values() for s in f.samples}
+    assert samples[("appliance_encap_packets_total", (("direction", "in"), ("en", "en1")))] == 1
+    assert samples[("appliance_encap_dropped_total", (("reason", "unknown_session"),))] == 1
+    assert svc.rpc_sessions()["sessions"][0]["address"] == a
+    stats = svc.rpc_stats()
+    assert stats["drops"]["unknown_session"] == 1 and "route_injection_ms" in stats
+    assert "(no TUN" not in svc.role
