@@ -512,3 +512,12 @@ class ClusterManager(Service):
         if key:
             h.update(key)
         return h.hexdigest()[:12]
+
+    def previous_claim(self, resource: str, epoch: int) -> tuple[str, int] | None:
+        """``(node, epoch)`` of the last claim on ``resource`` below ``epoch`` this
+        node heard from a peer (its heartbeats), or None: a listener hearing
+        "owner" at ``epoch`` learns whose guard/state to expect (the dns
+        service's compare-and-set).  (Added for the dns service, issue 13.)"""
+        res = self.resources.get(resource)
+        claim = getattr(res, "last_claim", None)
+        return claim if claim is not None and claim[1] < epoch else None

@@ -36,6 +36,9 @@ class Resource:
     digest: Any = None           # (settings, config_digest(settings)) cache
     changed_at: float = 0.0
     reason: str = ""
+    #: the highest-epoch claim a peer's heartbeat carried, (owner, epoch): what a
+    #: node gaining the resource knows of the owner before it (ClusterManager.previous_claim)
+    last_claim: tuple[str, int] | None = None
     intent_seq: int = 0          # our beat that first carried claiming:<name>
     #: the highest-epoch claim a peer's heartbeat carried, (owner, epoch): what a
     #: node gaining the resource knows of the owner before it (ClusterManager.previous_claim)
@@ -95,6 +98,8 @@ class ResourceTable:
             res = self.resources.get(name)
             if res is not None and epoch > res.max_epoch:
                 res.max_epoch = epoch
+            if res is not None and (res.last_claim is None or epoch >= res.last_claim[1]):
+                res.last_claim = (owner, epoch)
         for name, epoch in hb.max_epochs.items():
             res = self.resources.get(name)
             if res is not None and epoch > res.max_epoch:
