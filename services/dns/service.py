@@ -218,8 +218,13 @@ class DNSService(Service):
             return
         if role == "owner":
             self.owned[resource] = epoch
+            previous = None
+            try:
+                previous = self.cluster.previous_claim(resource, epoch)
+            except (AttributeError, KeyError, TypeError):
+                previous = None       # a cluster manager without previous_claim
             for name in sorted({s.name for s in self.config.records if s.resource == resource}):
-                self.updater.expect(name, resource, epoch, self.node_ids)
+                self.updater.expect(name, resource, epoch, self.node_ids, previous)
             _log.info("dns: {node} gained {res} (epoch {epoch}): publishing its records",
                       node=self.node, res=resource, epoch=epoch)
             self.mark([s for s in self.config.records if s.resource == resource],

@@ -97,12 +97,22 @@ class Updater:
         self.guards[name] = rdatas
         self.generation[name] = self.generation.get(name, 0) + 1
 
-    def expect(self, name: dns.name.Name, resource: str, epoch: int, others) -> None:
+    def expect(self, name: dns.name.Name, resource: str, epoch: int, others,
+               previous: tuple[str, int] | None = None) -> None:
         """Derive the expected guard from the claims: an owner claims at the highest
         epoch + 1, so the guard on the server is normally the previous epoch's
-        owner's.  With one other node that is known without asking the server
-        (review M2: a stale cache cost a failed UPDATE, a read and a retry)."""
+        owner's (review M2: a stale cache cost a failed UPDATE, a read and a retry).
+        ``previous``: the claim before ours the cluster heard, ``(node, epoch)`` --
+        its guard is expected unless the cache holds a newer one of this cluster;
+        without it, with one other node that node at ``epoch - 1`` is."""
         cached = parse_guard(self.guards.get(name, ()))
+        if previous is not None and previous[1] < epoch:
+            if cached is not None and cached.cluster == self.cluster and \
+                    cached.resource == resource and cached.epoch >= previous[1]:
+                return
+            self.remember(name, frozenset([guard_rdata(
+                Guard(previous[0], previous[1], resource, self.cluster))]))
+            return
         if cached is not None and cached.cluster == self.cluster and \
                 cached.resource == resource and cached.epoch >= epoch - 1:
             return

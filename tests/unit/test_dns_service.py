@@ -211,3 +211,48 @@ def test_regain_expects_the_previous_epochs_owner():
     assert text[3:] == [b"b", b"2"] and text[2] == b"vip1"
     assert service.context.metrics.get_sample_value("appliance_dns_cas_misses_total") == 0
     service.stopService()
+
+
+def test_gain_expects_the_previous_claim_the_cluster_heard():
+    """Issue 13: the cluster tells a node gaining a resource the claim before its own
+    (ClusterManager.previous_claim, from the peers' heartbeats); with three nodes the
+    guard prerequisite expects exactly that claim ("c 6"), no guess, no read."""
+    service, clock, cluster, client = make([rec("a.example.test.", "A", "10.0.0.1")])
+    service.stopService()
+    peers = SimpleNamespace(peers=[SimpleNamespace(id="b"), SimpleNamespace(id="c")],
+                            auth_key_file=None)
+    service.context.config = SimpleNamespace(node=SimpleNamespace(id="a"), cluster=peers)
+    cluster.previous_claim = lambda resource, epoch: ("c", 6) if resource == "vip1" else None
+    service = DNSService(service.config, service.context, rng=lambda: 0.5, client=client)
+    service.startService()
+    clock.advance(0)
+    cluster.listeners["vip1"]("vip1", "owner", 7)
+    clock.advance(0)
+    prereq = [r for r in client.updates[-1].prerequisite
+              if r.name.to_text() == "_appliance-owner.a.example.test."][0]
+    text = b"".join(next(iter(prereq)).strings).split()
+    assert text[2:] == [b"vip1", b"c", b"6"]
+    service.stopService()
+
+
+def test_cluster_manager_previous_claim_from_heartbeats(tmp_path):
+    """ResourceTable.learn keeps the highest-epoch claim a peer announced; previous_claim
+    returns it to a node gaining the resource at a higher epoch (and nothing at or
+    below it)."""
+    import ipaddress
+    from appliance.cluster.heartbeat import Heartbeat
+    from appliance.cluster.manager import ClusterManager
+    from appliance.cluster.ownership import ResourceSpec
+    from appliance.config import ClusterSection, Peer
+    section = ClusterSection(peers=(Peer("b", ipaddress.ip_address("10.0.0.2")),
+                                    Peer("c", ipaddress.ip_address("10.0.0.3"))),
+                             heartbeat_interval_ms=100, dead_after=3, bind_address=None)
+    m = ClusterManager(Clock(), node_id="a", cluster=section, state_dir=tmp_path)
+    m.add_resource(ResourceSpec("vip1", {"a": 1, "b": 1, "c": 1}, True))
+    assert m.previous_claim("vip1", 3) is None
+    m.table.learn(Heartbeat("b", 1, 1, 0.0, resources={"vip1": ("b", 4, False)}))
+    m.table.learn(Heartbeat("c", 1, 1, 0.0, resources={"vip1": ("c", 6, False)}))
+    m.table.learn(Heartbeat("b", 1, 2, 0.0, max_epochs={"vip1": 6}))   # b let go
+    assert m.previous_claim("vip1", 7) == ("c", 6)
+    assert m.previous_claim("vip1", 6) is None
+    assert m.previous_claim("nope", 7) is None
