@@ -164,3 +164,47 @@ def test_encap_failover_end_to_end(netns_lab: Lab, tmp_path):
     assert lab.neighbour("esr", address)[0] == lab.mac(primary)
     ping = lab.run("en", "ping", "-c", "3", "-i", "0.2", "-W", "2", SERVER, check=False)
     assert " 0% packet loss" in ping.stdout, ping.stdout
+
+
+def test_cluster_declares_the_primary_dead_before_the_en_notices(netns_lab: Lab, tmp_path):
+    """dn1 and dn2 are cluster peers (heartbeats every 100 ms, dead after 3): when dn1
+    dies, dn2 owns the slice resource of dn1's subnet it backs, claims and routes the
+    whole slice and tells the EN primary_down -- the EN (keepalives 200 ms x 10, so it
+    would wait 2 s) switches on that notice; when dn1 returns the slice goes back."""
+    el = EncapLab(netns_lab, tmp_path, keepalive_ms=200, dead_after=10, cluster=True).build()
+    lab = netns_lab
+    el.start_dn("dn1")
+    el.start_dn("dn2")
+    time.sleep(1.0)                       # the peers see each other before the EN comes
+    el.start_en()
+    st = el.wait_en(lambda s: s.get("configured") and s.get("confirmed") and
+                    s["links"]["dn2"]["state"] == "up", what="EN address")
+    primary = st["primary"]
+    other = "dn2" if primary == "dn1" else "dn1"
+    address = st["address"]
+    resources = el.rpc(other, "cluster.status")["resources"]
+    mine = [r for r in resources if r.startswith(f"encap:{primary}:")]
+    assert mine and all(resources[r]["owner"] == primary for r in mine), resources
+    lab.run("en", "ping", "-c", "2", "-W", "2", SERVER, check=False)
+
+    pinger = lab.popen("en", "ping", "-i", "0.01", "-c", "250", "-W", "1", SERVER)
+    time.sleep(1.0)
+    el.kill_dn(primary)
+    out, _ = pinger.communicate(timeout=30)
+    sent, received, seqs = _ping_summary(out.decode())
+    st = el.en_status()
+    switches = [e for e in st["events"] if e["what"] == "switch"]
+    assert switches and switches[-1]["reason"] == "primary_down", st["events"]
+    assert st["primary"] == other
+    assert sent - received < 150, f"{sent - received} lost: the 2 s EN timeout decided"
+    taken = el.rpc(other, "encap.sessions")["slices_taken"]
+    assert taken and all(t.startswith("10.200.") for t in taken)
+    assert lab.neighbour("esr", address)[0] == lab.mac(other)
+
+    el.revive_dn(primary)
+    el.wait_en(lambda s: s.get("primary") == primary and s.get("confirmed"), timeout=25,
+               what="EN back home")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and el.rpc(other, "encap.sessions")["slices_taken"]:
+        time.sleep(0.2)
+    assert el.rpc(other, "encap.sessions")["slices_taken"] == []

@@ -34,12 +34,13 @@ SUBNET = {"dn1": "10.200.0.0/24", "dn2": "10.200.1.0/24"}
 
 class EncapLab:
     def __init__(self, lab, workdir: Path, *, keepalive_ms: int = 50, dead_after: int = 4,
-                 soft_handoff: bool = True, announce: bool = True):
+                 soft_handoff: bool = True, announce: bool = True, cluster: bool = False):
         self.lab = lab
         self.wd = Path(workdir)
         self.keepalive_ms, self.dead_after = keepalive_ms, dead_after
         self.soft_handoff = soft_handoff
         self.announce = announce
+        self.cluster = cluster            # dn1 and dn2 as [cluster] peers (slice resources)
         self.procs: dict[str, subprocess.Popen] = {}
         self.psk = self.wd / "encap.psk"
 
@@ -81,6 +82,19 @@ class EncapLab:
         d.mkdir(exist_ok=True)
         other = "dn2" if name == "dn1" else "dn1"
         announce = 'announce_interface = "eth0"\n' if self.announce else ""
+        cluster = ""
+        if self.cluster:
+            key = self.wd / "cluster.key"
+            if not key.exists():
+                key.write_text(os.urandom(32).hex() + "\n")
+            cluster = f"""
+[cluster]
+peers = [{{ id = "{other}", address = "{DN_ADDR[other]}" }}]
+heartbeat_port = 8741
+heartbeat_interval_ms = 100
+dead_after = 3
+auth_key_file = "{key}"
+"""
         (d / "node.toml").write_text(f"""
 [node]
 id = "{name}"
@@ -93,7 +107,7 @@ fsync = "never"
 [admin]
 listen = "tcp:8740:interface=127.0.0.1"
 token_file = "{d}/state/admin.token"
-
+{cluster}
 [services.encap]
 listen_address = "{DN_ADDR[name]}"
 port = 7400
