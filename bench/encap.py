@@ -129,8 +129,18 @@ def outage_case(case: str, pps: int, soft: bool, kills: int, work: Path) -> list
     return rows
 
 
-def iperf(lab, seconds: float) -> dict:
-    """TCP Mbit/s and UDP packets/s from the EN to the server."""
+def iperf(lab, seconds: float, rounds: int = 2) -> dict:
+    """TCP Mbit/s and UDP packets/s from the EN to the server: the best of
+    ``rounds`` runs (the box is shared: the best run is the least disturbed)."""
+    best: dict = {}
+    for _ in range(rounds):
+        for key, value in _iperf_once(lab, seconds).items():
+            if value is not None and (key not in best or value > best[key]):
+                best[key] = value
+    return best
+
+
+def _iperf_once(lab, seconds: float) -> dict:
     server_ns = lab.ns_name("server")
     srv = lab.popen(server_ns, "iperf3", "-s", "-B", SERVER, "-1")
     time.sleep(0.5)
@@ -214,7 +224,7 @@ def throughput(seconds: float, work: Path) -> list[dict]:
         for metric, unit in (("pps", "packets/s"), ("mbit_per_s", "Mbit/s")):
             rows.append({"system": "appliance", "case": "throughput", "metric": metric,
                          "value": r.get(metric), "unit": unit,
-                         "note": "iperf3 EN->server through one DN (TCP; UDP 1200 B)"})
+                         "note": "iperf3 EN->server through one DN (TCP; UDP 1200 B); best of 2"})
         for name in ("en", "dn1", "dn2"):
             proc = el.procs.get(name)
             if proc is not None and proc.poll() is None:
@@ -271,7 +281,7 @@ verb 3
         for metric, unit in (("pps", "packets/s"), ("mbit_per_s", "Mbit/s")):
             rows.append({"system": "openvpn", "case": "throughput", "metric": metric,
                          "value": r.get(metric), "unit": unit,
-                         "note": "OpenVPN 2.6 UDP AES-256-GCM, same namespaces"})
+                         "note": "OpenVPN 2.6 UDP AES-256-GCM, same namespaces; best of 2"})
     return rows
 
 
