@@ -609,8 +609,10 @@ class DNSService(Service):
         try:
             resources = self.cluster.status()["resources"]
             owners = {name: r.get("owner") for name, r in resources.items()}
-        except Exception:
-            pass
+        except Exception as e:       # the rows still show what this node knows (review L8)
+            _log.warn("dns.records: the cluster's status is unavailable ({why}); owners of "
+                      "resources this node does not hold are shown as unknown",
+                      why=f"{type(e).__name__}: {e}")
         rows = []
         for spec in self.config.records:
             owner = self.node if spec.resource in self.owned else owners.get(spec.resource)

@@ -256,3 +256,23 @@ def test_cluster_manager_previous_claim_from_heartbeats(tmp_path):
     assert m.previous_claim("vip1", 7) == ("c", 6)
     assert m.previous_claim("vip1", 6) is None
     assert m.previous_claim("nope", 7) is None
+
+
+def test_records_say_when_the_cluster_status_fails():
+    """Review L8: dns.records swallowed a failing cluster.status(); now it still answers
+    and logs why the owners are unknown."""
+    from twisted.logger import globalLogPublisher
+    service, clock, cluster, client = make([rec("a.example.test.", "A", "10.0.0.1")])
+
+    def broken():
+        raise RuntimeError("status exploded")
+    cluster.status = broken
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        rows = service.records()["records"]
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert rows and rows[0]["owner"] is None
+    assert any("status exploded" in str(e.get("why", "")) for e in events), events
+    service.stopService()
