@@ -34,7 +34,10 @@ sides exchange ``{"hello": {"bindings": n}}``; then:
   ``batch`` AORs at a time, one batch in flight.
 
 Only AORs of shards this node owns are pushed (a node that is not the owner
-holds a copy that may be older than the owner's).
+holds a copy that may be older than the owner's), and a node refuses resync
+states for AORs it owns itself (a node that owned the shard briefly, e.g. a
+claim at its restart before it heard the owner, must not overwrite the owner's
+newer state).  Live updates are always applied.
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ class Replicator:
                  backlog_limit: int = 10_000, page: int = 500, window: int = 2,
                  pause_s: float = 0.002, owns: Callable[[str], bool] | None = None,
                  shard_of: Callable[[str], int] | None = None,
-                 owned_shards: Callable[[], list[int] | None] | None = None):
+                 owned_shards: Callable[[], list[int] | None] | None = None,
+                 authoritative: Callable[[str], bool] | None = None):
         self.reactor = reactor
         self.link = link
         self.peers = tuple(peers)
@@ -90,6 +94,9 @@ class Replicator:
         self.owns = owns or (lambda aor: True)
         self.shard_of = shard_of or (lambda aor: 0)
         self.owned_shards = owned_shards or (lambda: None)
+        #: AORs this node owns now: a *resync* state for one of them is refused (the
+        #: owner's copy is the reference; a sender that owned it before may be behind)
+        self.authoritative = authoritative or (lambda aor: False)
         self.missed: dict[str, set[str]] = {p: set() for p in self.peers}
         #: backups that need a paged full resync (persisted); and those running now
         self.full_needed: dict[str, bool] = {p: False for p in self.peers}
@@ -99,7 +106,7 @@ class Replicator:
         self.stats = {"sent": 0, "acked": 0, "timeouts": 0, "failed": 0, "applied": 0,
                       "resent": 0, "skipped_down": 0, "messages": 0, "overflows": 0,
                       "full_resyncs": 0, "full_sent": 0, "full_removed": 0,
-                      "last_full_resync_s": None, "delta_resyncs": 0}
+                      "last_full_resync_s": None, "delta_resyncs": 0, "resync_refused": 0}
         self._queue: dict[str, list] = {}
         self._flush_calls: dict[str, object] = {}
         self._ops: list = []
@@ -411,6 +418,9 @@ class Replicator:
             merged: dict[str, dict] = {}
             for st in states:
                 aor = st["aor"]
+                if st.get("replace") and self.authoritative(aor):
+                    self.stats["resync_refused"] += 1
+                    continue
                 new = dict(st.get("set") or {})
                 for text in new.values():
                     json.loads(text)

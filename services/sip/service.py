@@ -216,7 +216,8 @@ class SIPService(Service):
             self.reactor, link, r.peers, r.mode, self.location, timeout_s=r.timeout_s,
             batch=r.batch, backlog_limit=r.backlog_limit, page=r.page, window=r.window,
             pause_s=r.pause_s, owns=roles.owns_aor, shard_of=roles.shard,
-            owned_shards=lambda: [i for i in range(roles.count) if roles.owns_shard(i)])
+            owned_shards=lambda: [i for i in range(roles.count) if roles.owns_shard(i)],
+            authoritative=None if roles.alone else roles.owns_aor)
         _log.info("sip: replicating bindings to {peers} ({mode})", peers=", ".join(r.peers),
                   mode=r.mode)
 
@@ -687,3 +688,6 @@ class SIPService(Service):
             yield lag
         yield GaugeMetricFamily("appliance_sip_transactions", "Server transactions held",
                                 value=len(self.transactions))
+        yield GaugeMetricFamily("appliance_sip_shards_owned",
+                                "Shards (cluster resources) this node serves",
+                                value=len(self.roles.owned))

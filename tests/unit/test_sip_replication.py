@@ -276,3 +276,25 @@ def test_full_resync_yields_to_live_registers(tmp_path):
         settle_all()
     assert "b" not in a.replicator.full_running
     assert all(bindings(b, f"sip:u{i}@example.test") for i in range(20))
+
+
+def test_owner_refuses_resync_states_but_applies_live_ones(tmp_path):
+    """A node that owns an AOR ignores resync (replace) states for it from a peer that
+    may be behind; live replication states are applied."""
+    a, b, link, clock, thread_a, thread_b, settle_all = pair(tmp_path)
+    b.replicator.authoritative = lambda aor: aor == "sip:mine@example.test"
+    rec = ('{"uri":"sip:x@10.0.0.9","expires":%f,"q":null,"call_id":"c","cseq":1,'
+           '"path":[],"received":null,"params":""}' % (clock.seconds() + 600))
+    b.replicator.apply("a", {"states": [
+        {"aor": "sip:mine@example.test", "set": {"sip:x@10.0.0.9": rec}, "del": [],
+         "replace": True},
+        {"aor": "sip:other@example.test", "set": {"sip:x@10.0.0.9": rec}, "del": [],
+         "replace": True}]})
+    settle_all()
+    assert bindings(b, "sip:mine@example.test") == {}
+    assert bindings(b, "sip:other@example.test")
+    assert b.replicator.stats["resync_refused"] == 1
+    b.replicator.apply("a", {"aor": "sip:mine@example.test", "set": {"sip:x@10.0.0.9": rec},
+                             "del": []})
+    settle_all()
+    assert bindings(b, "sip:mine@example.test")
