@@ -342,9 +342,11 @@ class Dhcp4Service(Service):
         link = getattr(cluster, "peerlink", None)
         if link is not None:
             link.on(CHANNEL, self._remote_update)
+            # a record is synced when the partner says it stored it ({"stored"}),
+            # not on the peer link's ack: that ack is handled as it arrives and can
+            # overtake the partner's winner of the merge still waiting in our inbox
             self.outbox = LeaseOutbox(self.reactor, link, f.peer, CHANNEL, f.max_unacked,
-                                      stats=self.stats, durable=self.leases.durable,
-                                      on_acked=self._updates_acked)
+                                      stats=self.stats, durable=self.leases.durable)
             # the durable outbox: every record the partner has not acknowledged
             # (kept across a crash in the store) goes to it again
             owed = self._requeue_unsynced()
@@ -388,9 +390,28 @@ class Dhcp4Service(Service):
                 n += 1
         return n
 
-    def _updates_acked(self, leases):
-        for lease in leases:
-            self.leases.mark_synced(lease)
+    def _partner_stored(self, entries):
+        """The partner stored these versions of our records (``[[address,
+        version], ...]``, sent after its merge winners in the same ordered
+        stream): each one still current here is synced (a pending-free
+        address it frees becomes free).  A record the partner's own beat is
+        not listed: it stays owed until the partner's winner replaces it."""
+        for entry in entries if isinstance(entries, list) else ():
+            try:
+                address, version = str(entry[0]), int(entry[1])
+            except (TypeError, ValueError, IndexError):
+                continue
+            rec = self.leases._get(address)
+            if isinstance(rec, defer.Deferred):
+                rec.addCallback(self._mark_stored, version).addErrback(
+                    lambda f: _log.failure("dhcp4: marking a record synced failed", failure=f))
+            else:
+                self._mark_stored(rec, version)
+
+    def _mark_stored(self, rec, version):
+        if isinstance(rec, Lease) and rec.version == version and not rec.synced:
+            return self.leases.mark_synced(rec)
+        return None
 
     def _partner_state(self, peer, state, reason):
         if state == P.PARTNER_DOWN and self.view.state != P.PARTNER_DOWN:
@@ -564,6 +585,9 @@ class Dhcp4Service(Service):
                 except (ValueError, TypeError, OSError):
                     continue
             return None
+        if "stored" in body:
+            self._partner_stored(body["stored"])
+            return None
         if "leases" in body or "lease" in body:
             return self._apply_updates(peer, body.get("leases") or [body["lease"]])
         if "sync" in body:
@@ -621,6 +645,7 @@ class Dhcp4Service(Service):
             # partner gave nobody these addresses" (we lost what we gave)
             link.send(peer, CHANNEL, {"without_data": True}, limit=1 << 30).addErrback(
                 lambda f: None)
+        stored: list[list] = []          # [address, version] the partner may mark synced
         for wire in wires if isinstance(wires, list) else ():
             try:
                 lease = Lease.from_wire(wire)
@@ -630,6 +655,10 @@ class Dhcp4Service(Service):
                           peer=peer, why=e)
                 continue
             result = self.leases.apply_remote(lease, without_data=self._without_data)
+            if isinstance(result, defer.Deferred):
+                result.addCallback(self._stored_unless_beaten, stored, lease)
+            else:
+                self._stored_unless_beaten(result, stored, lease)
             until = self.leases.held_until(lease.address)
             if until is not None and link is not None:
                 # before the ack: our lost leases may hold it until then
@@ -643,6 +672,7 @@ class Dhcp4Service(Service):
         waits = [r for r in results if isinstance(r, defer.Deferred)]
         self.stats["replication_applied"] += len(results) - len(waits)
         if not waits and self.leases.writes == writes:
+            self._report_stored(peer, link, stored)
             return None
 
         def settle(_):
@@ -651,7 +681,21 @@ class Dhcp4Service(Service):
             # (at once, or after a wait) is on disk
             return self.leases.durable() if self.leases.writes != writes else None
 
-        return defer.gatherResults(waits, consumeErrors=True).addCallback(settle)
+        d = defer.gatherResults(waits, consumeErrors=True).addCallback(settle)
+        return d.addCallback(lambda _: self._report_stored(peer, link, stored))
+
+    @staticmethod
+    def _stored_unless_beaten(result, stored, lease):
+        if result not in (LOCAL_WON, CONFLICT_LOCAL_WON):
+            stored.append([lease.address, lease.version])
+        return result
+
+    def _report_stored(self, peer, link, stored):
+        """Tell the partner which of its records are stored here (on disk), after
+        our winners went back: it marks exactly those synced."""
+        if stored and link is not None:
+            link.send(peer, CHANNEL, {"stored": stored}, limit=1 << 30).addErrback(
+                lambda f: None)      # not queued: the records stay owed and come again
 
     def _maybe_send_back(self, result, peer, address):
         if result in (LOCAL_WON, CONFLICT_LOCAL_WON):

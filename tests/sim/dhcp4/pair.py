@@ -81,6 +81,7 @@ class Node:
         self.alive = True
         self.without_data = False            # recovering after losing the store
         self.partner_without_data = False
+        self.stored: list[Lease] = []        # of the last apply (see apply)
 
     def crash(self, wipe: bool = False):
         """kill -9: memory gone (the store commits each write at once here, so
@@ -137,13 +138,17 @@ class Node:
 
     def apply(self, leases: list[Lease], without_data: bool = False) -> list[Lease]:
         """Apply a partner batch; returns our records that must go back at once
-        (before the ack), as the service's ``_send_back`` does."""
-        back = []
+        (before the ack), as the service's ``_send_back`` does.  ``self.stored``:
+        the partner's records taken (the service's ``{"stored"}`` report, sent
+        after the winners): only those are marked synced at the sender."""
+        back, self.stored = [], []
         for lease in leases:
             result = ok(self.leases.apply_remote(Lease.from_wire(lease.to_wire()),
                                                  without_data=without_data))
             if result in (LOCAL_WON, CONFLICT_LOCAL_WON):
                 back.append(ok(self.leases.get(lease.address)))
+            else:
+                self.stored.append(lease)
         return back
 
     def acked(self, leases: list[Lease]):
@@ -191,11 +196,12 @@ class Link:
                 if until is not None:
                     self.src.leases.hold(self.src.leases.address_int(lease.address),
                                          until + self.src.leases.skew_margin_s)
-            for lease in back:                 # the receiver's winners, before the ack
+            stored = self.dst.stored
+            for lease in back:                 # the receiver's winners, before its report
                 self.src.apply([lease])
                 self.dst.outbox.pop(lease.address, None)
-                self.dst.acked([lease])
-            self.src.acked(sent)
+                self.dst.acked(self.src.stored)
+            self.src.acked(stored)             # what the receiver stored, nothing else
             n += len(sent)
 
 

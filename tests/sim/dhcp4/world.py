@@ -276,8 +276,11 @@ class World:
         without = me.name in self.lost_disk
         for lease in peer.export():
             back = me.apply([lease], without_data=without)
+            stored = me.stored
             for mine in back:
                 peer.apply([mine])
+                me.acked(peer.stored)
+            peer.acked(stored)
         self.pair.sync()
         self.lost_disk.discard(me.name)
         if without:
