@@ -1484,7 +1484,9 @@ class LeaseStore:
         rec = yield self._get(lease.address)
         if rec is None or rec.version != lease.version or rec.ddns == ddns:
             return None
-        written = yield self._commit(replace(rec, ddns=ddns), rec)
+        # set_index=False: a released/expired record must not take the client's index
+        # back from the lease it holds now
+        written = yield self._commit(replace(rec, ddns=ddns), rec, set_index=False)
         return written
 
     def _conflict(self, local: Lease, remote: Lease, winner: str) -> None:
