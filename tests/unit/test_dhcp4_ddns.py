@@ -74,7 +74,12 @@ class FakeProvider:
             raise RuntimeError("provider bug")
         self.calls.append(dict(op="released", fqdn=fqdn, address=address, identity=identity,
                                kind=identity_type))
-        return defer.succeed({"name": fqdn, "forward": "removed"})
+        result = {"name": fqdn, "forward": "removed"}
+        if self.hold:
+            d = defer.Deferred()
+            self.pending.append((d, result))
+            return d
+        return defer.succeed(result)
 
     def bound(self):
         return [c for c in self.calls if c["op"] == "bound"]
@@ -422,3 +427,21 @@ def test_override_answers_o_flag(tmp_path):
     svc, clock, provider = make(tmp_path, provider=provider)
     ack = dora(svc, HW, fqdn=C.ClientFQDN("pc", FQDN_E))
     assert answer81(ack).flags == FQDN_S | FQDN_O | FQDN_E
+
+
+def test_a_late_removal_never_points_the_client_index_back(tmp_path):
+    """The removal of a released lease's name finishes after the client took another
+    address: recording it on the old record leaves the client's index on its new lease."""
+    svc, clock, provider = make(tmp_path)
+    ack = dora(svc, HW, hostname="pc")
+    provider.hold = True
+    handle(svc, C.DHCPPacket(op=1, chaddr=HW, ciaddr=ack.yiaddr, options=options(
+        C.RELEASE, o54=IPv4Address(SERVER).packed)))
+    removal, result = provider.pending.pop()
+    provider.hold = False
+    other = "10.0.0.15" if str(ack.yiaddr) != "10.0.0.15" else "10.0.0.16"
+    request(svc, HW, requested=other, hostname="pc")
+    assert ok(svc.leases.find_client(1, HW, None)).address == other
+    removal.callback(result)                      # the old name is gone now
+    assert record(svc, ack.yiaddr).ddns is None
+    assert ok(svc.leases.find_client(1, HW, None)).address == other
