@@ -437,16 +437,12 @@ class ClusterManager(Service):
         self.excluded.discard(resource)
         if res.mine is not None and res.mine.manual:
             return {"resource": resource, "owner": self.node_id, "epoch": res.mine.epoch}
-        epoch = max(res.max_epoch, res.mine.epoch if res.mine else 0) + 1
-        d = self.table.claim(res, epoch, why="operator promote", manual=True)
-
-        def result(ok):
-            if not ok:
-                raise ClusterError(f"claim of {resource} at epoch {epoch} was not taken "
-                                   "(a higher epoch in the shared store, or the store "
-                                   "failed); see the log", code=-32024)
-            return {"resource": resource, "owner": self.node_id, "epoch": res.mine.epoch}
-        return d.addCallback(result)
+        if not self.health.able():
+            raise ClusterError(f"this node cannot serve {resource} now (health: "
+                               f"{','.join(self.health_flags())})", code=-32026)
+        # Break before make (resources.py ResourceTable.promote): the owner
+        # lets go first, then this node claims.
+        return self.table.promote(res)
 
     def demote(self, resource: str):
         res = self._resource(resource)

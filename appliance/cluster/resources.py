@@ -36,10 +36,10 @@ class Resource:
     digest: Any = None           # (settings, config_digest(settings)) cache
     changed_at: float = 0.0
     reason: str = ""
-    #: the highest-epoch claim a peer's heartbeat carried, (owner, epoch): what a
-    #: node gaining the resource knows of the owner before it (ClusterManager.previous_claim)
-    last_claim: tuple[str, int] | None = None
     intent_seq: int = 0          # our beat that first carried claiming:<name>
+    wanted: bool = False         # an operator promote waits for the owner to let go
+    promote_waiters: list = field(default_factory=list)
+    promote_timer: Any = None
     #: the highest-epoch claim a peer's heartbeat carried, (owner, epoch): what a
     #: node gaining the resource knows of the owner before it (ClusterManager.previous_claim)
     last_claim: tuple[str, int] | None = None
@@ -147,7 +147,7 @@ class ResourceTable:
             if d.action != "claim" or holding or claims:
                 self._drop_intent(name)
             if d.action == "claim" and not holding and not res.claiming:
-                if claims:
+                if claims or (res.wanted and self._owned_elsewhere(name)):
                     # Break before make: a live node still holds it and
                     # computes the same election, so it lets go within a beat;
                     # claim once it has (never two owners for a preemption,
@@ -155,7 +155,10 @@ class ResourceTable:
                     continue
                 if m.witness_id is not None and not self._intent_acked(res):
                     continue
-                self.claim(res, d.epoch, why=self._why(claims))
+                if res.wanted:
+                    self.claim(res, d.epoch, why="operator promote", manual=True)
+                else:
+                    self.claim(res, d.epoch, why=self._why(claims))
             elif d.action == "reassert" and not res.claiming:
                 # Won a contest against a newer claim (a healed partition under
                 # preempt): claim again above it, so listeners hear the new
@@ -215,6 +218,80 @@ class ResourceTable:
                 return False
         return True
 
+    # -- operator promote: break before make --------------------------------------------
+    def promote(self, res: Resource):
+        """Take ``res`` as a manual claim once its owner let go: advertise
+        ``want:<name>`` (the owner's election then hands it over), claim when no
+        live node claims it any more (or the owner died), fail after
+        ``2 x deadline + lease TTL + 1 s``.  Never two owners, also if the
+        network fails meanwhile (the old make-before-break promote had two for
+        up to ``dead_after`` intervals)."""
+        m = self.m
+        name = res.spec.name
+        if res.mine is not None:
+            # Ours already (automatic): the same claim made manual, one epoch up.
+            epoch = max(res.max_epoch, res.mine.epoch) + 1
+            return self.claim(res, epoch, why="operator promote", manual=True).addCallback(
+                self._promoted, res, epoch)
+        d = defer.Deferred()
+        res.promote_waiters.append(d)
+        if not res.wanted:
+            res.wanted = True
+            m.health.flags_set.add(f"want:{name}")
+            lease = m.lease.ttl_s if m.lease is not None else 0.0
+            res.promote_timer = m.clock.callLater(2 * m.deadline_s + lease + 1.0,
+                                                  self._promote_timed_out, res)
+            _log.info("resource {res}: operator promote on {node}: waiting for the owner to "
+                      "let go", res=name, node=m.node_id)
+            m.changed()
+        return d
+
+    def _promoted(self, ok, res: Resource, epoch: int):
+        if not ok or res.mine is None:
+            from appliance.cluster.errors import ClusterError
+            raise ClusterError(f"claim of {res.spec.name} at epoch {epoch} was not taken (a "
+                               "higher epoch in the shared store, or the store failed); see "
+                               "the log", code=-32024)
+        return {"resource": res.spec.name, "owner": self.m.node_id, "epoch": res.mine.epoch}
+
+    def _owned_elsewhere(self, name: str) -> bool:
+        """A live node still claims ``name`` (the promote waits for it)."""
+        for p in self.m.node_peers():
+            hb = p.heartbeat
+            if p.alive and hb is not None and hb.resources.get(name, ("",))[0] == p.id:
+                return True
+        return False
+
+    def _end_promote(self, res: Resource, error=None):
+        if not res.wanted:
+            return
+        res.wanted = False
+        self.m.health.flags_set.discard(f"want:{res.spec.name}")
+        if res.promote_timer is not None and res.promote_timer.active():
+            res.promote_timer.cancel()
+        res.promote_timer = None
+        waiters, res.promote_waiters = res.promote_waiters, []
+        for d in waiters:
+            if error is None:
+                d.callback({"resource": res.spec.name, "owner": self.m.node_id,
+                            "epoch": res.mine.epoch})
+            else:
+                d.errback(error)
+
+    def _promote_timed_out(self, res: Resource):
+        from appliance.cluster.errors import ClusterError
+        res.promote_timer = None
+        owners = [p.id for p in self.m.node_peers() if p.alive and p.heartbeat is not None
+                  and p.heartbeat.resources.get(res.spec.name, ("",))[0] == p.id]
+        _log.warn("resource {res}: operator promote on {node} gave up: {owner} did not let go",
+                  res=res.spec.name, node=self.m.node_id, owner=",".join(owners) or "nobody")
+        self._end_promote(res, ClusterError(
+            f"promote of {res.spec.name} not done: "
+            + (f"{', '.join(owners)} still owns it (does it hear this node?)" if owners
+               else "this node could not claim it (lease, store or health)")
+            + "; nothing changed", code=-32024))
+        self.m.changed()
+
     def _drop_intent(self, name: str):
         flags = self.m.health.flags_set
         flag = f"claiming:{name}"
@@ -227,6 +304,15 @@ class ResourceTable:
         that flags ``unable:<name>`` or does not have the resource at all."""
         m = self.m
         excluded = {m.node_id} if name in self.excluded else set()
+        # An operator promote in progress (want:<name>, here or on a live
+        # peer): every node but the top-ranked one that wants it stands aside.
+        wanters = {p.id for p in m.node_peers()
+                   if p.alive and p.heartbeat is not None and f"want:{name}" in p.heartbeat.health}
+        if res.wanted:
+            wanters.add(m.node_id)
+        if wanters:
+            top = max(wanters, key=lambda n: self._rank(res, n))
+            excluded |= {n for n in m.node_ids if n != top}
         for peer in m.node_peers():
             hb = peer.heartbeat
             if peer.alive and hb is not None and (f"unable:{name}" in hb.health
@@ -282,6 +368,9 @@ class ResourceTable:
             res.max_epoch = max(res.max_epoch, epoch)
             self.set_mine(res, Claim(self.m.node_id, epoch, manual), why)
             self._drop_intent(res.spec.name)
+            if manual and res.wanted:
+                self._end_promote(res)
+                self.m.clock.callLater(0, self.m.changed)     # want:<name> is gone
             return True
 
         def failed(f):

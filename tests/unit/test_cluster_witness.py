@@ -98,3 +98,40 @@ def test_both_leave_maintenance_at_a_heal_one_owner_at_every_instant():
         samples.append(tuple(w.owners()))
     assert all(len(s) <= 1 for s in samples), [s for s in samples if len(s) > 1][:3]
     assert len(samples[-1]) == 1
+
+
+def _result(d):
+    out = []
+    d.addBoth(out.append)
+    return out
+
+
+def test_promote_is_break_before_make():
+    """b promotes: a lets go first, then b claims (manual); one owner at every ms."""
+    w = _world(witness=True)
+    res = _result(w.nodes["b"].manager.promote("vip1"))
+    samples = []
+    for _ in range(1000):
+        w.clock.advance(0.001)
+        samples.append(tuple(w.owners()))
+    assert all(len(s) <= 1 for s in samples), [s for s in samples if len(s) > 1][:3]
+    assert samples[-1] == ("b",)
+    assert res and res[0]["owner"] == "b"
+    assert w.nodes["b"].manager.resources["vip1"].mine.manual
+    assert not any(f.startswith("want:") for f in w.nodes["b"].manager.health_flags())
+
+
+def test_promote_the_owner_cannot_hear_changes_nothing():
+    """b promotes but a does not hear b (b->a cut): the old promote claimed at once
+    (two owners until a heard it); now b waits for a to let go, gives up, and a
+    keeps the resource all along."""
+    w = _world(witness=False)
+    w.net.links[("b", "a")].cut = True
+    res = _result(w.nodes["b"].manager.promote("vip1"))
+    samples = []
+    for _ in range(300):
+        w.clock.advance(0.01)
+        samples.append(tuple(w.owners()))
+    assert all(s == ("a",) for s in samples), [s for s in samples if s != ("a",)][:3]
+    assert res and "still owns it" in res[0].getErrorMessage()
+    assert not any(f.startswith("want:") for f in w.nodes["b"].manager.health_flags())
