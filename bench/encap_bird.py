@@ -216,6 +216,9 @@ async def bird_path(reactor, n: int, scan_time: int | None) -> dict:
         await deferToThread(wait_until, lambda: "Full" in birds[0].birdc(
             "show", "ospf", "neighbors"), 60, "OSPF adjacency")
         adjacency_s = time.monotonic() - t_up
+        # a route of somebody else on the DN (not proto 228): BIRD must not carry it
+        lab.host("ip", "-n", dn_ns, "route", "add", "10.201.0.0/24", "dev", "en0",
+                 "proto", "static")
         watch = KernelWatch(esr_ns)
         nl = Netlink(reactor, dn_ns)
         routes = RouteInjector(reactor, nl, proto=PROTO_ENCAP)
@@ -236,12 +239,15 @@ async def bird_path(reactor, n: int, scan_time: int | None) -> dict:
             await routes.withdraw(prefix)
             gone = await deferToThread(watch.until, prefix, False, 120)
             withdraws.append(gone - t0)
-        via = watch.vias().get("10.200.250.0/26")
+        vias = watch.vias()
+        via = vias.get("10.200.250.0/26")
+        foreign_carried = "10.201.0.0/24" in vias
         version = subprocess.run(["bird", "--version"], capture_output=True,
                                  text=True).stderr.strip() or "bird"
         return {"path": "bird", "scan_time": scan_time, "samples_s": samples,
                 "withdraw_samples_s": withdraws, "adjacency_s": adjacency_s,
-                "via": via, "daemon": version}
+                "via": via, "daemon": version,
+                "foreign_carried": foreign_carried}
     finally:
         if nl is not None:
             await nl.close()

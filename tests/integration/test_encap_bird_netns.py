@@ -17,13 +17,15 @@ pytestmark = pytest.mark.integration
 
 
 def test_bird_carries_dn_routes_to_the_esr():
-    """Each injected route appears at the ESR via the DN's address, and goes when withdrawn."""
+    """Each injected route appears at the ESR via the DN's address, and goes when
+    withdrawn; a route of another protocol on the DN is not carried."""
     require_root()
     require_binary("bird")
     require_binary("birdc")
     from bench.encap_bird import DN_ADDR, run
     result = run("bird", n=3, timeout=240)
     assert result["via"] == DN_ADDR            # the ESR routes the slice to the DN
+    assert result["foreign_carried"] is False  # only the encap service's routes (proto 228)
     assert len(result["samples_s"]) == 3 and len(result["withdraw_samples_s"]) == 3
     assert all(s > 0 for s in result["samples_s"])
     print(f"\nBIRD_CONVERGENCE ({result['daemon']}, kernel scan time: default; OSPF hello 1 s, "
