@@ -70,6 +70,10 @@ class IDDNSUpdater(Interface):
         DHCP server can answer option 81 in its ACK before the update is
         done; the same as the ``"flags"`` of lease_bound's result."""
 
+    def skipped(op, result):
+        """Optional: count a caller's decision that sent nothing (``op`` "bind" or
+        "release"; ``result`` e.g. "unchanged", "bad_name", "not_owner")."""
+
     def lease_released(fqdn, address, client_identity, identity_type=DHCID_CLIENT_ID):
         """Remove what :meth:`lease_bound` published, only if the DHCID still
         matches this client.  Returns a Deferred (dict of what was removed)."""

@@ -246,6 +246,11 @@ class DDNSUpdater:
             self._count("bind", "error")
             return defer.fail()
 
+    def skipped(self, op: str, result: str) -> None:
+        """Count a DDNS decision of the caller that sent nothing (a renewal
+        already published, no usable name, not the lease owner)."""
+        self._count(op, result)
+
     def answer_flags(self, fqdn_flags):
         return self._do(None if fqdn_flags is None else int(fqdn_flags))[2]
 

@@ -81,6 +81,9 @@ class FakeProvider:
             return d
         return defer.succeed(result)
 
+    def skipped(self, op, result):
+        self.calls.append(dict(op="skipped", what=(op, result)))
+
     def bound(self):
         return [c for c in self.calls if c["op"] == "bound"]
 
@@ -289,6 +292,8 @@ def test_unchanged_renewal_is_not_republished(tmp_path):
     renew(svc, HW, ack.yiaddr)              # no name this time: the published one stays
     assert len(provider.bound()) == 1
     assert record(svc, ack.yiaddr).ddns == DDNSState("pc." + ZONE, str(ack.yiaddr), None, True)
+    assert [c["what"] for c in provider.calls if c["op"] == "skipped"] == \
+        [("bind", "unchanged")] * 2, "counted in the provider's DDNS metrics"
 
 
 def test_renewal_republishes_while_the_first_publish_is_not_confirmed(tmp_path):

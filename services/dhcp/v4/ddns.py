@@ -145,13 +145,15 @@ class Dhcp4DDNS:
             self._removed(provider, event, lease)
 
     # ------------------------------------------------------------------
-    def _identity(self, lease, htype: int = 1) -> tuple[bytes, int]:
+    def _identity(self, lease) -> tuple[bytes, int]:
         """The DHCID identity (RFC 4701): option 61 when the client sent one,
-        else htype + chaddr (the provider hashes RFC 4361 DUIDs as type 2)."""
+        else htype + chaddr (the provider hashes RFC 4361 DUIDs as type 2).
+        The record keeps no htype: Ethernet (1) for binding and removal alike,
+        so a removal's DHCID matches what was published (other media send
+        option 61, RFC 4390)."""
         if lease.client_id:
             return bytes.fromhex(lease.client_id), DHCID_CLIENT_ID
-        return bytes([htype & 0xFF]) + bytes.fromhex(lease.hwaddr.replace(":", "")), \
-            DHCID_HWADDR
+        return b"\x01" + bytes.fromhex(lease.hwaddr.replace(":", "")), DHCID_HWADDR
 
     def _ttl(self, lease) -> int:
         for subnet in self.service.config.subnets:
@@ -198,7 +200,7 @@ class Dhcp4DDNS:
         answer = self._answer_flags(provider, flags)
         if fqdn is None:
             if raw is not None:
-                self.stats["bad_name"] += 1
+                self._skip(provider, "bind", "bad_name")
                 _log.info("ddns: {address}: no usable name in the client's {source} {raw!r}; "
                           "not published", address=lease.address, source=source,
                           raw=raw[:80])
@@ -206,15 +208,15 @@ class Dhcp4DDNS:
                 binding.answer = C.ClientFQDN("", FQDN_N | (option.flags & FQDN_E), 255, 255)
             return
         if answer is not None and answer & FQDN_N and not answer & FQDN_S:
-            self.stats["client_no_update"] += 1          # N=1: nobody updates
+            self._skip(provider, "bind", "client_no_update")   # N=1: nobody updates
             self._answer(binding, option, fqdn, answer)
             return
         if recorded is not None and recorded.done and recorded.fqdn == fqdn \
                 and recorded.address == lease.address and recorded.flags == answer:
-            self.stats["unchanged"] += 1                 # a renewal: nothing to send
+            self._skip(provider, "bind", "unchanged")          # a renewal: nothing to send
             self._answer(binding, option, fqdn, answer)
             return
-        identity, kind = self._identity(lease, binding.htype if binding is not None else 1)
+        identity, kind = self._identity(lease)
         prev_fqdn = recorded.fqdn if recorded is not None and recorded.fqdn != fqdn else None
         prev_addr = (recorded.address if recorded is not None
                      and recorded.address != lease.address else None)
@@ -269,6 +271,14 @@ class Dhcp4DDNS:
         intent.addCallback(after_intent)
         intent.addErrback(lambda f: _log.failure("dhcp4 DDNS bookkeeping failed", failure=f))
 
+    def _skip(self, provider, op: str, reason: str) -> None:
+        """Count a decision that sent nothing, here and in the provider's DDNS
+        metrics (``appliance_dns_ddns_total{op, result}``) when it has them."""
+        self.stats[reason] += 1
+        count = getattr(provider, "skipped", None)
+        if count is not None:
+            count(op, reason)
+
     def _answer(self, binding, option, fqdn: str, flags) -> None:
         """The ACK's option 81: the provider's S/O/N, E as the client sent it."""
         if binding is None or option is None or flags is None:
@@ -301,7 +311,7 @@ class Dhcp4DDNS:
         if state is None:
             return
         if not self.removes(lease, event):
-            self.stats["not_owner"] += 1
+            self._skip(provider, "release", "not_owner")
             _log.debug("ddns: {name} ({address}) expired here, removed by the lease owner",
                        name=state.fqdn, address=lease.address)
             return

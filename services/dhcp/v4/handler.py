@@ -81,7 +81,6 @@ class Binding:
     address: str
     fqdn: C.ClientFQDN | None = None
     previous: Any = None
-    htype: int = 1
     answer: C.ClientFQDN | None = None
 
 
@@ -341,7 +340,7 @@ class Dhcp4Handler:
     def _bound(self, pkt, lease, current) -> C.ClientFQDN | None:
         """Tell the listener (the partner's update, then DDNS) about a bound
         lease; returns the option 81 answer the DDNS glue left, if any."""
-        self.binding = Binding(lease.address, pkt.client_fqdn, current, pkt.htype or 1)
+        self.binding = Binding(lease.address, pkt.client_fqdn, current)
         try:
             self._notify("bound", lease)
             return self.binding.answer
