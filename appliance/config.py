@@ -417,6 +417,10 @@ class ClusterSection:
     redis_lease: bool = False
     #: The leases' TTL; 0 = the liveness deadline (dead_after intervals + half a beat).
     lease_ttl_ms: int = 0
+    #: Client evidence for automatic partner-down without a witness (Kea's
+    #: max-unacked-clients): this many distinct clients of the partner
+    #: retransmitting unanswered (reported by the service).
+    partner_down_min_clients: int = 10
 
 
 @dataclass(frozen=True)
@@ -716,6 +720,7 @@ def _parse_cluster(t: Table | None, node: NodeSection | None) -> ClusterSection 
         if cert and key and ca:
             tls = TLSFiles(cert, key, ca)
     auto_pd = t.float("auto_partner_down_s", 0.0, min=0)
+    min_clients = t.int("partner_down_min_clients", 10, min=1, max=1_000_000)
     beats = t.int("beats_per_interval", 3, min=1, max=20)
     role = t.str("role", "node", choices=("node", "witness"))
     witness = None
@@ -761,7 +766,8 @@ def _parse_cluster(t: Table | None, node: NodeSection | None) -> ClusterSection 
                           key_file, peer_link, tls,
                           auto_pd if auto_pd is not None else 0.0, bind_address, beats or 3,
                           role or "node", witness, redis_lease=redis_lease,
-                          lease_ttl_ms=lease_ttl_ms)
+                          lease_ttl_ms=lease_ttl_ms,
+                          partner_down_min_clients=min_clients or 10)
 
 
 def _parse_vip(t: Table, node: NodeSection | None, peer_ids: tuple[str, ...]) -> VIPSection | None:

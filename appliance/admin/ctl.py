@@ -483,6 +483,15 @@ def render_cluster(status: Any) -> str:
                                   f"loss {(x.get('loss') or 0) * 100:.1f}%, "
                                   f"last {x['last_seen_ms']} ms ago")
                     for addr, x in paths.items())
+            extra = []
+            if p.get("partner_link") == "down":
+                extra.append("peer link down")
+            if p.get("unanswered_clients"):
+                extra.append(f"{p['unanswered_clients']} of its clients unanswered")
+            if p.get("partner_confirmed_by"):
+                extra.append(f"partner-down confirmed by {p['partner_confirmed_by']}")
+            if extra:
+                note = "; ".join(([note] if note else []) + extra)
             loss = p.get("loss")
             rows.append({"peer": pid, "alive": p.get("alive"), "last_seen_ms": p.get("last_seen_ms"),
                          "state": (f"{p.get('state')} (confirmed)" if p.get("partner_confirmed")

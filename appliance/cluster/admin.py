@@ -45,8 +45,17 @@ def status(m) -> dict[str, Any]:
         p = m.peers[pid]
         entry["state"] = partners.get(pid) or ("alive" if p.alive else "dead")
         if pid in partners:
+            ps = m.partners[pid]
             entry["partner_confirmed"] = m.partnerships.confirmed(pid)
-            entry["partner_reason"] = m.partners[pid].reason
+            entry["partner_reason"] = ps.reason
+            if entry["partner_confirmed"]:
+                entry["partner_confirmed_by"] = ps.confirmed_by
+            if ps.uses_link:
+                entry["partner_link"] = ps.fsm.link
+            if pid in m.partnerships.evidence:
+                n, at = m.partnerships.evidence[pid]
+                entry["unanswered_clients"] = n
+                entry["unanswered_reported_s"] = round(now - at, 3)
         entry["unechoed"] = m.verifier.unechoed.get(pid, 0) if m.verifier else 0
         paths = m.channel.path_status(pid, now) if m.channel is not None else None
         if paths is not None:
@@ -55,9 +64,10 @@ def status(m) -> dict[str, Any]:
     if (m.cfg is not None and m.cfg.auto_partner_down_s > 0 and partners and m.witness_id is None
             and getattr(m, "lease", None) is None):
         warnings.append(
-            f"auto_partner_down_s = {m.cfg.auto_partner_down_s:g} without a witness or "
-            "client evidence: in a partition both sides could be PARTNER-DOWN and serve "
-            "the same addresses")
+            f"auto_partner_down_s = {m.cfg.auto_partner_down_s:g} without a witness: automatic "
+            "partner-down then depends on client evidence only (partner_down_min_clients = "
+            f"{m.partnerships.min_clients()} unanswered clients of the partner, reported by the "
+            "service); silence alone never triggers it")
     quorum = {"has": m.has_quorum(), "witness": m.witness_id,
               "witness_vote": (m.peers[m.witness_id].heartbeat.vote
                                if m.witness_id and m.peers[m.witness_id].heartbeat else None)}

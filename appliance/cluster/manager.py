@@ -212,8 +212,6 @@ class ClusterManager(Service):
                                           data_lost=data_lost, recover_wait_s=recover_wait_s,
                                           peer_link=peer_link)
 
-    # ------------------------------------------------------------------
-    # life cycle
     def partner_confirmed(self, peer: str) -> bool:
         """True iff the relationship with ``peer`` is PARTNER-DOWN and that is
         *confirmed*: the operator's ``partner-down``, or an automatic one
@@ -223,6 +221,19 @@ class ClusterManager(Service):
         correct when the listener hears the transition."""
         return self.partnerships.confirmed(peer)
 
+    def report_client_evidence(self, peer: str, unanswered_clients: int) -> None:
+        """A service (dhcp4) reports how many distinct clients of ``peer``
+        retransmitted past their threshold without an answer from ``peer`` in
+        its recent window (0 when none).  With ``auto_partner_down_s`` > 0,
+        no witness, the partner silent (COMMUNICATIONS-INTERRUPTED) at least
+        that long and the latest report at ``partner_down_min_clients`` or
+        more, the relationship enters a confirmed PARTNER-DOWN."""
+        if peer not in self.partners:
+            return
+        self.partnerships.report_client_evidence(peer, unanswered_clients, self.clock.seconds())
+
+    # ------------------------------------------------------------------
+    # life cycle
     # ------------------------------------------------------------------
     def startService(self):
         super().startService()

@@ -12,6 +12,10 @@ failover drafts:
   hands out the same resource twice.
 * ``PARTNER-DOWN`` -- the peer is known (operator) or assumed (after
   ``auto_partner_down_s``, default 0 = never) down: serve everything.
+  With ``evidence_required`` (the manager's setting) the automatic one also
+  needs a confirmation (``tick(confirm=...)``: the witness's quorum, or the
+  partner's clients retransmitting unanswered): silence alone is what a
+  partition looks like too.
   Each entry records whether it is *confirmed* (:attr:`PartnerFSM.confirmed`,
   :attr:`Transition.confirmed`): the operator's command, or an automatic
   partner-down backed by evidence the partner cannot have (the witness's
@@ -104,7 +108,8 @@ class PartnerFSM:
 
     def __init__(self, peer: str, *, primary: bool, auto_partner_down_s: float,
                  startup_wait_s: float, now: float, persisted: str | None = None,
-                 data_lost: bool = False, recover_wait_s: float = 0.0):
+                 data_lost: bool = False, recover_wait_s: float = 0.0,
+                 evidence_required: bool = False):
         self.peer = peer
         self.primary = primary
         self.auto_partner_down_s = auto_partner_down_s
@@ -122,6 +127,7 @@ class PartnerFSM:
         self.confirmed = False               # PARTNER-DOWN confirmed (operator, evidence)
         self.persisted_confirmed = False     # the previous run's PARTNER-DOWN was confirmed
         self.peer_alive = False              # heard since it was last lost
+        self.evidence_required = evidence_required   # automatic partner-down needs `confirm`
         self.link = LINK_NA                  # the peer link, for relationships that use it
         self._link_gate = False              # inside heard(): NORMAL needs the link
 
@@ -252,7 +258,8 @@ class PartnerFSM:
                                                "an incomplete recovery")
         if (self.state == COMM_INTERRUPTED and self.peer_state is None
                 and self.auto_partner_down_s > 0 and allow_auto and self.interrupted_at is not None
-                and now - self.interrupted_at >= self.auto_partner_down_s):
+                and now - self.interrupted_at >= self.auto_partner_down_s
+                and (confirm is not None or not self.evidence_required)):
             return self._go(PARTNER_DOWN, now,
                             f"peer {self.peer} silent for {self.auto_partner_down_s:g}s "
                             "(auto_partner_down_s)" + (f"; confirmed by {confirm}" if confirm

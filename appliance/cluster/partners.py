@@ -26,6 +26,7 @@ class Partnership:
     syncing: bool = False
     loading: bool = False        # persisted state being read: no transitions yet
     reason: str = ""             # of the last transition
+    confirmed_by: str | None = None
     uses_link: bool = False      # replicates over the peer link: NORMAL needs it up
     link_down_since: float | None = None
     alive_since: float | None = None   # the peer heard continuously since
@@ -35,6 +36,8 @@ class Partnerships:
     def __init__(self, m):
         self.m = m
         self.partners: dict[str, Partnership] = {}
+        # peer -> (distinct clients of the partner unanswered, when reported)
+        self.evidence: dict[str, tuple[int, float]] = {}
 
     def key(self, peer: str) -> str:
         return f"cluster:partner:{self.m.node_id}:{peer}"
@@ -67,7 +70,7 @@ class Partnerships:
                                auto_partner_down_s=m.cfg.auto_partner_down_s,
                                startup_wait_s=max(2 * m.dead_after_s, 0.5),
                                now=m.clock.seconds(), data_lost=data_lost,
-                               recover_wait_s=recover_wait_s)
+                               recover_wait_s=recover_wait_s, evidence_required=True)
             ps = self.partners[peer] = Partnership(fsm)
             if m.store is not None:
                 ps.loading = True
@@ -105,19 +108,51 @@ class Partnerships:
         ps = self.partners.get(peer)
         return ps is not None and ps.fsm.state == P.PARTNER_DOWN and ps.fsm.confirmed
 
+    def min_clients(self) -> int:
+        return int(getattr(self.m.cfg, "partner_down_min_clients", 10) or 10)
+
     def confirmation(self, peer: str) -> str | None:
-        """What would confirm an automatic PARTNER-DOWN with ``peer`` now
-        (None: nothing, silence alone)."""
+        """What confirms an automatic PARTNER-DOWN with ``peer`` now (None:
+        nothing, silence alone).  With a witness (a witness node or Redis
+        leases) only the witness does: client evidence seen by a node without
+        quorum could be matched by the same evidence on the side that holds
+        it.  Without one, the partner's clients retransmitting unanswered
+        (Kea's max-unacked-clients)."""
         m = self.m
-        if m.witness_id is not None and m.has_quorum():
-            return f"witness {m.witness_id} quorum"
+        lease = getattr(m, "lease", None)
+        if lease is not None:
+            return "the Redis quorum lease" if lease.holds_quorum() else None
+        if m.witness_id is not None:
+            return f"witness {m.witness_id} quorum" if m.has_quorum() else None
+        n = self.evidence.get(peer, (0, 0.0))[0]
+        if n >= self.min_clients():
+            return (f"client evidence: {n} clients of {peer} unanswered "
+                    f"(partner_down_min_clients = {self.min_clients()})")
         return None
+
+    def report_client_evidence(self, peer: str, unanswered: int, now: float):
+        """The latest count stands until the next report (a service reports 0
+        when its window is empty); a peer heard reporting the relationship
+        clears it."""
+        unanswered = max(0, int(unanswered))
+        before = self.evidence.get(peer, (0, 0.0))[0]
+        self.evidence[peer] = (unanswered, now)
+        threshold = self.min_clients()
+        if (before >= threshold) != (unanswered >= threshold):
+            _log.info("partner {peer}: {n} of its clients unanswered ({verdict} "
+                      "partner_down_min_clients = {min})", peer=peer, n=unanswered,
+                      verdict="reaches" if unanswered >= threshold else "below",
+                      min=threshold,
+                      partner_evidence={"peer": peer, "unanswered_clients": unanswered,
+                                        "min_clients": threshold})
 
     # -- events -----------------------------------------------------------------
     def heard(self, peer: str, reported: str | None, now: float, maintenance: bool):
         ps = self.partners.get(peer)
         if ps is not None and ps.alive_since is None:
             ps.alive_since = now
+        if reported is not None:
+            self.evidence.pop(peer, None)        # its side of the relationship answers
         if ps is not None and not ps.loading:
             self.transition(ps, ps.fsm.heard(reported, now, maintenance=maintenance))
             self.maybe_sync(ps)        # the secondary's turn in POTENTIAL-CONFLICT
@@ -187,6 +222,9 @@ class Partnerships:
                   partner_transition={"peer": ps.fsm.peer, "old": t.old, "new": t.new,
                                       "reason": t.reason, "confirmed": t.confirmed})
         ps.reason = t.reason
+        ps.confirmed_by = (t.reason.split("confirmed by ", 1)[1]
+                           if t.confirmed and "confirmed by " in t.reason
+                           else "operator" if t.confirmed else None)
         if m.store is not None:
             warn = lambda f: _log.warn("partner state not persisted: {why}",  # noqa: E731
                                        why=f.getErrorMessage())
