@@ -103,6 +103,7 @@ class Replicator:
         self.full_running: set[str] = set()
         self.peer_bindings: dict[str, int | None] = {p: None for p in self.peers}
         self._resyncing: set[str] = set()
+        self._again: set[str] = set()
         self.stats = {"sent": 0, "acked": 0, "timeouts": 0, "failed": 0, "applied": 0,
                       "resent": 0, "skipped_down": 0, "messages": 0, "overflows": 0,
                       "full_resyncs": 0, "full_sent": 0, "full_removed": 0,
@@ -279,6 +280,8 @@ class Replicator:
         n = int(info.get("bindings") or 0)
         self.peer_bindings[peer] = n
         if peer in self._resyncing:
+            # it came back again during a resync: once that ends, look again
+            self._again.add(peer)
             return
         if n == 0 and self.location.count > 0 and not self.full_needed[peer]:
             _log.info("sip: {peer} came back without bindings: full resync", peer=peer)
@@ -299,6 +302,16 @@ class Replicator:
                                          "returns)", peer=peer, why=f.getErrorMessage()))
         return d
 
+    def _rerun(self, peer: str) -> bool:
+        """The peer said hello again during a resync: resync once more (in full if it
+        came back without bindings)."""
+        if peer not in self._again:
+            return False
+        self._again.discard(peer)
+        if self.peer_bindings.get(peer) == 0 and self.location.count > 0:
+            self.full_needed[peer] = True
+        return True
+
     def delta_resync(self, peer: str) -> defer.Deferred:
         owned = [a for a in self.missed[peer] if self.owns(a)]
         _log.info("sip: {peer} is back: resending {n} AORs it missed", peer=peer, n=len(owned))
@@ -312,6 +325,8 @@ class Replicator:
         pending = [a for a in self.missed[peer] if self.owns(a)][:self.batch]
         if not pending or not self.link.connected(peer):
             self._resyncing.discard(peer)
+            if self._rerun(peer):
+                self.reactor.callLater(0, self.resync, peer)
             finished.callback(None)
             return
         for aor in pending:
@@ -345,7 +360,7 @@ class Replicator:
         def done(r):
             self._resyncing.discard(peer)
             self.full_running.discard(peer)
-            if not isinstance(r, Failure) and self.missed[peer]:
+            if self._rerun(peer) or (not isinstance(r, Failure) and self.missed[peer]):
                 self.reactor.callLater(0, self.resync, peer)     # what it missed meanwhile
             return r
         return d.addBoth(done)

@@ -298,3 +298,22 @@ def test_owner_refuses_resync_states_but_applies_live_ones(tmp_path):
                              "del": []})
     settle_all()
     assert bindings(b, "sip:mine@example.test")
+
+
+def test_backup_back_again_during_a_resync_gets_another(tmp_path):
+    """The backup says hello again (restarted, without bindings) while a full resync to
+    it runs: a second full resync follows the first."""
+    a, b, link, clock, thread_a, thread_b, settle_all = pair(
+        tmp_path, backlog_limit=1, page=4, window=1, pause_s=0.5)
+    link.up = link.other.up = False
+    peer = Peer()
+    _register_many(a, peer, range(12), settle_all)
+    link.set_up(True)
+    settle_all()
+    assert "b" in a.replicator.full_running
+    a.replicator._hello("b", {"bindings": 0})
+    for _ in range(20):
+        clock.advance(0.5)
+        settle_all()
+    assert a.replicator.stats["full_resyncs"] == 2
+    assert not a.replicator.full_needed["b"] and "b" not in a.replicator.full_running
