@@ -160,6 +160,9 @@ class ESRService(Service):
             rpc.register("esr.routes", self.describe, params=Params(),
                          doc="ESR agent: the routes it keeps towards the DNs (per EN address "
                              "or slice), pending changes, errors, latencies.")
+            rpc.register("esr.reconcile", self.reconcile, params=Params(),
+                         doc="ESR agent: re-read its routes from the kernel and repair every "
+                             "difference with the mapping table (after manual changes).")
         registry = getattr(self.context, "metrics", None)
         if registry is not None:
             self._collector = _Collector(self)
@@ -198,17 +201,9 @@ class ESRService(Service):
         if not self.net_admin:
             _log.error("esr: no CAP_NET_ADMIN: following the mapping table but installing no "
                        "routes (run as root, or grant CAP_NET_ADMIN)")
-        versions = {h.via.version for h in self.config.next_hops.values() if h.via is not None}
-        for version in sorted(versions or {4}):
-            try:
-                owned = await self.routes.owned(version)
-            except Exception as e:
-                _log.error("esr: cannot read the routing table {t}: {e}", t=self.config.table,
-                           e=e)
-                owned = {}
-            for prefix, hop in owned.items():
-                self.installed[prefix] = {"dn": None, "via": hop["via"], "dev": hop["dev"],
-                                          "epoch": None, "found_at_start": True}
+        for prefix, hop in (await self._read_kernel()).items():
+            self.installed[prefix] = {"dn": None, "via": hop["via"], "dev": hop["dev"],
+                                      "epoch": None, "found_at_start": True}
         self.table.watch(self._changed)
         await self.table.start()
         stale = [p for p in self.installed if p not in self.desired]
@@ -221,6 +216,49 @@ class ESRService(Service):
                   "{t}, {s} stale), proto {p}", n=len(self.table.entries()),
                   m=len(self.installed), t=self.config.table, s=len(stale), p=self.config.proto)
 
+    async def _read_kernel(self) -> dict[str, dict]:
+        """Our routes (our proto, our table) as the kernel has them now."""
+        versions = {h.via.version for h in self.config.next_hops.values() if h.via is not None}
+        found: dict[str, dict] = {}
+        for version in sorted(versions or {4}):
+            try:
+                found.update(await self.routes.owned(version))
+            except Exception as e:
+                _log.error("esr: cannot read the routing table {t}: {e}", t=self.config.table,
+                           e=e)
+        return found
+
+    def reconcile(self) -> defer.Deferred:
+        """RPC ``esr.reconcile``: read our routes from the kernel again (an operator
+        may have changed them) and repair every difference with the table; fires
+        with ``{"repaired": [prefix, ...]}``."""
+        return defer.ensureDeferred(self._reconcile())
+
+    async def _reconcile(self) -> dict[str, Any]:
+        if self.routes is None or not self.reconciled:
+            return {"repaired": [], "note": "not started"}
+        kernel = await self._read_kernel()
+        for prefix in set(self.installed) | set(kernel):
+            if prefix in self._busy:
+                continue
+            if prefix in kernel:
+                old = self.installed.get(prefix, {"dn": None, "epoch": None})
+                self.installed[prefix] = {**old, "via": kernel[prefix]["via"],
+                                          "dev": kernel[prefix]["dev"]}
+            else:
+                self.installed.pop(prefix, None)
+        repaired = []
+        for prefix in sorted(set(self.desired) | set(self.installed)):
+            if prefix not in self.desired:
+                self.desired[prefix] = None
+                self.stats["stale_removed"] += 1
+            if self._apply(prefix) is not None:
+                repaired.append(prefix)
+        if repaired:
+            _log.info("esr: reconcile repaired {n} routes: {p}", n=len(repaired),
+                      p=", ".join(repaired))
+        return {"repaired": repaired}
+
     def stopService(self):
         super().stopService()
         for call in self._retry.values():
@@ -231,8 +269,9 @@ class ESRService(Service):
             self.table.unwatch(self._changed)
             self.table.stop()
         rpc = getattr(self.context, "rpc", None)
-        if rpc is not None and "esr.routes" in rpc:
-            rpc.unregister("esr.routes")
+        for name in ("esr.routes", "esr.reconcile"):
+            if rpc is not None and name in rpc:
+                rpc.unregister(name)
         registry = getattr(self.context, "metrics", None)
         if registry is not None and self._collector is not None:
             try:
@@ -278,10 +317,12 @@ class ESRService(Service):
                     "noticed": now}
         self._apply(prefix)
 
-    def _apply(self, prefix: str) -> None:
+    def _apply(self, prefix: str) -> str | None:
+        """Bring ``prefix``'s route towards the desired state; returns the
+        operation issued ("inject", "withdraw") or None."""
         if prefix in self._busy:
             self._dirty.add(prefix)
-            return
+            return None
         call = self._retry.pop(prefix, None)
         if call is not None and call.active():
             call.cancel()
@@ -290,18 +331,18 @@ class ESRService(Service):
         if want is None:
             if have is None:
                 self.desired.pop(prefix, None)
-                return
+                return None
             op = "withdraw"
         else:
             if have is not None and have["via"] == want["via"] and (
                     want["dev"] is None or have["dev"] == want["dev"]):
                 have.update(dn=want["dn"], epoch=want["epoch"])
                 self.errors.pop(prefix, None)
-                return
+                return None
             op = "inject"
         if not self.net_admin:
             self.errors[prefix] = "not installed: no CAP_NET_ADMIN"
-            return
+            return None
         self._busy.add(prefix)
         if op == "inject":
             d = self.routes.inject(prefix, dev=want["dev"], via=want["via"])
@@ -312,6 +353,7 @@ class ESRService(Service):
         d.addBoth(self._finished, prefix)
         d.addErrback(lambda f: _log.failure("esr: route bookkeeping for {p}", failure=f,
                                             p=prefix))
+        return op
 
     def _done(self, result, prefix: str, op: str, want: dict | None) -> None:
         now = self.reactor.seconds()

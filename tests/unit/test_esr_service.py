@@ -247,3 +247,23 @@ def test_rpc_and_metrics_while_running_and_gone_after_stop(tmp_path):
     assert lab.kernel() == {"10.200.0.5/32": "10.77.0.2"}
     lab.claim("10.200.0.5", "dn2")                  # no longer followed
     assert lab.kernel() == {"10.200.0.5/32": "10.77.0.2"}
+
+
+def test_reconcile_repairs_manual_changes(tmp_path):
+    """esr.reconcile re-reads the kernel: a route of ours deleted or changed by hand is
+    put back, one of ours the table does not know is removed, others' stay."""
+    lab = Lab(tmp_path)
+    lab.start()
+    lab.claim("10.200.0.5", "dn1")
+    lab.claim("10.200.0.64/26", "dn2")
+    del lab.nl.kernel[(254, "10.200.0.5/32")]                          # deleted by hand
+    lab.nl.kernel[(254, "10.200.0.64/26")]["via"] = "10.77.0.9"         # changed by hand
+    lab.nl.kernel[(254, "10.200.7.0/24")] = {"dev": None, "via": "10.77.0.2",
+                                             "proto": PROTO_ESR}        # ours, unknown
+    lab.nl.kernel[(254, "10.1.0.0/24")] = {"dev": "eth0", "via": None, "proto": 4}
+    assert "esr.reconcile" in lab.rpc
+    result = ok(lab.service.reconcile())
+    assert result == {"repaired": ["10.200.0.5/32", "10.200.0.64/26", "10.200.7.0/24"]}
+    assert lab.kernel() == {"10.200.0.5/32": "10.77.0.2", "10.200.0.64/26": "10.77.0.3"}
+    assert (254, "10.1.0.0/24") in lab.nl.kernel
+    assert ok(lab.service.reconcile()) == {"repaired": []}
