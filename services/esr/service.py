@@ -314,7 +314,7 @@ class ESRService(Service):
                 self.desired[prefix] = {
                     "dn": entry["dn"], "epoch": entry.get("epoch"), "since": entry.get("since"),
                     "via": str(hop.via) if hop.via is not None else None, "dev": hop.dev,
-                    "noticed": now}
+                    "noticed": now, "live": self.reconciled}
         self._apply(prefix)
 
     def _apply(self, prefix: str) -> str | None:
@@ -372,10 +372,12 @@ class ESRService(Service):
                                   "epoch": want["epoch"], "installed_at": now,
                                   "latency_s": latency}
         self.stats["injected"] += 1
-        self.samples.append(latency)
         since = want.get("since")
-        if isinstance(since, (int, float)) and 0 <= now - since < 3600:
-            self.claim_samples.append(now - since)
+        if want.get("live"):
+            # changes heard while running (not the start's catch-up of old claims)
+            self.samples.append(latency)
+            if isinstance(since, (int, float)) and 0 <= now - since < 3600:
+                self.claim_samples.append(now - since)
         _log.info("esr: {p} -> {dn} ({via}) in {ms:.2f} ms", p=prefix, dn=want["dn"],
                   via=want["via"] or want["dev"], ms=latency * 1000)
         self._tell(prefix, dict(self.installed[prefix]), latency)

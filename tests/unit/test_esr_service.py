@@ -124,6 +124,7 @@ def test_start_reconciles_missing_stale_and_leaves_foreign_routes(tmp_path):
     assert lab.kernel() == {"10.200.0.5/32": "10.77.0.2", "10.200.0.64/26": "10.77.0.3",
                             "10.200.0.9/32": "10.77.0.3"}
     assert (254, "10.1.0.0/24") in lab.nl.kernel
+    assert not lab.service.samples          # the start's catch-up is no latency sample
     replaced = [c[1] for c in lab.nl.calls if c[0] == "replace"]
     assert sorted(replaced) == ["10.200.0.5/32", "10.200.0.64/26"]      # .9 already right
     assert lab.service.stats["stale_removed"] == 1 and lab.service.reconciled
