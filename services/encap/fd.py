@@ -148,6 +148,8 @@ class Watchdog:
             errors = tun.stats["rx_errors"] + tun.stats["tx_errors"]
             if tun.fd < 0:
                 bad.append("tun_closed")
+            elif getattr(tun, "broken", None):
+                bad.append(f"tun_broken ({tun.broken})")
             elif self._tun_errors is not None and errors > self._tun_errors:
                 bad.append(f"tun_errors {errors - self._tun_errors} ({tun.last_error})")
             self._tun_errors = errors

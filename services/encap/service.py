@@ -79,6 +79,7 @@ class EncapService(Service):
     async def _start(self):
         cfg = self.config
         node_id = self.context.node_id
+        self.tun, self.tun_problem = None, None
         psk = W.load_psk(cfg.psk_file)
         me = cfg.node(node_id)
         if me is None:
@@ -228,6 +229,12 @@ class EncapService(Service):
                 if other not in peers:
                     continue
                 name = f"encap:{dn}:{net}"
+                if name in self._resources:
+                    # a restart by the watchdog: the listener is there (it calls the new
+                    # DecapNode); tell the new one what we own
+                    if cluster.role(name) == "owner":
+                        self.dn.slice_role(dn, net, "owner")
+                    continue
                 cluster.register_resource(
                     name, lambda res, role, epoch, dn=dn, net=net: self.dn.slice_role(dn, net, role),
                     priority={dn: 200, sec: 100})

@@ -30,6 +30,7 @@ TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 MAX_PACKET = 65535
+_FATAL = {errno.EBADFD, errno.EBADF, errno.ENODEV, errno.EIO, errno.ENXIO}
 
 
 class TunError(Exception):
@@ -92,6 +93,9 @@ class TunReader:
         self.stats = {"rx": 0, "tx": 0, "rx_errors": 0, "tx_errors": 0, "tx_full": 0,
                       "read_batches": 0}
         self.last_error: str | None = None
+        #: set when the device is gone or the fd unusable (EBADFD, ENODEV, EIO...):
+        #: nothing will work until the TUN is opened again
+        self.broken: str | None = None
         self._reading = False
 
     # IReadDescriptor
@@ -134,7 +138,8 @@ class TunReader:
             except OSError as e:
                 self.stats["rx_errors"] += 1
                 self.last_error = f"read: {e.strerror}"
-                if e.errno == errno.EBADFD or e.errno == errno.EBADF:
+                if e.errno in _FATAL:
+                    self.broken = self.last_error
                     self.stop()
                 break
         if packets:
@@ -162,5 +167,7 @@ class TunReader:
                 else:
                     self.stats["tx_errors"] += 1
                     self.last_error = f"write: {e.strerror}"
+                    if e.errno in _FATAL:
+                        self.broken = self.last_error
         self.stats["tx"] += n
         return n

@@ -208,3 +208,33 @@ def test_cluster_declares_the_primary_dead_before_the_en_notices(netns_lab: Lab,
     while time.monotonic() < deadline and el.rpc(other, "encap.sessions")["slices_taken"]:
         time.sleep(0.2)
     assert el.rpc(other, "encap.sessions")["slices_taken"] == []
+
+
+def test_watchdog_restarts_a_dn_whose_tun_device_is_gone(netns_lab: Lab, tmp_path):
+    """Someone deletes the primary DN's TUN device: its writes fail, the watchdog
+    declares the DN unhealthy and restarts the service (new TUN, new sockets); the EN
+    is served again (meanwhile by the other DN, then back home)."""
+    el = EncapLab(netns_lab, tmp_path).build()
+    lab = netns_lab
+    el.start_dn("dn1")
+    el.start_dn("dn2")
+    el.start_en()
+    st = el.wait_en(lambda s: s.get("configured") and s.get("confirmed"), what="EN address")
+    primary = st["primary"]
+    lab.run(primary, "ip", "link", "del", "encap0")
+    pinger = lab.popen("en", "ping", "-i", "0.05", "-c", "300", "-W", "1", SERVER)  # TUN writes
+    deadline = time.monotonic() + 20
+    wd = {}
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        wd = el.rpc(primary, "encap.stats").get("watchdog", {})
+        if wd.get("restarts"):
+            break
+    pinger.terminate()
+    assert wd.get("restarts", 0) >= 1, wd
+    assert any("tun_" in r for h in wd["history"] for r in h["reasons"]), wd
+    assert "encap0" in lab.run(primary, "ip", "link", "show", "encap0").stdout
+    el.wait_en(lambda s: s.get("primary") == primary and s.get("confirmed"), timeout=20,
+               what="EN served by its restarted home DN")
+    ping = lab.run("en", "ping", "-c", "3", "-i", "0.2", "-W", "2", SERVER, check=False)
+    assert " 0% packet loss" in ping.stdout, ping.stdout

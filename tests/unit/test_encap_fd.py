@@ -11,7 +11,8 @@ from services.encap.fd import Watchdog
 
 
 def fake_service(node_id="dn1"):
-    tun = SimpleNamespace(fd=5, stats={"rx_errors": 0, "tx_errors": 0}, last_error=None)
+    tun = SimpleNamespace(fd=5, stats={"rx_errors": 0, "tx_errors": 0}, last_error=None,
+                          broken=None)
     health = SimpleNamespace(unable={})
     cluster = SimpleNamespace(health=health, changes=0)
     cluster.changed = lambda: setattr(cluster, "changes", cluster.changes + 1)
@@ -79,3 +80,15 @@ def test_healthy_dn_is_left_alone():
     for _ in range(20):
         clock.advance(0.5)
     assert wd.healthy and not restarts and svc.context.cluster.changes == 0
+
+
+def test_a_broken_tun_is_a_strike_every_round_until_restarted():
+    """One fatal TUN error (device gone) keeps the DN unhealthy without more traffic."""
+    clock, svc, restarts = Clock(), fake_service(), []
+    wd = make(clock, svc, restarts)
+    svc.tun.broken = "write: File descriptor in bad state"
+    for _ in range(3):
+        clock.advance(0.5)
+    assert not wd.healthy and wd.reasons == ["tun_broken (write: File descriptor in bad state)"]
+    clock.advance(1.0)
+    assert len(restarts) == 1
