@@ -29,6 +29,10 @@ its own reactor and namespaces, needs root, ``bird2`` and ``redis-server``)::
     bird = propagation_samples("bird", n=20)                 # seconds
     esr = propagation_samples("esr", n=20)
 
+For a bench whose DNs run the real encap service (outage rows ``bird2-ospf``):
+``start_birds(lab, esr_ns, [dn1_ns, dn2_ns], workdir)`` starts BIRD with the
+etc/bird configs in those namespaces and waits for the OSPF adjacencies.
+
 or ``python -m bench.encap_bird bird|esr [--n N] [--scan-time S] [--json]``.
 """
 
@@ -86,9 +90,10 @@ def run(path: str, n: int = 10, *, scan_time: int | None = None,
 # ----------------------------------------------------------------------
 # pieces
 # ----------------------------------------------------------------------
-def bird_config(name: str, scan_time: int | None = None) -> str:
-    """etc/bird/<name>.conf, with ``scan time`` set when asked (else BIRD's default)."""
-    text = (BIRD_DIR / f"{name}.conf").read_text()
+def bird_config(name: str, scan_time: int | None = None, iface: str = "eth0") -> str:
+    """etc/bird/<name>.conf, with ``scan time`` set when asked (else BIRD's default)
+    and ``iface`` as the OSPF interface (and router-id source) instead of eth0."""
+    text = (BIRD_DIR / f"{name}.conf").read_text().replace('"eth0"', f'"{iface}"')
     if scan_time is not None:
         text, count = re.subn(r"#\s*scan time \d+;", f"scan time {int(scan_time)};", text)
         if count != 1:
@@ -132,6 +137,24 @@ class Bird:
                 self.proc.wait()
         if getattr(self, "fh", None):
             self.fh.close()
+
+
+def start_birds(lab, esr_ns: str, dn_nss: list[str], workdir: Path, *,
+                scan_time: int | None = None, iface: str = "eth0",
+                timeout: float = 60.0) -> list[Bird]:
+    """BIRD 2 with etc/bird/esr.conf in ``esr_ns`` and etc/bird/dn.conf in each of
+    ``dn_nss`` (all on one link, interface ``iface``), started and waited for until
+    the ESR has a Full adjacency with every DN; for benches whose DNs run the real
+    encap service (its routes carry proto 228, which dn.conf exports).  Stop them
+    with ``Bird.stop()``; the lab's close() also ends them."""
+    workdir = Path(workdir)
+    birds = [Bird(lab, esr_ns, workdir, "esr", bird_config("esr", iface=iface)).start()]
+    for i, ns in enumerate(dn_nss):
+        birds.append(Bird(lab, ns, workdir, f"dn{i + 1}",
+                          bird_config("dn", scan_time, iface=iface)).start())
+    wait_until(lambda: birds[0].birdc("show", "ospf", "neighbors").count("Full")
+               >= len(dn_nss), timeout, "OSPF adjacencies of the ESR")
+    return birds
 
 
 def wait_until(predicate, timeout: float, what: str, step: float = 0.1):
@@ -210,11 +233,9 @@ async def bird_path(reactor, n: int, scan_time: int | None) -> dict:
     watch = nl = None
     try:
         esr_ns, dn_ns = lab.nodes["esr"].ns, lab.nodes["dn1"].ns
-        birds = [Bird(lab, esr_ns, work, "esr", bird_config("esr")).start(),
-                 Bird(lab, dn_ns, work, "dn", bird_config("dn", scan_time)).start()]
         t_up = time.monotonic()
-        await deferToThread(wait_until, lambda: "Full" in birds[0].birdc(
-            "show", "ospf", "neighbors"), 60, "OSPF adjacency")
+        birds = await deferToThread(start_birds, lab, esr_ns, [dn_ns], work,
+                                    scan_time=scan_time)
         adjacency_s = time.monotonic() - t_up
         # a route of somebody else on the DN (not proto 228): BIRD must not carry it
         lab.host("ip", "-n", dn_ns, "route", "add", "10.201.0.0/24", "dev", "en0",
