@@ -139,3 +139,45 @@ async def test_shared_redis_claims_race_watch_and_resync(redis_always):
         await eventually(lambda: esr.lookup("10.200.1.5") == e, what="esr saw epoch 8")
     finally:
         await close(stores, [dn1, dn2, esr])
+
+
+@pytest_twisted.ensureDeferred
+async def test_esr_with_its_own_redis_source(redis_always):
+    """[services.esr] source = a Redis URL: the agent opens its own store connection
+    (the node keeps another store), follows the DNs' table there, and closes it at stop."""
+    from types import SimpleNamespace
+
+    from appliance.config import config_from_string
+    from appliance.store.redis import RedisStore
+    from services.esr.plugin import esr_plugin
+    from services.esr.service import ESRService
+    from tests.unit.test_encap_routes import FakeNetlink
+    ns = f"t{uuid.uuid4().hex[:12]}"
+    cfg = config_from_string(f"""
+[node]
+id = "esr"
+state_dir = "/tmp/esr-it"
+[services.esr]
+source = "{redis_always.url}"
+namespace = "{ns}"
+next_hops = {{ dn1 = "10.77.0.2" }}
+""", "esr.toml", plugins={"esr": esr_plugin}).services["esr"].config
+    nl = FakeNetlink()
+    ctx = SimpleNamespace(reactor=reactor, store=None, rpc=None, metrics=None, cluster=None,
+                          node_id="esr", providers={})
+    svc = ESRService(cfg, ctx, netlink=nl, net_admin=True)
+    store = RedisStore(reactor, url=redis_always.url, namespace=ns)
+    await defer.maybeDeferred(store.startService)
+    dn1 = MappingTable(reactor, store, "dn1")
+    await dn1.start()
+    try:
+        await svc.startService()
+        assert svc._own_store is not None and svc._own_store.healthy
+        await dn1.claim("10.200.3.0/26", "dn1", "x")
+        await eventually(lambda: (254, "10.200.3.0/26") in nl.kernel, what="route installed")
+        assert nl.kernel[(254, "10.200.3.0/26")]["via"] == "10.77.0.2"
+    finally:
+        await svc.stopService()
+        dn1.stop()
+        await defer.maybeDeferred(store.stopService)
+    assert not svc._own_store.running
