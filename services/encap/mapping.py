@@ -151,7 +151,8 @@ class MappingTable:
         self._reloading: defer.Deferred | None = None
         self._reload_again = False
         self._retry_call = None
-        self.stats = {"reload_failures": 0, "claims": 0, "claims_lost": 0, "claims_held": 0, "releases": 0,
+        self.stats = {"reload_failures": 0, "claims": 0, "claims_lost": 0, "claims_held": 0,
+                      "releases": 0,
                       "releases_refused": 0, "notifications": 0, "resyncs": 0,
                       "changes": 0, "replicated_out": 0, "replicated_in": 0,
                       "replication_failures": 0, "full_syncs": 0}

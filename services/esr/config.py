@@ -11,7 +11,6 @@ Example (see ``etc/esr.toml``)::
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass
 from types import MappingProxyType

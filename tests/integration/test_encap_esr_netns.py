@@ -15,7 +15,6 @@ and a foreign route to a mapped prefix that must survive all of it.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -221,7 +220,8 @@ async def test_esr_routes_follow_claims_in_namespaces(netns_lab, shared_redis, t
         final = node.rpc("esr.routes")
         assert set(final["routes"]) == {slice_, "10.200.0.6/32"}
         notify = info["latency"]["notify"]
-        print(f"\nESR_LATENCY claim->route seen in esr netns (test-side, pyroute2 polling every 5 ms): "
+        print(f"\nESR_LATENCY claim->route seen in esr netns (test-side, pyroute2 polling "
+              f"every 5 ms): "
               f"{[round(x * 1000, 1) for x in latencies]} ms; agent notify->kernel "
               f"p50 {notify['p50_ms']} ms max {notify['max_ms']} ms; "
               f"claim->kernel {info['latency'].get('claim')}")

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 from prometheus_client import CollectorRegistry
-from twisted.internet.task import Clock
 
 from appliance.admin.rpc import MethodRegistry
 from appliance.config import ConfigError, config_from_string
