@@ -3,10 +3,22 @@
 Topology (network namespaces on one bridge, built and removed by the bench):
 node a 10.77.0.1, node b 10.77.0.2, client 10.77.0.10; the VIP 10.77.0.100/24.
 
-A death is a power loss: SIGKILL of every process in the owner's namespace
-and its link set down in the same instant.  Takeover time = from that
-instant to the first echo reply the client gets from the VIP (the client
-pings every 5 ms).  Both systems run with their defaults for a primary
+A death is a power loss: every process in the owner's namespace is frozen
+(SIGSTOP: nothing more leaves, not even a dying daemon's goodbye -- a
+keepalived VRRP child hit by its parent's death signal would send a
+priority-0 advert and hand over at once), its link is set down, then
+everything is killed.  Takeover time = from the freeze (T0: the last
+heartbeat left before it) to the first echo reply the client gets from the
+VIP *to an echo sent after the link was down* (T1; until then the dying
+box's kernel still answers pings to the VIP: the old bench took the death
+at T0 and counted those replies, so keepalived-254 showed a 21 ms p50 below
+its 301 ms threshold).  The client pings every 5 ms.  Each row prints its
+detection threshold, counted from the last heartbeat/advert heard, so a
+takeover measured from the death is at least ``threshold - one send period``
+(appliance: interval / beats_per_interval; keepalived: one advert): trials
+below that floor are counted (``trials_below_floor``: they would mean the
+death moment or the reply was taken wrongly; now 0).  Both systems
+run with their defaults for a primary
 and a backup (priority 200/100, preempt): after each trial the dead primary
 is revived (its runtime files cleared, as a power cycle would), takes the
 VIP back, and the next trial kills it again.
@@ -86,18 +98,23 @@ class System:
                    if any(str(a.ip) == VIP for a in self.lab.addresses(n))]
         return holders[0] if len(holders) == 1 else None
 
-    def kill_box(self, node: str) -> float:
-        """SIGKILL everything in the namespace and cut its link; return the instant."""
+    def kill_box(self, node: str) -> tuple[float, float]:
+        """Freeze everything in the namespace, cut its link, kill it all;
+        return (freeze instant T0, link-down instant T1)."""
         ns = self.lab.nodes[node].ns
         pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
         t0 = time.time()
-        for pid in pids:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
-        self.lab.link_down(node)
-        return t0
+        for sig in (signal.SIGSTOP, None, signal.SIGKILL):
+            if sig is None:
+                self.lab.link_down(node)
+                t1 = time.time()
+                continue
+            for pid in pids:
+                try:
+                    os.kill(int(pid), sig)
+                except (ProcessLookupError, ValueError):
+                    pass
+        return t0, t1
 
     def clear_runtime(self, node: str):
         """What a power cycle loses (pid files, addresses)."""
@@ -130,6 +147,9 @@ class Appliance(System):
     def detection_threshold_ms(self) -> float:
         return round(self.interval_ms * (DEAD_AFTER + 0.5 / BEATS), 1)
 
+    def send_period_ms(self) -> float:
+        return self.interval_ms / BEATS
+
     def config(self, node: str) -> Path:
         path = self.workdir / f"node-{node}.toml"
         if node == "w":
@@ -161,6 +181,9 @@ class Keepalived(System):
         advert = float(self.interval_ms)
         skew = (256 - self.priorities["b"]) / 256 * advert
         return round(3 * advert + skew, 1)
+
+    def send_period_ms(self) -> float:
+        return float(self.interval_ms)
 
     def became_master(self, node: str) -> int:
         log = self.workdir / f"keepalived-{node}.log"
@@ -231,8 +254,10 @@ def trial(system: System, lab, workdir: Path, settle_s: float) -> float | None:
                        "--interval-ms", "5", "--duration", str(duration),
                        "--mark-file", str(mark), stdout=subprocess.PIPE, text=True)
     time.sleep(settle_s)
-    t0 = system.kill_box(owner)
-    mark.write_text(repr(t0))
+    t0, t1 = system.kill_box(owner)
+    tmp = mark.with_suffix(".tmp")
+    tmp.write_text(f"{t0!r} {t1!r}")
+    tmp.replace(mark)                # the pinger never reads half a mark
     out, _ = pinger.communicate(timeout=duration + 10)
     result = json.loads(out.strip().splitlines()[-1])
     system.revive(owner)
@@ -383,14 +408,23 @@ def main() -> int:
             for cls in systems + anchors:
                 outages = run_system(cls, interval, trials, log)
                 case = f"interval={interval}ms"
+                probe = cls(None, Path("."), interval)
+                threshold = probe.detection_threshold_ms()
+                floor = round(threshold - probe.send_period_ms(), 1)
+                below = sum(1 for o in outages if o < floor)
+                log(f"{cls.name} {case}: detection threshold {threshold} ms after the last "
+                    f"beat (floor from the death {floor} ms), outages {sorted(outages)}, "
+                    f"{below} below the floor")
                 for metric, p in (("takeover_ms_p50", 50), ("takeover_ms_p95", 95)):
                     value = percentile(outages, p)
                     rows.append({"system": cls.name, "case": case, "metric": metric,
                                  "value": None if value is None else round(value, 1),
                                  "unit": "ms", "n": len(outages)})
                 rows.append({"system": cls.name, "case": case, "metric": "detection_threshold_ms",
-                             "value": cls(None, Path("."), interval).detection_threshold_ms(),
-                             "unit": "ms", "n": 1})
+                             "value": threshold, "unit": "ms", "n": 1})
+                rows.append({"system": cls.name, "case": case,
+                             "metric": "trials_below_floor", "value": below,
+                             "unit": "count", "n": len(outages)})
     loss_seconds = 20.0 if args.quick else args.loss_seconds
     if "loss" in parts:
         for percent in (5, 10, 20):

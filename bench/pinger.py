@@ -5,12 +5,16 @@ Run inside the client namespace (needs root for the raw socket):
     python bench/pinger.py TARGET --interval-ms 5 --duration 10 --mark-file F
 
 Sends an echo request every interval and records the wall-clock time of
-every reply.  When ``--mark-file`` appears (the bench writes the time of
-the failure into it), the pinger reports the first reply *to an echo sent
-after* that moment (the request's send time travels in its payload), so a
-reply the dying box sent before the failure but that is read late never
-counts; then it exits.  Prints one JSON object:
-``{"sent": N, "replies": N, "failure_at": T, "first_reply_after": T, "outage_ms": X}``.
+every reply.  When ``--mark-file`` appears the bench has written two times
+into it: ``T0 T1`` -- T0 when the box's processes were frozen (its last
+heartbeat left before T0: the takeover's detection runs from there), T1 when
+its link was down (until T1 the dying box's *kernel* still answered echoes
+sent to the VIP).  The pinger reports the first reply *to an echo sent after
+T1* (the request's send time travels in its payload), so no reply of the
+dying box counts, and the outage from T0 (one time alone: both).  Then it
+exits.  Prints one JSON object:
+``{"sent": N, "replies": N, "failure_at": T0, "link_down_at": T1,
+"first_reply_after": T, "outage_ms": X}``.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ def main() -> int:
     start = time.time()
     next_send = start
     seq = sent = replies = 0
-    failure_at = first_after = None
+    failure_at = first_after = link_down_at = None
     last_reply = None
     stop_at = start + args.duration
     while time.time() < stop_at:
@@ -70,9 +74,11 @@ def main() -> int:
             next_send += interval
         if failure_at is None and args.mark_file and os.path.exists(args.mark_file):
             try:
-                failure_at = float(open(args.mark_file).read().strip() or "nan")
+                times = [float(x) for x in open(args.mark_file).read().split()]
             except ValueError:
-                failure_at = None
+                times = []
+            if times:
+                failure_at, link_down_at = times[0], times[-1]
         timeout = max(0.0, min(next_send - time.time(), 0.05))
         ready, _, _ = select.select([sock], [], [], timeout)
         if not ready:
@@ -92,10 +98,11 @@ def main() -> int:
             continue
         replies += 1
         last_reply = t
-        if failure_at is not None and first_after is None and sent_at > failure_at:
+        if failure_at is not None and first_after is None and sent_at > link_down_at:
             first_after = t
             stop_at = min(stop_at, t + args.after_mark)
     result = {"sent": sent, "replies": replies, "failure_at": failure_at,
+              "link_down_at": link_down_at,
               "first_reply_after": first_after, "last_reply": last_reply,
               "outage_ms": None if (failure_at is None or first_after is None)
               else round((first_after - failure_at) * 1000, 1)}
