@@ -4,8 +4,9 @@ Namespaces dn1 (10.77.0.2), dn2 (10.77.0.3) and esr (10.77.0.1) on one bridge.
 A real ``twistd -n appliance`` node runs in the esr namespace with
 ``[services.esr]`` and a Redis store reached over a unix socket (the socket is
 a file: it works across namespaces, so the DNs and the ESR share one Redis as
-in a shared-store deployment).  The two DNs are MappingTable writers in this
-test process (no data plane needed: claims are what the DN's encap service
+in a shared-store deployment).  In each DN namespace a small process holds a
+MappingTable on that Redis and claims or releases what the test tells it on
+its stdin (no data plane needed: claims are what the DN's encap service
 writes).  At each step the esr namespace's routes are read with pyroute2:
 claim by dn1, move to dn2, back to dn1, a host route, a release, then a
 restart of the agent with changes made while it was down (full reconcile),
@@ -23,12 +24,11 @@ import uuid
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from services.encap.mapping import MappingTable
 from services.encap.routes import PROTO_ESR
-from tests.support.node_process import env_with_dropins, free_port, twistd_command
+from tests.support.node_process import ROOT, env_with_dropins, free_port, twistd_command
 from tests.support.require import require_binary
 
 pytestmark = pytest.mark.integration
@@ -73,6 +73,88 @@ async def route_becomes(ns, prefix, want, timeout=10.0) -> float:
         if time.monotonic() - t0 > timeout:
             pytest.fail(f"{prefix}: wanted via {want}, kernel has {got} after {timeout} s")
         await sleep(0.005)
+
+
+WRITER = r"""
+import json, sys
+from twisted.internet import defer, reactor, stdio
+from twisted.protocols.basic import LineReceiver
+from appliance.store.redis import RedisStore
+from services.encap.mapping import MappingTable
+
+url, namespace, me = sys.argv[1:4]
+
+
+class Commands(LineReceiver):
+    delimiter = b"\n"
+
+    def connectionMade(self):
+        self.sendLine(b'{"ready": true}')
+
+    def lineReceived(self, line):
+        op, target, *rest = line.decode().split()
+        d = table.claim(target, me, rest[0]) if op == "claim" else table.release(target, me)
+        d.addCallbacks(lambda r: self.sendLine(json.dumps({"ok": r}).encode()),
+                       lambda f: self.sendLine(json.dumps({"error": str(f.value)}).encode()))
+
+    def connectionLost(self, reason):
+        reactor.stop()
+
+
+async def main():
+    global table
+    store = RedisStore(reactor, url=url, namespace=namespace)
+    await store.startService()
+    table = MappingTable(reactor, store, me)
+    await table.start()
+    stdio.StandardIO(Commands())
+
+reactor.callWhenRunning(lambda: defer.ensureDeferred(main()).addErrback(
+    lambda f: (print(f, file=sys.stderr), reactor.stop())))
+reactor.run()
+"""
+
+
+class DNWriter:
+    """A MappingTable writer process inside a DN namespace (claim/release on command)."""
+
+    def __init__(self, lab, role, sock, namespace):
+        self.role = role
+        self.proc = lab.popen(role, sys.executable, "-c", WRITER, f"unix://{sock}", namespace,
+                              role, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              env=env_with_dropins(), cwd=str(ROOT), text=True)
+
+    async def _ask(self, line: str | None):
+        from twisted.internet.threads import deferToThread
+        if line is not None:
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+        reply = await deferToThread(self.proc.stdout.readline)
+        if not reply:
+            pytest.fail(f"DN writer {self.role} exited: {self.proc.stderr.read()}")
+        answer = json.loads(reply)
+        if "error" in answer:
+            raise RuntimeError(f"{self.role}: {answer['error']}")
+        return answer
+
+    async def ready(self):
+        await self._ask(None)
+
+    async def claim(self, target, dn, reason):
+        assert dn == self.role
+        return (await self._ask(f"claim {target} {reason.replace(' ', '_')}"))["ok"]
+
+    async def release(self, target, dn):
+        assert dn == self.role
+        return (await self._ask(f"release {target}"))["ok"]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
 
 
 class ESRNode:
@@ -153,7 +235,6 @@ def shared_redis(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_esr_routes_follow_claims_in_namespaces(netns_lab, shared_redis, tmp_path):
-    from appliance.store.redis import RedisStore
     lab = netns_lab
     lab.add_node("esr", "10.77.0.1/24")
     lab.add_node("dn1", "10.77.0.2/24")
@@ -168,13 +249,9 @@ async def test_esr_routes_follow_claims_in_namespaces(netns_lab, shared_redis, t
     _server, sock = shared_redis
     namespace = f"t{uuid.uuid4().hex[:10]}"
 
-    stores, dn = [], {}
-    for d in ("dn1", "dn2"):
-        s = RedisStore(reactor, url=f"unix://{sock}", namespace=namespace)
-        await defer.maybeDeferred(s.startService)
-        stores.append(s)
-        dn[d] = MappingTable(reactor, s, d)
-        await dn[d].start()
+    dn = {d: DNWriter(lab, d, sock, namespace) for d in ("dn1", "dn2")}
+    for writer in dn.values():
+        await writer.ready()
     node = ESRNode(lab, tmp_path, sock, namespace)
     latencies = []
     try:
@@ -220,15 +297,13 @@ async def test_esr_routes_follow_claims_in_namespaces(netns_lab, shared_redis, t
         final = node.rpc("esr.routes")
         assert set(final["routes"]) == {slice_, "10.200.0.6/32"}
         notify = info["latency"]["notify"]
-        print(f"\nESR_LATENCY claim->route seen in esr netns (test-side, pyroute2 polling "
-              f"every 5 ms): "
+        print(f"\nESR_LATENCY claim (a DN's process) -> route in the esr netns (test-side, pyroute2 "
+              f"polling every 5 ms): "
               f"{[round(x * 1000, 1) for x in latencies]} ms; agent notify->kernel "
               f"p50 {notify['p50_ms']} ms max {notify['max_ms']} ms; "
               f"claim->kernel {info['latency'].get('claim')}")
     finally:
         close_iprs()
         node.stop()
-        for t in dn.values():
-            t.stop()
-        for s in stores:
-            await defer.maybeDeferred(s.stopService)
+        for writer in dn.values():
+            writer.stop()
