@@ -137,6 +137,7 @@ def make(tmp_path, *, node="a", failover=False, lease_time_s=600, provider=None)
     svc = Dhcp4Service(cfg.services["dhcp4"].config, ctx)
     ok(svc.leases.load())
     svc.view.state, svc.view.hold = P.NORMAL, False
+    svc.running = True            # as after startService (not called: no sockets here)
     svc.outbox = Outbox()
     if failover:
         svc.leases.on_unsynced = svc._owed
@@ -395,8 +396,54 @@ def test_expiry_removes_only_on_the_lease_owner_or_the_partner_down_survivor(tmp
         svc._ddns("expired", expired(other))
         assert [c["address"] for c in provider.released()] == [own], node
         svc.view.state = P.PARTNER_DOWN
+        svc.view.partner_down_confirmed = True
         svc._ddns("expired", expired(other))
         assert [c["address"] for c in provider.released()] == [own, other], node
+
+
+def expire_all(svc, clock):
+    """Run the reclaim as the service does and hand the expiries to DDNS."""
+    changed = ok(svc.leases.reclaim())
+    for lease in changed:
+        if lease.state == "expired":
+            svc._ddns("expired", lease)
+    return changed
+
+
+def test_expiry_out_of_touch_with_the_partner_is_held_until_normal(tmp_path):
+    """COMMUNICATIONS-INTERRUPTED (or an unconfirmed PARTNER-DOWN): the partner may have
+    renewed the lease unseen, so the owner holds the removal; once NORMAL again it removes
+    the name if the record is still the expired one, and drops it if it changed."""
+    svc, clock, provider = make(tmp_path, failover=True, lease_time_s=60)
+    hws = macs_of(P.PRIMARY, 2)
+    acks = [dora(svc, hw, hostname=f"pc{i}") for i, hw in enumerate(hws)]
+    svc.view.state = P.COMM_INTERRUPTED
+    clock.advance(3600)
+    assert len(expire_all(svc, clock)) == 2
+    assert provider.released() == [], "held while the partner cannot be heard"
+    clock.advance(5)
+    assert provider.released() == [], "still out of touch"
+    # the partner renewed pc1 meanwhile: its record comes back over the peer link
+    fresh = record(svc, acks[1].yiaddr)
+    from dataclasses import replace
+    ok(svc.leases.apply_remote(replace(fresh, state="bound", cltt=clock.seconds(),
+                                       expires=clock.seconds() + 60, updated_by="b",
+                                       owner="b", pexp=clock.seconds() + 60)))
+    svc.view.state = P.NORMAL
+    clock.advance(5)
+    assert [c["fqdn"] for c in provider.released()] == ["pc0." + ZONE]
+    assert record(svc, acks[0].yiaddr).ddns is None
+
+
+def test_unconfirmed_partner_down_holds_confirmed_removes(tmp_path):
+    svc, clock, provider = make(tmp_path, failover=True)
+    own, other = segment_addresses(svc)
+    svc.view.state = P.PARTNER_DOWN
+    svc._ddns("expired", expired(other))
+    assert provider.released() == []
+    svc.view.partner_down_confirmed = True
+    svc._ddns("expired", expired(other))
+    assert [c["address"] for c in provider.released()] == [other]
 
 
 def test_expiry_without_failover_removes_and_old_records_fall_back_to_the_host_name(tmp_path):

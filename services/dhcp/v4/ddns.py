@@ -41,9 +41,14 @@ the recorded name is removed by the node that handled it (only that node
 hears the event; the partner learns the released record through
 replication).  Expired: only by the lease owner -- without failover this
 node; in failover the node whose pool segment holds the address (the
-bound record's ``owner`` for an address outside the pools), and in
-PARTNER-DOWN the survivor -- so a partner's stale copy never removes the
-name of a client the owner renewed.  Records written before the ``ddns``
+bound record's ``owner`` for an address outside the pools), and in a
+confirmed PARTNER-DOWN the survivor -- so a partner's stale copy never
+removes the name of a client the owner renewed.  While the partner cannot
+be heard (COMMUNICATIONS-INTERRUPTED, an unconfirmed PARTNER-DOWN, a
+recovery) the owner holds the removal: the partner may have renewed the
+lease unseen, and its renewals, unchanged, would not publish the name
+again.  Once NORMAL (or a confirmed PARTNER-DOWN) the held removals run
+for the records still as they expired; the others are dropped.  Records written before the ``ddns``
 field existed fall back to their host name (the DHCID guard keeps a
 removal from touching another client's name).
 """
@@ -130,9 +135,14 @@ def client_fqdn(raw: str | None, fully_qualified: bool, provider) -> str | None:
 class Dhcp4DDNS:
     """DDNS for one dhcp4 service (see the module docstring)."""
 
+    #: how often expiries held while out of touch with the partner are looked at again
+    HELD_RECHECK_S = 5.0
+
     def __init__(self, service):
         self.service = service
         self.stats: Counter[str] = Counter()
+        self._held: dict[str, Any] = {}      # address -> expired record, removal held
+        self._held_call = None
 
     # ------------------------------------------------------------------
     def lease_event(self, event: str, lease) -> None:
@@ -287,20 +297,52 @@ class Dhcp4DDNS:
                                       | (option.flags & FQDN_E), 255, 255)
 
     # ------------------------------------------------------------------
-    def removes(self, lease, event: str) -> bool:
-        """Whether this node removes the names of ``lease`` for ``event``."""
+    def removes(self, lease, event: str) -> bool | None:
+        """Whether this node removes the names of ``lease`` for ``event``; None:
+        not now (an expiry while out of touch with the partner: held)."""
         if event != "expired":
             return True          # only the node that handled the release hears it
         svc = self.service
         if getattr(svc.config, "failover", None) is None:
             return True
         view = svc.view
-        if view.state == P.PARTNER_DOWN:
+        if view.state == P.PARTNER_DOWN and view.partner_down_confirmed:
             return True          # the survivor
         role = svc.leases.segment_role(lease.address)
-        if role is None:
-            return lease.owner in ("", svc.context.node_id)
-        return role == view.role
+        mine = (lease.owner in ("", svc.context.node_id)) if role is None else role == view.role
+        if not mine:
+            return False
+        if view.state != P.NORMAL:
+            # the partner may have renewed it where we cannot see: removing now could
+            # take a live client's name (and its renewals, unchanged, would not put it
+            # back); decided again once the partner is heard
+            return None
+        return True
+
+    def _flush_held(self) -> None:
+        """Expiries held while out of touch: once NORMAL (or a confirmed PARTNER-DOWN)
+        again, remove those whose record is still the expired one."""
+        self._held_call = None
+        svc = self.service
+        if not self._held or not getattr(svc, "running", True):
+            return
+        view = svc.view
+        if not (view.state == P.NORMAL or (view.state == P.PARTNER_DOWN
+                                           and view.partner_down_confirmed)):
+            self._held_call = svc.reactor.callLater(self.HELD_RECHECK_S, self._flush_held)
+            return
+        held, self._held = self._held, {}
+        provider = ddns_provider(svc.context)
+        for address, lease in held.items():
+            d = defer.maybeDeferred(svc.leases.get, address)
+
+            def check(rec, lease=lease):
+                if rec is None or rec.version != lease.version or provider is None:
+                    self.stats["held_dropped"] += 1     # renewed or changed meanwhile
+                    return None
+                self._removed(provider, "expired", rec)
+            d.addCallback(check)
+            d.addErrback(lambda f: _log.failure("dhcp4 DDNS held removal failed", failure=f))
 
     def _removed(self, provider, event: str, lease) -> None:
         state = lease.ddns
@@ -310,7 +352,15 @@ class Dhcp4DDNS:
             state = DDNSState(fqdn, lease.address) if fqdn else None
         if state is None:
             return
-        if not self.removes(lease, event):
+        decision = self.removes(lease, event)
+        if decision is None:
+            self._skip(provider, "release", "held")
+            self._held[lease.address] = lease
+            if self._held_call is None:
+                self._held_call = self.service.reactor.callLater(self.HELD_RECHECK_S,
+                                                                 self._flush_held)
+            return
+        if not decision:
             self._skip(provider, "release", "not_owner")
             _log.debug("ddns: {name} ({address}) expired here, removed by the lease owner",
                        name=state.fqdn, address=lease.address)
