@@ -159,6 +159,12 @@ class DNSService(Service):
             if known is not None:
                 self.cluster.add_resource(known.spec, listener=self._role_changed)
             else:
+                # nobody defined it (no [[vip]], no service registered it before this
+                # start): dns defines it, priority 100 on every node -- say so, a service
+                # registering it later keeps this definition (review M9)
+                _log.warn("dns: no vip or service defines resource {res}; the dns service "
+                          "defines it (priority 100 on every node, preempt); define it in "
+                          "its service or as a [[vip]] for other priorities", res=resource)
                 self.cluster.register_resource(resource, self._role_changed, kind="dns")
         _log.info("dns: updating {zones} at {servers} (key {key}) for {n} records of {res}",
                   zones=", ".join(z.to_text() for z in self.config.zones),

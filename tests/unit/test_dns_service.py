@@ -276,3 +276,19 @@ def test_records_say_when_the_cluster_status_fails():
     assert rows and rows[0]["owner"] is None
     assert any("status exploded" in str(e.get("why", "")) for e in events), events
     service.stopService()
+
+
+def test_defining_a_resource_nobody_defined_is_said():
+    """Review M9: records following a resource no [[vip]] or service defined make dns
+    define it with default priorities -- now with a warning naming it."""
+    from twisted.logger import globalLogPublisher
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        service, clock, cluster, client = make([rec("a.example.test.", "A", "10.0.0.1")])
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert "vip1" in cluster.listeners
+    assert any(e.get("res") == "vip1" and "no vip or service defines" in e.get("log_format", "")
+               for e in events)
+    service.stopService()
