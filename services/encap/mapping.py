@@ -59,6 +59,7 @@ import json
 from typing import Any, Callable
 
 from twisted.internet import defer
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from appliance.store.interface import RESYNC, IImmediateStore, Op
@@ -151,6 +152,7 @@ class MappingTable:
         self._reloading: defer.Deferred | None = None
         self._reload_again = False
         self._retry_call = None
+        self.loaded = False
         self.stats = {"reload_failures": 0, "claims": 0, "claims_lost": 0, "claims_held": 0,
                       "releases": 0,
                       "releases_refused": 0, "notifications": 0, "resyncs": 0,
@@ -166,7 +168,10 @@ class MappingTable:
 
     def start(self) -> defer.Deferred:
         """Subscribe to the change feed, wait until it is live, load the table.
-        Fires once :meth:`lookup` answers from the loaded table."""
+        Fires once :meth:`lookup` answers from the loaded table; while the store
+        cannot be read the load is retried (0.1 s doubling to 5 s), so a store
+        that is down at start delays the Deferred rather than failing it
+        (:meth:`stop` ends the wait)."""
         return defer.ensureDeferred(self._start())
 
     async def _start(self):
@@ -181,7 +186,22 @@ class MappingTable:
         ready = getattr(self._sub, "ready", None)
         if ready is not None:
             await ready
-        await self._reload()
+        delay = RELOAD_RETRY_MIN_S
+        while True:
+            try:
+                await self._reload()
+                break
+            except Exception as e:
+                # the store is not reachable (yet): keep trying, start fires once loaded
+                self.stats["reload_failures"] += 1
+                if not self._started:
+                    return
+                _log.warn("mapping table: cannot load ({e}); again in {d} s", e=e, d=delay)
+                await deferLater(self.reactor, delay, lambda: None)
+                delay = min(delay * 2, RELOAD_RETRY_MAX_S)
+                if not self._started:
+                    return
+        self.loaded = True
         if self.link is not None:
             for peer in self.peers:
                 connected = getattr(self.link, "connected", None)

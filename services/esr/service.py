@@ -20,6 +20,10 @@ number already in the kernel (left by a previous run: stopping does NOT
 remove routes, so a restart of the agent never interrupts forwarding), loads
 the table, installs what is missing or different, and withdraws its stale
 routes (targets no longer in the table, or held by a DN without a next hop).
+The table is loaded in the background: ``startService`` returns once the
+kernel was read, and a store that is down at start only delays the reconcile
+(``esr.routes`` shows ``"reconciled": false`` until then); the routes already
+in the kernel keep forwarding meanwhile.
 
 Without ``CAP_NET_ADMIN`` (a non-root demo) the service still follows the
 table and shows the routes it would install; ``esr.routes`` says
@@ -138,6 +142,7 @@ class ESRService(Service):
         self.samples: deque = deque(maxlen=SAMPLES)
         self.claim_samples: deque = deque(maxlen=SAMPLES)
         self.reconciled = False
+        self.following: defer.Deferred | None = None
         self._collector = None
         self.stats = {"injected": 0, "withdrawn": 0, "failures": 0, "changes": 0,
                       "unknown_dn": 0, "stale_removed": 0, "retries": 0}
@@ -205,7 +210,16 @@ class ESRService(Service):
             self.installed[prefix] = {"dn": None, "via": hop["via"], "dev": hop["dev"],
                                       "epoch": None, "found_at_start": True}
         self.table.watch(self._changed)
+        # the table loads in the background: a store that is down at start delays the
+        # reconcile (the routes already in the kernel keep forwarding), not the node
+        self.following = defer.ensureDeferred(self._follow())
+        self.following.addErrback(lambda f: _log.failure("esr: following the table failed",
+                                                         failure=f))
+
+    async def _follow(self):
         await self.table.start()
+        if not self.running or not self.table.loaded:
+            return
         stale = [p for p in self.installed if p not in self.desired]
         for prefix in stale:
             self.desired[prefix] = None

@@ -224,6 +224,21 @@ def test_failed_reload_after_resync_is_retried(tmp_path):
     assert not clock.getDelayedCalls()
 
 
+def test_start_waits_for_a_store_that_cannot_be_read_yet(tmp_path):
+    """start() retries the load (0.1 s, 0.2 s, ...) and fires once it worked."""
+    a, store, clock = table_on(tmp_path)
+    ok(a.claim("10.200.0.1", "dn1", "x"))
+    b = MappingTable(clock, FlakyReads(store, 2), "esr", replicate=False)
+    d = b.start()
+    assert not d.called and not b.loaded
+    clock.advance(0.1)
+    assert not d.called
+    clock.advance(0.2)
+    ok(d)
+    assert b.loaded and b.lookup("10.200.0.1")["dn"] == "dn1"
+    assert b.stats["reload_failures"] == 2
+
+
 def test_bad_input_fails_the_deferred(tmp_path):
     """A bad target or DN id is an errback, never a synchronous raise."""
     table, _store, _clock = table_on(tmp_path)

@@ -267,3 +267,23 @@ def test_reconcile_repairs_manual_changes(tmp_path):
     assert lab.kernel() == {"10.200.0.5/32": "10.77.0.2", "10.200.0.64/26": "10.77.0.3"}
     assert (254, "10.1.0.0/24") in lab.nl.kernel
     assert ok(lab.service.reconcile()) == {"repaired": []}
+
+
+def test_start_does_not_wait_for_an_unreadable_store(tmp_path):
+    """startService returns while the table cannot be loaded; the reconcile happens
+    when the store answers (retried), and the routes it finds are kept meanwhile."""
+    from tests.unit.test_encap_mapping import FlakyReads
+    lab = Lab(tmp_path)
+    lab.claim("10.200.0.5", "dn1")
+    lab.nl.kernel[(254, "10.200.0.7/32")] = {"dev": None, "via": "10.77.0.2", "proto": PROTO_ESR}
+    lab.service = ESRService(lab.config, lab.context, netlink=lab.nl, net_admin=True,
+                             store=FlakyReads(lab.store, 3))
+    lab.start()
+    assert lab.service.running and not lab.service.reconciled
+    assert lab.service.describe()["reconciled"] is False
+    assert lab.kernel() == {"10.200.0.7/32": "10.77.0.2"}          # untouched meanwhile
+    for step in (0.1, 0.2, 0.4):
+        lab.clock.advance(step)
+    assert lab.service.reconciled
+    assert lab.kernel() == {"10.200.0.5/32": "10.77.0.2"}
+    ok(lab.service.stopService())
