@@ -59,7 +59,6 @@ import json
 from typing import Any, Callable
 
 from twisted.internet import defer
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from appliance.store.interface import RESYNC, IImmediateStore, Op
@@ -153,6 +152,7 @@ class MappingTable:
         self._reload_again = False
         self._retry_call = None
         self.loaded = False
+        self._load_waiters: list[defer.Deferred] = []
         self.stats = {"reload_failures": 0, "claims": 0, "claims_lost": 0, "claims_held": 0,
                       "releases": 0,
                       "releases_refused": 0, "notifications": 0, "resyncs": 0,
@@ -168,10 +168,10 @@ class MappingTable:
 
     def start(self) -> defer.Deferred:
         """Subscribe to the change feed, wait until it is live, load the table.
-        Fires once :meth:`lookup` answers from the loaded table; while the store
-        cannot be read the load is retried (0.1 s doubling to 5 s), so a store
-        that is down at start delays the Deferred rather than failing it
-        (:meth:`stop` ends the wait)."""
+        Fires once :meth:`lookup` answers from the loaded table.  If the store
+        cannot be read, it fails at once but the load is retried in the
+        background (0.1 s doubling to 5 s): :meth:`when_loaded` fires, and
+        watchers hear every entry, when it worked."""
         return defer.ensureDeferred(self._start())
 
     async def _start(self):
@@ -186,27 +186,36 @@ class MappingTable:
         ready = getattr(self._sub, "ready", None)
         if ready is not None:
             await ready
-        delay = RELOAD_RETRY_MIN_S
-        while True:
-            try:
-                await self._reload()
-                break
-            except Exception as e:
-                # the store is not reachable (yet): keep trying, start fires once loaded
-                self.stats["reload_failures"] += 1
-                if not self._started:
-                    return
-                _log.warn("mapping table: cannot load ({e}); again in {d} s", e=e, d=delay)
-                await deferLater(self.reactor, delay, lambda: None)
-                delay = min(delay * 2, RELOAD_RETRY_MAX_S)
-                if not self._started:
-                    return
+        try:
+            await self._reload()
+        except Exception:
+            # the store cannot be read (yet): fail this start at once, but keep trying in
+            # the background; when_loaded() fires (and watchers hear the entries) then
+            self.stats["reload_failures"] += 1
+            self._reload_until_done()
+            raise
+        self._now_loaded()
+
+    def _now_loaded(self) -> None:
+        if self.loaded:
+            return
         self.loaded = True
+        waiters, self._load_waiters = self._load_waiters, []
+        for d in waiters:
+            d.callback(None)
         if self.link is not None:
             for peer in self.peers:
                 connected = getattr(self.link, "connected", None)
                 if connected is not None and connected(peer):
                     self._full_sync(peer)
+
+    def when_loaded(self) -> defer.Deferred:
+        """Fires once the table was loaded from the store (at once if it was)."""
+        if self.loaded:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._load_waiters.append(d)
+        return d
 
     def stop(self) -> None:
         """Stop following the store (the memory copy stays readable)."""
@@ -410,7 +419,7 @@ class MappingTable:
             if self._started and self._retry_call is None:
                 self._retry_call = self.reactor.callLater(
                     delay, self._reload_until_done, min(delay * 2, RELOAD_RETRY_MAX_S))
-        self._reload().addErrback(failed)
+        self._reload().addCallbacks(lambda _: self._now_loaded(), failed)
 
     def _reload(self) -> defer.Deferred:
         """Re-read the whole hash; report the differences.  One at a time; a

@@ -217,8 +217,13 @@ class ESRService(Service):
                                                          failure=f))
 
     async def _follow(self):
-        await self.table.start()
-        if not self.running or not self.table.loaded:
+        try:
+            await self.table.start()
+        except Exception as e:
+            _log.warn("esr: mapping table not readable yet ({e}); routes in the kernel are kept "
+                      "until it is", e=e)
+            await self.table.when_loaded()
+        if not self.running:
             return
         stale = [p for p in self.installed if p not in self.desired]
         for prefix in stale:

@@ -224,19 +224,28 @@ def test_failed_reload_after_resync_is_retried(tmp_path):
     assert not clock.getDelayedCalls()
 
 
-def test_start_waits_for_a_store_that_cannot_be_read_yet(tmp_path):
-    """start() retries the load (0.1 s, 0.2 s, ...) and fires once it worked."""
+def test_start_fails_fast_but_keeps_loading_in_the_background(tmp_path):
+    """A store that cannot be read at start: start() fails at once, the load is
+    retried (0.1 s, 0.2 s, ...), when_loaded() fires and watchers hear the entries."""
     a, store, clock = table_on(tmp_path)
     ok(a.claim("10.200.0.1", "dn1", "x"))
-    b = MappingTable(clock, FlakyReads(store, 2), "esr", replicate=False)
-    d = b.start()
-    assert not d.called and not b.loaded
+    b = MappingTable(clock, FlakyReads(store, 3), "esr", replicate=False)
+    seen = []
+    b.watch(lambda t, e: seen.append((t, e["dn"])))
+    from appliance.store.interface import StoreUnavailable
+    with pytest.raises(StoreUnavailable):
+        ok(b.start())
+    loaded = b.when_loaded()
+    assert not loaded.called and not b.loaded
     clock.advance(0.1)
-    assert not d.called
+    assert not loaded.called
     clock.advance(0.2)
-    ok(d)
-    assert b.loaded and b.lookup("10.200.0.1")["dn"] == "dn1"
-    assert b.stats["reload_failures"] == 2
+    ok(loaded)
+    assert b.loaded and seen == [("10.200.0.1", "dn1")]
+    assert b.stats["reload_failures"] == 3
+    ok(b.when_loaded())
+    b.stop()
+    assert not clock.getDelayedCalls()
 
 
 def test_bad_input_fails_the_deferred(tmp_path):
