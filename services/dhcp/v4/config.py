@@ -6,7 +6,8 @@ Example (SPEC.md)::
     interface = "veth0"            # or listen_address = "127.0.0.1" (relayed only)
     port = 67
     failover = { peer = "b", role = "primary", mode = "split-scope", split = 50,
-                 delay_s = 2, mclt_s = 3600, max_unacked = 1000 }
+                 delay_s = 2, mclt_s = 3600, max_unacked = 1000,
+                 max_ack_delay_s = 10 }   # partner's clients waiting: evidence
     [[services.dhcp4.subnets]]
     id = 1
     subnet = "10.9.0.0/24"
