@@ -497,3 +497,24 @@ def test_a_late_removal_never_points_the_client_index_back(tmp_path):
     removal.callback(result)                      # the old name is gone now
     assert record(svc, ack.yiaddr).ddns is None
     assert ok(svc.leases.find_client(1, HW, None)).address == other
+
+
+def test_an_answer_name_too_long_for_option81_never_costs_the_ack(tmp_path):
+    """A 250-octet partial name plus the zone is no DNS name (over 255 octets): the
+    provider refuses it, and the ACK still goes out (without an option 81 it cannot
+    encode)."""
+    from appliance.ddns import DDNSNameError as NameError_
+    provider = FakeProvider()
+    long_name = ".".join(["a" * 49] * 5)                 # 249 octets, partial
+
+    def refuse_long(fqdn, *a, **kw):
+        if len(fqdn) > 253:
+            provider.calls.append(dict(op="bound", fqdn=fqdn))
+            return defer.fail(NameError_("too long"))
+        return FakeProvider.lease_bound(provider, fqdn, *a, **kw)
+    provider.lease_bound = refuse_long
+    svc, clock, provider = make(tmp_path, provider=provider)
+    for flags in (0, FQDN_S | FQDN_E):                    # ASCII and wire format
+        ack = dora(svc, bytes([2, 0, 0, 0, 9, flags]), fqdn=C.ClientFQDN(long_name, flags))
+        assert ack.message_type == C.ACK
+        assert answer81(ack).flags & FQDN_N, "refused: the server does no update"

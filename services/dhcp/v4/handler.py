@@ -173,8 +173,18 @@ class Dhcp4Handler:
         always = ()
         if fqdn is not None:
             # RFC 4702 section 4: option 81 answers the client's, asked for or not
-            options = {**options, C.OPT_CLIENT_FQDN: C.encode_option_value(C.OPT_CLIENT_FQDN, fqdn)}
-            always = (C.OPT_CLIENT_FQDN,)
+            try:
+                value = C.encode_option_value(C.OPT_CLIENT_FQDN, fqdn)
+            except (ValueError, TypeError) as e:
+                try:      # the name does not fit the wire format: the flags alone
+                    value = C.encode_option_value(C.OPT_CLIENT_FQDN, C.ClientFQDN(
+                        "", fqdn.flags, fqdn.rcode1, fqdn.rcode2))
+                except (ValueError, TypeError):
+                    value = None
+                _log.info("option 81 answer without its name ({why})", why=e)
+            if value is not None:
+                options = {**options, C.OPT_CLIENT_FQDN: value}
+                always = (C.OPT_CLIENT_FQDN,)
         server_id = _override(pkt) or self.server_id
         reply = C.build_reply(pkt, mtype, yiaddr=yiaddr, server_id=server_id, options=options,
                               always_send=always)
