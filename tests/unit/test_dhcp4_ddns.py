@@ -518,3 +518,46 @@ def test_an_answer_name_too_long_for_option81_never_costs_the_ack(tmp_path):
         ack = dora(svc, bytes([2, 0, 0, 0, 9, flags]), fqdn=C.ClientFQDN(long_name, flags))
         assert ack.message_type == C.ACK
         assert answer81(ack).flags & FQDN_N, "refused: the server does no update"
+
+
+def test_any_option12_and_option81_bytes_get_their_ack():
+    """Whatever a client puts in option 12 and option 81, its REQUEST is ACKed (with the
+    real DDNS name checks refusing what is no name), and nothing escapes."""
+    import tempfile
+    from pathlib import Path
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from services.dns.ddns import check_host_name
+    import dns.name as dnsname
+
+    provider = FakeProvider()
+    real_bound = provider.lease_bound
+
+    def checked(fqdn, *a, **kw):
+        try:
+            check_host_name(fqdn, [dnsname.from_text(ZONE)])
+        except DDNSNameError as e:
+            return defer.fail(e)
+        return real_bound(fqdn, *a, **kw)
+    provider.lease_bound = checked
+    svc, clock, provider = make(Path(tempfile.mkdtemp(prefix="ddns-fuzz-")), provider=provider)
+    counter = iter(range(1 << 20))
+
+    @settings(max_examples=150, deadline=None)
+    @given(o12=st.one_of(st.none(), st.binary(min_size=1, max_size=300)),
+           o81=st.one_of(st.none(), st.binary(min_size=0, max_size=300)))
+    def one(o12, o81):
+        i = next(counter)
+        hw = bytes([2, 0, 0, (i >> 16) & 255, (i >> 8) & 255, i & 255])
+        kw = {}
+        if o12 is not None:
+            kw["hostname"] = o12
+        if o81 is not None:
+            kw["fqdn"] = o81
+        ack = dora(svc, hw, **kw)
+        assert ack.message_type == C.ACK
+        handle(svc, C.DHCPPacket(op=1, chaddr=hw, ciaddr=ack.yiaddr, options=options(
+            C.RELEASE, o54=IPv4Address(SERVER).packed)))
+    one()
