@@ -11,17 +11,19 @@ echoes lost to that move are counted too.
 
 Cases: ``lan-100pps``/``lan-10pps`` with soft handoff off (the switch on a dead DN
 cannot use the old path anyway), ``soft-lan-100pps`` with it on (the shipped
-default).  EN detection: keepalive 50 ms x dead_after 4 (shipped defaults).
+default).  EN detection: keepalive 20 ms while data flows (50 ms idle) x dead_after 4
+(shipped defaults).
+Download: a 60 MB HTTP GET (python http.server) from the server; the EN's primary DN
+dies when 40 % has arrived; penalty = median time with the death - median without.
 Throughput: iperf3 TCP (EN -> server, 5 s) and UDP (1200-byte datagrams, offered
 as fast as iperf3 can) through one DN, then the same through OpenVPN 2.6 (UDP,
 AES-256-GCM, one server in dn1, TLS with EC P-256 certificates).
 
-    python bench/encap.py [--quick] [--json] [--kills N] [--only outage,throughput]
+    python bench/encap.py [--quick] [--json] [--kills N] [--only outage,download,throughput]
 
 Needs root, iproute2, ping (iputils), iperf3 and openvpn (installed with apt-get if
 missing; a missing anchor is said and skipped).  Not measured yet: man/wan delay
-(needs the userspace delay shim), loss, the BIRD 2 OSPF baseline, the 60 MB download
-penalty.
+(needs the userspace delay shim), loss, the BIRD 2 OSPF baseline.
 """
 
 from __future__ import annotations
@@ -120,13 +122,96 @@ def outage_case(case: str, pps: int, soft: bool, kills: int, work: Path) -> list
         rows.append({"system": "appliance", "case": case, "metric": metric,
                      "value": percentile(outages, p), "unit": "ms",
                      "note": f"{kills} kills; soft_handoff={'on' if soft else 'off'}; "
-                             "keepalive 50 ms x 4"})
+                             "EN keepalive 20 ms while active (50 ms idle) x 4"})
     rows.append({"system": "appliance", "case": case, "metric": "outage_ms_max",
                  "value": max(outages) if outages else None, "unit": "ms", "note": ""})
     rows.append({"system": "appliance", "case": case, "metric": "moveback_lost_packets_max",
                  "value": max(moveback) if moveback else None, "unit": "packets",
                  "note": "echoes lost when the EN moves back to its revived home DN"})
     return rows
+
+
+DOWNLOADER = r"""
+import http.client, sys, time
+size, mark = int(sys.argv[2]), sys.argv[3]
+c = http.client.HTTPConnection(sys.argv[1], 8000, timeout=60)
+t0 = time.monotonic()
+c.request("GET", "/blob")
+r = c.getresponse()
+n, marked = 0, False
+while True:
+    data = r.read(262144)
+    if not data:
+        break
+    n += len(data)
+    if not marked and n >= 0.4 * size:
+        open(mark, "w").write("40%")
+        marked = True
+print(n, time.monotonic() - t0)
+"""
+
+
+def download_case(trials: int, work: Path) -> list[dict]:
+    """Seconds a 60 MB HTTP download takes with a DN death at 40 % minus without."""
+    from tests.support.encap_lab import EncapLab
+    from tests.support.netns import Lab
+    size = 60 * 1024 * 1024
+    base, killed = [], []
+    with Lab() as lab:
+        el = EncapLab(lab, work / "download").build()
+        www = work / "download" / "www"
+        www.mkdir(parents=True, exist_ok=True)
+        with open(www / "blob", "wb") as f:
+            f.truncate(size)
+        lab.popen(lab.ns_name("server"), sys.executable, "-m", "http.server", "8000", "--bind",
+                  SERVER, "--directory", str(www))
+        el.start_dn("dn1")
+        el.start_dn("dn2")
+        el.start_en()
+        el.wait_en(lambda s: s.get("configured") and s.get("confirmed"))
+        time.sleep(0.5)
+
+        def fetch(kill: bool) -> float | None:
+            mark = work / "download" / "mark"
+            if mark.exists():
+                mark.unlink()
+            p = lab.popen("en", sys.executable, "-c", DOWNLOADER, SERVER, str(size), str(mark))
+            victim = None
+            if kill:
+                victim = el.en_status()["primary"]
+                deadline = time.monotonic() + 60
+                while not mark.exists() and time.monotonic() < deadline and p.poll() is None:
+                    time.sleep(0.005)
+                el.kill_dn(victim)
+            out, err = p.communicate(timeout=180)
+            parts = out.decode().split()
+            if victim is not None:
+                other = "dn2" if victim == "dn1" else "dn1"
+                el.wait_en(lambda s: s.get("primary") == other and s.get("confirmed"), timeout=15)
+                el.revive_dn(victim)
+                el.wait_en(lambda s: s.get("primary") == victim and s.get("confirmed"), timeout=20)
+            if len(parts) != 2 or int(parts[0]) != size:
+                log(f"download failed: {out.decode()[-200:]} {err.decode()[-500:]}")
+                return None
+            return float(parts[1])
+        fetch(False)                     # warm-up (not counted): caches, ARP, slow start
+        for k in range(trials):
+            b = fetch(False)
+            d = fetch(True)
+            if b is not None:
+                base.append(b)
+            if d is not None:
+                killed.append(d)
+            log(f"download trial {k + 1}/{trials}: {b} s clean, {d} s with a DN death at 40 %")
+    base_s = percentile(base, 50)
+    penalty = (percentile(killed, 50) - base_s) if base and killed else None
+    return [{"system": "appliance", "case": "download-60MB", "metric": "penalty_s",
+             "value": penalty, "unit": "s",
+             "note": f"median of {len(killed)} kills; clean download {base_s and round(base_s, 2)} s"},
+            {"system": "thesis", "case": "download-60MB", "metric": "penalty_s_published_low",
+             "value": 1.2, "unit": "s", "note": "HTTP download, +1.2 to 2.7 s per DN failure"},
+            {"system": "thesis", "case": "download-60MB", "metric": "penalty_s_published_high",
+             "value": 2.7, "unit": "s", "note": ""}]
 
 
 def iperf(lab, seconds: float, rounds: int = 2) -> dict:
@@ -291,7 +376,7 @@ def main() -> int:
     p.add_argument("--json", action="store_true", help="print the JSON result last on stdout")
     p.add_argument("--kills", type=int, default=None, help="kills per case (default 10; quick 2)")
     p.add_argument("--seconds", type=float, default=None, help="iperf3 seconds (default 5)")
-    p.add_argument("--only", default="outage,throughput")
+    p.add_argument("--only", default="outage,download,throughput")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench/encap.py needs root (network namespaces, TUN)", file=sys.stderr)
@@ -306,6 +391,8 @@ def main() -> int:
             rows += outage_case("lan-100pps", 100, False, kills, work)
             rows += outage_case("lan-10pps", 10, False, kills, work)
             rows += outage_case("soft-lan-100pps", 100, True, kills, work)
+        if "download" in only:
+            rows += download_case(1 if args.quick else 3, work)
         if "throughput" in only:
             rows += throughput(seconds, work)
         rows += THESIS

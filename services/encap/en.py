@@ -8,6 +8,7 @@ Usage: ``appliance-en --config PATH [--status-file PATH]``.  Config (TOML)::
     tun = "en0"                     # TUN device (created; needs CAP_NET_ADMIN)
     routes = ["10.210.0.0/24"]      # destinations sent through the tunnel
     keepalive_ms = 50               # keepalive (echo) interval to every DN
+    active_keepalive_ms = 20        # ... to the primary while data flows (0: same as idle)
     dead_after = 4                  # silent intervals before a DN is dead
     handshake_retry_ms = 250        # HELLO retry while a DN is down
     soft_handoff = true             # send on old and new DN until the new path is confirmed
@@ -53,6 +54,8 @@ from services.encap import wire as W
 _log = Logger(namespace="services.encap.en")
 
 DOWN, HANDSHAKING, UP = "down", "handshaking", "up"
+#: The EN counts as active (fast keepalives to its primary) this long after a data packet.
+ACTIVE_FOR_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class ENConfig:
     tun: str = "en0"
     routes: tuple[str, ...] = ()
     keepalive_ms: float = 50.0
+    active_keepalive_ms: float = 20.0
     dead_after: int = 4
     handshake_retry_ms: float = 250.0
     soft_handoff: bool = True
@@ -91,7 +95,8 @@ def load_config(path: str) -> ENConfig:
     problems = []
     if not isinstance(en, dict):
         raise ENConfigError(f"{path}: en: missing table [en]")
-    known = {"id", "psk_file", "dns", "tun", "routes", "keepalive_ms", "dead_after",
+    known = {"id", "psk_file", "dns", "tun", "routes", "keepalive_ms", "active_keepalive_ms",
+             "dead_after",
              "handshake_retry_ms", "soft_handoff", "handoff_max_ms", "status_interval_s"}
     for k in en:
         if k not in known:
@@ -119,11 +124,15 @@ def load_config(path: str) -> ENConfig:
             problems.append(f"en.routes[{i}]: {r!r} is not a network")
     if problems:
         raise ENConfigError("\n".join(f"{path}: {p}" for p in problems))
-    return ENConfig(ident, en["psk_file"], tuple(dns), str(en.get("tun", "en0")), tuple(routes),
-                    float(en.get("keepalive_ms", 50)), int(en.get("dead_after", 4)),
-                    float(en.get("handshake_retry_ms", 250)), bool(en.get("soft_handoff", True)),
-                    float(en.get("handoff_max_ms", 2000)),
-                    float(en.get("status_interval_s", 1.0)))
+    return ENConfig(
+        ident, en["psk_file"], tuple(dns), tun=str(en.get("tun", "en0")), routes=tuple(routes),
+        keepalive_ms=float(en.get("keepalive_ms", 50)),
+        active_keepalive_ms=float(en.get("active_keepalive_ms", 20)),
+        dead_after=int(en.get("dead_after", 4)),
+        handshake_retry_ms=float(en.get("handshake_retry_ms", 250)),
+        soft_handoff=bool(en.get("soft_handoff", True)),
+        handoff_max_ms=float(en.get("handoff_max_ms", 2000)),
+        status_interval_s=float(en.get("status_interval_s", 1.0)))
 
 
 @dataclass
@@ -136,6 +145,8 @@ class Link:
     last_hello: float = -1e9
     up_since: float = 0.0
     index: int = 0                # our receiver index (records to us carry it)
+    last_ka: float = -1e9         # last keepalive sent
+    fast_since: float = 1e18      # probed at the active rate since then
     rx: int = 0
     tx: int = 0
     drops: dict = field(default_factory=dict)
@@ -165,7 +176,11 @@ class ENClient:
         # flow numbers continue upward across restarts (microseconds at start)
         self.flow = int(time.time() * 1e6)
         self.interval = config.keepalive_ms / 1000.0
+        active = config.active_keepalive_ms or config.keepalive_ms
+        self.active_interval = min(active, config.keepalive_ms) / 1000.0
         self.dead_s = self.interval * config.dead_after
+        self.active_dead_s = self.active_interval * config.dead_after
+        self.last_data = -1e9             # last data packet sent or received
         self.stats = {"tx_packets": 0, "rx_packets": 0, "failovers": 0, "handoffs_confirmed": 0,
                       "moved_home": 0, "dual_sent": 0, "icmp_unreachable": 0}
         self.drops: dict[str, int] = {}
@@ -191,7 +206,7 @@ class ENClient:
             self._hello(link)
         self._ticker = task.LoopingCall(self.tick)
         self._ticker.clock = self.reactor
-        self._ticker.start(self.interval, now=False).addErrback(
+        self._ticker.start(self.active_interval, now=False).addErrback(
             lambda f: _log.failure("en: tick loop stopped", failure=f))
 
     def stop(self) -> None:
@@ -230,11 +245,25 @@ class ENClient:
     def _tick(self) -> None:
         now = self.reactor.seconds()
         retry = self.config.handshake_retry_ms / 1000.0
+        # while data flows the primary is probed faster (and declared dead sooner): a
+        # DN death then costs less than one TCP retransmission timeout
+        active = now - self.last_data < ACTIVE_FOR_S
         for link in self.links.values():
             if link.state == UP:
-                if now - link.last_rx > self.dead_s:
+                fast = active and link.dn.id == self.primary
+                interval = self.active_interval if fast else self.interval
+                # a probe sent at the fast rate gets its answer within one fast
+                # interval; older silence counts against the idle threshold
+                dead = self.active_dead_s if fast and now - link.fast_since >= self.active_dead_s \
+                    else self.dead_s
+                if not fast:
+                    link.fast_since = 1e18
+                elif link.fast_since > now:
+                    link.fast_since = now
+                if now - link.last_rx > dead:
                     self._link_dead(link, "keepalive_timeout")
-                else:
+                elif now - link.last_ka >= interval - 1e-6:
+                    link.last_ka = now
                     self._seal(link, W.keepalive_plain(True))
                     if link.keys is not None and link.keys.send_seq > W.REKEY_AFTER_SEQ:
                         self._hello(link)
@@ -364,6 +393,7 @@ class ENClient:
         link.rx += 1
         if kind == W.K_DATA:
             packet = value[1]
+            self.last_data = link.last_rx
             self.stats["rx_packets"] += 1
             self._tun_queue.append(packet)
             if self._flush_call is None:
@@ -446,6 +476,7 @@ class ENClient:
         old = self.links.get(self.handoff_from) if self.handoff_from else None
         if old is not None and old.keys is None:
             old = None
+        self.last_data = self.reactor.seconds()
         for packet in packets:
             if packet[0] >> 4 != 4 or packet[12:16] != self.address_bytes:
                 self.drop("not_from_us")

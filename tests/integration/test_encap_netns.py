@@ -172,9 +172,10 @@ def test_encap_failover_end_to_end(netns_lab: Lab, tmp_path):
 def test_cluster_declares_the_primary_dead_before_the_en_notices(netns_lab: Lab, tmp_path):
     """dn1 and dn2 are cluster peers (heartbeats every 100 ms, dead after 3): when dn1
     dies, dn2 owns the slice resource of dn1's subnet it backs, claims and routes the
-    whole slice and tells the EN primary_down -- the EN (keepalives 200 ms x 10, so it
-    would wait 2 s) switches on that notice; when dn1 returns the slice goes back."""
-    el = EncapLab(netns_lab, tmp_path, keepalive_ms=200, dead_after=10, cluster=True).build()
+    whole slice and tells the EN primary_down -- the EN (keepalives 200 ms x 10, no
+    faster probing while active, so it would wait 2 s) switches on that notice; when dn1 returns the slice goes back."""
+    el = EncapLab(netns_lab, tmp_path, keepalive_ms=200, dead_after=10, active_keepalive_ms=0,
+                  cluster=True).build()
     lab = netns_lab
     el.start_dn("dn1")
     el.start_dn("dn2")

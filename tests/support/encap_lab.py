@@ -34,13 +34,15 @@ SUBNET = {"dn1": "10.200.0.0/24", "dn2": "10.200.1.0/24"}
 
 class EncapLab:
     def __init__(self, lab, workdir: Path, *, keepalive_ms: int = 50, dead_after: int = 4,
-                 soft_handoff: bool = True, announce: bool = True, cluster: bool = False):
+                 soft_handoff: bool = True, announce: bool = True, cluster: bool = False,
+                 active_keepalive_ms: int | None = None):
         self.lab = lab
         self.wd = Path(workdir)
         self.keepalive_ms, self.dead_after = keepalive_ms, dead_after
         self.soft_handoff = soft_handoff
         self.announce = announce
         self.cluster = cluster            # dn1 and dn2 as [cluster] peers (slice resources)
+        self.active_keepalive_ms = active_keepalive_ms   # None: the EN's default
         self.procs: dict[str, subprocess.Popen] = {}
         self.psk = self.wd / "encap.psk"
 
@@ -136,6 +138,7 @@ psk_file = "{self.psk}"
 tun = "en0"
 routes = ["10.210.0.0/24"]
 keepalive_ms = {self.keepalive_ms}
+{"" if self.active_keepalive_ms is None else f"active_keepalive_ms = {self.active_keepalive_ms}"}
 dead_after = {self.dead_after}
 handshake_retry_ms = 200
 soft_handoff = {"true" if self.soft_handoff else "false"}

@@ -310,3 +310,24 @@ def test_metrics_and_rpc_views():
     stats = svc.rpc_stats()
     assert stats["drops"]["unknown_session"] == 1 and "route_injection_ms" in stats
     assert "(no TUN" not in svc.role
+
+
+def test_an_active_en_detects_a_dead_primary_sooner_than_an_idle_one():
+    """Data flowing: the primary is probed every 20 ms and dead after 4 of them (~80 ms);
+    idle: every 50 ms, dead after 200 ms."""
+    def switch_after(active):
+        net = started()
+        a = net.en.address
+        if active:
+            for _ in range(30):               # 300 ms of traffic
+                net.en.tun_packets([ip_packet(a, "10.210.0.10")])
+                net.run(0.01)
+        net.cut.add("dn1")
+        t0 = net.clock.seconds()
+        while net.en.primary == "dn1" and net.clock.seconds() - t0 < 2:
+            if active:
+                net.en.tun_packets([ip_packet(a, "10.210.0.10")])
+            net.run(0.01)
+        return net.clock.seconds() - t0
+    fast, slow = switch_after(True), switch_after(False)
+    assert fast <= 0.12 and 0.15 <= slow <= 0.3, (fast, slow)
