@@ -1,0 +1,119 @@
+"""DNSClient on a task.Clock with fake UDP ports (review L14: no unit tests for the
+client): a silent server gets the message again at 1/5 and 3/5 of timeout_s and times
+out after timeout_s, then the next server is asked; the last server that answered is
+asked first; a refused port moves on at once; a busy message id is never reused."""
+
+from __future__ import annotations
+
+import dns.message
+import dns.rcode
+from twisted.internet.task import Clock
+
+from services.dns.client import DNSClient
+from services.dns.message import TransportError
+
+
+class FakePort:
+    def __init__(self, reactor, proto):
+        self.reactor, self.proto = reactor, proto
+        self.peer = None
+        self.sent: list[bytes] = []
+        self.connected = True
+
+    def connect(self, host, port):
+        self.peer = (host, port)
+
+    def write(self, data):
+        self.sent.append(data)
+        self.reactor.wire.append((self.peer, data))
+
+    def stopListening(self):
+        self.connected = False
+
+
+class FakeReactor(Clock):
+    """A Clock with listenUDP: every datagram sent is in ``wire`` as ``(server, bytes)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.wire: list = []
+        self.ports: list[FakePort] = []
+
+    def listenUDP(self, port, proto, interface="", maxPacketSize=8192):
+        p = FakePort(self, proto)
+        proto.makeConnection(p)
+        self.ports.append(p)
+        return p
+
+    def port_of(self, server) -> FakePort:
+        return next(p for p in self.ports if p.peer == server)
+
+    def answer(self, server, rcode=dns.rcode.NOERROR, index=-1):
+        """The server answers the ``index``-th message it got."""
+        data = [d for s, d in self.wire if s == server][index]
+        query = dns.message.from_wire(data)
+        response = dns.message.make_response(query)
+        response.set_rcode(rcode)
+        self.port_of(server).proto.datagramReceived(response.to_wire(), server)
+
+
+A, B = ("127.0.0.1", 5301), ("127.0.0.2", 5302)
+
+
+def query():
+    return dns.message.make_query("www.example.test.", "A")
+
+
+def fired(d):
+    out = []
+    d.addBoth(out.append)
+    return out
+
+
+def test_silent_server_resent_then_timeout_then_next_server():
+    reactor = FakeReactor()
+    client = DNSClient(reactor, [A, B], timeout_s=1.0)
+    result = fired(client.exchange(query(), "example.test.", None, "read"))
+    assert [s for s, _ in reactor.wire] == [A]
+    reactor.advance(0.2)
+    reactor.advance(0.4)
+    assert [s for s, _ in reactor.wire] == [A, A, A], "resent at 1/5 and 3/5 of timeout_s"
+    assert client.resends == 2
+    reactor.advance(0.4)                                  # timeout_s: on to B
+    assert [s for s, _ in reactor.wire][-1] == B and not result
+    reactor.answer(B)
+    response, server = result[0]
+    assert server == "127.0.0.2:5302" and response.rcode() == dns.rcode.NOERROR
+    # B answered last: it is asked first next time
+    fired(client.exchange(query(), "example.test.", None, "read"))
+    assert [s for s, _ in reactor.wire][-1] == B
+
+
+def test_no_server_answers_is_a_timeout_error_naming_them():
+    reactor = FakeReactor()
+    client = DNSClient(reactor, [A, B], timeout_s=0.5)
+    result = fired(client.exchange(query(), "example.test.", None, "read"))
+    reactor.pump([0.1] * 12)
+    assert result and result[0].check(TransportError)
+    assert "127.0.0.1:5301" in str(result[0].value) and "127.0.0.2:5302" in str(result[0].value)
+
+
+def test_refused_port_moves_on_at_once():
+    reactor = FakeReactor()
+    client = DNSClient(reactor, [A, B], timeout_s=1.0)
+    result = fired(client.exchange(query(), "example.test.", None, "read"))
+    reactor.port_of(A).proto.connectionRefused()          # ICMP port unreachable
+    assert [s for s, _ in reactor.wire][-1] == B and reactor.seconds() == 0
+    reactor.answer(B)
+    assert result[0][1] == "127.0.0.2:5302"
+
+
+def test_a_message_id_in_flight_is_never_reused():
+    reactor = FakeReactor()
+    client = DNSClient(reactor, [A], timeout_s=1.0)
+    q1, q2 = query(), query()
+    q2.id = q1.id
+    fired(client.exchange(q1, "example.test.", None, "read"))
+    fired(client.exchange(q2, "example.test.", None, "read"))
+    ids = [dns.message.from_wire(d).id for _, d in reactor.wire]
+    assert len(ids) == 2 and ids[0] != ids[1]
