@@ -7,6 +7,9 @@ Store layout (keys under the store's namespace)::
     sip:expiry        zset   "<aor> <contact uri>" -> absolute expiry (store clock)
     sip:user:<aor>    string "1": the AOR has registered once (an INVITE to it
                              with no binding left gets 480, not 404)
+    sip:mtime:<aor>   string the AOR's version: the store-clock time of its last
+                             change (strictly growing per AOR), written in the same
+                             commit; replicas keep the newest state (last writer wins)
 
 Expiry is absolute (the store's clock, i.e. the reactor's seconds), so a
 binding read after a restart or by another node means the same instant.
@@ -36,6 +39,16 @@ _log = Logger(namespace="services.sip.location")
 AOR_PREFIX = "sip:aor:"
 EXPIRY = "sip:expiry"
 USER_PREFIX = "sip:user:"
+MTIME_PREFIX = "sip:mtime:"
+
+
+def _version(prev, now: float) -> float:
+    """The next version of an AOR: now, but always above the previous one."""
+    try:
+        last = float(prev) if prev is not None else None
+    except (TypeError, ValueError):
+        last = None
+    return now if last is None or now > last else last + 1e-6
 
 
 def _decode(aor: str, raw: dict) -> dict[str, Binding]:
@@ -76,6 +89,11 @@ class Location:
         return d.addCallback(lambda r: ({u: b for u, b in _decode(aor, r[0]).items()
                                          if b.expires > now}, r[1] is not None or bool(r[0])))
 
+    def mtime(self, aor: str) -> defer.Deferred:
+        """Fire with the AOR's version (None: never changed with a version)."""
+        return self.store.get(MTIME_PREFIX + aor).addCallback(
+            lambda v: None if v is None else float(v))
+
     def _read_now(self, aor: str) -> tuple[dict[str, Binding], bool]:
         raw = self.store.hgetall_now(AOR_PREFIX + aor)
         now = self.now()
@@ -112,7 +130,9 @@ class Location:
                 if decision.bindings is None or not (decision.changes or len(raw) > len(bindings)):
                     return defer.succeed(decision)
                 decision._stale = [u for u in raw if u not in bindings]
-                self.store.commit_now(self._ops(aor, bindings, decision, known))
+                decision.mtime = _version(self.store.get_now(MTIME_PREFIX + aor), self.now())
+                self.store.commit_now(self._ops(aor, bindings, decision, known)
+                                      + [Op.set(MTIME_PREFIX + aor, repr(decision.mtime))])
                 self.count += len(decision.bindings) - len(bindings)
                 return self.store.durable().addCallback(lambda _: decision)
             except Exception:
@@ -122,14 +142,19 @@ class Location:
         self._tails[aor] = d
 
         def run(_):
-            r = self.read(aor)
+            r = defer.gatherResults([self.read(aor), self.store.get(MTIME_PREFIX + aor)],
+                                    consumeErrors=True)
+            r.addErrback(lambda f: f.value.subFailure if isinstance(f.value, defer.FirstError)
+                         else f)
 
             def decided(result):
-                bindings, known = result
+                (bindings, known), prev = result
                 decision = decide(bindings)
                 if decision.bindings is None or not decision.changes:
                     return decision
+                decision.mtime = _version(prev, self.now())
                 ops = self._ops(aor, bindings, decision, known)
+                ops.append(Op.set(MTIME_PREFIX + aor, repr(decision.mtime)))
                 self.count += len(decision.bindings) - len(bindings)
                 return self.store.commit(ops).addCallback(lambda _: decision)
             return r.addCallback(decided)

@@ -33,11 +33,15 @@ sides exchange ``{"hello": {"bindings": n}}``; then:
 - otherwise a **delta resync**: the current state of each missed AOR,
   ``batch`` AORs at a time, one batch in flight.
 
-Only AORs of shards this node owns are pushed (a node that is not the owner
-holds a copy that may be older than the owner's), and a node refuses resync
-states for AORs it owns itself (a node that owned the shard briefly, e.g. a
-claim at its restart before it heard the owner, must not overwrite the owner's
-newer state).  Live updates are always applied.
+Versions.  Every AOR state carries the AOR's version (``mtime``: the store
+clock at its last change on the node that made it, strictly growing per AOR,
+see :mod:`services.sip.location`); a node applies a state only if it is not
+older than the version it holds (last writer wins).  So a resend, a late
+duplicate, or the backlog of a node that was behind (e.g. one that owned the
+shard for a moment at its restart) can never overwrite a newer state, and
+every node may push what it holds: whoever has the newest state wins on both
+sides, whatever the ownership did meanwhile.  The full resync's end marker
+removes only AORs older than its start.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from appliance.store.interface import Op
-from services.sip.location import AOR_PREFIX, EXPIRY, USER_PREFIX, _decode
+from services.sip.location import AOR_PREFIX, EXPIRY, MTIME_PREFIX, USER_PREFIX, _decode
 
 _log = Logger(namespace="services.sip.replication")
 
@@ -60,11 +64,14 @@ BACKLOG_PREFIX = "sip:backlog:"          # hash per backup: missed AOR -> "1"
 FULL_PREFIX = "sip:backlog-full:"        # string per backup: "1" = needs a full resync
 
 
-def state_body(aor: str, bindings: dict, removed: list[str]) -> dict:
-    return {"aor": aor,
+def state_body(aor: str, bindings: dict, removed: list[str], mtime: float | None = None) -> dict:
+    body = {"aor": aor,
             "set": {u: json.dumps(b.to_record(), separators=(",", ":"))
                     for u, b in bindings.items()},
             "del": sorted(set(removed) - set(bindings))}
+    if mtime is not None:
+        body["mtime"] = mtime
+    return body
 
 
 class Replicator:
@@ -74,10 +81,7 @@ class Replicator:
     def __init__(self, reactor, link, peers: tuple[str, ...], mode: str, location, *,
                  timeout_s: float = 2.0, batch: int = 100, max_unacked: int = 10_000,
                  backlog_limit: int = 10_000, page: int = 500, window: int = 2,
-                 pause_s: float = 0.002, owns: Callable[[str], bool] | None = None,
-                 shard_of: Callable[[str], int] | None = None,
-                 owned_shards: Callable[[], list[int] | None] | None = None,
-                 authoritative: Callable[[str], bool] | None = None):
+                 pause_s: float = 0.002, shard_of: Callable[[str], int] | None = None):
         self.reactor = reactor
         self.link = link
         self.peers = tuple(peers)
@@ -91,12 +95,7 @@ class Replicator:
         self.page = page
         self.window = window
         self.pause_s = pause_s
-        self.owns = owns or (lambda aor: True)
         self.shard_of = shard_of or (lambda aor: 0)
-        self.owned_shards = owned_shards or (lambda: None)
-        #: AORs this node owns now: a *resync* state for one of them is refused (the
-        #: owner's copy is the reference; a sender that owned it before may be behind)
-        self.authoritative = authoritative or (lambda aor: False)
         self.missed: dict[str, set[str]] = {p: set() for p in self.peers}
         #: backups that need a paged full resync (persisted); and those running now
         self.full_needed: dict[str, bool] = {p: False for p in self.peers}
@@ -107,7 +106,7 @@ class Replicator:
         self.stats = {"sent": 0, "acked": 0, "timeouts": 0, "failed": 0, "applied": 0,
                       "resent": 0, "skipped_down": 0, "messages": 0, "overflows": 0,
                       "full_resyncs": 0, "full_sent": 0, "full_removed": 0,
-                      "last_full_resync_s": None, "delta_resyncs": 0, "resync_refused": 0}
+                      "last_full_resync_s": None, "delta_resyncs": 0, "stale_ignored": 0}
         self._queue: dict[str, list] = {}
         self._flush_calls: dict[str, object] = {}
         self._ops: list = []
@@ -194,9 +193,10 @@ class Replicator:
             self._write(Op.hdel(BACKLOG_PREFIX + peer, done))
 
     # -- primary side ---------------------------------------------------------
-    def replicate(self, aor: str, bindings: dict, removed: list[str]) -> defer.Deferred:
+    def replicate(self, aor: str, bindings: dict, removed: list[str],
+                  mtime: float | None = None) -> defer.Deferred:
         """Ship the AOR's new state; fire when the mode allows the 200 to leave."""
-        body = state_body(aor, bindings, removed)
+        body = state_body(aor, bindings, removed, mtime)
         waits = []
         for peer in self.peers:
             if not self.link.connected(peer):
@@ -312,9 +312,17 @@ class Replicator:
             self.full_needed[peer] = True
         return True
 
+    def _current(self, aors: list[str]) -> defer.Deferred:
+        """Fire with ``[(bindings, mtime)]``: what this node holds now for ``aors``."""
+        d = defer.gatherResults([defer.gatherResults([self.location.read(a),
+                                                      self.location.mtime(a)],
+                                                     consumeErrors=True) for a in aors],
+                                consumeErrors=True)
+        return d.addCallback(lambda rows: [(r[0][0], r[1]) for r in rows])
+
     def delta_resync(self, peer: str) -> defer.Deferred:
-        owned = [a for a in self.missed[peer] if self.owns(a)]
-        _log.info("sip: {peer} is back: resending {n} AORs it missed", peer=peer, n=len(owned))
+        _log.info("sip: {peer} is back: resending {n} AORs it missed", peer=peer,
+                  n=len(self.missed[peer]))
         self.stats["delta_resyncs"] += 1
         self._resyncing.add(peer)
         finished = defer.Deferred()
@@ -322,7 +330,7 @@ class Replicator:
         return finished
 
     def _resync_next(self, peer: str, finished: defer.Deferred) -> None:
-        pending = [a for a in self.missed[peer] if self.owns(a)][:self.batch]
+        pending = list(self.missed[peer])[:self.batch]
         if not pending or not self.link.connected(peer):
             self._resyncing.discard(peer)
             if self._rerun(peer):
@@ -331,12 +339,12 @@ class Replicator:
             return
         for aor in pending:
             self.missed[peer].discard(aor)
-        d = defer.gatherResults([self.location.read(aor) for aor in pending], consumeErrors=True)
+        d = self._current(pending)
 
         def send(results):
             sends = []
-            for aor, (bindings, _known) in zip(pending, results):
-                body = state_body(aor, bindings, [])
+            for aor, (bindings, mtime) in zip(pending, results):
+                body = state_body(aor, bindings, [], mtime)
                 body["replace"] = True        # whatever the backup holds beyond this goes
                 self.stats["resent"] += 1
                 sends.append(self._send(peer, aor, body))
@@ -352,7 +360,7 @@ class Replicator:
         d.addBoth(lambda _: self.reactor.callLater(0, self._resync_next, peer, finished))
 
     def full_resync(self, peer: str) -> defer.Deferred:
-        """Paged, flow-controlled copy of every AOR of the shards owned here."""
+        """Paged, flow-controlled copy of every AOR held here."""
         self._resyncing.add(peer)
         self.full_running.add(peer)
         d = defer.ensureDeferred(self._full(peer))
@@ -368,7 +376,7 @@ class Replicator:
     async def _full(self, peer: str) -> None:
         started = self.reactor.seconds()
         token = secrets.token_hex(4)
-        shards = self.owned_shards()
+        shards = None
         self.stats["full_resyncs"] += 1
         # the full copy covers every AOR missed so far; the flag stays until it ends
         self.missed[peer].clear()
@@ -377,21 +385,19 @@ class Replicator:
                   "{window} in flight)", peer=peer, n=self.location.count, page=self.page,
                   window=self.window)
         big = 1 << 30
-        await self.link.send(peer, CHANNEL, {"full_begin": {"id": token, "shards": shards}},
-                             limit=big)
+        await self.link.send(peer, CHANNEL, {"full_begin": {"id": token, "shards": shards,
+                                                            "at": started}}, limit=big)
         cursor = None
         window: list[defer.Deferred] = []
         sent = 0
         while True:
             cursor, keys = await self.store.scan(AOR_PREFIX, cursor, self.page)
             aors = [k[len(AOR_PREFIX):] for k in keys]
-            aors = [a for a in aors if self.owns(a)]
             if aors:
-                results = await defer.gatherResults([self.location.read(a) for a in aors],
-                                                    consumeErrors=True)
+                results = await self._current(aors)
                 states = []
-                for aor, (bindings, _known) in zip(aors, results):
-                    body = state_body(aor, bindings, [])
+                for aor, (bindings, mtime) in zip(aors, results):
+                    body = state_body(aor, bindings, [], mtime)
                     body["replace"] = True
                     states.append(body)
                 window.append(self.link.send(peer, CHANNEL, {"states": states, "full": token},
@@ -433,29 +439,35 @@ class Replicator:
             merged: dict[str, dict] = {}
             for st in states:
                 aor = st["aor"]
-                if st.get("replace") and self.authoritative(aor):
-                    self.stats["resync_refused"] += 1
-                    continue
                 new = dict(st.get("set") or {})
                 for text in new.values():
                     json.loads(text)
                 prev = merged.get(aor)
                 gone = set(st.get("del") or ()) | (set(prev["set"]) | prev["del"] if prev else set())
+                mtime = st.get("mtime")
                 merged[aor] = {"set": new, "del": gone - set(new),
-                               "replace": bool(st.get("replace")) or bool(prev and prev["replace"])}
+                               "replace": bool(st.get("replace")) or bool(prev and prev["replace"]),
+                               "mtime": None if mtime is None else float(mtime)}
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             return defer.fail(ValueError(f"bad sip replication message: {e}"))
         for running in self._full_in.values():
             running["untouched"].difference_update(merged)
         store = self.location.store
         aors = list(merged)
-        d = defer.gatherResults([store.hgetall(AOR_PREFIX + a) for a in aors], consumeErrors=True)
+        d = defer.gatherResults(
+            [defer.gatherResults([store.hgetall(AOR_PREFIX + a), store.get(MTIME_PREFIX + a)],
+                                 consumeErrors=True) for a in aors], consumeErrors=True)
 
-        def write(currents):
+        def write(rows):
             ops = []
             delta = 0
-            for aor, current in zip(aors, currents):
+            for aor, (current, held) in zip(aors, rows):
                 st = merged[aor]
+                if st["mtime"] is not None and held is not None and st["mtime"] < float(held):
+                    self.stats["stale_ignored"] += 1     # we hold a newer state
+                    continue
+                if st["mtime"] is not None:
+                    ops.append(Op.set(MTIME_PREFIX + aor, repr(st["mtime"])))
                 key = AOR_PREFIX + aor
                 new = st["set"]
                 stale = [u for u in current if u not in new] if st["replace"] else []
@@ -481,7 +493,8 @@ class Replicator:
 
         def got(aors):
             untouched = {a for a in aors if covered is None or self.shard_of(a) in covered}
-            self._full_in[peer] = {"id": info.get("id"), "untouched": untouched}
+            self._full_in[peer] = {"id": info.get("id"), "untouched": untouched,
+                                   "at": info.get("at")}
             _log.info("sip: full resync from {peer} begins ({n} AORs here in its shards)",
                       peer=peer, n=len(untouched))
         return self.location.all_aors().addCallback(got)
@@ -494,12 +507,17 @@ class Replicator:
         if not gone:
             return defer.succeed(None)
         store = self.location.store
-        d = defer.gatherResults([store.hgetall(AOR_PREFIX + a) for a in gone], consumeErrors=True)
+        at = running.get("at")
+        d = defer.gatherResults(
+            [defer.gatherResults([store.hgetall(AOR_PREFIX + a), store.get(MTIME_PREFIX + a)],
+                                 consumeErrors=True) for a in gone], consumeErrors=True)
 
-        def drop(currents):
+        def drop(rows):
             ops = []
             n = 0
-            for aor, current in zip(gone, currents):
+            for aor, (current, held) in zip(gone, rows):
+                if held is not None and at is not None and float(held) > float(at):
+                    continue                 # changed here after the resync began: newer
                 if current:
                     ops.append(Op.hdel(AOR_PREFIX + aor, sorted(current)))
                     ops.append(Op.zrem(EXPIRY, [f"{aor} {u}" for u in current]))

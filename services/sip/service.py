@@ -215,9 +215,7 @@ class SIPService(Service):
         self.replicator = Replicator(
             self.reactor, link, r.peers, r.mode, self.location, timeout_s=r.timeout_s,
             batch=r.batch, backlog_limit=r.backlog_limit, page=r.page, window=r.window,
-            pause_s=r.pause_s, owns=roles.owns_aor, shard_of=roles.shard,
-            owned_shards=lambda: [i for i in range(roles.count) if roles.owns_shard(i)],
-            authoritative=None if roles.alone else roles.owns_aor)
+            pause_s=r.pause_s, shard_of=roles.shard)
         _log.info("sip: replicating bindings to {peers} ({mode})", peers=", ".join(r.peers),
                   mode=r.mode)
 
@@ -452,7 +450,8 @@ class SIPService(Service):
         if decision.bindings is None or not decision.changes:
             return decision
         removed = [b.uri for b in decision.removed]
-        d = self.replicator.replicate(aor, decision.bindings, removed)
+        d = self.replicator.replicate(aor, decision.bindings, removed,
+                                      getattr(decision, "mtime", None))
         return d.addCallback(lambda _: decision)
 
     def _registered(self, decision, msg, key, src, now) -> None:
@@ -565,8 +564,11 @@ class SIPService(Service):
         d = self.location.remove_aor(aor)
         if self.replicator is not None:
             def ship(n):
-                return self.replicator.replicate(aor, {}, []).addCallback(lambda _: n) \
-                    if n else n
+                if not n:
+                    return n
+                d = self.location.mtime(aor)
+                d.addCallback(lambda mtime: self.replicator.replicate(aor, {}, [], mtime))
+                return d.addCallback(lambda _: n)
             d.addCallback(ship)
 
         def done(n):

@@ -278,26 +278,35 @@ def test_full_resync_yields_to_live_registers(tmp_path):
     assert all(bindings(b, f"sip:u{i}@example.test") for i in range(20))
 
 
-def test_owner_refuses_resync_states_but_applies_live_ones(tmp_path):
-    """A node that owns an AOR ignores resync (replace) states for it from a peer that
-    may be behind; live replication states are applied."""
+def test_states_carry_versions_and_the_newest_wins(tmp_path):
+    """Each REGISTER bumps the AOR's version (sip:mtime:<aor>) in the same commit and the
+    state carries it; a replica ignores a state older than what it holds (a late resend,
+    or the backlog of a node that was behind) and applies a newer one."""
+    from services.sip.location import MTIME_PREFIX
     a, b, link, clock, thread_a, thread_b, settle_all = pair(tmp_path)
-    b.replicator.authoritative = lambda aor: aor == "sip:mine@example.test"
-    rec = ('{"uri":"sip:x@10.0.0.9","expires":%f,"q":null,"call_id":"c","cseq":1,'
+    peer = Peer()
+    a.received(req("REGISTER", "sip:example.test", contacts=["<sip:alice@10.0.0.1>"]),
+               peer.src, False)
+    settle_all()
+    v1 = float(a.location.store.get_now(MTIME_PREFIX + "sip:alice@example.test"))
+    assert float(b.location.store.get_now(MTIME_PREFIX + "sip:alice@example.test")) == v1
+    clock.advance(1)
+    a.received(req("REGISTER", "sip:example.test", branch="z9hG4bK2", cseq=2,
+                   contacts=["<sip:alice@10.0.0.2>"]), peer.src, False)
+    settle_all()
+    v2 = float(a.location.store.get_now(MTIME_PREFIX + "sip:alice@example.test"))
+    assert v2 > v1 and set(bindings(b)) == {"sip:alice@10.0.0.1", "sip:alice@10.0.0.2"}
+    rec = ('{"uri":"sip:old@10.9.9.9","expires":%f,"q":null,"call_id":"c","cseq":1,'
            '"path":[],"received":null,"params":""}' % (clock.seconds() + 600))
-    b.replicator.apply("a", {"states": [
-        {"aor": "sip:mine@example.test", "set": {"sip:x@10.0.0.9": rec}, "del": [],
-         "replace": True},
-        {"aor": "sip:other@example.test", "set": {"sip:x@10.0.0.9": rec}, "del": [],
-         "replace": True}]})
+    stale = {"aor": "sip:alice@example.test", "set": {"sip:old@10.9.9.9": rec}, "del": [],
+             "replace": True, "mtime": v1}
+    b.replicator.apply("a", {"states": [stale]})
     settle_all()
-    assert bindings(b, "sip:mine@example.test") == {}
-    assert bindings(b, "sip:other@example.test")
-    assert b.replicator.stats["resync_refused"] == 1
-    b.replicator.apply("a", {"aor": "sip:mine@example.test", "set": {"sip:x@10.0.0.9": rec},
-                             "del": []})
+    assert set(bindings(b)) == {"sip:alice@10.0.0.1", "sip:alice@10.0.0.2"}
+    assert b.replicator.stats["stale_ignored"] == 1
+    b.replicator.apply("a", {"states": [dict(stale, mtime=v2 + 1)]})
     settle_all()
-    assert bindings(b, "sip:mine@example.test")
+    assert set(bindings(b)) == {"sip:old@10.9.9.9"}
 
 
 def test_backup_back_again_during_a_resync_gets_another(tmp_path):
