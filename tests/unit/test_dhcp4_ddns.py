@@ -561,3 +561,30 @@ def test_any_option12_and_option81_bytes_get_their_ack():
         handle(svc, C.DHCPPacket(op=1, chaddr=hw, ciaddr=ack.yiaddr, options=options(
             C.RELEASE, o54=IPv4Address(SERVER).packed)))
     one()
+
+
+def test_a_restart_sweeps_removals_left_undone(tmp_path):
+    """A released lease whose removal failed (DNS down beyond the provider's retries)
+    still names its published records; after a restart the first lease event starts a
+    sweep that removes them (and records it)."""
+    svc, clock, provider = make(tmp_path)
+    ack = dora(svc, HW, hostname="pc")
+    real_release = provider.lease_released
+    provider.lease_released = lambda *a, **kw: defer.fail(OSError("named down"))
+    handle(svc, C.DHCPPacket(op=1, chaddr=HW, ciaddr=ack.yiaddr, options=options(
+        C.RELEASE, o54=IPv4Address(SERVER).packed)))
+    assert record(svc, ack.yiaddr).ddns is not None, "still published as far as we know"
+    provider.lease_released = real_release
+    # a restart: a new service on the same store
+    svc2 = Dhcp4Service(svc.config, svc.context)
+    ok(svc2.leases.load())
+    svc2.view.state, svc2.view.hold, svc2.running = P.NORMAL, False, True
+    svc2.handler = Dhcp4Handler(svc2.config, svc2.leases, IPv4Address(SERVER),
+                                now=clock.seconds, failover=svc2.view,
+                                on_lease=svc2._lease_changed)
+    dora(svc2, bytes([2, 0, 0, 0, 0, 7]), hostname="other")
+    assert provider.released() == []
+    clock.advance(10)
+    rel, = provider.released()
+    assert rel["fqdn"] == "pc." + ZONE and rel["address"] == str(ack.yiaddr)
+    assert record(svc2, ack.yiaddr).ddns is None

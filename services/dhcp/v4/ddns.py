@@ -48,7 +48,11 @@ be heard (COMMUNICATIONS-INTERRUPTED, an unconfirmed PARTNER-DOWN, a
 recovery) the owner holds the removal: the partner may have renewed the
 lease unseen, and its renewals, unchanged, would not publish the name
 again.  Once NORMAL (or a confirmed PARTNER-DOWN) the held removals run
-for the records still as they expired; the others are dropped.  Records written before the ``ddns``
+for the records still as they expired; the others are dropped.  Once per
+start (10 s after the first lease event) a sweep puts expired/released
+records that still name published records through the same rules (a crash
+between an expiry and its removal, a DNS outage beyond the provider's
+retries, a removal held when the node stopped).  Records written before the ``ddns``
 field existed fall back to their host name (the DHCID guard keeps a
 removal from touching another client's name).
 """
@@ -60,7 +64,7 @@ import weakref
 from collections import Counter
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from appliance.ddns import (DHCID_CLIENT_ID, DHCID_HWADDR, FQDN_E, FQDN_N, FQDN_O, FQDN_S,
@@ -143,12 +147,52 @@ class Dhcp4DDNS:
         self.stats: Counter[str] = Counter()
         self._held: dict[str, Any] = {}      # address -> expired record, removal held
         self._held_call = None
+        self._swept = False
+
+    #: the sweep of removals left undone starts this long after the first lease event
+    SWEEP_AFTER_S = 10.0
+    SWEEP_PAGE = 500
+
+    def sweep(self) -> defer.Deferred:
+        """Once per start: expired/released records that still name what DDNS
+        published (a crash between the expiry and its removal, a DNS outage
+        beyond the provider's retries, a removal held when the node stopped) go
+        through the expiry rules again (the owner removes; held while the
+        partner cannot be heard).  Paged through the store's address order."""
+        svc = self.service
+
+        async def go():
+            cursor, found = None, 0
+            while getattr(svc, "running", True):
+                page, cursor = await defer.maybeDeferred(svc.leases.export, cursor,
+                                                         self.SWEEP_PAGE)
+                for wire in page:
+                    if wire.get("state") in ("expired", "released") and wire.get("ddns"):
+                        rec = await defer.maybeDeferred(svc.leases.get, wire["address"])
+                        provider = ddns_provider(svc.context)
+                        if rec is not None and rec.ddns is not None and provider is not None \
+                                and rec.state in ("expired", "released"):
+                            found += 1
+                            self._removed(provider, "expired", rec)
+                if cursor is None:
+                    break
+                await task.deferLater(svc.reactor, 0, lambda: None)
+            if found:
+                _log.info("ddns: {n} expired or released leases still had published names; "
+                          "removing them (lease owner rules)", n=found)
+            return found
+        d = defer.ensureDeferred(go())
+        d.addErrback(lambda f: _log.failure("dhcp4 DDNS sweep failed", failure=f))
+        return d
 
     # ------------------------------------------------------------------
     def lease_event(self, event: str, lease) -> None:
         provider = ddns_provider(self.service.context)
         if provider is None:
             return
+        if not self._swept:
+            self._swept = True
+            self.service.reactor.callLater(self.SWEEP_AFTER_S, self.sweep)
         if event == "bound":
             self._bound(provider, lease)
         elif event in ("released", "declined", "expired"):
