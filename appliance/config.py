@@ -430,6 +430,9 @@ class VIPSection:
     interface: str
     priority: Mapping[str, int]
     preempt: bool = True
+    #: The service this VIP follows (review M6): a node whose service of that
+    #: name failed gives the VIP up to a peer where it runs.
+    service: str | None = None
 
 
 @dataclass(frozen=True)
@@ -789,8 +792,11 @@ def _parse_vip(t: Table, node: NodeSection | None, peer_ids: tuple[str, ...]) ->
     preempt = t.bool("preempt", True)
     t.done()
     if name is None or address is None or interface is None:
+    service = t.str("service", None, pattern=re.compile(r"^[A-Za-z0-9_.-]{1,64}$"),
+                    describe="a service key (services.KEY)")
         return None
-    return VIPSection(name, address, interface, MappingProxyType(priority), bool(preempt))
+    return VIPSection(name, address, interface, MappingProxyType(priority), bool(preempt),
+                      service=service)
 
 
 def _parse_services(t: Table | None, plugins: Mapping[str, Any],

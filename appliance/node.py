@@ -347,12 +347,24 @@ class ApplianceNode(MultiService):
             slot.set("failed", reason)
             _log.error("service {service} failed to start: {reason}", service=entry.name,
                        reason=reason)
+            self._tell_cluster(entry.name, reason)
             await self._release(slot)
             return False
         slot.set("running")
+        self._tell_cluster(entry.name, None)
         _log.info("service {service} running (role {role})", service=entry.name,
                   role=slot.describe()["role"])
         return True
+
+    def _tell_cluster(self, name: str, reason: str | None) -> None:
+        """A service failed to start (or runs again): the cluster moves the
+        resources that follow it (review M6)."""
+        tell = getattr(self.cluster, "service_failed", None)
+        if tell is not None:
+            try:
+                tell(name, reason)
+            except Exception:
+                _log.failure("telling the cluster about service {service}", service=name)
 
     async def _release(self, slot: ServiceSlot) -> None:
         """After a failed start: stop what the service may have bound or registered."""
@@ -370,6 +382,8 @@ class ApplianceNode(MultiService):
             return
         if slot.state == "failed":
             await self._release(slot)     # released at the failure; again costs nothing
+            if why.startswith("disabled"):
+                self._tell_cluster(slot.entry.name, None)   # no longer a service here
             return
         slot.set("stopping", why)
         await self._stop_child(slot.service, f"service {slot.entry.name}")

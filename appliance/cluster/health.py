@@ -4,6 +4,14 @@ Node-wide flags (``maintenance``, ``interface_down`` while a VIP interface
 has no carrier, ``store_down``) make the node unable for every resource;
 ``unable:<resource>`` (a VIP whose address could not be added) only for
 that resource, until its retry time.
+
+Per service (review M6): ``service_failed:<name>`` while the node's service
+``name`` failed to start (node.py tells :meth:`LocalHealth.service_failed`),
+and ``unable:<resource>`` for every resource colocated with it (a VIP whose
+``service`` names it, a resource that service registered): the peers
+exclude this node for those resources only, and so does this node's own
+election (:meth:`LocalHealth.unable_resources`), so they move to a node
+whose service runs; everything else stays.
 """
 
 from __future__ import annotations
@@ -30,18 +38,60 @@ class LocalHealth:
         self.maintenance = False
         self.unable: dict[str, float] = {}     # resource -> retry time (failed VIP add)
         self.interfaces_down: list[str] = []
+        self.failed_services: dict[str, str] = {}   # service -> why it failed
+        self.colocated: dict[str, str] = {}         # resource -> the service it follows
+        self.kinds: Callable[[], dict[str, str]] = dict   # resource -> registering service
         self._link_check_at = 0.0
         self._link_checking = False
 
     def flags(self) -> tuple[str, ...]:
         flags = set(self.flags_set)
         flags.update(f"unable:{name}" for name in self.unable)
+        flags.update(f"service_failed:{name}" for name in self.failed_services)
+        flags.update(f"unable:{name}" for name in self.service_unable())
         if self.maintenance:
             flags.add("maintenance")
         store = self._store()
         if store is not None and not getattr(store, "healthy", True):
             flags.add("store_down")
         return tuple(sorted(flags))
+
+    def service_failed(self, name: str, reason: str | None) -> bool:
+        """The node's service ``name`` failed (``reason``) or runs again (None);
+        True if that changed anything."""
+        if reason is None:
+            if self.failed_services.pop(name, None) is None:
+                return False
+            _log.info("service {service} runs again: resources that follow it may come back "
+                      "({resources})", service=name,
+                      resources=", ".join(self._following(name)) or "none")
+        else:
+            if self.failed_services.get(name) == reason:
+                return False
+            self.failed_services[name] = reason
+            _log.warn("service {service} failed ({why}): flagged service_failed:{service}; "
+                      "resources that follow it move to a peer ({resources})", service=name,
+                      why=reason, resources=", ".join(self._following(name)) or "none",
+                      health_change={"flag": f"service_failed:{name}", "reason": reason})
+        self.changed()
+        return True
+
+    def _following(self, service: str) -> list[str]:
+        kinds = self.kinds()
+        return sorted({r for r, s in self.colocated.items() if s == service}
+                      | {r for r, k in kinds.items() if k == service})
+
+    def service_unable(self) -> set[str]:
+        """Resources whose service failed on this node."""
+        out: set[str] = set()
+        for service in self.failed_services:
+            out.update(self._following(service))
+        return out
+
+    def unable_resources(self) -> set[str]:
+        """Every resource this node must not own while another can: failed
+        VIP adds and resources whose service failed here."""
+        return set(self.unable) | self.service_unable()
 
     def able(self) -> bool:
         return not any(f in UNABLE_FLAGS for f in self.flags())

@@ -131,6 +131,9 @@ class ClusterManager(Service):
                 ResourceSpec(vip.name, dict(vip.priority), vip.preempt, kind="vip"),
                 settings={"address": str(vip.address), "priority": dict(vip.priority),
                           "preempt": vip.preempt})
+            if getattr(vip, "service", None):
+                self.health.colocated[vip.name] = vip.service   # M6: the VIP follows it
+        self.health.kinds = lambda: {n: r.spec.kind for n, r in self.resources.items()}
 
     def _wall_now(self) -> float:
         return self.wall()
@@ -220,6 +223,14 @@ class ClusterManager(Service):
         recovering is not (its addresses are not ours to give).  Already
         correct when the listener hears the transition."""
         return self.partnerships.confirmed(peer)
+
+    def service_failed(self, name: str, reason: str | None) -> None:
+        """The node's service ``name`` failed to start (``reason``) or runs
+        again (None): this node advertises ``service_failed:<name>`` and is
+        unable for the resources that follow it (VIPs with ``service = name``,
+        resources that service registered), so they move to a peer whose
+        service runs; other resources stay."""
+        self.health.service_failed(name, reason)
 
     def report_client_evidence(self, peer: str, unanswered_clients: int) -> None:
         """A service (dhcp4) reports how many distinct clients of ``peer``

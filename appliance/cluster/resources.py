@@ -315,20 +315,28 @@ class ResourceTable:
             excluded |= {n for n in m.node_ids if n != top}
         for peer in m.node_peers():
             hb = peer.heartbeat
-            if peer.alive and hb is not None and (f"unable:{name}" in hb.health
-                                                  or name not in hb.config):
-                excluded.add(peer.id)
-        if name in m.health.unable:
-            others = [n for n in able if n != m.node_id and n not in excluded
-                      and res.spec.priority.get(n, 0) > 0]
-            if others:
-                excluded.add(m.node_id)
+            if peer.alive and hb is not None:
+                if name not in hb.config:
+                    excluded.add(peer.id)
+                elif f"unable:{name}" in hb.health:
+                    unable.add(peer.id)
+        if name in m.health.unable or name in m.health.service_unable():   # M6
+            unable.add(m.node_id)
+        # Unable nodes stand aside only for an able candidate; when every
+        # candidate is unable (both VIP adds failed, the service failed on
+        # both) nobody does, so every node elects the same degraded owner.
+        candidates = [n for n in able if n not in excluded and res.spec.priority.get(n, 0) > 0]
+        if any(n not in unable for n in candidates):
+            excluded |= unable
         return excluded
 
     def _why(self, claims: dict) -> str:
         peers = self.m.peers.values()
         dead = [p.id for p in peers if not p.alive]
         unable = [p.id for p in peers if p.alive and not p.able]
+        excluded |= {p.id for p in m.node_peers() if p.alive and p.heartbeat is not None
+                     and f"demoted:{name}" in p.heartbeat.health}
+        unable = set()
         parts = []
         if dead:
             parts.append("dead: " + ",".join(dead))
