@@ -792,3 +792,28 @@ def test_rolling_upgrade_old_format_guards_lock_out_neither_side(named_module, t
         assert next(iter(guard)).strings[0].decode() == "v2 c1 vip1 b 6"
     finally:
         yield client.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_notauth_and_notzone_against_real_bind(named_module):
+    """Review L14: an UPDATE for a zone the server does not serve (NOTAUTH) and one naming
+    a record outside its zone (NOTZONE) fail with an error naming zone, server, rcode and
+    key -- no retry loop on another meaning."""
+    from services.dns.message import UpdateError, make_update
+    server = named_module
+    key = parse_key_file(server.key_file.read_text())[0]
+    client = DNSClient(reactor, [("127.0.0.1", server.port)], 0.5)
+    try:
+        for zone, name, rcode in (("elsewhere.test.", "x.elsewhere.test.", "NOTAUTH"),
+                                  (ZONE, "x.other.test.", "NOTZONE")):
+            upd = make_update(dns.name.from_text(zone), key)
+            upd.replace(name, 60, "A", "10.9.0.1")
+            try:
+                yield client.exchange(upd, zone, key.name)
+            except UpdateError as e:
+                assert e.rcode == rcode, e
+                assert zone in str(e) and server.address in str(e) and key.name in str(e)
+            else:
+                raise AssertionError(f"{rcode} expected")
+    finally:
+        yield client.close()
