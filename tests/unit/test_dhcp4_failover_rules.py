@@ -600,3 +600,25 @@ def test_review_m6_reserved_client_whose_address_is_taken_gets_no_offer_it_canno
     ls.set_external_reservations([(hw(8), IPv4Address("10.9.0.12"))])
     assert ok(ls.offer(1, hw(8))) is None
     assert ls.counters["reservation_busy"] == 1
+
+
+def test_an_address_hold_survives_a_restart(pair):
+    """Simulator seed 198: b recovered without its data and held an address until the
+    potential expiry + MCLT of a lease it had given (its update lost with the disk);
+    kill -9 of b with the disk kept, restart: the hold was memory only, b gave the
+    address to a new client while the first one's lease still ran.  Holds are stored."""
+    p = pair(pool=("10.9.0.10", "10.9.0.11"), split=0)      # b's segment: both addresses
+    until = NOW + 300
+    for address in ("10.9.0.10", "10.9.0.11"):
+        p.b.leases.hold(p.b.leases.address_int(address), until)
+    p.b.crash()
+    p.b.start()
+    assert p.b.leases.held_until("10.9.0.10") == until
+    x, = macs_of(SECONDARY, 1, split=0)
+    assert dora(p.b, x) is None, "a held address went to a new client after the restart"
+    p.clock.advance(301)
+    p.b.leases.release_held()
+    assert dora(p.b, x) is not None
+    p.b.crash()
+    p.b.start()
+    assert p.b.leases.held_until("10.9.0.10") is None

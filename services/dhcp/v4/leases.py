@@ -79,6 +79,9 @@ LEASE_PREFIX = "dhcp4:lease:"
 VERSION_PREFIX = "dhcp4:lease-ver:"
 CLIENT_PREFIX = "dhcp4:client:"
 EXPIRY_KEY = "dhcp4:expiry"
+#: addresses held after a recovery without data (address -> until): kept in the
+#: store, a restart before the hold runs out must not free them
+HELD_KEY = "dhcp4:held"
 
 FREE, OFFERED, BOUND, RELEASED, EXPIRED, DECLINED, BACKUP = (
     "free", "offered", "bound", "released", "expired", "declined", "backup")
@@ -684,8 +687,10 @@ class LeaseStore:
                 n += 1
         return n
 
-    def hold(self, address: int, until: float) -> None:
-        """Nobody but the address's current client gets it before ``until``."""
+    def hold(self, address: int, until: float, *, persist: bool = True) -> None:
+        """Nobody but the address's current client gets it before ``until``.
+        Written to the store (HELD_KEY) so that a restart keeps it: the
+        leases it stands for were lost with our data, nothing else knows them."""
         if until <= self._held.get(address, 0.0):
             return
         self._held[address] = until
@@ -693,6 +698,20 @@ class LeaseStore:
         fs = self._set_for(address)
         if fs is not None:
             fs.discard(address)
+        if persist:
+            self._write_held([Op.zadd(HELD_KEY, {_ntoa(address): until})])
+
+    def _write_held(self, ops) -> None:
+        if self._commit_now is not None:
+            self.writes += 1
+            try:
+                self._commit_now(ops, None)
+            except Exception as e:          # the store is down: it says so itself
+                self._log.warn("dhcp4: an address hold was not stored: {why}", why=e)
+            return
+        self.store.commit(ops).addErrback(
+            lambda f: self._log.warn("dhcp4: an address hold was not stored: {why}",
+                                     why=f.getErrorMessage()))
 
     def held_until(self, address: str) -> float | None:
         """Until when ``address`` is held (after a recovery without data), or None."""
@@ -711,18 +730,21 @@ class LeaseStore:
         if not self._held_heap:
             return 0
         now = self._now() if now is None else now
-        heap, n = self._held_heap, 0
+        heap, n, done = self._held_heap, 0, []
         while heap and heap[0][0] <= now:
             until, a = heapq.heappop(heap)
             if self._held.get(a) != until:
                 continue
             del self._held[a]
+            done.append(_ntoa(a))
             meta = self._meta.get(a)
             fs = self._set_for(a)
             if fs is not None and a not in self._pending and a not in self._offers \
                     and a not in self._reserved_addr and (meta is None or meta[1] in FREE_STATES):
                 fs.put(a)
                 n += 1
+        if done:
+            self._write_held([Op.zrem(HELD_KEY, done)])
         return n
 
     def _foreign_wait_over(self, a: int, now: float) -> bool:
@@ -844,6 +866,12 @@ class LeaseStore:
                 n += 1
             if cursor is None:
                 break
+        now = self._now()
+        for address, until in (yield self.store.zrangebyscore(HELD_KEY, now, float("inf"))):
+            try:
+                self.hold(_aton(address), float(until), persist=False)
+            except (OSError, ValueError, TypeError):
+                continue
         self.loaded = True
         self._log.info("dhcp4 leases loaded: {n} records, {free} free addresses",
                        n=n, free=self.free_count())

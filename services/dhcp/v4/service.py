@@ -578,13 +578,15 @@ class Dhcp4Service(Service):
         if "held" in body:
             # the partner lost its data and may have given these addresses until
             # then: nobody gets them here before that either
+            writes = self.leases.writes
             for address, until in (body.get("held") or {}).items():
                 try:
                     self.leases.hold(self.leases.address_int(address),
                                      float(until) + self.leases.skew_margin_s)
                 except (ValueError, TypeError, OSError):
                     continue
-            return None
+            # acked once the holds are on disk (a restart keeps them)
+            return self.leases.durable() if self.leases.writes != writes else None
         if "stored" in body:
             self._partner_stored(body["stored"])
             return None
