@@ -790,10 +790,10 @@ def _parse_vip(t: Table, node: NodeSection | None, peer_ids: tuple[str, ...]) ->
                 priority[member] = value
         pt.done()
     preempt = t.bool("preempt", True)
-    t.done()
-    if name is None or address is None or interface is None:
     service = t.str("service", None, pattern=re.compile(r"^[A-Za-z0-9_.-]{1,64}$"),
                     describe="a service key (services.KEY)")
+    t.done()
+    if name is None or address is None or interface is None:
         return None
     return VIPSection(name, address, interface, MappingProxyType(priority), bool(preempt),
                       service=service)

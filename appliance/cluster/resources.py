@@ -313,6 +313,7 @@ class ResourceTable:
         if wanters:
             top = max(wanters, key=lambda n: self._rank(res, n))
             excluded |= {n for n in m.node_ids if n != top}
+        unable = set()
         for peer in m.node_peers():
             hb = peer.heartbeat
             if peer.alive and hb is not None:
@@ -334,9 +335,6 @@ class ResourceTable:
         peers = self.m.peers.values()
         dead = [p.id for p in peers if not p.alive]
         unable = [p.id for p in peers if p.alive and not p.able]
-        excluded |= {p.id for p in m.node_peers() if p.alive and p.heartbeat is not None
-                     and f"demoted:{name}" in p.heartbeat.health}
-        unable = set()
         parts = []
         if dead:
             parts.append("dead: " + ",".join(dead))
