@@ -692,6 +692,8 @@ def _peer_item(node: NodeSection | None):
         pt.done()
         if address is None and extra:
             address, extra = extra[0], extra[1:]
+        elif address is None and "addresses" in value and "address" not in value:
+            pt.error("address", "missing: give address or a non-empty addresses")
         if peer_id is None or address is None:
             return None
         if len(set((address,) + extra)) != 1 + len(extra):

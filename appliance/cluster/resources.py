@@ -126,6 +126,15 @@ class ResourceTable:
         able = self._able_nodes(quorum)
         alive = {p.id for p in m.node_peers() if p.alive} | ({m.node_id} if quorum else set())
         holding = m.clock.seconds() < m.hold_until
+        flags = m.health.flags_set
+        for name in self.resources:
+            # A demote stands aside on the wire too (demoted:<name>): the
+            # peers elect without this node and the one taking over claims
+            # manually, so the preempting natural owner does not take it back.
+            if name in self.excluded:
+                flags.add(f"demoted:{name}")
+            else:
+                flags.discard(f"demoted:{name}")
         for name, res in self.resources.items():
             claims = {}
             for peer in m.node_peers():
@@ -147,7 +156,9 @@ class ResourceTable:
             if d.action != "claim" or holding or claims:
                 self._drop_intent(name)
             if d.action == "claim" and not holding and not res.claiming:
-                if claims or (res.wanted and self._owned_elsewhere(name)):
+                if claims or (res.wanted and self._owned_elsewhere(name)) or any(
+                        p.alive and p.heartbeat is not None
+                        and f"releasing:{name}" in p.heartbeat.health for p in m.node_peers()):
                     # Break before make: a live node still holds it and
                     # computes the same election, so it lets go within a beat;
                     # claim once it has (never two owners for a preemption,
@@ -155,8 +166,13 @@ class ResourceTable:
                     continue
                 if m.witness_id is not None and not self._intent_acked(res):
                     continue
+                handed = [p.id for p in m.node_peers() if p.alive and p.heartbeat is not None
+                          and f"demoted:{name}" in p.heartbeat.health]
                 if res.wanted:
                     self.claim(res, d.epoch, why="operator promote", manual=True)
+                elif handed:
+                    self.claim(res, d.epoch, manual=True,
+                               why=f"operator demote on {','.join(handed)}")
                 else:
                     self.claim(res, d.epoch, why=self._why(claims))
             elif d.action == "reassert" and not res.claiming:
@@ -313,6 +329,8 @@ class ResourceTable:
         if wanters:
             top = max(wanters, key=lambda n: self._rank(res, n))
             excluded |= {n for n in m.node_ids if n != top}
+        excluded |= {p.id for p in m.node_peers() if p.alive and p.heartbeat is not None
+                     and f"demoted:{name}" in p.heartbeat.health}
         unable = set()
         for peer in m.node_peers():
             hb = peer.heartbeat
@@ -432,10 +450,32 @@ class ResourceTable:
             d = defer.maybeDeferred(action, res.spec.name, why)
             if claim is not None:
                 d.addCallback(self._vip_result, res)
+            else:
+                self._releasing(res, d)
             d.addErrback(lambda f: _log.error("vip {res}: {why}", res=res.spec.name,
                                               why=f.getErrorMessage()))
         for listener in list(res.listeners):
             call_listener(listener, res.spec.name, role, epoch)
+
+    def _releasing(self, res: Resource, d):
+        """Until the address is really gone, advertise ``releasing:<name>``: a
+        peer waits for it before it claims (break before make also on the
+        wire: no moment with the VIP on two boxes).  Bounded by the liveness
+        deadline, in case the removal hangs."""
+        m = self.m
+        flag = f"releasing:{res.spec.name}"
+        m.health.flags_set.add(flag)
+        timer = m.clock.callLater(m.deadline_s, lambda: done(None))
+
+        def done(_):
+            if timer.active():
+                timer.cancel()
+            if flag in m.health.flags_set:
+                m.health.flags_set.discard(flag)
+                if m.running and m.port is not None:
+                    m._send_heartbeats()          # tell the peers now
+            return _
+        d.addBoth(done)
 
     def release_all(self, why: str):
         for res in self.resources.values():
