@@ -38,6 +38,9 @@ def test_one_path_down_is_no_suspicion_and_shows_in_status():
     assert paths["10.0.0.1"]["last_seen_ms"] >= 2900          # silent since the cut
     assert paths["10.0.1.1"]["last_seen_ms"] < 100 and paths["10.0.1.1"]["lost"] == 0
     assert b.verifier.drops.get("replayed", 0) == 0          # copies are not replays
+    from appliance.admin.ctl import render_cluster
+    table = render_cluster(b.status())
+    assert "paths: 10.0.0.1 loss" in table and "10.0.1.1 loss 0.0%" in table
     # the path comes back: its gap is counted as loss on that path only
     w.net.cut_paths.clear()
     _settle(w, 0.5)
