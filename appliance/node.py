@@ -186,6 +186,10 @@ class ApplianceNode(MultiService):
         self._start_d: defer.Deferred | None = None
         self._stopping = False
         self._register_methods()
+        # sd_notify (READY, STATUS with the roles, WATCHDOG, STOPPING): a no-op
+        # unless systemd gave $NOTIFY_SOCKET (etc/systemd/appliance.service)
+        from appliance.systemd import SystemdNotifier, node_status_line
+        self.notifier = SystemdNotifier(reactor, status=lambda: node_status_line(self))
 
     # ------------------------------------------------------------------
     # start / stop
@@ -201,6 +205,7 @@ class ApplianceNode(MultiService):
         Service.startService(self)
         self._stopping = False
         self.started_at = self.reactor.seconds()
+        self.notifier.start()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         _log.info("node {node} starting (appliance {version}, store {backend}, "
                   "services: {services})", node=self.config.node.id, version=__version__,
@@ -282,6 +287,7 @@ class ApplianceNode(MultiService):
                 return
         _log.info("node {node} running: {summary}", node=self.config.node.id,
                   summary=", ".join(f"{n}={s.state}" for n, s in self.slots.items()) or "no services")
+        self.notifier.ready()
         if self.on_running is not None:
             try:
                 self.on_running(self)
@@ -402,6 +408,7 @@ class ApplianceNode(MultiService):
         from twisted.application.service import Service
         Service.stopService(self)
         self._stopping = True
+        self.notifier.stopping()
         return defer.ensureDeferred(self._stop_all())
 
     async def _stop_all(self):
@@ -424,6 +431,7 @@ class ApplianceNode(MultiService):
         finally:
             self._reload_lock.release()
         _log.info("node {node} stopped", node=self.config.node.id)
+        self.notifier.close()
 
     def _fatal(self, failure, what):
         self._fatal_error(f"{what}: {failure.getErrorMessage()}")
