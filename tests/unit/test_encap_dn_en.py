@@ -331,3 +331,48 @@ def test_an_active_en_detects_a_dead_primary_sooner_than_an_idle_one():
         return net.clock.seconds() - t0
     fast, slow = switch_after(True), switch_after(False)
     assert fast <= 0.12 and 0.15 <= slow <= 0.3, (fast, slow)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@given(st.lists(st.binary(max_size=200), max_size=20))
+@settings(max_examples=150, deadline=None)
+def test_dn_and_en_never_crash_on_random_datagrams(datagrams):
+    """Random datagrams into a DN and an EN with live sessions: dropped and counted (or a
+    HELLO answered), never an exception; the EN's session keeps working."""
+    net = started()
+    dn = net.dns["dn1"]
+    before = sum(dn.drops.values()) + dn.stats["tx_datagrams"]
+    for d in datagrams:
+        dn.datagram(d, ("10.99.0.66", 1234))
+        net.en.datagram("dn1", d)
+    assert sum(dn.drops.values()) + dn.stats["tx_datagrams"] >= before + sum(1 for d in datagrams)
+    a = net.en.address
+    net.en.tun_packets([ip_packet(a, "10.210.0.10")])
+    net.pump()
+    assert net.tun["dn1"][-1] == ip_packet(a, "10.210.0.10")
+
+
+@given(st.one_of(st.binary(max_size=300),
+                 st.dictionaries(st.text(max_size=8), st.one_of(st.none(), st.integers(),
+                                                                st.text(max_size=20),
+                                                                st.lists(st.text(max_size=5))),
+                                 max_size=6)))
+@settings(max_examples=150, deadline=None)
+def test_sealed_garbage_inside_a_session_is_a_counted_drop(body):
+    """Authenticated but nonsensical records (bad kinds, bad control JSON, wrong fields)."""
+    import json
+    net = started()
+    dn = net.dns["dn1"]
+    keys = net.en.links["dn1"].keys
+    if isinstance(body, dict):
+        body = dict(body, t=body.get("t", "info"))
+        plain = bytes([W.K_CONTROL]) + json.dumps(body).encode()
+    else:
+        plain = body or b"\x07"
+    dn.datagram(keys.seal(plain), ("10.99.0.100", 40000))
+    net.pump()
+    a = net.en.address
+    net.en.tun_packets([ip_packet(a, "10.210.0.10")])
+    net.pump()
