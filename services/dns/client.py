@@ -142,6 +142,7 @@ class DNSClient:
         self.good: tuple[str, int] | None = None     # the last server that answered
         self.tcp_fallbacks = 0
         self.resends = 0
+        self.unsigned_ports = 0        # one-exchange sockets opened for unsigned messages
 
     def close(self) -> defer.Deferred:
         ports, self._ports, self._channels = self._ports, [], {}
@@ -222,8 +223,17 @@ class DNSClient:
         if len(wire) > UDP_MAX:
             response = yield self._tcp(server, wire, request)
             return response
-        ch = self._channel(server)
+        if request.keyring is None:
+            # unsigned (no TSIG key): a fresh socket, so a random source port, per
+            # exchange -- a fixed port and a 16-bit id are easy to spoof (review L10)
+            ch = _UDPChannel(server)
+            port = self.reactor.listenUDP(0, ch, interface="::" if ":" in server[0] else "")
+            self.unsigned_ports += 1
+        else:
+            ch, port = self._channel(server), None
         d = ch.send(request.id, wire)
+        if port is not None:
+            d.addBoth(lambda result: (port.stopListening(), result)[1])
         resends = [self.reactor.callLater(self.timeout_s * f, self._resend, ch, request.id, wire)
                    for f in self.RESEND_AT]
 

@@ -46,7 +46,7 @@ class FakeReactor(Clock):
         return p
 
     def port_of(self, server) -> FakePort:
-        return next(p for p in self.ports if p.peer == server)
+        return next(p for p in reversed(self.ports) if p.peer == server and p.connected)
 
     def answer(self, server, rcode=dns.rcode.NOERROR, index=-1):
         """The server answers the ``index``-th message it got."""
@@ -108,12 +108,35 @@ def test_refused_port_moves_on_at_once():
     assert result[0][1] == "127.0.0.2:5302"
 
 
+def signed(q):
+    import dns.tsigkeyring
+    q.use_tsig(dns.tsigkeyring.from_text({"k.": "c2VjcmV0c2VjcmV0c2VjcmV0"}), keyname="k.")
+    return q
+
+
 def test_a_message_id_in_flight_is_never_reused():
+    """On the shared (signed) socket; unsigned exchanges have sockets of their own."""
     reactor = FakeReactor()
     client = DNSClient(reactor, [A], timeout_s=1.0)
-    q1, q2 = query(), query()
+    q1, q2 = signed(query()), signed(query())
     q2.id = q1.id
     fired(client.exchange(q1, "example.test.", None, "read"))
     fired(client.exchange(q2, "example.test.", None, "read"))
-    ids = [dns.message.from_wire(d).id for _, d in reactor.wire]
+    ids = [int.from_bytes(d[:2], "big") for _, d in reactor.wire]
     assert len(ids) == 2 and ids[0] != ids[1]
+
+
+def test_unsigned_messages_get_a_fresh_source_port_each():
+    """Review L10: without TSIG a fixed source port and a 16-bit id are easy to spoof:
+    every unsigned exchange uses a socket (random port) of its own, closed after it;
+    signed ones share the server's connected socket."""
+    reactor = FakeReactor()
+    client = DNSClient(reactor, [A], timeout_s=1.0)
+    for _ in range(2):
+        r = fired(client.exchange(query(), "example.test.", None, "read"))
+        reactor.answer(A)
+        assert r and not hasattr(r[0], "check")
+    assert len(reactor.ports) == 2 and not any(p.connected for p in reactor.ports)
+    for _ in range(2):
+        fired(client.exchange(signed(query()), "example.test.", "k.", "read"))
+    assert len(reactor.ports) == 3, "signed: one shared socket"
