@@ -8,7 +8,8 @@ NOTAUTH, BADKEY...) moves on to the next server; when all fail the
 Deferred fails with the most telling error (an rcode beats a timeout).
 
 UDP goes through one connected socket per server (so a closed port is
-reported at once, not after a timeout); a reply with TC set, or a message
+reported at once, not after a timeout) -- an unsigned message through a
+connected socket of its own, a random source port per exchange; a reply with TC set, or a message
 larger than 512 bytes, goes over TCP (RFC 1035 4.2.2 two-byte framing).
 Nothing here blocks the reactor.
 """
