@@ -481,6 +481,8 @@ class ResourceTable:
         for res in self.resources.values():
             if res.mine is not None:
                 self.set_mine(res, None, why)
+        if self.m.lease is not None:
+            self.m.lease.release_all()      # the quorum lease too: nobody waits its TTL
 
     # -- VIP side effects --------------------------------------------------------------
     def _reannounce(self, res: Resource, why: str):

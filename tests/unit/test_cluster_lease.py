@@ -105,6 +105,8 @@ def test_orderly_stop_releases_the_lease_at_once():
     _settle(w, 0.05)
     assert w.redis.holder(KEY) is None or w.redis.holder(KEY).startswith("b/")
     assert m.lease.stats["released"] >= 1
+    held = w.redis.holder("cluster:lease-quorum")
+    assert held is None or not held.startswith("a/"), "the quorum lease is released too"
 
 
 def test_three_nodes_one_owner_and_one_quorum_holder():
