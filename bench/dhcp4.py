@@ -264,6 +264,8 @@ lease_time_s = 3600
     cfg = cfg.replace("auto_partner_down_s = 1", "auto_partner_down_s = 0")
     if mclt_s is not None:
         cfg = cfg.replace("mclt_s = 30", f"mclt_s = {mclt_s}")
+    if mclt_s == 3600:                 # the failover row: the shipped failover table
+        cfg = cfg.replace("delay_s = 0", "delay_s = 2")
     return cfg
 
 
@@ -840,8 +842,8 @@ def main(argv=None) -> int:
                           "partner-down, heartbeats 100 ms x 3), mclt_s {mclt}, lease 3600 s")
         if "failover" in cases:
             for system, factory, owner, note, deadline in (
-                    ("appliance", lambda: appliance(True), "primary",
-                     appliance_note.format(mclt=30), 30.0),
+                    ("appliance", lambda: appliance(True, mclt_s=3600), "primary",
+                     appliance_note.format(mclt=3600) + ", delay_s 2", 30.0),
                     ("kea", lambda: kea("hot-standby", shipped=True), "any",
                      KEA_SHIPPED.format(mode="hot-standby", pools="one pool"), 150.0)):
                 if system == "kea" and (args.skip_kea or not kea_ok):
