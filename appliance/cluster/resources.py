@@ -216,7 +216,8 @@ class ResourceTable:
         name = res.spec.name
         flag = f"claiming:{name}"
         flags = m.health.flags_set
-        waiting = [p for p in m.node_peers() if m.connected(p)]
+        # (a peer of an older version sends no echo: it cannot ack, nobody waits for it)
+        waiting = [p for p in m.node_peers() if m.connected(p) and p.heartbeat.echo is not None]
         for p in waiting:
             if flag in p.heartbeat.health and self._rank(res, p.id) > self._rank(res, m.node_id):
                 self._drop_intent(name)       # it outranks us: let it go first
