@@ -204,7 +204,8 @@ def download_case(trials: int, work: Path) -> list[dict]:
                 return None
             if killed_at is not None:
                 # the stall in the byte stream that spans the kill
-                around = [g for t, g in res["stalls"] if t <= killed_at + 0.05 and t + g >= killed_at]
+                around = [g for t, g in res["stalls"]
+                          if t <= killed_at + 0.05 and t + g >= killed_at]
                 stall.append(max(around) if around else 0.0)
                 log("stalls (s after the kill, length): " + ", ".join(
                     f"{t - killed_at:+.2f}:{g:.2f}" for t, g in res["stalls"]))
@@ -222,7 +223,8 @@ def download_case(trials: int, work: Path) -> list[dict]:
     penalty = (percentile(killed, 50) - base_s) if base and killed else None
     return [{"system": "appliance", "case": "download-60MB", "metric": "penalty_s",
              "value": penalty, "unit": "s",
-             "note": f"median of {len(killed)} kills; clean download {base_s and round(base_s, 2)} s"
+             "note": f"median of {len(killed)} kills; clean download "
+                     f"{base_s and round(base_s, 2)} s"
                      " (busy box: clean runs stall too)"},
             {"system": "appliance", "case": "download-60MB", "metric": "stall_s_p50",
              "value": percentile(stall, 50), "unit": "s",
@@ -365,7 +367,8 @@ key {d}/client.key
 data-ciphers AES-256-GCM
 verb 3
 """)
-        lab.host("ip", "-n", lab.ns_name("esr"), "route", "add", "10.201.0.0/24", "via", "10.99.0.1")
+        lab.host("ip", "-n", lab.ns_name("esr"), "route", "add", "10.201.0.0/24", "via",
+                 "10.99.0.1")
         lab.host("ip", "-n", lab.ns_name("dn1"), "route", "add", "10.210.0.0/24", "via",
                  "10.99.0.254")
         lab.popen("dn1", "openvpn", "--config", str(d / "server.conf"),

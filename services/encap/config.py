@@ -84,7 +84,8 @@ def parse(table, context) -> EncapConfig | None:
     port = table.int("port", 7400, min=0, max=65535)
     psk_file = table.path_("psk_file")
     tun = table.str("tun", "encap0")
-    if isinstance(tun, str) and not (0 < len(tun) < 16 and tun.replace("-", "").replace("_", "").isalnum()):
+    if isinstance(tun, str) and not (0 < len(tun) < 16
+                                     and tun.replace("-", "").replace("_", "").isalnum()):
         table.error("tun", f'"{tun}" is not an interface name (1-15 letters, digits, - and _)')
     mtu = table.int("mtu", 1400, min=576, max=65000)
     slice_len = table.int("slice_prefixlen", 26, min=1, max=32)
@@ -129,7 +130,8 @@ def parse(table, context) -> EncapConfig | None:
     wt = table.table("watchdog")
     if wt is not None:
         wd = WatchdogConfig(
-            enabled=wt.bool("enabled", True), interval_s=wt.float("interval_s", 0.5, min=0.01, max=60),
+            enabled=wt.bool("enabled", True),
+            interval_s=wt.float("interval_s", 0.5, min=0.01, max=60),
             max_lag_s=wt.float("max_lag_s", 1.0, min=0.01, max=600),
             fail_after=wt.int("fail_after", 3, min=1, max=1000),
             restart_backoff_s=wt.float("restart_backoff_s", 1.0, min=0.01, max=3600),

@@ -439,7 +439,8 @@ class ENClient:
                     self.control(self.links[old], {"t": W.C_DEMOTE, "address": self.address})
                     self.control(self.links[old], self._info("secondary"))
         elif t == W.C_PRIMARY_DOWN:
-            if self.primary is not None and msg.get("primary") == self.primary and dn != self.primary:
+            if self.primary is not None and msg.get("primary") == self.primary \
+                    and dn != self.primary:
                 link_old = self.links[self.primary]
                 link_old.state = DOWN
                 link_old.keys = None
@@ -495,7 +496,8 @@ class ENClient:
                 "configured": self.configured,
                 "primary": self.primary, "confirmed": self.confirmed,
                 "handoff_from": self.handoff_from,
-                "links": {d: {"state": l.state, "idle_s": round(now - l.last_rx, 3) if l.keys else None,
+                "links": {d: {"state": l.state,
+                              "idle_s": round(now - l.last_rx, 3) if l.keys else None,
                               "rx": l.rx, "tx": l.tx, "drops": dict(l.drops)}
                           for d, l in self.links.items()},
                 "stats": dict(self.stats), "drops": dict(self.drops), "events": self.events[-20:]}

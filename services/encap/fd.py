@@ -20,8 +20,6 @@ restart up to ``restart_backoff_max_s`` and resets after a healthy minute.
 
 from __future__ import annotations
 
-import socket
-
 from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
 

@@ -15,8 +15,6 @@ and counts every data packet as ``no_tun``.
 
 from __future__ import annotations
 
-import ipaddress
-
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application.service import Service
 from twisted.internet import defer, protocol, task, threads
@@ -236,7 +234,8 @@ class EncapService(Service):
                         self.dn.slice_role(dn, net, "owner")
                     continue
                 cluster.register_resource(
-                    name, lambda res, role, epoch, dn=dn, net=net: self.dn.slice_role(dn, net, role),
+                    name,
+                    lambda res, role, epoch, dn=dn, net=net: self.dn.slice_role(dn, net, role),
                     priority={dn: 200, sec: 100})
                 self._resources.append(name)
 

@@ -82,7 +82,7 @@ MAX_SEQ = (1 << 64) - 1
 REKEY_AFTER_SEQ = 1 << 60
 
 #: Control message types (the ``"t"`` of a K_CONTROL JSON object).
-C_INFO = "info"            # EN -> DN: who I am, my DNs in order, my address if I have one, role I give you
+C_INFO = "info"            # EN -> DN: who I am, my DNs, my address, the role I give you
 C_ASSIGN = "assign"        # DN -> EN: your address (address, prefixlen, mtu)
 C_SECONDARY = "secondary"  # DN -> EN: I am (only) a secondary DN for you
 C_PROMOTE = "promote"      # EN -> DN: you are my primary now (soft handoff start)

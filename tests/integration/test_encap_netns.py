@@ -12,8 +12,6 @@ import re
 import sys
 import time
 
-import pytest
-
 from tests.support.encap_lab import SERVER, EncapLab
 from tests.support.netns import Lab
 
@@ -111,8 +109,8 @@ def test_encap_failover_end_to_end(netns_lab: Lab, tmp_path):
 
     # a paced download (8 MB at 4 MB/s) and a 100 packets/s ping across the kill
     total = 8 * 1024 * 1024
-    sender = lab.popen(lab.ns_name("server"), sys.executable, "-c", SENDER, str(total), str(4 * 1024 * 1024),
-                       SERVER)
+    sender = lab.popen(lab.ns_name("server"), sys.executable, "-c", SENDER, str(total),
+                       str(4 * 1024 * 1024), SERVER)
     line = sender.stdout.readline().strip()
     assert line == b"ready", line + sender.stderr.read()
     receiver = lab.popen("en", sys.executable, "-c", RECEIVER, SERVER)
@@ -182,7 +180,8 @@ def test_cluster_declares_the_primary_dead_before_the_en_notices(netns_lab: Lab,
     """dn1 and dn2 are cluster peers (heartbeats every 100 ms, dead after 3): when dn1
     dies, dn2 owns the slice resource of dn1's subnet it backs, claims and routes the
     whole slice and tells the EN primary_down -- the EN (keepalives 200 ms x 10, no
-    faster probing while active, so it would wait 2 s) switches on that notice; when dn1 returns the slice goes back."""
+    faster probing while active, so it would wait 2 s) switches on that notice; when dn1
+    returns the slice goes back."""
     el = EncapLab(netns_lab, tmp_path, keepalive_ms=200, dead_after=10, active_keepalive_ms=0,
                   cluster=True).build()
     lab = netns_lab

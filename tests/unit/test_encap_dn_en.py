@@ -147,8 +147,8 @@ def test_data_both_ways_and_spoofed_source_dropped():
     assert net.tun["en"] == [ip_packet("10.210.0.10", a)]
     # a forged inner source, sealed correctly by the EN's session
     link = net.en.links["dn1"]
-    net.queue.append(("en", "dn1", link.keys.seal(W.data_plain(10 ** 18,
-                                                                ip_packet("10.200.0.99", "1.2.3.4")))))
+    spoofed = ip_packet("10.200.0.99", "1.2.3.4")
+    net.queue.append(("en", "dn1", link.keys.seal(W.data_plain(10 ** 18, spoofed))))
     net.pump()
     assert net.dns["dn1"].drops.get("spoofed_source") == 1
 

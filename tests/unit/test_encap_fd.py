@@ -30,7 +30,8 @@ def make(clock, svc, restarts):
 
 
 def test_tun_errors_make_the_dn_unhealthy_then_restart_with_backoff():
-    """Three rounds with new TUN errors: unhealthy, unable:<own slices>, restart after 1 s, 2 s, 4 s, 4 s."""
+    """New TUN errors three rounds in a row: unhealthy, unable:<own slices>, restarts
+    after a backoff of 1 s, then 2 s, 4 s, 4 s (capped)."""
     clock, svc, restarts = Clock(), fake_service(), []
     wd = make(clock, svc, restarts)
     for _ in range(2):

@@ -82,7 +82,7 @@ def test_pending_handshakes_are_bounded():
 
 
 def test_replay_and_forgery_dropped_and_window_not_moved_by_forgery():
-    """Same record twice: replay; bit flipped: forged; a forged high seq does not move the window."""
+    """Same record twice: replay; bit flipped: forged; a forged high seq leaves the window."""
     ikeys, rkeys, _ = handshake()
     packet = bytes([0x45]) + bytes(39)
     first = ikeys.seal(W.data_plain(1, packet))
