@@ -52,6 +52,7 @@ LEASES_KEY = "encap:leases:"
 #: After a lost claim or a failed route injection, data packets do not retry before this.
 CLAIM_RETRY_S = 1.0
 _INDEX_SEQ = W.RECORD_INDEX_SEQ
+_DATA0 = W.data_plain(0, b"")          # kind DATA, flow 0 (downlink flows are not numbered)
 _FLOW = W.FLOW
 
 
@@ -308,18 +309,28 @@ class DecapNode:
     def tun_packets(self, packets: list[bytes]) -> None:
         """Packets read from the TUN: each to the EN owning its destination."""
         self.last_tun_rx = self.reactor.seconds()
-        by_address = self.by_address
+        by_address, send = self.by_address, self.send
+        sent = nbytes = 0
         for packet in packets:
-            dst = packet_dst(packet)
+            v = packet[0] >> 4
+            dst = packet[16:20] if v == 4 else (packet[24:40] if v == 6 else None)
             s = by_address.get(dst) if dst is not None else None
             if s is None:
                 self.drop("no_session_for_destination")
                 continue
+            n = len(packet)
             s.tx_packets += 1
-            s.tx_bytes += len(packet)
-            self.stats["tx_packets"] += 1
-            self.stats["tx_bytes"] += len(packet)
-            self._send(s, W.data_plain(0, packet))
+            s.tx_bytes += n
+            sent += 1
+            nbytes += n
+            try:
+                send(s.keys.seal(_DATA0 + packet), s.addr)
+            except OSError:
+                self.drop("send_error", s)
+        stats = self.stats
+        stats["tx_packets"] += sent
+        stats["tx_bytes"] += nbytes
+        stats["tx_datagrams"] += sent
 
     # ------------------------------------------------------------------
     # control
