@@ -178,8 +178,8 @@ mode = "{self.mode}"
 
     def resync_note(self) -> str:
         repl = self.nodes["a"].rpc("sip.stats")["result"]["replication"]
-        return (f"full resyncs {repl['full_resyncs']}, paged copy {repl['last_full_resync_s']}s "
-                f"(page 500, window 2)")
+        return (f"full resyncs {repl['full_resyncs']}, last paged copy {repl['last_full_resync_s']} s "
+                "(shipped page and window)")
 
     def stop(self) -> None:
         for n in self.nodes.values():

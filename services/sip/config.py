@@ -63,8 +63,8 @@ class ReplicationConfig:
     timeout_s: float
     batch: int
     backlog_limit: int = 10_000    # missed AORs per backup before a paged full resync
-    page: int = 500                # AORs per full-resync page
-    window: int = 2                # full-resync pages in flight
+    page: int = 100                # AORs per full-resync page
+    window: int = 1                # full-resync pages in flight
     pause_s: float = 0.002         # reactor breath between two pages
 
 
@@ -147,8 +147,8 @@ def parse(table, context) -> SIPConfig | None:
         timeout = rt.float("timeout_s", 2.0, min=0.01, max=60)
         batch = rt.int("batch", 100, min=1, max=10000)
         backlog_limit = rt.int("backlog_limit", 10_000, min=1, max=10_000_000)
-        page = rt.int("page", 500, min=1, max=5000)
-        window = rt.int("window", 2, min=1, max=64)
+        page = rt.int("page", 100, min=1, max=5000)
+        window = rt.int("window", 1, min=1, max=64)
         pause = rt.float("pause_ms", 2.0, min=0, max=10_000)
         rt.done()
         if peers and None not in (mode, timeout, batch, backlog_limit, page, window, pause):

@@ -80,7 +80,7 @@ class Replicator:
 
     def __init__(self, reactor, link, peers: tuple[str, ...], mode: str, location, *,
                  timeout_s: float = 2.0, batch: int = 100, max_unacked: int = 10_000,
-                 backlog_limit: int = 10_000, page: int = 500, window: int = 2,
+                 backlog_limit: int = 10_000, page: int = 100, window: int = 1,
                  pause_s: float = 0.002, shard_of: Callable[[str], int] | None = None):
         self.reactor = reactor
         self.link = link
