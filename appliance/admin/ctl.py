@@ -693,6 +693,11 @@ def resolve_target(args) -> tuple[str, str, str | None]:
 
 
 def run(argv: Sequence[str] | None, stdout: TextIO, stderr: TextIO) -> int:
+    # cluster init|join|invite, backup, restore run on the box itself (issue 17)
+    from appliance.bootstrap import local_command
+    local = local_command(sys.argv[1:] if argv is None else argv, stdout, stderr)
+    if local is not None:
+        return local
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
     if not args.timeout > 0:
