@@ -121,7 +121,9 @@ class EncapService(Service):
             set_receive_buffer(self.udp.socket, 4 * 1024 * 1024)
         except Exception:
             pass
-        await self._claim_home(me)
+        # in the background: a store that does not answer must not hold the start up
+        defer.ensureDeferred(self._claim_home(me)).addErrback(
+            lambda f: _log.failure("encap: claiming the home slices", failure=f))
         self._register_slices()
         self._register_rpc()
         metrics = getattr(self.context, "metrics", None)
