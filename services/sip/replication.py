@@ -314,6 +314,16 @@ class Replicator:
 
     def _current(self, aors: list[str]) -> defer.Deferred:
         """Fire with ``[(bindings, mtime)]``: what this node holds now for ``aors``."""
+        loc = self.location
+        if loc.immediate:
+            try:
+                rows = []
+                for a in aors:
+                    held = loc.store.get_now(MTIME_PREFIX + a)
+                    rows.append((loc._read_now(a)[0], None if held is None else float(held)))
+                return defer.succeed(rows)
+            except Exception:
+                return defer.fail()
         d = defer.gatherResults([defer.gatherResults([self.location.read(a),
                                                       self.location.mtime(a)],
                                                      consumeErrors=True) for a in aors],
@@ -454,9 +464,17 @@ class Replicator:
             running["untouched"].difference_update(merged)
         store = self.location.store
         aors = list(merged)
-        d = defer.gatherResults(
-            [defer.gatherResults([store.hgetall(AOR_PREFIX + a), store.get(MTIME_PREFIX + a)],
-                                 consumeErrors=True) for a in aors], consumeErrors=True)
+        if self.location.immediate:
+            # the embedded store answers reads at once: no Deferred per AOR
+            try:
+                d = defer.succeed([(store.hgetall_now(AOR_PREFIX + a),
+                                    store.get_now(MTIME_PREFIX + a)) for a in aors])
+            except Exception:
+                d = defer.fail()
+        else:
+            d = defer.gatherResults(
+                [defer.gatherResults([store.hgetall(AOR_PREFIX + a), store.get(MTIME_PREFIX + a)],
+                                     consumeErrors=True) for a in aors], consumeErrors=True)
 
         def write(rows):
             ops = []
