@@ -22,8 +22,9 @@ AES-256-GCM, one server in dn1, TLS with EC P-256 certificates).
     python bench/encap.py [--quick] [--json] [--kills N] [--only outage,download,throughput]
 
 Needs root, iproute2, ping (iputils), iperf3 and openvpn (installed with apt-get if
-missing; a missing anchor is said and skipped).  Not measured yet: man/wan delay
-(needs the userspace delay shim), loss, the BIRD 2 OSPF baseline.
+missing; a missing anchor is said and skipped).  ``man``/``wan``: the EN reaches the
+DNs through a userspace UDP relay in its namespace that holds every datagram 10 / 100 ms
+each way (no netem here).  Not measured yet: loss, the BIRD 2 OSPF baseline.
 """
 
 from __future__ import annotations
@@ -91,14 +92,68 @@ def ping_loss(lab, count: int, interval: float, during=None) -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (count, 0)
 
 
-def outage_case(case: str, pps: int, soft: bool, kills: int, work: Path) -> list[dict]:
+RELAY = r"""
+import heapq, select, socket, sys, time
+delay = float(sys.argv[1])
+pairs = []                                   # (socket facing the EN, socket facing the DN, DN)
+for spec in sys.argv[2:]:
+    port, host = spec.split("=")
+    en_side = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    en_side.bind(("127.0.0.1", int(port)))
+    dn_side = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dn_side.bind(("0.0.0.0", 0))
+    pairs.append([en_side, dn_side, (host, 7400), None])
+by_sock = {}
+for p in pairs:
+    by_sock[p[0]] = (p, True)
+    by_sock[p[1]] = (p, False)
+queue, n = [], 0
+print("ready", flush=True)
+while True:
+    timeout = max(0.0, queue[0][0] - time.monotonic()) if queue else 1.0
+    for s in select.select(list(by_sock), [], [], timeout)[0]:
+        try:
+            data, addr = s.recvfrom(65535)
+        except OSError:
+            continue
+        p, from_en = by_sock[s]
+        if from_en:
+            p[3] = addr
+            dest = (p[1], p[2])
+        elif p[3] is not None:
+            dest = (p[0], p[3])
+        else:
+            continue
+        n += 1
+        heapq.heappush(queue, (time.monotonic() + delay, n, dest, data))
+    now = time.monotonic()
+    while queue and queue[0][0] <= now:
+        _, _, (sock, addr), data = heapq.heappop(queue)
+        try:
+            sock.sendto(data, addr)
+        except OSError:
+            pass
+"""
+
+
+def outage_case(case: str, pps: int, soft: bool, kills: int, work: Path,
+                delay_ms: float = 0.0) -> list[dict]:
     from tests.support.encap_lab import EncapLab
     from tests.support.netns import Lab
     interval = 1.0 / pps
     rows: list[dict] = []
     outages, moveback = [], []
     with Lab() as lab:
-        el = EncapLab(lab, work / case, soft_handoff=soft).build()
+        endpoints = None
+        if delay_ms:
+            # the EN reaches the DNs through a userspace relay holding every datagram
+            # delay_ms in each direction (this kernel has no netem)
+            endpoints = {"dn1": ("127.0.0.1", 17401), "dn2": ("127.0.0.1", 17402)}
+        el = EncapLab(lab, work / case, soft_handoff=soft, dn_endpoints=endpoints).build()
+        if delay_ms:
+            relay = lab.popen("en", sys.executable, "-c", RELAY, str(delay_ms / 1000.0),
+                              "17401=10.99.0.1", "17402=10.99.0.2")
+            relay.stdout.readline()
         el.start_dn("dn1")
         el.start_dn("dn2")
         el.start_en()
@@ -124,7 +179,8 @@ def outage_case(case: str, pps: int, soft: bool, kills: int, work: Path) -> list
         rows.append({"system": "appliance", "case": case, "metric": metric,
                      "value": percentile(outages, p), "unit": "ms",
                      "note": f"{kills} kills; soft_handoff={'on' if soft else 'off'}; "
-                             "EN keepalive 20 ms while active (50 ms idle) x 4"})
+                             "EN keepalive 20 ms while active (50 ms idle) x 4"
+                             + (f"; {delay_ms:g} ms one-way EN-DN (relay)" if delay_ms else "")})
     rows.append({"system": "appliance", "case": case, "metric": "outage_ms_max",
                  "value": max(outages) if outages else None, "unit": "ms", "note": ""})
     rows.append({"system": "appliance", "case": case, "metric": "moveback_lost_packets_max",
@@ -415,6 +471,8 @@ def main() -> int:
             rows += outage_case("lan-100pps", 100, False, kills, work)
             rows += outage_case("lan-10pps", 10, False, kills, work)
             rows += outage_case("soft-lan-100pps", 100, True, kills, work)
+            rows += outage_case("man-100pps", 100, False, kills, work, delay_ms=10)
+            rows += outage_case("wan-100pps", 100, False, kills, work, delay_ms=100)
         if "download" in only:
             rows += download_case(1 if args.quick else 3, work)
         if "throughput" in only:

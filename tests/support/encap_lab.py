@@ -35,7 +35,8 @@ SUBNET = {"dn1": "10.200.0.0/24", "dn2": "10.200.1.0/24"}
 class EncapLab:
     def __init__(self, lab, workdir: Path, *, keepalive_ms: int = 50, dead_after: int = 4,
                  soft_handoff: bool = True, announce: bool = True, cluster: bool = False,
-                 active_keepalive_ms: int | None = None):
+                 active_keepalive_ms: int | None = None,
+                 dn_endpoints: dict[str, tuple[str, int]] | None = None):
         self.lab = lab
         self.wd = Path(workdir)
         self.keepalive_ms, self.dead_after = keepalive_ms, dead_after
@@ -43,6 +44,8 @@ class EncapLab:
         self.announce = announce
         self.cluster = cluster            # dn1 and dn2 as [cluster] peers (slice resources)
         self.active_keepalive_ms = active_keepalive_ms   # None: the EN's default
+        #: where the EN sends to reach each DN (default: the DN itself, port 7400)
+        self.dn_endpoints = dn_endpoints or {n: (a, 7400) for n, a in DN_ADDR.items()}
         self.procs: dict[str, subprocess.Popen] = {}
         self.psk = self.wd / "encap.psk"
 
@@ -146,11 +149,13 @@ status_interval_s = 0.2
 
 [[en.dns]]
 id = "dn1"
-address = "{DN_ADDR['dn1']}"
+address = "{self.dn_endpoints['dn1'][0]}"
+port = {self.dn_endpoints['dn1'][1]}
 
 [[en.dns]]
 id = "dn2"
-address = "{DN_ADDR['dn2']}"
+address = "{self.dn_endpoints['dn2'][0]}"
+port = {self.dn_endpoints['dn2'][1]}
 """)
 
     # ------------------------------------------------------------------
