@@ -68,6 +68,13 @@ def status(m) -> dict[str, Any]:
             "partner-down then depends on client evidence only (partner_down_min_clients = "
             f"{m.partnerships.min_clients()} unanswered clients of the partner, reported by the "
             "service); silence alone never triggers it")
+    from appliance.cluster.detector import election_fallbacks
+    for name in election_fallbacks(m):
+        differ = sorted(pid for pid, p in m.peers.items() if p.alive and any(
+            k in ("priority", "preempt") for k in p.config_mismatch.get(name, ())))
+        warnings.append(f"resource {name}: priority/preempt differ from {', '.join(differ)}: "
+                        "elected by the config-independent rule (current owner keeps it, else "
+                        "the largest node id) until the configs agree")
     quorum = {"has": m.has_quorum(), "witness": m.witness_id,
               "witness_vote": (m.peers[m.witness_id].heartbeat.vote
                                if m.witness_id and m.peers[m.witness_id].heartbeat else None)}

@@ -172,3 +172,40 @@ class PeerTable:
                 entry["config_mismatch"] = dict(p.config_mismatch)
             out[p.id] = entry
         return out
+
+
+#: Settings every node must agree on for an election to agree (review M1).
+ELECTION_SETTINGS = ("priority", "preempt")
+
+
+def apply_election_fallback(m) -> None:
+    """Peers that disagree on a resource's priority map (or preempt) each
+    elect by their own config: each may pick itself (two owners) or the
+    other (none).  While a live peer reports such a difference for a
+    resource, every node elects it by a config-independent rule instead --
+    equal priority for every node that has the resource and no preemption:
+    the current claimant with the highest epoch keeps it, else the largest
+    node id -- and it is reported (log, ``cluster.status`` warning).  The
+    configured spec comes back once the configs agree."""
+    from appliance.cluster.ownership import ResourceSpec
+    saved = m.__dict__.setdefault("_configured_specs", {})
+    for name, res in m.resources.items():
+        peers = sorted(p.id for p in m.node_peers() if p.alive and any(
+            k in ELECTION_SETTINGS for k in p.config_mismatch.get(name, ())))
+        if peers and name not in saved:
+            members = {m.node_id} | {p.id for p in m.node_peers()
+                                     if p.heartbeat is not None and name in p.heartbeat.config}
+            saved[name] = res.spec
+            res.spec = ResourceSpec(name, {n: 1 for n in sorted(members)}, False, res.spec.kind)
+            _log.warn("resource {res}: priority/preempt differ from {peers}: elected by the "
+                      "config-independent rule (the current owner keeps it, else the largest "
+                      "node id) until the configs agree", res=name, peers=", ".join(peers),
+                      election_fallback={"resource": name, "peers": peers})
+        elif not peers and name in saved:
+            res.spec = saved.pop(name)
+            _log.info("resource {res}: configs agree again; elected by priority", res=name)
+
+
+def election_fallbacks(m) -> list[str]:
+    return sorted(getattr(m, "_configured_specs", {}))
+

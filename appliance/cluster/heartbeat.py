@@ -231,6 +231,82 @@ class HeartbeatVerifier:
         return hb
 
 
+#: Above this a beat is IP-fragmented on a 1500-byte MTU path (one lost
+#: fragment loses the beat): optional parts are shed to stay under it.
+FIT_BUDGET = 1400
+
+
+class BeatFitter:
+    """Keeps every beat within a size budget (review M8) by shedding optional
+    parts instead of sending what does not fit: the per-setting config
+    detail (``cd``) is split across beats (as many resources as fit, in
+    rotation, so every resource's detail still goes out); past the hard
+    limit (what a receiver accepts, :data:`MAX_DATAGRAM`) the highest-epoch
+    map (``m``) goes too.  Claims, digests, partner states and echoes are
+    never dropped.  ``stats`` counts ``beats_trimmed`` and
+    ``oversize_sent``; each kind of shedding is logged once."""
+
+    def __init__(self, key: bytes, stats: dict, *, budget: int = FIT_BUDGET,
+                 hard: int = MAX_DATAGRAM, log=None):
+        self.key, self.stats, self.budget, self.hard = key, stats, budget, hard
+        self.cursor = 0
+        self.log = log
+        self._logged: set[str] = set()
+
+    def _note(self, counter: str, message: str, **kw):
+        self.stats[counter] = self.stats.get(counter, 0) + 1
+        if counter not in self._logged and self.log is not None:
+            self._logged.add(counter)
+            self.log(message, **kw)
+
+    def fit(self, hb: Heartbeat) -> Heartbeat:
+        from dataclasses import replace
+        size = len(encode(hb, self.key))
+        if size <= self.budget:
+            return hb
+        if hb.max_epochs and hb.resources:
+            # Lossless first: an epoch the claims already carry.
+            m = {k: v for k, v in hb.max_epochs.items()
+                 if not (k in hb.resources and hb.resources[k][1] >= v)}
+            if len(m) < len(hb.max_epochs):
+                hb = replace(hb, max_epochs=m)
+                size = len(encode(hb, self.key))
+                if size <= self.budget:
+                    return hb
+        if hb.config_detail:
+            names = sorted(hb.config_detail)
+            start = self.cursor % len(names)
+            order = names[start:] + names[:start]
+            base = replace(hb, config_detail={})
+            room = self.budget - len(encode(base, self.key))
+            part: dict[str, dict[str, str]] = {}
+            for name in order:
+                cost = len(json.dumps({name: hb.config_detail[name]}, separators=(",", ":"))) + 1
+                if cost > room:
+                    break
+                part[name] = hb.config_detail[name]
+                room -= cost
+            self.cursor = start + len(part)
+            hb = replace(hb, config_detail=part or None)
+            self._note("beats_trimmed", "heartbeat of {n} bytes over the {budget}-byte budget: "
+                       "the config detail goes out split across beats ({k} of {total} "
+                       "resources per beat)", n=size, budget=self.budget, k=len(part),
+                       total=len(names))
+            size = len(encode(hb, self.key))
+        if size > self.hard and hb.max_epochs:
+            hb = replace(hb, max_epochs={}, config_detail=None)
+            self._note("beats_trimmed_epochs", "heartbeat of {n} bytes over the receivers' "
+                       "{hard}-byte limit: the highest-epoch map is left out", n=size,
+                       hard=self.hard)
+            size = len(encode(hb, self.key))
+        if size > self.budget:
+            self._note("oversize_built", "heartbeat of {n} bytes even without its optional "
+                       "parts ({what}): fewer resources per node, or shorter names",
+                       n=size, what="IP fragments" if size <= self.hard
+                       else "RECEIVERS DROP IT")
+        return hb
+
+
 def config_digest(settings: dict[str, Any]) -> tuple[str, dict[str, str]]:
     """``(overall digest, {setting: digest})`` of a resource's shared settings."""
     detail = {k: hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode())

@@ -54,6 +54,7 @@ from twisted.logger import Logger
 
 from appliance.cluster import admin
 from appliance.cluster.detector import SKEW_WARN_S, PeerInfo, PeerTable  # noqa: F401 (API)
+from appliance.cluster.detector import apply_election_fallback
 from appliance.cluster.errors import ClusterError
 from appliance.cluster.health import LocalHealth
 from appliance.cluster.heartbeat import Heartbeat
@@ -356,11 +357,18 @@ class ClusterManager(Service):
                 detail[name] = per
         verifier = self.verifier
         health = self.health_flags() + (("witness",) if self.is_witness else ())
-        return Heartbeat(self.node_id, self.incarnation, seq, self.wall(),
-                         health, claims, self.partnerships.states(),
-                         config, detail, verifier.echo() if verifier is not None else None,
-                         {name: res.max_epoch for name, res in self.resources.items()
-                          if res.max_epoch > 0}, self.vote if self.is_witness else None)
+        hb = Heartbeat(self.node_id, self.incarnation, seq, self.wall(),
+                       health, claims, self.partnerships.states(),
+                       config, detail, verifier.echo() if verifier is not None else None,
+                       {name: res.max_epoch for name, res in self.resources.items()
+                        if res.max_epoch > 0}, self.vote if self.is_witness else None)
+        return self._fitter().fit(hb)       # M8: within the size budget, optional parts shed
+
+    def _fitter(self):
+        from appliance.cluster.heartbeat import BeatFitter
+        if getattr(self, "_beat_fitter", None) is None:
+            self._beat_fitter = BeatFitter(self._key or b"", self.stats, log=_log.warn)
+        return self._beat_fitter
 
     # ------------------------------------------------------------------
     # quorum and the witness (quorum.py)
@@ -396,6 +404,7 @@ class ClusterManager(Service):
         now = self.clock.seconds()
         peer, _ = self.detector.heard(hb, now)
         self.detector.check_config(peer, hb, self.table.digest_of)
+        apply_election_fallback(self)             # M1: peers disagree on priorities
         self.table.learn(hb)
         if not self.maintenance:
             # In maintenance this node serves nothing and its peer is

@@ -578,3 +578,24 @@ def test_resource_known_to_one_node_only_is_owned_by_it():
     run(clock, 1.5)
     assert nodes["a"].role("dns:www") == "owner"
     assert heard == ["owner"]
+
+
+def test_mismatched_priorities_elect_one_owner_and_warn():
+    """M1: each node's config gives the VIP to the other (a: {a 100, b 200}, b: {a 200,
+    b 100}): the old code left it ownerless for good; the peers detect the difference,
+    elect by a config-independent rule (one owner) and warn."""
+    from appliance.cluster.ownership import ResourceSpec as Spec
+    clock, net, nodes = make_pair()
+    maps = {"a": {"a": 100, "b": 200}, "b": {"a": 200, "b": 100}}
+    for n, m in nodes.items():
+        res = m.resources["vip1"]
+        res.spec = Spec("vip1", maps[n], True, kind="vip")
+        res.settings = dict(res.settings, priority=maps[n])
+    start(clock, nodes)
+    run(clock, 3.0)
+    assert len(owners(nodes)) == 1, owners(nodes)
+    first = owners(nodes)
+    run(clock, 3.0)
+    assert owners(nodes) == first, "stable"
+    warnings = nodes["a"].status()["warnings"]
+    assert any("vip1" in w and "priority" in w and "b" in w for w in warnings), warnings

@@ -102,3 +102,59 @@ def test_config_digest_names_differing_setting():
     b_all, b = config_digest({"address": "10.0.0.1/24", "preempt": False})
     assert a_all != b_all
     assert [k for k in a if a[k] != b[k]] == ["preempt"]
+
+
+# -- M8: a beat never goes out over the size budget when optional parts can go ------
+def _big_beat(n=30, seq=1):
+    from appliance.cluster.heartbeat import config_digest as cd
+    names = [f"res-{i:03d}" for i in range(n)]
+    detail = {name: cd({"address": f"10.0.{i}.1/24", "priority": {"a": 200, "b": 100},
+                        "preempt": True})[1] for i, name in enumerate(names)}
+    return Heartbeat("a", 1, seq, 1000.0, (), {}, {}, {name: "0123456789ab" for name in names},
+                     detail, {"b": (1, 1)}, {name: 7 for name in names})
+
+
+def test_oversize_beat_splits_its_config_detail_across_beats():
+    from appliance.cluster.heartbeat import FIT_BUDGET, BeatFitter
+    stats = {}
+    fitter = BeatFitter(KEY, stats)
+    big = _big_beat()
+    assert len(encode(big, KEY)) > FIT_BUDGET
+    seen = set()
+    for i in range(40):
+        hb = fitter.fit(big)
+        assert len(encode(hb, KEY)) <= FIT_BUDGET
+        assert hb.config == big.config and hb.max_epochs == big.max_epochs and hb.echo
+        seen |= set(hb.config_detail or {})
+        assert decode(encode(hb, KEY), KEY).config_detail == hb.config_detail
+    assert seen == set(big.config_detail), "every resource's detail goes out in rotation"
+    assert stats["beats_trimmed"] == 40
+
+
+def test_beat_over_the_receivers_limit_drops_the_epoch_map_and_is_counted():
+    from dataclasses import replace
+    from appliance.cluster.heartbeat import BeatFitter
+    stats, logged = {}, []
+    fitter = BeatFitter(KEY, stats, budget=400, hard=1200, log=lambda msg, **kw: logged.append(msg))
+    hb = fitter.fit(replace(_big_beat(40), config_detail=None))
+    assert hb.max_epochs == {} and hb.config and len(encode(hb, KEY)) > 400
+    assert stats["beats_trimmed_epochs"] == 1 and stats["oversize_built"] == 1
+    assert len(logged) == 2
+
+
+def test_manager_with_many_resources_builds_beats_within_the_budget():
+    """The manager's detail beats (every 10th) with 30 resources went out at ~3.5 KB
+    (only warned about: IP fragments); now each beat fits."""
+    FIT_BUDGET = 1400          # one 1500-byte MTU datagram, no IP fragments
+    from appliance.cluster.ownership import ResourceSpec
+    from tests.unit.test_cluster_manager import make_pair
+    clock, net, nodes = make_pair()
+    m = nodes["a"]
+    for i in range(30):
+        m.add_resource(ResourceSpec(f"res-{i:03d}", {"a": 200, "b": 100}),
+                       settings={"priority": {"a": 200, "b": 100}, "preempt": True,
+                                 "address": f"10.0.{i}.1/24"})
+    m.startService()
+    sizes = [len(encode(m.build_heartbeat(), KEY)) for _ in range(25)]
+    m.stopService()
+    assert max(sizes) <= FIT_BUDGET, sizes
