@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Boot the raw image from image/build.sh under qemu (software emulation is fine)
+# and check that the appliance unit reaches READY (systemd prints "Started
+# appliance.service" for a Type=notify unit only after READY=1) and that
+# `appliancectl status` answers through a forwarded port.  A bench-style script:
+# minutes, not a test.
+#
+#   sudo image/boot-test.sh [--image image/out/appliance.raw] [--timeout 900] [--port 18740]
+#
+# The image is not modified: the boot uses a copy, into which a known admin token
+# is written first (the shipped image has none: each box makes its own).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+IMAGE=$ROOT/image/out/appliance.raw
+TIMEOUT=900
+PORT=18740
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --image) IMAGE=$2; shift 2 ;;
+    --timeout) TIMEOUT=$2; shift 2 ;;
+    --port) PORT=$2; shift 2 ;;
+    *) echo "boot-test.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+done
+[ "$(id -u)" -eq 0 ] || { echo "boot-test.sh: run as root (loop mount of the copy)" >&2; exit 1; }
+cd "$ROOT"           # appliancectl of this checkout talks to the guest
+[ -f "$IMAGE" ] || { echo "boot-test.sh: no image $IMAGE (run image/build.sh)" >&2; exit 1; }
+command -v qemu-system-x86_64 >/dev/null || \
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+    --no-install-recommends qemu-system-x86 >/dev/null
+
+WORK=$(mktemp -d /tmp/appliance-boot.XXXXXX)
+LOOP=; QEMU=
+cleanup() {
+  set +e
+  [ -n "$QEMU" ] && kill "$QEMU" 2>/dev/null && wait "$QEMU" 2>/dev/null
+  mountpoint -q "$WORK/mnt" && umount "$WORK/mnt"
+  [ -n "$LOOP" ] && losetup -d "$LOOP"
+  echo "boot-test: logs in $WORK"
+}
+trap cleanup EXIT
+T0=$(date +%s)
+say() { echo "== [$(( $(date +%s) - T0 ))s] $*"; }
+
+say "copy of $IMAGE with a known admin token"
+cp --sparse=always "$IMAGE" "$WORK/disk.raw"
+python3 -c 'import secrets; print(secrets.token_hex(24))' > "$WORK/admin.token"
+chmod 600 "$WORK/admin.token"
+LOOP=$(losetup --find --show --partscan "$WORK/disk.raw")
+mkdir -p "$WORK/mnt"
+for _ in $(seq 50); do [ -b "${LOOP}p1" ] && break; sleep 0.1; done
+mount "${LOOP}p1" "$WORK/mnt"
+uid=$(awk -F: '$1=="appliance"{print $3}' "$WORK/mnt/etc/passwd")
+gid=$(awk -F: '$1=="appliance"{print $4}' "$WORK/mnt/etc/passwd")
+install -d -m 0750 -o "$uid" -g "$gid" "$WORK/mnt/var/lib/appliance"
+install -m 0600 -o "$uid" -g "$gid" "$WORK/admin.token" "$WORK/mnt/var/lib/appliance/admin.token"
+umount "$WORK/mnt"; losetup -d "$LOOP"; LOOP=
+
+ACCEL=tcg
+[ -w /dev/kvm ] && ACCEL=kvm
+say "qemu-system-x86_64 (accel $ACCEL), admin forwarded to 127.0.0.1:$PORT"
+qemu-system-x86_64 -machine pc,accel=$ACCEL -m 1024 -smp 2 -display none -no-reboot \
+  -serial "file:$WORK/serial.log" -monitor none \
+  -drive "file=$WORK/disk.raw,format=raw,if=virtio" \
+  -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$PORT-:8740" -device virtio-net-pci,netdev=n0 &
+QEMU=$!
+
+ready=0; answered=0
+deadline=$(( $(date +%s) + TIMEOUT ))
+while [ "$(date +%s)" -lt "$deadline" ]; do
+  kill -0 "$QEMU" 2>/dev/null || { say "qemu exited"; break; }
+  if [ $ready -eq 0 ] && grep -q "Started.*appliance.service\|Started appliance" "$WORK/serial.log" 2>/dev/null; then
+    ready=1; say "the unit reached READY (systemd: Started appliance.service)"
+  fi
+  if [ $ready -eq 0 ] && grep -q "Failed to start.*ppliance" "$WORK/serial.log" 2>/dev/null; then
+    say "the unit failed to start"; break
+  fi
+  if python3 -m appliance.admin.ctl --url "http://127.0.0.1:$PORT/rpc" \
+       --token-file "$WORK/admin.token" --timeout 5 status > "$WORK/status.txt" 2>&1; then
+    answered=1; say "appliancectl status answered:"; cat "$WORK/status.txt"; break
+  fi
+  sleep 5
+done
+if [ $answered -eq 1 ] && [ $ready -eq 0 ]; then
+  grep -q "Started.*ppliance" "$WORK/serial.log" && ready=1
+fi
+say "result: ready=$ready status_answered=$answered"
+tail -n 20 "$WORK/serial.log" || true
+[ $ready -eq 1 ] && [ $answered -eq 1 ]
