@@ -612,7 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (global options are accepted before or after the command)."""
     parser = _Parser(prog=PROG, description="Admin client for an appliance node (JSON-RPC).",
                      epilog="exit status: 0 ok, 1 the node returned an error, 2 usage error, "
-                            "3 node unreachable or unauthorized")
+                            "3 node unreachable or unauthorized. On the box itself (no "
+                            "JSON-RPC): cluster init|join|invite, backup FILE, "
+                            "restore FILE --dir DIR (each with --help)")
     _add_global_options(parser, suppress=False)
     common = _Parser(add_help=False)
     _add_global_options(common, suppress=True)
