@@ -47,6 +47,8 @@ class _UDP(protocol.DatagramProtocol):
 class EncapService(Service):
     name = "encap"
     UDP_READ_BYTES = 256 * 1024
+    #: A returning DN waits this long before winning back slices another DN holds.
+    HOME_CLAIM_DELAY_S = 1.0
 
     def __init__(self, config, context):
         self.config = config
@@ -206,9 +208,26 @@ class EncapService(Service):
             _log.error("encap: source rule to the ESR {gw} failed: {e}", gw=gw, e=e)
 
     async def _claim_home(self, me) -> None:
-        """Our slices are ours in the mapping table (a returning DN wins them back)."""
+        """Our slices are ours in the mapping table (a returning DN wins them back).
+
+        A slice another DN holds (it took it over while we were dead) is claimed
+        only after ``HOME_CLAIM_DELAY_S``: by then our ENs have new sessions with
+        us (they retry every handshake_retry_ms), so the routes that come back to us
+        find them; until then the other DN still forwards to them."""
         if self.mapping is None:
             return
+        when_loaded = getattr(self.mapping, "when_loaded", None)
+        if when_loaded is not None:
+            try:
+                await when_loaded()
+            except Exception:
+                pass
+        held = [net for net, _ in self.dn.plan.slices(me.id)
+                if (self.mapping.lookup(str(net)) or {}).get("dn") not in (None, me.id)]
+        if held:
+            _log.info("encap: home slices {held} held by another DN: claiming them back in "
+                      "{d:g} s", held=", ".join(map(str, held)), d=self.HOME_CLAIM_DELAY_S)
+            await task.deferLater(self.reactor, self.HOME_CLAIM_DELAY_S, lambda: None)
         for net, _sec in self.dn.plan.slices(me.id):
             try:
                 entry = await self.mapping.claim(str(net), me.id, "home")

@@ -376,3 +376,23 @@ def test_sealed_garbage_inside_a_session_is_a_counted_drop(body):
     a = net.en.address
     net.en.tun_packets([ip_packet(a, "10.210.0.10")])
     net.pump()
+
+
+def test_a_returning_dn_waits_before_winning_back_a_slice_another_dn_holds():
+    """dn2 holds dn1's slice (it took it over): dn1 claims it back only after
+    HOME_CLAIM_DELAY_S (its ENs reconnect meanwhile); free slices at once."""
+    from types import SimpleNamespace
+
+    from services.encap.service import EncapService
+    net = Net()
+    net.mapping.table["10.200.0.0/26"] = {"dn": "dn2", "epoch": 3, "since": 0, "reason": "x"}
+    svc = EncapService(net.cfg, SimpleNamespace(reactor=net.clock, rpc=None, metrics=None,
+                                                cluster=None, store=None, node_id="dn1"))
+    svc.dn, svc.mapping = net.dns["dn1"], net.mapping
+    d = defer.ensureDeferred(svc._claim_home(net.cfg.nodes[0]))
+    net.clock.advance(0.5)
+    assert net.mapping.lookup("10.200.0.0/26")["dn"] == "dn2"
+    net.clock.advance(0.6)
+    assert net.mapping.lookup("10.200.0.0/26")["dn"] == "dn1"
+    assert net.mapping.lookup("10.200.0.64/26")["dn"] == "dn1"
+    assert d.called
