@@ -234,6 +234,7 @@ class DecapNode:
             # a new session of the same EN replaces the old one (EN restart / rekey)
             s.role, s.address, s.primary, s.dns, s.epoch = (prev.role, prev.address,
                                                             prev.primary, prev.dns, prev.epoch)
+            s.address_bytes = prev.address_bytes
             self._remove(old, keep_address=True)
         if s.en == self.probe_ident:
             s.role = "probe"

@@ -396,3 +396,29 @@ def test_a_returning_dn_waits_before_winning_back_a_slice_another_dn_holds():
     assert net.mapping.lookup("10.200.0.0/26")["dn"] == "dn1"
     assert net.mapping.lookup("10.200.0.64/26")["dn"] == "dn1"
     assert d.called
+
+
+def test_a_new_session_of_the_same_en_keeps_its_address_and_data_flows_at_once():
+    """The EN re-handshakes (restart of its link, rekey): the DN's new session carries
+    the EN's address, so data right after the CONFIRM is not a spoofed source."""
+    net = started()
+    a = net.en.address
+    dn = net.dns["dn1"]
+    link = net.en.links["dn1"]
+    link.state = "down"
+    net.en._hello(link)
+    # deliver the HELLO/CHALLENGE/CONFIRM, but hold anything sealed after it
+    for _ in range(3):
+        batch, net.queue = net.queue, []
+        for src, dst, data in batch:
+            if data[:1] == b"\x04":
+                continue
+            if dst == "en":
+                net.en.datagram(src, data)
+            else:
+                dn.datagram(data, ("10.99.0.100", 40000))
+    assert len([s for s in dn.sessions.values() if s.en == "en1"]) == 1
+    dn.datagram(net.en.links["dn1"].keys.seal(W.data_plain(10 ** 18, ip_packet(a, "10.210.0.9"))),
+                ("10.99.0.100", 40000))
+    net.clock.advance(0)
+    assert net.tun["dn1"][-1] == ip_packet(a, "10.210.0.9") and "spoofed_source" not in dn.drops
