@@ -177,8 +177,7 @@ class SystemdNotifier:
         self.ready_sent = True
         text = self._status_text()
         self.last_status = text
-        self.send("READY=1", f"STATUS={text}" if text else "STATUS=running",
-                  f"MAINPID={os.getpid()}")
+        self.send("READY=1", f"STATUS={text}" if text else "STATUS=running")
         if self.status is not None and self._status_loop is None:
             self._status_loop = task.LoopingCall(self.refresh)
             self._status_loop.clock = self.reactor

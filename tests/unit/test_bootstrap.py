@@ -137,3 +137,29 @@ def test_wrong_secret_is_refused(tmp_path, served):
     guessed = make_token(b"x" * 16, t["fingerprint"], t["expires"], t["port"])
     with pytest.raises(BootstrapError, match="unknown join token"):
         _join(tmp_path, guessed, server)
+
+
+def test_invite_serves_a_new_token_for_another_box(tmp_path, served):
+    """``cluster invite`` (the CA key back in place): a fresh token, one more join."""
+    a, server, token, thread, log = served
+    _join(tmp_path, token, server)
+    thread.join(10)
+    server.close()
+    token_file = tmp_path / "invite.token"
+    out, err = io.StringIO(), io.StringIO()
+    result = []
+    t = threading.Thread(target=lambda: result.append(bootstrap.cluster_main(
+        ["invite", "--dir", str(a), "--join-port", "0", "--listen", "127.0.0.1",
+         "--token-ttl", "30", "--token-file", str(token_file)], out, err)), daemon=True)
+    t.start()
+    deadline = time.time() + 10
+    while not token_file.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    new_token = token_file.read_text().strip()
+    assert new_token != token
+    join_cluster(new_token, "127.0.0.1", tmp_path / "c", "c", "127.0.0.3",
+                 state_dir=str(tmp_path / "state-c"), admin_listen="tcp:0:interface=127.0.0.1")
+    t.join(10)
+    assert result == [0], err.getvalue()
+    peers = [(p.id, str(p.address)) for p in load_config(a / "appliance.toml").cluster.peers]
+    assert peers == [("b", "127.0.0.2"), ("c", "127.0.0.3")]
