@@ -120,8 +120,10 @@ def test_no_preempt_keeps_survivor_and_orderly_stop_releases(two_nodes_lab, pair
     lab = two_nodes_lab
     pair = pair_factory(preempt=False)
     pair.start("a")
-    pair.start("b")
+    # without preempt whoever claims first keeps it: let a own before b starts
+    # (on a busy box b's twistd may be up before a's)
     wait_for(lambda: pair.owners() == ["a"], 15, "a to own the VIP")
+    pair.start("b")
     pair.kill_box("a")
     wait_for(lambda: pair.holds_vip("b") and client_pings(lab), 5, "b to take over")
     pair.revive("a")
@@ -139,9 +141,16 @@ def test_partition_heals_to_one_owner(two_nodes_lab, pair_factory):
     lab = two_nodes_lab
     pair = pair_factory(preempt=False)
     pair.start("a")
-    pair.start("b")
+    # without preempt whoever claims first keeps it: let a own before b starts
+    # (on a busy box b's twistd may be up before a's)
     wait_for(lambda: pair.owners() == ["a"], 15, "a to own the VIP")
-    wait_for(lambda: pair.status("b")["resources"]["vip1"]["owner"] == "a", 5,
+    pair.start("b")
+    def b_knows_a_owns():
+        try:
+            return pair.status("b")["resources"]["vip1"]["owner"] == "a"
+        except RuntimeError:            # b not answering yet
+            return False
+    wait_for(b_knows_a_owns, 15,
              "b to learn a's claim (so b's own claim gets a higher epoch)")
     lab.drop_between("a", ADDR["b"])
     wait_for(lambda: pair.owners() == ["a", "b"], 5, "both sides to claim during the partition")
