@@ -213,3 +213,21 @@ def test_owner_of_a_vip_resource(tmp_path):
     cluster.set_owner("vip-sip", "b")
     assert roles.route("sip:x@example.test").action == "serve"
     assert replace(roles.settings).resource == "vip-sip"
+
+
+def test_resource_registered_first_elsewhere_lends_its_priorities(tmp_path):
+    """If another service (dns, configured first) registered sip:registrar before the sip
+    service was built, the registrar follows that resource and computes its backup with
+    that resource's priorities."""
+    from appliance.cluster.ownership import ResourceSpec
+    cluster = FakeCluster("b", ("a", "c"))
+    cluster.resources["sip:registrar"] = FakeResource(
+        spec=ResourceSpec("sip:registrar", {"a": 100, "b": 100, "c": 150}))
+    cluster.add_resource = lambda spec, settings=None, listener=None: \
+        cluster.resources[spec.name].listeners.append(listener)
+    roles = Roles(ClusterRoles(priority=(("a", 200), ("b", 150), ("c", 100))), cluster, "b",
+                  5060, {"a": "10.0.0.1", "c": "10.0.0.3"})
+    roles.register()
+    assert roles.priorities["sip:registrar"] == {"a": 100, "b": 100, "c": 150}
+    cluster.set_owner("sip:registrar", "a")
+    assert roles.backup("sip:registrar") == "c"
