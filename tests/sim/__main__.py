@@ -23,6 +23,8 @@ def main(argv=None) -> int:
                     help="node counts (default: 2 and 3)")
     ap.add_argument("--duration", type=float, default=30.0, help="simulated seconds per seed")
     ap.add_argument("--witness", action="store_true", help="add a witness node (w)")
+    ap.add_argument("--paths", type=int, choices=(1, 2), default=1,
+                    help="heartbeat paths per peer (2: each path also goes down and up)")
     ap.add_argument("--lease", action="store_true",
                     help="Redis owner leases (a simulated Redis) instead of a witness")
     ap.add_argument("-v", "--verbose", action="store_true", help="print the event log")
@@ -33,7 +35,7 @@ def main(argv=None) -> int:
     for seed in seeds:
         for n in counts:
             try:
-                w = World(seed, n, witness=args.witness, lease=args.lease).run(args.duration)
+                w = World(seed, n, witness=args.witness, lease=args.lease, paths=args.paths).run(args.duration)
                 events += w.events
                 if args.verbose:
                     print("\n".join(w.log))

@@ -207,6 +207,7 @@ class SimNet:
         self.node_of = {a: n for n, a in self.addr.items()}
         self.node_of.update({a: n for n, a in self.addr2.items()})
         self.cut_paths: set[int] = set()         # path 0 (10.0.0.x) / 1 (10.0.1.x) down
+        self.npaths = 1                          # paths configured (World(paths=))
         self.last_sent_delivered: dict[tuple, float] = {}
         self.last_arrival: dict[tuple, float] = {}
 
@@ -235,10 +236,12 @@ class SimNet:
         proto.datagramReceived(data, ((self.addr2 if path else self.addr)[src], 8741))
 
     def clean(self) -> bool:
-        return all(not l.cut and not l.loss and l.jitter == 0 and l.delay < 0.002
-                   for l in self.links.values())
+        return len(self.cut_paths) < self.npaths and all(
+            not l.cut and not l.loss and l.jitter == 0 and l.delay < 0.002
+            for l in self.links.values())
 
     def heal(self):
+        self.cut_paths.clear()
         for link in self.links.values():
             link.loss, link.delay, link.jitter, link.cut = 0.0, 0.0005, 0.0, False
 
@@ -301,6 +304,7 @@ class World:
         self.last_op_move = -1e9      # last operator promote (informational)
         self.net = SimNet(self.clock, self.net_rng, self.ids,
                           incarnation_of=lambda n: self.nodes[n].incarnation)
+        self.net.npaths = paths
         self.preempt = self.rng.random() < 0.7 if preempt is None else preempt
         self.nodes = {n: SimNode(n) for n in self.ids}
         self.redis = (SimRedis(self.clock, random.Random(seed * 104729 + 3), self.node_ids,
@@ -422,6 +426,15 @@ class World:
         if self.lease and self.rng.random() < 0.3:
             self._redis_event()
             return
+        if self.paths > 1 and self.rng.random() < 0.25:
+            path = self.rng.choice([0, 1])
+            if path in self.net.cut_paths:
+                self.net.cut_paths.discard(path)
+                self._fault(f"heartbeat path {path} back")
+            else:
+                self.net.cut_paths.add(path)
+                self._fault(f"heartbeat path {path} down")
+            return
         r = self.rng.random()
         ids = list(self.ids)
         pair = self.rng.sample(ids, 2)
@@ -517,6 +530,7 @@ class World:
     def fail(self, what: str):
         tail = "\n".join(self.log[-25:])
         w = " --witness" if self.witness else (" --lease" if self.lease else "")
+        w += " --paths 2" if self.paths > 1 else ""
         raise Violation(f"seed {self.seed}, {self.n} nodes{w.replace(' --', ' + ')}, "
                         f"t={self.clock.seconds():.3f}: "
                         f"{what}\n--- last events ---\n{tail}\n--- replay ---\n"
