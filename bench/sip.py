@@ -599,7 +599,7 @@ def main(argv=None) -> int:
                 row(system, case, "register_per_s", best and best["achieved"],
                     "REGISTER/s", "pair on loopback, load at the first node, unique users")
                 rate = int(best["rate"]) if best else start
-                rs = resync(pair, work, resync_n, rate)
+                rs = resync(pair, work, resync_n, max(rate, 1500))
                 row(system, case, resync_metric, rs["s"], "s",
                     f"{rs['have']} of {rs['target']} bindings on the returning node; "
                     + pair.resync_note())
