@@ -422,3 +422,16 @@ def test_a_new_session_of_the_same_en_keeps_its_address_and_data_flows_at_once()
                 ("10.99.0.100", 40000))
     net.clock.advance(0)
     assert net.tun["dn1"][-1] == ip_packet(a, "10.210.0.9") and "spoofed_source" not in dn.drops
+
+
+def test_first_data_packet_at_a_secondary_makes_it_claim_and_route():
+    """No promote: the EN's first data record at its secondary is enough to move it."""
+    net = started()
+    a = net.en.address
+    keys = net.en.links["dn2"].keys
+    net.dns["dn2"].datagram(keys.seal(W.data_plain(10 ** 18, ip_packet(a, "10.210.0.10"))),
+                            ("10.99.0.100", 40000))
+    net.clock.advance(0)
+    assert net.tun["dn2"] == [ip_packet(a, "10.210.0.10")]       # forwarded at once
+    assert net.mapping.lookup(a)["dn"] == "dn2" and net.mapping.lookup(a)["reason"] == "first_data"
+    assert net.routes["dn2"].routes == {a + "/32": "encap0"}
