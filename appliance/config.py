@@ -39,6 +39,18 @@ DEMO_CONFIG = _demo_config()
 
 _REQUIRED = object()
 _NODE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+#: Node ids must also be DNS labels (review M7): the peer link verifies a
+#: peer's id as its TLS host name, and IDNA refuses "_", a leading or
+#: trailing "-" and "--" at positions 3-4 (the cluster failed to start).
+_DNS_LABEL = re.compile(r"^(?!..--)[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
+
+
+def _dns_label(t: "Table", key: str, value: str | None) -> str | None:
+    if value is not None and not _DNS_LABEL.match(value):
+        t.error(key, f"{_show(value)} is not a DNS label (the peer link checks node ids as TLS "
+                     "host names): lowercase letters, digits and inner '-', no '_'")
+        return None
+    return value
 
 
 class ConfigError(Exception):
@@ -421,6 +433,9 @@ class ClusterSection:
     #: max-unacked-clients): this many distinct clients of the partner
     #: retransmitting unanswered (reported by the service).
     partner_down_min_clients: int = 10
+    #: Key rotation (review M7): beats signed with this key are accepted too;
+    #: ours are signed with auth_key_file only (etc/README: rotating the key).
+    previous_auth_key_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -554,8 +569,9 @@ def _parse(data: dict, file: str, plugins: Mapping[str, Any]) -> NodeConfig:
 def _parse_node(t: Table | None) -> NodeSection | None:
     if t is None:
         return None
-    node_id = t.str("id", pattern=_NODE_ID,
-                    describe="a node id (lowercase letters, digits, '-', '_'; at most 32)")
+    node_id = _dns_label(t, "id", t.str("id", pattern=_NODE_ID,
+                                        describe="a node id (lowercase letters, digits, '-', "
+                                                 "'_'; at most 32)"))
     state_dir = t.path_("state_dir")
     fail_fast = t.bool("fail_fast", False)
     start_timeout = t.float("start_timeout_s", NodeSection.start_timeout_s, min=0.1, max=3600)
@@ -686,7 +702,7 @@ def _peer_item(node: NodeSection | None):
             table.problems.add(path, f"expected a table {{ id, address }}, got {_kind(value)}")
             return None
         pt = Table(value, path, table.problems)
-        peer_id = pt.str("id", pattern=_NODE_ID, describe="a node id")
+        peer_id = _dns_label(pt, "id", pt.str("id", pattern=_NODE_ID, describe="a node id"))
         extra = tuple(a for a in (pt.list("addresses", ip_item(), ()) or ()) if a is not None)
         address = pt.ip("address", None if "addresses" in value else _REQUIRED)
         pt.done()
@@ -726,6 +742,7 @@ def _parse_cluster(t: Table | None, node: NodeSection | None) -> ClusterSection 
             tls = TLSFiles(cert, key, ca)
     auto_pd = t.float("auto_partner_down_s", 0.0, min=0)
     min_clients = t.int("partner_down_min_clients", 10, min=1, max=1_000_000)
+    previous_key_file = t.path_("previous_auth_key_file", None)
     beats = t.int("beats_per_interval", 3, min=1, max=20)
     role = t.str("role", "node", choices=("node", "witness"))
     witness = None
@@ -748,7 +765,7 @@ def _parse_cluster(t: Table | None, node: NodeSection | None) -> ClusterSection 
         wt.done()
     elif wt is not None:
         wt.bool("redis_lease", False)
-        w_id = wt.str("id", pattern=_NODE_ID, describe="a node id")
+        w_id = _dns_label(wt, "id", wt.str("id", pattern=_NODE_ID, describe="a node id"))
         w_addr = wt.ip("address")
         wt.done()
         if w_id is not None and w_addr is not None:
@@ -772,7 +789,8 @@ def _parse_cluster(t: Table | None, node: NodeSection | None) -> ClusterSection 
                           auto_pd if auto_pd is not None else 0.0, bind_address, beats or 3,
                           role or "node", witness, redis_lease=redis_lease,
                           lease_ttl_ms=lease_ttl_ms,
-                          partner_down_min_clients=min_clients or 10)
+                          partner_down_min_clients=min_clients or 10,
+                          previous_auth_key_file=previous_key_file)
 
 
 def _parse_vip(t: Table, node: NodeSection | None, peer_ids: tuple[str, ...]) -> VIPSection | None:

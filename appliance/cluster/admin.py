@@ -35,6 +35,9 @@ def register_methods(m, rpc) -> None:
                  doc="{on}: hand everything to the partner and stop claiming.")
     rpc.register("cluster.partner_down", _rpc(m.partner_down),
                  doc="{peer}: declare a silent peer down (serve everything).")
+    rpc.register("cluster.reload_keys", _rpc(m.reload_keys),
+                 doc="Re-read auth_key_file / previous_auth_key_file and the TLS "
+                     "certificates (key rotation without a restart).")
 
 
 def status(m) -> dict[str, Any]:
@@ -68,6 +71,15 @@ def status(m) -> dict[str, Any]:
             "partner-down then depends on client evidence only (partner_down_min_clients = "
             f"{m.partnerships.min_clients()} unanswered clients of the partner, reported by the "
             "service); silence alone never triggers it")
+    from appliance.cluster.keys import CERT_WARN_DAYS
+    for what, info in sorted(getattr(m, "certs", {}).items()):
+        days = info.get("days_left")
+        if info.get("error"):
+            warnings.append(f"peer-link {what} {info['file']} unreadable: {info['error']}")
+        elif days is not None and days < CERT_WARN_DAYS:
+            warnings.append(f"peer-link {what} {info['file']} expires in {days:g} days "
+                            f"({info['not_after']}): renew it (appliance-keys) and run "
+                            "cluster.reload_keys / restart")
     from appliance.cluster.detector import election_fallbacks
     for name in election_fallbacks(m):
         differ = sorted(pid for pid, p in m.peers.items() if p.alive and any(
@@ -94,6 +106,9 @@ def status(m) -> dict[str, Any]:
             "partners": partners,
             "drops": dict(m.verifier.drops) if m.verifier else {},
             "peer_link": m.peerlink.status() if m.peerlink is not None else None,
+            "tls": dict(getattr(m, "certs", {})),
+            "keys": {"previous_keys": len(m.verifier.previous_keys) if m.verifier else 0,
+                     "accepted_by_key": dict(m.verifier.accepted_by_key) if m.verifier else {}},
             "stats": dict(m.stats)}
 
 
@@ -138,6 +153,20 @@ def collect(m):
     for name, res in m.resources.items():
         owner.add_metric([name], 1 if res.mine else 0)
     yield owner
+    certs = GaugeMetricFamily("appliance_cluster_cert_expiry_days",
+                              "Days until the peer-link certificate (cert) or CA expires",
+                              labels=["which"])
+    for what, info in sorted(getattr(m, "certs", {}).items()):
+        if info.get("days_left") is not None:
+            certs.add_metric([what], info["days_left"])
+    yield certs
+    if m.verifier is not None:
+        by_key = CounterMetricFamily("appliance_heartbeats_accepted_by_key",
+                                     "Heartbeats accepted, by the key that signed them "
+                                     "(previous: during a key rotation)", labels=["key"])
+        for which, n in sorted(m.verifier.accepted_by_key.items()):
+            by_key.add_metric([which], n)
+        yield by_key
     if m.peerlink is not None:
         parked = CounterMetricFamily("appliance_peerlink_parked",
                                      "Peer-link messages parked after repeated handler failures")

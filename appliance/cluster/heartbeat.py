@@ -175,8 +175,13 @@ class HeartbeatVerifier:
     judged recent (within ``window`` beats)."""
 
     def __init__(self, key: bytes, own_id: str, peer_ids, *, incarnation: int | None = None,
-                 window: int = 64):
+                 window: int = 64, previous_keys: tuple[bytes, ...] = ()):
         self.key = key
+        # Key rotation (review M7): beats signed with one of these are
+        # accepted too (counted per key in ``accepted_by_key``); ours are
+        # signed with ``key`` only.
+        self.previous_keys = tuple(previous_keys)
+        self.accepted_by_key: Counter[str] = Counter()
         self.own_id = own_id
         self.peer_ids = set(peer_ids)
         self.incarnation = incarnation
@@ -190,10 +195,31 @@ class HeartbeatVerifier:
     def echo(self) -> dict[str, tuple[int, int]]:
         return dict(self.heard)
 
+    def _decode(self, datagram: bytes) -> Heartbeat:
+        try:
+            hb = decode(datagram, self.key)
+            which = "current"
+        except HeartbeatError as e:
+            if e.reason != "bad_mac" or not self.previous_keys:
+                raise
+            for i, key in enumerate(self.previous_keys):
+                try:
+                    hb = decode(datagram, key)
+                except HeartbeatError as again:
+                    if again.reason != "bad_mac":
+                        raise
+                    continue
+                which = "previous" if i == 0 else f"previous{i + 1}"
+                break
+            else:
+                raise
+        self.accepted_by_key[which] += 1
+        return hb
+
     def accept(self, datagram: bytes) -> Heartbeat | None:
         """The heartbeat if it is authentic and newer than any seen; else None."""
         try:
-            hb = decode(datagram, self.key)
+            hb = self._decode(datagram)
         except HeartbeatError as e:
             self.drops[e.reason] += 1
             return None

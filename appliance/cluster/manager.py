@@ -55,6 +55,7 @@ from twisted.logger import Logger
 from appliance.cluster import admin
 from appliance.cluster.detector import SKEW_WARN_S, PeerInfo, PeerTable  # noqa: F401 (API)
 from appliance.cluster.detector import apply_election_fallback
+from appliance.cluster.keys import cert_expiry, previous_keys
 from appliance.cluster.errors import ClusterError
 from appliance.cluster.health import LocalHealth
 from appliance.cluster.heartbeat import Heartbeat
@@ -125,6 +126,7 @@ class ClusterManager(Service):
         self.channel: HeartbeatChannel | None = None
         self.port = None
         self.peerlink = None                    # PeerLink when [cluster] has peer_link
+        self.certs: dict[str, dict] = {}        # peer-link cert/CA expiry (keys.cert_expiry)
         self.started_at = 0.0
         self.hold_until = 0.0
         for vip in vips:
@@ -233,6 +235,33 @@ class ClusterManager(Service):
         service runs; other resources stay."""
         self.health.service_failed(name, reason)
 
+    def reload_keys(self):
+        """Re-read ``auth_key_file`` (beats are signed with it from now on)
+        and ``previous_auth_key_file`` (also accepted), and the peer-link
+        certificates' expiry: the key rotation of etc/README, without a
+        restart and without a moment where the peers reject each other."""
+        if self.channel is None:
+            raise ClusterError("no heartbeats on this node (single node)", code=-32026)
+        try:
+            key = load_key(self.cfg.auth_key_file) if self.cfg.auth_key_file else self._key
+            previous = previous_keys(self.cfg)
+        except ValueError as e:
+            raise ClusterError(f"keys not reloaded: {e}", code=-32026) from None
+        changed = key != self._key
+        self._key = self.channel.key = self.channel.verifier.key = key
+        self.channel.verifier.previous_keys = previous
+        self.certs = self._read_certs()
+        _log.info("cluster keys reloaded: signing key {what}, {n} previous key(s) accepted",
+                  what="changed" if changed else "unchanged", n=len(previous))
+        return {"signing_key_changed": changed, "previous_keys": len(previous),
+                "accepted_by_key": dict(self.channel.verifier.accepted_by_key)}
+
+    def _read_certs(self) -> dict:
+        tls = getattr(self.cfg, "tls", None)
+        if tls is None:
+            return {}
+        return {"cert": cert_expiry(tls.cert), "ca": cert_expiry(tls.ca)}
+
     def report_client_evidence(self, peer: str, unanswered_clients: int) -> None:
         """A service (dhcp4) reports how many distinct clients of ``peer``
         retransmitted past their threshold without an answer from ``peer`` in
@@ -272,6 +301,8 @@ class ClusterManager(Service):
             window=self.beats * (self.cfg.dead_after + 2),
             build=lambda: self.build_heartbeat(), on_beat=self._beat,
             on_tick=self._tick, stats=self.stats)
+        self.channel.verifier.previous_keys = previous_keys(self.cfg)   # M7: key rotation
+        self.certs = self._read_certs()
         if self.cfg.peer_link and self.cfg.tls is not None:
             from appliance.cluster.peerlink import from_config
             self.peerlink = from_config(self.reactor, self.node_id, self.incarnation, self.cfg,
