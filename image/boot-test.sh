@@ -48,7 +48,9 @@ python3 -c 'import secrets; print(secrets.token_hex(24))' > "$WORK/admin.token"
 chmod 600 "$WORK/admin.token"
 LOOP=$(losetup --find --show --partscan "$WORK/disk.raw")
 mkdir -p "$WORK/mnt"
-for _ in $(seq 50); do [ -b "${LOOP}p1" ] && break; sleep 0.1; done
+for _ in $(seq 20); do [ -b "${LOOP}p1" ] && break; sleep 0.1; done
+[ -b "${LOOP}p1" ] || partx -a "$LOOP" || true     # kernels without msdos partition parsing
+for _ in $(seq 20); do [ -b "${LOOP}p1" ] && break; sleep 0.1; done
 mount "${LOOP}p1" "$WORK/mnt"
 uid=$(awk -F: '$1=="appliance"{print $3}' "$WORK/mnt/etc/passwd")
 gid=$(awk -F: '$1=="appliance"{print $4}' "$WORK/mnt/etc/passwd")
