@@ -174,3 +174,12 @@ def test_dhcp4_recovers_after_restore_only_because_of_the_marker(tmp_path):
     svc2._records_at_start = 42
     svc2._setup_failover()
     assert calls[-1]["data_lost"] is True
+
+
+def test_local_commands_after_global_options(node_dir):
+    """Global options (with and without values, --opt=value) may precede backup."""
+    tmp_path, cfg = node_dir
+    out, err = io.StringIO(), io.StringIO()
+    assert ctl_main(["--json", f"--config={cfg}", "--timeout", "3", "backup",
+                     str(tmp_path / "c.tgz")], stdout=out, stderr=err) == 0, err.getvalue()
+    assert (tmp_path / "c.tgz").exists()
