@@ -210,6 +210,7 @@ class SimNet:
         self.npaths = 1                          # paths configured (World(paths=))
         self.last_sent_delivered: dict[tuple, float] = {}
         self.last_arrival: dict[tuple, float] = {}
+        self.copies: dict[tuple, dict] = {}       # recent datagrams per link (path copies)
 
     def send(self, src: str, data: bytes, dst_addr: str):
         dst = self.node_of.get(dst_addr)
@@ -228,9 +229,15 @@ class SimNet:
         if proto is None:
             return
         key = (src, dst, incarnation)
-        if sent_at >= self.last_sent_delivered.get(key, -1e9):
+        seen = self.copies.setdefault(key, {})
+        copy = data in seen
+        seen[data] = True
+        if len(seen) > 64:
+            del seen[next(iter(seen))]
+        if sent_at >= self.last_sent_delivered.get(key, -1e9) and not copy:
             # A beat overtaken by a newer one (a delay that shrank at a heal)
-            # is refused as old by the receiver: no evidence of liveness.
+            # is refused as old by the receiver, and the copy of a beat that
+            # came first by the other path is no news: no evidence of liveness.
             self.last_arrival[key] = self.clock.seconds()
         self.last_sent_delivered[key] = max(self.last_sent_delivered.get(key, -1e9), sent_at)
         proto.datagramReceived(data, ((self.addr2 if path else self.addr)[src], 8741))
