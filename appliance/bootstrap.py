@@ -76,7 +76,9 @@ __all__ = ["local_command", "make_token", "parse_token", "init_cluster", "JoinSe
 TOKEN_PREFIX = "apj1."
 DEFAULT_JOIN_PORT = 8743
 DEFAULT_TTL_S = 3600
-NODE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+#: A node id is a DNS label (as appliance.config requires: the peer link checks it as
+#: the TLS host name): lowercase letters, digits, inner '-', no '_', at most 32.
+NODE_ID = re.compile(r"^(?!..--)[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
 PEERS_MARKER = "# appliancectl cluster join adds the partner here"
 MAX_REQUEST = 64 * 1024
 
@@ -131,8 +133,8 @@ def _fingerprint(cert_pem: bytes) -> str:
 
 def _check_node(node_id: str, address: str) -> None:
     if not NODE_ID.match(node_id or ""):
-        raise BootstrapError(f"node id {node_id!r}: expected lower-case letters, digits, - or _ "
-                             "(at most 32)", 2)
+        raise BootstrapError(f"node id {node_id!r} is not a DNS label: lowercase letters, "
+                             "digits and inner '-', no '_' (at most 32)", 2)
     try:
         ipaddress.ip_address(address)
     except ValueError:

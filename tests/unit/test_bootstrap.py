@@ -163,3 +163,11 @@ def test_invite_serves_a_new_token_for_another_box(tmp_path, served):
     assert result == [0], err.getvalue()
     peers = [(p.id, str(p.address)) for p in load_config(a / "appliance.toml").cluster.peers]
     assert peers == [("b", "127.0.0.2"), ("c", "127.0.0.3")]
+
+
+@pytest.mark.parametrize("node_id", ["node_b", "-b", "b-", "ab--c", "B"])
+def test_node_ids_must_be_dns_labels(tmp_path, node_id):
+    """The same rule as the config's (the peer link checks ids as TLS host names)."""
+    with pytest.raises(BootstrapError, match="DNS label"):
+        init_cluster(tmp_path / "x", node_id, "127.0.0.1", state_dir=str(tmp_path / "s"),
+                     admin_listen="tcp:0:interface=127.0.0.1")
