@@ -126,6 +126,9 @@ cp "$ROOT/README.md" "$ROOT/etc/README.md" "$RFS/opt/appliance/share/" 2>/dev/nu
 for tool in appliancectl appliance-check appliance-keys; do
   ln -sf /opt/appliance/bin/$tool "$RFS/usr/local/bin/$tool"
 done
+# on the box, appliancectl talks to this box's node by default
+echo "alias appliancectl='appliancectl --config /etc/appliance/appliance.toml'" \
+  > "$RFS/etc/profile.d/appliance.sh"
 
 say "user, unit, default config"
 in_root useradd --system --home-dir /var/lib/appliance --shell /usr/sbin/nologin appliance 2>/dev/null || true
