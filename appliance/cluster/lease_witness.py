@@ -37,7 +37,7 @@ may let a second node take a lease early.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer
@@ -57,7 +57,9 @@ class _Lease:
     value: str | None = None     # what we last wrote (may still be in Redis)
     valid_until: float = 0.0     # ours until then (monotonic); 0: not held
     inflight: bool = False
+    op: Any = None               # the command in flight (its token)
     timer: Any = None
+    queued: list = field(default_factory=list)   # (epoch, Deferred) waiting for the one in flight
 
 
 class LeaseWitness:
@@ -118,14 +120,19 @@ class LeaseWitness:
         if lease.value == new and self.holds(name):
             return defer.succeed(True)
         if lease.inflight:
-            return defer.succeed(False)
+            # One command per key at a time (a renewal goes out every beat):
+            # this one follows when the one in flight is answered.
+            d = defer.Deferred()
+            lease.queued.append((epoch, d))
+            return d
         return self._send(name, lease, new)
 
     def _send(self, name: str, lease: _Lease, new: str):
         clock = self.m.clock
         sent = clock.seconds()
         old = lease.value
-        lease.inflight = True
+        token = object()
+        lease.inflight, lease.op = True, token
         if old is not None:
             # ours before (or maybe: an attempt that got no answer): compare first
             d = defer.maybeDeferred(self.store.lease_renew, lease.key, old, new, self.ttl_ms)
@@ -133,23 +140,30 @@ class LeaseWitness:
             d = defer.maybeDeferred(self.store.lease_acquire, lease.key, new, self.ttl_ms)
             lease.value = new          # it may land even if no answer comes back
         result = defer.Deferred()
-        # No answer within the window: the lease would be over anyway.
-        timeout = clock.callLater(max(self.window, 0.001), self._timed_out, result)
+        # No answer within two beats: the next command may go (behind it on
+        # the same connection); a late answer still counts if nothing newer
+        # changed the value meanwhile.
+        timeout = clock.callLater(max(min(2 * self.guard, self.window), 0.001),
+                                  self._timed_out, name, lease, token, result)
 
         def answered(ok):
+            now = clock.seconds()
             self.reachable_until = max(self.reachable_until, sent + self.window)
+            if lease.op is not token:
+                # abandoned after its timeout: only a success for the value we
+                # still believe in extends (Redis holds it from after `sent`)
+                if ok and lease.value == new:
+                    self._extend(name, lease, sent + self.window)
+                return False
             if ok:
                 lease.value = new
-                if lease.valid_until <= clock.seconds():
-                    self.stats["acquired"] += 1
-                else:
-                    self.stats["renewed"] += 1
+                self.stats["acquired" if lease.valid_until <= now else "renewed"] += 1
                 self._extend(name, lease, sent + self.window)
             else:
                 # Someone else holds it (or ours expired and the key is gone).
                 lease.value = None
-                self.stats["refused" if lease.valid_until <= clock.seconds() else "lost"] += 1
-                if lease.valid_until > clock.seconds():
+                self.stats["refused" if lease.valid_until <= now else "lost"] += 1
+                if lease.valid_until > now:
                     _log.warn("lease {key}: no longer ours in Redis; letting go now",
                               key=lease.key)
                     self._drop(name, lease, "its lease is held by another node in Redis")
@@ -161,12 +175,13 @@ class LeaseWitness:
             return False
 
         def done(ok):
-            lease.inflight = False
             if timeout.active():
                 timeout.cancel()
             if not result.called:
-                result.callback(ok if self.m.clock.seconds() < sent + self.window else False)
+                result.callback(ok if clock.seconds() < sent + self.window else False)
             self._flag()
+            if lease.op is token:
+                self._next(name, lease)
             return None
 
         d.addCallbacks(answered, failed)
@@ -174,7 +189,17 @@ class LeaseWitness:
         d.addErrback(lambda f: _log.failure("lease bookkeeping", failure=f))
         return result
 
-    def _timed_out(self, result):
+    def _next(self, name: str, lease: _Lease):
+        """The command in flight is answered or abandoned: send what waits."""
+        lease.inflight, lease.op = False, None
+        queued, lease.queued = lease.queued, []
+        for epoch, waiting in queued:
+            self.acquire(name, epoch).chainDeferred(waiting)
+
+    def _timed_out(self, name: str, lease: _Lease, token, result):
+        if lease.op is token:
+            self.stats["errors"] += 1
+            self._next(name, lease)
         if not result.called:
             result.callback(False)
 

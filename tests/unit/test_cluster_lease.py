@@ -164,16 +164,29 @@ def test_lease_deadline_counts_from_the_send_time_with_the_clock_margin():
     results = []
     lease.acquire("r", 3).addCallback(results.append)
     assert store.calls[0][:4] == ("acquire", "cluster:lease:r", "a/7/3", 1000)
-    m.clock.advance(0.2)                   # the answer takes 200 ms
+    m.clock.advance(0.08)                  # the answer takes 80 ms
     store.calls[0][4].callback(True)
     assert results == [True]
     until = 1.0 * (1 - CLOCK_RATE_MARGIN) - 0.05
-    assert lease.leases["r"].valid_until == pytest.approx(until)   # from 0, not from 0.2
-    m.clock.advance(until - 0.2 - 0.001)
+    assert lease.leases["r"].valid_until == pytest.approx(until)   # from 0, not from 0.08
+    m.clock.advance(until - 0.08 - 0.001)
     assert lease.holds("r")
     m.clock.advance(0.002)
     assert not lease.holds("r")
     assert lease.stats["expired_locally"] == 1
+
+
+def test_a_late_answer_within_the_window_still_counts_from_its_send_time():
+    """No answer within two beats: the next command may go; the late "OK" of
+    the first still makes the lease ours until its send time + window."""
+    lease, m, store = _lone_lease()
+    results = []
+    lease.acquire("r", 1).addCallback(results.append)
+    m.clock.advance(0.2)
+    assert results == [False] and not lease.leases["r"].inflight
+    store.calls[0][4].callback(True)
+    assert lease.holds("r")
+    assert lease.leases["r"].valid_until == pytest.approx(lease.window)
 
 
 def test_an_answer_after_the_window_does_not_make_it_ours():
@@ -225,3 +238,29 @@ def test_config_redis_lease():
 def test_config_redis_lease_errors(witness, backend, why):
     with pytest.raises(ConfigError, match=why):
         _cfg(witness, backend)
+
+
+def test_a_claim_while_a_renewal_is_in_flight_waits_for_it():
+    """Simulator seed 20566 --lease: the re-assert at a new epoch always met the
+    beat's renewal in flight and was refused, for ever (the owner kept a stale
+    epoch).  Now it queues behind it."""
+    lease, m, store = _lone_lease()
+    lease.acquire("r", 1)
+    store.calls[0][4].callback(True)
+    m.resources["r"] = type("R", (), {"mine": object(), "claiming": False})()
+    lease.tick(m.clock.seconds())                # a renewal goes out
+    assert [c[0] for c in store.calls if c[1] == "cluster:lease:r"] == ["acquire", "renew"]
+    assert lease.leases["r"].inflight
+    results = []
+    lease.acquire("r", 2).addCallback(results.append)
+    assert results == []                         # queued, not refused
+    renewal = [c for c in store.calls if c[0] == "renew"][0]
+    renewal[4].callback(True)
+    assert store.calls[-1][:3] == ("renew", "cluster:lease:r", "a/7/2")
+    store.calls[-1][4].callback(True)
+    assert results == [True]
+
+
+@pytest.mark.parametrize("seed", [20566])
+def test_regression_seeds(seed):
+    World(seed, 2, lease=True).run(30.0)
