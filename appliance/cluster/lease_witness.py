@@ -251,12 +251,13 @@ class LeaseWitness:
         value = lease.value
         if value is None:
             return
+        # Forget the value now: a late answer to a renewal sent before this
+        # delete must not make the lease ours again (the delete runs after it).
+        lease.value = None
         d = defer.maybeDeferred(self.store.lease_release, lease.key, value)
 
         def done(ok):
             self.stats["released"] += 1
-            if lease.value == value and lease.valid_until == 0.0:
-                lease.value = None
         d.addCallbacks(done, lambda f: _log.debug("lease {key} release: {why}", key=lease.key,
                                                   why=f.getErrorMessage()))
         d.addErrback(lambda f: _log.failure("lease release bookkeeping", failure=f))

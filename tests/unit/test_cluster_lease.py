@@ -264,3 +264,19 @@ def test_a_claim_while_a_renewal_is_in_flight_waits_for_it():
 @pytest.mark.parametrize("seed", [20566])
 def test_regression_seeds(seed):
     World(seed, 2, lease=True).run(30.0)
+
+
+def test_a_late_renewal_answer_after_a_release_does_not_revive_the_lease():
+    """The delete goes out behind the renewal: Redis runs the renewal, then the
+    delete; the renewal's late "1" must not make the lease ours again."""
+    lease, m, store = _lone_lease()
+    lease.acquire("r", 1)
+    store.calls[0][4].callback(True)
+    m.resources["r"] = type("R", (), {"mine": object(), "claiming": False})()
+    lease.tick(m.clock.seconds())
+    renewal = [c for c in store.calls if c[0] == "renew"][0]
+    m.clock.advance(0.2)                          # no answer: abandoned
+    lease.release("r")
+    assert store.calls[-1][0] == "release"
+    renewal[4].callback(True)                     # the late answer
+    assert not lease.holds("r")
