@@ -277,6 +277,10 @@ class World:
         for lease in peer.export():
             back = me.apply([lease], without_data=without)
             stored = me.stored
+            until = me.leases.held_until(lease.address)
+            if until is not None:              # its "held" notice, before the page's ack
+                peer.leases.hold(peer.leases.address_int(lease.address),
+                                 until + peer.leases.skew_margin_s)
             for mine in back:
                 peer.apply([mine])
                 me.acked(peer.stored)
