@@ -168,9 +168,12 @@ class Appliance(System):
     def start(self, node: str):
         twistd = shutil.which("twistd") or "twistd"
         log = open(self.workdir / f"twistd-{node}.log", "a")
+        from tests.support.node_process import env_with_dropins
+        # the appliance's twistd plugin from this tree (an editable install may hide it)
         self.procs[node] = self.lab.popen(node, twistd, "-n", "--pidfile=", "appliance", "-c",
                                           str(self.config(node)), stdout=log,
-                                          stderr=subprocess.STDOUT, cwd=str(self.workdir))
+                                          stderr=subprocess.STDOUT, cwd=str(self.workdir),
+                                          env=env_with_dropins())
 
 
 class Keepalived(System):
