@@ -92,7 +92,7 @@ safe_rm_rootfs() {
 safe_rm_rootfs
 # extlinux boots the raw disk: it installs through the mounted filesystem, so it needs no
 # disk/partition mapping (grub-install cannot map a loop partition added with partx)
-PKGS=systemd-sysv,systemd-resolved,udev,dbus,iproute2,nftables,iputils-ping,ca-certificates,python3,python3-venv,redis-server,redis-tools,redis-sentinel,linux-image-amd64,extlinux,syslinux-common,e2fsprogs,less
+PKGS=systemd-sysv,systemd-resolved,udev,dbus,procps,iproute2,nftables,iputils-ping,ca-certificates,python3,python3-venv,redis-server,redis-tools,redis-sentinel,linux-image-amd64,extlinux,syslinux-common,e2fsprogs,less
 say "debootstrap $SUITE from $MIRROR ($PKGS)"
 debootstrap --variant=minbase --include="$PKGS" "$SUITE" "$RFS" "$MIRROR" >>"$LOG" 2>&1
 say "debootstrap done ($(du -sh "$RFS" | cut -f1))"
