@@ -248,5 +248,11 @@ def test_watchdog_restarts_a_dn_whose_tun_device_is_gone(netns_lab: Lab, tmp_pat
     assert "encap0" in lab.run(primary, "ip", "link", "show", "encap0").stdout
     el.wait_en(lambda s: s.get("primary") == primary and s.get("confirmed"), timeout=20,
                what="EN served by its restarted home DN")
-    ping = lab.run("en", "ping", "-c", "3", "-i", "0.2", "-W", "2", SERVER, check=False)
+    # served again: a clean round of pings within a few seconds (the first echo
+    # after the restart can wait on route/neighbour set-up on a busy box)
+    deadline = time.monotonic() + 15
+    while True:
+        ping = lab.run("en", "ping", "-c", "3", "-i", "0.2", "-W", "2", SERVER, check=False)
+        if " 0% packet loss" in ping.stdout or time.monotonic() > deadline:
+            break
     assert " 0% packet loss" in ping.stdout, ping.stdout
