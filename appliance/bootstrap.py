@@ -302,9 +302,9 @@ def sign_csr(ca_cert_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, node_id: str
     """Sign a node's CSR: its public key, with the names the *server* decides
     (CN and DNS = node id, IP = its address), usable both ways (peer link)."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    from appliance.net.tls import sign_leaf
     try:
         csr = x509.load_pem_x509_csr(csr_pem)
     except ValueError:
@@ -315,32 +315,8 @@ def sign_csr(ca_cert_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, node_id: str
     if not (isinstance(pub, ec.EllipticCurvePublicKey)
             or (isinstance(pub, rsa.RSAPublicKey) and pub.key_size >= 2048)):
         raise BootstrapError("the CSR's key must be EC or RSA >= 2048 bits")
-    ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
-    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(pub)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False,
-                                     key_agreement=True, key_cert_sign=False, crl_sign=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName(node_id), x509.IPAddress(ipaddress.ip_address(address))]),
-            critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),
-                       critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM)
+    return sign_leaf(ca_cert_pem, ca_key_pem, pub, node_id, dns_names=[node_id], ips=[address],
+                     days=days)
 
 
 # ----------------------------------------------------------------------

@@ -70,10 +70,7 @@ def make_cert(ca_cert_pem: bytes, ca_key_pem: bytes, common_name: str, *,
     ``common_name`` is also put in the SAN as a DNS name when it is not an IP
     address and ``dns_names`` is empty, so name checks work either way.
     """
-    ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
-    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
     dns = list(dns_names)
     addresses = [ipaddress.ip_address(str(ip)) for ip in ips]
     if not dns:
@@ -81,13 +78,25 @@ def make_cert(ca_cert_pem: bytes, ca_key_pem: bytes, common_name: str, *,
             addresses.append(ipaddress.ip_address(common_name))
         except ValueError:
             dns.append(common_name)
-    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dict.fromkeys(dns)]
-    sans += [x509.IPAddress(a) for a in dict.fromkeys(addresses)]
+    cert_pem = sign_leaf(ca_cert_pem, ca_key_pem, key.public_key(), common_name,
+                         dns_names=dns, ips=addresses, days=days)
+    return cert_pem, _key_pem(key)
+
+
+def sign_leaf(ca_cert_pem: bytes, ca_key_pem: bytes, public_key, common_name: str, *,
+              dns_names: Iterable[str] = (), ips: Iterable = (), days: int = 825) -> bytes:
+    """A leaf certificate for ``public_key`` signed by the CA (PEM), usable as
+    server and client (the peer link dials both ways); SANs as given."""
+    ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
+    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dict.fromkeys(dns_names)]
+    sans += [x509.IPAddress(ipaddress.ip_address(str(a))) for a in dict.fromkeys(ips)]
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - _BACKDATE)
         .not_valid_after(now + datetime.timedelta(days=days))
@@ -103,7 +112,7 @@ def make_cert(ca_cert_pem: bytes, ca_key_pem: bytes, common_name: str, *,
                        critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def write_pem(path: str | Path, data: bytes, private: bool = False) -> Path:
