@@ -68,6 +68,21 @@ class NodeContext:
         return self.config.node.id
 
 
+def withdraw(context, methods=(), collector=None) -> None:
+    """What a stopping service undoes: its JSON-RPC ``methods`` and its metrics
+    ``collector`` (either may be absent, also in a test's bare context)."""
+    rpc = getattr(context, "rpc", None)
+    for name in methods:
+        if rpc is not None and name in rpc:
+            rpc.unregister(name)
+    registry = getattr(context, "metrics", None)
+    if registry is not None and collector is not None:
+        try:
+            registry.unregister(collector)
+        except KeyError:
+            pass
+
+
 def plugin_package():
     """The ``appliance.plugins`` package, installed or from a source checkout."""
     try:

@@ -27,6 +27,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from appliance.admin.rpc import ApplicationError, Param, Params
+from appliance.plugin import withdraw
 from services.dns.backoff import Backoff
 from services.dns.client import DNSClient, show_server
 from services.dns.ddns import DDNSUpdater
@@ -194,10 +195,7 @@ class DNSService(Service):
             if call.active():
                 call.cancel()
         self._refresh_calls = []
-        rpc = self.context.rpc
-        for name in ("dns.records", "dns.sync", "dns.reset_guard"):
-            if rpc is not None and name in rpc:
-                rpc.unregister(name)
+        withdraw(self.context, ("dns.records", "dns.sync", "dns.reset_guard"))
         if self.ddns is not None and self.context.providers.get("ddns") is self.ddns:
             del self.context.providers["ddns"]
         self._fire_waiters(list(self.waiters), "service stopped")

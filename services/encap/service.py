@@ -21,6 +21,7 @@ from twisted.internet import defer, protocol, task, threads
 from twisted.logger import Logger
 
 from appliance.admin.rpc import Params
+from appliance.plugin import withdraw
 from services.encap import tun as T
 from services.encap import wire as W
 from services.encap.dn import DecapNode
@@ -302,16 +303,7 @@ class EncapService(Service):
             self._sweeper.stop()
         if self.watchdog is not None:
             self.watchdog.stop()
-        rpc = self.context.rpc
-        for name in RPC_METHODS:
-            if rpc is not None and name in rpc:
-                rpc.unregister(name)
-        metrics = getattr(self.context, "metrics", None)
-        if metrics is not None:
-            try:
-                metrics.unregister(self)
-            except KeyError:
-                pass
+        withdraw(self.context, RPC_METHODS, self)
         if self.mapping is not None:
             self.mapping.stop()
         if self.tun is not None:

@@ -48,6 +48,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from appliance.admin.rpc import Params
+from appliance.plugin import withdraw
 from services.encap.mapping import MappingTable
 from services.encap.routes import RouteInjector, as_prefix
 
@@ -287,17 +288,8 @@ class ESRService(Service):
         if self.table is not None:
             self.table.unwatch(self._changed)
             self.table.stop()
-        rpc = getattr(self.context, "rpc", None)
-        for name in ("esr.routes", "esr.reconcile"):
-            if rpc is not None and name in rpc:
-                rpc.unregister(name)
-        registry = getattr(self.context, "metrics", None)
-        if registry is not None and self._collector is not None:
-            try:
-                registry.unregister(self._collector)
-            except KeyError:
-                pass
-            self._collector = None
+        withdraw(self.context, ("esr.routes", "esr.reconcile"), self._collector)
+        self._collector = None
         steps = []
         if getattr(self, "_own_netlink", False) and self._netlink is not None:
             steps.append(defer.maybeDeferred(self._netlink.close))

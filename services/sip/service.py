@@ -41,6 +41,7 @@ from twisted.internet import defer, endpoints, task
 from twisted.logger import Logger
 
 from appliance.admin.rpc import ApplicationError, Param, Params
+from appliance.plugin import withdraw
 from appliance.net.sockets import set_receive_buffer
 from appliance.store.interface import StoreError
 from services.sip import message as M
@@ -181,16 +182,7 @@ class SIPService(Service):
         self.transactions.clear()
         if self.replicator is not None:
             self.replicator.stop()
-        rpc = self.context.rpc
-        for name in RPC_METHODS:
-            if rpc is not None and name in rpc:
-                rpc.unregister(name)
-        metrics = getattr(self.context, "metrics", None)
-        if metrics is not None:
-            try:
-                metrics.unregister(self)
-            except KeyError:
-                pass
+        withdraw(self.context, RPC_METHODS, self)
         ds = []
         if self.udp is not None:
             ds.append(defer.maybeDeferred(self.udp.stopListening))

@@ -25,6 +25,7 @@ from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
 
 from appliance.admin.rpc import ApplicationError, InvalidParams, Param, Params
+from appliance.plugin import withdraw
 from appliance.net.sockets import enable_receive_times, last_received_at, set_receive_buffer
 from services.dhcp.v4 import codec as C
 from services.dhcp.v4 import pools as P
@@ -190,13 +191,8 @@ class Dhcp4Service(Service):
             self.outbox.flush()            # hand what is queued to the peer link now
         if self.ldap is not None:
             self.ldap.stop()
-        for name in ("dhcp4.leases", "dhcp4.lease", "dhcp4.release", "dhcp4.scopes", "dhcp4.stats"):
-            if name in self.context.rpc:
-                self.context.rpc.unregister(name)
-        try:
-            self.context.metrics.unregister(self)
-        except KeyError:
-            pass
+        withdraw(self.context, ("dhcp4.leases", "dhcp4.lease", "dhcp4.release", "dhcp4.scopes",
+                                "dhcp4.stats"), self)
         if self.port is not None:
             port, self.port = self.port, None
             return defer.maybeDeferred(port.stopListening)
