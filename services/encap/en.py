@@ -170,6 +170,9 @@ class ENClient:
         self.home: str | None = None      # the DN that assigned our address
         self.primary: str | None = None
         self.handoff_from: str | None = None
+        #: the DN we switched away from: told ``demote`` once the new path is confirmed
+        #: (with or without soft handoff: it may hold a takeover route for us)
+        self.switched_from: str | None = None
         self.handoff_until = 0.0
         self.confirmed = False            # the primary answered promoted/assign
         self.configured: str | None = None  # the address once the TUN carries it
@@ -306,6 +309,7 @@ class ENClient:
     def _switch(self, old: str | None, new: str, reason: str) -> None:
         self.primary = new
         self.confirmed = False
+        self.switched_from = old if old != new else None
         if self.config.soft_handoff and old is not None and old != new:
             self.handoff_from = old
             self.handoff_until = self.reactor.seconds() + self.config.handoff_max_ms / 1000.0
@@ -432,8 +436,8 @@ class ENClient:
             if dn == self.primary:
                 self.confirmed = True
                 self.stats["handoffs_confirmed"] += 1
-                old = self.handoff_from
-                self.handoff_from = None
+                old = self.switched_from
+                self.handoff_from = self.switched_from = None
                 self.event("confirmed", dn=dn, latency_ms=msg.get("latency_ms"))
                 if old is not None and old != dn and self.links[old].state == UP:
                     self.control(self.links[old], {"t": W.C_DEMOTE, "address": self.address})

@@ -435,3 +435,31 @@ def test_first_data_packet_at_a_secondary_makes_it_claim_and_route():
     assert net.tun["dn2"] == [ip_packet(a, "10.210.0.10")]       # forwarded at once
     assert net.mapping.lookup(a)["dn"] == "dn2" and net.mapping.lookup(a)["reason"] == "first_data"
     assert net.routes["dn2"].routes == {a + "/32": "encap0"}
+
+
+def test_moving_home_without_soft_handoff_demotes_the_dn_that_took_over():
+    """Each DN with its own table (embedded stores, no peer link: nothing tells dn2 that
+    dn1 is back) and soft handoff off: once home confirms, the EN still tells dn2
+    ``demote``, so dn2 withdraws its /32 (a routing daemon carrying it to the ESR would
+    otherwise keep the EN's traffic on dn2 for good)."""
+    net = Net()
+    net.en = ENClient(net.clock, ENConfig("en1", "psk", (DNEntry("dn1", "10.99.0.1"),
+                                                         DNEntry("dn2", "10.99.0.2")),
+                                          keepalive_ms=50, dead_after=4, soft_handoff=False),
+                      PSK, send=lambda dn, data: net.queue.append(("en", dn, data)),
+                      tun_write=lambda ps: net.tun["en"].extend(ps) or len(ps))
+    for name in ("dn1", "dn2"):
+        net.mapping = StubMapping()                 # a table of its own
+        net.dns[name] = net.make_dn(name)
+    net.en.start()
+    net.pump()
+    net.run(0.2)
+    a = net.en.address
+    net.cut.add("dn1")
+    net.run(0.4)
+    assert net.en.primary == "dn2" and (a + "/32") in net.routes["dn2"].routes
+    net.cut.discard("dn1")
+    net.run(1.0)
+    assert net.en.primary == "dn1" and net.en.confirmed
+    assert (a + "/32") not in net.routes["dn2"].routes
+    assert ("withdraw", a + "/32") in net.routes["dn2"].log
