@@ -588,3 +588,69 @@ def test_a_restart_sweeps_removals_left_undone(tmp_path):
     rel, = provider.released()
     assert rel["fqdn"] == "pc." + ZONE and rel["address"] == str(ack.yiaddr)
     assert record(svc2, ack.yiaddr).ddns is None
+
+
+def test_held_removals_survive_a_restart_on_the_embedded_store(tmp_path):
+    """An expiry held while the partner cannot be heard is written to the store
+    (dhcp4:ddns:held); after a restart (the embedded store closed and opened again on
+    the same state directory, a new service) the service's start hook brings it back
+    and, once NORMAL, the name is removed -- without any lease event -- and the held
+    entry leaves the store.  A held removal whose record changed meanwhile is dropped."""
+    from services.dhcp.v4 import ddns as G
+    from tests.support.sync import memory_store
+    svc, clock, provider = make(tmp_path, failover=True, lease_time_s=60)
+    hws = macs_of(P.PRIMARY, 2)
+    acks = [dora(svc, hw, hostname=f"pc{i}") for i, hw in enumerate(hws)]
+    svc.view.state = P.COMM_INTERRUPTED
+    clock.advance(3600)
+    assert len(expire_all(svc, clock)) == 2
+    assert provider.released() == []
+    held = ok(svc.context.store.hgetall(G.HELD_KEY))
+    assert sorted(held) == sorted(str(a.yiaddr) for a in acks), held
+    # the node stops before the partner is heard again
+    ok(svc.context.store.stopService())
+    store2, _ = memory_store(tmp_path, clock)
+    # the partner renewed pc1 unseen: it arrives with the recovery, after the restart
+    provider2 = FakeProvider()
+    ctx = SimpleNamespace(reactor=clock, store=store2, node_id="a",
+                          providers={"ddns": provider2}, cluster=None, rpc=None, metrics=None)
+    svc2 = Dhcp4Service(svc.config, ctx)
+    ok(svc2.leases.load())
+    svc2.view.state, svc2.view.hold, svc2.running = P.COMM_INTERRUPTED, False, True
+    svc2.outbox = Outbox()
+    assert ok(G.Dhcp4DDNS.started(G._glue.setdefault(svc2, G.Dhcp4DDNS(svc2)))) == 2
+    fresh = record(svc2, acks[1].yiaddr)
+    from dataclasses import replace
+    ok(svc2.leases.apply_remote(replace(fresh, state="bound", cltt=clock.seconds(),
+                                        expires=clock.seconds() + 60, updated_by="b",
+                                        owner="b", pexp=clock.seconds() + 60)))
+    clock.advance(5)
+    assert provider2.released() == [], "still out of touch with the partner"
+    svc2.view.state = P.NORMAL
+    clock.advance(5)
+    assert [c["fqdn"] for c in provider2.released()] == ["pc0." + ZONE]
+    assert record(svc2, acks[0].yiaddr).ddns is None
+    assert ok(store2.hgetall(G.HELD_KEY)) == {}
+    assert G.glue_for(svc2).stats["removed"] == 1, "removed once (held entry or sweep)"
+
+
+def test_the_start_hook_never_raises_and_schedules_the_sweep(tmp_path):
+    """service_started (called by the dhcp4 service at the end of its start) swallows
+    any failure, and the sweep of removals left undone runs without a lease event."""
+    from services.dhcp.v4 import ddns as G
+    svc, clock, provider = make(tmp_path)
+    ack = dora(svc, HW, hostname="pc")
+    real_release = provider.lease_released
+    provider.lease_released = lambda *a, **kw: defer.fail(OSError("named down"))
+    handle(svc, C.DHCPPacket(op=1, chaddr=HW, ciaddr=ack.yiaddr, options=options(
+        C.RELEASE, o54=IPv4Address(SERVER).packed)))
+    provider.lease_released = real_release
+    svc2 = Dhcp4Service(svc.config, svc.context)
+    ok(svc2.leases.load())
+    svc2.view.state, svc2.view.hold, svc2.running = P.NORMAL, False, True
+    G.service_started(svc2)
+    clock.advance(G.Dhcp4DDNS.SWEEP_AFTER_S)
+    rel, = provider.released()
+    assert rel["fqdn"] == "pc." + ZONE
+    broken = SimpleNamespace(context=None, reactor=None)
+    G.service_started(broken)          # logged, not raised

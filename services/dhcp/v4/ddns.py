@@ -48,8 +48,11 @@ be heard (COMMUNICATIONS-INTERRUPTED, an unconfirmed PARTNER-DOWN, a
 recovery) the owner holds the removal: the partner may have renewed the
 lease unseen, and its renewals, unchanged, would not publish the name
 again.  Once NORMAL (or a confirmed PARTNER-DOWN) the held removals run
-for the records still as they expired; the others are dropped.  Once per
-start (10 s after the first lease event) a sweep puts expired/released
+for the records still as they expired; the others are dropped.  Held
+removals live in the store too (``dhcp4:ddns:held``, address -> record
+version): after a restart the service's start hook (:func:`service_started`)
+brings them back and they run once the partner is heard.  Once per
+start (10 s after the start, or the first lease event) a sweep puts expired/released
 records that still name published records through the same rules (a crash
 between an expiry and its removal, a DNS outage beyond the provider's
 retries, a removal held when the node stopped).  Records written before the ``ddns``
@@ -79,6 +82,9 @@ TTL_MIN_S = 60
 TTL_FRACTION = 3
 _ESCAPE = re.compile(r"\\(\d{3})")
 _glue: "weakref.WeakKeyDictionary[Any, Dhcp4DDNS]" = weakref.WeakKeyDictionary()
+#: removals held while the partner cannot be heard: address -> record version
+#: (a store hash, so that a restart keeps them; see :meth:`Dhcp4DDNS.started`)
+HELD_KEY = "dhcp4:ddns:held"
 
 
 def lease_event(service, event: str, lease) -> None:
@@ -91,6 +97,18 @@ def lease_event(service, event: str, lease) -> None:
     except Exception:
         _log.failure("dhcp4 DDNS for {address} ({event}) failed",
                      address=getattr(lease, "address", "?"), event=event)
+
+
+def service_started(service) -> None:
+    """The dhcp4 service's start hook: removals held when the node stopped come
+    back from the store, and the sweep is scheduled.  Never raises."""
+    try:
+        glue = _glue.get(service)
+        if glue is None:
+            glue = _glue[service] = Dhcp4DDNS(service)
+        glue.started()
+    except Exception:
+        _log.failure("dhcp4 DDNS start failed")
 
 
 def glue_for(service) -> "Dhcp4DDNS | None":
@@ -145,9 +163,67 @@ class Dhcp4DDNS:
     def __init__(self, service):
         self.service = service
         self.stats: Counter[str] = Counter()
-        self._held: dict[str, Any] = {}      # address -> expired record, removal held
+        #: address -> version of the expired record whose removal is held; also in
+        #: the store (:data:`HELD_KEY`), so a restart keeps it
+        self._held: dict[str, int] = {}
         self._held_call = None
         self._swept = False
+        self._removing: set[tuple[str, int]] = set()    # (address, version) being removed
+
+    def started(self) -> defer.Deferred:
+        """At the service's start (:func:`service_started`): the removals held when
+        the node stopped come back from the store and run once the partner is
+        heard; the sweep is scheduled without waiting for a lease event."""
+        svc = self.service
+        if not self._swept:
+            self._swept = True
+            svc.reactor.callLater(self.SWEEP_AFTER_S, self.sweep)
+        store = getattr(svc.context, "store", None)
+        if store is None:
+            return defer.succeed(0)
+        d = defer.maybeDeferred(store.hgetall, HELD_KEY)
+
+        def loaded(held):
+            n = 0
+            for address, version in (held or {}).items():
+                address = address.decode() if isinstance(address, bytes) else str(address)
+                try:
+                    self._held.setdefault(address, int(version))
+                    n += 1
+                except (TypeError, ValueError):
+                    self._forget_held(address)
+            if n:
+                _log.info("ddns: {n} removal(s) held when the node stopped (the partner could "
+                          "not be heard): run once it is", n=n)
+                self._schedule_held()
+            return n
+        d.addCallback(loaded)
+        d.addErrback(lambda f: _log.warn("ddns: reading the held removals failed: {why}",
+                                         why=f.getErrorMessage()))
+        return d
+
+    def _schedule_held(self) -> None:
+        if self._held_call is None or not self._held_call.active():
+            self._held_call = self.service.reactor.callLater(self.HELD_RECHECK_S,
+                                                             self._flush_held)
+
+    def _persist_held(self, address: str, version: int) -> None:
+        store = getattr(self.service.context, "store", None)
+        if store is None:
+            return
+        d = defer.maybeDeferred(store.hset, HELD_KEY, {address: str(version)})
+        d.addErrback(lambda f: _log.warn("ddns: the held removal of {address} was not stored "
+                                         "(lost if the node stops before the partner is "
+                                         "heard; the start sweep still finds it): {why}",
+                                         address=address, why=f.getErrorMessage()))
+
+    def _forget_held(self, *addresses: str) -> None:
+        store = getattr(self.service.context, "store", None)
+        if store is None or not addresses:
+            return
+        d = defer.maybeDeferred(store.hdel, HELD_KEY, *addresses)
+        d.addErrback(lambda f: _log.warn("ddns: clearing held removals failed: {why}",
+                                         why=f.getErrorMessage()))
 
     #: the sweep of removals left undone starts this long after the first lease event
     SWEEP_AFTER_S = 10.0
@@ -162,6 +238,8 @@ class Dhcp4DDNS:
         svc = self.service
 
         async def go():
+            if ddns_provider(svc.context) is None:
+                return 0            # no DDNS on this node: nothing to page through
             cursor, found = None, 0
             while getattr(svc, "running", True):
                 page, cursor = await defer.maybeDeferred(svc.leases.export, cursor,
@@ -373,15 +451,24 @@ class Dhcp4DDNS:
         view = svc.view
         if not (view.state == P.NORMAL or (view.state == P.PARTNER_DOWN
                                            and view.partner_down_confirmed)):
-            self._held_call = svc.reactor.callLater(self.HELD_RECHECK_S, self._flush_held)
+            self._schedule_held()
+            return
+        provider = ddns_provider(svc.context)
+        if provider is None:
+            # no provider (yet, or DDNS switched off): the store keeps them for the
+            # next start
+            self._held = {}
             return
         held, self._held = self._held, {}
-        provider = ddns_provider(svc.context)
-        for address, lease in held.items():
+        # Out of the store now: each one is removed or dropped below (a crash before
+        # its removal completes leaves the record naming it: the start sweep finds it).
+        self._forget_held(*held)
+        for address, version in held.items():
             d = defer.maybeDeferred(svc.leases.get, address)
 
-            def check(rec, lease=lease):
-                if rec is None or rec.version != lease.version or provider is None:
+            def check(rec, version=version):
+                if rec is None or rec.version != version or rec.ddns is None \
+                        or rec.state not in ("expired", "released"):
                     self.stats["held_dropped"] += 1     # renewed or changed meanwhile
                     return None
                 self._removed(provider, "expired", rec)
@@ -399,18 +486,24 @@ class Dhcp4DDNS:
         decision = self.removes(lease, event)
         if decision is None:
             self._skip(provider, "release", "held")
-            self._held[lease.address] = lease
-            if self._held_call is None:
-                self._held_call = self.service.reactor.callLater(self.HELD_RECHECK_S,
-                                                                 self._flush_held)
+            if self._held.get(lease.address) != lease.version:
+                self._held[lease.address] = lease.version
+                self._persist_held(lease.address, lease.version)
+            self._schedule_held()
             return
         if not decision:
             self._skip(provider, "release", "not_owner")
             _log.debug("ddns: {name} ({address}) expired here, removed by the lease owner",
                        name=state.fqdn, address=lease.address)
             return
+        job = (lease.address, lease.version)
+        if job in self._removing:
+            return          # already on its way (a held removal and the start sweep)
         identity, kind = self._identity(lease)
         d = provider.lease_released(state.fqdn, state.address, identity, kind)
+        if not d.called:
+            self._removing.add(job)
+            d.addBoth(lambda r: (self._removing.discard(job), r)[1])
 
         def removed(result):
             self.stats["removed"] += 1

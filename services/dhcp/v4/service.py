@@ -180,6 +180,8 @@ class Dhcp4Service(Service):
                   "receive buffer {rcvbuf} bytes",
                   n=len(cfg.subnets), where=cfg.interface or listen_on or "*", port=cfg.port,
                   sid=str(server_id), role=self.role, rcvbuf=rcvbuf)
+        from services.dhcp.v4.ddns import service_started   # DDNS: held removals (never raises)
+        service_started(self)
 
     def stopService(self):
         super().stopService()
