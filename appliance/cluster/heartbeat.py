@@ -32,6 +32,18 @@ round trip; counted per peer in ``unechoed``, apart from the drops).  Beats with
 version) fall back to the old rule: never a lower incarnation.
 
 Every drop has a reason, counted by :class:`HeartbeatVerifier`.
+
+Wire versions (rolling upgrades, issue 17): a node reads beats of
+:func:`accepted_versions` -- ``VERSION - 1`` (not below :data:`MIN_VERSION`)
+to ``VERSION + 1`` -- and always emits ``VERSION``.  The payload is read by
+key and unknown keys are ignored, so a version may only *add* keys: a key
+never changes its meaning (a new meaning gets a new key), and a reader one
+version behind parses what it knows of a newer beat correctly.  A release
+may raise ``VERSION`` to N+1 only when the release before it reads N+1
+(every release from this rule on does; the exact-match releases up to
+33b2f38 do not, so they must be upgraded to a release that still emits 1
+first).  Peers one release apart therefore always understand each other;
+two apart may not (``bad_version``): upgrade one release at a time.
 """
 
 from __future__ import annotations
@@ -45,6 +57,8 @@ from typing import Any
 
 MAGIC = b"APHB"
 VERSION = 1
+#: The oldest wire version still read (1 was the first).
+MIN_VERSION = 1
 _MAC_LEN = 32
 HEADER_LEN = len(MAGIC) + 1 + _MAC_LEN
 MAX_DATAGRAM = 8192
@@ -56,6 +70,13 @@ DROP_REASONS = ("truncated", "bad_magic", "bad_version", "bad_mac", "malformed",
 
 #: Health flags a node may advertise; any of them makes it unable to serve.
 UNABLE_FLAGS = ("maintenance", "interface_down", "service_failed", "store_down")
+
+
+def accepted_versions(current: int | None = None) -> range:
+    """The wire versions a node at ``current`` (default :data:`VERSION`) reads:
+    one version apart either way (see the module docstring)."""
+    v = VERSION if current is None else current
+    return range(max(MIN_VERSION, v - 1), v + 2)
 
 
 @dataclass(frozen=True)
@@ -72,6 +93,7 @@ class Heartbeat:
     echo: dict[str, tuple[int, int]] | None = None
     max_epochs: dict[str, int] = field(default_factory=dict)
     vote: str | None = None          # a witness's vote (the one node it backs)
+    version: int | None = None       # wire version if not the current VERSION (None)
 
     @property
     def able(self) -> bool:
@@ -97,7 +119,8 @@ def encode(hb: Heartbeat, key: bytes) -> bytes:
         body["m"] = hb.max_epochs
     if hb.vote is not None:
         body["v"] = hb.vote
-    payload = bytes([VERSION]) + json.dumps(body, separators=(",", ":")).encode()
+    version = VERSION if hb.version is None else hb.version
+    payload = bytes([version]) + json.dumps(body, separators=(",", ":")).encode()
     mac = hmac.new(key, payload, hashlib.sha256).digest()
     return MAGIC + payload[:1] + mac + payload[1:]
 
@@ -121,7 +144,7 @@ def decode(datagram: bytes, key: bytes) -> Heartbeat:
     payload = datagram[4:5] + datagram[HEADER_LEN:]
     if not hmac.compare_digest(mac, hmac.new(key, payload, hashlib.sha256).digest()):
         raise HeartbeatError("bad_mac")
-    if version != VERSION:
+    if version not in accepted_versions():
         raise HeartbeatError("bad_version", str(version))
     try:
         body = json.loads(payload[1:])
@@ -164,7 +187,7 @@ def decode(datagram: bytes, key: bytes) -> Heartbeat:
     except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise HeartbeatError("malformed", str(e)[:200]) from None
     return Heartbeat(node, inc, seq, float(sent), tuple(health), resources, partners, config,
-                     detail, echo, max_epochs, vote)
+                     detail, echo, max_epochs, vote, None if version == VERSION else version)
 
 
 class HeartbeatVerifier:

@@ -8,7 +8,17 @@ the other accepts, so each pair has one connection.
 
 Frames are length-prefixed JSON objects:
 
-* ``{"t": "hello", "node": id, "inc": incarnation}`` -- first frame each way.
+* ``{"t": "hello", "node": id, "inc": incarnation, "v": version, "caps": [...]}``
+  -- first frame each way.  ``v`` is the peer-link wire version
+  (:data:`VERSION`; a hello without it is version 1, the releases up to
+  33b2f38), ``caps`` the capabilities the sender's services advertised
+  (:meth:`PeerLink.advertise`; none without the key).  A hello whose version
+  is not within one of ours (:data:`MIN_VERSION`..``VERSION + 1``) is refused.
+  The rule for changing the format (rolling upgrades, issue 17): frames are
+  read by key and unknown keys and unknown frame types (``t``) are ignored,
+  so a version may only add keys and frame types; a new behaviour that the
+  peer must support is a capability a service checks with
+  :meth:`PeerLink.peer_capabilities` before relying on it.
 * ``{"t": "msg", "ch": channel, "seq": n, "body": ...}`` -- per-channel
   sequence numbers starting at 1 for each sender incarnation.
 * ``{"t": "ack", "ch": channel, "seq": n}`` -- cumulative: everything up to
@@ -52,6 +62,8 @@ from twisted.protocols.basic import Int32StringReceiver
 
 _log = Logger(namespace="appliance.peerlink")
 
+VERSION = 1               # peer-link wire version sent in the hello
+MIN_VERSION = 1           # the oldest read (a hello without "v" is 1)
 MAX_FRAME = 4 * 1024 * 1024
 RECV_HIGH = 1000          # queued frames per peer before the connection stops reading
 RECV_LOW = 100            # ... and resumes
@@ -93,6 +105,8 @@ class PeerState:
     failures: dict[str, int] = field(default_factory=dict)   # "key:seq" -> failures
     parked: list[dict] = field(default_factory=list)
     paused: Any = None                              # the proto whose reading is paused
+    version: int | None = None                      # the peer's hello: wire version
+    caps: frozenset = frozenset()                   # ... and capabilities
 
 
 class PeerProtocol(Int32StringReceiver):
@@ -106,7 +120,8 @@ class PeerProtocol(Int32StringReceiver):
         self._keepalive = None
 
     def connectionMade(self):
-        self._send({"t": "hello", "node": self.link.node_id, "inc": self.link.incarnation})
+        self._send({"t": "hello", "node": self.link.node_id, "inc": self.link.incarnation,
+                    "v": VERSION, "caps": sorted(self.link.capabilities)})
         self._keepalive = self.link.clock.callLater(self.link.keepalive_s, self._ping)
 
     def _ping(self):
@@ -170,7 +185,14 @@ class PeerProtocol(Int32StringReceiver):
         cert_name = self._cert_name()
         expected = self.expected
         problem = None
-        if claimed not in self.link.peers:
+        version = frame.get("v", 1)
+        caps = frame.get("caps", [])
+        if not isinstance(caps, list):
+            caps = []
+        if not isinstance(version, int) or not MIN_VERSION <= version <= VERSION + 1:
+            problem = (f"HELLO from {claimed!r} speaks peer-link version {version!r}; this "
+                       f"node reads {MIN_VERSION}..{VERSION + 1} (upgrade one release at a time)")
+        elif claimed not in self.link.peers:
             problem = f"HELLO from unknown node {claimed!r}"
         elif cert_name != claimed:
             problem = f"certificate names {cert_name!r} but HELLO says {claimed!r}"
@@ -182,6 +204,8 @@ class PeerProtocol(Int32StringReceiver):
             self.transport.loseConnection()
             return
         self.peer = self.link.peers[claimed]
+        self.peer.version = version
+        self.peer.caps = frozenset(c for c in caps if isinstance(c, str))
         self.link._attached(self.peer, self, frame.get("inc"))
 
     def connectionLost(self, reason):
@@ -247,6 +271,7 @@ class PeerLink(MultiService):
         self.idle_timeout_s = max(idle_timeout_s, 2 * keepalive_s)
         self.poison_after = max(1, poison_after)
         self.listeners: list[Callable] = []
+        self.capabilities: set[str] = set()     # advertised in our hello
         self.stats = {"sent": 0, "received": 0, "resent": 0, "refused": 0, "bad_frames": 0,
                       "handler_failures": 0, "parked": 0, "idle_timeouts": 0, "paused": 0,
                       "too_big": 0}
@@ -268,6 +293,22 @@ class PeerLink(MultiService):
     def on(self, channel: str, handler: Callable[[str, Any], Any]) -> None:
         """``handler(peer_id, body)`` (may return a Deferred) handles ``channel``."""
         self.handlers[channel] = handler
+
+    def advertise(self, *capabilities: str) -> None:
+        """Announce ``capabilities`` (e.g. ``"dhcp4.stored"``) in our hello
+        (call before the link starts: a hello already sent is not resent)."""
+        self.capabilities.update(capabilities)
+
+    def peer_capabilities(self, peer: str) -> frozenset | None:
+        """What ``peer``'s hello advertised on the current connection (an
+        older peer: empty); None while no connection is up."""
+        state = self.peers.get(peer)
+        return state.caps if state is not None and state.proto is not None else None
+
+    def peer_version(self, peer: str) -> int | None:
+        """``peer``'s peer-link wire version (its last hello); None before one."""
+        state = self.peers.get(peer)
+        return state.version if state is not None else None
 
     def on_connection(self, listener: Callable[[str, bool], None]) -> None:
         """``listener(peer_id, connected)`` hears link up/down."""
@@ -499,5 +540,6 @@ class PeerLink(MultiService):
         return {pid: {"connected": p.proto is not None, "backlog": self.backlog(pid),
                       "lag_s": round(self.lag_s(pid), 3), "connects": p.connects,
                       "inbox": len(p.inbox), "retrying": p.retry is not None,
+                      "version": p.version, "caps": sorted(p.caps),
                       "parked": [{k: v for k, v in m.items() if k != "body"} for m in p.parked]}
                 for pid, p in self.peers.items()}
