@@ -64,6 +64,11 @@ class DNSService(Service):
 
     name = "dns"
 
+    #: a service resource ("name:role") no service defined when dns started: how long
+    #: dns waits for its service to define it before defining it itself (review M9)
+    DEFINE_GRACE_S = 5.0
+    DEFINE_POLL_S = 0.1
+
     def __init__(self, config, context, *, rng=random.random, client=None):
         self.config = config
         self.context = context
@@ -122,6 +127,9 @@ class DNSService(Service):
         self.stats = {"stale_refused": 0, "drift_repairs": 0, "updates": 0, "failures": 0,
                       "takeovers": 0}
         self._reconcile_call = None
+        self._define_call = None
+        self._undefined: list[str] = []
+        self._define_deadline = 0.0
         self._reconciling: defer.Deferred | None = None
         self._writes: dict[tuple[str, str], int] = {}    # key -> successful writes so far
         self._refresh_calls: list = []
@@ -155,18 +163,18 @@ class DNSService(Service):
                              "epochs.")
         if self.ddns is not None:
             self.context.providers["ddns"] = self.ddns
+        self._undefined = []
         for resource in self.resources:
-            known = getattr(self.cluster, "resources", {}).get(resource)
-            if known is not None:
-                self.cluster.add_resource(known.spec, listener=self._role_changed)
-            else:
-                # nobody defined it (no [[vip]], no service registered it before this
-                # start): dns defines it, priority 100 on every node -- say so, a service
-                # registering it later keeps this definition (review M9)
-                _log.warn("dns: no vip or service defines resource {res}; the dns service "
-                          "defines it (priority 100 on every node, preempt); define it in "
-                          "its service or as a [[vip]] for other priorities", res=resource)
-                self.cluster.register_resource(resource, self._role_changed, kind="dns")
+            if not self._listen(resource):
+                if ":" in resource:
+                    # a service resource ("sip:registrar"): its service may start after
+                    # dns; let it define it (its priorities) -- dns only listens (M9)
+                    self._undefined.append(resource)
+                else:
+                    self._define(resource)
+        if self._undefined:
+            self._define_deadline = self.reactor.seconds() + self.DEFINE_GRACE_S
+            self._define_call = self.reactor.callLater(0, self._await_definitions)
         _log.info("dns: updating {zones} at {servers} (key {key}) for {n} records of {res}",
                   zones=", ".join(z.to_text() for z in self.config.zones),
                   servers=", ".join(show_server(s) for s in self.config.servers),
@@ -186,10 +194,11 @@ class DNSService(Service):
 
     def stopService(self):
         super().stopService()
-        for call in [self._reconcile_call, self._flush_call, *self.retry_calls.values()]:
+        for call in [self._reconcile_call, self._flush_call, self._define_call,
+                     *self.retry_calls.values()]:
             if call is not None and call.active():
                 call.cancel()
-        self._reconcile_call = self._flush_call = None
+        self._reconcile_call = self._flush_call = self._define_call = None
         self.retry_calls.clear()
         for call in self._refresh_calls:
             if call.active():
@@ -213,6 +222,38 @@ class DNSService(Service):
         return defer.gatherResults([defer.maybeDeferred(c.close) for c in
                                     {id(c): c for c in clients}.values()],
                                    consumeErrors=True)
+
+    def _listen(self, resource: str) -> bool:
+        """Listen to ``resource`` as defined by its [[vip]] or service; False: undefined."""
+        known = getattr(self.cluster, "resources", {}).get(resource)
+        if known is None:
+            return False
+        self.cluster.add_resource(known.spec, listener=self._role_changed)
+        return True
+
+    def _define(self, resource: str) -> None:
+        # nobody defined it (no [[vip]], no service registered it): dns defines it,
+        # priority 100 on every node -- say so (review M9)
+        _log.warn("dns: no vip or service defines resource {res}; the dns service "
+                  "defines it (priority 100 on every node, preempt); define it in "
+                  "its service or as a [[vip]] for other priorities", res=resource)
+        self.cluster.register_resource(resource, self._role_changed, kind="dns")
+
+    def _await_definitions(self) -> None:
+        """Service resources nobody defined at dns's start: listen as soon as their
+        service defines them; after ``DEFINE_GRACE_S`` define the rest (warned)."""
+        self._define_call = None
+        if not self.running:
+            return
+        self._undefined = [r for r in self._undefined if not self._listen(r)]
+        if not self._undefined:
+            return
+        if self.reactor.seconds() >= self._define_deadline:
+            for resource in self._undefined:
+                self._define(resource)
+            self._undefined = []
+            return
+        self._define_call = self.reactor.callLater(self.DEFINE_POLL_S, self._await_definitions)
 
     # ------------------------------------------------------------------
     # ownership -> publish

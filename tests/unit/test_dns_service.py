@@ -292,3 +292,68 @@ def test_defining_a_resource_nobody_defined_is_said():
     assert any(e.get("res") == "vip1" and "no vip or service defines" in e.get("log_format", "")
                for e in events)
     service.stopService()
+
+
+class DefiningCluster(FakeCluster):
+    """A cluster that keeps definitions (spec + listeners), like ResourceTable.add:
+    the first definition of a name wins."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = {}
+
+    @property
+    def resources(self):
+        return self.table
+
+    def add_resource(self, spec, settings=None, listener=None):
+        res = self.table.setdefault(spec.name, SimpleNamespace(spec=spec, listeners=[]))
+        if listener is not None:
+            res.listeners.append(listener)
+            self.listeners[spec.name] = listener
+
+    def register_resource(self, name, listener, *, priority=None, preempt=True, kind="service",
+                          settings=None):
+        self.add_resource(SimpleNamespace(name=name, priority=priority or {"a": 100},
+                                          preempt=preempt, kind=kind), listener=listener)
+
+
+def test_a_service_resource_defined_after_dns_starts_keeps_its_services_spec():
+    """Review M9: dns starting before the service that owns "sip:registrar" only
+    listens: the service's definition (its priorities) is the one the cluster keeps,
+    and dns hears its role changes; a service resource nobody defines is defined by
+    dns (warned) after DEFINE_GRACE_S.  (Old code: dns defined it at once with
+    priority 100, and the service's spec was ignored.)"""
+    clock = Clock()
+    config = DNSConfig(servers=(("127.0.0.1", 53),), key=None, key_file=None, zones=(EX,),
+                       default_ttl=5, records=(rec("a.example.test.", "A", "10.0.0.1",
+                                                   resource="sip:registrar"),
+                                               rec("b.example.test.", "A", "10.0.0.2",
+                                                   resource="nobody:else")),
+                       reconcile_interval_s=30, timeout_s=0.5, retry_initial_s=0.1,
+                       retry_max_s=1.0)
+    cluster = DefiningCluster()
+    context = NodeContext(reactor=clock, config=SimpleNamespace(node=SimpleNamespace(id="a")),
+                          store=None, rpc=MethodRegistry(), metrics=CollectorRegistry(),
+                          cluster=cluster, state_dir=Path("."))
+    client = FakeClient()
+    service = DNSService(config, context, rng=lambda: 0.5, client=client)
+    service.startService()
+    clock.advance(0)
+    assert "sip:registrar" not in cluster.table, "dns does not define a service's resource"
+    # the sip service starts next and defines its resource
+    sip_listener = lambda *a: None                       # noqa: E731
+    cluster.register_resource("sip:registrar", sip_listener, priority={"a": 200, "b": 50},
+                              kind="sip")
+    clock.advance(DNSService.DEFINE_POLL_S)
+    res = cluster.table["sip:registrar"]
+    assert res.spec.priority == {"a": 200, "b": 50} and res.spec.kind == "sip"
+    assert service._role_changed in res.listeners
+    assert "nobody:else" not in cluster.table
+    clock.advance(DNSService.DEFINE_GRACE_S)
+    assert cluster.table["nobody:else"].spec.kind == "dns"
+    res.listeners[-1]("sip:registrar", "owner", 3)
+    clock.advance(0)
+    assert len(client.updates) == 1 and service.role == "owner"
+    service.stopService()
+    assert not [c for c in clock.getDelayedCalls() if c.active()]
