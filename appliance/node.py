@@ -362,13 +362,16 @@ class ApplianceNode(MultiService):
                   role=slot.describe()["role"])
         return True
 
-    def _tell_cluster(self, name: str, reason: str | None) -> None:
-        """A service failed to start (or runs again): the cluster moves the
-        resources that follow it (review M6)."""
+    def _tell_cluster(self, name: str, reason: str | None, source: str | None = "start") -> None:
+        """A service failed to start (or started): the cluster moves the
+        resources that follow it (review M6).  A service that fails later
+        tells the cluster itself (``cluster.service_failed(name, reason)``,
+        source "service"); a start clears only the node's own report, a
+        service disabled by a reload clears both (``source=None``)."""
         tell = getattr(self.cluster, "service_failed", None)
         if tell is not None:
             try:
-                tell(name, reason)
+                tell(name, reason, source=source)
             except Exception:
                 _log.failure("telling the cluster about service {service}", service=name)
 
@@ -389,13 +392,18 @@ class ApplianceNode(MultiService):
         if slot.state == "failed":
             await self._release(slot)     # released at the failure; again costs nothing
             if why.startswith("disabled"):
-                self._tell_cluster(slot.entry.name, None)   # no longer a service here
+                self._tell_cluster(slot.entry.name, None, None)   # no longer a service here
             return
         slot.set("stopping", why)
         await self._stop_child(slot.service, f"service {slot.entry.name}")
         if slot.service.parent is self:
             self.removeService(slot.service)
         slot.set("stopped", why)
+        if why.startswith("disabled"):
+            # What the instance said about itself (e.g. "syncing") cannot be cleared
+            # by it any more.  A restart keeps it: the new instance clears it (or
+            # repeats it) itself, so there is no moment where this node looks able.
+            self._tell_cluster(slot.entry.name, None, None)
 
     def removeService(self, service):
         if service.name:

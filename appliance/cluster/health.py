@@ -6,12 +6,19 @@ has no carrier, ``store_down``) make the node unable for every resource;
 that resource, until its retry time.
 
 Per service (review M6): ``service_failed:<name>`` while the node's service
-``name`` failed to start (node.py tells :meth:`LocalHealth.service_failed`),
-and ``unable:<resource>`` for every resource colocated with it (a VIP whose
-``service`` names it, a resource that service registered): the peers
-exclude this node for those resources only, and so does this node's own
-election (:meth:`LocalHealth.unable_resources`), so they move to a node
-whose service runs; everything else stays.
+``name`` failed, and ``unable:<resource>`` for every resource colocated with
+it (a VIP whose ``service`` names it, a resource that service registered
+with ``kind = name``): the peers exclude this node for those resources only,
+and so does this node's own election (:meth:`LocalHealth.unable_resources`),
+so they move to a node whose service runs; everything else stays.
+
+Two sources report, each set and cleared on its own: node.py (``source =
+"start"``: the start failed / the service started), and the service itself
+at any time (``source = "service"``, the default of
+``ClusterManager.service_failed``: e.g. ``("sip", "syncing")`` until its
+bindings are synced, then ``("sip", None)``).  The service is failed while
+either source says so, so a successful start does not clear what the
+service reported about itself.
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ class LocalHealth:
         self.maintenance = False
         self.unable: dict[str, float] = {}     # resource -> retry time (failed VIP add)
         self.interfaces_down: list[str] = []
-        self.failed_services: dict[str, str] = {}   # service -> why it failed
+        self.failed_services: dict[str, str] = {}   # service -> why it failed (all sources)
+        self._reports: dict[str, dict[str, str]] = {}   # service -> {source: why}
         self.colocated: dict[str, str] = {}         # resource -> the service it follows
         self.kinds: Callable[[], dict[str, str]] = dict   # resource -> registering service
         self._link_check_at = 0.0
@@ -56,23 +64,41 @@ class LocalHealth:
             flags.add("store_down")
         return tuple(sorted(flags))
 
-    def service_failed(self, name: str, reason: str | None) -> bool:
-        """The node's service ``name`` failed (``reason``) or runs again (None);
-        True if that changed anything."""
+    def service_failed(self, name: str, reason: str | None, source: str = "service") -> bool:
+        """The node's service ``name`` failed (``reason``) or is fine again
+        (None), as ``source`` sees it; True if the service's state changed.
+        ``source=None`` with ``reason=None`` clears every source (the
+        service is gone from this node)."""
+        reports = self._reports.setdefault(name, {})
         if reason is None:
-            if self.failed_services.pop(name, None) is None:
-                return False
+            if source is None:
+                reports.clear()
+            else:
+                reports.pop(source, None)
+        else:
+            reports[source or "service"] = reason
+        if not reports:
+            del self._reports[name]
+        why = "; ".join(reports[k] for k in sorted(reports)) if reports else None
+        before = self.failed_services.get(name)
+        if why == before:
+            return False
+        if why is None:
+            del self.failed_services[name]
             _log.info("service {service} runs again: resources that follow it may come back "
                       "({resources})", service=name,
-                      resources=", ".join(self._following(name)) or "none")
+                      resources=", ".join(self._following(name)) or "none",
+                      health_change={"flag": f"service_failed:{name}", "reason": None})
         else:
-            if self.failed_services.get(name) == reason:
-                return False
-            self.failed_services[name] = reason
-            _log.warn("service {service} failed ({why}): flagged service_failed:{service}; "
-                      "resources that follow it move to a peer ({resources})", service=name,
-                      why=reason, resources=", ".join(self._following(name)) or "none",
-                      health_change={"flag": f"service_failed:{name}", "reason": reason})
+            self.failed_services[name] = why
+            if before is None:
+                _log.warn("service {service} failed ({why}): flagged service_failed:{service}; "
+                          "resources that follow it move to a peer ({resources})",
+                          service=name, why=why,
+                          resources=", ".join(self._following(name)) or "none",
+                          health_change={"flag": f"service_failed:{name}", "reason": why})
+            else:
+                return True     # a new reason while still failed: same flags, nothing to tell
         self.changed()
         return True
 

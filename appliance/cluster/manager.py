@@ -227,13 +227,22 @@ class ClusterManager(Service):
         correct when the listener hears the transition."""
         return self.partnerships.confirmed(peer)
 
-    def service_failed(self, name: str, reason: str | None) -> None:
-        """The node's service ``name`` failed to start (``reason``) or runs
-        again (None): this node advertises ``service_failed:<name>`` and is
-        unable for the resources that follow it (VIPs with ``service = name``,
-        resources that service registered), so they move to a peer whose
-        service runs; other resources stay."""
-        self.health.service_failed(name, reason)
+    def service_failed(self, name: str, reason: str | None, *,
+                       source: str | None = "service") -> None:
+        """The node's service ``name`` cannot serve (``reason``) or can again
+        (None): while it cannot, this node advertises ``service_failed:<name>``
+        and is unable for the resources that follow it (VIPs with
+        ``service = name``; resources registered with ``kind = name``, as
+        ``register_resource(..., kind="sip")`` does), so they move to a peer
+        whose service runs (or stay here when no peer can: one degraded owner,
+        never none); other resources stay.
+
+        A service calls it itself at any time, e.g. ``service_failed("sip",
+        "syncing")`` until it has its data, then ``service_failed("sip", None)``.
+        node.py reports start failures as ``source="start"``; each source is
+        cleared on its own (a successful start does not clear the service's
+        own report).  ``source=None`` with ``reason=None`` clears them all."""
+        self.health.service_failed(name, reason, source)
 
     def reload_keys(self):
         """Re-read ``auth_key_file`` (beats are signed with it from now on)

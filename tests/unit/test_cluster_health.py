@@ -83,3 +83,80 @@ def test_node_tells_the_cluster_about_a_failed_start(world):  # noqa: F811
     assert "service_failed:a" in node.cluster.health_flags()
     assert "service_failed:b" not in node.cluster.health_flags()
     assert "no such interface" in node.cluster.health.failed_services["a"]
+
+
+class _SelfReportingPlugin:
+    """A service that says itself it cannot serve yet ("syncing"), as the sip
+    service does until its bindings are synced, and registers its own resource."""
+
+    description = "test"
+
+    def __init__(self):
+        self.services = []
+
+    def parse_config(self, table, context):
+        return {}
+
+    def make_service(self, config, context):
+        from twisted.application.service import Service
+
+        plugin = self
+
+        class Syncing(Service):
+            def startService(self):
+                super().startService()
+                context.cluster.register_resource("sip:shard0", lambda *a: None, kind="sip")
+                context.cluster.service_failed("sip", "syncing")
+                plugin.services.append(self)
+
+        return Syncing()
+
+
+def test_a_service_report_survives_its_successful_start(world):  # noqa: F811
+    """The node's "started" must not clear what the service said about itself
+    (the old node cleared service_failed:sip as soon as startService returned)."""
+    tmp_path, log, pending, plugins = world
+    plugins["sip"] = _SelfReportingPlugin()
+    node, _ = make_node(world, '[services.sip]\n')
+    result_of(node.startService())
+    assert node.slots["sip"].state == "running"
+    flags = node.cluster.health_flags()
+    assert "service_failed:sip" in flags and "unable:sip:shard0" in flags
+    node.cluster.service_failed("sip", None)            # synced
+    assert not any("sip" in f for f in node.cluster.health_flags())
+
+
+def test_report_sources_are_separate():
+    """A start failure and the service's own report are set and cleared apart."""
+    from appliance.cluster.manager import ClusterManager
+    from twisted.internet.task import Clock
+    m = ClusterManager(Clock(), node_id="n", cluster=None)
+    m.register_resource("sip:shard0", lambda *a: None, kind="sip")
+    m.service_failed("sip", "syncing")
+    m.service_failed("sip", "RuntimeError: bind", source="start")
+    m.service_failed("sip", None, source="start")       # the node: it started
+    assert "unable:sip:shard0" in m.health_flags()
+    assert m.health.failed_services["sip"] == "syncing"
+    m.service_failed("sip", None)
+    assert m.health_flags() == ()
+    m.service_failed("sip", "syncing")
+    m.service_failed("sip", None, source=None)          # disabled: every source
+    assert m.health_flags() == ()
+
+
+def test_unable_resource_registered_by_the_service_moves_and_comes_back():
+    """service_failed("sip", "syncing") on the owner moves a resource the sip
+    service registered itself (kind="sip") to the peer; None brings it back."""
+    clock, net, nodes = make_pair()
+    for m in nodes.values():
+        m.register_resource("sip:shard0", lambda *a: None, priority={"a": 200, "b": 100},
+                            kind="sip")
+    start(clock, nodes)
+    run(clock, 1.5)
+    assert _owner(nodes, "sip:shard0") == ["a"]
+    nodes["a"].service_failed("sip", "syncing")
+    run(clock, 0.5)
+    assert _owner(nodes, "sip:shard0") == ["b"] and _owner(nodes, "vip1") == ["a"]
+    nodes["a"].service_failed("sip", None)
+    run(clock, 1.0)
+    assert _owner(nodes, "sip:shard0") == ["a"]
