@@ -27,8 +27,8 @@ from twisted.logger import Logger
 from twisted.protocols.basic import Int16StringReceiver
 from twisted.python.failure import Failure
 
-from services.dns.message import (PREREQ_FAILED, DNSError, TransportError, UpdateError,
-                                  PeerTSIGError, rcode_text, read_response)
+from services.dns.message import (PREREQ_FAILED, DNSError, TransportError, TruncatedAnswer,
+                                  UpdateError, PeerTSIGError, rcode_text, read_response)
 
 UDP_MAX = 512
 _log = Logger(namespace="appliance.dns")
@@ -245,11 +245,12 @@ class DNSClient:
             return result
         d = self._timeout(d, server, "UDP").addBoth(stop_resends)
         data = yield d
-        if len(data) > 2 and data[2] & 0x02:    # TC: ask again over TCP
+        try:
+            return read_response(data, request, udp=True)
+        except TruncatedAnswer:                 # TC (verified): ask again over TCP
             self.tcp_fallbacks += 1
-            response = yield self._tcp(server, wire, request)
-            return response
-        return read_response(data, request)
+        response = yield self._tcp(server, wire, request)
+        return response
 
     def _resend(self, ch: _UDPChannel, msg_id: int, wire: bytes) -> None:
         if msg_id in ch.pending and ch.transport is not None:

@@ -136,17 +136,35 @@ def make_query(name: dns.name.Name, rdtype, key: TSIGKey | None) -> dns.message.
     return q
 
 
-def read_response(wire: bytes, request: dns.message.Message) -> dns.message.Message:
+class TruncatedAnswer(DNSError):
+    """A UDP answer with TC set that passed verification: ask again over TCP."""
+
+    rcode = "truncated"
+
+
+def read_response(wire: bytes, request: dns.message.Message, *,
+                  udp: bool = False) -> dns.message.Message:
     """Parse and TSIG-verify ``wire`` as the answer to ``request``.
 
     Raises :class:`DNSError` subclasses: TSIG problems the server reported
     become their RFC 8945 names (``BADKEY``...), everything else that is not
-    a proper answer raises TransportError("...", "garbled").
+    a proper answer raises TransportError("...", "garbled").  ``udp``: a TC
+    answer raises :class:`TruncatedAnswer` -- dnspython's own TC check
+    (``raise_on_truncation``), after the signature was verified, so a forged
+    unsigned TC answer to a signed request is refused, not obeyed (review L2).
     """
     keyring = request.keyring if request.had_tsig or request.keyring else None
     try:
         response = dns.message.from_wire(wire, keyring=keyring, request_mac=request.mac,
-                                         one_rr_per_rrset=False)
+                                         one_rr_per_rrset=False, raise_on_truncation=udp)
+    except dns.message.Truncated as e:
+        truncated = e.message()
+        if keyring is not None and (truncated is None or not truncated.had_tsig):
+            raise TransportError("a truncated answer without a valid signature",
+                                 "badresponse") from None
+        if truncated is None or not request.is_response(truncated):
+            raise TransportError("answer does not match the request", "garbled") from None
+        raise TruncatedAnswer("truncated") from None
     except dns.tsig.PeerError as e:
         for cls, name in _PEER_ERRORS:
             if isinstance(e, cls):

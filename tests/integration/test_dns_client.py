@@ -106,3 +106,27 @@ def test_host_names_in_servers_are_resolved(named_module):
         assert response.rcode() == 0 and where == f"localhost:{server.port}"
     finally:
         yield client.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_signed_truncated_answer_goes_to_tcp(named_module):
+    """Review L2: a signed read whose answer does not fit 512 bytes: named answers TC
+    (signed); dnspython's own truncation check (after the signature is verified) sends
+    the client to TCP, where the whole rrset comes back."""
+    from services.dns.message import answer_rdatas, make_query
+    server = named_module
+    key = parse_key_file(server.key_file.read_text())[0]
+    name = dns.name.from_text("big-txt." + ZONE)
+    upd = make_update(dns.name.from_text(ZONE), key)
+    upd.replace(name, 30, "TXT", *[f'"{i:02d}-{"x" * 60}"' for i in range(12)])
+    client = DNSClient(reactor, [("127.0.0.1", server.port)], 2.0)
+    try:
+        response, _ = yield client.exchange(upd, ZONE, key.name)
+        assert response.rcode() == 0
+        assert client.tcp_fallbacks == 0
+        q = make_query(name, "TXT", key)
+        response, _ = yield client.exchange(q, ZONE, key.name, "query")
+        assert len(answer_rdatas(response, name, "TXT")) == 12
+        assert client.tcp_fallbacks == 1, "the UDP answer was truncated"
+    finally:
+        yield client.close()

@@ -5,8 +5,10 @@ asked first; a refused port moves on at once; a busy message id is never reused.
 
 from __future__ import annotations
 
+import dns.flags
 import dns.message
 import dns.rcode
+import dns.tsigkeyring
 from twisted.internet.task import Clock
 
 from services.dns.client import DNSClient
@@ -140,3 +142,39 @@ def test_unsigned_messages_get_a_fresh_source_port_each():
     for _ in range(2):
         fired(client.exchange(signed(query()), "example.test.", "k.", "read"))
     assert len(reactor.ports) == 3, "signed: one shared socket"
+
+
+class TCPRecordingReactor(FakeReactor):
+    def __init__(self):
+        super().__init__()
+        self.tcp: list = []
+
+    def connectTCP(self, host, port, factory, timeout=30, bindAddress=None):
+        from types import SimpleNamespace
+        self.tcp.append((host, port))
+        return SimpleNamespace(stopConnecting=lambda: None, disconnect=lambda: None)
+
+
+def tc_answer(reactor, server, sign_with=None):
+    data = [d for s, d in reactor.wire if s == server][-1]
+    q = dns.message.from_wire(data, keyring=False)
+    response = dns.message.make_response(q)
+    response.flags |= dns.flags.TC
+    if sign_with is not None:
+        response.use_tsig(dns.tsigkeyring.from_text(sign_with), keyname="k.")
+    reactor.port_of(server).proto.datagramReceived(response.to_wire(), server)
+
+
+def test_a_forged_truncated_answer_to_a_signed_query_is_not_obeyed():
+    """Review L2: the TC bit is read by dnspython after the TSIG check, not from the raw
+    byte: an unsigned (or wrongly signed) TC answer to a signed query is refused like
+    any unverifiable answer, it does not send the client to TCP.  (Old client: TCP.)"""
+    from services.dns.message import DNSError
+    for forged in (None, {"k.": "d3JvbmdrZXl3cm9uZ2tleXdyb25n"}):
+        reactor = TCPRecordingReactor()
+        client = DNSClient(reactor, [A], timeout_s=1.0)
+        result = fired(client.exchange(signed(query()), "example.test.", "k.", "read"))
+        tc_answer(reactor, A, sign_with=forged)
+        reactor.advance(1.0)
+        assert reactor.tcp == [] and client.tcp_fallbacks == 0, forged
+        assert result and result[0].check(DNSError), result
