@@ -284,8 +284,9 @@ class DNSClient:
             if on_timeout is not None:
                 try:
                     on_timeout()
-                except Exception:
-                    pass
+                except Exception:           # logged, not swallowed (review L8)
+                    _log.failure("dns: aborting the {how} exchange with {server} failed",
+                                 how=how, server=show_server(server))
             d.cancel()
             if not out.called:
                 out.errback(TransportError(f"{show_server(server)}: no {how} answer within "

@@ -63,6 +63,10 @@ class DNSMetrics:
         self.latency = Histogram("appliance_dns_update_latency_seconds",
                                  "Time from sending an UPDATE to its answer",
                                  buckets=LATENCY_BUCKETS, registry=registry)
+        self.read_failures = Counter("appliance_dns_read_failures",
+                                     "Reads of the primary that failed (reconcile, guard reads "
+                                     "of a compare-and-set, guard refreshes), by rcode or "
+                                     "transport reason", ["rcode"], registry=registry)
         self.ddns = Counter("appliance_dns_ddns", "DDNS operations for DHCP, by result",
                             ["op", "result"], registry=registry)
         self.ddns_latency = Histogram("appliance_dns_ddns_latency_seconds",
@@ -93,6 +97,9 @@ class DNSMetrics:
 
     def failed(self, rcode: str) -> None:
         self.failures.labels(rcode).inc()
+
+    def read_failed(self, rcode: str) -> None:
+        self.read_failures.labels(rcode).inc()
 
 
 def gauge(name: str, doc: str, labels: list[str], rows) -> GaugeMetricFamily:

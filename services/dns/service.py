@@ -300,8 +300,10 @@ class DNSService(Service):
                 by_zone.setdefault(spec.zone, set()).add(spec.name)
         for zone, names in by_zone.items():
             d = self.updater.read_guards(zone, sorted(names))
-            d.addErrback(lambda f: _log.debug("dns: guard refresh failed: {why}",
-                                              why=f.getErrorMessage()))
+            d.addErrback(lambda f, zone=zone: _log.warn(
+                "dns: reading the guards of {res} in {zone} after losing it failed: {why} "
+                "(regaining it may cost a failed UPDATE and a read)", res=resource,
+                zone=zone.to_text(), why=f.getErrorMessage()))
 
     def mark(self, specs, reason: str) -> list[dns.name.Name]:
         """Queue ``specs`` for publishing; their zones are flushed at the end of this

@@ -221,8 +221,12 @@ class Updater:
     def read(self, zone: dns.name.Name, name: dns.name.Name, rdtype):
         """The rdatas the primary publishes at ``name``/``rdtype`` (empty set: none)."""
         query = make_query(name, rdtype, self.key_for(zone))
-        response, server = yield self.client_for(zone).exchange(query, zone.to_text(),
-                                                                self.key_name_for(zone),
-                                                      what="query")
-        check_response(response, zone.to_text(), server, self.key_name_for(zone), "query")
+        try:
+            response, server = yield self.client_for(zone).exchange(
+                query, zone.to_text(), self.key_name_for(zone), what="query")
+            check_response(response, zone.to_text(), server, self.key_name_for(zone), "query")
+        except DNSError as e:
+            if self.metrics is not None:       # counted, not only logged (review L8)
+                self.metrics.read_failed(e.rcode)
+            raise
         return answer_rdatas(response, name, rdtype)

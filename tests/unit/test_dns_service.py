@@ -357,3 +357,39 @@ def test_a_service_resource_defined_after_dns_starts_keeps_its_services_spec():
     assert len(client.updates) == 1 and service.role == "owner"
     service.stopService()
     assert not [c for c in clock.getDelayedCalls() if c.active()]
+
+
+def test_failed_reads_are_counted_and_a_failed_guard_refresh_is_warned():
+    """Review L8: reads of the primary that fail (reconcile, the guard refresh after a
+    loss) are counted in appliance_dns_read_failures_total{rcode} and the refresh
+    failure is a warning naming the resource, not a debug line.  (Old code: neither.)"""
+    from twisted.logger import globalLogPublisher
+    from services.dns.service import GUARD_REFRESH_S
+    service, clock, cluster, client = make([rec("a.example.test.", "A", "10.0.0.1")])
+
+    def failing(request, zone, key, what="update"):
+        return defer.fail(TransportError(f"{what} of zone {zone}: no server answered",
+                                         "timeout"))
+    client.exchange = failing
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        d = service.reconcile("test")
+        clock.advance(0)
+        result = []
+        d.addBoth(result.append)
+        assert result and result[0]["errors"]
+        registry = service.context.metrics
+        reads = registry.get_sample_value("appliance_dns_read_failures_total",
+                                          {"rcode": "timeout"})
+        assert reads == 2, reads          # the record and its guard
+        cluster.listeners["vip1"]("vip1", "owner", 2)
+        cluster.listeners["vip1"]("vip1", "standby", 2)
+        clock.advance(GUARD_REFRESH_S)
+        assert registry.get_sample_value("appliance_dns_read_failures_total",
+                                         {"rcode": "timeout"}) == 3
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert any(e.get("log_level").name == "warn" and e.get("res") == "vip1"
+               and "guards" in e.get("log_format", "") for e in events)
+    service.stopService()
