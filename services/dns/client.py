@@ -27,33 +27,12 @@ from twisted.logger import Logger
 from twisted.protocols.basic import Int16StringReceiver
 from twisted.python.failure import Failure
 
+from services.dns.servers import parse_server, show_server  # noqa: F401 (API)
 from services.dns.message import (PREREQ_FAILED, DNSError, TransportError, TruncatedAnswer,
                                   UpdateError, PeerTSIGError, rcode_text, read_response)
 
 UDP_MAX = 512
 _log = Logger(namespace="appliance.dns")
-
-
-def parse_server(text: str) -> tuple[str, int]:
-    """``"host:port"`` (or ``"host"``: port 53; ``[v6]:port``) -> ``(host, port)``."""
-    text = text.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else "53"
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    elif ":" in text:
-        host, port = text, "53"
-    else:
-        host, port = text, "53"
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{text!r} is not host:port")
-    return host, int(port)
-
-
-def show_server(server: tuple[str, int]) -> str:
-    host, port = server
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _UDPChannel(protocol.DatagramProtocol):

@@ -28,7 +28,7 @@ import dns.name
 import dns.rdatatype
 
 from appliance.config import Table
-from services.dns.client import parse_server
+from services.dns.servers import parse_server
 from services.dns.records import TYPES, RecordSpec, parse_rdata, zone_of
 from services.dns.tsigkey import KeyFileError, TSIGKey, parse_key_file, select_key
 

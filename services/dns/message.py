@@ -18,7 +18,6 @@ epoch is not older (see :mod:`.updater`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 import dns.exception
@@ -79,13 +78,6 @@ class TransportError(DNSError):
     def __init__(self, message: str, rcode: str = "timeout"):
         self.rcode = rcode
         super().__init__(message)
-
-
-@dataclass(frozen=True)
-class Guard:
-    """What the updater believes the guard TXT rrset of a name holds (empty: absent)."""
-
-    rdatas: frozenset = frozenset()
 
 
 def build_update(zone: dns.name.Name, changes: Iterable[Change], guards: Mapping[dns.name.Name, frozenset],

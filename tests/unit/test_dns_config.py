@@ -147,3 +147,18 @@ def test_zone_with_its_own_servers_and_key(tmp_path):
     with pytest.raises(ConfigError) as e:
         parse(text.replace('servers = ["10.0.0.9:53"]', 'srvers = ["10.0.0.9:53"]'))
     assert "srvers" in str(e.value)
+
+
+def test_config_does_not_import_the_network_client_and_one_guard_type():
+    """Review L15 (design): reading a dns config needs no network client (parse_server
+    lives in the pure services.dns.servers; the client re-exports it), and the guard
+    type is guard.Guard everywhere (message.py had a second, unused Guard class)."""
+    import subprocess
+    import sys
+    code = ("import sys, services.dns.config, services.dns.message as m, services.dns.guard as g;"
+            "print('services.dns.client' in sys.modules, m.Guard is g.Guard)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.split() == ["False", "True"], out.stderr[-500:]
+    from services.dns.client import parse_server, show_server
+    assert show_server(parse_server("[fd00::1]:5353")) == "[fd00::1]:5353"
