@@ -62,6 +62,11 @@ def primary_with_outbox(tmp_path):
     link = Link()
     svc, clock = service(tmp_path, cluster=Cluster(link))
     svc._setup_failover()
+    # the partner is this version: its hello says it reports what it stored
+    svc._remote_update("b", {"hello": {"caps": ["dhcp4.stored", "dhcp4.update-done"]}})
+    svc._remote_update("b", {"update_done": 1})        # caught up: NORMAL
+    assert svc.view.state == P.NORMAL and not svc.view.hold
+    link.sent.clear()
     return svc, clock, link
 
 

@@ -407,6 +407,8 @@ def test_handler_holds_every_request_while_not_in_step(pair):
     assert p.a.handle(discover(x)) is None
     assert p.a.handler.counters["drop_not_serving"] == 1
     p.a.set_state(P.NORMAL)
+    assert p.a.handle(discover(x)) is None         # NORMAL once caught up with b
+    p.sync()                                       # b's update_done
     assert dora(p.a, x) is not None
 
 

@@ -44,6 +44,12 @@ SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 SIOCGIFADDR = 0x8915
 CHANNEL = "dhcp4"
 SYNC_BATCH = 256        # leases per peer-link message in a recovery sync
+#: What this version does on the dhcp4 channel beyond the first release:
+#: ``stored`` reports (records are synced on those, not on the transport ack)
+#: and ``update_request`` / ``update_done`` (the caught-up barrier).  Sent in a
+#: ``{"hello": {"caps": [...]}}`` message (and in the peer link's own hello when
+#: it carries capabilities); a partner that never says so is a previous version.
+CAPS = ("dhcp4.stored", "dhcp4.update-done")
 
 
 def interface_address(ifname: str) -> IPv4Address:
@@ -101,6 +107,17 @@ class Dhcp4Service(Service):
         self._records_at_start = 0
         self._sync_progress = 0.0
         self._partner_without_data = False
+        # the caught-up barrier: NORMAL from another state serves only after the
+        # partner's update_done (it sent every record it owed us before it)
+        self._cluster_state: str | None = None
+        self._catching_up = False
+        self._catch_from: str | None = None
+        self._catch_token = 0
+        self._catch_retry = None
+        # the partner's dhcp4 capabilities: None unknown, else a frozenset
+        self._partner_caps: frozenset | None = None
+        self._caps_timer = None
+        self._acked_unknown: list = []         # transport-acked while caps are unknown
         self.skew_hold: dict | None = None     # partner updates held: clocks too far apart
         # COMMUNICATIONS-INTERRUPTED: the partner's clients seen waiting
         # (client key -> last time), reported to the cluster (Kea's unacked clients)
@@ -189,6 +206,9 @@ class Dhcp4Service(Service):
             self._reclaim.stop()
         if self._evidence_prune is not None and self._evidence_prune.active():
             self._evidence_prune.cancel()
+        for call in (self._catch_retry, self._caps_timer):
+            if call is not None and call.active():
+                call.cancel()
         if self.outbox is not None:
             self.outbox.flush()            # hand what is queued to the peer link now
         if self.ldap is not None:
@@ -329,22 +349,40 @@ class Dhcp4Service(Service):
                 pass
             _log.warn("dhcp4: the lease store is empty but this node held leases before "
                       "({marker}): starting in RECOVER without data", marker=str(marker))
-        state = cluster.register_partner(f.peer, self._partner_state, primary=f.role == "primary",
-                                         sync=self._sync_from_partner,
-                                         data_lost=self._without_data,
-                                         recover_wait_s=float(f.mclt_s))
-        self.view.state = state
-        self.view.hold = state not in (P.NORMAL, P.PARTNER_DOWN)
-        report = getattr(cluster, "report_client_evidence", None)
-        self._evidence_to = report if callable(report) else None
         link = getattr(cluster, "peerlink", None)
         if link is not None:
+            advertise = getattr(link, "advertise", None)
+            if callable(advertise):
+                advertise(*CAPS)
             link.on(CHANNEL, self._remote_update)
             # a record is synced when the partner says it stored it ({"stored"}),
             # not on the peer link's ack: that ack is handled as it arrives and can
             # overtake the partner's winner of the merge still waiting in our inbox
+            # (a previous-version partner never says so: then the ack, _transport_acked)
             self.outbox = LeaseOutbox(self.reactor, link, f.peer, CHANNEL, f.max_unacked,
-                                      stats=self.stats, durable=self.leases.durable)
+                                      stats=self.stats, durable=self.leases.durable,
+                                      on_acked=self._transport_acked)
+            on_connection = getattr(link, "on_connection", None)
+            if callable(on_connection):
+                on_connection(self._link_changed)
+            self._send_hello(f.peer)
+        state = cluster.register_partner(f.peer, self._partner_state, primary=f.role == "primary",
+                                         sync=self._sync_from_partner,
+                                         data_lost=self._without_data,
+                                         recover_wait_s=float(f.mclt_s))
+        self.view.hold = state not in (P.NORMAL, P.PARTNER_DOWN)
+        self._cluster_state = state
+        if state == P.NORMAL and self._barrier_applies():
+            # registered while the cluster already says NORMAL: still catch up
+            self._catch_from, self._catching_up = P.STARTUP, True
+            self.view.hold = True
+            self.view.state = P.COMM_INTERRUPTED
+            self._request_updates(f.peer)
+        else:
+            self.view.state = state
+        report = getattr(cluster, "report_client_evidence", None)
+        self._evidence_to = report if callable(report) else None
+        if link is not None:
             # the durable outbox: every record the partner has not acknowledged
             # (kept across a crash in the store) goes to it again
             owed = self._requeue_unsynced()
@@ -411,7 +449,206 @@ class Dhcp4Service(Service):
             return self.leases.mark_synced(rec)
         return None
 
+    # ------------------------------------------------------------------
+    # the partner's capabilities (mixed versions during a rolling upgrade)
+    # ------------------------------------------------------------------
+    #: after the partner handled our hello: how long its own hello (sent on the
+    #: same connection before it handled ours, but queued in our serial inbox)
+    #: may take to reach us before we take it for a previous version
+    HELLO_GRACE_S = 5.0
+
+    def _send_hello(self, peer):
+        link = getattr(self.context.cluster, "peerlink", None)
+        if link is None:
+            return
+        d = link.send(peer, CHANNEL, {"hello": {"caps": list(CAPS)}}, limit=1 << 30)
+        d.addCallback(lambda _: self._hello_handled(peer))
+        d.addErrback(lambda f: _log.info("dhcp4: hello to {peer} not delivered ({why}); "
+                                         "sent again on the next connection", peer=peer,
+                                         why=f.getErrorMessage()))
+
+    def _hello_handled(self, peer):
+        """The partner handled our hello.  A current partner sent its own first
+        (on its connection), so it is in our inbox or handled; wait a little for
+        our inbox, then take silence for a previous version."""
+        if self._partner_caps is not None:
+            return
+        if self._caps_timer is not None and self._caps_timer.active():
+            return
+        self._caps_timer = self.reactor.callLater(self.HELLO_GRACE_S, self._caps_unknown_over,
+                                                  peer)
+
+    def _caps_unknown_over(self, peer):
+        self._caps_timer = None
+        if self._partner_caps is None:
+            link = getattr(self.context.cluster, "peerlink", None)
+            ask = getattr(link, "peer_capabilities", None)
+            caps = ask(peer) if callable(ask) else None
+            if caps and "dhcp4.stored" in caps:
+                self._learn_caps(peer, frozenset(caps))
+                return
+            _log.warn("dhcp4: {peer} does not speak this version's failover additions "
+                      "(a previous version): records are synced on the peer link's ack, "
+                      "NORMAL without the caught-up exchange", peer=peer)
+            self._learn_caps(peer, frozenset())
+
+    def _learn_caps(self, peer, caps: frozenset):
+        old, self._partner_caps = self._partner_caps, frozenset(caps)
+        if self._caps_timer is not None and self._caps_timer.active():
+            self._caps_timer.cancel()
+        self._caps_timer = None
+        stash, self._acked_unknown = self._acked_unknown, []
+        if "dhcp4.stored" not in self._partner_caps:
+            self._mark_acked(stash)
+        if old != self._partner_caps and self._catching_up \
+                and "dhcp4.update-done" not in self._partner_caps:
+            self._caught_up(peer, "the partner is a previous version (no update_done)")
+
+    def _partner_is_current(self) -> bool | None:
+        """True: the partner sends ``stored`` and ``update_done``; False: a previous
+        version; None: not known yet."""
+        caps = self._partner_caps
+        if caps is None:
+            link = getattr(self.context.cluster, "peerlink", None)
+            ask = getattr(link, "peer_capabilities", None)
+            seen = ask(self.config.failover.peer) if callable(ask) else None
+            if seen and "dhcp4.stored" in seen:
+                return True
+            return None
+        return "dhcp4.stored" in caps
+
+    def _link_changed(self, peer, connected):
+        f = self.config.failover
+        if f is None or peer != f.peer:
+            return
+        if connected:
+            # a new connection may be a different version of the partner
+            self._partner_caps = None
+            self._send_hello(peer)
+            if self._catching_up:
+                self._request_updates(peer)
+
+    def _transport_acked(self, leases):
+        """The peer link's ack of a batch: a current partner's ``stored`` report
+        marks the records (the ack can overtake its winners); a previous version
+        sends none, so its ack does, as that version expects."""
+        current = self._partner_is_current()
+        if current:
+            return
+        if current is None:
+            self._acked_unknown.extend(leases)
+            return
+        self._mark_acked(leases)
+
+    def _mark_acked(self, leases):
+        for lease in leases:
+            d = self.leases.mark_synced(lease)
+            if isinstance(d, defer.Deferred):
+                d.addErrback(lambda f: _log.failure("dhcp4: marking a record synced failed",
+                                                    failure=f))
+
+    # ------------------------------------------------------------------
+    # the caught-up barrier (draft-ietf-dhc-failover-12 update-request / update-done)
+    # ------------------------------------------------------------------
+    #: a catch-up without the partner's update_done asks again after this long
+    CATCH_UP_RETRY_S = 10.0
+
+    def _barrier_applies(self) -> bool:
+        return self.outbox is not None and self._partner_is_current() is not False
+
     def _partner_state(self, peer, state, reason):
+        """The cluster's partner state.  NORMAL entered from another state (or
+        at registration) is served only once caught up: we ask the partner for
+        every record it has not had acknowledged (``update_request``), it sends
+        them and then ``update_done`` on the same ordered stream.  Until then we
+        serve by the rules of COMMUNICATIONS-INTERRUPTED, or nobody if we did
+        not serve before (RECOVER-DONE, STARTUP): heartbeats say NORMAL before
+        the update stream delivered what the partner gave meanwhile -- e.g. in
+        PARTNER-DOWN on our addresses while only the peer link was down."""
+        prev, self._cluster_state = self._cluster_state, state
+        if state == P.NORMAL and (prev != P.NORMAL or self._catching_up) \
+                and self._barrier_applies():
+            if not self._catching_up:
+                self._catch_from = self.view.state
+            self._catching_up = True
+            self._apply_state(peer, P.COMM_INTERRUPTED,
+                              f"{reason}; NORMAL once caught up with the partner")
+            self._request_updates(peer)
+            return
+        if self._catching_up:
+            self._catching_up = False
+            self._cancel_catch_retry()
+        self._apply_state(peer, state, reason)
+
+    def _request_updates(self, peer):
+        link = getattr(self.context.cluster, "peerlink", None)
+        if link is None:
+            return
+        self._catch_token += 1
+        token = self._catch_token
+        link.send(peer, CHANNEL, {"update_request": token}, limit=1 << 30).addErrback(
+            lambda f: _log.info("dhcp4: update request to {peer} not delivered ({why}); "
+                                "asking again", peer=peer, why=f.getErrorMessage()))
+        self._cancel_catch_retry()
+        self._catch_retry = self.reactor.callLater(self.CATCH_UP_RETRY_S, self._catch_again,
+                                                   peer)
+
+    def _catch_again(self, peer):
+        self._catch_retry = None
+        if self._catching_up:
+            _log.info("dhcp4: no update_done from {peer} yet; asking again", peer=peer)
+            self._request_updates(peer)
+
+    def _cancel_catch_retry(self):
+        if self._catch_retry is not None and self._catch_retry.active():
+            self._catch_retry.cancel()
+        self._catch_retry = None
+
+    def _caught_up(self, peer, why: str):
+        if not self._catching_up:
+            return
+        self._catching_up = False
+        self._cancel_catch_retry()
+        if self._catch_from == P.PARTNER_DOWN:
+            self._partner_without_data = False     # it recovered (and waited MCLT)
+        self.view.state = P.COMM_INTERRUPTED
+        self._apply_state(peer, P.NORMAL, why)
+
+    @defer.inlineCallbacks
+    def _send_owed(self, peer, token):
+        """Answer an ``update_request``: every record the partner has not
+        acknowledged (in batches, flow-controlled), then ``update_done`` --
+        after them on the same ordered stream, so the partner has applied all
+        of them when it reads it."""
+        link = self.context.cluster.peerlink
+        addresses = list(self.leases.unsynced)
+        window: list[defer.Deferred] = []
+        sent = 0
+        for i in range(0, len(addresses), SYNC_BATCH):
+            batch = []
+            for address in addresses[i:i + SYNC_BATCH]:
+                lease = self.leases._get(address)
+                if isinstance(lease, defer.Deferred):
+                    lease = yield lease
+                if isinstance(lease, Lease) and not lease.synced:
+                    batch.append(lease)
+            if not batch:
+                continue
+            d = link.send(peer, CHANNEL, {"leases": [le.to_wire() for le in batch]},
+                          limit=1 << 30)
+            d.addCallback(lambda _, b=batch: self._transport_acked(b))
+            d.addErrback(self._sync_send_failed, peer)
+            window.append(d)
+            sent += len(batch)
+            if len(window) >= self.SYNC_WINDOW:
+                yield window.pop(0)
+        link.send(peer, CHANNEL, {"update_done": token}, limit=1 << 30).addErrback(
+            self._sync_send_failed, peer)
+        self.stats["update_requests"] = self.stats.get("update_requests", 0) + 1
+        _log.info("dhcp4: {n} owed lease updates sent to {peer} for its catch-up", n=sent,
+                  peer=peer)
+
+    def _apply_state(self, peer, state, reason):
         if state == P.PARTNER_DOWN and self.view.state != P.PARTNER_DOWN:
             self.view.stale_partner_down = self.view.hold
         elif state != P.PARTNER_DOWN:
@@ -585,7 +822,22 @@ class Dhcp4Service(Service):
                     continue
             # acked once the holds are on disk (a restart keeps them)
             return self.leases.durable() if self.leases.writes != writes else None
+        if "hello" in body:
+            caps = (body.get("hello") or {}).get("caps") if isinstance(body.get("hello"),
+                                                                       dict) else None
+            self._learn_caps(peer, frozenset(c for c in caps or () if isinstance(c, str)))
+            return None
+        if "update_request" in body:
+            if self._partner_caps is None:
+                self._learn_caps(peer, frozenset(CAPS))    # only a current version asks
+            return self._send_owed(peer, body["update_request"])
+        if "update_done" in body:
+            if body["update_done"] == self._catch_token:
+                self._caught_up(peer, "caught up with the partner (update_done)")
+            return None
         if "stored" in body:
+            if self._partner_caps is None:
+                self._learn_caps(peer, frozenset(CAPS))    # only a current version reports
             self._partner_stored(body["stored"])
             return None
         if "leases" in body or "lease" in body:

@@ -79,6 +79,9 @@ class Node:
             self.outbox[address] = ok(self.leases.get(address))
         self.leases.on_unsynced = lambda lease: self.outbox.__setitem__(lease.address, lease)
         self.alive = True
+        self.cluster_state = state
+        self.catching_up = False             # NORMAL waits for the partner's update-done
+        self.catching_from = state
         self.without_data = False            # recovering after losing the store
         self.partner_without_data = False
         self.stored: list[Lease] = []        # of the last apply (see apply)
@@ -95,7 +98,35 @@ class Node:
         if wipe:
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
+    #: the caught-up barrier (update-request / update-done): NORMAL serves only
+    #: after the partner's owed records arrived (False: the old behaviour)
+    barrier = True
+
     def set_state(self, state: str, *, confirmed: bool = False):
+        """The cluster's partner state ``state``, as the service's ``_partner_state``
+        takes it: NORMAL entered from another state waits behind the caught-up
+        barrier (COMMUNICATIONS-INTERRUPTED rules meanwhile, or still on hold when
+        we did not serve) until :meth:`caught_up`."""
+        prev, self.cluster_state = self.cluster_state, state
+        if state == P.NORMAL and prev != P.NORMAL and self.barrier:
+            if not self.catching_up:
+                self.catching_from = self.view.state
+            self.catching_up = True
+            self._set_view(P.COMM_INTERRUPTED, confirmed=False)
+            return
+        self.catching_up = False
+        self._set_view(state, confirmed=confirmed)
+
+    def caught_up(self):
+        """The partner's update-done: everything it owed us is applied."""
+        if not self.catching_up:
+            return
+        self.catching_up = False
+        if self.catching_from == P.PARTNER_DOWN:
+            self.partner_without_data = False
+        self._set_view(P.NORMAL)
+
+    def _set_view(self, state: str, *, confirmed: bool = False):
         v = self.view
         if state == P.NORMAL and v.state == P.PARTNER_DOWN:
             self.partner_without_data = False
@@ -222,13 +253,24 @@ class Pair:
         return (self.a, self.b)
 
     def sync(self) -> int:
-        """Deliver every owed update both ways (while the link is up)."""
+        """Deliver every owed update both ways (while the link is up), then
+        answer the update-requests of nodes catching up (the partner sends
+        every record it has not had acknowledged, then update-done)."""
         n = 0
         while True:
             m = self.ab.pump(self.link_up) + self.ba.pump(self.link_up)
             n += m
             if not m:
-                return n
+                break
+        if not (self.link_up and self.a.alive and self.b.alive):
+            return n
+        for me, peer, link in ((self.a, self.b, self.ba), (self.b, self.a, self.ab)):
+            if me.catching_up:
+                for address in peer.leases.unsynced:      # the update-request
+                    peer.outbox[address] = ok(peer.leases.get(address))
+                n += link.pump(True)
+                me.caught_up()                            # its update-done
+        return n
 
     def close(self):
         for node in self.nodes:

@@ -39,3 +39,13 @@ def test_seeds_that_found_bugs(seed):
     node's "held" notices to its partner as the service does (the partner re-gave an
     address a lease lost with the wiped disk still held)."""
     World(seed, duration=DURATION).run()
+
+
+@pytest.mark.parametrize("seed,duration", [(4658, 240.0)])
+def test_long_seeds_that_found_bugs(seed, duration):
+    """Found by the 240 s runs (replayed at that length).  4658: the peer link down
+    while heartbeats were up: b ran PARTNER-DOWN on a's addresses, the link came back
+    and the heartbeats said NORMAL before b's leases arrived; a served its "free"
+    addresses from a stale view (the cluster now reports COMMUNICATIONS-INTERRUPTED
+    while the link is down, and NORMAL waits for the partner's update_done)."""
+    World(seed, duration=duration).run()

@@ -72,6 +72,7 @@ class World:
     def __init__(self, seed: int, *, duration: float = 240.0, verbose: bool = False):
         self.seed, self.duration, self.verbose = seed, duration, verbose
         r = self.r = random.Random(seed)
+        self.r2 = random.Random(seed * 7919 + 1)   # newer draws: the old schedules stay
         self.mclt = r.choice((4, 8, 15))
         self.lease = max(10, r.choice((self.mclt, 2 * self.mclt, 6 * self.mclt, 20)))
         self.mode = r.choice(("split-scope", "load-balancing", "hot-standby"))
@@ -91,6 +92,7 @@ class World:
         self.events = 0
         self.link_up = True        # the update stream (peer link)
         self.hb_up = True          # heartbeats (a partition cuts both)
+        self.link_down_since: float | None = None
         self.silent_since: float | None = None
         self.update_delay_until = 0.0
         self.recovering: dict[str, float] = {}      # node -> serve again at (RECOVER-WAIT)
@@ -142,6 +144,7 @@ class World:
                 return
             length = r.uniform(0.2, 4.0) * self.mclt
             self.link_up = False
+            self.link_down_since = self.now
             if kind == "partition":
                 self.hb_up = False
                 self.stats["partitions"] += 1
@@ -156,7 +159,7 @@ class World:
             if not self.node(name).alive or not self.node(other).alive or self.recovering:
                 return
             wipe = kind == "crash_wipe"
-            if wipe and (other in self.lost_disk or self.node(other).view.state in (
+            if wipe and (other in self.lost_disk or self.node(other).cluster_state in (
                     P.STARTUP, P.RECOVER, "RECOVER-WAIT", P.RECOVER_DONE)):
                 # both stores lost before one of them synced: nobody knows the
                 # leases any more (outside the draft's model: one server keeps its
@@ -225,12 +228,28 @@ class World:
         for me, peer in ((a, b), (b, a)):
             if not me.alive:
                 continue
-            s, ps = me.view.state, peer.view.state if heard else None
+            s, ps = me.cluster_state, peer.cluster_state if heard else None
+            # the cluster: a relationship replicating over the peer link is not
+            # NORMAL while that link is down (heartbeats up): nothing enters
+            # NORMAL, and after DETECT_S it is COMMUNICATIONS-INTERRUPTED
+            link_ok = self.link_up
+            link_down = (heard and not self.link_up and self.link_down_since is not None
+                         and self.now - self.link_down_since >= DETECT_S)
 
             def go(state, why, confirmed=False):
+                if state == P.NORMAL and not link_ok:
+                    if not link_down or s not in (P.STARTUP, P.RECOVER_DONE):
+                        return
+                    state, why = P.COMM_INTERRUPTED, "peer link down"
+                if state == s:
+                    return
                 me.set_state(state, confirmed=confirmed)
-                self.say(f"{me.name} -> {state} ({why})")
+                self.say(f"{me.name} -> {state} ({why})"
+                         + (" [catching up]" if me.catching_up else ""))
 
+            if link_down and s in (P.NORMAL, P.RECOVER_DONE):
+                go(P.COMM_INTERRUPTED, "peer link down")
+                continue
             if s == P.STARTUP:
                 if heard:
                     if me.name in self.lost_disk or ps == P.PARTNER_DOWN:
@@ -266,7 +285,7 @@ class World:
                     go(P.NORMAL, f"peer {ps}")
             at = self.pd_after.get(me.name)
             if at is not None and self.now >= at and not peer.alive \
-                    and me.view.state in (P.COMM_INTERRUPTED, P.NORMAL):
+                    and me.cluster_state in (P.COMM_INTERRUPTED, P.NORMAL):
                 del self.pd_after[me.name]
                 self.stats["partner_down"] += 1
                 go(P.PARTNER_DOWN, "operator partner-down", confirmed=True)
@@ -292,7 +311,7 @@ class World:
             me.set_state("RECOVER-WAIT")
         else:
             me.set_state(P.RECOVER_DONE)
-        self.say(f"{me.name} recovered from {peer.name} -> {me.view.state}")
+        self.say(f"{me.name} recovered from {peer.name} -> {me.cluster_state}")
 
     # -- clients -------------------------------------------------------------------
     def reachable(self) -> list:
@@ -452,7 +471,12 @@ class World:
                     fi += 1
                 if self.heal_at is not None and self.now >= self.heal_at:
                     self.link_up = self.hb_up = True
+                    self.link_down_since = None
                     self.heal_at = None
+                    # the peer link reconnects; its backlog may arrive after the
+                    # heartbeats already say NORMAL (the caught-up barrier's case)
+                    self.update_delay_until = max(self.update_delay_until,
+                                                  self.now + self.r2.uniform(0, 2))
                     self.say("healed")
                 for name, until in list(self.down_until.items()):
                     if self.now >= until:
