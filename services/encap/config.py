@@ -5,7 +5,13 @@ Example (see ``etc/encap.toml``)::
     [services.encap]
     listen_address = "0.0.0.0"       # UDP listener of the tunnel
     port = 7400
-    psk_file = "etc/encap.psk"       # pre-shared key: 64+ hex digits (or 32+ raw bytes)
+    psk_file = "etc/encap.psk"       # ONE pre-shared key for every EN (lab mode): 64+ hex
+                                     # digits (or 32+ raw bytes); any holder may claim any
+                                     # EN address.  Or, per-EN keys (production):
+    # en_keys_file = "etc/encap-en.keys"   # "en-id hex-key" lines (or a directory of
+    #                                      # files named by EN id): an EN proves its own id
+    # ticket_key_file = "etc/encap-dn.key" # the DNs' shared secret (never on an EN): signs
+    #                                      # the address tickets the home DN gives its ENs
     tun = "encap0"                   # TUN device (needs CAP_NET_ADMIN)
     mtu = 1400                       # of the TUN device (tunnel overhead: 66 bytes)
     slice_prefixlen = 26             # each DN subnet is cut into slices of this size,
@@ -37,6 +43,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from services.encap import wire as W
+
 
 @dataclass(frozen=True)
 class DNNode:
@@ -59,7 +67,7 @@ class WatchdogConfig:
 class EncapConfig:
     listen_address: object          # ipaddress.IPv4Address
     port: int
-    psk_file: str
+    psk_file: str | None
     tun: str
     mtu: int
     nodes: tuple[DNNode, ...]
@@ -70,6 +78,8 @@ class EncapConfig:
     session_timeout_s: float = 30.0
     read_batch: int = 64
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    en_keys_file: str | None = None
+    ticket_key_file: str | None = None
 
     def node(self, node_id: str) -> DNNode | None:
         for n in self.nodes:
@@ -82,7 +92,20 @@ def parse(table, context) -> EncapConfig | None:
     before = len(table.problems.items)
     listen = table.ip("listen_address", "0.0.0.0")
     port = table.int("port", 7400, min=0, max=65535)
-    psk_file = table.path_("psk_file")
+    en_keys = table.path_("en_keys_file", None)
+    ticket_key = table.path_("ticket_key_file", None)
+    psk_file = table.path_("psk_file", None)
+    if en_keys is None and psk_file is None:
+        table.error("psk_file", "missing: needs psk_file (one key for all ENs) or "
+                                "en_keys_file + ticket_key_file (per-EN keys)")
+    elif en_keys is not None and psk_file is not None:
+        table.error("psk_file", "psk_file and en_keys_file exclude each other (one key for "
+                                "every EN, or one per EN)")
+    if en_keys is not None and ticket_key is None:
+        table.error("ticket_key_file", "missing: per-EN keys (en_keys_file) need the DNs' "
+                                       "ticket key")
+    if ticket_key is not None and en_keys is None:
+        table.error("ticket_key_file", "only with en_keys_file")
     tun = table.str("tun", "encap0")
     if isinstance(tun, str) and not (0 < len(tun) < 16
                                      and tun.replace("-", "").replace("_", "").isalnum()):
@@ -143,4 +166,13 @@ def parse(table, context) -> EncapConfig | None:
         listen = ipaddress.ip_address(listen)
     return EncapConfig(listen, port, psk_file, tun, mtu, tuple(nodes), slice_len,
                        str(esr) if esr is not None else None, route_table, announce, timeout,
-                       batch, wd)
+                       batch, wd, en_keys, ticket_key)
+
+
+def load_keys(config: EncapConfig) -> W.KeyRing:
+    """The DN's :class:`~services.encap.wire.KeyRing` from its key files (blocking file
+    reads: call at start, before the reactor serves anything, or in a thread)."""
+    if config.en_keys_file is not None:
+        return W.KeyRing(ens=W.load_en_keys(config.en_keys_file),
+                         ticket_key=W.load_psk(config.ticket_key_file))
+    return W.KeyRing(psk=W.load_psk(config.psk_file))

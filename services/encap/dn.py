@@ -127,7 +127,7 @@ class AddressPlan:
 class DecapNode:
     """The DN's protocol logic (see the module docstring)."""
 
-    def __init__(self, reactor, config, node_id: str, psk: bytes, *, send, tun_write,
+    def __init__(self, reactor, config, node_id: str, keys, *, send, tun_write,
                  mapping=None, routes=None, announce=None, store=None, tun_name: str = "encap0"):
         self.reactor = reactor
         self.config = config
@@ -140,7 +140,9 @@ class DecapNode:
         self.store = store
         self.tun_name = tun_name
         self.plan = AddressPlan(config.nodes, config.slice_prefixlen)
-        self.responder = W.Responder(psk, node_id)
+        #: one pre-shared key (bytes) or a wire.KeyRing (per-EN keys + address tickets)
+        self.responder = W.Responder(keys, node_id)
+        self.keys = self.responder.keys
         self.sessions: dict[int, DNSession] = {}
         self.by_en: dict[str, int] = {}
         self.by_address: dict[bytes, DNSession] = {}
@@ -360,10 +362,12 @@ class DecapNode:
             except (ValueError, TypeError):
                 return self.drop("bad_control", s)
         if role == "primary":
-            self._serve_primary(s, address)
+            self._serve_primary(s, address, msg.get("ticket"))
         elif role == "secondary":
             if address is None:
                 return self.drop("bad_control", s)
+            if not self._ticket_ok(s, address, msg.get("ticket")):
+                return
             if not self._address_ok_for(s.en, address):
                 self.control(s, {"t": W.C_ERROR, "reason": "address_in_use"})
                 return self.drop("address_in_use", s)
@@ -392,7 +396,23 @@ class DecapNode:
         s.address_bytes = _ip_bytes(address)
         self.by_address[s.address_bytes] = s
 
-    def _serve_primary(self, s: DNSession, requested: str | None) -> None:
+    def _ticket_ok(self, s: DNSession, address: str, ticket) -> bool:
+        """Per-EN keys: ``s.en`` may claim ``address`` only with the ticket its home
+        DN (the owner of the address's subnet) gave it for that address; refused and
+        counted (``address_not_yours``) otherwise.  One shared key: always true."""
+        if not self.keys.per_en:
+            return True
+        owner = self.plan.owner_of(address)
+        if owner is not None and self.keys.ticket_ok(s.en, address, owner[0], ticket):
+            return True
+        _log.warn("encap: EN {en} claimed {a} without a valid ticket: refused", en=s.en,
+                  a=address)
+        self.control(s, {"t": W.C_ERROR, "reason": "address_not_yours"})
+        self.drop("address_not_yours", s)
+        return False
+
+    def _serve_primary(self, s: DNSession, requested: str | None,
+                       msg_ticket=None) -> None:
         address = None
         if requested is not None and self._address_ok_for(s.en, requested):
             owner = self.plan.owner_of(requested)
@@ -403,6 +423,8 @@ class DecapNode:
                     address = requested
             elif owner is not None:
                 # an address of another DN's subnet: the EN keeps it, we take over
+                if not self._ticket_ok(s, requested, msg_ticket):
+                    return
                 self._set_address(s, requested)
                 s.role = ROLE_SECONDARY
                 s.primary = owner[0]
@@ -421,10 +443,14 @@ class DecapNode:
         s.role = ROLE_PRIMARY
         s.primary = self.node_id
         owner = self.plan.owner_of(address)
-        self.control(s, {"t": W.C_ASSIGN, "address": address, "prefixlen": 32,
-                         "mtu": self.config.mtu, "dn": self.node_id,
-                         "gateway": str(self.plan.gateway(self.node_id)),
-                         "slice": str(owner[1]) if owner else None})
+        assign = {"t": W.C_ASSIGN, "address": address, "prefixlen": 32,
+                  "mtu": self.config.mtu, "dn": self.node_id,
+                  "gateway": str(self.plan.gateway(self.node_id)),
+                  "slice": str(owner[1]) if owner else None}
+        ticket = self.keys.ticket(s.en, address, self.node_id)
+        if ticket is not None:
+            assign["ticket"] = ticket       # shown to the other DNs in every info
+        self.control(s, assign)
         # confirms the path (promoted); an EN coming back to its home DN wins its
         # address back in the table first
         self.take_over(s, "home", confirm=True)

@@ -4,7 +4,7 @@ Usage: ``appliance-en --config PATH [--status-file PATH]``.  Config (TOML)::
 
     [en]
     id = "en1"                      # this EN's identity (1-64 printable ASCII)
-    psk_file = "etc/encap.psk"      # the DNs' pre-shared key
+    psk_file = "etc/encap.psk"      # the key of this EN's id (per-EN keys) or the shared PSK
     tun = "en0"                     # TUN device (created; needs CAP_NET_ADMIN)
     routes = ["10.210.0.0/24"]      # destinations sent through the tunnel
     keepalive_ms = 50               # keepalive (echo) interval to every DN
@@ -168,6 +168,7 @@ class ENClient:
         self.address: str | None = None
         self.address_bytes: bytes | None = None
         self.home: str | None = None      # the DN that assigned our address
+        self.ticket: str | None = None    # its address ticket (per-EN keys), shown in info
         self.primary: str | None = None
         self.handoff_from: str | None = None
         #: the DN we switched away from: told ``demote`` once the new path is confirmed
@@ -382,8 +383,11 @@ class ENClient:
             self.control(link, self._info("secondary"))
 
     def _info(self, role: str) -> dict:
-        return {"t": W.C_INFO, "en": self.config.id, "role": role, "dns": self.order,
+        info = {"t": W.C_INFO, "en": self.config.id, "role": role, "dns": self.order,
                 "address": self.address, "primary": self.primary}
+        if self.ticket is not None:
+            info["ticket"] = self.ticket    # per-EN keys: our claim to the address
+        return info
 
     def _record(self, link: Link, rec: W.Record) -> None:
         if link.keys is None or rec.receiver != link.index:
@@ -423,6 +427,8 @@ class ENClient:
             if self.address is not None and address != self.address:
                 self.event("address_changed", old=self.address, new=address, dn=dn)
             self.home = dn
+            ticket = msg.get("ticket")
+            self.ticket = ticket if isinstance(ticket, str) else None
             self._set_address(address, int(msg.get("mtu") or 1400))
             if self.primary != dn:
                 self.stats["moved_home"] += 1

@@ -105,7 +105,7 @@ class Watchdog:
         if self.probe_enabled and self.service.udp is not None:
             ident = "fd-" + self.service.dn.node_id
             self.service.dn.probe_ident = ident
-            self._probe = _Probe(self.service.dn.responder.psk, ident)
+            self._probe = _Probe(self.service.dn.responder.keys.local(ident), ident)
             try:
                 self._probe_port = self.reactor.listenUDP(0, self._probe)
             except Exception as e:

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from appliance.admin.rpc import Params
 from appliance.plugin import withdraw
 from services.encap import tun as T
-from services.encap import wire as W
+from services.encap.config import load_keys
 from services.encap.dn import DecapNode
 
 _log = Logger(namespace="services.encap")
@@ -81,7 +81,7 @@ class EncapService(Service):
         cfg = self.config
         node_id = self.context.node_id
         self.tun, self.tun_problem = None, None
-        psk = W.load_psk(cfg.psk_file)
+        keys = load_keys(cfg)
         me = cfg.node(node_id)
         if me is None:
             raise RuntimeError(f"encap: node {node_id!r} is not in [[services.encap.nodes]]")
@@ -89,7 +89,7 @@ class EncapService(Service):
         self.routes = self._route_injector(254)
         self.mapping = self._mapping_table()
         announce = self._announcer() if cfg.announce_interface else None
-        self.dn = DecapNode(self.reactor, cfg, node_id, psk, send=self._udp_send,
+        self.dn = DecapNode(self.reactor, cfg, node_id, keys, send=self._udp_send,
                             tun_write=self._tun_write, mapping=self.mapping,
                             routes=self.routes if self.tun is not None else None,
                             announce=announce, store=self.context.store,

@@ -411,34 +411,104 @@ class PendingResponse:
     nr: bytes
     addr: tuple
     created: float
+    key: bytes = b""             # the key of peer_ident's handshake
+
+
+class KeyRing:
+    """Which key opens a session for which EN id, on the DN side.
+
+    * one pre-shared key for every EN (``psk``: the lab mode -- any holder of the
+      key may use any id and claim any address);
+    * per-EN keys (``ens``: ``{en_id: key}``): the handshake of an id uses that id's
+      key (the id is in the transcript both MACs cover), so a session proves the EN
+      holds *its own* key; ids without a key are refused at HELLO.  Then the DNs
+      also bind addresses to ids: the home DN hands the EN an address *ticket*
+      (:meth:`ticket`, an HMAC under ``ticket_key``, a secret of the DNs only) that
+      the EN shows to the other DNs, which accept its claim to that address only
+      with a valid ticket (:meth:`ticket_ok`).
+
+    ``local(ident)`` gives a key for a DN's own in-process peer (the watchdog's
+    probe), never one of the ENs'."""
+
+    def __init__(self, psk: bytes | None = None, ens: dict[str, bytes] | None = None,
+                 ticket_key: bytes | None = None):
+        if (psk is None) == (ens is None):
+            raise ValueError("a KeyRing has either one psk or per-EN keys")
+        if ens is not None and ticket_key is None:
+            raise ValueError("per-EN keys need the DNs' ticket key")
+        self.psk = psk
+        self.ens = dict(ens) if ens is not None else None
+        self.ticket_key = ticket_key
+        self._local: dict[str, bytes] = {}
+
+    @property
+    def per_en(self) -> bool:
+        return self.ens is not None
+
+    def key_for(self, ident: str) -> bytes | None:
+        if self.ens is None:
+            return self.psk
+        key = self._local.get(ident)
+        return key if key is not None else self.ens.get(ident)
+
+    def local(self, ident: str) -> bytes:
+        if self.ens is None:
+            return self.psk
+        if ident in self.ens:
+            raise ValueError(f"{ident!r} is an EN id of the keys file")
+        return self._local.setdefault(ident, os.urandom(32))
+
+    def ticket(self, en: str, address: str, home: str) -> str | None:
+        """The address ticket of ``en`` for ``address`` from DN ``home`` (hex), or
+        None in the single-key mode."""
+        if self.ticket_key is None:
+            return None
+        msg = b"appliance-encap ticket v1\0" + "\0".join((en, address, home)).encode()
+        return hmac.new(self.ticket_key, msg, sha256).hexdigest()
+
+    def ticket_ok(self, en: str, address: str, home: str, ticket) -> bool:
+        if self.ticket_key is None:
+            return True
+        if not isinstance(ticket, str) or len(ticket) != 64:
+            return False
+        return hmac.compare_digest(ticket, self.ticket(en, address, home))
 
 
 class Responder:
     """The DN side: answers HELLOs, verifies CONFIRMs.  Pending handshakes
     are bounded (oldest evicted) and expire, so a HELLO flood costs memory
-    proportional to ``max_pending`` only."""
+    proportional to ``max_pending`` only.  ``keys``: one pre-shared key (bytes)
+    or a :class:`KeyRing` (per-EN keys: a HELLO from an id without a key is a
+    counted ``unknown_en`` drop, answered with nothing)."""
 
-    def __init__(self, psk: bytes, ident: str, max_pending: int = 1024, timeout_s: float = 5.0):
-        self.psk = psk
+    def __init__(self, keys, ident: str, max_pending: int = 1024, timeout_s: float = 5.0):
+        self.keys = keys if isinstance(keys, KeyRing) else KeyRing(psk=keys)
         self.ident = ident
         self.max_pending = max_pending
         self.timeout_s = timeout_s
         self.pending: dict[int, PendingResponse] = {}
+
+    @property
+    def psk(self) -> bytes | None:
+        return self.keys.psk
 
     def hello(self, h: Hello, addr, now: float, index: int | None = None,
               nonce: bytes | None = None) -> bytes:
         if len(self.pending) >= self.max_pending:
             oldest = min(self.pending.values(), key=lambda p: p.created)
             del self.pending[oldest.index]
+        key = self.keys.key_for(h.ident)
+        if key is None:
+            raise Drop("unknown_en")
         index = index if index is not None else new_index()
         while index in self.pending:
             index = new_index()
         nr = nonce if nonce is not None else new_nonce()
         script = transcript(h.nonce, nr, h.ident, self.ident, h.sender, index)
         self.pending[index] = PendingResponse(index, h.sender, h.ident, script, h.nonce, nr,
-                                              addr, now)
+                                              addr, now, key)
         return Challenge(h.sender, index, nr, self.ident,
-                         handshake_mac(self.psk, b"R", script)).encode()
+                         handshake_mac(key, b"R", script)).encode()
 
     def confirm(self, c: Confirm, addr, now: float) -> tuple[PendingResponse, SessionKeys]:
         p = self.pending.get(c.receiver)
@@ -447,10 +517,10 @@ class Responder:
         if now - p.created > self.timeout_s:
             del self.pending[c.receiver]
             raise Drop("handshake_expired")
-        if not hmac.compare_digest(c.mac, handshake_mac(self.psk, b"I", p.script)):
+        if not hmac.compare_digest(c.mac, handshake_mac(p.key, b"I", p.script)):
             raise Drop("bad_mac")
         del self.pending[c.receiver]
-        k_ir, k_ri = derive_keys(self.psk, p.ni, p.nr, p.script)
+        k_ir, k_ri = derive_keys(p.key, p.ni, p.nr, p.script)
         return p, SessionKeys(k_ri, k_ir, p.peer_index)
 
     def expire(self, now: float) -> int:
@@ -458,6 +528,49 @@ class Responder:
         for i in old:
             del self.pending[i]
         return len(old)
+
+
+def load_en_keys(path: str) -> dict[str, bytes]:
+    """Per-EN keys: a file of ``en-id key`` lines (key: 64+ hex digits; blank lines
+    and ``#`` comments skipped), or a directory with one file per EN named by its
+    id holding its key (as :func:`load_psk` reads it).  Raises ValueError naming the
+    file and line of a mistake."""
+    keys: dict[str, bytes] = {}
+    if os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            full = os.path.join(path, name)
+            if name.startswith(".") or not os.path.isfile(full):
+                continue
+            if not _ident_ok(name):
+                raise ValueError(f"{full}: {name!r} is not an EN id (1-64 printable ASCII)")
+            keys[name] = load_psk(full)
+        return keys
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise ValueError(f"{path}:{n}: expected 'en-id hex-key'")
+            ident, hexkey = parts
+            if not _ident_ok(ident):
+                raise ValueError(f"{path}:{n}: {ident!r} is not an EN id (1-64 printable ASCII)")
+            try:
+                key = bytes.fromhex(hexkey)
+            except ValueError:
+                raise ValueError(f"{path}:{n}: the key of {ident} is not hex") from None
+            if len(key) < 32:
+                raise ValueError(f"{path}:{n}: the key of {ident} has fewer than 32 bytes "
+                                 "(64 hex digits)")
+            if ident in keys:
+                raise ValueError(f"{path}:{n}: {ident} appears twice")
+            keys[ident] = key
+    return keys
+
+
+def _ident_ok(ident: str) -> bool:
+    return 0 < len(ident) <= MAX_ID_LEN and all(33 <= ord(c) < 127 for c in ident)
 
 
 def load_psk(path: str) -> bytes:
