@@ -1,38 +1,53 @@
-"""Encapsulation failover benchmark: the encap service (DN pair + appliance-en) vs the
-thesis's published figures, and tunnel throughput vs OpenVPN, on namespaces.
+"""Encapsulation failover benchmark: the encap service (DN pair + appliance-en) beside
+the BIRD 2 OSPF baseline and the thesis's published figures, and tunnel throughput
+vs OpenVPN, on namespaces.
 
-Topology (tests/support/encap_lab.py): en, dn1, dn2, esr (L2: the DN serving an EN
-address answers ARP for it and announces it with a gratuitous ARP), server behind
-the ESR.  A DN failure is a power loss: SIGKILL of the EN's primary DN and its link
-set down in the same instant, during an ICMP echo stream from the EN to the server
-at a fixed rate; outage = lost echoes x interval (the thesis's "ms of lost packets").
-After each kill the DN is revived and the EN moves back home (soft handoff) and the
-echoes lost to that move are counted too.
+Topology (tests/support/encap_lab.py): en, dn1, dn2, esr, server behind the ESR.
+How the ESR reaches the DN serving an EN (one lab per case and mode):
 
-Cases: ``lan-100pps``/``lan-10pps`` with soft handoff off (the switch on a dead DN
-cannot use the old path anyway), ``soft-lan-100pps`` with it on (the shipped
-default).  EN detection: keepalive 20 ms while data flows (50 ms idle) x dead_after 4
-(shipped defaults).
+* ``appliance``: the appliance's ``esr`` route agent in the esr namespace follows the
+  EN-DN mapping table (a Redis shared by the DNs and the ESR) and installs one route
+  per slice / taken-over EN via its DN, event-driven.
+* ``bird2-ospf`` (the thesis's setup, the baseline): static routes at the ESR to each
+  DN's home subnet; a takeover's /32 kernel route on the DN is learned by BIRD 2
+  there (etc/bird/dn.conf, BIRD's default kernel scan time -- 60 s in BIRD 2, plus
+  its netlink notifications on Linux) and carried by OSPF to BIRD on the ESR
+  (etc/bird/esr.conf: hello 1 s, SPF tick 1 s).  Kills are spaced so that the EN's
+  /32 is gone at the ESR and OSPF's MinLSInterval (5 s) has passed.
+* ``appliance-l2`` (``--routing l2``): no routing protocol: the ESR routes the EN
+  subnets on-link and the DNs answer ARP for their ENs (proxy ARP + gratuitous ARP).
+
+A DN failure is a power loss: SIGKILL of the EN's primary DN and its link set down
+in the same instant, during an ICMP echo stream from the EN to the server at a fixed
+rate; outage = lost echoes x interval (the thesis's "ms of lost packets").  After
+each kill the DN is revived and the EN moves back home and the echoes lost to that
+move are counted too.
+
+Cases: ``lan``/``man``/``wan`` (0 / 10 / 100 ms one-way EN-DN delay) at 100 packets/s
+(and ``lan`` at 10 packets/s), each without (``lan-100pps``) and with soft handoff
+(``soft-lan-100pps``, the shipped default); ``lan-100pps-loss5``/``-loss10``: 5 / 10 %
+random loss each way on the EN's underlay (nft), soft handoff on; the outage is net of
+the background echo loss measured first, and EN switches with both DNs alive are
+counted.  EN detection: keepalive 20 ms while data flows (50 ms idle) x dead_after 4
+(shipped defaults).  ``man``/``wan``: the EN reaches the DNs through a userspace UDP
+relay in its namespace that holds every datagram 10 / 100 ms each way (no netem here).
 Download: a 60 MB HTTP GET (python http.server) from the server; the EN's primary DN
 dies when 40 % has arrived; penalty = median time with the death - median without.
 Throughput: iperf3 TCP (EN -> server, 5 s) and UDP (1200-byte datagrams, offered
 as fast as iperf3 can) through one DN, then the same through OpenVPN 2.6 (UDP,
 AES-256-GCM, one server in dn1, TLS with EC P-256 certificates).
 
-    python bench/encap.py [--quick] [--json] [--kills N] [--only outage,download,throughput]
+    python bench/encap.py [--quick] [--json] [--kills N] [--kills-other N] [--kills-bird N]
+                          [--routing esr,bird,l2] [--cases a,b] [--only outage,download,throughput]
 
-Needs root, iproute2, ping (iputils), iperf3 and openvpn (installed with apt-get if
-missing; a missing anchor is said and skipped).  ``man``/``wan``: the EN reaches the
-DNs through a userspace UDP relay in its namespace that holds every datagram 10 / 100 ms
-each way (no netem here).  ``lan-100pps-loss10``: 10 % random loss each way on
-the EN's underlay (nft), soft handoff on; the outage is net of the background echo loss
-measured first, and EN switches with both DNs alive are counted.  Not measured yet: the
-BIRD 2 OSPF baseline.
+Needs root, iproute2, ping (iputils), redis-server, bird2, iperf3 and openvpn
+(installed with apt-get if missing; a missing anchor is said and skipped).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -139,74 +154,121 @@ while True:
 """
 
 
+#: between kills in the bird rows: OSPF's MinLSInterval (5 s) plus a margin
+BIRD_SETTLE_S = 5.5
+#: routing mode of tests.support.encap_lab -> the system name of its rows
+SYSTEMS = {"esr": "appliance", "l2": "appliance-l2", "bird": "bird2-ospf"}
+ROUTING_NOTE = {
+    "esr": "ESR routes by the esr agent (mapping table on a shared Redis)",
+    "l2": "ESR on-link, DNs answer ARP + gratuitous ARP (L2 announce mode)",
+    "bird": "DN /32 kernel route -> BIRD 2 -> OSPF -> BIRD on the ESR (etc/bird, default "
+            "kernel scan time: BIRD 2's 60 s scan plus netlink notifications; OSPF hello 1 s, "
+            "ESR tick 1 s)",
+}
+
+
+def wait_ping(lab, timeout: float = 30.0) -> None:
+    """Until one echo comes back through the tunnel (the ESR's route is in)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if lab.run("en", "ping", "-n", "-c", "1", "-W", "1", SERVER,
+                   check=False).returncode == 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"no echo through the tunnel within {timeout} s")
+
+
 def outage_case(case: str, pps: int, soft: bool, kills: int, work: Path,
-                delay_ms: float = 0.0, loss_pct: int = 0) -> list[dict]:
+                delay_ms: float = 0.0, loss_pct: int = 0, routing: str = "esr") -> list[dict]:
     from tests.support.encap_lab import EncapLab
     from tests.support.netns import Lab
-    interval = 1.0 / pps
     rows: list[dict] = []
-    outages, moveback = [], []
+    outages, moveback, info = [], [], {}
+    system = SYSTEMS[routing]
     with Lab() as lab:
         endpoints = None
         if delay_ms:
             # the EN reaches the DNs through a userspace relay holding every datagram
             # delay_ms in each direction (this kernel has no netem)
             endpoints = {"dn1": ("127.0.0.1", 17401), "dn2": ("127.0.0.1", 17402)}
-        el = EncapLab(lab, work / case, soft_handoff=soft, dn_endpoints=endpoints).build()
-        if delay_ms:
-            relay = lab.popen("en", sys.executable, "-c", RELAY, str(delay_ms / 1000.0),
-                              "17401=10.99.0.1", "17402=10.99.0.2")
-            relay.stdout.readline()
-        el.start_dn("dn1")
-        el.start_dn("dn2")
-        el.start_en()
-        el.wait_en(lambda s: s.get("configured") and s.get("confirmed"))
-        lab.run("en", "ping", "-c", "2", "-W", "2", SERVER, check=False)
-        background, spurious = 0.0, None
-        if loss_pct:
-            # random loss on the underlay, both ways, EN <-> each DN (nft numgen)
-            for addr in ("10.99.0.1", "10.99.0.2"):
-                lab.drop_between("en", addr, percent=loss_pct)
-            before = el.en_status()["stats"]["failovers"]
-            sent, received = ping_loss(lab, 10 * pps, interval)
-            background = (sent - received) / sent
-            spurious = el.en_status()["stats"]["failovers"] - before
-            log(f"{case}: background echo loss {background:.1%}, {spurious} EN switches in 10 s")
-        for k in range(kills):
-            st = el.en_status()
-            primary = st["primary"]
-            other = "dn2" if primary == "dn1" else "dn1"
-            after = 1.5 if pps >= 100 else 2.5      # long enough for the switch
-            count = int((1.0 + after) * pps)
-            sent, received = ping_loss(lab, count, interval, lambda: el.kill_dn(primary))
-            # with background loss, only what exceeds it is the failure's
-            outages.append(max(0.0, (sent - received) - background * sent) * interval * 1000)
-            el.wait_en(lambda s: s.get("primary") == other and s.get("confirmed"), timeout=15)
-            # revive the dead DN during another stream: the EN moves back home
-            count = int(4.0 * pps)
-            sent, received = ping_loss(lab, count, interval, lambda: el.revive_dn(primary))
-            el.wait_en(lambda s: s.get("primary") == primary and s.get("confirmed"), timeout=20)
-            moveback.append(max(0, round((sent - received) - background * sent)))
-            log(f"{case} kill {k + 1}/{kills}: outage {outages[-1]:.0f} ms, "
-                f"move back lost {moveback[-1]}")
+        el = EncapLab(lab, work / f"{system}-{case}", soft_handoff=soft, dn_endpoints=endpoints,
+                      routing=routing).build()
+        try:
+            _outage_runs(lab, el, pps, kills, delay_ms, loss_pct, f"{system} {case}",
+                         routing, outages, moveback, info)
+        finally:
+            el.close()
+    background, spurious = info.get("background", 0.0), info.get("spurious")
     for metric, p in (("outage_ms_p50", 50), ("outage_ms_p95", 95)):
-        rows.append({"system": "appliance", "case": case, "metric": metric,
+        rows.append({"system": system, "case": case, "metric": metric,
                      "value": percentile(outages, p), "unit": "ms",
                      "note": f"{kills} kills; soft_handoff={'on' if soft else 'off'}; "
+                             f"{ROUTING_NOTE[routing]}; "
                              "EN keepalive 20 ms while active (50 ms idle) x 4"
                              + (f"; {delay_ms:g} ms one-way EN-DN (relay)" if delay_ms else "")
                              + (f"; {loss_pct}% underlay loss each way, outage net of the "
                                 f"{background:.1%} background echo loss" if loss_pct else "")})
-    rows.append({"system": "appliance", "case": case, "metric": "outage_ms_max",
+    rows.append({"system": system, "case": case, "metric": "outage_ms_max",
                  "value": max(outages) if outages else None, "unit": "ms", "note": ""})
     if spurious is not None:
-        rows.append({"system": "appliance", "case": case, "metric": "spurious_switches_per_10s",
+        rows.append({"system": system, "case": case, "metric": "spurious_switches_per_10s",
                      "value": spurious, "unit": "switches",
                      "note": "EN primary changes with both DNs alive (soft handoff hides them)"})
-    rows.append({"system": "appliance", "case": case, "metric": "moveback_lost_packets_max",
+    rows.append({"system": system, "case": case, "metric": "moveback_lost_packets_max",
                  "value": max(moveback) if moveback else None, "unit": "packets",
                  "note": "echoes lost when the EN moves back to its revived home DN"})
     return rows
+
+
+def _outage_runs(lab, el, pps, kills, delay_ms, loss_pct, case, routing, outages, moveback,
+                 info) -> None:
+    """The kills of one case: fills ``outages`` (ms), ``moveback`` (echoes) and ``info``."""
+    interval = 1.0 / pps
+    el.start_routing()
+    if delay_ms:
+        relay = lab.popen("en", sys.executable, "-c", RELAY, str(delay_ms / 1000.0),
+                          "17401=10.99.0.1", "17402=10.99.0.2")
+        relay.stdout.readline()
+    el.start_dn("dn1")
+    el.start_dn("dn2")
+    el.start_en()
+    el.wait_en(lambda s: s.get("configured") and s.get("confirmed"))
+    wait_ping(lab)
+    background, spurious = 0.0, None
+    if loss_pct:
+        # random loss on the underlay, both ways, EN <-> each DN (nft numgen)
+        for addr in ("10.99.0.1", "10.99.0.2"):
+            lab.drop_between("en", addr, percent=loss_pct)
+        before = el.en_status()["stats"]["failovers"]
+        sent, received = ping_loss(lab, 10 * pps, interval)
+        background = (sent - received) / sent
+        spurious = el.en_status()["stats"]["failovers"] - before
+        log(f"{case}: background echo loss {background:.1%}, {spurious} EN switches in 10 s")
+    info.update(background=background, spurious=spurious)
+    for k in range(kills):
+        st = el.en_status()
+        primary = st["primary"]
+        other = "dn2" if primary == "dn1" else "dn1"
+        after = 1.5 if pps >= 100 else 2.5      # long enough for the switch
+        count = int((1.0 + after) * pps)
+        sent, received = ping_loss(lab, count, interval, lambda: el.kill_dn(primary))
+        # with background loss, only what exceeds it is the failure's
+        outages.append(max(0.0, (sent - received) - background * sent) * interval * 1000)
+        el.wait_en(lambda s: s.get("primary") == other and s.get("confirmed"), timeout=15)
+        # revive the dead DN during another stream: the EN moves back home
+        count = int(4.0 * pps)
+        sent, received = ping_loss(lab, count, interval, lambda: el.revive_dn(primary))
+        el.wait_en(lambda s: s.get("primary") == primary and s.get("confirmed"), timeout=20)
+        moveback.append(max(0, round((sent - received) - background * sent)))
+        log(f"{case} kill {k + 1}/{kills}: outage {outages[-1]:.0f} ms, "
+            f"move back lost {moveback[-1]}")
+        if routing != "l2":
+            # steady state before the next kill: the takeover's route is gone at the ESR
+            waited = el.wait_esr_home(el.en_status()["address"], primary)
+            if routing == "bird":
+                # and BIRD may originate the EN's /32 again at once (OSPF MinLSInterval:
+                # one origination of an LSA per 5 s)
+                time.sleep(max(0.0, BIRD_SETTLE_S - waited))
 
 
 DOWNLOADER = r"""
@@ -239,8 +301,11 @@ def download_case(trials: int, work: Path) -> list[dict]:
     from tests.support.netns import Lab
     size = 60 * 1024 * 1024
     base, killed, stall = [], [], []
-    with Lab() as lab:
-        el = EncapLab(lab, work / "download").build()
+    closers: list = []
+    with Lab() as lab, _closing(closers):
+        el = EncapLab(lab, work / "download", routing="esr").build()
+        closers.append(el.close)
+        el.start_routing()
         www = work / "download" / "www"
         www.mkdir(parents=True, exist_ok=True)
         with open(www / "blob", "wb") as f:
@@ -251,7 +316,7 @@ def download_case(trials: int, work: Path) -> list[dict]:
         el.start_dn("dn2")
         el.start_en()
         el.wait_en(lambda s: s.get("configured") and s.get("confirmed"))
-        time.sleep(0.5)
+        wait_ping(lab)
 
         def fetch(kill: bool) -> float | None:
             mark = work / "download" / "mark"
@@ -311,6 +376,16 @@ def download_case(trials: int, work: Path) -> list[dict]:
              "value": 1.2, "unit": "s", "note": "HTTP download, +1.2 to 2.7 s per DN failure"},
             {"system": "thesis", "case": "download-60MB", "metric": "penalty_s_published_high",
              "value": 2.7, "unit": "s", "note": ""}]
+
+
+@contextlib.contextmanager
+def _closing(closers: list):
+    """Calls what ``closers`` holds on the way out (what lives outside the lab)."""
+    try:
+        yield
+    finally:
+        for close in closers:
+            close()
 
 
 def iperf(lab, seconds: float, rounds: int = 2) -> dict:
@@ -398,12 +473,16 @@ def throughput(seconds: float, work: Path) -> list[dict]:
     if not ensure("iperf3", "iperf3"):
         log("iperf3 missing and not installable: throughput skipped")
         return rows
-    with Lab() as lab:
-        el = EncapLab(lab, work / "throughput").build()
+    closers: list = []
+    with Lab() as lab, _closing(closers):
+        el = EncapLab(lab, work / "throughput", routing="esr").build()
+        closers.append(el.close)
+        el.start_routing()
         el.start_dn("dn1")
         el.start_dn("dn2")
         el.start_en()
         el.wait_en(lambda s: s.get("configured") and s.get("confirmed"))
+        wait_ping(lab)
         r = iperf(lab, seconds)
         for metric, unit in (("pps", "packets/s"), ("mbit_per_s", "Mbit/s")):
             rows.append({"system": "appliance", "case": "throughput", "metric": metric,
@@ -470,11 +549,42 @@ verb 3
     return rows
 
 
+#: (case, packets/s, soft handoff, one-way delay ms, loss %, headline): every delay with
+#: and without soft handoff, loss 0/5/10 % (soft handoff on, the shipped default)
+CASES = [
+    ("lan-100pps", 100, False, 0, 0, True),
+    ("soft-lan-100pps", 100, True, 0, 0, True),
+    ("lan-10pps", 10, False, 0, 0, False),
+    ("soft-lan-10pps", 10, True, 0, 0, False),
+    ("man-100pps", 100, False, 10, 0, False),
+    ("soft-man-100pps", 100, True, 10, 0, False),
+    ("wan-100pps", 100, False, 100, 0, False),
+    ("soft-wan-100pps", 100, True, 100, 0, False),
+    ("lan-100pps-loss5", 100, True, 0, 5, False),
+    ("lan-100pps-loss10", 100, True, 0, 10, False),
+]
+#: the cases of the BIRD 2 OSPF baseline (its outage does not depend on the EN side)
+BIRD_CASES = ("lan-100pps", "lan-10pps", "soft-lan-100pps", "man-100pps", "wan-100pps")
+#: the cases of the L2 announce mode (no routing protocol: ARP)
+L2_CASES = ("lan-100pps", "soft-lan-100pps")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="2 kills per case, 3 s iperf runs")
     p.add_argument("--json", action="store_true", help="print the JSON result last on stdout")
-    p.add_argument("--kills", type=int, default=None, help="kills per case (default 10; quick 2)")
+    p.add_argument("--kills", type=int, default=None,
+                   help="kills per headline case (lan-100pps, soft-lan-100pps; default 10; "
+                        "quick 2)")
+    p.add_argument("--kills-other", type=int, default=None,
+                   help="kills per other case (default: --kills, at most 5)")
+    p.add_argument("--kills-bird", type=int, default=None,
+                   help="kills per bird2-ospf case (default: --kills, at most 10; each kill "
+                        "waits out OSPF's 5 s MinLSInterval)")
+    p.add_argument("--routing", default="esr,bird",
+                   help="ESR routing modes to measure: esr (the appliance's agent: system "
+                        "appliance), bird (bird2-ospf), l2 (appliance-l2)")
+    p.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
     p.add_argument("--seconds", type=float, default=None, help="iperf3 seconds (default 5)")
     p.add_argument("--only", default="outage,download,throughput")
     args = p.parse_args()
@@ -482,24 +592,38 @@ def main() -> int:
         print("bench/encap.py needs root (network namespaces, TUN)", file=sys.stderr)
         return 2
     kills = args.kills or (2 if args.quick else 10)
+    kills_other = args.kills_other or min(kills, 5)
+    kills_bird = args.kills_bird or min(kills, 10)
     seconds = args.seconds or (3 if args.quick else 5)
     only = set(args.only.split(","))
+    routings = [r for r in args.routing.split(",") if r]
+    wanted = set(args.cases.split(",")) if args.cases else None
+    if "bird" in routings and not (shutil.which("bird") or ensure("bird", "bird2")):
+        log("bird missing and not installable: the bird2-ospf rows are skipped")
+        routings.remove("bird")
     work = Path(tempfile.mkdtemp(prefix="bench-encap-"))
     rows: list[dict] = []
+    started = time.monotonic()
     try:
         if "outage" in only:
-            rows += outage_case("lan-100pps", 100, False, kills, work)
-            rows += outage_case("lan-10pps", 10, False, kills, work)
-            rows += outage_case("soft-lan-100pps", 100, True, kills, work)
-            rows += outage_case("man-100pps", 100, False, kills, work, delay_ms=10)
-            rows += outage_case("wan-100pps", 100, False, kills, work, delay_ms=100)
-            rows += outage_case("lan-100pps-loss10", 100, True, kills, work, loss_pct=10)
+            for case, pps, soft, delay, loss, headline in CASES:
+                if wanted is not None and case not in wanted:
+                    continue
+                for routing in routings:
+                    if (routing == "bird" and case not in BIRD_CASES) or \
+                            (routing == "l2" and case not in L2_CASES):
+                        continue
+                    n = kills_bird if routing == "bird" else (kills if headline else kills_other)
+                    rows += outage_case(case, pps, soft, n, work, delay_ms=delay,
+                                        loss_pct=loss, routing=routing)
+                    log(f"[{(time.monotonic() - started) / 60:.1f} min]")
         if "download" in only:
             rows += download_case(1 if args.quick else 3, work)
         if "throughput" in only:
             rows += throughput(seconds, work)
         rows += THESIS
-        log(f"load average at the end: {os.getloadavg()[0]:.2f} (2 vCPUs shared)")
+        log(f"load average at the end: {os.getloadavg()[0]:.2f} (2 vCPUs shared); "
+            f"{(time.monotonic() - started) / 60:.1f} min")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return report("encap", rows, args.json, extra=("note",))

@@ -7,12 +7,25 @@
     dn2 10.99.0.2 ---+
 
 The DNs run ``twistd -n appliance`` with the ``encap`` service (TUN ``encap0``,
-subnets 10.200.0.0/24 and 10.200.1.0/24, each the other's secondary), the L2
-announce mode (proxy ARP + gratuitous ARP on eth0) and the source rule to the
-ESR (they have no default route).  The ESR routes 10.200.0.0/16 on-link on
-eth0, so the DN answering ARP for an EN address (the one with a route to it)
-gets its traffic.  The EN runs ``appliance-en`` with 10.210.0.0/24 through
-the tunnel.  Everything is in namespaces of a :class:`tests.support.netns.Lab`.
+subnets 10.200.0.0/24 and 10.200.1.0/24, each the other's secondary) and the
+source rule to the ESR (they have no default route).  How the ESR finds the DN
+serving an EN (``routing``):
+
+* ``"l2"`` (default): the L2 announce mode (proxy ARP + gratuitous ARP on eth0);
+  the ESR routes 10.200.0.0/16 on-link on eth0, so the DN answering ARP for an
+  EN address (the one with a route to it) gets its traffic.
+* ``"esr"``: the DNs and the ESR share one Redis (a unix socket: a file, so it
+  works across namespaces) holding the EN-DN mapping table; a ``twistd -n
+  appliance`` node with the ``esr`` service in the esr namespace installs one
+  route per slice / taken-over EN via its DN (:meth:`start_esr`).
+* ``"bird"``: the thesis's setup: the ESR has static routes to each DN's home
+  subnet; a takeover's /32 kernel route (proto 228) on the DN is learned by
+  BIRD 2 there and carried by OSPF to BIRD on the ESR (etc/bird/*.conf, BIRD's
+  default kernel scan time; :meth:`start_bird`).
+
+The EN runs ``appliance-en`` with 10.210.0.0/24 through the tunnel.
+Everything is in namespaces of a :class:`tests.support.netns.Lab`; call
+:meth:`close` after the lab (it stops what lives outside it: Redis).
 """
 
 from __future__ import annotations
@@ -36,12 +49,18 @@ class EncapLab:
     def __init__(self, lab, workdir: Path, *, keepalive_ms: int = 50, dead_after: int = 4,
                  soft_handoff: bool = True, announce: bool = True, cluster: bool = False,
                  active_keepalive_ms: int | None = None,
-                 dn_endpoints: dict[str, tuple[str, int]] | None = None):
+                 dn_endpoints: dict[str, tuple[str, int]] | None = None,
+                 routing: str = "l2"):
+        if routing not in ("l2", "esr", "bird"):
+            raise ValueError("routing is l2, esr or bird")
         self.lab = lab
+        self.routing = routing
+        self.redis = None
+        self.birds: list = []
         self.wd = Path(workdir)
         self.keepalive_ms, self.dead_after = keepalive_ms, dead_after
         self.soft_handoff = soft_handoff
-        self.announce = announce
+        self.announce = announce and routing == "l2"
         self.cluster = cluster            # dn1 and dn2 as [cluster] peers (slice resources)
         self.active_keepalive_ms = active_keepalive_ms   # None: the EN's default
         #: where the EN sends to reach each DN (default: the DN itself, port 7400)
@@ -76,7 +95,18 @@ class EncapLab:
         lab.host("ip", "-n", server, "addr", "add", SERVER + "/24", "dev", "eth0")
         lab.host("ip", "-n", server, "link", "set", "eth0", "up")
         lab.host("ip", "-n", server, "route", "add", "default", "via", "10.210.0.1")
-        lab.host("ip", "-n", esr, "route", "add", "10.200.0.0/16", "dev", "eth0")
+        if self.routing == "l2":
+            lab.host("ip", "-n", esr, "route", "add", "10.200.0.0/16", "dev", "eth0")
+        elif self.routing == "bird":
+            for name in ("dn1", "dn2"):      # home subnets: the operator's static routes
+                lab.host("ip", "-n", esr, "route", "add", SUBNET[name], "via", DN_ADDR[name])
+        else:
+            from tests.support.redis_server import RedisServer
+            self.redis_sock = self.wd / "redis.sock"
+            self.redis = RedisServer(
+                extra_config=f"unixsocket {self.redis_sock}\nunixsocketperm 700",
+                persistence="none").start()
+            self._esr_config()
         for name in ("dn1", "dn2"):
             self._dn_config(name)
         self._en_config()
@@ -105,10 +135,7 @@ auth_key_file = "{key}"
 id = "{name}"
 state_dir = "{d}/state"
 
-[store]
-backend = "memory"
-fsync = "never"
-
+{self._store_config()}
 [admin]
 listen = "tcp:8740:interface=127.0.0.1"
 token_file = "{d}/state/admin.token"
@@ -132,6 +159,91 @@ id = "{other}"
 subnet = "{SUBNET[other]}"
 secondaries = ["{name}"]
 """)
+
+    def _store_config(self) -> str:
+        if self.routing == "esr":
+            return (f'[store]\nbackend = "redis"\nurl = "unix://{self.redis_sock}"\n'
+                    f'namespace = "encaplab"\n')
+        return '[store]\nbackend = "memory"\nfsync = "never"\n'
+
+    def _esr_config(self) -> None:
+        d = self.wd / "esr"
+        d.mkdir(exist_ok=True)
+        (d / "node.toml").write_text(f"""
+[node]
+id = "esr"
+state_dir = "{d}/state"
+
+{self._store_config()}
+[admin]
+listen = "tcp:8740:interface=127.0.0.1"
+token_file = "{d}/state/admin.token"
+
+[services.esr]
+next_hops = {{ dn1 = "{DN_ADDR['dn1']}", dn2 = "{DN_ADDR['dn2']}" }}
+""")
+
+    def start_esr(self, timeout: float = 30.0) -> subprocess.Popen:
+        """routing "esr": the route agent node in the esr namespace."""
+        d = self.wd / "esr"
+        log = open(d / "twistd.log", "a")
+        proc = self.lab.popen("esr", *twistd_command(), "-c", str(d / "node.toml"),
+                              cwd=str(d), env=env_with_dropins(), stdout=log,
+                              stderr=subprocess.STDOUT)
+        self.procs["esr"] = proc
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"esr exited {proc.returncode}:\n{self.log('esr')}")
+            if "esr: following the mapping table" in self.log("esr"):
+                return proc
+            time.sleep(0.1)
+        raise RuntimeError(f"esr did not start within {timeout}s:\n{self.log('esr')}")
+
+    def start_bird(self) -> None:
+        """routing "bird": BIRD 2 on dn1, dn2 and the ESR (etc/bird configs, BIRD's
+        default kernel scan time), waited for until the OSPF adjacencies are Full."""
+        from bench.encap_bird import start_birds
+        d = self.wd / "bird"
+        d.mkdir(exist_ok=True)
+        self.birds = start_birds(self.lab, self.lab.ns_name("esr"),
+                                 [self.lab.ns_name("dn1"), self.lab.ns_name("dn2")], d)
+
+    def start_routing(self) -> None:
+        """What the routing mode needs besides the DNs (before them)."""
+        if self.routing == "esr":
+            self.start_esr()
+        elif self.routing == "bird":
+            self.start_bird()
+
+    def esr_next_hop(self, address: str) -> str | None:
+        """The gateway the ESR's kernel uses towards ``address`` now (None: on-link or
+        unreachable)."""
+        out = self.lab.run("esr", "ip", "-j", "route", "get", address, check=False)
+        try:
+            return json.loads(out.stdout)[0].get("gateway")
+        except (ValueError, IndexError, AttributeError):
+            return None
+
+    def wait_esr_home(self, address: str, home: str, timeout: float = 60.0) -> float:
+        """Until the ESR routes ``address`` via its ``home`` DN again (routing "esr" or
+        "bird": a takeover's route is withdrawn); seconds waited."""
+        t0 = time.monotonic()
+        while self.esr_next_hop(address) != DN_ADDR[home]:
+            if time.monotonic() - t0 > timeout:
+                raise AssertionError(f"the ESR still routes {address} via "
+                                     f"{self.esr_next_hop(address)} after {timeout} s")
+            time.sleep(0.05)
+        return time.monotonic() - t0
+
+    def close(self) -> None:
+        """After the lab's own close (or before: stops BIRD and Redis)."""
+        for b in self.birds:
+            b.stop()
+        self.birds = []
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
 
     def _en_config(self) -> None:
         (self.wd / "en.toml").write_text(f"""
