@@ -676,18 +676,49 @@ class DNSService(Service):
                 "guard": guard.show() if guard else None,
                 "blocked_by": blocked.show() if blocked else None,
             })
+        now = self._wall()
         return {"node": self.node, "role": self.role, "cluster_id": self.cluster_id,
                 "servers": [show_server(s) for s in self.config.servers],
                 "key": self.config.key.name if self.config.key else None,
+                # the operator's summary (issue 13 deliver 5): what /metrics also shows
+                "out_of_sync": sum(1 for r in rows if r["role"] == "owner" and not r["in_sync"]),
+                "guard_blocked": sum(1 for r in rows if r["blocked_by"]),
                 "zones": {z.to_text(): {
                     "servers": [show_server(x) for x in
                                 getattr(self.updater.client_for(z), "servers", ())],
-                    "key": self.updater.key_name_for(z)} for z in self.config.zones},
+                    "key": self.updater.key_name_for(z),
+                    "last_success_s_ago": (
+                        round(now - self.last_success[z.to_text()], 1)
+                        if z.to_text() in self.last_success else None),
+                    "error": self.errors.get(z.to_text())} for z in self.config.zones},
+                "ddns": self._ddns_summary(),
                 "last_reconcile_s_ago": (None if self.last_reconcile is None else
                                          round(self.reactor.seconds() - self.last_reconcile, 3)),
                 "secondaries": {z: {srv: dict(st) for srv, st in v.items()}
                                 for z, v in self.secondaries.items()},
                 "errors": dict(self.errors), "stats": dict(self.stats), "records": rows}
+
+    def _ddns_summary(self) -> dict[str, Any] | None:
+        """DDNS results by operation and result, and the mean time of an operation
+        (from the service's own counters; ``appliance_dns_ddns_*`` in /metrics)."""
+        if self.ddns is None:
+            return None
+        results: dict[str, int] = {}
+        latency: dict[str, dict[str, float]] = {}
+        for family in self.metrics.own.collect():
+            for sample in family.samples:
+                labels = sample.labels
+                if sample.name == "appliance_dns_ddns_total":
+                    results[f"{labels['op']} {labels['result']}"] = int(sample.value)
+                elif sample.name == "appliance_dns_ddns_latency_seconds_sum":
+                    latency.setdefault(labels["op"], {})["sum"] = sample.value
+                elif sample.name == "appliance_dns_ddns_latency_seconds_count":
+                    latency.setdefault(labels["op"], {})["count"] = sample.value
+        return {"domains": [d.to_text() for d in self.ddns.domains],
+                "reverse_zones": [z.to_text() for z in self.ddns.reverse_domains],
+                "results": dict(sorted(results.items())),
+                "latency_ms_mean": {op: round(v["sum"] / v["count"] * 1000, 2)
+                                    for op, v in sorted(latency.items()) if v.get("count")}}
 
     async def _sync(self) -> dict[str, Any]:
         running = self._reconciling

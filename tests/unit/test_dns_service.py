@@ -393,3 +393,63 @@ def test_failed_reads_are_counted_and_a_failed_guard_refresh_is_warned():
     assert any(e.get("log_level").name == "warn" and e.get("res") == "vip1"
                and "guards" in e.get("log_format", "") for e in events)
     service.stopService()
+
+
+def test_operator_view_in_records_and_metrics():
+    """Issue 13 deliver 5: dns.records (appliancectl records) and /metrics show the
+    records out of sync, each zone's last success and error, guard-blocked records, and
+    DDNS results and latency.  A failing server first: out of sync, zone error; then
+    success: in sync, last success; a DDNS bind: counted, its latency in the histogram
+    and in the summary.  (Old code: dns.records had no summary, no last success per
+    zone and no DDNS part.)"""
+    from appliance.admin.ctl import render
+    from services.dns.config import DDNSConfig
+    clock = Clock()
+    config = DNSConfig(servers=(("127.0.0.1", 53),), key=None, key_file=None, zones=(EX, OT),
+                       default_ttl=5, records=(rec("a.example.test.", "A", "10.0.0.1"),),
+                       reconcile_interval_s=30, timeout_s=0.5, retry_initial_s=0.1,
+                       retry_max_s=1.0, ddns=DDNSConfig(forward_zone=OT, reverse_zone=None))
+    cluster = FakeCluster()
+    registry = CollectorRegistry()
+    wall = [1000.0]
+    context = NodeContext(reactor=clock, config=SimpleNamespace(node=SimpleNamespace(id="a")),
+                          store=None, rpc=MethodRegistry(), metrics=registry,
+                          cluster=cluster, state_dir=Path("."))
+    context.wall = lambda: wall[0]
+    client = FakeClient()
+    service = DNSService(config, context, rng=lambda: 0.5, client=client)
+    service.startService()
+    clock.advance(0)
+    client.fail_next = 1
+    cluster.listeners["vip1"]("vip1", "owner", 1)
+    clock.advance(0)
+    view = service.records()
+    assert view["out_of_sync"] == 1 and view["guard_blocked"] == 0
+    assert view["zones"]["example.test."]["error"] and \
+        view["zones"]["example.test."]["last_success_s_ago"] is None
+    assert registry.get_sample_value("appliance_dns_records_out_of_sync") == 1
+    assert registry.get_sample_value("appliance_dns_zone_error", {"zone": "example.test."}) == 1
+    clock.advance(0.1)                  # the retry succeeds
+    wall[0] += 2.5
+    view = service.records()
+    assert view["out_of_sync"] == 0 and view["zones"]["example.test."]["error"] is None
+    assert view["zones"]["example.test."]["last_success_s_ago"] == 2.5
+    assert registry.get_sample_value("appliance_dns_zone_error", {"zone": "example.test."}) == 0
+    assert registry.get_sample_value("appliance_dns_zone_last_success_timestamp_seconds",
+                                     {"zone": "example.test."}) == 1000.0
+    done = []
+    d = service.ddns.lease_bound("pc1.other.test.", "10.0.0.9", b"\x01\x02\x03\x04\x05\x06\x07",
+                                 60)
+    d.addBoth(done.append)
+    clock.advance(0)
+    assert done and isinstance(done[0], dict), done
+    ddns = service.records()["ddns"]
+    assert ddns["results"] == {"bind ok": 1} and "bind" in ddns["latency_ms_mean"]
+    assert registry.get_sample_value("appliance_dns_ddns_total",
+                                     {"op": "bind", "result": "ok"}) == 1
+    assert registry.get_sample_value("appliance_dns_ddns_latency_seconds_count",
+                                     {"op": "bind"}) == 1
+    text = render(service.records())
+    for word in ("out_of_sync", "guard_blocked", "LAST_SUCCESS_S_AGO", "ddns.results"):
+        assert word in text, text
+    service.stopService()
