@@ -42,6 +42,9 @@ USER_PREFIX = "sip:user:"
 MTIME_PREFIX = "sip:mtime:"
 
 
+_encode = json.JSONEncoder(separators=(",", ":")).encode     # one encoder, not one per call
+
+
 def _version(prev, now: float) -> float:
     """The next version of an AOR: now, but always above the previous one."""
     try:
@@ -112,8 +115,7 @@ class Location:
             ops.append(Op.hdel(key, gone + stale))
             ops.append(Op.zrem(EXPIRY, [f"{aor} {u}" for u in gone + stale]))
         if decision.added:
-            ops.append(Op.hset(key, {b.uri: json.dumps(b.to_record(), separators=(",", ":"))
-                                     for b in decision.added}))
+            ops.append(Op.hset(key, {b.uri: _encode(b.to_record()) for b in decision.added}))
             ops.append(Op.zadd(EXPIRY, {f"{aor} {b.uri}": b.expires for b in decision.added}))
             if not known:
                 ops.append(Op.set(USER_PREFIX + aor, "1"))
@@ -125,7 +127,10 @@ class Location:
         if self.immediate:
             try:
                 raw = self.store.hgetall_now(AOR_PREFIX + aor)
-                bindings, known = self._read_now(aor)
+                now = self.now()
+                bindings = {u: b for u, b in _decode(aor, raw).items() if b.expires > now} \
+                    if raw else {}
+                known = bool(raw) or self.store.get_now(USER_PREFIX + aor) is not None
                 decision = decide(bindings)
                 if decision.bindings is None or not (decision.changes or len(raw) > len(bindings)):
                     return defer.succeed(decision)

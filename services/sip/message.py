@@ -100,6 +100,9 @@ def canonical_name(name: str) -> str:
 
 def split_list(value: str) -> list[str]:
     """Split on commas outside quoted strings and ``<...>``; strip each part."""
+    if "," not in value:                  # the common case: one value, no scan
+        value = value.strip()
+        return [value] if value else []
     parts: list[str] = []
     depth = 0
     quoted = False
@@ -144,6 +147,8 @@ def _params(text: str) -> dict[str, str | None]:
 
 
 def _split_outside_quotes(text: str, sep: str) -> list[str]:
+    if '"' not in text:                   # nothing quoted: a plain split
+        return text.split(sep)
     parts, start, quoted, escape = [], 0, False, False
     for i, ch in enumerate(text):
         if escape:
@@ -186,13 +191,18 @@ class Via:
 
 _VIA = re.compile(r"^\s*(SIP\s*/\s*2\.0\s*/\s*[A-Za-z0-9\-.!%*_+`'~]+)\s+([^;\s]+)\s*(;.*)?$",
                   re.IGNORECASE)
+_SPACES = re.compile(r"\s+")
+_HOST = re.compile(r"^[A-Za-z0-9.\-\[\]:_]+$")
+_LINE_END = re.compile(r"\r?\n")
 
 
 def parse_via(value: str) -> Via:
     m = _VIA.match(value)
     if not m:
         raise ValueError("bad Via")
-    protocol = re.sub(r"\s+", "", m.group(1)).upper()
+    protocol = m.group(1)
+    if not protocol.isupper() or not protocol.isprintable() or " " in protocol:
+        protocol = _SPACES.sub("", protocol).upper()
     host, port = _host_port(m.group(2))
     params = _params(m.group(3) or "")
     return Via(protocol, host, port, params)
@@ -210,7 +220,7 @@ def _host_port(text: str) -> tuple[str, int | None]:
     else:
         host, _, port_text = text.partition(":")
         port_text = port_text if ":" in text else None
-    if not host or not re.match(r"^[A-Za-z0-9.\-\[\]:_]+$", host):
+    if not host or not _HOST.match(host):
         raise ValueError("bad host")
     port = None
     if port_text is not None:
@@ -270,6 +280,8 @@ def parse_name_addr(value: str) -> NameAddr:
 
 
 def _find_unquoted(text: str, ch: str) -> int:
+    if '"' not in text:
+        return text.find(ch)
     quoted, escape = False, False
     for i, c in enumerate(text):
         if escape:
@@ -356,6 +368,25 @@ class Message:
             self.__dict__["_vias"] = cached
         return cached[1]
 
+    def _name_addr(self, name: str) -> NameAddr:
+        """``name``'s (From, To) value parsed, cached while the value stays the same."""
+        values = self._by_name().get(name)
+        raw = values[0] if values else ""
+        slot = "_na_" + name
+        cached = self.__dict__.get(slot)
+        if cached is None or cached[0] != raw:
+            cached = (raw, parse_name_addr(raw))
+            self.__dict__[slot] = cached
+        return cached[1]
+
+    @property
+    def from_addr(self) -> NameAddr:
+        return self._name_addr("From")
+
+    @property
+    def to_addr(self) -> NameAddr:
+        return self._name_addr("To")
+
     @property
     def top_via(self) -> Via:
         vias = self.vias
@@ -389,6 +420,9 @@ def response_for(request: Message, code: int, reason: str | None = None, *,
     """A response copying Via, From, To (adding ``to_tag`` if it has none),
     Call-ID and CSeq from ``request`` (RFC 3261 §8.2.6.2)."""
     resp = Message(code=code, reason=reason or REASONS.get(code, "Unknown"))
+    vias = request.__dict__.get("_vias")
+    if vias is not None:
+        resp.__dict__["_vias"] = vias     # the same Via values: their parsed form too
     for name, value in request.headers:
         if name in ("Via", "From", "Call-ID", "CSeq"):
             resp.headers.append((name, value))
@@ -442,7 +476,7 @@ def _parse(data: bytes, stream: bool) -> Message:
     else:
         head, body = parts
     text = _decode(head)
-    raw_lines = re.split(r"\r?\n", text)
+    raw_lines = _LINE_END.split(text)
     start = raw_lines[0]
     msg = Message()
     bits = start.split(" ", 2)
@@ -454,7 +488,9 @@ def _parse(data: bytes, stream: bool) -> Message:
     elif len(bits) == 3 and bits[2] == "SIP/2.0":
         if not _TOKEN.match(bits[0]):
             raise Malformed("bad method")
-        if ":" not in bits[1] or any(c.isspace() for c in bits[1]):
+        uri = bits[1]
+        if ":" not in uri or " " in uri or (not uri.isprintable()
+                                            and any(c.isspace() for c in uri)):
             raise Malformed("bad Request-URI")
         msg.method, msg.uri = bits[0].upper(), bits[1]
     elif len(bits) == 3 and (bits[2].startswith("SIP/") or bits[0].startswith("SIP/")):
@@ -521,15 +557,15 @@ def _respondable(msg: Message) -> bool:
 
 
 def _check_request(msg: Message) -> str | None:
+    table = msg._by_name()           # one lookup per header, not one get_all each
     for h in RESPONSE_HEADERS:
-        if not msg.get_all(h):
+        if not table.get(h):
             return f"missing {h}"
     for h in ("From", "To", "Call-ID", "CSeq"):
-        if len(msg.get_all(h)) > 1:
+        if len(table[h]) > 1:
             return f"more than one {h}"
     try:
-        for via in msg.vias:
-            pass
+        msg.vias
     except ValueError:
         return "bad Via"
     try:
@@ -541,14 +577,14 @@ def _check_request(msg: Message) -> str | None:
     if method != msg.method:
         return "CSeq method does not match the request"
     try:
-        parse_name_addr(msg.get("From"))
-        parse_name_addr(msg.get("To"))
+        msg.from_addr
+        msg.to_addr
     except ValueError:
         return "bad From or To"
-    mf = msg.get("Max-Forwards")
-    if mf is not None and not mf.isdigit():
+    mf = table.get("Max-Forwards")
+    if mf is not None and not mf[0].isdigit():
         return "bad Max-Forwards"
-    if not msg.call_id:
+    if not table["Call-ID"][0]:
         return "empty Call-ID"
     return None
 

@@ -55,7 +55,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from appliance.store.interface import Op
-from services.sip.location import AOR_PREFIX, EXPIRY, MTIME_PREFIX, USER_PREFIX, _decode
+from services.sip.location import AOR_PREFIX, EXPIRY, MTIME_PREFIX, USER_PREFIX
 
 _log = Logger(namespace="services.sip.replication")
 
@@ -64,11 +64,13 @@ BACKLOG_PREFIX = "sip:backlog:"          # hash per backup: missed AOR -> "1"
 FULL_PREFIX = "sip:backlog-full:"        # string per backup: "1" = needs a full resync
 
 
+_encode = json.JSONEncoder(separators=(",", ":")).encode     # one encoder, not one per call
+
+
 def state_body(aor: str, bindings: dict, removed: list[str], mtime: float | None = None) -> dict:
     body = {"aor": aor,
-            "set": {u: json.dumps(b.to_record(), separators=(",", ":"))
-                    for u, b in bindings.items()},
-            "del": sorted(set(removed) - set(bindings))}
+            "set": {u: _encode(b.to_record()) for u, b in bindings.items()},
+            "del": sorted(set(removed) - set(bindings)) if removed else []}
     if mtime is not None:
         body["mtime"] = mtime
     return body
@@ -206,16 +208,19 @@ class Replicator:
             waits.append(self._send(peer, aor, body))
         if self.mode != "sync" or not waits:
             return defer.succeed(None)
+        if len(waits) == 1:
+            return waits[0]           # fires (never fails) when acked, missed or timed out
         return defer.DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
 
     def _send(self, peer: str, aor: str, body: dict) -> defer.Deferred:
         """Queue ``body`` for ``peer``; every state queued in one reactor turn leaves as
         one peer-link message (one backup commit and one ack for all of them)."""
         done = defer.Deferred()
-        timer = self.reactor.callLater(self.timeout_s, self._timed_out, done, peer, aor)
-        self._queue.setdefault(peer, []).append((aor, body, done, timer))
-        if peer not in self._flush_calls:
+        queue = self._queue.get(peer)
+        if queue is None:
+            queue = self._queue[peer] = []
             self._flush_calls[peer] = self.reactor.callLater(0, self._flush, peer)
+        queue.append((aor, body, done))
         return done
 
     def _flush(self, peer: str) -> None:
@@ -226,38 +231,53 @@ class Replicator:
             self._send_batch(peer, items)
 
     def _send_batch(self, peer: str, items: list) -> None:
+        """One message for ``items``; one timer for all of them (``timeout_s``: the
+        backup is not live for these writes)."""
         self.stats["sent"] += len(items)
         self.stats["messages"] += 1
+        open_ = [True]
+
+        def close() -> bool:
+            if not open_[0]:
+                return False
+            open_[0] = False
+            if timer.active():
+                timer.cancel()
+            return True
+
+        def timed_out():
+            # the backup is not live for these writes: answer without it, resend on return
+            if not close():
+                return
+            self.stats["timeouts"] += len(items)
+            for aor, _body, done in items:
+                self.miss(peer, aor).addBoth(lambda _, done=done: done.callback(False))
+
+        timer = self.reactor.callLater(self.timeout_s, timed_out)
         try:
-            d = self.link.send(peer, CHANNEL, {"states": [body for _, body, _, _ in items]},
+            d = self.link.send(peer, CHANNEL, {"states": [body for _, body, _ in items]},
                                limit=self.max_unacked)
         except Exception:
             d = defer.fail()
 
         def acked(_):
             self.stats["acked"] += len(items)
-            for _aor, _body, done, timer in items:
-                if timer.active():
-                    timer.cancel()
+            if close():
+                for _aor, _body, done in items:
                     done.callback(True)
 
         def failed(f):
             self.stats["failed"] += len(items)
             _log.warn("sip: replication of {n} AORs to {peer} failed: {why}", n=len(items),
                       peer=peer, why=f.getErrorMessage())
-            for aor, _body, done, timer in items:
+            waiting = close()
+            for aor, _body, done in items:
                 persisted = self.miss(peer, aor)
-                if timer.active():
-                    timer.cancel()
+                if waiting:
                     persisted.addBoth(lambda _, done=done: done.callback(False))
 
         d.addCallbacks(acked, failed)
         d.addErrback(lambda f: _log.failure("sip: replication bookkeeping failed", failure=f))
-
-    def _timed_out(self, done: defer.Deferred, peer: str, aor: str) -> None:
-        # the backup is not live for this write: answer without it, resend on return
-        self.stats["timeouts"] += 1
-        self.miss(peer, aor).addBoth(lambda _: done.callback(False))
 
     def backlog(self, peer: str) -> int:
         unacked = self.link.backlog(peer, CHANNEL) if hasattr(self.link, "backlog") else 0
@@ -450,12 +470,18 @@ class Replicator:
             for st in states:
                 aor = st["aor"]
                 new = dict(st.get("set") or {})
-                for text in new.values():
-                    json.loads(text)
+                expires = {}
+                for uri, text in new.items():
+                    rec = json.loads(text)
+                    try:
+                        expires[uri] = float(rec["expires"])
+                    except (KeyError, TypeError, ValueError):
+                        _log.warn("sip: replicated binding {aor} {uri} without a usable expiry "
+                                  "(not in the expiry index)", aor=aor, uri=uri)
                 prev = merged.get(aor)
                 gone = set(st.get("del") or ()) | (set(prev["set"]) | prev["del"] if prev else set())
                 mtime = st.get("mtime")
-                merged[aor] = {"set": new, "del": gone - set(new),
+                merged[aor] = {"set": new, "expires": expires, "del": gone - set(new),
                                "replace": bool(st.get("replace")) or bool(prev and prev["replace"]),
                                "mtime": None if mtime is None else float(mtime)}
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -495,8 +521,8 @@ class Replicator:
                     ops.append(Op.zrem(EXPIRY, [f"{aor} {u}" for u in drop]))
                 if new:
                     ops.append(Op.hset(key, new))
-                    ops.append(Op.zadd(EXPIRY, {f"{aor} {u}": b.expires
-                                                for u, b in _decode(aor, new).items()}))
+                    ops.append(Op.zadd(EXPIRY, {f"{aor} {u}": e
+                                                for u, e in st["expires"].items()}))
                     ops.append(Op.set(USER_PREFIX + aor, "1"))
                 after = (set(current) - set(drop)) | set(new)
                 delta += len(after) - len(current)

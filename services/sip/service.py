@@ -97,6 +97,7 @@ class SIPService(Service):
             self.auth = DigestAuth(a.realm, credentials, algorithms=a.algorithms,
                                    nonce_ttl_s=a.nonce_ttl_s, now=self.reactor.seconds)
         self._tag = secrets.token_hex(3)
+        self._date_cache = (None, "")
         self._counter = 0
         self.roles = self._make_roles()
         # registered now, before any service starts: the shard resources get the sip
@@ -304,8 +305,8 @@ class SIPService(Service):
             if name != "Via":
                 continue
             try:
-                via = M.parse_via(value)
-            except ValueError:
+                via = resp.top_via       # parsed once per request (response_for copies it)
+            except (ValueError, IndexError):
                 return resp
             extra = ""
             if via.host != src.host.lower() and "received" not in via.params:
@@ -342,7 +343,7 @@ class SIPService(Service):
             resp.add("Unsupported", ", ".join(unsupported))
             return self._answer(key, src, resp)
         try:
-            aor = M.canonical_aor(M.parse_name_addr(msg.get("To")).uri)
+            aor = M.canonical_aor(msg.to_addr.uri)
             domain = M.canonical_aor(msg.uri).split(":", 1)[1].rpartition("@")[2]
         except ValueError as e:
             return self._answer(key, src, self._response(msg, 404, f"Not Found ({e})"[:80]))
@@ -451,8 +452,15 @@ class SIPService(Service):
         for name, value in decision.headers:
             resp.add(name, value)
         if decision.code == 200:
-            resp.add("Date", formatdate(time.time(), usegmt=True))
+            resp.add("Date", self._date())
         self._answer(key, src, resp)
+
+    def _date(self) -> str:
+        """The Date header's value (RFC 1123), formatted once per second."""
+        now = int(time.time())
+        if self._date_cache[0] != now:
+            self._date_cache = (now, formatdate(now, usegmt=True))
+        return self._date_cache[1]
 
     def _store_failed(self, failure, msg, key, src) -> None:
         self.drop("store_error")
