@@ -632,6 +632,12 @@ def build_parser() -> argparse.ArgumentParser:
     subs["demote"].add_argument("resource", metavar="RES")
     subs["maintenance"].add_argument("state", choices=["on", "off"])
     subs["partner-down"].add_argument("peer", metavar="PEER")
+    up = sub.add_parser("upgrade-check", parents=[common],
+                        help="rolling upgrade: safe to stop this node? (--rejoined: back?)")
+    up.add_argument("--rejoined", action="store_true",
+                    help="after the restart: partners NORMAL, peer link and SIP caught up")
+    up.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                    help="re-check every second until ready or SECONDS pass")
     subs["call"].add_argument("method", metavar="METHOD")
     subs["call"].add_argument("params", metavar="JSON", nargs="?",
                               help="params: a JSON object or array, or - for stdin")
@@ -704,6 +710,11 @@ def run(argv: Sequence[str] | None, stdout: TextIO, stderr: TextIO) -> int:
     args = parser.parse_args(list(argv) if argv is not None else None)
     if not args.timeout > 0:
         raise CtlError("--timeout must be positive", EXIT_USAGE)
+    if args.command == "upgrade-check":
+        url, token_file, ca = resolve_target(args)
+        client = Client(url, _read_token(token_file), timeout=args.timeout, ca=ca,
+                        cert=args.cert, key=args.key)
+        return _upgrade_check(client, args, stdout)
     _help, method_of, params_of, renderer = COMMANDS[args.command]
     method = method_of(args)
     params = params_of(args)
@@ -716,6 +727,36 @@ def run(argv: Sequence[str] | None, stdout: TextIO, stderr: TextIO) -> int:
     else:
         stdout.write(renderer(result) + "\n")
     return EXIT_OK
+
+
+def _upgrade_check(client: Client, args, stdout: TextIO) -> int:
+    """``upgrade-check [--rejoined] [--wait S]``: exit 0 when ready, 1 when not
+    (after ``--wait`` seconds of re-checking); see appliance/upgrade.py."""
+    import time
+
+    from appliance.upgrade import checks, render
+    phase = "rejoined" if args.rejoined else "stop"
+    deadline = time.monotonic() + max(args.wait, 0.0)
+    while True:
+        cluster = client.call("cluster.status")
+        try:
+            sip = client.call("sip.stats")
+        except CtlError as e:
+            if "(-32601)" not in str(e):         # only "no such method" means no SIP
+                raise
+            sip = None
+        results = checks(phase, cluster, sip)
+        ready = all(ok for _, ok, _ in results)
+        if ready or time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+    if args.json:
+        stdout.write(json.dumps({"phase": phase, "ready": ready,
+                                 "checks": [{"check": n, "ok": ok, "detail": d}
+                                            for n, ok, d in results]}, indent=2) + "\n")
+    else:
+        stdout.write(render(phase, results) + "\n")
+    return EXIT_OK if ready else EXIT_RPC_ERROR
 
 
 def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,

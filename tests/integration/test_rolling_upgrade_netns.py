@@ -12,9 +12,10 @@ throughout the whole procedure:
   renewing (rebinding broadcast) every T1 = 5 s (lease 10 s);
 * sipp registering new users through the VIP (5 per second).
 
-The procedure is the README's "Rolling upgrade": ``maintenance on`` b, stop b, start b
-from this checkout, wait until both partners are NORMAL again (b went through RECOVER)
-and SIP replication caught up, ``maintenance off`` b; the same for a (its maintenance
+The procedure is the README's "Rolling upgrade": ``maintenance on`` b, ``appliancectl
+upgrade-check`` (safe to stop), stop b, start b from this checkout, ``upgrade-check
+--rejoined`` (both partners NORMAL again, b went through RECOVER, SIP replication
+caught up), ``maintenance off`` b; the same for a (its maintenance
 moves the VIP to b).  While a is old and b new the pair runs mixed versions.
 
 Checked afterwards: the VIP never on both NICs, ping loss bounded (the one VIP move),
@@ -258,12 +259,18 @@ def upgrade(pair, node, steps: list):
     wait_for(lambda: pair.rpc(other, "cluster.status").get("partners", {}).get(node)
              == "PARTNER-DOWN", 15, f"{other} PARTNER-DOWN for {node} in maintenance\n"
              + pair.logs())
+    res = pair.ctl(node, "upgrade-check", "--wait", "30")
+    assert res.returncode == 0, f"upgrade-check on {node}:\n{res.stdout}{res.stderr}"
+    assert "safe to stop this node" in res.stdout, res.stdout
     steps.append((f"{node}: maintenance on -> partner serving alone", time.monotonic() - t))
     t = time.monotonic()
     pair.stop(node)
     pair.start(node, "new")
     steps.append((f"{node}: stop old, start new (answering)", time.monotonic() - t))
     t = time.monotonic()
+    res = pair.ctl(node, "upgrade-check", "--rejoined", "--wait", "60")
+    assert res.returncode == 0, (f"upgrade-check --rejoined on {node}:\n{res.stdout}"
+                                 f"{res.stderr}\n{pair.logs()}")
     wait_for(pair.partners_normal, 45, f"both partners NORMAL after {node}'s upgrade\n"
              + pair.logs())
     wait_for(pair.sip_caught_up, 30, f"SIP replication caught up after {node}'s upgrade\n"
