@@ -83,6 +83,41 @@ def withdraw(context, methods=(), collector=None) -> None:
             pass
 
 
+def start_loop(reactor, interval: float, f, what: str, *, now: bool = False):
+    """A :class:`~twisted.internet.task.LoopingCall` of ``f`` every ``interval``
+    seconds on ``reactor`` (a Clock in tests), started; if ``f`` raises, the loop
+    ends and that is logged as ``"<what> stopped"``.  Stop it with :func:`stop_all`."""
+    from twisted.internet import task
+    loop = task.LoopingCall(f)
+    loop.clock = reactor
+    loop.start(interval, now=now).addErrback(
+        lambda failure: _log.failure("{what} stopped", failure=failure, what=what))
+    return loop
+
+
+def stop_all(*things):
+    """What a stopping service closes, in order: LoopingCalls (stopped if running),
+    listening ports (``stopListening``) and anything with ``close()``; ``None`` is
+    skipped.  Returns a Deferred that fires when all of them have finished (their
+    errors are logged, never raised), for ``stopService`` to return."""
+    from twisted.internet import defer, task
+    ds = []
+    for thing in things:
+        if thing is None:
+            continue
+        if isinstance(thing, task.LoopingCall):
+            if thing.running:
+                thing.stop()
+            continue
+        stop = getattr(thing, "stopListening", None) or getattr(thing, "close", None)
+        if stop is not None:
+            d = defer.maybeDeferred(stop)
+            d.addErrback(lambda failure: _log.failure("stopping {thing!r}", failure=failure,
+                                                      thing=thing))
+            ds.append(d)
+    return defer.gatherResults(ds, consumeErrors=True).addCallback(lambda _: None)
+
+
 def plugin_package():
     """The ``appliance.plugins`` package, installed or from a source checkout."""
     try:

@@ -21,7 +21,7 @@ from twisted.internet import defer, protocol, task, threads
 from twisted.logger import Logger
 
 from appliance.admin.rpc import Params
-from appliance.plugin import withdraw
+from appliance.plugin import start_loop, stop_all, withdraw
 from services.encap import tun as T
 from services.encap.config import load_keys
 from services.encap.dn import DecapNode
@@ -132,10 +132,7 @@ class EncapService(Service):
         metrics = getattr(self.context, "metrics", None)
         if metrics is not None:
             metrics.register(self)
-        self._sweeper = task.LoopingCall(self._sweep)
-        self._sweeper.clock = self.reactor
-        self._sweeper.start(1.0, now=False).addErrback(
-            lambda f: _log.failure("encap: sweep loop stopped", failure=f))
+        self._sweeper = start_loop(self.reactor, 1.0, self._sweep, "encap: sweep loop")
         self._start_watchdog()
         _log.info("encap: DN {node} on udp:{addr}:{port}, subnet {subnet}, TUN {tun}",
                   node=node_id, addr=cfg.listen_address, port=self.udp.getHost().port,
@@ -299,24 +296,13 @@ class EncapService(Service):
     # ------------------------------------------------------------------
     def stopService(self):
         super().stopService()
-        if self._sweeper is not None and self._sweeper.running:
-            self._sweeper.stop()
         if self.watchdog is not None:
             self.watchdog.stop()
         withdraw(self.context, RPC_METHODS, self)
         if self.mapping is not None:
             self.mapping.stop()
-        if self.tun is not None:
-            self.tun.close()
-        ds = []
-        for injector in (self.routes, self.rule_routes):
-            close = getattr(injector, "close", None)
-            if close is not None:
-                ds.append(defer.maybeDeferred(close))
-        if self.udp is not None:
-            ds.append(defer.maybeDeferred(self.udp.stopListening))
-            self.udp = None
-        return defer.gatherResults(ds, consumeErrors=True)
+        udp, self.udp = self.udp, None
+        return stop_all(self._sweeper, self.tun, self.routes, self.rule_routes, udp)
 
     def _register_rpc(self) -> None:
         rpc = self.context.rpc
