@@ -23,7 +23,10 @@ serving an EN (``routing``):
   BIRD 2 there and carried by OSPF to BIRD on the ESR (etc/bird/*.conf, BIRD's
   default kernel scan time; :meth:`start_bird`).
 
-The EN runs ``appliance-en`` with 10.210.0.0/24 through the tunnel.
+Keys (``keys``): ``"per-en"`` (default: the DNs hold an EN keys file with en1's
+and en2's keys and a ticket secret; the EN has its own key) or ``"psk"`` (one
+shared key).  The EN runs ``appliance-en`` (id en1) with 10.210.0.0/24 through
+the tunnel.
 Everything is in namespaces of a :class:`tests.support.netns.Lab`; call
 :meth:`close` after the lab (it stops what lives outside it: Redis).
 """
@@ -50,11 +53,14 @@ class EncapLab:
                  soft_handoff: bool = True, announce: bool = True, cluster: bool = False,
                  active_keepalive_ms: int | None = None,
                  dn_endpoints: dict[str, tuple[str, int]] | None = None,
-                 routing: str = "l2"):
+                 routing: str = "l2", keys: str = "per-en"):
         if routing not in ("l2", "esr", "bird"):
             raise ValueError("routing is l2, esr or bird")
+        if keys not in ("per-en", "psk"):
+            raise ValueError("keys is per-en or psk")
         self.lab = lab
         self.routing = routing
+        self.keys = keys
         self.redis = None
         self.birds: list = []
         self.wd = Path(workdir)
@@ -66,13 +72,20 @@ class EncapLab:
         #: where the EN sends to reach each DN (default: the DN itself, port 7400)
         self.dn_endpoints = dn_endpoints or {n: (a, 7400) for n, a in DN_ADDR.items()}
         self.procs: dict[str, subprocess.Popen] = {}
-        self.psk = self.wd / "encap.psk"
+        self.psk = self.wd / "encap.psk"          # the EN's key file (shared PSK or its own)
+        self.en_keys = self.wd / "en.keys"        # per-en: the DNs' keys file ...
+        self.ticket_key = self.wd / "ticket.key"  # ... and their ticket secret
 
     # ------------------------------------------------------------------
     def build(self) -> "EncapLab":
         lab = self.lab
         self.wd.mkdir(parents=True, exist_ok=True)
-        self.psk.write_text(os.urandom(32).hex() + "\n")
+        key = os.urandom(32).hex()
+        self.psk.write_text(key + "\n")
+        if self.keys == "per-en":
+            # en1's own key; en2's exists too (a key holder the DNs know, not this EN)
+            self.en_keys.write_text(f"en1 {key}\nen2 {os.urandom(32).hex()}\n")
+            self.ticket_key.write_text(os.urandom(32).hex() + "\n")
         lab.add_node("en", "10.99.0.10/24")
         # the EN shares the bridge with the ESR: it must not answer ARP for its tunnel
         # address on eth0 (replies would bypass the tunnel)
@@ -143,7 +156,7 @@ token_file = "{d}/state/admin.token"
 [services.encap]
 listen_address = "{DN_ADDR[name]}"
 port = 7400
-psk_file = "{self.psk}"
+{self._key_config()}
 tun = "encap0"
 slice_prefixlen = 26
 esr_gateway = "10.99.0.254"
@@ -159,6 +172,12 @@ id = "{other}"
 subnet = "{SUBNET[other]}"
 secondaries = ["{name}"]
 """)
+
+    def _key_config(self) -> str:
+        if self.keys == "per-en":
+            return (f'en_keys_file = "{self.en_keys}"\n'
+                    f'ticket_key_file = "{self.ticket_key}"')
+        return f'psk_file = "{self.psk}"'
 
     def _store_config(self) -> str:
         if self.routing == "esr":
