@@ -1153,7 +1153,11 @@ class LeaseStore:
                 candidates.append(reserved)
             else:
                 if pending is not None:
-                    candidates.append(_aton(pending.address))
+                    pa = _aton(pending.address)
+                    if self._allowed(pa, subnet_id, roles):
+                        candidates.append(pa)
+                    else:                  # made in PARTNER-DOWN on the partner's address
+                        self._drop_offer(pa)
                 if current is not None and not self._reserved_elsewhere(current, subnet_id, hw):
                     ca = _aton(current.address)
                     if current.active(now) or self._allowed(ca, subnet_id, roles):
@@ -1263,9 +1267,13 @@ class LeaseStore:
                 raise AddressUnavailable(f"{address} is pending-free (the partner has not "
                                          "acknowledged its expiry or release)")
             offered = self._offers.get(a)
+            # our offer to this client counts only while we may still allocate the
+            # address: an offer made in PARTNER-DOWN on the partner's address is
+            # no licence once the partner is back (it may give the address now)
             renewal = (rec is not None and rec.client_key == ck and (
                 rec.active(now) or self._still_held_for(rec))) or (
-                offered is not None and offered.expires > now)
+                offered is not None and offered.expires > now
+                and (holder is not None or self._allowed(a, subnet_id, roles)))
             if not renewal and holder is None and not self._allowed(a, subnet_id, roles):
                 raise AddressUnavailable(f"{address} is not an address this server may allocate")
             if not renewal and not self._foreign_wait_over(a, now):
@@ -1467,6 +1475,12 @@ class LeaseStore:
             written = yield self._commit(new, local, supersede=supersede, set_index=set_index)
             if written is None:
                 continue
+            offered = self._offers.get(a)
+            if offered is not None and new.active(now) and offered.client_key != rck:
+                # the partner bound the address to another client: our offer (a
+                # promise to nobody) goes, or that client's renewals here would
+                # be NAKed as "offered to another client" (sim seed 7609)
+                self._drop_offer(a)
             if conflict:
                 self._conflict(local, remote, winner="remote")
                 return CONFLICT_REMOTE_WON
