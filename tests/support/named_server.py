@@ -76,9 +76,11 @@ class NamedServer(DirServerProcess):
     def __init__(self, *, zone: str = "example.test.", reverse_zone: str = "0.9.10.in-addr.arpa.",
                  key_name: str = "appliance-key", port: int | None = None,
                  workdir: str | Path | None = None, extra_zones: tuple[str, ...] = (),
-                 workers: int | None = 1):
+                 workers: int | None = 1, zone_options: str = ""):
         self.named = find_named() or "named"
         self.workers = workers          # named -n; None: named's default (one per CPU)
+        #: extra statements for the forward zone, e.g. "dnssec-policy default; inline-signing yes;"
+        self.zone_options = zone_options
         self.zone = zone if zone.endswith(".") else zone + "."
         self.reverse_zone = reverse_zone if reverse_zone.endswith(".") else reverse_zone + "."
         self.zones = (self.zone, self.reverse_zone, *extra_zones)
@@ -116,8 +118,9 @@ class NamedServer(DirServerProcess):
             if zone == self.zone:
                 text += "ns1 IN A 127.0.0.1\n"
             path.write_text(text)
+            more = f" {self.zone_options}" if zone == self.zone and self.zone_options else ""
             zones.append(f'zone "{zone}" {{ type primary; file "{path}"; '
-                         f'allow-update {{ key "{self.key_name}"; }}; }};')
+                         f'allow-update {{ key "{self.key_name}"; }};{more} }};')
         self.conf.write_text(f"""
 include "{self.key_file}";
 options {{
