@@ -38,6 +38,7 @@ class PeerInfo:
     lost: int = 0
     loss_ewma: float = 0.0       # share of beats lost, smoothed over ~100 beats
     jitter_s: float = 0.0        # RFC 3550-style smoothed |arrival - expected| deviation
+    early: bool = False          # the last beat came well before its schedule (an extra one)
     restarts: int = 0
     suspected: int = 0           # times the detector declared it dead
 
@@ -97,8 +98,13 @@ class PeerTable:
             peer.loss_ewma += alpha * (1 - peer.loss_ewma)
         peer.loss_ewma += alpha * (0 - peer.loss_ewma)
         if peer.last_seen is not None and gap > 0:
-            deviation = abs((now - peer.last_seen) - gap * self.beat_period)
-            peer.jitter_s += (deviation - peer.jitter_s) / 16
+            # An extra beat (sent at once on a state change, off the schedule)
+            # says nothing about jitter, nor does the interval after it.
+            early = (now - peer.last_seen) < 0.5 * gap * self.beat_period
+            if not early and not peer.early:
+                deviation = abs((now - peer.last_seen) - gap * self.beat_period)
+                peer.jitter_s += (deviation - peer.jitter_s) / 16
+            peer.early = early
         peer.last_seq = hb.seq
 
     def _skew(self, peer: PeerInfo, hb: Heartbeat):

@@ -63,8 +63,8 @@ from appliance.cluster.ownership import ResourceSpec
 from appliance.cluster.partners import Partnership, Partnerships  # noqa: F401 (API)
 from appliance.cluster.quorum import Quorum
 from appliance.cluster.resources import Resource, ResourceTable, call_listener  # noqa: F401
-from appliance.cluster.transport import (HeartbeatChannel, load_key,  # noqa: F401 (API)
-                                         new_cluster_key, next_incarnation)
+from appliance.cluster.transport import (URGENT_BURST, HeartbeatChannel,  # noqa: F401 (API)
+                                         load_key, new_cluster_key, next_incarnation)
 
 _log = Logger(namespace="appliance.cluster")
 
@@ -307,7 +307,9 @@ class ClusterManager(Service):
             incarnation=self.incarnation, peers={p.id: self._paths.get(p.id, p.address)
                                                        for p in self.peers.values()},
             port=self.cfg.heartbeat_port, beat_period=self.beat_period,
-            window=self.beats * (self.cfg.dead_after + 2),
+            # (in sequence numbers: extra beats (send_soon) at most double the
+            # scheduled rate, plus a burst, so the window still spans the time)
+            window=2 * self.beats * (self.cfg.dead_after + 2) + URGENT_BURST,
             build=lambda: self.build_heartbeat(), on_beat=self._beat,
             on_tick=self._tick, stats=self.stats)
         self.channel.verifier.previous_keys = previous_keys(self.cfg)   # M7: key rotation
@@ -430,10 +432,18 @@ class ClusterManager(Service):
         if self.channel is not None and self.port is not None:
             self.channel.send(self.port)
 
+    def send_soon(self):
+        """A state a peer waits for changed here (want, claim, release,
+        releasing, demoted, an intent, health): an extra beat now, not at the
+        next tick (rate-limited, see HeartbeatChannel.send_soon).  A promote
+        then takes a few network delays, not a few beat periods."""
+        if self.channel is not None and self.port is not None and self.running:
+            self.channel.send_soon(self._send_heartbeats)
+
     def changed(self):
-        """Local health changed: tell the peers now and re-elect."""
-        self._send_heartbeats()
+        """Local health changed: re-elect and tell the peers now."""
         self.evaluate()
+        self.send_soon()
 
     def datagram(self, data: bytes, addr) -> None:
         """A datagram from the heartbeat socket (also the tests' entry point)."""
@@ -442,7 +452,12 @@ class ClusterManager(Service):
 
     def _beat(self, hb: Heartbeat) -> None:
         now = self.clock.seconds()
+        before = self.peers[hb.node].heartbeat if hb.node in self.peers else None
         peer, _ = self.detector.heard(hb, now)
+        if before is not None and before.health != hb.health:
+            # The peer's flags moved (want:, claiming:, releasing:, ...): it may
+            # wait for our answer or our echo of this beat; answer now.
+            self.send_soon()
         self.detector.check_config(peer, hb, self.table.digest_of)
         apply_election_fallback(self)             # M1: peers disagree on priorities
         self.table.learn(hb)

@@ -131,10 +131,13 @@ class ResourceTable:
             # A demote stands aside on the wire too (demoted:<name>): the
             # peers elect without this node and the one taking over claims
             # manually, so the preempting natural owner does not take it back.
-            if name in self.excluded:
-                flags.add(f"demoted:{name}")
-            else:
-                flags.discard(f"demoted:{name}")
+            flag = f"demoted:{name}"
+            if (name in self.excluded) != (flag in flags):
+                if name in self.excluded:
+                    flags.add(flag)
+                else:
+                    flags.discard(flag)
+                m.send_soon()                 # the taker waits for it
         for name, res in self.resources.items():
             claims = {}
             for peer in m.node_peers():
@@ -218,16 +221,24 @@ class ResourceTable:
         flags = m.health.flags_set
         # (a peer of an older version sends no echo: it cannot ack, nobody waits for it)
         waiting = [p for p in m.node_peers() if m.connected(p) and p.heartbeat.echo is not None]
-        for p in waiting:
-            if flag in p.heartbeat.health and self._rank(res, p.id) > self._rank(res, m.node_id):
-                self._drop_intent(name)       # it outranks us: let it go first
+        # Any live peer's intent counts, connected or not: once we echoed it,
+        # it may claim at any moment and its claim may still be on the way
+        # (a slow, lossy link makes it "not connected" here while it hears
+        # our echoes: simulator seed 21924 --witness).  An intent that
+        # outranks ours goes first; during our promote any intent waits for
+        # the peer to see our want: and drop it (or for its claim, then its
+        # release).
+        for p in m.node_peers():
+            if (p.alive and p.heartbeat is not None and flag in p.heartbeat.health
+                    and (res.wanted or self._rank(res, p.id) > self._rank(res, m.node_id))):
+                self._drop_intent(name)       # it goes first
                 return False
         if not waiting:
             return True
         if flag not in flags:
             flags.add(flag)
-            m._send_heartbeats()              # the intent goes out now
-            res.intent_seq = m.seq
+            m.send_soon()                     # the intent goes out now ...
+            res.intent_seq = m.seq + 1        # ... in the next beat, whichever it is
             return False
         for p in waiting:
             echo = (p.heartbeat.echo or {}).get(m.node_id)
@@ -457,6 +468,7 @@ class ResourceTable:
                                               why=f.getErrorMessage()))
         for listener in list(res.listeners):
             call_listener(listener, res.spec.name, role, epoch)
+        m.send_soon()           # a claim or a release: the peers wait for it
 
     def _releasing(self, res: Resource, d):
         """Until the address is really gone, advertise ``releasing:<name>``: a
@@ -473,8 +485,7 @@ class ResourceTable:
                 timer.cancel()
             if flag in m.health.flags_set:
                 m.health.flags_set.discard(flag)
-                if m.running and m.port is not None:
-                    m._send_heartbeats()          # tell the peers now
+                m.send_soon()                     # tell the peers now
             return _
         d.addBoth(done)
 

@@ -26,6 +26,12 @@ _log = Logger(namespace="appliance.cluster")
 HEARTBEAT_RCVBUF = 1 << 20  # bytes of kernel receive buffer for the heartbeat socket
 SIZE_BUDGET = 1400          # bytes: above this a beat is IP-fragmented on a 1500 MTU path
 MAX_PACKET = 65535          # read whole datagrams, so an oversize one is counted as such
+#: Extra beats (a state a peer waits for changed: want, claim, release,
+#: releasing, demoted, an intent): at least this long after the previous extra one ...
+URGENT_MIN_GAP_S = 0.002
+#: ... and from a bucket of this many, refilled at one per beat period, so a
+#: flapping state adds at most one beat per period to the schedule (plus a burst).
+URGENT_BURST = 4
 
 
 def load_key(path: str) -> bytes:
@@ -121,6 +127,10 @@ class HeartbeatChannel:
         self._next_at: float | None = None
         self._warned_size = False
         self._stopped = False
+        self._last_urgent: float | None = None
+        self._tokens = float(URGENT_BURST)
+        self._tokens_at: float | None = None
+        self._urgent = None             # pending extra beat (DelayedCall)
 
     def listen(self, interface: str = ""):
         try:
@@ -158,6 +168,9 @@ class HeartbeatChannel:
                 _log.warn("heartbeat of {n} bytes exceeds the {budget}-byte budget (IP "
                           "fragments: one lost fragment loses the beat); fewer resources per "
                           "node, or shorter names", n=len(datagram), budget=SIZE_BUDGET)
+        if self._urgent is not None and self._urgent.active():
+            self._urgent.cancel()       # this beat carries the state already
+        self._urgent = None
         for peer, addresses in self.peer_addresses.items():
             for address in addresses:
                 try:
@@ -217,6 +230,51 @@ class HeartbeatChannel:
                                           else round((now - p["last_seen"]) * 1000))}
         return out
 
+    # -- extra beats -------------------------------------------------------------
+    def _refill(self, now: float) -> None:
+        if self._tokens_at is not None:
+            self._tokens = min(float(URGENT_BURST),
+                               self._tokens + (now - self._tokens_at) / self.beat_period)
+        self._tokens_at = now
+
+    def send_soon(self, send: Callable[[], None]) -> None:
+        """An extra beat, outside the schedule, as soon as the rate limit
+        allows: a local state a peer waits for changed (a handshake step),
+        so it goes out now rather than at the next tick.  ``send()`` sends it
+        (the manager's, which knows whether the node still has its port).
+        Several requests before it leaves make one beat (it is built when it
+        leaves, with the state of then); a scheduled beat leaving first
+        makes it unneeded.  At most :data:`URGENT_BURST` in a burst and one
+        per beat period on average, never closer than
+        :data:`URGENT_MIN_GAP_S` to the previous extra one: past that the state
+        waits for the next scheduled beat (counted ``urgent_limited``).  The
+        schedule itself is untouched (absolute times)."""
+        if self._stopped or (self._urgent is not None and self._urgent.active()):
+            return
+        now = self.clock.seconds()
+        self._refill(now)
+        if self._tokens < 1.0:
+            self.stats["urgent_limited"] = self.stats.get("urgent_limited", 0) + 1
+            return
+        at = now if self._last_urgent is None else max(now, self._last_urgent + URGENT_MIN_GAP_S)
+        self._urgent = self.clock.callLater(at - now, self._send_urgent, send)
+
+    def _send_urgent(self, send: Callable[[], None]) -> None:
+        self._urgent = None
+        if self._stopped:
+            return
+        self._refill(self.clock.seconds())
+        if self._tokens < 1.0:
+            self.stats["urgent_limited"] = self.stats.get("urgent_limited", 0) + 1
+            return
+        self._tokens -= 1.0
+        self._last_urgent = self.clock.seconds()
+        self.stats["urgent_sent"] = self.stats.get("urgent_sent", 0) + 1
+        try:
+            send()
+        except Exception:
+            _log.failure("extra heartbeat failed")
+
     # -- the schedule ----------------------------------------------------------
     def start(self):
         self.tick()
@@ -243,6 +301,7 @@ class HeartbeatChannel:
 
     def stop(self):
         self._stopped = True
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
+        for call in (self._call, self._urgent):
+            if call is not None and call.active():
+                call.cancel()
+        self._call = self._urgent = None

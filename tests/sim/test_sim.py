@@ -32,3 +32,16 @@ def test_seeds_keep_every_invariant(nodes, witness, lease, start, count):
     the one command that replays it)."""
     for seed in range(start, start + count):
         World(seed, nodes, witness=witness, lease=lease).run(DURATION)
+
+
+#: Seeds that once broke an invariant (the full 30 s run of the replay command).
+REGRESSIONS = [
+    # two owners with a witness: b's promote ignored the intent of a peer alive
+    # but not connected (a slow, lossy a->b link) whose claim was on the way
+    (21924, 2, True, False),
+]
+
+
+@pytest.mark.parametrize("seed,nodes,witness,lease", REGRESSIONS)
+def test_regression_seeds(seed, nodes, witness, lease):
+    World(seed, nodes, witness=witness, lease=lease).run(30.0)

@@ -135,3 +135,29 @@ def test_promote_the_owner_cannot_hear_changes_nothing():
     assert all(s == ("a",) for s in samples), [s for s in samples if s != ("a",)][:3]
     assert res and "still owns it" in res[0].getErrorMessage()
     assert not any(f.startswith("want:") for f in w.nodes["b"].manager.health_flags())
+
+
+def test_promote_waits_for_an_intent_of_a_peer_not_connected():
+    """Seed 21924 --witness: a's beats reach b late and lossy, so b holds a for
+    alive but not connected (a's echo of b is stale), while a hears b's fresh
+    echoes.  a advertised claiming:vip1, b echoed it, a claimed; its claim was
+    still on the way when b's promote ran.  The old intent check asked only
+    connected peers, found none and b claimed at once: two owners.  Any live
+    peer's intent now makes the promote wait (a sees want: and lets go)."""
+    from dataclasses import replace
+    w = _world(witness=True)
+    a, b = w.nodes["a"].manager, w.nodes["b"].manager
+    w.net.links[("a", "b")].cut = True          # nothing newer from a reaches b
+    hb = b.peers["a"].heartbeat
+    # b's latest beat of a: no claim yet, an intent (its claim is on the way)
+    b.peers["a"].heartbeat = replace(hb, resources={}, health=("claiming:vip1",))
+    connected = b.quorum.connected
+    b.quorum.connected = lambda p: False if p.id == "a" else connected(p)
+    b.quorum.has_quorum = lambda: True          # b holds the witness's vote, as in the seed
+    res = _result(b.promote("vip1"))
+    samples = []
+    for _ in range(200):                        # a stays alive for b ~316 ms
+        w.clock.advance(0.001)
+        samples.append(tuple(w.owners()))
+    assert all(len(s) <= 1 for s in samples), [s for s in samples if len(s) > 1][:3]
+    assert b.role("vip1") == "standby" and not res
