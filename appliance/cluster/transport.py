@@ -192,10 +192,19 @@ class HeartbeatChannel:
         self.on_beat(hb)
 
     def _path_copy(self, pid: str, src: str, data: bytes) -> bool:
-        """Account a beat on its path; True if another path brought it first."""
-        try:
-            hb = decode(data, self.key)
-        except HeartbeatError:
+        """Account a beat on its path; True if another path brought it first.
+        Decoded with the current key and the previous ones, as the verifier
+        does (during a key rotation the peer's beats may be signed with
+        either; a copy signed with the previous key is still a copy)."""
+        hb = None
+        for key in (self.key, *self.verifier.previous_keys):
+            try:
+                hb = decode(data, key)
+                break
+            except HeartbeatError as e:
+                if e.reason != "bad_mac":
+                    return False           # the verifier counts it
+        if hb is None:
             return False                   # the verifier counts it
         if hb.node != pid:
             return False

@@ -86,3 +86,28 @@ def test_config_addresses():
                                             'addresses = ["10.9.0.2"] }'), "t.toml")
     with pytest.raises(ConfigError, match="address"):
         config_from_string(_CFG.format(peer='{ id = "b" }'), "t.toml")
+
+
+def test_path_copies_signed_with_the_previous_key_are_copies():
+    """Key rotation with two paths: b still signs with the old key, which a
+    accepts as its previous key.  The second path's copy of each beat is a path
+    duplicate and counts on its path, not a replay (the old _path_copy decoded
+    with the current key only: every copy went to the verifier as a replay and
+    the paths' counters stood still)."""
+    w = _world(paths=2)
+    a = w.nodes["a"].manager
+    new = b"n" * 32
+    a._key = a.channel.key = a.channel.verifier.key = new       # a rotated first
+    a.channel.verifier.previous_keys = (b"k" * 32,)
+    b = w.nodes["b"].manager
+    b.channel.verifier.previous_keys = (new,)                  # b accepts the new key
+    before = dict(a.channel.paths["b"]["10.0.1.2"])
+    samples = _settle(w, 1.0)
+    assert all(s == ("a",) for s in samples)
+    drops = a.verifier.drops
+    assert drops.get("replayed", 0) == 0 and drops.get("reordered", 0) == 0, dict(drops)
+    assert a.verifier.accepted_by_key["previous"] > 20
+    assert a.channel.paths["b"]["10.0.1.2"]["received"] > before["received"] + 20
+    assert a.stats.get("path_duplicates", 0) > 20
+    assert b.verifier.drops.get("replayed", 0) == 0
+    assert a.peers["b"].suspected == b.peers["a"].suspected == 0
