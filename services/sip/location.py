@@ -42,9 +42,6 @@ USER_PREFIX = "sip:user:"
 MTIME_PREFIX = "sip:mtime:"
 
 
-_encode = json.JSONEncoder(separators=(",", ":")).encode     # one encoder, not one per call
-
-
 def _version(prev, now: float) -> float:
     """The next version of an AOR: now, but always above the previous one."""
     try:
@@ -115,7 +112,8 @@ class Location:
             ops.append(Op.hdel(key, gone + stale))
             ops.append(Op.zrem(EXPIRY, [f"{aor} {u}" for u in gone + stale]))
         if decision.added:
-            ops.append(Op.hset(key, {b.uri: _encode(b.to_record()) for b in decision.added}))
+            encoded = decision.encoded = {b.uri: b.to_json() for b in decision.added}
+            ops.append(Op.hset(key, encoded))
             ops.append(Op.zadd(EXPIRY, {f"{aor} {b.uri}": b.expires for b in decision.added}))
             if not known:
                 ops.append(Op.set(USER_PREFIX + aor, "1"))

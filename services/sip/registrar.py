@@ -27,8 +27,10 @@ Rules, with the RFC step:
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from json.encoder import encode_basestring_ascii
 from dataclasses import dataclass, field, replace
 
 from services.sip.message import Message, NameAddr, parse_name_addr
@@ -53,6 +55,16 @@ class Binding:
                 "cseq": self.cseq, "path": list(self.path), "received": self.received,
                 "params": self.params}
 
+    def to_json(self) -> str:
+        """``to_record()`` as compact JSON (what ``json.dumps(..., separators=(",", ":"))``
+        writes), formatted directly: this runs for every stored and replicated binding."""
+        q = self.q
+        return ('{"uri":' + _json_str(self.uri) + ',"expires":' + _json_num(self.expires)
+                + ',"q":' + ("null" if q is None else _json_num(q))
+                + ',"call_id":' + _json_str(self.call_id) + ',"cseq":' + _json_num(self.cseq)
+                + ',"path":[' + ",".join(map(_json_str, self.path)) + '],"received":'
+                + _json_str(self.received) + ',"params":' + _json_str(self.params) + "}")
+
     @classmethod
     def from_record(cls, aor: str, rec: dict) -> "Binding":
         return cls(aor, rec["uri"], float(rec["expires"]), rec.get("q"), rec.get("call_id", ""),
@@ -66,6 +78,18 @@ class Binding:
         if self.q is not None:
             text += f";q={format_q(self.q)}"
         return text + f";expires={max(0, int(math.ceil(self.expires - now)))}"
+
+
+_json_str = encode_basestring_ascii
+_json_compact = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _json_num(v) -> str:
+    if v.__class__ is float and math.isfinite(v):
+        return float.__repr__(v)
+    if v.__class__ is int:
+        return int.__repr__(v)
+    return _json_compact(v)          # anything else (inf, bool, a subclass): as json does
 
 
 def format_q(q: float) -> str:

@@ -64,12 +64,15 @@ BACKLOG_PREFIX = "sip:backlog:"          # hash per backup: missed AOR -> "1"
 FULL_PREFIX = "sip:backlog-full:"        # string per backup: "1" = needs a full resync
 
 
-_encode = json.JSONEncoder(separators=(",", ":")).encode     # one encoder, not one per call
-
-
-def state_body(aor: str, bindings: dict, removed: list[str], mtime: float | None = None) -> dict:
+def state_body(aor: str, bindings: dict, removed: list[str], mtime: float | None = None,
+               encoded: dict | None = None) -> dict:
+    """``encoded``: JSON texts of some of ``bindings`` already made (by the store write)."""
+    if encoded:
+        texts = {u: encoded.get(u) or b.to_json() for u, b in bindings.items()}
+    else:
+        texts = {u: b.to_json() for u, b in bindings.items()}
     body = {"aor": aor,
-            "set": {u: _encode(b.to_record()) for u, b in bindings.items()},
+            "set": texts,
             "del": sorted(set(removed) - set(bindings)) if removed else []}
     if mtime is not None:
         body["mtime"] = mtime
@@ -196,9 +199,9 @@ class Replicator:
 
     # -- primary side ---------------------------------------------------------
     def replicate(self, aor: str, bindings: dict, removed: list[str],
-                  mtime: float | None = None) -> defer.Deferred:
+                  mtime: float | None = None, encoded: dict | None = None) -> defer.Deferred:
         """Ship the AOR's new state; fire when the mode allows the 200 to leave."""
-        body = state_body(aor, bindings, removed, mtime)
+        body = state_body(aor, bindings, removed, mtime, encoded)
         waits = []
         for peer in self.peers:
             if not self.link.connected(peer):

@@ -444,7 +444,8 @@ class SIPService(Service):
             return decision
         removed = [b.uri for b in decision.removed]
         d = self.replicator.replicate(aor, decision.bindings, removed,
-                                      getattr(decision, "mtime", None))
+                                      getattr(decision, "mtime", None),
+                                      getattr(decision, "encoded", None))
         return d.addCallback(lambda _: decision)
 
     def _registered(self, decision, msg, key, src, now) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.sip import message as M
-from services.sip.registrar import Limits, decide
+from services.sip.registrar import Binding, Limits, decide
 
 AOR = "sip:alice@example.test"
 NOW = 1_000_000.0
@@ -111,3 +111,25 @@ def test_query_changes_nothing():
 def test_bad_expires_header():
     """A non-numeric Expires header is a 400."""
     assert run({}, register("<sip:a@h1>", expires="soon")).code == 400
+
+
+# -- the stored/replicated JSON of a binding --------------------------------------------
+from hypothesis import given, settings, strategies as st  # noqa: E402
+import json as _json  # noqa: E402
+
+_text = st.text(max_size=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(uri=_text, expires=st.floats(allow_nan=False, allow_infinity=False) | st.integers(0, 2**40),
+       q=st.none() | st.sampled_from([0.0, 0.5, 1.0, 0.123]), call_id=_text,
+       cseq=st.integers(0, 2**31 - 1), path=st.lists(_text, max_size=3), received=_text,
+       params=_text)
+def test_binding_to_json_is_the_compact_json_of_its_record(uri, expires, q, call_id, cseq, path,
+                                                            received, params):
+    b = Binding("sip:a@example.test", uri, expires, q, call_id, cseq, tuple(path), received,
+                params)
+    text = b.to_json()
+    assert text == _json.dumps(b.to_record(), separators=(",", ":"))
+    assert Binding.from_record(b.aor, _json.loads(text)) == \
+        Binding.from_record(b.aor, b.to_record())
