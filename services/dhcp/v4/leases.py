@@ -213,7 +213,7 @@ def _with_version(lease: "Lease", version: int) -> "Lease":
     per-field introspection (this is on every lease write)."""
     return Lease(lease.address, lease.subnet_id, lease.state, lease.hwaddr, lease.client_id,
                  lease.hostname, lease.expires, lease.cltt, lease.owner, lease.updated_by,
-                 version, lease.pexp, lease.acked, lease.synced, lease.ddns)
+                 version, lease.pexp, lease.acked, lease.synced, lease.ddns, lease.dv)
 
 
 # the same few clients' keys are asked for several times per packet
@@ -286,6 +286,11 @@ class Lease:
     #: DDNS state (:class:`DDNSState`): what is published for this client;
     #: None when nothing is (or for records written before it existed)
     ddns: DDNSState | None = None
+    #: changes of ``ddns`` alone on this binding (``LeaseStore.set_ddns``): the
+    #: merge's last tie-break, so a DDNS-only update (same cltt, state and
+    #: expiry) beats the partner's copy instead of being merged as stale
+    #: (0 for records and partners that predate it)
+    dv: int = 0
 
     @property
     def client_key(self) -> str:
@@ -305,7 +310,8 @@ class Lease:
                 "expires": _f(self.expires), "cltt": _f(self.cltt), "owner": self.owner,
                 "updated_by": self.updated_by, "version": str(self.version),
                 "pexp": _f(self.pexp), "acked": _f(self.acked), "synced": "1" if self.synced else "0",
-                "ddns": json.dumps(self.ddns.to_dict()) if self.ddns is not None else ""}
+                "ddns": json.dumps(self.ddns.to_dict()) if self.ddns is not None else "",
+                "dv": str(self.dv)}
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> "Lease | None":
@@ -319,7 +325,8 @@ class Lease:
                        float(h.get("expires", 0)), float(h.get("cltt", 0)), h.get("owner", ""),
                        h.get("updated_by", ""), int(h.get("version", 0)),
                        float(h.get("pexp", h.get("expires", 0))), float(h.get("acked", 0)),
-                       h.get("synced", "0") == "1", DDNSState.of(h.get("ddns")))
+                       h.get("synced", "0") == "1", DDNSState.of(h.get("ddns")),
+                       int(h.get("dv") or 0))
         except (KeyError, ValueError, TypeError):
             return None
 
@@ -337,7 +344,8 @@ class Lease:
                 "expires": self.expires, "cltt": self.cltt, "owner": self.owner,
                 "updated_by": self.updated_by, "version": self.version,
                 "pexp": self.pexp,
-                "ddns": self.ddns.to_dict() if self.ddns is not None else None}
+                "ddns": self.ddns.to_dict() if self.ddns is not None else None,
+                "dv": self.dv}
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> "Lease":
@@ -349,7 +357,7 @@ class Lease:
                         float(d.get("expires", 0)), float(d.get("cltt", 0)),
                         str(d.get("owner") or ""), str(d.get("updated_by") or ""),
                         int(d.get("version", 0)), float(d.get("pexp", d.get("expires", 0))),
-                        ddns=DDNSState.of(d.get("ddns")))
+                        ddns=DDNSState.of(d.get("ddns")), dv=int(d.get("dv") or 0))
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed lease: {e!r}") from None
         if lease.state not in STATES:
@@ -1393,10 +1401,11 @@ class LeaseStore:
         """True if ``a`` beats ``b``: later cltt; on a tie the later state of a
         client's life (released/declined after expired after bound after
         offered: a release or an expiry keeps or takes the binding's cltt),
-        then the later expiry, then the higher (updated_by, state) -- the same
-        answer on both nodes."""
-        return (a.cltt, _RANK.get(a.state, 0), a.expires, a.updated_by, a.state) > \
-            (b.cltt, _RANK.get(b.state, 0), b.expires, b.updated_by, b.state)
+        then the later expiry, then the higher (updated_by, state), then the
+        later DDNS-only change of the same binding (``dv``) -- the same answer
+        on both nodes."""
+        return (a.cltt, _RANK.get(a.state, 0), a.expires, a.updated_by, a.state, a.dv) > \
+            (b.cltt, _RANK.get(b.state, 0), b.expires, b.updated_by, b.state, b.dv)
 
     @eager
     def apply_remote(self, remote: Lease, *, without_data: bool = False):
@@ -1519,16 +1528,23 @@ class LeaseStore:
     @eager
     def set_ddns(self, lease: Lease, ddns: DDNSState | None):
         """Record ``ddns`` on ``lease``'s address if the stored record is still
-        ``lease`` (same version): one commit that keeps the record's
-        ``synced`` (a DDNS-only change is no news to a partner that has the
-        record: its merge would call it stale).  Fires with the written Lease,
-        or None when the record changed meanwhile."""
+        ``lease`` (same version), in one commit.  ``dv`` counts the change: the
+        partner's merge takes it although cltt, state and expiry are the same
+        (it would call it stale otherwise).  A bound record becomes owed to the
+        partner (it must know what was published, to remove it on expiry when
+        it is the one left); an expired or released record keeps its
+        ``synced`` (were it owed again, the address would be pending-free
+        again until the partner acks) and the change travels with its next
+        update.  Fires with the written Lease, or None when the record changed
+        meanwhile."""
         rec = yield self._get(lease.address)
         if rec is None or rec.version != lease.version or rec.ddns == ddns:
             return None
+        synced = rec.synced and (rec.state != BOUND or self.role is None)
         # set_index=False: a released/expired record must not take the client's index
         # back from the lease it holds now
-        written = yield self._commit(replace(rec, ddns=ddns), rec, set_index=False)
+        written = yield self._commit(replace(rec, ddns=ddns, dv=rec.dv + 1, synced=synced), rec,
+                                     set_index=False)
         return written
 
     def _conflict(self, local: Lease, remote: Lease, winner: str) -> None:
