@@ -395,6 +395,17 @@ class ResourceTable:
             res.claiming = False
             if ok and lease is not None and not lease.holds(res.spec.name):
                 ok = False
+            stale = self._stale_claim(res, epoch)
+            if ok and stale:
+                # Learned while the claim was in flight (the store's answer
+                # came after a peer's beat): the claim is no longer right.
+                # Drop it and elect again with what we know now.
+                _log.info("claim of {res} at epoch {epoch} dropped: {why}", res=res.spec.name,
+                          epoch=epoch, why=stale)
+                if lease is not None and res.mine is None:
+                    lease.release(res.spec.name)
+                self.m.clock.callLater(0, self.m.evaluate)
+                return False
             if not ok and lease is not None and res.mine is None:
                 lease.release(res.spec.name)
             if not ok:
@@ -418,6 +429,22 @@ class ResourceTable:
         d.addCallbacks(claimed, failed)
         d.addErrback(lambda f: _log.failure("claim bookkeeping failed", failure=f))
         return d
+
+    def _stale_claim(self, res: Resource, epoch: int) -> str | None:
+        """Why a claim at ``epoch`` that just came back from the store must not
+        be taken, or None: a live peer claims the resource at ``epoch`` or
+        above, or announced a higher epoch, since the claim was made."""
+        m = self.m
+        name = res.spec.name
+        for peer in m.node_peers():
+            hb = peer.heartbeat
+            if peer.alive and hb is not None:
+                owner, their, _ = hb.resources.get(name, ("", 0, False))
+                if owner == peer.id and their >= epoch:
+                    return f"{peer.id} claims it at epoch {their}"
+        if res.max_epoch > epoch:
+            return f"epoch {res.max_epoch} is known now"
+        return None
 
     def _persist_epoch(self, name: str, epoch: int):
         """Store the epoch; with a shared store, only if nobody wrote a higher one."""
