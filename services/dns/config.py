@@ -74,6 +74,7 @@ class DNSConfig:
     zone_settings: Any = None      # zone -> ZoneSettings (own servers or key); None: none
     verify_secondaries: tuple[tuple[str, int], ...] = ()   # check they reach the new serial
     verify_timeout_s: float = 5.0
+    guard_scope: str = "name"          # "name": a guard per owner name; "resource": per resource and zone
 
 
 def _name(table, key: str, value: Any) -> dns.name.Name | None:
@@ -121,6 +122,7 @@ def parse(table, context) -> DNSConfig | None:
     verify_timeout = table.float("verify_timeout_s", 5.0, min=0.1, max=3600)
     cluster_id = table.str("cluster_id", None, pattern=re.compile(r"^[A-Za-z0-9_.:-]{1,40}$"),
                            describe="letters, digits, '_', '.', ':', '-' (1-40)")
+    guard_scope = table.str("guard_scope", "name", choices=("name", "resource"))
     interval = table.float("reconcile_interval_s", 30.0, min=0.1, max=86400)
     timeout = table.float("timeout_s", 1.0, min=0.01, max=60)
     retry_initial = table.float("retry_initial_s", 0.5, min=0.01, max=3600)
@@ -189,7 +191,8 @@ def parse(table, context) -> DNSConfig | None:
         return None
     return DNSConfig(tuple(servers), key, key_file, tuple(zones), default_ttl, tuple(records),
                      interval, timeout, retry_initial, retry_max, ddns, cluster_id,
-                     MappingProxyType(settings), tuple(secondaries), verify_timeout)
+                     MappingProxyType(settings), tuple(secondaries), verify_timeout,
+                     guard_scope or "name")
 
 
 def _servers(table, key: str, required: bool = True) -> list[tuple[str, int]]:

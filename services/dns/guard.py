@@ -1,7 +1,11 @@
 """The ``_appliance-owner.<name>`` guard: who last wrote a name, and who may write next.
 
 Each managed owner name carries a TXT rrset ``_appliance-owner.<name>``
-holding ``"v2 <cluster> <resource> <node> <epoch>"`` of its last writer.
+holding ``"v2 <cluster> <resource> <node> <epoch>"`` of its last writer --
+or, with ``guard_scope = "resource"`` (review L12: fewer public guard names,
+fewer signed rrsets to churn, smaller UPDATEs), each resource carries one per
+zone, ``_appliance-guard.<resource>.<zone>``: an UPDATE is atomic, so one
+compare-and-set guards every name of the resource it writes.
 UPDATEs carry it as a prerequisite (a compare-and-set, see
 :mod:`.message`), so a late writer cannot overwrite a newer owner.
 
@@ -35,6 +39,8 @@ import dns.rdatatype
 import dns.rdtypes.ANY.TXT
 
 GUARD_LABEL = "_appliance-owner"
+#: ``guard_scope = "resource"``: one guard per resource and zone (review L12)
+RESOURCE_GUARD_LABEL = "_appliance-guard"
 VERSION = "v2"
 
 
@@ -58,6 +64,24 @@ class Guard(NamedTuple):
 def guard_name(name: dns.name.Name) -> dns.name.Name:
     """The owner name of the guard TXT rrset for ``name``."""
     return dns.name.Name((GUARD_LABEL.encode(),) + name.labels)
+
+
+def resource_guard_name(resource: str, zone: dns.name.Name) -> dns.name.Name:
+    """The owner name of the guard of ``resource`` in ``zone`` (``guard_scope =
+    "resource"``): ``_appliance-guard.<resource>.<zone>``, the resource name as ONE label
+    (any octet; a name over 63 octets as a digest)."""
+    label = resource.encode()
+    if len(label) > 63:
+        label = hashlib.sha256(label).hexdigest()[:40].encode()
+    return dns.name.Name((RESOURCE_GUARD_LABEL.encode(), label) + zone.labels)
+
+
+def guard_owner(key: dns.name.Name) -> dns.name.Name:
+    """The guard's owner name for a guard key: a resource guard name is its own
+    owner name; a record name's guard is ``_appliance-owner.<name>``."""
+    if key.labels and key.labels[0] == RESOURCE_GUARD_LABEL.encode():
+        return key
+    return guard_name(key)
 
 
 def guard_rdata(guard: Guard) -> dns.rdata.Rdata:

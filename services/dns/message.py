@@ -32,7 +32,7 @@ import dns.rdatatype
 import dns.tsig
 import dns.update
 
-from services.dns.guard import Guard, guard_name, guard_rdata
+from services.dns.guard import Guard, guard_name, guard_owner, guard_rdata
 from services.dns.records import Change, RecordSpec
 from services.dns.tsigkey import TSIGKey
 
@@ -81,22 +81,28 @@ class TransportError(DNSError):
 
 
 def build_update(zone: dns.name.Name, changes: Iterable[Change], guards: Mapping[dns.name.Name, frozenset],
-                 mine: Callable[[RecordSpec], Guard], key: TSIGKey | None) -> dns.update.UpdateMessage:
+                 mine: Callable[[RecordSpec], Guard], key: TSIGKey | None, *,
+                 guard_key: Callable[[RecordSpec], dns.name.Name] | None = None,
+                 legacy: Iterable[dns.name.Name] = ()) -> dns.update.UpdateMessage:
     """One UPDATE for ``zone`` holding ``changes``.
 
-    ``guards`` maps each owner name to the guard rdatas expected (missing
-    or empty: the guard must not exist); ``mine(spec)`` is the guard this
-    node writes for a record.
+    ``guards`` maps each guard key (``guard_key(spec)``: the record's name, or
+    its resource's guard name with ``guard_scope = "resource"``) to the guard
+    rdatas expected (missing or empty: the guard must not exist); ``mine(spec)``
+    is the guard this node writes for a record.  ``legacy``: record names whose
+    per-name guard ``_appliance-owner.<name>`` is deleted (after a switch to
+    resource guards).
     """
     upd = make_update(zone, key)
     guarded: set[dns.name.Name] = set()
     for change in changes:
         spec = change.spec
         name = spec.name
-        if name not in guarded:
-            guarded.add(name)
-            gname = guard_name(name)
-            current = guards.get(name) or frozenset()
+        gkey = guard_key(spec) if guard_key is not None else name
+        if gkey not in guarded:
+            guarded.add(gkey)
+            gname = guard_owner(gkey)
+            current = guards.get(gkey) or frozenset()
             if current:
                 rds = dns.rdataset.Rdataset(dns.rdataclass.IN, dns.rdatatype.TXT)
                 for rd in current:
@@ -109,6 +115,8 @@ def build_update(zone: dns.name.Name, changes: Iterable[Change], guards: Mapping
             upd.replace(name, spec.ttl, *sorted(change.rdatas, key=lambda r: r.to_text()))
         else:
             upd.delete(name, spec.rdtype)
+    for name in legacy:
+        upd.delete(guard_name(name), dns.rdatatype.TXT)
     return upd
 
 

@@ -33,7 +33,7 @@ from services.dns.client import DNSClient, show_server
 from services.dns.ddns import DDNSUpdater
 from services.dns.message import DNSError
 from services.dns.metrics import DNSMetrics, gauge
-from services.dns.guard import cluster_identity, guard_name, parse_guard
+from services.dns.guard import cluster_identity, guard_owner, parse_guard
 from services.dns.records import desired_rdatas, plan, rdatas_text
 from services.dns.updater import Updater
 
@@ -95,7 +95,8 @@ class DNSService(Service):
             self.node_ids, getattr(section, "auth_key_file", None))
         self.updater = Updater(self.client, config.key, self.node, self.reactor, self.metrics,
                                cluster=self.cluster_id, priority=self._priority,
-                               zones=self.zone_routes)
+                               zones=self.zone_routes,
+                               guard_scope=getattr(config, "guard_scope", "name"))
         self.ddns = None
         if config.ddns is not None:
             dd = config.ddns
@@ -268,8 +269,9 @@ class DNSService(Service):
                 previous = self.cluster.previous_claim(resource, epoch)
             except (AttributeError, KeyError, TypeError):
                 previous = None       # a cluster manager without previous_claim
-            for name in sorted({s.name for s in self.config.records if s.resource == resource}):
-                self.updater.expect(name, resource, epoch, self.node_ids, previous)
+            for key in sorted({self.updater.guard_key(s) for s in self.config.records
+                               if s.resource == resource}):
+                self.updater.expect(key, resource, epoch, self.node_ids, previous)
             _log.info("dns: {node} gained {res} (epoch {epoch}): publishing its records",
                       node=self.node, res=resource, epoch=epoch)
             self.mark([s for s in self.config.records if s.resource == resource],
@@ -297,7 +299,7 @@ class DNSService(Service):
         by_zone: dict[dns.name.Name, set] = {}
         for spec in self.config.records:
             if spec.resource == resource:
-                by_zone.setdefault(spec.zone, set()).add(spec.name)
+                by_zone.setdefault(spec.zone, set()).add(self.updater.guard_key(spec))
         for zone, names in by_zone.items():
             d = self.updater.read_guards(zone, sorted(names))
             d.addErrback(lambda f, zone=zone: _log.warn(
@@ -540,8 +542,8 @@ class DNSService(Service):
         reads = [self.updater.read(s.zone, s.name, s.rdtype) for s in specs]
         names = {}
         for s in specs:
-            names.setdefault(s.name, s.zone)
-        guard_reads = [self.updater.read(zone, guard_name(n), dns.rdatatype.TXT)
+            names.setdefault(self.updater.guard_key(s), s.zone)
+        guard_reads = [self.updater.read(zone, guard_owner(n), dns.rdatatype.TXT)
                        for n, zone in names.items()]
         results = await defer.DeferredList(reads + guard_reads, consumeErrors=True)
         errors: dict[str, str] = {}
@@ -665,7 +667,7 @@ class DNSService(Service):
             owner = self.node if spec.resource in self.owned else owners.get(spec.resource)
             desired = desired_rdatas(spec, owner)
             published = self.published.get(spec.key)
-            guard = parse_guard(self.updater.guards.get(spec.name, ()))
+            guard = parse_guard(self.updater.guards.get(self.updater.guard_key(spec), ()))
             blocked = self.blocked.get(spec.key)
             rows.append({
                 "name": spec.name.to_text(), "type": spec.type_text, "ttl": spec.ttl,

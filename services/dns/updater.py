@@ -19,7 +19,8 @@ import dns.rdatatype
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from services.dns.guard import Guard, guard_name, guard_rdata, parse_guard, verdict
+from services.dns.guard import (Guard, guard_owner, guard_rdata, parse_guard,
+                                resource_guard_name, verdict)
 from services.dns.message import (PREREQ_FAILED, DNSError, UpdateError,
                                   answer_rdatas, build_update, check_response, make_query,
                                   rcode_text)
@@ -58,7 +59,7 @@ class Updater:
     """
 
     def __init__(self, client, key: TSIGKey | None, node: str, clock, metrics=None, *,
-                 cluster: str = "-", priority=None, zones=None):
+                 cluster: str = "-", priority=None, zones=None, guard_scope: str = "name"):
         self.client = client
         self.key = key
         #: zone -> (client, key) for zones with their own servers or key
@@ -68,7 +69,12 @@ class Updater:
         self.metrics = metrics
         self.cluster = cluster
         self.priority = priority or (lambda resource, node: 0)
-        #: owner name -> guard rdatas last read or written (the CAS "expected" value)
+        #: "name": a guard per record name; "resource": one per resource and zone (L12)
+        self.guard_scope = guard_scope
+        #: record names whose old per-name guard was deleted (guard_scope "resource")
+        self.legacy_cleared: set[dns.name.Name] = set()
+        #: guard key (record name, or resource guard name) -> guard rdatas last read or
+        #: written (the CAS "expected" value)
         self.guards: dict[dns.name.Name, frozenset] = {}
         #: owner name -> times the cache entry was set (reads older than a write are dropped)
         self.generation: dict[dns.name.Name, int] = {}
@@ -86,6 +92,12 @@ class Updater:
     def key_name_for(self, zone) -> str | None:
         key = self.key_for(zone)
         return key.name if key else None
+
+    def guard_key(self, spec) -> dns.name.Name:
+        """The key of ``spec``'s guard in :attr:`guards` (its owner name: :func:`guard_owner`)."""
+        if self.guard_scope == "resource":
+            return resource_guard_name(spec.resource, spec.zone)
+        return spec.name
 
     def mine(self, spec, epochs: Mapping[str, int]) -> Guard:
         return Guard(self.node, epochs[spec.resource], spec.resource, self.cluster)
@@ -148,14 +160,16 @@ class Updater:
         result = PublishResult(zone.to_text())
         pending = []
         for change in changes:      # a newer owner we already know of wins without asking
-            guard = parse_guard(self.guards.get(change.spec.name, ()))
+            guard = parse_guard(self.guards.get(self.guard_key(change.spec), ()))
             if self._judge(change, guard, epochs, force, result):
                 pending.append(change)
         for _round in range(MAX_CAS_ROUNDS):
             if not pending:
                 return result
+            legacy = sorted({c.spec.name for c in pending} - self.legacy_cleared) \
+                if self.guard_scope == "resource" else ()
             upd = build_update(zone, pending, self.guards, lambda spec: self.mine(spec, epochs),
-                               self.key_for(zone))
+                               self.key_for(zone), guard_key=self.guard_key, legacy=legacy)
             started = self.clock.seconds()
             result.rounds += 1
             try:
@@ -172,14 +186,15 @@ class Updater:
                 self.metrics.answered(rcode, result.latency_s)
             if rcode == "NOERROR":
                 for change in pending:
-                    self.remember(change.spec.name,
+                    self.remember(self.guard_key(change.spec),
                                   frozenset([guard_rdata(self.mine(change.spec, epochs))]))
+                self.legacy_cleared.update(legacy)
                 result.applied.extend(pending)
                 return result
             if rcode not in PREREQ_FAILED:
                 raise UpdateError(zone.to_text(), server, rcode, self.key_name_for(zone))
             # Somebody wrote a guard since we last looked: read, keep what we may overwrite.
-            names = sorted({c.spec.name for c in pending})
+            names = sorted({self.guard_key(c.spec) for c in pending})
             expected = {n: self.guards.get(n, frozenset()) for n in names}
             current = yield self.read_guards(zone, names)
             for n in names:
@@ -192,8 +207,8 @@ class Updater:
             keep = []
             result.takeovers = []
             for change in pending:
-                if self._judge(change, parse_guard(current[change.spec.name]), epochs, force,
-                               result):
+                if self._judge(change, parse_guard(current[self.guard_key(change.spec)]), epochs,
+                               force, result):
                     keep.append(change)
             pending = keep
         if pending:
@@ -204,12 +219,12 @@ class Updater:
 
     @defer.inlineCallbacks
     def read_guards(self, zone: dns.name.Name, names: Iterable[dns.name.Name]):
-        """``{name: guard rdatas}`` read from the server (also refreshes the cache,
-        unless a write changed it while reading)."""
+        """``{guard key: guard rdatas}`` read from the server (also refreshes the
+        cache, unless a write changed it while reading)."""
         names = list(names)
         before = {n: self.generation.get(n, 0) for n in names}
         found = yield defer.gatherResults(
-            [self.read(zone, guard_name(n), dns.rdatatype.TXT) for n in names],
+            [self.read(zone, guard_owner(n), dns.rdatatype.TXT) for n in names],
             consumeErrors=True).addErrback(lambda f: f.value.subFailure)
         out = {}
         for name, rdatas in zip(names, found):

@@ -862,3 +862,41 @@ def test_moves_in_an_inline_signed_zone(named_module, tmp_path):
     finally:
         yield client.close()
         server.cleanup()
+
+
+@pytest_twisted.inlineCallbacks
+def test_resource_scope_guards_against_real_bind(named_module, tmp_path):
+    """Review L12 against real BIND (guard_scope = "resource"): the two names of vip1
+    share one guard, _appliance-guard.vip1.<zone>; a -> b moves both with one
+    compare-and-set, a stale writer at an older epoch is refused for both, and the old
+    per-name guards a previous version left are deleted by the first write."""
+    server = named_module
+    zone = dns.name.from_text(ZONE)
+    key = parse_key_file(server.key_file.read_text())[0]
+    names = ["one.scope.example.test.", "two.scope.example.test."]
+    specs = [RecordSpec(dns.name.from_text(n), dns.rdatatype.A, 1, "vip1",
+                        {"a": parse_rdata("A", f"10.9.0.{i + 1}"),
+                         "b": parse_rdata("A", f"10.9.1.{i + 1}")}, zone)
+             for i, n in enumerate(names)]
+    seed(server, names[0], "v2 c1 vip1 a 1", "10.9.9.9")          # an old per-name guard
+    client = DNSClient(reactor, [("127.0.0.1", server.port)], 1.0)
+    try:
+        up = {n: Updater(client, key, n, reactor, cluster="c1", guard_scope="resource")
+              for n in "ab"}
+        result = yield up["a"].publish(zone, plan(specs, {"vip1": 2}, "a")[zone], {"vip1": 2})
+        assert len(result.applied) == 2 and result.rounds == 1
+        assert answer(server, f"_appliance-owner.{names[0]}", "TXT") == frozenset()
+        guard = answer(server, "_appliance-guard.vip1." + ZONE, "TXT")
+        assert next(iter(guard)).strings[0].decode() == "v2 c1 vip1 a 2"
+        up["b"].expect(up["b"].guard_key(specs[0]), "vip1", 3, ["a", "b"], ("a", 2))
+        result = yield up["b"].publish(zone, plan(specs, {"vip1": 3}, "b")[zone], {"vip1": 3})
+        assert len(result.applied) == 2 and result.rounds == 1
+        assert [answer(server, n, "A") for n in names] == [{rd("A", "10.9.1.1")},
+                                                           {rd("A", "10.9.1.2")}]
+        # a late write of a at epoch 2 (its cache still expects its own guard): refused
+        result = yield up["a"].publish(zone, plan(specs, {"vip1": 2}, "a")[zone], {"vip1": 2})
+        assert result.applied == [] and len(result.stale) == 2
+        assert [answer(server, n, "A") for n in names] == [{rd("A", "10.9.1.1")},
+                                                           {rd("A", "10.9.1.2")}]
+    finally:
+        yield client.close()

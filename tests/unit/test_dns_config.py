@@ -162,3 +162,12 @@ def test_config_does_not_import_the_network_client_and_one_guard_type():
     assert out.stdout.split() == ["False", "True"], out.stderr[-500:]
     from services.dns.client import parse_server, show_server
     assert show_server(parse_server("[fd00::1]:5353")) == "[fd00::1]:5353"
+
+
+def test_guard_scope(tmp_path):
+    """Review L12: guard_scope = "name" (default) | "resource"; anything else is refused."""
+    assert parse(toml(tmp_path, "")).services["dns"].config.guard_scope == "name"
+    cfg = parse(toml(tmp_path, 'guard_scope = "resource"')).services["dns"].config
+    assert cfg.guard_scope == "resource"
+    with pytest.raises(ConfigError, match="guard_scope"):
+        parse(toml(tmp_path, 'guard_scope = "zone"'))

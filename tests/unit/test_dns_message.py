@@ -104,3 +104,38 @@ def test_badtime_names_clock_skew():
     """Review L1: BADTIME says what to check."""
     e = UpdateError("example.test.", "127.0.0.1:53", "BADTIME", "k")
     assert "clock skew" in str(e) and "NTP" in str(e)
+
+
+def test_resource_scope_one_guard_per_resource_and_zone():
+    """Review L12 (guard_scope = "resource"): two names of vip1 in one zone carry ONE
+    guard prerequisite and ONE guard replace at _appliance-guard.vip1.<zone> (the UPDATE
+    is atomic); the old per-name guards are deleted on the first write only."""
+    from twisted.internet.task import Clock
+    from services.dns.guard import resource_guard_name
+    from services.dns.updater import Updater
+    specs = [spec("www.example.test.", "A", "10.9.0.1"),
+             spec("sip.example.test.", "A", "10.9.0.2")]
+    sent = []
+
+    class Client:
+        def exchange(self, request, zone, key, what="update"):
+            from twisted.internet import defer
+            sent.append(dns.message.from_wire(request.to_wire(), keyring=KEY.dns_key()))
+            return defer.succeed((dns.message.make_response(request), "127.0.0.1:53"))
+    up = Updater(Client(), KEY, "a", Clock(), cluster="c1", guard_scope="resource")
+    gname = resource_guard_name("vip1", Z)
+    assert gname.to_text() == "_appliance-guard.vip1.example.test."
+    for epoch in (7, 8):
+        result = up.publish(Z, plan(specs, {"vip1": epoch}, "a")[Z], {"vip1": epoch})
+        assert len(result.result.applied) == 2
+    first, second = sent
+    for parsed in (first, second):
+        assert [(r.name, r.rdtype) for r in parsed.prerequisite] == [(gname, dns.rdatatype.TXT)]
+        adds = [r for r in parsed.update if r.deleting is None and r.rdtype == dns.rdatatype.TXT]
+        assert [r.name for r in adds] == [gname]
+    assert len(first.prerequisite[0]) == 0                 # nothing known: must be absent
+    assert set(second.prerequisite[0]) == {guard_rdata("a", 7, "vip1", "c1")}
+    legacy = {r.name.to_text() for r in first.update if r.deleting == dns.rdataclass.ANY
+              and r.rdtype == dns.rdatatype.TXT and r.name != gname}
+    assert legacy == {"_appliance-owner.www.example.test.", "_appliance-owner.sip.example.test."}
+    assert not any(r.name.labels[0] == b"_appliance-owner" for r in second.update)

@@ -453,3 +453,39 @@ def test_operator_view_in_records_and_metrics():
     for word in ("out_of_sync", "guard_blocked", "LAST_SUCCESS_S_AGO", "ddns.results"):
         assert word in text, text
     service.stopService()
+
+
+def test_resource_scope_through_the_service():
+    """Review L12: with guard_scope = "resource" the service expects, reads (reconcile)
+    and shows the resource's guard, _appliance-guard.vip1.<zone>, not per-name guards."""
+    clock = Clock()
+    config = DNSConfig(servers=(("127.0.0.1", 53),), key=None, key_file=None, zones=(EX,),
+                       default_ttl=5, records=(rec("a.example.test.", "A", "10.0.0.1"),
+                                               rec("b.example.test.", "A", "10.0.0.2")),
+                       reconcile_interval_s=30, timeout_s=0.5, retry_initial_s=0.1,
+                       retry_max_s=1.0, guard_scope="resource")
+    cluster = FakeCluster()
+    context = NodeContext(reactor=clock, config=SimpleNamespace(node=SimpleNamespace(id="a")),
+                          store=None, rpc=MethodRegistry(), metrics=CollectorRegistry(),
+                          cluster=cluster, state_dir=Path("."))
+    client = FakeClient()
+    queried = []
+    real = client.exchange
+
+    def exchange(request, zone, key, what="update"):
+        if what == "query":
+            queried.append(request.question[0].name.to_text())
+        return real(request, zone, key, what)
+    client.exchange = exchange
+    service = DNSService(config, context, rng=lambda: 0.5, client=client)
+    service.startService()
+    clock.advance(0)
+    assert "_appliance-guard.vip1.example.test." in queried
+    assert not any(q.startswith("_appliance-owner.") for q in queried)
+    cluster.listeners["vip1"]("vip1", "owner", 4)
+    clock.advance(0)
+    upd, = client.updates
+    assert [r.name.to_text() for r in upd.prerequisite] == ["_appliance-guard.vip1.example.test."]
+    rows = service.records()["records"]
+    assert all(r["guard"].startswith("a at epoch 4 for vip1") for r in rows), rows
+    service.stopService()
