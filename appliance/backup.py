@@ -25,10 +25,17 @@ in the config).  It refuses to overwrite an existing config or store without
 ``--force``.
 
 A restored store is older than the partner's: the node must not serve from it
-as if nothing happened.  With ``[services.dhcp4]`` failover, restore leaves
-the marker ``<state_dir>/dhcp4.recovering-without-data`` so the dhcp4 service
-starts its partner relationship in RECOVER (syncs from the partner, waits
-MCLT, then serves): the service itself only does so for an *empty* store.
+as if nothing happened.  Restore leaves the **restored flag**
+``<state_dir>/restored.json`` (:func:`restored`): when the backup was made, when
+it was restored, and the services with a partner that must rejoin through it
+(``pending``: dhcp4/dhcp6 with failover, sip with replication peers).  A
+service asks ``restored(state_dir, "dhcp4")`` at start (truthy: start the
+partner relationship in RECOVER, resync, then serve) and calls
+``restored_done(state_dir, "dhcp4")`` once it is NORMAL again; the file goes
+when nothing is pending.  It is never part of a backup.  For the dhcp4
+service of this release restore also leaves its own marker
+``<state_dir>/dhcp4.recovering-without-data`` (the service's own rule only
+recovers an *empty* store).
 """
 
 from __future__ import annotations
@@ -46,11 +53,13 @@ import time
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-__all__ = ["backup", "restore", "backup_main", "snapshot_sqlite"]
+__all__ = ["backup", "restore", "backup_main", "snapshot_sqlite", "restored", "restored_done",
+           "mark_restored"]
 
 FORMAT = 1
 STORE_FILE = "store.sqlite3"
 RECOVER_MARKER = "dhcp4.recovering-without-data"
+RESTORED_FILE = "restored.json"
 
 
 class BackupError(Exception):
@@ -178,6 +187,7 @@ def backup(config_path: str, out: Path, *, with_ca_key: bool = False,
                                              "with Redis (RDB/AOF)")
             small = [p for p in (state_dir.iterdir() if state_dir.is_dir() else ())
                      if p.is_file() and not p.name.startswith(STORE_FILE)
+                     and p.name not in (RESTORED_FILE, RECOVER_MARKER)
                      and p.stat().st_size < 1 << 20 and str(p) not in seen]
             for p in small:
                 _add_bytes(tar, f"state/{p.name}", p.read_bytes(), p.stat().st_mode & 0o777)
@@ -259,12 +269,83 @@ def restore(archive: Path, target: Path, *, state_dir: str | None = None,
                 (new_state_path / (STORE_FILE + suffix)).unlink(missing_ok=True)
             _write_file(store_out, read(manifest["store"]["file"]), 0o600)
             restored_store = True
-        marker = None
+        marker = flag = None
         if recover and restored_store and _has_dhcp4_failover(text):
             marker = new_state_path / RECOVER_MARKER
             marker.touch()
+        partnered = _services_with_partners(text)
+        if recover and restored_store and partnered:
+            flag = mark_restored(new_state_path, services=partnered,
+                                 backup_created=manifest.get("created"),
+                                 node_id=manifest.get("node_id"))
     return {"config": cfg_out, "state_dir": new_state_path, "store": restored_store,
-            "manifest": manifest, "recover_marker": marker}
+            "manifest": manifest, "recover_marker": marker, "restored_flag": flag,
+            "pending": partnered if flag else []}
+
+
+def _services_with_partners(text: str) -> list[str]:
+    """The services of a config that rejoin a partner after a restore."""
+    import tomllib
+    try:
+        services = tomllib.loads(text).get("services") or {}
+    except ValueError:
+        return []
+    out = []
+    for key in ("dhcp4", "dhcp6"):
+        table = services.get(key) or {}
+        if table.get("failover") and table.get("enabled", True) is not False:
+            out.append(key)
+    sip = services.get("sip") or {}
+    if (sip.get("replication") or {}).get("peers") and sip.get("enabled", True) is not False:
+        out.append("sip")
+    return out
+
+
+def mark_restored(state_dir: Path, *, services: Sequence[str], backup_created: Any = None,
+                  node_id: Any = None) -> Path:
+    """Write the restored flag (fsynced): ``services`` must rejoin their partners."""
+    path = Path(state_dir) / RESTORED_FILE
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    body = {"format": 1, "node_id": node_id, "backup_created": backup_created,
+            "restored_at": now, "pending": sorted(set(services))}
+    _write_file(path, json.dumps(body, indent=1).encode(), 0o600)
+    return path
+
+
+def restored(state_dir, service: str | None = None) -> dict[str, Any] | None:
+    """The restored flag of ``state_dir`` (None: not restored, or nothing pending
+    for ``service``).  An unreadable flag counts as pending for every service:
+    recovering needlessly costs a resync, serving from old data costs leases."""
+    if state_dir is None:
+        return None
+    path = Path(state_dir) / RESTORED_FILE
+    try:
+        body = json.loads(path.read_text())
+        if not isinstance(body, dict) or not isinstance(body.get("pending"), list):
+            raise ValueError("no pending list")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        body = {"format": None, "pending": None, "error": str(e)}
+    if service is not None and body["pending"] is not None and service not in body["pending"]:
+        return None
+    return body
+
+
+def restored_done(state_dir, service: str) -> bool:
+    """``service`` rejoined its partner after the restore; True if the flag
+    changed.  The file is removed when no service is pending any more."""
+    body = restored(state_dir, service)
+    if body is None:
+        return False
+    path = Path(state_dir) / RESTORED_FILE
+    pending = [s for s in (body["pending"] or []) if s != service]
+    if body["pending"] is None or not pending:
+        path.unlink(missing_ok=True)
+    else:
+        body["pending"] = pending
+        _write_file(path, json.dumps(body, indent=1).encode(), 0o600)
+    return True
 
 
 def _has_dhcp4_failover(text: str) -> bool:
@@ -307,7 +388,8 @@ def backup_main(argv: Sequence[str], stdout: TextIO, stderr: TextIO, *,
                             help="state dir for the store (default: the config's)")
         parser.add_argument("--force", action="store_true")
         parser.add_argument("--no-recover", action="store_true",
-                            help="do not mark dhcp4 to start in RECOVER")
+                            help="no restored flag: the services serve from the backup's "
+                                 "data as it is")
     args = parser.parse_args(list(argv[1:]))
     try:
         if command == "backup":
@@ -327,8 +409,9 @@ def backup_main(argv: Sequence[str], stdout: TextIO, stderr: TextIO, *,
                     recover=not args.no_recover)
         stdout.write(f"restored node {r['manifest']['node_id']}: config {r['config']}, "
                      f"state {r['state_dir']}"
-                     + ("; dhcp4 will start in RECOVER (resyncs from its partner)"
-                        if r["recover_marker"] else "") + "\n")
+                     + (f"; restored flag set: {', '.join(r['pending'])} rejoin through "
+                        "their partner (RECOVER / resync) before serving"
+                        if r["restored_flag"] else "") + "\n")
         return 0
     except BackupError as e:
         stderr.write(f"appliancectl: {command}: {e}\n")
