@@ -177,3 +177,30 @@ def test_a_current_partner_marks_only_by_stored(tmp_path):
     assert not ok(svc.leases.get("10.0.0.10")).synced
     svc._remote_update("b", {"stored": [["10.0.0.10", rec.version]]})
     assert ok(svc.leases.get("10.0.0.10")).synced
+
+
+def test_a_previous_version_partner_acks_recovery_pages_and_send_backs(tmp_path):
+    """The records a previous version pulls in its recovery sync, and our merge
+    winners sent back to it, are synced by its peer-link ack (it sends no
+    "stored"): they do not stay owed for ever."""
+    svc, clock, link = node(tmp_path, P.PARTNER_DOWN, hello=False)
+    for body, d in list(link.sent):
+        if "hello" in body:
+            d.callback(None)
+    clock.advance(svc.HELLO_GRACE_S + 1)
+    assert svc._partner_is_current() is False
+    ok(svc.leases.bind(1, "10.0.0.10", hw(1), lease_time_s=600, roles=None))
+    ok(svc.leases.bind(1, "10.0.0.11", hw(2), lease_time_s=600, roles=None))
+    link.sent.clear()
+    d = svc._send_all("b")
+    for body, ack in list(link.sent):
+        if "leases" in body and not ack.called:
+            ack.callback(None)
+    ok(d)
+    assert not svc.leases.unsynced, "records a previous version stored stay owed"
+    # a merge winner sent back
+    ok(svc.leases.bind(1, "10.0.0.12", hw(3), lease_time_s=600, roles=None))
+    link.sent.clear()
+    svc._send_back("b", "10.0.0.12")
+    link.sent[-1][1].callback(None)
+    assert "10.0.0.12" not in svc.leases.unsynced

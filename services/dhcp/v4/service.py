@@ -964,8 +964,10 @@ class Dhcp4Service(Service):
         if not isinstance(lease, Lease) or link is None:
             return
         self.stats["replication_sent_back"] = self.stats.get("replication_sent_back", 0) + 1
-        link.send(peer, CHANNEL, {"leases": [lease.to_wire()]}, limit=1 << 30).addErrback(
-            lambda f: self.outbox.add(lease) if self.outbox is not None else None)
+        d = link.send(peer, CHANNEL, {"leases": [lease.to_wire()]}, limit=1 << 30)
+        # a previous-version partner sends no "stored": its ack marks it then
+        d.addCallback(lambda _: self._transport_acked([lease]))
+        d.addErrback(lambda f: self.outbox.add(lease) if self.outbox is not None else None)
 
     def _sync_from_partner(self, peer):
         """RECOVER: ask the partner for all its leases; done at its end marker."""
@@ -1007,6 +1009,7 @@ class Dhcp4Service(Service):
             for i in range(0, len(page), SYNC_BATCH):
                 batch = page[i:i + SYNC_BATCH]
                 d = link.send(peer, CHANNEL, {"leases": batch}, limit=1 << 30)
+                d.addCallback(self._page_acked, batch)
                 d.addErrback(self._sync_send_failed, peer)
                 window.append(d)
                 sent += len(batch)
@@ -1016,6 +1019,19 @@ class Dhcp4Service(Service):
                 break
         link.send(peer, CHANNEL, {"sync_done": sent}).addErrback(self._sync_send_failed, peer)
         _log.info("dhcp4 sent {n} leases to {peer} for its recovery", n=sent, peer=peer)
+
+    def _page_acked(self, _, batch):
+        """A recovery-sync page handled by the partner: synced by its "stored"
+        report, or by this ack for a previous version (which sends none)."""
+        if self._partner_is_current():
+            return
+        leases = []
+        for wire in batch:
+            try:
+                leases.append(Lease.from_wire(wire))
+            except ValueError:
+                continue
+        self._transport_acked(leases)
 
     def _sync_send_failed(self, failure, peer):
         self.stats["replication_failed"] += 1
