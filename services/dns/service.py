@@ -683,7 +683,8 @@ class DNSService(Service):
                 "servers": [show_server(s) for s in self.config.servers],
                 "key": self.config.key.name if self.config.key else None,
                 # the operator's summary (issue 13 deliver 5): what /metrics also shows
-                "out_of_sync": sum(1 for r in rows if r["role"] == "owner" and not r["in_sync"]),
+                "out_of_sync": sum(1 for r in rows if r["role"] == "owner" and r["desired"]
+                                   and not r["in_sync"]),     # as the gauge counts them
                 "guard_blocked": sum(1 for r in rows if r["blocked_by"]),
                 "zones": {z.to_text(): {
                     "servers": [show_server(x) for x in
