@@ -63,6 +63,7 @@ LEASE_S = 10
 CROWD_RATE = 4            # new DHCP clients per second
 SIP_RATE = 5              # new SIP users per second
 MAX_PING_LOSS = 30        # pings (100 ms apart) lost over the whole procedure: 3 s
+MIXED_S = 3.0             # seconds of client traffic with a old and b new, both NORMAL
 
 
 def node_config(node: str, tmp, keys) -> str:
@@ -365,6 +366,9 @@ def run_upgrade(lab, tmp_path, old_root, source):
     mixed = pair.rpc("b", "cluster.status")["peer_link"]["a"]
     if not experiment:
         assert mixed.get("version") == 1 and mixed.get("caps") == [], mixed   # b new, a old
+    mixed_from = time.time()
+    time.sleep(MIXED_S)              # both serving, one release apart, replicating both ways
+    mixed_until = time.time()
     upgrade(pair, "a", steps)
     time.sleep(2)                    # a last round of client traffic on the new pair
 
@@ -406,6 +410,9 @@ def run_upgrade(lab, tmp_path, old_root, source):
     assert not moved, f"{len(moved)} clients moved to another address: {list(moved.items())[:3]}"
     renewed = sum(1 for mac in addresses if sum(a["mac"] == mac for a in ok) > 1)
     servers = {a["server"] for a in ok}
+    mixed_servers = {a["server"] for a in ok if mixed_from <= a["t"] <= mixed_until}
+    assert mixed_servers == set(ADDR.values()), \
+        f"while mixed only {mixed_servers} ACKed (both should serve their split)"
     assert len(addresses) >= 40 and renewed >= 20 and servers == set(ADDR.values()), \
         (len(addresses), renewed, servers)
     now = time.time()
