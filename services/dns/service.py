@@ -341,8 +341,10 @@ class DNSService(Service):
             if rest:
                 self.dirty.setdefault(zone, {}).update(rest)
             self._force -= set(take)
-        changes = [c for c in plan(self.config.records, self.owned, self.node).get(zone, [])
-                   if c.spec.key in take]
+        # only what was marked: a decision's flush must not recompute every owned
+        # record of every zone on the move's critical path
+        changes = plan([s for s in self.config.records if s.zone == zone and s.key in take],
+                       self.owned, self.node).get(zone, [])
         if not changes:
             self._fire_waiters([zone], None)
             return

@@ -489,3 +489,25 @@ def test_resource_scope_through_the_service():
     rows = service.records()["records"]
     assert all(r["guard"].startswith("a at epoch 4 for vip1") for r in rows), rows
     service.stopService()
+
+
+def test_a_flush_plans_only_the_marked_records(monkeypatch):
+    """The move's critical path: gaining one resource computes the desired rrsets of
+    that resource's records only, not of every owned record of every zone (old code:
+    every flush planned all of them)."""
+    import services.dns.records as R
+    specs = [rec(f"r{i}.example.test.", "A", f"10.0.0.{i}", resource=f"vip{i}")
+             for i in range(1, 21)]
+    service, clock, cluster, client = make(specs)
+    for i in range(1, 20):
+        cluster.listeners[f"vip{i}"](f"vip{i}", "owner", 1)
+    clock.advance(0)
+    calls = []
+    real = R.desired_rdatas
+    monkeypatch.setattr(R, "desired_rdatas", lambda spec, owner: (calls.append(spec.name),
+                                                                   real(spec, owner))[1])
+    cluster.listeners["vip20"]("vip20", "owner", 1)
+    clock.advance(0)
+    assert calls == [specs[-1].name], len(calls)
+    assert len(client.updates) == 2
+    service.stopService()
