@@ -369,6 +369,12 @@ def run_upgrade(lab, tmp_path, old_root, source):
     mixed_from = time.time()
     time.sleep(MIXED_S)              # both serving, one release apart, replicating both ways
     mixed_until = time.time()
+    # the same config files: neither release sees a config difference in the other
+    for n in ("a", "b"):
+        st = pair.rpc(n, "cluster.status")
+        peer = st.get("peers", {}).get(OTHER[n], {})
+        assert not peer.get("config_mismatch"), (n, peer.get("config_mismatch"))
+        assert not [w for w in st.get("warnings", []) if "differ" in w], st.get("warnings")
     upgrade(pair, "a", steps)
     time.sleep(2)                    # a last round of client traffic on the new pair
 
