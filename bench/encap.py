@@ -216,6 +216,13 @@ def outage_case(case: str, pps: int, soft: bool, kills: int, work: Path,
                                 f"{background:.1%} background echo loss" if loss_pct else "")})
     rows.append({"system": system, "case": case, "metric": "outage_ms_max",
                  "value": max(outages) if outages else None, "unit": "ms", "note": ""})
+    if loss_pct:
+        rows.append({"system": system, "case": case, "metric": "background_echo_loss_pct",
+                     "value": round(background * 100, 1), "unit": "%",
+                     "note": f"echoes lost in 10 s with both DNs alive ({loss_pct}% each way "
+                             "on the underlay alone would lose ~"
+                             f"{100 * (1 - (1 - loss_pct / 100) ** 2):.0f}%; the rest is "
+                             "spurious EN switches and their route changes)"})
     if spurious is not None:
         rows.append({"system": system, "case": case, "metric": "spurious_switches_per_10s",
                      "value": spurious, "unit": "switches",
@@ -698,7 +705,8 @@ CASES = [
     ("lan-100pps-loss10", 100, True, 0, 10, False),
 ]
 #: the cases of the BIRD 2 OSPF baseline (its outage does not depend on the EN side)
-BIRD_CASES = ("lan-100pps", "lan-10pps", "soft-lan-100pps", "man-100pps", "wan-100pps")
+BIRD_CASES = ("lan-100pps", "soft-lan-100pps", "lan-10pps", "man-100pps", "wan-100pps",
+              "lan-100pps-loss10")
 #: the cases of the L2 announce mode (no routing protocol: ARP)
 L2_CASES = ("lan-100pps", "soft-lan-100pps")
 
@@ -713,8 +721,9 @@ def main() -> int:
     p.add_argument("--kills-other", type=int, default=None,
                    help="kills per other case (default: --kills, at most 5)")
     p.add_argument("--kills-bird", type=int, default=None,
-                   help="kills per bird2-ospf case (default: --kills, at most 10; each kill "
-                        "waits out OSPF's 5 s MinLSInterval)")
+                   help="kills per headline bird2-ospf case (default: --kills, at most 10; "
+                        "its other cases: at most 3; each kill waits out OSPF's 5 s "
+                        "MinLSInterval)")
     p.add_argument("--routing", default="esr,bird",
                    help="ESR routing modes to measure: esr (the appliance's agent: system "
                         "appliance), bird (bird2-ospf), l2 (appliance-l2)")
@@ -750,7 +759,10 @@ def main() -> int:
                     if (routing == "bird" and case not in BIRD_CASES) or \
                             (routing == "l2" and case not in L2_CASES):
                         continue
-                    n = kills_bird if routing == "bird" else (kills if headline else kills_other)
+                    if routing == "bird":
+                        n = kills_bird if headline else min(kills_other, kills_bird, 3)
+                    else:
+                        n = kills if headline else kills_other
                     rows += outage_case(case, pps, soft, n, work, delay_ms=delay,
                                         loss_pct=loss, routing=routing)
                     log(f"[{(time.monotonic() - started) / 60:.1f} min]")
