@@ -11,12 +11,15 @@ The procedure (README "Rolling upgrade"), one node at a time::
 Phase ``stop`` (the default) passes when this node is in maintenance, owns no resource,
 hears every peer, and owes no peer anything (peer-link backlog 0, SIP replication
 backlog 0): stopping it then takes nothing from the clients.  Phase ``rejoined`` passes
-when every peer is heard, every partner relationship is NORMAL, the peer link is up
+when every peer is heard, every partner relationship (and dhcp4's own failover state)
+is NORMAL, the peer link is up
 with nothing owed either way, SIP replication has caught up, and no heartbeat was
 dropped for its wire version (a peer more than one release apart).
 
-The checks are a pure function of the node's ``cluster.status`` and ``sip.stats``
-answers (None: no SIP on the node), so they work against the previous release too.
+The checks are a pure function of the node's ``cluster.status``, ``sip.stats`` and
+``dhcp4.scopes`` answers (None: no such service on the node), so they work against the
+previous release too.  ``rejoined`` also waits for the dhcp4 service's own failover
+state to be NORMAL (it can lag the cluster's partner state while it catches up).
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ from typing import Any
 PHASES = ("stop", "rejoined")
 
 
-def checks(phase: str, cluster: dict[str, Any], sip: dict[str, Any] | None
-           ) -> list[tuple[str, bool, str]]:
-    """``[(check, ok, detail)]`` for ``phase``."""
+def checks(phase: str, cluster: dict[str, Any], sip: dict[str, Any] | None,
+           dhcp4: dict[str, Any] | None = None) -> list[tuple[str, bool, str]]:
+    """``[(check, ok, detail)]`` for ``phase`` (``dhcp4``: the ``dhcp4.scopes``
+    answer, None without dhcp4)."""
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}")
     out: list[tuple[str, bool, str]] = []
@@ -72,6 +76,14 @@ def checks(phase: str, cluster: dict[str, Any], sip: dict[str, Any] | None
                     "every beat readable" if not bad else
                     f"{bad} heartbeats dropped for their version: a peer more than one "
                     "release apart (upgrade one release at a time)"))
+
+    failover = (dhcp4 or {}).get("failover")
+    if phase == "rejoined" and failover:
+        # the service's own view: it may stay COMMUNICATIONS-INTERRUPTED after the
+        # cluster's partner state is NORMAL, until it caught up with the partner
+        state = failover.get("state")
+        out.append(("dhcp4 failover", state == "NORMAL",
+                    f"{state} with {failover.get('peer')}"))
 
     if sip is not None:
         repl = sip.get("replication") or {}

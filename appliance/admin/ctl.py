@@ -739,13 +739,15 @@ def _upgrade_check(client: Client, args, stdout: TextIO) -> int:
     deadline = time.monotonic() + max(args.wait, 0.0)
     while True:
         cluster = client.call("cluster.status")
-        try:
-            sip = client.call("sip.stats")
-        except CtlError as e:
-            if "(-32601)" not in str(e):         # only "no such method" means no SIP
-                raise
-            sip = None
-        results = checks(phase, cluster, sip)
+        answers = {}
+        for method in ("sip.stats", "dhcp4.scopes"):
+            try:
+                answers[method] = client.call(method)
+            except CtlError as e:
+                if "(-32601)" not in str(e):     # only "no such method" means no service
+                    raise
+                answers[method] = None
+        results = checks(phase, cluster, answers["sip.stats"], answers["dhcp4.scopes"])
         ready = all(ok for _, ok, _ in results)
         if ready or time.monotonic() >= deadline:
             break

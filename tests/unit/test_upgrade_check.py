@@ -44,8 +44,8 @@ def test_safe_to_stop_only_in_maintenance_owning_nothing_owing_nothing():
 
 
 def test_rejoined_needs_normal_partners_caught_up_sip_and_readable_versions():
-    """RECOVER, a SIP resync in progress or heartbeats dropped for their wire version
-    keep --rejoined waiting."""
+    """RECOVER, dhcp4 not yet NORMAL in its own view, a SIP resync in progress or
+    heartbeats dropped for their wire version keep --rejoined waiting."""
     sip_ok = {"replication": {"backlog": {"a": 0}, "full_resync_needed": {"a": False},
                               "peer_bindings": {"a": 12}}}
     up = status(maintenance=False, resources={"vip1": {"owner": "b"}})
@@ -57,6 +57,12 @@ def test_rejoined_needs_normal_partners_caught_up_sip_and_readable_versions():
     unsynced = {"replication": {"backlog": {"a": 0}, "full_resync_needed": {"a": False},
                                 "peer_bindings": {"a": None}}}
     assert failing(checks("rejoined", status(), unsynced)) == ["sip replication"]
+    dhcp4 = {"scopes": [], "failover": {"peer": "a", "role": "secondary",
+                                        "state": "COMMUNICATIONS-INTERRUPTED"}}
+    assert failing(checks("rejoined", up, sip_ok, dhcp4)) == ["dhcp4 failover"]
+    dhcp4["failover"]["state"] = "NORMAL"
+    assert failing(checks("rejoined", up, sip_ok, dhcp4)) == []
+    assert failing(checks("rejoined", up, sip_ok, {"scopes": [], "failover": None})) == []
     text = render("rejoined", checks("rejoined", status(partners={"a": "RECOVER"}), sip_ok))
     assert "WAIT  partners NORMAL" in text and text.endswith("not yet: rejoined")
 
