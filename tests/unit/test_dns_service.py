@@ -511,3 +511,39 @@ def test_a_flush_plans_only_the_marked_records(monkeypatch):
     assert calls == [specs[-1].name], len(calls)
     assert len(client.updates) == 2
     service.stopService()
+
+
+def test_a_service_resource_defined_later_with_a_real_cluster_manager(tmp_path):
+    """Review M9 with the real ClusterManager (not started: no sockets): dns starts
+    first and only listens; sip registers "sip:registrar" with its priorities a moment
+    later; the manager keeps sip's spec and both listeners."""
+    import ipaddress
+    from appliance.cluster.manager import ClusterManager
+    from appliance.config import ClusterSection, Peer
+    clock = Clock()
+    section = ClusterSection(peers=(Peer("b", ipaddress.ip_address("10.0.0.2")),),
+                             heartbeat_interval_ms=100, dead_after=3, bind_address=None)
+    m = ClusterManager(clock, node_id="a", cluster=section, state_dir=tmp_path)
+    config = DNSConfig(servers=(("127.0.0.1", 53),), key=None, key_file=None, zones=(EX,),
+                       default_ttl=5, records=(rec("reg.example.test.", "A", "10.0.0.1",
+                                                   resource="sip:registrar"),),
+                       reconcile_interval_s=30, timeout_s=0.5, retry_initial_s=0.1,
+                       retry_max_s=1.0)
+    context = NodeContext(reactor=clock, config=SimpleNamespace(node=SimpleNamespace(id="a")),
+                          store=None, rpc=MethodRegistry(), metrics=CollectorRegistry(),
+                          cluster=m, state_dir=tmp_path)
+    service = DNSService(config, context, rng=lambda: 0.5, client=FakeClient())
+    service.startService()
+    clock.advance(0.5)
+    assert "sip:registrar" not in m.resources
+    sip = []
+    m.register_resource("sip:registrar", lambda *a: sip.append(a), priority={"a": 50, "b": 200},
+                        preempt=False, kind="sip")
+    clock.advance(DNSService.DEFINE_POLL_S)
+    res = m.resources["sip:registrar"]
+    assert res.spec.priority == {"a": 50, "b": 200} and res.spec.kind == "sip"
+    assert not res.spec.preempt and len(res.listeners) == 2
+    clock.advance(DNSService.DEFINE_GRACE_S)
+    assert len(res.listeners) == 2, "defined once, listened to once"
+    service.stopService()
+    assert len(res.listeners) == 1
