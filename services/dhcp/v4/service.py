@@ -240,7 +240,7 @@ class Dhcp4Service(Service):
                 self.drops["stale"] = self.drops.get("stale", 0) + 1
                 return
         if (self.view.state == P.COMM_INTERRUPTED and self._evidence_to is not None
-                and pkt.secs >= self._max_ack_delay_s):
+                and not self._catching_up and pkt.secs >= self._max_ack_delay_s):
             self._client_evidence(pkt)
         writes = self.leases.writes
         result = self.handler.handle(pkt)
@@ -480,6 +480,13 @@ class Dhcp4Service(Service):
 
     def _caps_unknown_over(self, peer):
         self._caps_timer = None
+        if self._partner_caps is None and self._cluster_state != P.NORMAL:
+            # only a partner in a relationship with us answers on this channel (a
+            # stopped service's messages are parked and acked by the peer link):
+            # decide while the cluster says NORMAL
+            self._caps_timer = self.reactor.callLater(self.HELLO_GRACE_S,
+                                                      self._caps_unknown_over, peer)
+            return
         if self._partner_caps is None:
             link = getattr(self.context.cluster, "peerlink", None)
             ask = getattr(link, "peer_capabilities", None)
@@ -573,6 +580,7 @@ class Dhcp4Service(Service):
             self._catching_up = True
             self._apply_state(peer, P.COMM_INTERRUPTED,
                               f"{reason}; NORMAL once caught up with the partner")
+            self._evidence_reset(peer)          # the partner is there: no evidence
             self._request_updates(peer)
             return
         if self._catching_up:
@@ -1130,6 +1138,11 @@ class Dhcp4Service(Service):
                 "drops": {k: v for k, v in self.drops.items() if v},
                 "leases": self.leases.stats(), "replication": dict(self.stats),
                 "merge_held_by_skew": self.skew_hold,
+                "failover": None if self.config.failover is None else {
+                    "cluster_state": self._cluster_state, "serving_as": self.view.state,
+                    "hold": self.view.hold, "catching_up": self._catching_up,
+                    "partner_caps": (None if self._partner_caps is None
+                                     else sorted(self._partner_caps))},
                 "reservations": {"count": self.leases.reservation_count,
                                  "ldap": self.ldap.status() if self.ldap else None}}
 
