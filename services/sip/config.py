@@ -66,6 +66,8 @@ class ReplicationConfig:
     page: int = 100                # AORs per full-resync page
     window: int = 1                # full-resync pages in flight
     pause_s: float = 0.002         # reactor breath between two pages
+    sync_grace_s: float = 5.0      # at start, a peer down this long is not waited for
+    sync_max_s: float = 600.0      # at start, unable at most this long (peers' synced markers)
 
 
 @dataclass(frozen=True)
@@ -150,10 +152,13 @@ def parse(table, context) -> SIPConfig | None:
         page = rt.int("page", 100, min=1, max=5000)
         window = rt.int("window", 1, min=1, max=64)
         pause = rt.float("pause_ms", 2.0, min=0, max=10_000)
+        grace = rt.float("sync_grace_s", 5.0, min=0, max=3600)
+        sync_max = rt.float("sync_max_s", 600.0, min=0, max=86400)
         rt.done()
-        if peers and None not in (mode, timeout, batch, backlog_limit, page, window, pause):
+        if peers and None not in (mode, timeout, batch, backlog_limit, page, window, pause,
+                                  grace, sync_max):
             replication = ReplicationConfig(tuple(peers), mode, timeout, batch, backlog_limit,
-                                            page, window, pause / 1000.0)
+                                            page, window, pause / 1000.0, grace, sync_max)
     roles = _parse_roles(table, context, port)
     if len(table.problems.items) != before:
         return None

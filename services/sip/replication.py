@@ -21,7 +21,7 @@ Missed AORs.  Per backup, the AORs it has not acknowledged (its link was
 down, a send failed or timed out) are kept in memory *and in the store*
 (hash ``sip:backlog:<peer>``, written before a sync-mode 200 leaves), so they
 survive a restart of this node.  When the backup's link comes back the two
-sides exchange ``{"hello": {"bindings": n}}``; then:
+sides exchange ``{"hello": {"bindings": n, "caps": ["synced"]}}``; then:
 
 - a backup that reports no bindings (it lost its data), or whose backlog
   overflowed ``backlog_limit`` (flag ``sip:backlog-full:<peer>`` in the store),
@@ -42,6 +42,13 @@ shard for a moment at its restart) can never overwrite a newer state, and
 every node may push what it holds: whoever has the newest state wins on both
 sides, whatever the ownership did meanwhile.  The full resync's end marker
 removes only AORs older than its start.
+
+Synced marker.  When a peer that says it understands it (``caps`` in its hello)
+has received everything this node had for it -- the delta or full resync after
+its hello is done, or there was nothing to send -- it gets ``{"synced": {...}}``
+on the same ordered channel, so it arrives after every state before it was
+stored.  A returning node uses it to stay unable for its shards until then
+(``on_synced``; see :class:`services.sip.syncgate.SyncGate`).
 """
 
 from __future__ import annotations
@@ -86,7 +93,8 @@ class Replicator:
     def __init__(self, reactor, link, peers: tuple[str, ...], mode: str, location, *,
                  timeout_s: float = 2.0, batch: int = 100, max_unacked: int = 10_000,
                  backlog_limit: int = 10_000, page: int = 100, window: int = 1,
-                 pause_s: float = 0.002, shard_of: Callable[[str], int] | None = None):
+                 pause_s: float = 0.002, shard_of: Callable[[str], int] | None = None,
+                 on_synced: Callable[[str], None] | None = None):
         self.reactor = reactor
         self.link = link
         self.peers = tuple(peers)
@@ -101,6 +109,11 @@ class Replicator:
         self.window = window
         self.pause_s = pause_s
         self.shard_of = shard_of or (lambda aor: 0)
+        self.on_synced = on_synced
+        #: peers whose hello said they read the synced marker
+        self.peer_caps: dict[str, frozenset] = {p: frozenset() for p in self.peers}
+        #: peers that sent this node everything it missed (their synced marker)
+        self.synced_from: set[str] = set()
         self.missed: dict[str, set[str]] = {p: set() for p in self.peers}
         #: backups that need a paged full resync (persisted); and those running now
         self.full_needed: dict[str, bool] = {p: False for p in self.peers}
@@ -111,7 +124,8 @@ class Replicator:
         self.stats = {"sent": 0, "acked": 0, "timeouts": 0, "failed": 0, "applied": 0,
                       "resent": 0, "skipped_down": 0, "messages": 0, "overflows": 0,
                       "full_resyncs": 0, "full_sent": 0, "full_removed": 0,
-                      "last_full_resync_s": None, "delta_resyncs": 0, "stale_ignored": 0}
+                      "last_full_resync_s": None, "delta_resyncs": 0, "stale_ignored": 0,
+                      "synced_sent": 0, "synced_received": 0}
         self._queue: dict[str, list] = {}
         self._flush_calls: dict[str, object] = {}
         self._ops: list = []
@@ -294,7 +308,8 @@ class Replicator:
             self.peer_bindings[peer] = None
             return
         # tell it what we hold; its hello tells us whether it lost its data
-        d = self.link.send(peer, CHANNEL, {"hello": {"bindings": self.location.count}},
+        d = self.link.send(peer, CHANNEL, {"hello": {"bindings": self.location.count,
+                                                     "caps": ["synced"]}},
                            limit=1 << 30)
         d.addErrback(lambda f: _log.debug("sip: hello to {peer} not acked: {why}", peer=peer,
                                           why=f.getErrorMessage()))
@@ -302,6 +317,9 @@ class Replicator:
     def _hello(self, peer: str, info: dict) -> None:
         n = int(info.get("bindings") or 0)
         self.peer_bindings[peer] = n
+        caps = info.get("caps")
+        self.peer_caps[peer] = frozenset(c for c in caps if isinstance(c, str)) \
+            if isinstance(caps, list) else frozenset()
         if peer in self._resyncing:
             # it came back again during a resync: once that ends, look again
             self._again.add(peer)
@@ -320,10 +338,20 @@ class Replicator:
         elif self.missed[peer]:
             d = self.delta_resync(peer)
         else:
+            self._send_synced(peer)       # it has everything this node holds for it
             return None
         d.addErrback(lambda f: _log.warn("sip: resync of {peer} stopped: {why} (again when it "
                                          "returns)", peer=peer, why=f.getErrorMessage()))
         return d
+
+    def _send_synced(self, peer: str) -> None:
+        if "synced" not in self.peer_caps.get(peer, ()):
+            return                        # an older peer: it would not read it
+        self.stats["synced_sent"] += 1
+        d = self.link.send(peer, CHANNEL, {"synced": {"bindings": self.location.count}},
+                           limit=1 << 30)
+        d.addErrback(lambda f: _log.debug("sip: synced marker to {peer} not acked: {why}",
+                                          peer=peer, why=f.getErrorMessage()))
 
     def _rerun(self, peer: str) -> bool:
         """The peer said hello again during a resync: resync once more (in full if it
@@ -366,7 +394,9 @@ class Replicator:
         pending = list(self.missed[peer])[:self.batch]
         if not pending or not self.link.connected(peer):
             self._resyncing.discard(peer)
-            if self._rerun(peer):
+            again = self._rerun(peer)
+            if again or self.link.connected(peer):
+                # more (missed meanwhile, or it said hello again), else the synced marker
                 self.reactor.callLater(0, self.resync, peer)
             finished.callback(None)
             return
@@ -401,8 +431,10 @@ class Replicator:
         def done(r):
             self._resyncing.discard(peer)
             self.full_running.discard(peer)
-            if self._rerun(peer) or (not isinstance(r, Failure) and self.missed[peer]):
-                self.reactor.callLater(0, self.resync, peer)     # what it missed meanwhile
+            again = self._rerun(peer)
+            if again or not isinstance(r, Failure):
+                # what it missed meanwhile, else the synced marker
+                self.reactor.callLater(0, self.resync, peer)
             return r
         return d.addBoth(done)
 
@@ -463,6 +495,14 @@ class Replicator:
         try:
             if "hello" in body:
                 self._hello(peer, body["hello"])
+                return defer.succeed(None)
+            if "synced" in body:
+                self.stats["synced_received"] += 1
+                if peer not in self.synced_from:
+                    _log.info("sip: {peer} sent everything it had for this node", peer=peer)
+                self.synced_from.add(peer)
+                if self.on_synced is not None:
+                    self.on_synced(peer)
                 return defer.succeed(None)
             if "full_begin" in body:
                 return self._full_begin(peer, body["full_begin"])

@@ -103,6 +103,19 @@ class SIPService(Service):
         # registered now, before any service starts: the shard resources get the sip
         # service's priorities even if the dns service (records following them) starts first
         self.roles.register()
+        self.syncgate = None
+        if config.replication is not None and not self.roles.alone:
+            # unable for the shards until the peers sent what this node missed: said now,
+            # before the cluster's first election, so a preempting node does not take a
+            # shard back with stale bindings
+            from services.sip.syncgate import SyncGate
+            r = config.replication
+            self.syncgate = SyncGate(
+                self.context.cluster, r.peers, now=self.reactor.seconds,
+                connected=lambda p: (self.replicator is not None
+                                     and self.replicator.link.connected(p)),
+                alive=self.roles.alive, grace_s=r.sync_grace_s, max_s=r.sync_max_s)
+            self.syncgate.begin()
 
     def _make_roles(self):
         from services.sip.roles import Roles
@@ -158,6 +171,9 @@ class SIPService(Service):
             self.listeners.append(port)
             where.append(f"{name}:{port.getHost().host}:{port.getHost().port}")
         self._setup_replication()
+        if self.replicator is None and self.syncgate is not None:
+            self.syncgate.waiting.clear()          # no peer link: nobody can sync this node
+            self.syncgate.tick()
         if self.replicator is not None:
             try:
                 await self.replicator.load()
@@ -208,7 +224,8 @@ class SIPService(Service):
         self.replicator = Replicator(
             self.reactor, link, r.peers, r.mode, self.location, timeout_s=r.timeout_s,
             batch=r.batch, backlog_limit=r.backlog_limit, page=r.page, window=r.window,
-            pause_s=r.pause_s, shard_of=roles.shard)
+            pause_s=r.pause_s, shard_of=roles.shard,
+            on_synced=self.syncgate.synced if self.syncgate is not None else None)
         _log.info("sip: replicating bindings to {peers} ({mode})", peers=", ".join(r.peers),
                   mode=r.mode)
 
@@ -218,6 +235,11 @@ class SIPService(Service):
         except Exception:
             _log.failure("sip: transaction sweep failed")
         self._sweeps += 1
+        if self.syncgate is not None:
+            try:
+                self.syncgate.tick()
+            except Exception:
+                _log.failure("sip: sync gate check failed")
         if self.auth is not None:
             self.auth.sweep()
         if self._sweeps % max(1, int(self.config.sweep_interval_s)) == 0:
@@ -590,6 +612,7 @@ class SIPService(Service):
                 "auth": dict(self.auth.results) if self.auth is not None else None,
                 "ldap": self._ldap_stats(),
                 "replication": self._replication_stats(),
+                "sync": None if self.syncgate is None else self.syncgate.status(),
                 "counters": dict(self.stats)}
 
     def rpc_shards(self):

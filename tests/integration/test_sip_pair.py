@@ -19,13 +19,14 @@ from tests.support.require import require_binary
 pytestmark = pytest.mark.integration
 
 
-def sip_body(me: str, other: str, port: int, extra: str = "") -> str:
+def sip_body(me: str, other: str, port: int, extra: str = "", sip_extra: str = "") -> str:
     return f"""
 [services.sip]
 listen_address = "{ADDR[me]}"
 port = {port}
 domains = ["example.test"]
 priority = {{ a = 200, b = 100 }}
+{sip_extra}
 
 [services.sip.replication]
 peers = ["{other}"]
@@ -42,7 +43,7 @@ def sip_pair(tmp_path):
         n.kill()
 
 
-def make_pair(tmp_path, extra: str = ""):
+def make_pair(tmp_path, extra: str = "", sip_extra: str = ""):
     import subprocess
     import sys
     require_binary("sipp")
@@ -57,7 +58,7 @@ def make_pair(tmp_path, extra: str = ""):
         d = tmp_path / me
         d.mkdir()
         nodes[me] = NodeProcess(d, cluster_body(me, other, keys, hb, link)
-                                + sip_body(me, other, sip_port, extra), node_id=me)
+                                + sip_body(me, other, sip_port, extra, sip_extra), node_id=me)
         nodes[me].sip_port = sip_port
     return nodes
 
@@ -184,6 +185,54 @@ def test_backlog_survives_primary_restart(tmp_path):
             return repl["backlog"]["b"] == 0 and repl["delta_resyncs"] >= 1
         wait_for(caught_up, 20, "b caught up")
         assert _aors(b, "sip:owed") == _aors(a, "sip:owed") and len(_aors(a, "sip:owed")) == 100
+    finally:
+        for n in nodes.values():
+            n.kill()
+
+
+def test_returning_node_does_not_preempt_before_it_is_synced(tmp_path):
+    """preempt = true, a preferred: a is killed, b takes over and acknowledges 300 new
+    users (more than backlog_limit: a gets a paged full resync, slowed to >= 3 s by
+    page = 10, pause_ms = 100).  a restarts: while b's resync runs a reports 'syncing'
+    (unable), so b keeps the registrar; a takes it back only once it holds every binding
+    (every sample where a owns it shows all of them), and then serves them."""
+    nodes = make_pair(tmp_path, "backlog_limit = 50\npage = 10\npause_ms = 100\n",
+                      "preempt = true")
+    a, b = nodes["a"].start(), nodes["b"].start()
+    try:
+        wait_for(lambda: a.rpc("cluster.status")["result"]["peer_link"]["b"]["connected"],
+                 15, "the peer link")
+        wait_for(lambda: a.rpc("sip.stats")["result"]["role"] == "owner", 15, "a owning")
+        r = sipp.run_sipp(tmp_path / "pre", sipp.register_only(prefix="pre"),
+                          f"127.0.0.1:{a.sip_port}", calls=20, rate=100)
+        assert r.ok and r.successful == 20, (r.stdout, r.errors)
+        a.kill()
+        wait_for(lambda: b.rpc("sip.stats")["result"]["role"] == "owner", 15, "b taking over")
+        r = sipp.run_sipp(tmp_path / "away", sipp.register_only(prefix="away"),
+                          f"{ADDR['b']}:{b.sip_port}", calls=300, rate=300)
+        assert r.ok and r.successful == 300, (r.stdout, r.errors)
+        assert b.rpc("sip.stats")["result"]["replication"]["full_resync_needed"]["a"] is True
+        total = b.rpc("sip.stats")["result"]["bindings"]
+        assert total >= 320
+        a.start()
+        samples = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            st = a.rpc("sip.stats")["result"]
+            samples.append((st["role"], st["bindings"], (st.get("sync") or {}).get("syncing")))
+            if st["role"] == "owner":
+                break
+            time.sleep(0.05)
+        owning = [s for s in samples if s[0] == "owner"]
+        assert owning, f"a never took the registrar back: {samples[-3:]}"
+        early = [s for s in owning if s[1] < total]
+        assert not early, (f"a owned the registrar holding {early[0][1]} of {total} bindings "
+                           f"(before its resync finished)")
+        assert any(s[2] for s in samples), "a never reported syncing"
+        assert b.rpc("sip.stats")["result"]["replication"]["full_resyncs"] >= 1
+        wait_for(lambda: b.rpc("sip.stats")["result"]["role"] == "backup", 10, "b backing up")
+        answer = invite(ADDR["a"], a.sip_port, "away7")
+        assert answer.startswith("SIP/2.0 302") and "<sip:away7@127.0.0.1:" in answer, answer
     finally:
         for n in nodes.values():
             n.kill()

@@ -326,3 +326,112 @@ def test_backup_back_again_during_a_resync_gets_another(tmp_path):
         settle_all()
     assert a.replicator.stats["full_resyncs"] == 2
     assert not a.replicator.full_needed["b"] and "b" not in a.replicator.full_running
+
+
+def test_returning_node_hears_synced_only_after_it_holds_what_it_missed(tmp_path):
+    """b was away while a registered 25 users; when the link returns a sends the delta
+    (batch 10: three steps) and then the synced marker: b's on_synced fires once, and
+    at that moment b holds every missed AOR."""
+    a, b, link, clock, thread_a, thread_b, settle_all = pair(tmp_path)
+    seen = []
+
+    def on_synced(peer):
+        held = sum(1 for i in range(25) if bindings(b, f"sip:u{i}@example.test"))
+        seen.append((peer, held))
+    _register_many(a, Peer(), [0], settle_all, prefix="pre")     # b holds bindings: a delta
+    b.replicator.on_synced = on_synced
+    link.set_up(False)
+    _register_many(a, Peer(), range(25), settle_all)
+    assert len(a.replicator.missed["b"]) == 25
+    link.set_up(True)
+    for _ in range(20):
+        settle_all()
+        clock.advance(0)
+    assert seen == [("a", 25)]
+    assert b.replicator.synced_from == {"a"}
+    assert a.replicator.stats["delta_resyncs"] == 1
+
+
+def test_no_synced_marker_to_a_peer_that_does_not_read_it(tmp_path):
+    """An older peer's hello has no caps: it gets no synced marker (it would park it)."""
+    a, b, link, clock, thread_a, thread_b, settle_all = pair(tmp_path)
+    link.set_up(False)
+    a.replicator._hello("b", {"bindings": 0})
+    for _ in range(5):
+        settle_all()
+        clock.advance(0)
+    assert a.replicator.stats["synced_sent"] == 0
+
+
+class _Cluster:
+    def __init__(self):
+        self.reports = []
+
+    def service_failed(self, name, reason):
+        self.reports.append((name, reason))
+
+
+def test_sync_gate_unable_until_every_peer_synced_or_gone():
+    from services.sip.syncgate import SyncGate
+    now = [100.0]
+    linked = {"b": True, "c": False}
+    alive = {"b": True, "c": True}
+    cluster = _Cluster()
+    gate = SyncGate(cluster, ("b", "c"), now=lambda: now[0], connected=linked.get,
+                    alive=alive.get, grace_s=5, max_s=60)
+    gate.begin()
+    assert cluster.reports == [("sip", "syncing")] and gate.syncing
+    gate.synced("b")
+    now[0] += 10
+    gate.tick()                        # c alive (heartbeats) though not linked: still waited for
+    assert gate.syncing and gate.waiting == {"c"}
+    alive["c"] = False
+    gate.tick()                        # c down past the grace: not waited for
+    assert not gate.syncing and cluster.reports[-1] == ("sip", None)
+    assert gate.status()["not_waited_for"] == ["c"]
+    # an older peer that never sends the marker: at most max_s
+    cluster2 = _Cluster()
+    gate2 = SyncGate(cluster2, ("b",), now=lambda: now[0], connected=lambda p: True,
+                     alive=lambda p: True, grace_s=5, max_s=60)
+    gate2.begin()
+    now[0] += 59
+    gate2.tick()
+    assert gate2.syncing
+    now[0] += 1
+    gate2.tick()
+    assert cluster2.reports == [("sip", "syncing"), ("sip", None)]
+
+
+def test_service_is_unable_from_construction_until_synced(tmp_path):
+    """The sip service with replication peers in a cluster reports 'syncing' when it is
+    built (before the cluster's first election) and clears it on the peer's marker."""
+    import ipaddress
+    from prometheus_client import CollectorRegistry
+    from twisted.internet.task import Clock
+
+    from appliance.admin.rpc import MethodRegistry
+    from appliance.plugin import NodeContext
+    from services.sip.config import ClusterRoles, SIPConfig
+    from services.sip.registrar import Limits
+    from services.sip.service import SIPService
+
+    class Peer_:
+        alive = True
+
+    class Cluster(_Cluster):
+        peers = {"b": Peer_()}
+        resources: dict = {}
+        node_id = "a"
+
+        def register_resource(self, *a, **kw):
+            pass
+    cluster = Cluster()
+    cfg = SIPConfig(ipaddress.ip_address("127.0.0.1"), 0, None, None, ("example.test",),
+                    Limits(), replication=ReplicationConfig(("b",), "sync", 2.0, 10),
+                    roles=ClusterRoles())
+    ctx = NodeContext(reactor=Clock(), config=None, store=None, rpc=MethodRegistry(),
+                      metrics=CollectorRegistry(), cluster=cluster, state_dir=tmp_path)
+    svc = SIPService(cfg, ctx)
+    assert cluster.reports == [("sip", "syncing")]
+    svc.syncgate.synced("b")
+    assert cluster.reports == [("sip", "syncing"), ("sip", None)]
