@@ -49,8 +49,9 @@ from zope.interface import implementer
 from appliance.ddns import (DHCID_CLIENT_ID, DHCID_DUID, FQDN_N, FQDN_O, FQDN_S, DDNSConflict,
                             DDNSNameError, IDDNSUpdater)
 from services.dns.backoff import Backoff
-from services.dns.message import DNSError, TransportError, check_response, make_update, rcode_text
+from services.dns.message import DNSError, TransportError, check_response, make_update
 from services.dns.records import GUARD_LABEL, zone_of
+from services.dns.updater import send_update
 
 _log = Logger(namespace="appliance.dns.ddns")
 
@@ -167,27 +168,20 @@ class DDNSUpdater:
             if self.stopped:
                 raise TransportError(f"ddns for {zone}: the dns service stopped", "stopped")
             upd = build()
-            started = self.clock.seconds() if self.clock is not None else 0.0
             try:
-                response, server = await self._client_for(zone).exchange(
-                    upd, zone.to_text(), self._keyname(zone))
+                response, server, rcode, _ = await send_update(
+                    self._client_for(zone), upd, zone.to_text(), self._keyname(zone), self.clock,
+                    self.metrics)
             except TransportError as e:
-                if self.metrics is not None:
-                    self.metrics.failed(e.rcode)
                 if attempt + 1 >= self.attempts or self.clock is None or self.stopped:
                     raise
                 error = e
             except DNSError as e:
-                if self.metrics is not None:
-                    self.metrics.failed(e.rcode)
                 if e.rcode != "SERVFAIL" or attempt + 1 >= self.attempts or self.clock is None \
                         or self.stopped:
                     raise
                 error = e
             else:
-                rcode = rcode_text(response)
-                if self.metrics is not None and self.clock is not None:
-                    self.metrics.answered(rcode, self.clock.seconds() - started)
                 return rcode, server, response
             if backoff is None:
                 backoff = Backoff(self.retry_initial_s, self.retry_max_s,

@@ -43,6 +43,25 @@ class PublishResult:
     rounds: int = 0                  # UPDATEs sent (1 when the expectation was right)
 
 
+@defer.inlineCallbacks
+def send_update(client, message, zone: str, key: str | None, clock=None, metrics=None):
+    """Send one UPDATE and count it: fire with ``(response, server, rcode, latency_s)``;
+    a transport or refusal error is counted (``metrics.failed``) and raised.  The
+    one send path of the updater and of DDNS (review L15: DDNS had a copy)."""
+    started = clock.seconds() if clock is not None else 0.0
+    try:
+        response, server = yield client.exchange(message, zone, key)
+    except DNSError as e:
+        if metrics is not None:
+            metrics.failed(e.rcode)
+        raise
+    rcode = rcode_text(response)
+    latency = clock.seconds() - started if clock is not None else 0.0
+    if metrics is not None and clock is not None:
+        metrics.answered(rcode, latency)
+    return response, server, rcode, latency
+
+
 def may_overwrite(current, node: str, epoch: int, resource: str | None = None,
                   cluster: str | None = None) -> bool:
     """Compatibility wrapper over :func:`.guard.verdict`."""
@@ -170,20 +189,11 @@ class Updater:
                 if self.guard_scope == "resource" else ()
             upd = build_update(zone, pending, self.guards, lambda spec: self.mine(spec, epochs),
                                self.key_for(zone), guard_key=self.guard_key, legacy=legacy)
-            started = self.clock.seconds()
             result.rounds += 1
-            try:
-                response, server = yield self.client_for(zone).exchange(
-                    upd, zone.to_text(), self.key_name_for(zone))
-            except DNSError as e:
-                if self.metrics is not None:
-                    self.metrics.failed(e.rcode)
-                raise
+            _, server, rcode, result.latency_s = yield send_update(
+                self.client_for(zone), upd, zone.to_text(), self.key_name_for(zone), self.clock,
+                self.metrics)
             result.server = server
-            rcode = rcode_text(response)
-            result.latency_s = self.clock.seconds() - started
-            if self.metrics is not None:
-                self.metrics.answered(rcode, result.latency_s)
             if rcode == "NOERROR":
                 for change in pending:
                     self.remember(self.guard_key(change.spec),

@@ -190,3 +190,33 @@ def test_no_retry_after_the_service_stopped():
     clock.advance(10)
     assert len(client.sent) == 1 and d.result.check(TransportError)
     d.addErrback(lambda _: None)
+
+
+def test_one_send_path_counts_answers_and_failures():
+    """Review L15: the updater and DDNS send through services.dns.updater.send_update,
+    which counts every answer (rcode, latency) and every failure (rcode) once."""
+    from prometheus_client import CollectorRegistry
+    from services.dns.updater import send_update
+    metrics = DNSMetrics(CollectorRegistry())
+    clock = Clock()
+    q = dns.message.make_query("x.dhcp.example.test.", "A")
+
+    class OneClient:
+        def __init__(self, result):
+            self.result = result
+
+        def exchange(self, request, zone, key, what="update"):
+            return defer.succeed(self.result) if not isinstance(self.result, Exception) \
+                else defer.fail(self.result)
+    out = []
+    send_update(OneClient((dns.message.make_response(q), "s:53")), q, "z.", None, clock,
+                metrics).addBoth(out.append)
+    assert out[0][1:3] == ("s:53", "NOERROR")
+    send_update(OneClient(TransportError("gone", "timeout")), q, "z.", None, clock,
+                metrics).addBoth(out.append)
+    assert out[1].check(TransportError)
+    own = metrics.own
+    assert own.get_sample_value("appliance_dns_updates_total", {"rcode": "NOERROR"}) == 1
+    assert own.get_sample_value("appliance_dns_update_failures_total",
+                                {"rcode": "timeout"}) == 1
+    assert own.get_sample_value("appliance_dns_update_latency_seconds_count") == 1
