@@ -27,6 +27,8 @@ def main(argv=None) -> int:
                     help="heartbeat paths per peer (2: each path also goes down and up)")
     ap.add_argument("--lease", action="store_true",
                     help="Redis owner leases (a simulated Redis) instead of a witness")
+    ap.add_argument("--store-delay", type=float, default=0.0,
+                    help="each store answer after up to this many seconds (claims in flight)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print the event log")
     args = ap.parse_args(argv)
     counts = args.nodes or [2, 3]
@@ -35,7 +37,8 @@ def main(argv=None) -> int:
     for seed in seeds:
         for n in counts:
             try:
-                w = World(seed, n, witness=args.witness, lease=args.lease, paths=args.paths).run(args.duration)
+                w = World(seed, n, witness=args.witness, lease=args.lease, paths=args.paths,
+                          store_delay=args.store_delay).run(args.duration)
                 events += w.events
                 if args.verbose:
                     print("\n".join(w.log))

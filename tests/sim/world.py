@@ -196,6 +196,35 @@ class SimLeaseClient:
             d.callback(result)
 
 
+class SlowStore:
+    """A node's store answering after a random delay (a disk or a Redis round
+    trip, up to ``max_delay``; World(store_delay=)): claims are in flight
+    while beats arrive.  The delays come from their own generator, so the
+    fault schedule of a seed stays the same."""
+
+    def __init__(self, store: MemStore, clock: Clock, rng: random.Random, max_delay: float):
+        self.store, self.clock, self.rng, self.max_delay = store, clock, rng, max_delay
+
+    @property
+    def healthy(self):
+        return self.store.healthy
+
+    def _later(self, d):
+        out = Deferred()
+        d.addCallback(lambda v: self.clock.callLater(self.rng.uniform(0, self.max_delay),
+                                                     out.callback, v))
+        return out
+
+    def get(self, key):
+        return self._later(self.store.get(key))
+
+    def set(self, key, value):
+        return self._later(self.store.set(key, value))
+
+    def cas(self, key, expected, new):
+        return self._later(self.store.cas(key, expected, new))
+
+
 class SimNet:
     def __init__(self, clock: Clock, rng: random.Random, ids, incarnation_of=lambda n: 0):
         self.clock, self.rng = clock, rng
@@ -299,10 +328,13 @@ class SimNode:
 
 class World:
     def __init__(self, seed: int, n_nodes: int = 2, preempt: bool | None = None,
-                 witness: bool = False, lease: bool = False, paths: int = 1):
+                 witness: bool = False, lease: bool = False, paths: int = 1,
+                 store_delay: float = 0.0):
         assert not (witness and lease), "a witness node or Redis leases, not both"
         self.seed, self.n, self.witness, self.lease = seed, n_nodes, witness, lease
         self.paths = paths            # 2: every node also has a 10.0.1.x heartbeat address
+        self.store_delay = store_delay  # > 0: each store answer after up to this many s
+        self.store_rng = random.Random(seed * 6151 + 5)
         self.rng = random.Random(seed)
         self.net_rng = random.Random(seed * 7919 + 1)
         self.clock = Clock()
@@ -352,6 +384,8 @@ class World:
                          {n: PRIORITY[n] for n in self.node_ids}, self.preempt)
         inc = node.incarnation
         store = node.store
+        if self.store_delay and not self.lease:
+            store = SlowStore(node.store, self.clock, self.store_rng, self.store_delay)
         if self.lease:
             store = node.client = SimLeaseClient(node.store, self.redis, nid)
         saved = manager_mod.next_incarnation
@@ -538,6 +572,7 @@ class World:
         tail = "\n".join(self.log[-25:])
         w = " --witness" if self.witness else (" --lease" if self.lease else "")
         w += " --paths 2" if self.paths > 1 else ""
+        w += f" --store-delay {self.store_delay:g}" if self.store_delay else ""
         raise Violation(f"seed {self.seed}, {self.n} nodes{w.replace(' --', ' + ')}, "
                         f"t={self.clock.seconds():.3f}: "
                         f"{what}\n--- last events ---\n{tail}\n--- replay ---\n"
