@@ -210,3 +210,25 @@ def test_a_previous_version_partner_acks_recovery_pages_and_send_backs(tmp_path)
     svc._send_back("b", "10.0.0.12")
     link.sent[-1][1].callback(None)
     assert "10.0.0.12" not in svc.leases.unsynced
+
+
+def test_answering_an_update_request_never_holds_the_inbox(tmp_path, monkeypatch):
+    """Both sides may ask at once: an answer that held our inbox while it waited for
+    the partner's acks (the partner's inbox held the same way) would deadlock."""
+    from services.dhcp.v4 import service as S
+    monkeypatch.setattr(S, "SYNC_BATCH", 1)
+    svc, clock, link = node(tmp_path, P.NORMAL)
+    svc._remote_update("b", {"update_done": 1})
+    monkeypatch.setattr(svc, "SYNC_WINDOW", 1)
+    for i in range(3):
+        ok(svc.leases.bind(1, f"10.0.0.{10 + i}", hw(i + 1), lease_time_s=600, roles=None))
+    link.sent.clear()
+    result = svc._remote_update("b", {"update_request": 9})
+    assert not isinstance(result, defer.Deferred) or result.called, \
+        "the inbox waits for the partner's acks"
+    for _ in range(5):                                 # the acks come; the rest follows
+        for _, ack in list(link.sent):
+            if not ack.called:
+                ack.callback(None)
+    keys = [next(iter(b)) for b, _ in link.sent]
+    assert keys == ["leases", "leases", "leases", "update_done"], keys

@@ -838,7 +838,13 @@ class Dhcp4Service(Service):
         if "update_request" in body:
             if self._partner_caps is None:
                 self._learn_caps(peer, frozenset(CAPS))    # only a current version asks
-            return self._send_owed(peer, body["update_request"])
+            # not the handler's Deferred: both sides may ask at once, and an inbox
+            # held while waiting for the partner's acks (its inbox held the same
+            # way) would wait for ever; the stream keeps update_done after them
+            self._send_owed(peer, body["update_request"]).addErrback(
+                lambda f: _log.failure("dhcp4: answering {peer}'s update request failed",
+                                       failure=f, peer=peer))
+            return None
         if "update_done" in body:
             if body["update_done"] == self._catch_token:
                 self._caught_up(peer, "caught up with the partner (update_done)")
