@@ -10,6 +10,10 @@ archive`` of the same paths committed in the repository (made with
 ``git archive 33b2f38 appliance services plugins twisted/plugins/appliance_plugin.py
 | xz -9``; ~285 KB).  Nothing is fetched.
 
+When a release changes a wire or record format, move :data:`OLD_COMMIT` to the last
+commit of the release before it and regenerate :data:`FIXTURE` with the command above
+(same paths), in one commit.
+
 ``APPLIANCE_OLD_RELEASE=fixture`` in the environment skips git (to try the
 fallback on a full clone).
 
