@@ -21,6 +21,7 @@ import random
 import struct
 
 import dns.message
+import dns.name
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.logger import Logger
@@ -285,3 +286,90 @@ class DNSClient:
             return None
         d.addBoth(finish)
         return out
+
+
+class PrimaryDiscoveryClient(DNSClient):
+    """A zone's client that sends to the zone's primary as its SOA MNAME names it
+    (what ``nsupdate`` does without a ``server`` line; RFC 2136 section 4), looked up
+    through the configured ``servers`` (a secondary or a resolver: the SOA and the
+    MNAME's address are asked of them, recursion desired), then the system resolver
+    for the address.  The primary is tried first, the configured servers after it;
+    it is looked up again after ``discover_ttl_s`` (and after a failed lookup, at the
+    next exchange)."""
+
+    def __init__(self, reactor, zone: str, servers: list[tuple[str, int]],
+                 timeout_s: float = 1.0, primary_port: int = 53, discover_ttl_s: float = 300.0):
+        super().__init__(reactor, servers, timeout_s)
+        self.zone = zone
+        self.configured = list(servers)
+        self.primary_port = primary_port
+        self.discover_ttl_s = discover_ttl_s
+        self.primary: tuple[str, int] | None = None
+        self.mname: str | None = None
+        self._until = 0.0
+        self._finding: defer.Deferred | None = None
+
+    def order(self) -> list[tuple[str, int]]:
+        if self.primary is None:
+            return super().order()
+        return [self.primary] + [s for s in self.configured if s != self.primary]
+
+    @defer.inlineCallbacks
+    def _ask(self, name: str, rdtype: str):
+        from services.dns.message import answer_rdatas
+        q = dns.message.make_query(name, rdtype)        # RD set: a resolver may be asked
+        saved, self.servers = self.servers, self.configured
+        try:
+            response, _ = yield DNSClient.exchange(self, q, self.zone, None, "query")
+        finally:
+            self.servers = saved
+        return answer_rdatas(response, dns.name.from_text(name), rdtype)
+
+    @defer.inlineCallbacks
+    def _discover(self):
+        try:
+            soa = yield self._ask(self.zone, "SOA")
+            if not soa:
+                raise TransportError(f"no SOA of {self.zone} from the configured servers",
+                                     "discover")
+            mname = next(iter(soa)).mname.to_text()
+            found = yield self._ask(mname, "A")
+            if found:
+                address = next(iter(found)).address
+            else:
+                address = yield self.reactor.resolve(mname.rstrip("."),
+                                                     timeout=(max(1, int(self.timeout_s)),))
+            primary = (address, self.primary_port)
+            if primary != self.primary:
+                _log.info("dns: primary of {zone} is {mname} ({server}) by its SOA",
+                          zone=self.zone, mname=mname, server=show_server(primary))
+            self.primary, self.mname = primary, mname
+            self.servers = self.order()
+            self._until = self.reactor.seconds() + self.discover_ttl_s
+        except Exception as e:
+            # not at every exchange: a lookup costs up to a timeout per server
+            self._until = self.reactor.seconds() + min(self.RETRY_DISCOVER_S, self.discover_ttl_s)
+            _log.warn("dns: finding the primary of {zone} from its SOA failed ({why}); "
+                      "using {servers}", zone=self.zone, why=e,
+                      servers=", ".join(show_server(s) for s in self.order()))
+
+    RETRY_DISCOVER_S = 30.0
+
+    def _found(self, result):
+        self._finding = None
+        return result
+
+    @defer.inlineCallbacks
+    def exchange(self, request: dns.message.Message, zone: str, key: str | None,
+                 what: str = "update"):
+        finding = self._finding
+        if finding is None and self.reactor.seconds() >= self._until:
+            finding = self._discover()
+            if not finding.called:
+                self._finding = finding      # exchanges meanwhile wait for the same lookup
+                finding.addBoth(self._found)
+        if finding is not None:
+            yield finding
+        result = yield DNSClient.exchange(self, request, zone, key, what)
+        return result
+

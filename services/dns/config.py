@@ -42,6 +42,10 @@ class ZoneSettings:
     servers: tuple[tuple[str, int], ...]
     key: TSIGKey | None
     key_file: str | None
+    #: send to the zone's primary named by its SOA MNAME, looked up through ``servers``
+    #: (which stay the fallback); the primary's port is ``primary_port``
+    discover_primary: bool = False
+    primary_port: int = 53
 
 
 @dataclass(frozen=True)
@@ -109,11 +113,14 @@ def parse(table, context) -> DNSConfig | None:
         zone = _name(zt, "name", zname) if zname else None
         zservers = _servers(zt, "servers", required=False) if zt.has("servers") else None
         zkey, zkey_file = _key(zt) if zt.has("tsig_key_file") else (key, key_file)
+        discover = bool(zt.bool("discover_primary", False))
+        primary_port = zt.int("primary_port", 53, min=1, max=65535)
         zt.done()
         if zone is not None:
             zones.append(zone)
-            if zservers is not None or zkey_file != key_file:
-                settings[zone] = ZoneSettings(tuple(zservers or servers), zkey, zkey_file)
+            if zservers is not None or zkey_file != key_file or discover:
+                settings[zone] = ZoneSettings(tuple(zservers or servers), zkey, zkey_file,
+                                              discover, primary_port or 53)
     if not servers and any(z not in settings or not settings[z].servers for z in zones):
         table.error("servers", "needs at least one server (or servers in every zone)")
 

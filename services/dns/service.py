@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from appliance.admin.rpc import ApplicationError, Param, Params
 from appliance.plugin import withdraw
 from services.dns.backoff import Backoff
-from services.dns.client import DNSClient, show_server
+from services.dns.client import DNSClient, PrimaryDiscoveryClient, show_server
 from services.dns.ddns import DDNSUpdater
 from services.dns.message import DNSError
 from services.dns.metrics import DNSMetrics, gauge
@@ -82,6 +82,14 @@ class DNSService(Service):
         self.zone_routes = {}
         for zone, zs in (getattr(config, "zone_settings", None) or {}).items():
             servers = tuple(zs.servers)
+            if getattr(zs, "discover_primary", False) and client is None:
+                # its own client: the primary its SOA names, the servers as fallback
+                discovering = PrimaryDiscoveryClient(self.reactor, zone.to_text(),
+                                                     list(servers), config.timeout_s,
+                                                     zs.primary_port)
+                self.clients[("discover", zone)] = discovering
+                self.zone_routes[zone] = (discovering, zs.key)
+                continue
             if servers not in self.clients:
                 self.clients[servers] = (client if client is not None else
                                          DNSClient(self.reactor, list(servers), config.timeout_s))
@@ -692,6 +700,9 @@ class DNSService(Service):
                     "servers": [show_server(x) for x in
                                 getattr(self.updater.client_for(z), "servers", ())],
                     "key": self.updater.key_name_for(z),
+                    **({"primary": getattr(self.updater.client_for(z), "mname", None)}
+                       if isinstance(self.updater.client_for(z), PrimaryDiscoveryClient)
+                       else {}),
                     "last_success_s_ago": (
                         round(now - self.last_success[z.to_text()], 1)
                         if z.to_text() in self.last_success else None),

@@ -6,10 +6,16 @@ from __future__ import annotations
 
 import time
 
+import dns.message
 import dns.name
+import dns.query
+import dns.rdata
+import dns.rdatatype
+import dns.rrset
 import pytest
 import pytest_twisted
 from twisted.internet import protocol, reactor
+from twisted.internet.task import deferLater
 
 from services.dns.client import DNSClient
 from services.dns.message import make_update
@@ -130,3 +136,96 @@ def test_a_signed_truncated_answer_goes_to_tcp(named_module):
         assert client.tcp_fallbacks == 1, "the UDP answer was truncated"
     finally:
         yield client.close()
+
+
+class SecondaryOnly(protocol.DatagramProtocol):
+    """A secondary for example.test. that answers its SOA (MNAME ns1.example.test.) and
+    the MNAME's address, and refuses every UPDATE (NOTAUTH, as a secondary without
+    update forwarding does)."""
+
+    def __init__(self):
+        self.updates = 0
+
+    def datagramReceived(self, data, addr):
+        import dns.opcode
+        import dns.rcode
+        q = dns.message.from_wire(data, keyring=False)
+        r = dns.message.make_response(q)
+        if q.opcode() == dns.opcode.UPDATE:
+            self.updates += 1
+            r.set_rcode(dns.rcode.NOTAUTH)
+        else:
+            question = q.question[0]
+            if question.rdtype == dns.rdatatype.SOA:
+                r.answer.append(dns.rrset.from_text(
+                    question.name, 60, "IN", "SOA",
+                    "ns1.example.test. hostmaster.example.test. 1 3600 600 86400 0"))
+            elif question.rdtype == dns.rdatatype.A and \
+                    question.name == dns.name.from_text("ns1.example.test."):
+                r.answer.append(dns.rrset.from_text(question.name, 60, "IN", "A", "127.0.0.1"))
+        self.transport.write(r.to_wire(), addr)
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_primary_is_found_from_the_soa_mname(named_module, tmp_path):
+    """Review M11 (SOA MNAME discovery, as nsupdate does): a zone configured with a
+    secondary only and discover_primary = true: the dns service asks it for the zone's
+    SOA and the MNAME's address, and sends its UPDATEs to the primary (named, at
+    primary_port); the secondary never gets one.  (Old code: discover_primary unknown;
+    updates went to the secondary and were refused.)"""
+    from prometheus_client import CollectorRegistry
+    from types import SimpleNamespace
+    from appliance.admin.rpc import MethodRegistry
+    from appliance.config import config_from_string
+    from appliance.plugin import NodeContext
+    from services.dns.plugin import dns_plugin
+    from services.dns.service import DNSService
+    server = named_module
+    fake = SecondaryOnly()
+    port = reactor.listenUDP(0, fake, interface="127.0.0.1")
+    secondary = f"127.0.0.1:{port.getHost().port}"
+    toml = f"""
+[node]
+id = "demo"
+state_dir = "{tmp_path}/state"
+[[vip]]
+name = "vip1"
+address = "10.9.0.100/24"
+interface = "lo"
+priority = {{ demo = 100 }}
+[services.dns]
+tsig_key_file = "{server.key_file}"
+zones = [{{ name = "{ZONE}", servers = ["{secondary}"], discover_primary = true, primary_port = {server.port} }}]
+timeout_s = 0.5
+[[services.dns.records]]
+name = "found.{ZONE}"
+type = "A"
+resource = "vip1"
+values = {{ demo = "10.9.0.77" }}
+"""
+    cfg = config_from_string(toml, f"{tmp_path}/demo.toml", plugins={"dns": dns_plugin})
+    cluster = SimpleNamespace(resources={}, single=True, status=lambda: {"resources": {}},
+                              role=lambda name: "owner", listeners={})
+    cluster.register_resource = lambda name, listener, **kw: cluster.listeners.setdefault(
+        name, listener)
+    context = NodeContext(reactor=reactor, config=cfg, store=None, rpc=MethodRegistry(),
+                          metrics=CollectorRegistry(), cluster=cluster, state_dir=tmp_path)
+    service = DNSService(cfg.services["dns"].config, context)
+    service.startService()
+    try:
+        cluster.listeners["vip1"]("vip1", "owner", 1)
+        want = {dns.rdata.from_text("IN", "A", "10.9.0.77")}
+        for _ in range(200):
+            q = dns.message.make_query(f"found.{ZONE}", "A")
+            r = dns.query.udp(q, "127.0.0.1", port=server.port, timeout=1)
+            if {rd for rr in r.answer for rd in rr} == want:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        else:
+            raise AssertionError(f"not published at the primary: {service.records()}")
+        assert fake.updates == 0, "the secondary got an UPDATE"
+        zone = service.records()["zones"][ZONE]
+        assert zone["primary"] == "ns1.example.test." and zone["error"] is None
+    finally:
+        yield service.stopService()
+        yield port.stopListening()

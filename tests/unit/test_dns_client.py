@@ -178,3 +178,41 @@ def test_a_forged_truncated_answer_to_a_signed_query_is_not_obeyed():
         reactor.advance(1.0)
         assert reactor.tcp == [] and client.tcp_fallbacks == 0, forged
         assert result and result[0].check(DNSError), result
+
+
+def test_primary_discovery_falls_back_and_does_not_ask_at_every_exchange():
+    """discover_primary: when the configured server gives no SOA, the exchange goes to
+    the configured servers, and the lookup is not repeated at every exchange (one
+    lookup per RETRY_DISCOVER_S); with an SOA, the MNAME's address (from the same
+    server) at primary_port is asked first."""
+    import dns.rrset
+    from services.dns.client import PrimaryDiscoveryClient
+    reactor = FakeReactor()
+    client = PrimaryDiscoveryClient(reactor, "example.test.", [A], timeout_s=1.0,
+                                    primary_port=5399)
+
+    def sent():
+        return [(s, dns.message.from_wire(d, keyring=False).question[0].to_text())
+                for s, d in reactor.wire]
+    fired(client.exchange(signed(query()), "example.test.", "k.", "read"))
+    assert sent() == [(A, "example.test. IN SOA")]
+    reactor.answer(A)                                    # no SOA in the answer
+    assert sent()[1:] == [(A, "www.example.test. IN A")] and client.primary is None
+    fired(client.exchange(signed(query()), "example.test.", "k.", "read"))
+    assert len(sent()) == 3, "no second lookup"
+    reactor.advance(PrimaryDiscoveryClient.RETRY_DISCOVER_S)
+    fired(client.exchange(signed(query()), "example.test.", "k.", "read"))
+    assert sent()[-1] == (A, "example.test. IN SOA"), "looked up again after the retry time"
+
+    def reply(rrset_text):
+        data = [d for s, d in reactor.wire if s == A][-1]
+        q = dns.message.from_wire(data, keyring=False)
+        resp = dns.message.make_response(q)
+        resp.answer.append(dns.rrset.from_text(*rrset_text))
+        reactor.port_of(A).proto.datagramReceived(resp.to_wire(), A)
+    reply(("example.test.", 60, "IN", "SOA", "ns1.example.test. h.example.test. 1 2 3 4 5"))
+    assert sent()[-1] == (A, "ns1.example.test. IN A")
+    reply(("ns1.example.test.", 60, "IN", "A", "127.0.0.9"))
+    assert client.primary == ("127.0.0.9", 5399) and client.mname == "ns1.example.test."
+    assert sent()[-1] == (("127.0.0.9", 5399), "www.example.test. IN A"), "the primary first"
+    assert client.order() == [("127.0.0.9", 5399), A]

@@ -171,3 +171,21 @@ def test_guard_scope(tmp_path):
     assert cfg.guard_scope == "resource"
     with pytest.raises(ConfigError, match="guard_scope"):
         parse(toml(tmp_path, 'guard_scope = "zone"'))
+
+
+def test_discover_primary_zone_option(tmp_path):
+    """Review M11: a zone { name, servers, discover_primary, primary_port } (SOA MNAME
+    discovery); the default is off and primary_port 53."""
+    cfg = parse(toml(tmp_path, "").replace(
+        'zones = ["example.test."]',
+        'zones = [{ name = "example.test.", servers = ["127.0.0.3"], discover_primary = true,'
+        ' primary_port = 5300 }, "other.test."]')).services["dns"].config
+    zs = cfg.zone_settings
+    import dns.name
+    assert zs[dns.name.from_text("example.test.")].discover_primary is True
+    assert zs[dns.name.from_text("example.test.")].primary_port == 5300
+    assert dns.name.from_text("other.test.") not in zs
+    with pytest.raises(ConfigError, match="primary_port"):
+        parse(toml(tmp_path, "").replace(
+            'zones = ["example.test."]',
+            'zones = [{ name = "example.test.", discover_primary = true, primary_port = 0 }]'))
