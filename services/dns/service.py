@@ -68,6 +68,8 @@ class DNSService(Service):
     #: dns waits for its service to define it before defining it itself (review M9)
     DEFINE_GRACE_S = 5.0
     DEFINE_POLL_S = 0.1
+    #: verify_secondaries: how often the primary is asked whether it serves the write yet
+    VERIFY_PROBE_S = 0.02
 
     def __init__(self, config, context, *, rng=random.random, client=None):
         self.config = config
@@ -123,6 +125,9 @@ class DNSService(Service):
         self.secondaries: dict[str, dict[str, dict]] = {}  # zone -> server -> state
         self._verifying: dict[dns.name.Name, Any] = {}
         self._verify_again: set = set()
+        #: zone -> (name, rdtype, rdatas) last written: the primary's serial counts once
+        #: it serves that (an inline-signed zone answers NOERROR before it does)
+        self._verify_probe: dict = {}
         self._secondary_clients = {}
         self.owned: dict[str, int] = {}                  # resource -> epoch this node holds
         self.published: dict[tuple[str, str], frozenset | None] = {}   # last read or written
@@ -374,6 +379,8 @@ class DNSService(Service):
         if result.rounds > 1:
             self.metrics.cas_misses.inc(result.rounds - 1)
         if result.applied and self.config_secondaries:
+            last = result.applied[-1]
+            self._verify_probe[zone] = (last.spec.name, last.spec.rdtype, last.rdatas)
             self._verify(zone)
         for change in result.applied:
             spec = change.spec
@@ -475,6 +482,20 @@ class DNSService(Service):
 
     async def _verify_zone(self, zone) -> None:
         started = self.reactor.seconds()
+        probe = self._verify_probe.get(zone)
+        while probe is not None and self.running:
+            # the serial to wait for is one that holds our write: with inline signing
+            # (dnssec-policy) named answers the UPDATE before the zone it serves has
+            # it, and the serial read at once would be the one before (review M11)
+            name, rdtype, rdatas = probe
+            try:
+                if await self.updater.read(zone, name, rdtype) == rdatas:
+                    break
+            except DNSError:
+                pass
+            if self.reactor.seconds() - started > self.config.verify_timeout_s:
+                break
+            await task.deferLater(self.reactor, self.VERIFY_PROBE_S, lambda: None)
         want = await self._serial(self.updater.client_for(zone), zone, self.updater.key_for(zone))
         states = self.secondaries.setdefault(zone.to_text(), {})
         pending = list(self.config_secondaries)

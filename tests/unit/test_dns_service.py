@@ -547,3 +547,52 @@ def test_a_service_resource_defined_later_with_a_real_cluster_manager(tmp_path):
     assert len(res.listeners) == 2, "defined once, listened to once"
     service.stopService()
     assert len(res.listeners) == 1
+
+
+def test_verify_secondaries_waits_until_the_primary_serves_the_write():
+    """Review M11 (inline signing): named answers the UPDATE before the zone it serves
+    has the change; the serial to expect from secondaries is the primary's once it
+    serves our write, not the one read at once.  A primary that shows the write (and
+    serial 2) 0.1 s after its NOERROR, and a secondary stuck at serial 1: reported
+    behind.  (Old code: want = 1 read at once, the stale secondary "in sync".)"""
+    import dns.rrset
+    clock = Clock()
+
+    class LaggingPrimary(FakeClient):
+        visible_at = None
+
+        def exchange(self, request, zone, key, what="update"):
+            if request.opcode() == dns.opcode.UPDATE:
+                self.visible_at = clock.seconds() + 0.1
+                return super().exchange(request, zone, key, what)
+            q = request.question[0]
+            r = dns.message.make_response(request)
+            shown = self.visible_at is not None and clock.seconds() >= self.visible_at
+            if q.rdtype == dns.rdatatype.SOA:
+                r.answer.append(dns.rrset.from_text(q.name, 5, "IN", "SOA",
+                                                    f"ns. h. {2 if shown else 1} 1 1 1 1"))
+            elif q.rdtype == dns.rdatatype.A and shown:
+                r.answer.append(dns.rrset.from_text(q.name, 5, "IN", "A", "10.0.0.1"))
+            return defer.succeed((r, "127.0.0.1:53"))
+
+    stale = LaggingPrimary()                 # never updated: serves serial 1 for good
+    config = DNSConfig(servers=(("127.0.0.1", 53),), key=None, key_file=None, zones=(EX,),
+                       default_ttl=5, records=(rec("a.example.test.", "A", "10.0.0.1"),),
+                       reconcile_interval_s=30, timeout_s=0.5, retry_initial_s=0.1,
+                       retry_max_s=1.0, verify_secondaries=(("127.0.0.9", 53),),
+                       verify_timeout_s=1.0)
+    cluster = FakeCluster()
+    context = NodeContext(reactor=clock, config=SimpleNamespace(node=SimpleNamespace(id="a")),
+                          store=None, rpc=MethodRegistry(), metrics=CollectorRegistry(),
+                          cluster=cluster, state_dir=Path("."))
+    service = DNSService(config, context, rng=lambda: 0.5, client=LaggingPrimary())
+    service._secondary_client = lambda server: stale
+    service.startService()
+    clock.advance(0)
+    cluster.listeners["vip1"]("vip1", "owner", 1)
+    clock.advance(0)
+    for _ in range(80):
+        clock.advance(0.02)
+    state = service.records()["secondaries"]["example.test."]["127.0.0.9:53"]
+    assert state["want"] == 2 and state["serial"] == 1 and not state["in_sync"], state
+    service.stopService()
