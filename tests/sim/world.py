@@ -26,8 +26,9 @@ Invariants, checked after every 10 ms step of simulated time:
   per-node links that lose, delay, cut, and a Redis that pauses like
   ``kill -STOP``): never two owners, at any step, no exception;
 * ``heal``: once every fault is cleared, at most one owner per resource
-  within one heartbeat interval (+ one beat period + 20 ms), and that owner
-  holds the highest epoch any running node has seen;
+  within one heartbeat interval (+ one beat period + 20 ms, + two store
+  round trips with ``store_delay``: the winner's re-claim writes its epoch),
+  and that owner holds the highest epoch any running node has seen;
 * ``partners``: once the network is clean, every node up and nobody in
   maintenance for 5 s, every partner relationship is NORMAL (every state is
   left without operator action once its cause is gone).
@@ -505,7 +506,8 @@ class World:
                 self.redis.heal()
             self._fault("heal")
             t = self.clock.seconds()
-            self.pending_checks.append((t + INTERVAL_MS / 1000 + INTERVAL_MS / 3000 + 0.02,
+            self.pending_checks.append((t + INTERVAL_MS / 1000 + INTERVAL_MS / 3000 + 0.02
+                                        + 2 * self.store_delay,
                                         self.fault_gen, "heal"))
         elif r < 0.78:
             nid = self.rng.choice(ids)
@@ -565,7 +567,8 @@ class World:
         # like a heal).
         self.fault_gen += 1
         self.pending_checks.append((self.clock.seconds() + INTERVAL_MS / 1000
-                                    + INTERVAL_MS / 3000 + 0.02, self.fault_gen, "operator"))
+                                    + INTERVAL_MS / 3000 + 0.02
+                                    + 2 * self.store_delay, self.fault_gen, "operator"))
 
     # -- invariants ------------------------------------------------------------
     def fail(self, what: str):
