@@ -146,7 +146,7 @@ def test_promote_waits_for_an_intent_of_a_peer_not_connected():
     peer's intent now makes the promote wait (a sees want: and lets go)."""
     from dataclasses import replace
     w = _world(witness=True)
-    a, b = w.nodes["a"].manager, w.nodes["b"].manager
+    b = w.nodes["b"].manager
     w.net.links[("a", "b")].cut = True          # nothing newer from a reaches b
     hb = b.peers["a"].heartbeat
     # b's latest beat of a: no claim yet, an intent (its claim is on the way)
