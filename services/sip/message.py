@@ -499,13 +499,16 @@ def _parse(data: bytes, stream: bool) -> Message:
         raise Malformed("bad start line")
     # unfold, then split into headers
     lines: list[str] = []
-    for line in raw_lines[1:]:
-        if line[:1] in (" ", "\t"):
-            if not lines:
-                raise Malformed("continuation line before any header")
-            lines[-1] = lines[-1].rstrip() + " " + line.strip()
-        elif line:
-            lines.append(line)
+    if "\n " not in text and "\n\t" not in text:
+        lines = [line for line in raw_lines[1:] if line]       # nothing folded
+    else:
+        for line in raw_lines[1:]:
+            if line[:1] in (" ", "\t"):
+                if not lines:
+                    raise Malformed("continuation line before any header")
+                lines[-1] = lines[-1].rstrip() + " " + line.strip()
+            elif line:
+                lines.append(line)
     problem = None
     for line in lines:
         name, colon, value = line.partition(":")

@@ -89,6 +89,8 @@ def state_body(aor: str, bindings: dict, removed: list[str], mtime: float | None
 class Replicator:
     #: AOR states per peer-link message (~300 bytes each; the frame limit is 4 MiB)
     MESSAGE_STATES = 512
+    #: live-state messages unacknowledged per peer (one being stored, one on its way)
+    WINDOW = 2
 
     def __init__(self, reactor, link, peers: tuple[str, ...], mode: str, location, *,
                  timeout_s: float = 2.0, batch: int = 100, max_unacked: int = 10_000,
@@ -128,6 +130,8 @@ class Replicator:
                       "synced_sent": 0, "synced_received": 0}
         self._queue: dict[str, list] = {}
         self._flush_calls: dict[str, object] = {}
+        self._queue_timers: dict[str, object] = {}
+        self._inflight: dict[str, int] = {}
         self._ops: list = []
         self._persist_call = None
         self._persisted: defer.Deferred | None = None
@@ -158,11 +162,11 @@ class Replicator:
 
     def stop(self) -> None:
         """Send what is queued now (the link keeps it until acknowledged)."""
-        for peer in list(self._flush_calls):
+        for peer in list(self._queue):
             call = self._flush_calls.get(peer)
             if call is not None and call.active():
                 call.cancel()
-            self._flush(peer)
+            self._flush(peer, force=True)
         if self._persist_call is not None and self._persist_call.active():
             self._persist_call.cancel()
             self._persist()
@@ -230,45 +234,71 @@ class Replicator:
         return defer.DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
 
     def _send(self, peer: str, aor: str, body: dict) -> defer.Deferred:
-        """Queue ``body`` for ``peer``; every state queued in one reactor turn leaves as
-        one peer-link message (one backup commit and one ack for all of them)."""
+        """Queue ``body`` for ``peer``; fire True once the peer stored it, False when it
+        did not in time (not live: the AOR is then remembered as missed).
+
+        States leave together as one peer-link message (one backup commit and one ack
+        for all of them), at most :attr:`WINDOW` messages unacknowledged per peer: what
+        is queued while the window is full leaves as one message when an ack opens it,
+        so a busy backup gets fewer, bigger commits instead of a queue of small ones
+        applied one after the other."""
         done = defer.Deferred()
         queue = self._queue.get(peer)
         if queue is None:
             queue = self._queue[peer] = []
-            self._flush_calls[peer] = self.reactor.callLater(0, self._flush, peer)
         queue.append((aor, body, done))
+        if peer not in self._flush_calls:
+            self._flush_calls[peer] = self.reactor.callLater(0, self._flush, peer)
+        if self._queue_timers.get(peer) is None:
+            self._queue_timers[peer] = self.reactor.callLater(
+                self.timeout_s, self._queue_timed_out, peer)
         return done
 
-    def _flush(self, peer: str) -> None:
+    def _flush(self, peer: str, force: bool = False) -> None:
         self._flush_calls.pop(peer, None)
-        queue = self._queue.pop(peer, [])
-        while queue:
+        queue = self._queue.get(peer)
+        while queue and (force or self._inflight.get(peer, 0) < self.WINDOW):
             items, queue = queue[:self.MESSAGE_STATES], queue[self.MESSAGE_STATES:]
+            self._queue[peer] = queue
             self._send_batch(peer, items)
+        if not queue:
+            self._queue.pop(peer, None)
+            timer = self._queue_timers.pop(peer, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+
+    def _queue_timed_out(self, peer: str) -> None:
+        """No ack from ``peer`` for ``timeout_s`` while states waited for the window:
+        it is not live for them (they still leave when the window opens)."""
+        self._queue_timers[peer] = None
+        for aor, _body, done in self._queue.get(peer) or ():
+            if not done.called:
+                self.stats["timeouts"] += 1
+                self.miss(peer, aor).addBoth(lambda _, done=done: done.called or
+                                             done.callback(False))
+
+    def _window_opened(self, peer: str) -> None:
+        self._inflight[peer] = max(0, self._inflight.get(peer, 0) - 1)
+        if self._queue.get(peer):
+            timer = self._queue_timers.get(peer)     # progress: the wait starts again
+            if timer is not None and timer.active():
+                timer.reset(self.timeout_s)
+            self._flush(peer)
 
     def _send_batch(self, peer: str, items: list) -> None:
         """One message for ``items``; one timer for all of them (``timeout_s``: the
         backup is not live for these writes)."""
         self.stats["sent"] += len(items)
         self.stats["messages"] += 1
-        open_ = [True]
-
-        def close() -> bool:
-            if not open_[0]:
-                return False
-            open_[0] = False
-            if timer.active():
-                timer.cancel()
-            return True
+        self._inflight[peer] = self._inflight.get(peer, 0) + 1
 
         def timed_out():
             # the backup is not live for these writes: answer without it, resend on return
-            if not close():
-                return
-            self.stats["timeouts"] += len(items)
             for aor, _body, done in items:
-                self.miss(peer, aor).addBoth(lambda _, done=done: done.callback(False))
+                if not done.called:
+                    self.stats["timeouts"] += 1
+                    self.miss(peer, aor).addBoth(lambda _, done=done: done.called or
+                                                 done.callback(False))
 
         timer = self.reactor.callLater(self.timeout_s, timed_out)
         try:
@@ -279,22 +309,27 @@ class Replicator:
 
         def acked(_):
             self.stats["acked"] += len(items)
-            if close():
-                for _aor, _body, done in items:
+            if timer.active():
+                timer.cancel()
+            for _aor, _body, done in items:
+                if not done.called:
                     done.callback(True)
 
         def failed(f):
             self.stats["failed"] += len(items)
             _log.warn("sip: replication of {n} AORs to {peer} failed: {why}", n=len(items),
                       peer=peer, why=f.getErrorMessage())
-            waiting = close()
+            if timer.active():
+                timer.cancel()
             for aor, _body, done in items:
                 persisted = self.miss(peer, aor)
-                if waiting:
-                    persisted.addBoth(lambda _, done=done: done.callback(False))
+                if not done.called:
+                    persisted.addBoth(lambda _, done=done: done.called or done.callback(False))
 
         d.addCallbacks(acked, failed)
         d.addErrback(lambda f: _log.failure("sip: replication bookkeeping failed", failure=f))
+        d.addBoth(lambda _: self._window_opened(peer))
+        d.addErrback(lambda f: _log.failure("sip: replication window failed", failure=f))
 
     def backlog(self, peer: str) -> int:
         unacked = self.link.backlog(peer, CHANNEL) if hasattr(self.link, "backlog") else 0

@@ -39,6 +39,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application.service import Service
 from twisted.internet import defer, endpoints, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from appliance.admin.rpc import ApplicationError, Param, Params
 from appliance.plugin import withdraw
@@ -411,12 +412,21 @@ class SIPService(Service):
         now = self.reactor.seconds()
         d = self.location.update(
             aor, lambda existing: decide(aor, existing, msg, now, self.config.limits, received))
-        if self.replicator is not None:
-            d.addCallback(self._replicate, aor)
-        d.addCallbacks(self._registered, self._store_failed, callbackArgs=(msg, key, src, now),
+        d.addCallbacks(self._stored, self._store_failed, callbackArgs=(msg, key, src, aor, now),
                        errbackArgs=(msg, key, src))
         d.addErrback(lambda f: _log.failure("sip: REGISTER answer failed", failure=f))
         d.addBoth(self._done_one)
+
+    def _stored(self, decision, msg, key, src, aor, now):
+        """The binding is durable here: answer now, or once the backups have it."""
+        if self.replicator is None or decision.bindings is None or not decision.changes:
+            return self._registered(decision, msg, key, src, now)
+        try:
+            w = self._replicate(decision, aor)
+        except Exception:
+            return self._store_failed(Failure(), msg, key, src)
+        return w.addCallbacks(self._registered, self._store_failed,
+                              callbackArgs=(msg, key, src, now), errbackArgs=(msg, key, src))
 
     def _done_one(self, _):
         self.pending -= 1

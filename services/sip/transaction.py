@@ -150,19 +150,21 @@ class ServerTransactions:
     def sweep(self) -> int:
         """Drop finished entries past their linger time (and stuck ones); return how many."""
         now = self.reactor.seconds()
-        dropped = 0
         stale_pending = now - 64 * T1
-        for key in list(self.entries):
-            entry = self.entries[key]
+        gone = []
+        # in done order: stop at the first answered entry still lingering (no copy of
+        # the whole table: it holds linger_s worth of requests)
+        for key, entry in self.entries.items():
             if entry.done_at is not None:
                 if entry.done_at > now:
                     break
             elif entry.started > stale_pending:
                 continue
+            gone.append((key, entry))
+        for key, entry in gone:
             self._stop_retransmit(entry)
             del self.entries[key]
-            dropped += 1
-        return dropped
+        return len(gone)
 
     def _evict(self) -> None:
         while len(self.entries) > self.max_entries:

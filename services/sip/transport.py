@@ -65,7 +65,13 @@ class UDPProtocol(protocol.DatagramProtocol):
     def _write(self, data: bytes, addr) -> None:
         if self.transport is not None:
             try:
-                self.transport.write(data, addr)
+                # the socket's sendto: ``addr`` is the datagram's source (an IP address
+                # already), so Port.write's address checks are skipped
+                sock = getattr(self.transport, "socket", None)
+                if sock is not None:
+                    sock.sendto(data, addr)
+                else:
+                    self.transport.write(data, addr)
             except OSError as e:
                 self.core.drop("send_error")
                 _log.debug("sip: send to {addr} failed: {why}", addr=addr, why=e)

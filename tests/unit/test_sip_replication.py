@@ -435,3 +435,57 @@ def test_service_is_unable_from_construction_until_synced(tmp_path):
     assert cluster.reports == [("sip", "syncing")]
     svc.syncgate.synced("b")
     assert cluster.reports == [("sip", "syncing"), ("sip", None)]
+
+
+def test_states_queued_behind_the_window_leave_as_one_message(tmp_path):
+    """At most WINDOW messages unacknowledged: REGISTERs of later turns wait and leave
+    together as one message when an ack opens the window; each 200 still waits for the
+    ack of its own state."""
+    a, b, link, clock, thread_a, thread_b, settle_all = pair(tmp_path, timeout_s=5.0)
+    link.silent = True                      # b stores nothing, acks nothing for now
+    peer = Peer()
+    for turn in range(5):                   # five reactor turns, two REGISTERs each
+        for k in range(2):
+            i = 2 * turn + k
+            a.received(req("REGISTER", "sip:example.test", to=f"sip:w{i}@example.test",
+                           branch=f"z9hG4bKw{i}", call_id=f"cw{i}",
+                           contacts=[f"<sip:w{i}@10.0.0.{i + 1}>"]), peer.src, False)
+        settle_all()
+    assert a.replicator.WINDOW == 2
+    in_flight = [body for _ch, body, _d in link.unacked if "states" in body]
+    assert a.replicator.stats["messages"] == 2 and len(in_flight) == 2
+    assert peer.sent == []                  # sync: nothing answered before b stored it
+    link.silent = False
+    link._deliver()
+    for _ in range(5):
+        settle_all()
+        clock.advance(0)
+    assert a.replicator.stats["messages"] == 3          # the six queued went as one
+    assert [r.code for r in peer.responses()] == [200] * 10
+    assert all(bindings(b, f"sip:w{i}@example.test") for i in range(10))
+    assert a.replicator.missed["b"] == set() and a.replicator.stats["timeouts"] == 0
+
+
+def test_states_stuck_behind_a_silent_backup_time_out(tmp_path):
+    """The window is full and the backup acks nothing for timeout_s: the queued states'
+    200s go (the AORs are missed for it), and they are still sent when it answers."""
+    a, b, link, clock, thread_a, thread_b, settle_all = pair(tmp_path, timeout_s=1.0)
+    link.silent = True
+    peer = Peer()
+    for i in range(4):
+        a.received(req("REGISTER", "sip:example.test", to=f"sip:s{i}@example.test",
+                       branch=f"z9hG4bKs{i}", call_id=f"cs{i}",
+                       contacts=[f"<sip:s{i}@10.0.0.{i + 1}>"]), peer.src, False)
+        settle_all()
+    assert a.replicator.stats["messages"] == 2 and peer.sent == []
+    clock.advance(1.0)
+    settle_all()
+    assert [r.code for r in peer.responses()] == [200] * 4
+    assert a.replicator.missed["b"] == {f"sip:s{i}@example.test" for i in range(4)}
+    link.silent = False
+    link._deliver()
+    for _ in range(5):
+        settle_all()
+        clock.advance(0)
+    assert a.replicator.stats["messages"] == 3
+    assert all(bindings(b, f"sip:s{i}@example.test") for i in range(4))
