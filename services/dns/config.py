@@ -46,6 +46,9 @@ class ZoneSettings:
     #: (which stay the fallback); the primary's port is ``primary_port``
     discover_primary: bool = False
     primary_port: int = 53
+    #: BIND views chosen by TSIG key (split horizon): the records go to every view,
+    #: one UPDATE per view signed with its key; ``key`` is the first view's
+    views: tuple[TSIGKey, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -115,12 +118,30 @@ def parse(table, context) -> DNSConfig | None:
         zkey, zkey_file = _key(zt) if zt.has("tsig_key_file") else (key, key_file)
         discover = bool(zt.bool("discover_primary", False))
         primary_port = zt.int("primary_port", 53, min=1, max=65535)
+        views = []
+        for j, view in enumerate(zt.list("views", default=None) or ()):
+            if not isinstance(view, dict):
+                zt.error(f"views[{j}]", "expected { tsig_key_file, tsig_key_name }")
+                continue
+            vt = Table(view, f"{zt.key_path('views')}[{j}]", table.problems)
+            vkey, _ = _key(vt)
+            if vkey is None and not vt.has("tsig_key_file"):
+                vt.error("tsig_key_file", "a view is chosen by its TSIG key: required")
+            vt.done()
+            if vkey is not None:
+                if any(v.name == vkey.name for v in views):
+                    zt.error(f"views[{j}]", f"key {vkey.name} is already another view's")
+                views.append(vkey)
+        if zt.has("views") and len(zt.data.get("views") or ()) < 2:
+            zt.error("views", "needs at least two views (one view is just tsig_key_file)")
         zt.done()
         if zone is not None:
             zones.append(zone)
-            if zservers is not None or zkey_file != key_file or discover:
+            if views:
+                zkey = views[0]
+            if zservers is not None or zkey_file != key_file or discover or views:
                 settings[zone] = ZoneSettings(tuple(zservers or servers), zkey, zkey_file,
-                                              discover, primary_port or 53)
+                                              discover, primary_port or 53, tuple(views))
     if not servers and any(z not in settings or not settings[z].servers for z in zones):
         table.error("servers", "needs at least one server (or servers in every zone)")
 

@@ -31,11 +31,11 @@ from appliance.plugin import withdraw
 from services.dns.backoff import Backoff
 from services.dns.client import DNSClient, PrimaryDiscoveryClient, show_server
 from services.dns.ddns import DDNSUpdater
-from services.dns.message import DNSError
+from services.dns.message import DNSError, Rdatas
 from services.dns.metrics import DNSMetrics, gauge
 from services.dns.guard import cluster_identity, guard_owner, parse_guard
 from services.dns.records import desired_rdatas, plan, rdatas_text
-from services.dns.updater import Updater
+from services.dns.updater import PublishResult, Updater
 
 _log = Logger(namespace="appliance.dns")
 
@@ -107,6 +107,15 @@ class DNSService(Service):
                                cluster=self.cluster_id, priority=self._priority,
                                zones=self.zone_routes,
                                guard_scope=getattr(config, "guard_scope", "name"))
+        # zones in BIND views chosen by TSIG key: an Updater (guard cache) per view
+        self.view_updaters: dict[dns.name.Name, list[Updater]] = {}
+        for zone, zs in (getattr(config, "zone_settings", None) or {}).items():
+            if getattr(zs, "views", ()):
+                self.view_updaters[zone] = [
+                    Updater(self.zone_routes[zone][0], vkey, self.node, self.reactor,
+                            self.metrics, cluster=self.cluster_id, priority=self._priority,
+                            guard_scope=getattr(config, "guard_scope", "name"))
+                    for vkey in zs.views]
         self.ddns = None
         if config.ddns is not None:
             dd = config.ddns
@@ -285,6 +294,9 @@ class DNSService(Service):
             for key in sorted({self.updater.guard_key(s) for s in self.config.records
                                if s.resource == resource}):
                 self.updater.expect(key, resource, epoch, self.node_ids, previous)
+                for ups in self.view_updaters.values():
+                    for up in ups:
+                        up.expect(key, resource, epoch, self.node_ids, previous)
             _log.info("dns: {node} gained {res} (epoch {epoch}): publishing its records",
                       node=self.node, res=resource, epoch=epoch)
             self.mark([s for s in self.config.records if s.resource == resource],
@@ -314,7 +326,11 @@ class DNSService(Service):
             if spec.resource == resource:
                 by_zone.setdefault(spec.zone, set()).add(self.updater.guard_key(spec))
         for zone, names in by_zone.items():
-            d = self.updater.read_guards(zone, sorted(names))
+            ups = self.view_updaters.get(zone) or [self.updater]
+            d = defer.gatherResults([up.read_guards(zone, sorted(names)) for up in ups],
+                                    consumeErrors=True)
+            d.addErrback(lambda f: f.value.subFailure if isinstance(
+                f.value, defer.FirstError) else f)
             d.addErrback(lambda f, zone=zone: _log.warn(
                 "dns: reading the guards of {res} in {zone} after losing it failed: {why} "
                 "(regaining it may cost a failed UPDATE and a read)", res=resource,
@@ -363,10 +379,57 @@ class DNSService(Service):
             return
         self.inflight.add(zone)
         epochs = dict(self.owned)
-        d = self.updater.publish(zone, changes, epochs, force=force)
+        d = self._publish(zone, changes, epochs, force)
         d.addCallbacks(self._published, self._failed, callbackArgs=(zone, take, epochs),
                        errbackArgs=(zone, take))
         d.addErrback(lambda f: _log.failure("dns: publish bookkeeping failed", failure=f))
+
+    # ------------------------------------------------------------------
+    # BIND views (split horizon): the same records in every view of a zone
+    # ------------------------------------------------------------------
+    def _publish(self, zone, changes, epochs, force=False) -> defer.Deferred:
+        """One UPDATE per view (each signed with its view's key, each with its own
+        compare-and-set); applied = what every view took, stale/takeovers of any."""
+        ups = self.view_updaters.get(zone)
+        if not ups:
+            return self.updater.publish(zone, changes, epochs, force=force)
+        d = defer.gatherResults([up.publish(zone, changes, epochs, force=force) for up in ups],
+                                consumeErrors=True)
+        d.addErrback(lambda f: f.value.subFailure if isinstance(f.value, defer.FirstError)
+                     else f)
+
+        def merge(results):
+            first = results[0]
+            taken = set.intersection(*[{c.spec.key for c in r.applied} for r in results])
+            return PublishResult(
+                first.zone, first.server, [c for c in first.applied if c.spec.key in taken],
+                [x for r in results for x in r.stale], [x for r in results for x in r.takeovers],
+                max(r.latency_s for r in results), max(r.rounds for r in results))
+        return d.addCallback(merge)
+
+    def _read(self, zone, name, rdtype) -> defer.Deferred:
+        """What the zone publishes (with views: each view read; views that disagree
+        read as TTL -1, i.e. drift, so the records are written to every view again)."""
+        ups = self.view_updaters.get(zone)
+        if not ups:
+            return self.updater.read(zone, name, rdtype)
+        d = defer.gatherResults([up.read(zone, name, rdtype) for up in ups], consumeErrors=True)
+        d.addErrback(lambda f: f.value.subFailure if isinstance(f.value, defer.FirstError)
+                     else f)
+
+        def merge(values):
+            first = values[0]
+            if all(v == first and getattr(v, "ttl", None) == getattr(first, "ttl", None)
+                   for v in values[1:]):
+                return first
+            out = Rdatas(first)
+            out.ttl = -1
+            return out
+        return d.addCallback(merge)
+
+    def _guards_of(self, zone) -> "Updater":
+        ups = self.view_updaters.get(zone)
+        return ups[0] if ups else self.updater
 
     def _published(self, result, zone, take, epochs) -> None:
         self.inflight.discard(zone)
@@ -570,19 +633,26 @@ class DNSService(Service):
         specs = list(self.config.records)
         writes_before = dict(self._writes)
         guard_gen = dict(self.updater.generation)
-        reads = [self.updater.read(s.zone, s.name, s.rdtype) for s in specs]
+        reads = [self._read(s.zone, s.name, s.rdtype) for s in specs]
         names = {}
         for s in specs:
             names.setdefault(self.updater.guard_key(s), s.zone)
         guard_reads = [self.updater.read(zone, guard_owner(n), dns.rdatatype.TXT)
+                       if zone not in self.view_updaters else
+                       defer.gatherResults([up.read_guards(zone, [n])     # each view's cache
+                                            for up in self.view_updaters[zone]],
+                                           consumeErrors=True).addCallback(
+                                               lambda found, n=n: found[0][n])
                        for n, zone in names.items()]
         results = await defer.DeferredList(reads + guard_reads, consumeErrors=True)
         errors: dict[str, str] = {}
         for (ok, value), (name, zone) in zip(results[len(specs):], names.items()):
-            if ok:
+            if ok and zone not in self.view_updaters:
                 self.updater.remember(name, value, guard_gen.get(name, 0))
-            else:
-                errors[zone.to_text()] = value.getErrorMessage()
+            elif not ok:
+                why = value.value.subFailure if isinstance(value.value, defer.FirstError) \
+                    else value
+                errors[zone.to_text()] = why.getErrorMessage()
         drift = []
         for spec, (ok, value) in zip(specs, results[:len(specs)]):
             if not ok:
@@ -698,7 +768,8 @@ class DNSService(Service):
             owner = self.node if spec.resource in self.owned else owners.get(spec.resource)
             desired = desired_rdatas(spec, owner)
             published = self.published.get(spec.key)
-            guard = parse_guard(self.updater.guards.get(self.updater.guard_key(spec), ()))
+            guard = parse_guard(self._guards_of(spec.zone).guards.get(
+                self.updater.guard_key(spec), ()))
             blocked = self.blocked.get(spec.key)
             rows.append({
                 "name": spec.name.to_text(), "type": spec.type_text, "ttl": spec.ttl,
@@ -721,6 +792,8 @@ class DNSService(Service):
                     "servers": [show_server(x) for x in
                                 getattr(self.updater.client_for(z), "servers", ())],
                     "key": self.updater.key_name_for(z),
+                    **({"views": [up.key_name for up in self.view_updaters[z]]}
+                       if z in self.view_updaters else {}),
                     **({"primary": getattr(self.updater.client_for(z), "mname", None)}
                        if isinstance(self.updater.client_for(z), PrimaryDiscoveryClient)
                        else {}),

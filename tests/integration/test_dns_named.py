@@ -900,3 +900,56 @@ def test_resource_scope_guards_against_real_bind(named_module, tmp_path):
                                                            {rd("A", "10.9.1.2")}]
     finally:
         yield client.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_views_chosen_by_tsig_key(named_module, tmp_path):
+    """Review M11 (views): a zone in two BIND views chosen by TSIG key (split horizon):
+    zones = [{ name, views = [{ tsig_key_file }, { tsig_key_file }] }] -- the records go
+    to both views (one UPDATE each, signed with the view's key); drift in one view only
+    is found by dns.sync and repaired there.  (Old code: views unknown.)"""
+    from tests.support.named_server import NamedServer
+    named_module  # noqa: B018 (the fixture installs named; this test runs its own)
+    server = NamedServer(views=("inside", "outside")).start()
+    keys = {v: parse_key_file(f.read_text())[0] for v, f in server.view_key_files.items()}
+
+    def view_answer(view, name):
+        q = dns.message.make_query(name, "A")
+        q.use_tsig(keyring=keys[view].dns_key(), keyname=keys[view].keyname)
+        r = dns.query.udp(q, "127.0.0.1", port=server.port, timeout=1)
+        return next((frozenset(rr) for rr in r.answer if rr.rdtype == dns.rdatatype.A),
+                    frozenset())
+    try:
+        toml = node_toml("demo", server, tmp_path, """
+[[services.dns.records]]
+name = "split.example.test."
+type = "A"
+resource = "vip1"
+values = { demo = "10.9.0.42" }
+""").replace(f'zones = ["{ZONE}", "{server.reverse_zone}"]',
+             f'zones = [{{ name = "{ZONE}", views = [{{ tsig_key_file = '
+             f'"{server.view_key_files["inside"]}" }}, {{ tsig_key_file = '
+             f'"{server.view_key_files["outside"]}" }}] }}, "{server.reverse_zone}"]')
+        node = build("demo", toml, tmp_path)
+        yield start(node)
+        try:
+            want = {rd("A", "10.9.0.42")}
+            ok = yield wait_for(lambda: view_answer("inside", "split.example.test.") == want
+                                and view_answer("outside", "split.example.test.") == want, 5)
+            assert ok, node.service.records()
+            assert node.service.records()["zones"][ZONE]["views"] == ["inside", "outside"]
+            assert (yield wait_for(lambda: node.service.records()["records"][0]["in_sync"], 2))
+            # somebody changes the inside view only
+            upd = dns.update.UpdateMessage(ZONE, keyring=keys["inside"].dns_key(),
+                                           keyname=keys["inside"].keyname)
+            upd.replace("split.example.test.", 1, "A", "10.9.9.9")
+            assert dns.query.udp(upd, "127.0.0.1", port=server.port, timeout=2).rcode() == 0
+            result = yield node.context.rpc.dispatch("dns.sync", {})
+            assert [c["name"] for c in result["changed"]] == ["split.example.test."], result
+            assert view_answer("inside", "split.example.test.") == want
+            assert view_answer("outside", "split.example.test.") == want
+            assert node.service.errors == {}
+        finally:
+            yield stop(node)
+    finally:
+        server.cleanup()

@@ -76,11 +76,16 @@ class NamedServer(DirServerProcess):
     def __init__(self, *, zone: str = "example.test.", reverse_zone: str = "0.9.10.in-addr.arpa.",
                  key_name: str = "appliance-key", port: int | None = None,
                  workdir: str | Path | None = None, extra_zones: tuple[str, ...] = (),
-                 workers: int | None = 1, zone_options: str = ""):
+                 workers: int | None = 1, zone_options: str = "",
+                 views: tuple[str, ...] = ()):
         self.named = find_named() or "named"
         self.workers = workers          # named -n; None: named's default (one per CPU)
         #: extra statements for the forward zone, e.g. "dnssec-policy default; inline-signing yes;"
         self.zone_options = zone_options
+        #: BIND views chosen by TSIG key: view name -> its key file (the key is named
+        #: like the view); the last view also takes unsigned queries.  ``key_file``
+        #: is then the first view's.
+        self.views = tuple(views)
         self.zone = zone if zone.endswith(".") else zone + "."
         self.reverse_zone = reverse_zone if reverse_zone.endswith(".") else reverse_zone + "."
         self.zones = (self.zone, self.reverse_zone, *extra_zones)
@@ -89,6 +94,7 @@ class NamedServer(DirServerProcess):
         self._own_dir = workdir is None
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="named-test-"))
         self.key_file = self.dir / f"{key_name}.key"
+        self.view_key_files = {v: self.dir / f"{v}.key" for v in self.views}
         self.conf = self.dir / "named.conf"
         self.log_path = self.dir / "named.log"
         self.proc: subprocess.Popen | None = None
@@ -108,6 +114,9 @@ class NamedServer(DirServerProcess):
         if self._written:
             return
         keygen = find_tsig_keygen() or "tsig-keygen"
+        if self.views:
+            self._write_views(keygen)
+            return
         key = subprocess.run([keygen, "-a", "hmac-sha256", self.key_name], check=True,
                              capture_output=True, text=True).stdout
         self.key_file.write_text(key)
@@ -138,6 +147,44 @@ options {{
 controls {{ }};
 {chr(10).join(zones)}
 """)
+        self._written = True
+
+    def _write_views(self, keygen: str) -> None:
+        includes, blocks = [], []
+        for i, view in enumerate(self.views):
+            key = subprocess.run([keygen, "-a", "hmac-sha256", view], check=True,
+                                 capture_output=True, text=True).stdout
+            self.view_key_files[view].write_text(key)
+            includes.append(f'include "{self.view_key_files[view]}";')
+            zones = []
+            for zone in self.zones:
+                path = self.dir / f"db.{zone.rstrip('.')}.{view}"
+                text = _SOA.format(primary=self.zone)
+                if zone == self.zone:
+                    text += "ns1 IN A 127.0.0.1\n"
+                path.write_text(text)
+                zones.append(f'  zone "{zone}" {{ type primary; file "{path}"; '
+                             f'allow-update {{ key "{view}"; }}; }};')
+            clients = f'key "{view}";' + (" any;" if i == len(self.views) - 1 else "")
+            others = "".join(f' !key "{v}";' for v in self.views if v != view)
+            blocks.append(f'view "{view}" {{\n  match-clients {{{others} {clients} }};\n'
+                          + "\n".join(zones) + "\n};")
+        self.key_file = self.view_key_files[self.views[0]]
+        self.conf.write_text("\n".join(includes) + f"""
+options {{
+    directory "{self.dir}";
+    pid-file none;
+    session-keyfile none;
+    listen-on port {self.port} {{ 127.0.0.1; }};
+    listen-on-v6 {{ none; }};
+    recursion no;
+    allow-query {{ 127.0.0.0/8; }};
+    notify no;
+    dnssec-validation no;
+    max-journal-size unlimited;
+}};
+controls {{ }};
+""" + "\n".join(blocks) + "\n")
         self._written = True
 
     # -- life cycle ------------------------------------------------------

@@ -189,3 +189,26 @@ def test_discover_primary_zone_option(tmp_path):
         parse(toml(tmp_path, "").replace(
             'zones = ["example.test."]',
             'zones = [{ name = "example.test.", discover_primary = true, primary_port = 0 }]'))
+
+
+def test_views_zone_option(tmp_path):
+    """Review M11 (views): zones = [{ name, views = [{ tsig_key_file, tsig_key_name? }, ...] }]
+    needs two views or more, each with its own key; the zone's key is the first view's."""
+    (tmp_path / "in.key").write_text(KEY.replace("appliance-key", "inside"))
+    (tmp_path / "out.key").write_text(KEY.replace("appliance-key", "outside"))
+    import dns.name
+    cfg = parse(toml(tmp_path, "").replace(
+        'zones = ["example.test."]',
+        f'zones = [{{ name = "example.test.", views = [{{ tsig_key_file = "{tmp_path}/in.key" }}, '
+        f'{{ tsig_key_file = "{tmp_path}/out.key" }}] }}]')).services["dns"].config
+    zs = cfg.zone_settings[dns.name.from_text("example.test.")]
+    assert [k.name for k in zs.views] == ["inside", "outside"] and zs.key.name == "inside"
+    with pytest.raises(ConfigError, match="at least two views"):
+        parse(toml(tmp_path, "").replace(
+            'zones = ["example.test."]',
+            f'zones = [{{ name = "example.test.", views = [{{ tsig_key_file = "{tmp_path}/in.key" }}] }}]'))
+    with pytest.raises(ConfigError, match="already another view"):
+        parse(toml(tmp_path, "").replace(
+            'zones = ["example.test."]',
+            f'zones = [{{ name = "example.test.", views = [{{ tsig_key_file = "{tmp_path}/in.key" }}, '
+            f'{{ tsig_key_file = "{tmp_path}/in.key" }}] }}]'))
