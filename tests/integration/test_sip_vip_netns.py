@@ -23,7 +23,7 @@ import pytest
 
 from tests.support import sipp
 from tests.support.cluster_lab import wait_for
-from tests.support.node_process import ROOT, twistd_command
+from tests.support.node_process import env_with_dropins, twistd_command
 from tests.support.require import require_binary
 
 pytestmark = pytest.mark.integration
@@ -104,18 +104,18 @@ class Pair:
         keys = tmp / "keys"
         subprocess.run([sys.executable, "-m", "appliance.cluster.keys", str(keys), "--node",
                         f"a={ADDR['a']}", "--node", f"b={ADDR['b']}"], check=True,
-                       capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       capture_output=True, env=env_with_dropins())
         self.procs = {}
         for node in ("a", "b"):
             (tmp / f"{node}.toml").write_text(node_config(node, tmp, keys))
-            self.start(node, "w")
+        self.start("a", "w")            # b starts once a owns the VIP (no start race)
 
     def start(self, node, mode="a"):
         log = open(self.tmp / f"{node}.log", mode)
         self.procs[node] = self.lab.popen(node, *twistd_command(), "-c",
                                           str(self.tmp / f"{node}.toml"), stdout=log,
                                           stderr=subprocess.STDOUT, cwd=str(self.tmp),
-                                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                          env=env_with_dropins())
 
     def rpc(self, node, method, params=None):
         args = [sys.executable, "-m", "appliance.admin.ctl", "--url",
@@ -138,7 +138,8 @@ class Pair:
     def logs(self):
         out = []
         for n in ("a", "b"):
-            lines = (self.tmp / f"{n}.log").read_text().splitlines()
+            f = self.tmp / f"{n}.log"
+            lines = f.read_text().splitlines() if f.exists() else []
             keep = [ln for ln in lines if "services.sip" in ln or "resource vip-sip" in ln
                     or "peer link to" in ln or "Traceback" in ln or "Error" in ln]
             out.append(f"--- {n}\n" + "\n".join(keep[-25:]) + f"\n--- {n} (last lines)\n"
@@ -170,6 +171,7 @@ def test_failovers_under_sipp_lose_no_acknowledged_binding(two_nodes_lab, tmp_pa
     lab = two_nodes_lab
     pair = Pair(lab, tmp_path)
     wait_for(lambda: pair.owner() == "a", 20, "a owning vip-sip\n" + pair.logs())
+    pair.start("b", "w")
     wait_for(lambda: pair.rpc("a", "cluster.status").get("peer_link", {}).get("b", {})
              .get("connected"), 20, "the peer link\n" + pair.logs())
     xml = tmp_path / "register.xml"
