@@ -51,6 +51,11 @@ _CANONICAL["cseq"] = "CSeq"
 _CANONICAL["call-id"] = "Call-ID"
 
 _KNOWN_SPELLINGS = frozenset(_CANONICAL.values())
+#: header names as UAs usually write them -> canonical (skips the token check and the
+#: case folding for them; anything else goes the long way)
+_FAST_NAMES = {**{n: n for n in _KNOWN_SPELLINGS}, **COMPACT,
+               **{k.upper(): v for k, v in COMPACT.items()},
+               **{n.lower(): n for n in _KNOWN_SPELLINGS}}
 
 #: Headers whose comma-separated values are separate entries (RFC 3261 §7.3.1).
 LIST_HEADERS = frozenset({"Via", "Contact", "Route", "Record-Route", "Path", "Allow",
@@ -513,10 +518,14 @@ def _parse(data: bytes, stream: bool) -> Message:
     for line in lines:
         name, colon, value = line.partition(":")
         name = name.strip()
-        if not colon or not _HEADER_NAME.match(name):
+        known = _FAST_NAMES.get(name) if colon else None
+        if known is not None:
+            name = known                  # a usual spelling: valid, canonical already known
+        elif not colon or not _HEADER_NAME.match(name):
             problem = problem or "bad header line"
             continue
-        name = canonical_name(name)
+        else:
+            name = canonical_name(name)
         value = value.strip()
         if name in LIST_HEADERS:
             for item in split_list(value):
