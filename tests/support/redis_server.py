@@ -3,7 +3,11 @@
 The server runs from a temporary directory with its own config (no
 daemonizing) on a free port of 127.0.0.1.  ``persistence``: ``"aof"`` (the
 default: ``appendonly yes``, ``appendfsync everysec``, no RDB -- a kill -9 and
-restart keeps the data, like a well-configured production Redis), ``"none"``
+restart keeps the data, like a well-configured production Redis, except
+when a slow background fsync makes Redis postpone the AOF write by up to 2 s:
+then an acknowledged write can die with the process), ``"aof-always"``
+(``appendfsync always``: every acknowledged write is in the file; what tests
+that kill -9 Redis and check the data need), ``"none"``
 (``save ""``, ``appendonly no``: a restart comes back empty) or
 ``"default"`` (Redis' shipped defaults: RDB snapshots only).  This module
 must not import pytest: ``bench/store.py`` uses it after ``pip install .``.  ``kill()`` sends
@@ -75,8 +79,9 @@ class RedisServer(ServerProcess):
     def __init__(self, binary: str = "redis-server", *, port: int | None = None,
                  workdir: str | Path | None = None, password: str | None = None,
                  extra_config: str = "", sentinel: bool = False, persistence: str = "aof"):
-        if persistence not in ("aof", "none", "default"):
-            raise ValueError(f"persistence must be aof, none or default, not {persistence!r}")
+        if persistence not in ("aof", "aof-always", "none", "default"):
+            raise ValueError(
+                f"persistence must be aof, aof-always, none or default, not {persistence!r}")
         self.persistence = persistence
         self.binary = shutil.which(binary) or binary
         self.port = port or free_port()
@@ -111,6 +116,8 @@ class RedisServer(ServerProcess):
                 lines += ['save ""', "appendonly no"]
             elif self.persistence == "aof":
                 lines += ['save ""', "appendonly yes", "appendfsync everysec"]
+            elif self.persistence == "aof-always":
+                lines += ['save ""', "appendonly yes", "appendfsync always"]
             lines += ["protected-mode yes", "databases 16", "tcp-keepalive 0"]
             if self.password:
                 lines.append(f"requirepass {self.password}")
