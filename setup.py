@@ -36,7 +36,7 @@ setup(
         "sortedcontainers>=2.4",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6"],
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "pytest-rerunfailures>=14", "hypothesis>=6"],
     },
     entry_points={
         "console_scripts": [
