@@ -202,14 +202,18 @@ def outage_case(case: str, pps: int, soft: bool, kills: int, work: Path,
         try:
             _outage_runs(lab, el, pps, kills, delay_ms, loss_pct, f"{system} {case}",
                          routing, outages, moveback, info)
+        except Exception as e:        # one case going wrong does not lose the others
+            info["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            log(f"{system} {case}: stopped after {len(outages)} kills: {info['error']}")
         finally:
             el.close()
     background, spurious = info.get("background", 0.0), info.get("spurious")
     for metric, p in (("outage_ms_p50", 50), ("outage_ms_p95", 95)):
         rows.append({"system": system, "case": case, "metric": metric,
                      "value": percentile(outages, p), "unit": "ms",
-                     "note": f"{kills} kills; soft_handoff={'on' if soft else 'off'}; "
-                             f"{ROUTING_NOTE[routing]}; "
+                     "note": f"{len(outages)} kills; soft_handoff={'on' if soft else 'off'}; "
+                             + (f"STOPPED EARLY ({info['error']}); " if "error" in info else "")
+                             + f"{ROUTING_NOTE[routing]}; "
                              "EN keepalive 20 ms while active (50 ms idle) x 4"
                              + (f"; {delay_ms:g} ms one-way EN-DN (relay)" if delay_ms else "")
                              + (f"; {loss_pct}% underlay loss each way, outage net of the "
@@ -765,7 +769,9 @@ def main() -> int:
                         n = kills if headline else kills_other
                     rows += outage_case(case, pps, soft, n, work, delay_ms=delay,
                                         loss_pct=loss, routing=routing)
-                    log(f"[{(time.monotonic() - started) / 60:.1f} min]")
+                    log(f"[{(time.monotonic() - started) / 60:.1f} min] rows so far: "
+                        + json.dumps([[r["system"], r["case"], r["metric"], r["value"]]
+                                      for r in rows if r["case"] == case]))
         if "openvpn-failover" in only:
             rows += openvpn_failover(args.kills_openvpn or min(kills_other, 5), work)
             log(f"[{(time.monotonic() - started) / 60:.1f} min]")

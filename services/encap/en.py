@@ -56,6 +56,8 @@ _log = Logger(namespace="services.encap.en")
 DOWN, HANDSHAKING, UP = "down", "handshaking", "up"
 #: The EN counts as active (fast keepalives to its primary) this long after a data packet.
 ACTIVE_FOR_S = 0.5
+#: an unconfirmed switch re-sends promote after this many keepalive intervals
+PROMOTE_RETRY_INTERVALS = 4
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,7 @@ class ENClient:
         #: (with or without soft handoff: it may hold a takeover route for us)
         self.switched_from: str | None = None
         self.handoff_until = 0.0
+        self.last_promote = 0.0
         self.confirmed = False            # the primary answered promoted/assign
         self.configured: str | None = None  # the address once the TUN carries it
         # flow numbers continue upward across restarts (microseconds at start)
@@ -186,7 +189,8 @@ class ENClient:
         self.active_dead_s = self.active_interval * config.dead_after
         self.last_data = -1e9             # last data packet sent or received
         self.stats = {"tx_packets": 0, "rx_packets": 0, "failovers": 0, "handoffs_confirmed": 0,
-                      "moved_home": 0, "dual_sent": 0, "icmp_unreachable": 0}
+                      "moved_home": 0, "dual_sent": 0, "icmp_unreachable": 0,
+                      "promote_retries": 0}
         self.drops: dict[str, int] = {}
         self.events: list[dict] = []
         self._tun_queue: list[bytes] = []
@@ -273,6 +277,14 @@ class ENClient:
                         self._hello(link)
             elif now - link.last_hello >= retry:
                 self._hello(link)
+        if self.primary is not None and not self.confirmed and self.address is not None \
+                and now - self.last_promote >= PROMOTE_RETRY_INTERVALS * self.interval:
+            # the promote or its promoted was lost (a lossy underlay): ask again (a DN
+            # answers a repeated promote with promoted: it already holds the address)
+            link = self.links[self.primary]
+            if link.state == UP and link.keys is not None:
+                self.stats["promote_retries"] += 1
+                self._promote("retry")
         if self.handoff_from is not None and now > self.handoff_until:
             self.event("handoff_expired", old=self.handoff_from, new=self.primary)
             self.handoff_from = None
@@ -315,8 +327,12 @@ class ENClient:
             self.handoff_from = old
             self.handoff_until = self.reactor.seconds() + self.config.handoff_max_ms / 1000.0
         self.event("switch", old=old, new=new, reason=reason)
-        self.control(self.links[new], {"t": W.C_PROMOTE, "address": self.address,
-                                       "reason": reason})
+        self._promote(reason)
+
+    def _promote(self, reason: str) -> None:
+        self.last_promote = self.reactor.seconds()
+        self.control(self.links[self.primary], {"t": W.C_PROMOTE, "address": self.address,
+                                                "reason": reason})
 
     def _choose_primary(self, reason: str) -> None:
         for d in self.order:

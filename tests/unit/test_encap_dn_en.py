@@ -463,3 +463,25 @@ def test_moving_home_without_soft_handoff_demotes_the_dn_that_took_over():
     assert net.en.primary == "dn1" and net.en.confirmed
     assert (a + "/32") not in net.routes["dn2"].routes
     assert ("withdraw", a + "/32") in net.routes["dn2"].log
+
+
+def test_a_lost_promote_is_sent_again_until_the_switch_is_confirmed():
+    """On a lossy underlay the EN's promote (or the DN's promoted) can be lost: the EN
+    keeps asking until it hears promoted, so the switch is confirmed (and the DN it
+    left is demoted) without any data packet to trigger it."""
+    net = started()
+    swallowed = []
+    dn2 = net.dns["dn2"]
+    real = dn2._control
+
+    def lossy(s, msg):
+        if msg.get("t") == "promote" and not swallowed:
+            swallowed.append(msg)          # the first promote never arrives
+            return
+        real(s, msg)
+    dn2._control = lossy
+    net.cut.add("dn1")
+    net.run(1.0)
+    assert swallowed and net.en.primary == "dn2"
+    assert net.en.confirmed and net.en.stats["promote_retries"] >= 1
+    assert net.mapping.lookup(net.en.address)["dn"] == "dn2"
