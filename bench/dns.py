@@ -7,8 +7,10 @@ starts on 127.0.0.1 (temp dir, TSIG-protected zone, high port):
 * ``move`` -- two nodes ``a`` (127.0.0.1) and ``b`` (127.0.0.2), each a real
   ClusterManager (UDP heartbeats at the shipped 100 ms) plus its own DNSService, bound
   to one resource ``vip1`` with an A and an SRV record.  Each move is a
-  ``cluster.promote`` on the standby; a thread polls named about every 1 ms
-  and stamps the moment the new A answer is visible.  Metrics
+  ``cluster.promote`` on the standby; a separate process polls named about every
+  1 ms and stamps (CLOCK_MONOTONIC) the moment the new A answer is visible (a
+  thread of the bench's process waited for the GIL behind the appliance's reactor
+  and stamped late).  Metrics
   ``visible_ms_p50`` / ``visible_ms_p95`` (promote call -> answer visible),
   over 50 moves (``--quick``: 15).
   Measured from ``promote()`` (an operator decision), not from failure detection;
@@ -53,7 +55,6 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -63,7 +64,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from twisted.internet import defer, task  # noqa: E402
+from twisted.internet import defer, protocol, task  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -76,46 +77,61 @@ def pct(values, p):
     return values[k]
 
 
-class Poller(threading.Thread):
-    """Queries named every ~1 ms; ``expect(rdata)`` arms it, ``seen`` fires with the time."""
+_POLLER = r"""
+import select, sys, time
+import dns.message, dns.query, dns.rdata
+port, name = int(sys.argv[1]), sys.argv[2]
+query = dns.message.make_query(name, "A")
+want = None
+while True:
+    if want is None or select.select([sys.stdin], [], [], 0)[0]:
+        line = sys.stdin.readline()            # a new expectation replaces the old one
+        if not line:
+            break
+        want = dns.rdata.from_text("IN", "A", line.strip())
+        continue
+    try:
+        r = dns.query.udp(query, "127.0.0.1", port=port, timeout=0.5)
+        got = set(r.answer[0]) if r.answer else set()
+    except Exception:
+        got = set()
+    if got == {want}:
+        print(f"{time.monotonic():.9f}", flush=True)
+        want = None
+        continue
+    time.sleep(0.001)
+"""
+
+
+class Poller(protocol.ProcessProtocol):
+    """Queries named every ~1 ms from a process of its own (a thread of this process
+    would wait for the GIL while the appliance's reactor runs Python, and stamp the
+    answer late); ``expect(rdata)`` arms it, the Deferred fires with the
+    ``time.monotonic()`` at which named answered ``rdata`` (CLOCK_MONOTONIC: the same
+    clock in both processes)."""
 
     def __init__(self, reactor, port: int, name: str):
-        super().__init__(daemon=True)
-        import dns.message
-        self.reactor, self.port = reactor, port
-        self.query = dns.message.make_query(name, "A")
-        self.want = None
-        self.seen = None
-        self.stop = False
-        self.lock = threading.Lock()
+        self.seen: defer.Deferred | None = None
+        self.buffer = b""
+        reactor.spawnProcess(self, sys.executable, [sys.executable, "-c", _POLLER, str(port),
+                                                    name], env=None)
 
     def expect(self, rdata) -> defer.Deferred:
-        d = defer.Deferred()
-        with self.lock:
-            self.want, self.seen = rdata, d
-        return d
+        self.seen = defer.Deferred()
+        self.transport.write(rdata.to_text().encode() + b"\n")
+        return self.seen
 
-    def run(self):
-        import dns.query
-        while not self.stop:
-            with self.lock:
-                want, seen = self.want, self.seen
-            if want is None:
-                time.sleep(0.001)
-                continue
-            try:
-                r = dns.query.udp(self.query, "127.0.0.1", port=self.port, timeout=0.5)
-                got = set(r.answer[0]) if r.answer else set()
-            except Exception:
-                got = set()
-            if got == {want}:
-                at = time.perf_counter()
-                with self.lock:
-                    if self.want is want:
-                        self.want, self.seen = None, None
-                        self.reactor.callFromThread(seen.callback, at)
-                continue
-            time.sleep(0.001)
+    def outReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            seen, self.seen = self.seen, None
+            if seen is not None and not seen.called:
+                seen.callback(float(line))
+
+    def stop(self) -> None:
+        if self.transport is not None:
+            self.transport.closeStdin()      # the poller ends at EOF
 
 
 def fs_type(path: Path) -> str:
@@ -282,7 +298,7 @@ async def run(reactor, args) -> list[dict]:
         """The dns service's cluster listener, stamping when ``me`` hears "owner"."""
         def heard(resource, role, epoch, *rest):
             if role == "owner":
-                owner_at[me] = time.perf_counter()
+                owner_at[me] = time.monotonic()
             return listener(resource, role, epoch, *rest)
         return heard
     try:
@@ -298,7 +314,7 @@ async def run(reactor, args) -> list[dict]:
             service._role_changed = stamped(me, service._role_changed)   # before start
 
             def published(result, *rest, _orig=service._published):
-                rtts.append((time.perf_counter(), result.latency_s))
+                rtts.append((time.monotonic(), result.latency_s))
                 return _orig(result, *rest)
             service._published = published
             nodes[me] = (cluster, service)
@@ -306,7 +322,6 @@ async def run(reactor, args) -> list[dict]:
             await cluster.startService()
             service.startService()
         poller = Poller(reactor, server.port, f"www.{server.zone}")
-        poller.start()
         value = {n: dns.rdata.from_text("IN", "A", f"10.9.0.{1 if n == 'a' else 2}") for n in "ab"}
         first = poller.expect(value["a"])          # a owns it first
         first.addTimeout(10, reactor)
@@ -327,7 +342,7 @@ async def run(reactor, args) -> list[dict]:
             new = "b" if owner == "a" else "a"
             seen = poller.expect(value[new])
             seen.addTimeout(3, reactor)
-            t0 = time.perf_counter()
+            t0 = time.monotonic()
             nodes[new][0].promote("vip1")
             try:
                 at = await seen
@@ -346,7 +361,7 @@ async def run(reactor, args) -> list[dict]:
             await sleep(0.05)
             move_rtts.extend(rtt * 1000 for when, rtt in rtts if when >= t0)
             rtts.clear()
-        poller.stop = True
+        poller.stop()
         prereq = sum(n[1].context.metrics.get_sample_value(
             "appliance_dns_updates_total", {"rcode": r}) or 0
             for n in nodes.values() for r in ("NXRRSET", "YXRRSET"))
