@@ -63,11 +63,13 @@ class ReplicationConfig:
     timeout_s: float
     batch: int
     backlog_limit: int = 10_000    # missed AORs per backup before a paged full resync
-    page: int = 100                # AORs per full-resync page
+    page: int = 100                # most AORs per full-resync page
     window: int = 1                # full-resync pages in flight
     pause_s: float = 0.002         # reactor breath between two pages
     sync_grace_s: float = 5.0      # at start, a peer down this long is not waited for
     sync_max_s: float = 600.0      # at start, unable at most this long (peers' synced markers)
+    page_s: float = 0.012          # full resync: a page's round trip aims at this (sizes pages)
+    turn_s: float = 0.002          # full resync: page building per reactor turn at most
 
 
 @dataclass(frozen=True)
@@ -154,11 +156,14 @@ def parse(table, context) -> SIPConfig | None:
         pause = rt.float("pause_ms", 2.0, min=0, max=10_000)
         grace = rt.float("sync_grace_s", 5.0, min=0, max=3600)
         sync_max = rt.float("sync_max_s", 600.0, min=0, max=86400)
+        page_ms = rt.float("page_ms", 12.0, min=0.1, max=10_000)
+        turn_ms = rt.float("turn_ms", 2.0, min=0.1, max=1000)
         rt.done()
         if peers and None not in (mode, timeout, batch, backlog_limit, page, window, pause,
-                                  grace, sync_max):
+                                  grace, sync_max, page_ms, turn_ms):
             replication = ReplicationConfig(tuple(peers), mode, timeout, batch, backlog_limit,
-                                            page, window, pause / 1000.0, grace, sync_max)
+                                            page, window, pause / 1000.0, grace, sync_max,
+                                            page_ms / 1000.0, turn_ms / 1000.0)
     roles = _parse_roles(table, context, port)
     if len(table.problems.items) != before:
         return None

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from typing import Any, Callable
 
 from twisted.internet import defer, task
@@ -91,12 +92,19 @@ class Replicator:
     MESSAGE_STATES = 512
     #: live-state messages unacknowledged per peer (one being stored, one on its way)
     WINDOW = 2
+    #: full resync: AORs in the first page (then sized by what pages cost), the fewest
+    #: in a page, and AORs read and encoded between two checks of the turn budget
+    PAGE_START = 25
+    PAGE_MIN = 25
+    SLICE = 5
 
     def __init__(self, reactor, link, peers: tuple[str, ...], mode: str, location, *,
                  timeout_s: float = 2.0, batch: int = 100, max_unacked: int = 10_000,
                  backlog_limit: int = 10_000, page: int = 100, window: int = 1,
-                 pause_s: float = 0.002, shard_of: Callable[[str], int] | None = None,
-                 on_synced: Callable[[str], None] | None = None):
+                 pause_s: float = 0.002, page_s: float = 0.012, turn_s: float = 0.002,
+                 shard_of: Callable[[str], int] | None = None,
+                 on_synced: Callable[[str], None] | None = None,
+                 timer: Callable[[], float] = time.perf_counter):
         self.reactor = reactor
         self.link = link
         self.peers = tuple(peers)
@@ -110,6 +118,11 @@ class Replicator:
         self.page = page
         self.window = window
         self.pause_s = pause_s
+        #: full resync pacing: a page's round trip (the backup storing it) aims at page_s;
+        #: building a page takes at most turn_s of this node's reactor per turn
+        self.page_s = page_s
+        self.turn_s = turn_s
+        self.timer = timer
         self.shard_of = shard_of or (lambda aor: 0)
         self.on_synced = on_synced
         #: peers whose hello said they read the synced marker
@@ -125,7 +138,8 @@ class Replicator:
         self._again: set[str] = set()
         self.stats = {"sent": 0, "acked": 0, "timeouts": 0, "failed": 0, "applied": 0,
                       "resent": 0, "skipped_down": 0, "messages": 0, "overflows": 0,
-                      "full_resyncs": 0, "full_sent": 0, "full_removed": 0,
+                      "full_resyncs": 0, "full_sent": 0, "full_pages": 0,
+                      "full_page_size": None, "full_removed": 0,
                       "last_full_resync_s": None, "delta_resyncs": 0, "stale_ignored": 0,
                       "synced_sent": 0, "synced_received": 0}
         self._queue: dict[str, list] = {}
@@ -487,32 +501,55 @@ class Replicator:
         big = 1 << 30
         await self.link.send(peer, CHANNEL, {"full_begin": {"id": token, "shards": shards,
                                                             "at": started}}, limit=big)
-        cursor = None
+        cursor: str | None = None
         window: list[defer.Deferred] = []
         sent = 0
-        while True:
-            cursor, keys = await self.store.scan(AOR_PREFIX, cursor, self.page)
-            aors = [k[len(AOR_PREFIX):] for k in keys]
-            if aors:
-                results = await self._current(aors)
-                states = []
-                for aor, (bindings, mtime) in zip(aors, results):
-                    body = state_body(aor, bindings, [], mtime)
-                    body["replace"] = True
-                    states.append(body)
-                window.append(self.link.send(peer, CHANNEL, {"states": states, "full": token},
-                                             limit=big))
+        n = min(self.page, self.PAGE_START)      # AORs in the next page (measured cost)
+        exhausted = False
+        while not exhausted:
+            # build one page in slices: no reactor turn spends more than turn_s on it
+            states: list[dict] = []
+            while len(states) < n and not exhausted:
+                began = self.timer()
+                while len(states) < n:
+                    want = min(self.SLICE, n - len(states))
+                    cursor, keys = await self.store.scan(AOR_PREFIX, cursor, want)
+                    aors = [k[len(AOR_PREFIX):] for k in keys]
+                    if aors:
+                        results = await self._current(aors)
+                        for aor, (bindings, mtime) in zip(aors, results):
+                            body = state_body(aor, bindings, [], mtime)
+                            body["replace"] = True
+                            states.append(body)
+                    if cursor is None:
+                        exhausted = True
+                        break
+                    if self.timer() - began >= self.turn_s:
+                        break
+                if len(states) < n and not exhausted:
+                    await self._next_turn()
+            if states:
+                if not self.link.connected(peer):
+                    raise ConnectionError(f"{peer} left during the full resync "
+                                          f"({sent} AORs sent)")
+                d = self.link.send(peer, CHANNEL, {"states": states, "full": token}, limit=big)
+                window.append((d, self.reactor.seconds(), len(states)))
                 sent += len(states)
                 self.stats["full_sent"] += len(states)
+                self.stats["full_pages"] += 1
                 if len(window) >= self.window:
-                    await window.pop(0)
-            if cursor is None:
+                    first, sent_at, size = window.pop(0)
+                    await first
+                    # the page's round trip is mostly the backup storing it, the time a
+                    # live sync REGISTER may wait behind it: size the next one to page_s
+                    n = self._next_page(n, size, self.reactor.seconds() - sent_at)
+            if exhausted:
                 break
             if not self.link.connected(peer):
                 raise ConnectionError(f"{peer} left during the full resync ({sent} AORs sent)")
             # let the live REGISTERs through between two pages
             await task.deferLater(self.reactor, self.pause_s, lambda: None)
-        for d in window:
+        for d, _at, _size in window:
             await d
         await self.link.send(peer, CHANNEL, {"full_end": {"id": token, "shards": shards,
                                                           "sent": sent}}, limit=big)
@@ -522,6 +559,24 @@ class Replicator:
         self.stats["last_full_resync_s"] = round(took, 3)
         _log.info("sip: full resync of {peer} done: {n} AORs in {s:.1f}s", peer=peer, n=sent,
                   s=took)
+
+    def _next_turn(self) -> defer.Deferred:
+        """Fire in a later reactor turn (what is ready to run goes first)."""
+        d = defer.Deferred()
+        self.reactor.callLater(0, d.callback, None)
+        return d
+
+    def _next_page(self, n: int, sent: int, took: float) -> int:
+        """AORs in the next full-resync page: the last page's per-AOR round trip scaled to
+        ``page_s`` (at most doubling; at least PAGE_MIN, so a backup whose fixed cost per
+        commit exceeds ``page_s`` still gets its copy in reasonable time; at most ``page``)."""
+        if took <= 0:
+            size = 2 * n
+        else:
+            size = int(self.page_s * sent / took)
+        size = min(self.page, max(self.PAGE_MIN, min(2 * n, size)))
+        self.stats["full_page_size"] = size
+        return size
 
     # -- backup side ------------------------------------------------------------
     def apply(self, peer: str, body: Any) -> defer.Deferred:

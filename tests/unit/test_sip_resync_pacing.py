@@ -1,0 +1,110 @@
+"""Full resync pacing on the live node (task.Clock, a fake peer link that acks pages after
+a backup cost proportional to their size): no reactor turn spends more than the turn
+budget building pages, and pages are sized so their round trip (the time a live sync
+REGISTER may wait behind one at the backup) stays near ``page_s``; every AOR still goes
+exactly once, then the end marker."""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+
+from services.sip import replication
+from services.sip.replication import Replicator
+from tests.unit.test_sip_service import Peer, make, req, settle
+
+USERS = 400
+ENCODE_S = 0.0005            # fake cost of reading + encoding one AOR state (live node)
+BACKUP_FIXED_S = 0.002       # fake cost of one page at the backup (commit, ack)
+BACKUP_AOR_S = 0.0002        # ... and of each AOR in it
+
+
+class PagedLink:
+    """Records what is sent; acks a page after the backup's (fake) cost on the clock."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.sent = []           # (clock time, body)
+        self.rtts = []           # (AORs in the page, clock seconds until its ack)
+
+    def connected(self, peer):
+        return True
+
+    def send(self, peer, channel, body, *, limit=None):
+        d = defer.Deferred()
+        self.sent.append((self.clock.seconds(), body))
+        states = body.get("states") if isinstance(body, dict) else None
+        cost = BACKUP_FIXED_S + BACKUP_AOR_S * len(states) if states else 0.0
+        if states:
+            self.rtts.append((len(states), cost))
+        self.clock.callLater(cost, d.callback, None)
+        return d
+
+
+def _primary(tmp_path):
+    a, clock, thread, _store, _rpc = make(tmp_path)
+    peer = Peer()
+    for i in range(USERS):
+        a.received(req("REGISTER", "sip:example.test", to=f"sip:u{i}@example.test",
+                       branch=f"z9hG4bKu{i}", call_id=f"cu{i}",
+                       contacts=[f"<sip:u{i}@10.0.{i // 250}.{i % 250 + 1}>"]), peer.src, False)
+    settle(clock, thread)
+    assert a.location.count == USERS
+    return a, clock, thread
+
+
+def test_full_resync_paces_the_live_node(tmp_path, monkeypatch):
+    a, clock, thread = _primary(tmp_path)
+    link = PagedLink(clock)
+    r = Replicator(clock, link, ("b",), "sync", a.location, page=100, window=1, pause_s=0.0)
+    # set as attributes (not constructor arguments) so the same test runs on older code
+    fake_now = [0.0]
+    r.timer = lambda: fake_now[0]
+    r.turn_s = 0.002
+    r.page_s = 0.012
+
+    # which reactor turn runs now: every call the clock runs is one turn
+    turn = {"id": 0, "work": {}}
+    original = clock.callLater
+
+    def call_later(delay, f, *args, **kw):
+        def run(*a2, **kw2):
+            turn["id"] += 1
+            return f(*a2, **kw2)
+        return original(delay, run, *args, **kw)
+    monkeypatch.setattr(clock, "callLater", call_later)
+
+    encode = replication.state_body
+
+    def costly_state_body(*args, **kw):
+        fake_now[0] += ENCODE_S
+        work = turn["work"]
+        work[turn["id"]] = work.get(turn["id"], 0) + 1
+        return encode(*args, **kw)
+    monkeypatch.setattr(replication, "state_body", costly_state_body)
+
+    r.full_needed["b"] = True
+    done = r.full_resync("b")
+    for _ in range(20000):
+        if done.called:
+            break
+        settle(clock, thread)
+        clock.advance(0.0005)
+    assert done.called, "the full resync did not finish"
+    assert done.result is None
+
+    # everything went exactly once, between the begin and end markers
+    kinds = [next(iter(b)) if "states" not in b else "states" for _, b in link.sent]
+    assert kinds[0] == "full_begin" and kinds[-1] == "full_end"
+    aors = [st["aor"] for _, b in link.sent if "states" in b for st in b["states"]]
+    assert len(aors) == len(set(aors)) == USERS
+
+    # the live node: no turn builds more than the budget allows (one slice past it)
+    per_turn = max(turn["work"].values())
+    allowed = int(r.turn_s / ENCODE_S) + getattr(Replicator, "SLICE", 5)
+    assert per_turn <= allowed, f"{per_turn} AOR states built in one reactor turn"
+    # the backup: once sized, a page's round trip stays near page_s (a live sync
+    # REGISTER waits behind at most one page)
+    settled = link.rtts[3:]
+    assert settled and max(rtt for _, rtt in settled) <= r.page_s * 1.25, link.rtts
+    # ... without crawling: pages stay well above the minimum where the cost allows
+    assert min(n for n, _ in settled[:-1]) >= 30, link.rtts
