@@ -232,3 +232,30 @@ def test_answering_an_update_request_never_holds_the_inbox(tmp_path, monkeypatch
                 ack.callback(None)
     keys = [next(iter(b)) for b, _ in link.sent]
     assert keys == ["leases", "leases", "leases", "update_done"], keys
+
+
+def test_a_partner_back_in_step_after_a_recovery_without_data_is_trusted_again(tmp_path):
+    """b recovered without its data: its acks of our expiries free nothing (it may have
+    re-given those addresses).  Once it is NORMAL again (MCLT waited, every address we
+    reported held) it says so ({"with_data"}) and its acks count again -- also when we
+    never went PARTNER-DOWN -> NORMAL, the only reset before (sim seed 12110: we stayed
+    COMMUNICATIONS-INTERRUPTED -> NORMAL and distrusted it for ever)."""
+    svc, clock, link = node(tmp_path, P.COMM_INTERRUPTED)
+    svc._remote_update("b", {"without_data": True})
+    assert svc.leases.trust_acks is False
+    svc._partner_state("b", P.NORMAL, "heard")
+    svc._remote_update("b", {"update_done": link.bodies("update_request")[-1]["update_request"]})
+    assert svc.view.state == P.NORMAL
+    assert svc.leases.trust_acks is False              # still recovering over there
+    svc._remote_update("b", {"with_data": True})
+    assert svc.leases.trust_acks is True
+
+
+def test_the_node_that_recovered_without_data_says_when_it_is_in_step(tmp_path):
+    svc, clock, link = node(tmp_path, P.RECOVER)
+    svc._without_data = True
+    svc._partner_state("b", P.RECOVER_DONE, "recovery sync finished")
+    assert not link.bodies("with_data")
+    svc._partner_state("b", P.NORMAL, "peer b is NORMAL")
+    svc._remote_update("b", {"update_done": link.bodies("update_request")[-1]["update_request"]})
+    assert link.bodies("with_data") and not svc._without_data

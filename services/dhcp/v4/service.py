@@ -612,6 +612,19 @@ class Dhcp4Service(Service):
             self._catch_retry.cancel()
         self._catch_retry = None
 
+    def _send_with_data(self, peer):
+        """In step again after a recovery without data (the MCLT waited, every
+        address the partner reported held): the partner's "without_data"
+        distrust of our acks ends -- also when it never went through
+        PARTNER-DOWN -> NORMAL, which used to be the only way (sim seed 12110 left
+        it distrusting for ever: its pending-free addresses never freed)."""
+        link = getattr(self.context.cluster, "peerlink", None)
+        if link is None:
+            return
+        link.send(peer, CHANNEL, {"with_data": True}, limit=1 << 30).addErrback(
+            lambda f: _log.info("dhcp4: 'with data' notice to {peer} not queued ({why})",
+                                peer=peer, why=f.getErrorMessage()))
+
     def _caught_up(self, peer, why: str):
         if not self._catching_up:
             return
@@ -669,6 +682,7 @@ class Dhcp4Service(Service):
                 again = self._marker("dhcp4.recovering-without-data")
                 if again is not None:
                     again.unlink(missing_ok=True)
+                self._send_with_data(peer)
         elif state in _RECOVERING:
             self.view.hold = True
         if state == P.PARTNER_DOWN and self.view.state != P.PARTNER_DOWN:
@@ -817,6 +831,17 @@ class Dhcp4Service(Service):
                           "addresses until it is NORMAL again", peer=peer)
             self._partner_without_data = True
             self.leases.trust_acks = False
+            return None
+        if "with_data" in body:
+            # the partner is in step again after recovering without its data
+            if self._partner_without_data:
+                _log.info("dhcp4: {peer} is in step again after its recovery without "
+                          "data: its acks free addresses again", peer=peer)
+            self._partner_without_data = False
+            was_down = not self.leases.trust_acks
+            self.leases.trust_acks = self.view.state != P.PARTNER_DOWN
+            if was_down and self.leases.trust_acks:
+                self._requeue_unsynced()      # acks refused meanwhile: ask again
             return None
         if "held" in body:
             # the partner lost its data and may have given these addresses until

@@ -84,6 +84,7 @@ class Node:
         self.catching_from = state
         self.without_data = False            # recovering after losing the store
         self.partner_without_data = False
+        self.with_data_notice = False        # "with_data" owed to the partner
         self.stored: list[Lease] = []        # of the last apply (see apply)
 
     def crash(self, wipe: bool = False):
@@ -91,6 +92,7 @@ class Node:
         what was acknowledged to anybody is on disk); ``wipe``: the disk too."""
         self.alive = False
         self.outbox = {}
+        self.with_data_notice = False         # queued in memory: gone with it
         try:
             ok(self.store.stopService())
         except Exception:
@@ -130,8 +132,9 @@ class Node:
         v = self.view
         if state == P.NORMAL and v.state == P.PARTNER_DOWN:
             self.partner_without_data = False
-        if state == P.NORMAL:
+        if state in (P.NORMAL, P.PARTNER_DOWN) and self.without_data:
             self.without_data = False
+            self.with_data_notice = True       # to the partner, after what is queued
         if state == P.PARTNER_DOWN and v.state != P.PARTNER_DOWN:   # as the service does
             v.stale_partner_down = v.hold
         elif state != P.PARTNER_DOWN:
@@ -160,6 +163,15 @@ class Node:
             return None
         result = ok(self.handler.handle(C.parse(C.encode(pkt))))
         return None if result is None else result[0]
+
+    def with_data(self):
+        """The partner's "with_data" notice: its acks count again."""
+        self.partner_without_data = False
+        was_down = not self.leases.trust_acks
+        self.leases.trust_acks = self.view.state != P.PARTNER_DOWN
+        if was_down and self.leases.trust_acks:
+            for address in self.leases.unsynced:
+                self.outbox[address] = ok(self.leases.get(address))
 
     def take_outbox(self, n: int = 32) -> list[Lease]:
         out = []
@@ -216,6 +228,9 @@ class Link:
             if leases:
                 self.inflight.append(leases)
             if not self.inflight:
+                if self.src.with_data_notice:  # after everything it sent before
+                    self.src.with_data_notice = False
+                    self.dst.with_data()
                 return n
             sent = self.inflight.popleft()
             if self.dst.without_data:          # its notice goes before the ack

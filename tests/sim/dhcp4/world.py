@@ -293,6 +293,9 @@ class World:
     def recover(self, me, peer):
         """RECOVER: pull the peer's records (two-way: what we owe goes by the outbox)."""
         without = me.name in self.lost_disk
+        if without:                    # its "without_data" notice, before the first ack
+            peer.partner_without_data = True
+            peer.leases.trust_acks = False
         for lease in peer.export():
             back = me.apply([lease], without_data=without)
             stored = me.stored
