@@ -40,6 +40,7 @@ Load at the first node.
   (one death per case; loopback has no link to pull).
 
     python bench/sip.py [--quick] [--json] [--duration S] [--skip-kamailio] [--resync-n N]
+    python bench/sip.py --resync-only --pair sync --resync-n 100000 --json   # resync rows only
 """
 
 from __future__ import annotations
@@ -200,8 +201,12 @@ mode = "{self.mode}"
 
     def resync_note(self) -> str:
         repl = self.nodes["a"].rpc("sip.stats")["result"]["replication"]
-        return (f"full resyncs {repl['full_resyncs']}, last paged copy {repl['last_full_resync_s']} s "
-                "(shipped page and window)")
+        pages = repl.get("full_pages")
+        sized = (f", {pages} pages of {round(repl['full_sent'] / pages)} AORs on average, "
+                 f"last size {repl.get('full_page_size')}, slowest page round trip "
+                 f"{repl.get('full_page_ms_max')} ms") if pages else ""
+        return (f"full resyncs {repl['full_resyncs']}, last paged copy {repl['last_full_resync_s']} s"
+                f"{sized} (shipped page sizing and window)")
 
     def stop(self) -> None:
         for n in self.nodes.values():
@@ -573,6 +578,9 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs-only", action="store_true", help="skip the single-node rows")
     ap.add_argument("--pair", action="append", choices=("sync", "async", "dmq-pair"),
                     help="only these pair cases (repeat)")
+    ap.add_argument("--resync-only", action="store_true",
+                    help="pairs only, and only their resync rows (the load registers at 1500/s; "
+                         "no rate search, no deaths)")
     args = ap.parse_args(argv)
     duration = args.duration or (2.0 if args.quick else 8.0)
     trials = args.trials or (2 if args.quick else 6)
@@ -586,8 +594,9 @@ def main(argv=None) -> int:
 
     missing_sipp = have("sipp", "sip-tester")
     missing_kam = have("kamailio", "kamailio")
-    systems = [] if args.pairs_only else [(Appliance, None)]
-    if not args.skip_kamailio and not args.pairs_only:
+    pairs_only = args.pairs_only or args.resync_only
+    systems = [] if pairs_only else [(Appliance, None)]
+    if not args.skip_kamailio and not pairs_only:
         systems.append((Kamailio, missing_kam))
     with tempfile.TemporaryDirectory(prefix="sipb-") as tmp:
         for cls, why in systems:
@@ -630,12 +639,14 @@ def main(argv=None) -> int:
                 if reason:
                     raise RuntimeError(reason)
                 pair.start()
-                best = rate_search(pair, work, False, start, duration, trials)
-                fresh = getattr(pair, "restarts", 0)
-                row(system, case, "register_per_s", best and best["achieved"],
-                    "REGISTER/s", "pair on loopback, load at the first node, unique users"
-                    + (f"; {fresh} fresh pair(s): the second node took over in an overload "
-                       "probe (heartbeats starved)" if fresh else ""))
+                best = None
+                if not args.resync_only:
+                    best = rate_search(pair, work, False, start, duration, trials)
+                    fresh = getattr(pair, "restarts", 0)
+                    row(system, case, "register_per_s", best and best["achieved"],
+                        "REGISTER/s", "pair on loopback, load at the first node, unique users"
+                        + (f"; {fresh} fresh pair(s): the second node took over in an "
+                           "overload probe (heartbeats starved)" if fresh else ""))
                 rate = int(best["rate"]) if best else start
                 rs = resync(pair, work, resync_n, max(rate, 1500))
                 row(system, case, resync_metric, rs["s"], "s",
@@ -644,6 +655,8 @@ def main(argv=None) -> int:
                 row(system, case, "live_p99_ms_during_resync", rs["p99"], "ms",
                     f"REGISTER refreshes at 50/s on the first node, {rs['n']} answered, "
                     f"{rs['failed']} unanswered; p50 {rs['p50'] and round(rs['p50'], 1)} ms")
+                if args.resync_only:
+                    continue
                 if system == "appliance":
                     pair.wait_linked(60)
                 else:

@@ -68,7 +68,7 @@ class ReplicationConfig:
     pause_s: float = 0.002         # reactor breath between two pages
     sync_grace_s: float = 5.0      # at start, a peer down this long is not waited for
     sync_max_s: float = 600.0      # at start, unable at most this long (peers' synced markers)
-    page_s: float = 0.012          # full resync: a page's round trip aims at this (sizes pages)
+    page_s: float = 0.008          # full resync: a page's round trip aims at this (sizes pages)
     turn_s: float = 0.002          # full resync: page building per reactor turn at most
 
 
@@ -156,7 +156,7 @@ def parse(table, context) -> SIPConfig | None:
         pause = rt.float("pause_ms", 2.0, min=0, max=10_000)
         grace = rt.float("sync_grace_s", 5.0, min=0, max=3600)
         sync_max = rt.float("sync_max_s", 600.0, min=0, max=86400)
-        page_ms = rt.float("page_ms", 12.0, min=0.1, max=10_000)
+        page_ms = rt.float("page_ms", 8.0, min=0.1, max=10_000)
         turn_ms = rt.float("turn_ms", 2.0, min=0.1, max=1000)
         rt.done()
         if peers and None not in (mode, timeout, batch, backlog_limit, page, window, pause,

@@ -101,7 +101,7 @@ class Replicator:
     def __init__(self, reactor, link, peers: tuple[str, ...], mode: str, location, *,
                  timeout_s: float = 2.0, batch: int = 100, max_unacked: int = 10_000,
                  backlog_limit: int = 10_000, page: int = 100, window: int = 1,
-                 pause_s: float = 0.002, page_s: float = 0.012, turn_s: float = 0.002,
+                 pause_s: float = 0.002, page_s: float = 0.008, turn_s: float = 0.002,
                  shard_of: Callable[[str], int] | None = None,
                  on_synced: Callable[[str], None] | None = None,
                  timer: Callable[[], float] = time.perf_counter):
@@ -139,7 +139,7 @@ class Replicator:
         self.stats = {"sent": 0, "acked": 0, "timeouts": 0, "failed": 0, "applied": 0,
                       "resent": 0, "skipped_down": 0, "messages": 0, "overflows": 0,
                       "full_resyncs": 0, "full_sent": 0, "full_pages": 0,
-                      "full_page_size": None, "full_removed": 0,
+                      "full_page_size": None, "full_page_ms_max": None, "full_removed": 0,
                       "last_full_resync_s": None, "delta_resyncs": 0, "stale_ignored": 0,
                       "synced_sent": 0, "synced_received": 0}
         self._queue: dict[str, list] = {}
@@ -492,6 +492,7 @@ class Replicator:
         token = secrets.token_hex(4)
         shards = None
         self.stats["full_resyncs"] += 1
+        self.stats["full_page_ms_max"] = None
         # the full copy covers every AOR missed so far; the flag stays until it ends
         self.missed[peer].clear()
         await self._write(Op.set(FULL_PREFIX + peer, "1"), Op.delete(BACKLOG_PREFIX + peer))
@@ -576,6 +577,9 @@ class Replicator:
             size = int(self.page_s * sent / took)
         size = min(self.page, max(self.PAGE_MIN, min(2 * n, size)))
         self.stats["full_page_size"] = size
+        ms = round(took * 1000.0, 1)
+        if self.stats["full_page_ms_max"] is None or ms > self.stats["full_page_ms_max"]:
+            self.stats["full_page_ms_max"] = ms       # this resync's slowest page round trip
         return size
 
     # -- backup side ------------------------------------------------------------
