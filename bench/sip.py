@@ -205,8 +205,8 @@ mode = "{self.mode}"
         sized = (f", {pages} pages of {round(repl['full_sent'] / pages)} AORs on average, "
                  f"last size {repl.get('full_page_size')}, slowest page round trip "
                  f"{repl.get('full_page_ms_max')} ms") if pages else ""
-        return (f"full resyncs {repl['full_resyncs']}, last paged copy {repl['last_full_resync_s']} s"
-                f"{sized} (shipped page sizing and window)")
+        return (f"full resyncs {repl['full_resyncs']}, last paged copy "
+                f"{repl['last_full_resync_s']} s{sized} (shipped page sizing and window)")
 
     def stop(self) -> None:
         for n in self.nodes.values():

@@ -139,7 +139,8 @@ class Replicator:
         self.stats = {"sent": 0, "acked": 0, "timeouts": 0, "failed": 0, "applied": 0,
                       "resent": 0, "skipped_down": 0, "messages": 0, "overflows": 0,
                       "full_resyncs": 0, "full_sent": 0, "full_pages": 0,
-                      "full_page_size": None, "full_page_ms_max": None, "full_removed": 0,
+                      "full_page_size": None, "full_page_ms_max": None, "full_reread": 0,
+                      "full_removed": 0,
                       "last_full_resync_s": None, "delta_resyncs": 0, "stale_ignored": 0,
                       "synced_sent": 0, "synced_received": 0}
         self._queue: dict[str, list] = {}
@@ -150,6 +151,9 @@ class Replicator:
         self._persist_call = None
         self._persisted: defer.Deferred | None = None
         self._full_in: dict[str, dict] = {}     # backup side: peer -> running full resync
+        #: primary side: AORs changed (replicated) while a full-resync page to the peer
+        #: is being built across reactor turns; their states are read again before it goes
+        self._building: dict[str, set[str]] = {}
 
     def load(self) -> defer.Deferred:
         """Read the persisted backlogs (what each backup missed before this start)."""
@@ -236,6 +240,9 @@ class Replicator:
         body = state_body(aor, bindings, removed, mtime, encoded)
         waits = []
         for peer in self.peers:
+            building = self._building.get(peer)
+            if building is not None:
+                building.add(aor)          # a full-resync page being built may hold it
             if not self.link.connected(peer):
                 self.stats["skipped_down"] += 1
                 waits.append(self.miss(peer, aor))
@@ -480,6 +487,7 @@ class Replicator:
         def done(r):
             self._resyncing.discard(peer)
             self.full_running.discard(peer)
+            self._building.pop(peer, None)
             again = self._rerun(peer)
             if again or not isinstance(r, Failure):
                 # what it missed meanwhile, else the synced marker
@@ -510,6 +518,7 @@ class Replicator:
         while not exhausted:
             # build one page in slices: no reactor turn spends more than turn_s on it
             states: list[dict] = []
+            self._building[peer] = set()
             while len(states) < n and not exhausted:
                 began = self.timer()
                 while len(states) < n:
@@ -529,6 +538,18 @@ class Replicator:
                         break
                 if len(states) < n and not exhausted:
                     await self._next_turn()
+            changed = self._building.pop(peer, None)
+            if states and changed:
+                # changed after they were read (their live state may already have left):
+                # the page carries what is held now, as a page read in one turn would
+                again = [i for i, st in enumerate(states) if st["aor"] in changed]
+                if again:
+                    results = await self._current([states[i]["aor"] for i in again])
+                    for i, (bindings, mtime) in zip(again, results):
+                        body = state_body(states[i]["aor"], bindings, [], mtime)
+                        body["replace"] = True
+                        states[i] = body
+                    self.stats["full_reread"] += len(again)
             if states:
                 if not self.link.connected(peer):
                     raise ConnectionError(f"{peer} left during the full resync "

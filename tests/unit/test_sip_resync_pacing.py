@@ -108,3 +108,66 @@ def test_full_resync_paces_the_live_node(tmp_path, monkeypatch):
     assert settled and max(rtt for _, rtt in settled) <= r.page_s * 1.25, link.rtts
     # ... without crawling: pages stay well above the minimum where the cost allows
     assert min(n for n, _ in settled[:-1]) >= 30, link.rtts
+
+
+def test_aor_changed_while_its_page_is_built_goes_as_held_now(tmp_path, monkeypatch):
+    """A page is built across several reactor turns now: an AOR changed (and replicated
+    live) after it was read into the page must not leave in the page with its older state
+    after its live state -- the backup, applying in order, must end with what the primary
+    holds (also for AORs without a version, which the backup cannot order)."""
+    from dataclasses import replace as dc_replace
+
+    from appliance.store.interface import Op
+    from services.sip.location import AOR_PREFIX, MTIME_PREFIX
+    a, clock, thread = _primary(tmp_path)
+    link = PagedLink(clock)
+    r = Replicator(clock, link, ("b",), "sync", a.location, page=100, window=1, pause_s=0.0)
+    fake_now = [0.0]
+    r.timer = lambda: fake_now[0]
+    r.turn_s = 0.002
+    store = a.location.store
+    first = "sip:u0@example.test"                     # the first AOR in key order
+    store.commit_now([Op.delete(MTIME_PREFIX + first)])      # an unversioned AOR
+    encode = replication.state_body
+    changed = []
+
+    def costly_state_body(aor, *args, **kw):
+        fake_now[0] += ENCODE_S
+        return encode(aor, *args, **kw)
+    monkeypatch.setattr(replication, "state_body", costly_state_body)
+
+    original = clock.callLater
+
+    def call_later(delay, f, *args, **kw):
+        def run(*a2, **kw2):
+            encoded = any("full" in b for _, b in link.sent) or r.stats["full_sent"]
+            if not changed and r._building.get("b") is not None and fake_now[0] > 0 \
+                    and not encoded:
+                # between two slices of the first page: the first AOR changes (a live
+                # REGISTER: a new contact), is written, then replicated
+                [old] = a.location._read_now(first)[0].values()
+                new = dc_replace(old, uri="sip:u0@10.9.9.9", cseq=old.cseq + 1)
+                store.commit_now([Op.hset(AOR_PREFIX + first, {new.uri: new.to_json()})])
+                changed.append(new.uri)
+                now_held = a.location._read_now(first)[0]
+                r.replicate(first, now_held, [])
+            return f(*a2, **kw2)
+        return original(delay, run, *args, **kw)
+    monkeypatch.setattr(clock, "callLater", call_later)
+
+    r.full_needed["b"] = True
+    done = r.full_resync("b")
+    for _ in range(20000):
+        if done.called:
+            break
+        settle(clock, thread)
+        clock.advance(0.0005)
+    assert done.called and done.result is None
+    assert changed, "the change did not fall inside a page's building"
+    # the states of the first AOR in the order the backup applies them: the last one wins
+    last = None
+    for _, body in link.sent:
+        for st in body.get("states", ()) if isinstance(body, dict) else ():
+            if st["aor"] == first:
+                last = st
+    assert last is not None and changed[0] in last["set"], last
