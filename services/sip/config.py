@@ -70,6 +70,7 @@ class ReplicationConfig:
     sync_max_s: float = 600.0      # at start, unable at most this long (peers' synced markers)
     page_s: float = 0.008          # full resync: a page's round trip aims at this (sizes pages)
     turn_s: float = 0.002          # full resync: page building per reactor turn at most
+    min_rate: float = 2500.0       # full resync: AORs/s at least (pages grow on a slow box)
 
 
 @dataclass(frozen=True)
@@ -158,12 +159,13 @@ def parse(table, context) -> SIPConfig | None:
         sync_max = rt.float("sync_max_s", 600.0, min=0, max=86400)
         page_ms = rt.float("page_ms", 8.0, min=0.1, max=10_000)
         turn_ms = rt.float("turn_ms", 2.0, min=0.1, max=1000)
+        min_rate = rt.float("min_rate", 2500.0, min=1, max=10_000_000)
         rt.done()
         if peers and None not in (mode, timeout, batch, backlog_limit, page, window, pause,
-                                  grace, sync_max, page_ms, turn_ms):
+                                  grace, sync_max, page_ms, turn_ms, min_rate):
             replication = ReplicationConfig(tuple(peers), mode, timeout, batch, backlog_limit,
                                             page, window, pause / 1000.0, grace, sync_max,
-                                            page_ms / 1000.0, turn_ms / 1000.0)
+                                            page_ms / 1000.0, turn_ms / 1000.0, min_rate)
     roles = _parse_roles(table, context, port)
     if len(table.problems.items) != before:
         return None

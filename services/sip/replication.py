@@ -102,6 +102,7 @@ class Replicator:
                  timeout_s: float = 2.0, batch: int = 100, max_unacked: int = 10_000,
                  backlog_limit: int = 10_000, page: int = 100, window: int = 1,
                  pause_s: float = 0.002, page_s: float = 0.008, turn_s: float = 0.002,
+                 min_rate: float = 2500.0,
                  shard_of: Callable[[str], int] | None = None,
                  on_synced: Callable[[str], None] | None = None,
                  timer: Callable[[], float] = time.perf_counter):
@@ -122,6 +123,9 @@ class Replicator:
         #: building a page takes at most turn_s of this node's reactor per turn
         self.page_s = page_s
         self.turn_s = turn_s
+        #: ... but no slower than min_rate AORs/s: pages grow when a whole cycle (page
+        #: built, sent, stored, acked, pause) is slow, e.g. on a busy box
+        self.min_rate = min_rate
         self.timer = timer
         self.shard_of = shard_of or (lambda aor: 0)
         self.on_synced = on_synced
@@ -514,6 +518,7 @@ class Replicator:
         window: list[defer.Deferred] = []
         sent = 0
         n = min(self.page, self.PAGE_START)      # AORs in the next page (measured cost)
+        last_send: float | None = None
         exhausted = False
         while not exhausted:
             # build one page in slices: no reactor turn spends more than turn_s on it
@@ -555,7 +560,10 @@ class Replicator:
                     raise ConnectionError(f"{peer} left during the full resync "
                                           f"({sent} AORs sent)")
                 d = self.link.send(peer, CHANNEL, {"states": states, "full": token}, limit=big)
-                window.append((d, self.reactor.seconds(), len(states)))
+                now = self.reactor.seconds()
+                cycle = None if last_send is None else now - last_send
+                last_send = now
+                window.append((d, now, len(states)))
                 sent += len(states)
                 self.stats["full_sent"] += len(states)
                 self.stats["full_pages"] += 1
@@ -564,7 +572,7 @@ class Replicator:
                     await first
                     # the page's round trip is mostly the backup storing it, the time a
                     # live sync REGISTER may wait behind it: size the next one to page_s
-                    n = self._next_page(n, size, self.reactor.seconds() - sent_at)
+                    n = self._next_page(n, size, self.reactor.seconds() - sent_at, cycle)
             if exhausted:
                 break
             if not self.link.connected(peer):
@@ -588,15 +596,19 @@ class Replicator:
         self.reactor.callLater(0, d.callback, None)
         return d
 
-    def _next_page(self, n: int, sent: int, took: float) -> int:
+    def _next_page(self, n: int, sent: int, took: float, cycle: float | None = None) -> int:
         """AORs in the next full-resync page: the last page's per-AOR round trip scaled to
-        ``page_s`` (at most doubling; at least PAGE_MIN, so a backup whose fixed cost per
-        commit exceeds ``page_s`` still gets its copy in reasonable time; at most ``page``)."""
+        ``page_s`` (at most doubling), but at least what keeps ``min_rate`` AORs/s at the
+        last cycle's length (a busy box: fixed costs per page) and at least PAGE_MIN; at
+        most ``page``."""
         if took <= 0:
             size = 2 * n
         else:
             size = int(self.page_s * sent / took)
-        size = min(self.page, max(self.PAGE_MIN, min(2 * n, size)))
+        size = min(2 * n, size)
+        if cycle is not None and cycle > 0:
+            size = max(size, int(self.min_rate * cycle + 0.999))
+        size = min(self.page, max(self.PAGE_MIN, size))
         self.stats["full_page_size"] = size
         ms = round(took * 1000.0, 1)
         if self.stats["full_page_ms_max"] is None or ms > self.stats["full_page_ms_max"]:

@@ -225,7 +225,8 @@ class SIPService(Service):
         self.replicator = Replicator(
             self.reactor, link, r.peers, r.mode, self.location, timeout_s=r.timeout_s,
             batch=r.batch, backlog_limit=r.backlog_limit, page=r.page, window=r.window,
-            pause_s=r.pause_s, page_s=r.page_s, turn_s=r.turn_s, shard_of=roles.shard,
+            pause_s=r.pause_s, page_s=r.page_s, turn_s=r.turn_s, min_rate=r.min_rate,
+            shard_of=roles.shard,
             on_synced=self.syncgate.synced if self.syncgate is not None else None)
         _log.info("sip: replicating bindings to {peers} ({mode})", peers=", ".join(r.peers),
                   mode=r.mode)

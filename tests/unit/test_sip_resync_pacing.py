@@ -61,6 +61,7 @@ def test_full_resync_paces_the_live_node(tmp_path, monkeypatch):
     r.timer = lambda: fake_now[0]
     r.turn_s = 0.002
     r.page_s = 0.012
+    r.min_rate = 1000.0
 
     # which reactor turn runs now: every call the clock runs is one turn
     turn = {"id": 0, "work": {}}
@@ -171,3 +172,22 @@ def test_aor_changed_while_its_page_is_built_goes_as_held_now(tmp_path, monkeypa
             if st["aor"] == first:
                 last = st
     assert last is not None and changed[0] in last["set"], last
+
+
+def test_page_size_rules():
+    """Sized to page_s from the last round trip, at most doubling, at least PAGE_MIN and
+    at most ``page``; on a slow box (long cycles between two pages) at least what keeps
+    min_rate AORs/s."""
+    r = Replicator(None, PagedLink(None), ("b",), "sync", _NoLocation(), page=100,
+                   page_s=0.008, min_rate=2500)
+    assert r._next_page(50, 50, 0.004) == 100           # fast: doubles (capped at page)
+    assert r._next_page(20, 20, 0.001) == 40            # at most doubling
+    assert r._next_page(100, 100, 0.016) == 50          # slow: scaled to page_s
+    assert r._next_page(100, 100, 0.100) == Replicator.PAGE_MIN
+    # the cycle (send to send) is 30 ms: 2500/s needs 75 a page, more than page_s gives
+    assert r._next_page(100, 100, 0.016, cycle=0.030) == 75
+    assert r._next_page(100, 100, 0.016, cycle=0.200) == 100   # never beyond page
+
+
+class _NoLocation:
+    store = None
