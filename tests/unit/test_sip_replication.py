@@ -5,6 +5,10 @@ when it returns; async answers at once."""
 
 from __future__ import annotations
 
+import gc
+
+import pytest
+
 from dataclasses import replace
 
 from twisted.internet import defer
@@ -12,6 +16,13 @@ from twisted.internet import defer
 from services.sip.config import ReplicationConfig
 from services.sip.replication import Replicator
 from tests.unit.test_sip_service import Peer, make, req, settle
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze():
+    """A full resync freezes the heap (gc.freeze): give the next tests a normal one."""
+    yield
+    gc.unfreeze()
 
 
 class FakeLink:
