@@ -238,7 +238,7 @@ class SimNet:
         self.node_of.update({a: n for n, a in self.addr2.items()})
         self.cut_paths: set[int] = set()         # path 0 (10.0.0.x) / 1 (10.0.1.x) down
         self.npaths = 1                          # paths configured (World(paths=))
-        self.last_sent_delivered: dict[tuple, float] = {}
+        self.last_sent_delivered: dict[tuple, tuple] = {}   # (send time, send order)
         self.last_arrival: dict[tuple, float] = {}
         self.copies: dict[tuple, dict] = {}       # recent datagrams per link (path copies)
 
@@ -251,8 +251,11 @@ class SimNet:
         if link is None or link.cut or (link.loss and self.rng.random() < link.loss):
             return
         delay = link.delay + (self.rng.random() * link.jitter if link.jitter else 0.0)
-        self.clock.callLater(delay, self._deliver, src, dst, data, self.clock.seconds(),
-                             self.incarnation_of(src), path)
+        # the send order, not the send time: an extra beat can leave at the same
+        # instant as a scheduled one (and overtake it with jitter)
+        self.sends = getattr(self, "sends", 0) + 1
+        self.clock.callLater(delay, self._deliver, src, dst, data,
+                             (self.clock.seconds(), self.sends), self.incarnation_of(src), path)
 
     def _deliver(self, src, dst, data, sent_at, incarnation, path=0):
         proto = self.ports.get(dst)
@@ -264,12 +267,12 @@ class SimNet:
         seen[data] = True
         if len(seen) > 64:
             del seen[next(iter(seen))]
-        if sent_at >= self.last_sent_delivered.get(key, -1e9) and not copy:
+        if sent_at >= self.last_sent_delivered.get(key, (-1e9, 0)) and not copy:
             # A beat overtaken by a newer one (a delay that shrank at a heal)
             # is refused as old by the receiver, and the copy of a beat that
             # came first by the other path is no news: no evidence of liveness.
             self.last_arrival[key] = self.clock.seconds()
-        self.last_sent_delivered[key] = max(self.last_sent_delivered.get(key, -1e9), sent_at)
+        self.last_sent_delivered[key] = max(self.last_sent_delivered.get(key, (-1e9, 0)), sent_at)
         proto.datagramReceived(data, ((self.addr2 if path else self.addr)[src], 8741))
 
     def clean(self) -> bool:
