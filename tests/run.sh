@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(systemd redis-server redis-tools redis-sentinel procps iproute2 nftables iputils-ping keepalived busybox bind9 bind9-utils bind9-dnsutils kea-admin slapd ldap-utils sip-tester bird2)
+APT_PACKAGES=(systemd redis-server redis-tools redis-sentinel procps iproute2 nftables iputils-ping keepalived busybox bind9 bind9-utils bind9-dnsutils kea-admin slapd ldap-utils sip-tester bird2 isc-dhcp-client kea-dhcp6-server)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
