@@ -14,13 +14,14 @@ import pytest
 
 from tests.support.node_process import ROOT
 
-BENCHES = ["dhcp4", "dns", "dhcp4_cpu", "report", "store", "failover"]
+BENCHES = ["dhcp4", "dns", "dhcp4_cpu", "report", "store", "failover", "dhcp6"]
 
 #: Support modules the benches import lazily, on their run paths.
 LAZY = {
     "dns": ["tests.support.named_server"],
     "store": ["tests.support.redis_server"],
     "dhcp4": ["tests.support.cluster_lab", "tests.support.node_process"],
+    "dhcp6": ["tests.support.node_process", "tests.support.dhcp6_client"],
 }
 
 
