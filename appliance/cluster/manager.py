@@ -64,7 +64,8 @@ from appliance.cluster.partners import Partnership, Partnerships  # noqa: F401 (
 from appliance.cluster.quorum import Quorum
 from appliance.cluster.resources import Resource, ResourceTable, call_listener  # noqa: F401
 from appliance.cluster.transport import (URGENT_BURST, HeartbeatChannel,  # noqa: F401 (API)
-                                         load_key, new_cluster_key, next_incarnation)
+                                         MaintenanceMark, load_key, new_cluster_key,
+                                         next_incarnation)
 
 _log = Logger(namespace="appliance.cluster")
 
@@ -129,6 +130,9 @@ class ClusterManager(Service):
         self.certs: dict[str, dict] = {}        # peer-link cert/CA expiry (keys.cert_expiry)
         self.started_at = 0.0
         self.hold_until = 0.0
+        # The operator's maintenance survives a restart (state_dir/cluster.maintenance)
+        self.maintenance_mark = MaintenanceMark(self.state_dir)
+        self._mark_lock = defer.DeferredLock()      # saves run one after another
         for vip in vips:
             self.add_resource(
                 ResourceSpec(vip.name, dict(vip.priority), vip.preempt, kind="vip"),
@@ -295,6 +299,7 @@ class ClusterManager(Service):
 
     def _start(self):
         self.started_at = self.clock.seconds()
+        self._load_maintenance()
         if self.single:
             self.hold_until = self.started_at
             self.evaluate()
@@ -335,6 +340,21 @@ class ClusterManager(Service):
                   peers=", ".join(self.peers), k=self.beats, ms=round(self.interval * 1000),
                   dead=round(self.deadline_s * 1000, 1))
         return d
+
+    def _load_maintenance(self):
+        """Maintenance set by the operator before a restart is still on:
+        this node claims nothing until ``cluster.maintenance {on:false}``."""
+        try:
+            kept = self.maintenance_mark.load()
+        except Exception as e:
+            _log.error("cluster: could not read the maintenance mark: {why}", why=e)
+            return
+        if kept:
+            self.maintenance = True
+            _log.warn("cluster: node {node} starts in MAINTENANCE, kept from the previous run "
+                      "({path}): it claims nothing until 'cluster.maintenance {{on: false}}' "
+                      "('appliancectl cluster maintenance off')", node=self.node_id,
+                      path=str(getattr(self.maintenance_mark, "path", "")))
 
     def _load_persisted(self):
         if self.store is None:
@@ -541,13 +561,42 @@ class ClusterManager(Service):
         return {"resource": resource, "role": self.role(resource), "handed_to": others}
 
     def set_maintenance(self, on: bool):
-        was, self.maintenance = self.maintenance, bool(on)
+        """Maintenance on: hand everything over and claim nothing, also after
+        a restart (kept in the state dir until maintenance off).  The answer
+        comes once the mark is on disk (``persisted``: False when it could
+        not be written; the maintenance itself holds in this run anyway)."""
+        on = bool(on)
+        was, self.maintenance = self.maintenance, on
         if was and not on:
             self.partnerships.leave_maintenance(self.clock.seconds())
         _log.info("maintenance {state} on node {node}", state="on" if on else "off",
                   node=self.node_id)
         self.changed()
-        return {"maintenance": self.maintenance}
+        saved = self._save_maintenance(on)
+        if isinstance(saved, defer.Deferred):
+            return saved.addCallback(lambda ok: {"maintenance": on, "persisted": ok})
+        return {"maintenance": on, "persisted": saved}
+
+    def _save_maintenance(self, on: bool):
+        """Write (on) or remove (off) the mark: in a thread when the reactor
+        has one (fsync), in order; at once otherwise (tests, simulator)."""
+        from twisted.internet.interfaces import IReactorThreads
+
+        def failed(e):
+            _log.error("cluster: maintenance {state} not persisted ({why}): a restart "
+                       "would not keep it", state="on" if on else "off", why=e)
+            return False
+
+        if not IReactorThreads.providedBy(self.reactor):
+            try:
+                self.maintenance_mark.save(on)
+            except Exception as e:
+                return failed(e)
+            return True
+        from twisted.internet import threads
+        d = self._mark_lock.run(threads.deferToThreadPool, self.reactor,
+                                self.reactor.getThreadPool(), self.maintenance_mark.save, on)
+        return d.addCallbacks(lambda _: True, lambda f: failed(f.getErrorMessage()))
 
     def partner_down(self, peer: str):
         """Declare ``peer`` down.  Refused while its heartbeats show its side

@@ -49,6 +49,29 @@ def new_cluster_key() -> str:
     return secrets.token_hex(32)
 
 
+def _fsync_dir(state_dir: Path) -> None:
+    try:
+        fd = os.open(state_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _write_durable(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, fsynced with its directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 def next_incarnation(state_dir: Path) -> int:
     """A number larger than any previous start's (wall-clock ns, persisted,
     fsynced with its directory).  A lost state dir with a clock behind gives
@@ -59,22 +82,33 @@ def next_incarnation(state_dir: Path) -> int:
     except (OSError, ValueError):
         last = 0
     inc = max(time.time_ns(), last + 1)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        f.write(str(inc))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(state_dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    _write_durable(path, str(inc))
     return inc
+
+
+class MaintenanceMark:
+    """The operator's maintenance, kept across a restart: ``cluster.maintenance``
+    in the state dir exists while maintenance is on (written by
+    ``cluster.maintenance {on:true}``, removed by ``{on:false}``; never by the
+    shutdown's own maintenance beat).  ``save`` does disk I/O with fsync: the
+    manager runs it in a thread when its reactor has one."""
+
+    def __init__(self, state_dir: Path):
+        self.path = Path(state_dir) / "cluster.maintenance"
+
+    def load(self) -> bool:
+        return self.path.exists()
+
+    def save(self, on: bool) -> None:
+        if on:
+            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            _write_durable(self.path, f"maintenance on since {since}\n")
+        else:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                return
+            _fsync_dir(self.path.parent)
 
 
 class _Protocol(protocol.DatagramProtocol):

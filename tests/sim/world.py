@@ -5,8 +5,8 @@ on one injected monotonic clock (a ``task.Clock``: true time) with a wall
 clock per node (true time + an offset the schedule steps independently), and
 a simulated network: per-direction loss, delay and jitter, partitions
 (symmetric and one-way) and heals.  A seeded random schedule also kills and
-restarts nodes (keeping or wiping their state: store and incarnation, with a
-clock behind so the new incarnation is *lower*), steps wall clocks by +-1 h
+restarts nodes (keeping or wiping their state: store, maintenance mark and
+incarnation, with a clock behind so the new incarnation is *lower*), steps wall clocks by +-1 h
 and issues operator commands (promote, demote, maintenance, partner-down).
 
 Invariants, checked after every 10 ms step of simulated time:
@@ -315,10 +315,25 @@ class _Reactor:
         return _Port(self._net, self._node)
 
 
+class SimMark:
+    """A node's state-dir maintenance mark (appliance.cluster.transport.MaintenanceMark)
+    in memory: kept across a restart, lost with a wiped state dir."""
+
+    def __init__(self):
+        self.on = False
+
+    def load(self) -> bool:
+        return self.on
+
+    def save(self, on: bool) -> None:
+        self.on = on
+
+
 @dataclass
 class SimNode:
     id: str
     store: MemStore = field(default_factory=MemStore)
+    mark: SimMark = field(default_factory=SimMark)
     wall_offset: float = 0.0
     manager: ClusterManager | None = None
     up: bool = False
@@ -372,6 +387,7 @@ class World:
         node = self.nodes[nid]
         if wipe:
             node.store = MemStore()
+            node.mark = SimMark()
             node.last_claim = {}
         node.epochs = {}
         node.incarnation = self._incarnation(node, lower)
@@ -400,6 +416,7 @@ class World:
                                state_dir="/nonexistent-sim",
                                key=KEY, clock=self.clock,
                                wall=lambda node=node: self.clock.seconds() + node.wall_offset)
+            m.maintenance_mark = node.mark      # kept across a restart, like the state dir
             if self.n == 2 and nid != "w":
                 other = [p for p in self.node_ids if p != nid][0]
                 m.register_partner(other, primary=(nid == "a"), sync=lambda peer: None)
@@ -668,7 +685,7 @@ class World:
         for nid, node in self.nodes.items():
             if not node.up:
                 self.start(nid)
-            elif node.manager.maintenance:
+            if node.manager.maintenance:        # (also kept across a restart)
                 node.manager.set_maintenance(False)
                 self.last_op = self.clock.seconds()
         self.pending_checks.append((t + 1.5, self.fault_gen, "heal"))

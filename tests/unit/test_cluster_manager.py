@@ -248,9 +248,12 @@ def test_shared_store_epochs_stop_a_stale_claim():
     assert nodes["b"].resources["vip1"].mine.epoch == 51
 
 
-def test_maintenance_hands_over_and_partner_down_refused_while_alive():
+def test_maintenance_hands_over_and_partner_down_refused_while_alive(tmp_path):
     """maintenance on moves resources to the peer; partner-down of a live peer is refused."""
+    from appliance.cluster.transport import MaintenanceMark
     clock, net, nodes = make_pair()
+    for m in nodes.values():     # (the mark in this test's own dir, not a shared /tmp one)
+        m.maintenance_mark = MaintenanceMark(tmp_path / m.node_id)
     for m in nodes.values():
         m.register_partner("b" if m.node_id == "a" else "a", primary=m.node_id == "a")
     start(clock, nodes)
