@@ -353,7 +353,7 @@ class ClusterManager(Service):
             self.maintenance = True
             _log.warn("cluster: node {node} starts in MAINTENANCE, kept from the previous run "
                       "({path}): it claims nothing until 'cluster.maintenance {{on: false}}' "
-                      "('appliancectl cluster maintenance off')", node=self.node_id,
+                      "('appliancectl maintenance off')", node=self.node_id,
                       path=str(getattr(self.maintenance_mark, "path", "")))
 
     def _load_persisted(self):
