@@ -377,3 +377,64 @@ def test_every_policy_acks_only_after_the_commit(tmp_path, fsync):
     assert acked == [] and len(held.jobs) == 1
     held.run()
     assert acked == [None]
+
+
+def test_writes_behind_a_commit_are_sealed_into_bounded_commits(tmp_path):
+    """Under load the writes gathered behind a commit in flight are sealed every
+    max_commit_rows rows into their own transaction: commits stay bounded, the
+    first writes are acknowledged after their own (small) commit, acks keep issue
+    order, and what is on disk after each commit is a prefix of the writes."""
+    store, clock, held = started(tmp_path, held=True, max_commit_rows=10)
+    acked = []
+    store.set("k0", "0").addCallback(lambda _: acked.append(0))
+    clock.advance(0)
+    assert len(held.jobs) == 1                       # k0 in flight
+    for i in range(1, 31):                           # 30 writes of one row each
+        store.set(f"k{i}", str(i)).addCallback(lambda _, i=i: acked.append(i))
+        clock.advance(0)
+    assert store.stats["sealed"] == 3, "sealed every 10 rows behind the commit in flight"
+    held.run()                                       # k0
+    assert acked == [0]
+    assert len(held.jobs) == 1 and held.jobs[0][1][0].rows() == 10, "the next commit is bounded"
+    held.run()
+    assert acked == list(range(11))
+    on_disk = SQLiteFile(tmp_path, "always")
+    on_disk.open()
+    strings = on_disk.load()[0]
+    on_disk.close()
+    assert sorted(strings, key=lambda k: int(k[1:])) == [f"k{i}" for i in range(11)], \
+        "a prefix of the writes is durable"
+    held.run_all()
+    assert acked == list(range(31))
+    assert store.stats["commits"] == 4
+    assert store.stats["rows"] == 31
+
+
+def test_a_failed_commit_fails_the_sealed_batches_behind_it(tmp_path):
+    """Writes sealed behind a failing commit fail with StoreDown (no hang, no ack)."""
+    store, clock, held = started(tmp_path, held=True, max_commit_rows=2)
+    results = []
+    store.set("a", "1").addBoth(results.append)
+    clock.advance(0)
+    for i in range(4):
+        store.set(f"b{i}", "2").addBoth(results.append)
+    assert store.stats["sealed"] == 2
+    held.fail(sqlite3.OperationalError("disk I/O error"))
+    assert len(results) == 5 and all(isinstance(r.value, StoreDown) for r in results)
+    clock.advance(0)
+    assert held.jobs == []
+
+
+def test_one_large_write_is_never_split(tmp_path):
+    """A commit of many rows issued behind a commit in flight stays one transaction
+    (all or nothing), however large."""
+    store, clock, held = started(tmp_path, held=True, max_commit_rows=5)
+    store.set("a", "1")
+    clock.advance(0)
+    d = store.commit([Op.hset("h", {f"f{i}": "v" for i in range(50)}), Op.set("x", "y")])
+    clock.advance(0)
+    assert store.stats["sealed"] == 1
+    held.run()
+    assert held.jobs[0][1][0].rows() == 52          # key row + 50 fields + x
+    held.run()
+    assert ok(d) is True
