@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, IPv6Network, ip_network
+from ipaddress import IPv4Address, IPv6Address, IPv6Network
 from typing import Any, Callable
 
 __all__ = ["Family", "DHCP4", "DHCP6_NA", "DHCP6_PD", "family_for", "prefix_int",

@@ -566,6 +566,10 @@ class LeaseStore:
     def _parse_hash(self, h):
         return Lease.from_hash(h, self._fam) if h else None
 
+    def lease_from_wire(self, d) -> Lease:
+        """A partner's wire dict as a Lease of this family (ValueError if malformed)."""
+        return Lease.from_wire(d, self._fam)
+
     # ------------------------------------------------------------------
     # lookup helpers
     # ------------------------------------------------------------------

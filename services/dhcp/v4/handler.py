@@ -30,6 +30,7 @@ from services.dhcp.v4 import codec as C
 from services.dhcp.v4 import pools as P
 from services.dhcp.v4.config import Dhcp4Config, Subnet
 from services.dhcp.v4.leases import AddressUnavailable, LeaseStore, UnknownSubnet
+from services.dhcp.failover.partner import FailoverView  # noqa: F401  (re-exported)
 
 _log = Logger(namespace="services.dhcp4")
 ZERO = IPv4Address(0)
@@ -43,32 +44,6 @@ def _override(pkt) -> IPv4Address | None:
 def _ip(dotted: str) -> IPv4Address:
     """A stored (canonical) dotted quad as an address, without re-parsing the text."""
     return IPv4Address(socket.inet_aton(dotted))
-
-
-@dataclass
-class FailoverView:
-    """What the handler needs to know about the partner relationship."""
-
-    mode: str | None = None         # None: no failover
-    role: str | None = None
-    split: int = 50
-    delay_s: float = 0.0
-    mclt_s: float = 3600
-    state: str = P.NORMAL
-    partner_down_since: float | None = None
-    #: PARTNER-DOWN known to be real (operator, witness quorum, a partner in
-    #: maintenance or recovering): only then the partner's addresses unlock
-    partner_down_confirmed: bool = False
-    #: not in step with the partner since this start or recovery: serve
-    #: nobody until NORMAL (or PARTNER-DOWN).  A node that starts, or leaves
-    #: RECOVER-DONE, without hearing its partner may find it in PARTNER-DOWN,
-    #: using our addresses after the MCLT: COMMUNICATIONS-INTERRUPTED is not
-    #: enough to serve then (review M3, issue 12 deliver 5)
-    hold: bool = False
-    #: PARTNER-DOWN entered while on hold (not in step since the start): the
-    #: partner may have run PARTNER-DOWN on our addresses meanwhile, so our own
-    #: free addresses are as unknown as its: nothing new before the MCLT
-    stale_partner_down: bool = False
 
 
 @dataclass
