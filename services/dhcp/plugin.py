@@ -23,3 +23,20 @@ class Dhcp4Plugin:
 
 
 dhcp4_plugin = Dhcp4Plugin()
+
+
+@implementer(IPlugin, IServicePlugin)
+class Dhcp6Plugin:
+    name = "dhcp6"
+    description = "DHCPv6 server (RFC 8415): IA_NA addresses and IA_PD delegated prefixes"
+
+    def parse_config(self, table, context):
+        from services.dhcp.v6.config import parse_dhcp6
+        return parse_dhcp6(table, context)
+
+    def make_service(self, config, context):
+        from services.dhcp.v6.service import Dhcp6Service
+        return Dhcp6Service(config, context)
+
+
+dhcp6_plugin = Dhcp6Plugin()

@@ -1,0 +1,310 @@
+"""The ``dhcp6`` service: UDP listener, lease store, reclaim loop, RPC, metrics.
+
+Relayed clients (and the demo): ``listen_address = "::1"`` (any port):
+RELAY-FORW messages are answered by RELAY-REPL to the address and port the
+relay sent from.  Direct clients: ``interface = "veth0"`` binds ``[::]:port``
+to that device (SO_BINDTODEVICE), joins ff02::1:2 (All_DHCP_Relay_Agents_and_Servers)
+on it, and answers each client at its (link-local) source address and port.
+A REPLY that commits a lease leaves only once the lease is durable in the store.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+import uuid
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from twisted.application.service import Service
+from twisted.internet import defer, protocol, task
+from twisted.logger import Logger
+
+from appliance.admin.rpc import ApplicationError, InvalidParams, Param, Params
+from appliance.plugin import withdraw
+from services.dhcp.v6 import codec as C
+from services.dhcp.v6.config import Dhcp6Config, normalize_duid
+from services.dhcp.v6.handler import Dhcp6Handler
+from services.dhcp.v6.leases import KINDS, NA, PD, STATES, LeaseStore6, address_key
+
+_log = Logger(namespace="services.dhcp6")
+SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+ALL_DHCP = "ff02::1:2"
+DUID_KEY = "dhcp6:server-duid:"
+RPC_METHODS = ("dhcp6.leases", "dhcp6.lease", "dhcp6.release", "dhcp6.scopes", "dhcp6.stats")
+
+
+def new_duid() -> bytes:
+    """A DUID-UUID (RFC 6355): type 4 and 16 random octets."""
+    return struct.pack("!H", 4) + uuid.uuid4().bytes
+
+
+class _Protocol(protocol.DatagramProtocol):
+    def __init__(self, service: "Dhcp6Service"):
+        self.service = service
+
+    def datagramReceived(self, data, addr):
+        try:
+            self.service.datagram(data, addr)
+        except Exception:
+            _log.failure("dhcp6: datagram from {addr} crashed the handler", addr=addr)
+
+
+class Dhcp6Service(Service):
+    name = "dhcp6"
+
+    def __init__(self, config: Dhcp6Config, context):
+        self.config = config
+        self.context = context
+        self.reactor = context.reactor
+        self.leases = LeaseStore6(context.store, config, context.node_id,
+                                  now=self.reactor.seconds)
+        self.port = None
+        self.handler: Dhcp6Handler | None = None
+        self.server_duid: bytes | None = None
+        self.drops: dict[str, int] = {r: 0 for r in C.DROP_REASONS}
+        self.drops.update(store_error=0, reply_too_large=0)
+        self._ifindex = 0
+        self._reclaim = None
+        self.role = "standalone"
+        self._ddns = None
+
+    # ------------------------------------------------------------------
+    def startService(self):
+        super().startService()
+        d = defer.ensureDeferred(self._start())
+        return d
+
+    async def _start(self):
+        cfg = self.config
+        n = await self.leases.load()
+        self.server_duid = await self._server_duid()
+        from services.dhcp.v6.ddns import Ddns6     # DDNS glue (no-op without a provider)
+        self._ddns = Ddns6(self)
+        self.handler = Dhcp6Handler(cfg, self.leases, self.server_duid, now=self.reactor.seconds,
+                                    on_lease=self._lease_changed,
+                                    fqdn_answer=self._ddns.answer)
+        if cfg.interface:
+            self._ifindex = socket.if_nametoindex(cfg.interface)
+            self.port = self.reactor.listenUDP(cfg.port, _Protocol(self), interface="::")
+            sock = self.port.socket
+            sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, cfg.interface.encode())
+            mreq = socket.inet_pton(socket.AF_INET6, ALL_DHCP) + struct.pack("@I", self._ifindex)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, mreq)
+        else:
+            self.port = self.reactor.listenUDP(cfg.port, _Protocol(self),
+                                               interface=str(cfg.listen_address))
+        self._register_rpc()
+        self.context.metrics.register(self)
+        self._reclaim = task.LoopingCall(self._reclaim_due)
+        self._reclaim.clock = self.reactor
+        self._reclaim.start(cfg.reclaim_interval_s, now=False).addErrback(
+            lambda f: _log.failure("dhcp6 reclaim loop stopped", failure=f))
+        _log.info("dhcp6 serving {n} subnet(s) on {where}:{port} as DUID {duid}; "
+                  "{leases} lease record(s) loaded",
+                  n=len(cfg.subnets), where=cfg.interface or str(cfg.listen_address),
+                  port=cfg.port, duid=self.server_duid.hex(), leases=n)
+
+    async def _server_duid(self) -> bytes:
+        if self.config.server_duid is not None:
+            return bytes.fromhex(self.config.server_duid)
+        key = DUID_KEY + self.context.node_id
+        stored = await self.context.store.get(key)
+        if stored and normalize_duid(stored):
+            return bytes.fromhex(stored)
+        duid = new_duid()
+        await self.context.store.set(key, duid.hex())
+        _log.info("dhcp6: new server DUID {duid} (kept in the store as {key})",
+                  duid=duid.hex(), key=key)
+        return duid
+
+    def stopService(self):
+        super().stopService()
+        if self._reclaim is not None and self._reclaim.running:
+            self._reclaim.stop()
+        withdraw(self.context, RPC_METHODS, self)
+        if self.port is not None:
+            port, self.port = self.port, None
+            return defer.maybeDeferred(port.stopListening)
+        return defer.succeed(None)
+
+    # ------------------------------------------------------------------
+    def datagram(self, data: bytes, addr) -> None:
+        if self.handler is None:
+            return
+        try:
+            msg = C.parse(data)
+        except C.MalformedMessage as e:
+            self.drops[e.reason] = self.drops.get(e.reason, 0) + 1
+            return
+        writes = self.leases.writes
+        reply = self.handler.handle(msg)
+        if reply is None:
+            return
+        if self.leases.writes == writes:          # nothing committed (ADVERTISE, CONFIRM)
+            self._send(reply, addr)
+            return
+        d = self.leases.durable()
+        d.addCallback(lambda _: self._send(reply, addr))
+        d.addErrback(self._failed, msg)
+
+    def _send(self, reply, addr) -> None:
+        if self.port is None:
+            return
+        try:
+            data = C.encode(reply)
+        except (ValueError, TypeError) as e:
+            self.drops["reply_too_large"] += 1
+            _log.error("dhcp6: reply not encodable: {why}", why=e)
+            return
+        host, port = addr[0], addr[1]
+        if self._ifindex and host.lower().startswith("fe80"):
+            self.port.write(data, (host, port, 0, self._ifindex))
+        else:
+            self.port.write(data, (host, port))
+
+    def _failed(self, failure, msg):
+        self.drops["store_error"] += 1
+        _log.error("dhcp6: {type} not answered: the lease is not durable: {why}",
+                   type=msg.name, why=failure.getErrorMessage())
+
+    def _reclaim_due(self):
+        try:
+            for lease in self.leases.reclaim(500):
+                self._lease_changed("expired", lease)
+        except Exception:
+            _log.failure("dhcp6 reclaim failed")
+
+    def _lease_changed(self, event: str, lease) -> None:
+        if self._ddns is not None:
+            self._ddns.lease_changed(event, lease, self.handler.binding if self.handler else None)
+
+    # ------------------------------------------------------------------
+    # admin
+    # ------------------------------------------------------------------
+    def _register_rpc(self):
+        rpc = self.context.rpc
+        rpc.register("dhcp6.leases", self.rpc_leases,
+                     doc="{subnet?, state?, type?, limit?, cursor?} -> {leases, cursor}",
+                     params=Params(subnet=Param("any"),
+                                   state=Param("str", choices=STATES, nullable=True),
+                                   type=Param("str", choices=KINDS, nullable=True),
+                                   limit=Param("int", default=100, min=1, max=1000),
+                                   cursor=Param("str", nullable=True)))
+        rpc.register("dhcp6.lease", self.rpc_lease, doc="{address | prefix | duid} -> lease(s)",
+                     params=Params(exactly_one_of=("address", "prefix", "duid"),
+                                   address=Param("str", nullable=True),
+                                   prefix=Param("str", nullable=True),
+                                   duid=Param("str", nullable=True)))
+        rpc.register("dhcp6.release", self.rpc_release, doc="{address | prefix}: free it now",
+                     params=Params(exactly_one_of=("address", "prefix"),
+                                   address=Param("str", nullable=True),
+                                   prefix=Param("str", nullable=True)))
+        rpc.register("dhcp6.scopes", self.rpc_scopes, doc="subnets, pools, free counts",
+                     params=Params())
+        rpc.register("dhcp6.stats", self.rpc_stats, doc="packet counters, drops, leases",
+                     params=Params())
+
+    def _subnet_param(self, subnet) -> int | None:
+        if subnet is None:
+            return None
+        if isinstance(subnet, int) and not isinstance(subnet, bool):
+            if self.config.subnet(subnet) is None:
+                raise InvalidParams.because(f"params.subnet: no subnet with id {subnet}")
+            return subnet
+        if not isinstance(subnet, str):
+            raise InvalidParams.because("params.subnet: expected a subnet id, a network or "
+                                        "an address")
+        try:
+            text = subnet.split("/")[0]
+            sub = self.config.subnet_for(ipaddress.IPv6Address(text))
+        except ValueError:
+            raise InvalidParams.because(f"params.subnet: {subnet!r} is not an IPv6 network "
+                                        "or address") from None
+        if sub is None:
+            raise InvalidParams.because(f"params.subnet: {subnet!r} is not a configured subnet")
+        return sub.id
+
+    def rpc_leases(self, subnet=None, state=None, type=None, limit=100, cursor=None):
+        return self.leases.leases(subnet=self._subnet_param(subnet), state=state, kind=type,
+                                  limit=limit, cursor=cursor)
+
+    @staticmethod
+    def _key(kind: str, text: str) -> str:
+        try:
+            return address_key(kind, text)
+        except ValueError:
+            what = "an IPv6 address" if kind == NA else "an IPv6 prefix (net/len)"
+            field = "address" if kind == NA else "prefix"
+            raise InvalidParams.because(f"params.{field}: {text!r} is not {what}") from None
+
+    def rpc_lease(self, address=None, prefix=None, duid=None):
+        if duid is not None:
+            key = normalize_duid(duid)
+            if key is None:
+                raise InvalidParams.because(f"params.duid: {duid!r} is not a DUID")
+            found = self.leases.find_duid(key)
+            if not found:
+                raise ApplicationError(f"no lease for DUID {duid}", code=-32040)
+            return {"leases": [le.to_json() for le in found]}
+        kind, text = (NA, address) if address is not None else (PD, prefix)
+        lease = self.leases.get(kind, self._key(kind, text))
+        if lease is None or lease.state == "offered":
+            raise ApplicationError(f"no lease for {text}", code=-32040)
+        return lease.to_json()
+
+    @defer.inlineCallbacks
+    def rpc_release(self, address=None, prefix=None):
+        kind, text = (NA, address) if address is not None else (PD, prefix)
+        lease = self.leases.release(kind, self._key(kind, text))
+        if lease is None:
+            raise ApplicationError(f"{text} is not leased", code=-32041)
+        yield self.leases.durable()
+        self._lease_changed("released", lease)
+        return lease.to_json()
+
+    def rpc_scopes(self):
+        out = []
+        for s in self.config.subnets:
+            out.append({"id": s.id, "subnet": str(s.network),
+                        "pools": [f"{p.first}-{p.last}" for p in s.pools],
+                        "pd_pools": [f"{p.prefix}:{p.delegated_length}" for p in s.pd_pools],
+                        "free": self.leases.free_count(NA, s.id),
+                        "free_prefixes": self.leases.free_count(PD, s.id),
+                        "preferred_lifetime_s": s.preferred_lifetime_s,
+                        "valid_lifetime_s": s.valid_lifetime_s})
+        return {"scopes": out, "server_duid": self.server_duid.hex() if self.server_duid else None,
+                "failover": None}
+
+    def rpc_stats(self):
+        return {"packets": dict(self.handler.counters) if self.handler else {},
+                "drops": {k: v for k, v in self.drops.items() if v},
+                "leases": self.leases.stats(),
+                "ddns": dict(self._ddns.stats) if self._ddns is not None else {}}
+
+    # ------------------------------------------------------------------
+    def collect(self):
+        packets = CounterMetricFamily("appliance_dhcp6_packets",
+                                      "DHCPv6 messages by direction and type, and handler "
+                                      "drops", labels=["counter"])
+        for name, value in (self.handler.counters.items() if self.handler else []):
+            packets.add_metric([name], value)
+        yield packets
+        drops = CounterMetricFamily("appliance_dhcp6_dropped",
+                                    "DHCPv6 datagrams dropped before handling, by reason",
+                                    labels=["reason"])
+        for reason, value in self.drops.items():
+            drops.add_metric([reason], value)
+        yield drops
+        leases = GaugeMetricFamily("appliance_dhcp6_leases", "DHCPv6 lease records by type "
+                                   "and state", labels=["type", "state"])
+        for kind, counts in self.leases.stats().items():
+            for state, value in counts.items():
+                leases.add_metric([kind, state], value)
+        yield leases
+        free = GaugeMetricFamily("appliance_dhcp6_free", "Free addresses / prefixes per subnet",
+                                 labels=["subnet", "type"])
+        for s in self.config.subnets:
+            for kind in KINDS:
+                free.add_metric([str(s.network), kind], self.leases.free_count(kind, s.id))
+        yield free
