@@ -485,3 +485,70 @@ def test_a_lost_promote_is_sent_again_until_the_switch_is_confirmed():
     assert swallowed and net.en.primary == "dn2"
     assert net.en.confirmed and net.en.stats["promote_retries"] >= 1
     assert net.mapping.lookup(net.en.address)["dn"] == "dn2"
+
+
+def test_a_missed_probe_answer_starts_a_burst_and_a_dead_primary_is_noticed_sooner():
+    """While data flows, the primary's echo probes are awaited one RTO (srtt + 4 rttvar,
+    at least half the 20 ms active interval); a missed answer sends the next probe at
+    once, and dead_after (4) misses in a row make it dead: ~30-60 ms after the cut on
+    a near DN instead of 80-100 ms of silence."""
+    times = []
+    for trial in range(5):
+        net = started()
+        a = net.en.address
+        for _ in range(30):                       # 300 ms of traffic: active, RTT samples
+            net.en.tun_packets([ip_packet(a, "10.210.0.10")])
+            net.run(0.01, step=0.002)
+        net.run(0.003 * trial, step=0.001)        # cut at different phases of the probes
+        net.cut.add("dn1")
+        t0 = net.clock.seconds()
+        while net.en.primary == "dn1" and net.clock.seconds() - t0 < 1:
+            net.en.tun_packets([ip_packet(a, "10.210.0.10")])
+            net.run(0.002, step=0.001)
+        times.append(net.clock.seconds() - t0)
+        assert net.en.primary == "dn2"
+        assert net.en.stats["probe_failures"] == 1
+        assert net.en.events[-2]["reason"] == "probe_timeout"
+    assert max(times) <= 0.065, times
+
+
+def test_probe_answers_that_are_late_by_less_than_the_rto_are_no_failure():
+    """A DN 15 ms away (every datagram held 15 ms, longer than the 10 ms floor): the RTO
+    follows the round trip, so the burst never declares it dead; one lost answer is no
+    failure either."""
+    net = Net()
+    delayed = []
+    real_pump = net.pump
+
+    def pump(rounds=20):
+        # hold every datagram from the EN 15 ms (the answers follow at once)
+        now = net.clock.seconds()
+        delayed.extend((now + 0.015, item) for item in net.queue)
+        net.queue[:] = []
+        due = [item for t, item in delayed if t <= now + 1e-9]
+        delayed[:] = [(t, item) for t, item in delayed if t > now + 1e-9]
+        net.queue.extend(due)
+        real_pump(rounds)
+        if net.queue:
+            delayed.extend((now + 0.015, item) for item in net.queue)
+            net.queue[:] = []
+    net.pump = pump
+    net.en.start()
+    net.run(0.5, step=0.001)
+    a = net.en.address
+    assert a is not None and net.en.primary == "dn1"
+    swallowed = []
+    real_send = net.dns["dn1"].send
+
+    def lose_one_answer(data, addr):
+        if len(swallowed) == 0 and net.clock.seconds() > 1.0 and len(data) < 60:
+            swallowed.append(data)                # one keepalive answer lost
+            return
+        real_send(data, addr)
+    net.dns["dn1"].send = lose_one_answer
+    for _ in range(150):                          # 1.5 s of traffic (active)
+        net.en.tun_packets([ip_packet(a, "10.210.0.10")])
+        net.run(0.01, step=0.001)
+    assert swallowed
+    assert net.en.primary == "dn1" and net.en.stats["failovers"] == 0, net.en.events
+    assert net.en.links["dn1"].srtt >= 0.014
