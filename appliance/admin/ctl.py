@@ -396,7 +396,17 @@ def render_leases(result: Any) -> str:
         return render(result)
     import time as _time
     now = _time.time()
-    rows = [{"address": le.get("address"), "subnet": le.get("subnet"),
+    if any(isinstance(le, dict) and "duid" in le for le in result["leases"]):
+        rows = [{"address": le.get("address") or le.get("prefix"), "type": le.get("type"),
+                 "subnet": le.get("subnet"), "duid": le.get("duid"), "iaid": le.get("iaid"),
+                 "state": le.get("state"), "expires": _relative(le.get("expires"), now),
+                 "last_seen": _relative(le.get("cltt"), now), "owner": le.get("owner"),
+                 "hostname": le.get("hostname") or None}
+                for le in result["leases"] if isinstance(le, dict)]     # dhcp6.leases
+    else:
+        rows = None
+    rows = rows if rows is not None else [
+            {"address": le.get("address"), "subnet": le.get("subnet"),
              "hwaddr": le.get("hwaddr"),
              "client_id": le.get("client_id") or None, "state": le.get("state"),
              "expires": _relative(le.get("expires"), now),
@@ -622,7 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
     subs = {name: sub.add_parser(name, help=spec[0], parents=[common])
             for name, spec in COMMANDS.items()}
     p = subs["leases"]
-    p.add_argument("--v6", action="store_true", help="DHCPv6 leases (dhcp6.leases)")
+    p.add_argument("-6", "--v6", dest="v6", action="store_true",
+                   help="DHCPv6 leases (dhcp6.leases): addresses and delegated prefixes")
     p.add_argument("--subnet")
     p.add_argument("--state")
     p.add_argument("--limit", type=int)

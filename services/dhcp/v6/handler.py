@@ -204,8 +204,8 @@ class Dhcp6Handler:
         now = self.now()
         out = C.IA(ia.iaid, t1, t2)
         for lease in leases:
-            left_valid = max(0, int(lease.expires - now))
-            left_pref = max(0, min(left_valid, int(lease.preferred_until - now))) \
+            left_valid = max(0, round(lease.expires - now))
+            left_pref = max(0, min(left_valid, round(lease.preferred_until - now))) \
                 if lease.preferred_until else min(pref, left_valid)
             if lease.state == "offered":
                 left_pref, left_valid = pref, valid

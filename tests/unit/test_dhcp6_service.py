@@ -1,0 +1,217 @@
+"""The dhcp6 service on a Clock and an EmbeddedStore: REPLY after durable, RELAY-REPL to the
+relay's source, server DUID kept, RPC, metrics, DDNS through appliance/ddns.py, appliancectl -6."""
+
+from __future__ import annotations
+
+from ipaddress import IPv6Address
+from types import SimpleNamespace
+
+import pytest
+from twisted.internet import defer
+
+from appliance.admin.rpc import ApplicationError
+from appliance.config import config_from_string
+from appliance.ddns import DHCID_DUID, FQDN_S
+from services.dhcp.plugin import dhcp6_plugin
+from services.dhcp.v6 import codec as C
+from services.dhcp.v6.service import Dhcp6Service
+from tests.support.sync import ManualThread, memory_store, ok
+from tests.unit.test_dhcp6_server import T0, duid, msg
+
+CONFIG = """
+[node]
+id = "a"
+state_dir = "s"
+[services.dhcp6]
+listen_address = "::1"
+port = 5547
+[[services.dhcp6.subnets]]
+id = 1
+subnet = "2001:db8:1::/64"
+pool = ["2001:db8:1::100", "2001:db8:1::1ff"]
+pd_pools = [{ prefix = "2001:db8:100::/48", delegated_length = 56 }]
+"""
+
+
+class Port:
+    def __init__(self):
+        self.sent = []
+
+    def stopListening(self):
+        return None
+
+    def write(self, data, addr):
+        self.sent.append((C.parse(data), addr))
+
+
+class Rpc:
+    def __init__(self):
+        self.methods = {}
+
+    def register(self, name, f, **kw):
+        self.methods[name] = f
+
+    def __contains__(self, name):
+        return name in self.methods
+
+    def unregister(self, name):
+        del self.methods[name]
+
+
+class Provider:
+    """A fake IDDNSUpdater recording its calls."""
+
+    forward_zone = "example.test."
+
+    def __init__(self):
+        self.bound, self.released = [], []
+
+    def answer_flags(self, flags):
+        return FQDN_S
+
+    def lease_bound(self, fqdn, address, identity, ttl, identity_type, **kw):
+        self.bound.append((fqdn, address, identity, identity_type))
+        return defer.succeed({"flags": FQDN_S})
+
+    def lease_released(self, fqdn, address, identity, identity_type):
+        self.released.append((fqdn, address, identity, identity_type))
+        return defer.succeed({})
+
+    def skipped(self, op, result):
+        pass
+
+
+def service(tmp_path, thread=None, providers=None, store=None, clock=None):
+    cfg = config_from_string(CONFIG, "t.toml", {"dhcp6": dhcp6_plugin})
+    if store is None:
+        if thread is None:
+            store, clock = memory_store(tmp_path)
+        else:
+            from twisted.internet.task import Clock
+            from appliance.store.embedded import EmbeddedStore
+            clock = Clock()
+            store = EmbeddedStore(clock, state_dir=tmp_path, fsync="always", run_in_thread=thread,
+                                  turn_batching=False)
+            store.startService()
+            thread.run_all()                           # the load
+        clock.advance(T0)
+    ctx = SimpleNamespace(reactor=clock, store=store, node_id="a", providers=providers or {},
+                          cluster=None, rpc=Rpc(), metrics=SimpleNamespace(register=lambda c: None,
+                                                                          unregister=lambda c: None))
+    svc = Dhcp6Service(cfg.services["dhcp6"].config, ctx)
+    clock.listenUDP = lambda port, proto, interface="": Port()
+    d = svc.startService()
+    if thread is not None:
+        thread.run_all()                               # the server DUID write
+    ok(d)
+    svc.port = Port()
+    return svc, clock, store
+
+
+def relayed(m, link="2001:db8:1::1"):
+    return C.encode(C.RelayMessage(C.RELAY_FORW, 0, IPv6Address(link).packed,
+                                   IPv6Address("fe80::1").packed, m, b"ifx"))
+
+
+def test_reply_leaves_only_after_the_lease_is_durable(tmp_path):
+    """A REQUEST's REPLY waits for the store's disk write; the ADVERTISE (nothing written) does
+    not; relayed replies go back as RELAY-REPL to the relay's source address and port."""
+    thread = ManualThread()
+    svc, clock, store = service(tmp_path, thread=thread)
+    thread.run_all()
+    svc.datagram(relayed(msg(C.SOLICIT, 1, na=[(1, ())])), ("::1", 40000))
+    (adv, addr), = svc.port.sent
+    assert addr == ("::1", 40000) and adv.msg_type == C.RELAY_REPL and adv.interface_id == b"ifx"
+    a = C.ntop(adv.inner.ia_na[0].addresses[0].address)
+    svc.datagram(relayed(msg(C.REQUEST, 1, svc.server_duid, na=[(1, [a])])), ("::1", 40000))
+    assert len(svc.port.sent) == 1                   # the write is not on disk yet
+    thread.run_all()
+    assert len(svc.port.sent) == 2
+    assert svc.port.sent[1][0].inner.msg_type == C.REPLY
+
+
+def test_store_failure_sends_no_reply(tmp_path):
+    """If the write cannot be made durable, no REPLY leaves; it is counted (store_error)."""
+    thread = ManualThread()
+    svc, clock, store = service(tmp_path, thread=thread)
+    thread.run_all()
+    svc.datagram(relayed(msg(C.SOLICIT, 1, na=[(1, ())], rapid_commit=True)), ("::1", 40000))
+    thread.run_all(fail=True)
+    assert svc.port.sent == [] and svc.drops["store_error"] == 1
+
+
+def test_malformed_dropped_and_counted(tmp_path):
+    """Garbage is counted by reason, never answered, never raises."""
+    svc, clock, store = service(tmp_path)
+    svc.datagram(b"\x01\x00", ("::1", 1))
+    svc.datagram(bytes([12, 0]) + bytes(32), ("::1", 1))
+    assert svc.drops["short"] == 1 and svc.drops["bad_relay"] == 1 and svc.port.sent == []
+
+
+def test_server_duid_generated_once_and_kept(tmp_path):
+    """No server_duid in config: a DUID-UUID is made on the first start, kept in the store,
+    and the same one is used after a restart."""
+    svc, clock, store = service(tmp_path)
+    first = svc.server_duid
+    assert first[:2] == b"\x00\x04" and len(first) == 18
+    ok(svc.stopService())
+    svc2, _, _ = service(tmp_path, store=store, clock=clock)
+    assert svc2.server_duid == first
+
+
+def test_rpc_leases_lease_release_scopes_stats(tmp_path):
+    """dhcp6.leases lists addresses and prefixes (type filter), dhcp6.lease finds by address,
+    prefix or DUID, dhcp6.release frees, scopes and stats answer."""
+    svc, clock, store = service(tmp_path)
+    svc.datagram(relayed(msg(C.SOLICIT, 1, na=[(1, ())], pd=[(2, ())], rapid_commit=True)),
+                 ("::1", 40000))
+    rpc = svc.context.rpc.methods
+    leases = rpc["dhcp6.leases"]()["leases"]
+    assert {le["type"] for le in leases} == {"na", "pd"}
+    pd = rpc["dhcp6.leases"](type="pd")["leases"]
+    assert pd[0]["prefix"] == "2001:db8:100::/56" and pd[0]["duid"] == duid(1).hex()
+    assert pd[0]["iaid"] == 2 and pd[0]["state"] == "bound" and pd[0]["owner"] == "a"
+    assert rpc["dhcp6.lease"](address="2001:db8:1::100")["state"] == "bound"
+    assert len(rpc["dhcp6.lease"](duid=duid(1).hex(":"))["leases"]) == 2
+    released = ok(rpc["dhcp6.release"](prefix="2001:db8:100::/56"))
+    assert released["state"] == "released"
+    with pytest.raises(ApplicationError):
+        ok(rpc["dhcp6.release"](prefix="2001:db8:100::/56"))
+    scopes = rpc["dhcp6.scopes"]()["scopes"]
+    assert scopes[0]["free"] == 255 and scopes[0]["free_prefixes"] == 256
+    stats = rpc["dhcp6.stats"]()
+    assert stats["packets"]["in_SOLICIT"] == 1 and stats["leases"]["na"]["bound"] == 1
+    names = {m.name for m in svc.collect()}
+    assert {"appliance_dhcp6_packets", "appliance_dhcp6_dropped", "appliance_dhcp6_leases",
+            "appliance_dhcp6_free"} <= names
+
+
+def test_ddns_aaaa_with_dhcid_from_the_duid(tmp_path):
+    """A client FQDN (option 39) in a REQUEST: the REPLY answers option 39 (S set, name completed
+    with the forward zone) and the provider publishes the address with the DUID as DHCID
+    identity (type 2); a renewal changing nothing sends nothing; RELEASE removes it."""
+    provider = Provider()
+    svc, clock, store = service(tmp_path, providers={"ddns": provider})
+    fq = C.ClientFQDN(0x01, "host1", True)
+    svc.datagram(relayed(msg(C.SOLICIT, 1, na=[(1, ())], fqdn=fq)), ("::1", 1))
+    a = C.ntop(svc.port.sent[0][0].inner.ia_na[0].addresses[0].address)
+    svc.datagram(relayed(msg(C.REQUEST, 1, svc.server_duid, na=[(1, [a])], fqdn=fq)), ("::1", 1))
+    reply = svc.port.sent[1][0].inner
+    assert reply.fqdn == C.ClientFQDN(0x01, "host1.example.test", False)
+    assert provider.bound == [("host1.example.test.", a, duid(1), DHCID_DUID)]
+    svc.datagram(relayed(msg(C.RENEW, 1, svc.server_duid, na=[(1, [a])], fqdn=fq)), ("::1", 1))
+    assert len(provider.bound) == 1
+    svc.datagram(relayed(msg(C.RELEASE, 1, svc.server_duid, na=[(1, [a])])), ("::1", 1))
+    assert provider.released == [("host1.example.test.", a, duid(1), DHCID_DUID)]
+
+
+def test_appliancectl_leases_6():
+    """`appliancectl leases -6` calls dhcp6.leases and shows prefix rows with DUID and IAID."""
+    from appliance.admin.ctl import COMMANDS, build_parser, render_leases
+    args = build_parser().parse_args(["leases", "-6"])
+    assert COMMANDS["leases"][1](args) == "dhcp6.leases"
+    text = render_leases({"leases": [{"prefix": "2001:db8:100::/56", "type": "pd",
+                                      "duid": "00030001", "iaid": 7, "state": "bound",
+                                      "expires": 0, "cltt": 0, "owner": "a", "subnet": 1}],
+                          "cursor": None})
+    assert "2001:db8:100::/56" in text and "00030001" in text and "IAID" in text
