@@ -328,3 +328,28 @@ def test_config_errors_name_the_key(data, where):
     assert parse_dhcp6(Table(data, "services.dhcp6", problems),
                        ParseContext("t.toml", "a", (), ())) is None
     assert any(f"t.toml: {where}" in p for p in problems.items), problems.items
+
+
+def test_failover_config_and_not_serving(tmp_path):
+    """``failover`` is the core's table (a known peer; split-scope or hot-standby, no
+    load-balancing in v6: RFC 8156); with failover every subnet needs an id; a handler
+    told not to serve (on hold) answers nobody and counts it."""
+    ctx = ParseContext("t.toml", "a", ("b",), ())
+    base = {"listen_address": "::1", "subnets": [{"id": 1, "subnet": "2001:db8::/64"}]}
+    problems = Problems("t.toml")
+    cfg = parse_dhcp6(Table({**base, "failover": {"peer": "b", "role": "primary"}},
+                            "services.dhcp6", problems), ctx)
+    assert problems.items == [] and cfg.failover.peer == "b" and cfg.failover.mclt_s == 3600
+    for bad, where in ((
+            {"failover": {"peer": "b", "role": "primary", "mode": "load-balancing"}},
+            "services.dhcp6.failover.mode"),
+            ({"failover": {"peer": "x", "role": "primary"}}, "services.dhcp6.failover.peer"),
+            ({"failover": {"peer": "b", "role": "primary"},
+              "subnets": [{"subnet": "2001:db8::/64"}]}, "services.dhcp6.subnets[0].id")):
+        problems = Problems("t.toml")
+        assert parse_dhcp6(Table({**base, **bad}, "services.dhcp6", problems), ctx) is None
+        assert any(f"t.toml: {where}" in p for p in problems.items), problems.items
+    lab = Lab(tmp_path)
+    lab.h.may_serve = lambda: False
+    assert lab.relay(msg(C.SOLICIT, 1, na=[(1, ())])) is None
+    assert lab.h.counters["drop_not_serving"] == 1

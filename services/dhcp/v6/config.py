@@ -32,6 +32,10 @@ from ipaddress import IPv6Address, IPv6Network
 from typing import Any
 
 from appliance.config import ParseContext, Table, ip_item
+from services.dhcp.failover.config import Failover, parse_failover
+
+#: RFC 8156 allocates by split pools (or proportionally): no load balancing by hash
+FAILOVER_MODES = ("split-scope", "hot-standby")
 
 MAX_POOL = 2 ** 20
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)"
@@ -116,6 +120,7 @@ class Dhcp6Config:
     offer_timeout_s: float = 30.0
     decline_quarantine_s: float = 86400.0
     reclaim_interval_s: float = 10.0
+    failover: Failover | None = None   # the partner (services/dhcp/failover/config.py)
 
     def subnet(self, subnet_id: int) -> Subnet | None:
         for s in self.subnets:
@@ -183,7 +188,8 @@ def parse_dhcp6(table: Table, context: ParseContext) -> Dhcp6Config | None:
             and not table.has("listen_address"):
         table.error("interface", "missing: give interface (direct clients on that link) or "
                                  "listen_address (relayed clients, or the demo on loopback)")
-    subnets = _parse_subnets(table)
+    failover = parse_failover(table, context, modes=FAILOVER_MODES)
+    subnets = _parse_subnets(table, failover is not None or table.has("failover"))
     if not subnets and not table.problems.items[before:]:
         table.error("subnets", "missing: at least one [[services.dhcp6.subnets]]")
     table.done()
@@ -191,7 +197,7 @@ def parse_dhcp6(table: Table, context: ParseContext) -> Dhcp6Config | None:
         return None
     return Dhcp6Config(interface, listen_address, port, server_duid, bool(rapid), preference,
                        tuple(dns), tuple(domains), tuple(subnets), offer_timeout, quarantine,
-                       reclaim)
+                       reclaim, failover)
 
 
 def _parse_pool(table: Table, path: str, value: Any) -> Pool | None:
@@ -233,10 +239,13 @@ def _parse_pd_pool(table: Table, path: str, value: Any) -> PdPool | None:
     return pool
 
 
-def _parse_subnets(table: Table) -> list[Subnet]:
+def _parse_subnets(table: Table, ids_required: bool = False) -> list[Subnet]:
     out: list[Subnet] = []
     seen: dict[int, str] = {}
     for index, st in enumerate(table.tables("subnets")):
+        if ids_required and not st.has("id"):
+            st.error("id", "missing (required when failover is set: both partners must "
+                           "name each subnet with the same stable id)")
         subnet = _parse_subnet(st, index)
         if subnet is None:
             continue
@@ -344,5 +353,5 @@ def _parse_reservations(st: Table) -> list[Reservation]:
     return out
 
 
-__all__ = ["Dhcp6Config", "PdPool", "Pool", "Reservation", "Subnet", "MAX_POOL",
+__all__ = ["Dhcp6Config", "Failover", "FAILOVER_MODES", "PdPool", "Pool", "Reservation", "Subnet", "MAX_POOL",
            "normalize_duid", "parse_dhcp6"]

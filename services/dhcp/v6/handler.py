@@ -63,7 +63,8 @@ class Dhcp6Handler:
     def __init__(self, config: Dhcp6Config, leases, server_duid: bytes, *,
                  now: Callable[[], float], local_subnet: Subnet | None = None,
                  on_lease: Callable | None = None,
-                 fqdn_answer: Callable[[C.ClientFQDN], C.ClientFQDN | None] | None = None):
+                 fqdn_answer: Callable[[C.ClientFQDN], C.ClientFQDN | None] | None = None,
+                 may_serve: Callable[[], bool] | None = None):
         self.config = config
         self.leases = leases
         self.server_duid = server_duid
@@ -75,6 +76,9 @@ class Dhcp6Handler:
         #: the option 39 answer for a client's option 39 (the DDNS glue's
         #: flags); None: no DDNS, the option is not answered (RFC 4704 4.2)
         self.fqdn_answer = fqdn_answer
+        #: failover: False while this node must answer nobody (on hold after a start or
+        #: a recovery, or in a state that does not serve); None: always serve
+        self.may_serve = may_serve
         self.counters: Counter[str] = Counter()
 
     # ------------------------------------------------------------------
@@ -105,6 +109,8 @@ class Dhcp6Handler:
         else:
             inner = msg
         self.counters[f"in_{inner.name}"] += 1
+        if self.may_serve is not None and not self.may_serve():
+            return self._drop("not_serving")
         reply = self._answer(inner, self.subnet_for(msg))
         if reply is None:
             return None

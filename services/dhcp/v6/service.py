@@ -57,8 +57,7 @@ class Dhcp6Service(Service):
         self.config = config
         self.context = context
         self.reactor = context.reactor
-        self.leases = LeaseStore6(context.store, config, context.node_id,
-                                  now=self.reactor.seconds)
+        self.leases = self._make_allocator()
         self.port = None
         self.handler: Dhcp6Handler | None = None
         self.server_duid: bytes | None = None
@@ -68,6 +67,20 @@ class Dhcp6Service(Service):
         self._reclaim = None
         self.role = "standalone"
         self._ddns = None
+
+    def _make_allocator(self):
+        """The lease store behind the handler (leases.py's ``Allocator``): this node's own
+        for a single server; with ``failover`` the core's stores (services/dhcp/v6/failover.py,
+        dhcp-core) take its place."""
+        if self.config.failover is not None:
+            from services.dhcp.v6.failover import make_allocator
+            return make_allocator(self)
+        return LeaseStore6(self.context.store, self.config, self.context.node_id,
+                           now=self.reactor.seconds)
+
+    def _may_serve(self) -> bool | None:
+        """None (always serve) for a single server; failover: the partner rules."""
+        return None
 
     # ------------------------------------------------------------------
     def startService(self):
@@ -83,7 +96,8 @@ class Dhcp6Service(Service):
         self._ddns = Ddns6(self)
         self.handler = Dhcp6Handler(cfg, self.leases, self.server_duid, now=self.reactor.seconds,
                                     on_lease=self._lease_changed,
-                                    fqdn_answer=self._ddns.answer)
+                                    fqdn_answer=self._ddns.answer,
+                                    may_serve=None if cfg.failover is None else self._may_serve)
         if cfg.interface:
             self._ifindex = socket.if_nametoindex(cfg.interface)
             self.port = self.reactor.listenUDP(cfg.port, _Protocol(self), interface="::")
