@@ -51,6 +51,10 @@ _log = Logger(namespace="services.encap.dn")
 LEASES_KEY = "encap:leases:"
 #: After a lost claim or a failed route injection, data packets do not retry before this.
 CLAIM_RETRY_S = 1.0
+#: A route this DN injected stays this long after the target moved to another DN (or
+#: the EN demoted us): make-before-break, the ESR (agent or routing daemon) may still
+#: send us the EN's traffic until its own route changed, and we still forward it.
+ROUTE_HANDBACK_GRACE_S = 1.0
 _INDEX_SEQ = W.RECORD_INDEX_SEQ
 _DATA0 = W.data_plain(0, b"")          # kind DATA, flow 0 (downlink flows are not numbered)
 _FLOW = W.FLOW
@@ -149,6 +153,7 @@ class DecapNode:
         self.leases: dict[str, str] = {}             # en -> address (we are its home DN)
         self.flows = FlowFilter()
         self.routes_held: dict[str, float] = {}      # target -> injected at (reactor time)
+        self._withdrawals: dict[str, object] = {}    # prefix -> pending delayed withdrawal
         self.slices_taken: set[str] = set()
         self.drops: dict[str, int] = {}
         self.stats = {"rx_datagrams": 0, "tx_datagrams": 0, "rx_packets": 0, "tx_packets": 0,
@@ -582,6 +587,9 @@ class DecapNode:
         return home is not None and home[0] == self.node_id
 
     def _inject(self, prefix: str) -> defer.Deferred:
+        pending = self._withdrawals.pop(prefix, None)
+        if pending is not None and pending.active():
+            pending.cancel()                 # taken back within the grace: keep the route
         if self.routes is None:
             return defer.succeed(0.0)
         t0 = self.reactor.seconds()
@@ -595,7 +603,37 @@ class DecapNode:
             return latency
         return d.addCallback(done)
 
+    def _withdraw_later(self, prefix: str) -> None:
+        """Withdraw ``prefix`` after ``ROUTE_HANDBACK_GRACE_S`` unless we hold it again
+        by then: whoever routes to us (the ESR) switches to the new DN meanwhile, and
+        what still reaches us goes on to the EN (we keep its session)."""
+        if prefix not in self.routes_held or prefix in self._withdrawals:
+            return
+        self._withdrawals[prefix] = self.reactor.callLater(
+            ROUTE_HANDBACK_GRACE_S, self._withdraw_if_gone, prefix)
+
+    def _withdraw_if_gone(self, prefix: str) -> None:
+        self._withdrawals.pop(prefix, None)
+        target = prefix[:-3] if prefix.endswith("/32") else prefix
+        entry = self.mapping.lookup(target) if self.mapping is not None else None
+        if entry is not None and entry.get("dn") == self.node_id:
+            return                           # ours again
+        self._withdraw(prefix)
+
+    def stop(self) -> None:
+        """Cancel what is scheduled (the service stops or the watchdog restarts it)."""
+        for call in self._withdrawals.values():
+            if call.active():
+                call.cancel()
+        self._withdrawals.clear()
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+
     def _withdraw(self, prefix: str) -> defer.Deferred:
+        pending = self._withdrawals.pop(prefix, None)
+        if pending is not None and pending.active():
+            pending.cancel()
         if prefix not in self.routes_held:
             return defer.succeed(None)
         del self.routes_held[prefix]
@@ -619,7 +657,7 @@ class DecapNode:
         s.role = ROLE_SECONDARY
         if address is None or was != ROLE_TAKEN_OVER:
             return
-        self._withdraw(address + "/32")
+        self._withdraw_later(address + "/32")
         if self.mapping is not None:
             d = defer.maybeDeferred(self.mapping.release, address, self.node_id)
             d.addErrback(lambda f: _log.warn("encap: release of {a} failed: {e}", a=address,
@@ -631,9 +669,9 @@ class DecapNode:
             return
         prefix = target if "/" in target else target + "/32"
         if prefix in self.routes_held:
-            _log.info("encap: {t} moved to {dn}: withdrawing our route", t=target,
-                      dn=entry.get("dn"))
-            self._withdraw(prefix)
+            _log.info("encap: {t} moved to {dn}: withdrawing our route in {g:g} s", t=target,
+                      dn=entry.get("dn"), g=ROUTE_HANDBACK_GRACE_S)
+            self._withdraw_later(prefix)
         if "/" not in target:
             s = self.by_address.get(_ip_bytes(target))
             if s is not None and s.role in (ROLE_TAKEN_OVER, ROLE_PRIMARY):
@@ -665,7 +703,7 @@ class DecapNode:
         elif role != "owner" and target in self.slices_taken:
             self.slices_taken.discard(target)
             _log.info("encap: primary DN {p} is back: handing slice {t} back", p=primary, t=target)
-            self._withdraw(target)
+            self._withdraw_later(target)
             if self.mapping is not None:
                 d = defer.maybeDeferred(self.mapping.release, target, self.node_id)
                 d.addErrback(lambda f: _log.warn("encap: release of {t}: {e}", t=target,

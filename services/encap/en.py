@@ -161,6 +161,9 @@ class Link:
     misses: int = 0                # probes in a row without any record back
     srtt: float | None = None      # echo round trip, smoothed (RFC 6298)
     rttvar: float = 0.0
+    # the session of a DN we declared dead, receive-only until a new one is up
+    rx_keys: W.SessionKeys | None = None
+    rx_index: int = 0
 
 
 class ENClient:
@@ -199,7 +202,7 @@ class ENClient:
         self.last_data = -1e9             # last data packet sent or received
         self.stats = {"tx_packets": 0, "rx_packets": 0, "failovers": 0, "handoffs_confirmed": 0,
                       "moved_home": 0, "dual_sent": 0, "icmp_unreachable": 0,
-                      "promote_retries": 0, "probe_failures": 0}
+                      "promote_retries": 0, "probe_failures": 0, "late_rx": 0}
         self.drops: dict[str, int] = {}
         self.events: list[dict] = []
         self._tun_queue: list[bytes] = []
@@ -372,6 +375,11 @@ class ENClient:
     def _link_dead(self, link: Link, reason: str) -> None:
         was_up = link.state == UP
         link.state = DOWN
+        if link.keys is not None:
+            # a DN declared dead may be alive after all (a stall, lost probes): what it
+            # still forwards to us (the ESR routes the EN's replies there until the new
+            # DN's route is in) is taken until a new session with it is up
+            link.rx_keys, link.rx_index = link.keys, link.index
         link.keys = None
         link.misses, link.probe_at = 0, None
         if link.probe_call is not None and link.probe_call.active():
@@ -428,6 +436,9 @@ class ENClient:
         if link is None:
             return self.drop("unknown_dn")
         keys = link.keys
+        if keys is None and link.rx_keys is not None and data[:1] == b"\x04" \
+                and len(data) >= W.MIN_RECORD:
+            return self._late_record(link, data)
         if data[:1] == b"\x04" and keys is not None and len(data) >= W.MIN_RECORD:
             # the hot path: a RECORD on an established session
             receiver, seq = W.RECORD_INDEX_SEQ.unpack_from(data, 1)
@@ -451,6 +462,24 @@ class ENClient:
         except W.Drop as d:
             self.drop(d.reason, link)
 
+    def _late_record(self, link: Link, data: bytes) -> None:
+        """A RECORD on the session of a DN we declared dead: its DATA is delivered
+        (counted ``late_rx``), nothing else is acted on."""
+        receiver, seq = W.RECORD_INDEX_SEQ.unpack_from(data, 1)
+        if receiver != link.rx_index:
+            return self.drop("unknown_session", link)
+        try:
+            kind, value = W.parse_inner(link.rx_keys.open_datagram(data, seq))
+        except W.Drop as d:
+            return self.drop(d.reason, link)
+        if kind != W.K_DATA:
+            return
+        self.stats["late_rx"] += 1
+        self.stats["rx_packets"] += 1
+        self._tun_queue.append(value[1])
+        if self._flush_call is None:
+            self._flush_call = self.reactor.callLater(0, self._flush)
+
     def _challenged(self, link: Link, ch: W.Challenge) -> None:
         if link.initiator is None:
             raise W.Drop("unknown_session")
@@ -461,6 +490,7 @@ class ENClient:
         link.index = link.initiator.index
         link.initiator = None
         link.keys = keys
+        link.rx_keys = None
         link.state = UP
         now = self.reactor.seconds()
         link.last_rx = link.up_since = now
@@ -555,6 +585,8 @@ class ENClient:
             if self.primary is not None and msg.get("primary") == self.primary \
                     and dn != self.primary:
                 link_old = self.links[self.primary]
+                if link_old.keys is not None:
+                    link_old.rx_keys, link_old.rx_index = link_old.keys, link_old.index
                 link_old.state = DOWN
                 link_old.keys = None
                 self.stats["failovers"] += 1

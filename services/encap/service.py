@@ -301,6 +301,8 @@ class EncapService(Service):
         withdraw(self.context, RPC_METHODS, self)
         if self.mapping is not None:
             self.mapping.stop()
+        if self.dn is not None:
+            self.dn.stop()
         udp, self.udp = self.udp, None
         return stop_all(self._sweeper, self.tun, self.routes, self.rule_routes, udp)
 

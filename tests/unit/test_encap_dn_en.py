@@ -221,6 +221,8 @@ def test_primary_down_notice_from_secondary_switches_at_once():
     assert "10.200.0.0/26" in net.routes["dn2"].routes
     assert net.mapping.lookup("10.200.0.0/26")["dn"] == "dn2"
     dn2.slice_role("dn1", ipaddress.ip_network("10.200.0.0/26"), "standby")
+    assert "10.200.0.0/26" in net.routes["dn2"].routes       # make-before-break: 1 s
+    net.clock.advance(1.0)
     assert "10.200.0.0/26" not in net.routes["dn2"].routes
 
 
@@ -252,6 +254,7 @@ def test_home_dn_returns_and_the_en_moves_back():
     net.cut.discard("dn1")
     net.run(0.6)
     assert net.en.primary == "dn1" and net.en.address == a and net.en.confirmed
+    net.run(1.0)                  # dn2 keeps its route ROUTE_HANDBACK_GRACE_S (1 s)
     assert net.routes["dn2"].routes == {}
     assert net.mapping.lookup(a) is None          # the table shrank again: dn1's slice covers it
     assert ("withdraw", a + "/32") in net.routes["dn2"].log
@@ -461,6 +464,7 @@ def test_moving_home_without_soft_handoff_demotes_the_dn_that_took_over():
     net.cut.discard("dn1")
     net.run(1.0)
     assert net.en.primary == "dn1" and net.en.confirmed
+    net.run(1.0)                  # dn2 keeps its route ROUTE_HANDBACK_GRACE_S (1 s)
     assert (a + "/32") not in net.routes["dn2"].routes
     assert ("withdraw", a + "/32") in net.routes["dn2"].log
 
@@ -552,3 +556,60 @@ def test_probe_answers_that_are_late_by_less_than_the_rto_are_no_failure():
     assert swallowed
     assert net.en.primary == "dn1" and net.en.stats["failovers"] == 0, net.en.events
     assert net.en.links["dn1"].srtt >= 0.014
+
+
+def test_moving_home_the_dn_left_keeps_its_route_and_forwards_until_the_grace_ends():
+    """Make-before-break on the way back: when the EN moves home (soft handoff), dn2
+    keeps its /32 for ROUTE_HANDBACK_GRACE_S after the table shows dn1 again and the EN
+    demoted it, and still forwards the EN's downlink that reaches it meanwhile (an ESR
+    that has not switched yet); taken over again within the grace, it keeps the route."""
+    from services.encap import dn as D
+    ROUTE_HANDBACK_GRACE_S = getattr(D, "ROUTE_HANDBACK_GRACE_S", 1.0)
+    net = started()
+    a = net.en.address
+    net.cut.add("dn1")
+    net.run(0.4)
+    assert net.en.primary == "dn2" and (a + "/32") in net.routes["dn2"].routes
+    net.cut.discard("dn1")
+    net.run(0.5)
+    assert net.en.primary == "dn1" and net.en.confirmed
+    assert net.mapping.lookup(a) is None            # dn1 holds it (its slice)
+    # the ESR has not switched yet: a reply reaches dn2, which still routes it to the EN
+    assert (a + "/32") in net.routes["dn2"].routes
+    before = len(net.tun["en"])
+    net.dns["dn2"].tun_packets([ip_packet("10.210.0.10", a, b"late" * 5)])
+    net.pump()
+    assert net.tun["en"][before:] == [ip_packet("10.210.0.10", a, b"late" * 5)]
+    net.run(ROUTE_HANDBACK_GRACE_S)
+    assert (a + "/32") not in net.routes["dn2"].routes
+    assert net.routes["dn2"].log.count(("withdraw", a + "/32")) == 1
+    # taken over again within the grace: the route stays
+    net.cut.add("dn1")
+    net.run(0.4)
+    assert net.en.primary == "dn2" and (a + "/32") in net.routes["dn2"].routes
+    net.cut.discard("dn1")
+    net.run(0.5)
+    assert net.en.primary == "dn1"
+    net.cut.add("dn1")
+    net.run(0.4)
+    assert net.en.primary == "dn2"
+    net.run(ROUTE_HANDBACK_GRACE_S + 0.5)
+    assert (a + "/32") in net.routes["dn2"].routes
+    net.dns["dn2"].stop()
+
+
+def test_a_dn_declared_dead_that_is_alive_still_delivers_until_a_new_session():
+    """The EN declares its primary dead (a stall, lost probes) but dn1 is alive and the
+    ESR still routes the EN's replies to it: what dn1 forwards on its old session is
+    delivered (late_rx), until the EN has a new session with dn1."""
+    net = started()
+    a = net.en.address
+    net.en._link_dead(net.en.links["dn1"], "keepalive_timeout")
+    net.pump()
+    assert net.en.primary == "dn2"
+    reply = ip_packet("10.210.0.10", a, b"late" * 5)
+    net.dns["dn1"].tun_packets([reply])
+    net.pump()
+    assert net.tun["en"][-1] == reply and net.en.stats["late_rx"] == 1
+    net.run(0.5)                                  # dn1 answers a new handshake
+    assert net.en.links["dn1"].state == "up" and net.en.links["dn1"].rx_keys is None
