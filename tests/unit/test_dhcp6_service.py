@@ -215,3 +215,14 @@ def test_appliancectl_leases_6():
                                       "expires": 0, "cltt": 0, "owner": "a", "subnet": 1}],
                           "cursor": None})
     assert "2001:db8:100::/56" in text and "00030001" in text and "IAID" in text
+
+
+def test_interface_addresses_from_procfs(tmp_path):
+    """Direct clients: the interface's addresses (procfs if_inet6) pick the local subnet."""
+    from services.dhcp.v6.service import interface_addresses
+    f = tmp_path / "if_inet6"
+    f.write_text("20010db8000100000000000000000001 05 40 00 80     eth1\n"
+                 "fe800000000000000000000000000001 05 40 20 80     eth1\n"
+                 "00000000000000000000000000000001 01 80 10 80       lo\n")
+    assert interface_addresses("eth1", str(f)) == ["2001:db8:1::1", "fe80::1"]
+    assert interface_addresses("nope", str(tmp_path / "missing")) == []

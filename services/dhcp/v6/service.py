@@ -34,6 +34,20 @@ DUID_KEY = "dhcp6:server-duid:"
 RPC_METHODS = ("dhcp6.leases", "dhcp6.lease", "dhcp6.release", "dhcp6.scopes", "dhcp6.stats")
 
 
+def interface_addresses(ifname: str, path: str = "/proc/net/if_inet6") -> list[str]:
+    """The IPv6 addresses of ``ifname`` (procfs; read once at start)."""
+    out = []
+    try:
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[5] == ifname:
+                    out.append(str(ipaddress.IPv6Address(bytes.fromhex(parts[0]))))
+    except OSError:
+        pass
+    return out
+
+
 def new_duid() -> bytes:
     """A DUID-UUID (RFC 6355): type 4 and 16 random octets."""
     return struct.pack("!H", 4) + uuid.uuid4().bytes
@@ -80,7 +94,8 @@ class Dhcp6Service(Service):
 
     def _may_serve(self) -> bool | None:
         """None (always serve) for a single server; failover: the partner rules."""
-        return None
+        partner = getattr(self, "failover", None)
+        return partner.may_serve() if partner is not None else None
 
     # ------------------------------------------------------------------
     def startService(self):
@@ -94,10 +109,17 @@ class Dhcp6Service(Service):
         self.server_duid = await self._server_duid()
         from services.dhcp.v6.ddns import Ddns6     # DDNS glue (no-op without a provider)
         self._ddns = Ddns6(self)
+        local = None
+        if cfg.interface:     # direct clients: the subnet of one of the interface's addresses
+            local = next((sub for sub in map(cfg.subnet_for, interface_addresses(cfg.interface))
+                          if sub is not None), None)
         self.handler = Dhcp6Handler(cfg, self.leases, self.server_duid, now=self.reactor.seconds,
+                                    local_subnet=local,
                                     on_lease=self._lease_changed,
                                     fqdn_answer=self._ddns.answer,
                                     may_serve=None if cfg.failover is None else self._may_serve)
+        if getattr(self, "failover", None) is not None:
+            self.failover.start(n)      # the partner relationship (services/dhcp/v6/failover.py)
         if cfg.interface:
             self._ifindex = socket.if_nametoindex(cfg.interface)
             self.port = self.reactor.listenUDP(cfg.port, _Protocol(self), interface="::")
@@ -136,6 +158,8 @@ class Dhcp6Service(Service):
         super().stopService()
         if self._reclaim is not None and self._reclaim.running:
             self._reclaim.stop()
+        if getattr(self, "failover", None) is not None:
+            self.failover.stop()
         withdraw(self.context, RPC_METHODS, self)
         if self.port is not None:
             port, self.port = self.port, None
@@ -294,7 +318,9 @@ class Dhcp6Service(Service):
         return {"packets": dict(self.handler.counters) if self.handler else {},
                 "drops": {k: v for k, v in self.drops.items() if v},
                 "leases": self.leases.stats(),
-                "ddns": dict(self._ddns.stats) if self._ddns is not None else {}}
+                "ddns": dict(self._ddns.stats) if self._ddns is not None else {},
+                "failover": (self.failover.status()
+                             if getattr(self, "failover", None) is not None else None)}
 
     # ------------------------------------------------------------------
     def collect(self):
