@@ -183,6 +183,14 @@ def _aton_pd(text: str) -> int:
 
 
 class _FamilyPD(Family):
+    def in_subnet(self, subnet, a: int) -> bool:
+        """A prefix belongs to a scope when one of its pools (or reservations)
+        holds it: a scope may have pools of several delegated lengths."""
+        for p in subnet.pools:
+            if self.as_int(p.first) <= a <= self.as_int(p.last):
+                return True
+        return any(self.as_int(r.address) == a for r in getattr(subnet, "reservations", ()))
+
     def subnet_range(self, subnet) -> tuple[int, int]:
         """A prefix pool's parent network cut in prefixes of ``delegated_len``."""
         net, plen = subnet.network, subnet.delegated_len

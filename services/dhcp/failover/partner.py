@@ -166,6 +166,12 @@ class FailoverPartner:
     def _cap_update_done(self) -> str:
         return self.failover_channel + ".update-done"
 
+    @property
+    def _fleases(self):
+        """The lease store the partner relationship drives (a LeaseStore or a
+        LeaseStores): the service's ``leases`` unless it says otherwise."""
+        return self.leases
+
     def _fname(self, what: str) -> str:
         return f"{self.name}.{what}"
 
@@ -186,11 +192,11 @@ class FailoverPartner:
         if self._reclaiming:
             return None
         self._reclaiming = True
-        if self.leases.partner_down_since is not None:
-            self.leases.unlock_pending()
+        if self._fleases.partner_down_since is not None:
+            self._fleases.unlock_pending()
 
         def batch():
-            return self.leases.reclaim(self.RECLAIM_BATCH).addCallback(expired)
+            return self._fleases.reclaim(self.RECLAIM_BATCH).addCallback(expired)
 
         def expired(changed):
             for lease in changed or ():
@@ -244,7 +250,7 @@ class FailoverPartner:
             # (a previous-version partner never says so: then the ack, _transport_acked)
             self.outbox = LeaseOutbox(self.reactor, link, f.peer, self.failover_channel,
                                       f.max_unacked, stats=self.stats,
-                                      durable=self.leases.durable,
+                                      durable=self._fleases.durable,
                                       on_acked=self._transport_acked, tag=self.name)
             on_connection = getattr(link, "on_connection", None)
             if callable(on_connection):
@@ -273,7 +279,7 @@ class FailoverPartner:
             if owed:
                 self._flog.info("{svc}: {n} lease updates owed to {peer} from before this start",
                           n=owed, peer=f.peer)
-            self.leases.on_unsynced = self._owed
+            self._fleases.on_unsynced = self._owed
 
     def _owed_marker_now(self):
         marker = self._marker()
@@ -304,8 +310,8 @@ class FailoverPartner:
         if self.outbox is None:
             return 0
         n = 0
-        for address in list(self.leases.unsynced):
-            lease = self.leases._get(address)
+        for address in list(self._fleases.unsynced):
+            lease = self._fleases._get(address)
             if isinstance(lease, Lease):
                 self.outbox.add(lease)
                 n += 1
@@ -322,7 +328,7 @@ class FailoverPartner:
                 address, version = str(entry[0]), int(entry[1])
             except (TypeError, ValueError, IndexError):
                 continue
-            rec = self.leases._get(address)
+            rec = self._fleases._get(address)
             if isinstance(rec, defer.Deferred):
                 rec.addCallback(self._mark_stored, version).addErrback(
                     lambda f: self._flog.failure("{svc}: marking a record synced failed", failure=f))
@@ -331,7 +337,7 @@ class FailoverPartner:
 
     def _mark_stored(self, rec, version):
         if isinstance(rec, Lease) and rec.version == version and not rec.synced:
-            return self.leases.mark_synced(rec)
+            return self._fleases.mark_synced(rec)
         return None
 
     # ------------------------------------------------------------------
@@ -434,7 +440,7 @@ class FailoverPartner:
 
     def _mark_acked(self, leases):
         for lease in leases:
-            d = self.leases.mark_synced(lease)
+            d = self._fleases.mark_synced(lease)
             if isinstance(d, defer.Deferred):
                 d.addErrback(lambda f: self._flog.failure("{svc}: marking a record synced failed",
                                                     failure=f))
@@ -527,13 +533,13 @@ class FailoverPartner:
         after them on the same ordered stream, so the partner has applied all
         of them when it reads it."""
         link = self.context.cluster.peerlink
-        addresses = list(self.leases.unsynced)
+        addresses = list(self._fleases.unsynced)
         window: list[defer.Deferred] = []
         sent = 0
         for i in range(0, len(addresses), self._sync_batch()):
             batch = []
             for address in addresses[i:i + self._sync_batch()]:
-                lease = self.leases._get(address)
+                lease = self._fleases._get(address)
                 if isinstance(lease, defer.Deferred):
                     lease = yield lease
                 if isinstance(lease, Lease) and not lease.synced:
@@ -559,7 +565,7 @@ class FailoverPartner:
             self.view.stale_partner_down = self.view.hold
         elif state != P.PARTNER_DOWN:
             self.view.stale_partner_down = False
-        self.leases.own_is_foreign = self.view.stale_partner_down
+        self._fleases.own_is_foreign = self.view.stale_partner_down
         if state in (P.NORMAL, P.PARTNER_DOWN):
             self.view.hold = False
             if self._without_data:
@@ -582,13 +588,13 @@ class FailoverPartner:
         elif state != P.PARTNER_DOWN:
             self.view.partner_down_since = None
             self.view.partner_down_confirmed = False
-        self.leases.partner_down_since = (self.view.partner_down_since
+        self._fleases.partner_down_since = (self.view.partner_down_since
                                           if self.view.partner_down_confirmed else None)
         if state == P.NORMAL and self.view.state == P.PARTNER_DOWN:
             self._partner_without_data = False     # it recovered (and waited MCLT)
-        was_down = not self.leases.trust_acks
-        self.leases.trust_acks = state != P.PARTNER_DOWN and not self._partner_without_data
-        if was_down and self.leases.trust_acks:
+        was_down = not self._fleases.trust_acks
+        self._fleases.trust_acks = state != P.PARTNER_DOWN and not self._partner_without_data
+        if was_down and self._fleases.trust_acks:
             self._requeue_unsynced()      # acks refused in PARTNER-DOWN: ask again
         self._flog.info("{svc} partner {peer}: {state} ({reason}){note}", peer=peer, state=state,
                   reason=reason,
@@ -673,7 +679,7 @@ class FailoverPartner:
                 self._flog.warn("{svc}: {peer} recovers without its data: its acks free no "
                           "addresses until it is NORMAL again", peer=peer)
             self._partner_without_data = True
-            self.leases.trust_acks = False
+            self._fleases.trust_acks = False
             return None
         if "with_data" in body:
             # the partner is in step again after recovering without its data
@@ -681,23 +687,23 @@ class FailoverPartner:
                 self._flog.info("{svc}: {peer} is in step again after its recovery without "
                           "data: its acks free addresses again", peer=peer)
             self._partner_without_data = False
-            was_down = not self.leases.trust_acks
-            self.leases.trust_acks = self.view.state != P.PARTNER_DOWN
-            if was_down and self.leases.trust_acks:
+            was_down = not self._fleases.trust_acks
+            self._fleases.trust_acks = self.view.state != P.PARTNER_DOWN
+            if was_down and self._fleases.trust_acks:
                 self._requeue_unsynced()      # acks refused meanwhile: ask again
             return None
         if "held" in body:
             # the partner lost its data and may have given these addresses until
             # then: nobody gets them here before that either
-            writes = self.leases.writes
+            writes = self._fleases.writes
             for address, until in (body.get("held") or {}).items():
                 try:
-                    self.leases.hold(self.leases.address_int(address),
-                                     float(until) + self.leases.skew_margin_s)
+                    self._fleases.hold(self._fleases.address_int(address),
+                                     float(until) + self._fleases.skew_margin_s)
                 except (ValueError, TypeError, OSError):
                     continue
             # acked once the holds are on disk (a restart keeps them)
-            return self.leases.durable() if self.leases.writes != writes else None
+            return self._fleases.durable() if self._fleases.writes != writes else None
         if "hello" in body:
             caps = (body.get("hello") or {}).get("caps") if isinstance(body.get("hello"),
                                                                        dict) else None
@@ -771,7 +777,7 @@ class FailoverPartner:
         acks the batch when all are stored.  A malformed entry is counted and
         skipped (resending it would not make it better)."""
         results = []
-        writes = self.leases.writes
+        writes = self._fleases.writes
         self._sync_progress = self.reactor.seconds()
         link = getattr(self.context.cluster, "peerlink", None)
         if self._without_data and link is not None:
@@ -782,18 +788,18 @@ class FailoverPartner:
         stored: list[list] = []          # [address, version] the partner may mark synced
         for wire in wires if isinstance(wires, list) else ():
             try:
-                lease = self.leases.lease_from_wire(wire)
+                lease = self._fleases.lease_from_wire(wire)
             except (ValueError, TypeError, AttributeError) as e:
                 self.stats["replication_rejected"] += 1
                 self._flog.warn("{svc}: malformed lease update from {peer} skipped: {why}",
                           peer=peer, why=e)
                 continue
-            result = self.leases.apply_remote(lease, without_data=self._without_data)
+            result = self._fleases.apply_remote(lease, without_data=self._without_data)
             if isinstance(result, defer.Deferred):
                 result.addCallback(self._stored_unless_beaten, stored, lease)
             else:
                 self._stored_unless_beaten(result, stored, lease)
-            until = self.leases.held_until(lease.address)
+            until = self._fleases.held_until(lease.address)
             if until is not None and link is not None:
                 # before the ack: our lost leases may hold it until then
                 link.send(peer, self.failover_channel, {"held": {lease.address: until}},
@@ -805,7 +811,7 @@ class FailoverPartner:
             results.append(result)
         waits = [r for r in results if isinstance(r, defer.Deferred)]
         self.stats["replication_applied"] += len(results) - len(waits)
-        if not waits and self.leases.writes == writes:
+        if not waits and self._fleases.writes == writes:
             self._report_stored(peer, link, stored)
             return None
 
@@ -813,7 +819,7 @@ class FailoverPartner:
             self.stats["replication_applied"] += len(waits)
             # the batch is acked to the partner only once what it wrote here
             # (at once, or after a wait) is on disk
-            return self.leases.durable() if self.leases.writes != writes else None
+            return self._fleases.durable() if self._fleases.writes != writes else None
 
         d = defer.gatherResults(waits, consumeErrors=True).addCallback(settle)
         return d.addCallback(lambda _: self._report_stored(peer, link, stored))
@@ -841,7 +847,7 @@ class FailoverPartner:
         acks the partner's batch, so the partner applies it before it treats
         its own (losing) record as acknowledged -- e.g. never frees an address
         we renewed (the winners of a merge go back: review H4)."""
-        lease = self.leases._get(address)
+        lease = self._fleases._get(address)
         link = getattr(self.context.cluster, "peerlink", None)
         if not isinstance(lease, Lease) or link is None:
             return
@@ -888,7 +894,7 @@ class FailoverPartner:
         window: list[defer.Deferred] = []
         while True:
             batch_size = self._sync_batch()
-            page, cursor = yield self.leases.export(cursor, batch_size * 4)
+            page, cursor = yield self._fleases.export(cursor, batch_size * 4)
             for i in range(0, len(page), batch_size):
                 batch = page[i:i + batch_size]
                 d = link.send(peer, self.failover_channel, {"leases": batch}, limit=1 << 30)
@@ -911,7 +917,7 @@ class FailoverPartner:
         leases = []
         for wire in batch:
             try:
-                leases.append(self.leases.lease_from_wire(wire))
+                leases.append(self._fleases.lease_from_wire(wire))
             except ValueError:
                 continue
         self._transport_acked(leases)

@@ -1,0 +1,162 @@
+"""The DHCP failover core (services/dhcp/failover): families, the lease store on v6 addresses
+and prefixes, LeaseStores, and that v4 keeps its keys and wire."""
+
+from __future__ import annotations
+
+import tempfile
+from ipaddress import IPv6Address, IPv6Network
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import given, settings
+from twisted.internet.task import Clock
+
+from appliance.eager import as_deferred
+from appliance.store.embedded import EmbeddedStore
+from services.dhcp.failover import leases as core
+from services.dhcp.failover.config import Failover
+from services.dhcp.failover.family import (DHCP4, DHCP6_NA, DHCP6_PD, MAX_POOL_V6, prefix_int,
+                                           prefix_text, v6_client)
+from services.dhcp.failover.leases import AddressUnavailable, Lease, LeaseStore
+from services.dhcp.failover.stores import (LeaseStores, Scope, ScopeConfig, ScopePool,
+                                           ScopeReservation)
+from services.dhcp.v4 import leases as v4
+from tests.support.sync import inline, ok
+
+T0 = 1_700_000_000.0
+
+
+def store_and_clock():
+    clock = Clock()
+    clock.advance(T0)
+    store = EmbeddedStore(clock, state_dir=tempfile.mkdtemp(), fsync="never",
+                          run_in_thread=inline, turn_batching=False)
+    store.startService()
+    return store, clock
+
+
+def na_config(failover=None, reservations=()):
+    return ScopeConfig((Scope(1, IPv6Network("2001:db8:1::/64"),
+                              (ScopePool("2001:db8:1::100", "2001:db8:1::1ff", 256),),
+                              tuple(reservations)),), failover)
+
+
+def pd_config(failover=None):
+    return ScopeConfig((Scope(1, IPv6Network("2001:db8:100::/40"),
+                              (ScopePool("2001:db8:100::/56", "2001:db8:100:ff00::/56", 256),
+                               ScopePool("2001:db8:200::/60", "2001:db8:200:f0::/60", 16)),
+                              delegated_len=56),), failover)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=1, max_value=128), st.integers(min_value=0, max_value=2**128 - 1))
+def test_prefix_ints_round_trip_and_never_meet_address_ints(plen, bits):
+    net = IPv6Network((bits >> (128 - plen) << (128 - plen), plen))
+    n = prefix_int(net)
+    assert prefix_text(n) == str(net) and DHCP6_PD.aton(str(net)) == n
+    assert n >= 1 << 128 > DHCP6_NA.aton(str(net.network_address))
+
+
+def test_prefixes_of_a_pool_are_consecutive_ints():
+    first = prefix_int("2001:db8:100::/56")
+    assert prefix_int("2001:db8:100:100::/56") == first + 1
+    assert prefix_int("2001:db8:100:ff00::/56") == first + 255
+    with pytest.raises(ValueError):
+        DHCP6_PD.canonical("2001:db8:100:1::/56")          # host bits set
+    with pytest.raises(ValueError):
+        DHCP6_NA.canonical("2001:db8::/64")
+
+
+def test_v4_family_keeps_the_v4_keys_and_names():
+    """dhcp4's store layout and module names are the core's with the DHCP4 family."""
+    assert (v4.LEASE_PREFIX, v4.VERSION_PREFIX, v4.CLIENT_PREFIX, v4.EXPIRY_KEY, v4.HELD_KEY) == \
+        ("dhcp4:lease:", "dhcp4:lease-ver:", "dhcp4:client:", "dhcp4:expiry", "dhcp4:held")
+    assert v4.lease_key("10.0.0.1") == "dhcp4:lease:10.0.0.1" and v4.Lease is core.Lease
+    assert issubclass(v4.LeaseStore, core.LeaseStore) and DHCP4.channel == "dhcp4"
+    assert DHCP4.canonical(167772161) == "10.0.0.1" == DHCP4.ntoa(DHCP4.aton("10.0.0.1"))
+
+
+def test_v6_lease_store_allocates_binds_and_keys_by_duid_and_iaid():
+    store, clock = store_and_clock()
+    ls = LeaseStore(store, na_config(), "a", clock.seconds, family=DHCP6_NA)
+    ok(ls.load())
+    hw, cid = v6_client(bytes.fromhex("000100010203"), 1)
+    hw2, cid2 = v6_client(bytes.fromhex("000100010203"), 2)        # same DUID, another IA
+    o1 = ok(as_deferred(ls.offer(1, hw, cid)))
+    b1 = ok(as_deferred(ls.bind(1, o1.address, hw, cid, lease_time_s=600)))
+    o2 = ok(as_deferred(ls.offer(1, hw2, cid2)))
+    assert b1.address == "2001:db8:1::100" and o2.address == "2001:db8:1::101"
+    assert ok(store.hgetall("dhcp6:na:lease:2001:db8:1::100"))["state"] == "bound"
+    assert ok(store.get(f"dhcp6:na:client:1:id:{cid}")) == "2001:db8:1::100"
+    assert ok(as_deferred(ls.find_client(1, hw, cid))).address == b1.address
+    with pytest.raises(AddressUnavailable):
+        ok(as_deferred(ls.bind(1, b1.address, hw2, cid2, lease_time_s=600)))
+    assert Lease.from_wire(b1.to_wire(), DHCP6_NA) == b1.__class__(**{
+        **{f: getattr(b1, f) for f in b1.__dataclass_fields__}, "acked": 0.0, "synced": False})
+
+
+def test_v6_reservation_by_duid():
+    store, clock = store_and_clock()
+    hw, cid = v6_client(bytes.fromhex("00030001aabbccddeeff"), 9)
+    ls = LeaseStore(store, na_config(reservations=[ScopeReservation("2001:db8:1::1f0", hw)]),
+                    "a", clock.seconds, family=DHCP6_NA)
+    ok(ls.load())
+    assert ok(as_deferred(ls.offer(1, hw, cid))).address == "2001:db8:1::1f0"
+    other = v6_client(b"\x00\x01zz", 1)
+    with pytest.raises(AddressUnavailable):
+        ok(as_deferred(ls.bind(1, "2001:db8:1::1f0", *other, lease_time_s=60)))
+
+
+def test_prefix_store_with_two_lengths_and_split_halves():
+    """A PD scope may hold pools of several delegated lengths; with failover each pool is
+    split by range (the primary the lowest half)."""
+    store, clock = store_and_clock()
+    fo = Failover("b", "primary", "split-scope", 50, 2.0, 60)
+    ls = LeaseStore(store, pd_config(fo), "a", clock.seconds, family=DHCP6_PD)
+    ok(ls.load())
+    assert ls.free_count() == 256 + 16
+    assert ls.segment_role("2001:db8:100:7f00::/56") == "primary"
+    assert ls.segment_role("2001:db8:100:8000::/56") == "secondary"
+    assert ls.segment_role("2001:db8:200:80::/60") == "secondary"
+    hw, cid = v6_client(b"\x00\x01ab", 3)
+    b = ok(as_deferred(ls.bind(1, "2001:db8:200:10::/60", hw, cid, lease_time_s=600,
+                               roles=("primary",))))
+    assert b.address == "2001:db8:200:10::/60" and b.expires == T0 + 60     # MCLT cap
+    with pytest.raises(AddressUnavailable):                                 # partner's half
+        ok(as_deferred(ls.bind(1, "2001:db8:200:80::/60", *v6_client(b"\x00\x01cd", 1),
+                               lease_time_s=600, roles=("primary",))))
+
+
+def test_a_v6_pool_above_the_bound_is_refused():
+    store, clock = store_and_clock()
+    big = ScopeConfig((Scope(1, IPv6Network("2001:db8:1::/64"),
+                             (ScopePool("2001:db8:1::", str(IPv6Address("2001:db8:1::")
+                                                            + MAX_POOL_V6)),)),))
+    with pytest.raises(ValueError, match="more than"):
+        LeaseStore(store, big, "a", clock.seconds, family=DHCP6_NA)
+
+
+def test_lease_stores_dispatch_and_export_both_families():
+    store, clock = store_and_clock()
+    na = LeaseStore(store, na_config(), "a", clock.seconds, family=DHCP6_NA)
+    pd = LeaseStore(store, pd_config(), "a", clock.seconds, family=DHCP6_PD)
+    both = LeaseStores({"na": na, "pd": pd})
+    ok(both.load())
+    hw, cid = v6_client(b"\x00\x01ab", 3)
+    for ls in (na, pd):
+        o = ok(as_deferred(ls.offer(1, hw, cid)))
+        ok(as_deferred(ls.bind(1, o.address, hw, cid, lease_time_s=600)))
+    assert both.store_for("2001:db8:100::/56") is pd and both.store_for("2001:db8:1::100") is na
+    assert both.address_int("2001:db8:100::/56") >= 1 << 128
+    both.trust_acks = False
+    assert na.trust_acks is False and pd.trust_acks is False
+    seen, cursor = [], None
+    while True:
+        page, cursor = ok(both.export(cursor, 1))
+        seen += [w["address"] for w in page]
+        if cursor is None:
+            break
+    assert seen == ["2001:db8:1::100", "2001:db8:100::/56"]
+    wire = ok(pd.get("2001:db8:100::/56")).to_wire()
+    assert both.lease_from_wire(wire).address == "2001:db8:100::/56"
+    assert sorted(both.unsynced) == []                   # no failover: nothing owed
