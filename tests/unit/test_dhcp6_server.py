@@ -353,3 +353,12 @@ def test_failover_config_and_not_serving(tmp_path):
     lab.h.may_serve = lambda: False
     assert lab.relay(msg(C.SOLICIT, 1, na=[(1, ())])) is None
     assert lab.h.counters["drop_not_serving"] == 1
+
+
+def test_request_for_an_address_off_the_link_gets_not_on_link(tmp_path):
+    """RFC 8415 18.3.2: a REQUEST whose IA_NA holds an address not appropriate for the
+    client's link comes back with NotOnLink in that IA (and nothing is bound)."""
+    lab = Lab(tmp_path)
+    rep = lab.relay(msg(C.REQUEST, 1, SERVER, na=[(1, ["2001:db8:2::100"])]))
+    assert rep.ia_na[0].status.code == C.NOT_ON_LINK and not rep.ia_na[0].addresses
+    assert lab.leases.writes == 0

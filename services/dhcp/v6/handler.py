@@ -239,6 +239,11 @@ class Dhcp6Handler:
                 commit: bool) -> C.IA:
         """SOLICIT / REQUEST: an address (prefix) for this IA, bound if ``commit``."""
         hints = self._hints(kind, ia)
+        if commit and kind == NA and m.msg_type == C.REQUEST and any(
+                not self._on_link(kind, h, subnet) for h in hints):
+            # RFC 8415 18.3.2: an address not appropriate for the client's link
+            self.counters["not_on_link"] += 1
+            return self._no(kind, ia, C.NOT_ON_LINK)
         lease = self.leases.offer(kind, subnet, duid, ia.iaid, hints)
         if lease is None:
             self.counters[f"no_{kind}_available"] += 1
