@@ -71,12 +71,6 @@ class ScopeConfig:
     decline_quarantine_s: float = 86400.0
     extra: dict = field(default_factory=dict)
 
-    def subnet(self, subnet_id: int) -> Scope | None:
-        for s in self.subnets:
-            if s.id == subnet_id:
-                return s
-        return None
-
     def subnet_for(self, address) -> Scope | None:
         for s in self.subnets:
             try:

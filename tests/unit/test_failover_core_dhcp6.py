@@ -1,0 +1,275 @@
+"""A dhcp6 pair on the failover core, on one task.Clock: two Dhcp6Service with their own
+EmbeddedStore, a fake cluster (partner states by hand) and a peer link the test pumps.
+
+Address and prefix pools are split by range (RFC 8156 split pools: the primary the lowest
+half), lazy updates go over channel "dhcp6", a survivor renews the partner's client with the
+same address and prefix, and a partition merge leaves no address or prefix with two clients."""
+
+from __future__ import annotations
+
+from ipaddress import IPv6Address, IPv6Network
+from types import SimpleNamespace
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from appliance.config import config_from_string
+from appliance.store.embedded import EmbeddedStore
+from services.dhcp.failover import pools as P
+from services.dhcp.plugin import dhcp6_plugin
+from services.dhcp.v6 import codec as C
+from services.dhcp.v6.service import Dhcp6Service
+from tests.support.sync import inline, ok
+from tests.unit.test_dhcp6_server import T0, duid, msg
+from tests.unit.test_dhcp6_service import Port, Rpc, relayed
+
+MCLT = 60
+
+
+def config(node, peer, role):
+    return f"""
+[node]
+id = "{node}"
+state_dir = "s"
+[cluster]
+peers = [{{ id = "{peer}", address = "10.0.0.2" }}]
+auth_key_file = "k"
+[services.dhcp6]
+listen_address = "::1"
+port = 5547
+failover = {{ peer = "{peer}", role = "{role}", mclt_s = {MCLT} }}
+[[services.dhcp6.subnets]]
+id = 1
+subnet = "2001:db8:1::/64"
+pool = ["2001:db8:1::100", "2001:db8:1::10f"]
+pd_pools = [{{ prefix = "2001:db8:100::/52", delegated_length = 56 }}]
+valid_lifetime_s = 4000
+preferred_lifetime_s = 3000
+"""
+
+
+class Wire:
+    """Both ends of a peer link: a send waits in ``queue`` until :meth:`pump` hands it to
+    the other node's channel handler; its Deferred fires when that handler is done."""
+
+    def __init__(self):
+        self.queue = []           # (to, channel, body, deferred)
+        self.handlers = {}        # (node, channel) -> handler(peer, body)
+        self.up = True
+
+    def end(self, node):
+        wire = self
+
+        class End:
+            def on(self, channel, handler):
+                wire.handlers[(node, channel)] = handler
+
+            def send(self, peer, channel, body, limit=None):
+                d = defer.Deferred()
+                wire.queue.append((peer, node, channel, body, d))
+                return d
+        return End()
+
+    def pump(self, rounds=50):
+        n = 0
+        for _ in range(rounds):
+            if not self.queue or not self.up:
+                break
+            batch, self.queue = self.queue, []
+            for to, frm, channel, body, d in batch:
+                handler = self.handlers[(to, channel)]
+                result = defer.maybeDeferred(handler, frm, body)
+                result.chainDeferred(d)
+                n += 1
+        return n
+
+    def cut(self):
+        """The link goes down: what is queued is lost for now (the senders' outboxes and
+        unsynced records keep it)."""
+        self.up = False
+        for *_, d in self.queue:
+            d.errback(ConnectionError("link down"))
+        self.queue = []
+
+
+class Cluster:
+    def __init__(self, link, state):
+        self.peerlink = link
+        self.state = state
+        self.listener = None
+        self.confirmed = False
+
+    def register_partner(self, peer, listener, **kw):
+        self.listener = listener
+        return self.state
+
+    def partner_confirmed(self, peer):
+        return self.confirmed
+
+
+def node(tmp_path, clock, wire, name, peer, role, state=P.NORMAL):
+    cfg = config_from_string(config(name, peer, role), "t.toml", {"dhcp6": dhcp6_plugin})
+    store = EmbeddedStore(clock, state_dir=tmp_path / name, fsync="never", run_in_thread=inline,
+                          turn_batching=False)
+    store.startService()
+    cluster = Cluster(wire.end(name), state)
+    ctx = SimpleNamespace(reactor=clock, store=store, node_id=name, providers={},
+                          cluster=cluster, rpc=Rpc(), state_dir=str(tmp_path / name),
+                          metrics=SimpleNamespace(register=lambda c: None,
+                                                  unregister=lambda c: None))
+    (tmp_path / name).mkdir(exist_ok=True)
+    svc = Dhcp6Service(cfg.services["dhcp6"].config, ctx)
+    clock.listenUDP = lambda port, proto, interface="": Port()
+    ok(svc.startService())
+    svc.port = Port()
+    return svc
+
+
+def pair(tmp_path):
+    clock = Clock()
+    clock.advance(T0)
+    wire = Wire()
+    a = node(tmp_path, clock, wire, "a", "b", "primary")
+    b = node(tmp_path, clock, wire, "b", "a", "secondary")
+    wire.pump()                          # hellos, update requests, update_done
+    for svc in (a, b):
+        assert svc.failover.view.state == P.NORMAL and not svc.failover.view.hold, \
+            svc.failover.status()
+    return clock, wire, a, b
+
+
+def ask(svc, m):
+    svc.port.sent.clear()
+    svc.datagram(relayed(m), ("::1", 40000))
+    return svc.port.sent[-1][0].inner if svc.port.sent else None
+
+
+def sarr(svc, client):
+    """SOLICIT (rapid commit) for an address and a prefix: (address, prefix) or Nones."""
+    rep = ask(svc, msg(C.SOLICIT, client, na=[(1, ())], pd=[(7, ())], rapid_commit=True))
+    return got(rep)
+
+
+def got(rep):
+    if rep is None:
+        return None, None
+    a = [C.ntop(x.address) for x in rep.ia_na[0].addresses] if rep.ia_na else []
+    p = [f"{C.ntop(x.prefix)}/{x.prefix_len}" for x in rep.ia_pd[0].prefixes] if rep.ia_pd else []
+    return (a[0] if a else None), (p[0] if p else None)
+
+
+def rebind(svc, client, address, prefix):
+    rep = ask(svc, msg(C.REBIND, client, na=[(1, [address])], pd=[(7, [prefix])]))
+    return rep, got(rep)
+
+
+def owner_half(svc, address):
+    return svc.failover.allocator.stores.segment_role(address)
+
+
+def test_pools_split_by_range_and_updates_reach_the_partner(tmp_path):
+    """New clients get addresses and prefixes from their server's own half (primary: the
+    lowest), the partner stores them (lazy update on channel dhcp6), and the records end
+    synced on both sides (the partner's "stored" report)."""
+    clock, wire, a, b = pair(tmp_path)
+    la = sarr(a, 1)
+    lb = sarr(b, 2)
+    assert la[0] and la[1] and lb[0] and lb[1]
+    assert owner_half(a, la[0]) == P.PRIMARY and owner_half(a, la[1]) == P.PRIMARY
+    assert owner_half(b, lb[0]) == P.SECONDARY and owner_half(b, lb[1]) == P.SECONDARY
+    clock.advance(0.1)                   # the outbox's batch delay
+    wire.pump()
+    for svc in (a, b):
+        for address in (*la, *lb):
+            lease = svc.leases.get("pd" if "/" in address else "na", address)
+            assert lease is not None and lease.state == "bound", (svc.name, address)
+        assert not svc.failover.leases.unsynced, svc.failover.status()
+    assert b.leases.get("na", la[0]).duid == duid(1).hex()
+    # a first lease is capped at the MCLT (the partner had not acked it yet)
+    assert a.leases.get("na", la[0]).expires <= T0 + MCLT + 1
+
+
+def test_a_survivor_renews_the_dead_partners_client_unchanged(tmp_path):
+    """a serves a client (address + prefix), replicated to b; a dies.  In
+    COMMUNICATIONS-INTERRUPTED and then PARTNER-DOWN b answers the client's REBIND with the
+    same address and the same prefix (never NoBinding), within the MCLT rule."""
+    clock, wire, a, b = pair(tmp_path)
+    address, prefix = sarr(a, 1)
+    clock.advance(0.1)
+    wire.pump()
+    wire.cut()                                           # a is gone
+    b.context.cluster.listener("a", P.COMM_INTERRUPTED, "peer a not heard")
+    clock.advance(20)
+    rep, (a2, p2) = rebind(b, 1, address, prefix)
+    assert rep is not None and rep.msg_type == C.REPLY
+    assert (a2, p2) == (address, prefix)
+    assert rep.ia_na[0].status is None or rep.ia_na[0].status.code == 0
+    b.context.cluster.confirmed = True
+    b.context.cluster.listener("a", P.PARTNER_DOWN, "operator partner-down")
+    clock.advance(20)
+    rep, (a3, p3) = rebind(b, 1, address, prefix)
+    assert (a3, p3) == (address, prefix)
+    # within the MCLT beyond what a was told (a's potential expiry, 1.5 x the lifetime)
+    lease = b.leases.get("na", address)
+    assert lease.state == "bound" and lease.expires <= T0 + 0.1 + 1.5 * 4000 + MCLT
+
+
+def test_nothing_is_served_on_hold_after_a_start(tmp_path):
+    """A node that starts while its partner is silent answers nobody (it may be in
+    PARTNER-DOWN on our addresses) until NORMAL or PARTNER-DOWN."""
+    clock = Clock()
+    clock.advance(T0)
+    wire = Wire()
+    a = node(tmp_path, clock, wire, "a", "b", "primary", state=P.STARTUP)
+    assert sarr(a, 1) == (None, None)
+    a.context.cluster.listener("b", P.COMM_INTERRUPTED, "peer b not heard")
+    assert sarr(a, 1) == (None, None)
+    a.context.cluster.listener("b", P.PARTNER_DOWN, "operator partner-down")
+    assert sarr(a, 1) != (None, None)
+
+
+def test_partition_then_merge_leaves_no_duplicate(tmp_path):
+    """The partners cannot talk for longer than the MCLT while new clients come to both;
+    each allocates only from its own half, so after the heal and the merge no address or
+    prefix is bound to two clients, on either side."""
+    clock, wire, a, b = pair(tmp_path)
+    wire.cut()
+    for svc, peer in ((a, "b"), (b, "a")):
+        svc.failover._partner_state(peer, P.COMM_INTERRUPTED, "peer not heard")
+    got_a = [sarr(a, 100 + i) for i in range(3)]
+    got_b = [sarr(b, 200 + i) for i in range(3)]
+    clock.advance(MCLT * 2)
+    got_a += [sarr(a, 300 + i) for i in range(3)]
+    got_b += [sarr(b, 400 + i) for i in range(3)]
+    given = [x for pair_ in got_a + got_b for x in pair_ if x]
+    assert len(given) == len(set(given)) == 24, (got_a, got_b)
+    wire.up = True
+    for svc, peer in ((a, "b"), (b, "a")):
+        svc.failover._partner_state(peer, P.NORMAL, "heard again")
+    for _ in range(5):
+        clock.advance(0.5)
+        wire.pump()
+    for svc in (a, b):
+        assert svc.failover.view.state == P.NORMAL, svc.failover.status()
+        holders = {}
+        now = clock.seconds()
+        for kind in ("na", "pd"):
+            for row in svc.leases.leases(kind=kind, limit=1000)["leases"]:
+                lease = svc.leases.get(kind, row.get("address") or row.get("prefix"))
+                if lease.state == "bound" and lease.expires > now:
+                    key = (kind, lease.address)
+                    assert key not in holders, (svc.name, key)
+                    holders[key] = (lease.duid, lease.iaid)
+        # the six clients of the last round (address + prefix each), from both sides
+        assert len(holders) == 12, holders
+
+
+def test_prefixes_and_addresses_keep_separate_store_namespaces(tmp_path):
+    """IA_NA under dhcp6:na:*, IA_PD under dhcp6:pd:* (prefix text "net/len")."""
+    clock, wire, a, b = pair(tmp_path)
+    address, prefix = sarr(a, 1)
+    store = a.context.store
+    assert ok(store.hgetall(f"dhcp6:na:lease:{address}"))["state"] == "bound"
+    assert ok(store.hgetall(f"dhcp6:pd:lease:{prefix}"))["state"] == "bound"
+    assert IPv6Network(prefix).prefixlen == 56 and IPv6Address(address) in IPv6Network(
+        "2001:db8:1::/64")
