@@ -241,6 +241,48 @@ def lost_bindings(pair, work: Path, rate: int, run_s: float, tag: str) -> dict:
     return {"acked": r.successful, "found": found, "lost": max(0, r.successful - found)}
 
 
+def overload(pair, work: Path, rate: int, run_s: float, tag: str) -> dict:
+    """sipp offers ``rate`` REGISTER/s of unique users at the first node for ``run_s``
+    seconds (more than the pair sustains) and nobody dies.  spurious failovers: times the
+    second node suspected the live first one dead (cluster.status) plus whether the first
+    lost the registrar; lost = 200 OKs sipp received - those users' bindings on the
+    second node once the run settled; shed = REGISTERs the first node answered 503."""
+    import threading
+
+    from tests.support import sipp
+    prefix = f"ovl{tag}x"
+
+    def suspicions() -> int:
+        return int(pair.nodes["b"].rpc("cluster.status")["result"]["peers"]["a"]["suspected"])
+
+    def shed() -> int:
+        drops = pair.nodes["a"].rpc("sip.stats")["result"]["drops"]
+        return sum(n for k, n in drops.items() if k.startswith(("overload", "shed")))
+
+    before_b, before_s, before_shed = pair.count("b"), suspicions(), shed()
+    result = {}
+
+    def load():
+        result["r"] = sipp.run_sipp(work / f"ovl-{tag}", sipp.register_only(REALM, prefix=prefix),
+                                    f"127.0.0.1:{pair.port}", calls=int(rate * run_s),
+                                    rate=rate, limit=max(1000, rate * 2), timeout_s=run_s + 20)
+    t = threading.Thread(target=load)
+    t.start()
+    t.join()
+    r = result["r"]
+    time.sleep(3.0)                  # what a sync 200 waited for is there; async catches up
+    found = pair.count("b") - before_b
+    susp = suspicions() - before_s
+    role = pair.nodes["a"].rpc("sip.stats")["result"]["role"]
+    failovers = susp + (role != "owner" and not susp)
+    n_shed = shed() - before_shed
+    log(f"  {pair.name} {tag} overload at {rate}/s for {run_s}s: {r.successful} 200 OKs, "
+        f"{r.failed} failed calls, {n_shed} shed (503), {found} bindings on the backup, "
+        f"{susp} suspicions of the first node, its role now {role}")
+    return {"acked": r.successful, "found": found, "lost": max(0, r.successful - found),
+            "failovers": failovers, "shed": n_shed, "failed": r.failed}
+
+
 class Prober:
     """Refreshes ten users one REGISTER at a time at ``rate``/s on UDP; records each 200's
     RTT."""
@@ -581,6 +623,12 @@ def main(argv=None) -> int:
     ap.add_argument("--resync-only", action="store_true",
                     help="pairs only, and only their resync rows (the load registers at 1500/s; "
                          "no rate search, no deaths)")
+    ap.add_argument("--overload-only", action="store_true",
+                    help="appliance pairs only, and only their overload rows (sipp at "
+                         "--overload-rate for --duration s, nobody dies: spurious failovers, "
+                         "lost acknowledged bindings)")
+    ap.add_argument("--overload-rate", type=int, default=4000,
+                    help="REGISTER/s offered in the overload rows (4000)")
     args = ap.parse_args(argv)
     duration = args.duration or (2.0 if args.quick else 8.0)
     trials = args.trials or (2 if args.quick else 6)
@@ -594,7 +642,7 @@ def main(argv=None) -> int:
 
     missing_sipp = have("sipp", "sip-tester")
     missing_kam = have("kamailio", "kamailio")
-    pairs_only = args.pairs_only or args.resync_only
+    pairs_only = args.pairs_only or args.resync_only or args.overload_only
     systems = [] if pairs_only else [(Appliance, None)]
     if not args.skip_kamailio and not pairs_only:
         systems.append((Kamailio, missing_kam))
@@ -628,6 +676,8 @@ def main(argv=None) -> int:
         pairs.append(("kamailio", "dmq-pair"))
     if args.pair:
         pairs = [p for p in pairs if p[1] in args.pair]
+    if args.overload_only:
+        pairs = [p for p in pairs if p[0] == "appliance"]
     resync_n = args.resync_n or (20000 if args.quick else 100000)
     resync_metric = "resync_s_100k" if resync_n == 100000 else f"resync_s_{resync_n // 1000}k"
     for system, case in pairs:
@@ -640,6 +690,18 @@ def main(argv=None) -> int:
                     raise RuntimeError(reason)
                 pair.start()
                 best = None
+                if system == "appliance" and (args.overload_only or not args.resync_only):
+                    ovl_s = args.duration or (4.0 if args.quick else 8.0)
+                    tag = f"{case}-overload-{args.overload_rate}"
+                    ov = overload(pair, work, args.overload_rate, ovl_s, tag)
+                    note = (f"sipp {args.overload_rate}/s for {ovl_s:.0f} s at the first node, "
+                            f"nobody dies; {ov['acked']} acked, {ov['shed']} shed with 503, "
+                            f"{ov['failed']} failed calls; heartbeats 100 ms, dead_after 3")
+                    row(system, tag, "spurious_failovers", ov["failovers"], "failovers", note)
+                    row(system, tag, "lost_bindings", ov["lost"], "bindings", note)
+                    if args.overload_only:
+                        continue
+                    pair.recover()
                 if not args.resync_only:
                     best = rate_search(pair, work, False, start, duration, trials)
                     fresh = getattr(pair, "restarts", 0)

@@ -20,7 +20,9 @@ other, and the acknowledgements come back in bounded bursts (each burst is
 one reactor turn of callbacks: 15,000 rows were ~4,000 REGISTER answers in one
 turn, long enough to delay the node's own heartbeats).  A seal falls between
 two writes, so every batch is still a contiguous run of writes: a crash keeps
-a prefix, and one write (one ``commit``) is never split.  What ``fsync`` means for a crash or a power loss:
+a prefix, and one write (one ``commit``) is never split.  The acknowledgements
+of one commit fire ``ACK_SLICE`` per reactor turn (in order; later commits'
+after them), so the node's timers run between the slices.  What ``fsync`` means for a crash or a power loss:
 :mod:`appliance.store.sqlite_file`.
 
 A failed commit (I/O error, disk full) is a state, not a hang: every write
@@ -36,6 +38,7 @@ resync.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import sqlite3
 import time
@@ -107,7 +110,9 @@ class EmbeddedStore(Service):
 
     #: rows gathered behind a commit in flight before they are sealed into their own
     #: transaction (see "Bounded commits" in the module docstring)
-    MAX_COMMIT_ROWS = 1000
+    MAX_COMMIT_ROWS = 2000
+    #: acknowledgements fired per reactor turn (the rest in the next turns, in order)
+    ACK_SLICE = 128
 
     def __init__(self, reactor, *, state_dir: str | Path, fsync: str = "always",
                  batch_interval_s: float = 0.2, run_in_thread=None, turn_batching: bool = True,
@@ -141,6 +146,8 @@ class EmbeddedStore(Service):
         self._notes: list[tuple[str, str]] = []
         self._job: _Job | None = None
         self._sealed: list[_Job] = []            # built, waiting for the job in flight
+        self._acking: collections.deque = collections.deque()   # committed, not fired yet
+        self._ack_call = None
         self._kick_call = None
         self._sync_call = None
         self._unsynced = False                  # batch: commits since the last checkpoint
@@ -252,6 +259,10 @@ class EmbeddedStore(Service):
     def _closed(self, _):
         self._ready = False
         self._stop_pool()
+        if self._ack_call is not None and self._ack_call.active():
+            self._ack_call.cancel()
+        while self._acking:                  # committed: they succeed
+            self._release_some(len(self._acking))
         for w in self._take_waiters():
             w.errback(StoreError("store stopped"))
 
@@ -272,7 +283,23 @@ class EmbeddedStore(Service):
     # ------------------------------------------------------------------
     def _pending(self) -> bool:
         return bool(self._job is not None or self._dirty_whole or self._dirty_members
-                    or self._dirty_expires or self._waiters or self._sealed)
+                    or self._dirty_expires or self._waiters or self._sealed or self._acking)
+
+    def _release(self, waiters: list) -> None:
+        """Fire ``waiters`` (committed) after those before them, ACK_SLICE per turn."""
+        self._acking.extend(waiters)
+        if self._ack_call is None:
+            self._release_some()
+
+    def _release_some(self, n: int | None = None) -> None:
+        self._ack_call = None
+        q = self._acking
+        n = n or self.ACK_SLICE
+        while q and n:
+            n -= 1
+            q.popleft().callback(None)
+        if q:
+            self._ack_call = self._reactor.callLater(0, self._release_some)
 
     def _kick_soon(self):
         """Commit at the end of this reactor turn: every write of the turn
@@ -365,8 +392,7 @@ class EmbeddedStore(Service):
             waiters, notes = self._take_waiters(), self._notes
             self._notes = []
             if not batch:                 # only waiters: everything before them is durable
-                for w in waiters:
-                    w.callback(None)
+                self._release(waiters)
                 self._deliver(notes)
                 return
             job = self._job = _Job(batch, waiters, notes)
@@ -393,8 +419,7 @@ class EmbeddedStore(Service):
             self._unsynced = True
             if self._sync_call is None:
                 self._sync_call = self._reactor.callLater(self.batch_interval_s, self._sync_due)
-        for w in job.waiters:
-            w.callback(None)
+        self._release(job.waiters)
         self._deliver(job.notes)
         self._kick()
 

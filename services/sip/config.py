@@ -13,6 +13,10 @@ Example (see ``etc/sip.toml``)::
     max_expires = 7200                  # longer requests are shortened to this
     max_contacts = 10                   # bindings per AOR (more: 503)
     receive_buffer_bytes = 4194304      # SO_RCVBUF of the UDP socket
+    max_pending = 2048                  # REGISTERs waiting for the store/backups: more get 503
+    shed_lag_ms = 50                    # reactor this late: REGISTERs beyond shed_min_pending
+    shed_min_pending = 256              #   in flight get 503 + Retry-After (0 = never on lag)
+    shed_hold_ms = 250                  #   ... and for this long after the last late tick
 
     [services.sip.auth]                 # optional: digest authentication of REGISTERs
     realm = "example.test"
@@ -99,6 +103,10 @@ class SIPConfig:
     auth: AuthConfig | None = None
     replication: ReplicationConfig | None = None
     roles: ClusterRoles = ClusterRoles()
+    max_pending: int = 2048
+    shed_lag_ms: float = 50.0
+    shed_min_pending: int = 256
+    shed_hold_ms: float = 250.0
 
 
 def parse(table, context) -> SIPConfig | None:
@@ -126,6 +134,10 @@ def parse(table, context) -> SIPConfig | None:
     max_contacts = table.int("max_contacts", 10, min=1, max=1000)
     rcvbuf = table.int("receive_buffer_bytes", 4 * 1024 * 1024, min=0, max=1 << 30)
     sweep = table.float("sweep_interval_s", 5.0, min=0.1, max=3600)
+    max_pending = table.int("max_pending", 2048, min=1, max=1_000_000)
+    shed_lag_ms = table.float("shed_lag_ms", 50.0, min=0, max=60_000)
+    shed_min_pending = table.int("shed_min_pending", 256, min=0, max=1_000_000)
+    shed_hold_ms = table.float("shed_hold_ms", 250.0, min=0, max=60_000)
     if None not in (min_expires, max_expires) and max_expires < min_expires:
         table.error("max_expires", f"{max_expires} is below min_expires {min_expires}")
     if None not in (default_expires, max_expires) and default_expires > max_expires:
@@ -171,7 +183,9 @@ def parse(table, context) -> SIPConfig | None:
         return None
     return SIPConfig(listen_address, port, tcp, tls, tuple(domains),
                      Limits(default_expires, min_expires, max_expires, max_contacts),
-                     rcvbuf, sweep, auth=auth, replication=replication, roles=roles)
+                     rcvbuf, sweep, auth=auth, replication=replication, roles=roles,
+                     max_pending=max_pending, shed_lag_ms=shed_lag_ms,
+                     shed_min_pending=shed_min_pending, shed_hold_ms=shed_hold_ms)
 
 
 _RESOURCE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")

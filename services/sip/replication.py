@@ -53,6 +53,7 @@ stored.  A returning node uses it to stay unable for its shards until then
 
 from __future__ import annotations
 
+import collections
 import gc
 import json
 import secrets
@@ -93,6 +94,10 @@ class Replicator:
     MESSAGE_STATES = 512
     #: live-state messages unacknowledged per peer (one being stored, one on its way)
     WINDOW = 2
+    #: sync waits released per reactor turn when an ack covers many states: the 200s
+    #: of a 512-state ack leave over several turns, so the node's own timers (its
+    #: heartbeats) run in between even on a starved CPU
+    RELEASE_SLICE = 64
     #: full resync: AORs in the first page (then sized by what pages cost), the fewest
     #: in a page, and AORs read and encoded between two checks of the turn budget
     #: a backup freezes the heap (gc.freeze) every so many full-resync pages it stored
@@ -162,6 +167,8 @@ class Replicator:
         #: is being built across reactor turns; their states are read again before it goes
         self._building: dict[str, set[str]] = {}
         self._pages_in = 0
+        self._release_q: collections.deque = collections.deque()
+        self._release_call = None
 
     def load(self) -> defer.Deferred:
         """Read the persisted backlogs (what each backup missed before this start)."""
@@ -196,6 +203,30 @@ class Replicator:
         if self._persist_call is not None and self._persist_call.active():
             self._persist_call.cancel()
             self._persist()
+        if self._release_call is not None and self._release_call.active():
+            self._release_call.cancel()
+        self._release_call = None
+        while self._release_q:
+            self._release_some(len(self._release_q))
+
+    def _release(self, waits) -> None:
+        """Fire the sync waits ``waits`` (True: acked) in order, at most
+        :attr:`RELEASE_SLICE` per reactor turn."""
+        self._release_q.extend(waits)
+        if self._release_call is None:
+            self._release_some()
+
+    def _release_some(self, n: int | None = None) -> None:
+        self._release_call = None
+        q = self._release_q
+        n = n or self.RELEASE_SLICE
+        while q and n:
+            done = q.popleft()
+            n -= 1
+            if not done.called:
+                done.callback(True)
+        if q:
+            self._release_call = self.reactor.callLater(0, self._release_some)
 
     # -- the persistent backlog ---------------------------------------------------
     def _write(self, *ops) -> defer.Deferred:
@@ -340,9 +371,7 @@ class Replicator:
             self.stats["acked"] += len(items)
             if timer.active():
                 timer.cancel()
-            for _aor, _body, done in items:
-                if not done.called:
-                    done.callback(True)
+            self._release([done for _aor, _body, done in items if not done.called])
 
         def failed(f):
             self.stats["failed"] += len(items)

@@ -65,9 +65,9 @@ class SIPService(Service):
     #: Bytes of datagrams read per reactor turn (Twisted's default 256 KiB is
     #: ~500 REGISTERs during which no durable wait can release its 200).
     READ_BATCH_BYTES = 64 * 1024
-    #: REGISTERs waiting for the store (and sync backups) beyond which new ones get
-    #: 503 + Retry-After instead of queueing.
-    MAX_PENDING = 4096
+    #: ... while the reactor lags (services.sip.admission): shorter turns, the rest
+    #: waits in the kernel queue
+    READ_BATCH_LAGGING = 8 * 1024
 
     def __init__(self, config, context):
         self.config = config
@@ -81,6 +81,14 @@ class SIPService(Service):
         self.drops: dict[str, int] = {}
         self.connections = 0
         self.pending = 0
+        # REGISTERs beyond max_pending waiting for the store (and sync backups), or beyond
+        # shed_min_pending while the reactor lags, get 503 + Retry-After (admission.py)
+        from services.sip.admission import Admission
+        self.admission = Admission(self.reactor, max_pending=config.max_pending,
+                                   lag_s=config.shed_lag_ms / 1000.0,
+                                   hold_s=config.shed_hold_ms / 1000.0,
+                                   lag_pending=config.shed_min_pending,
+                                   on_change=self._lag_changed)
         self.udp = None
         self.listeners: list = []
         self._sweeper = None
@@ -181,6 +189,7 @@ class SIPService(Service):
             except StoreError as e:
                 _log.warn("sip: could not read the replication backlog: {why}", why=e)
             self.replicator.start()
+        self.admission.start()
         self._register_rpc()
         metrics = getattr(self.context, "metrics", None)
         if metrics is not None:
@@ -197,6 +206,7 @@ class SIPService(Service):
         super().stopService()
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
+        self.admission.stop()
         self.transactions.clear()
         if self.replicator is not None:
             self.replicator.stop()
@@ -255,6 +265,15 @@ class SIPService(Service):
     # ------------------------------------------------------------------
     def drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
+
+    def _lag_changed(self, lagging: bool) -> None:
+        """The reactor started or stopped lagging: read fewer datagrams per turn meanwhile."""
+        if self.udp is not None:
+            self.udp.maxThroughput = self.READ_BATCH_LAGGING if lagging else self.READ_BATCH_BYTES
+        if lagging:
+            _log.info("sip: the reactor lags (a tick {ms} ms late at worst so far): shedding "
+                      "REGISTERs beyond {n} in flight with 503", ms=self.admission.stats["max_lag_ms"],
+                      n=self.admission.lag_pending)
 
     def received(self, data: bytes, src: Source, stream: bool) -> None:
         try:
@@ -375,6 +394,15 @@ class SIPService(Service):
             return self._answer(key, src, self._response(msg, 404, "Domain Not Served"))
         if not self._routed_here(msg, key, src, aor):
             return
+        shed = self.admission.admit(self.pending)
+        if shed is not None:
+            # the store or the sync backups are behind, or the reactor is: an answer that
+            # comes seconds late only draws retransmissions (and a starved reactor delays
+            # this node's heartbeats): tell the UA to come back instead
+            self.drop(shed)
+            resp = self._response(msg, 503, "Overloaded")
+            resp.add("Retry-After", "1")
+            return self._answer(key, src, resp)
         self._authorized(msg, key, src, aor, self._store_binding)
 
     def _routed_here(self, msg: M.Message, key, src: Source, aor: str) -> bool:
@@ -401,13 +429,6 @@ class SIPService(Service):
         return False
 
     def _store_binding(self, msg: M.Message, key, src: Source, aor: str) -> None:
-        if self.pending >= self.MAX_PENDING:
-            # the store (or a sync backup) is behind: an answer that comes seconds late
-            # only draws retransmissions; tell the UA to come back instead
-            self.drop("overload")
-            resp = self._response(msg, 503, "Overloaded")
-            resp.add("Retry-After", "1")
-            return self._answer(key, src, resp)
         self.pending += 1
         received = str(src)
         now = self.reactor.seconds()
@@ -620,6 +641,7 @@ class SIPService(Service):
                 "drops": dict(self.drops), "bindings": self.location.count,
                 "transactions": len(self.transactions), "connections": self.connections,
                 "pending": self.pending,
+                "admission": self.admission.status(),
                 "auth": dict(self.auth.results) if self.auth is not None else None,
                 "ldap": self._ldap_stats(),
                 "replication": self._replication_stats(),
@@ -725,6 +747,13 @@ class SIPService(Service):
             yield lag
         yield GaugeMetricFamily("appliance_sip_transactions", "Server transactions held",
                                 value=len(self.transactions))
+        yield GaugeMetricFamily("appliance_sip_shedding",
+                                "1 while the reactor lags and REGISTERs beyond "
+                                "shed_min_pending get 503 (services.sip.admission)",
+                                value=1 if self.admission.lagging() else 0)
+        yield GaugeMetricFamily("appliance_sip_reactor_lag_max_seconds",
+                                "Latest admission tick the furthest behind schedule",
+                                value=self.admission.stats["max_lag_ms"] / 1000.0)
         yield GaugeMetricFamily("appliance_sip_shards_owned",
                                 "Shards (cluster resources) this node serves",
                                 value=len(self.roles.owned))

@@ -438,3 +438,27 @@ def test_one_large_write_is_never_split(tmp_path):
     assert held.jobs[0][1][0].rows() == 52          # key row + 50 fields + x
     held.run()
     assert ok(d) is True
+
+
+def test_acks_of_a_large_commit_fire_a_slice_per_turn_in_order(tmp_path):
+    """The acknowledgements of one commit fire ACK_SLICE per reactor turn, in issue
+    order, and whatever is acknowledged later (durable(), the next commit) comes after
+    them: the reactor's timers run between the slices."""
+    store, clock, held = started(tmp_path, held=True)
+    n = 2 * store.ACK_SLICE + 10
+    acked = []
+    for i in range(n):
+        store.set(f"k{i}", "v").addCallback(lambda _, i=i: acked.append(i))
+    clock.advance(0)
+    held.run()
+    assert acked == list(range(store.ACK_SLICE)), "one slice in the commit's turn"
+    later = []
+    store.durable().addCallback(lambda _: later.append("durable"))
+    store.set("after", "v").addCallback(lambda _: later.append("after"))
+    assert later == [] and clock.getDelayedCalls(), "the rest waits for the next turn"
+    clock.advance(0)                  # (a Clock runs the following turns' slices too)
+    assert acked == list(range(n))
+    for _ in range(3):
+        clock.advance(0)
+        held.run_all()
+    assert later == ["durable", "after"]

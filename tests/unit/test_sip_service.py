@@ -224,9 +224,9 @@ def test_store_failure_no_200(tmp_path):
 
 
 def test_overload_503(tmp_path):
-    """Past MAX_PENDING REGISTERs waiting for the store, new ones get 503 + Retry-After."""
+    """Past max_pending REGISTERs waiting for the store, new ones get 503 + Retry-After."""
     svc, clock, thread, store, rpc = make(tmp_path)
-    svc.MAX_PENDING = 1
+    svc.admission.max_pending = 1
     peer = Peer()
     svc.received(req("REGISTER", "sip:example.test", contacts=["<sip:alice@h>"]), peer.src, False)
     svc.received(req("REGISTER", "sip:example.test", to="sip:bob@example.test",
