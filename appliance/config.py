@@ -436,6 +436,9 @@ class ClusterSection:
     #: Key rotation (review M7): beats signed with this key are accepted too;
     #: ours are signed with auth_key_file only (etc/README: rotating the key).
     previous_auth_key_file: str | None = None
+    #: keepalived's preempt_delay: for this long after it starts (or becomes
+    #: able again) a node takes nothing a live peer holds (it takes what nobody holds).
+    preempt_delay_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -744,6 +747,7 @@ def _parse_cluster(t: Table | None, node: NodeSection | None) -> ClusterSection 
     min_clients = t.int("partner_down_min_clients", 10, min=1, max=1_000_000)
     previous_key_file = t.path_("previous_auth_key_file", None)
     beats = t.int("beats_per_interval", 3, min=1, max=20)
+    preempt_delay = t.float("preempt_delay_s", 0.0, min=0, max=3600)
     role = t.str("role", "node", choices=("node", "witness"))
     witness = None
     redis_lease, lease_ttl_ms = False, 0
@@ -790,7 +794,8 @@ def _parse_cluster(t: Table | None, node: NodeSection | None) -> ClusterSection 
                           role or "node", witness, redis_lease=redis_lease,
                           lease_ttl_ms=lease_ttl_ms,
                           partner_down_min_clients=min_clients or 10,
-                          previous_auth_key_file=previous_key_file)
+                          previous_auth_key_file=previous_key_file,
+                          preempt_delay_s=preempt_delay or 0.0)
 
 
 def _parse_vip(t: Table, node: NodeSection | None, peer_ids: tuple[str, ...]) -> VIPSection | None:

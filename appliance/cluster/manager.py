@@ -94,6 +94,8 @@ class ClusterManager(Service):
         self.beats = max(1, int(getattr(cluster, "beats_per_interval", 1) or 1))
         self.beat_period = self.interval / self.beats
         self.deadline_s = self.dead_after_s + 0.5 * self.beat_period
+        # keepalived's preempt_delay (resources.py ResourceTable._settle)
+        self.preempt_delay_s = float(getattr(cluster, "preempt_delay_s", 0.0) or 0.0)
         self.stats = {"sent": 0, "received": 0, "send_errors": 0, "role_changes": 0,
                       "partner_transitions": 0, "reannounced": 0, "late_beats": 0,
                       "oversize_sent": 0}
@@ -328,6 +330,7 @@ class ClusterManager(Service):
         # Listen for the peers before claiming anything; hold claims until a
         # live owner elsewhere would have been heard.
         self.hold_until = self.started_at + self.dead_after_s + self.interval
+        self.table.start_settling()              # preempt_delay_s: in the first beat
         interface = str(self.cfg.bind_address) if self.cfg.bind_address else ""
         self.port = self.channel.listen(interface)
         d = self._load_persisted()

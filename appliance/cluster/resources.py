@@ -60,6 +60,9 @@ class ResourceTable:
         self.resources: dict[str, Resource] = {}
         self.excluded: set[str] = set()         # resources this node was demoted from
         self.no_quorum = False
+        # preempt_delay_s: "settling" until then (see _settle)
+        self.settle_until = 0.0
+        self._was_able = False
 
     # -- registration ------------------------------------------------------------
     def add(self, spec: ResourceSpec, settings: dict | None, listener: Callable | None):
@@ -127,6 +130,7 @@ class ResourceTable:
         alive = {p.id for p in m.node_peers() if p.alive} | ({m.node_id} if quorum else set())
         holding = m.clock.seconds() < m.hold_until
         flags = m.health.flags_set
+        self._settle(m.health.able(), flags)
         for name in self.resources:
             # A demote stands aside on the wire too (demoted:<name>): the
             # peers elect without this node and the one taking over claims
@@ -146,7 +150,7 @@ class ResourceTable:
                     owner, epoch, manual = hb.resources[name]
                     if owner == peer.id:
                         claims[peer.id] = Claim(owner, epoch, manual)
-            excluded = self._excluded(name, res, able)
+            excluded = self._excluded(name, res, able, claims)
             usable = able
             if not any(res.spec.priority.get(n, 0) > 0 for n in able):
                 # Nobody healthy can serve it: better a degraded owner than none.
@@ -326,10 +330,61 @@ class ResourceTable:
         if flag in flags:
             flags.discard(flag)
 
-    def _excluded(self, name: str, res: Resource, able: set[str]) -> set[str]:
+    # -- preempt delay (keepalived's preempt_delay) -------------------------------------
+    # For ``preempt_delay_s`` after this node starts or becomes able again
+    # (maintenance off, interface up, service back, quorum back) it advertises
+    # ``settling``; every node's election then leaves a settling node out of a
+    # resource that another able node holds (no preemption yet), but not out
+    # of one nobody holds (a dead owner is replaced at once) nor of one the
+    # operator promotes.  A flapping node stops moving the VIP back and forth.
+    def start_settling(self) -> None:
+        """At start, before the first beat: the peers must see ``settling``
+        in it, or they would hand over at once."""
+        self._settle(self.m.health.able(), self.m.health.flags_set, quiet=True)
+
+    def _settle(self, able_here: bool, flags: set[str], quiet: bool = False) -> None:
+        m = self.m
+        delay = m.preempt_delay_s
+        if delay <= 0 or m.is_witness:
+            return
+        now = m.clock.seconds()
+        if able_here and not self._was_able:
+            self.settle_until = max(now, m.hold_until) + delay
+        self._was_able = able_here
+        settling = able_here and now < self.settle_until
+        if settling != ("settling" in flags):
+            if settling:
+                flags.add("settling")
+                _log.info("node {node} settles for {s:g} s before preempting (preempt_delay_s)",
+                          node=m.node_id, s=round(self.settle_until - now, 3))
+            else:
+                flags.discard("settling")
+                _log.info("node {node} settled: it may preempt again", node=m.node_id)
+            if not quiet:
+                m.send_soon()
+
+    def _settling(self, name: str, res: Resource, able: set[str], claims: dict,
+                  excluded: set[str]) -> set[str]:
+        """Settling nodes that stand aside for ``name``: every one that does not
+        hold it, while an able node that is not excluded holds it."""
+        m = self.m
+        holders = {n for n in claims if n in able and n not in excluded}
+        if res.mine is not None and m.node_id in able and m.node_id not in excluded:
+            holders.add(m.node_id)
+        if not holders:
+            return set()
+        settling = {p.id for p in m.node_peers() if p.alive and p.heartbeat is not None
+                    and "settling" in p.heartbeat.health}
+        if "settling" in m.health.flags_set:
+            settling.add(m.node_id)
+        return settling - holders
+
+    def _excluded(self, name: str, res: Resource, able: set[str],
+                  claims: dict | None = None) -> set[str]:
         """Nodes that must not own ``name`` now: this node after a demote or
         while its VIP cannot be added (if someone else can take it); a peer
-        that flags ``unable:<name>`` or does not have the resource at all."""
+        that flags ``unable:<name>`` or does not have the resource at all; a
+        settling node (preempt_delay_s) while an able node holds it."""
         m = self.m
         excluded = {m.node_id} if name in self.excluded else set()
         # An operator promote in progress (want:<name>, here or on a live
@@ -359,6 +414,8 @@ class ResourceTable:
         candidates = [n for n in able if n not in excluded and res.spec.priority.get(n, 0) > 0]
         if any(n not in unable for n in candidates):
             excluded |= unable
+        if not wanters and claims is not None:
+            excluded |= self._settling(name, res, able, claims, excluded)
         return excluded
 
     def _why(self, claims: dict) -> str:

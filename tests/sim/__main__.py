@@ -29,6 +29,9 @@ def main(argv=None) -> int:
                     help="Redis owner leases (a simulated Redis) instead of a witness")
     ap.add_argument("--store-delay", type=float, default=0.0,
                     help="each store answer after up to this many seconds (claims in flight)")
+    ap.add_argument("--rotation", choices=("auto", "safe", "unsafe", "none"), default="auto",
+                    help="heartbeat key rotation: in half the seeds (auto), every seed, "
+                         "every seed without the accept-first step (must fail), never")
     ap.add_argument("-v", "--verbose", action="store_true", help="print the event log")
     args = ap.parse_args(argv)
     counts = args.nodes or [2, 3]
@@ -38,7 +41,9 @@ def main(argv=None) -> int:
         for n in counts:
             try:
                 w = World(seed, n, witness=args.witness, lease=args.lease, paths=args.paths,
-                          store_delay=args.store_delay).run(args.duration)
+                          store_delay=args.store_delay,
+                          rotation=None if args.rotation == "none" else args.rotation,
+                          ).run(args.duration)
                 events += w.events
                 if args.verbose:
                     print("\n".join(w.log))

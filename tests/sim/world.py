@@ -35,7 +35,14 @@ Invariants, checked after every 10 ms step of simulated time:
 
 A violation raises :class:`Violation` whose message ends with the one
 command that replays the seed: ``python -m tests.sim --seed S --nodes N``.
-Not simulated (reported as missing): the TLS peer link, key rotation.
+Key rotation: in half the seeds (``rotation="auto"``, from its own generator)
+the heartbeat key is rotated by etc/README's three steps, one node after the
+other with random gaps, under the same faults (a node down at its turn gets
+the files and reads them at its next start); ``rotation="unsafe"`` switches
+the signing key without the first step and must break the detector
+invariant.  A third of the seeds run with ``preempt_delay_s`` (0.3-3 s, also
+from its own generator).  Not simulated (reported as missing): the TLS peer
+link.
 """
 
 from __future__ import annotations
@@ -343,17 +350,30 @@ class SimNode:
     suspected: dict[str, int] = field(default_factory=dict)
     incarnation: int = 0
     client: SimLeaseClient | None = None
+    # the node's key files (auth_key_file, previous_auth_key_file): not in the
+    # state dir, so kept by a wiped restart; rewritten by a key rotation
+    keys: dict[str, bytes] = field(default_factory=lambda: {"cur": KEY, "prev": KEY})
 
 
 class World:
     def __init__(self, seed: int, n_nodes: int = 2, preempt: bool | None = None,
                  witness: bool = False, lease: bool = False, paths: int = 1,
-                 store_delay: float = 0.0):
+                 store_delay: float = 0.0, rotation: str | None = "auto"):
         assert not (witness and lease), "a witness node or Redis leases, not both"
         self.seed, self.n, self.witness, self.lease = seed, n_nodes, witness, lease
         self.paths = paths            # 2: every node also has a 10.0.1.x heartbeat address
         self.store_delay = store_delay  # > 0: each store answer after up to this many s
         self.store_rng = random.Random(seed * 6151 + 5)
+        # Heartbeat key rotation (etc/README's three steps, one node after the
+        # other) from its own generator, so the fault schedule of a seed stays
+        # the same: "auto" = in half the seeds, "safe" = always, "unsafe" = the
+        # signing key switched without the other nodes accepting it first (the
+        # detector invariant must catch that), None = never.
+        self.key_rng = random.Random(seed * 3571 + 7)
+        self.rotation = rotation
+        # preempt_delay_s in a third of the seeds (its own generator too)
+        pd_rng = random.Random(seed * 2203 + 9)
+        self.preempt_delay = pd_rng.uniform(0.3, 3.0) if pd_rng.random() < 0.33 else 0.0
         self.rng = random.Random(seed)
         self.net_rng = random.Random(seed * 7919 + 1)
         self.clock = Clock()
@@ -399,7 +419,9 @@ class World:
         cluster = ClusterSection(peers=peers, heartbeat_interval_ms=INTERVAL_MS,
                                  dead_after=DEAD_AFTER, auto_partner_down_s=0.0,
                                  bind_address=None, role="witness" if nid == "w" else "node",
-                                 witness=witness, redis_lease=self.lease)
+                                 witness=witness, redis_lease=self.lease,
+                                 auth_key_file="cur", previous_auth_key_file="prev",
+                                 preempt_delay_s=self.preempt_delay)
         vip = VIPSection("vip1", ipaddress.ip_interface("10.0.0.100/24"), "eth0",
                          {n: PRIORITY[n] for n in self.node_ids}, self.preempt)
         inc = node.incarnation
@@ -414,13 +436,14 @@ class World:
             m = ClusterManager(_Reactor(self.clock, self.net, nid), node_id=nid, cluster=cluster,
                                vips=[] if nid == "w" else [vip], store=store,
                                state_dir="/nonexistent-sim",
-                               key=KEY, clock=self.clock,
+                               key=node.keys["cur"], clock=self.clock,
                                wall=lambda node=node: self.clock.seconds() + node.wall_offset)
             m.maintenance_mark = node.mark      # kept across a restart, like the state dir
             if self.n == 2 and nid != "w":
                 other = [p for p in self.node_ids if p != nid][0]
                 m.register_partner(other, primary=(nid == "a"), sync=lambda peer: None)
-            m.startService()
+            with self._key_files(node):
+                m.startService()
         finally:
             manager_mod.next_incarnation = saved
         # The detector invariant is checked at the moment of each suspicion:
@@ -451,6 +474,51 @@ class World:
         m.port = None
         m.stopService()
         node.up = False
+
+    # -- heartbeat keys ----------------------------------------------------------
+    def _key_files(self, node: SimNode):
+        """The manager reads its key files (load_key, previous_keys) from ``node.keys``."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def files():
+            saved = manager_mod.load_key, manager_mod.previous_keys
+            manager_mod.load_key = lambda path: node.keys[path]
+            manager_mod.previous_keys = lambda cfg: (node.keys["prev"],)
+            try:
+                yield
+            finally:
+                manager_mod.load_key, manager_mod.previous_keys = saved
+        return files()
+
+    def _schedule_rotation(self, duration: float):
+        rng = self.key_rng
+        if self.rotation is None or (self.rotation == "auto" and rng.random() < 0.5):
+            return
+        old, new = KEY, bytes([rng.randrange(256) for _ in range(32)])
+        if self.rotation == "unsafe":
+            steps = [{"cur": new}]                        # no node accepts it first
+        else:
+            steps = [{"prev": new}, {"prev": old, "cur": new}, {"prev": new}]
+        t = rng.uniform(1.0, max(1.0, duration - 3.0))
+        for n, files in enumerate(steps):
+            for nid in rng.sample(list(self.ids), len(self.ids)):
+                t += rng.uniform(0.05, 1.0)
+                self.clock.callLater(t - self.clock.seconds(), self._rotate, nid, n + 1, files)
+
+    def _rotate(self, nid: str, step: int, files: dict):
+        """One node's step of the rotation: write its files, then reload_keys if it runs
+        (a node that is down reads them at its next start)."""
+        node = self.nodes[nid]
+        node.keys.update(files)
+        what = f"key rotation step {step} on {nid}"
+        if node.up:
+            with self._key_files(node):
+                node.manager.reload_keys()
+        else:
+            what += " (down: files only)"
+        self.events += 1
+        self.log.append(f"{self.clock.seconds():8.3f} {what}")
 
     # -- faults ----------------------------------------------------------------
     def _fault(self, what: str):
@@ -596,6 +664,7 @@ class World:
         w = " --witness" if self.witness else (" --lease" if self.lease else "")
         w += " --paths 2" if self.paths > 1 else ""
         w += f" --store-delay {self.store_delay:g}" if self.store_delay else ""
+        w += f" --rotation {self.rotation or 'none'}" if self.rotation != "auto" else ""
         raise Violation(f"seed {self.seed}, {self.n} nodes{w.replace(' --', ' + ')}, "
                         f"t={self.clock.seconds():.3f}: "
                         f"{what}\n--- last events ---\n{tail}\n--- replay ---\n"
@@ -666,8 +735,11 @@ class World:
 
     # -- run ---------------------------------------------------------------------
     def run(self, duration: float = 30.0, mean_gap: float = 1.5):
+        if self.preempt_delay:
+            self.log.append(f"{0.0:8.3f} preempt_delay_s {self.preempt_delay:.2f}")
         for nid in self.ids:
             self.start(nid)
+        self._schedule_rotation(duration)
         next_event = self.rng.expovariate(1 / mean_gap) + 1.0
         t = 0.0
         while t < duration:
