@@ -226,3 +226,20 @@ def test_interface_addresses_from_procfs(tmp_path):
                  "00000000000000000000000000000001 01 80 10 80       lo\n")
     assert interface_addresses("eth1", str(f)) == ["2001:db8:1::1", "fe80::1"]
     assert interface_addresses("nope", str(tmp_path / "missing")) == []
+
+
+def test_overload_sheds_solicits_not_requests(tmp_path):
+    """With MAX_INFLIGHT REPLYs waiting for the disk, a new SOLICIT is dropped (overload)
+    while a REQUEST is still handled; once the writes are durable SOLICITs are answered."""
+    thread = ManualThread()
+    svc, clock, store = service(tmp_path, thread=thread)
+    thread.run_all()
+    svc.MAX_INFLIGHT = 1
+    svc.datagram(relayed(msg(C.SOLICIT, 1, na=[(1, ())], rapid_commit=True)), ("::1", 1))
+    svc.datagram(relayed(msg(C.SOLICIT, 2, na=[(1, ())])), ("::1", 1))
+    assert svc.drops["overload"] == 1 and svc.port.sent == []
+    svc.datagram(relayed(msg(C.REQUEST, 3, svc.server_duid, na=[(1, ())])), ("::1", 1))
+    thread.run_all()
+    assert len(svc.port.sent) == 2                     # both REPLYs, after the disk
+    svc.datagram(relayed(msg(C.SOLICIT, 2, na=[(1, ())])), ("::1", 1))
+    assert len(svc.port.sent) == 3

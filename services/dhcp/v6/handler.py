@@ -21,14 +21,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from ipaddress import IPv6Address, IPv6Network
 from typing import Callable
 
 from twisted.logger import Logger
 
 from services.dhcp.v6 import codec as C
 from services.dhcp.v6.config import Dhcp6Config, Subnet
-from services.dhcp.v6.leases import NA, PD, Lease6, Unavailable
+from services.dhcp.v6.leases import NA, PD, Lease6, Unavailable, key_text, parse_key
 
 _log = Logger(namespace="services.dhcp6")
 
@@ -197,11 +196,9 @@ class Dhcp6Handler:
         out = []
         for p in ia.prefixes:
             if p.prefix != C.ZERO16 and p.prefix_len:
-                try:
-                    out.append(str(IPv6Network((int.from_bytes(p.prefix, "big"), p.prefix_len),
-                                               strict=False)))
-                except ValueError:
-                    pass
+                a = int.from_bytes(p.prefix, "big")
+                a &= ((1 << 128) - 1) ^ ((1 << (128 - p.prefix_len)) - 1)
+                out.append(key_text(a, p.prefix_len))
         return out
 
     def _ia_out(self, kind: str, ia: C.IA, subnet: Subnet, leases: list[Lease6],
@@ -215,19 +212,18 @@ class Dhcp6Handler:
                 if lease.preferred_until else min(pref, left_valid)
             if lease.state == "offered":
                 left_pref, left_valid = pref, valid
+            a, plen = parse_key(kind, lease.address)
             if kind == NA:
-                out.addresses.append(C.IAAddress(IPv6Address(lease.address).packed,
-                                                 left_pref, left_valid))
+                out.addresses.append(C.IAAddress(a.to_bytes(16, "big"), left_pref, left_valid))
             else:
-                net = IPv6Network(lease.address)
-                out.prefixes.append(C.IAPrefix(net.network_address.packed, net.prefixlen,
-                                               left_pref, left_valid))
+                out.prefixes.append(C.IAPrefix(a.to_bytes(16, "big"), plen, left_pref,
+                                               left_valid))
         for text in zero:                       # RFC 8415 18.3.4/18.3.5: not for this link
+            a, plen = parse_key(kind, text)
             if kind == NA:
-                out.addresses.append(C.IAAddress(IPv6Address(text).packed, 0, 0))
+                out.addresses.append(C.IAAddress(a.to_bytes(16, "big"), 0, 0))
             else:
-                net = IPv6Network(text)
-                out.prefixes.append(C.IAPrefix(net.network_address.packed, net.prefixlen, 0, 0))
+                out.prefixes.append(C.IAPrefix(a.to_bytes(16, "big"), plen, 0, 0))
         return out
 
     def _no(self, kind: str, ia: C.IA, code: int | None = None) -> C.IA:
@@ -309,13 +305,16 @@ class Dhcp6Handler:
 
     def _on_link(self, kind: str, text: str, subnet: Subnet) -> bool:
         try:
-            if kind == NA:
-                return IPv6Address(text) in subnet.network
-            net = IPv6Network(text)
-            return any(net.subnet_of(p.prefix) for p in subnet.pd_pools) or \
-                any(r.prefix == net for r in subnet.reservations)
-        except (ValueError, TypeError):
+            a, plen = parse_key(kind, text)
+        except ValueError:
             return False
+        if kind == NA:
+            net = subnet.network
+            return int(net.network_address) <= a <= int(net.broadcast_address)
+        return any(plen >= p.prefix.prefixlen and int(p.prefix.network_address) <= a
+                   <= int(p.prefix.broadcast_address) for p in subnet.pd_pools) or \
+            any(r.prefix is not None and int(r.prefix.network_address) == a
+                and r.prefix.prefixlen == plen for r in subnet.reservations)
 
     def _confirm(self, m: C.Message, subnet: Subnet | None) -> C.Message | None:
         """RFC 8415 18.3.3: Success when every address is on the client's link,
@@ -325,9 +324,8 @@ class Dhcp6Handler:
             return self._drop("confirm_without_addresses")
         if subnet is None:
             return self._drop("no_subnet")
-        ok = all(int.from_bytes(a, "big") in range(int(subnet.network.network_address),
-                                                   int(subnet.network.broadcast_address) + 1)
-                 for a in addrs)
+        lo, hi = int(subnet.network.network_address), int(subnet.network.broadcast_address)
+        ok = all(lo <= int.from_bytes(a, "big") <= hi for a in addrs)
         out = self._reply(m, C.REPLY, subnet)
         code = C.SUCCESS if ok else C.NOT_ON_LINK
         out.status = C.Status(code, C.STATUS_NAMES[code])

@@ -34,7 +34,7 @@ of slots freed again, so a just-freed slot is reused last.
 from __future__ import annotations
 
 import heapq
-import ipaddress
+import socket
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Protocol
@@ -131,22 +131,42 @@ class _Range:
     plen: int | None = None
 
     def text(self, i: int) -> str:
-        a = ipaddress.IPv6Address(self.start + i * self.step)
-        return str(a) if self.plen is None else f"{a}/{self.plen}"
+        return key_text(self.start + i * self.step, self.plen)
+
+
+_MASK128 = (1 << 128) - 1
+
+
+def parse_key(kind: str, text: str) -> tuple[int, int | None]:
+    """``(int, None)`` for an address (NA), ``(network int, length)`` for a prefix (PD);
+    ValueError if not one (socket.inet_pton: the hot path avoids ``ipaddress``)."""
+    try:
+        if kind == NA:
+            return int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big"), None
+        net, _, plen_text = text.partition("/")
+        plen = int(plen_text)
+        if not 0 <= plen <= 128 or not plen_text.isdigit():
+            raise ValueError(text)
+        a = int.from_bytes(socket.inet_pton(socket.AF_INET6, net), "big")
+        return a & (_MASK128 ^ ((1 << (128 - plen)) - 1)), plen
+    except (OSError, TypeError, AttributeError):
+        raise ValueError(f"{text!r} is not an IPv6 {'address' if kind == NA else 'prefix'}") \
+            from None
+
+
+def key_text(a: int, plen: int | None = None) -> str:
+    text = socket.inet_ntop(socket.AF_INET6, a.to_bytes(16, "big"))
+    return text if plen is None else f"{text}/{plen}"
 
 
 def address_key(kind: str, text: str) -> str:
-    """Canonical text of an address (NA) or prefix (PD, ``net/len``)."""
-    if kind == NA:
-        return str(ipaddress.IPv6Address(text))
-    return str(ipaddress.IPv6Network(text, strict=False))
+    """Canonical text of an address (NA) or prefix (PD, ``net/len``, host bits cleared)."""
+    return key_text(*parse_key(kind, text))
 
 
 def _sort_key(kind: str, address: str) -> tuple:
-    if kind == NA:
-        return (0, int(ipaddress.IPv6Address(address)), 0)
-    n = ipaddress.IPv6Network(address)
-    return (1, int(n.network_address), n.prefixlen)
+    a, plen = parse_key(kind, address)
+    return (0 if kind == NA else 1, a, plen or 0)
 
 
 class LeaseStore6:
@@ -260,11 +280,7 @@ class LeaseStore6:
 
     def _in_pool(self, kind: str, subnet_id: int, address: str) -> bool:
         try:
-            if kind == NA:
-                a, plen = int(ipaddress.IPv6Address(address)), None
-            else:
-                net = ipaddress.IPv6Network(address)
-                a, plen = int(net.network_address), net.prefixlen
+            a, plen = parse_key(kind, address)
         except ValueError:
             return False
         for rng, _c, _f in self._pools.get((kind, subnet_id), ()):

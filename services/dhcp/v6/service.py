@@ -66,6 +66,13 @@ class _Protocol(protocol.DatagramProtocol):
 
 class Dhcp6Service(Service):
     name = "dhcp6"
+    #: REPLYs waiting for their binding to be durable beyond which new SOLICITs are
+    #: dropped and counted as "overload": under overload the exchanges already under
+    #: way finish instead of ADVERTISEs crowding out their REQUESTs' REPLYs
+    MAX_INFLIGHT = 256
+    #: bytes of datagrams read per reactor turn (Twisted's default is 256 KiB): a
+    #: smaller batch lets finished disk writes release their REPLYs sooner
+    READ_BATCH_BYTES = 32 * 1024
 
     def __init__(self, config: Dhcp6Config, context):
         self.config = config
@@ -76,7 +83,8 @@ class Dhcp6Service(Service):
         self.handler: Dhcp6Handler | None = None
         self.server_duid: bytes | None = None
         self.drops: dict[str, int] = {r: 0 for r in C.DROP_REASONS}
-        self.drops.update(store_error=0, reply_too_large=0)
+        self.drops.update(store_error=0, reply_too_large=0, overload=0)
+        self._inflight = 0
         self._ifindex = 0
         self._reclaim = None
         self.role = "standalone"
@@ -130,6 +138,7 @@ class Dhcp6Service(Service):
         else:
             self.port = self.reactor.listenUDP(cfg.port, _Protocol(self),
                                                interface=str(cfg.listen_address))
+        self.port.maxThroughput = self.READ_BATCH_BYTES
         self._register_rpc()
         self.context.metrics.register(self)
         self._reclaim = task.LoopingCall(self._reclaim_due)
@@ -175,6 +184,11 @@ class Dhcp6Service(Service):
         except C.MalformedMessage as e:
             self.drops[e.reason] = self.drops.get(e.reason, 0) + 1
             return
+        if self._inflight >= self.MAX_INFLIGHT:
+            inner = msg.innermost() if isinstance(msg, C.RelayMessage) else msg
+            if inner is not None and inner.msg_type == C.SOLICIT:
+                self.drops["overload"] += 1
+                return
         writes = self.leases.writes
         reply = self.handler.handle(msg)
         if reply is None:
@@ -182,9 +196,14 @@ class Dhcp6Service(Service):
         if self.leases.writes == writes:          # nothing committed (ADVERTISE, CONFIRM)
             self._send(reply, addr)
             return
+        self._inflight += 1
         d = self.leases.durable()
         d.addCallback(lambda _: self._send(reply, addr))
         d.addErrback(self._failed, msg)
+        d.addBoth(self._done_one)
+
+    def _done_one(self, _):
+        self._inflight -= 1
 
     def _send(self, reply, addr) -> None:
         if self.port is None:
