@@ -40,7 +40,9 @@ Example (see ``etc/encap.toml``)::
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import os
 from dataclasses import dataclass, field
 
 from services.encap import wire as W
@@ -80,6 +82,12 @@ class EncapConfig:
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     en_keys_file: str | None = None
     ticket_key_file: str | None = None
+    #: a digest of the key files' contents when the config was read: a config.reload
+    #: after the files changed (same paths) sees a different config and reconfigures
+    keys_digest: str | None = None
+
+    #: fields a running DN takes without a restart (EncapService.reconfigure)
+    KEY_FIELDS = ("psk_file", "en_keys_file", "ticket_key_file", "keys_digest")
 
     def node(self, node_id: str) -> DNNode | None:
         for n in self.nodes:
@@ -166,7 +174,31 @@ def parse(table, context) -> EncapConfig | None:
         listen = ipaddress.ip_address(listen)
     return EncapConfig(listen, port, psk_file, tun, mtu, tuple(nodes), slice_len,
                        str(esr) if esr is not None else None, route_table, announce, timeout,
-                       batch, wd, en_keys, ticket_key)
+                       batch, wd, en_keys, ticket_key,
+                       keys_digest(psk_file, en_keys, ticket_key))
+
+
+def keys_digest(*paths: str | None) -> str:
+    """SHA-256 over the key files (a directory: its files, by name); an unreadable
+    one counts by its error (load_keys reports it)."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(b"\0path\0" + (path or "").encode())
+        if not path:
+            continue
+        try:
+            if os.path.isdir(path):
+                for name in sorted(os.listdir(path)):
+                    full = os.path.join(path, name)
+                    if os.path.isfile(full):
+                        with open(full, "rb") as f:
+                            h.update(b"\0file\0" + name.encode() + b"\0" + f.read())
+            else:
+                with open(path, "rb") as f:
+                    h.update(b"\0data\0" + f.read())
+        except OSError as e:
+            h.update(f"\0error\0{e.errno}".encode())
+    return h.hexdigest()
 
 
 def load_keys(config: EncapConfig) -> W.KeyRing:

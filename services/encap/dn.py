@@ -712,6 +712,59 @@ class DecapNode:
                 self.control(s, {"t": W.C_PRIMARY_BACK, "primary": primary})
 
     # ------------------------------------------------------------------
+    # keys reload (config.reload)
+    # ------------------------------------------------------------------
+    def update_keys(self, keys) -> dict:
+        """New key material (``config.reload`` re-read the key files): the sessions of
+        an EN whose key is gone or changed end (told ``error session_ended`` first: it
+        handshakes again at once, or, removed, cannot), and a route or table entry we
+        hold for it is given up; with a new ticket key the ENs served here get their
+        ``assign`` again with a fresh ticket (the old ones no longer verify).  The
+        watchdog probe's in-memory key is kept.  Returns what changed."""
+        new = keys if isinstance(keys, W.KeyRing) else W.KeyRing(psk=keys)
+        old = self.keys
+        if new.ens is not None:
+            new._local.update({i: k for i, k in old._local.items() if i not in new.ens})
+        self.responder.keys = new
+        self.keys = new
+        self.responder.pending.clear()        # half-open handshakes used the old keys
+        ended, reassigned = [], []
+        for index, s in list(self.sessions.items()):
+            if s.en == self.probe_ident and s.role == "probe":
+                continue
+            if old.key_for(s.en) == new.key_for(s.en) and new.key_for(s.en) is not None:
+                continue
+            ended.append(s.en)
+            self.control(s, {"t": W.C_ERROR, "reason": "session_ended"})
+            if s.address is not None and s.address + "/32" in self.routes_held:
+                self._withdraw(s.address + "/32")      # (also one in its grace)
+            if s.role == ROLE_TAKEN_OVER and s.address is not None:
+                if self.mapping is not None:
+                    d = defer.maybeDeferred(self.mapping.release, s.address, self.node_id)
+                    d.addErrback(lambda f, a=s.address: _log.warn(
+                        "encap: release of {a} failed: {e}", a=a, e=f.getErrorMessage()))
+            self._remove(index)
+        if old.ticket_key != new.ticket_key:
+            for s in self.sessions.values():
+                if s.role == ROLE_PRIMARY and s.address is not None \
+                        and self.leases.get(s.en) == s.address:
+                    ticket = new.ticket(s.en, s.address, self.node_id)
+                    owner = self.plan.owner_of(s.address)
+                    self.control(s, {"t": W.C_ASSIGN, "address": s.address, "prefixlen": 32,
+                                     "mtu": self.config.mtu, "dn": self.node_id,
+                                     "gateway": str(self.plan.gateway(self.node_id)),
+                                     "slice": str(owner[1]) if owner else None,
+                                     "ticket": ticket})
+                    reassigned.append(s.en)
+        self.stats["keys_reloads"] = self.stats.get("keys_reloads", 0) + 1
+        self.stats["sessions_ended_by_keys"] = (self.stats.get("sessions_ended_by_keys", 0)
+                                                + len(ended))
+        _log.info("encap: keys reloaded: {n} EN keys; sessions ended: {ended}; new tickets "
+                  "for: {re}", n=len(new.ens) if new.ens is not None else "one shared",
+                  ended=sorted(set(ended)) or "none", re=sorted(reassigned) or "none")
+        return {"ended": sorted(set(ended)), "reassigned": sorted(reassigned)}
+
+    # ------------------------------------------------------------------
     # housekeeping
     # ------------------------------------------------------------------
     def _remove(self, index: int, keep_address: bool = False) -> None:

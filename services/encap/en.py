@@ -561,13 +561,15 @@ class ENClient:
                 self.event("address_changed", old=self.address, new=address, dn=dn)
             self.home = dn
             ticket = msg.get("ticket")
+            renewed = self.ticket is not None and ticket != self.ticket
             self.ticket = ticket if isinstance(ticket, str) else None
             self._set_address(address, int(msg.get("mtu") or 1400))
             if self.primary != dn:
                 self.stats["moved_home"] += 1
                 old = self.primary
                 self._switch(old, dn, "home")
-            if first:
+            if first or renewed:
+                # (a renewed ticket: the DNs' ticket key changed; show them the new one)
                 for other in self.links.values():
                     if other.dn.id != dn and other.state == UP:
                         self.control(other, self._info("secondary"))
@@ -597,6 +599,11 @@ class ENClient:
             pass
         elif t == W.C_ERROR:
             self.event("dn_error", dn=dn, reason=msg.get("reason"))
+            if msg.get("reason") == "session_ended" and link.state == UP:
+                # the DN's keys were reloaded: handshake again now (a removed EN's
+                # HELLO goes unanswered)
+                self._link_dead(link, "session_ended")
+                link.last_hello = -1e9
         else:
             self.drop("unexpected_control", link)
 

@@ -306,6 +306,35 @@ class EncapService(Service):
         udp, self.udp = self.udp, None
         return stop_all(self._sweeper, self.tun, self.routes, self.rule_routes, udp)
 
+    # ------------------------------------------------------------------
+    def reconfigure(self, config):
+        """``config.reload``: new key files (paths or contents: the config carries
+        their digest) are taken by the running DN (:meth:`DecapNode.update_keys`:
+        the sessions of removed or re-keyed ENs end); any other change restarts the
+        service in place.  Keys that do not load fail the reload and the old ones
+        stay."""
+        return defer.ensureDeferred(self._reconfigure(config))
+
+    async def _reconfigure(self, config) -> None:
+        from dataclasses import replace
+        old = self.config
+        same_but_keys = replace(old, **{f: getattr(config, f) for f in old.KEY_FIELDS})
+        if same_but_keys == config and self.dn is not None:
+            keys = await threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                                   load_keys, config)
+            self.config = config
+            self.dn.config = config
+            changed = self.dn.update_keys(keys)
+            probe = getattr(self.watchdog, "_probe", None)
+            if probe is not None:       # the watchdog's probe session: its key as well
+                probe.psk = self.dn.keys.local(probe.ident)
+            _log.info("encap: config.reload took the new keys ({c})", c=changed)
+            return
+        _log.info("encap: config.reload changed more than the keys: restarting the DN")
+        await defer.maybeDeferred(self.stopService)
+        self.config = config
+        await self.startService()
+
     def _register_rpc(self) -> None:
         rpc = self.context.rpc
         if rpc is None:
