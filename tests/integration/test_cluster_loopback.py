@@ -82,7 +82,18 @@ def test_operator_commands(pair):
     assert pair["a"].ctl("maintenance", "on").returncode == 0
     wait_for(lambda: "maintenance" in pair["b"].rpc("cluster.status")["result"]["peers"]["a"]["health"],
              5, "b to see a in maintenance")
+    # maintenance survives a restart (kill -9 and start again): kept in the state dir
+    mark = pair["a"].state_dir / "cluster.maintenance"
+    assert mark.exists()
+    pair["a"].kill()
+    pair["a"].start()
+    assert pair["a"].rpc("cluster.status")["result"]["maintenance"] is True
+    assert "starts in MAINTENANCE" in pair["a"].output()
+    wait_for(lambda: "maintenance" in pair["b"].rpc("cluster.status")["result"]["peers"]["a"]["health"],
+             10, "b to see the restarted a in maintenance")
     assert pair["a"].ctl("maintenance", "off").returncode == 0
+    assert not mark.exists()
+    assert pair["a"].rpc("cluster.status")["result"]["maintenance"] is False
 
 
 def test_peer_death_detected(pair):
