@@ -439,7 +439,7 @@ def _cmd_crowd(c: Client6, a) -> int:
     n = 0
     stop_new = start + a.duration
     stop_all = stop_new + a.linger
-    tag = int.from_bytes(os.urandom(1), "big")
+    tag = a.tag if a.tag is not None else int.from_bytes(os.urandom(1), "big")
 
     def record(r: Reply, duid: bytes, now: float):
         for ia in r.ias:
@@ -515,6 +515,8 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--linger", type=float, default=3.0)
     ap.add_argument("--renew-s", type=float, default=1.0)
+    ap.add_argument("--tag", type=int, help="crowd: second octet of the clients' MACs "
+                    "(two crowds at once: give each its own)")
     a = ap.parse_args(argv)
     c = Client6(a.iface, a.server, server_port=a.port)
     try:
