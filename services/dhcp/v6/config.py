@@ -99,11 +99,16 @@ class Subnet:
     interface_id: bytes | None = None
     reservations: tuple[Reservation, ...] = ()
 
+    @property
+    def first(self) -> int:
+        return int(self.network.network_address)
+
+    @property
+    def last(self) -> int:
+        return int(self.network.broadcast_address)
+
     def reservation_for(self, duid_hex: str) -> Reservation | None:
-        for r in self.reservations:
-            if r.duid == duid_hex:
-                return r
-        return None
+        return next((r for r in self.reservations if r.duid == duid_hex), None)
 
 
 @dataclass(frozen=True)
@@ -123,30 +128,17 @@ class Dhcp6Config:
     failover: Failover | None = None   # the partner (services/dhcp/failover/config.py)
 
     def subnet(self, subnet_id: int) -> Subnet | None:
-        for s in self.subnets:
-            if s.id == subnet_id:
-                return s
-        return None
+        return next((s for s in self.subnets if s.id == subnet_id), None)
 
     def subnet_for(self, address) -> Subnet | None:
         """The subnet whose network holds ``address`` (16 bytes, text or IPv6Address)."""
-        if isinstance(address, bytes):
-            a = int.from_bytes(address, "big")
-        else:
-            a = int(IPv6Address(address))
-        for s in self.subnets:
-            net = s.network
-            if int(net.network_address) <= a <= int(net.broadcast_address):
-                return s
-        return None
+        a = int.from_bytes(address, "big") if isinstance(address, bytes) \
+            else int(IPv6Address(address))
+        return next((s for s in self.subnets if s.first <= a <= s.last), None)
 
     def subnet_for_interface_id(self, interface_id: bytes | None) -> Subnet | None:
-        if interface_id is None:
-            return None
-        for s in self.subnets:
-            if s.interface_id == interface_id:
-                return s
-        return None
+        return None if interface_id is None else next(
+            (s for s in self.subnets if s.interface_id == interface_id), None)
 
 
 # ---------------------------------------------------------------------------
@@ -201,20 +193,20 @@ def parse_dhcp6(table: Table, context: ParseContext) -> Dhcp6Config | None:
 
 
 def _parse_pool(table: Table, path: str, value: Any) -> Pool | None:
-    if not isinstance(value, list) or len(value) != 2:
+    """``[first, last]``: an inclusive range of at most MAX_POOL addresses."""
+    ends = [_v6(table, path, v) for v in value] \
+        if isinstance(value, list) and len(value) == 2 else None
+    if ends is None:
         table.problems.add(path, "expected [first, last] (two IPv6 addresses)")
-        return None
-    first, last = _v6(table, path, value[0]), _v6(table, path, value[1])
-    if first is None or last is None:
-        return None
-    if int(first) > int(last):
-        table.problems.add(path, f'first address "{first}" is after last "{last}"')
-        return None
-    pool = Pool(first, last)
-    if pool.size > MAX_POOL:
-        table.problems.add(path, f"{pool.size} addresses: a pool holds at most {MAX_POOL}")
-        return None
-    return pool
+    elif None not in ends:
+        pool = Pool(*ends)
+        if pool.size <= 0:
+            table.problems.add(path, f'first address "{pool.first}" is after last "{pool.last}"')
+        elif pool.size > MAX_POOL:
+            table.problems.add(path, f"{pool.size} addresses: a pool holds at most {MAX_POOL}")
+        else:
+            return pool
+    return None
 
 
 def _parse_pd_pool(table: Table, path: str, value: Any) -> PdPool | None:

@@ -54,14 +54,10 @@ def new_duid() -> bytes:
 
 
 class _Protocol(protocol.DatagramProtocol):
-    def __init__(self, service: "Dhcp6Service"):
-        self.service = service
+    """Each datagram goes to ``receive`` (Dhcp6Service.received: never raises)."""
 
-    def datagramReceived(self, data, addr):
-        try:
-            self.service.datagram(data, addr)
-        except Exception:
-            _log.failure("dhcp6: datagram from {addr} crashed the handler", addr=addr)
+    def __init__(self, receive):
+        self.datagramReceived = receive
 
 
 class Dhcp6Service(Service):
@@ -130,13 +126,13 @@ class Dhcp6Service(Service):
             self.failover.start(n)      # the partner relationship (services/dhcp/v6/failover.py)
         if cfg.interface:
             self._ifindex = socket.if_nametoindex(cfg.interface)
-            self.port = self.reactor.listenUDP(cfg.port, _Protocol(self), interface="::")
+            self.port = self.reactor.listenUDP(cfg.port, _Protocol(self.received), interface="::")
             sock = self.port.socket
             sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, cfg.interface.encode())
             mreq = socket.inet_pton(socket.AF_INET6, ALL_DHCP) + struct.pack("@I", self._ifindex)
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, mreq)
         else:
-            self.port = self.reactor.listenUDP(cfg.port, _Protocol(self),
+            self.port = self.reactor.listenUDP(cfg.port, _Protocol(self.received),
                                                interface=str(cfg.listen_address))
         self.port.maxThroughput = self.READ_BATCH_BYTES
         self._register_rpc()
@@ -176,6 +172,14 @@ class Dhcp6Service(Service):
         return defer.succeed(None)
 
     # ------------------------------------------------------------------
+    def received(self, data: bytes, addr) -> None:
+        """The listener's callback: one datagram, whatever happens in it stays here."""
+        try:
+            self.datagram(data, addr)
+        except Exception:
+            self.drops["crash"] = self.drops.get("crash", 0) + 1
+            _log.failure("dhcp6: datagram from {addr} crashed the handler", addr=addr)
+
     def datagram(self, data: bytes, addr) -> None:
         if self.handler is None:
             return
