@@ -72,6 +72,7 @@ RETRY_MIN_S = 1.0
 RETRY_MAX_S = 30.0
 MIN_FREE_BYTES = 256 * 1024     # a failed store recovers only with this much disk free
 STABLE_S = 60.0                 # healthy this long after a recovery: retries start at 1 s again
+SLOW_LOG_S = 10.0               # slow commits: one log line at most this often
 
 
 @implementer(ISubscription)
@@ -164,6 +165,7 @@ class EmbeddedStore(Service):
         self.stats = {"writes": 0, "commits": 0, "rows": 0, "checkpoints": 0,
                       "slow_commits": 0, "failures": 0, "recoveries": 0, "sealed": 0}
         self.slow_commit_s = 0.25     # a commit slower than this is logged and counted
+        self._slow_logged_at: float | None = None   # logged at most every SLOW_LOG_S
 
     # ------------------------------------------------------------------
     # life cycle
@@ -412,9 +414,15 @@ class EmbeddedStore(Service):
         took = time.monotonic() - job.started
         if took > self.slow_commit_s:
             self.stats["slow_commits"] += 1
-            self._log.warn("store: a commit of {rows} rows took {ms:.0f} ms ({disk:.0f} ms in "
-                           "SQLite); acknowledgements waited that long",
-                           rows=job.batch.rows(), ms=took * 1e3, disk=(disk_s or 0) * 1e3)
+            now = time.monotonic()
+            # at most one line every SLOW_LOG_S: under overload a log write per commit
+            # is reactor time (and, behind a busy disk's journal, can block it)
+            if self._slow_logged_at is None or now - self._slow_logged_at >= SLOW_LOG_S:
+                self._slow_logged_at = now
+                self._log.warn("store: a commit of {rows} rows took {ms:.0f} ms ({disk:.0f} ms "
+                               "in SQLite); acknowledgements waited that long ({n} slow "
+                               "commits so far)", rows=job.batch.rows(), ms=took * 1e3,
+                               disk=(disk_s or 0) * 1e3, n=self.stats["slow_commits"])
         if self.fsync == "batch":
             self._unsynced = True
             if self._sync_call is None:

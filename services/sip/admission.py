@@ -33,8 +33,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from twisted.internet import task
 from twisted.logger import Logger
+
+from appliance.plugin import start_loop, stop_all
 
 _log = Logger(namespace="services.sip.admission")
 
@@ -53,22 +54,18 @@ class Admission:
         self._last: float | None = None     # when the ticker last ran
         self._lag_until = float("-inf")
         self._was_lagging = False
-        self._loop: task.LoopingCall | None = None
+        self._loop = None                   # the ticker (a LoopingCall)
         self.stats = {"late_ticks": 0, "max_lag_ms": 0.0, "lag_episodes": 0}
 
     # -- the ticker ----------------------------------------------------------
     def start(self) -> None:
         if self._loop is not None or not self.lag_s:
             return
-        self._loop = task.LoopingCall(self._tick)
-        self._loop.clock = self.clock
         self._last = self.clock.seconds()
-        self._loop.start(self.tick_s, now=False).addErrback(
-            lambda f: _log.failure("sip: admission ticker stopped", failure=f))
+        self._loop = start_loop(self.clock, self.tick_s, self._tick, "sip: admission ticker")
 
     def stop(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        stop_all(self._loop)
         self._loop = None
 
     def _tick(self) -> None:

@@ -37,12 +37,12 @@ from email.utils import formatdate
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application.service import Service
-from twisted.internet import defer, endpoints, task
+from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from appliance.admin.rpc import ApplicationError, Param, Params
-from appliance.plugin import withdraw
+from appliance.plugin import start_loop, stop_all, withdraw
 from appliance.net.sockets import set_receive_buffer
 from appliance.store.interface import StoreError
 from services.sip import message as M
@@ -89,6 +89,7 @@ class SIPService(Service):
                                    hold_s=config.shed_hold_ms / 1000.0,
                                    lag_pending=config.shed_min_pending,
                                    on_change=self._lag_changed)
+        self._lag_logged_at: float | None = None
         self.udp = None
         self.listeners: list = []
         self._sweeper = None
@@ -194,31 +195,21 @@ class SIPService(Service):
         metrics = getattr(self.context, "metrics", None)
         if metrics is not None:
             metrics.register(self)
-        self._sweeper = task.LoopingCall(self._sweep)
-        self._sweeper.clock = self.reactor
-        self._sweeper.start(1.0, now=False).addErrback(
-            lambda f: _log.failure("sip: sweep loop stopped", failure=f))
+        self._sweeper = start_loop(self.reactor, 1.0, self._sweep, "sip: sweep loop")
         _log.info("sip: registrar on {where}; domains {domains}; {n} bindings in the store",
                   where=", ".join(where), domains=", ".join(cfg.domains) or "any",
                   n=self.location.count)
 
     def stopService(self):
         super().stopService()
-        if self._sweeper is not None and self._sweeper.running:
-            self._sweeper.stop()
         self.admission.stop()
         self.transactions.clear()
         if self.replicator is not None:
             self.replicator.stop()
         withdraw(self.context, RPC_METHODS, self)
-        ds = []
-        if self.udp is not None:
-            ds.append(defer.maybeDeferred(self.udp.stopListening))
-            self.udp = None
-        for port in self.listeners:
-            ds.append(defer.maybeDeferred(port.stopListening))
-        self.listeners = []
-        return defer.gatherResults(ds, consumeErrors=True)
+        udp, self.udp = self.udp, None
+        listeners, self.listeners = self.listeners, []
+        return stop_all(self._sweeper, udp, *listeners)
 
     def _setup_replication(self) -> None:
         r = self.config.replication
@@ -270,10 +261,14 @@ class SIPService(Service):
         """The reactor started or stopped lagging: read fewer datagrams per turn meanwhile."""
         if self.udp is not None:
             self.udp.maxThroughput = self.READ_BATCH_LAGGING if lagging else self.READ_BATCH_BYTES
-        if lagging:
-            _log.info("sip: the reactor lags (a tick {ms} ms late at worst so far): shedding "
-                      "REGISTERs beyond {n} in flight with 503", ms=self.admission.stats["max_lag_ms"],
-                      n=self.admission.lag_pending)
+        now = self.reactor.seconds()
+        if lagging and (self._lag_logged_at is None or now - self._lag_logged_at >= 10.0):
+            # one line per 10 s at most: a log write is reactor time when it has none
+            self._lag_logged_at = now
+            a = self.admission
+            _log.info("sip: the reactor lags (a tick {ms} ms late at worst so far, {n} episodes): "
+                      "shedding REGISTERs beyond {min} in flight with 503",
+                      ms=a.stats["max_lag_ms"], n=a.stats["lag_episodes"], min=a.lag_pending)
 
     def received(self, data: bytes, src: Source, stream: bool) -> None:
         try:
