@@ -9,8 +9,9 @@ remove them.  A partial name (a host label) is completed with the
 provider's forward zone.  Without a provider nothing is sent and option 39
 is not answered.
 
-What was published is kept on the lease (``ddns``: JSON ``{fqdn, address}``),
-so a renewal that changes nothing sends nothing.
+What was published is kept on the lease record (the core's DDNS state:
+``{fqdn, address, flags, done}``), so a renewal that changes nothing sends
+nothing, and a partner or a restart knows what to remove.
 
 Option 39 flags are S=1, O=2, N=4 (RFC 4704 4.1); the provider speaks the
 DHCPv4 option 81 layout (N=8), mapped here.
@@ -88,7 +89,8 @@ class Ddns6:
         if binding is not None and binding.fqdn is not None:
             flags = to_v4_flags(binding.fqdn.flags)
         published = json.loads(lease.ddns) if lease.ddns else None
-        if published == {"fqdn": fqdn, "address": lease.address}:
+        if published and published.get("fqdn") == fqdn \
+                and published.get("address") == lease.address and published.get("done", True):
             self.stats["unchanged"] += 1
             skipped = getattr(provider, "skipped", None)
             if skipped is not None:
@@ -103,8 +105,9 @@ class Ddns6:
 
         def done(result):
             self.stats["bound"] += 1
-            self.service.leases.set_ddns(lease, json.dumps({"fqdn": fqdn,
-                                                            "address": lease.address}))
+            answer = result.get("flags") if isinstance(result, dict) else None
+            self.service.leases.set_ddns(lease, json.dumps(
+                {"fqdn": fqdn, "address": lease.address, "flags": answer, "done": True}))
             return result
 
         def failed(f):

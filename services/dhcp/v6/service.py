@@ -22,10 +22,11 @@ from twisted.logger import Logger
 
 from appliance.admin.rpc import ApplicationError, InvalidParams, Param, Params
 from appliance.plugin import withdraw
+from appliance.store.interface import IImmediateStore
 from services.dhcp.v6 import codec as C
 from services.dhcp.v6.config import Dhcp6Config, normalize_duid
 from services.dhcp.v6.handler import Dhcp6Handler
-from services.dhcp.v6.leases import KINDS, NA, PD, STATES, LeaseStore6, address_key
+from services.dhcp.v6.leases import KINDS, NA, PD, STATES, address_key
 
 _log = Logger(namespace="services.dhcp6")
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
@@ -87,14 +88,14 @@ class Dhcp6Service(Service):
         self._ddns = None
 
     def _make_allocator(self):
-        """The lease store behind the handler (leases.py's ``Allocator``): this node's own
-        for a single server; with ``failover`` the core's stores (services/dhcp/v6/failover.py,
-        dhcp-core) take its place."""
+        """The lease stores behind the handler (leases.py's ``Allocator``): the failover
+        core's, one per lease type (services/dhcp/v6/failover.py); with ``failover``
+        also ``self.failover``, the partner relationship."""
+        from services.dhcp.v6.failover import CoreAllocator, make_allocator
         if self.config.failover is not None:
-            from services.dhcp.v6.failover import make_allocator
             return make_allocator(self)
-        return LeaseStore6(self.context.store, self.config, self.context.node_id,
-                           now=self.reactor.seconds)
+        return CoreAllocator(self.context.store, self.config, self.context.node_id,
+                             now=self.reactor.seconds)
 
     def _may_serve(self) -> bool | None:
         """None (always serve) for a single server; failover: the partner rules."""
@@ -109,6 +110,10 @@ class Dhcp6Service(Service):
 
     async def _start(self):
         cfg = self.config
+        if not IImmediateStore.providedBy(self.context.store):
+            # the handler decides synchronously on the lease stores' in-memory view
+            raise ValueError("dhcp6 needs the embedded store ([store] backend = \"memory\"); "
+                             "the failover peer link replicates its leases to the partner")
         n = await self.leases.load()
         self.server_duid = await self._server_duid()
         from services.dhcp.v6.ddns import Ddns6     # DDNS glue (no-op without a provider)
