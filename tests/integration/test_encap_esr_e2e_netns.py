@@ -4,7 +4,8 @@ socket), the ``esr`` route agent in the esr namespace installs the routes, and t
 DNs use per-EN keys (address tickets).  The esr namespace's routes are read with
 pyroute2 at each step: the home slices via their DNs at start, the EN's /32 via the
 survivor after its primary DN is killed (kill -9 + link down) during a 100 packets/s
-ping, and back to the slice alone once the DN returns and the EN moves home."""
+ping, and back to the slice alone once the DN returns and the EN moves home (soft
+handoff: not one echo of a 100 packets/s ping lost to the move)."""
 
 from __future__ import annotations
 
@@ -80,9 +81,17 @@ def test_esr_agent_routes_follow_a_dn_failure_and_return(netns_lab: Lab, tmp_pat
         assert received >= 200, f"only {received} of 300 echoes at 100 packets/s"
         assert el.en_status()["primary"] == other
 
+        # the move home with soft handoff loses nothing (make-before-break both ways: the
+        # EN sends on both DNs until home confirms, dn2 keeps its route and forwards
+        # until the ESR has switched)
+        pinger = lab.popen("en", "ping", "-i", "0.01", "-c", "400", "-W", "2", SERVER)
+        time.sleep(0.5)
         el.revive_dn(primary)
         el.wait_en(lambda s: s.get("primary") == primary and s.get("confirmed"), timeout=30,
                    what="EN back home")
+        out, _ = pinger.communicate(timeout=30)
+        text = out.decode()
+        assert "400 packets transmitted, 400 received" in text, text
         routes_become(ipr, lambda r: r == slices, "back to the home slices alone")
         ping = lab.run("en", "ping", "-c", "3", "-i", "0.2", "-W", "2", SERVER, check=False)
         assert " 0% packet loss" in ping.stdout, ping.stdout
