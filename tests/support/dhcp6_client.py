@@ -378,6 +378,9 @@ def _cmd_lease(c: Client6, a) -> int:
 def _cmd_rebind(c: Client6, a) -> int:
     leases = json.loads(open(a.leases).read())
     kept, changed, pending = 0, [], list(leases)
+    total_by, kept_by = {}, {}
+    for le in leases:
+        total_by[le.get("server")] = total_by.get(le.get("server"), 0) + 1
     deadline = time.time() + a.deadline
     while pending and time.time() < deadline:
         still = []
@@ -389,12 +392,14 @@ def _cmd_rebind(c: Client6, a) -> int:
             same = r.address == le["address"] and (not le.get("prefix") or r.prefix == le["prefix"])
             if same:
                 kept += 1
+                kept_by[le.get("server")] = kept_by.get(le.get("server"), 0) + 1
             else:
                 changed.append({"duid": le["duid"], "had": [le["address"], le.get("prefix")],
                                 "got": [r.address, r.prefix], "status": r.status})
         pending = still
     print(json.dumps({"kept": kept, "total": len(leases), "unanswered": len(pending),
-                      "changed": changed[:5]}))
+                      "changed": changed[:5], "total_by_server": total_by,
+                      "kept_by_server": kept_by}))
     return 0
 
 
