@@ -17,7 +17,8 @@ import uuid
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application.service import Service
-from twisted.internet import defer, protocol, task
+from twisted.application.internet import TimerService
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from appliance.admin.rpc import ApplicationError, InvalidParams, Param, Params
@@ -62,19 +63,16 @@ class _Protocol(protocol.DatagramProtocol):
 
 
 class Dhcp6Service(Service):
+    """``MAX_INFLIGHT``: REPLYs waiting for their binding to be durable beyond which new
+    SOLICITs are dropped and counted as "overload" (the exchanges under way finish instead
+    of ADVERTISEs crowding out their REPLYs).  ``READ_BATCH_BYTES``: datagrams read per
+    reactor turn (Twisted reads 256 KiB): smaller batches release finished REPLYs sooner."""
+
     name = "dhcp6"
-    #: REPLYs waiting for their binding to be durable beyond which new SOLICITs are
-    #: dropped and counted as "overload": under overload the exchanges already under
-    #: way finish instead of ADVERTISEs crowding out their REQUESTs' REPLYs
-    MAX_INFLIGHT = 256
-    #: bytes of datagrams read per reactor turn (Twisted's default is 256 KiB): a
-    #: smaller batch lets finished disk writes release their REPLYs sooner
-    READ_BATCH_BYTES = 32 * 1024
+    MAX_INFLIGHT, READ_BATCH_BYTES = 256, 32 * 1024
 
     def __init__(self, config: Dhcp6Config, context):
-        self.config = config
-        self.context = context
-        self.reactor = context.reactor
+        self.config, self.context, self.reactor = config, context, context.reactor
         self.leases = self._make_allocator()
         self.port = None
         self.handler: Dhcp6Handler | None = None
@@ -142,10 +140,9 @@ class Dhcp6Service(Service):
         self.port.maxThroughput = self.READ_BATCH_BYTES
         self._register_rpc()
         self.context.metrics.register(self)
-        self._reclaim = task.LoopingCall(self._reclaim_due)
-        self._reclaim.clock = self.reactor
-        self._reclaim.start(cfg.reclaim_interval_s, now=False).addErrback(
-            lambda f: _log.failure("dhcp6 reclaim loop stopped", failure=f))
+        self._reclaim = TimerService(cfg.reclaim_interval_s, self._reclaim_due)
+        self._reclaim.clock = self.reactor      # (TimerService logs a failed call itself)
+        self._reclaim.startService()
         _log.info("dhcp6 serving {n} subnet(s) on {where}:{port} as DUID {duid}; "
                   "{leases} lease record(s) loaded",
                   n=len(cfg.subnets), where=cfg.interface or str(cfg.listen_address),
@@ -167,16 +164,13 @@ class Dhcp6Service(Service):
     def stopService(self):
         super().stopService()
         if self._reclaim is not None and self._reclaim.running:
-            self._reclaim.stop()
+            self._reclaim.stopService()
         if getattr(self, "failover", None) is not None:
             self.failover.stop()
         withdraw(self.context, RPC_METHODS, self)
-        if self.port is not None:
-            port, self.port = self.port, None
-            return defer.maybeDeferred(port.stopListening)
-        return defer.succeed(None)
+        port, self.port = self.port, None
+        return defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
 
-    # ------------------------------------------------------------------
     def received(self, data: bytes, addr) -> None:
         """The listener's callback: one datagram, whatever happens in it stays here."""
         try:
@@ -249,47 +243,45 @@ class Dhcp6Service(Service):
     # admin
     # ------------------------------------------------------------------
     def _register_rpc(self):
-        rpc = self.context.rpc
-        rpc.register("dhcp6.leases", self.rpc_leases,
-                     doc="{subnet?, state?, type?, limit?, cursor?} -> {leases, cursor}",
-                     params=Params(subnet=Param("any"),
-                                   state=Param("str", choices=STATES, nullable=True),
-                                   type=Param("str", choices=KINDS, nullable=True),
-                                   limit=Param("int", default=100, min=1, max=1000),
-                                   cursor=Param("str", nullable=True)))
-        rpc.register("dhcp6.lease", self.rpc_lease, doc="{address | prefix | duid} -> lease(s)",
-                     params=Params(exactly_one_of=("address", "prefix", "duid"),
-                                   address=Param("str", nullable=True),
-                                   prefix=Param("str", nullable=True),
-                                   duid=Param("str", nullable=True)))
-        rpc.register("dhcp6.release", self.rpc_release, doc="{address | prefix}: free it now",
-                     params=Params(exactly_one_of=("address", "prefix"),
-                                   address=Param("str", nullable=True),
-                                   prefix=Param("str", nullable=True)))
-        rpc.register("dhcp6.scopes", self.rpc_scopes, doc="subnets, pools, free counts",
-                     params=Params())
-        rpc.register("dhcp6.stats", self.rpc_stats, doc="packet counters, drops, leases",
-                     params=Params())
+        maybe = lambda kind: Param(kind, nullable=True)   # noqa: E731
+        table = {
+            "dhcp6.leases": (self.rpc_leases, "{subnet?, state?, type?, limit?, cursor?} -> "
+                             "{leases, cursor}", Params(
+                                 subnet=Param("any"), state=Param("str", choices=STATES,
+                                                                  nullable=True),
+                                 type=Param("str", choices=KINDS, nullable=True),
+                                 limit=Param("int", default=100, min=1, max=1000),
+                                 cursor=maybe("str"))),
+            "dhcp6.lease": (self.rpc_lease, "{address | prefix | duid} -> lease(s)", Params(
+                exactly_one_of=("address", "prefix", "duid"), address=maybe("str"),
+                prefix=maybe("str"), duid=maybe("str"))),
+            "dhcp6.release": (self.rpc_release, "{address | prefix}: free it now", Params(
+                exactly_one_of=("address", "prefix"), address=maybe("str"),
+                prefix=maybe("str"))),
+            "dhcp6.scopes": (self.rpc_scopes, "subnets, pools, prefix pools, free counts",
+                             Params()),
+            "dhcp6.stats": (self.rpc_stats, "packet counters, drops, leases by type and state",
+                            Params()),
+        }
+        for name, (method, doc, params) in table.items():
+            self.context.rpc.register(name, method, doc=doc, params=params)
 
     def _subnet_param(self, subnet) -> int | None:
-        if subnet is None:
-            return None
-        if isinstance(subnet, int) and not isinstance(subnet, bool):
-            if self.config.subnet(subnet) is None:
-                raise InvalidParams.because(f"params.subnet: no subnet with id {subnet}")
+        """``params.subnet``: a subnet id, or an IPv6 network or address inside one."""
+        if subnet is None or (isinstance(subnet, int) and not isinstance(subnet, bool)
+                              and self.config.subnet(subnet) is not None):
             return subnet
-        if not isinstance(subnet, str):
-            raise InvalidParams.because("params.subnet: expected a subnet id, a network or "
-                                        "an address")
-        try:
-            text = subnet.split("/")[0]
-            sub = self.config.subnet_for(ipaddress.IPv6Address(text))
-        except ValueError:
-            raise InvalidParams.because(f"params.subnet: {subnet!r} is not an IPv6 network "
-                                        "or address") from None
-        if sub is None:
-            raise InvalidParams.because(f"params.subnet: {subnet!r} is not a configured subnet")
-        return sub.id
+        found, why = None, "is not a configured subnet"
+        if isinstance(subnet, str):
+            try:
+                found = self.config.subnet_for(ipaddress.IPv6Address(subnet.split("/")[0]))
+            except ValueError:
+                why = "is not an IPv6 network or address"
+        elif not isinstance(subnet, int) or isinstance(subnet, bool):
+            why = "is not a subnet id, network or address"
+        if found is None:
+            raise InvalidParams.because(f"params.subnet: {subnet!r} {why}")
+        return found.id
 
     def rpc_leases(self, subnet=None, state=None, type=None, limit=100, cursor=None):
         return self.leases.leases(subnet=self._subnet_param(subnet), state=state, kind=type,
@@ -319,28 +311,32 @@ class Dhcp6Service(Service):
             raise ApplicationError(f"no lease for {text}", code=-32040)
         return lease.to_json()
 
-    @defer.inlineCallbacks
     def rpc_release(self, address=None, prefix=None):
+        """Free a bound address or prefix now; answered once the release is durable."""
         kind, text = (NA, address) if address is not None else (PD, prefix)
         lease = self.leases.release(kind, self._key(kind, text))
         if lease is None:
             raise ApplicationError(f"{text} is not leased", code=-32041)
-        yield self.leases.durable()
-        self._lease_changed("released", lease)
-        return lease.to_json()
+
+        def released(_):
+            self._lease_changed("released", lease)
+            return lease.to_json()
+        return self.leases.durable().addCallback(released)
+
+    def _scope(self, s) -> dict:
+        return {"id": s.id, "subnet": str(s.network),
+                "pools": [f"{p.first}-{p.last}" for p in s.pools],
+                "pd_pools": [f"{p.prefix}:{p.delegated_length}" for p in s.pd_pools],
+                "free": self.leases.free_count(NA, s.id),
+                "free_prefixes": self.leases.free_count(PD, s.id),
+                "preferred_lifetime_s": s.preferred_lifetime_s,
+                "valid_lifetime_s": s.valid_lifetime_s}
 
     def rpc_scopes(self):
-        out = []
-        for s in self.config.subnets:
-            out.append({"id": s.id, "subnet": str(s.network),
-                        "pools": [f"{p.first}-{p.last}" for p in s.pools],
-                        "pd_pools": [f"{p.prefix}:{p.delegated_length}" for p in s.pd_pools],
-                        "free": self.leases.free_count(NA, s.id),
-                        "free_prefixes": self.leases.free_count(PD, s.id),
-                        "preferred_lifetime_s": s.preferred_lifetime_s,
-                        "valid_lifetime_s": s.valid_lifetime_s})
-        return {"scopes": out, "server_duid": self.server_duid.hex() if self.server_duid else None,
-                "failover": None}
+        partner = getattr(self, "failover", None)
+        return {"scopes": [self._scope(s) for s in self.config.subnets],
+                "server_duid": self.server_duid.hex() if self.server_duid else None,
+                "failover": partner.status() if partner is not None else None}
 
     def rpc_stats(self):
         return {"packets": dict(self.handler.counters) if self.handler else {},
