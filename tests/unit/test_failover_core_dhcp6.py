@@ -8,121 +8,20 @@ same address and prefix, and a partition merge leaves no address or prefix with 
 from __future__ import annotations
 
 from ipaddress import IPv6Address, IPv6Network
-from types import SimpleNamespace
 
-from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from appliance.config import config_from_string
-from appliance.store.embedded import EmbeddedStore
 from services.dhcp.failover import pools as P
-from services.dhcp.plugin import dhcp6_plugin
 from services.dhcp.v6 import codec as C
-from services.dhcp.v6.service import Dhcp6Service
-from tests.support.sync import inline, ok
-from tests.unit.test_dhcp6_server import T0, duid, msg
-from tests.unit.test_dhcp6_service import Port, Rpc, relayed
+from tests.sim.dhcp6.pair import Wire, ask, duid, msg, node as _node
+from tests.support.sync import ok
 
+T0 = 1_700_000_000.0
 MCLT = 60
 
 
-def config(node, peer, role):
-    return f"""
-[node]
-id = "{node}"
-state_dir = "s"
-[cluster]
-peers = [{{ id = "{peer}", address = "10.0.0.2" }}]
-auth_key_file = "k"
-[services.dhcp6]
-listen_address = "::1"
-port = 5547
-failover = {{ peer = "{peer}", role = "{role}", mclt_s = {MCLT} }}
-[[services.dhcp6.subnets]]
-id = 1
-subnet = "2001:db8:1::/64"
-pool = ["2001:db8:1::100", "2001:db8:1::10f"]
-pd_pools = [{{ prefix = "2001:db8:100::/52", delegated_length = 56 }}]
-valid_lifetime_s = 4000
-preferred_lifetime_s = 3000
-"""
-
-
-class Wire:
-    """Both ends of a peer link: a send waits in ``queue`` until :meth:`pump` hands it to
-    the other node's channel handler; its Deferred fires when that handler is done."""
-
-    def __init__(self):
-        self.queue = []           # (to, channel, body, deferred)
-        self.handlers = {}        # (node, channel) -> handler(peer, body)
-        self.up = True
-
-    def end(self, node):
-        wire = self
-
-        class End:
-            def on(self, channel, handler):
-                wire.handlers[(node, channel)] = handler
-
-            def send(self, peer, channel, body, limit=None):
-                d = defer.Deferred()
-                wire.queue.append((peer, node, channel, body, d))
-                return d
-        return End()
-
-    def pump(self, rounds=50):
-        n = 0
-        for _ in range(rounds):
-            if not self.queue or not self.up:
-                break
-            batch, self.queue = self.queue, []
-            for to, frm, channel, body, d in batch:
-                handler = self.handlers[(to, channel)]
-                result = defer.maybeDeferred(handler, frm, body)
-                result.chainDeferred(d)
-                n += 1
-        return n
-
-    def cut(self):
-        """The link goes down: what is queued is lost for now (the senders' outboxes and
-        unsynced records keep it)."""
-        self.up = False
-        for *_, d in self.queue:
-            d.errback(ConnectionError("link down"))
-        self.queue = []
-
-
-class Cluster:
-    def __init__(self, link, state):
-        self.peerlink = link
-        self.state = state
-        self.listener = None
-        self.confirmed = False
-
-    def register_partner(self, peer, listener, **kw):
-        self.listener = listener
-        return self.state
-
-    def partner_confirmed(self, peer):
-        return self.confirmed
-
-
 def node(tmp_path, clock, wire, name, peer, role, state=P.NORMAL):
-    cfg = config_from_string(config(name, peer, role), "t.toml", {"dhcp6": dhcp6_plugin})
-    store = EmbeddedStore(clock, state_dir=tmp_path / name, fsync="never", run_in_thread=inline,
-                          turn_batching=False)
-    store.startService()
-    cluster = Cluster(wire.end(name), state)
-    ctx = SimpleNamespace(reactor=clock, store=store, node_id=name, providers={},
-                          cluster=cluster, rpc=Rpc(), state_dir=str(tmp_path / name),
-                          metrics=SimpleNamespace(register=lambda c: None,
-                                                  unregister=lambda c: None))
-    (tmp_path / name).mkdir(exist_ok=True)
-    svc = Dhcp6Service(cfg.services["dhcp6"].config, ctx)
-    clock.listenUDP = lambda port, proto, interface="": Port()
-    ok(svc.startService())
-    svc.port = Port()
-    return svc
+    return _node(tmp_path, clock, wire, name, peer, role, state, mclt_s=MCLT)
 
 
 def pair(tmp_path):
@@ -136,12 +35,6 @@ def pair(tmp_path):
         assert svc.failover.view.state == P.NORMAL and not svc.failover.view.hold, \
             svc.failover.status()
     return clock, wire, a, b
-
-
-def ask(svc, m):
-    svc.port.sent.clear()
-    svc.datagram(relayed(m), ("::1", 40000))
-    return svc.port.sent[-1][0].inner if svc.port.sent else None
 
 
 def sarr(svc, client):

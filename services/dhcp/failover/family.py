@@ -22,6 +22,7 @@ hex><iaid as 8 hex digits>`` -- one lease per IA, as RFC 8415 binds.
 
 from __future__ import annotations
 
+import functools
 import socket
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, IPv6Network
@@ -131,18 +132,34 @@ DHCP4 = _Family4("dhcp4", "dhcp4", "IPv4 address", _aton4, _ntoa4, _canonical4)
 
 # --- IPv6 addresses ---------------------------------------------------------
 
+# v6 texts go through ipaddress (RFC 5952 canonical form), which is slow: the same
+# few thousand addresses and prefixes come back all the time, so the conversions are cached
+_cached = functools.lru_cache(maxsize=1 << 16)
+
+
+@_cached
 def _aton6(address: str) -> int:
     return int.from_bytes(socket.inet_pton(socket.AF_INET6, address), "big")
 
 
+@_cached
 def _ntoa6(address: int) -> str:
     return str(IPv6Address(address))
 
 
 def _canonical6(address) -> str:
+    if isinstance(address, str):
+        return _canonical6_text(address)
     if isinstance(address, int) and not isinstance(address, bool):
         return _ntoa6(address)
     if isinstance(address, str) and "/" in address:
+        raise ValueError(f"{address!r} is not an IPv6 address")
+    return str(IPv6Address(address))
+
+
+@_cached
+def _canonical6_text(address: str) -> str:
+    if "/" in address:
         raise ValueError(f"{address!r} is not an IPv6 address")
     return str(IPv6Address(address))
 
@@ -160,6 +177,7 @@ def prefix_int(network: IPv6Network | str) -> int:
     return (plen << 128) | (int(net.network_address) >> (128 - plen))
 
 
+@_cached
 def prefix_text(value: int) -> str:
     plen = value >> 128
     if not 1 <= plen <= 128:
@@ -174,10 +192,16 @@ def _canonical_pd(value) -> str:
     if isinstance(value, IPv6Network):
         return str(value)
     if isinstance(value, str) and "/" in value:
-        return str(IPv6Network(value))          # strict: host bits set is an error
+        return _canonical_pd_text(value)
     raise ValueError(f"{value!r} is not an IPv6 prefix")
 
 
+@_cached
+def _canonical_pd_text(value: str) -> str:
+    return str(IPv6Network(value))              # strict: host bits set is an error
+
+
+@_cached
 def _aton_pd(text: str) -> int:
     return prefix_int(IPv6Network(text))
 

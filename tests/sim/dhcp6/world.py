@@ -1,0 +1,307 @@
+"""The DHCPv6 failover pair simulator: two real dhcp6 services on the failover core
+(``pair.node``: handler, the core's IA_NA and IA_PD lease stores, Dhcp6Partner on one
+``task.Clock``), a population of RFC 8415 clients each with one IA_NA and one IA_PD, and
+a seeded random fault schedule.
+
+Clients: SOLICIT with Rapid Commit to every live server in a random order (a real
+client multicasts; it takes the first REPLY), RENEW to its server at T1, REBIND to every
+live server at T2, lose the lease at the end of its valid lifetime, RELEASE sometimes,
+leave without a word sometimes, come back later.  Faults: the link between the servers
+down (heartbeats too: a partition) for up to several MCLTs, a server killed (its disk
+kept) and restarted later, the operator's partner-down while the partner is really dead.
+
+Partner states follow the cluster's rules in miniature: NORMAL while the peer is heard,
+COMMUNICATIONS-INTERRUPTED after ``DETECT_S`` of silence, PARTNER-DOWN only by the
+operator once the peer is dead, RECOVER (sync from the peer) for a node that comes back
+while its peer ran PARTNER-DOWN, STARTUP (serving nobody) for one that comes back while
+the peer did not, then NORMAL for both.
+
+Invariant, checked at every REPLY a client takes: no address and no prefix is given to a
+client while another client holds an unexpired one for it (the clients' own view).  The
+stats count renewals that kept their address and prefix across a failover.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from twisted.internet.task import Clock
+
+from services.dhcp.failover import pools as P
+from services.dhcp.v6 import codec as C
+from tests.sim.dhcp6.pair import Wire, ask, msg, node
+
+T0 = 1_700_000_000.0
+STEP_S = 0.5
+DETECT_S = 0.5
+PEER = {"a": "b", "b": "a"}
+ROLE = {"a": "primary", "b": "secondary"}
+
+
+class Violation(AssertionError):
+    pass
+
+
+@dataclass
+class Client:
+    i: int
+    state: str = "off"                  # off | bound
+    held: dict = field(default_factory=dict)    # "na"/"pd" -> (text, expires)
+    t1: float = 0.0
+    t2: float = 0.0
+    server: str | None = None
+    next_at: float = 0.0
+
+    def holds(self, text: str, now: float) -> bool:
+        return any(t == text and exp > now for t, exp in self.held.values())
+
+
+class World:
+    def __init__(self, seed: int, *, duration: float = 90.0, verbose: bool = False):
+        self.seed, self.duration, self.verbose = seed, duration, verbose
+        r = self.r = random.Random(seed)
+        self.mclt = r.choice((4, 8, 15))
+        self.valid = r.choice((max(10, self.mclt), max(10, 2 * self.mclt), 20, 40))
+        self.cfg = dict(mclt_s=self.mclt, valid_s=self.valid,
+                        preferred_s=max(10, int(self.valid * 0.75)),
+                        pool=("2001:db8:1::100", r.choice(("2001:db8:1::10b", "2001:db8:1::117"))),
+                        pd_prefix=r.choice(("2001:db8:100::/52", "2001:db8:100::/53")), pd_len=56)
+        self.clients = [Client(i, next_at=T0 + r.uniform(0, 10))
+                        for i in range(1, r.randint(12, 30))]
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.wire = Wire()
+        self.path = Path(tempfile.mkdtemp(prefix="sim-dhcp6-"))
+        self.nodes = {}
+        self.stores = {}
+        self.told: dict[str, str] = {}
+        self.alive = {"a": True, "b": True}
+        self.dead_until: dict[str, float] = {}
+        self.silent_since: dict[str, float | None] = {"a": None, "b": None}
+        self.link_until: float | None = None
+        self.recovering: set[str] = set()
+        self.log: list[str] = []
+        self.events = 0
+        self.stats = {"acquired": 0, "renewed": 0, "kept_across_failover": 0,
+                      "moved_on_renewal": 0, "no_answer": 0, "partitions": 0, "kills": 0,
+                      "partner_downs": 0, "recoveries": 0}
+        for name in ("a", "b"):
+            self._start(name, P.NORMAL)
+        self.wire.pump()
+
+    # -- plumbing ------------------------------------------------------------------------
+    def note(self, text: str) -> None:
+        self.events += 1
+        if self.verbose:
+            self.log.append(f"{self.clock.seconds() - T0:8.1f} {text}")
+
+    def _start(self, name: str, state: str) -> None:
+        svc = node(self.path, self.clock, self.wire, name, PEER[name], ROLE[name], state,
+                   store=self.stores.get(name), **self.cfg)
+        self.stores[name] = svc.context.store
+        self.nodes[name] = svc
+        self.told[name] = state
+
+    def tell(self, name: str, state: str, reason: str) -> None:
+        if self.told.get(name) == state or not self.alive[name]:
+            return
+        self.told[name] = state
+        self.note(f"{name}: {state} ({reason})")
+        svc = self.nodes[name]
+        svc.context.cluster.confirmed = state == P.PARTNER_DOWN
+        svc.context.cluster.listener(PEER[name], state, reason)
+
+    def heard(self, name: str) -> bool:
+        return self.wire.up and self.alive[PEER[name]]
+
+    # -- faults and the cluster ----------------------------------------------------------
+    def _faults(self, now: float) -> None:
+        r = self.r
+        if self.link_until is not None and now >= self.link_until:
+            self.link_until = None
+            self.wire.up = True
+            self.note("link up")
+        for name, until in list(self.dead_until.items()):
+            if now >= until:
+                del self.dead_until[name]
+                self._restart(name)
+        if self.link_until is None and all(self.alive.values()) and not self.recovering \
+                and r.random() < 0.02:
+            self.link_until = now + r.uniform(1, 4 * self.mclt)
+            self.wire.cut()
+            self.stats["partitions"] += 1
+            self.note(f"partition until {self.link_until - T0:.1f}")
+        elif all(self.alive.values()) and not self.recovering and r.random() < 0.005:
+            name = r.choice(("a", "b"))
+            self._kill(name, now + r.uniform(2, 4 * self.mclt))
+
+    def _kill(self, name: str, until: float) -> None:
+        self.stats["kills"] += 1
+        self.note(f"kill {name} until {until - T0:.1f}")
+        self.alive[name] = False
+        self.dead_until[name] = until
+        self.wire.dead.add(name)
+        svc = self.nodes[name]
+        svc.failover.outbox = None            # kill -9: nothing more leaves
+        svc.stopService()
+
+    def _restart(self, name: str) -> None:
+        peer = PEER[name]
+        self.wire.dead.discard(name)
+        self.alive[name] = True
+        state = P.RECOVER if self.told.get(peer) == P.PARTNER_DOWN else P.STARTUP
+        self.note(f"restart {name} in {state}")
+        self._start(name, state)
+        if state == P.RECOVER:
+            self.recovering.add(name)
+
+    def _cluster(self, now: float) -> None:
+        for name in ("a", "b"):
+            if not self.alive[name]:
+                continue
+            peer = PEER[name]
+            if self.heard(name):
+                self.silent_since[name] = None
+                if name in self.recovering:
+                    self._recover(name)
+                elif self.told[name] != P.NORMAL and peer not in self.recovering:
+                    self.tell(name, P.NORMAL, "peer heard")
+                continue
+            since = self.silent_since[name]
+            if since is None:
+                self.silent_since[name] = since = now
+            if now - since >= DETECT_S and self.told[name] in (P.NORMAL, P.STARTUP):
+                self.tell(name, P.COMM_INTERRUPTED, "peer not heard")
+            if not self.alive[peer] and self.told[name] == P.COMM_INTERRUPTED \
+                    and now - since >= 2 and self.r.random() < 0.05:
+                self.stats["partner_downs"] += 1
+                self.tell(name, P.PARTNER_DOWN, "operator partner-down")
+
+    def _recover(self, name: str) -> None:
+        """RECOVER: pull every record of the peer, then both NORMAL (the catch-up
+        barrier of each does the rest)."""
+        svc = self.nodes[name]
+        done: list = []
+        d = svc.context.cluster.sync(PEER[name])
+        d.addBoth(done.append)
+        for _ in range(200):
+            if done:
+                break
+            self.wire.pump()
+            self.clock.advance(0.01)
+        if not done or not isinstance(done[0], int):
+            return                                   # try again on the next step
+        self.recovering.discard(name)
+        self.stats["recoveries"] += 1
+        self.tell(name, P.RECOVER_DONE, "synced")
+        self.tell(PEER[name], P.NORMAL, "peer recovered")
+        self.tell(name, P.NORMAL, "peer heard")
+
+    # -- clients ---------------------------------------------------------------------------
+    def _servers(self) -> list[str]:
+        live = [n for n in ("a", "b") if self.alive[n]]
+        self.r.shuffle(live)
+        return live
+
+    def _take(self, c: Client, rep, server: str, renewal: bool) -> bool:
+        """The client takes a REPLY: what it gives (valid > 0) must be held by nobody else."""
+        if rep is None or rep.msg_type != C.REPLY:
+            return False
+        now = self.clock.seconds()
+        got = {}
+        for kind, ias in (("na", rep.ia_na), ("pd", rep.ia_pd)):
+            for ia in ias:
+                for x in (ia.addresses if kind == "na" else ia.prefixes):
+                    text = C.ntop(x.address) if kind == "na" else f"{C.ntop(x.prefix)}/{x.prefix_len}"
+                    if x.valid > 0:
+                        got[kind] = (text, now + x.valid, ia.t1, ia.t2)
+                    elif c.held.get(kind, (None,))[0] == text:
+                        c.held.pop(kind)
+        if not got:
+            return False
+        for kind, (text, exp, t1, t2) in got.items():
+            for other in self.clients:
+                if other is not c and other.holds(text, now):
+                    raise Violation(
+                        f"seed {self.seed}: {text} given to client {c.i} by {server} at "
+                        f"{now - T0:.1f} while client {other.i} holds it until "
+                        f"{other.held} (replay: python -m tests.sim.dhcp6 --seed {self.seed} -v)")
+            old = c.held.get(kind)
+            if renewal and old is not None and old[1] > now:
+                key = "kept_across_failover" if server != c.server else "renewed"
+                self.stats[key if old[0] == text else "moved_on_renewal"] += 1
+            c.held[kind] = (text, exp)
+        if not renewal:
+            self.stats["acquired"] += 1
+        c.state, c.server = "bound", server
+        valid = min(exp for _, exp in c.held.values()) - now
+        c.t1, c.t2 = now + 0.5 * valid, now + 0.8 * valid
+        self.note(f"client {c.i} <- {server}: {got}")
+        return True
+
+    def _client(self, c: Client, now: float) -> None:
+        r = self.r
+        if c.state == "bound":
+            c.held = {k: v for k, v in c.held.items() if v[1] > now}
+            if not c.held:
+                c.state, c.next_at = "off", now + r.uniform(0, 5)
+                return
+        if c.state == "off":
+            if now < c.next_at:
+                return
+            m = msg(C.SOLICIT, c.i, na=[(1, ())], pd=[(7, ())], rapid_commit=True)
+            for server in self._servers():
+                if self._take(c, ask(self.nodes[server], m), server, False):
+                    return
+            self.stats["no_answer"] += 1
+            c.next_at = now + r.uniform(1, 4)
+            return
+        na = [(1, [c.held["na"][0]])] if "na" in c.held else [(1, ())]
+        pd = [(7, [c.held["pd"][0]])] if "pd" in c.held else [(7, ())]
+        if now >= c.t1 and now < c.t2:
+            if r.random() < 0.05:                    # RELEASE (or leave silently)
+                if r.random() < 0.5 and self.alive.get(c.server):
+                    ask(self.nodes[c.server], msg(C.RELEASE, c.i, self.nodes[c.server].server_duid,
+                                                  na=na, pd=pd))
+                c.held, c.state, c.next_at = {}, "off", now + r.uniform(1, 20)
+                return
+            if self.alive.get(c.server) and c.t1 + 1 > now:
+                svc = self.nodes[c.server]
+                self._take(c, ask(svc, msg(C.RENEW, c.i, svc.server_duid, na=na, pd=pd)),
+                           c.server, True)
+        elif now >= c.t2:
+            for server in self._servers():
+                if self._take(c, ask(self.nodes[server], msg(C.REBIND, c.i, na=na, pd=pd)),
+                              server, True):
+                    break
+
+    # -- run ---------------------------------------------------------------------------------
+    def run(self) -> "World":
+        try:
+            end = T0 + self.duration
+            while self.clock.seconds() < end:
+                self.clock.advance(STEP_S)
+                now = self.clock.seconds()
+                self.wire.pump()
+                self._faults(now)
+                self._cluster(now)
+                self.wire.pump()
+                for c in self.clients:
+                    self._client(c, now)
+                self.wire.pump()
+            return self
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for name, svc in self.nodes.items():
+            if self.alive[name]:
+                svc.failover.outbox = None
+                svc.stopService()
+        for store in self.stores.values():
+            store.stopService()
+        shutil.rmtree(self.path, ignore_errors=True)
