@@ -33,6 +33,8 @@ from tests.support.dhcp6_lab import Dhclient, all_leases, check_no_duplicates
 from tests.support.node_process import ROOT
 from tests.support.require import require_binary, require_root
 
+pytestmark = pytest.mark.integration
+
 _spec = importlib.util.spec_from_file_location("bench_dhcp6", ROOT / "bench" / "dhcp6.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
