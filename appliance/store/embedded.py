@@ -113,7 +113,7 @@ class EmbeddedStore(Service):
     #: transaction (see "Bounded commits" in the module docstring)
     MAX_COMMIT_ROWS = 2000
     #: acknowledgements fired per reactor turn (the rest in the next turns, in order)
-    ACK_SLICE = 128
+    ACK_SLICE = 64
 
     def __init__(self, reactor, *, state_dir: str | Path, fsync: str = "always",
                  batch_interval_s: float = 0.2, run_in_thread=None, turn_batching: bool = True,

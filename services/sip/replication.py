@@ -97,7 +97,7 @@ class Replicator:
     #: sync waits released per reactor turn when an ack covers many states: the 200s
     #: of a 512-state ack leave over several turns, so the node's own timers (its
     #: heartbeats) run in between even on a starved CPU
-    RELEASE_SLICE = 64
+    RELEASE_SLICE = 32
     #: full resync: AORs in the first page (then sized by what pages cost), the fewest
     #: in a page, and AORs read and encoded between two checks of the turn budget
     #: a backup freezes the heap (gc.freeze) every so many full-resync pages it stored

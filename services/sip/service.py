@@ -67,7 +67,7 @@ class SIPService(Service):
     READ_BATCH_BYTES = 64 * 1024
     #: ... while the reactor lags (services.sip.admission): shorter turns, the rest
     #: waits in the kernel queue
-    READ_BATCH_LAGGING = 8 * 1024
+    READ_BATCH_LAGGING = 4 * 1024
 
     def __init__(self, config, context):
         self.config = config
