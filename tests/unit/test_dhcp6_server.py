@@ -364,3 +364,18 @@ def test_request_for_an_address_off_the_link_gets_not_on_link(tmp_path):
     rep = lab.relay(msg(C.REQUEST, 1, SERVER, na=[(1, ["2001:db8:2::100"])]))
     assert rep.ia_na[0].status.code == C.NOT_ON_LINK and not rep.ia_na[0].addresses
     assert lab.leases.writes == 0
+
+
+def test_t1_t2_follow_a_short_lifetime(tmp_path):
+    """A binding whose lifetime is shorter than the configured T2 (the MCLT cap of failover,
+    a lease near its end) gets T1/T2 at 0.5/0.8 of what is left, never beyond it."""
+    from services.dhcp.v6.leases import Lease6
+    lab = Lab(tmp_path)
+    subnet = lab.cfg.subnets[0]
+    now = lab.clock.seconds()
+    short = Lease6(NA, "2001:db8:1::100", 1, duid(1).hex(), 1, "bound", now + 100, 0.0, now)
+    ia = lab.h._ia_out(NA, C.IA(1), subnet, [short])
+    assert (ia.t1, ia.t2, ia.addresses[0].preferred, ia.addresses[0].valid) == (50, 80, 100, 100)
+    full = Lease6(NA, "2001:db8:1::101", 1, duid(2).hex(), 1, "bound", now + 2000, 0.0, now)
+    ia = lab.h._ia_out(NA, C.IA(1), subnet, [full])
+    assert (ia.t1, ia.t2) == (500, 800)

@@ -218,6 +218,11 @@ class Dhcp6Handler:
             else:
                 out.prefixes.append(C.IAPrefix(a.to_bytes(16, "big"), plen, left_pref,
                                                left_valid))
+        lives = [x.preferred for x in out.addresses + out.prefixes if x.preferred]
+        if lives and min(lives) < t2:
+            # a lifetime shorter than the configured T2 (the MCLT cap in failover, a lease
+            # near its end): renew at 0.5 / 0.8 of it, not after it is gone (RFC 8415 21.4)
+            out.t1, out.t2 = min(lives) // 2, min(lives) * 4 // 5
         for text in zero:                       # RFC 8415 18.3.4/18.3.5: not for this link
             a, plen = parse_key(kind, text)
             if kind == NA:
