@@ -18,12 +18,21 @@ from appliance.cluster.resources import call_listener
 _log = Logger(namespace="appliance.cluster")
 
 
+def _all_of(syncs: list) -> Callable:
+    """A sync that runs every one of ``syncs`` and is done when all are."""
+    def every(peer):
+        return defer.gatherResults([defer.maybeDeferred(s, peer) for s in syncs],
+                                   consumeErrors=True)
+    return every
+
+
 @dataclass
 class Partnership:
     fsm: P.PartnerFSM
     listeners: list[Callable] = field(default_factory=list)
     sync: Callable | None = None
     syncing: bool = False
+    syncs: dict = field(default_factory=dict)     # owner (service name) -> its sync
     loading: bool = False        # persisted state being read: no transitions yet
     reason: str = ""             # of the last transition
     confirmed_by: str | None = None
@@ -88,7 +97,12 @@ class Partnerships:
         if listener is not None:
             ps.listeners.append(listener)
         if sync is not None:
-            ps.sync = sync
+            # two services of one relationship (dhcp4 and dhcp6 with the same peer): RECOVER
+            # runs the sync of each (the second registration used to replace the first's);
+            # a service registering again (restarted) replaces its own
+            owner = getattr(getattr(sync, "__self__", None), "name", None)
+            ps.syncs[owner if isinstance(owner, str) else sync] = sync
+            ps.sync = sync if len(ps.syncs) == 1 else _all_of(list(ps.syncs.values()))
         if peer_link or (peer_link is None and sync is not None):
             ps.uses_link = True
         return ps.fsm.state

@@ -160,3 +160,31 @@ def test_lease_stores_dispatch_and_export_both_families():
     wire = ok(pd.get("2001:db8:100::/56")).to_wire()
     assert both.lease_from_wire(wire).address == "2001:db8:100::/56"
     assert sorted(both.unsynced) == []                   # no failover: nothing owed
+
+
+def test_recover_runs_the_sync_of_every_service_of_a_relationship():
+    """dhcp4 and dhcp6 both in failover with peer b register one relationship: RECOVER runs
+    the sync of each (the second registration used to replace the first's sync), and a
+    service registering again (restarted) replaces only its own."""
+    from types import SimpleNamespace
+    from appliance.cluster.partners import Partnerships
+    from twisted.internet import defer
+    clock = Clock()
+    m = SimpleNamespace(cfg=SimpleNamespace(auto_partner_down_s=0), dead_after_s=0.3,
+                        clock=clock, store=None)
+    parts = Partnerships(m)
+    calls = []
+
+    class Svc:
+        def __init__(self, name):
+            self.name = name
+
+        def sync(self, peer):
+            calls.append((self.name, id(self), peer))
+            return defer.succeed(None)
+
+    v4, v6, v4_again = Svc("dhcp4"), Svc("dhcp6"), Svc("dhcp4")
+    for svc in (v4, v6, v4_again):
+        parts.register("b", None, primary=True, sync=svc.sync, data_lost=False)
+    ok(defer.maybeDeferred(parts.partners["b"].sync, "b"))
+    assert sorted(calls) == sorted([("dhcp4", id(v4_again), "b"), ("dhcp6", id(v6), "b")])
