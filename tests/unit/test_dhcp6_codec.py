@@ -134,3 +134,36 @@ def test_relay_depth_limited():
     with pytest.raises(C.MalformedMessage) as e:
         C.parse(C.encode(m))
     assert e.value.reason == "too_deep"
+
+
+_RELAYED = st.builds(lambda m, link: C.RelayMessage(C.RELAY_FORW, 0, link, bytes(16), m),
+                     message, st.sampled_from([bytes(16), bytes.fromhex("20010db8000100000000000000000001"),
+                                               bytes.fromhex("20010db8000900000000000000000001")]))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(st.lists(_RELAYED, min_size=1, max_size=6), st.data())
+def test_handler_never_raises_on_any_message(tmp_path, msgs, data):
+    """Any decodable message (random IAs, hints, server ids -- some ours), relayed or not,
+    goes through the handler and the core's lease stores without an exception; a reply
+    it builds always encodes."""
+    from tests.unit.test_dhcp6_server import SERVER, Lab
+    lab = Lab(tmp_path / str(data.draw(st.integers(0, 10**9))))
+    for r in msgs:
+        if data.draw(st.booleans()):
+            r.inner.server_id = SERVER
+        for ia in r.inner.ia_na:                     # some hints inside the lab's pool
+            for a in ia.addresses:
+                if data.draw(st.booleans()):
+                    a.address = bytes.fromhex("20010db8000100000000000000000100")[:15] + \
+                        bytes([data.draw(st.integers(0, 5))])
+        for ia in r.inner.ia_pd:
+            for p in ia.prefixes:
+                if data.draw(st.booleans()):
+                    p.prefix, p.prefix_len = bytes.fromhex("20010db8010000000000000000000000"), \
+                        data.draw(st.sampled_from([48, 56, 64]))
+        for m in (r, r.inner):
+            out = lab.h.handle(C.parse(C.encode(m)))
+            if out is not None:
+                C.parse(C.encode(out))
