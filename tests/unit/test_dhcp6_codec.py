@@ -46,14 +46,14 @@ def relay_of(inner_strategy):
 any_message = st.recursive(message, relay_of, max_leaves=3)
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@settings(max_examples=120, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(any_message)
 def test_round_trip(m):
     """parse(encode(m)) == m for every message and relay chain the dataclasses can hold."""
     assert C.parse(C.encode(m)) == m
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
 def test_random_bytes_never_crash(data):
     """Random bytes parse or raise MalformedMessage with a known reason, nothing else."""
@@ -63,7 +63,7 @@ def test_random_bytes_never_crash(data):
         assert e.reason in C.DROP_REASONS
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(any_message, st.data())
 def test_mutated_messages_never_crash(m, data):
     """A valid message with a byte flipped or cut short parses or raises MalformedMessage."""
@@ -141,7 +141,7 @@ _RELAYED = st.builds(lambda m, link: C.RelayMessage(C.RELAY_FORW, 0, link, bytes
                                                bytes.fromhex("20010db8000900000000000000000001")]))
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(st.lists(_RELAYED, min_size=1, max_size=6), st.data())
 def test_handler_never_raises_on_any_message(tmp_path, msgs, data):
