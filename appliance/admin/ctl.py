@@ -594,7 +594,8 @@ COMMANDS: dict[str, _Command] = {
     "cluster": ("peers and resource ownership", lambda a: "cluster.status",
                 lambda a: None, render_cluster),
     "leases": ("DHCP leases", lambda a: "dhcp6.leases" if a.v6 else "dhcp4.leases",
-               lambda a: _params(subnet=a.subnet, state=a.state, limit=a.limit, cursor=a.cursor),
+               lambda a: _params(subnet=a.subnet, state=a.state, limit=a.limit, cursor=a.cursor,
+                                 type=getattr(a, "type", None)),
                render_leases),
     "bindings": ("SIP registrations", lambda a: "sip.bindings",
                  lambda a: _params(aor=a.aor), render_bindings),
@@ -634,6 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = subs["leases"]
     p.add_argument("-6", "--v6", dest="v6", action="store_true",
                    help="DHCPv6 leases (dhcp6.leases): addresses and delegated prefixes")
+    p.add_argument("--type", choices=["na", "pd"],
+                   help="with -6: only addresses (na) or delegated prefixes (pd)")
     p.add_argument("--subnet")
     p.add_argument("--state")
     p.add_argument("--limit", type=int)

@@ -210,6 +210,8 @@ def test_appliancectl_leases_6():
     from appliance.admin.ctl import COMMANDS, build_parser, render_leases
     args = build_parser().parse_args(["leases", "-6"])
     assert COMMANDS["leases"][1](args) == "dhcp6.leases"
+    pd = build_parser().parse_args(["leases", "-6", "--type", "pd"])
+    assert COMMANDS["leases"][2](pd) == {"type": "pd"}
     text = render_leases({"leases": [{"prefix": "2001:db8:100::/56", "type": "pd",
                                       "duid": "00030001", "iaid": 7, "state": "bound",
                                       "expires": 0, "cltt": 0, "owner": "a", "subnet": 1}],
