@@ -99,7 +99,9 @@ def status(m) -> dict[str, Any]:
             "heartbeat": {"interval_ms": round(m.interval * 1000),
                           "beats_per_interval": m.beats,
                           "deadline_ms": round(m.deadline_s * 1000, 1),
-                          "late_beats": m.stats["late_beats"]},
+                          "late_beats": m.stats["late_beats"],
+                          # suspicions put off because this node itself was stalled
+                          "stall_deferred": m.detector.stall_deferred},
             "maintenance": m.maintenance, "health": list(m.health_flags()),
             "heartbeat_interval_ms": round(m.interval * 1000),
             "peers": peers, "resources": m.table.status(now),

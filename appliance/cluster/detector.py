@@ -5,6 +5,15 @@ A peer is suspected ``deadline_s`` (``dead_after`` intervals plus half a beat
 period) after its last authentic beat; the timer is reset by every beat, so
 takeover time does not depend on tick alignment.  ``on_down(peer)`` hears
 each suspicion, ``on_restart(peer)`` each new incarnation of a peer.
+
+Only time this node was running counts: ``own_stall(now, window)`` (the
+heartbeat channel's measure of how late its own ticks ran in the last
+``window``: the process or the whole host was not scheduled) extends the
+deadline by that much.  A stall of this node alone leaves the peer's beats
+queued in the socket (read before deciding); a stall of the whole host (a
+VM pause, a starved box) also silenced the peer when both run there, and
+the silence it leaves is no evidence of a death.  A real death is still
+detected, ``deadline_s`` of our own running time after the last beat.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ class PeerInfo:
     heartbeat: Heartbeat | None = None
     skew_s: float | None = None
     timer: Any = None            # fires deadline_s after the last heartbeat
+    stall_deferred: bool = False  # its suspicion is put off (we were stalled)
     config_mismatch: dict[str, list[str]] = field(default_factory=dict)
     # loss and jitter from sequence gaps (per incarnation)
     incarnation: int | None = None
@@ -61,6 +71,9 @@ class PeerTable:
         self.wall = wall
         self.on_deadline, self.on_down = on_deadline, on_down
         self.on_restart, self.on_skew = on_restart, on_skew
+        #: (now, window) -> seconds this node itself was stalled in that window
+        self.own_stall: Callable[[float, float], float] = lambda now, window: 0.0
+        self.stall_deferred = 0      # suspicions put off because we were stalled
 
     def heard(self, hb: Heartbeat, now: float) -> tuple[PeerInfo, bool]:
         """Record an authentic beat; ``(peer, it was alive before)``."""
@@ -68,6 +81,7 @@ class PeerTable:
         was_alive = peer.alive
         self._account(peer, hb, now)
         peer.last_seen, peer.heartbeat, peer.alive = now, hb, True
+        peer.stall_deferred = False
         if peer.timer is not None and peer.timer.active():
             peer.timer.reset(self.deadline_s)
         else:
@@ -145,9 +159,24 @@ class PeerTable:
     def detect(self, now: float) -> list[PeerInfo]:
         """Suspect every peer silent for ``deadline_s``; the newly suspected."""
         down = []
+        grace = None
         for peer in self.peers.values():
             if peer.alive and (peer.last_seen is None
                                or now - peer.last_seen >= self.deadline_s - 1e-6):
+                if peer.last_seen is not None:
+                    if grace is None:
+                        grace = self.own_stall(now, self.deadline_s)
+                    if grace > 0 and now - peer.last_seen < self.deadline_s + grace - 1e-6:
+                        # we were not running for part of that silence: wait
+                        # (every tick detects again)
+                        if not peer.stall_deferred:
+                            peer.stall_deferred = True
+                            self.stall_deferred += 1
+                            _log.info("peer {peer} silent for {ms} ms, but this node was "
+                                      "stalled for {stall} ms of it: deadline extended",
+                                      peer=peer.id, ms=round((now - peer.last_seen) * 1000),
+                                      stall=round(grace * 1000))
+                        continue
                 peer.alive = False
                 peer.suspected += 1
                 _log.warn("peer {peer} suspected dead: no heartbeat for {ms} ms", peer=peer.id,

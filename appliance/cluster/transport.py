@@ -8,6 +8,7 @@ beat goes to ``on_beat(hb)``, and ``on_tick()`` runs after every beat sent.
 
 from __future__ import annotations
 
+import collections
 import os
 import secrets
 import time
@@ -159,6 +160,7 @@ class HeartbeatChannel:
         self.port = None
         self._call = None
         self._next_at: float | None = None
+        self._stalls: collections.deque = collections.deque(maxlen=64)   # (at, late) own ticks
         self._warned_size = False
         self._stopped = False
         self._last_urgent: float | None = None
@@ -324,6 +326,10 @@ class HeartbeatChannel:
 
     def tick(self):
         self._call = None
+        if self._next_at is not None:
+            late = self.clock.seconds() - self._next_at
+            if late > self.beat_period / 2:
+                self._stalls.append((self.clock.seconds(), late))
         try:
             self.on_tick()
         except Exception:
@@ -341,6 +347,18 @@ class HeartbeatChannel:
             self.stats["late_beats"] += missed
             self._next_at += missed * self.beat_period
         self._call = self.clock.callLater(self._next_at - now, self.tick)
+
+    def own_stall(self, now: float, window: float) -> float:
+        """Seconds this node was not running in the last ``window``: how late
+        its own ticks ran (more than half a beat period: a stall, not epoll's
+        rounding), including a tick overdue right now (the detector can run
+        first after a stall)."""
+        total = sum(late for at, late in self._stalls if at >= now - window)
+        if self._next_at is not None and not self._stopped:
+            overdue = now - self._next_at
+            if overdue > self.beat_period / 2:
+                total += overdue
+        return total
 
     def stop(self):
         self._stopped = True

@@ -602,3 +602,32 @@ def test_mismatched_priorities_elect_one_owner_and_warn():
     assert owners(nodes) == first, "stable"
     warnings = nodes["a"].status()["warnings"]
     assert any("vip1" in w and "priority" in w and "b" in w for w in warnings), warnings
+
+
+def test_a_stall_of_the_whole_host_is_no_silence():
+    """Both nodes on one host that is not scheduled for 450 ms (a VM pause, a starved
+    box): on waking, each finds the other silent past the deadline, but it was not
+    running either -- no suspicion, no takeover.  (The namespace loss test on the busy
+    test machine: 'peer b suspected dead: no heartbeat for 317 ms' on a and 374 ms on
+    b at the same instant.)  A real death after the stall is still detected."""
+    clock, net, nodes = make_pair()
+    start(clock, nodes)
+    run(clock, 1.0)
+    assert owners(nodes) == ["a"]
+    before = {n: m.peers["b" if n == "a" else "a"].suspected for n, m in nodes.items()}
+    clock.advance(0.002)                     # the beats in flight arrive
+    clock.advance(0.45)                      # nothing ran for 450 ms, then everything due
+    run(clock, 1.0)
+    after = {n: m.peers["b" if n == "a" else "a"].suspected for n, m in nodes.items()}
+    assert after == before
+    assert owners(nodes) == ["a"] and nodes["b"].roles == []
+    assert nodes["b"].status()["heartbeat"]["stall_deferred"] >= 1
+    # the owner dies right after another stall: taken over within the deadline of
+    # b's own running time after a's last beat (and the stall)
+    clock.advance(0.002)
+    clock.advance(0.45)
+    net.cut.add(ADDR["a"])
+    t0 = clock.seconds()
+    while nodes["b"].role("vip1") != "owner":
+        clock.advance(0.01)
+        assert clock.seconds() - t0 < 1.0
