@@ -91,7 +91,8 @@ def test_esr_agent_routes_follow_a_dn_failure_and_return(netns_lab: Lab, tmp_pat
                    what="EN back home")
         out, _ = pinger.communicate(timeout=30)
         text = out.decode()
-        assert "400 packets transmitted, 400 received" in text, text
+        assert "400 packets transmitted, 400 received" in text, (
+            text[-300:], el.en_status().get("events"), el.en_status().get("stats"))
         routes_become(ipr, lambda r: r == slices, "back to the home slices alone")
         ping = lab.run("en", "ping", "-c", "3", "-i", "0.2", "-W", "2", SERVER, check=False)
         assert " 0% packet loss" in ping.stdout, ping.stdout
