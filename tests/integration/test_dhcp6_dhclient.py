@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,8 +77,8 @@ def lab():
 def test_dhclient_gets_renews_and_releases_an_address_and_a_prefix(lab, tmp_path):
     """dhclient -6 -N -P on a veth: BOUND6 with an address of the pool and a /56 of the
     delegated-prefix pool; dhcp6.lease shows both bound to dhclient's DUID (one IAID
-    each); at T1 (2 s) it renews and keeps both, the leases' cltt moves on; -r
-    releases both: the lease table says released."""
+    each), and `appliancectl leases -6` lists both; at T1 (2 s) it renews and keeps
+    both, the leases' cltt moves on; -r releases both: the lease table says released."""
     require_binary("dhclient")
     lab.add_node("a", "2001:db8:77::1/64")
     lab.add_node("client")                         # link-local only, like a host
@@ -105,6 +106,11 @@ def test_dhclient_gets_renews_and_releases_an_address_and_a_prefix(lab, tmp_path
         assert sorted((le.get("address") or le.get("prefix"), le["duid"]) for le in table) \
             == sorted([(address, duid), (prefix, duid)]), table
         first_cltt = (na["cltt"], pd["cltt"])
+        ctl = lab.run("a", sys.executable, "-m", "appliance.admin.ctl", "--url",
+                      "http://127.0.0.1:8740/rpc", "--token-file",
+                      str(tmp_path / "state-a" / "admin.token"), "leases", "-6", check=False)
+        assert ctl.returncode == 0 and address in ctl.stdout and prefix in ctl.stdout, \
+            ctl.stdout + ctl.stderr
 
         # RENEW at T1 = 2 s: the same address and prefix, the server's clock on them moves
         wait_for(lambda: client.got(("RENEW6",)) == ({address}, {prefix}), 30,
