@@ -69,6 +69,9 @@ class Family:
     def held_key(self) -> str:
         return self.name + ":held"
 
+    #: the ipaddress type whose objects are this family's addresses (int() of one is ours)
+    addr_type: type | None = None
+
     def as_int(self, value: Any) -> int:
         """An int of this family from an int, an address object or any text
         :attr:`canonical` accepts (ValueError otherwise)."""
@@ -76,6 +79,8 @@ class Family:
             return value
         if isinstance(value, str):
             return self.aton(self.canonical(value))
+        if self.addr_type is not None and isinstance(value, self.addr_type):
+            return int(value)                   # (the hot path: dhcp4's bind)
         if isinstance(value, (IPv4Address, IPv6Address, IPv6Network)):
             return self.aton(self.canonical(value))
         raise ValueError(f"{value!r} is not an {self.what}")
@@ -127,7 +132,8 @@ class _Family4(Family):
         return net.network_address._ip, net.broadcast_address._ip
 
 
-DHCP4 = _Family4("dhcp4", "dhcp4", "IPv4 address", _aton4, _ntoa4, _canonical4)
+DHCP4 = _Family4("dhcp4", "dhcp4", "IPv4 address", _aton4, _ntoa4, _canonical4,
+                 addr_type=IPv4Address)
 
 
 # --- IPv6 addresses ---------------------------------------------------------
@@ -165,7 +171,7 @@ def _canonical6_text(address: str) -> str:
 
 
 DHCP6_NA = Family("dhcp6:na", "dhcp6", "IPv6 address", _aton6, _ntoa6, _canonical6,
-                  max_pool=MAX_POOL_V6)
+                  max_pool=MAX_POOL_V6, addr_type=IPv6Address)
 
 
 # --- IPv6 delegated prefixes ------------------------------------------------
