@@ -245,3 +245,17 @@ def test_overload_sheds_solicits_not_requests(tmp_path):
     assert len(svc.port.sent) == 2                     # both REPLYs, after the disk
     svc.datagram(relayed(msg(C.SOLICIT, 2, na=[(1, ())])), ("::1", 1))
     assert len(svc.port.sent) == 3
+
+
+@pytest.mark.parametrize("name", ["dhcp6.toml", "appliance.toml"])
+def test_shipped_configs_parse(name):
+    """etc/dhcp6.toml and the demo etc/appliance.toml give a valid dhcp6 table."""
+    import tomllib
+    from pathlib import Path
+    from appliance.config import ParseContext, Problems, Table
+    text = (Path(__file__).resolve().parents[2] / "etc" / name).read_text()
+    problems = Problems(name)
+    parsed = dhcp6_plugin.parse_config(
+        Table(tomllib.loads(text)["services"]["dhcp6"], "services.dhcp6", problems),
+        ParseContext(name, "demo", (), ()))
+    assert problems.items == [] and parsed.subnets and parsed.port in (547, 5547)
