@@ -28,8 +28,9 @@ Cases: ``lan``/``man``/``wan`` (0 / 10 / 100 ms one-way EN-DN delay) at 100 pack
 (``soft-lan-100pps``, the shipped default); ``lan-100pps-loss5``/``-loss10``: 5 / 10 %
 random loss each way on the EN's underlay (nft), soft handoff on; the outage is net of
 the background echo loss measured first, and EN switches with both DNs alive are
-counted.  EN detection: keepalive 20 ms while data flows (50 ms idle) x dead_after 4
-(shipped defaults).  ``man``/``wan``: the EN reaches the DNs through a userspace UDP
+counted.  EN detection: keepalive 20 ms while data flows (50 ms idle) x dead_after 4,
+and while data flows dead_after probes in a row unanswered within their RTO (srtt + 4
+rttvar, at least 10 ms; shipped defaults); ``en_switch_ms_p50``: kill -> the EN's switch.  ``man``/``wan``: the EN reaches the DNs through a userspace UDP
 relay in its namespace that holds every datagram 10 / 100 ms each way (no netem here).
 Download: a 60 MB HTTP GET (python http.server) from the server; the EN's primary DN
 dies when 40 % has arrived; penalty = median time with the death - median without.
@@ -189,7 +190,7 @@ def outage_case(case: str, pps: int, soft: bool, kills: int, work: Path,
     from tests.support.encap_lab import EncapLab
     from tests.support.netns import Lab
     rows: list[dict] = []
-    outages, moveback, info = [], [], {}
+    outages, moveback, info = [], [], {"detect": []}
     system = SYSTEMS[routing]
     with Lab() as lab:
         endpoints = None
@@ -214,12 +215,18 @@ def outage_case(case: str, pps: int, soft: bool, kills: int, work: Path,
                      "note": f"{len(outages)} kills; soft_handoff={'on' if soft else 'off'}; "
                              + (f"STOPPED EARLY ({info['error']}); " if "error" in info else "")
                              + f"{ROUTING_NOTE[routing]}; "
-                             "EN keepalive 20 ms while active (50 ms idle) x 4"
+                             "EN keepalive 20 ms while active (50 ms idle) x 4, probe "
+                             "RTO srtt+4rttvar (>= 10 ms) x 4 while active"
                              + (f"; {delay_ms:g} ms one-way EN-DN (relay)" if delay_ms else "")
                              + (f"; {loss_pct}% underlay loss each way, outage net of the "
                                 f"{background:.1%} background echo loss" if loss_pct else "")})
     rows.append({"system": system, "case": case, "metric": "outage_ms_max",
                  "value": max(outages) if outages else None, "unit": "ms", "note": ""})
+    if info["detect"]:
+        rows.append({"system": system, "case": case, "metric": "en_switch_ms_p50",
+                     "value": percentile(info["detect"], 50), "unit": "ms",
+                     "note": "kill -> the EN's switch event (its failure detection; the rest "
+                             "of the outage is the new path: promote, claim, ESR route)"})
     if loss_pct:
         rows.append({"system": system, "case": case, "metric": "background_echo_loss_pct",
                      "value": round(background * 100, 1), "unit": "%",
@@ -268,10 +275,19 @@ def _outage_runs(lab, el, pps, kills, delay_ms, loss_pct, case, routing, outages
         other = "dn2" if primary == "dn1" else "dn1"
         after = 1.5 if pps >= 100 else 2.5      # long enough for the switch
         count = int((1.0 + after) * pps)
-        sent, received = ping_loss(lab, count, interval, lambda: el.kill_dn(primary))
+        killed_at = []
+
+        def kill():
+            killed_at.append(time.time())
+            el.kill_dn(primary)
+        sent, received = ping_loss(lab, count, interval, kill)
         # with background loss, only what exceeds it is the failure's
         outages.append(max(0.0, (sent - received) - background * sent) * interval * 1000)
-        el.wait_en(lambda s: s.get("primary") == other and s.get("confirmed"), timeout=15)
+        st = el.wait_en(lambda s: s.get("primary") == other and s.get("confirmed"), timeout=15)
+        switches = [e["t"] for e in st.get("events", [])
+                    if e.get("what") == "switch" and killed_at and e["t"] >= killed_at[0]]
+        if switches:
+            info["detect"].append(round((switches[0] - killed_at[0]) * 1000, 1))
         # revive the dead DN during another stream: the EN moves back home
         count = int(4.0 * pps)
         sent, received = ping_loss(lab, count, interval, lambda: el.revive_dn(primary))

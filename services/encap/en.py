@@ -280,6 +280,11 @@ class ENClient:
                 # interval; older silence counts against the idle threshold
                 dead = self.active_dead_s if fast and now - link.fast_since >= self.active_dead_s \
                     else self.dead_s
+                if link.dn.id == self.primary and not self._alternative(link):
+                    # no other DN to switch to: declaring the only path dead loses more
+                    # than it saves (a busy DN that took us over may be slow to answer
+                    # for a moment); the idle threshold still ends a session that is gone
+                    dead = self.dead_s
                 if not fast:
                     link.fast_since = 1e18
                 elif link.fast_since > now:
@@ -353,12 +358,20 @@ class ENClient:
                 return
             link.misses += 1
             if link.misses >= self.config.dead_after:
+                if not self._alternative(link):
+                    link.misses = 0        # nowhere to go: the tick's idle threshold decides
+                    return
                 self.stats["probe_failures"] += 1
                 self._link_dead(link, "probe_timeout")
                 return
             self._probe(link, now, True)
         except Exception:
             _log.failure("en: probe check failed")
+
+    def _alternative(self, link: Link) -> bool:
+        """Another DN is up to switch to."""
+        return any(other is not link and other.state == UP and other.keys is not None
+                   for other in self.links.values())
 
     def _answered(self, link: Link, now: float) -> None:
         """A keepalive answer: an RTT sample from the oldest unanswered probe."""

@@ -613,3 +613,25 @@ def test_a_dn_declared_dead_that_is_alive_still_delivers_until_a_new_session():
     assert net.tun["en"][-1] == reply and net.en.stats["late_rx"] == 1
     net.run(0.5)                                  # dn1 answers a new handshake
     assert net.en.links["dn1"].state == "up" and net.en.links["dn1"].rx_keys is None
+
+
+def test_the_only_dn_left_is_not_declared_dead_by_the_fast_rules():
+    """dn1 is dead and the EN is at dn2, which stalls 150 ms right after taking it over
+    (a busy host): with no other DN to switch to, the fast rules (probe burst, 80 ms
+    of silence) do not drop dn2's session -- that would only add a handshake to the
+    outage; the idle threshold (200 ms) still would."""
+    net = started()
+    a = net.en.address
+    net.cut.add("dn1")
+    for _ in range(40):
+        net.en.tun_packets([ip_packet(a, "10.210.0.10")])
+        net.run(0.01, step=0.002)
+    assert net.en.primary == "dn2" and net.en.confirmed
+    net.cut.add("dn2")                   # dn2 stalls ...
+    for _ in range(15):
+        net.en.tun_packets([ip_packet(a, "10.210.0.10")])
+        net.run(0.01, step=0.002)
+    net.cut.discard("dn2")               # ... and answers again after 150 ms
+    net.run(0.05, step=0.002)
+    assert net.en.links["dn2"].state == "up" and net.en.primary == "dn2"
+    assert not [e for e in net.en.events if e["what"] == "dn_down" and e["dn"] == "dn2"]
