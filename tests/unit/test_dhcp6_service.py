@@ -259,3 +259,22 @@ def test_shipped_configs_parse(name):
         Table(tomllib.loads(text)["services"]["dhcp6"], "services.dhcp6", problems),
         ParseContext(name, "demo", (), ()))
     assert problems.items == [] and parsed.subnets and parsed.port in (547, 5547)
+
+
+def test_reclaim_expires_and_in_failover_runs_the_cores_reclaim(tmp_path):
+    """Alone: the reclaim tick expires due bindings (and tells DDNS); with a partner the
+    tick is the core's reclaim (it also unlocks pending-free addresses in PARTNER-DOWN)."""
+    provider = Provider()
+    svc, clock, store = service(tmp_path, providers={"ddns": provider})
+    fq = C.ClientFQDN(0x01, "gone", True)
+    svc.datagram(relayed(msg(C.SOLICIT, 1, na=[(1, ())], rapid_commit=True, fqdn=fq)),
+                 ("::1", 1))
+    assert provider.bound
+    clock.advance(4001)
+    svc._reclaim_due()
+    assert svc.leases.get("na", "2001:db8:1::100").state == "expired"
+    assert [r[0] for r in provider.released] == ["gone.example.test."]
+    calls = []
+    svc.failover = SimpleNamespace(_reclaim_due=lambda: calls.append(1))
+    svc._reclaim_due()
+    assert calls == [1]

@@ -228,12 +228,25 @@ class Dhcp6Service(Service):
         _log.error("dhcp6: {type} not answered: the lease is not durable: {why}",
                    type=msg.name, why=failure.getErrorMessage())
 
+    RECLAIM_BATCH, RECLAIM_ROUNDS = 500, 20
+
     def _reclaim_due(self):
+        """Expire what is due.  In failover the core's reclaim (the partner's: it also
+        unlocks pending-free addresses in PARTNER-DOWN and batches while batches are
+        full); alone, up to RECLAIM_ROUNDS batches a tick, DDNS removal for each."""
+        partner = getattr(self, "failover", None)
+        if partner is not None:
+            return partner._reclaim_due()
         try:
-            for lease in self.leases.reclaim(500):
-                self._lease_changed("expired", lease)
+            for _ in range(self.RECLAIM_ROUNDS):
+                expired = self.leases.reclaim(self.RECLAIM_BATCH)
+                for lease in expired:
+                    self._lease_changed("expired", lease)
+                if len(expired) < self.RECLAIM_BATCH:
+                    break
         except Exception:
             _log.failure("dhcp6 reclaim failed")
+        return None
 
     def _lease_changed(self, event: str, lease) -> None:
         if self._ddns is not None:
