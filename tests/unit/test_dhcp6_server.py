@@ -180,13 +180,19 @@ def test_renew_extends_and_no_binding(tmp_path):
 
 def test_rebind_without_binding(tmp_path):
     """REBIND with no binding here: a free on-link address is bound to the client (it keeps
-    it); an address off this link comes back with lifetimes 0 (RFC 8415 18.3.5)."""
+    it); an address off this link comes back with lifetimes 0 (RFC 8415 18.3.5); an on-link
+    address the server cannot give it gets NoBinding."""
     lab = Lab(tmp_path)
     rb = lab.relay(msg(C.REBIND, 1, na=[(1, ["2001:db8:1::102"])]))
     assert addrs(rb) == ["2001:db8:1::102"] and rb.ia_na[0].addresses[0].valid == 2000
     assert lab.leases.get(NA, "2001:db8:1::102").state == "bound"
     rb = lab.relay(msg(C.REBIND, 2, na=[(1, ["2001:db8:9::5"])]))
     assert [(a.preferred, a.valid) for a in rb.ia_na[0].addresses] == [(0, 0)]
+    # on the link but another client's: NoBinding, never lifetimes 0 (the address is
+    # valid for its holder; in failover it may be the partner's client's)
+    rb = lab.relay(msg(C.REBIND, 3, na=[(1, ["2001:db8:1::102"])]))
+    assert rb.ia_na[0].status.code == C.NO_BINDING and not rb.ia_na[0].addresses
+    assert lab.leases.get(NA, "2001:db8:1::102").duid == duid(1).hex()
 
 
 def test_release_and_decline(tmp_path):

@@ -290,14 +290,16 @@ class Dhcp6Handler:
         off_link = [a for a in asked if a not in on_link]
         if not mine and m.msg_type == C.REBIND and asked:
             # no binding here (e.g. the client's server is gone): keep the client's
-            # addresses if they are ours to give and free, else tell it to stop
+            # addresses if they are ours to give and free; only addresses not for this
+            # link get lifetimes 0 (one held by another client, or by the partner's
+            # half in failover, is not "not appropriate for the link": NoBinding, the
+            # client asks again with a Request)
             for text in on_link:
                 bound = self._bind(kind, subnet, duid, ia.iaid, text, m)
                 if bound is not None:
                     mine.append(bound)
-            if not mine:
-                if off_link or on_link:
-                    return self._ia_out(kind, ia, subnet, [], off_link + on_link)
+            if not mine and off_link and not on_link:
+                return self._ia_out(kind, ia, subnet, [], off_link)
         elif mine:
             mine = [b for b in (self._bind(kind, subnet, duid, ia.iaid, le.address, m)
                                 for le in mine) if b is not None]
