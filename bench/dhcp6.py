@@ -39,11 +39,20 @@ answered with the address AND the prefix they had.  Both systems run their shipp
 HA defaults: the appliance without automatic partner-down, Kea HA hot-standby with
 no timer set (max-response-delay 60 s, max-unacked-clients 10, max-ack-delay 10 s).
 
+Partition (``case = partition``, beyond SPEC's rows): the pair is cut apart (nft drop
+between a and b) for 40 s, longer than the appliance's MCLT (5 s here), while two
+groups of new clients (address + prefix, 4/s each, rebinding every second) arrive;
+during the cut one group reaches only a, the other only b.  ``duplicate_addresses``:
+addresses or prefixes REPLYed to two DUIDs with overlapping valid lifetimes (read
+from the wire); ``served_in_cut``: new clients bound during the cut.  Kea: the HA
+hot-standby of the failover row (shipped timers).
+
     python bench/dhcp6.py [--quick] [--json] [--duration S] [--trials N] [--skip-kea]
-                          [--skip-appliance] [--cases single,pair,single-pd,pair-pd,failover]
+                          [--skip-appliance]
+                          [--cases single,pair,single-pd,pair-pd,failover,partition]
 
 ``--quick`` (under a minute): the four rate cases, 1 s probes, 2 per system, no
-failover.  Needs root, iproute2; the anchor needs ``kea-dhcp6-server`` and
+failover or partition (``--quick --cases partition``: a 15 s cut).  Needs root, iproute2; the anchor needs ``kea-dhcp6-server`` and
 ``kea-admin`` (perfdhcp) -- without perfdhcp every rate row is null and stderr
 says why.
 """
@@ -475,6 +484,68 @@ def failover_case(lab, work: Path, system, n_clients: int, deadline: float = 30.
             "total": kept.get("total")}
 
 
+#: The partition case: the appliance pair's MCLT (the shipped 3600 s cannot be outlived
+#: in a bench), seconds before / during / after the cut, new clients per second per group.
+PARTITION_MCLT_S = 5
+PARTITION = {"before": 3.0, "cut": 40.0, "after": 5.0, "rate": 4.0}
+
+
+def link_local(lab, ns: str) -> str:
+    return next(str(a.ip) for a in lab.addresses(ns) if a.version == 6 and a.ip.is_link_local)
+
+
+def partition_case(lab, work: Path, system, quick: bool = False) -> dict:
+    """Cut a from b (nft drop between them) for longer than the MCLT while two groups
+    of new clients (address + prefix, rebinding every second) keep arriving: during
+    the cut group 1 (namespace client) reaches only a and group 2 (namespace c2) only
+    b.  Every binding REPLY on the wire is recorded (tests/support/dhcp6_client.py
+    crowd); duplicates are addresses or prefixes given to two DUIDs with overlapping
+    valid lifetimes; ``served_in_cut`` the new clients that got a first binding
+    during the cut (out of those that arrived then)."""
+    from tests.support.dhcp6_client import duplicates, read_jsonl
+    p = dict(PARTITION)
+    if quick:
+        p.update(cut=3 * PARTITION_MCLT_S)
+    if "c2" not in lab.nodes:
+        lab.add_node("c2")
+    total = p["before"] + p["cut"] + p["after"]
+    outs = {ns: work / f"partition-{system.__class__.__name__}-{ns}.jsonl" for ns in ("client", "c2")}
+    crowds = {}
+    for i, (ns, out) in enumerate(outs.items()):
+        out.unlink(missing_ok=True)
+        crowds[ns] = lab.popen(ns, *CLIENT6, "crowd", "--pd", "--out", str(out),
+                               "--tag", str(0x20 + i), "--rate", str(p["rate"]),
+                               "--duration", str(total), "--linger", "3", text=True)
+    time.sleep(p["before"])
+    cuts = [("a", ADDR["b"]), ("b", link_local(lab, "client")), ("a", link_local(lab, "c2"))]
+    t_cut = time.time()
+    for ns, addr in cuts:
+        lab.drop_between(ns, addr)
+    time.sleep(p["cut"] / 2)
+    states = {n: system.partner_state(n) if isinstance(system, Appliance) else system.ha_state(n)
+              for n in ("a", "b")}
+    time.sleep(p["cut"] / 2)
+    for ns, addr in cuts:
+        lab.undrop(ns, addr)
+    t_heal = time.time()
+    for crowd in crowds.values():
+        crowd.communicate(timeout=total + 60)
+    replies = [r for out in outs.values() if out.exists() for r in read_jsonl(out)]
+    dups = duplicates(replies)
+    first: dict[str, float] = {}
+    for r in replies:
+        if r["valid"] > 0:
+            first[r["duid"]] = min(first.get(r["duid"], r["t"]), r["t"])
+    in_cut = sum(1 for t in first.values() if t_cut <= t < t_heal)
+    arrived = int(p["cut"] * p["rate"] * 2)
+    log(f"  partition: {p['cut']:.0f} s cut, states in the middle {states}, {len(replies)} binding "
+        f"REPLYs from {len({r['server'] for r in replies})} servers, {in_cut} of ~{arrived} new "
+        f"clients bound during the cut, {len(dups)} addresses/prefixes given to two DUIDs"
+        + (f" (e.g. {dups[:5]})" if dups else ""))
+    return {"duplicates": len(dups), "served_in_cut": in_cut, "arrived_in_cut": arrived,
+            "cut_s": p["cut"], "states": states}
+
+
 # ---------------------------------------------------------------------------
 
 def have_kea() -> tuple[bool, str]:
@@ -502,9 +573,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-kea", action="store_true")
     ap.add_argument("--skip-appliance", action="store_true")
     ap.add_argument("--cases", help="comma-separated subset of single,pair,single-pd,pair-pd,"
-                    "failover (default: all; --quick: the four rate cases)")
+                    "failover,partition (default: all; --quick: the four rate cases)")
     args = ap.parse_args(argv)
-    default = ",".join(RATE_CASES) + ("" if args.quick else ",failover")
+    default = ",".join(RATE_CASES) + ("" if args.quick else ",failover,partition")
     cases = {c.strip() for c in (args.cases or default).split(",") if c.strip()}
     duration = args.duration or (1.0 if args.quick else 8.0)
     trials = args.trials or (2 if args.quick else 6)
@@ -535,10 +606,12 @@ def main(argv=None) -> int:
             if case == "failover":
                 row(system, case, "serve_after_death_ms", None, "ms", why)
                 row(system, case, "kept_address_pct", None, "%", why)
+            elif case == "partition":
+                row(system, case, "duplicate_addresses", None, "addresses+prefixes", why)
             else:
                 rate_rows(system, case, None, why)
 
-    ordered = [c for c in (*RATE_CASES, "failover") if c in cases]
+    ordered = [c for c in (*RATE_CASES, "failover", "partition") if c in cases]
     if os.geteuid() != 0:
         for system in systems:
             null_rows(system, ordered, "not root (network namespaces)")
@@ -608,6 +681,37 @@ def main(argv=None) -> int:
                 except Exception as e:          # a broken system gives null rows, not a crash
                     log(f"{system} {case}: FAILED: {e}")
                     rate_rows(system, case, None, f"failed: {str(e).splitlines()[0][:120]}")
+                finally:
+                    if srv is not None:
+                        srv.stop()
+
+        if "partition" in cases:
+            for system in systems:
+                if system == "kea" and not (kea_ok and ha_ok):
+                    row("kea", "partition", "duplicate_addresses", None, "addresses",
+                        kea_why or ha_why)
+                    continue
+                if system == "appliance":
+                    factory = lambda: appliance(True, mclt_s=PARTITION_MCLT_S)   # noqa: E731
+                    note = (f"appliance dhcp6 pair split-scope, mclt_s {PARTITION_MCLT_S}, shipped "
+                            "failover otherwise (no automatic partner-down)")
+                else:
+                    factory = lambda: kea("hot-standby", shipped=True)   # noqa: E731
+                    note = KEA_SHIPPED.format(mode="hot-standby")
+                srv = None
+                try:
+                    srv = factory()
+                    log(f"{system} partition: started")
+                    pr = partition_case(lab, work, srv, args.quick)
+                    row(system, "partition", "duplicate_addresses", pr["duplicates"],
+                        "addresses+prefixes", f"{note}; cut {pr['cut_s']:.0f} s, one client group "
+                        "reaches only a, the other only b")
+                    row(system, "partition", "served_in_cut", pr["served_in_cut"], "clients",
+                        f"new clients first bound during the cut (~{pr['arrived_in_cut']} arrived in it)")
+                except Exception as e:
+                    log(f"{system} partition: FAILED: {e}")
+                    row(system, "partition", "duplicate_addresses", None, "addresses+prefixes",
+                        f"failed: {str(e).splitlines()[0][:120]}")
                 finally:
                     if srv is not None:
                         srv.stop()
