@@ -52,7 +52,8 @@ hot-standby of the failover row (shipped timers).
                           [--cases single,pair,single-pd,pair-pd,failover,partition]
 
 ``--quick`` (under a minute): the four rate cases, 1 s probes, 2 per system, no
-failover or partition (``--quick --cases partition``: a 15 s cut).  Needs root, iproute2; the anchor needs ``kea-dhcp6-server`` and
+failover or partition (``--quick --cases partition``: a 15 s cut).  Needs root,
+iproute2, nft; the anchor needs ``kea-dhcp6-server`` and
 ``kea-admin`` (perfdhcp) -- without perfdhcp every rate row is null and stderr
 says why.
 """
@@ -114,7 +115,8 @@ def run_perfdhcp(lab, rate: int, duration: float, pd: bool) -> dict:
     sent = sa.get("sent packets", 0)
     done = rr.get("received packets", 0)
     lost = max(0.0, sent - done)
-    pooled = parsed["delays"].get("SOLICIT-ADVERTISE", []) + parsed["delays"].get("REQUEST-REPLY", [])
+    delays = parsed["delays"]
+    pooled = delays.get("SOLICIT-ADVERTISE", []) + delays.get("REQUEST-REPLY", [])
     rr_d = parsed["delays"].get("REQUEST-REPLY", [])
     out = {
         "offered": rate, "sent": sent, "completed": done,
@@ -476,7 +478,8 @@ def failover_case(lab, work: Path, system, n_clients: int, deadline: float = 30.
     dead_kept = (kept.get("kept_by_server") or {}).get(victim, 0)
     log(f"  failover: first REPLY to a new client {fmt(first.get('ms'))} ms after the kill "
         f"(server {first.get('server')}); kept {kept.get('kept')}/{kept.get('total')} "
-        f"address+prefix ({kept.get('unanswered')} unanswered, e.g. changed {kept.get('changed')}); "
+        f"address+prefix ({kept.get('unanswered')} unanswered, e.g. changed "
+        f"{kept.get('changed')}); "
         f"the leases came from {len(servers)} server(s), {dead_total} from the dead one "
         f"({victim}), {dead_kept} of those kept")
     return {"serve_after_death_ms": first.get("ms"), "kept_address_pct": pct,
@@ -509,7 +512,8 @@ def partition_case(lab, work: Path, system, quick: bool = False) -> dict:
     if "c2" not in lab.nodes:
         lab.add_node("c2")
     total = p["before"] + p["cut"] + p["after"]
-    outs = {ns: work / f"partition-{system.__class__.__name__}-{ns}.jsonl" for ns in ("client", "c2")}
+    outs = {ns: work / f"partition-{system.__class__.__name__}-{ns}.jsonl"
+            for ns in ("client", "c2")}
     crowds = {}
     for i, (ns, out) in enumerate(outs.items()):
         out.unlink(missing_ok=True)
@@ -707,7 +711,8 @@ def main(argv=None) -> int:
                         "addresses+prefixes", f"{note}; cut {pr['cut_s']:.0f} s, one client group "
                         "reaches only a, the other only b")
                     row(system, "partition", "served_in_cut", pr["served_in_cut"], "clients",
-                        f"new clients first bound during the cut (~{pr['arrived_in_cut']} arrived in it)")
+                        f"new clients first bound during the cut (~{pr['arrived_in_cut']} "
+                        "arrived in it)")
                 except Exception as e:
                     log(f"{system} partition: FAILED: {e}")
                     row(system, "partition", "duplicate_addresses", None, "addresses+prefixes",
@@ -741,7 +746,8 @@ def main(argv=None) -> int:
                                       if system == "appliance" else ""))
                     row(system, "failover", "kept_address_pct", fo["kept_address_pct"], "%",
                         f"{note}; address AND prefix kept by REBIND; {fo['dead_kept']} of the "
-                        f"{fo['dead_total']} (of {fo['total']}) clients the dead partner had served")
+                        f"{fo['dead_total']} (of {fo['total']}) clients the dead partner had "
+                        "served")
                 except Exception as e:
                     log(f"{system} failover: FAILED: {e}")
                     why = f"failed: {str(e).splitlines()[0][:120]}"

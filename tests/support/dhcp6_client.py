@@ -83,7 +83,8 @@ def encode(mtype: int, xid: int, *, duid: bytes, iaid: int = 1, na: bool = True,
     if na:
         inner = b""
         if address:
-            inner = _opt(OPT_IAADDR, ipaddress.IPv6Address(address).packed + struct.pack("!II", 0, 0))
+            inner = _opt(OPT_IAADDR, ipaddress.IPv6Address(address).packed
+                         + struct.pack("!II", 0, 0))
         out += _opt(OPT_IA_NA, struct.pack("!III", iaid, 0, 0) + inner)
     if pd:
         inner = b""
@@ -190,7 +191,8 @@ def parse(data: bytes) -> Reply:
         elif code == OPT_PREFERENCE and body:
             r.preference = body[0]
         elif code == OPT_DNS_SERVERS:
-            r.dns = [str(ipaddress.IPv6Address(body[i:i + 16])) for i in range(0, len(body) - 15, 16)]
+            r.dns = [str(ipaddress.IPv6Address(body[i:i + 16]))
+                     for i in range(0, len(body) - 15, 16)]
         elif code in (OPT_IA_NA, OPT_IA_PD):
             if len(body) < 12:
                 raise ValueError("short IA")
