@@ -19,7 +19,8 @@ DURATION = 60.0
 @pytest.mark.parametrize("start,count", [(s, min(CHUNK, SEEDS - s)) for s in range(0, SEEDS, CHUNK)])
 def test_v6_pair_never_gives_one_address_or_prefix_to_two_clients(start, count):
     """No address and no prefix given to a client while another holds an unexpired one for
-    it -- under partitions longer than the MCLT, kill -9 and restart (disk kept, RECOVER
-    when the partner ran PARTNER-DOWN) and the operator's partner-down."""
+    it -- under partitions longer than the MCLT, kill -9 and restart with and without the
+    disk (RECOVER when the partner ran PARTNER-DOWN or the data is lost, then RECOVER-WAIT)
+    and the operator's partner-down; a node restarted without its data recovers as such."""
     for seed in range(start, start + count):
         World(seed, duration=DURATION).run()

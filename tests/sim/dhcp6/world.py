@@ -7,14 +7,16 @@ Clients: SOLICIT with Rapid Commit to every live server in a random order (a rea
 client multicasts; it takes the first REPLY), RENEW to its server at T1, REBIND to every
 live server at T2, lose the lease at the end of its valid lifetime, RELEASE sometimes,
 leave without a word sometimes, come back later.  Faults: the link between the servers
-down (heartbeats too: a partition) for up to several MCLTs, a server killed (its disk
-kept) and restarted later, the operator's partner-down while the partner is really dead.
+down (heartbeats too: a partition) for up to several MCLTs, a server killed with or
+without its lease store (the disk; its state_dir marker stays) and restarted later, the
+operator's partner-down while the partner is really dead.
 
 Partner states follow the cluster's rules in miniature: NORMAL while the peer is heard,
 COMMUNICATIONS-INTERRUPTED after ``DETECT_S`` of silence, PARTNER-DOWN only by the
 operator once the peer is dead, RECOVER (sync from the peer) for a node that comes back
-while its peer ran PARTNER-DOWN, STARTUP (serving nobody) for one that comes back while
-the peer did not, then NORMAL for both.
+while its peer ran PARTNER-DOWN or without its data (then RECOVER-WAIT: the MCLT before
+it serves), STARTUP (serving nobody) for one that comes back while the peer did not, then
+NORMAL for both.
 
 Invariant, checked at every REPLY a client takes: no address and no prefix is given to a
 client while another client holds an unexpired one for it (the clients' own view).  The
@@ -33,7 +35,9 @@ from twisted.internet.task import Clock
 
 from services.dhcp.failover import pools as P
 from services.dhcp.v6 import codec as C
+from appliance.store.embedded import EmbeddedStore
 from tests.sim.dhcp6.pair import Wire, ask, msg, node
+from tests.support.sync import inline
 
 T0 = 1_700_000_000.0
 STEP_S = 0.5
@@ -84,6 +88,9 @@ class World:
         self.silent_since: dict[str, float | None] = {"a": None, "b": None}
         self.link_until: float | None = None
         self.recovering: set[str] = set()
+        self.wiped: set[str] = set()               # restarted without its disk, not in step yet
+        self.recover_wait: dict[str, float] = {}   # recovered without data: serves after this
+        self.incarnation = {"a": 0, "b": 0}
         self.log: list[str] = []
         self.events = 0
         self.stats = {"acquired": 0, "renewed": 0, "kept_across_failover": 0,
@@ -100,8 +107,14 @@ class World:
             self.log.append(f"{self.clock.seconds() - T0:8.1f} {text}")
 
     def _start(self, name: str, state: str) -> None:
+        store = self.stores.get(name)
+        if store is None:                    # the lease store's disk (state_dir stays)
+            store = EmbeddedStore(self.clock, state_dir=self.path / name /
+                                  f"store{self.incarnation[name]}", fsync="never",
+                                  run_in_thread=inline, turn_batching=False)
+            store.startService()
         svc = node(self.path, self.clock, self.wire, name, PEER[name], ROLE[name], state,
-                   store=self.stores.get(name), **self.cfg)
+                   store=store, **self.cfg)
         self.stores[name] = svc.context.store
         self.nodes[name] = svc
         self.told[name] = state
@@ -137,25 +150,37 @@ class World:
             self.note(f"partition until {self.link_until - T0:.1f}")
         elif all(self.alive.values()) and not self.recovering and r.random() < 0.005:
             name = r.choice(("a", "b"))
-            self._kill(name, now + r.uniform(2, 4 * self.mclt))
+            self._kill(name, now + r.uniform(2, 4 * self.mclt), wipe=r.random() < 0.3)
 
-    def _kill(self, name: str, until: float) -> None:
+    def _kill(self, name: str, until: float, wipe: bool = False) -> None:
         self.stats["kills"] += 1
-        self.note(f"kill {name} until {until - T0:.1f}")
+        self.note(f"kill {name} until {until - T0:.1f}{' and wipe its disk' if wipe else ''}")
         self.alive[name] = False
         self.dead_until[name] = until
         self.wire.dead.add(name)
         svc = self.nodes[name]
         svc.failover.outbox = None            # kill -9: nothing more leaves
         svc.stopService()
+        if wipe:
+            self.stats["wipes"] = self.stats.get("wipes", 0) + 1
+            self.stores.pop(name).stopService()
+            self.incarnation[name] += 1
+            self.wiped.add(name)
 
     def _restart(self, name: str) -> None:
         peer = PEER[name]
         self.wire.dead.discard(name)
         self.alive[name] = True
-        state = P.RECOVER if self.told.get(peer) == P.PARTNER_DOWN else P.STARTUP
-        self.note(f"restart {name} in {state}")
+        lost = name in self.wiped
+        state = P.RECOVER if lost or self.told.get(peer) == P.PARTNER_DOWN else P.STARTUP
+        self.note(f"restart {name} in {state}{' without its data' if lost else ''}")
         self._start(name, state)
+        marker = self.path / name / "dhcp6.held-leases"
+        if lost and marker.exists() and not self.nodes[name].failover._without_data:
+            # it held leases before (its marker survives in state_dir): it must know
+            raise Violation(f"seed {self.seed}: {name} restarted without its data but does "
+                            f"not recover as such (replay: python -m tests.sim.dhcp6 "
+                            f"--seed {self.seed} -v)")
         if state == P.RECOVER:
             self.recovering.add(name)
 
@@ -166,7 +191,11 @@ class World:
             peer = PEER[name]
             if self.heard(name):
                 self.silent_since[name] = None
-                if name in self.recovering:
+                if name in self.recover_wait:
+                    if now >= self.recover_wait[name]:
+                        del self.recover_wait[name]
+                        self._recovered(name)
+                elif name in self.recovering:
                     self._recover(name)
                 elif self.told[name] != P.NORMAL and peer not in self.recovering:
                     self.tell(name, P.NORMAL, "peer heard")
@@ -195,8 +224,17 @@ class World:
             self.clock.advance(0.01)
         if not done or not isinstance(done[0], int):
             return                                   # try again on the next step
-        self.recovering.discard(name)
         self.stats["recoveries"] += 1
+        if name in self.wiped:
+            # RECOVER-WAIT: what we gave before losing our data may run for the MCLT
+            self.recover_wait[name] = self.clock.seconds() + self.mclt
+            self.note(f"{name}: RECOVER-WAIT until {self.recover_wait[name] - T0:.1f}")
+            return
+        self._recovered(name)
+
+    def _recovered(self, name: str) -> None:
+        self.recovering.discard(name)
+        self.wiped.discard(name)
         self.tell(name, P.RECOVER_DONE, "synced")
         self.tell(PEER[name], P.NORMAL, "peer recovered")
         self.tell(name, P.NORMAL, "peer heard")
