@@ -385,3 +385,12 @@ def test_t1_t2_follow_a_short_lifetime(tmp_path):
     full = Lease6(NA, "2001:db8:1::101", 1, duid(2).hex(), 1, "bound", now + 2000, 0.0, now)
     ia = lab.h._ia_out(NA, C.IA(1), subnet, [full])
     assert (ia.t1, ia.t2) == (500, 800)
+
+
+def test_preference_option_in_advertise(tmp_path):
+    """``preference`` puts the Preference option (RFC 8415 21.8) in every ADVERTISE; without
+    it there is none (clients then treat it as 0)."""
+    lab = Lab(tmp_path, cfg=config(preference=255))
+    assert lab.relay(msg(C.SOLICIT, 1, na=[(1, ())])).preference == 255
+    plain = Lab(tmp_path / "p")
+    assert plain.relay(msg(C.SOLICIT, 1, na=[(1, ())])).preference is None
