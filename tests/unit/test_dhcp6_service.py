@@ -278,3 +278,16 @@ def test_reclaim_expires_and_in_failover_runs_the_cores_reclaim(tmp_path):
     svc.failover = SimpleNamespace(_reclaim_due=lambda: calls.append(1))
     svc._reclaim_due()
     assert calls == [1]
+
+
+def test_send_error_is_counted_not_raised(tmp_path):
+    """A reply the kernel refuses (unreachable, no buffer) is counted as send_error; the
+    service keeps answering."""
+    svc, clock, store = service(tmp_path)
+
+    class Refusing(Port):
+        def write(self, data, addr):
+            raise OSError(101, "Network is unreachable")
+    svc.port = Refusing()
+    svc.received(relayed(msg(C.SOLICIT, 1, na=[(1, ())])), ("::1", 1))
+    assert svc.drops["send_error"] == 1 and svc.drops.get("crash", 0) == 0

@@ -128,7 +128,10 @@ class Dhcp6Service(Service):
         if getattr(self, "failover", None) is not None:
             self.failover.start(n)      # the partner relationship (services/dhcp/v6/failover.py)
         if cfg.interface:
-            self._ifindex = socket.if_nametoindex(cfg.interface)
+            try:
+                self._ifindex = socket.if_nametoindex(cfg.interface)
+            except OSError:
+                raise ValueError(f"dhcp6: interface {cfg.interface!r} does not exist") from None
             self.port = self.reactor.listenUDP(cfg.port, _Protocol(self.received), interface="::")
             sock = self.port.socket
             sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, cfg.interface.encode())
@@ -218,10 +221,13 @@ class Dhcp6Service(Service):
             _log.error("dhcp6: reply not encodable: {why}", why=e)
             return
         host, port = addr[0], addr[1]
-        if self._ifindex and host.lower().startswith("fe80"):
-            self.port.write(data, (host, port, 0, self._ifindex))
-        else:
-            self.port.write(data, (host, port))
+        to = (host, port, 0, self._ifindex) if self._ifindex and host.lower().startswith("fe80") \
+            else (host, port)
+        try:
+            self.port.write(data, to)
+        except OSError as e:          # unreachable, no buffer space: the client retransmits
+            self.drops["send_error"] = self.drops.get("send_error", 0) + 1
+            _log.warn("dhcp6: reply to {to} not sent: {why}", to=to, why=e)
 
     def _failed(self, failure, msg):
         self.drops["store_error"] += 1
