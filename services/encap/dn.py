@@ -275,7 +275,7 @@ class DecapNode:
         elif kind == W.K_KEEPALIVE:
             self.stats["keepalives"] += 1
             if value & W.KA_ECHO:
-                self._send(s, W.keepalive_plain(False))
+                self._send(s, W.keepalive_plain(False, value >> 8))   # the EN's stamp back
         else:
             self._control(s, value)
 

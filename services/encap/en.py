@@ -156,7 +156,6 @@ class Link:
     tx: int = 0
     drops: dict = field(default_factory=dict)
     # probing of the primary while data flows (see ENClient._probe)
-    probe_at: float | None = None  # the oldest echo probe not answered yet
     probe_call: object = None      # the pending answer check
     misses: int = 0                # probes in a row without any record back
     srtt: float | None = None      # echo round trip, smoothed (RFC 6298)
@@ -317,13 +316,17 @@ class ENClient:
     def probe_timeout(self, link: Link) -> float:
         """How long an echo probe of ``link`` may wait for its answer: the RTO of
         RFC 6298 from the echo round trips seen (srtt + 4 rttvar), at least
-        ``PROBE_TIMEOUT_FLOOR`` of the active interval (half an interval before any
-        sample: the first probes use the floor), so a DN that is far away (MAN, WAN)
-        is given its round trip and a near one is judged at once."""
+        ``PROBE_TIMEOUT_FLOOR`` of the active interval, so a DN that is far away (MAN, WAN)
+        is given its round trip and a near one is judged at once (before any sample:
+        the idle dead time)."""
         floor = PROBE_TIMEOUT_FLOOR * self.active_interval
         if link.srtt is None:
-            return floor
+            return max(floor, self.dead_s)      # no round trip seen yet: be patient
         return max(floor, link.srtt + 4 * link.rttvar)
+
+    @staticmethod
+    def _stamp(now: float) -> int:
+        return int(now * 1000) % 0xFFFFFFFF + 1
 
     def _probe(self, link: Link, now: float, fast: bool) -> None:
         """Send an echo keepalive.  To the primary while data flows (``fast``) it is
@@ -334,9 +337,7 @@ class ENClient:
         timeouts after it (~50 ms on a LAN) instead of ``dead_after`` active intervals
         of silence (80-100 ms); the silence rule of the tick stays as the fallback."""
         link.last_ka = now
-        self._seal(link, W.keepalive_plain(True))
-        if link.probe_at is None:
-            link.probe_at = now
+        self._seal(link, W.keepalive_plain(True, self._stamp(now)))
         if fast and link.probe_call is None and link.keys is not None:
             timeout = self.probe_timeout(link)
             link.probe_call = self.reactor.callLater(timeout, self._probe_check, link, now,
@@ -373,12 +374,11 @@ class ENClient:
         return any(other is not link and other.state == UP and other.keys is not None
                    for other in self.links.values())
 
-    def _answered(self, link: Link, now: float) -> None:
-        """A keepalive answer: an RTT sample from the oldest unanswered probe."""
-        sent = link.probe_at
-        if sent is None:
-            return
-        sample = now - sent
+    def _answered(self, link: Link, now: float, stamp: int) -> None:
+        """A keepalive answer carrying our probe's stamp: an RTT sample."""
+        sample = ((self._stamp(now) - stamp) % 0xFFFFFFFF) / 1000.0
+        if sample > 60:
+            return                                  # not ours (or absurd)
         if link.srtt is None:
             link.srtt, link.rttvar = sample, sample / 2
         else:
@@ -394,7 +394,7 @@ class ENClient:
             # DN's route is in) is taken until a new session with it is up
             link.rx_keys, link.rx_index = link.keys, link.index
         link.keys = None
-        link.misses, link.probe_at = 0, None
+        link.misses = 0
         if link.probe_call is not None and link.probe_call.active():
             link.probe_call.cancel()
         link.probe_call = None
@@ -540,11 +540,9 @@ class ENClient:
     def _inner(self, link: Link, kind: int, value) -> None:
         link.last_rx = now = self.reactor.seconds()
         link.rx += 1
-        if link.probe_at is not None:
-            if kind == W.K_KEEPALIVE:
-                self._answered(link, now)
-            link.probe_at = None
-            link.misses = 0
+        link.misses = 0
+        if kind == W.K_KEEPALIVE and value >> 8:
+            self._answered(link, now, value >> 8)
         if kind == W.K_DATA:
             packet = value[1]
             self.last_data = link.last_rx

@@ -33,7 +33,7 @@ the 13 header bytes.  Its plaintext starts with a *kind* byte:
 * ``K_DATA``  ``flow u64 || IP packet`` (``flow`` numbers the EN's packets
   across all its sessions, so copies sent on two DNs during a soft handoff
   carry the same number);
-* ``K_KEEPALIVE`` ``u8 flags`` (bit 0: please echo) ;
+* ``K_KEEPALIVE`` ``u8 flags`` (bit 0: please echo) ``[u32 stamp]`` (echoed back) ;
 * ``K_CONTROL`` ``JSON object`` with a ``"t"`` key (see :data:`CONTROL_TYPES`).
 """
 
@@ -75,6 +75,7 @@ HELLO_HEAD = struct.Struct("!BBI16sB")         # type, version, sender, nonce, i
 CHALLENGE_HEAD = struct.Struct("!BII16sB")     # type, receiver, sender, nonce, id_len
 CONFIRM = struct.Struct("!BI32s")
 FLOW = struct.Struct("!Q")
+STAMP = struct.Struct("!I")           # optional keepalive stamp (echoed by the DN)
 #: Bytes a RECORD of kind DATA adds to the inner IP packet (plus IP 20 + UDP 8 outside).
 DATA_OVERHEAD = RECORD_HEADER.size + 1 + FLOW.size + TAG_LEN
 MAX_SEQ = (1 << 64) - 1
@@ -335,8 +336,11 @@ def data_plain(flow: int, packet: bytes) -> bytes:
     return b"\0" + FLOW.pack(flow) + packet
 
 
-def keepalive_plain(echo: bool) -> bytes:
-    return bytes([K_KEEPALIVE, KA_ECHO if echo else 0])
+def keepalive_plain(echo: bool, stamp: int = 0) -> bytes:
+    """A keepalive; ``stamp`` (1 .. 2^32-1, optional) is the EN's probe time, which
+    the DN's answer carries back (the EN's round-trip sample, matched to its probe)."""
+    flags = bytes([K_KEEPALIVE, KA_ECHO if echo else 0])
+    return flags + STAMP.pack(stamp) if stamp else flags
 
 
 def control_plain(msg: dict) -> bytes:
@@ -355,9 +359,12 @@ def parse_inner(plain: bytes):
             raise Drop("not_ip")
         return K_DATA, (FLOW.unpack_from(plain, 1)[0], packet)
     if kind == K_KEEPALIVE:
-        if len(plain) != 2:
-            raise Drop("bad_keepalive")
-        return K_KEEPALIVE, plain[1]
+        if len(plain) == 2:
+            return K_KEEPALIVE, plain[1]
+        if len(plain) == 2 + STAMP.size:
+            # the stamp in the bits above the flags (value & KA_ECHO stays the flag)
+            return K_KEEPALIVE, plain[1] | STAMP.unpack_from(plain, 2)[0] << 8
+        raise Drop("bad_keepalive")
     if kind == K_CONTROL:
         if len(plain) > MAX_CONTROL + 1:
             raise Drop("control_too_long")

@@ -635,3 +635,44 @@ def test_the_only_dn_left_is_not_declared_dead_by_the_fast_rules():
     net.run(0.05, step=0.002)
     assert net.en.links["dn2"].state == "up" and net.en.primary == "dn2"
     assert not [e for e in net.en.events if e["what"] == "dn_down" and e["dn"] == "dn2"]
+
+
+def test_a_far_dn_with_data_both_ways_is_never_declared_dead_by_the_probe_burst():
+    """60 ms each way (a WAN-like path) with data flowing both ways: the DN echoes the
+    EN's probe stamp, so the round trip is measured right (not from the last data
+    packet) and the probe RTO covers it; no switch while the DN is alive."""
+    net = Net()
+    hold, delayed = 0.06, []
+
+    def pump(rounds=20):
+        net.clock.advance(0)
+        now = net.clock.seconds()
+        delayed.extend((now + hold, item) for item in net.queue)
+        net.queue[:] = []
+        due = [item for t, item in delayed if t <= now + 1e-9]
+        delayed[:] = [(t, item) for t, item in delayed if t > now + 1e-9]
+        for src, dst, data in due:
+            if (src if src != "en" else dst) in net.cut:
+                continue
+            if dst == "en":
+                net.en.datagram(src, data)
+            else:
+                net.dns[dst].datagram(data, ("10.99.0.100", 40000))
+        net.clock.advance(0)
+    net.pump = pump
+    net.en.start()
+    net.run(1.0, step=0.002)
+    a = net.en.address
+    assert a is not None and net.en.primary == "dn1"
+    for _ in range(200):                          # 2 s of traffic both ways
+        net.en.tun_packets([ip_packet(a, "10.210.0.10")])
+        net.dns["dn1"].tun_packets([ip_packet("10.210.0.10", a)])
+        net.run(0.01, step=0.002)
+    assert net.en.primary == "dn1" and net.en.stats["failovers"] == 0, net.en.events
+    assert 0.11 <= net.en.links["dn1"].srtt <= 0.14, net.en.links["dn1"].srtt
+    # and when it dies, the EN still switches
+    net.cut.add("dn1")
+    for _ in range(100):
+        net.en.tun_packets([ip_packet(a, "10.210.0.10")])
+        net.run(0.01, step=0.002)
+    assert net.en.primary == "dn2"
