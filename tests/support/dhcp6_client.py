@@ -48,6 +48,7 @@ NAMES = {1: "SOLICIT", 2: "ADVERTISE", 3: "REQUEST", 4: "CONFIRM", 5: "RENEW", 6
 OPT_CLIENTID, OPT_SERVERID, OPT_IA_NA, OPT_IAADDR = 1, 2, 3, 5
 OPT_ORO, OPT_PREFERENCE, OPT_ELAPSED_TIME, OPT_STATUS_CODE = 6, 7, 8, 13
 OPT_RAPID_COMMIT, OPT_DNS_SERVERS, OPT_IA_PD, OPT_IAPREFIX = 14, 23, 25, 26
+OPT_CLIENT_FQDN = 39
 
 STATUS = {0: "Success", 1: "UnspecFail", 2: "NoAddrsAvail", 3: "NoBinding", 4: "NotOnLink",
           5: "UseMulticast", 6: "NoPrefixAvail"}
@@ -68,7 +69,7 @@ def _opt(code: int, data: bytes) -> bytes:
 def encode(mtype: int, xid: int, *, duid: bytes, iaid: int = 1, na: bool = True, pd: bool = False,
            server_duid: bytes | None = None, address: str | None = None,
            prefix: str | None = None, elapsed_cs: int = 0, rapid: bool = False,
-           lifetimes: bool = False) -> bytes:
+           lifetimes: bool = False, fqdn: str | None = None) -> bytes:
     """One client message.  ``address`` / ``prefix`` go into IAADDR / IAPREFIX
     (RENEW, REBIND, RELEASE, REQUEST); ``lifetimes`` asks to keep them (non-zero
     preferred/valid hints are not required by RFC 8415: 0 means no preference)."""
@@ -80,6 +81,12 @@ def encode(mtype: int, xid: int, *, duid: bytes, iaid: int = 1, na: bool = True,
     out += _opt(OPT_ORO, struct.pack("!H", OPT_DNS_SERVERS))
     if rapid:
         out += _opt(OPT_RAPID_COMMIT, b"")
+    if fqdn is not None:
+        # RFC 4704: flags (S: the server updates AAAA), the name in DNS wire format;
+        # without a trailing dot a partial name (no terminating zero label)
+        labels = [lb for lb in fqdn.rstrip(".").split(".") if lb]
+        wire = b"".join(bytes([len(lb)]) + lb.encode() for lb in labels)
+        out += _opt(OPT_CLIENT_FQDN, b"\x01" + wire + (b"\x00" if fqdn.endswith(".") else b""))
     if na:
         inner = b""
         if address:
@@ -267,13 +274,13 @@ class Client6:
                 return r
 
     def lease(self, duid: bytes, *, pd: bool = False, na: bool = True, timeout: float = 1.0,
-              tries: int = 3, rapid: bool = False) -> Reply | None:
+              tries: int = 3, rapid: bool = False, fqdn: str | None = None) -> Reply | None:
         """SOLICIT -> ADVERTISE -> REQUEST -> REPLY (or rapid commit); the REPLY
         with a binding, or None."""
         for _ in range(tries):
             xid = int.from_bytes(os.urandom(3), "big")
-            adv = self.exchange(encode(SOLICIT, xid, duid=duid, na=na, pd=pd, rapid=rapid),
-                                xid, (ADVERTISE, REPLY), timeout)
+            adv = self.exchange(encode(SOLICIT, xid, duid=duid, na=na, pd=pd, rapid=rapid,
+                                       fqdn=fqdn), xid, (ADVERTISE, REPLY), timeout)
             if adv is None:
                 continue
             if adv.mtype == REPLY:
@@ -283,7 +290,7 @@ class Client6:
             xid = int.from_bytes(os.urandom(3), "big")
             rep = self.exchange(encode(REQUEST, xid, duid=duid, na=na, pd=pd,
                                        server_duid=adv.server_duid, address=adv.address,
-                                       prefix=adv.prefix), xid, (REPLY,), timeout)
+                                       prefix=adv.prefix, fqdn=fqdn), xid, (REPLY,), timeout)
             if rep is not None and (rep.address or not na) and (rep.prefix or not pd):
                 return rep
         return None
