@@ -6,14 +6,17 @@ period) after its last authentic beat; the timer is reset by every beat, so
 takeover time does not depend on tick alignment.  ``on_down(peer)`` hears
 each suspicion, ``on_restart(peer)`` each new incarnation of a peer.
 
-Only time this node was running counts: ``own_stall(now, window)`` (the
-heartbeat channel's measure of how late its own ticks ran in the last
-``window``: the process or the whole host was not scheduled) extends the
-deadline by that much.  A stall of this node alone leaves the peer's beats
-queued in the socket (read before deciding); a stall of the whole host (a
-VM pause, a starved box) also silenced the peer when both run there, and
-the silence it leaves is no evidence of a death.  A real death is still
-detected, ``deadline_s`` of our own running time after the last beat.
+A silence that overlaps a stall of this node is judged only once this node
+has run ``stall_grace_s`` (one interval: ``beats_per_interval`` beats of a
+live peer) since the stall ended (``stall_end(now)``: the heartbeat channel
+sees its own ticks run late; the process or the whole host was not
+scheduled).  A stall of this node alone leaves the peer's beats queued in
+the socket (read before deciding); a stall of the whole host (a VM pause, a
+starved box) also silenced the peer when both run there, and that silence
+is no evidence of a death.  A death is then detected at most one interval
+later than it would be without the stall (never more than ``deadline_s`` +
+the stall + one interval after the last beat: a node late on every tick
+still suspects).
 """
 
 from __future__ import annotations
@@ -71,8 +74,9 @@ class PeerTable:
         self.wall = wall
         self.on_deadline, self.on_down = on_deadline, on_down
         self.on_restart, self.on_skew = on_restart, on_skew
-        #: (now, window) -> seconds this node itself was stalled in that window
-        self.own_stall: Callable[[float, float], float] = lambda now, window: 0.0
+        #: now -> (when, how long) of this node's latest stall (None: never stalled)
+        self.stall_end: Callable[[float], tuple[float, float] | None] = lambda now: None
+        self.stall_grace_s = 0.0
         self.stall_deferred = 0      # suspicions put off because we were stalled
 
     def heard(self, hb: Heartbeat, now: float) -> tuple[PeerInfo, bool]:
@@ -159,23 +163,26 @@ class PeerTable:
     def detect(self, now: float) -> list[PeerInfo]:
         """Suspect every peer silent for ``deadline_s``; the newly suspected."""
         down = []
-        grace = None
+        stall = None
         for peer in self.peers.values():
             if peer.alive and (peer.last_seen is None
                                or now - peer.last_seen >= self.deadline_s - 1e-6):
-                if peer.last_seen is not None:
-                    if grace is None:
-                        grace = self.own_stall(now, self.deadline_s)
-                    if grace > 0 and now - peer.last_seen < self.deadline_s + grace - 1e-6:
+                if peer.last_seen is not None and self.stall_grace_s > 0:
+                    if stall is None:
+                        stall = self.stall_end(now) or (0.0, 0.0)
+                    end, length = stall
+                    if (end > peer.last_seen and now - end < self.stall_grace_s - 1e-6
+                            and now - peer.last_seen
+                            < self.deadline_s + length + self.stall_grace_s):
                         # we were not running for part of that silence: wait
                         # (every tick detects again)
                         if not peer.stall_deferred:
                             peer.stall_deferred = True
                             self.stall_deferred += 1
                             _log.info("peer {peer} silent for {ms} ms, but this node was "
-                                      "stalled for {stall} ms of it: deadline extended",
+                                      "stalled during it: judged {grace} ms after the stall",
                                       peer=peer.id, ms=round((now - peer.last_seen) * 1000),
-                                      stall=round(grace * 1000))
+                                      grace=round(self.stall_grace_s * 1000))
                         continue
                 peer.alive = False
                 peer.suspected += 1

@@ -320,7 +320,8 @@ class ClusterManager(Service):
             build=lambda: self.build_heartbeat(), on_beat=self._beat,
             on_tick=self._tick, stats=self.stats)
         self.channel.verifier.previous_keys = previous_keys(self.cfg)   # M7: key rotation
-        self.detector.own_stall = self.channel.own_stall   # our own stalls are no silence
+        self.detector.stall_end = self.channel.stall_end   # our own stalls are no silence
+        self.detector.stall_grace_s = self.interval
         self.certs = self._read_certs()
         if self.cfg.peer_link and self.cfg.tls is not None:
             from appliance.cluster.peerlink import from_config

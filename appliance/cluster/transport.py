@@ -160,7 +160,7 @@ class HeartbeatChannel:
         self.port = None
         self._call = None
         self._next_at: float | None = None
-        self._stalls: collections.deque = collections.deque(maxlen=64)   # (at, late) own ticks
+        self._stalls: collections.deque = collections.deque(maxlen=8)   # (at, late) own ticks
         self._warned_size = False
         self._stopped = False
         self._last_urgent: float | None = None
@@ -348,17 +348,16 @@ class HeartbeatChannel:
             self._next_at += missed * self.beat_period
         self._call = self.clock.callLater(self._next_at - now, self.tick)
 
-    def own_stall(self, now: float, window: float) -> float:
-        """Seconds this node was not running in the last ``window``: how late
-        its own ticks ran (more than half a beat period: a stall, not epoll's
-        rounding), including a tick overdue right now (the detector can run
-        first after a stall)."""
-        total = sum(late for at, late in self._stalls if at >= now - window)
+    def stall_end(self, now: float) -> tuple[float, float] | None:
+        """``(when, how long)`` of this node's latest stall: its latest tick
+        that ran more than half a beat period late (a stall, not epoll's
+        rounding), or ``now`` while a tick is that overdue (the detector can
+        run first after a stall); None if it never stalled."""
         if self._next_at is not None and not self._stopped:
             overdue = now - self._next_at
             if overdue > self.beat_period / 2:
-                total += overdue
-        return total
+                return now, overdue
+        return self._stalls[-1] if self._stalls else None
 
     def stop(self):
         self._stopped = True

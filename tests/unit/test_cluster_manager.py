@@ -631,3 +631,18 @@ def test_a_stall_of_the_whole_host_is_no_silence():
     while nodes["b"].role("vip1") != "owner":
         clock.advance(0.01)
         assert clock.seconds() - t0 < 1.0
+
+
+def test_a_node_late_on_every_tick_still_suspects_a_dead_peer():
+    """Starved, not paused: every tick of both nodes runs 25 ms late (over half a
+    beat period, so each counts as a stall).  A dead owner is still replaced within
+    deadline + the stall + one interval (the deferral is bounded)."""
+    clock, net, nodes = make_pair(overhead=0.025)
+    start(clock, nodes)
+    run(clock, 1.5)
+    assert owners(nodes) == ["a"]
+    net.cut.add(ADDR["a"])
+    t0 = clock.seconds()
+    while nodes["b"].role("vip1") != "owner":
+        clock.advance(0.005)
+        assert clock.seconds() - t0 < 0.317 + 0.025 + 0.1 + 0.08, "deferred too long"
