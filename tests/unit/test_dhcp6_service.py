@@ -33,9 +33,23 @@ pd_pools = [{ prefix = "2001:db8:100::/48", delegated_length = 56 }]
 """
 
 
+class Sock:
+    """The listener's socket options, recorded."""
+
+    def __init__(self):
+        self.options = {}
+
+    def setsockopt(self, level, name, value):
+        self.options[name] = value
+
+    def getsockopt(self, level, name):
+        return max(self.options.values(), default=0)
+
+
 class Port:
     def __init__(self):
         self.sent = []
+        self.socket = Sock()
 
     def stopListening(self):
         return None
@@ -99,11 +113,13 @@ def service(tmp_path, thread=None, providers=None, store=None, clock=None):
                           cluster=None, rpc=Rpc(), metrics=SimpleNamespace(register=lambda c: None,
                                                                           unregister=lambda c: None))
     svc = Dhcp6Service(cfg.services["dhcp6"].config, ctx)
-    clock.listenUDP = lambda port, proto, interface="": Port()
+    listened = []
+    clock.listenUDP = lambda port, proto, interface="": listened.append(Port()) or listened[-1]
     d = svc.startService()
     if thread is not None:
         thread.run_all()                               # the server DUID write
     ok(d)
+    assert max(listened[0].socket.options.values()) == 4 * 1024 * 1024   # receive buffer
     svc.port = Port()
     return svc, clock, store
 

@@ -126,6 +126,7 @@ class Dhcp6Config:
     decline_quarantine_s: float = 86400.0
     reclaim_interval_s: float = 10.0
     failover: Failover | None = None   # the partner (services/dhcp/failover/config.py)
+    receive_buffer_bytes: int = 4 * 1024 * 1024   # the partner (services/dhcp/failover/config.py)
 
     def subnet(self, subnet_id: int) -> Subnet | None:
         return next((s for s in self.subnets if s.id == subnet_id), None)
@@ -176,6 +177,8 @@ def parse_dhcp6(table: Table, context: ParseContext) -> Dhcp6Config | None:
     offer_timeout = table.float("offer_timeout_s", 30.0, min=1, max=3600)
     quarantine = table.float("decline_quarantine_s", 86400.0, min=1, max=30 * 86400)
     reclaim = table.float("reclaim_interval_s", 10.0, min=0.1, max=3600)
+    rcvbuf = table.int("receive_buffer_bytes", 4 * 1024 * 1024, min=65536,
+                       max=256 * 1024 * 1024)
     if interface is None and listen_address is None and not table.has("interface") \
             and not table.has("listen_address"):
         table.error("interface", "missing: give interface (direct clients on that link) or "
@@ -189,7 +192,7 @@ def parse_dhcp6(table: Table, context: ParseContext) -> Dhcp6Config | None:
         return None
     return Dhcp6Config(interface, listen_address, port, server_duid, bool(rapid), preference,
                        tuple(dns), tuple(domains), tuple(subnets), offer_timeout, quarantine,
-                       reclaim, failover)
+                       reclaim, failover, rcvbuf)
 
 
 def _parse_pool(table: Table, path: str, value: Any) -> Pool | None:

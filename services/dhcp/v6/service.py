@@ -22,6 +22,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from appliance.admin.rpc import ApplicationError, InvalidParams, Param, Params
+from appliance.net.sockets import set_receive_buffer
 from appliance.plugin import withdraw
 from appliance.store.interface import IImmediateStore
 from services.dhcp.v6 import codec as C
@@ -141,15 +142,17 @@ class Dhcp6Service(Service):
             self.port = self.reactor.listenUDP(cfg.port, _Protocol(self.received),
                                                interface=str(cfg.listen_address))
         self.port.maxThroughput = self.READ_BATCH_BYTES
+        # bursts queue in the kernel instead of being dropped while a commit is on the disk
+        rcvbuf = set_receive_buffer(self.port.socket, cfg.receive_buffer_bytes)
         self._register_rpc()
         self.context.metrics.register(self)
         self._reclaim = TimerService(cfg.reclaim_interval_s, self._reclaim_due)
         self._reclaim.clock = self.reactor      # (TimerService logs a failed call itself)
         self._reclaim.startService()
         _log.info("dhcp6 serving {n} subnet(s) on {where}:{port} as DUID {duid}; "
-                  "{leases} lease record(s) loaded",
+                  "{leases} lease record(s) loaded; receive buffer {rcvbuf} bytes",
                   n=len(cfg.subnets), where=cfg.interface or str(cfg.listen_address),
-                  port=cfg.port, duid=self.server_duid.hex(), leases=n)
+                  port=cfg.port, duid=self.server_duid.hex(), leases=n, rcvbuf=rcvbuf)
 
     async def _server_duid(self) -> bytes:
         if self.config.server_duid is not None:
