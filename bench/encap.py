@@ -205,7 +205,8 @@ def outage_case(case: str, pps: int, soft: bool, kills: int, work: Path,
                          routing, outages, moveback, info)
         except Exception as e:        # one case going wrong does not lose the others
             info["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-            log(f"{system} {case}: stopped after {len(outages)} kills: {info['error']}")
+            log(f"{system} {case}: stopped after {len(outages)} kills: {info['error']}\n"
+                f"{str(e)[:4000]}")
         finally:
             el.close()
     background, spurious = info.get("background", 0.0), info.get("spurious")
