@@ -307,3 +307,12 @@ def test_send_error_is_counted_not_raised(tmp_path):
     svc.port = Refusing()
     svc.received(relayed(msg(C.SOLICIT, 1, na=[(1, ())])), ("::1", 1))
     assert svc.drops["send_error"] == 1 and svc.drops.get("crash", 0) == 0
+
+
+def test_role_for_status(tmp_path):
+    """`appliancectl status` shows dhcp6 standalone, or its failover role and state."""
+    svc, clock, store = service(tmp_path)
+    assert svc.role == "standalone"
+    svc.config = SimpleNamespace(failover=SimpleNamespace(role="primary"))
+    svc.failover = SimpleNamespace(view=SimpleNamespace(state="NORMAL"))
+    assert svc.role == "primary (NORMAL)"

@@ -83,8 +83,16 @@ class Dhcp6Service(Service):
         self._inflight = 0
         self._ifindex = 0
         self._reclaim = None
-        self.role = "standalone"
         self._ddns = None
+
+    @property
+    def role(self) -> str:
+        """What ``appliancectl status`` shows: standalone, or the failover role and state."""
+        partner = getattr(self, "failover", None)
+        f = self.config.failover
+        if partner is None or f is None:
+            return "standalone"
+        return f"{f.role} ({partner.view.state})"
 
     def _make_allocator(self):
         """The lease stores behind the handler (leases.py's ``Allocator``): the failover
