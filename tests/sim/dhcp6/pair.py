@@ -16,6 +16,8 @@ from services.dhcp.plugin import dhcp6_plugin
 from services.dhcp.v6 import codec as C
 from services.dhcp.v6.service import Dhcp6Service
 from tests.support.sync import inline, ok
+from tests.unit.test_dhcp6_server import duid, msg  # noqa: F401  (the sim's clients)
+from tests.unit.test_dhcp6_service import Port, Rpc
 
 LINK = "2001:db8:1::1"
 
@@ -43,31 +45,6 @@ pd_pools = [{{ prefix = "{pd_prefix}", delegated_length = {pd_len} }}]
 valid_lifetime_s = {valid_s}
 preferred_lifetime_s = {preferred_s}
 """
-
-
-class Port:
-    def __init__(self):
-        self.sent = []
-
-    def stopListening(self):
-        return None
-
-    def write(self, data, addr):
-        self.sent.append((C.parse(data), addr))
-
-
-class Rpc:
-    def __init__(self):
-        self.methods = {}
-
-    def register(self, name, f, **kw):
-        self.methods[name] = f
-
-    def __contains__(self, name):
-        return name in self.methods
-
-    def unregister(self, name):
-        self.methods.pop(name, None)
 
 
 class Wire:
@@ -167,20 +144,3 @@ def ask(svc, m):
     svc.port.sent.clear()
     svc.datagram(relayed(m), ("::1", 40000))
     return svc.port.sent[-1][0].inner if svc.port.sent else None
-
-
-def duid(i: int) -> bytes:
-    return bytes.fromhex("00030001") + (0x525400000000 + i).to_bytes(6, "big")
-
-
-def msg(mtype, client=1, server=None, na=(), pd=(), **kw):
-    """A client message: ``na``/``pd`` are ``[(iaid, [address or prefix text, ...])]``."""
-    from ipaddress import IPv6Network
-    m = C.Message(mtype, 0x123456, client_id=duid(client) if client is not None else None,
-                  server_id=server, **kw)
-    m.ia_na = [C.IA(iaid, addresses=[C.IAAddress(IPv6Address(a).packed) for a in addrs])
-               for iaid, addrs in na]
-    m.ia_pd = [C.IA(iaid, prefixes=[C.IAPrefix(IPv6Network(p).network_address.packed,
-                                               IPv6Network(p).prefixlen) for p in prefs])
-               for iaid, prefs in pd]
-    return m
