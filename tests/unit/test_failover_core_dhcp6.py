@@ -172,3 +172,26 @@ def test_prefixes_and_addresses_keep_separate_store_namespaces(tmp_path):
     assert ok(store.hgetall(f"dhcp6:pd:lease:{prefix}"))["state"] == "bound"
     assert IPv6Network(prefix).prefixlen == 56 and IPv6Address(address) in IPv6Network(
         "2001:db8:1::/64")
+
+
+def test_the_partners_clients_waiting_are_reported_as_evidence(tmp_path):
+    """In COMMUNICATIONS-INTERRUPTED a REBIND of the partner's client (its address in the
+    partner's half) with an elapsed time of at least max_ack_delay_s (10 s) counts as an
+    unanswered client of the partner (cluster.report_client_evidence), as in dhcp4; our own
+    client, or a short wait, does not; back to NORMAL the count goes to 0."""
+    clock, wire, a, b = pair(tmp_path)
+    address, prefix = sarr(a, 1)                       # a's client, a's half
+    mine = sarr(b, 2)                                  # b's own client
+    clock.advance(0.1)
+    wire.pump()
+    wire.cut()
+    b.failover._partner_state("a", P.COMM_INTERRUPTED, "peer a not heard")
+    reports = b.context.cluster.evidence
+    ask(b, msg(C.REBIND, 2, na=[(1, [mine[0]])], elapsed=2000))
+    ask(b, msg(C.REBIND, 1, na=[(1, [address])], pd=[(7, [prefix])], elapsed=500))
+    assert reports == []
+    ask(b, msg(C.REBIND, 1, na=[(1, [address])], pd=[(7, [prefix])], elapsed=1500))
+    assert reports == [("a", 1)]
+    wire.up = True
+    b.failover._partner_state("a", P.NORMAL, "heard")
+    assert reports[-1] == ("a", 0)

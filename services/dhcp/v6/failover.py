@@ -42,6 +42,7 @@ from services.dhcp.failover.leases import (AddressUnavailable, DDNSState, Lease,
 from services.dhcp.failover.partner import FailoverPartner, FailoverView
 from services.dhcp.failover.stores import (LeaseStores, Scope, ScopeConfig, ScopePool,
                                            ScopeReservation)
+from services.dhcp.v6 import codec as C
 from services.dhcp.v6.leases import KINDS, NA, PD, STATES, Lease6, Unavailable
 
 _log = Logger(namespace="services.dhcp6")
@@ -288,6 +289,10 @@ class CoreAllocator:
                 for kind in KINDS}
 
 
+#: messages of a client that has (or asks for) a binding: their elapsed time counts
+_EVIDENCE_TYPES = (C.REQUEST, C.RENEW, C.REBIND)
+
+
 class Dhcp6Partner(FailoverPartner):
     """The dhcp6 service's partner relationship: the core's FailoverPartner
     on both lease stores (:attr:`CoreAllocator.stores`), channel ``dhcp6``.
@@ -325,6 +330,37 @@ class Dhcp6Partner(FailoverPartner):
         """Answer clients only in a serving state and not on hold (after a
         start or a recovery, until in step with the partner)."""
         return not self.view.hold and self.view.state in P.SERVING_STATES
+
+    def observe(self, message) -> None:
+        """Client evidence (COMMUNICATIONS-INTERRUPTED): a client of the partner -- one whose
+        address or prefix lies in the partner's half -- asking with an elapsed time of at
+        least ``max_ack_delay_s`` has waited that long unanswered: evidence that the partner
+        is down, not merely cut from us.  The count of such clients goes to the cluster
+        (``report_client_evidence``), as dhcp4's; the cluster decides what it proves.  New
+        clients are no evidence here: in v6 both partners answer them from their halves."""
+        if self.view.state != P.COMM_INTERRUPTED or self._evidence_to is None \
+                or self._catching_up:
+            return
+        m = message.innermost() if hasattr(message, "innermost") else message
+        if m is None or m.msg_type not in _EVIDENCE_TYPES or m.client_id is None \
+                or (m.elapsed or 0) < 100 * self._max_ack_delay_s:
+            return
+        partner = self.config.failover.partner_role
+        stores = self.allocator.stores
+        for ia in (*m.ia_na, *m.ia_pd):
+            for x in (*ia.addresses, *ia.prefixes):
+                if isinstance(x, C.IAPrefix):
+                    text = f"{C.ntop(x.prefix)}/{x.prefix_len}"
+                else:
+                    text = C.ntop(x.address)
+                try:
+                    role = stores.segment_role(text)
+                except ValueError:
+                    continue
+                if role == partner:
+                    self._evidence[m.client_id] = self.reactor.seconds()
+                    self._evidence_report()
+                    return
 
     def _ddns(self, event: str, lease) -> None:
         kind = PD if "/" in lease.address else NA

@@ -201,6 +201,8 @@ class Dhcp6Service(Service):
         except C.MalformedMessage as e:
             self.drops[e.reason] = self.drops.get(e.reason, 0) + 1
             return
+        if getattr(self, "failover", None) is not None:
+            self.failover.observe(msg)          # client evidence (COMMUNICATIONS-INTERRUPTED)
         if self._inflight >= self.MAX_INFLIGHT:
             inner = msg.innermost() if isinstance(msg, C.RelayMessage) else msg
             if inner is not None and inner.msg_type == C.SOLICIT:

@@ -104,6 +104,7 @@ class Cluster:
         self.listener = None
         self.sync = None
         self.confirmed = False
+        self.evidence = []           # (peer, unanswered clients) reports
 
     def register_partner(self, peer, listener, **kw):
         self.listener = listener
@@ -112,6 +113,9 @@ class Cluster:
 
     def partner_confirmed(self, peer):
         return self.confirmed
+
+    def report_client_evidence(self, peer, n):
+        self.evidence.append((peer, n))
 
 
 def node(path, clock, wire, name, peer, role, state, *, store=None, **cfg):
