@@ -195,3 +195,19 @@ def test_the_partners_clients_waiting_are_reported_as_evidence(tmp_path):
     wire.up = True
     b.failover._partner_state("a", P.NORMAL, "heard")
     assert reports[-1] == ("a", 0)
+
+
+def test_hot_standby_standby_answers_only_when_the_primary_is_not_heard(tmp_path):
+    """mode = "hot-standby": the standby answers nobody in NORMAL, and serves from its
+    reserve (its share of the split) in COMMUNICATIONS-INTERRUPTED."""
+    clock = Clock()
+    clock.advance(T0)
+    wire = Wire()
+    b = _node(tmp_path, clock, wire, "b", "a", "secondary", P.NORMAL, mclt_s=MCLT,
+              mode="hot-standby", split=75)
+    b.failover._remote_update("a", {"update_done": b.failover._catch_token})
+    assert b.failover.view.state == P.NORMAL
+    assert sarr(b, 1) == (None, None)
+    b.failover._partner_state("a", P.COMM_INTERRUPTED, "peer a not heard")
+    address, prefix = sarr(b, 1)
+    assert owner_half(b, address) == P.SECONDARY and owner_half(b, prefix) == P.SECONDARY

@@ -328,8 +328,13 @@ class Dhcp6Partner(FailoverPartner):
 
     def may_serve(self) -> bool:
         """Answer clients only in a serving state and not on hold (after a
-        start or a recovery, until in step with the partner)."""
-        return not self.view.hold and self.view.state in P.SERVING_STATES
+        start or a recovery, until in step with the partner); in hot-standby the
+        standby answers nobody in NORMAL (as dhcp4: ``pools.answers``)."""
+        v = self.view
+        if v.hold or v.state not in P.SERVING_STATES:
+            return False
+        owner = P.PRIMARY if v.mode == "hot-standby" else v.role
+        return P.answers(v.mode, v.role, v.state, owner)
 
     def observe(self, message) -> None:
         """Client evidence (COMMUNICATIONS-INTERRUPTED): a client of the partner -- one whose
