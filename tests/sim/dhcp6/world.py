@@ -11,7 +11,9 @@ down (heartbeats too: a partition) for up to several MCLTs, a server killed with
 without its lease store (the disk; its state_dir marker stays) and restarted later, the
 operator's partner-down while the partner is really dead.
 
-Partner states follow the cluster's rules in miniature: NORMAL while the peer is heard,
+Modes: split-scope (split 50) and, for 30 % of the seeds, hot-standby (split 75: the
+standby answers nobody in NORMAL and serves from its quarter when the primary is not
+heard).  Partner states follow the cluster's rules in miniature: NORMAL while the peer is heard,
 COMMUNICATIONS-INTERRUPTED after ``DETECT_S`` of silence, PARTNER-DOWN only by the
 operator once the peer is dead, RECOVER (sync from the peer) for a node that comes back
 while its peer ran PARTNER-DOWN or without its data (then RECOVER-WAIT: the MCLT before
@@ -74,6 +76,9 @@ class World:
                         preferred_s=max(10, int(self.valid * 0.75)),
                         pool=("2001:db8:1::100", r.choice(("2001:db8:1::10b", "2001:db8:1::117"))),
                         pd_prefix=r.choice(("2001:db8:100::/52", "2001:db8:100::/53")), pd_len=56)
+        r2 = random.Random(seed * 7919 + 1)        # newer draws: the other schedules stay
+        if r2.random() < 0.3:
+            self.cfg.update(mode="hot-standby", split=75)
         self.clients = [Client(i, next_at=T0 + r.uniform(0, 10))
                         for i in range(1, r.randint(12, 30))]
         self.clock = Clock()
