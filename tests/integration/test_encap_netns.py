@@ -138,8 +138,8 @@ def test_encap_failover_end_to_end(netns_lab: Lab, tmp_path):
     assert wd["healthy"] and wd["restarts"] == 0, wd
     assert f"{address}/32" in el.rpc(other, "encap.sessions")["routes"]
     entry = el.rpc(other, "encap.mappings")["entries"][address]
-    assert entry["dn"] == other and entry["reason"] in ("keepalive_timeout", "first_data",
-                                                        "icmp_unreachable")
+    assert entry["dn"] == other and entry["reason"] in ("keepalive_timeout", "probe_timeout",
+                                                        "first_data", "icmp_unreachable")
 
     # replayed and forged tunnel datagrams from the EN's namespace
     attack = lab.run("en", sys.executable, "-c", ATTACKER, "10.99.0." + other[-1], check=False)
