@@ -26,13 +26,16 @@ wires it to one *connected* UDP socket per DN (so an ICMP port-unreachable
 from a dead DN process reaches us as ``connectionRefused``) and a TUN device.
 
 Failover: the primary is declared dead after ``dead_after`` keepalive
-intervals without any record from it, at once on an ICMP port-unreachable
-from it, or when a secondary says ``primary_down``.  The EN then makes the
+intervals without any record from it, after ``dead_after`` probes in a row
+unanswered within their RTO while data flows (``_probe``), at once on an ICMP
+port-unreachable from it, or when a secondary says ``primary_down`` (the fast
+rules never drop the only DN left).  The EN then makes the
 next DN that is up (config order) its primary (``promote``); with soft
 handoff every packet also goes to the old DN, with the same flow number,
 until the new DN answers ``promoted``.  When the home DN (the one that
 assigned the address) is back, the EN moves back to it the same way and
-``demote``s the DN that served it meanwhile.
+``demote``s the DN that served it meanwhile.  A DN declared dead that is in
+fact alive still delivers on its old session until a new one is up.
 """
 
 from __future__ import annotations
