@@ -316,3 +316,17 @@ def test_role_for_status(tmp_path):
     svc.config = SimpleNamespace(failover=SimpleNamespace(role="primary"))
     svc.failover = SimpleNamespace(view=SimpleNamespace(state="NORMAL"))
     assert svc.role == "primary (NORMAL)"
+
+
+def test_fqdn_too_long_with_the_zone_still_gets_its_reply(tmp_path):
+    """A host name that no longer fits a DNS name once completed with the forward zone: the
+    REPLY still leaves (option 39 with the flags only), the lease is bound."""
+    provider = Provider()
+    svc, clock, store = service(tmp_path, providers={"ddns": provider})
+    long_name = ".".join(["x" * 60] * 4)                 # 243 octets: + zone > 255
+    fq = C.ClientFQDN(0x01, long_name, True)
+    svc.datagram(relayed(msg(C.SOLICIT, 1, na=[(1, ())], rapid_commit=True, fqdn=fq)),
+                 ("::1", 1))
+    (reply, _), = svc.port.sent
+    assert reply.inner.msg_type == C.REPLY and reply.inner.ia_na[0].addresses
+    assert reply.inner.fqdn == C.ClientFQDN(0x01, "", True)

@@ -65,8 +65,14 @@ class Ddns6:
         if provider is None:
             return None
         flags = to_v6_flags(provider.answer_flags(to_v4_flags(fqdn.flags)))
-        name = self.qualify(fqdn.name + ("" if fqdn.partial else ".")) or ""
-        return C.ClientFQDN(flags, name.rstrip("."), False)
+        name = (self.qualify(fqdn.name + ("" if fqdn.partial else ".")) or "").rstrip(".")
+        try:
+            C.encode_name(name)
+        except (ValueError, UnicodeError):
+            # completed with the zone it no longer fits a DNS name: the flags alone (the
+            # REPLY must still leave; DDNS refuses the name and says so in its stats)
+            return C.ClientFQDN(flags, "", True)
+        return C.ClientFQDN(flags, name, False)
 
     def lease_changed(self, event: str, lease, binding) -> None:
         provider = self.provider
