@@ -188,3 +188,24 @@ def test_recover_runs_the_sync_of_every_service_of_a_relationship():
         parts.register("b", None, primary=True, sync=svc.sync, data_lost=False)
     ok(defer.maybeDeferred(parts.partners["b"].sync, "b"))
     assert sorted(calls) == sorted([("dhcp4", id(v4_again), "b"), ("dhcp6", id(v6), "b")])
+
+
+def test_v6_stores_reload_their_leases_after_a_restart():
+    """A restart reads the stored records back with the store's own family (they were
+    parsed as IPv4 and skipped as malformed: a dhcp6 node restarted with its disk knew
+    none of its leases and took itself for a node that lost its data -- found by the
+    dhcp6 pair simulator, seed 1396)."""
+    store, clock = store_and_clock()
+    hw, cid = v6_client(b"\x00\x01ab", 3)
+    na = LeaseStore(store, na_config(), "a", clock.seconds, family=DHCP6_NA)
+    pd = LeaseStore(store, pd_config(), "a", clock.seconds, family=DHCP6_PD)
+    for ls in (na, pd):
+        ok(ls.load())
+        o = ok(as_deferred(ls.offer(1, hw, cid)))
+        ok(as_deferred(ls.bind(1, o.address, hw, cid, lease_time_s=600)))
+    na2 = LeaseStore(store, na_config(), "a", clock.seconds, family=DHCP6_NA)
+    pd2 = LeaseStore(store, pd_config(), "a", clock.seconds, family=DHCP6_PD)
+    assert ok(na2.load()) == 1 and ok(pd2.load()) == 1
+    assert na2.counters["malformed_records"] == 0 == pd2.counters["malformed_records"]
+    assert ok(as_deferred(na2.find_client(1, hw, cid))).address == "2001:db8:1::100"
+    assert na2.free_count() == 255 and pd2.free_count() == 256 + 16 - 1

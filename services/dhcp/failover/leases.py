@@ -871,7 +871,7 @@ class LeaseStore:
             hashes = yield defer.gatherResults([self.store.hgetall(k) for k in keys],
                                                consumeErrors=True)
             for key, h in zip(keys, hashes):
-                lease = Lease.from_hash(h) if h else None
+                lease = self._parse_hash(h)
                 if lease is None or key != self._lease_key(lease.address):
                     self.counters["malformed_records"] += 1
                     self._log.warn("ignoring malformed lease record {key}", key=key)

@@ -24,3 +24,12 @@ def test_v6_pair_never_gives_one_address_or_prefix_to_two_clients(start, count):
     and the operator's partner-down; a node restarted without its data recovers as such."""
     for seed in range(start, start + count):
         World(seed, duration=DURATION).run()
+
+
+@pytest.mark.parametrize("seed", [1396, 1479])
+def test_v6_seeds_that_found_bugs(seed):
+    """1396, 1479 (the first long run): the core's LeaseStore.load parsed v6 records with the
+    v4 family and skipped them all, so a dhcp6 node restarted with its disk knew none of
+    its leases (and took itself for one that had lost its data): it gave a bound address
+    to a second client."""
+    World(seed, duration=DURATION * 1.5).run()

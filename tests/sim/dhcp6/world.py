@@ -186,8 +186,27 @@ class World:
             raise Violation(f"seed {self.seed}: {name} restarted without its data but does "
                             f"not recover as such (replay: python -m tests.sim.dhcp6 "
                             f"--seed {self.seed} -v)")
+        if not lost:
+            self._check_kept(name)
         if state == P.RECOVER:
             self.recovering.add(name)
+
+    def _check_kept(self, name: str) -> None:
+        """A restart that kept the disk loses no lease: every unexpired binding a client
+        last got from this node is in its store, for that client."""
+        now = self.clock.seconds()
+        alloc = self.nodes[name].failover.allocator
+        for c in self.clients:
+            if c.server != name or c.state != "bound":
+                continue
+            for kind, (text, exp) in c.held.items():
+                if exp <= now + 1:
+                    continue
+                lease = alloc.get(kind, text)
+                if lease is None or lease.duid != msg(C.SOLICIT, c.i).client_id.hex():
+                    raise Violation(f"seed {self.seed}: {name} restarted with its disk without "
+                                    f"client {c.i}'s {text} (until {exp - T0:.1f}): {lease} "
+                                    f"(replay: python -m tests.sim.dhcp6 --seed {self.seed} -v)")
 
     def _cluster(self, now: float) -> None:
         for name in ("a", "b"):
