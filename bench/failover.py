@@ -92,6 +92,10 @@ class System:
     def start(self, node: str):
         raise NotImplementedError
 
+    def ready(self, node: str) -> bool:
+        """``node`` runs and hears its peer: a backup that can take over now."""
+        return True
+
     def owner(self) -> str | None:
         """The one node holding the VIP (None if none or both)."""
         holders = [n for n in ("a", "b")
@@ -165,6 +169,17 @@ class Appliance(System):
         log = self.workdir / f"twistd-{node}.log"
         return log.read_text().count("is now owner") if log.exists() else 0
 
+    def ready(self, node: str) -> bool:
+        out = self.lab.run(node, sys.executable, "-m", "appliance.admin.ctl", "--url",
+                           "http://127.0.0.1:8740/rpc", "--token-file",
+                           f"{self.workdir}/state-{node}/admin.token", "--json", "call",
+                           "cluster.status", check=False)
+        try:
+            peer = json.loads(out.stdout)["peers"][PEER[node]]
+        except (ValueError, KeyError, TypeError):
+            return False
+        return bool(peer.get("alive"))
+
     def start(self, node: str):
         twistd = shutil.which("twistd") or "twistd"
         log = open(self.workdir / f"twistd-{node}.log", "a")
@@ -191,6 +206,10 @@ class Keepalived(System):
     def became_master(self, node: str) -> int:
         log = self.workdir / f"keepalived-{node}.log"
         return log.read_text().count("Entering MASTER STATE") if log.exists() else 0
+
+    def ready(self, node: str) -> bool:
+        log = self.workdir / f"keepalived-{node}.log"
+        return log.exists() and "Entering BACKUP STATE" in log.read_text()
 
     def config(self, node: str) -> Path:
         path = self.workdir / f"keepalived-{node}.conf"
@@ -249,6 +268,10 @@ def trial(system: System, lab, workdir: Path, settle_s: float) -> float | None:
     owner = system.owner()
     if owner is None or not poll(lambda: holders(lab) == [owner], 10):
         return None                 # no owner, or two: nothing to time
+    # The backup must be up and hear the owner: trial 1 started while b was
+    # still starting (twistd takes seconds on the busy box) and timed its start.
+    if not poll(lambda: system.ready(PEER[owner]), 20, step=0.2):
+        return None
     mark = workdir / "mark"
     mark.unlink(missing_ok=True)
     interval_s = system.interval_ms / 1000.0
