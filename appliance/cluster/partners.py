@@ -94,6 +94,12 @@ class Partnerships:
 
                 d.addErrback(unreadable).addBoth(ready)
                 d.addErrback(lambda f: _log.failure("partner load bookkeeping", failure=f))
+        else:
+            # a second service of the relationship (dhcp6 after dhcp4) that lost its data, or
+            # with a longer MCLT: the relationship recovers (and waits) for it too -- while
+            # still in STARTUP, as for the first
+            ps.fsm.data_lost = ps.fsm.data_lost or data_lost
+            ps.fsm.recover_wait_s = max(ps.fsm.recover_wait_s, recover_wait_s)
         if listener is not None:
             ps.listeners.append(listener)
         if sync is not None:

@@ -188,6 +188,11 @@ def test_recover_runs_the_sync_of_every_service_of_a_relationship():
         parts.register("b", None, primary=True, sync=svc.sync, data_lost=False)
     ok(defer.maybeDeferred(parts.partners["b"].sync, "b"))
     assert sorted(calls) == sorted([("dhcp4", id(v4_again), "b"), ("dhcp6", id(v6), "b")])
+    fsm = parts.partners["b"].fsm
+    assert not fsm.data_lost and fsm.recover_wait_s == 0.0
+    # dhcp6 lost its lease store (dhcp4 did not): the relationship recovers for it too
+    parts.register("b", None, primary=True, sync=v6.sync, data_lost=True, recover_wait_s=60.0)
+    assert fsm.data_lost and fsm.recover_wait_s == 60.0
 
 
 def test_v6_stores_reload_their_leases_after_a_restart():
