@@ -45,6 +45,9 @@ class Sock:
     def getsockopt(self, level, name):
         return max(self.options.values(), default=0)
 
+    def fileno(self):                   # no kernel receive times (SIOCGSTAMP) on a fake
+        raise OSError("not a socket")
+
 
 class Port:
     def __init__(self):
@@ -261,6 +264,29 @@ def test_overload_sheds_solicits_not_requests(tmp_path):
     assert len(svc.port.sent) == 2                     # both REPLYs, after the disk
     svc.datagram(relayed(msg(C.SOLICIT, 2, na=[(1, ())])), ("::1", 1))
     assert len(svc.port.sent) == 3
+
+
+def test_stale_solicits_are_shed_requests_are_not(tmp_path, monkeypatch):
+    """A SOLICIT that waited in the socket queue longer than solicit_max_age_ms is dropped
+    ("stale": perfdhcp at overload got late ADVERTISEs it had given up on); a REQUEST of
+    the same age is still answered; 0 turns the check off."""
+    import time
+    from services.dhcp.v6 import service as S
+    svc, clock, store = service(tmp_path)
+    assert svc.config.solicit_max_age_ms == 1000
+    svc._max_age_s = 1.0                 # (the fake socket has no receive times)
+    monkeypatch.setattr(S, "last_received_at", lambda sock: time.time() - 1.5)
+    svc.datagram(relayed(msg(C.SOLICIT, 1, na=[(1, ())])), ("::1", 1))
+    assert svc.drops["stale"] == 1 and svc.port.sent == []
+    svc.datagram(relayed(msg(C.REQUEST, 2, svc.server_duid, na=[(1, ())])), ("::1", 1))
+    assert len(svc.port.sent) == 1 and svc.port.sent[0][0].inner.msg_type == C.REPLY
+    monkeypatch.setattr(S, "last_received_at", lambda sock: time.time() - 0.5)
+    svc.datagram(relayed(msg(C.SOLICIT, 3, na=[(1, ())])), ("::1", 1))
+    assert len(svc.port.sent) == 2 and svc.port.sent[1][0].inner.msg_type == C.ADVERTISE
+    svc._max_age_s = 0.0                 # solicit_max_age_ms = 0: off
+    monkeypatch.setattr(S, "last_received_at", lambda sock: time.time() - 100)
+    svc.datagram(relayed(msg(C.SOLICIT, 4, na=[(1, ())])), ("::1", 1))
+    assert svc.drops["stale"] == 1 and len(svc.port.sent) == 3
 
 
 @pytest.mark.parametrize("name", ["dhcp6.toml", "appliance.toml"])

@@ -127,6 +127,9 @@ class Dhcp6Config:
     reclaim_interval_s: float = 10.0
     failover: Failover | None = None   # the partner (services/dhcp/failover/config.py)
     receive_buffer_bytes: int = 4 * 1024 * 1024   # the partner (services/dhcp/failover/config.py)
+    #: a SOLICIT that waited in the socket queue longer than this is dropped ("stale"):
+    #: its client has retransmitted or moved on; 0: off (dhcp4's discover_max_age_ms)
+    solicit_max_age_ms: int = 1000
 
     def subnet(self, subnet_id: int) -> Subnet | None:
         return next((s for s in self.subnets if s.id == subnet_id), None)
@@ -179,6 +182,7 @@ def parse_dhcp6(table: Table, context: ParseContext) -> Dhcp6Config | None:
     reclaim = table.float("reclaim_interval_s", 10.0, min=0.1, max=3600)
     rcvbuf = table.int("receive_buffer_bytes", 4 * 1024 * 1024, min=65536,
                        max=256 * 1024 * 1024)
+    max_age = table.int("solicit_max_age_ms", 1000, min=0, max=60000)
     if interface is None and listen_address is None and not table.has("interface") \
             and not table.has("listen_address"):
         table.error("interface", "missing: give interface (direct clients on that link) or "
@@ -192,7 +196,7 @@ def parse_dhcp6(table: Table, context: ParseContext) -> Dhcp6Config | None:
         return None
     return Dhcp6Config(interface, listen_address, port, server_duid, bool(rapid), preference,
                        tuple(dns), tuple(domains), tuple(subnets), offer_timeout, quarantine,
-                       reclaim, failover, rcvbuf)
+                       reclaim, failover, rcvbuf, max_age)
 
 
 def _parse_pool(table: Table, path: str, value: Any) -> Pool | None:

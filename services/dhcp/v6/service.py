@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+import time
 import uuid
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -22,7 +23,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from appliance.admin.rpc import ApplicationError, InvalidParams, Param, Params
-from appliance.net.sockets import set_receive_buffer
+from appliance.net.sockets import enable_receive_times, last_received_at, set_receive_buffer
 from appliance.plugin import withdraw
 from appliance.store.interface import IImmediateStore
 from services.dhcp.v6 import codec as C
@@ -79,7 +80,8 @@ class Dhcp6Service(Service):
         self.handler: Dhcp6Handler | None = None
         self.server_duid: bytes | None = None
         self.drops: dict[str, int] = {r: 0 for r in C.DROP_REASONS}
-        self.drops.update(store_error=0, reply_too_large=0, overload=0)
+        self.drops.update(store_error=0, reply_too_large=0, overload=0, stale=0)
+        self._max_age_s = config.solicit_max_age_ms / 1000.0
         self._inflight = 0
         self._ifindex = 0
         self._reclaim = None
@@ -152,6 +154,8 @@ class Dhcp6Service(Service):
         self.port.maxThroughput = self.READ_BATCH_BYTES
         # bursts queue in the kernel instead of being dropped while a commit is on the disk
         rcvbuf = set_receive_buffer(self.port.socket, cfg.receive_buffer_bytes)
+        if self._max_age_s and not enable_receive_times(self.port.socket):
+            self._max_age_s = 0.0               # no kernel receive times here: no age check
         self._register_rpc()
         self.context.metrics.register(self)
         self._reclaim = TimerService(cfg.reclaim_interval_s, self._reclaim_due)
@@ -203,10 +207,16 @@ class Dhcp6Service(Service):
             return
         if getattr(self, "failover", None) is not None:
             self.failover.observe(msg)          # client evidence (COMMUNICATIONS-INTERRUPTED)
-        if self._inflight >= self.MAX_INFLIGHT:
-            inner = msg.innermost() if isinstance(msg, C.RelayMessage) else msg
-            if inner is not None and inner.msg_type == C.SOLICIT:
+        inner = msg.innermost() if isinstance(msg, C.RelayMessage) else msg
+        if inner is not None and inner.msg_type == C.SOLICIT:
+            if self._inflight >= self.MAX_INFLIGHT:
                 self.drops["overload"] += 1
+                return
+            if self._max_age_s and self._stale():
+                # it waited in the socket queue (a burst, this box busy) longer than
+                # solicit_max_age_ms: the client has retransmitted or given up; answering
+                # it would only delay the fresh ones (as dhcp4's stale DISCOVERs)
+                self.drops["stale"] += 1
                 return
         writes = self.leases.writes
         reply = self.handler.handle(msg)
@@ -220,6 +230,10 @@ class Dhcp6Service(Service):
         d.addCallback(lambda _: self._send(reply, addr))
         d.addErrback(self._failed, msg)
         d.addBoth(self._done_one)
+
+    def _stale(self) -> bool:
+        at = last_received_at(getattr(self.port, "socket", None))
+        return at is not None and time.time() - at > self._max_age_s
 
     def _done_one(self, _):
         self._inflight -= 1
