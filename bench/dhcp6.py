@@ -473,6 +473,9 @@ def failover_case(lab, work: Path, system, n_clients: int, deadline: float = 30.
                   check=False, timeout=90)
     kept = json.loads(reb.stdout.strip().splitlines()[-1]) if reb.stdout.strip() else {}
     lab.link_up("a")
+    # a link down flushes static IPv6 addresses (keep_addr_on_down = 0): put a's back
+    lab.host("ip", "-n", lab.nodes["a"].ns, "addr", "replace", f"{ADDR['a']}/{PREFIX}",
+             "dev", "eth0")
     pct = 100.0 * kept.get("kept", 0) / kept["total"] if kept.get("total") else None
     dead_total = (kept.get("total_by_server") or {}).get(victim, 0)
     dead_kept = (kept.get("kept_by_server") or {}).get(victim, 0)
