@@ -21,29 +21,14 @@ from urllib.parse import quote
 
 from twisted.internet import endpoints
 
+# in a neutral module (the cluster's peer link uses it too); re-exported here
+from appliance.net.endpoints import EndpointError, split_endpoint
+
 __all__ = ["split_endpoint", "server_endpoint_problem", "admin_url", "EndpointError"]
 
 #: Options of Twisted's ``ssl:`` parser that only concern the TLS material.
 _SSL_ONLY = ("privateKey", "certKey", "sslmethod", "extraCertChain", "dhParameters")
 _PORTED = ("tcp", "tcp6", "ssl")
-
-
-class EndpointError(ValueError):
-    """The endpoint string cannot be used for this purpose (message says why)."""
-
-
-def split_endpoint(description: str) -> tuple[str, list[str], dict[str, str]]:
-    """Split ``kind:arg:key=value...`` with Twisted's own strports lexer.
-
-    >>> split_endpoint(r"ssl:8740:interface=127.0.0.1:privateKey=a\\:b.pem")
-    ('ssl', ['8740'], {'interface': '127.0.0.1', 'privateKey': 'a:b.pem'})
-    """
-    if not isinstance(description, str):
-        raise EndpointError(f"{description!r}: not a string")
-    args, kwargs = endpoints._parse(description)
-    if not args or not args[0]:
-        raise EndpointError(f"{description!r}: missing endpoint type")
-    return args[0], list(args[1:]), dict(kwargs)
 
 
 def _twisted_reason(exc: BaseException) -> str:

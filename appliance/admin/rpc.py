@@ -498,6 +498,9 @@ class MethodRegistry:
         exc = failure.value
         if isinstance(exc, RPCError):
             return failure
+        from appliance.errors import OperatorError
+        if isinstance(exc, OperatorError):     # a core layer refused (cluster, ...)
+            return Failure(ApplicationError(str(exc), code=exc.code))
         from appliance.store import StoreUnavailable
         if isinstance(exc, StoreUnavailable):
             self._log.warn("rpc {method}: store unavailable: {why}", method=method, why=exc)

@@ -1,30 +1,24 @@
 """The cluster's operator surface: JSON-RPC methods, ``cluster.status`` and the
-Prometheus collector.  Refusals from the core (:class:`ClusterError`) become
-JSON-RPC application errors here, so the cluster core imports no admin code.
+Prometheus collector.  Refusals from the core (:class:`ClusterError`, an
+:class:`appliance.errors.OperatorError`) become JSON-RPC application errors
+in the admin layer's dispatcher: the cluster imports no admin code.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from appliance.cluster.errors import ClusterError
 from appliance.cluster.heartbeat import DROP_REASONS
 
 
 def _rpc(method):
-    """Call ``method``; a :class:`ClusterError` becomes an ``ApplicationError``."""
-    from appliance.admin.rpc import ApplicationError
-
-    @functools.wraps(method)
-    def call(*args, **kw):
-        try:
-            return method(*args, **kw)
-        except ClusterError as e:
-            raise ApplicationError(str(e), code=e.code) from None
-    return call
+    """``method`` as an RPC method: a :class:`ClusterError` it raises (or its
+    Deferred fails with) is an :class:`appliance.errors.OperatorError`, which
+    the admin layer's dispatcher turns into an application error with its
+    code -- no admin import here."""
+    return method
 
 
 def register_methods(m, rpc) -> None:

@@ -230,7 +230,7 @@ def from_config(reactor, node_id: str, incarnation: int, cluster, clock=None) ->
     """Build the peer link of ``[cluster]`` (``peer_link`` + ``tls`` files)."""
     from pathlib import Path
 
-    from appliance.admin.listen import split_endpoint
+    from appliance.net.endpoints import split_endpoint
     from appliance.net.tls import client_options, server_options
     kind, args, kwargs = split_endpoint(cluster.peer_link)
     port = int(kwargs.get("port") or args[0])
