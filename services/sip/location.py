@@ -51,6 +51,19 @@ def _version(prev, now: float) -> float:
     return now if last is None or now > last else last + 1e-6
 
 
+def _both(first: defer.Deferred, second: defer.Deferred) -> defer.Deferred:
+    """Fire once both fired; fail with ``first``'s failure if it failed (then ``second``'s
+    result is still consumed), else with ``second``'s."""
+    d = defer.DeferredList([first, second], consumeErrors=True)
+
+    def unpack(results):
+        for ok, value in results:
+            if not ok:
+                return value
+        return None
+    return d.addCallback(unpack)
+
+
 def _decode(aor: str, raw: dict) -> dict[str, Binding]:
     out = {}
     for uri, text in raw.items():
@@ -119,9 +132,17 @@ class Location:
                 ops.append(Op.set(USER_PREFIX + aor, "1"))
         return ops
 
-    def update(self, aor: str, decide: Callable[[dict[str, Binding]], Decision]) -> defer.Deferred:
+    def update(self, aor: str, decide: Callable[[dict[str, Binding]], Decision],
+               decided: Callable[[str, Decision], defer.Deferred | None] | None = None
+               ) -> defer.Deferred:
         """Read ``aor``'s bindings, ``decide``, write the decision in one commit;
-        fire with the Decision once it is durable."""
+        fire with the Decision once it is durable.
+
+        ``decided`` (embedded store only): called with the AOR and a decision that changed something
+        as soon as it is in the store's mirror, before it is durable; the Deferred it
+        returns (if any) is waited for too (both together: the sync replication to the
+        backups runs while the local commit does, instead of after it).  The decision
+        gets ``early = True`` when it was called."""
         if self.immediate:
             try:
                 raw = self.store.hgetall_now(AOR_PREFIX + aor)
@@ -137,7 +158,13 @@ class Location:
                 self.store.commit_now(self._ops(aor, bindings, decision, known)
                                       + [Op.set(MTIME_PREFIX + aor, repr(decision.mtime))])
                 self.count += len(decision.bindings) - len(bindings)
-                return self.store.durable().addCallback(lambda _: decision)
+                durable = self.store.durable()
+                waits = decided(aor, decision) if decided is not None and decision.changes else None
+                if decided is not None and decision.changes:
+                    decision.early = True
+                if waits is None:
+                    return durable.addCallback(lambda _: decision)
+                return _both(durable, waits).addCallback(lambda _: decision)
             except Exception:
                 return defer.fail()
         previous = self._tails.get(aor)

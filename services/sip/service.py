@@ -428,7 +428,8 @@ class SIPService(Service):
         received = str(src)
         now = self.reactor.seconds()
         d = self.location.update(
-            aor, lambda existing: decide(aor, existing, msg, now, self.config.limits, received))
+            aor, lambda existing: decide(aor, existing, msg, now, self.config.limits, received),
+            self._replicate_early if self.replicator is not None else None)
         d.addCallbacks(self._stored, self._store_failed, callbackArgs=(msg, key, src, aor, now),
                        errbackArgs=(msg, key, src))
         d.addErrback(lambda f: _log.failure("sip: REGISTER answer failed", failure=f))
@@ -436,7 +437,10 @@ class SIPService(Service):
 
     def _stored(self, decision, msg, key, src, aor, now):
         """The binding is durable here: answer now, or once the backups have it."""
-        if self.replicator is None or decision.bindings is None or not decision.changes:
+        if (self.replicator is None or decision.bindings is None or not decision.changes
+                or getattr(decision, "early", False)):
+            # early: shipped when decided, and the backups' acks were waited for with
+            # the local commit (Location.update)
             return self._registered(decision, msg, key, src, now)
         try:
             w = self._replicate(decision, aor)
@@ -486,6 +490,19 @@ class SIPService(Service):
         resp = self._response(msg, 503, "Directory Unavailable")
         resp.add("Retry-After", "5")
         self._answer(key, src, resp)
+
+    def _replicate_early(self, aor: str, decision):
+        """Ship a decision as soon as it is in the store's mirror (Location.update's
+        ``decided``): the backups store it while the local commit runs, so a sync 200
+        waits for the slower of the two instead of their sum.  A 200 still leaves only
+        once both are durable; if the local commit fails the REGISTER gets 500 and the
+        backup may hold a binding nobody acknowledged (the UA registers again)."""
+        if self.replicator is None or decision.bindings is None:
+            return None
+        removed = [b.uri for b in decision.removed]
+        return self.replicator.replicate(aor, decision.bindings, removed,
+                                         getattr(decision, "mtime", None),
+                                         getattr(decision, "encoded", None))
 
     def _replicate(self, decision, aor: str):
         """Ship a changed AOR to the backups; in sync mode the 200 waits for them."""

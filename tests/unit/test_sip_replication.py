@@ -500,3 +500,34 @@ def test_states_stuck_behind_a_silent_backup_time_out(tmp_path):
         clock.advance(0)
     assert a.replicator.stats["messages"] == 3
     assert all(bindings(b, f"sip:s{i}@example.test") for i in range(4))
+
+
+def test_sync_state_leaves_before_the_local_commit_and_200_waits_for_both(tmp_path):
+    """The backup gets the AOR's state in the reactor turn the REGISTER was decided, while
+    the primary's own commit is still running (the two run side by side: a sync 200 waits
+    for the slower, not their sum); the 200 leaves only once both are durable."""
+    a, b, link, clock, thread_a, thread_b, settle_all = pair(tmp_path)
+    peer = Peer()
+    a.received(req("REGISTER", "sip:example.test", contacts=["<sip:alice@10.0.0.1>"]),
+               peer.src, False)
+    clock.advance(0)                     # the turn ends: queued states leave; no commit ran
+    assert a.replicator.stats["sent"] == 1
+    assert list(bindings(b)) == ["sip:alice@10.0.0.1"]        # in the backup's mirror
+    thread_b.run_all()                   # the backup's commit: durable there, acked
+    clock.advance(0)
+    assert peer.sent == []               # ... but the primary's own commit has not run
+    thread_a.run_all()
+    clock.advance(0)
+    settle_all()
+    assert [r.code for r in peer.responses()] == [200]
+    # a failed local commit still answers 500, never 200
+    a.location.store._file.apply = _broken
+    a.received(req("REGISTER", "sip:example.test", to="sip:bob@example.test",
+                   branch="z9hG4bK2", call_id="c2", contacts=["<sip:bob@10.0.0.2>"]),
+               peer.src, False)
+    settle_all()
+    assert [r.code for r in peer.responses()] == [200, 500]
+
+
+def _broken(batch):
+    raise OSError("disk gone")
