@@ -405,6 +405,15 @@ class TLSFiles:
 
 
 @dataclass(frozen=True)
+class PreTakeover:
+    """``[cluster] pre_takeover``: the fencing command run before a takeover
+    from a peer judged dead (appliance/cluster/fencing.py)."""
+
+    command: tuple[str, ...]
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
 class ClusterSection:
     peers: tuple[Peer, ...] = ()
     heartbeat_port: int = 8741
@@ -439,6 +448,8 @@ class ClusterSection:
     #: keepalived's preempt_delay: for this long after it starts (or becomes
     #: able again) a node takes nothing a live peer holds (it takes what nobody holds).
     preempt_delay_s: float = 0.0
+    #: Fencing (review M13): run before claiming a resource from a peer judged dead.
+    pre_takeover: PreTakeover | None = None
 
 
 @dataclass(frozen=True)
@@ -783,6 +794,9 @@ def _parse_cluster(t: Table | None, node: NodeSection | None) -> ClusterSection 
     ids = [p.id for p in peers or () if p]
     for dup in {i for i in ids if ids.count(i) > 1}:
         t.error("peers", f"peer id {dup!r} appears more than once")
+    pre_takeover = _parse_pre_takeover(t.table("pre_takeover"))
+    if pre_takeover is not None and role == "witness":
+        t.error("pre_takeover", 'a node with role = "witness" takes nothing over')
     if peers and key_file is None:
         t.error("auth_key_file", "missing: peers need an HMAC key file for heartbeats")
     if peer_link and tls is None:
@@ -795,7 +809,32 @@ def _parse_cluster(t: Table | None, node: NodeSection | None) -> ClusterSection 
                           lease_ttl_ms=lease_ttl_ms,
                           partner_down_min_clients=min_clients or 10,
                           previous_auth_key_file=previous_key_file,
-                          preempt_delay_s=preempt_delay or 0.0)
+                          preempt_delay_s=preempt_delay or 0.0,
+                          pre_takeover=pre_takeover)
+
+
+def _command_word(table: Table, path: str, value: Any):
+    if not isinstance(value, str) or not value or "\0" in value:
+        table.problems.add(path, f"expected a non-empty string, got {_kind(value)} {_show(value)}")
+        return None
+    return value
+
+
+def _parse_pre_takeover(pt: Table | None) -> PreTakeover | None:
+    """``pre_takeover = { command = ["/abs/path", "arg", ...], timeout_s = 10 }``."""
+    if pt is None:
+        return None
+    command = pt.list("command", _command_word, min_len=1)
+    timeout = pt.float("timeout_s", 10.0, min=0.1, max=600)
+    pt.done()
+    if command and len(command) == len(pt.data.get("command", ())):
+        if not command[0].startswith("/"):
+            pt.problems.add(f"{pt.key_path('command')}[0]",
+                            f"{_show(command[0])} is not an absolute path (the command runs "
+                            "without a shell and without a PATH lookup)")
+            return None
+        return PreTakeover(tuple(command), timeout if timeout is not None else 10.0)
+    return None
 
 
 def _parse_vip(t: Table, node: NodeSection | None, peer_ids: tuple[str, ...]) -> VIPSection | None:

@@ -88,6 +88,12 @@ def status(m) -> dict[str, Any]:
         quorum["lease"] = m.lease.status()          # Redis owner leases
     if m.is_witness:
         quorum = {"role": "witness", "vote": m.vote}
+    fencer = getattr(m, "fencer", None)
+    if fencer is not None:
+        for pid, st in fencer.peers.items():
+            if st.state == "failed":
+                warnings.append(f"fencing {pid} failed ({st.error}): its resources are not "
+                                "taken over until pre_takeover succeeds")
     return {"node": m.node_id, "incarnation": m.incarnation, "warnings": warnings,
             "quorum": quorum,
             "heartbeat": {"interval_ms": round(m.interval * 1000),
@@ -105,7 +111,10 @@ def status(m) -> dict[str, Any]:
             "tls": dict(getattr(m, "certs", {})),
             "keys": {"previous_keys": len(m.verifier.previous_keys) if m.verifier else 0,
                      "accepted_by_key": dict(m.verifier.accepted_by_key) if m.verifier else {}},
-            "stats": dict(m.stats)}
+            "stats": dict(m.stats),
+            "fencing": (None if fencer is None else
+                        {"command": list(fencer.command), "timeout_s": fencer.timeout_s,
+                         "peers": fencer.status(now), **fencer.stats})}
 
 
 def collect(m):

@@ -118,6 +118,13 @@ class ClusterManager(Service):
         self.health = LocalHealth(self.clock, store=lambda: self.store,
                                   vip_manager=lambda: self.vip_manager, changed=self.changed)
         self.table = ResourceTable(self)
+        self.fencer = None                  # [cluster] pre_takeover (fencing.py)
+        pre = getattr(cluster, "pre_takeover", None)
+        if pre is not None and not self.is_witness:
+            from appliance.cluster.fencing import Fencer
+            self.fencer = Fencer(self.clock, node_id, pre.command, pre.timeout_s,
+                                 reactor=reactor, on_change=lambda: self.changed()
+                                 if self.running else None)
         self.resources: dict[str, Resource] = self.table.resources
         self.excluded = self.table.excluded
         self.partnerships = Partnerships(self)

@@ -130,6 +130,11 @@ class ResourceTable:
         alive = {p.id for p in m.node_peers() if p.alive} | ({m.node_id} if quorum else set())
         holding = m.clock.seconds() < m.hold_until
         flags = m.health.flags_set
+        fencer = getattr(m, "fencer", None)
+        if fencer is not None:
+            for p in m.node_peers():
+                if p.alive:
+                    fencer.alive(p.id)        # heard again: its next death needs a new fence
         self._settle(m.health.able(), flags)
         for name in self.resources:
             # A demote stands aside on the wire too (demoted:<name>): the
@@ -171,6 +176,8 @@ class ResourceTable:
                     # claim once it has (never two owners for a preemption,
                     # and a one-way link cannot keep two owners forever).
                     continue
+                if fencer is not None and not self._fence_cleared(res, fencer):
+                    continue                  # pre_takeover: fence the dead owner first
                 if m.witness_id is not None and not self._intent_acked(res):
                     continue
                 handed = [p.id for p in m.node_peers() if p.alive and p.heartbeat is not None
@@ -205,6 +212,17 @@ class ResourceTable:
                 res.owner = d.winner if d.winner in claims else None
             if name in self.excluded and res.owner not in (None, m.node_id):
                 self.excluded.discard(name)    # demote done: someone else took it
+
+    def _fence_cleared(self, res: Resource, fencer) -> bool:
+        """``[cluster] pre_takeover``: a resource whose last known owner is a
+        peer judged dead is claimed only once that peer is fenced (the
+        command exited 0); the fencer starts or retries the command."""
+        m = self.m
+        prev = res.last_claim[0] if res.last_claim is not None else None
+        peer = m.peers.get(prev) if prev else None
+        if peer is None or prev == m.node_id or peer.alive:
+            return True
+        return fencer.cleared(prev, res.spec.name)
 
     # -- claim intents (with a witness) ------------------------------------------------
     # Two connected nodes whose views differ for a moment (both leave
