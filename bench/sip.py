@@ -569,18 +569,38 @@ def probe(system, work: Path, rate: int, duration: float, auth: bool, n: int) ->
         xml, extra = sipp.auth_success(REALM), sipp.user_args(USER, PASSWORD)
     else:
         xml, extra = sipp.register_only(REALM, prefix=f"r{n}x"), ()
+    shed_before = shed_count(system)
     r = sipp.run_sipp(work / f"probe{n}", xml, f"127.0.0.1:{system.port}", calls=calls,
                       rate=rate, limit=max(1000, rate * 2), timeout_s=duration + 20,
                       extra=extra + ("-rate_max", str(rate)))
+    shed_after = shed_count(system)
+    # REGISTERs the server shed with 503 (admission control) are failures, never capacity:
+    # sipp fails a call on an unexpected 503, and the server's own count says it too
+    shed = (shed_after - shed_before) if None not in (shed_before, shed_after) else 0
+    failed = max(r.failed, shed)
     total = r.successful + r.failed
     achieved = r.successful / r.elapsed_s if r.elapsed_s > 0 else 0.0
-    fail_pct = 100.0 * r.failed / total if total else 100.0
+    fail_pct = 100.0 * failed / total if total else 100.0
     # completed rate over the whole sipp run (start-up and the last answers included)
     clean = total >= calls and fail_pct < 0.1 and achieved >= 0.95 * rate
     log(f"  {system.name} {'auth' if auth else 'noauth'} rate {rate}: {r.successful} ok, "
-        f"{r.failed} failed, {achieved:.0f}/s in {r.elapsed_s:.1f}s -> "
+        f"{r.failed} failed, {shed} shed (503), {achieved:.0f}/s in {r.elapsed_s:.1f}s -> "
         f"{'clean' if clean else 'NOT clean'}")
-    return {"rate": rate, "achieved": achieved, "fail_pct": fail_pct, "clean": clean}
+    return {"rate": rate, "achieved": achieved, "fail_pct": fail_pct, "clean": clean,
+            "shed": shed}
+
+
+def shed_count(system) -> int | None:
+    """REGISTERs the appliance (the node the load goes to) answered 503 so far (admission
+    control: overload, shed_lag); None for Kamailio."""
+    node = getattr(system, "node", None) or getattr(system, "nodes", {}).get("a")
+    if node is None or not hasattr(node, "rpc"):
+        return None
+    try:
+        drops = node.rpc("sip.stats")["result"]["drops"]
+    except Exception:
+        return None
+    return sum(n for k, n in drops.items() if k.startswith(("overload", "shed")))
 
 
 def rate_search(system, work: Path, auth: bool, start: int, duration: float, trials: int):
