@@ -353,6 +353,9 @@ class DecapNode:
             self.take_over(s, str(msg.get("reason") or "promote"), confirm=True)
         elif t == W.C_DEMOTE:
             self._demote(s)
+            # the acknowledgement (the EN sends demote again until it hears it)
+            self.control(s, {"t": W.C_SECONDARY, "dn": self.node_id, "primary": s.primary,
+                             "demoted": True})
         else:
             self.drop("unexpected_control", s)
 

@@ -61,6 +61,9 @@ DOWN, HANDSHAKING, UP = "down", "handshaking", "up"
 ACTIVE_FOR_S = 0.5
 #: an unconfirmed switch re-sends promote after this many keepalive intervals
 PROMOTE_RETRY_INTERVALS = 4
+#: a demote not acknowledged (``secondary`` with ``demoted``) is sent again after this
+#: many keepalive intervals, at most DEMOTE_MAX_RETRIES times
+DEMOTE_MAX_RETRIES = 25
 #: the primary's probe timeout (srtt + 4 rttvar) is at least this fraction of the
 #: active keepalive interval (a floor for the scheduling jitter of a busy host)
 PROBE_TIMEOUT_FLOOR = 0.5
@@ -192,6 +195,8 @@ class ENClient:
         self.switched_from: str | None = None
         self.handoff_until = 0.0
         self.last_promote = 0.0
+        #: DNs told ``demote`` and not yet acknowledged: dn -> (last sent, retries)
+        self.demote_pending: dict[str, tuple[float, int]] = {}
         self.confirmed = False            # the primary answered promoted/assign
         self.configured: str | None = None  # the address once the TUN carries it
         # flow numbers continue upward across restarts (microseconds at start)
@@ -204,7 +209,8 @@ class ENClient:
         self.last_data = -1e9             # last data packet sent or received
         self.stats = {"tx_packets": 0, "rx_packets": 0, "failovers": 0, "handoffs_confirmed": 0,
                       "moved_home": 0, "dual_sent": 0, "icmp_unreachable": 0,
-                      "promote_retries": 0, "probe_failures": 0, "late_rx": 0}
+                      "promote_retries": 0, "probe_failures": 0, "late_rx": 0,
+                      "demote_retries": 0}
         self.drops: dict[str, int] = {}
         self.events: list[dict] = []
         self._tun_queue: list[bytes] = []
@@ -307,6 +313,21 @@ class ENClient:
             if link.state == UP and link.keys is not None:
                 self.stats["promote_retries"] += 1
                 self._promote("retry")
+        for dn, (last, retries) in list(self.demote_pending.items()):
+            # the demote or its acknowledgement was lost (a lossy underlay): a DN that
+            # took us over and never heard it would keep its route (and, with a routing
+            # daemon carrying it, the ESR's traffic for us) for good
+            link = self.links[dn]
+            if dn == self.primary:
+                del self.demote_pending[dn]
+            elif link.state == UP and link.keys is not None \
+                    and now - last >= PROMOTE_RETRY_INTERVALS * self.interval:
+                if retries >= DEMOTE_MAX_RETRIES:
+                    del self.demote_pending[dn]
+                    self.event("demote_unacknowledged", dn=dn)
+                    continue
+                self.stats["demote_retries"] += 1
+                self._demote(dn, retries + 1)
         if self.handoff_from is not None and now > self.handoff_until:
             self.event("handoff_expired", old=self.handoff_from, new=self.primary)
             self.handoff_from = None
@@ -427,6 +448,7 @@ class ENClient:
 
     def _switch(self, old: str | None, new: str, reason: str) -> None:
         self.primary = new
+        self.demote_pending.pop(new, None)
         self.confirmed = False
         self.switched_from = old if old != new else None
         if self.config.soft_handoff and old is not None and old != new:
@@ -434,6 +456,13 @@ class ENClient:
             self.handoff_until = self.reactor.seconds() + self.config.handoff_max_ms / 1000.0
         self.event("switch", old=old, new=new, reason=reason)
         self._promote(reason)
+
+    def _demote(self, dn: str, retries: int = 0) -> None:
+        """Tell ``dn`` (that we left) it is a secondary again; sent again until it
+        answers ``secondary`` with ``demoted``."""
+        self.demote_pending[dn] = (self.reactor.seconds(), retries)
+        self.control(self.links[dn], {"t": W.C_DEMOTE, "address": self.address})
+        self.control(self.links[dn], self._info("secondary"))
 
     def _promote(self, reason: str) -> None:
         self.last_promote = self.reactor.seconds()
@@ -595,8 +624,7 @@ class ENClient:
                 self.handoff_from = self.switched_from = None
                 self.event("confirmed", dn=dn, latency_ms=msg.get("latency_ms"))
                 if old is not None and old != dn and self.links[old].state == UP:
-                    self.control(self.links[old], {"t": W.C_DEMOTE, "address": self.address})
-                    self.control(self.links[old], self._info("secondary"))
+                    self._demote(old)
         elif t == W.C_PRIMARY_DOWN:
             if self.primary is not None and msg.get("primary") == self.primary \
                     and dn != self.primary:
@@ -610,7 +638,8 @@ class ENClient:
         elif t == W.C_PRIMARY_BACK:
             self.event("primary_back", dn=dn, primary=msg.get("primary"))
         elif t == W.C_SECONDARY:
-            pass
+            if msg.get("demoted"):
+                self.demote_pending.pop(dn, None)
         elif t == W.C_ERROR:
             self.event("dn_error", dn=dn, reason=msg.get("reason"))
             if msg.get("reason") == "session_ended" and link.state == UP:

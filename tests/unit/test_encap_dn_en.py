@@ -469,6 +469,43 @@ def test_moving_home_without_soft_handoff_demotes_the_dn_that_took_over():
     assert ("withdraw", a + "/32") in net.routes["dn2"].log
 
 
+def test_a_lost_demote_is_sent_again_until_the_dn_that_took_over_answers():
+    """Each DN with its own table (the BIRD setup: nothing but the EN's ``demote``
+    tells dn2 that dn1 is back) on a lossy underlay: the first demote to dn2 is lost;
+    the EN sends it again until dn2 answers ``secondary``/``demoted``, so dn2 still
+    withdraws its /32 (the bench's BIRD loss10 row: the ESR kept routing the EN via
+    dn2 for good)."""
+    net = Net()
+    for name in ("dn1", "dn2"):
+        net.mapping = StubMapping()                 # a table of its own
+        net.dns[name] = net.make_dn(name)
+    swallowed = []
+    dn2 = net.dns["dn2"]
+    real = dn2._control
+
+    def lossy(s, msg):
+        if msg.get("t") == "demote" and not swallowed:
+            swallowed.append(msg)          # the first demote never arrives
+            return
+        real(s, msg)
+    dn2._control = lossy
+    net.en.start()
+    net.pump()
+    net.run(0.2)
+    a = net.en.address
+    net.cut.add("dn1")
+    net.run(0.4)
+    assert net.en.primary == "dn2" and (a + "/32") in net.routes["dn2"].routes
+    net.cut.discard("dn1")
+    net.run(1.0)
+    assert net.en.primary == "dn1" and net.en.confirmed and swallowed
+    net.run(1.5)                  # dn2 keeps its route ROUTE_HANDBACK_GRACE_S (1 s)
+    assert (a + "/32") not in net.routes["dn2"].routes
+    assert net.en.stats["demote_retries"] >= 1 and not net.en.demote_pending
+    net.run(1.0)                  # acknowledged: not sent again
+    assert net.en.stats["demote_retries"] == 1
+
+
 def test_a_lost_promote_is_sent_again_until_the_switch_is_confirmed():
     """On a lossy underlay the EN's promote (or the DN's promoted) can be lost: the EN
     keeps asking until it hears promoted, so the switch is confirmed (and the DN it
