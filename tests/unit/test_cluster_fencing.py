@@ -81,9 +81,14 @@ class FakeFence:
         return d
 
 
-def fenced_pair(fence):
+def fenced_pair(fence, state=None):
     clock, net, nodes = make_pair()
     for m in nodes.values():
+        if state is not None:       # a maintenance mark must not outlive the test
+            from appliance.cluster.transport import MaintenanceMark
+            m.state_dir = state / m.node_id
+            m.state_dir.mkdir()
+            m.maintenance_mark = MaintenanceMark(m.state_dir)
         m.fencer = Fencer(m.clock, m.node_id, ["/usr/sbin/fence", "-x"], 5.0, run=fence,
                           on_change=m.changed)
     return clock, net, nodes
@@ -160,11 +165,11 @@ def test_a_peer_heard_again_needs_a_new_fence_and_a_late_result_does_not_count()
     assert nodes["b"].role("vip1") == "owner"
 
 
-def test_no_fence_without_a_dead_previous_owner():
+def test_no_fence_without_a_dead_previous_owner(tmp_path):
     """A resource nobody held (first election) or handed over by a live
     peer (maintenance) needs no fence."""
     fence = FakeFence()
-    clock, net, nodes = fenced_pair(fence)
+    clock, net, nodes = fenced_pair(fence, tmp_path)
     start(clock, nodes)
     run(clock, 1.0)
     nodes["a"].set_maintenance(True)
