@@ -462,6 +462,10 @@ class VIPSection:
     #: The service this VIP follows (review M6): a node whose service of that
     #: name failed gives the VIP up to a peer where it runs.
     service: str | None = None
+    #: keepalived's use_vmac: a VRID 1..255; the VIP then lives on a macvlan
+    #: ``vrrp.<vrid>`` with the VRRP MAC 00:00:5e:00:01:<vrid> (IPv4) that
+    #: moves with it, so clients need no ARP update on a takeover.
+    vmac: int | None = None
 
 
 @dataclass(frozen=True)
@@ -572,6 +576,11 @@ def _parse(data: dict, file: str, plugins: Mapping[str, Any]) -> NodeConfig:
     names = [v.name for v in vips]
     for name in {n for n in names if names.count(n) > 1}:
         problems.add("vip", f"name {name!r} is used more than once")
+    vrids = [v.vmac for v in vips if v.vmac is not None]
+    for i, v in enumerate(vips):
+        if v.vmac is not None and vrids.count(v.vmac) > 1:
+            problems.add(f"vip[{i}].vmac", f"VRID {v.vmac} is used by more than one VIP "
+                                           "(one macvlan, one MAC per VRID)")
 
     context = ParseContext(file, node.id if node else None, peer_ids, tuple(names))
     services = _parse_services(top.table("services"), plugins, context)
@@ -856,11 +865,15 @@ def _parse_vip(t: Table, node: NodeSection | None, peer_ids: tuple[str, ...]) ->
     preempt = t.bool("preempt", True)
     service = t.str("service", None, pattern=re.compile(r"^[A-Za-z0-9_.-]{1,64}$"),
                     describe="a service key (services.KEY)")
+    vmac = t.int("vmac", None, min=1, max=255)
+    if vmac is not None and address is not None and address.version != 4:
+        t.error("vmac", "only for an IPv4 VIP (the VRRP MAC 00:00:5e:00:01:<vrid>)")
+        vmac = None
     t.done()
     if name is None or address is None or interface is None:
         return None
     return VIPSection(name, address, interface, MappingProxyType(priority), bool(preempt),
-                      service=service)
+                      service=service, vmac=vmac)
 
 
 def _parse_services(t: Table | None, plugins: Mapping[str, Any],

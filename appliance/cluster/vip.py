@@ -14,6 +14,14 @@ it ``acquire(name, reason)`` when this node becomes owner of a VIP and
   there (re-adding it if something removed it) and announces it again,
 * on release stops all of that and removes the address.
 
+A VIP with ``vmac = VRID`` (keepalived's ``use_vmac``) lives on a macvlan
+``vrrp.<VRID>`` over its interface with the VRRP MAC 00:00:5e:00:01:<VRID>:
+acquire creates it (up) and adds the address there, announcements leave
+from it, release deletes it.  Every owner answers with the same MAC, so a
+client's ARP entry stays right across a takeover (only the switch learns the
+MAC's new port, from the announcement); a client that missed the GARP still
+reaches the new owner.
+
 Every Deferred it returns fires (never fails): ``True`` on success,
 ``False`` when the operation failed, which is logged with the reason and
 counted in ``stats["errors"]``.  Netlink operations are serialised in one
@@ -118,6 +126,28 @@ class VIPManager(Service):
 
     # -- acquire / release ---------------------------------------------------
 
+    @staticmethod
+    def vmac_of(vip: Any) -> tuple[str, str] | None:
+        """``(macvlan name, MAC)`` of a VIP with ``vmac``, else None."""
+        vrid = getattr(vip, "vmac", None)
+        if vrid is None:
+            return None
+        return f"vrrp.{vrid}", f"00:00:5e:00:01:{vrid:02x}"
+
+    def ifname(self, name: str) -> str:
+        """The interface VIP ``name``'s address lives on (its macvlan with vmac)."""
+        vip = self._vips[name]
+        vm = self.vmac_of(vip)
+        return vm[0] if vm else vip.interface
+
+    def _add(self, vip: Any) -> defer.Deferred:
+        vm = self.vmac_of(vip)
+        if vm is None:
+            return self._netlink.add_address(vip.interface, vip.address)
+        d = self._netlink.ensure_macvlan(vip.interface, vm[0], vm[1])
+        return d.addCallback(lambda created: self._netlink.add_address(vm[0], vip.address)
+                             .addCallback(lambda added: added or created))
+
     def acquire(self, name: str, reason: str = "") -> defer.Deferred:
         """Add VIP ``name`` and announce it; fires True/False (never fails)."""
         vip = self._vips.get(name)
@@ -125,7 +155,7 @@ class VIPManager(Service):
             return self._unknown("acquire", name, reason)
         gen = self._next_gen(name)
         self._wanted[name] = True
-        d = self._netlink.add_address(vip.interface, vip.address)
+        d = self._add(vip)
         d.addCallback(self._added, name, gen, reason)
         d.addErrback(self._op_failed, "add", name, reason)
         return self._track(d)
@@ -140,7 +170,11 @@ class VIPManager(Service):
         self._wanted[name] = False
         was_held = name in self._held
         self._held.discard(name)
-        d = self._netlink.remove_address(vip.interface, vip.address)
+        vm = self.vmac_of(vip)
+        if vm is not None:
+            d = self._netlink.delete_link(vm[0])      # the address goes with it
+        else:
+            d = self._netlink.remove_address(vip.interface, vip.address)
         d.addCallback(self._removed, name, was_held, reason)
         d.addErrback(self._op_failed, "remove", name, reason)
         return self._track(d)
@@ -213,7 +247,7 @@ class VIPManager(Service):
         if not self._current(name, gen) or name not in self._held:
             return None
         vip = self._vips[name]
-        d = self._netlink.announce(vip.interface, vip.address)
+        d = self._netlink.announce(self.ifname(name), vip.address)
 
         def sent(_: Any) -> bool:
             self.stats["announcements"] += 1
@@ -231,7 +265,7 @@ class VIPManager(Service):
             if not self._current(name, gen) or name not in self._held:
                 return
             vip = self._vips[name]
-            d = self._netlink.add_address(vip.interface, vip.address)
+            d = self._add(vip)
 
             def check(added_now: bool) -> None:
                 if added_now and self._current(name, gen):
@@ -263,6 +297,14 @@ class VIPManager(Service):
         for name, vip in self._vips.items():
             by_interface.setdefault(vip.interface, []).append(name)
         ds = []
+        for name, vip in self._vips.items():
+            vm = self.vmac_of(vip)
+            if vm is not None and not self._wanted.get(name):
+                d = self._netlink.delete_link(vm[0])       # a crashed run's macvlan
+                d.addCallback(lambda gone, n=name: gone and self._stale_removed(
+                    True, n, self._vips[n].address))
+                d.addErrback(self._op_failed, "stale remove", name, "not held at start")
+                ds.append(d)
         for ifname, names in by_interface.items():
             d = self._netlink.addresses(ifname)
             d.addCallback(self._got_addresses, ifname, names)

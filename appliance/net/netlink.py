@@ -235,6 +235,49 @@ class Netlink:
             raise _no_device()
         return bytes.fromhex(addr.replace(":", ""))
 
+    def _ensure_macvlan(self, parent: str, ifname: str, mac: str) -> bool:
+        """A macvlan ``ifname`` on ``parent`` with hardware address ``mac``,
+        up; True if it was created now.  The parent answers ARP only for its
+        own addresses (arp_ignore = 1) and asks with its own address
+        (arp_announce = 2: a reply sent from the VIP would otherwise make an
+        ARP request with the VIP as sender and the parent's MAC, which
+        re-points the client's entry), so the VIP is known by ``mac`` alone
+        (keepalived's use_vmac sets the same)."""
+        ipr = self._iproute()
+        created = False
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            ipr.link("add", ifname=ifname, kind="macvlan", link=self._index(parent),
+                     macvlan_mode="private", address=mac)
+            found = ipr.link_lookup(ifname=ifname)
+            if not found:
+                raise _no_device()
+            created = True
+        else:
+            links = ipr.get_links(found[0])
+            have = (links[0].get("IFLA_ADDRESS") or "").lower() if links else ""
+            if have != mac.lower():
+                ipr.link("set", index=found[0], address=mac)
+        for dev in (parent, ifname):
+            self._sysctl(f"net/ipv4/conf/{dev}/arp_ignore", "1")
+            self._sysctl(f"net/ipv4/conf/{dev}/arp_announce", "2")
+        ipr.link("set", index=found[0], state="up")
+        return created
+
+    def _sysctl(self, key: str, value: str) -> None:
+        # /proc/sys/net shows the namespace of the thread that opens it
+        with garp.in_netns(self.netns):
+            with open(f"/proc/sys/{key}", "w") as f:
+                f.write(value)
+
+    def _delete_link(self, ifname: str) -> bool:
+        ipr = self._iproute()
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            return False
+        ipr.link("del", index=found[0])
+        return True
+
     # -- routes and rules (worker thread) -----------------------------------
 
     def _route_replace(self, dst: Any, dev: str | None, via: str | None, table: int,
@@ -363,6 +406,16 @@ class Netlink:
     def mac_address(self, ifname: str) -> defer.Deferred:
         """Fires with the 6-byte hardware address of ``ifname``."""
         return self._run(f"mac of {ifname}", self._mac, ifname)
+
+    def ensure_macvlan(self, parent: str, ifname: str, mac: str) -> defer.Deferred:
+        """Create (if missing) and bring up macvlan ``ifname`` on ``parent``
+        with address ``mac`` (``"00:00:5e:00:01:33"``); fires True if created."""
+        return self._run(f"macvlan {ifname} ({mac}) on {parent}", self._ensure_macvlan,
+                         parent, ifname, mac)
+
+    def delete_link(self, ifname: str) -> defer.Deferred:
+        """Delete interface ``ifname``; fires True if deleted, False if missing."""
+        return self._run(f"delete {ifname}", self._delete_link, ifname)
 
     def announce(self, ifname: str, ip: Any) -> defer.Deferred:
         """Send one gratuitous ARP (request + reply) or unsolicited NA for
