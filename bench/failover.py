@@ -27,7 +27,12 @@ Rows: takeover p50/p95 per heartbeat interval with each system's configured
 detection threshold (appliance: dead_after + half a beat; keepalived:
 3 x advert + skew, skew = (256 - backup priority) / 256 x advert, so
 keepalived also runs with priorities 254/253 as ``keepalived-254``, near-zero
-skew); spurious takeovers per 10 minutes at 5/10/20 % random loss between
+skew); beside the appliance's shipped-default row (3 beats per interval) an
+``appliance-k1-same-threshold`` row that is NOT the shipped default: one
+beat per interval and dead_after 3 (keepalived's loss tolerance: 3 lost
+beats in a row), the interval chosen so its threshold equals keepalived-254's
+(100 ms case: runs at 86 ms, threshold 301.0 vs 301.2 ms) -- the takeover at
+the same detection threshold; ``--systems`` picks rows; spurious takeovers per 10 minutes at 5/10/20 % random loss between
 the nodes (nft, both ways, 100 ms; counted as rising edges of b holding the
 VIP, polled every 20 ms, and from b's own log); a 30 s partition between the
 nodes: milliseconds with two VIP owners (the appliance with a witness in a
@@ -36,6 +41,7 @@ the heal.
 
     python bench/failover.py [--quick] [--json] [--trials N] [--intervals 10,100,1000]
                              [--loss-seconds 120] [--partition-seconds 30] [--only takeover,loss,partition]
+                             [--systems appliance,appliance-k1-same-threshold,keepalived-254]
 
 Needs root, iproute2 and (for the anchor) keepalived; says so and skips the
 anchor if it is missing.
@@ -143,16 +149,22 @@ class System:
 
 class Appliance(System):
     name = "appliance"
+    beats = BEATS              # beats_per_interval (None: the shipped default, not written)
 
     def __init__(self, lab, workdir, interval_ms, witness=False):
         super().__init__(lab, workdir, interval_ms, witness)
         (workdir / "cluster.key").write_text("k" * 64 + "\n")
 
+    @classmethod
+    def run_interval_ms(cls, interval_ms: int) -> int:
+        """The heartbeat interval this row runs with for the case ``interval_ms``."""
+        return interval_ms
+
     def detection_threshold_ms(self) -> float:
-        return round(self.interval_ms * (DEAD_AFTER + 0.5 / BEATS), 1)
+        return round(self.interval_ms * (DEAD_AFTER + 0.5 / self.beats), 1)
 
     def send_period_ms(self) -> float:
-        return self.interval_ms / BEATS
+        return self.interval_ms / self.beats
 
     def config(self, node: str) -> Path:
         path = self.workdir / f"node-{node}.toml"
@@ -160,9 +172,13 @@ class Appliance(System):
             path.write_text(witness_config("w", self.workdir, W_ADDR, ADDR,
                                            interval_ms=self.interval_ms))
         else:
-            path.write_text(vip_pair_config(node, self.workdir, ADDR, f"{VIP}/24", vip_name="vip",
-                                            interval_ms=self.interval_ms, preempt=True,
-                                            witness=("w", W_ADDR) if self.witness else None))
+            text = vip_pair_config(node, self.workdir, ADDR, f"{VIP}/24", vip_name="vip",
+                                   interval_ms=self.interval_ms, preempt=True,
+                                   witness=("w", W_ADDR) if self.witness else None)
+            if self.beats != BEATS:
+                text = text.replace(f"dead_after = {DEAD_AFTER}\n",
+                                    f"dead_after = {DEAD_AFTER}\nbeats_per_interval = {self.beats}\n")
+            path.write_text(text)
         return path
 
     def became_master(self, node: str) -> int:
@@ -191,9 +207,32 @@ class Appliance(System):
                                           env=env_with_dropins())
 
 
+class ApplianceSameThreshold(Appliance):
+    """NOT the shipped default: the appliance with keepalived's loss tolerance
+    (one beat per interval, dead_after 3: a false suspicion needs 3 lost beats
+    in a row, as keepalived's 3 adverts) and the interval chosen so that its
+    detection threshold (3.5 x interval) equals keepalived-254's at the case's
+    interval (100 ms: 301.2 ms -> 86 ms, threshold 301.0 ms).  The takeover
+    row at the same detection threshold and the same loss tolerance; the
+    shipped-default row (3 beats per interval) stays beside it."""
+
+    name = "appliance-k1-same-threshold"
+    beats = 1
+
+    @classmethod
+    def run_interval_ms(cls, interval_ms: int) -> int:
+        probe = object.__new__(Keepalived254)
+        probe.interval_ms = interval_ms
+        return max(5, round(probe.detection_threshold_ms() / (DEAD_AFTER + 0.5)))
+
+
 class Keepalived(System):
     name = "keepalived"
     priorities = {"a": 200, "b": 100}
+
+    @classmethod
+    def run_interval_ms(cls, interval_ms: int) -> int:
+        return interval_ms
 
     def detection_threshold_ms(self) -> float:
         advert = float(self.interval_ms)
@@ -295,6 +334,7 @@ def trial(system: System, lab, workdir: Path, settle_s: float) -> float | None:
 
 def run_system(cls, interval_ms: int, trials: int, log) -> list[float]:
     from tests.support.netns import Lab
+    interval_ms = cls.run_interval_ms(interval_ms)
     outages: list[float] = []
     with tempfile.TemporaryDirectory(prefix="apl-bench-") as tmp, Lab() as lab:
         lab.two_nodes_and_client()
@@ -421,6 +461,10 @@ def main() -> int:
                     help="seconds per loss level (rows are scaled to 10 minutes)")
     ap.add_argument("--partition-seconds", type=float, default=30.0)
     ap.add_argument("--only", default="takeover,loss,partition")
+    ap.add_argument("--systems", default="",
+                    help="takeover rows only for these systems (comma-separated names; "
+                         "default all: appliance, appliance-k1-same-threshold, keepalived, "
+                         "keepalived-254)")
     args = ap.parse_args()
     parts = set(args.only.split(","))
     # Killed from outside: unwind so every namespace and process is removed.
@@ -433,18 +477,25 @@ def main() -> int:
         return 2
     systems = [Appliance]
     anchors = []
+    same_threshold = [ApplianceSameThreshold]
     if shutil.which("keepalived"):
         anchors = [Keepalived, Keepalived254]
     else:
         log("keepalived not installed (apt-get install keepalived): anchor rows skipped")
     rows = []
     if "takeover" in parts:
+        wanted = set(filter(None, args.systems.split(",")))
         for interval in intervals:
-            for cls in systems + anchors:
+            # interleaved per system so both see the same box load in one run
+            for cls in systems + same_threshold * bool(anchors) + anchors:
+                if wanted and cls.name not in wanted:
+                    continue
                 outages = run_system(cls, interval, trials, log)
                 case = f"interval={interval}ms"
                 probe = object.__new__(cls)      # no lab, no files: thresholds only
-                probe.interval_ms = interval
+                probe.interval_ms = cls.run_interval_ms(interval)
+                if probe.interval_ms != interval:
+                    case += f" (runs at {probe.interval_ms}ms, beats_per_interval={cls.beats}: not the shipped default)"
                 threshold = probe.detection_threshold_ms()
                 floor = round(threshold - probe.send_period_ms(), 1)
                 below = sum(1 for o in outages if o < floor)
