@@ -121,6 +121,35 @@ def test_solicit_advertise_request_reply(tmp_path):
     assert lab.leases.get(PD, "2001:db8:100::/56").duid == duid(1).hex()
 
 
+def test_request_binds_the_advertised_offer_without_a_second_offer(tmp_path):
+    """The REQUEST after our ADVERTISE binds the offered address and prefix as they are: one
+    offer per IA per exchange (the SOLICIT's).  A REQUEST naming another free address, or
+    coming after the offer timed out, still goes through the offer (the general path)."""
+    lab = Lab(tmp_path)
+    calls = []
+    real = lab.leases.offer
+    lab.leases.offer = lambda kind, *a, **kw: calls.append(kind) or real(kind, *a, **kw)
+    adv = lab.relay(msg(C.SOLICIT, 1, na=[(1, ())], pd=[(7, ())]))
+    assert sorted(calls) == [NA, PD]
+    rep = lab.relay(msg(C.REQUEST, 1, SERVER, na=[(1, addrs(adv))], pd=[(7, prefixes(adv))]))
+    assert sorted(calls) == [NA, PD]                   # no second offer
+    assert addrs(rep) == addrs(adv) and prefixes(rep) == prefixes(adv)
+    assert lab.leases.get(NA, addrs(adv)[0]).state == "bound"
+    assert lab.leases.get(PD, prefixes(adv)[0]).state == "bound"
+    assert lab.h.counters["bind_conflict"] == 0
+    # client 2: offered ::101, asks for ::102 (free, ours): the general path, as before
+    adv2 = lab.relay(msg(C.SOLICIT, 2, na=[(1, ())]))
+    calls.clear()
+    rep2 = lab.relay(msg(C.REQUEST, 2, SERVER, na=[(1, ["2001:db8:1::102"])]))
+    assert calls == [NA] and addrs(rep2) == addrs(adv2)
+    # client 3: its offer timed out before the REQUEST: the general path
+    adv3 = lab.relay(msg(C.SOLICIT, 3, na=[(1, ())]))
+    lab.clock.advance(lab.cfg.offer_timeout_s + 1)
+    calls.clear()
+    rep3 = lab.relay(msg(C.REQUEST, 3, SERVER, na=[(1, addrs(adv3))]))
+    assert calls == [NA] and addrs(rep3) == addrs(adv3)
+
+
 def test_rapid_commit(tmp_path):
     """A SOLICIT with Rapid Commit gets a REPLY carrying Rapid Commit, bound (RFC 8415 18.3.1);
     with rapid_commit = false in config it gets an ADVERTISE."""

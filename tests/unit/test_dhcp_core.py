@@ -214,3 +214,57 @@ def test_v6_stores_reload_their_leases_after_a_restart():
     assert na2.counters["malformed_records"] == 0 == pd2.counters["malformed_records"]
     assert ok(as_deferred(na2.find_client(1, hw, cid))).address == "2001:db8:1::100"
     assert na2.free_count() == 255 and pd2.free_count() == 256 + 16 - 1
+
+
+def test_v6_texts_are_the_ipaddress_forms_without_ipaddress():
+    """The v6 families' conversions (inet_pton / inet_ntop on the hot path) give exactly
+    ipaddress's canonical texts and prefix ints, and refuse what it refuses (host bits
+    set, a bad length); the IPv4-mapped/-compatible range still goes through ipaddress."""
+    import random
+    rnd = random.Random(16)
+    values = [0, 1, (1 << 48) - 1, 1 << 48, 0xFFFF << 32, (0xFFFF << 32) | 0x01020304,
+              (1 << 128) - 1, int(IPv6Address("2001:db8:0:1::")), int(IPv6Address("1:0:0:1::"))]
+    for _ in range(3000):
+        a = rnd.getrandbits(128)
+        for g in range(8):
+            if rnd.random() < 0.5:
+                a &= ~(0xFFFF << (16 * g))
+        values.append(a)
+    for a in values:
+        text = str(IPv6Address(a))
+        assert DHCP6_NA.ntoa(a) == text and DHCP6_NA.canonical(text.upper()) == text
+        assert DHCP6_NA.as_int(text) == a
+    for plen in (1, 37, 48, 56, 64, 128):
+        for _ in range(200):
+            net = IPv6Network((rnd.getrandbits(128) >> (128 - plen) << (128 - plen), plen))
+            assert DHCP6_PD.canonical(str(net).upper()) == str(net)
+            assert DHCP6_PD.as_int(str(net)) == prefix_int(net)
+            assert prefix_text(prefix_int(net)) == str(net)
+    for bad in ("2001:db8::1/56", "2001:db8::/129", "2001:db8::/x", "zz::/56", "2001:db8::/-1"):
+        with pytest.raises(ValueError):
+            DHCP6_PD.canonical(bad)
+    for bad in ("1.2.3.4", "2001:db8::1/64", "g::", ""):
+        with pytest.raises(ValueError):
+            DHCP6_NA.canonical(bad)
+
+
+def test_lease_stores_on_one_store_wait_once_for_durable():
+    """NA and PD stores journaling into one state store: ``durable()`` is one wait on it
+    (one Deferred per REPLY, not a DeferredList over two waits on the same commit)."""
+    store, clock = store_and_clock()
+    kw = dict(family=DHCP6_NA, immediate_writes=True)
+    na = LeaseStore(store, na_config(), "a", clock.seconds, **kw)
+    pd = LeaseStore(store, pd_config(), "a", clock.seconds, family=DHCP6_PD,
+                    immediate_writes=True)
+    both = LeaseStores({"na": na, "pd": pd})
+    ok(both.load())
+    hw, cid = v6_client(b"\x00\x01ab", 3)
+    store.turn_batching = True
+    for ls in (na, pd):
+        o = ok(as_deferred(ls.offer(1, hw, cid)))
+        ls.bind(1, o.address, hw, cid, lease_time_s=600)
+    before = len(store._waiters)
+    d = both.durable()
+    assert len(store._waiters) == before + 1
+    clock.advance(0)                                     # the end of the turn: the commit
+    assert ok(d) is None and both.writes == 2

@@ -810,6 +810,13 @@ class LeaseStore:
             return None
         return lease
 
+    def pending_offer(self, subnet_id: int, hwaddr: bytes | str | None,
+                      client_id: bytes | str | None = None) -> Lease | None:
+        """The client's unexpired offer (memory only), or None: what a v6 REQUEST after
+        the ADVERTISE binds without a second :meth:`offer` (``bind`` checks it again)."""
+        ck = client_key(normalize_hwaddr(hwaddr), normalize_client_id(client_id))
+        return self._pending_offer(subnet_id, ck, self._now()) if ck else None
+
     def _offered_to_other(self, address: int, ck: str, now: float) -> bool:
         lease = self._offers.get(address)
         return lease is not None and lease.expires > now and lease.client_key != ck

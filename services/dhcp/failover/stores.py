@@ -91,6 +91,18 @@ class LeaseStores:
             raise ValueError("no lease stores")
         self.stores = dict(stores)
         self._list = list(self.stores.values())
+        #: a prefix text (with a ``/``) goes to the prefix family's store first, any
+        #: other text to the others (one conversion, not one exception per family)
+        self._by_slash = {True: [s for s in self._list if s.family.name.endswith(":pd")],
+                          False: [s for s in self._list if not s.family.name.endswith(":pd")]}
+        for want_pd in (True, False):
+            self._by_slash[want_pd] += [s for s in self._list if s not in self._by_slash[want_pd]]
+        #: every store journals into the same state store the same way: one durable()
+        #: wait covers them all (no DeferredList per REPLY)
+        first = self._list[0]
+        self._one_durable = first if all(
+            s.store is first.store and (s._commit_now is None) == (first._commit_now is None)
+            for s in self._list[1:]) else None
 
     def __getitem__(self, key: str) -> LeaseStore:
         return self.stores[key]
@@ -98,7 +110,8 @@ class LeaseStores:
     # -- dispatch -------------------------------------------------------
     def store_for(self, address: str) -> LeaseStore:
         """The store of an address (or prefix) text; ValueError if none takes it."""
-        for s in self._list:
+        order = self._by_slash[isinstance(address, str) and "/" in address]
+        for s in order:
             try:
                 s.family.canonical(address)
             except (ValueError, TypeError, OSError):
@@ -148,6 +161,8 @@ class LeaseStores:
         return all(s.loaded for s in self._list)
 
     def durable(self) -> defer.Deferred:
+        if self._one_durable is not None:
+            return self._one_durable.durable()
         return defer.gatherResults([s.durable() for s in self._list], consumeErrors=True)
 
     def load(self) -> defer.Deferred:

@@ -176,6 +176,11 @@ class CoreAllocator:
                                                    roles=self._roles()))
         return self.to6(kind, lease)
 
+    def offered(self, kind: str, subnet, duid: str, iaid: int) -> Lease6 | None:
+        """The IA's pending offer (the ADVERTISE's), or None."""
+        hw, cid = self._client(duid, iaid)
+        return self.to6(kind, self._store(kind).pending_offer(subnet.id, hw, cid))
+
     def bind(self, kind: str, subnet, duid: str, iaid: int, address: str,
              preferred_s: int, valid_s: int, hostname: str | None = None) -> Lease6:
         hw, cid = self._client(duid, iaid)

@@ -245,6 +245,17 @@ class Dhcp6Handler:
             # RFC 8415 18.3.2: an address not appropriate for the client's link
             self.counters["not_on_link"] += 1
             return self._no(kind, ia, C.NOT_ON_LINK)
+        if commit and m.msg_type == C.REQUEST:
+            # the REQUEST after our ADVERTISE: bind the offer it names (or, naming none,
+            # the IA's offer) as it is -- no second offer; bind checks the address again,
+            # and anything else (no offer, another address, bind refused) takes the
+            # general path below
+            offered = getattr(self.leases, "offered", None)
+            pending = offered(kind, subnet, duid, ia.iaid) if offered is not None else None
+            if pending is not None and (not hints or pending.address in hints):
+                bound = self._bind(kind, subnet, duid, ia.iaid, pending.address, m, quiet=True)
+                if bound is not None:
+                    return self._ia_out(kind, ia, subnet, [bound])
         lease = self.leases.offer(kind, subnet, duid, ia.iaid, hints)
         if lease is None:
             self.counters[f"no_{kind}_available"] += 1
@@ -256,7 +267,8 @@ class Dhcp6Handler:
             return self._no(kind, ia)
         return self._ia_out(kind, ia, subnet, [bound])
 
-    def _bind(self, kind, subnet, duid, iaid, address, m: C.Message) -> Lease6 | None:
+    def _bind(self, kind, subnet, duid, iaid, address, m: C.Message, *,
+              quiet: bool = False) -> Lease6 | None:
         _, _, pref, valid = self._times(subnet)
         hostname = None
         if m.fqdn is not None and m.fqdn.name:
@@ -264,7 +276,8 @@ class Dhcp6Handler:
         try:
             lease = self.leases.bind(kind, subnet, duid, iaid, address, pref, valid, hostname)
         except Unavailable:
-            self.counters["bind_conflict"] += 1
+            if not quiet:
+                self.counters["bind_conflict"] += 1
             return None
         self._changed("bound", lease, m)
         return lease
