@@ -17,11 +17,18 @@ How the ESR reaches the DN serving an EN (one lab per case and mode):
 * ``appliance-l2`` (``--routing l2``): no routing protocol: the ESR routes the EN
   subnets on-link and the DNs answer ARP for their ENs (proxy ARP + gratuitous ARP).
 
-A DN failure is a power loss: SIGKILL of the EN's primary DN and its link set down
-in the same instant, during an ICMP echo stream from the EN to the server at a fixed
-rate; outage = lost echoes x interval (the thesis's "ms of lost packets").  After
-each kill the DN is revived and the EN moves back home and the echoes lost to that
-move are counted too.
+A DN failure is a power loss: SIGKILL of the EN's home (primary) DN and its link set
+down in the same instant, during an ICMP echo stream from the EN to the server at a
+fixed rate (``Stream``: a raw-socket sender that keeps its rate whether replies come
+or not -- iputils ``ping -i 0.01`` slows down while replies are missing, ~60 instead
+of 100 echoes/s into a black hole, so figures taken with it before 2026-12-04 12:50
+undercounted every outage); outage = lost echoes x interval (the thesis's "ms of lost
+packets").  A kill starts from the steady state read from the EN's own status (on its
+home DN, confirmed, no soft handoff under way) and its stream ends on the exact
+conditions of the new path (the EN switched and confirmed, the ESR routes the EN's
+address via the survivor) plus a short tail, not after fixed sleeps.  Then the DN is
+revived during another stream, the EN moves back home (confirmed, the ESR's route
+home) and the echoes lost to that move are counted too.
 
 Cases: ``lan``/``man``/``wan`` (0 / 10 / 100 ms one-way EN-DN delay) at 100 packets/s
 (and ``lan`` at 10 packets/s), each without (``lan-100pps``) and with soft handoff
@@ -43,7 +50,7 @@ as fast as iperf3 can) through one DN, then the same through OpenVPN 2.6 (UDP,
 AES-256-GCM, one server in dn1, TLS with EC P-256 certificates).
 
     python bench/encap.py [--quick] [--json] [--kills N] [--kills-other N] [--kills-bird N]
-                          [--kills-openvpn N] [--routing esr,bird,l2] [--cases a,b]
+                          [--kills-bird-other N] [--kills-openvpn N] [--routing esr,bird,l2] [--cases a,b]
                           [--only outage,openvpn-failover,download,throughput]
 
 Needs root, iproute2, ping (iputils), redis-server, bird2, iperf3 and openvpn
@@ -56,7 +63,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -103,18 +109,6 @@ def ensure(binary: str, package: str) -> str | None:
                    env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
                    capture_output=True, timeout=600)
     return shutil.which(binary)
-
-
-def ping_loss(lab, count: int, interval: float, during=None) -> tuple[int, int]:
-    """``(sent, received)`` of a ping stream; ``during()`` runs 1 s in."""
-    p = lab.popen("en", "ping", "-n", "-q", "-i", f"{interval:g}", "-c", str(count), "-W", "1",
-                  SERVER)
-    if during is not None:
-        time.sleep(1.0)
-        during()
-    out, _ = p.communicate(timeout=count * interval + 30)
-    m = re.search(r"(\d+) packets transmitted, (\d+) received", out.decode())
-    return (int(m.group(1)), int(m.group(2))) if m else (count, 0)
 
 
 RELAY = r"""
@@ -186,7 +180,8 @@ def wait_ping(lab, timeout: float = 30.0) -> None:
 
 
 def outage_case(case: str, pps: int, soft: bool, kills: int, work: Path,
-                delay_ms: float = 0.0, loss_pct: int = 0, routing: str = "esr") -> list[dict]:
+                delay_ms: float = 0.0, loss_pct: int = 0, routing: str = "esr",
+                stop_at: float | None = None) -> list[dict]:
     from tests.support.encap_lab import EncapLab
     from tests.support.netns import Lab
     rows: list[dict] = []
@@ -202,7 +197,7 @@ def outage_case(case: str, pps: int, soft: bool, kills: int, work: Path,
                       routing=routing).build()
         try:
             _outage_runs(lab, el, pps, kills, delay_ms, loss_pct, f"{system} {case}",
-                         routing, outages, moveback, info)
+                         routing, outages, moveback, info, stop_at)
         except Exception as e:        # one case going wrong does not lose the others
             info["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
             log(f"{system} {case}: stopped after {len(outages)} kills: {info['error']}\n"
@@ -215,6 +210,7 @@ def outage_case(case: str, pps: int, soft: bool, kills: int, work: Path,
                      "value": percentile(outages, p), "unit": "ms",
                      "note": f"{len(outages)} kills; soft_handoff={'on' if soft else 'off'}; "
                              + (f"STOPPED EARLY ({info['error']}); " if "error" in info else "")
+                             + (f"{info['cut']}; " if "cut" in info else "")
                              + f"{ROUTING_NOTE[routing]}; "
                              "EN keepalive 20 ms while active (50 ms idle) x 4, probe "
                              "RTO srtt+4rttvar (>= 10 ms) x 4 while active"
@@ -246,7 +242,7 @@ def outage_case(case: str, pps: int, soft: bool, kills: int, work: Path,
 
 
 def _outage_runs(lab, el, pps, kills, delay_ms, loss_pct, case, routing, outages, moveback,
-                 info) -> None:
+                 info, stop_at=None) -> None:
     """The kills of one case: fills ``outages`` (ms), ``moveback`` (echoes) and ``info``."""
     interval = 1.0 / pps
     el.start_routing()
@@ -259,50 +255,177 @@ def _outage_runs(lab, el, pps, kills, delay_ms, loss_pct, case, routing, outages
     el.start_en()
     el.wait_en(lambda s: s.get("configured") and s.get("confirmed"))
     wait_ping(lab)
+    if routing == "bird":
+        bird_warm_up(lab, el)
     background, spurious = 0.0, None
     if loss_pct:
         # random loss on the underlay, both ways, EN <-> each DN (nft numgen)
         for addr in ("10.99.0.1", "10.99.0.2"):
             lab.drop_between("en", addr, percent=loss_pct)
         before = el.en_status()["stats"]["failovers"]
-        sent, received = ping_loss(lab, 10 * pps, interval)
+        stream = Stream(lab, interval)
+        time.sleep(10.0)
+        sent, received = stream.stop()
         background = (sent - received) / sent
         spurious = el.en_status()["stats"]["failovers"] - before
         log(f"{case}: background echo loss {background:.1%}, {spurious} EN switches in 10 s")
     info.update(background=background, spurious=spurious)
+    home = el.wait_en(lambda s: s.get("home") and s.get("primary") == s.get("home")
+                      and s.get("confirmed"), what="the EN at home")["home"]
+    other = "dn2" if home == "dn1" else "dn1"
+    # how long the stream goes on once the new path is in (echoes then get through):
+    # a few echoes past the switch, and one round trip of the relay
+    tail = max(0.3, 5 * interval) + 2 * delay_ms / 1000.0
     for k in range(kills):
-        st = el.en_status()
-        primary = st["primary"]
-        other = "dn2" if primary == "dn1" else "dn1"
-        after = 1.5 if pps >= 100 else 2.5      # long enough for the switch
-        count = int((1.0 + after) * pps)
+        if stop_at is not None and time.time() >= stop_at:
+            info["cut"] = f"cut at the time limit after {k} of {kills} kills"
+            log(f"{case}: {info['cut']}")
+            break
+        # steady state: the EN on its home DN, the switch confirmed, soft handoff over
+        # (the EN's own state; on a lossy underlay a spurious switch may be under way)
+        el.wait_en(lambda s: s.get("primary") == home and s.get("confirmed")
+                   and s.get("handoff_from") is None, timeout=30, what="the EN at home")
+        address = el.en_status()["address"]
         killed_at = []
-
-        def kill():
-            killed_at.append(time.time())
-            el.kill_dn(primary)
-        sent, received = ping_loss(lab, count, interval, kill)
+        stream = Stream(lab, interval)
+        time.sleep(max(0.3, 3 * interval))          # the EN is active (fast probes)
+        killed_at.append(time.time())
+        el.kill_dn(home)
+        # until the EN has switched and the survivor confirmed, and the ESR routes the
+        # EN's address via the survivor (the exact conditions of the new path)
+        st = el.wait_en(lambda s: s.get("primary") == other and s.get("confirmed"),
+                        timeout=30, what="the EN's switch to the survivor")
+        if routing != "l2":
+            wait_esr(el, address, other)
+        time.sleep(tail)
+        sent, received = stream.stop()
         # with background loss, only what exceeds it is the failure's
         outages.append(max(0.0, (sent - received) - background * sent) * interval * 1000)
-        st = el.wait_en(lambda s: s.get("primary") == other and s.get("confirmed"), timeout=15)
         switches = [e["t"] for e in st.get("events", [])
-                    if e.get("what") == "switch" and killed_at and e["t"] >= killed_at[0]]
+                    if e.get("what") == "switch" and e["t"] >= killed_at[0]]
         if switches:
             info["detect"].append(round((switches[0] - killed_at[0]) * 1000, 1))
         # revive the dead DN during another stream: the EN moves back home
-        count = int(4.0 * pps)
-        sent, received = ping_loss(lab, count, interval, lambda: el.revive_dn(primary))
-        el.wait_en(lambda s: s.get("primary") == primary and s.get("confirmed"), timeout=20)
+        stream = Stream(lab, interval)
+        time.sleep(max(0.3, 3 * interval))
+        el.revive_dn(home)
+        el.wait_en(lambda s: s.get("primary") == home and s.get("confirmed")
+                   and s.get("handoff_from") is None, timeout=30, what="the EN back home")
+        waited = 0.0
+        if routing != "l2":
+            # the takeover's route is gone at the ESR
+            waited = el.wait_esr_home(address, home)
+        time.sleep(tail)
+        sent, received = stream.stop()
         moveback.append(max(0, round((sent - received) - background * sent)))
         log(f"{case} kill {k + 1}/{kills}: outage {outages[-1]:.0f} ms, "
             f"move back lost {moveback[-1]}")
-        if routing != "l2":
-            # steady state before the next kill: the takeover's route is gone at the ESR
-            waited = el.wait_esr_home(el.en_status()["address"], primary)
-            if routing == "bird":
-                # and BIRD may originate the EN's /32 again at once (OSPF MinLSInterval:
-                # one origination of an LSA per 5 s)
-                time.sleep(max(0.0, BIRD_SETTLE_S - waited))
+        if routing == "bird":
+            # BIRD may originate the EN's /32 again at once (OSPF MinLSInterval: one
+            # origination of an LSA per 5 s)
+            time.sleep(max(0.0, BIRD_SETTLE_S - waited - tail))
+
+
+def bird_warm_up(lab, el) -> None:
+    """A fresh BIRD's first external LSA waits for its initial SPF (seconds): one
+    proto-228 /32 per DN carried to the ESR and withdrawn again before the first kill,
+    so kill 1 times what every later kill times (a prefix of its own: the EN's /32
+    owes nothing to MinLSInterval)."""
+    from tests.support.encap_lab import DN_ADDR
+    for i, dn in enumerate(("dn1", "dn2")):
+        probe = f"10.200.250.{i + 1}"
+        lab.host("ip", "-n", lab.ns_name(dn), "route", "add", probe + "/32", "dev", "eth0",
+                 "proto", "228")
+        wait_esr(el, probe, dn, timeout=60)
+        lab.host("ip", "-n", lab.ns_name(dn), "route", "del", probe + "/32", "dev", "eth0",
+                 "proto", "228")
+        t0 = time.monotonic()
+        while el.esr_next_hop(probe) == DN_ADDR[dn]:
+            if time.monotonic() - t0 > 60:
+                raise RuntimeError(f"BIRD warm-up: {probe} still routed via {dn}")
+            time.sleep(0.05)
+
+
+def wait_esr(el, address: str, dn: str, timeout: float = 30.0) -> float:
+    """Until the ESR routes ``address`` via ``dn``; seconds waited."""
+    from tests.support.encap_lab import DN_ADDR
+    t0 = time.monotonic()
+    while el.esr_next_hop(address) != DN_ADDR[dn]:
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"the ESR routes {address} via {el.esr_next_hop(address)}, "
+                               f"not {dn}, after {timeout} s")
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+STREAM = r"""
+import json, os, select, socket, struct, sys, time
+target, interval = sys.argv[1], float(sys.argv[2])
+def checksum(b):
+    if len(b) % 2:
+        b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xFFFF)
+    s += s >> 16
+    return ~s & 0xFFFF
+sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+sock.setblocking(False)
+ident = os.getpid() & 0xFFFF
+sent, got = {}, set()
+seq, stop_at, nxt = 0, None, time.monotonic()
+stdin = sys.stdin.fileno()
+watch = [sock, stdin]
+while True:
+    now = time.monotonic()
+    if stop_at is None and now >= nxt:
+        seq += 1
+        head = struct.pack("!BBHHH", 8, 0, 0, ident, seq & 0xFFFF)
+        body = b"appliance-encap-bench"
+        try:
+            sock.sendto(struct.pack("!BBHHH", 8, 0, checksum(head + body), ident,
+                                    seq & 0xFFFF) + body, (target, 0))
+        except OSError:
+            pass                               # no route for a moment: counted lost
+        sent[seq & 0xFFFF] = seq
+        nxt += interval
+    if stop_at is not None and (now >= stop_at or (seq & 0xFFFF) in got):
+        break
+    wait = (nxt - now) if stop_at is None else (stop_at - now)
+    for r in select.select(watch, [], [], max(0.0, min(wait, 0.05)))[0]:
+        if r is sock:
+            while True:
+                try:
+                    data = sock.recv(2048)
+                except BlockingIOError:
+                    break
+                off = (data[0] & 0x0F) * 4
+                typ, _, _, rid, rseq = struct.unpack_from("!BBHHH", data, off)
+                if typ == 0 and rid == ident and rseq in sent:
+                    got.add(rseq)
+        else:
+            os.read(stdin, 64)
+            watch.remove(stdin)
+            stop_at = time.monotonic() + 1.0   # the last echo's answer, at most 1 s
+print(json.dumps({"sent": seq, "received": len(got)}), flush=True)
+"""
+
+
+class Stream:
+    """An ICMP echo stream from the EN to the server at a fixed interval until
+    :meth:`stop` (then it waits for the last echo's answer, at most 1 s): the
+    (sent, received) of a stream whose length is set by the bench's conditions."""
+
+    def __init__(self, lab, interval: float):
+        self.proc = lab.popen("en", sys.executable, "-c", STREAM, SERVER, f"{interval:g}",
+                              stdin=subprocess.PIPE)
+
+    def stop(self) -> tuple[int, int]:
+        out, err = self.proc.communicate(input=b"stop\n", timeout=30)
+        try:
+            r = json.loads(out.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise RuntimeError(f"echo stream failed: {out[-300:]!r} {err[-500:]!r}")
+        return r["sent"], r["received"]
 
 
 DOWNLOADER = r"""
@@ -605,8 +728,18 @@ verb 3
                 os.kill(proc.pid, 9)
                 lab.link_down(victim)
                 proc.wait(timeout=10)
-            pps, after = 100, 15.0
-            sent, received = ping_loss(lab, int((1.0 + after) * pps), 1.0 / pps, kill)
+            pps = 100
+            stream = Stream(lab, 1.0 / pps)
+            time.sleep(0.3)
+            kill()
+            # until the ESR routes the client via the other server (learn-address once
+            # the client has reconnected there), then a second of echoes past it
+            deadline = time.monotonic() + 60
+            while el.esr_next_hop(OVPN_CLIENT_ADDR) != DN_ADDR[other] and \
+                    time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(1.0)
+            sent, received = stream.stop()
             outages.append((sent - received) * 1000.0 / pps)
             log(f"openvpn-2remotes kill {k + 1}/{kills}: outage {outages[-1]:.0f} ms")
             lab.link_up(victim)
@@ -743,8 +876,9 @@ def main() -> int:
                    help="kills per other case (default: --kills, at most 5)")
     p.add_argument("--kills-bird", type=int, default=None,
                    help="kills per headline bird2-ospf case (default: --kills, at most 10; "
-                        "its other cases: at most 3; each kill waits out OSPF's 5 s "
-                        "MinLSInterval)")
+                        "each kill waits out OSPF's 5 s MinLSInterval)")
+    p.add_argument("--kills-bird-other", type=int, default=None,
+                   help="kills per other bird2-ospf case (default: --kills-other, at most 3)")
     p.add_argument("--routing", default="esr,bird",
                    help="ESR routing modes to measure: esr (the appliance's agent: system "
                         "appliance), bird (bird2-ospf), l2 (appliance-l2)")
@@ -754,6 +888,9 @@ def main() -> int:
                    help="kills of the openvpn-2remotes row (default: --kills-other, at "
                         "most 5; each costs ~20 s)")
     p.add_argument("--only", default="outage,openvpn-failover,download,throughput")
+    p.add_argument("--stop-at", default=None,
+                   help="UTC time HH:MM: no kill starts after it (a case cut short says "
+                        "so in its note and its kill count; the cases not begun are skipped)")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench/encap.py needs root (network namespaces, TUN)", file=sys.stderr)
@@ -761,8 +898,15 @@ def main() -> int:
     kills = args.kills or (2 if args.quick else 10)
     kills_other = args.kills_other or min(kills, 5)
     kills_bird = args.kills_bird or min(kills, 10)
+    kills_bird_other = args.kills_bird_other or min(kills_other, kills_bird, 3)
     seconds = args.seconds or (3 if args.quick else 5)
     only = set(args.only.split(","))
+    stop_at = None
+    if args.stop_at:
+        import datetime
+        hh, mm = (int(x) for x in args.stop_at.split(":"))
+        now = datetime.datetime.now(datetime.timezone.utc)
+        stop_at = now.replace(hour=hh, minute=mm, second=0, microsecond=0).timestamp()
     routings = [r for r in args.routing.split(",") if r]
     wanted = set(args.cases.split(",")) if args.cases else None
     if "bird" in routings and not (shutil.which("bird") or ensure("bird", "bird2")):
@@ -772,26 +916,30 @@ def main() -> int:
     rows: list[dict] = []
     started = time.monotonic()
     try:
+        if "openvpn-failover" in only:
+            rows += openvpn_failover(args.kills_openvpn or min(kills_other, 5), work)
+            log(f"[{(time.monotonic() - started) / 60:.1f} min]")
         if "outage" in only:
-            for case, pps, soft, delay, loss, headline in CASES:
-                if wanted is not None and case not in wanted:
-                    continue
-                for routing in routings:
+            # every case of one routing mode, then the next (the appliance's rows first)
+            for routing in routings:
+                for case, pps, soft, delay, loss, headline in CASES:
+                    if wanted is not None and case not in wanted:
+                        continue
                     if (routing == "bird" and case not in BIRD_CASES) or \
                             (routing == "l2" and case not in L2_CASES):
                         continue
                     if routing == "bird":
-                        n = kills_bird if headline else min(kills_other, kills_bird, 3)
+                        n = kills_bird if headline else kills_bird_other
                     else:
                         n = kills if headline else kills_other
+                    if stop_at is not None and time.time() >= stop_at:
+                        log(f"{SYSTEMS[routing]} {case}: not run (--stop-at reached)")
+                        continue
                     rows += outage_case(case, pps, soft, n, work, delay_ms=delay,
-                                        loss_pct=loss, routing=routing)
+                                        loss_pct=loss, routing=routing, stop_at=stop_at)
                     log(f"[{(time.monotonic() - started) / 60:.1f} min] rows so far: "
                         + json.dumps([[r["system"], r["case"], r["metric"], r["value"]]
                                       for r in rows if r["case"] == case]))
-        if "openvpn-failover" in only:
-            rows += openvpn_failover(args.kills_openvpn or min(kills_other, 5), work)
-            log(f"[{(time.monotonic() - started) / 60:.1f} min]")
         if "download" in only:
             rows += download_case(1 if args.quick else 3, work)
         if "throughput" in only:
