@@ -27,7 +27,10 @@ Every Deferred it returns fires (never fails): ``True`` on success,
 counted in ``stats["errors"]``.  Netlink operations are serialised in one
 thread in call order, and a generation number per VIP makes a late
 completion of a superseded acquire (say, acquire then release before the
-add came back) a no-op, so the last call always wins.
+add came back) a no-op, so the last call always wins.  (A takeover's first
+announcement leaves in the same netlink job as the add, so a superseded
+acquire may have sent that one; the release that superseded it runs right
+after in the same thread, and the next owner announces again.)
 """
 
 from __future__ import annotations
@@ -140,13 +143,25 @@ class VIPManager(Service):
         vm = self.vmac_of(vip)
         return vm[0] if vm else vip.interface
 
-    def _add(self, vip: Any) -> defer.Deferred:
+    def _add(self, vip: Any, announce: bool = False) -> defer.Deferred:
+        """Add the address (on its macvlan with vmac); fires ``added_now``,
+        or with ``announce`` (the takeover) ``(added_now, frames or error)``:
+        the first announcement then leaves from the same netlink job as the
+        add (:meth:`Netlink.add_and_announce`), not one reactor turn later."""
         vm = self.vmac_of(vip)
+        ifname = vm[0] if vm else vip.interface
+        both = getattr(self._netlink, "add_and_announce", None) if announce else None
+
+        def add(created: bool = False) -> defer.Deferred:
+            if both is not None:
+                d = both(ifname, vip.address)
+                return d.addCallback(lambda r: (r[0] or created, r[1]))
+            d = self._netlink.add_address(ifname, vip.address)
+            return d.addCallback(lambda added: added or created)
+
         if vm is None:
-            return self._netlink.add_address(vip.interface, vip.address)
-        d = self._netlink.ensure_macvlan(vip.interface, vm[0], vm[1])
-        return d.addCallback(lambda created: self._netlink.add_address(vm[0], vip.address)
-                             .addCallback(lambda added: added or created))
+            return add()
+        return self._netlink.ensure_macvlan(vip.interface, vm[0], vm[1]).addCallback(add)
 
     def acquire(self, name: str, reason: str = "") -> defer.Deferred:
         """Add VIP ``name`` and announce it; fires True/False (never fails)."""
@@ -155,7 +170,7 @@ class VIPManager(Service):
             return self._unknown("acquire", name, reason)
         gen = self._next_gen(name)
         self._wanted[name] = True
-        d = self._add(vip)
+        d = self._add(vip, announce=True)
         d.addCallback(self._added, name, gen, reason)
         d.addErrback(self._op_failed, "add", name, reason)
         return self._track(d)
@@ -212,7 +227,10 @@ class VIPManager(Service):
                 "reason": reason, "why": f": {reason}" if reason else "",
                 "netns": self.netns}
 
-    def _added(self, added_now: bool, name: str, gen: int, reason: str) -> bool:
+    def _added(self, added_now: Any, name: str, gen: int, reason: str) -> bool:
+        announced: Any = None
+        if isinstance(added_now, tuple):       # add_and_announce: the first GARP is out
+            added_now, announced = added_now
         if not self._current(name, gen):
             # Released (or re-acquired) while the add was in flight: the
             # later call owns the outcome; its remove runs after our add.
@@ -227,11 +245,17 @@ class VIPManager(Service):
         else:
             self.log.info("vip {vip} {address} already present on {interface}{why}",
                           event_type="vip_added", **fields)
-        self._start_announcing(name, gen)
+        first_sent = isinstance(announced, int)
+        if first_sent:
+            self.stats["announcements"] += 1
+        elif announced is not None:
+            self._log_failure(Failure(announced), "announce", name, "")
+        self._start_announcing(name, gen, first_sent=first_sent)
         return True
 
-    def _start_announcing(self, name: str, gen: int) -> None:
-        self._announce(name, gen)
+    def _start_announcing(self, name: str, gen: int, first_sent: bool = False) -> None:
+        if not first_sent:
+            self._announce(name, gen)
         timers = self._timers.setdefault(name, [])
         for i in range(1, self.announce_count):
             timers.append(self._reactor.callLater(

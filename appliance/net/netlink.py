@@ -88,6 +88,10 @@ class Netlink:
         self.name = name or f"netlink-{netns or 'host'}"
         self._pool: ThreadPool | None = None
         self._ipr: Any = None
+        #: ifname -> index for the address add (the takeover's path): one
+        #: netlink round trip less; a stale entry (the interface was
+        #: re-created) fails with ENODEV and is looked up again
+        self._add_index: dict[str, int] = {}
         self._shutdown_trigger: Any = None
         self._closing: defer.Deferred | None = None
 
@@ -199,14 +203,23 @@ class Netlink:
             kwargs["flags"] = IFA_F_NODAD
         from pyroute2.netlink.exceptions import NetlinkError as _PyNLError
 
-        try:
-            ipr.addr("add", index=self._index(ifname), address=str(iface.ip),
-                     prefixlen=iface.network.prefixlen, **kwargs)
-        except _PyNLError as e:
-            if e.code == errno.EEXIST:
-                return False
-            raise
-        return True
+        cached = ifname in self._add_index
+        for attempt in (0, 1):
+            index = self._add_index.get(ifname)
+            if index is None:
+                index = self._add_index[ifname] = self._index(ifname)
+            try:
+                ipr.addr("add", index=index, address=str(iface.ip),
+                         prefixlen=iface.network.prefixlen, **kwargs)
+            except _PyNLError as e:
+                if e.code == errno.EEXIST:
+                    return False
+                self._add_index.pop(ifname, None)
+                if e.code == errno.ENODEV and cached and attempt == 0:
+                    continue          # re-created under the same name: look it up again
+                raise
+            return True
+        raise _no_device()          # pragma: no cover (the loop returns or raises)
 
     def _remove_address(self, ifname: str, iface: IPInterface) -> bool:
         ipr = self._iproute()
@@ -245,6 +258,7 @@ class Netlink:
         (keepalived's use_vmac sets the same)."""
         ipr = self._iproute()
         created = False
+        self._add_index.pop(ifname, None)
         found = ipr.link_lookup(ifname=ifname)
         if not found:
             ipr.link("add", ifname=ifname, kind="macvlan", link=self._index(parent),
@@ -272,6 +286,7 @@ class Netlink:
 
     def _delete_link(self, ifname: str) -> bool:
         ipr = self._iproute()
+        self._add_index.pop(ifname, None)
         found = ipr.link_lookup(ifname=ifname)
         if not found:
             return False
@@ -387,6 +402,28 @@ class Netlink:
         already there (EEXIST is success).  IPv6 is added with ``nodad``."""
         iface = ipaddress.ip_interface(iface)
         return self._run(f"add {iface} on {ifname}", self._add_address, ifname, iface)
+
+    def add_and_announce(self, ifname: str, iface: IPInterface) -> defer.Deferred:
+        """:meth:`add_address`, then at once, in the same worker job, one
+        :meth:`announce`: the takeover's first gratuitous ARP / NA leaves
+        without a round trip through the reactor (and its GIL hand-overs)
+        between the two.  Fires ``(added_now, frames_sent)``; a failed
+        announcement does not fail the add: ``frames_sent`` is then the
+        :class:`NetlinkError` saying why (the caller announces again)."""
+        iface = ipaddress.ip_interface(iface)
+
+        def both() -> tuple[bool, Any]:
+            added = self._add_address(ifname, iface)
+            try:
+                frames: Any = garp.send_announcement(ifname, iface.ip, self.netns)
+            except garp.AnnounceError as e:     # already says "announce X on IF: why"
+                frames = NetlinkError(e.strerror, e.errno)
+            except Exception as e:
+                why, code = _reason(e)
+                frames = NetlinkError(f"announce {iface.ip} on {ifname}: {why}", code)
+            return added, frames
+
+        return self._run(f"add {iface} on {ifname}", both)
 
     def remove_address(self, ifname: str, iface: IPInterface) -> defer.Deferred:
         """Remove ``iface`` from ``ifname``; fires True if removed, False if

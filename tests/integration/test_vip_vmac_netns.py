@@ -116,9 +116,9 @@ def test_vmac_left_by_a_crashed_run_is_removed_at_start_and_readded_by_refresh(t
         assert "vrrp.51" not in links(lab, "a"), "a stale macvlan is removed at start"
         assert (yield mgr.acquire("vip-vmac", "promoted")) is True
         lab.host("ip", "-n", lab.nodes["a"].ns, "link", "del", "vrrp.51")
-        back = yield wait_for(lambda: VIP in on_dev(lab, "a", "vrrp.51"), timeout=3)
-        assert back, links(lab, "a")
-        assert mgr.stats["readded"] >= 1
+        back = yield wait_for(lambda: VIP in on_dev(lab, "a", "vrrp.51")
+                              and mgr.stats["readded"] >= 1, timeout=3)
+        assert back, (links(lab, "a"), mgr.stats)
     finally:
         yield mgr.stopService()
 
@@ -154,3 +154,27 @@ def test_a_client_that_misses_every_garp_still_reaches_the_new_owner_only_with_v
     finally:
         yield mgr_a.stopService()
         yield mgr_b.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_add_after_the_interface_was_recreated_under_the_same_name(two_nodes_lab):
+    """Netlink caches the index for the address add (one round trip less on
+    a takeover); an interface deleted and created again gets a new index:
+    the add looks it up again and lands on the new one."""
+    from twisted.internet import reactor
+
+    from appliance.net.netlink import Netlink
+    lab = two_nodes_lab
+    ns = lab.nodes["a"].ns
+    nl = Netlink(reactor, netns=ns)
+    nl.start()
+    try:
+        mk = ("ip", "-n", ns, "link", "add", "dum0", "link", "eth0", "type", "macvlan")
+        lab.host(*mk)
+        assert (yield nl.add_address("dum0", ipaddress.ip_interface("10.78.0.1/24"))) is True
+        lab.host("ip", "-n", ns, "link", "del", "dum0")
+        lab.host(*mk)
+        assert (yield nl.add_address("dum0", ipaddress.ip_interface("10.78.0.1/24"))) is True
+        assert on_dev(lab, "a", "dum0") == {"10.78.0.1/24"}
+    finally:
+        yield nl.close()
