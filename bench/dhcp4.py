@@ -66,9 +66,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -79,6 +77,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.dhcp_common import (RPC_SNIPPET, KeaProcess, admin_rpc, fmt, kea_command,  # noqa: E402,F401
+                               kill_box, log, parse_perfdhcp, poll, stop_procs)
+from bench.dhcp_common import clean as _clean, rate_search as _rate_search  # noqa: E402
 from bench.report import percentile, report  # noqa: E402
 from tests.support.cluster_lab import dhcp4_pair_config  # noqa: E402
 from tests.support.node_process import twistd_command  # noqa: E402
@@ -94,62 +95,9 @@ KEA_HOOKS = Path("/usr/lib/x86_64-linux-gnu/kea/hooks")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-
-
-def poll(pred, timeout: float, step: float = 0.1) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if pred():
-                return True
-        except Exception:
-            pass
-        time.sleep(step)
-    return False
-
-
 # ---------------------------------------------------------------------------
 # perfdhcp
 # ---------------------------------------------------------------------------
-
-_SECTION = re.compile(r"\*\*\*Statistics for: (\S+)\*\*\*")
-_TIMES = re.compile(r"\*\*\*Timestamps for packets: (\S+)\*\*\*")
-_SR = re.compile(r"sent / received: ([\d.]+) / ([\d.]+)")
-
-
-def parse_perfdhcp(out: str) -> dict:
-    """Counters per exchange type and the per-exchange delays (ms) of ``-x t``."""
-    stats: dict[str, dict] = {}
-    delays: dict[str, list[float]] = {}
-    section = None
-    mode = None
-    for line in out.splitlines():
-        m = _SECTION.search(line)
-        if m:
-            section, mode = m.group(1), "stats"
-            stats[section] = {}
-            continue
-        m = _TIMES.search(line)
-        if m:
-            section, mode = m.group(1), "times"
-            delays[section] = []
-            continue
-        if mode == "stats" and ":" in line:
-            key, _, value = line.partition(":")
-            num = re.match(r"\s*(-?[\d.]+)", value)
-            if num:
-                stats[section][key.strip()] = float(num.group(1))
-        elif mode == "times":
-            m = _SR.search(line)
-            if m:
-                delays[section].append((float(m.group(2)) - float(m.group(1))) * 1000.0)
-    rate = re.search(r"Rate: ([\d.]+) 4-way", out)
-    return {"stats": stats, "delays": delays, "rate": float(rate.group(1)) if rate else None}
-
 
 def run_perfdhcp(lab, rate: int, duration: float, server: str, broadcast: bool) -> dict:
     """One fixed-rate perfdhcp run from the client namespace; a result dict."""
@@ -181,51 +129,17 @@ def run_perfdhcp(lab, rate: int, duration: float, server: str, broadcast: bool) 
     return out
 
 
-#: A run whose p99 is above this is building a queue (perfdhcp's drop time is 1 s):
-#: not sustainable even if a short run shows no drops yet.
-MAX_P99_MS = 500.0
-
-
 def clean(r: dict) -> bool:
-    return (r["sent"] > 0 and r["drop_pct"] < 0.1 and r["dora_per_s"] >= 0.97 * r["offered"]
-            and r["p99"] is not None and r["p99"] < MAX_P99_MS)
+    return _clean(r, "dora_per_s")
 
 
 def rate_search(lab, label: str, server: str, broadcast: bool, start: int, trials: int,
                 duration: float, max_rate: int = 20000) -> dict | None:
-    """Best clean run of a doubling-then-bisecting search (or the least bad run)."""
-    best, bad_rate, runs = None, None, []
-    rate = start
-    for _ in range(trials):
-        r = run_perfdhcp(lab, rate, duration, server, broadcast)
-        runs.append(r)
-        ok = clean(r)
-        log(f"  {label}: offered {rate}/s -> {r['dora_per_s']:.0f} DORA/s, "
-            f"{r['drop_pct']:.3f}% incomplete, p99 {fmt(r['p99'])} ms {'ok' if ok else 'DROPS'}"
-            + (f" [{r['error']}]" if r.get("error") else ""))
-        if r.get("error"):
-            break
-        if ok:
-            if best is None or r["dora_per_s"] > best["dora_per_s"]:
-                best = r
-            nxt = min(max_rate, rate * 2) if bad_rate is None else (rate + bad_rate) // 2
-        else:
-            bad_rate = rate if bad_rate is None else min(bad_rate, rate)
-            lo = best["offered"] if best else 0
-            nxt = (lo + rate) // 2 if best else max(10, rate // 2)
-        if abs(nxt - rate) < max(10, rate * 0.05):
-            break
-        rate = int(nxt)
-        time.sleep(0.5)
-    runs = [r for r in runs if not r.get("error")]
-    if best is None and runs:
-        best = dict(min(runs, key=lambda r: r["drop_pct"]))
-        best["unclean"] = True
-    return best
-
-
-def fmt(v, nd=1):
-    return "-" if v is None else f"{v:.{nd}f}"
+    """Best clean run of a doubling-then-bisecting search (or the least bad run):
+    bench/dhcp_common.py's, each probe's verdict logged."""
+    return _rate_search(lambda rate: run_perfdhcp(lab, rate, duration, server, broadcast),
+                        label, start, trials, rate_key="dora_per_s", unit="DORA",
+                        max_rate=max_rate)
 
 
 # ---------------------------------------------------------------------------
@@ -269,18 +183,6 @@ lease_time_s = 3600
     return cfg
 
 
-RPC_SNIPPET = """
-import json, sys, urllib.request
-tok = open(sys.argv[1]).read().strip()
-body = {"jsonrpc": "2.0", "id": 1, "method": sys.argv[2]}
-if len(sys.argv) > 3:
-    body["params"] = json.loads(sys.argv[3])
-req = urllib.request.Request("http://127.0.0.1:8740/rpc", data=json.dumps(body).encode(),
-      method="POST", headers={"Authorization": "Bearer " + tok, "Content-Type": "application/json"})
-print(urllib.request.urlopen(req, timeout=5).read().decode())
-"""
-
-
 class Appliance:
     """One or two ``twistd -n appliance`` nodes in namespaces a (and b)."""
 
@@ -321,13 +223,7 @@ class Appliance:
             raise RuntimeError("appliance pair not NORMAL:\n" + self.logs())
 
     def rpc(self, node: str, method: str, params=None):
-        args = [sys.executable, "-c", RPC_SNIPPET, str(self.work / f"state-{node}/admin.token"), method]
-        if params is not None:
-            args.append(json.dumps(params))
-        res = self.lab.run(node, *args, check=False, timeout=15)
-        if res.returncode != 0:
-            return None
-        return json.loads(res.stdout).get("result")
+        return admin_rpc(self.lab, self.work, node, method, params)
 
     def partner_state(self, node: str):
         st = self.rpc(node, "cluster.status") or {}
@@ -339,16 +235,7 @@ class Appliance:
         return p.pid if p else None
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.procs.clear()
+        stop_procs(self.procs)
 
 
 # ---------------------------------------------------------------------------
@@ -406,87 +293,13 @@ def kea_config(node: str, work: Path, *, ha: str | None, shipped: bool = False) 
     return {"Dhcp4": cfg}
 
 
-def kea_command(sock: Path, command: str, args=None, timeout: float = 3.0):
-    msg = {"command": command}
-    if args is not None:
-        msg["arguments"] = args
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(str(sock))
-        s.sendall(json.dumps(msg).encode())
-        chunks = []
-        while True:
-            try:
-                data = s.recv(65536)
-            except socket.timeout:
-                break
-            if not data:
-                break
-            chunks.append(data)
-            try:
-                return json.loads(b"".join(chunks))
-            except ValueError:
-                continue
-    return json.loads(b"".join(chunks) or b"null")
-
-
-class Kea:
+class Kea(KeaProcess):
     """kea-dhcp4 alone in a, or an HA pair in a and b."""
 
-    def __init__(self, lab, work: Path, *, ha: str | None, shipped: bool = False):
-        self.lab, self.work, self.ha, self.shipped = lab, work, ha, shipped
-        self.procs: dict[str, subprocess.Popen] = {}
+    binary = "kea-dhcp4"
 
-    def nodes(self):
-        return ("a", "b") if self.ha else ("a",)
-
-    def logs(self) -> str:
-        out = []
-        for n in self.nodes():
-            for f in (self.work / f"kea-{n}" / "kea.log", self.work / f"kea-{n}.out"):
-                if f.exists():
-                    out.append(f.read_text()[-1500:])
-        return "".join(out)
-
-    def start(self) -> None:
-        for node in self.nodes():
-            d = self.work / f"kea-{node}"
-            shutil.rmtree(d, ignore_errors=True)
-            cfg = kea_config(node, self.work, ha=self.ha, shipped=self.shipped)
-            path = self.work / f"kea-{node}.json"
-            path.write_text(json.dumps(cfg, indent=1))
-            env = {**os.environ, "KEA_LOCKFILE_DIR": str(d), "KEA_PIDFILE_DIR": str(d)}
-            fh = open(self.work / f"kea-{node}.out", "w")
-            self.procs[node] = self.lab.popen(node, "kea-dhcp4", "-c", str(path), stdout=fh,
-                                              stderr=subprocess.STDOUT, env=env)
-        for node in self.nodes():
-            sock = self.work / f"kea-{node}" / "ctl.sock"
-            if not poll(lambda: kea_command(sock, "version-get")["result"] == 0, 20):
-                raise RuntimeError(f"kea-dhcp4 in {node} did not start:\n" + self.logs())
-        if self.ha:
-            want = {"hot-standby": ("hot-standby",), "load-balancing": ("load-balancing",)}[self.ha]
-            if not poll(lambda: all(self.ha_state(n) in want for n in self.nodes()), 60, 0.3):
-                raise RuntimeError(f"kea HA not ready ({[self.ha_state(n) for n in self.nodes()]}):\n"
-                                   + self.logs())
-
-    def ha_state(self, node: str):
-        try:
-            r = kea_command(self.work / f"kea-{node}" / "ctl.sock", "ha-heartbeat")
-            return (r.get("arguments") or {}).get("state")
-        except (OSError, ValueError):
-            return None
-
-    def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.procs.clear()
+    def kea_config(self, node: str, work: Path, *, ha: str | None, shipped: bool) -> dict:
+        return kea_config(node, work, ha=ha, shipped=shipped)
 
 
 # ---------------------------------------------------------------------------
@@ -619,20 +432,6 @@ def client_main(argv) -> int:
         pending = still
     print(json.dumps({"kept": kept, "total": len(leases), "unanswered": len(pending)}))
     return 0
-
-
-def kill_box(lab, node: str) -> float:
-    """SIGKILL everything in the node's namespace and cut its link; the instant."""
-    ns = lab.nodes[node].ns
-    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
-    t0 = time.time()
-    for pid in pids:
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
-    lab.link_down(node)
-    return t0
 
 
 def failover_case(lab, work: Path, system, n_clients: int, victim_owner: str,
