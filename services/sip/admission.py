@@ -31,6 +31,8 @@ Pure logic on an injected clock (``IReactorTime``): unit tests drive it with
 
 from __future__ import annotations
 
+import gc
+import time
 from typing import Callable
 
 from twisted.logger import Logger
@@ -56,6 +58,8 @@ class Admission:
         self._was_lagging = False
         self._loop = None                   # the ticker (a LoopingCall)
         self.stats = {"late_ticks": 0, "max_lag_ms": 0.0, "lag_episodes": 0}
+        #: the cyclic GC's pauses (a full collection walks the whole heap in one go)
+        self.gc = GCPauses()
 
     # -- the ticker ----------------------------------------------------------
     def start(self) -> None:
@@ -63,10 +67,12 @@ class Admission:
             return
         self._last = self.clock.seconds()
         self._loop = start_loop(self.clock, self.tick_s, self._tick, "sip: admission ticker")
+        self.gc.start()
 
     def stop(self) -> None:
         stop_all(self._loop)
         self._loop = None
+        self.gc.stop()
 
     def _tick(self) -> None:
         now = self.clock.seconds()
@@ -112,4 +118,42 @@ class Admission:
 
     def status(self) -> dict:
         return {"lagging": self.lagging(), "max_pending": self.max_pending,
-                "lag_ms": self.lag_s * 1000, **self.stats}
+                "lag_ms": self.lag_s * 1000, **self.stats, "gc": self.gc.status()}
+
+
+class GCPauses:
+    """How long the cyclic GC stopped the process (``gc.callbacks``): collections per
+    generation and the longest pause of each -- a late tick's usual suspect."""
+
+    def __init__(self):
+        self.counts = [0, 0, 0]
+        self.max_ms = [0.0, 0.0, 0.0]
+        self.total_ms = [0.0, 0.0, 0.0]
+        self._began: float | None = None
+
+    def start(self) -> None:
+        if self._callback not in gc.callbacks:
+            gc.callbacks.append(self._callback)
+
+    def stop(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+            return
+        if self._began is None:
+            return
+        ms = (time.perf_counter() - self._began) * 1000.0
+        self._began = None
+        g = min(2, int(info.get("generation", 0)))
+        self.counts[g] += 1
+        self.total_ms[g] += ms
+        if ms > self.max_ms[g]:
+            self.max_ms[g] = ms
+
+    def status(self) -> dict:
+        return {"collections": list(self.counts),
+                "max_ms": [round(x, 1) for x in self.max_ms],
+                "total_ms": [round(x, 1) for x in self.total_ms]}
