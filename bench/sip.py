@@ -32,8 +32,10 @@ Load at the first node.
 * ``resync_s_100k``: the second node is killed (-9, its process group), N unique users
   (``--resync-n``, 100000) register at the first, the second restarts; the time from its
   start until it holds as many bindings as the first (appliance: the paged full resync's
-  own duration is in the note); meanwhile a prober refreshes ten users at the first
-  node (50/s, one at a time): ``live_p99_ms_during_resync``;
+  own duration is in the note); meanwhile sipp refreshes those users at the first node
+  (``--resync-load``, 1000/s: the binding count stays put) and a prober refreshes ten
+  users there (50/s, one at a time): ``live_p99_ms_during_resync`` (the note gives the
+  prober's p99 under the same load for 6 s after the resync, as a baseline);
 * ``lost_bindings``: sipp registers unique users at the best clean rate (case ``...``)
   and at twice it (``...-overload``); the first node gets SIGKILL (its process group) a
   few seconds in; lost = 200 OKs sipp received - those users' bindings on the second node
@@ -205,8 +207,11 @@ mode = "{self.mode}"
         sized = (f", {pages} pages of {round(repl['full_sent'] / pages)} AORs on average, "
                  f"last size {repl.get('full_page_size')}, slowest page round trip "
                  f"{repl.get('full_page_ms_max')} ms") if pages else ""
+        gc_ = self.nodes["a"].rpc("sip.stats")["result"].get("admission", {}).get("gc")
+        gcs = (f"; the first node's GC pauses since its start: max {gc_['max_ms']} ms per "
+               f"generation ({gc_['collections']} collections)") if gc_ else ""
         return (f"full resyncs {repl['full_resyncs']}, last paged copy "
-                f"{repl['last_full_resync_s']} s{sized} (shipped page sizing and window)")
+                f"{repl['last_full_resync_s']} s{sized} (shipped page sizing and window){gcs}")
 
     def stop(self) -> None:
         for n in self.nodes.values():
@@ -339,9 +344,33 @@ class Prober:
                 "n": len(self.rtts), "failed": self.failed}
 
 
-def resync(pair, work: Path, n: int, rate: int) -> dict:
+class BackgroundSipp:
+    """sipp refreshing the users ``<prefix>1..<calls>`` (already registered: the binding
+    count stays put) at ``rate``/s until stopped: the live load during a resync."""
+
+    def __init__(self, work: Path, port: int, prefix: str, calls: int, rate: int):
+        from tests.support import sipp
+        work.mkdir(parents=True, exist_ok=True)
+        sf = work / "refresh.xml"
+        sf.write_text(sipp.register_only(REALM, prefix=prefix))
+        self.out = open(work / "sipp.out", "w")
+        self.proc = subprocess.Popen(
+            [sipp.sipp_binary() or "sipp", f"127.0.0.1:{port}", "-sf", str(sf), "-m", str(calls),
+             "-r", str(rate), "-l", str(max(1000, 2 * rate)), "-t", "u1", "-i", "127.0.0.1",
+             "-nostdin", "-aa"], cwd=work, stdout=self.out, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.out.close()
+
+
+def resync(pair, work: Path, n: int, rate: int, load: int = 0) -> dict:
     """Kill the second node, register ``n`` users at the first, restart the second; time
-    until it holds as many bindings as the first (a stall of 30 s ends the wait)."""
+    until it holds as many bindings as the first (a stall of 30 s ends the wait).  With
+    ``load``, sipp refreshes those users at ``load``/s at the first node meanwhile, and
+    for 6 s after the resync (the same load, no resync: ``base_p99``)."""
     from tests.support import sipp
     pair.kill("b")
     prefix = "rs"
@@ -350,7 +379,10 @@ def resync(pair, work: Path, n: int, rate: int) -> dict:
                       timeout_s=n / rate + 60)
     target = pair.count("a")
     log(f"  {pair.name} resync: {r.successful} of {n} registered at the first node "
-        f"({target} bindings there); restarting the second")
+        f"({target} bindings there); restarting the second"
+        + (f" under sipp refreshes at {load}/s" if load else ""))
+    bg = BackgroundSipp(work / "resync-refresh", pair.port, prefix, min(r.successful, load * 150),
+                        load) if load and r.successful else None
     prober = Prober(("127.0.0.1", pair.port)).start()
     time.sleep(0.5)
     target = pair.count("a")                 # with the prober's ten users
@@ -373,8 +405,18 @@ def resync(pair, work: Path, n: int, rate: int) -> dict:
     log(f"  {pair.name} resync: {have} of {target} bindings on the second node after "
         f"{took:.1f}s; live p50 {lat['p50']} ms p99 {lat['p99']} ms ({lat['n']} probes, "
         f"{lat['failed']} unanswered)")
+    base = {}
+    if bg is not None:
+        time.sleep(1.0)
+        prober = Prober(("127.0.0.1", pair.port)).start()
+        time.sleep(6.0)
+        base = prober.stop()
+        alive = bg.proc.poll() is None
+        bg.stop()
+        log(f"  {pair.name} same load, no resync: live p50 {base['p50']} ms p99 {base['p99']} "
+            f"ms ({base['n']} probes){'' if alive else ' (the refresh load had ended)'}")
     return {"s": took if have >= target else None, "have": have, "target": target,
-            "acked": r.successful, **lat}
+            "acked": r.successful, **lat, "base_p99": base.get("p99"), "load": load}
 
 
 KAMAILIO_DMQ_CFG = """#!KAMAILIO
@@ -647,6 +689,9 @@ def main(argv=None) -> int:
                     help="appliance pairs only, and only their overload rows (sipp at "
                          "--overload-rate for --duration s, nobody dies: spurious failovers, "
                          "lost acknowledged bindings)")
+    ap.add_argument("--resync-load", type=int, default=1000,
+                    help="REGISTER/s sipp refreshes at the first node during a resync (1000; "
+                         "0: only the 50/s prober)")
     ap.add_argument("--overload-rate", type=int, default=4000,
                     help="REGISTER/s offered in the overload rows (4000)")
     args = ap.parse_args(argv)
@@ -730,13 +775,18 @@ def main(argv=None) -> int:
                         + (f"; {fresh} fresh pair(s): the second node took over in an "
                            "overload probe (heartbeats starved)" if fresh else ""))
                 rate = int(best["rate"]) if best else start
-                rs = resync(pair, work, resync_n, max(rate, 1500))
+                rs = resync(pair, work, resync_n, max(rate, 1500), args.resync_load)
                 row(system, case, resync_metric, rs["s"], "s",
                     f"{rs['have']} of {rs['target']} bindings on the returning node; "
                     + pair.resync_note())
+                loaded = (f"sipp refreshing at {rs['load']}/s at the first node meanwhile "
+                          f"(same load without a resync: p99 "
+                          f"{rs['base_p99'] and round(rs['base_p99'], 1)} ms); ") \
+                    if rs["load"] else "no other load; "
                 row(system, case, "live_p99_ms_during_resync", rs["p99"], "ms",
-                    f"REGISTER refreshes at 50/s on the first node, {rs['n']} answered, "
-                    f"{rs['failed']} unanswered; p50 {rs['p50'] and round(rs['p50'], 1)} ms")
+                    f"probe REGISTERs at 50/s on the first node, {rs['n']} answered, "
+                    f"{rs['failed']} unanswered; " + loaded +
+                    f"p50 {rs['p50'] and round(rs['p50'], 1)} ms")
                 if args.resync_only:
                     continue
                 if system == "appliance":
