@@ -414,6 +414,18 @@ class PreTakeover:
 
 
 @dataclass(frozen=True)
+class GatewayTrack:
+    """``[cluster] track_gateway``: ping this address; ``gateway_down`` after
+    ``fall`` failures in a row (appliance/cluster/gateway.py)."""
+
+    address: Any
+    interval_s: float = 1.0
+    timeout_s: float = 1.0
+    fall: int = 3
+    rise: int = 2
+
+
+@dataclass(frozen=True)
 class ClusterSection:
     peers: tuple[Peer, ...] = ()
     heartbeat_port: int = 8741
@@ -450,6 +462,8 @@ class ClusterSection:
     preempt_delay_s: float = 0.0
     #: Fencing (review M13): run before claiming a resource from a peer judged dead.
     pre_takeover: PreTakeover | None = None
+    #: Gateway health flag (review M13): unable while the gateway does not answer.
+    track_gateway: GatewayTrack | None = None
 
 
 @dataclass(frozen=True)
@@ -804,6 +818,19 @@ def _parse_cluster(t: Table | None, node: NodeSection | None) -> ClusterSection 
     for dup in {i for i in ids if ids.count(i) > 1}:
         t.error("peers", f"peer id {dup!r} appears more than once")
     pre_takeover = _parse_pre_takeover(t.table("pre_takeover"))
+    track_gateway = None
+    gt = t.table("track_gateway")
+    if gt is not None:
+        g_addr = gt.ip("address")
+        g_interval = gt.float("interval_s", 1.0, min=0.1, max=3600)
+        g_timeout = gt.float("timeout_s", 1.0, min=1, max=60)
+        g_fall = gt.int("fall", 3, min=1, max=100)
+        g_rise = gt.int("rise", 2, min=1, max=100)
+        gt.done()
+        if g_addr is not None and None not in (g_interval, g_timeout, g_fall, g_rise):
+            track_gateway = GatewayTrack(g_addr, g_interval, g_timeout, g_fall, g_rise)
+        if role == "witness":
+            t.error("track_gateway", 'a node with role = "witness" owns nothing to move')
     if pre_takeover is not None and role == "witness":
         t.error("pre_takeover", 'a node with role = "witness" takes nothing over')
     if peers and key_file is None:
@@ -819,7 +846,7 @@ def _parse_cluster(t: Table | None, node: NodeSection | None) -> ClusterSection 
                           partner_down_min_clients=min_clients or 10,
                           previous_auth_key_file=previous_key_file,
                           preempt_delay_s=preempt_delay or 0.0,
-                          pre_takeover=pre_takeover)
+                          pre_takeover=pre_takeover, track_gateway=track_gateway)
 
 
 def _command_word(table: Table, path: str, value: Any):

@@ -112,6 +112,8 @@ def status(m) -> dict[str, Any]:
             "keys": {"previous_keys": len(m.verifier.previous_keys) if m.verifier else 0,
                      "accepted_by_key": dict(m.verifier.accepted_by_key) if m.verifier else {}},
             "stats": dict(m.stats),
+            "gateway": (m.gateway.status() if getattr(m, "gateway", None) is not None
+                        else None),
             "fencing": (None if fencer is None else
                         {"command": list(fencer.command), "timeout_s": fencer.timeout_s,
                          "peers": fencer.status(now), **fencer.stats})}

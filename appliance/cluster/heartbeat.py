@@ -69,7 +69,8 @@ DROP_REASONS = ("truncated", "bad_magic", "bad_version", "bad_mac", "malformed",
                 "oversize")
 
 #: Health flags a node may advertise; any of them makes it unable to serve.
-UNABLE_FLAGS = ("maintenance", "interface_down", "service_failed", "store_down")
+UNABLE_FLAGS = ("maintenance", "interface_down", "service_failed", "store_down",
+                "gateway_down")
 
 
 def accepted_versions(current: int | None = None) -> range:

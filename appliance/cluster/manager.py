@@ -118,6 +118,13 @@ class ClusterManager(Service):
         self.health = LocalHealth(self.clock, store=lambda: self.store,
                                   vip_manager=lambda: self.vip_manager, changed=self.changed)
         self.table = ResourceTable(self)
+        self.gateway = None                 # [cluster] track_gateway (gateway.py)
+        gw = getattr(cluster, "track_gateway", None)
+        if gw is not None and not self.is_witness:
+            from appliance.cluster.gateway import GatewayCheck
+            self.gateway = GatewayCheck(self.clock, self.health, str(gw.address),
+                                        interval_s=gw.interval_s, timeout_s=gw.timeout_s,
+                                        fall=gw.fall, rise=gw.rise, reactor=reactor)
         self.fencer = None                  # [cluster] pre_takeover (fencing.py)
         pre = getattr(cluster, "pre_takeover", None)
         if pre is not None and not self.is_witness:
@@ -309,6 +316,8 @@ class ClusterManager(Service):
     def _start(self):
         self.started_at = self.clock.seconds()
         self._load_maintenance()
+        if self.gateway is not None:
+            self.gateway.start()
         if self.single:
             self.hold_until = self.started_at
             self.evaluate()
@@ -377,6 +386,8 @@ class ClusterManager(Service):
 
     def stopService(self):
         super().stopService()
+        if self.gateway is not None:
+            self.gateway.stop()
         if self.channel is not None:
             self.channel.stop()
         self.detector.stop()
