@@ -13,7 +13,9 @@ VIP *to an echo sent after the link was down* (T1; until then the dying
 box's kernel still answers pings to the VIP: the old bench took the death
 at T0 and counted those replies, so keepalived-254 showed a 21 ms p50 below
 its 301 ms threshold).  The client pings every 5 ms.  Each row prints its
-detection threshold, counted from the last heartbeat/advert heard, so a
+detection threshold, counted from the last heartbeat/advert heard (the
+death falls at a random phase of the owner's send period: seeded,
+``FAILOVER_BENCH_SEED``, default 11), so a
 takeover measured from the death is at least ``threshold - one send period``
 (appliance: interval / beats_per_interval; keepalived: one advert): trials
 below that floor are counted (``trials_below_floor``: they would mean the
@@ -52,6 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -74,6 +77,7 @@ PEER = {"a": "b", "b": "a"}
 
 
 W_ADDR = "10.77.0.3"
+PHASE = random.Random(int(os.environ.get("FAILOVER_BENCH_SEED", "11")))   # death phase
 DEAD_AFTER = 3
 BEATS = 3                  # the appliance's default beats_per_interval
 
@@ -318,7 +322,14 @@ def trial(system: System, lab, workdir: Path, settle_s: float) -> float | None:
     pinger = lab.popen("client", sys.executable, str(ROOT / "bench" / "pinger.py"), VIP,
                        "--interval-ms", "5", "--duration", str(duration),
                        "--mark-file", str(mark), stdout=subprocess.PIPE, text=True)
-    time.sleep(settle_s)
+    # A random phase of the death against the owner's send schedule: every
+    # wait of this loop (settle, polls, the 1 s pause) is a multiple of
+    # 100 ms, so without it a system beating every 100 ms (keepalived, both
+    # rows at 100 ms) died at nearly the same point of its advert period in
+    # every trial (keepalived-254's outages spanned 263-304 ms where a death
+    # uniform over the period gives 201-301 ms + reaction), while one at 86 ms
+    # drifted through its period: an unequal comparison.
+    time.sleep(settle_s + PHASE.uniform(0.0, system.send_period_ms() / 1000.0))
     t0, t1 = system.kill_box(owner)
     tmp = mark.with_suffix(".tmp")
     tmp.write_text(f"{t0!r} {t1!r}")
