@@ -64,6 +64,9 @@ PROMOTE_RETRY_INTERVALS = 4
 #: a demote not acknowledged (``secondary`` with ``demoted``) is sent again after this
 #: many keepalive intervals, at most DEMOTE_MAX_RETRIES times
 DEMOTE_MAX_RETRIES = 25
+#: a tick later than this many active intervals after the previous one: our process
+#: was not scheduled (see ENClient._tick)
+TICK_LATE_INTERVALS = 2.5
 #: the primary's probe timeout (srtt + 4 rttvar) is at least this fraction of the
 #: active keepalive interval (a floor for the scheduling jitter of a busy host)
 PROBE_TIMEOUT_FLOOR = 0.5
@@ -210,12 +213,14 @@ class ENClient:
         self.stats = {"tx_packets": 0, "rx_packets": 0, "failovers": 0, "handoffs_confirmed": 0,
                       "moved_home": 0, "dual_sent": 0, "icmp_unreachable": 0,
                       "promote_retries": 0, "probe_failures": 0, "late_rx": 0,
-                      "demote_retries": 0}
+                      "demote_retries": 0, "late_ticks": 0}
         self.drops: dict[str, int] = {}
         self.events: list[dict] = []
         self._tun_queue: list[bytes] = []
         self._flush_call = None
         self._ticker = None
+        self._last_tick: float | None = None
+        self._judge_deferred = False      # the last tick skipped the silence rules
 
     # ------------------------------------------------------------------
     def drop(self, reason: str, link: Link | None = None) -> None:
@@ -277,6 +282,17 @@ class ENClient:
     def _tick(self) -> None:
         now = self.reactor.seconds()
         retry = self.config.handshake_retry_ms / 1000.0
+        # our own process was not scheduled for a while (a busy host): what the DNs sent
+        # meanwhile may be waiting unread in the sockets (the reactor runs its timers
+        # before it reads them), so no DN is judged on its silence before the reactor
+        # has read them -- by the next tick (once: a host slow on every tick still
+        # judges)
+        last, self._last_tick = self._last_tick, now
+        late = last is not None and now - last > TICK_LATE_INTERVALS * self.active_interval
+        skip_silence = late and not self._judge_deferred
+        self._judge_deferred = skip_silence
+        if skip_silence:
+            self.stats["late_ticks"] += 1
         # while data flows the primary is probed faster (and declared dead sooner): a
         # DN death then costs less than one TCP retransmission timeout
         active = now - self.last_data < ACTIVE_FOR_S
@@ -297,7 +313,7 @@ class ENClient:
                     link.fast_since = 1e18
                 elif link.fast_since > now:
                     link.fast_since = now
-                if now - link.last_rx > dead:
+                if now - link.last_rx > dead and not skip_silence:
                     self._link_dead(link, "keepalive_timeout")
                 elif now - link.last_ka >= interval - 1e-6:
                     self._probe(link, now, fast)

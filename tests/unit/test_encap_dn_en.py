@@ -506,6 +506,39 @@ def test_a_lost_demote_is_sent_again_until_the_dn_that_took_over_answers():
     assert net.en.stats["demote_retries"] == 1
 
 
+def test_a_stall_of_the_en_itself_does_not_end_the_session_of_its_only_dn():
+    """dn1 is dead and the EN is on dn2 alone; then the EN's own process is not
+    scheduled for 300 ms (a busy host: the e2e test's move home lost 5 echoes when the
+    revived DN's twistd start took the CPU) while dn2's answer waits unread in its
+    socket.  The late tick must not declare dn2 dead on its silence before the
+    reactor has read it (it did: keepalive_timeout, failover_no_dn, packets dropped
+    for want of a primary until a new handshake)."""
+    net = started()
+    net.cut.add("dn1")
+    net.run(1.0)
+    assert net.en.primary == "dn2" and net.en.confirmed
+    net.run(0.2)
+    # the EN sends a keepalive; dn2 answers into the queue, which the EN will not read
+    # before its next (late) tick
+    net.en._probe(net.en.links["dn2"], net.clock.seconds(), False)
+    batch, net.queue = net.queue, []
+    for src, dst, data in batch:
+        if src == "en" and dst == "dn2":
+            net.dns["dn2"].datagram(data, ("10.99.0.100", 40000))
+    assert any(dst == "en" for _, dst, _ in net.queue)
+    net.clock.advance(0.3)                 # the stall: one late tick
+    net.pump()                             # then the reactor reads the socket
+    net.run(0.1)
+    downs = [e for e in net.en.events if e["what"] in ("dn_down", "failover_no_dn")
+             and e.get("dn", e.get("old")) == "dn2"]
+    assert not downs and net.en.primary == "dn2"
+    assert net.en.stats["late_ticks"] >= 1
+    # a DN that really went silent is still declared dead (one tick later)
+    net.cut.add("dn2")
+    net.run(1.0)
+    assert any(e["what"] == "dn_down" and e["dn"] == "dn2" for e in net.en.events)
+
+
 def test_a_lost_promote_is_sent_again_until_the_switch_is_confirmed():
     """On a lossy underlay the EN's promote (or the DN's promoted) can be lost: the EN
     keeps asking until it hears promoted, so the switch is confirmed (and the DN it
