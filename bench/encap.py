@@ -888,6 +888,9 @@ def main() -> int:
                    help="kills of the openvpn-2remotes row (default: --kills-other, at "
                         "most 5; each costs ~20 s)")
     p.add_argument("--only", default="outage,openvpn-failover,download,throughput")
+    p.add_argument("--download-trials", type=int, default=None,
+                   help="download trials (each one clean and one with a DN death; default 3, "
+                        "quick 1)")
     p.add_argument("--stop-at", default=None,
                    help="UTC time HH:MM: no kill starts after it (a case cut short says "
                         "so in its note and its kill count; the cases not begun are skipped)")
@@ -941,7 +944,7 @@ def main() -> int:
                         + json.dumps([[r["system"], r["case"], r["metric"], r["value"]]
                                       for r in rows if r["case"] == case]))
         if "download" in only:
-            rows += download_case(1 if args.quick else 3, work)
+            rows += download_case(args.download_trials or (1 if args.quick else 3), work)
         if "throughput" in only:
             rows += throughput(seconds, work)
         rows += THESIS
