@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rotation", choices=("auto", "safe", "unsafe", "none"), default="auto",
                     help="heartbeat key rotation: in half the seeds (auto), every seed, "
                          "every seed without the accept-first step (must fail), never")
+    ap.add_argument("--fencing", choices=("auto", "on", "none"), default="auto",
+                    help="pre_takeover fencing: in 30 %% of the seeds (auto), always, never")
     ap.add_argument("-v", "--verbose", action="store_true", help="print the event log")
     args = ap.parse_args(argv)
     counts = args.nodes or [2, 3]
@@ -43,6 +45,7 @@ def main(argv=None) -> int:
                 w = World(seed, n, witness=args.witness, lease=args.lease, paths=args.paths,
                           store_delay=args.store_delay,
                           rotation=None if args.rotation == "none" else args.rotation,
+                          fencing=None if args.fencing == "none" else args.fencing,
                           ).run(args.duration)
                 events += w.events
                 if args.verbose:

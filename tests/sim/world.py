@@ -29,6 +29,12 @@ Invariants, checked after every 10 ms step of simulated time:
   within one heartbeat interval (+ one beat period + 20 ms, + two store
   round trips with ``store_delay``: the winner's re-claim writes its epoch),
   and that owner holds the highest epoch any running node has seen;
+* ``fencing`` (``[cluster] pre_takeover`` in 30 % of the seeds, from its own
+  generator; ``fencing="on"`` always): a node takes a resource whose last
+  owner is a peer it judged dead only once a fence powered that peer off
+  after the last beat it heard from it.  The simulated fence device answers
+  after 20-600 ms and fails a quarter of the time (no takeover, retried);
+  its success kills the target (a restart comes from the schedule);
 * ``partners``: once the network is clean, every node up and nobody in
   maintenance for 5 s, every partner relationship is NORMAL (every state is
   left without operator action once its cause is gone).
@@ -358,7 +364,8 @@ class SimNode:
 class World:
     def __init__(self, seed: int, n_nodes: int = 2, preempt: bool | None = None,
                  witness: bool = False, lease: bool = False, paths: int = 1,
-                 store_delay: float = 0.0, rotation: str | None = "auto"):
+                 store_delay: float = 0.0, rotation: str | None = "auto",
+                 fencing: str | None = "auto"):
         assert not (witness and lease), "a witness node or Redis leases, not both"
         self.seed, self.n, self.witness, self.lease = seed, n_nodes, witness, lease
         self.paths = paths            # 2: every node also has a 10.0.1.x heartbeat address
@@ -374,6 +381,13 @@ class World:
         # preempt_delay_s in a third of the seeds (its own generator too)
         pd_rng = random.Random(seed * 2203 + 9)
         self.preempt_delay = pd_rng.uniform(0.3, 3.0) if pd_rng.random() < 0.33 else 0.0
+        # [cluster] pre_takeover fencing (its own generator): "auto" = in 30 %
+        # of the seeds, "on" = always, None = never.  The fence device powers
+        # the target off (world.kill) after 20-600 ms, or fails (25 %).
+        self.fence_rng = random.Random(seed * 4241 + 11)
+        self.fencing = (fencing == "on" or (fencing == "auto" and self.fence_rng.random() < 0.3))
+        self.fenced_at: dict[str, float] = {}      # node -> when a fence powered it off
+        self._fencing_arg = fencing or "none"
         self.rng = random.Random(seed)
         self.net_rng = random.Random(seed * 7919 + 1)
         self.clock = Clock()
@@ -439,6 +453,8 @@ class World:
                                key=node.keys["cur"], clock=self.clock,
                                wall=lambda node=node: self.clock.seconds() + node.wall_offset)
             m.maintenance_mark = node.mark      # kept across a restart, like the state dir
+            if self.fencing and nid != "w":
+                self._install_fencer(nid, m)
             if self.n == 2 and nid != "w":
                 other = [p for p in self.node_ids if p != nid][0]
                 m.register_partner(other, primary=(nid == "a"), sync=lambda peer: None)
@@ -462,6 +478,52 @@ class World:
         m.detector.on_down = on_down
         node.manager, node.up, node.started_at = m, True, self.clock.seconds()
         node.suspected = {p: 0 for p in self.ids if p != nid}
+
+    # -- fencing (pre_takeover) ---------------------------------------------------
+    def _install_fencer(self, nid: str, m: ClusterManager):
+        from appliance.cluster.fencing import Fencer
+        m.fencer = Fencer(self.clock, nid, ["/sim/fence"], 2.0,
+                          run=lambda argv, env, timeout, nid=nid: self._fence(
+                              nid, env["APPLIANCE_PEER"]),
+                          on_change=lambda m=m: m.changed() if m.running else None)
+
+        def owner(name, role, epoch, nid=nid, m=m):
+            # The fencing invariant: a node takes a resource from a peer it
+            # judged dead only once a fence powered that peer off after the
+            # last beat it heard from it.
+            if role != "owner" or name not in m.resources:
+                return
+            res = m.resources[name]
+            prev = res.last_claim[0] if res.last_claim is not None else None
+            peer = m.peers.get(prev) if prev else None
+            if peer is None or prev == nid or peer.alive:
+                return
+            heard = peer.last_seen if peer.last_seen is not None else -1e9
+            if self.fenced_at.get(prev, -1e9) < heard:
+                self.violations.append(
+                    f"{nid} took {name} from {prev} (judged dead) without a fence of it since "
+                    f"it last heard it at {heard:.3f} (fenced at {self.fenced_at.get(prev)})")
+        m.resources["vip1"].listeners.append(owner)
+
+    def _fence(self, by: str, target: str) -> Deferred:
+        from appliance.cluster.fencing import FenceFailed
+        d: Deferred = Deferred()
+        delay = self.fence_rng.uniform(0.02, 0.6)
+        fails = self.fence_rng.random() < 0.25
+
+        def act():
+            if fails:
+                self.log.append(f"{self.clock.seconds():8.3f} fence {by} -> {target}: failed")
+                d.errback(FenceFailed("sim: the fence device did not answer"))
+                return
+            if self.nodes[target].up:
+                self.kill(target)
+            self.fenced_at[target] = self.clock.seconds()
+            self.events += 1
+            self.log.append(f"{self.clock.seconds():8.3f} fence {by} -> {target}: powered off")
+            d.callback("")
+        self.clock.callLater(delay, act)
+        return d
 
     def kill(self, nid: str):
         node = self.nodes[nid]
@@ -665,6 +727,7 @@ class World:
         w += " --paths 2" if self.paths > 1 else ""
         w += f" --store-delay {self.store_delay:g}" if self.store_delay else ""
         w += f" --rotation {self.rotation or 'none'}" if self.rotation != "auto" else ""
+        w += f" --fencing {self._fencing_arg}" if self._fencing_arg != "auto" else ""
         raise Violation(f"seed {self.seed}, {self.n} nodes{w.replace(' --', ' + ')}, "
                         f"t={self.clock.seconds():.3f}: "
                         f"{what}\n--- last events ---\n{tail}\n--- replay ---\n"
@@ -737,6 +800,8 @@ class World:
     def run(self, duration: float = 30.0, mean_gap: float = 1.5):
         if self.preempt_delay:
             self.log.append(f"{0.0:8.3f} preempt_delay_s {self.preempt_delay:.2f}")
+        if self.fencing:
+            self.log.append(f"{0.0:8.3f} pre_takeover fencing on")
         for nid in self.ids:
             self.start(nid)
         self._schedule_rotation(duration)
