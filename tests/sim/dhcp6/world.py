@@ -369,11 +369,12 @@ class World:
     def _ask(self, svc, m):
         if self.plan and self.rp.random() < self.LOSS:
             self.stats["lost"] += 1
+            what = f"{C.MESSAGE_NAMES.get(m.msg_type, m.msg_type)} of {m.client_id.hex()[-4:]}"
             if self.rp.random() < 0.5 or (m.msg_type == C.SOLICIT and not self.BOTH_COMMIT):
-                self.note(f"lost: {C.MESSAGE_NAMES.get(m.msg_type, m.msg_type)} of {m.client_id.hex()[-4:]} to {svc.context.node_id}")
+                self.note(f"lost: {what} to {svc.context.node_id}")
                 return None                   # the request lost
             rep = ask(svc, m)                 # the reply lost
-            self.note(f"lost: the reply to {m.msg_type} of {m.client_id.hex()[-4:]} from {svc.context.node_id}: {rep}")
+            self.note(f"lost: {svc.context.node_id}'s reply to {what}: {rep}")
             return None
         return ask(svc, m)
 
