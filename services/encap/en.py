@@ -29,7 +29,9 @@ Failover: the primary is declared dead after ``dead_after`` keepalive
 intervals without any record from it, after ``dead_after`` probes in a row
 unanswered within their RTO while data flows (``_probe``), at once on an ICMP
 port-unreachable from it, or when a secondary says ``primary_down`` (the fast
-rules never drop the only DN left).  The EN then makes the
+rules never drop the only DN left; a tick that runs late -- the EN's own process
+was not scheduled -- judges no DN on its silence before the reactor has read
+what waits in the sockets).  The EN then makes the
 next DN that is up (config order) its primary (``promote``); with soft
 handoff every packet also goes to the old DN, with the same flow number,
 until the new DN answers ``promoted``.  When the home DN (the one that
@@ -198,6 +200,7 @@ class ENClient:
         self.switched_from: str | None = None
         self.handoff_until = 0.0
         self.last_promote = 0.0
+        self.last_home_ask = 0.0          # last info(primary) to the home DN while away
         #: DNs told ``demote`` and not yet acknowledged: dn -> (last sent, retries)
         self.demote_pending: dict[str, tuple[float, int]] = {}
         self.confirmed = False            # the primary answered promoted/assign
@@ -213,7 +216,7 @@ class ENClient:
         self.stats = {"tx_packets": 0, "rx_packets": 0, "failovers": 0, "handoffs_confirmed": 0,
                       "moved_home": 0, "dual_sent": 0, "icmp_unreachable": 0,
                       "promote_retries": 0, "probe_failures": 0, "late_rx": 0,
-                      "demote_retries": 0, "late_ticks": 0}
+                      "demote_retries": 0, "late_ticks": 0, "home_retries": 0}
         self.drops: dict[str, int] = {}
         self.events: list[dict] = []
         self._tun_queue: list[bytes] = []
@@ -329,6 +332,14 @@ class ENClient:
             if link.state == UP and link.keys is not None:
                 self.stats["promote_retries"] += 1
                 self._promote("retry")
+        if self.home is not None and self.primary != self.home and self.address is not None \
+                and now - self.last_home_ask >= PROMOTE_RETRY_INTERVALS * self.interval:
+            # away from home with its session up: our info(primary) or its assign was
+            # lost (a lossy underlay) -- ask again, or we would stay away for good
+            home = self.links.get(self.home)
+            if home is not None and home.state == UP and home.keys is not None:
+                self.stats["home_retries"] += 1
+                self._ask_home(home)
         for dn, (last, retries) in list(self.demote_pending.items()):
             # the demote or its acknowledgement was lost (a lossy underlay): a DN that
             # took us over and never heard it would keep its route (and, with a routing
@@ -564,12 +575,16 @@ class ENClient:
             return                             # secondaries wait for the address
         if link.dn.id == self.home and self.primary != self.home:
             # home again: ask it to serve us (it answers assign, then we move back)
-            self.control(link, self._info("primary"))
+            self._ask_home(link)
         elif self.primary is None or link.dn.id == self.primary:
             self.primary = link.dn.id
             self.control(link, self._info("primary"))
         else:
             self.control(link, self._info("secondary"))
+
+    def _ask_home(self, link: Link) -> None:
+        self.last_home_ask = self.reactor.seconds()
+        self.control(link, self._info("primary"))
 
     def _info(self, role: str) -> dict:
         info = {"t": W.C_INFO, "en": self.config.id, "role": role, "dns": self.order,

@@ -539,6 +539,36 @@ def test_a_stall_of_the_en_itself_does_not_end_the_session_of_its_only_dn():
     assert any(e["what"] == "dn_down" and e["dn"] == "dn2" for e in net.en.events)
 
 
+def test_a_lost_request_to_the_home_dn_is_sent_again_until_the_en_is_home():
+    """The home DN is back (its session up again) but the EN's info(primary) -- or the
+    DN's assign -- is lost on a lossy underlay: the EN asks again until it is home (it
+    stayed on dn2 for good: the bench's loss5/loss10 rows stopped, 'the EN back home
+    not reached in 30 s', the EN's last event dn_up dn1 and no switch)."""
+    net = started()
+    swallowed = []
+    dn1 = net.dns["dn1"]
+    real = dn1._control
+
+    def lossy(s, msg):
+        if msg.get("t") == "info" and msg.get("role") == "primary" \
+                and net.en.primary == "dn2" and not swallowed:
+            swallowed.append(msg)          # the first ask after the return never arrives
+            return
+        real(s, msg)
+    dn1._control = lossy
+    net.cut.add("dn1")
+    net.run(0.5)
+    assert net.en.primary == "dn2"
+    net.cut.discard("dn1")
+    net.run(1.5)
+    assert swallowed, "the EN never asked its home DN"
+    assert net.en.primary == "dn1" and net.en.confirmed
+    assert net.en.stats["home_retries"] >= 1
+    retries = net.en.stats["home_retries"]
+    net.run(1.0)                          # home: no more asking
+    assert net.en.stats["home_retries"] == retries
+
+
 def test_a_lost_promote_is_sent_again_until_the_switch_is_confirmed():
     """On a lossy underlay the EN's promote (or the DN's promoted) can be lost: the EN
     keeps asking until it hears promoted, so the switch is confirmed (and the DN it
