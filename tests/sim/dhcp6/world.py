@@ -3,13 +3,19 @@
 ``task.Clock``), a population of RFC 8415 clients each with one IA_NA and one IA_PD, and
 a seeded random fault schedule.
 
-Clients: SOLICIT with Rapid Commit to every live server in a random order (a real
-client multicasts; it takes the first REPLY), RENEW to its server at T1, REBIND to every
+Clients: SOLICIT with Rapid Commit to the live servers in a random order until one
+REPLYs (so only one server commits; a real client multicasts and both may commit:
+``SIM_DHCP6_BOTH_COMMIT=1`` models that, off until the core keeps the binding the client
+took -- test_rapid_commit.py), RENEW to its server at T1, REBIND to every
 live server at T2, lose the lease at the end of its valid lifetime, RELEASE sometimes,
 leave without a word sometimes, come back later.  Faults: the link between the servers
 down (heartbeats too: a partition) for up to several MCLTs, a server killed with or
 without its lease store (the disk; its state_dir marker stays) and restarted later, the
-operator's partner-down while the partner is really dead.
+operator's partner-down while the partner is really dead.  With ``plan`` (the default;
+``plan=False`` replays the schedules of the seeds found before it): each seed also gets a
+planned partition, kill with the disk, kill without it and clock step (``_plan``), the
+servers' wall clocks apart from true time and stepping within +-``MAX_OFFSET_S``
+(``NodeClock``), and 5 % of the clients' messages or the servers' REPLYs lost.
 
 Modes: split-scope (split 50) and, for 30 % of the seeds, hot-standby (split 75: the
 standby answers nobody in NORMAL and serves from its quarter when the primary is not
