@@ -47,6 +47,12 @@ class Family:
     ntoa: Callable[[int], str]                  # int -> canonical text
     canonical: Callable[[Any], str]             # any accepted form -> canonical text, ValueError
     max_pool: int | None = None                 # largest pool a free set may cover
+    #: DHCPv4: a client holds one active lease per subnet, so a partner's newer
+    #: binding of the client ends the older one.  DHCPv6: both partners may answer
+    #: one multicast rapid-commit SOLICIT and neither can know which REPLY the
+    #: client took, so both bindings run to their own expiry (RFC 8415 18.3.1:
+    #: the unused one is simply not renewed)
+    one_lease_per_client: bool = True
 
     # store keys
     @property
@@ -189,7 +195,7 @@ def _canonical6_text(address: str) -> str:
 
 
 DHCP6_NA = Family("dhcp6:na", "dhcp6", "IPv6 address", _aton6, _ntoa6, _canonical6,
-                  max_pool=MAX_POOL_V6, addr_type=IPv6Address)
+                  max_pool=MAX_POOL_V6, one_lease_per_client=False, addr_type=IPv6Address)
 
 
 # --- IPv6 delegated prefixes ------------------------------------------------
@@ -266,7 +272,7 @@ class _FamilyPD(Family):
 
 
 DHCP6_PD = _FamilyPD("dhcp6:pd", "dhcp6", "IPv6 prefix", _aton_pd, prefix_text, _canonical_pd,
-                     max_pool=MAX_POOL_V6)
+                     max_pool=MAX_POOL_V6, one_lease_per_client=False)
 
 
 def family_for(name: str) -> Family:

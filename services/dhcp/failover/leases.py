@@ -1473,7 +1473,12 @@ class LeaseStore:
             if rck and remote.state in ACTIVE_STATES:
                 other = yield self.find_client(remote.subnet_id, remote.hwaddr, remote.client_id)
                 if other is not None and other.address != address and other.active(now):
-                    if self._newer(remote, other):
+                    if not self._fam.one_lease_per_client:
+                        # DHCPv6: the client may be using either binding (both partners
+                        # answered its rapid-commit SOLICIT): neither ends early; the
+                        # client index follows the newer, the other runs to its expiry
+                        set_index = self._newer(remote, other)
+                    elif self._newer(remote, other):
                         supersede = other          # the client moved: its old lease ends
                     else:
                         # the client has a newer lease here: keep the partner's record

@@ -2,11 +2,13 @@
 ff02::1:2): both commit a binding for the same DUID and IAID, the client takes the first
 REPLY and never hears of the other binding.  Found by the pair simulator with lost
 replies (seed 37 of ``SIM_DHCP6_BOTH_COMMIT=1 python -m tests.sim.dhcp6 --seeds 200
---duration 60``); see /work/briefs/requests.md."""
+--duration 60``, 95 of 200 seeds failed): the merge of the partner's binding for the same
+client expired the binding the client took (LeaseStore.apply_remote supersede) and gave
+its address to the next client.  The fix: DHCPv6 families keep both bindings
+(``Family.one_lease_per_client``)."""
 
 from __future__ import annotations
 
-import pytest
 from twisted.internet.task import Clock
 
 from services.dhcp.failover import pools as P
@@ -19,9 +21,6 @@ def _addresses(rep):
     return [C.ntop(a.address) for ia in rep.ia_na for a in ia.addresses if a.valid > 0]
 
 
-@pytest.mark.xfail(strict=True, reason="open core bug (requests.md, dhcp6sim 2026-12-04): the "
-                   "merge of the partner's binding for the same client expires the binding the "
-                   "client took (LeaseStore.apply_remote supersede); strict: passes once fixed")
 def test_the_binding_the_client_took_survives_its_partners_second_commit(tmp_path):
     clock = Clock()
     clock.advance(T0)

@@ -4,9 +4,9 @@
 a seeded random fault schedule.
 
 Clients: SOLICIT with Rapid Commit to the live servers in a random order until one
-REPLYs (so only one server commits; a real client multicasts and both may commit:
-``SIM_DHCP6_BOTH_COMMIT=1`` models that, off until the core keeps the binding the client
-took -- test_rapid_commit.py), RENEW to its server at T1, REBIND to every
+REPLYs; with the planned faults a SOLICIT reaches both servers as a real client's
+multicast does, and both may commit (``SIM_DHCP6_BOTH_COMMIT=0`` turns that off; the core
+keeps both bindings: test_rapid_commit.py), RENEW to its server at T1, REBIND to every
 live server at T2, lose the lease at the end of its valid lifetime, RELEASE sometimes,
 leave without a word sometimes, come back later.  Faults: the link between the servers
 down (heartbeats too: a partition) for up to several MCLTs, a server killed with or
@@ -367,10 +367,10 @@ class World:
     #: client then holds what it has until its valid lifetime ends, unheard)
     LOSS = 0.05
     #: a rapid-commit SOLICIT reaches both partners (as a real client's multicast does) and
-    #: a lost REPLY to one leaves a binding the client never heard of: both commit.  Off
-    #: by default until the core's merge keeps the binding the client took (requests.md,
-    #: tests/sim/dhcp6/test_rapid_commit.py); SIM_DHCP6_BOTH_COMMIT=1 turns it on
-    BOTH_COMMIT = os.environ.get("SIM_DHCP6_BOTH_COMMIT") == "1"
+    #: a lost REPLY to one leaves a binding the client never heard of: both commit.  On by
+    #: default (the core's merge keeps both bindings: tests/sim/dhcp6/test_rapid_commit.py);
+    #: SIM_DHCP6_BOTH_COMMIT=0 turns it off
+    BOTH_COMMIT = os.environ.get("SIM_DHCP6_BOTH_COMMIT", "1") == "1"
 
     def _ask(self, svc, m):
         if self.plan and self.rp.random() < self.LOSS:
