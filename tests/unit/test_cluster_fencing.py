@@ -12,24 +12,10 @@ import pytest_twisted
 from twisted.internet import defer
 
 from appliance.cluster.fencing import FenceFailed, Fencer, spawn_fence
-from appliance.config import ConfigError, PreTakeover, config_from_string
+from appliance.config import ConfigError, PreTakeover
 from tests.unit.test_cluster_manager import ADDR, make_pair, owners, run, start  # noqa: F401
+from tests.unit.test_cluster_config import parse
 from tests.unit.test_cluster_manager import tmp_state  # noqa: F401 (autouse fixture)
-
-BASE = """
-[node]
-id = "a"
-state_dir = "/tmp/apl-cfg"
-
-[cluster]
-peers = [{ id = "b", address = "10.9.0.2" }]
-auth_key_file = "etc/cluster.key"
-"""
-
-
-def parse(extra=""):
-    return config_from_string(BASE + extra, "etc/test.toml", {})
-
 
 def problems(extra):
     with pytest.raises(ConfigError) as bad:

@@ -11,24 +11,10 @@ import pytest_twisted
 from twisted.internet import defer
 
 from appliance.cluster.gateway import FLAG, GatewayCheck, spawn_ping
-from appliance.config import ConfigError, GatewayTrack, config_from_string
+from appliance.config import ConfigError, GatewayTrack
 from tests.unit.test_cluster_manager import make_pair, run, start
+from tests.unit.test_cluster_config import parse
 from tests.unit.test_cluster_manager import tmp_state  # noqa: F401 (autouse fixture)
-
-BASE = """
-[node]
-id = "a"
-state_dir = "/tmp/apl-cfg"
-
-[cluster]
-peers = [{ id = "b", address = "10.9.0.2" }]
-auth_key_file = "etc/cluster.key"
-"""
-
-
-def parse(extra=""):
-    return config_from_string(BASE + extra, "etc/test.toml", {})
-
 
 def test_config_defaults_and_key_path_errors():
     assert parse().cluster.track_gateway is None
