@@ -196,8 +196,10 @@ def test_partition_longer_than_mclt_with_new_clients_on_both_sides_no_duplicate(
         rows = {n: all_leases(app, n, state="bound") for n in ("a", "b")}
         merged = {(le["type"], le.get("address") or le.get("prefix"), le["duid"]): le
                   for n in rows for le in rows[n]}
+        # a client's multicast rapid-commit SOLICIT may be committed by both partners, and
+        # both bindings run to their own expiry (adcf66b): up to two per DUID+IAID
         check_no_duplicates([le for (t, _, _), le in merged.items() if t == "na"],
-                            [le for (t, _, _), le in merged.items() if t == "pd"])
+                            [le for (t, _, _), le in merged.items() if t == "pd"], per_iaid=2)
         print(json.dumps({"states_in_cut": states, "crowds": summaries, "replies": len(replies),
                           "in_cut": len(cut), "servers": sorted({r["server"] for r in replies})}),
               file=sys.stderr)
