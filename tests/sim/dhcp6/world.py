@@ -68,6 +68,7 @@ class Client:
     t2: float = 0.0
     server: str | None = None
     next_at: float = 0.0
+    disk_lost: bool = False     # its server lost its disk since the client's last REPLY
 
     def holds(self, text: str, now: float) -> bool:
         return any(t == text and exp > now for t, exp in self.held.values())
@@ -273,6 +274,9 @@ class World:
             self.stores.pop(name).stopService()
             self.incarnation[name] += 1
             self.wiped.add(name)
+            for c in self.clients:          # what it gave them went with the disk
+                if c.server == name:
+                    c.disk_lost = True
 
     def _restart(self, name: str) -> None:
         peer = PEER[name]
@@ -297,8 +301,8 @@ class World:
         now = self.clock.seconds()
         alloc = self.nodes[name].failover.allocator
         for c in self.clients:
-            if c.server != name or c.state != "bound":
-                continue
+            if c.server != name or c.state != "bound" or c.disk_lost:
+                continue                    # (a binding lost with a wiped disk: the hold covers it)
             for kind, (text, exp) in c.held.items():
                 if exp <= now + 1:
                     continue
@@ -417,7 +421,7 @@ class World:
             c.held[kind] = (text, exp)
         if not renewal:
             self.stats["acquired"] += 1
-        c.state, c.server = "bound", server
+        c.state, c.server, c.disk_lost = "bound", server, False
         valid = min(exp for _, exp in c.held.values()) - now
         c.t1, c.t2 = now + 0.5 * valid, now + 0.8 * valid
         self.note(f"client {c.i} <- {server}: {got}")
