@@ -1453,7 +1453,16 @@ class LeaseStore:
             # lease stands and goes back to the partner
             frees_other = (local is not None and local.active(now) and not remote.active(now)
                            and local.client_key != rck)
-            if local is not None and (frees_other or not self._newer(remote, local)):
+            # the mirror: a partner's active binding of client Y never loses, on cltt
+            # alone, to a local record that freed the address for another client X --
+            # the two cltts come from two clocks (sim seed 14233: a release at a node
+            # 0.67 s ahead looked newer than the partner's later binding, the address
+            # stayed free here and went to a second client); Y may use the address
+            binds_freed = (local is not None and remote.active(now) and not local.active(now)
+                           and local.state in (FREE, RELEASED, EXPIRED)
+                           and local.client_key != rck)
+            if local is not None and (frees_other or (not binds_freed
+                                                      and not self._newer(remote, local))):
                 if conflict:
                     self._conflict(local, remote, winner="local")
                     yield self._drop_index_if(remote.subnet_id, rck, address)

@@ -59,12 +59,10 @@ def test_v6_seeds_of_the_planned_faults(seed):
     World(seed, duration=DURATION).run()
 
 
-@pytest.mark.xfail(strict=True, reason="open core bug (requests.md, dhcp6sim 13:59): a partner's "
-                   "active binding loses the merge to a local release of another client whose "
-                   "cltt is newer only by clock skew; strict: passes once fixed")
 def test_v6_seed_14233_skewed_release_does_not_drop_the_partners_binding():
     """14233: client 15 releases ::109 at a (a's clock +0.67 s), b gives ::109 to client 20
     half a second later; a keeps its release record (newer cltt by the skew: STALE), so
     after b lost its disk and recovered from a, ::109 went to another client while client
-    20 held it."""
+    20 held it.  Fixed in the core: a partner's active binding never loses to a local
+    record that freed the address for another client on cltt alone (apply_remote)."""
     World(14233, duration=DURATION).run()
