@@ -419,3 +419,22 @@ def test_100k_pool_allocates_quickly(tmp_path):
     assert ok(ls.offer(1, mac(999_999))) is None          # exhausted, no scan needed
     print(f"load of 97k leases: {load_s:.2f} s; offer+bind (2 durable commits each) with the "
           f"pool 97-100 % full: {dora:,.0f} DORA/s")
+
+
+def test_partner_binding_is_not_lost_to_a_local_release_newer_only_by_skew(tmp_path):
+    """A partner's active binding of client 2 beats our release of client 1 at the same
+    address even when the release's cltt is newer: the two cltts come from two clocks
+    (dhcp6 sim seed 14233, the same core): a release at a node 0.67 s ahead kept the
+    address free here while the partner had bound it, and it went to a second client."""
+    ls, _, clock = make(tmp_path)
+    o = ok(ls.offer(1, mac(1)))
+    ok(ls.bind(1, o.address, mac(1), lease_time_s=600))
+    clock.advance(10)
+    rel = ok(ls.release(o.address, mac(1)))
+    theirs = Lease(o.address, 1, "bound", mac(2), "", "", rel.cltt + 600, rel.cltt - 0.5,
+                   "b", "b")
+    assert ok(ls.apply_remote(theirs)) == L.APPLIED
+    got = ok(ls.get(o.address))
+    assert (got.state, got.hwaddr) == ("bound", mac(2))
+    assert ok(ls.find_client(1, mac(2))).address == o.address
+    assert ok(ls.offer(1, mac(3))).address != o.address
