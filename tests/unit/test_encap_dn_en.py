@@ -117,6 +117,20 @@ class Net:
             self.clock.advance(step)
             self.pump()
 
+def lose_first(dn, matches):
+    """The first control message ``dn`` gets for which ``matches(msg)`` holds never
+    arrives (a lossy underlay); returns the list it lands in."""
+    swallowed = []
+    real = dn._control
+
+    def lossy(s, msg):
+        if not swallowed and matches(msg):
+            swallowed.append(msg)
+            return
+        real(s, msg)
+    dn._control = lossy
+    return swallowed
+
 
 def started():
     net = Net()
@@ -479,16 +493,8 @@ def test_a_lost_demote_is_sent_again_until_the_dn_that_took_over_answers():
     for name in ("dn1", "dn2"):
         net.mapping = StubMapping()                 # a table of its own
         net.dns[name] = net.make_dn(name)
-    swallowed = []
-    dn2 = net.dns["dn2"]
-    real = dn2._control
-
-    def lossy(s, msg):
-        if msg.get("t") == "demote" and not swallowed:
-            swallowed.append(msg)          # the first demote never arrives
-            return
-        real(s, msg)
-    dn2._control = lossy
+    # the first demote never arrives
+    swallowed = lose_first(net.dns["dn2"], lambda m: m.get("t") == "demote")
     net.en.start()
     net.pump()
     net.run(0.2)
@@ -545,17 +551,9 @@ def test_a_lost_request_to_the_home_dn_is_sent_again_until_the_en_is_home():
     stayed on dn2 for good: the bench's loss5/loss10 rows stopped, 'the EN back home
     not reached in 30 s', the EN's last event dn_up dn1 and no switch)."""
     net = started()
-    swallowed = []
-    dn1 = net.dns["dn1"]
-    real = dn1._control
-
-    def lossy(s, msg):
-        if msg.get("t") == "info" and msg.get("role") == "primary" \
-                and net.en.primary == "dn2" and not swallowed:
-            swallowed.append(msg)          # the first ask after the return never arrives
-            return
-        real(s, msg)
-    dn1._control = lossy
+    # the first ask after the return never arrives
+    swallowed = lose_first(net.dns["dn1"], lambda m: m.get("t") == "info"
+                           and m.get("role") == "primary" and net.en.primary == "dn2")
     net.cut.add("dn1")
     net.run(0.5)
     assert net.en.primary == "dn2"
@@ -574,16 +572,8 @@ def test_a_lost_promote_is_sent_again_until_the_switch_is_confirmed():
     keeps asking until it hears promoted, so the switch is confirmed (and the DN it
     left is demoted) without any data packet to trigger it."""
     net = started()
-    swallowed = []
-    dn2 = net.dns["dn2"]
-    real = dn2._control
-
-    def lossy(s, msg):
-        if msg.get("t") == "promote" and not swallowed:
-            swallowed.append(msg)          # the first promote never arrives
-            return
-        real(s, msg)
-    dn2._control = lossy
+    # the first promote never arrives
+    swallowed = lose_first(net.dns["dn2"], lambda m: m.get("t") == "promote")
     net.cut.add("dn1")
     net.run(1.0)
     assert swallowed and net.en.primary == "dn2"
