@@ -205,10 +205,8 @@ class _NoLocation:
     store = None
 
 
-def test_backup_freezes_the_heap_during_a_full_resync(tmp_path, monkeypatch):
-    """What a full resync stores stays out of the cyclic GC's full walks (gc.freeze every
-    FREEZE_PAGES pages and at the end): those walks grew with the copied bindings and
-    stalled the backup -- and every live sync REGISTER waiting for it -- 30-50 ms each."""
+def fake_gc(monkeypatch):
+    """Replace the replication module's gc with one that records collect/freeze calls."""
     calls = []
 
     class FakeGC:
@@ -220,6 +218,14 @@ def test_backup_freezes_the_heap_during_a_full_resync(tmp_path, monkeypatch):
         def freeze():
             calls.append(("freeze",))
     monkeypatch.setattr(replication, "gc", FakeGC, raising=False)
+    return calls
+
+
+def test_backup_freezes_the_heap_during_a_full_resync(tmp_path, monkeypatch):
+    """What a full resync stores stays out of the cyclic GC's full walks (gc.freeze every
+    FREEZE_PAGES pages and at the end): those walks grew with the copied bindings and
+    stalled the backup -- and every live sync REGISTER waiting for it -- 30-50 ms each."""
+    calls = fake_gc(monkeypatch)
     b, clock, thread, _store, _rpc = make(tmp_path)
     r = Replicator(clock, PagedLink(clock), ("a",), "sync", b.location)
     done = []
@@ -248,17 +254,7 @@ def test_live_node_starts_a_full_resync_without_a_gc_collection(tmp_path, monkey
     gc.collect(1) walked the young generations for ~95 ms in one reactor turn at the start
     of a 100k resync on the live node (py-spy), its worst live REGISTER of the run."""
     a, clock, thread = _primary(tmp_path)
-    calls = []
-
-    class FakeGC:
-        @staticmethod
-        def collect(generation=2):
-            calls.append(("collect", generation))
-
-        @staticmethod
-        def freeze():
-            calls.append(("freeze",))
-    monkeypatch.setattr(replication, "gc", FakeGC, raising=False)
+    calls = fake_gc(monkeypatch)
     link = PagedLink(clock)
     r = Replicator(clock, link, ("b",), "sync", a.location, page=100, window=1, pause_s=0.0)
     r.full_needed["b"] = True
