@@ -89,11 +89,16 @@ class GatewayCheck:
             return
         self._busy = True
         d = defer.maybeDeferred(self.probe, self.address, self.timeout_s)
-        d.addErrback(lambda f: _log.warn("gateway check failed: {why}", why=f.getErrorMessage())
-                     and False)
+        d.addErrback(self._probe_failed)
         d.addCallback(self._result)
         d.addErrback(lambda f: _log.failure("gateway check bookkeeping", failure=f))
         self._schedule(self.interval_s)
+
+    @staticmethod
+    def _probe_failed(f) -> bool:
+        """A ping that could not run counts as no answer."""
+        _log.warn("gateway check failed: {why}", why=f.getErrorMessage())
+        return False
 
     def _result(self, ok):
         self._busy = False

@@ -97,3 +97,26 @@ async def test_spawn_ping_real():
     assert await spawn_ping(reactor, "127.0.0.1", 1) is True
     # no route (and no network needed): fails at once
     assert await spawn_ping(reactor, "0.0.0.1", 1) is False
+
+
+def test_a_ping_that_cannot_run_counts_as_no_answer():
+    """A probe that fails (ping missing, spawn error) is a failed check, logged; after
+    ``fall`` of them the flag is set and the checks go on (no stuck 'busy' state)."""
+    from twisted.internet.task import Clock
+
+    class Health:
+        def __init__(self):
+            self.flags_set, self.changes = set(), 0
+
+        def changed(self):
+            self.changes += 1
+
+    clock, health = Clock(), Health()
+    g = GatewayCheck(clock, health, "10.0.0.254", interval_s=0.5, fall=2, rise=1,
+                     probe=lambda addr, timeout: defer.fail(OSError("no ping binary")))
+    g.start()
+    for _ in range(6):
+        clock.advance(0.5)
+    assert g.checks >= 4 and g.last_ok is False
+    assert FLAG in health.flags_set and health.changes >= 1
+    g.stop()
