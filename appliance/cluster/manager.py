@@ -26,8 +26,14 @@ deadline.  Wall time (``wall()``) is used only for what goes on the wire
 (``sent_at``, for the skew estimate).  Beats leave on a drift-free
 schedule: ``beats_per_interval`` (k) beats per interval at absolute times
 ``start + n * interval / k``, so the tick's own cost never stretches the
-period.  A peer is suspected ``dead_after * interval + (interval / k) / 2``
-after its last beat (half a beat period of slack for jitter).
+period.  A peer is suspected ``dead_after * interval + slack`` after its
+last beat; the slack is ``[cluster] deadline_slack_ms``, by default half a
+beat period (``(interval / k) / 2``, room for jitter).  keepalived's
+counterpart of the slack is its skew time, ``(256 - priority) / 256 x
+advert`` (1.2 ms at priority 253 and 100 ms): ``deadline_slack_ms``
+reproduces its threshold exactly (bench/failover.py's
+``appliance-as-keepalived-254`` row).  A slack below the delay jitter of
+the heartbeat path lets a late beat (not a lost one) end the deadline.
 
 Loss tolerance.  A false suspicion needs every beat of that window lost:
 ``dead_after * k`` consecutive beats.  With independent loss p and
@@ -72,6 +78,18 @@ _log = Logger(namespace="appliance.cluster")
 DETAIL_EVERY = 10          # heartbeats between config-detail broadcasts
 
 
+def deadline_slack_s(cluster, beat_period: float) -> float:
+    """The liveness deadline's slack after ``dead_after`` intervals, in seconds:
+    ``[cluster] deadline_slack_ms`` when set, else half a beat period (the
+    default, unchanged since the drift-free schedule)."""
+    slack_ms = getattr(cluster, "deadline_slack_ms", None)
+    if slack_ms is None:
+        return 0.5 * beat_period
+    if slack_ms < 0:
+        raise ValueError(f"cluster.deadline_slack_ms: {slack_ms} is below the minimum 0")
+    return slack_ms / 1000.0
+
+
 class ClusterManager(Service):
     """Peer liveness, resource ownership and partner states for one node."""
 
@@ -93,7 +111,7 @@ class ClusterManager(Service):
         self.dead_after_s = self.interval * (cluster.dead_after if cluster else 3)
         self.beats = max(1, int(getattr(cluster, "beats_per_interval", 1) or 1))
         self.beat_period = self.interval / self.beats
-        self.deadline_s = self.dead_after_s + 0.5 * self.beat_period
+        self.deadline_s = self.dead_after_s + deadline_slack_s(cluster, self.beat_period)
         # keepalived's preempt_delay (resources.py ResourceTable._settle)
         self.preempt_delay_s = float(getattr(cluster, "preempt_delay_s", 0.0) or 0.0)
         self.stats = {"sent": 0, "received": 0, "send_errors": 0, "role_changes": 0,
