@@ -34,6 +34,9 @@ def main(argv=None) -> int:
                          "every seed without the accept-first step (must fail), never")
     ap.add_argument("--fencing", choices=("auto", "on", "none"), default="auto",
                     help="pre_takeover fencing: in 30 %% of the seeds (auto), always, never")
+    ap.add_argument("--slack", choices=("auto", "on", "none"), default="auto",
+                    help="[cluster] deadline_slack_ms 0-2 ms: in 25 %% of the seeds (auto), "
+                         "always, never (half a beat period, the default)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print the event log")
     args = ap.parse_args(argv)
     counts = args.nodes or [2, 3]
@@ -46,6 +49,7 @@ def main(argv=None) -> int:
                           store_delay=args.store_delay,
                           rotation=None if args.rotation == "none" else args.rotation,
                           fencing=None if args.fencing == "none" else args.fencing,
+                          slack=None if args.slack == "none" else args.slack,
                           ).run(args.duration)
                 events += w.events
                 if args.verbose:

@@ -79,3 +79,17 @@ def test_fencing_seeds_and_the_fencing_invariant_has_teeth(monkeypatch):
     monkeypatch.setattr(resources.ResourceTable, "_fence_cleared", lambda self, res, f: True)
     with pytest.raises(Violation, match="without a fence of it"):
         World(0, 2, fencing="on").run(DURATION)
+
+
+def test_small_deadline_slack_seeds_and_the_detector_invariant_has_teeth(monkeypatch):
+    """[cluster] deadline_slack_ms 0-2 ms runs in a quarter of the seeds above (its own
+    generator); here always: no suspicion unless dead_after intervals of beats were
+    lost or late.  A negative slack (a deadline before dead_after intervals) is caught."""
+    from appliance.cluster import manager
+    from tests.sim.world import Violation
+    for seed in range(10):
+        World(seed, 2, slack="on").run(DURATION)
+    monkeypatch.setattr(manager, "deadline_slack_s", lambda cluster, beat_period: -0.03)
+    with pytest.raises(Violation, match="suspected .* although a beat of it arrived"):
+        for seed in range(10):
+            World(seed, 2, slack="on").run(DURATION)

@@ -47,7 +47,9 @@ other with random gaps, under the same faults (a node down at its turn gets
 the files and reads them at its next start); ``rotation="unsafe"`` switches
 the signing key without the first step and must break the detector
 invariant.  A third of the seeds run with ``preempt_delay_s`` (0.3-3 s, also
-from its own generator).  Not simulated (reported as missing): the TLS peer
+from its own generator), a quarter with ``deadline_slack_ms`` 0-2 ms (its
+own generator: the deadline only dead_after intervals + up to 2 ms after
+the last arrival, as the bench's appliance-as-keepalived-254 row).  Not simulated (reported as missing): the TLS peer
 link.
 """
 
@@ -365,7 +367,7 @@ class World:
     def __init__(self, seed: int, n_nodes: int = 2, preempt: bool | None = None,
                  witness: bool = False, lease: bool = False, paths: int = 1,
                  store_delay: float = 0.0, rotation: str | None = "auto",
-                 fencing: str | None = "auto"):
+                 fencing: str | None = "auto", slack: str | None = "auto"):
         assert not (witness and lease), "a witness node or Redis leases, not both"
         self.seed, self.n, self.witness, self.lease = seed, n_nodes, witness, lease
         self.paths = paths            # 2: every node also has a 10.0.1.x heartbeat address
@@ -387,6 +389,13 @@ class World:
         self.fence_rng = random.Random(seed * 4241 + 11)
         self.fencing = (fencing == "on" or (fencing == "auto" and self.fence_rng.random() < 0.3))
         self.fenced_at: dict[str, float] = {}      # node -> when a fence powered it off
+        # [cluster] deadline_slack_ms in a quarter of the seeds (its own
+        # generator): 0-2 ms instead of half a beat period (keepalived-254's
+        # skew is 1.2 ms); the detector invariant must hold with it
+        slack_rng = random.Random(seed * 6007 + 13)
+        on = slack == "on" or (slack == "auto" and slack_rng.random() < 0.25)
+        self.slack_ms = slack_rng.uniform(0.0, 2.0) if on else None
+        self._slack_arg = slack or "none"
         self._fencing_arg = fencing or "none"
         self.rng = random.Random(seed)
         self.net_rng = random.Random(seed * 7919 + 1)
@@ -436,6 +445,8 @@ class World:
                                  witness=witness, redis_lease=self.lease,
                                  auth_key_file="cur", previous_auth_key_file="prev",
                                  preempt_delay_s=self.preempt_delay)
+        if self.slack_ms is not None:
+            cluster = _with_slack(cluster, self.slack_ms)
         vip = VIPSection("vip1", ipaddress.ip_interface("10.0.0.100/24"), "eth0",
                          {n: PRIORITY[n] for n in self.node_ids}, self.preempt)
         inc = node.incarnation
@@ -728,6 +739,7 @@ class World:
         w += f" --store-delay {self.store_delay:g}" if self.store_delay else ""
         w += f" --rotation {self.rotation or 'none'}" if self.rotation != "auto" else ""
         w += f" --fencing {self._fencing_arg}" if self._fencing_arg != "auto" else ""
+        w += f" --slack {self._slack_arg}" if self._slack_arg != "auto" else ""
         raise Violation(f"seed {self.seed}, {self.n} nodes{w.replace(' --', ' + ')}, "
                         f"t={self.clock.seconds():.3f}: "
                         f"{what}\n--- last events ---\n{tail}\n--- replay ---\n"
@@ -802,6 +814,8 @@ class World:
             self.log.append(f"{0.0:8.3f} preempt_delay_s {self.preempt_delay:.2f}")
         if self.fencing:
             self.log.append(f"{0.0:8.3f} pre_takeover fencing on")
+        if self.slack_ms is not None:
+            self.log.append(f"{0.0:8.3f} deadline_slack_ms {self.slack_ms:.2f}")
         for nid in self.ids:
             self.start(nid)
         self._schedule_rotation(duration)
@@ -833,6 +847,24 @@ class World:
             if node.up:
                 self.kill(node.id)
         return self
+
+
+class _SlackSection:
+    """A [cluster] section with ``deadline_slack_ms`` (while appliance/config.py's
+    ClusterSection has no such field: the manager reads it with getattr)."""
+
+    def __init__(self, section, slack_ms: float):
+        self._section, self.deadline_slack_ms = section, slack_ms
+
+    def __getattr__(self, name):
+        return getattr(self._section, name)
+
+
+def _with_slack(cluster, slack_ms: float):
+    import dataclasses
+    if "deadline_slack_ms" in {f.name for f in dataclasses.fields(cluster)}:
+        return dataclasses.replace(cluster, deadline_slack_ms=slack_ms)
+    return _SlackSection(cluster, slack_ms)
 
 
 def run_seed(seed: int, n_nodes: int = 2, duration: float = 30.0,
