@@ -29,8 +29,12 @@ clean, then bisect.  Clean: < 0.1 % of the SARR exchanges started incomplete,
 says clean or which of these it failed.  An unclean probe is repeated once at the same
 rate and the repeat decides (one stall of a busy box must not cap the search for good:
 a Kea HA pair once stopped at 875/s while its pair-pd row reached 2000/s).
+The bisection runs until the next probe would be within max(10/s, 5 %) of the last
+(``DEFAULT_TRIALS`` probes at most, repeats included: enough to get there from 500/s for
+every row so far; a row whose budget ran out first says so in its note).
 ``sarr_per_s`` is the completed SARR rate of the best clean probe; the row's ``search``
-(JSON) lists every probe with its verdict.
+(JSON) lists every probe with its verdict, its ``bracket`` the best clean offered rate
+and the lowest unclean one (the capacity lies between them).
 Latency percentiles pool SOLICIT-ADVERTISE and REQUEST-REPLY delays (``-x t``).
 
 Failover (``case = failover``): N clients take an address and a prefix from the
@@ -97,6 +101,9 @@ PD_POOL = ("2001:db8:8000::/37", 56)
 KEA_HOOKS = Path("/usr/lib/x86_64-linux-gnu/kea/hooks")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 RATE_CASES = ("single", "pair", "single-pd", "pair-pd")
+#: probes per rate search (repeats of an unclean probe count): from 500/s a search to
+#: 8,000/s with repeats on the way up and down needs ~14 to resolve 5 %
+DEFAULT_TRIALS = 16
 
 
 # ---------------------------------------------------------------------------
@@ -496,7 +503,7 @@ def main(argv=None) -> int:
     default = ",".join(RATE_CASES) + ("" if args.quick else ",failover,partition")
     cases = {c.strip() for c in (args.cases or default).split(",") if c.strip()}
     duration = args.duration or (1.0 if args.quick else 8.0)
-    trials = args.trials or (2 if args.quick else 8)    # a repeat of an unclean probe counts
+    trials = args.trials or (2 if args.quick else DEFAULT_TRIALS)   # repeats count
     n_clients = 20 if args.quick else 100
     systems = [s for s, skip in (("appliance", args.skip_appliance), ("kea", args.skip_kea))
                if not skip]
@@ -512,9 +519,14 @@ def main(argv=None) -> int:
     def rate_rows(system, case, r, note=None):
         if r and r.get("unclean"):
             note = ((note + "; ") if note else "") + "no run under 0.1 % loss: the least lossy one"
+        if r and r.get("budget_stopped"):
+            note = ((note + "; ") if note else "") + ("probe budget ran out before 5 % "
+                                                        "resolution (see bracket)")
         row(system, case, "sarr_per_s", r and r["sarr_per_s"], "exchanges/s", note)
         if search_text(r):
             rows[-1]["search"] = search_text(r)        # every probe's rate and verdict
+        if r and r.get("bracket"):
+            rows[-1]["bracket"] = list(r["bracket"])   # [best clean, lowest unclean] offered
         row(system, case, "latency_ms_p99", r and r["p99"], "ms")
         row(system, case, "latency_ms_p50", r and r["p50"], "ms")
         row(system, case, "rr_latency_ms_p99", r and r["rr_p99"], "ms")
@@ -674,7 +686,7 @@ def main(argv=None) -> int:
 
 
 def finish(rows, args) -> int:
-    return report("dhcp6", rows, args.json, extra=("note",))
+    return report("dhcp6", rows, args.json, extra=("bracket", "note"))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,11 @@ best clean rate and the lowest unclean one.  A probe is clean when all of these 
 verdict decides, so one transient stall of the busy box does not cap the search for good
 (both probes stay in the log and in ``search``).  The result's ``search`` lists every
 probe with its verdict.
+
+The bisection goes on until the next probe would differ from the last by less than
+max(10/s, 5 %) -- the capacity then lies in the result's ``bracket`` (best clean offered
+rate, lowest unclean one) -- or until ``trials`` probes were run; a search stopped by
+that budget with a wider bracket is marked ``budget_stopped`` and says so on stderr.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 __all__ = ["log", "poll", "fmt", "parse_perfdhcp", "verdict", "clean", "rate_search",
-           "search_text", "kea_command", "KeaProcess", "RPC_SNIPPET", "admin_rpc",
+           "search_text", "resolved", "kea_command", "KeaProcess", "RPC_SNIPPET", "admin_rpc",
            "stop_procs", "kill_box", "add_lab_nodes", "MAX_LOSS_PCT", "MIN_COMPLETED",
            "MAX_P99_MS"]
 
@@ -174,7 +179,7 @@ def rate_search(probe: Callable[[int], dict], label: str, start: int, trials: in
             bad_rate = rate if bad_rate is None else min(bad_rate, rate)
             nxt = (best["offered"] + rate) // 2 if best else max(10, rate // 2)
         if abs(nxt - rate) < max(10, rate * 0.05):
-            break
+            break                       # the bracket is as fine as the search goes
         rate = int(nxt)
         time.sleep(pause)
     runs = [r for r in runs if not r.get("error")]
@@ -183,7 +188,23 @@ def rate_search(probe: Callable[[int], dict], label: str, start: int, trials: in
         best["unclean"] = True
     if best is not None:
         best["search"] = search
+        if not best.get("unclean"):
+            # where the capacity lies: the best clean offered rate and the lowest unclean
+            # one (None: no probe failed, the search stopped at max_rate or its budget)
+            best["bracket"] = (best["offered"], bad_rate)
+            if left <= 0 and bad_rate is not None and not resolved(best["offered"], bad_rate):
+                best["budget_stopped"] = True
+                log(f"  {label}: the probe budget ran out before the search resolved the "
+                    f"capacity: between {best['offered']}/s (clean) and {bad_rate}/s (not); "
+                    "give more --trials")
     return best
+
+
+def resolved(lo: int, hi: int) -> bool:
+    """The bisection's stop rule: the next probe would differ from ``hi`` by less than
+    max(10/s, 5 %), the bracket [lo, hi] is as fine as the search goes."""
+    nxt = (lo + hi) // 2
+    return abs(nxt - hi) < max(10, hi * 0.05)
 
 
 def search_text(r: dict | None) -> str | None:

@@ -56,3 +56,38 @@ def test_a_real_ceiling_is_still_found_and_confirmed():
     assert 1400 <= best["x_per_s"] <= 1500
     assert calls.count(2000) == 2                       # the unclean 2000 repeated once
     assert B.search_text(best).startswith("500/s clean, 1000/s clean, 2000/s loss")
+
+
+def test_the_result_says_where_the_capacity_lies():
+    """The row's bracket: the best clean offered rate and the lowest unclean one, at most
+    5 % apart when the search resolved it."""
+    probe, calls = probe_of(1180)
+    best = B.rate_search(probe, "t", 500, 16, rate_key="x_per_s", unit="X", pause=0,
+                         confirm=True)
+    lo, hi = best["bracket"]
+    assert lo <= 1180 < hi and hi - lo <= 0.05 * hi + 10
+    assert best["offered"] == lo and not best.get("budget_stopped")
+
+
+def test_a_search_stopped_by_its_budget_says_so():
+    # the old dhcp6 budget (8 probes, repeats counted): 500, 1000, 2000 x2, 1500 x2,
+    # 1250 x2 -- it stopped at 1000 with the capacity (1180) unresolved above it
+    probe, calls = probe_of(1180)
+    best = B.rate_search(probe, "t", 500, 8, rate_key="x_per_s", unit="X", pause=0,
+                         confirm=True)
+    assert len(calls) == 8 and best["offered"] == 1000
+    assert best["bracket"] == (1000, 1250) and best["budget_stopped"]
+
+
+def test_the_dhcp6_bench_budget_resolves_every_row_so_far():
+    """bench/dhcp6.py's default budget takes the search from 500/s to within 5 % of a
+    capacity anywhere from the appliance pair's (~1,000-1,250/s: the old budget stopped
+    at 1,000 there) to Kea alone (~8,000/s), repeats of unclean probes included."""
+    from bench import dhcp6 as D6
+    for capacity in (1100, 1180, 1240, 1900, 3000, 6000, 8000, 9500):
+        probe, calls = probe_of(capacity)
+        best = B.rate_search(probe, "t", 500, D6.DEFAULT_TRIALS, rate_key="x_per_s",
+                             unit="X", pause=0, confirm=True)
+        lo, hi = best["bracket"]
+        assert lo <= capacity < hi, (capacity, best["bracket"])
+        assert not best.get("budget_stopped"), (capacity, calls)
