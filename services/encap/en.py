@@ -26,8 +26,10 @@ wires it to one *connected* UDP socket per DN (so an ICMP port-unreachable
 from a dead DN process reaches us as ``connectionRefused``) and a TUN device.
 
 Failover: the primary is declared dead after ``dead_after`` keepalive
-intervals without any record from it, after ``dead_after`` probes in a row
-unanswered within their RTO while data flows (``_probe``), at once on an ICMP
+intervals without any record from it, after ``dead_after`` probes without any
+record back, each awaited its RTO, while data flows (a probe burst, ``_probe``: it
+starts when data went to the primary and nothing came back within its echo RTO,
+``_watch``, or with the active tick's probe, and its probes overlap), at once on an ICMP
 port-unreachable from it, or when a secondary says ``primary_down`` (the fast
 rules never drop the only DN left; a tick that runs late -- the EN's own process
 was not scheduled -- judges no DN on its silence before the reactor has read
@@ -72,6 +74,12 @@ TICK_LATE_INTERVALS = 2.5
 #: the primary's probe timeout (srtt + 4 rttvar) is at least this fraction of the
 #: active keepalive interval (a floor for the scheduling jitter of a busy host)
 PROBE_TIMEOUT_FLOOR = 0.5
+#: a probe burst sends its next probe this fraction of the probe timeout after the
+#: previous one (overlapping: each probe is still awaited a full timeout)
+BURST_SPACING = 0.5
+#: data sent to the primary and nothing at all back from it within its echo RTO
+#: (srtt + 4 rttvar, at least this): a probe burst starts (a trigger, not evidence)
+SUSPECT_FLOOR_S = 0.002
 
 
 @dataclass(frozen=True)
@@ -167,8 +175,12 @@ class Link:
     tx: int = 0
     drops: dict = field(default_factory=dict)
     # probing of the primary while data flows (see ENClient._probe)
-    probe_call: object = None      # the pending answer check
-    misses: int = 0                # probes in a row without any record back
+    probe_call: object = None      # the pending burst step (next probe or the verdict)
+    misses: int = 0                # probes sent while data flows since the last record back
+    burst_last: float = 0.0        # the newest of them
+    nth_sent: float = 0.0          # the dead_after-th of them (its timeout is the verdict)
+    watch_call: object = None      # data sent: the check that something came back
+    last_trigger: float = -1e9     # the last burst the data watch started
     srtt: float | None = None      # echo round trip, smoothed (RFC 6298)
     rttvar: float = 0.0
     # the session of a DN we declared dead, receive-only until a new one is up
@@ -216,7 +228,8 @@ class ENClient:
         self.stats = {"tx_packets": 0, "rx_packets": 0, "failovers": 0, "handoffs_confirmed": 0,
                       "moved_home": 0, "dual_sent": 0, "icmp_unreachable": 0,
                       "promote_retries": 0, "probe_failures": 0, "late_rx": 0,
-                      "demote_retries": 0, "late_ticks": 0, "home_retries": 0}
+                      "demote_retries": 0, "late_ticks": 0, "home_retries": 0,
+                      "suspect_probes": 0}
         self.drops: dict[str, int] = {}
         self.events: list[dict] = []
         self._tun_queue: list[bytes] = []
@@ -249,9 +262,7 @@ class ENClient:
         if self._ticker is not None and self._ticker.running:
             self._ticker.stop()
         for link in self.links.values():
-            if link.probe_call is not None and link.probe_call.active():
-                link.probe_call.cancel()
-            link.probe_call = None
+            self._cancel_timers(link)
 
     def _hello(self, link: Link) -> None:
         link.initiator = W.Initiator(self.psk, self.config.id)
@@ -362,7 +373,7 @@ class ENClient:
             self._choose_primary("no_primary")
 
     # ------------------------------------------------------------------
-    # fast failure detection: a missed probe answer starts a probe burst
+    # fast failure detection while data flows: probe bursts
     # ------------------------------------------------------------------
     def probe_timeout(self, link: Link) -> float:
         """How long an echo probe of ``link`` may wait for its answer: the RTO of
@@ -375,40 +386,75 @@ class ENClient:
             return max(floor, self.dead_s)      # no round trip seen yet: be patient
         return max(floor, link.srtt + 4 * link.rttvar)
 
+    def suspect_timeout(self, link: Link) -> float:
+        """How long after a data packet to the primary nothing at all may come back from
+        it before a probe burst starts: its echo RTO without the scheduling floor (a
+        probe costs one small packet; only the burst's verdict needs the floor)."""
+        if link.srtt is None:
+            return self.probe_timeout(link)
+        return max(SUSPECT_FLOOR_S, link.srtt + 4 * link.rttvar)
+
     @staticmethod
     def _stamp(now: float) -> int:
         return int(now * 1000) % 0xFFFFFFFF + 1
 
     def _probe(self, link: Link, now: float, fast: bool) -> None:
         """Send an echo keepalive.  To the primary while data flows (``fast``) it is
-        also a probe whose answer is awaited ``probe_timeout``: when it does not come
-        the next probe goes out at once rather than an active interval later, and
-        ``dead_after`` probes in a row without any record back make the DN dead.  A
-        DN death is then noticed one probe interval plus ``dead_after`` round-trip
-        timeouts after it (~50 ms on a LAN) instead of ``dead_after`` active intervals
-        of silence (80-100 ms); the silence rule of the tick stays as the fallback."""
+        also a probe of a burst: while nothing at all comes back from the DN, the next
+        probe goes out ``BURST_SPACING`` of the probe timeout after it (``_burst_step``),
+        up to ``dead_after`` of them, and the DN is dead when the ``dead_after``-th has
+        waited its full timeout without any record back -- the same evidence as
+        ``dead_after`` probes awaited one after the other (each unanswered within its
+        RTO), gathered in 2.5 timeouts instead of 4 (~25 ms on a LAN).  A burst starts
+        with the active tick's probe or, sooner, with the data watch (``_watch``: data
+        went to the DN and nothing came back within its RTO); the silence rule of the
+        tick stays as the fallback."""
         link.last_ka = now
         self._seal(link, W.keepalive_plain(True, self._stamp(now)))
-        if fast and link.probe_call is None and link.keys is not None:
-            timeout = self.probe_timeout(link)
-            link.probe_call = self.reactor.callLater(timeout, self._probe_check, link, now,
-                                                     now + timeout)
+        if fast and link.keys is not None:
+            link.misses += 1
+            link.burst_last = now
+            if link.misses == self.config.dead_after:
+                link.nth_sent = now
+            self._schedule_step(link, self._next_step(link))
 
-    def _probe_check(self, link: Link, sent: float, due: float) -> None:
+    def _next_step(self, link: Link) -> float:
+        """When the burst of ``link`` next acts: its verdict once ``dead_after`` probes
+        are out, else its next probe."""
+        timeout = self.probe_timeout(link)
+        if link.misses >= self.config.dead_after:
+            return link.nth_sent + timeout
+        return link.burst_last + BURST_SPACING * timeout
+
+    def _schedule_step(self, link: Link, at: float) -> None:
+        call = link.probe_call
+        if call is not None and call.active():
+            if call.getTime() <= at + 1e-9:
+                return                          # an earlier step re-reads the state
+            call.cancel()
+        link.probe_call = self.reactor.callLater(max(0.0, at - self.reactor.seconds()),
+                                                 self._burst_step, link, at)
+
+    def _burst_step(self, link: Link, due: float) -> None:
         link.probe_call = None
         try:
-            if link.state != UP or link.dn.id != self.primary or link.last_rx >= sent:
+            if link.state != UP or link.dn.id != self.primary or link.keys is None:
                 link.misses = 0
                 return
+            if link.misses == 0:
+                return                          # something came back: the burst is over
             now = self.reactor.seconds()
             timeout = self.probe_timeout(link)
             if now - due > timeout / 2:
                 # we ran late (our own process was not scheduled): the answer may be
                 # waiting unread; judge after the reactor has read its sockets
-                link.probe_call = self.reactor.callLater(0.001, self._probe_check, link,
-                                                         sent, now + 0.001)
+                link.probe_call = self.reactor.callLater(0.001, self._burst_step, link,
+                                                         now + 0.001)
                 return
-            link.misses += 1
+            at = self._next_step(link)
+            if now < at - 1e-6:
+                self._schedule_step(link, at)   # (the RTO grew meanwhile)
+                return
             if link.misses >= self.config.dead_after:
                 if not self._alternative(link):
                     link.misses = 0        # nowhere to go: the tick's idle threshold decides
@@ -418,7 +464,33 @@ class ENClient:
                 return
             self._probe(link, now, True)
         except Exception:
-            _log.failure("en: probe check failed")
+            _log.failure("en: probe burst step failed")
+
+    def _watch(self, link: Link, since: float) -> None:
+        """Data went to the primary at ``since`` (armed by ``tun_packets``): nothing at
+        all came back from it within its echo RTO and no burst runs -- start one now
+        rather than at the next active tick (at most one per probe timeout, so one-way
+        traffic does not probe at the data rate)."""
+        link.watch_call = None
+        try:
+            if link.state != UP or link.dn.id != self.primary or link.keys is None \
+                    or link.last_rx > since or link.misses:
+                return
+            now = self.reactor.seconds()
+            if now - link.last_trigger < self.probe_timeout(link):
+                return
+            link.last_trigger = now
+            self.stats["suspect_probes"] += 1
+            self._probe(link, now, True)
+        except Exception:
+            _log.failure("en: data watch failed")
+
+    def _cancel_timers(self, link: Link) -> None:
+        for name in ("probe_call", "watch_call"):
+            call = getattr(link, name)
+            if call is not None and call.active():
+                call.cancel()
+            setattr(link, name, None)
 
     def _alternative(self, link: Link) -> bool:
         """Another DN is up to switch to."""
@@ -446,9 +518,7 @@ class ENClient:
             link.rx_keys, link.rx_index = link.keys, link.index
         link.keys = None
         link.misses = 0
-        if link.probe_call is not None and link.probe_call.active():
-            link.probe_call.cancel()
-        link.probe_call = None
+        self._cancel_timers(link)
         if was_up:
             self.event("dn_down", dn=link.dn.id, reason=reason)
         if link.dn.id == self.primary:
@@ -724,6 +794,11 @@ class ENClient:
         self.flow = flow
         primary.tx += sent
         self.stats["tx_packets"] += sent
+        if sent and primary.watch_call is None:
+            # did anything come back? (see _watch)
+            primary.watch_call = self.reactor.callLater(self.suspect_timeout(primary),
+                                                        self._watch, primary,
+                                                        self.last_data)
 
     def describe(self) -> dict:
         now = self.reactor.seconds()
