@@ -35,9 +35,13 @@ Cases: ``lan``/``man``/``wan`` (0 / 10 / 100 ms one-way EN-DN delay) at 100 pack
 (``soft-lan-100pps``, the shipped default); ``lan-100pps-loss5``/``-loss10``: 5 / 10 %
 random loss each way on the EN's underlay (nft), soft handoff on; the outage is net of
 the background echo loss measured first, and EN switches with both DNs alive are
-counted.  EN detection: keepalive 20 ms while data flows (50 ms idle) x dead_after 4,
-and while data flows dead_after probes in a row unanswered within their RTO (srtt + 4
-rttvar, at least 10 ms; shipped defaults); ``en_switch_ms_p50``: kill -> the EN's switch.  ``man``/``wan``: the EN reaches the DNs through a userspace UDP
+counted; every case counts its ``false_switches`` (EN failovers beyond one per kill,
+over the kills and the moves home).  EN detection: keepalive 20 ms while data flows
+(50 ms idle) x dead_after 4, and while data flows a probe burst -- started when data
+went to the primary and nothing came back within its echo RTO, or by the 20 ms tick's
+probe -- of dead_after overlapping probes (half a probe timeout apart), the DN dead when
+the last has waited its RTO (srtt + 4 rttvar, at least 10 ms) with no record back
+(shipped defaults); ``en_switch_ms_p50``: kill -> the EN's switch.  ``man``/``wan``: the EN reaches the DNs through a userspace UDP
 relay in its namespace that holds every datagram 10 / 100 ms each way (no netem here).
 Download: a 60 MB HTTP GET (python http.server) from the server; the EN's primary DN
 dies when 40 % has arrived; penalty = median time with the death - median without.
@@ -212,8 +216,10 @@ def outage_case(case: str, pps: int, soft: bool, kills: int, work: Path,
                              + (f"STOPPED EARLY ({info['error']}); " if "error" in info else "")
                              + (f"{info['cut']}; " if "cut" in info else "")
                              + f"{ROUTING_NOTE[routing]}; "
-                             "EN keepalive 20 ms while active (50 ms idle) x 4, probe "
-                             "RTO srtt+4rttvar (>= 10 ms) x 4 while active"
+                             "EN keepalive 20 ms while active (50 ms idle) x 4; while "
+                             "active a probe burst (started by unanswered data or the "
+                             "tick): 4 overlapping probes, each awaited its RTO "
+                             "srtt+4rttvar (>= 10 ms)"
                              + (f"; {delay_ms:g} ms one-way EN-DN (relay)" if delay_ms else "")
                              + (f"; {loss_pct}% underlay loss each way, outage net of the "
                                 f"{background:.1%} background echo loss" if loss_pct else "")})
@@ -231,6 +237,11 @@ def outage_case(case: str, pps: int, soft: bool, kills: int, work: Path,
                              "on the underlay alone would lose ~"
                              f"{100 * (1 - (1 - loss_pct / 100) ** 2):.0f}%; the rest is "
                              "spurious EN switches and their route changes)"})
+    if "false_switches" in info:
+        rows.append({"system": system, "case": case, "metric": "false_switches",
+                     "value": info["false_switches"], "unit": "switches",
+                     "note": f"EN failovers beyond one per kill over the {info['kills_done']} "
+                             "kills and moves home (a DN judged dead while alive)"})
     if spurious is not None:
         rows.append({"system": system, "case": case, "metric": "spurious_switches_per_10s",
                      "value": spurious, "unit": "switches",
@@ -276,6 +287,9 @@ def _outage_runs(lab, el, pps, kills, delay_ms, loss_pct, case, routing, outages
     # how long the stream goes on once the new path is in (echoes then get through):
     # a few echoes past the switch, and one round trip of the relay
     tail = max(0.3, 5 * interval) + 2 * delay_ms / 1000.0
+    # every EN failover beyond one per kill is a false switch (a DN judged dead alive)
+    failovers_at_start = el.en_status()["stats"]["failovers"]
+    info["kills_done"] = 0
     for k in range(kills):
         if stop_at is not None and time.time() >= stop_at:
             info["cut"] = f"cut at the time limit after {k} of {kills} kills"
@@ -318,6 +332,9 @@ def _outage_runs(lab, el, pps, kills, delay_ms, loss_pct, case, routing, outages
         time.sleep(tail)
         sent, received = stream.stop()
         moveback.append(max(0, round((sent - received) - background * sent)))
+        info["kills_done"] = k + 1
+        info["false_switches"] = el.en_status()["stats"]["failovers"] - failovers_at_start \
+            - info["kills_done"]
         log(f"{case} kill {k + 1}/{kills}: outage {outages[-1]:.0f} ms, "
             f"move back lost {moveback[-1]}")
         if routing == "bird":
