@@ -52,6 +52,8 @@ anchor if it is missing.
 from __future__ import annotations
 
 import argparse
+import collections
+import ctypes
 import json
 import os
 import random
@@ -59,7 +61,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import socket
+import struct
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -77,9 +82,115 @@ PEER = {"a": "b", "b": "a"}
 
 
 W_ADDR = "10.77.0.3"
-PHASE = random.Random(int(os.environ.get("FAILOVER_BENCH_SEED", "11")))   # death phase
+SEED = int(os.environ.get("FAILOVER_BENCH_SEED", "11"))    # the death phases u_i
 DEAD_AFTER = 3
 BEATS = 3                  # the appliance's default beats_per_interval
+HB_PORT = 8741             # the appliance's default heartbeat_port
+PING_MS = 1.0              # the client's echo period (the takeover's resolution)
+
+
+def death_phases(trials: int) -> list[float]:
+    """The same seeded u_1..u_n in [0, 1) for every row (common random numbers):
+    trial i kills the owner u_i send periods after a beat arrived at the backup."""
+    rng = random.Random(SEED)
+    return [rng.random() for _ in range(trials)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+SO_TIMESTAMPNS = 35
+ETH_P_IP = 0x0800
+
+
+class BeatSniffer:
+    """When the owner's heartbeats (UDP to the heartbeat port) or VRRP adverts
+    (IP protocol 112) arrive at the backup: an AF_PACKET socket opened inside
+    the backup's namespace (setns of this thread and back), kernel receive
+    timestamps (wall clock, as the pinger's), read by a thread.  The bench
+    kills the owner at a chosen phase after a beat and, after the kill, takes
+    the last beat the backup heard: the age of its liveness evidence at the
+    death, measured, not assumed."""
+
+    def __init__(self, lab, node: str, src: str, match: tuple[str, int]):
+        self.src, self.match = socket.inet_aton(src), match
+        self.arrivals: collections.deque[float] = collections.deque(maxlen=4096)
+        self.cond = threading.Condition()
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        target = os.open(f"/run/netns/{lab.nodes[node].ns}", os.O_RDONLY)
+        try:
+            if _libc.setns(target, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns into the backup's namespace")
+            try:
+                self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM,
+                                          socket.htons(ETH_P_IP))
+                self.sock.bind(("eth0", ETH_P_IP))
+            finally:
+                if _libc.setns(own, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns back")
+        finally:
+            os.close(own)
+            os.close(target)
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self.sock.settimeout(0.2)
+        self.running = True
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _wanted(self, pkt: bytes) -> bool:
+        if len(pkt) < 20 or pkt[12:16] != self.src:
+            return False
+        kind, value = self.match
+        if kind == "proto":
+            return pkt[9] == value
+        ihl = (pkt[0] & 0x0F) * 4
+        return pkt[9] == 17 and len(pkt) >= ihl + 4 and struct.unpack(
+            "!H", pkt[ihl + 2:ihl + 4])[0] == value
+
+    def _read(self):
+        while self.running:
+            try:
+                pkt, anc, _, _ = self.sock.recvmsg(2048, 64)
+            except (socket.timeout, OSError):
+                continue
+            if not self._wanted(pkt):
+                continue
+            at = time.time()
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+                    sec, nsec = struct.unpack("qq", data[:16])
+                    at = sec + nsec / 1e9
+            with self.cond:
+                self.arrivals.append(at)
+                self.cond.notify_all()
+
+    def next_beat(self, after: float, timeout: float) -> float | None:
+        """The first arrival later than ``after`` (waits up to ``timeout`` s)."""
+        end = time.time() + timeout
+        with self.cond:
+            while not (self.arrivals and self.arrivals[-1] > after):
+                left = end - time.time()
+                if left <= 0:
+                    return None
+                self.cond.wait(left)
+            return next(a for a in self.arrivals if a > after)
+
+    def last(self) -> float | None:
+        with self.cond:
+            return self.arrivals[-1] if self.arrivals else None
+
+    def close(self):
+        self.running = False
+        self.thread.join(timeout=1)
+        self.sock.close()
+
+
+def sleep_until(t: float):
+    """Sleep to within a millisecond of ``t``, then spin to it."""
+    left = t - time.time()
+    if left > 0.002:
+        time.sleep(left - 0.0015)
+    while time.time() < t:
+        pass
 
 
 class System:
@@ -112,11 +223,24 @@ class System:
                    if any(str(a.ip) == VIP for a in self.lab.addresses(n))]
         return holders[0] if len(holders) == 1 else None
 
-    def kill_box(self, node: str) -> tuple[float, float]:
-        """Freeze everything in the namespace, cut its link, kill it all;
-        return (freeze instant T0, link-down instant T1)."""
+    def beat_match(self) -> tuple[str, int]:
+        """What the owner's liveness packets look like (BeatSniffer)."""
+        raise NotImplementedError
+
+    def box_pids(self, node: str) -> list[str]:
         ns = self.lab.nodes[node].ns
-        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+        return subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
+                              text=True).stdout.split()
+
+    def kill_box(self, node: str, pids: list[str] | None = None,
+                 at: float | None = None) -> tuple[float, float]:
+        """Freeze everything in the namespace (``pids``, listed beforehand so
+        the freeze falls at ``at``), cut its link, kill it all; return (freeze
+        instant T0, link-down instant T1)."""
+        if pids is None:
+            pids = self.box_pids(node)
+        if at is not None:
+            sleep_until(at)
         t0 = time.time()
         for sig in (signal.SIGSTOP, None, signal.SIGKILL):
             if sig is None:
@@ -153,7 +277,8 @@ class System:
 
 class Appliance(System):
     name = "appliance"
-    beats = BEATS              # beats_per_interval (None: the shipped default, not written)
+    beats = BEATS              # beats_per_interval (BEATS: the shipped default, not written)
+    slack_ms: float | None = None   # deadline_slack_ms (None: the default, half a beat)
 
     def __init__(self, lab, workdir, interval_ms, witness=False):
         super().__init__(lab, workdir, interval_ms, witness)
@@ -164,11 +289,18 @@ class Appliance(System):
         """The heartbeat interval this row runs with for the case ``interval_ms``."""
         return interval_ms
 
+    def slack(self) -> float:
+        """The deadline's slack in ms (the default: half a beat period)."""
+        return self.interval_ms / self.beats / 2 if self.slack_ms is None else self.slack_ms
+
     def detection_threshold_ms(self) -> float:
-        return round(self.interval_ms * (DEAD_AFTER + 0.5 / self.beats), 1)
+        return round(self.interval_ms * DEAD_AFTER + self.slack(), 1)
 
     def send_period_ms(self) -> float:
         return self.interval_ms / self.beats
+
+    def beat_match(self):
+        return ("udp", HB_PORT)
 
     def config(self, node: str) -> Path:
         path = self.workdir / f"node-{node}.toml"
@@ -179,9 +311,12 @@ class Appliance(System):
             text = vip_pair_config(node, self.workdir, ADDR, f"{VIP}/24", vip_name="vip",
                                    interval_ms=self.interval_ms, preempt=True,
                                    witness=("w", W_ADDR) if self.witness else None)
+            extra = ""
             if self.beats != BEATS:
-                text = text.replace(f"dead_after = {DEAD_AFTER}\n",
-                                    f"dead_after = {DEAD_AFTER}\nbeats_per_interval = {self.beats}\n")
+                extra += f"beats_per_interval = {self.beats}\n"
+            if self.slack_ms is not None:
+                extra += f"deadline_slack_ms = {self.slack_ms!r}\n"
+            text = text.replace(f"dead_after = {DEAD_AFTER}\n", f"dead_after = {DEAD_AFTER}\n{extra}")
             path.write_text(text)
         return path
 
@@ -211,23 +346,25 @@ class Appliance(System):
                                           env=env_with_dropins())
 
 
-class ApplianceSameThreshold(Appliance):
-    """NOT the shipped default: the appliance with keepalived's loss tolerance
-    (one beat per interval, dead_after 3: a false suspicion needs 3 lost beats
-    in a row, as keepalived's 3 adverts) and the interval chosen so that its
-    detection threshold (3.5 x interval) equals keepalived-254's at the case's
-    interval (100 ms: 301.2 ms -> 86 ms, threshold 301.0 ms).  The takeover
-    row at the same detection threshold and the same loss tolerance; the
-    shipped-default row (3 beats per interval) stays beside it."""
+class ApplianceAsKeepalived254(Appliance):
+    """NOT the shipped default: the appliance with exactly keepalived-254's
+    configuration -- the same interval (advert_int), one beat per interval (one
+    advert), dead_after 3 (3 adverts) and ``deadline_slack_ms`` = keepalived's
+    skew time at priority 253, (256 - 253) / 256 x interval (1.17 ms at
+    100 ms): the same detection threshold (301.2 ms) from the same send
+    period, so the same death phase u_i gives both the same age of the last
+    beat and the rows differ only by their reaction.  The shipped-default row
+    (3 beats per interval, half a beat of slack) stays beside it."""
 
-    name = "appliance-k1-same-threshold"
+    name = "appliance-as-keepalived-254"
     beats = 1
 
-    @classmethod
-    def run_interval_ms(cls, interval_ms: int) -> int:
-        probe = object.__new__(Keepalived254)
-        probe.interval_ms = interval_ms
-        return max(5, round(probe.detection_threshold_ms() / (DEAD_AFTER + 0.5)))
+    def __init__(self, lab, workdir, interval_ms, witness=False):
+        super().__init__(lab, workdir, interval_ms, witness)
+        self.slack_ms = self.slack()
+
+    def slack(self) -> float:
+        return (256 - Keepalived254.priorities["b"]) / 256 * self.interval_ms
 
 
 class Keepalived(System):
@@ -245,6 +382,9 @@ class Keepalived(System):
 
     def send_period_ms(self) -> float:
         return float(self.interval_ms)
+
+    def beat_match(self):
+        return ("proto", 112)
 
     def became_master(self, node: str) -> int:
         log = self.workdir / f"keepalived-{node}.log"
@@ -307,7 +447,12 @@ def client_ping_ok(lab) -> bool:
     return lab.run("client", "ping", "-c1", "-W1", VIP, check=False).returncode == 0
 
 
-def trial(system: System, lab, workdir: Path, settle_s: float) -> float | None:
+def trial(system: System, lab, workdir: Path, settle_s: float, u: float) -> dict | None:
+    """Kill the owner ``u`` send periods after one of its beats arrived at the
+    backup; the takeover (death -> first reply from the VIP to an echo sent
+    after the link was down), the age of the backup's last beat at the death
+    and the reaction (the takeover counted from that beat, minus the
+    detection threshold: deadline -> the VIP answering)."""
     owner = system.owner()
     if owner is None or not poll(lambda: holders(lab) == [owner], 10):
         return None                 # no owner, or two: nothing to time
@@ -318,35 +463,58 @@ def trial(system: System, lab, workdir: Path, settle_s: float) -> float | None:
     mark = workdir / "mark"
     mark.unlink(missing_ok=True)
     interval_s = system.interval_ms / 1000.0
+    period = system.send_period_ms() / 1000.0
     duration = 8 + 6 * interval_s
-    pinger = lab.popen("client", sys.executable, str(ROOT / "bench" / "pinger.py"), VIP,
-                       "--interval-ms", "5", "--duration", str(duration),
-                       "--mark-file", str(mark), stdout=subprocess.PIPE, text=True)
-    # A random phase of the death against the owner's send schedule: every
-    # wait of this loop (settle, polls, the 1 s pause) is a multiple of
-    # 100 ms, so without it a system beating every 100 ms (keepalived, both
-    # rows at 100 ms) died at nearly the same point of its advert period in
-    # every trial (keepalived-254's outages spanned 263-304 ms where a death
-    # uniform over the period gives 201-301 ms + reaction), while one at 86 ms
-    # drifted through its period: an unequal comparison.
-    time.sleep(settle_s + PHASE.uniform(0.0, system.send_period_ms() / 1000.0))
-    t0, t1 = system.kill_box(owner)
-    tmp = mark.with_suffix(".tmp")
-    tmp.write_text(f"{t0!r} {t1!r}")
-    tmp.replace(mark)                # the pinger never reads half a mark
-    out, _ = pinger.communicate(timeout=duration + 10)
+    sniffer = BeatSniffer(lab, PEER[owner], ADDR[owner], system.beat_match())
+    try:
+        pinger = lab.popen("client", sys.executable, str(ROOT / "bench" / "pinger.py"), VIP,
+                           "--interval-ms", f"{PING_MS:g}", "--duration", str(duration),
+                           "--mark-file", str(mark), stdout=subprocess.PIPE, text=True)
+        time.sleep(settle_s)
+        pids = system.box_pids(owner)
+        # The death phase: u_i of one seeded sequence, the same for every row
+        # (common random numbers), counted from a beat's arrival at the
+        # backup; too close to act on -> from the next beat (predicted one
+        # period on; the age is measured below either way).
+        beat = sniffer.next_beat(time.time(), timeout=2.0)
+        if beat is None:
+            pinger.kill()
+            pinger.wait()
+            return None
+        at = beat + u * period
+        while at < time.time() + 0.002:
+            at += period
+        t0, t1 = system.kill_box(owner, pids, at=at)
+        tmp = mark.with_suffix(".tmp")
+        tmp.write_text(f"{t0!r} {t1!r}")
+        tmp.replace(mark)                # the pinger never reads half a mark
+        out, _ = pinger.communicate(timeout=duration + 10)
+        last = sniffer.last()
+    finally:
+        sniffer.close()
     result = json.loads(out.strip().splitlines()[-1])
     system.revive(owner)
     # The revived primary takes the VIP back (preempt) before the next trial.
     poll(lambda: system.owner() == "a" and client_ping_ok(lab), 15 + 10 * interval_s)
     time.sleep(max(1.0, 4 * interval_s))
-    return result["outage_ms"]
+    if result["outage_ms"] is None:
+        return None
+    threshold = system.detection_threshold_ms()
+    from_beat = (result["first_reply_after"] - last) * 1000
+    return {"u": round(u, 4), "outage_ms": result["outage_ms"],
+            "age_ms": round((t0 - last) * 1000, 2),
+            "target_age_ms": round(u * period * 1000, 2),
+            "from_last_beat_ms": round(from_beat, 2),
+            "reaction_ms": round(from_beat - threshold, 2)}
 
 
-def run_system(cls, interval_ms: int, trials: int, log) -> list[float]:
+def run_system(cls, interval_ms: int, trials: int, log) -> list[dict | None]:
+    """One row: ``trials`` kills at the phases death_phases(trials); a list
+    indexed by trial (None: no reply timed)."""
     from tests.support.netns import Lab
     interval_ms = cls.run_interval_ms(interval_ms)
-    outages: list[float] = []
+    results: list[dict | None] = []
+    phases = death_phases(trials)
     with tempfile.TemporaryDirectory(prefix="apl-bench-") as tmp, Lab() as lab:
         lab.two_nodes_and_client()
         workdir = Path(tmp)
@@ -357,7 +525,7 @@ def run_system(cls, interval_ms: int, trials: int, log) -> list[float]:
             system.start("b")
             if not poll(lambda: system.owner() is not None and client_ping_ok(lab), 20):
                 log(f"{system.name} interval={interval_ms}ms: VIP never came up")
-                return outages
+                return results
             time.sleep(max(1.0, 4 * interval_ms / 1000.0))
             # One holder, the primary, before the first trial: a backup that never
             # heard the primary holds the VIP too, and "killing the owner" would
@@ -367,16 +535,74 @@ def run_system(cls, interval_ms: int, trials: int, log) -> list[float]:
                 log(f"{system.name} interval={interval_ms}ms: the VIP is held by "
                     f"{holders(lab) or 'nobody'} before the first trial, not by a alone "
                     "(the nodes do not hear each other); no trials")
-                return outages
-            for i in range(trials):
-                outage = trial(system, lab, workdir, settle_s=0.3)
+                return results
+            for i, u in enumerate(phases):
+                r = trial(system, lab, workdir, settle_s=0.3, u=u)
                 log(f"  {system.name} interval={interval_ms}ms trial {i + 1}/{trials}: "
-                    f"{'no reply' if outage is None else f'{outage:.1f} ms'}")
-                if outage is not None:
-                    outages.append(outage)
+                    + ("no reply" if r is None else
+                       f"{r['outage_ms']:.1f} ms (u {r['u']:.3f}: age {r['age_ms']:.1f} ms, "
+                       f"target {r['target_age_ms']:.1f}; from the last beat "
+                       f"{r['from_last_beat_ms']:.1f} ms, reaction {r['reaction_ms']:.1f} ms)"))
+                results.append(r)
         finally:
             system.stop()
-    return outages
+    return results
+
+
+def takeover_rows(cls, interval: int, results: list[dict | None], log) -> list[dict]:
+    """p50/p95 of the takeover (from the death), of the reaction (deadline -> the
+    VIP answering) and of the measured age of the last beat; threshold; floor."""
+    done = [r for r in results if r is not None]
+    outages = [r["outage_ms"] for r in done]
+    case = f"interval={interval}ms"
+    probe = object.__new__(cls)      # no lab, no files: thresholds only
+    probe.interval_ms = cls.run_interval_ms(interval)
+    if cls is ApplianceAsKeepalived254:
+        case += (f" (beats_per_interval={cls.beats}, deadline_slack_ms="
+                 f"{probe.slack():.3g}: keepalived-254's configuration, not the shipped default)")
+    threshold = probe.detection_threshold_ms()
+    floor = round(threshold - probe.send_period_ms(), 1)
+    below = sum(1 for o in outages if o < floor)
+    log(f"{cls.name} {case}: detection threshold {threshold} ms after the last beat (floor "
+        f"from the death {floor} ms), outages {sorted(outages)}, {below} below the floor; "
+        f"reactions {sorted(r['reaction_ms'] for r in done)}")
+    rows = []
+    for name, values in (("takeover_ms", outages),
+                         ("reaction_ms", [r["reaction_ms"] for r in done]),
+                         ("last_beat_age_ms", [r["age_ms"] for r in done])):
+        for p in (50, 95):
+            value = percentile(values, p)
+            rows.append({"system": cls.name, "case": case, "metric": f"{name}_p{p}",
+                         "value": None if value is None else round(value, 1),
+                         "unit": "ms", "n": len(values)})
+    rows.append({"system": cls.name, "case": case, "metric": "detection_threshold_ms",
+                 "value": threshold, "unit": "ms", "n": 1})
+    rows.append({"system": cls.name, "case": case, "metric": "trials_below_floor",
+                 "value": below, "unit": "count", "n": len(outages)})
+    return rows
+
+
+def paired_rows(per_trial: dict[str, list], interval: int, log) -> list[dict]:
+    """appliance-as-keepalived-254 minus keepalived-254, trial by trial (the same
+    u_i: the same death phase of the same send period): the median difference of
+    the takeover and of the reaction."""
+    a = per_trial.get(ApplianceAsKeepalived254.name)
+    k = per_trial.get(Keepalived254.name)
+    if not a or not k:
+        return []
+    pairs = [(x, y) for x, y in zip(a, k) if x is not None and y is not None]
+    rows = []
+    for name in ("outage_ms", "reaction_ms", "age_ms"):
+        diffs = [x[name] - y[name] for x, y in pairs]
+        value = percentile(diffs, 50)
+        log(f"paired {ApplianceAsKeepalived254.name} - {Keepalived254.name} {name}: "
+            f"median {value} ms over {len(diffs)} trials, {sorted(round(d, 1) for d in diffs)}")
+        rows.append({"system": f"{ApplianceAsKeepalived254.name} - {Keepalived254.name}",
+                     "case": f"interval={interval}ms, paired by trial",
+                     "metric": f"{name.replace('outage', 'takeover')}_diff_p50",
+                     "value": None if value is None else round(value, 1), "unit": "ms",
+                     "n": len(diffs)})
+    return rows
 
 
 def holders(lab) -> list[str]:
@@ -474,7 +700,7 @@ def main() -> int:
     ap.add_argument("--only", default="takeover,loss,partition")
     ap.add_argument("--systems", default="",
                     help="takeover rows only for these systems (comma-separated names; "
-                         "default all: appliance, appliance-k1-same-threshold, keepalived, "
+                         "default all: appliance, appliance-as-keepalived-254, keepalived, "
                          "keepalived-254)")
     args = ap.parse_args()
     parts = set(args.only.split(","))
@@ -488,7 +714,7 @@ def main() -> int:
         return 2
     systems = [Appliance]
     anchors = []
-    same_threshold = [ApplianceSameThreshold]
+    same_config = [ApplianceAsKeepalived254]
     if shutil.which("keepalived"):
         anchors = [Keepalived, Keepalived254]
     else:
@@ -497,32 +723,15 @@ def main() -> int:
     if "takeover" in parts:
         wanted = set(filter(None, args.systems.split(",")))
         for interval in intervals:
+            per_trial: dict[str, list] = {}
             # interleaved per system so both see the same box load in one run
-            for cls in systems + same_threshold * bool(anchors) + anchors:
+            for cls in systems + same_config * bool(anchors) + anchors:
                 if wanted and cls.name not in wanted:
                     continue
-                outages = run_system(cls, interval, trials, log)
-                case = f"interval={interval}ms"
-                probe = object.__new__(cls)      # no lab, no files: thresholds only
-                probe.interval_ms = cls.run_interval_ms(interval)
-                if probe.interval_ms != interval:
-                    case += f" (runs at {probe.interval_ms}ms, beats_per_interval={cls.beats}: not the shipped default)"
-                threshold = probe.detection_threshold_ms()
-                floor = round(threshold - probe.send_period_ms(), 1)
-                below = sum(1 for o in outages if o < floor)
-                log(f"{cls.name} {case}: detection threshold {threshold} ms after the last "
-                    f"beat (floor from the death {floor} ms), outages {sorted(outages)}, "
-                    f"{below} below the floor")
-                for metric, p in (("takeover_ms_p50", 50), ("takeover_ms_p95", 95)):
-                    value = percentile(outages, p)
-                    rows.append({"system": cls.name, "case": case, "metric": metric,
-                                 "value": None if value is None else round(value, 1),
-                                 "unit": "ms", "n": len(outages)})
-                rows.append({"system": cls.name, "case": case, "metric": "detection_threshold_ms",
-                             "value": threshold, "unit": "ms", "n": 1})
-                rows.append({"system": cls.name, "case": case,
-                             "metric": "trials_below_floor", "value": below,
-                             "unit": "count", "n": len(outages)})
+                results = run_system(cls, interval, trials, log)
+                per_trial[cls.name] = results
+                rows.extend(takeover_rows(cls, interval, results, log))
+            rows.extend(paired_rows(per_trial, interval, log))
     loss_seconds = 20.0 if args.quick else args.loss_seconds
     if "loss" in parts:
         for percent in (5, 10, 20):
