@@ -368,17 +368,23 @@ def test_config_errors_name_the_key(data, where):
 
 
 def test_failover_config_and_not_serving(tmp_path):
-    """``failover`` is the core's table (a known peer; split-scope or hot-standby, no
-    load-balancing in v6: RFC 8156); with failover every subnet needs an id; a handler
-    told not to serve (on hold) answers nobody and counts it."""
+    """``failover`` is the core's table (a known peer; split-scope -- the default, RFC
+    8156 --, load-balancing or hot-standby, no other mode); with failover every subnet
+    needs an id; a handler told not to serve (on hold) answers nobody and counts it."""
     ctx = ParseContext("t.toml", "a", ("b",), ())
     base = {"listen_address": "::1", "subnets": [{"id": 1, "subnet": "2001:db8::/64"}]}
     problems = Problems("t.toml")
     cfg = parse_dhcp6(Table({**base, "failover": {"peer": "b", "role": "primary"}},
                             "services.dhcp6", problems), ctx)
     assert problems.items == [] and cfg.failover.peer == "b" and cfg.failover.mclt_s == 3600
+    assert cfg.failover.mode == "split-scope"
+    problems = Problems("t.toml")
+    cfg = parse_dhcp6(Table({**base, "failover": {"peer": "b", "role": "primary",
+                                                  "mode": "load-balancing"}},
+                            "services.dhcp6", problems), ctx)
+    assert problems.items == [] and cfg.failover.mode == "load-balancing"
     for bad, where in ((
-            {"failover": {"peer": "b", "role": "primary", "mode": "load-balancing"}},
+            {"failover": {"peer": "b", "role": "primary", "mode": "round-robin"}},
             "services.dhcp6.failover.mode"),
             ({"failover": {"peer": "x", "role": "primary"}}, "services.dhcp6.failover.peer"),
             ({"failover": {"peer": "b", "role": "primary"},

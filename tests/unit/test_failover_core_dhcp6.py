@@ -211,3 +211,50 @@ def test_hot_standby_standby_answers_only_when_the_primary_is_not_heard(tmp_path
     b.failover._partner_state("a", P.COMM_INTERRUPTED, "peer a not heard")
     address, prefix = sarr(b, 1)
     assert owner_half(b, address) == P.SECONDARY and owner_half(b, prefix) == P.SECONDARY
+
+
+def lb_pair(tmp_path, **cfg):
+    clock = Clock()
+    clock.advance(T0)
+    wire = Wire()
+    a = _node(tmp_path, clock, wire, "a", "b", "primary", P.NORMAL, mclt_s=MCLT, **cfg)
+    b = _node(tmp_path, clock, wire, "b", "a", "secondary", P.NORMAL, mclt_s=MCLT, **cfg)
+    wire.pump()
+    for svc in (a, b):
+        assert svc.failover.view.state == P.NORMAL and not svc.failover.view.hold
+    return clock, wire, a, b
+
+
+def solicit(svc, client, elapsed=None):
+    rep = ask(svc, msg(C.SOLICIT, client, na=[(1, ())], pd=[(7, ())], elapsed=elapsed))
+    assert rep is None or rep.msg_type == C.ADVERTISE
+    return rep is not None
+
+
+def test_load_balancing_the_duid_hash_owner_alone_answers_a_new_client(tmp_path):
+    """mode = "load-balancing" (not the default): the split pools stay, and a SOLICIT is
+    answered at once only by the owner of the client's RFC 3074 bucket (the DUID's hash,
+    as Kea HA): each partner does half the new clients' SOLICIT work.  The other answers
+    once the client's elapsed time reaches delay_s, and everybody when the partner is not
+    heard."""
+    clock, wire, a, b = lb_pair(tmp_path, mode="load-balancing")
+    owners = {i: P.hash_owner(duid(i), 50) for i in range(1, 41)}
+    assert set(owners.values()) == {P.PRIMARY, P.SECONDARY}
+    for i, owner in owners.items():
+        assert (solicit(a, i), solicit(b, i)) == (owner == P.PRIMARY, owner == P.SECONDARY), i
+    assert a.drops["not_owner"] + b.drops["not_owner"] == 40
+    # the owner looks silent: the client's elapsed time reached delay_s (2 s)
+    i = next(i for i, o in owners.items() if o == P.SECONDARY)
+    assert not solicit(a, i, elapsed=150) and solicit(a, i, elapsed=200)
+    # the partner not heard: everybody is answered, from this node's own half
+    a.failover._partner_state("b", P.COMM_INTERRUPTED, "peer b not heard")
+    assert all(solicit(a, i) for i in owners)
+    # a REQUEST of the owner's ADVERTISE binds there as in split-scope
+    address, prefix = sarr(b, i)
+    assert owner_half(b, address) == P.SECONDARY and owner_half(b, prefix) == P.SECONDARY
+
+
+def test_split_scope_still_has_both_partners_answer_every_new_client(tmp_path):
+    clock, wire, a, b = lb_pair(tmp_path)                  # the shipped mode
+    assert all(solicit(a, i) and solicit(b, i) for i in range(1, 21))
+    assert a.drops["not_owner"] == b.drops["not_owner"] == 0

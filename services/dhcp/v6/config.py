@@ -34,8 +34,12 @@ from typing import Any
 from appliance.config import ParseContext, Table, ip_item
 from services.dhcp.failover.config import Failover, parse_failover
 
-#: RFC 8156 allocates by split pools (or proportionally): no load balancing by hash
-FAILOVER_MODES = ("split-scope", "hot-standby")
+#: RFC 8156 allocates by split pools (or proportionally) and has every partner answer
+#: every new client.  ``load-balancing`` (not the default) keeps the split pools and
+#: takes the v4 design's client ownership: the RFC 3074 hash of the DUID names the
+#: partner that answers a SOLICIT at once, the other only once the client's elapsed
+#: time reaches ``delay_s`` or the partner is not heard (services/dhcp/v6/failover.py)
+FAILOVER_MODES = ("split-scope", "load-balancing", "hot-standby")
 
 MAX_POOL = 2 ** 20
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)"

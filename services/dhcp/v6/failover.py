@@ -341,6 +341,25 @@ class Dhcp6Partner(FailoverPartner):
         owner = P.PRIMARY if v.mode == "hot-standby" else v.role
         return P.answers(v.mode, v.role, v.state, owner)
 
+    def answers_solicit(self, m) -> bool:
+        """Whether this node answers the SOLICIT ``m`` now (``may_serve`` holds).
+
+        ``split-scope`` and ``hot-standby``: yes (RFC 8156: both partners answer a new
+        client from their own halves; the standby answers nobody through ``may_serve``).
+        ``load-balancing``: the v4 design's client ownership on the split pools -- the
+        owner of the client's RFC 3074 bucket (the hash of its DUID, as Kea HA's load
+        balancing) answers at once, the other partner once the client's elapsed time
+        reaches ``delay_s`` (the owner looks silent) or when not in NORMAL
+        (COMMUNICATIONS-INTERRUPTED, PARTNER-DOWN: ``pools.answers``).  Each partner then
+        does the SOLICIT work (offer, ADVERTISE) of half the new clients instead of all;
+        answering fewer is never less safe: allocation and every lease rule stay as they
+        are, and a client that SOLICITs again gets its binding from either partner."""
+        v = self.view
+        if v.mode != "load-balancing" or m.client_id is None:
+            return True
+        owner = P.hash_owner(m.client_id, v.split)
+        return P.answers(v.mode, v.role, v.state, owner, (m.elapsed or 0) / 100.0, v.delay_s)
+
     def observe(self, message) -> None:
         """Client evidence (COMMUNICATIONS-INTERRUPTED): a client of the partner -- one whose
         address or prefix lies in the partner's half -- asking with an elapsed time of at

@@ -80,7 +80,7 @@ class Dhcp6Service(Service):
         self.handler: Dhcp6Handler | None = None
         self.server_duid: bytes | None = None
         self.drops: dict[str, int] = {r: 0 for r in C.DROP_REASONS}
-        self.drops.update(store_error=0, reply_too_large=0, overload=0, stale=0)
+        self.drops.update(store_error=0, reply_too_large=0, overload=0, stale=0, not_owner=0)
         self._max_age_s = config.solicit_max_age_ms / 1000.0
         self._inflight = 0
         self._ifindex = 0
@@ -209,6 +209,10 @@ class Dhcp6Service(Service):
             self.failover.observe(msg)          # client evidence (COMMUNICATIONS-INTERRUPTED)
         inner = msg.innermost() if isinstance(msg, C.RelayMessage) else msg
         if inner is not None and inner.msg_type == C.SOLICIT:
+            partner = getattr(self, "failover", None)
+            if partner is not None and not partner.answers_solicit(inner):
+                self.drops["not_owner"] += 1    # load-balancing: the partner's client
+                return
             if self._inflight >= self.MAX_INFLIGHT:
                 self.drops["overload"] += 1
                 return
