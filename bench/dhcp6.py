@@ -22,6 +22,10 @@ exchange is SOLICIT-ADVERTISE + REQUEST-REPLY.
 * kea single: ``kea-dhcp6`` memfile (persist, no fsync), Kea defaults;
 * kea pair: Kea HA hot-standby (``libdhcp_ha.so`` + ``libdhcp_lease_cmds.so``,
   multi-threading, ``http-dedicated-listener``; the standby does not answer).
+* ``pair-lb``/``pair-pd-lb`` (NOT the shipped mode): the appliance pair with failover
+  ``mode = "load-balancing"`` (the same split pools; in NORMAL only the owner of the
+  DUID's RFC 3074 bucket answers a SOLICIT), against Kea HA in ``load-balancing`` mode
+  (primary + secondary, both answer their hash half; otherwise as the hot-standby pair).
 
 Rate: bench/dhcp_common.py's search -- double the offered rate while a probe is
 clean, then bisect.  Clean: < 0.1 % of the SARR exchanges started incomplete,
@@ -58,7 +62,8 @@ hot-standby of the failover row (shipped timers).
 
     python bench/dhcp6.py [--quick] [--json] [--duration S] [--trials N] [--skip-kea]
                           [--skip-appliance]
-                          [--cases single,pair,single-pd,pair-pd,failover,partition]
+                          [--cases single,pair,single-pd,pair-pd,pair-lb,pair-pd-lb,
+                                   failover,partition]
 
 ``--quick`` (under a minute): the four rate cases, 1 s probes, 2 per system, no
 failover or partition (``--quick --cases partition``: a 15 s cut).  Needs root,
@@ -100,7 +105,10 @@ POOL_HALVES = (("2001:db8:80:1::", "2001:db8:80:1::3:ffff"),
 PD_POOL = ("2001:db8:8000::/37", 56)
 KEA_HOOKS = Path("/usr/lib/x86_64-linux-gnu/kea/hooks")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-RATE_CASES = ("single", "pair", "single-pd", "pair-pd")
+RATE_CASES = ("single", "pair", "single-pd", "pair-pd", "pair-lb", "pair-pd-lb")
+#: the pair cases with failover mode "load-balancing" (NOT the shipped split-scope) for the
+#: appliance, and Kea HA in its load-balancing mode (not hot-standby)
+LB_CASES = ("pair-lb", "pair-pd-lb")
 #: probes per rate search (repeats of an unclean probe count): from 500/s a search to
 #: 8,000/s with repeats on the way up and down needs ~14 to resolve 5 %
 DEFAULT_TRIALS = 16
@@ -170,7 +178,7 @@ pd_pools = [{{ prefix = "{PD_POOL[0]}", delegated_length = {PD_POOL[1]} }}]
 
 
 def appliance_config(node: str, work: Path, *, pair: bool, keys: Path | None,
-                     mclt_s: int | None = None) -> str:
+                     mclt_s: int | None = None, mode: str | None = None) -> str:
     state = work / f"state-{node}"
     head = f"""
 [node]
@@ -183,12 +191,13 @@ token_file = "{state}/admin.token"
 """
     if not pair:
         return head + '\n[services.dhcp6]\ninterface = "eth0"\n' + appliance_subnet()
-    return dhcp6_pair_config(node, work, ADDR, keys, mclt_s=mclt_s) + appliance_subnet()
+    return dhcp6_pair_config(node, work, ADDR, keys, mclt_s=mclt_s, mode=mode) \
+        + appliance_subnet()
 
 
 def dhcp6_pair_config(node: str, work: Path, addrs: dict[str, str], keys: Path, *,
                       mclt_s: int | None = None, auto_partner_down_s: int = 0,
-                      extra: str = "") -> str:
+                      extra: str = "", mode: str | None = None) -> str:
     """One node of a dhcp6 failover pair (a primary, b secondary) serving direct clients
     on eth0: heartbeats, the TLS peer link (keys from appliance.cluster.keys), the
     shipped failover (no automatic partner-down unless asked); the caller appends
@@ -196,6 +205,8 @@ def dhcp6_pair_config(node: str, work: Path, addrs: dict[str, str], keys: Path, 
     peer = next(n for n in addrs if n != node)
     role = "primary" if node == "a" else "secondary"
     mclt = f", mclt_s = {mclt_s}" if mclt_s is not None else ""
+    if mode is not None:                 # not the shipped mode (split-scope)
+        mclt += f', mode = "{mode}"'
     return f"""
 [node]
 id = "{node}"
@@ -226,8 +237,8 @@ class Appliance:
     """One or two ``twistd -n appliance`` nodes with dhcp6 in namespaces a (and b)."""
 
     def __init__(self, lab, work: Path, *, pair: bool, mclt_s: int | None = None,
-                 config=appliance_config):
-        self.lab, self.work, self.pair, self.mclt_s = lab, work, pair, mclt_s
+                 config=appliance_config, mode: str | None = None):
+        self.lab, self.work, self.pair, self.mclt_s, self.mode = lab, work, pair, mclt_s, mode
         self.config = config
         self.procs: dict[str, subprocess.Popen] = {}
         self.keys = None
@@ -249,8 +260,9 @@ class Appliance:
         for node in self.nodes():
             shutil.rmtree(self.work / f"state-{node}", ignore_errors=True)
             cfg = self.work / f"{node}.toml"
+            kw = {"mode": self.mode} if self.mode else {}
             cfg.write_text(self.config(node, self.work, pair=self.pair, keys=self.keys,
-                                       mclt_s=self.mclt_s))
+                                       mclt_s=self.mclt_s, **kw))
             fh = open(self.work / f"{node}.log", "w")
             self.procs[node] = self.lab.popen(node, *twistd_command(), "-c", str(cfg), stdout=fh,
                                               stderr=subprocess.STDOUT, cwd=str(self.work), env=ENV)
@@ -320,7 +332,7 @@ def kea_config(node: str, work: Path, *, ha: str | None, shipped: bool = False) 
                      "output_options": [{"output": str(d / "kea.log")}]}],
     }
     if ha:
-        roles = {"a": "primary", "b": "standby"}
+        roles = {"a": "primary", "b": "standby" if ha == "hot-standby" else "secondary"}
         cfg["multi-threading"] = {"enable-multi-threading": True, "thread-pool-size": 2,
                                   "packet-queue-size": 64}
         timers = {} if shipped else {
@@ -498,7 +510,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-kea", action="store_true")
     ap.add_argument("--skip-appliance", action="store_true")
     ap.add_argument("--cases", help="comma-separated subset of single,pair,single-pd,pair-pd,"
-                    "failover,partition (default: all; --quick: the four rate cases)")
+                    "pair-lb,pair-pd-lb,"
+                    "failover,partition (default: all; --quick: the rate cases)")
     args = ap.parse_args(argv)
     default = ",".join(RATE_CASES) + ("" if args.quick else ",failover,partition")
     cases = {c.strip() for c in (args.cases or default).split(",") if c.strip()}
@@ -558,8 +571,8 @@ def main(argv=None) -> int:
         work = Path(tmp)
         add_lab_nodes(lab, ADDR, CLIENT, PREFIX)
 
-        def appliance(pair, mclt_s=None):
-            a = Appliance(lab, work, pair=pair, mclt_s=mclt_s)
+        def appliance(pair, mclt_s=None, mode=None):
+            a = Appliance(lab, work, pair=pair, mclt_s=mclt_s, mode=mode)
             try:
                 a.start()
             except Exception:
@@ -584,14 +597,19 @@ def main(argv=None) -> int:
             ("kea", True): "Kea HA hot-standby (tuned timers: heartbeat-delay 1 s, "
                            "max-response-delay 2 s; the standby only syncs), multi-threading, "
                            "memfile: unequal durability",
+            ("appliance", "lb"): "dhcp6 pair, NOT the shipped mode: failover mode "
+                                 "load-balancing (split 50/50 pools, the DUID hash owner answers "
+                                 "a SOLICIT), TLS peer link, fsync always",
+            ("kea", "lb"): "Kea HA load-balancing (tuned timers as hot-standby), "
+                           "multi-threading, memfile: unequal durability",
         }
         start = 400 if args.quick else 500     # the same search for every system
         for case in RATE_CASES:
             if case not in cases:
                 continue
-            pair, pd = case.startswith("pair"), case.endswith("-pd")
+            pair, pd, lb = case.startswith("pair"), "-pd" in case, case in LB_CASES
             for system in systems:
-                note = notes[(system, pair)]
+                note = notes[(system, "lb" if lb else pair)]
                 if not perfdhcp:
                     null_rows(system, (case,), kea_why)
                     continue
@@ -603,8 +621,10 @@ def main(argv=None) -> int:
                     continue
                 srv = None
                 try:
-                    srv = appliance(pair) if system == "appliance" else kea(
-                        "hot-standby" if pair else None)
+                    if system == "appliance":
+                        srv = appliance(pair, mode="load-balancing" if lb else None)
+                    else:
+                        srv = kea(("load-balancing" if lb else "hot-standby") if pair else None)
                     log(f"{system} {case}: started")
                     r = rate_search(lab, f"{system} {case}", pd, start, trials, duration)
                     rate_rows(system, case, r, note)
