@@ -90,6 +90,10 @@ class NodeClock:
 
 
 class World:
+    #: SIM_DHCP6_LB=1: the seeds that are not hot-standby run failover mode load-balancing
+    #: (only the DUID's hash owner answers a SOLICIT in NORMAL) instead of split-scope
+    LB = os.environ.get("SIM_DHCP6_LB", "0") == "1"
+
     def __init__(self, seed: int, *, duration: float = 90.0, verbose: bool = False,
                  plan: bool = True):
         self.seed, self.duration, self.verbose = seed, duration, verbose
@@ -103,6 +107,8 @@ class World:
         r2 = random.Random(seed * 7919 + 1)        # newer draws: the other schedules stay
         if r2.random() < 0.3:
             self.cfg.update(mode="hot-standby", split=75)
+        elif self.LB:
+            self.cfg.update(mode="load-balancing")     # the DUID's hash owner answers
         self.clients = [Client(i, next_at=T0 + r.uniform(0, 10))
                         for i in range(1, r.randint(12, 30))]
         self.clock = Clock()
