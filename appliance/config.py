@@ -464,6 +464,10 @@ class ClusterSection:
     pre_takeover: PreTakeover | None = None
     #: Gateway health flag (review M13): unable while the gateway does not answer.
     track_gateway: GatewayTrack | None = None
+    #: The liveness deadline's slack after dead_after intervals, in ms; None (the
+    #: default) = half a beat period (interval / beats_per_interval / 2).
+    #: keepalived's counterpart is its skew time, (256 - priority) / 256 x advert.
+    deadline_slack_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -781,6 +785,7 @@ def _parse_cluster(t: Table | None, node: NodeSection | None) -> ClusterSection 
     min_clients = t.int("partner_down_min_clients", 10, min=1, max=1_000_000)
     previous_key_file = t.path_("previous_auth_key_file", None)
     beats = t.int("beats_per_interval", 3, min=1, max=20)
+    deadline_slack = t.float("deadline_slack_ms", None, min=0, max=60_000)
     preempt_delay = t.float("preempt_delay_s", 0.0, min=0, max=3600)
     role = t.str("role", "node", choices=("node", "witness"))
     witness = None
@@ -846,7 +851,8 @@ def _parse_cluster(t: Table | None, node: NodeSection | None) -> ClusterSection 
                           partner_down_min_clients=min_clients or 10,
                           previous_auth_key_file=previous_key_file,
                           preempt_delay_s=preempt_delay or 0.0,
-                          pre_takeover=pre_takeover, track_gateway=track_gateway)
+                          pre_takeover=pre_takeover, track_gateway=track_gateway,
+                          deadline_slack_ms=deadline_slack)
 
 
 def _command_word(table: Table, path: str, value: Any):
