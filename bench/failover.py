@@ -100,6 +100,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000
 SO_TIMESTAMPNS = 35
 ETH_P_IP = 0x0800
+ETH_P_ALL = 0x0003
+ETH_P_ARP = 0x0806
+PACKET_OUTGOING = 4
 
 
 class BeatSniffer:
@@ -109,11 +112,17 @@ class BeatSniffer:
     timestamps (wall clock, as the pinger's), read by a thread.  The bench
     kills the owner at a chosen phase after a beat and, after the kill, takes
     the last beat the backup heard: the age of its liveness evidence at the
-    death, measured, not assumed."""
+    death, measured, not assumed.  It also notes when the backup sent its
+    first ARP announcement of the VIP (the GARP) and its first echo reply
+    from the VIP: the reaction split into the node's part (deadline ->
+    GARP on the wire) and the client's (GARP -> an echo answered)."""
 
     def __init__(self, lab, node: str, src: str, match: tuple[str, int]):
         self.src, self.match = socket.inet_aton(src), match
+        self.vip = socket.inet_aton(VIP)
         self.arrivals: collections.deque[float] = collections.deque(maxlen=4096)
+        self.garps: list[float] = []          # ARP frames sent with the VIP as sender
+        self.replies: list[float] = []        # echo replies sent from the VIP
         self.cond = threading.Condition()
         own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         target = os.open(f"/run/netns/{lab.nodes[node].ns}", os.O_RDONLY)
@@ -122,8 +131,8 @@ class BeatSniffer:
                 raise OSError(ctypes.get_errno(), "setns into the backup's namespace")
             try:
                 self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM,
-                                          socket.htons(ETH_P_IP))
-                self.sock.bind(("eth0", ETH_P_IP))
+                                          socket.htons(ETH_P_ALL))
+                self.sock.bind(("eth0", ETH_P_ALL))
             finally:
                 if _libc.setns(own, CLONE_NEWNET) != 0:
                     raise OSError(ctypes.get_errno(), "setns back")
@@ -149,19 +158,38 @@ class BeatSniffer:
     def _read(self):
         while self.running:
             try:
-                pkt, anc, _, _ = self.sock.recvmsg(2048, 64)
+                pkt, anc, _, addr = self.sock.recvmsg(2048, 64)
             except (socket.timeout, OSError):
                 continue
-            if not self._wanted(pkt):
+            proto, outgoing = addr[1], addr[2] == PACKET_OUTGOING
+            kind = None
+            if not outgoing and proto == ETH_P_IP and self._wanted(pkt):
+                kind = "beat"
+            elif outgoing and proto == ETH_P_ARP and len(pkt) >= 18 and pkt[14:18] == self.vip:
+                kind = "garp"
+            elif (outgoing and proto == ETH_P_IP and len(pkt) >= 21 and pkt[9] == 1
+                  and pkt[12:16] == self.vip and pkt[(pkt[0] & 0x0F) * 4] == 0):
+                kind = "reply"
+            if kind is None:
                 continue
             at = time.time()
-            for level, kind, data in anc:
-                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+            for level, k, data in anc:
+                if level == socket.SOL_SOCKET and k == SO_TIMESTAMPNS and len(data) >= 16:
                     sec, nsec = struct.unpack("qq", data[:16])
                     at = sec + nsec / 1e9
             with self.cond:
-                self.arrivals.append(at)
-                self.cond.notify_all()
+                if kind == "beat":
+                    self.arrivals.append(at)
+                    self.cond.notify_all()
+                elif kind == "garp":
+                    self.garps.append(at)
+                else:
+                    self.replies.append(at)
+
+    def first_after(self, kind: str, t: float) -> float | None:
+        with self.cond:
+            return next((a for a in (self.garps if kind == "garp" else self.replies) if a > t),
+                        None)
 
     def next_beat(self, after: float, timeout: float) -> float | None:
         """The first arrival later than ``after`` (waits up to ``timeout`` s)."""
@@ -490,6 +518,8 @@ def trial(system: System, lab, workdir: Path, settle_s: float, u: float) -> dict
         tmp.replace(mark)                # the pinger never reads half a mark
         out, _ = pinger.communicate(timeout=duration + 10)
         last = sniffer.last()
+        garp = sniffer.first_after("garp", t0)
+        reply = sniffer.first_after("reply", t0)
     finally:
         sniffer.close()
     result = json.loads(out.strip().splitlines()[-1])
@@ -501,11 +531,17 @@ def trial(system: System, lab, workdir: Path, settle_s: float, u: float) -> dict
         return None
     threshold = system.detection_threshold_ms()
     from_beat = (result["first_reply_after"] - last) * 1000
+    deadline = last + threshold / 1000
     return {"u": round(u, 4), "outage_ms": result["outage_ms"],
             "age_ms": round((t0 - last) * 1000, 2),
             "target_age_ms": round(u * period * 1000, 2),
             "from_last_beat_ms": round(from_beat, 2),
-            "reaction_ms": round(from_beat - threshold, 2)}
+            "reaction_ms": round(from_beat - threshold, 2),
+            # the reaction's parts: deadline -> the backup's first GARP on
+            # the wire (the node); GARP -> its first echo reply (the client)
+            "garp_ms": None if garp is None else round((garp - deadline) * 1000, 2),
+            "garp_to_reply_ms": None if garp is None or reply is None
+            else round((reply - garp) * 1000, 2)}
 
 
 def run_system(cls, interval_ms: int, trials: int, log) -> list[dict | None]:
@@ -542,7 +578,9 @@ def run_system(cls, interval_ms: int, trials: int, log) -> list[dict | None]:
                     + ("no reply" if r is None else
                        f"{r['outage_ms']:.1f} ms (u {r['u']:.3f}: age {r['age_ms']:.1f} ms, "
                        f"target {r['target_age_ms']:.1f}; from the last beat "
-                       f"{r['from_last_beat_ms']:.1f} ms, reaction {r['reaction_ms']:.1f} ms)"))
+                       f"{r['from_last_beat_ms']:.1f} ms, reaction {r['reaction_ms']:.1f} ms: "
+                       f"GARP at deadline+{r['garp_ms']} ms, reply {r['garp_to_reply_ms']} ms "
+                       f"later) at {time.strftime('%H:%M:%S', time.gmtime())}"))
                 results.append(r)
         finally:
             system.stop()
@@ -558,8 +596,8 @@ def takeover_rows(cls, interval: int, results: list[dict | None], log) -> list[d
     probe = object.__new__(cls)      # no lab, no files: thresholds only
     probe.interval_ms = cls.run_interval_ms(interval)
     if cls is ApplianceAsKeepalived254:
-        case += (f" (beats_per_interval={cls.beats}, deadline_slack_ms="
-                 f"{probe.slack():.3g}: keepalived-254's configuration, not the shipped default)")
+        case += (f" (1 beat, slack {probe.slack():.3g} ms: keepalived-254's config, "
+                 "not the default)")
     threshold = probe.detection_threshold_ms()
     floor = round(threshold - probe.send_period_ms(), 1)
     below = sum(1 for o in outages if o < floor)
@@ -569,6 +607,10 @@ def takeover_rows(cls, interval: int, results: list[dict | None], log) -> list[d
     rows = []
     for name, values in (("takeover_ms", outages),
                          ("reaction_ms", [r["reaction_ms"] for r in done]),
+                         ("deadline_to_garp_ms", [r["garp_ms"] for r in done
+                                                  if r["garp_ms"] is not None]),
+                         ("garp_to_reply_ms", [r["garp_to_reply_ms"] for r in done
+                                               if r["garp_to_reply_ms"] is not None]),
                          ("last_beat_age_ms", [r["age_ms"] for r in done])):
         for p in (50, 95):
             value = percentile(values, p)
@@ -592,8 +634,9 @@ def paired_rows(per_trial: dict[str, list], interval: int, log) -> list[dict]:
         return []
     pairs = [(x, y) for x, y in zip(a, k) if x is not None and y is not None]
     rows = []
-    for name in ("outage_ms", "reaction_ms", "age_ms"):
-        diffs = [x[name] - y[name] for x, y in pairs]
+    for name in ("outage_ms", "reaction_ms", "garp_ms", "age_ms"):
+        diffs = [x[name] - y[name] for x, y in pairs
+                 if x[name] is not None and y[name] is not None]
         value = percentile(diffs, 50)
         log(f"paired {ApplianceAsKeepalived254.name} - {Keepalived254.name} {name}: "
             f"median {value} ms over {len(diffs)} trials, {sorted(round(d, 1) for d in diffs)}")
