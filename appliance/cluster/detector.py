@@ -160,8 +160,10 @@ class PeerTable:
             else:
                 peer.config_mismatch.setdefault(name, ["(details follow)"])
 
-    def detect(self, now: float) -> list[PeerInfo]:
-        """Suspect every peer silent for ``deadline_s``; the newly suspected."""
+    def detect(self, now: float, logs: list | None = None) -> list[PeerInfo]:
+        """Suspect every peer silent for ``deadline_s``; the newly suspected.
+        ``logs``: the "suspected dead" lines are appended there (for
+        :meth:`log_suspected` once the takeover is under way), not logged."""
         down = []
         stall = None
         for peer in self.peers.values():
@@ -186,11 +188,19 @@ class PeerTable:
                         continue
                 peer.alive = False
                 peer.suspected += 1
-                _log.warn("peer {peer} suspected dead: no heartbeat for {ms} ms", peer=peer.id,
-                          ms=round((now - (peer.last_seen or now)) * 1000))
+                entry = (peer.id, round((now - (peer.last_seen or now)) * 1000))
+                if logs is None:
+                    self.log_suspected([entry])
+                else:
+                    logs.append(entry)
                 down.append(peer)
                 self.on_down(peer, now)
         return down
+
+    @staticmethod
+    def log_suspected(entries) -> None:
+        for peer_id, ms in entries:
+            _log.warn("peer {peer} suspected dead: no heartbeat for {ms} ms", peer=peer_id, ms=ms)
 
     def stop(self):
         for peer in self.peers.values():

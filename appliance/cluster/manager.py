@@ -541,8 +541,15 @@ class ClusterManager(Service):
                     read()
                 except Exception:
                     _log.failure("draining the heartbeat socket")
-            self.detector.detect(self.clock.seconds())
-            self.evaluate()
+            # The claim (and the VIP's netlink job) starts before the
+            # "suspected dead" line is formatted and written: the log is not
+            # on the takeover's path.
+            logs: list = []
+            try:
+                self.detector.detect(self.clock.seconds(), logs)
+                self.evaluate()
+            finally:
+                self.detector.log_suspected(logs)
         except Exception:
             _log.failure("liveness deadline handling failed")
 

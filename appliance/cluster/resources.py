@@ -556,10 +556,11 @@ class ResourceTable:
         role = "owner" if claim is not None else "standby"
         epoch = claim.epoch if claim is not None else before.epoch
         res.epoch = epoch
-        _log.info("resource {res}: {node} is now {role} (epoch {epoch}): {why}", res=res.spec.name,
-                  node=m.node_id, role=role, epoch=epoch, why=why)
         vips = m.vip_manager
         if res.spec.kind == "vip" and vips is not None:
+            # The address first: its netlink job starts in the VIP manager's
+            # thread while this turn logs and tells the listeners and peers
+            # (the log line used to come first, on the takeover's path).
             action = vips.acquire if claim is not None else vips.release
             d = defer.maybeDeferred(action, res.spec.name, why)
             if claim is not None:
@@ -568,6 +569,8 @@ class ResourceTable:
                 self._releasing(res, d)
             d.addErrback(lambda f: _log.error("vip {res}: {why}", res=res.spec.name,
                                               why=f.getErrorMessage()))
+        _log.info("resource {res}: {node} is now {role} (epoch {epoch}): {why}", res=res.spec.name,
+                  node=m.node_id, role=role, epoch=epoch, why=why)
         for listener in list(res.listeners):
             call_listener(listener, res.spec.name, role, epoch)
         m.send_soon()           # a claim or a release: the peers wait for it
