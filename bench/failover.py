@@ -12,29 +12,40 @@ heartbeat left before it) to the first echo reply the client gets from the
 VIP *to an echo sent after the link was down* (T1; until then the dying
 box's kernel still answers pings to the VIP: the old bench took the death
 at T0 and counted those replies, so keepalived-254 showed a 21 ms p50 below
-its 301 ms threshold).  The client pings every 5 ms.  Each row prints its
-detection threshold, counted from the last heartbeat/advert heard (the
-death falls at a random phase of the owner's send period: seeded,
-``FAILOVER_BENCH_SEED``, default 11), so a
-takeover measured from the death is at least ``threshold - one send period``
-(appliance: interval / beats_per_interval; keepalived: one advert): trials
-below that floor are counted (``trials_below_floor``: they would mean the
-death moment or the reply was taken wrongly; now 0).  Both systems
-run with their defaults for a primary
-and a backup (priority 200/100, preempt): after each trial the dead primary
-is revived (its runtime files cleared, as a power cycle would), takes the
-VIP back, and the next trial kills it again.
+its 301 ms threshold).  The client pings every 1 ms.
 
-Rows: takeover p50/p95 per heartbeat interval with each system's configured
-detection threshold (appliance: dead_after + half a beat; keepalived:
-3 x advert + skew, skew = (256 - backup priority) / 256 x advert, so
-keepalived also runs with priorities 254/253 as ``keepalived-254``, near-zero
-skew); beside the appliance's shipped-default row (3 beats per interval) an
-``appliance-k1-same-threshold`` row that is NOT the shipped default: one
-beat per interval and dead_after 3 (keepalived's loss tolerance: 3 lost
-beats in a row), the interval chosen so its threshold equals keepalived-254's
-(100 ms case: runs at 86 ms, threshold 301.0 vs 301.2 ms) -- the takeover at
-the same detection threshold; ``--systems`` picks rows; spurious takeovers per 10 minutes at 5/10/20 % random loss between
+Deaths are phase-matched (common random numbers): a sniffer in the
+backup's namespace (AF_PACKET, kernel timestamps) times the owner's
+heartbeats (appliance: UDP to the heartbeat port) or VRRP adverts
+(keepalived), and trial i kills the owner ``u_i`` send periods after one
+arrived, with one seeded sequence u_1..u_n (``FAILOVER_BENCH_SEED``,
+default 11) for every row.  After the kill the sniffer gives the backup's
+last beat: its measured age at the death, and the reaction = the takeover
+counted from that beat minus the row's detection threshold (deadline ->
+the VIP answering), split on the wire into deadline -> the backup's first
+ARP announcement (GARP) and GARP -> its first echo reply.  A takeover
+measured from the death is at least ``threshold - one send period``
+(appliance: interval / beats_per_interval; keepalived: one advert): trials
+below that floor are counted (``trials_below_floor``).  Both systems run
+with their defaults for a primary and a backup (priority 200/100,
+preempt): after each trial the dead primary is revived (its runtime files
+cleared, as a power cycle would), takes the VIP back, and the next trial
+kills it again.
+
+Rows: takeover, reaction, deadline -> GARP, GARP -> reply and last-beat
+age p50/p95 per heartbeat interval with each system's configured
+detection threshold (appliance: dead_after x interval + the deadline's
+slack, by default half a beat; keepalived: 3 x advert + skew, skew = (256 -
+backup priority) / 256 x advert, so keepalived also runs with priorities
+254/253 as ``keepalived-254``, near-zero skew); beside the appliance's
+shipped-default row (3 beats per interval) an
+``appliance-as-keepalived-254`` row that is NOT the shipped default: the
+appliance with exactly keepalived-254's configuration (the same interval,
+one beat per interval, dead_after 3 and ``deadline_slack_ms`` = its skew:
+threshold 301.2 ms at 100 ms), so with the same u_i both have the same age
+of the last beat and differ by their reactions alone: a paired per-trial
+difference row (median) follows; ``--systems`` picks rows; spurious
+takeovers per 10 minutes at 5/10/20 % random loss between
 the nodes (nft, both ways, 100 ms; counted as rising edges of b holding the
 VIP, polled every 20 ms, and from b's own log); a 30 s partition between the
 nodes: milliseconds with two VIP owners (the appliance with a witness in a
@@ -43,7 +54,7 @@ the heal.
 
     python bench/failover.py [--quick] [--json] [--trials N] [--intervals 10,100,1000]
                              [--loss-seconds 120] [--partition-seconds 30] [--only takeover,loss,partition]
-                             [--systems appliance,appliance-k1-same-threshold,keepalived-254]
+                             [--systems appliance,appliance-as-keepalived-254,keepalived-254]
 
 Needs root, iproute2 and (for the anchor) keepalived; says so and skips the
 anchor if it is missing.
