@@ -51,13 +51,25 @@ def test_loss_causes_no_spurious_takeover(two_nodes_lab, pair, percent, directio
     after = pair.status("b")
     late = pair.status("a")["heartbeat"]["late_beats"]
     lab.undrop("b", ADDR["a"])
-    suspicions = after["peers"]["a"]["suspected"] - before["peers"]["a"]["suspected"]
+    pa, pb = after["peers"]["a"], before["peers"]["a"]
+    suspicions = pa["suspected"] - pb["suspected"]
     takeovers = after["stats"]["role_changes"] - before["stats"]["role_changes"]
-    loss = after["peers"]["a"]["loss"]
-    print(f"\n{percent}% {direction}: {SECONDS:g}s, {dropped} packets dropped by nft, b saw "
-          f"loss {loss:.1%}, suspicions {suspicions}, takeovers {takeovers}, "
-          f"a's late beats {late} (a stalled sender is silence, not loss)")
-    assert dropped > 0
-    assert suspicions == 0 and takeovers == 0, (suspicions, takeovers)
-    assert owners_seen == {"a"}, owners_seen
-    assert percent / 200 < loss < percent / 50, loss
+    got, lost = pa["received"] - pb["received"], pa["lost"] - pb["lost"]
+    # The share of a's beats b lost in this window, from the exact sequence-gap
+    # counts.  (The test used to bound the smoothed figure, loss_ewma, alpha 0.01:
+    # its standard deviation at 10 % loss is ~2.1 points, so it ended below the
+    # 5 % bound in ~0.5 % of 15 s runs -- 27 of 5,000 simulated runs of the
+    # detector's update, 0 of 5,000 for the window's counts, whose deviation is
+    # ~1.4 points at 450 beats: the likely cause of the one CI rerun of
+    # [10-both]; same bounds, a less noisy estimate of the same quantity.)
+    share = lost / (got + lost) if got + lost else 0.0
+    saw = (f"{percent}% {direction}: {SECONDS:g}s, {dropped} packets dropped by nft; b got "
+           f"{got} of a's beats and lost {lost} (share {share:.1%}, smoothed loss "
+           f"{pa['loss']:.1%}, jitter {pa['jitter_ms']} ms), suspicions {suspicions}, "
+           f"takeovers {takeovers}, VIP owners seen {sorted(owners_seen)}, a's late beats "
+           f"{late} (a stalled sender is silence, not loss)")
+    print("\n" + saw)
+    assert dropped > 0, saw
+    assert suspicions == 0 and takeovers == 0, saw
+    assert owners_seen == {"a"}, saw
+    assert percent / 200 < share < percent / 50, saw
