@@ -636,6 +636,11 @@ class ENClient:
         link.state = UP
         now = self.reactor.seconds()
         link.last_rx = link.up_since = now
+        # a new session may be a new process (a revived DN whose start still takes its
+        # CPU): the round trip of its previous life does not judge it -- the fast rules
+        # wait for an answer of this session (until then the probe timeout is the idle
+        # dead time)
+        link.srtt, link.rttvar, link.misses = None, 0.0, 0
         self.event("dn_up", dn=link.dn.id)
         if self.address is None:
             if self.primary is None:

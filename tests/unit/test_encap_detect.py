@@ -113,3 +113,34 @@ def test_the_watch_does_nothing_while_answers_come_back():
     echo_stream(net, 1000)
     assert net.en.stats["suspect_probes"] == 0
     assert net.en.primary == "dn1" and net.en.stats["failovers"] == 0
+
+
+def test_a_revived_dn_is_not_judged_by_the_fast_rules_before_it_answered_a_probe():
+    """dn1 comes back (a new session: its process restarted) and the EN moves home to
+    it; while data flows, the revived DN stalls 60 ms before answering any probe of the
+    new session (its twistd still starting).  The round trip measured with its previous
+    incarnation does not judge it: the EN waits for an answer of the new session (the
+    probe timeout is the idle dead time until then) -- no switch away.  (It was declared
+    dead 25 ms into the stall and the EN went back to dn2: a false switch.)"""
+    net = started()
+    a = net.en.address
+    echo_stream(net, 300)                               # srtt from dn1's first life
+    assert net.en.links["dn1"].srtt is not None
+    net.cut.add("dn1")
+    echo_stream(net, 300)
+    assert net.en.primary == "dn2"
+    net.cut.discard("dn1")
+    t0 = net.clock.seconds()
+    while net.en.primary != "dn1" and net.clock.seconds() - t0 < 2:
+        net.en.tun_packets([ip_packet(a, SERVER)])
+        net.run(0.001, step=0.001)
+    assert net.en.primary == "dn1"
+    assert net.en.links["dn1"].srtt is None             # no answer of the new session yet
+    net.cut.add("dn1")                                  # the stall, data flowing
+    echo_stream(net, 60)
+    net.cut.discard("dn1")
+    echo_stream(net, 300)
+    downs = [e for e in net.en.events if e["what"] == "dn_down"]
+    assert len(downs) == 1, downs                       # the cut of dn1's first life only
+    assert net.en.primary == "dn1", net.en.events[-6:]
+    assert net.en.links["dn1"].srtt is not None         # measured again, from the new life
