@@ -225,6 +225,9 @@ class SlowStore:
     def healthy(self):
         return self.store.healthy
 
+    def describe(self):
+        return self.store.describe()   # node-local: claims may use reserved epochs
+
     def _later(self, d):
         out = Deferred()
         d.addCallback(lambda v: self.clock.callLater(self.rng.uniform(0, self.max_delay),
@@ -355,6 +358,7 @@ class SimNode:
     started_at: float = 0.0
     epochs: dict[str, int] = field(default_factory=dict)
     last_claim: dict[str, int] = field(default_factory=dict)
+    last_claim_inc: dict[str, int] = field(default_factory=dict)   # incarnation of that claim
     suspected: dict[str, int] = field(default_factory=dict)
     incarnation: int = 0
     client: SimLeaseClient | None = None
@@ -432,6 +436,7 @@ class World:
             node.store = MemStore()
             node.mark = SimMark()
             node.last_claim = {}
+            node.last_claim_inc = {}
         node.epochs = {}
         node.incarnation = self._incarnation(node, lower)
         peers = tuple(Peer(p, ipaddress.ip_address(self.net.addr[p]),
@@ -776,6 +781,12 @@ class World:
                         self.fail(f"{nid} claimed {name} at epoch {res.mine.epoch}, below its "
                                   f"previous claim {node.last_claim[name]}")
                     node.last_claim[name] = res.mine.epoch
+                    node.last_claim_inc[name] = node.incarnation
+                elif res.mine is not None and node.last_claim_inc.get(name) != node.incarnation:
+                    # the same epoch claimed again by a restarted node that kept its
+                    # disk: an epoch used twice (a reservation not counted at restart)
+                    self.fail(f"{nid} claimed {name} at epoch {res.mine.epoch} again after a "
+                              f"restart with its disk")
         if self.violations:
             self.fail(self.violations[0])
         if not self.net.clean():

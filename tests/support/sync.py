@@ -77,9 +77,15 @@ class MemStore:
     """The store calls the cluster manager makes (get, set, cas), answered at once
     from a dict: one per simulated node, or per unit test."""
 
-    def __init__(self):
+    def __init__(self, backend: str = "memory"):
         self.data = {}
         self.healthy = True
+        #: "memory": one node's own store (claims may use reserved epochs);
+        #: "redis": one store shared by the nodes (claims arbitrated by cas)
+        self.backend = backend
+
+    def describe(self):
+        return {"backend": self.backend, "healthy": self.healthy}
 
     def get(self, key):
         return defer.succeed(self.data.get(key))

@@ -236,7 +236,7 @@ def test_heal_resolves_within_one_heartbeat_with_epochs():
 
 def test_shared_store_epochs_stop_a_stale_claim():
     """With one shared store, a claim whose epoch was overtaken is not taken."""
-    store = MemStore()
+    store = MemStore(backend="redis")
     clock, net, nodes = make_pair(shared_store=store)
     start(clock, nodes)
     run(clock, 1.0)

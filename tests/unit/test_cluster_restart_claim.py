@@ -15,10 +15,13 @@ from tests.unit.test_cluster_manager import (ADDR, make_node, make_pair, owners,
 
 
 class SlowStore(MemStore):
-    """Answers after ``delay`` s on ``clock`` (a disk or a Redis round trip)."""
+    """Answers after ``delay`` s on ``clock`` (a Redis round trip).  A shared
+    store: every claim waits for its compare-and-set (a node-local store
+    claims at a reserved epoch without a write on the path:
+    test_cluster_epoch_reserve.py)."""
 
     def __init__(self, clock, delay):
-        super().__init__()
+        super().__init__(backend="redis")
         self.clock, self.delay = clock, delay
 
     def _later(self, value):
