@@ -503,11 +503,18 @@ class World:
                               nid, env["APPLIANCE_PEER"]),
                           on_change=lambda m=m: m.changed() if m.running else None)
 
-        def owner(name, role, epoch, nid=nid, m=m):
+        held = {"owner": False}
+
+        def owner(name, role, epoch, nid=nid, m=m, held=held):
             # The fencing invariant: a node takes a resource from a peer it
             # judged dead only once a fence powered that peer off after the
-            # last beat it heard from it.
-            if role != "owner" or name not in m.resources:
+            # last beat it heard from it.  A claim by the node that already
+            # owns it (an operator promote of its own resource: one epoch up)
+            # takes nothing from anyone (seed 20257: b owned vip1 since a's
+            # maintenance handed it over, a died later, and b's promote was
+            # taken for a takeover from a, its last_claim still a's old one).
+            was_owner, held["owner"] = held["owner"], role == "owner"
+            if role != "owner" or name not in m.resources or was_owner:
                 return
             res = m.resources[name]
             prev = res.last_claim[0] if res.last_claim is not None else None
