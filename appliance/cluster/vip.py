@@ -108,7 +108,18 @@ class VIPManager(Service):
         on their interfaces (by a crashed earlier run) that we do not hold."""
         super().startService()
         self._netlink.start()
-        return self._track(self._remove_stale())
+        steps = [self._track(self._remove_stale())]
+        prepare = getattr(self._netlink, "prepare_takeover", None)
+        if prepare is not None:
+            # the takeover's add + first announcement from the reactor thread
+            # (appliance.net.takeover); an interface that cannot be prepared
+            # keeps the worker-thread path (prepare never fails)
+            for ifname in sorted({vip.interface for vip in self._vips.values()
+                                  if self.vmac_of(vip) is None}):
+                steps.append(self._track(prepare(ifname)))
+        d = defer.gatherResults(steps, consumeErrors=True)
+        d.addErrback(lambda f: f.value.subFailure)     # the first failure, unwrapped
+        return d.addCallback(lambda _: None)
 
     def stopService(self) -> defer.Deferred:
         """Release every held VIP, wait for pending work, stop the thread."""

@@ -6,7 +6,11 @@ one thread.  Every netlink call (and every raw-socket announcement, see
 :mod:`appliance.net.garp`) runs in that thread via ``deferToThreadPool``,
 so:
 
-* the reactor thread never blocks on netlink;
+* the reactor thread never blocks on netlink (one exception, made not to
+  block: a takeover's address add and first announcement go out from the
+  reactor thread on sockets prepared in this thread beforehand,
+  :mod:`appliance.net.takeover`; anything it cannot finish at once falls back
+  to this thread);
 * calls run one at a time, in the order they were made (an ``add`` issued
   before a ``remove`` of the same address is applied before it);
 * the ``IPRoute`` object (not thread-safe) is only ever touched by one
@@ -38,6 +42,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from appliance.net import garp
+from appliance.net.takeover import FastPathUnavailable, PreparedInterface
 
 IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000
@@ -94,6 +99,12 @@ class Netlink:
         self._add_index: dict[str, int] = {}
         self._shutdown_trigger: Any = None
         self._closing: defer.Deferred | None = None
+        #: ifname -> sockets ready for a takeover from the reactor thread
+        #: (prepare_takeover); dropped when they fail, prepared again later
+        self._prepared: dict[str, PreparedInterface] = {}
+        self._to_prepare: set[str] = set()
+        self.fast_adds = 0
+        self.fast_fallbacks = 0
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -115,6 +126,10 @@ class Netlink:
 
     def close(self) -> defer.Deferred:
         """Close the ``IPRoute`` (in the worker thread), then stop the pool."""
+        self._to_prepare.clear()
+        for prep in self._prepared.values():
+            prep.close()
+        self._prepared.clear()
         if self._pool is None:
             return defer.succeed(None)
         if self._closing is not None:
@@ -403,6 +418,39 @@ class Netlink:
         iface = ipaddress.ip_interface(iface)
         return self._run(f"add {iface} on {ifname}", self._add_address, ifname, iface)
 
+    def prepare_takeover(self, ifname: str) -> defer.Deferred:
+        """Make ``ifname`` ready for :meth:`add_and_announce`'s fast path (its
+        index, a packet socket and an rtnetlink socket, opened in the worker
+        thread); fires True, or False when it cannot be (the interface is
+        missing: the worker-thread path stays).  Prepared again after a failure."""
+        self._to_prepare.add(ifname)
+        d = self._run(f"prepare {ifname} for a takeover", PreparedInterface, ifname, self.netns)
+
+        def ready(prep: PreparedInterface) -> bool:
+            old = self._prepared.pop(ifname, None)
+            if old is not None:
+                old.close()
+            if ifname not in self._to_prepare or self._pool is None:
+                prep.close()                    # closed meanwhile
+                return False
+            self._prepared[ifname] = prep
+            return True
+
+        d.addCallback(ready)
+        d.addErrback(lambda _: False)
+        return d
+
+    def _drop_prepared(self, ifname: str) -> None:
+        prep = self._prepared.pop(ifname, None)
+        if prep is not None:
+            prep.close()
+            self.fast_fallbacks += 1
+
+    def _reprepare(self, result: Any, ifname: str) -> Any:
+        if ifname in self._to_prepare and ifname not in self._prepared and self._pool is not None:
+            self.prepare_takeover(ifname)
+        return result
+
     def add_and_announce(self, ifname: str, iface: IPInterface) -> defer.Deferred:
         """:meth:`add_address`, then at once, in the same worker job, one
         :meth:`announce`: the takeover's first gratuitous ARP / NA leaves
@@ -411,6 +459,20 @@ class Netlink:
         announcement does not fail the add: ``frames_sent`` is then the
         :class:`NetlinkError` saying why (the caller announces again)."""
         iface = ipaddress.ip_interface(iface)
+        prep = self._prepared.get(ifname)
+        if prep is not None and self._pool is not None:
+            try:
+                added, sent = prep.add_and_announce(iface)
+            except FastPathUnavailable:
+                self._drop_prepared(ifname)     # the worker-thread path below decides
+            else:
+                self.fast_adds += 1
+                if isinstance(sent, OSError):
+                    self._drop_prepared(ifname)
+                    why, code = _reason(sent)
+                    sent = NetlinkError(f"announce {iface.ip} on {ifname}: {why}", code)
+                    self._reactor.callLater(0, self._reprepare, None, ifname)
+                return defer.succeed((added, sent))
 
         def both() -> tuple[bool, Any]:
             added = self._add_address(ifname, iface)
@@ -423,7 +485,10 @@ class Netlink:
                 frames = NetlinkError(f"announce {iface.ip} on {ifname}: {why}", code)
             return added, frames
 
-        return self._run(f"add {iface} on {ifname}", both)
+        d = self._run(f"add {iface} on {ifname}", both)
+        if ifname in self._to_prepare:
+            d.addBoth(self._reprepare, ifname)
+        return d
 
     def remove_address(self, ifname: str, iface: IPInterface) -> defer.Deferred:
         """Remove ``iface`` from ``ifname``; fires True if removed, False if

@@ -250,3 +250,61 @@ def test_lab_drop_between_and_undrop(two_nodes_lab):
     assert (yield ping(lab, "client", "10.77.0.2")) == 0
     lab.undrop("client", "10.77.0.1")
     assert (yield ping(lab, "client", "10.77.0.1")) == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_takeover_fast_path_adds_and_announces_from_the_reactor_thread(two_nodes_lab):
+    """After start the VIP's interface is prepared (appliance.net.takeover):
+    the takeover's add and first gratuitous ARP / NA leave from the reactor
+    thread, the client's neighbour entry moves and it reaches the VIP (IPv4
+    and IPv6); an address already there (EEXIST) is no error."""
+    lab = two_nodes_lab
+    lab.host("ip", "-n", lab.nodes["client"].ns, "addr", "add", "fd77::10/64",
+             "dev", "eth0", "nodad")
+    mac_a = lab.mac("a")
+    lab.set_neighbour("client", "10.77.0.100", "02:00:00:00:00:99")
+    lab.set_neighbour("client", "fd77::100", "02:00:00:00:00:98")
+    mgr = manager(lab, "a", [vip(), vip("vip-v6", VIP6)])
+    yield mgr.startService()
+    nl = mgr._netlink
+    try:
+        assert set(nl._prepared) == {"eth0"}
+        assert (yield mgr.acquire("vip-dhcp", "promoted (test)")) is True
+        assert (yield mgr.acquire("vip-v6", "promoted (test)")) is True
+        assert nl.fast_adds == 2 and nl.fast_fallbacks == 0
+        assert VIP in on(lab, "a") and VIP6 in on(lab, "a")
+        got = yield wait_for(lambda: lab.neighbour("client", "10.77.0.100")[0] == mac_a)
+        assert got, lab.neighbour("client", "10.77.0.100")
+        got = yield wait_for(lambda: lab.neighbour("client", "fd77::100")[0] == mac_a)
+        assert got, lab.neighbour("client", "fd77::100")
+        assert (yield ping(lab, "client", "10.77.0.100")) == 0
+        assert (yield ping(lab, "client", "fd77::100")) == 0
+        assert (yield mgr.acquire("vip-dhcp", "again (test)")) is True    # EEXIST
+        assert nl.fast_adds == 3 and mgr.stats["errors"] == 0
+    finally:
+        yield mgr.stopService()
+    assert VIP not in on(lab, "a") and VIP6 not in on(lab, "a")
+    assert nl._prepared == {}
+
+
+@pytest_twisted.inlineCallbacks
+def test_takeover_fast_path_falls_back_to_the_worker_and_prepares_again(two_nodes_lab):
+    """A prepared interface gone stale (here: a wrong index, as after the
+    interface was re-created) fails the fast add; the worker thread adds the
+    VIP instead, and the interface is prepared again for the next takeover."""
+    lab = two_nodes_lab
+    mgr = manager(lab, "a", [vip()])
+    yield mgr.startService()
+    nl = mgr._netlink
+    try:
+        nl._prepared["eth0"].index = 999_999
+        assert (yield mgr.acquire("vip-dhcp", "promoted (test)")) is True
+        assert VIP in on(lab, "a")
+        assert nl.fast_adds == 0 and nl.fast_fallbacks == 1
+        assert (yield wait_for(lambda: "eth0" in nl._prepared))
+        assert (yield ping(lab, "client", "10.77.0.100")) == 0
+        yield mgr.release("vip-dhcp", "demoted (test)")
+        assert (yield mgr.acquire("vip-dhcp", "promoted again (test)")) is True
+        assert nl.fast_adds == 1 and VIP in on(lab, "a")
+    finally:
+        yield mgr.stopService()
