@@ -15,7 +15,7 @@ import os
 
 import pytest
 
-from tests.sim.world import World
+from tests.sim.world import Violation, World
 
 SEEDS = int(os.environ.get("SIM_SEEDS", "300"))
 CHUNK = 50
@@ -59,6 +59,23 @@ REGRESSIONS = [
 @pytest.mark.parametrize("seed,nodes,witness,lease", REGRESSIONS)
 def test_regression_seeds(seed, nodes, witness, lease):
     World(seed, nodes, witness=witness, lease=lease).run(30.0)
+
+
+# Found by the long run of 2026-12-04 (seeds 30000-..., 15 s, 3 nodes + witness), and
+# failing the same on the code of that session's start (2f05b00): with a witness, an
+# operator demote / maintenance of the owner while b and c cannot hear each other (a
+# partition b|c, or loss) leaves b AND c claiming the resource (two owners).  A real bug
+# of the N >= 3 witness hand-over, not fixed yet (issue 11): strict, so a fix must
+# move these seeds to REGRESSIONS.
+KNOWN_WITNESS_HANDOVER_SPLITS = [30534, 30571, 30793]
+
+
+@pytest.mark.xfail(raises=Violation, strict=True,
+                   reason="3 nodes + witness: an operator hand-over during a b|c partition "
+                          "gives two owners (open, issue 11)")
+@pytest.mark.parametrize("seed", KNOWN_WITNESS_HANDOVER_SPLITS)
+def test_known_witness_handover_split(seed):
+    World(seed, 3, witness=True).run(15.0)
 
 
 def test_unsafe_key_rotation_is_caught():
