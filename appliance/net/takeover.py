@@ -109,7 +109,6 @@ class PreparedInterface:
             self.close()
             raise
         self._seq = 0
-        self.used = 0
 
     def add_and_announce(self, iface: Any) -> tuple[bool, Any]:
         """Add ``iface``; fires ``(added_now, frames sent or the OSError)``.
@@ -128,7 +127,6 @@ class PreparedInterface:
             raise FastPathUnavailable("rtnetlink: no acknowledgement queued")
         if code not in (0, errno.EEXIST):
             raise FastPathUnavailable(f"rtnetlink: {os.strerror(code)}")
-        self.used += 1
         added = code == 0
         ip = ipaddress.ip_interface(iface).ip
         try:
