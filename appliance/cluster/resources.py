@@ -60,6 +60,8 @@ class Resource:
     reserved: int = 0
     reserving: int = 0
     reserve_retry_at: float = 0.0
+    #: with a witness: the node whose claim intent this node backs (backs:<name>=)
+    backing: str | None = None
 
 
 def call_listener(listener, *args):
@@ -236,6 +238,8 @@ class ResourceTable:
             res.owner = owner
             if d.action != "claim" or holding or claims:
                 self._drop_intent(name)
+            if m.witness_id is not None:
+                self._advertise_backing(name, res, d.winner, claims)
             if d.action == "claim" and not holding and not res.claiming:
                 if claims or (res.wanted and self._owned_elsewhere(name)) or any(
                         p.alive and p.heartbeat is not None
@@ -305,6 +309,62 @@ class ResourceTable:
     def _rank(self, res: Resource, node: str):
         return (res.spec.priority.get(node, 0), node)
 
+    # The echo alone is not enough when connectivity is not transitive: with
+    # b|c cut and a connected to both, a demote of the owner a let b and c
+    # each see the other dead, each advertise an intent, each get a's echo
+    # and both claim (simulator seeds 30534 ... --witness, 3 nodes).  So a
+    # node that sees intents also says which one it backs
+    # (``backs:<name>=<node>``), and an intent counts as acknowledged only by
+    # a beat that backs it.  A node backs: the holder of the resource while
+    # one is visible (a preemption goes through the holder's own release);
+    # else the intent it backed before, as long as that node still advertises
+    # it (a promise: never two intents backed in turn while the first one's
+    # claim is on the way); else the intent its own election prefers.  Once
+    # it judges the backed node dead, that node has stopped counting it as
+    # connected (``Quorum.connected``) and lost quorum: the same timing as
+    # a takeover from a dead owner.
+    def _advertise_backing(self, name: str, res: Resource, winner: str | None,
+                           claims: dict) -> None:
+        m = self.m
+        flags = m.health.flags_set
+        intent = f"claiming:{name}"
+        intenders = {p.id for p in m.node_peers()
+                     if p.alive and p.heartbeat is not None and intent in p.heartbeat.health}
+        if intent in flags:
+            intenders.add(m.node_id)
+        backed = None
+        if intenders:
+            holders = dict(claims)
+            if res.mine is not None:
+                holders[m.node_id] = res.mine
+            if holders:
+                backed = max(holders.values(), key=lambda c: (c.epoch, c.owner)).owner
+            elif res.backing in intenders:
+                backed = res.backing
+            elif winner in intenders:
+                backed = winner
+            else:
+                backed = max(intenders, key=lambda n: self._rank(res, n))
+        res.backing = backed
+        prefix = f"backs:{name}="
+        want = None if backed is None else prefix + backed
+        stale = [f for f in flags if f.startswith(prefix) and f != want]
+        if stale or (want is not None and want not in flags):
+            for f in stale:
+                flags.discard(f)
+            if want is not None:
+                flags.add(want)
+            m.send_soon()
+
+    def backing_of(self, name: str, hb: Heartbeat) -> str | None:
+        """The node whose intent on ``name`` the beat ``hb`` backs (None: no
+        backing flag, a peer of an older version or one that saw no intent)."""
+        prefix = f"backs:{name}="
+        for flag in hb.health:
+            if flag.startswith(prefix) and flag[len(prefix):] in self.m.node_ids:
+                return flag[len(prefix):]
+        return None
+
     def _intent_acked(self, res: Resource) -> bool:
         m = self.m
         name = res.spec.name
@@ -335,6 +395,9 @@ class ResourceTable:
             echo = (p.heartbeat.echo or {}).get(m.node_id)
             if echo is None or echo[0] != m.incarnation or echo[1] < res.intent_seq:
                 return False
+            backs = self.backing_of(name, p.heartbeat)
+            if backs is not None and backs != m.node_id:
+                return False              # it backs another node's intent or claim
         return True
 
     # -- operator promote: break before make --------------------------------------------

@@ -161,3 +161,49 @@ def test_promote_waits_for_an_intent_of_a_peer_not_connected():
         samples.append(tuple(w.owners()))
     assert all(len(s) <= 1 for s in samples), [s for s in samples if len(s) > 1][:3]
     assert b.role("vip1") == "standby" and not res
+
+
+def _world3(seed=1):
+    w = World(seed=seed, n_nodes=3, preempt=True, witness=True)
+    for nid in w.ids:
+        w.start(nid)
+    assert _settle(w, 1.5)[-1] == ("a",)
+    return w
+
+
+def test_demote_during_a_partition_of_the_other_two_gives_one_owner():
+    """Simulator seeds 30534, 30571, 30793 ... (3 nodes + witness): b|c cut, a
+    connected to both.  The owner a is demoted: b and c each see the other
+    dead, each is the top candidate in its own view, each advertises an intent
+    and each got a's echo, so both claimed (two owners for good).  a now backs
+    one intent (backs:vip1=b, its own election's choice) and an echo that backs
+    another node acknowledges nothing: exactly one of them owns, at every ms."""
+    w = _world3()
+    _partition(w, "b", "c")
+    _settle(w, 1.0)
+    assert w.owners() == ["a"]
+    w.nodes["a"].manager.demote("vip1")
+    samples = []
+    for _ in range(3000):
+        w.clock.advance(0.001)
+        samples.append(tuple(w.owners()))
+    assert all(len(s) <= 1 for s in samples), [s for s in samples if len(s) > 1][:3]
+    assert samples[-1] == ("b",)
+    a = w.nodes["a"].manager
+    assert w.nodes["c"].manager.role("vip1") == "standby"
+    w.net.heal()
+    after = _settle(w, 2.0)
+    assert all(len(s) <= 1 for s in after)
+    assert after[-1] == ("b",)
+    assert not any(f.startswith("backs:") for f in a.health_flags())   # no intent left
+
+
+def test_maintenance_of_the_owner_during_a_partition_of_the_other_two_gives_one_owner():
+    """The same hand-over by maintenance on a (the other schedule of those seeds)."""
+    w = _world3()
+    _partition(w, "b", "c")
+    _settle(w, 1.0)
+    w.nodes["a"].manager.set_maintenance(True)
+    samples = _settle(w, 3.0)
+    assert all(len(s) <= 1 for s in samples), [s for s in samples if len(s) > 1][:3]
+    assert samples[-1] == ("b",)
