@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import heapq
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -61,10 +62,11 @@ from appliance.store.interface import (
     StoreDown,
     StoreError,
 )
-from appliance.store.sqlite_file import SYNCHRONOUS, Batch, SQLiteFile
+from appliance.store.sqlite_file import COMPACT_HASH_FIELDS, SYNCHRONOUS, Batch, SQLiteFile
 from appliance.store.validate import check_str
 from appliance.store.zset import ZSet
 
+_dumps = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 _WRONGTYPE = "WRONGTYPE operation against a key holding the wrong kind of value"
 _NONE = type(None)
 _WANT = {"set": str, "hset": dict, "hdel": dict, "zadd": ZSet, "zrem": ZSet}
@@ -141,6 +143,9 @@ class EmbeddedStore(Service):
         self._dirty_members: dict[str, set[str]] = {}
         self._dirty_expires: set[str] = set()
         self._clear: set[str] = set()             # whole keys that had rows in hfields/zmembers
+        #: the hashes whose rows on disk (once the batches built so far commit) are field
+        #: rows; every other hash is one row (sqlite_file: COMPACT_HASH_FIELDS)
+        self._row_hashes: set[str] = set()
         self._dirty_rows = 0                      # rows (about) the dirty set will write
         self.max_commit_rows = max_commit_rows or self.MAX_COMMIT_ROWS
         self._waiters: list[defer.Deferred] = []
@@ -204,7 +209,7 @@ class EmbeddedStore(Service):
         """Writer thread: open the database and read everything."""
         self._file.close()
         self._file.open()
-        return self._file.load()
+        return (*self._file.load(), self._file.row_hashes)
 
     def _load_failed(self, failure):
         self._failed = f"cannot load state from {self.path}: {failure.getErrorMessage()}"
@@ -213,7 +218,8 @@ class EmbeddedStore(Service):
         return failure
 
     def _loaded(self, result):
-        strings, hashes, zsets, expiry = result
+        strings, hashes, zsets, expiry, row_hashes = result
+        self._row_hashes = set(row_hashes)
         now = self._reactor.seconds()
         data: dict[str, Any] = dict(strings)
         data.update(hashes)
@@ -329,26 +335,49 @@ class EmbeddedStore(Service):
         """The dirty keys, fields and members as rows (their values now)."""
         b = Batch()
         data, expiry = self._data, self._expiry
-        clear = self._clear
+        clear, rows = self._clear, self._row_hashes
+        dumps = _dumps
         for key in self._dirty_whole:
             v = data.get(key)
             if v is None:
                 b.drop.append((key,))
+                rows.discard(key)
                 continue
             if key in clear:                       # it was a hash or sorted set: its rows go
                 b.drop.append((key,))
             when = expiry.get(key)
             if v.__class__ is str:
                 b.keys.append((key, "s", v, when))
+                rows.discard(key)
             elif v.__class__ is dict:
-                b.keys.append((key, "h", None, when))
-                b.hset.extend((key, f, fv) for f, fv in v.items())
+                if len(v) <= COMPACT_HASH_FIELDS:  # one row (sqlite_file's module docstring)
+                    if key in rows:
+                        rows.discard(key)
+                        if key not in clear:
+                            b.drop.append((key,))
+                    b.keys.append((key, "h", dumps(v), when))
+                else:
+                    rows.add(key)
+                    b.keys.append((key, "h", None, when))
+                    b.hset.extend((key, f, fv) for f, fv in v.items())
             else:
                 b.keys.append((key, "z", None, when))
                 b.zadd.extend((key, m, s) for m, s in v.scores.items())
+                rows.discard(key)
         for key, members in self._dirty_members.items():
             v = data.get(key)
             if v.__class__ is dict:
+                if len(v) <= COMPACT_HASH_FIELDS:  # the whole hash, one row
+                    if key in rows:
+                        rows.discard(key)
+                        b.drop.append((key,))
+                    b.keys.append((key, "h", dumps(v), expiry.get(key)))
+                    continue
+                if key not in rows:                # it was one row: now a row per field
+                    rows.add(key)
+                    b.keys.append((key, "h", None, expiry.get(key)))
+                    b.hset.extend((key, f, fv) for f, fv in v.items())
+                    continue
                 for f in members:
                     fv = v.get(f)
                     if fv is None:
@@ -503,7 +532,7 @@ class EmbeddedStore(Service):
             self._file.close()              # never reuse a handle that saw an error
             self._file.open()
             self._file.probe(MIN_FREE_BYTES)
-            return self._file.load()
+            return (*self._file.load(), self._file.row_hashes)
 
         def ok(result):
             old = self._failed

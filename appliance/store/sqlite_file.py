@@ -6,12 +6,23 @@ shell to look around)::
     keys(key, kind, value, expires)   one row per key: kind 's' (string, value
                                       in the row), 'h' (hash), 'z' (sorted set);
                                       expires: absolute UNIX time or NULL
-    hfields(key, field, value)        one row per hash field
+    hfields(key, field, value)        one row per field of a large hash
     zmembers(key, member, score)      one row per sorted-set member
     meta(name, value)                 format, instance id, last probe
 
-A change costs rows proportional to what changed: an ``hset`` of one field
-rewrites that field's row, a ``zadd`` of one member that member's row.
+Hashes come in two shapes.  A small one (at most ``COMPACT_HASH_FIELDS``
+fields: a lease record, a registration) is one row: its ``keys`` row holds
+the whole hash as a JSON object in ``value``, rewritten when any field
+changes -- one row instead of a row per field (a DHCP lease record has 16
+fields: writing it cost 17 rows).  A large one (a map with a field per
+member) has ``value`` NULL and a ``hfields`` row per field, so a change of one
+field rewrites that field's row.  A hash changes shape when it crosses the
+limit (the other shape's rows go in the same transaction); a JSON ``value``
+wins over stray ``hfields`` rows of the same key.  A change of anything else
+costs rows proportional to what changed: a ``zadd`` of one member that
+member's row.  Format "1" (every hash in field rows) is read as it is and
+marked "2" at open; a build that knows only "1" refuses a "2" file instead of
+losing its compact hashes.
 
 Everything here runs in the writer thread (never the reactor): the
 connection is opened, used and closed there.  :class:`Batch` is built by the
@@ -35,6 +46,7 @@ is on disk entirely or not at all, and batches become durable in order.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 import time
@@ -42,7 +54,11 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-FORMAT = "1"
+FORMAT = "2"
+#: formats this build reads ("1": every hash in field rows; marked "2" at open)
+READS_FORMATS = ("1", "2")
+#: hashes with at most this many fields are one row (see the module docstring)
+COMPACT_HASH_FIELDS = 32
 FILENAME = "store.sqlite3"
 SYNCHRONOUS = {"always": "FULL", "batch": "NORMAL", "never": "OFF"}
 
@@ -87,6 +103,18 @@ class Batch:
                 + len(self.hdel) + len(self.zadd) + len(self.zdel))
 
 
+def _compact(key: str, value: str) -> dict:
+    """A one-row hash's fields (its JSON object of strings)."""
+    try:
+        h = json.loads(value)
+    except ValueError:
+        h = None
+    if not isinstance(h, dict) or not all(isinstance(f, str) and isinstance(v, str)
+                                          for f, v in h.items()):
+        raise sqlite3.DatabaseError(f"hash {key!r}: its row is not a JSON object of strings")
+    return h
+
+
 class OldFormatError(Exception):
     """The state dir holds the journal of the store before SQLite."""
 
@@ -102,6 +130,8 @@ class SQLiteFile:
         self.fsync = fsync
         self.conn: sqlite3.Connection | None = None
         self.instance: str | None = None
+        #: after :meth:`load`: the hashes stored as field rows (the large ones)
+        self.row_hashes: set[str] = set()
 
     # -- open / load / close ------------------------------------------------
     def open(self) -> None:
@@ -123,9 +153,11 @@ class SQLiteFile:
             row = conn.execute("SELECT value FROM meta WHERE name = 'format'").fetchone()
             if row is None:
                 conn.execute("INSERT INTO meta VALUES ('format', ?)", (FORMAT,))
-            elif row[0] != FORMAT:
+            elif row[0] not in READS_FORMATS:
                 conn.execute("ROLLBACK")
                 raise sqlite3.DatabaseError(f"{self.path}: format {row[0]!r}, expected {FORMAT!r}")
+            elif row[0] != FORMAT:            # its rows are valid as they are
+                conn.execute("UPDATE meta SET value = ? WHERE name = 'format'", (FORMAT,))
             row = conn.execute("SELECT value FROM meta WHERE name = 'instance'").fetchone()
             if row is None:
                 self.instance = uuid.uuid4().hex
@@ -146,19 +178,24 @@ class SQLiteFile:
         hashes: dict = {}
         zsets: dict = {}
         expiry: dict = {}
+        rows: set = set()
         for key, kind, value, expires in c.execute("SELECT key, kind, value, expires FROM keys"):
             if kind == "s":
                 strings[key] = value
             elif kind == "h":
-                hashes[key] = {}
+                if value is None:
+                    hashes[key] = {}
+                    rows.add(key)
+                else:
+                    hashes[key] = _compact(key, value)
             else:
                 zsets[key] = {}
             if expires is not None:
                 expiry[key] = expires
         for key, f, value in c.execute("SELECT key, field, value FROM hfields"):
-            h = hashes.get(key)
-            if h is not None:
-                h[f] = value
+            if key in rows:
+                hashes[key][f] = value
+        self.row_hashes = rows
         for key, member, score in c.execute("SELECT key, member, score FROM zmembers"):
             z = zsets.get(key)
             if z is not None:

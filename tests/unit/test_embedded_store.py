@@ -462,3 +462,87 @@ def test_acks_of_a_large_commit_fire_a_slice_per_turn_in_order(tmp_path):
         clock.advance(0)
         held.run_all()
     assert later == ["durable", "after"]
+
+
+def _disk(tmp_path):
+    """(keys rows, hfields rows, meta format) of the file as it is."""
+    c = sqlite3.connect(str(tmp_path / "store.sqlite3"))
+    try:
+        keys = {k: (kind, v) for k, kind, v in c.execute("SELECT key, kind, value FROM keys")}
+        fields = c.execute("SELECT key, field, value FROM hfields").fetchall()
+        fmt = c.execute("SELECT value FROM meta WHERE name = 'format'").fetchone()[0]
+    finally:
+        c.close()
+    return keys, fields, fmt
+
+
+def test_a_small_hash_is_one_row(tmp_path):
+    """A lease-sized hash (16 fields) costs one row per write, not a row per field
+    (17 rows before), a change of one field too; it reads back the same."""
+    store, clock, _ = started(tmp_path)
+    lease = {f"f{i:02}": f"v{i}" for i in range(16)}
+    rows = store.stats["rows"]
+    ok(store.commit([Op.hset("lease:1", lease), Op.set("ver:1", "1")]))
+    assert store.stats["rows"] - rows == 2
+    rows = store.stats["rows"]
+    ok(store.hset("lease:1", {"f03": "x", "f04": "y"}))
+    assert store.stats["rows"] - rows == 1
+    keys, fields, fmt = _disk(tmp_path)
+    assert keys["lease:1"][0] == "h" and keys["lease:1"][1] is not None and fields == []
+    assert fmt == "2"
+    stop(store, clock)
+    again = reopened(tmp_path, clock)
+    assert dump(again)["lease:1"] == {**lease, "f03": "x", "f04": "y"}
+
+
+def test_a_hash_changes_shape_across_the_limit(tmp_path):
+    """A hash that grows past COMPACT_HASH_FIELDS gets a row per field (a field's
+    change rewrites that row), one that shrinks back is one row again (its field
+    rows go in the same commit); the contents survive every reopen."""
+    from appliance.store.sqlite_file import COMPACT_HASH_FIELDS as N
+    store, clock, _ = started(tmp_path)
+    ok(store.hset("h", {f"a{i}": "1" for i in range(N)}))
+    assert _disk(tmp_path)[1] == []
+    ok(store.hset("h", {"b0": "2", "b1": "2"}))                  # N + 2 fields: rows
+    keys, fields, _ = _disk(tmp_path)
+    assert keys["h"] == ("h", None) and len(fields) == N + 2
+    rows = store.stats["rows"]
+    ok(store.hset("h", {"b0": "3"}))
+    assert store.stats["rows"] - rows == 1
+    stop(store, clock)
+    store = reopened(tmp_path, clock)
+    assert dump(store)["h"] == {**{f"a{i}": "1" for i in range(N)}, "b0": "3", "b1": "2"}
+    ok(store.hdel("h", *[f"a{i}" for i in range(N)]))            # 2 fields: one row
+    keys, fields, _ = _disk(tmp_path)
+    assert fields == [] and keys["h"][1] is not None
+    stop(store, clock)
+    assert dump(reopened(tmp_path, clock))["h"] == {"b0": "3", "b1": "2"}
+
+
+def test_a_format_1_file_is_read_and_upgraded(tmp_path):
+    """A file of the field-row format ("1") loads as it is; its hashes become one row
+    when next written; the file is marked "2" (a build that reads only "1" refuses it
+    instead of losing the one-row hashes)."""
+    c = sqlite3.connect(str(tmp_path / "store.sqlite3"))
+    c.executescript("""
+        CREATE TABLE keys (key TEXT PRIMARY KEY NOT NULL, kind TEXT NOT NULL
+            CHECK (kind IN ('s', 'h', 'z')), value TEXT, expires REAL) WITHOUT ROWID;
+        CREATE TABLE hfields (key TEXT NOT NULL, field TEXT NOT NULL, value TEXT NOT NULL,
+            PRIMARY KEY (key, field)) WITHOUT ROWID;
+        CREATE TABLE zmembers (key TEXT NOT NULL, member TEXT NOT NULL, score REAL NOT NULL,
+            PRIMARY KEY (key, member)) WITHOUT ROWID;
+        CREATE TABLE meta (name TEXT PRIMARY KEY NOT NULL, value TEXT) WITHOUT ROWID;
+        INSERT INTO meta VALUES ('format', '1');
+        INSERT INTO keys VALUES ('old', 'h', NULL, NULL), ('other', 'h', NULL, NULL);
+        INSERT INTO hfields VALUES ('old', 'a', '1'), ('old', 'b', '2'), ('other', 'c', '3');
+    """)
+    c.commit()
+    c.close()
+    store, clock, _ = started(tmp_path)
+    assert dump(store) == {"old": {"a": "1", "b": "2"}, "other": {"c": "3"}}
+    ok(store.hset("old", {"a": "9"}))
+    keys, fields, fmt = _disk(tmp_path)
+    assert fmt == "2" and keys["old"][1] is not None and fields == [("other", "c", "3")]
+    stop(store, clock)
+    assert dump(reopened(tmp_path, clock)) == {"old": {"a": "9", "b": "2"},
+                                               "other": {"c": "3"}}
