@@ -167,3 +167,51 @@ def test_handler_never_raises_on_any_message(tmp_path, msgs, data):
             out = lab.h.handle(C.parse(C.encode(m)))
             if out is not None:
                 C.parse(C.encode(out))
+
+
+def _innermost(m):
+    while isinstance(m, C.RelayMessage):
+        m = m.inner
+    return m
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(any_message)
+def test_peek_server_id_agrees_with_parse(m):
+    """peek_server_id (a walk over option headers, through RELAY-FORW layers) finds the
+    Server Identifier parse finds, for the messages that must name a server; None for
+    every other type."""
+    inner = _innermost(m)
+    want = inner.server_id if inner.msg_type in C.TO_A_SERVER else None
+    assert C.peek_server_id(C.encode(m)) == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_peek_server_id_never_crashes(data):
+    """Random bytes: peek_server_id returns bytes or None, never raises; when parse reads
+    the datagram as a message that must name a server, both agree."""
+    got = C.peek_server_id(data)
+    assert got is None or isinstance(got, bytes)
+    try:
+        m = C.parse(data)
+    except C.MalformedMessage:
+        return
+    inner = _innermost(m)
+    if inner.msg_type in C.TO_A_SERVER:
+        assert got == inner.server_id
+
+
+def test_peek_server_id_known_bytes():
+    """A REQUEST naming server 00010203 directly and inside two relays; a SOLICIT, a
+    REQUEST without one and a cut-short one give None."""
+    req = C.Message(C.REQUEST, 7, client_id=b"\x00\x03\x00\x01abcdef", server_id=b"\x00\x01\x02\x03")
+    raw = C.encode(req)
+    assert C.peek_server_id(raw) == b"\x00\x01\x02\x03"
+    relay = C.RelayMessage(C.RELAY_FORW, 0, bytes(16), bytes(16), req, b"if")
+    twice = C.RelayMessage(C.RELAY_FORW, 1, bytes(16), bytes(16), relay, None)
+    assert C.peek_server_id(C.encode(twice)) == b"\x00\x01\x02\x03"
+    assert C.peek_server_id(C.encode(C.Message(C.SOLICIT, 7, client_id=b"\x00\x03\x00\x01ab",
+                                               server_id=b"\x00\x01\x02"))) is None
+    assert C.peek_server_id(C.encode(C.Message(C.REQUEST, 7, client_id=b"\x00\x03ab"))) is None
+    assert C.peek_server_id(raw[:-2]) is None

@@ -258,3 +258,31 @@ def test_split_scope_still_has_both_partners_answer_every_new_client(tmp_path):
     clock, wire, a, b = lb_pair(tmp_path)                  # the shipped mode
     assert all(solicit(a, i) and solicit(b, i) for i in range(1, 21))
     assert a.drops["not_owner"] == b.drops["not_owner"] == 0
+
+
+def test_a_request_for_the_partner_is_dropped_before_the_parse(tmp_path, monkeypatch):
+    """Both partners get every client message (multicast); a REQUEST (or RENEW) naming the
+    partner's server id is dropped on a walk over its option headers, without the full
+    parse, and counted in dhcp6.stats drops (not_our_server_id); one naming us is served.
+    In COMMUNICATIONS-INTERRUPTED such a message is parsed: it is client evidence."""
+    clock, wire, a, b = pair(tmp_path)
+    adv = ask(a, msg(C.SOLICIT, 1, na=[(1, ())], pd=[(7, ())]))
+    address, prefix = got(adv)
+    req = msg(C.REQUEST, 1, a.server_duid, na=[(1, [address])], pd=[(7, [prefix])])
+    parsed = []
+    real = C.parse
+    monkeypatch.setattr(C, "parse", lambda data, *k: parsed.append(1) or real(data, *k))
+    assert ask(b, req) is None
+    assert parsed == [] and b.rpc_stats()["drops"] == {"not_our_server_id": 1}
+    assert "in_REQUEST" not in b.handler.counters
+    rep = ask(a, req)
+    assert got(rep) == (address, prefix) and parsed
+    clock.advance(0.1)
+    wire.pump()
+    wire.cut()
+    b.failover._partner_state("a", P.COMM_INTERRUPTED, "peer a not heard")
+    parsed.clear()
+    renew = msg(C.RENEW, 1, a.server_duid, na=[(1, [address])], pd=[(7, [prefix])],
+                elapsed=1500)
+    assert ask(b, renew) is None
+    assert parsed and b.context.cluster.evidence == [("a", 1)]

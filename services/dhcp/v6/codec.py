@@ -363,6 +363,49 @@ _SINGLE = frozenset((OPT_CLIENTID, OPT_SERVERID, OPT_ORO, OPT_PREFERENCE, OPT_EL
                      OPT_CLIENT_FQDN))
 
 
+#: client messages that must name the server (RFC 8415 section 16): one naming another
+#: server is not for us
+TO_A_SERVER = frozenset((REQUEST, RENEW, RELEASE, DECLINE))
+
+
+def peek_server_id(data: bytes) -> bytes | None:
+    """The Server Identifier of a REQUEST / RENEW / RELEASE / DECLINE (``TO_A_SERVER``),
+    direct or inside RELAY-FORW layers, found by a walk over the option headers only
+    (no parse); None when there is none, the message is of another type, or anything
+    looks wrong (then :func:`parse` decides).  In a pair every client message reaches
+    both partners (multicast): half the REQUESTs name the partner and are dropped here."""
+    depth = 0
+    while True:
+        n = len(data)
+        if n < 4:
+            return None
+        mtype = data[0]
+        if mtype == RELAY_FORW:
+            if depth >= MAX_HOPS or n < 34:
+                return None
+            i, inner = 34, None
+            while i + 4 <= n:
+                code, length = _OPTHDR.unpack_from(data, i)
+                if code == OPT_RELAY_MSG:
+                    inner = data[i + 4:i + 4 + length]
+                    break
+                i += 4 + length
+            if inner is None:
+                return None
+            data, depth = inner, depth + 1
+            continue
+        if mtype not in TO_A_SERVER:
+            return None
+        i = 4
+        while i + 4 <= n:
+            code, length = _OPTHDR.unpack_from(data, i)
+            if code == OPT_SERVERID:
+                end = i + 4 + length
+                return data[i + 4:end] if end <= n else None
+            i += 4 + length
+        return None
+
+
 def _parse_relay(data: bytes, depth: int) -> RelayMessage:
     if depth >= MAX_HOPS:
         raise MalformedMessage("too_deep", f"more than {MAX_HOPS} relay layers")

@@ -26,12 +26,14 @@ from appliance.admin.rpc import ApplicationError, InvalidParams, Param, Params
 from appliance.net.sockets import enable_receive_times, last_received_at, set_receive_buffer
 from appliance.plugin import withdraw
 from appliance.store.interface import IImmediateStore
+from services.dhcp.failover.pools import COMM_INTERRUPTED
 from services.dhcp.v6 import codec as C
 from services.dhcp.v6.config import Dhcp6Config, normalize_duid
 from services.dhcp.v6.handler import Dhcp6Handler
 from services.dhcp.v6.leases import KINDS, NA, PD, STATES, address_key
 
 _log = Logger(namespace="services.dhcp6")
+_PEEK_TYPES = C.TO_A_SERVER | {C.RELAY_FORW}
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 ALL_DHCP = "ff02::1:2"
 DUID_KEY = "dhcp6:server-duid:"
@@ -80,7 +82,8 @@ class Dhcp6Service(Service):
         self.handler: Dhcp6Handler | None = None
         self.server_duid: bytes | None = None
         self.drops: dict[str, int] = {r: 0 for r in C.DROP_REASONS}
-        self.drops.update(store_error=0, reply_too_large=0, overload=0, stale=0, not_owner=0)
+        self.drops.update(store_error=0, reply_too_large=0, overload=0, stale=0, not_owner=0,
+                          not_our_server_id=0)
         self._max_age_s = config.solicit_max_age_ms / 1000.0
         self._inflight = 0
         self._ifindex = 0
@@ -200,6 +203,14 @@ class Dhcp6Service(Service):
     def datagram(self, data: bytes, addr) -> None:
         if self.handler is None:
             return
+        if data[:1] and data[0] in _PEEK_TYPES:
+            sid = C.peek_server_id(data)
+            if sid is not None and sid != self.server_duid and not self._evidence_wanted():
+                # a REQUEST/RENEW/RELEASE/DECLINE for another server (in a pair: the
+                # partner's, every client message reaches both): dropped before the
+                # parse, as the handler would drop it after (not_our_server_id)
+                self.drops["not_our_server_id"] += 1
+                return
         try:
             msg = C.parse(data)
         except C.MalformedMessage as e:
@@ -234,6 +245,12 @@ class Dhcp6Service(Service):
         d.addCallback(lambda _: self._send(reply, addr))
         d.addErrback(self._failed, msg)
         d.addBoth(self._done_one)
+
+    def _evidence_wanted(self) -> bool:
+        """The partner's clients' messages are client evidence now (failover.observe:
+        COMMUNICATIONS-INTERRUPTED): they must be parsed even when not for us."""
+        partner = getattr(self, "failover", None)
+        return partner is not None and partner.view.state == COMM_INTERRUPTED
 
     def _stale(self) -> bool:
         at = last_received_at(getattr(self.port, "socket", None))
