@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import heapq
+import itertools
 import json
 import sqlite3
 import time
@@ -66,6 +67,7 @@ from appliance.store.sqlite_file import COMPACT_HASH_FIELDS, SYNCHRONOUS, Batch,
 from appliance.store.validate import check_str
 from appliance.store.zset import ZSet
 
+_chain = itertools.chain.from_iterable
 _dumps = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 _WRONGTYPE = "WRONGTYPE operation against a key holding the wrong kind of value"
 _NONE = type(None)
@@ -135,6 +137,9 @@ class EmbeddedStore(Service):
         # the mirror
         self._data: dict[str, Any] = {}
         self._index: SortedList = SortedList()      # the keys, for scan pages
+        #: keys added since the last scan, not in ``_index`` yet (a SortedList insert per
+        #: new key cost ~2 us on the write path; a scan merges them in one update)
+        self._index_new: set[str] = set()
         self._expiry: dict[str, float] = {}
         self._expiry_heap: list[tuple[float, str]] = []
         self._expiry_call = None
@@ -227,6 +232,7 @@ class EmbeddedStore(Service):
             data[key] = ZSet(members)
         self._data = data
         self._index = SortedList(data)
+        self._index_new = set()
         self._expiry, self._expiry_heap = {}, []
         self._clear_dirty()
         for key, when in expiry.items():
@@ -620,7 +626,7 @@ class EmbeddedStore(Service):
         self._dirty_rows += 1 if value.__class__ is str else 1 + len(value)
         old = self._data.get(key)
         if old is None:
-            self._index.add(key)
+            self._index_new.add(key)
         elif old.__class__ is not str:
             self._clear.add(key)
         self._data[key] = value
@@ -632,7 +638,10 @@ class EmbeddedStore(Service):
         self._dirty_rows += 1
         old = self._data.pop(key, None)
         if old is not None:
-            self._index.remove(key)
+            if key in self._index_new:
+                self._index_new.discard(key)
+            else:
+                self._index.remove(key)
             if old.__class__ is not str:
                 self._clear.add(key)
         self._expiry.pop(key, None)
@@ -982,8 +991,9 @@ class EmbeddedStore(Service):
 
     def _apply_commit(self, ops, expect) -> bool:
         for key, value in (expect or {}).items():
-            check_str(key)
-            if value is not None:
+            if key.__class__ is not str or not key.isascii():
+                check_str(key)
+            if value is not None and (value.__class__ is not str or not value.isascii()):
                 check_str(value)
             if self._typed(key, str) != value:
                 return False
@@ -1042,12 +1052,18 @@ class EmbeddedStore(Service):
                 if args[1] is not None and args[1] <= 0:
                     raise StoreError("ttl_s must be positive")
             elif kind == "hset":
-                if args[0]:
+                pairs = args[0]
+                if pairs:
                     kinds[key] = want
-                for f, v in args[0]:
-                    if (f.__class__ is not str or v.__class__ is not str
-                            or not f.isascii() or not v.isascii()):
-                        check_str(f, v)
+                try:                       # all str and ASCII (a lease record): one test
+                    plain = "".join(_chain(pairs)).isascii()
+                except TypeError:
+                    plain = False
+                if not plain:
+                    for f, v in pairs:
+                        if (f.__class__ is not str or v.__class__ is not str
+                                or not f.isascii() or not v.isascii()):
+                            check_str(f, v)
             elif kind == "zadd":
                 if args[0]:
                     kinds[key] = want
@@ -1072,6 +1088,9 @@ class EmbeddedStore(Service):
                 raise StoreError("count must be at least 1")
             now = self._reactor.seconds()
             start = max(prefix, cursor or "")
+            if self._index_new:
+                self._index.update(self._index_new)
+                self._index_new.clear()
             page = []
             for k in self._index.irange(start, None):
                 if not k.startswith(prefix):

@@ -546,3 +546,21 @@ def test_a_format_1_file_is_read_and_upgraded(tmp_path):
     stop(store, clock)
     assert dump(reopened(tmp_path, clock)) == {"old": {"a": "9", "b": "2"},
                                                "other": {"c": "3"}}
+
+
+def test_scan_sees_keys_added_and_dropped_between_scans(tmp_path):
+    """New keys join the scan index lazily (merged at the next scan): a key added, one
+    deleted before any scan, one deleted after being scanned, and a type change all page
+    as the mirror says."""
+    store, clock, _ = started(tmp_path)
+    for k in ("p:3", "p:1", "q:1"):
+        ok(store.set(k, "v"))
+    ok(store.hset("p:2", {"f": "v"}))
+    ok(store.delete("p:1"))
+    assert ok(store.scan("p:")) == (None, ["p:2", "p:3"])
+    ok(store.delete("p:3"))
+    ok(store.set("p:0", "v"))
+    ok(store.set("p:1", "again"))
+    ok(store.commit([Op.delete("p:2"), Op.zadd("p:2", {"m": 1.0})]))
+    assert ok(store.scan("p:")) == (None, ["p:0", "p:1", "p:2"])
+    assert ok(store.scan("p:", count=2)) == ("p:1", ["p:0", "p:1"])
