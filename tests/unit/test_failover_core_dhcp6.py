@@ -286,3 +286,35 @@ def test_a_request_for_the_partner_is_dropped_before_the_parse(tmp_path, monkeyp
                 elapsed=1500)
     assert ask(b, renew) is None
     assert parsed and b.context.cluster.evidence == [("a", 1)]
+
+
+def test_the_partners_ack_marks_its_records_in_one_store_commit(tmp_path, monkeypatch):
+    """The partner's "stored" report of a lazy-update batch marks every record it names
+    that is still current (synced, the acked potential expiry) in ONE store commit per
+    lease type, not one per record; a version that changed since stays owed."""
+    clock, wire, a, b = pair(tmp_path)
+    wire.cut()                                          # the updates wait in a's outbox
+    got_ = [sarr(a, i) for i in range(1, 7)]
+    fl = a.failover.allocator.stores
+    assert len(fl.unsynced) == 12
+    entries = []
+    for address, prefix in got_:
+        for text in (address, prefix):
+            entries.append([text, ok(fl.get(text)).version])
+    stale = entries[0][0]
+    entries[0][1] -= 1                                  # the partner stored an older version
+    calls = []
+    for st in (a.failover.allocator.na, a.failover.allocator.pd):
+        monkeypatch.setattr(st, "_commit_now", lambda ops, expect=None, real=st._commit_now:
+                            calls.append(len(ops)) or real(ops, expect))
+    a.failover._partner_stored(entries)
+    assert sorted(calls) == [5, 6], "one commit for the addresses, one for the prefixes"
+    assert list(fl.unsynced) == [stale]
+    for address, prefix in got_[1:]:
+        for text in (address, prefix):
+            rec = ok(fl.get(text))
+            assert rec.synced and rec.acked >= rec.expires
+    clock.advance(0)
+    store = a.context.store
+    assert ok(store.hgetall(f"dhcp6:na:lease:{got_[1][0]}"))["synced"] == "1"
+    assert ok(store.hgetall(f"dhcp6:na:lease:{stale}"))["synced"] == "0"

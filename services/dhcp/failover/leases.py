@@ -1538,6 +1538,53 @@ class LeaseStore:
         self._track(replace(rec, synced=True, acked=acked))
         return True
 
+    def mark_synced_many(self, recs: list[Lease]):
+        """:meth:`mark_synced` for the records of one partner ack (``recs``: our stored
+        records the partner reported, read just before), in ONE guarded store commit
+        when writes are immediate (the embedded store) instead of a commit per record;
+        one by one otherwise, or when the one commit's guard fails (a record changed
+        behind the mirror).  The same rules as :meth:`mark_synced`.  Returns how many
+        were marked (a Deferred of it when it had to wait)."""
+        if self._commit_now is None or len(recs) < 2:
+            return self._mark_each(recs)
+        ops, expect, marked = [], {}, []
+        meta_of = self._meta.get
+        for rec in recs:
+            meta = meta_of(self._aton(rec.address))
+            if meta is None or meta[0] != rec.version or rec.synced:
+                continue
+            if not self.trust_acks and rec.state in (RELEASED, EXPIRED):
+                continue
+            vkey = self._version_key(rec.address)
+            if vkey in expect:
+                continue
+            acked = max(rec.acked, rec.pexp, rec.expires)
+            ops.append(Op.hset(self._lease_key(rec.address),
+                               {"synced": "1", "acked": _f(acked)}))
+            expect[vkey] = str(rec.version)
+            marked.append(replace(rec, synced=True, acked=acked))
+        if not ops:
+            return 0
+        try:
+            self.writes += 1
+            done = self._commit_now(ops, expect)
+        except StoreError:
+            return defer.fail()
+        if not done:
+            return self._mark_each(recs)
+        for rec in marked:
+            self._track(rec)
+        return len(marked)
+
+    def _mark_each(self, recs: list[Lease]):
+        results = [self.mark_synced(rec) for rec in recs]
+        waits = [r for r in results if isinstance(r, defer.Deferred)]
+        n = sum(1 for r in results if r is True)
+        if not waits:
+            return n
+        return defer.gatherResults(waits, consumeErrors=True).addCallback(
+            lambda rs: n + sum(1 for r in rs if r is True))
+
     @eager
     def set_ddns(self, lease: Lease, ddns: DDNSState | None):
         """Record ``ddns`` on ``lease``'s address if the stored record is still

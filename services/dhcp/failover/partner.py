@@ -323,6 +323,7 @@ class FailoverPartner:
         stream): each one still current here is synced (a pending-free
         address it frees becomes free).  A record the partner's own beat is
         not listed: it stays owed until the partner's winner replaces it."""
+        now: list = []                   # read at once: marked in one store op
         for entry in entries if isinstance(entries, list) else ():
             try:
                 address, version = str(entry[0]), int(entry[1])
@@ -332,8 +333,18 @@ class FailoverPartner:
             if isinstance(rec, defer.Deferred):
                 rec.addCallback(self._mark_stored, version).addErrback(
                     lambda f: self._flog.failure("{svc}: marking a record synced failed", failure=f))
-            else:
-                self._mark_stored(rec, version)
+            elif isinstance(rec, Lease) and rec.version == version and not rec.synced:
+                now.append(rec)
+        if now:
+            many = getattr(self._fleases, "mark_synced_many", None)
+            if many is None:
+                for rec in now:
+                    self._fleases.mark_synced(rec)
+                return
+            done = many(now)
+            if isinstance(done, defer.Deferred):
+                done.addErrback(lambda f: self._flog.failure(
+                    "{svc}: marking records synced failed", failure=f))
 
     def _mark_stored(self, rec, version):
         if isinstance(rec, Lease) and rec.version == version and not rec.synced:

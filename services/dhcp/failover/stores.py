@@ -178,6 +178,20 @@ class LeaseStores:
     def mark_synced(self, sent: Lease):
         return self.store_for(sent.address).mark_synced(sent)
 
+    def mark_synced_many(self, recs: list[Lease]):
+        """LeaseStore.mark_synced_many per family (one commit each); how many were
+        marked (a Deferred of it when one had to wait)."""
+        groups: dict[int, tuple[LeaseStore, list]] = {}
+        for rec in recs:
+            st = self.store_for(rec.address)
+            groups.setdefault(id(st), (st, []))[1].append(rec)
+        results = [st.mark_synced_many(group) for st, group in groups.values()]
+        waits = [r for r in results if isinstance(r, defer.Deferred)]
+        n = sum(r for r in results if not isinstance(r, defer.Deferred))
+        if not waits:
+            return n
+        return defer.gatherResults(waits, consumeErrors=True).addCallback(lambda rs: n + sum(rs))
+
     def apply_remote(self, remote: Lease, *, without_data: bool = False):
         return self.store_for(remote.address).apply_remote(remote, without_data=without_data)
 
