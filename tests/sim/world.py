@@ -35,6 +35,8 @@ Invariants, checked after every 10 ms step of simulated time:
   after the last beat it heard from it.  The simulated fence device answers
   after 20-600 ms and fails a quarter of the time (no takeover, retried);
   its success kills the target (a restart comes from the schedule);
+* ``live``: 8 s after the final heal (every node up, out of maintenance)
+  the resource has exactly one owner;
 * ``partners``: once the network is clean, every node up and nobody in
   maintenance for 5 s, every partner relationship is NORMAL (every state is
   left without operator action once its cause is gone).
@@ -861,6 +863,12 @@ class World:
         for _ in range(int(8.0 / STEP)):
             self.clock.advance(STEP)
             self.check()
+        # Liveness: 8 s after the final heal, every node up and out of
+        # maintenance, the resource has exactly one owner (a handshake that
+        # waits for the wrong peer would leave it with none).
+        owners = self.owners()
+        if len(owners) != 1:
+            self.fail(f"{len(owners)} owners {owners} 8 s after the final heal")
         for node in self.nodes.values():
             if node.up:
                 self.kill(node.id)
