@@ -146,6 +146,8 @@ def run(n: int, turn: int, pd: bool, profile: bool):
     pending: list[int] = []            # clients whose SOLICIT went out this turn
     stats = {"advertise": 0, "reply": 0, "no_advertise": 0}
 
+    split = {"solicit": 0.0, "request": 0.0, "turn_end": 0.0}
+
     def timed(f, *args):
         nonlocal cpu
         t = time.process_time()
@@ -154,7 +156,11 @@ def run(n: int, turn: int, pd: bool, profile: bool):
         f(*args)
         if prof:
             prof.disable()
-        cpu += time.process_time() - t
+        dt = time.process_time() - t
+        cpu += dt
+        part = ("turn_end" if f is end_turn else
+                "solicit" if args[0][0] == C.SOLICIT else "request")
+        split[part] += dt
 
     def solicit_turn(batch):
         for i in batch:
@@ -206,6 +212,7 @@ def run(n: int, turn: int, pd: bool, profile: bool):
     wall = time.perf_counter() - wall
     out = {"n": n, "turn": turn, "pd": pd, "cpu_s": round(cpu, 3),
            "us_per_exchange": round(1e6 * cpu / n, 1), "wall_s": round(wall, 2), **stats,
+           "us_split": {k: round(1e6 * v / n, 1) for k, v in split.items()},
            "states": [s.failover.view.state for s in nodes],
            "unsynced": [len(s.leases.na.unsynced) + len(s.leases.pd.unsynced) for s in nodes],
            "drops": [{k: v for k, v in s.drops.items() if v} for s in nodes],
@@ -229,6 +236,7 @@ def main(argv=None):
         print(f"{out['n']} SARR ({'NA+PD' if out['pd'] else 'NA'}), {out['turn']}/turn: "
               f"{out['us_per_exchange']} us CPU per exchange (both nodes), "
               f"{out['reply']} REPLYs, states {out['states']}, unsynced {out['unsynced']}")
+        print("split (us per exchange):", out["us_split"])
         print("drops", out["drops"])
         print("handler", out["handler"])
     if prof is not None:

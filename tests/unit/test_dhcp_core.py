@@ -268,3 +268,29 @@ def test_lease_stores_on_one_store_wait_once_for_durable():
     assert len(store._waiters) == before + 1
     clock.advance(0)                                     # the end of the turn: the commit
     assert ok(d) is None and both.writes == 2
+
+
+def test_a_read_reuses_the_parsed_record_while_its_version_stands(tmp_path, monkeypatch):
+    """On the embedded store a record read or written is kept parsed: reading it again
+    does not copy and parse the stored hash; a change behind the lease store (another
+    writer moving the version key) is read afresh, and the record read is always what a
+    fresh parse of the store gives."""
+    from appliance.store.interface import Op
+    store, clock = store_and_clock()
+    ls = LeaseStore(store, na_config(), "a", clock.seconds, family=DHCP6_NA)
+    ok(ls.load())
+    hw, cid = v6_client(bytes.fromhex("000100010203"), 1)
+    o = ok(as_deferred(ls.offer(1, hw, cid)))
+    b = ok(as_deferred(ls.bind(1, o.address, hw, cid, lease_time_s=600)))
+    copies = []
+    real = store.hgetall_now
+    monkeypatch.setattr(ls, "_hgetall_now", lambda key: copies.append(key) or real(key))
+    assert ls._get(b.address) == b and ls._get(b.address) == b
+    assert copies == []
+    fresh = Lease.from_hash(real(f"dhcp6:na:lease:{b.address}"), DHCP6_NA)
+    assert fresh == b
+    other = Lease(b.address, 1, "released", b.hwaddr, b.client_id, "", b.expires, b.cltt + 1,
+                  "b", "b", b.version + 1)
+    store.commit_now([Op.hset(f"dhcp6:na:lease:{b.address}", other.to_hash()),
+                      Op.set(f"dhcp6:na:lease-ver:{b.address}", str(other.version))])
+    assert ls._get(b.address) == other and len(copies) == 1

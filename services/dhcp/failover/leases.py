@@ -483,6 +483,11 @@ class LeaseStore:
         # the embedded store answers reads at once: no Deferred on the hot path
         self._hgetall_now = store.hgetall_now if immediate else None
         self._get_now = store.get_now if immediate else None
+        #: (stores that answer at once) the Lease last read or written per address: a
+        #: read returns it while the stored version key still names its version (every
+        #: change of a record moves its version, but mark_synced's, which tracks it), so
+        #: the hot path does not copy and parse the same 16-field hash again and again
+        self._parsed: dict[str, Lease] = {}
         self._subnets = {s.id: s for s in config.subnets}
         split = config.failover.split if config.failover else None
         fo = config.failover
@@ -646,6 +651,8 @@ class LeaseStore:
 
     def _track(self, lease: Lease) -> None:
         """Bring the mirror and the free sets in line with a stored record."""
+        if self._hgetall_now is not None:
+            self._parsed[lease.address] = lease
         a = self._aton(lease.address)
         if a not in self._meta:
             self._sorted = None
@@ -914,9 +921,16 @@ class LeaseStore:
         data in this process (``hgetall_now``), else a Deferred."""
         if self._hgetall_now is not None:
             try:
-                return self._parse_hash(self._hgetall_now(self._lease_key(address)))
+                cached = self._parsed.get(address)
+                if cached is not None and \
+                        self._get_now(self._version_prefix + address) == str(cached.version):
+                    return cached
+                lease = self._parse_hash(self._hgetall_now(self._lease_key(address)))
             except StoreError:
                 return defer.fail()
+            if lease is not None:
+                self._parsed[address] = lease
+            return lease
         return self.store.hgetall(self._lease_key(address)).addCallback(self._parse_hash)
 
     def _index_get(self, key: str):
