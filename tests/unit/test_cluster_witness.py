@@ -6,10 +6,11 @@ from __future__ import annotations
 from tests.sim.world import World
 
 
-def _settle(w, seconds):
+def _settle(w, seconds, step=0.01):
+    """The owners at every ``step`` for ``seconds``."""
     samples = []
-    for _ in range(int(seconds / 0.01)):
-        w.clock.advance(0.01)
+    for _ in range(round(seconds / step)):
+        w.clock.advance(step)
         samples.append(tuple(w.owners()))
     return samples
 
@@ -92,10 +93,7 @@ def test_both_leave_maintenance_at_a_heal_one_owner_at_every_instant():
     w.net.heal()
     a.set_maintenance(False)
     b.set_maintenance(False)
-    samples = []
-    for _ in range(1000):
-        w.clock.advance(0.001)
-        samples.append(tuple(w.owners()))
+    samples = _settle(w, 1.0, step=0.001)
     assert all(len(s) <= 1 for s in samples), [s for s in samples if len(s) > 1][:3]
     assert len(samples[-1]) == 1
 
@@ -110,10 +108,7 @@ def test_promote_is_break_before_make():
     """b promotes: a lets go first, then b claims (manual); one owner at every ms."""
     w = _world(witness=True)
     res = _result(w.nodes["b"].manager.promote("vip1"))
-    samples = []
-    for _ in range(1000):
-        w.clock.advance(0.001)
-        samples.append(tuple(w.owners()))
+    samples = _settle(w, 1.0, step=0.001)
     assert all(len(s) <= 1 for s in samples), [s for s in samples if len(s) > 1][:3]
     assert samples[-1] == ("b",)
     assert res and res[0]["owner"] == "b"
@@ -128,10 +123,7 @@ def test_promote_the_owner_cannot_hear_changes_nothing():
     w = _world(witness=False)
     w.net.links[("b", "a")].cut = True
     res = _result(w.nodes["b"].manager.promote("vip1"))
-    samples = []
-    for _ in range(300):
-        w.clock.advance(0.01)
-        samples.append(tuple(w.owners()))
+    samples = _settle(w, 3.0)
     assert all(s == ("a",) for s in samples), [s for s in samples if s != ("a",)][:3]
     assert res and "still owns it" in res[0].getErrorMessage()
     assert not any(f.startswith("want:") for f in w.nodes["b"].manager.health_flags())
@@ -183,10 +175,7 @@ def test_demote_during_a_partition_of_the_other_two_gives_one_owner():
     _settle(w, 1.0)
     assert w.owners() == ["a"]
     w.nodes["a"].manager.demote("vip1")
-    samples = []
-    for _ in range(3000):
-        w.clock.advance(0.001)
-        samples.append(tuple(w.owners()))
+    samples = _settle(w, 3.0, step=0.001)
     assert all(len(s) <= 1 for s in samples), [s for s in samples if len(s) > 1][:3]
     assert samples[-1] == ("b",)
     a = w.nodes["a"].manager
