@@ -160,6 +160,7 @@ class EmbeddedStore(Service):
         self._acking: collections.deque = collections.deque()   # committed, not fired yet
         self._ack_call = None
         self._kick_call = None
+        self._lazy_call = None
         self._sync_call = None
         self._unsynced = False                  # batch: commits since the last checkpoint
         self._subscriptions: list[_Subscription] = []
@@ -254,7 +255,7 @@ class EmbeddedStore(Service):
     def stopService(self):
         super().stopService()
         self._stopping = True
-        for name in ("_expiry_call", "_kick_call", "_sync_call", "_retry_call"):
+        for name in ("_expiry_call", "_kick_call", "_lazy_call", "_sync_call", "_retry_call"):
             call = getattr(self, name)
             if call is not None and call.active():
                 call.cancel()
@@ -751,10 +752,20 @@ class EmbeddedStore(Service):
         h = self._typed(key, dict)
         return {} if h is None else dict(h)
 
-    def commit_now(self, ops, expect=None) -> bool:
+    #: ``commit_now(lazy=True)``: committed at the latest this long after, when no other
+    #: write or durable() brought a commit sooner
+    LAZY_S = 0.5
+
+    def commit_now(self, ops, expect=None, *, lazy: bool = False) -> bool:
         """``commit`` applied at once: True, or False when a guard did not
         match; raises StoreError.  Visible at once; durable when a
-        :meth:`durable` asked for afterwards fires."""
+        :meth:`durable` asked for afterwards fires.
+
+        ``lazy``: a change nobody waits for (a marker whose loss only costs work
+        again, e.g. "the partner has this record"): no commit of its own at the end
+        of the turn; it goes with the next transaction (any later write's, a
+        :meth:`durable`'s) or at the latest ``LAZY_S`` later.  Still in issue order:
+        whatever is acknowledged after it was committed with or after it."""
         self._check_ready()
         try:
             ok = self._apply_commit(ops, expect)
@@ -764,8 +775,20 @@ class EmbeddedStore(Service):
             raise StoreError(str(e)) from e
         self.stats["writes"] += 1
         if ok:
-            self._kick_soon()
+            if lazy:
+                self._lazy_soon()
+            else:
+                self._kick_soon()
         return ok
+
+    def _lazy_soon(self):
+        if self._kick_call is not None or self._job is not None or self._lazy_call is not None:
+            return                  # a commit is coming (a job's end kicks the next one)
+        self._lazy_call = self._reactor.callLater(self.LAZY_S, self._lazy_due)
+
+    def _lazy_due(self):
+        self._lazy_call = None
+        self._kick()
 
     def durable(self) -> defer.Deferred:
         """Fires when every write made so far is committed (per the fsync

@@ -237,10 +237,13 @@ class IImmediateStore(IStateStore):
     def hgetall_now(key: str) -> dict:
         """The hash as a ``dict`` (empty if absent); raises :class:`StoreError`."""
 
-    def commit_now(ops: list[Op], expect: dict[str, str | None] | None = None) -> bool:
+    def commit_now(ops: list[Op], expect: dict[str, str | None] | None = None, *,
+                   lazy: bool = False) -> bool:
         """:meth:`IStateStore.commit` applied at once: ``True``, or ``False``
         when a guard did not match; raises :class:`StoreError`.  Visible at
-        once, durable when a :meth:`durable` asked for afterwards fires."""
+        once, durable when a :meth:`durable` asked for afterwards fires.
+        ``lazy``: no transaction of its own; committed with the next one (or
+        soon after), for changes nobody waits for."""
 
     def durable():
         """A Deferred that fires once every write made so far is durable (per

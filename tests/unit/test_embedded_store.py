@@ -564,3 +564,36 @@ def test_scan_sees_keys_added_and_dropped_between_scans(tmp_path):
     ok(store.commit([Op.delete("p:2"), Op.zadd("p:2", {"m": 1.0})]))
     assert ok(store.scan("p:")) == (None, ["p:0", "p:1", "p:2"])
     assert ok(store.scan("p:", count=2)) == ("p:1", ["p:0", "p:1"])
+
+
+def test_a_lazy_write_rides_with_the_next_commit(tmp_path):
+    """commit_now(lazy=True) is visible at once but starts no transaction of its own: it
+    is committed with the next write's transaction (in issue order), by a durable(), or
+    LAZY_S later; stop commits it too."""
+    store, clock, held = started(tmp_path, held=True)
+    assert store.commit_now([Op.set("m", "1")], lazy=True) is True
+    assert store.get_now("m") == "1"
+    clock.advance(0)
+    assert held.jobs == []
+    store.set("w", "2")
+    clock.advance(0)
+    assert len(held.jobs) == 1 and held.jobs[0][1][0].rows() == 2      # m rides with w
+    held.run()
+    store.commit_now([Op.set("m", "3")], lazy=True)
+    d = store.durable()
+    clock.advance(0)
+    assert len(held.jobs) == 1
+    held.run()
+    ok(d)
+    store.commit_now([Op.set("m", "4")], lazy=True)
+    clock.advance(store.LAZY_S - 0.01)
+    assert held.jobs == []
+    clock.advance(0.01)
+    assert len(held.jobs) == 1
+    held.run()
+    store.commit_now([Op.set("m", "5")], lazy=True)
+    d = store.stopService()
+    clock.advance(0)
+    held.run_all()
+    ok(d)
+    assert dump(reopened(tmp_path, clock))["m"] == "5"

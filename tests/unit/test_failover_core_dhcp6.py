@@ -305,8 +305,8 @@ def test_the_partners_ack_marks_its_records_in_one_store_commit(tmp_path, monkey
     entries[0][1] -= 1                                  # the partner stored an older version
     calls = []
     for st in (a.failover.allocator.na, a.failover.allocator.pd):
-        monkeypatch.setattr(st, "_commit_now", lambda ops, expect=None, real=st._commit_now:
-                            calls.append(len(ops)) or real(ops, expect))
+        monkeypatch.setattr(st, "_commit_now", lambda ops, expect=None, real=st._commit_now,
+                            **kw: calls.append(len(ops)) or real(ops, expect, **kw))
     a.failover._partner_stored(entries)
     assert sorted(calls) == [5, 6], "one commit for the addresses, one for the prefixes"
     assert list(fl.unsynced) == [stale]
@@ -314,7 +314,11 @@ def test_the_partners_ack_marks_its_records_in_one_store_commit(tmp_path, monkey
         for text in (address, prefix):
             rec = ok(fl.get(text))
             assert rec.synced and rec.acked >= rec.expires
-    clock.advance(0)
     store = a.context.store
+    commits = store.stats["commits"]
+    clock.advance(0)
+    assert store.stats["commits"] == commits, "the marks wait for the next commit"
+    clock.advance(store.LAZY_S)
+    assert store.stats["commits"] == commits + 1, "... or LAZY_S"
     assert ok(store.hgetall(f"dhcp6:na:lease:{got_[1][0]}"))["synced"] == "1"
     assert ok(store.hgetall(f"dhcp6:na:lease:{stale}"))["synced"] == "0"

@@ -472,6 +472,8 @@ class LeaseStore:
         self._log = Logger(namespace=f"services.{family.name.replace(':', '.')}.leases")
         immediate = IImmediateStore.providedBy(store)
         self._commit_now = store.commit_now if immediate and immediate_writes else None
+        self._lazy_ok = self._commit_now is not None and "lazy" in getattr(
+            getattr(store.commit_now, "__code__", None), "co_varnames", ())
         self.writes = 0          # journaled writes (immediate_writes): wait on durable()
         self.config = config
         self.node_id = node_id
@@ -1580,8 +1582,15 @@ class LeaseStore:
         if not ops:
             return 0
         try:
-            self.writes += 1
-            done = self._commit_now(ops, expect)
+            # lazy: no transaction of its own (nothing waits for a synced marker; its
+            # loss in a crash only resends the records and keeps their lifetimes at
+            # the MCLT cap): it goes with the next commit, so whatever is acknowledged
+            # after it (a pending-free address given again) is durable after it
+            if self._lazy_ok:
+                done = self._commit_now(ops, expect, lazy=True)
+            else:
+                self.writes += 1
+                done = self._commit_now(ops, expect)
         except StoreError:
             return defer.fail()
         if not done:
