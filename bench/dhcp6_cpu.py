@@ -150,16 +150,17 @@ def run(n: int, turn: int, pd: bool, profile: bool):
 
     def timed(f, *args):
         nonlocal cpu
+        part = ("turn_end" if f is end_turn else
+                "solicit" if args[0][0] == C.SOLICIT else "request")
+        on = prof is not None and (profile is True or profile == part)
         t = time.process_time()
-        if prof:
+        if on:
             prof.enable()
         f(*args)
-        if prof:
+        if on:
             prof.disable()
         dt = time.process_time() - t
         cpu += dt
-        part = ("turn_end" if f is end_turn else
-                "solicit" if args[0][0] == C.SOLICIT else "request")
         split[part] += dt
 
     def solicit_turn(batch):
@@ -226,7 +227,9 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=3000, help="clients (one SARR each)")
     ap.add_argument("--turn", type=int, default=8, help="clients per reactor turn")
     ap.add_argument("--na-only", action="store_true", help="IA_NA only (no IA_PD)")
-    ap.add_argument("--profile", action="store_true", help="cProfile top list")
+    ap.add_argument("--profile", nargs="?", const=True, default=False,
+                    choices=(True, "solicit", "request", "turn_end"),
+                    help="cProfile top list (of one part only if named)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     out, prof = run(args.n, args.turn, not args.na_only, args.profile)
