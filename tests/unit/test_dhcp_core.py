@@ -294,3 +294,15 @@ def test_a_read_reuses_the_parsed_record_while_its_version_stands(tmp_path, monk
     store.commit_now([Op.hset(f"dhcp6:na:lease:{b.address}", other.to_hash()),
                       Op.set(f"dhcp6:na:lease-ver:{b.address}", str(other.version))])
     assert ls._get(b.address) == other and len(copies) == 1
+
+
+def test_the_synced_copy_is_dataclasses_replace():
+    """core._synced (the hand-written copy on every ack and partner update) is exactly
+    dataclasses.replace(synced=True, acked=..., address=...): no field is lost."""
+    from dataclasses import replace
+    lease = Lease("2001:db8:1::5", 3, "bound", "hw", "cid", "h.example.", 10.5, 2.5, "a", "b",
+                  7, 11.5, 1.5, False, core.DDNSState("h.example.", "2001:db8:1::5"), 4)
+    assert core._synced(lease, 99.0) == replace(lease, synced=True, acked=99.0)
+    assert core._synced(lease, 99.0, "2001:db8:1::6") == replace(
+        lease, synced=True, acked=99.0, address="2001:db8:1::6")
+    assert len(Lease.__dataclass_fields__) == 16, "a new field: add it to _synced"

@@ -189,6 +189,14 @@ def _with_version(lease: "Lease", version: int) -> "Lease":
                  version, lease.pexp, lease.acked, lease.synced, lease.ddns, lease.dv)
 
 
+def _synced(lease: "Lease", acked: float, address: str | None = None) -> "Lease":
+    """``replace(lease, synced=True, acked=acked[, address=address])`` without
+    dataclasses.replace (on every partner ack and every partner update)."""
+    return Lease(address or lease.address, lease.subnet_id, lease.state, lease.hwaddr,
+                 lease.client_id, lease.hostname, lease.expires, lease.cltt, lease.owner,
+                 lease.updated_by, lease.version, lease.pexp, acked, True, lease.ddns, lease.dv)
+
+
 # the same few clients' keys are asked for several times per packet
 _client_key_cached = functools.lru_cache(maxsize=8192)(_client_key)
 
@@ -1493,8 +1501,7 @@ class LeaseStore:
                 return STALE
             supersede, set_index = None, True
             # the partner has this record and its potential expiry
-            new = replace(remote, address=address, synced=True,
-                          acked=max(remote.pexp, remote.expires))
+            new = _synced(remote, max(remote.pexp, remote.expires), address)
             if rck and remote.state in ACTIVE_STATES:
                 other = yield self.find_client(remote.subnet_id, remote.hwaddr, remote.client_id)
                 if other is not None and other.address != address and other.active(now):
@@ -1551,7 +1558,7 @@ class LeaseStore:
             done = yield self.store.commit(ops, expect)
         if not done:
             return False
-        self._track(replace(rec, synced=True, acked=acked))
+        self._track(_synced(rec, acked))
         return True
 
     def mark_synced_many(self, recs: list[Lease]):
@@ -1578,7 +1585,7 @@ class LeaseStore:
             ops.append(Op.hset(self._lease_key(rec.address),
                                {"synced": "1", "acked": _f(acked)}))
             expect[vkey] = str(rec.version)
-            marked.append(replace(rec, synced=True, acked=acked))
+            marked.append(_synced(rec, acked))
         if not ops:
             return 0
         try:
