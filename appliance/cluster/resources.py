@@ -536,7 +536,7 @@ class ResourceTable:
         that flags ``unable:<name>`` or does not have the resource at all; a
         settling node (preempt_delay_s) while an able node holds it."""
         m = self.m
-        excluded = {m.node_id} if name in self.excluded else set()
+        excluded = set()
         # An operator promote in progress (want:<name>, here or on a live
         # peer): every node but the top-ranked one that wants it stands aside.
         wanters = {p.id for p in m.node_peers()
@@ -546,8 +546,17 @@ class ResourceTable:
         if wanters:
             top = max(wanters, key=lambda n: self._rank(res, n))
             excluded |= {n for n in m.node_ids if n != top}
-        excluded |= {p.id for p in m.node_peers() if p.alive and p.heartbeat is not None
-                     and f"demoted:{name}" in p.heartbeat.health}
+        # Demoted nodes (here, or demoted:<name> on a live peer) stand aside
+        # only for a candidate that is not demoted: when every node was
+        # demoted (a demote of a node that did not own it, then of the other)
+        # the resource still gets an owner (simulator seed 70485 --witness).
+        demoted = {p.id for p in m.node_peers() if p.alive and p.heartbeat is not None
+                   and f"demoted:{name}" in p.heartbeat.health}
+        if name in self.excluded:
+            demoted.add(m.node_id)
+        if demoted and any(n not in demoted and n not in excluded
+                           and res.spec.priority.get(n, 0) > 0 for n in able):
+            excluded |= demoted
         unable = set()
         for peer in m.node_peers():
             hb = peer.heartbeat

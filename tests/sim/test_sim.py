@@ -55,6 +55,17 @@ REGRESSIONS = [
     (20257, 2, False, False),
 ]
 
+# Found by the `live` invariant (2026-12-04, witness mode, 2 nodes): a demoted while it
+# did not own the resource, b demoted later, both out of maintenance: each demote ended
+# only when someone else took it, so nobody ever did (no owner).  Demoted nodes now
+# stand aside only for a candidate that is not demoted.
+LIVENESS_SEEDS = [(70485, 2, True), (70534, 2, True), (70881, 2, True)]
+
+
+@pytest.mark.parametrize("seed,nodes,witness", LIVENESS_SEEDS)
+def test_liveness_seeds(seed, nodes, witness):
+    World(seed, nodes, witness=witness).run(15.0)
+
 
 @pytest.mark.parametrize("seed,nodes,witness,lease", REGRESSIONS)
 def test_regression_seeds(seed, nodes, witness, lease):
