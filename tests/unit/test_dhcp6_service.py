@@ -266,6 +266,75 @@ def test_overload_sheds_solicits_not_requests(tmp_path):
     assert len(svc.port.sent) == 3
 
 
+class _Partner:
+    """A split-scope partner relationship as the service sees it (Dhcp6Partner's
+    answers_overloaded on a FailoverView; no cluster)."""
+
+    def __init__(self, role, state="NORMAL", mode="split-scope"):
+        from services.dhcp.failover.partner import FailoverView
+        self.view = FailoverView(mode=mode, role=role, state=state)
+
+    def observe(self, m):
+        pass
+
+    def answers_solicit(self, m):
+        return True
+
+    def status(self):
+        return {"state": self.view.state}
+
+    def answers_overloaded(self, m):
+        from services.dhcp.v6.failover import Dhcp6Partner
+        return Dhcp6Partner.answers_overloaded(self, m)
+
+
+def _hash_clients():
+    """Client numbers (tests' ``msg`` DUIDs) whose RFC 3074 bucket the primary owns, and
+    ones the secondary owns (split 50)."""
+    from services.dhcp.failover import pools as P
+    own = {P.PRIMARY: [], P.SECONDARY: []}
+    for n in range(1, 200):
+        own[P.hash_owner(msg(C.SOLICIT, n).client_id, 50)].append(n)
+    return own[P.PRIMARY], own[P.SECONDARY]
+
+
+def test_overloaded_split_scope_partner_answers_its_own_clients(tmp_path):
+    """Overloaded (MAX_INFLIGHT REPLYs wait for the disk), a split-scope node in NORMAL
+    still answers the SOLICITs of the clients it owns by DUID hash and sheds the
+    partner's: when both partners are overloaded at once (same traffic), every client
+    still gets one ADVERTISE instead of both dropping the same SOLICITs.  Past twice the
+    limit, or in any other state or mode, it sheds every SOLICIT as before."""
+    thread = ManualThread()
+    svc, clock, store = service(tmp_path, thread=thread)
+    thread.run_all()
+    svc.failover = _Partner("primary")
+    svc.MAX_INFLIGHT = 1
+    mine, theirs = _hash_clients()
+    assert mine and theirs
+    svc.datagram(relayed(msg(C.SOLICIT, mine[3], na=[(1, ())], rapid_commit=True)), ("::1", 1))
+    assert svc._inflight == 1 and svc.port.sent == []          # its REPLY waits: overloaded
+    svc.datagram(relayed(msg(C.SOLICIT, theirs[0], na=[(1, ())])), ("::1", 1))
+    assert svc.drops["overload"] == 1 and svc.port.sent == []
+    svc.datagram(relayed(msg(C.SOLICIT, mine[0], na=[(1, ())])), ("::1", 1))
+    assert len(svc.port.sent) == 1 and svc.port.sent[0][0].inner.msg_type == C.ADVERTISE
+    assert svc.overload_answered == 1 and svc.rpc_stats()["overload_answered"] == 1
+    svc.datagram(relayed(msg(C.SOLICIT, mine[4], na=[(1, ())], rapid_commit=True)), ("::1", 1))
+    assert svc._inflight == 2 and svc.overload_answered == 2   # twice the limit: shed all
+    svc.datagram(relayed(msg(C.SOLICIT, mine[1], na=[(1, ())])), ("::1", 1))
+    assert svc.drops["overload"] == 2 and len(svc.port.sent) == 1
+    thread.run_all()
+    assert svc._inflight == 0 and len(svc.port.sent) == 3      # the two rapid REPLYs
+    svc.datagram(relayed(msg(C.SOLICIT, mine[5], na=[(1, ())], rapid_commit=True)), ("::1", 1))
+    for partner in (_Partner("primary", state="COMMUNICATIONS-INTERRUPTED"),
+                    _Partner("primary", mode="load-balancing"), None):
+        svc.failover = partner
+        svc.datagram(relayed(msg(C.SOLICIT, mine[2], na=[(1, ())])), ("::1", 1))
+    assert svc.drops["overload"] == 5 and svc.overload_answered == 2
+    svc.failover = _Partner("secondary")                       # the other side of the hash
+    svc.datagram(relayed(msg(C.SOLICIT, theirs[1], na=[(1, ())])), ("::1", 1))
+    assert svc.overload_answered == 3 and svc.drops["overload"] == 5
+
+
 def test_stale_solicits_are_shed_requests_are_not(tmp_path, monkeypatch):
     """A SOLICIT that waited in the socket queue longer than solicit_max_age_ms is dropped
     ("stale": perfdhcp at overload got late ADVERTISEs it had given up on); a REQUEST of

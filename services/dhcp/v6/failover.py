@@ -360,6 +360,22 @@ class Dhcp6Partner(FailoverPartner):
         owner = P.hash_owner(m.client_id, v.split)
         return P.answers(v.mode, v.role, v.state, owner, (m.elapsed or 0) / 100.0, v.delay_s)
 
+    def answers_overloaded(self, m) -> bool:
+        """Whether this node still answers the SOLICIT ``m`` while overloaded (the
+        service's ``MAX_INFLIGHT`` REPLYs wait for the disk).
+
+        ``split-scope`` in NORMAL: the partner answers every new client too, and it gets the
+        same traffic, so both are overloaded at the same moments; if each then dropped every
+        SOLICIT, the same clients would go unanswered by both.  Instead each keeps answering
+        the clients whose DUID hash bucket it owns (RFC 3074, as ``load-balancing`` does) and
+        sheds the others: every client still gets one ADVERTISE, and each partner does half
+        the SOLICIT work until it catches up.  Anything else -- another state (the partner
+        may not answer at all), ``load-balancing`` (already only its own clients) -- sheds."""
+        v = self.view
+        if v.mode != "split-scope" or v.state != P.NORMAL or m.client_id is None:
+            return False
+        return P.hash_owner(m.client_id, v.split) == v.role
+
     def observe(self, message) -> None:
         """Client evidence (COMMUNICATIONS-INTERRUPTED): a client of the partner -- one whose
         address or prefix lies in the partner's half -- asking with an elapsed time of at

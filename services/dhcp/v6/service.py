@@ -69,7 +69,9 @@ class _Protocol(protocol.DatagramProtocol):
 class Dhcp6Service(Service):
     """``MAX_INFLIGHT``: REPLYs waiting for their binding to be durable beyond which new
     SOLICITs are dropped and counted as "overload" (the exchanges under way finish instead
-    of ADVERTISEs crowding out their REPLYs).  ``READ_BATCH_BYTES``: datagrams read per
+    of ADVERTISEs crowding out their REPLYs); in a split-scope pair in NORMAL the node
+    still answers its own clients by DUID hash up to twice that, the partner the others
+    (``Dhcp6Partner.answers_overloaded``).  ``READ_BATCH_BYTES``: datagrams read per
     reactor turn (Twisted reads 256 KiB): smaller batches release finished REPLYs sooner."""
 
     name = "dhcp6"
@@ -86,6 +88,9 @@ class Dhcp6Service(Service):
                           not_our_server_id=0)
         self._max_age_s = config.solicit_max_age_ms / 1000.0
         self._inflight = 0
+        #: SOLICITs answered while overloaded: this node's own clients by DUID hash, in a
+        #: split-scope pair in NORMAL (the partner answers the rest; Dhcp6Partner)
+        self.overload_answered = 0
         self._ifindex = 0
         self._reclaim = None
         self._ddns = None
@@ -225,8 +230,13 @@ class Dhcp6Service(Service):
                 self.drops["not_owner"] += 1    # load-balancing: the partner's client
                 return
             if self._inflight >= self.MAX_INFLIGHT:
-                self.drops["overload"] += 1
-                return
+                # overloaded: a split-scope partner in NORMAL still answers the clients it
+                # owns by DUID hash (the partner the others), up to twice the limit
+                if partner is None or self._inflight >= 2 * self.MAX_INFLIGHT \
+                        or not partner.answers_overloaded(inner):
+                    self.drops["overload"] += 1
+                    return
+                self.overload_answered += 1
             if self._max_age_s and self._stale():
                 # it waited in the socket queue (a burst, this box busy) longer than
                 # solicit_max_age_ms: the client has retransmitted or given up; answering
@@ -408,6 +418,7 @@ class Dhcp6Service(Service):
     def rpc_stats(self):
         return {"packets": dict(self.handler.counters) if self.handler else {},
                 "drops": {k: v for k, v in self.drops.items() if v},
+                "overload_answered": self.overload_answered,
                 "leases": self.leases.stats(),
                 "ddns": dict(self._ddns.stats) if self._ddns is not None else {},
                 "failover": (self.failover.status()
@@ -427,6 +438,10 @@ class Dhcp6Service(Service):
         for reason, value in self.drops.items():
             drops.add_metric([reason], value)
         yield drops
+        yield CounterMetricFamily("appliance_dhcp6_overload_answered",
+                                  "SOLICITs answered while overloaded: this node's own "
+                                  "clients by DUID hash (split-scope pair in NORMAL)",
+                                  value=self.overload_answered)
         leases = GaugeMetricFamily("appliance_dhcp6_leases", "DHCPv6 lease records by type "
                                    "and state", labels=["type", "state"])
         for kind, counts in self.leases.stats().items():
